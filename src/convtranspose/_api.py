@@ -1,0 +1,113 @@
+"""Front doors: thin wrappers that go arguments -> spec -> plan -> execute."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._execute import execute
+from ._plan import Plan, make_plan
+from ._spec import ConvSpec, as_float_array, check_stream, make_spec
+
+IntOrTuple = int | tuple[int, ...]
+ArrayLike = Any
+
+_NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
+
+
+def spec_for(ndim: int, input: ArrayLike, weight: ArrayLike, stride: IntOrTuple = 1,
+             padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+             output_padding: IntOrTuple = 0, groups: int = 1,
+             op: str | None = None) -> tuple[ConvSpec, np.ndarray, np.ndarray]:
+    """Coerce the arrays and validate the call: the one shared entry of every front door."""
+    op = op or _NAMES[ndim]
+    x = as_float_array(op, "input", input)
+    w = as_float_array(op, "weight", weight)
+    spec = make_spec(op, ndim, x.shape, w.shape, stride, padding, dilation, output_padding,
+                     groups, x.dtype, w.dtype)
+    return spec, x, w
+
+
+def _conv_transpose(ndim, input, weight, stride, padding, dilation, output_padding, groups,
+                    stream) -> np.ndarray:
+    check_stream(_NAMES[ndim], stream)
+    spec, x, w = spec_for(ndim, input, weight, stride, padding, dilation, output_padding,
+                          groups)
+    return execute(make_plan(spec), x, w)
+
+
+def conv_transpose1d(input: ArrayLike, weight: ArrayLike, /, stride: IntOrTuple = 1,
+                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1, *,
+                     stream: Any = None) -> np.ndarray:
+    """1-D transposed convolution. input (N, W, C_in), weight (C_out, kW, C_in/groups)."""
+    return _conv_transpose(1, input, weight, stride, padding, dilation, output_padding,
+                           groups, stream)
+
+
+def conv_transpose2d(input: ArrayLike, weight: ArrayLike, /, stride: IntOrTuple = 1,
+                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1, *,
+                     stream: Any = None) -> np.ndarray:
+    """2-D transposed convolution. input (N, H, W, C_in), weight (C_out, kH, kW, C_in/groups)."""
+    return _conv_transpose(2, input, weight, stride, padding, dilation, output_padding,
+                           groups, stream)
+
+
+def conv_transpose3d(input: ArrayLike, weight: ArrayLike, /, stride: IntOrTuple = 1,
+                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1, *,
+                     stream: Any = None) -> np.ndarray:
+    """3-D transposed convolution, MLX semantics.
+
+    input (N, D, H, W, C_in), weight (C_out, kD, kH, kW, C_in/groups), result
+    (N, D_out, H_out, W_out, C_out) with, per axis,
+    out = (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1.
+    """
+    return _conv_transpose(3, input, weight, stride, padding, dilation, output_padding,
+                           groups, stream)
+
+
+def output_shape(input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                 stride: IntOrTuple = 1, padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                 output_padding: IntOrTuple = 0, groups: int = 1) -> tuple[int, ...]:
+    """The result's shape, validated exactly as the call would be, computing nothing."""
+    ndim = len(tuple(input_shape)) - 2
+    if ndim not in _NAMES:
+        raise ValueError(
+            f"output_shape: 'input_shape' must have 3, 4 or 5 entries (N, *spatial, C), got "
+            f"{tuple(input_shape)}")
+    spec = make_spec("output_shape", ndim, input_shape, weight_shape, stride, padding,
+                     dilation, output_padding, groups)
+    return spec.output_shape
+
+
+def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: IntOrTuple = 1,
+         padding: IntOrTuple = 0, dilation: IntOrTuple = 1, output_padding: IntOrTuple = 0,
+         groups: int = 1, dtype: Any = np.float32, *, algorithm: str | None = None,
+         workspace: int | None = None, threads: int | None = None) -> Plan:
+    """What a call would run: algorithm, useful FLOPs, tiling, workspace. Print it."""
+    ndim = len(tuple(input_shape)) - 2
+    if ndim not in _NAMES:
+        raise ValueError(
+            f"plan: 'input_shape' must have 3, 4 or 5 entries (N, *spatial, C), got "
+            f"{tuple(input_shape)}")
+    spec = make_spec(_NAMES[ndim], ndim, input_shape, weight_shape, stride, padding, dilation,
+                     output_padding, groups, dtype, dtype)
+    return make_plan(spec, algorithm=algorithm, workspace=workspace, threads=threads)
+
+
+def run_plan(p: Plan, input: ArrayLike, weight: ArrayLike) -> np.ndarray:
+    """Execute a plan from `plan(...)` on arrays of its shapes (dtypes may differ)."""
+    s = p.spec
+    spec, x, w = spec_for(s.ndim, input, weight, s.stride[3 - s.ndim:],
+                          s.padding[3 - s.ndim:], s.dilation[3 - s.ndim:],
+                          s.output_padding[3 - s.ndim:], s.groups)
+    if (spec.input_shape, spec.weight_shape) != (s.input_shape, s.weight_shape):
+        raise ValueError(
+            f"run_plan: the plan is for input {s.input_shape} and weight {s.weight_shape}, "
+            f"got {spec.input_shape} and {spec.weight_shape}")
+    planned = make_plan(spec, algorithm=p.algorithm, workspace=p.workspace_limit,
+                        threads=p.threads)
+    return execute(planned, x, w)

@@ -1,0 +1,49 @@
+"""The `convtranspose` command: thin dispatch to one module per subcommand.
+
+Each subcommand module exposes `add_parser(subparsers)` that registers its arguments and
+sets `func` (a callable taking the parsed namespace and returning an exit code).
+Modules are imported lazily so that `convtranspose demo` never pays for dask or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": "convtranspose._demo",
+    "bench": "convtranspose._bench",
+    "apply": "convtranspose._apply",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convtranspose",
+        description="MLX-exact transposed convolutions on NumPy arrays, fast on the CPU.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = [a for a in argv if a in SUBCOMMANDS][:1] or list(SUBCOMMANDS)
+    for name in SUBCOMMANDS:
+        if name in wanted:
+            try:
+                importlib.import_module(SUBCOMMANDS[name]).add_parser(sub)
+                continue
+            except ImportError:
+                pass
+        sub.add_parser(name, help=f"(run 'convtranspose {name} -h')")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

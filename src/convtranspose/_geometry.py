@@ -1,0 +1,88 @@
+"""Sub-pixel (phase) geometry of a transposed convolution: small pure functions.
+
+Along one axis, input position i and kernel tap k land on output o = i*s + k*d - p.
+Split the output by residue r = o mod s ("phase"): o = q*s + r. A tap k reaches phase r
+exactly when (r + p - k*d) is a multiple of s, and then it reads input i = q + c with
+c = (r + p - k*d) // s. So each phase is an ordinary stride-1 correlation of the input
+with a subset of the taps: no zero-stuffing, no multiplication by structural zeros.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AxisTap:
+    """Tap `k` of one axis, reading input `q + offset` for outputs q in [lo, hi)."""
+
+    k: int
+    offset: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class AxisPhase:
+    residue: int
+    count: int  # number of output positions r, r+s, r+2s, ... inside [0, out)
+    taps: tuple[AxisTap, ...]
+
+
+def axis_phases(size: int, kernel: int, stride: int, padding: int, dilation: int,
+                out: int) -> tuple[AxisPhase, ...]:
+    """Every phase of one axis with the taps that reach it (taps that read only
+    outside the input are dropped: they would only multiply zeros)."""
+    phases = []
+    for r in range(stride):
+        count = max(0, -(-(out - r) // stride))
+        taps = []
+        for k in range(kernel):
+            shift = r + padding - k * dilation
+            if shift % stride:
+                continue
+            c = shift // stride
+            lo, hi = max(0, -c), min(count, size - c)
+            if lo < hi:
+                taps.append(AxisTap(k, c, lo, hi))
+        phases.append(AxisPhase(r, count, tuple(taps)))
+    return tuple(phases)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One 3-D phase: residues, output counts, and its taps (one AxisTap per axis)."""
+
+    residue: tuple[int, int, int]
+    count: tuple[int, int, int]
+    taps: tuple[tuple[AxisTap, AxisTap, AxisTap], ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.count)
+
+
+def phases_3d(spec) -> tuple[Phase, ...]:
+    """The s_d * s_h * s_w phases of a spec, in a fixed order (results are deterministic)."""
+    per_axis = [
+        axis_phases(n, k, s, p, d, o)
+        for n, k, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding,
+                                    spec.dilation, spec.out_spatial)
+    ]
+    phases = []
+    for pd, ph, pw in itertools.product(*per_axis):
+        taps = tuple(itertools.product(pd.taps, ph.taps, pw.taps))
+        phases.append(Phase((pd.residue, ph.residue, pw.residue),
+                            (pd.count, ph.count, pw.count), taps))
+    return tuple(phases)
+
+
+def tap_output_range(size: int, k: int, stride: int, padding: int, dilation: int,
+                     out: int) -> tuple[int, int]:
+    """Input range [lo, hi) whose tap-k contributions land inside [0, out)."""
+    shift = k * dilation - padding  # o = i*s + shift
+    lo = max(0, -(shift // stride))  # ceil(-shift / s)
+    hi = min(size, (out - 1 - shift) // stride + 1)
+    return lo, max(lo, hi)

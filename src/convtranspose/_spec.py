@@ -1,0 +1,231 @@
+"""Arguments -> spec: normalise and validate a call once.
+
+Every error message a caller can see from a bad call is written here. Nothing downstream
+re-validates: a `ConvSpec` is a promise that the call is well formed and its output fits
+in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._dtypes import SUPPORTED, compute_dtype, dtype_name, is_supported_float, result_dtype
+
+AXES = {1: "(N, W, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
+WEIGHT_AXES = {1: "(C_out, kW, C_in/groups)", 2: "(C_out, kH, kW, C_in/groups)",
+               3: "(C_out, kD, kH, kW, C_in/groups)"}
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One validated transposed convolution, always described in 3-D.
+
+    1-D and 2-D calls are lifted to 3-D by leading spatial axes of size 1 (kernel 1,
+    stride 1, padding 0, ...), so every kernel downstream handles a single case.
+    `ndim` remembers the caller's rank so that results can be reshaped back.
+    """
+
+    op: str
+    ndim: int
+    batch: int
+    in_spatial: tuple[int, int, int]
+    c_in: int
+    c_out: int
+    kernel: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int]
+    dilation: tuple[int, int, int]
+    output_padding: tuple[int, int, int]
+    groups: int
+    out_spatial: tuple[int, int, int]
+    input_dtype: np.dtype
+    weight_dtype: np.dtype
+    result_dtype: np.dtype
+    compute_dtype: np.dtype
+
+    @property
+    def c_in_per_group(self) -> int:
+        return self.c_in // self.groups
+
+    @property
+    def c_out_per_group(self) -> int:
+        return self.c_out // self.groups
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.in_spatial[3 - self.ndim:], self.c_in)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.c_out, *self.kernel[3 - self.ndim:], self.c_in_per_group)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.out_spatial[3 - self.ndim:], self.c_out)
+
+    @property
+    def useful_flops(self) -> int:
+        """2 * N * prod(in_spatial) * C_in * (C_out / groups) * prod(kernel)."""
+        return (2 * self.batch * math.prod(self.in_spatial) * self.c_in
+                * self.c_out_per_group * math.prod(self.kernel))
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
+                output_padding: int) -> int:
+    """Output length along one axis: (in - 1) * s - 2 * p + d * (k - 1) + op + 1."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def normalize_setting(op: str, name: str, value: Any, ndim: int) -> tuple[int, ...]:
+    """An int, or a tuple/list with one int per spatial axis, as a tuple of ndim ints."""
+    if _is_int(value):
+        return (int(value),) * ndim
+    if isinstance(value, (tuple, list)):
+        if len(value) != ndim:
+            raise ValueError(
+                f"{op}: '{name}' must be an int or a tuple of {ndim} ints (one per spatial "
+                f"axis), got {value!r} with {len(value)} entries")
+        for entry in value:
+            if not _is_int(entry):
+                raise TypeError(
+                    f"{op}: '{name}' entries must be ints, got {entry!r} "
+                    f"({type(entry).__name__}) in {value!r}")
+        return tuple(int(v) for v in value)
+    raise TypeError(
+        f"{op}: '{name}' must be an int or a tuple of {ndim} ints, got {value!r} "
+        f"({type(value).__name__})")
+
+
+def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
+    """Anything np.asarray accepts, as a floating ndarray (never a copy when it can be a view)."""
+    if value is None:
+        raise TypeError(f"{op}: '{name}' must be an array, got None")
+    if not isinstance(value, np.ndarray):
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise TypeError(
+                f"{op}: '{name}' could not be read as a rectangular numeric array "
+                f"(a ragged list?): {exc}") from None
+    if not is_supported_float(value.dtype):
+        raise TypeError(
+            f"{op}: '{name}' must have a floating dtype ({', '.join(SUPPORTED)}), got "
+            f"{dtype_name(value.dtype)}; convert it first, e.g. x.astype(np.float32)")
+    return value
+
+
+def memory_limit_bytes() -> int:
+    """The largest output we agree to allocate: this machine's physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_stream(op: str, stream: Any) -> None:
+    """`stream` exists for MLX drop-in compatibility; we only ever run on the CPU."""
+    if stream is None or stream == "cpu" or str(stream).lower() in ("device(cpu, 0)", "cpu"):
+        return
+    raise ValueError(
+        f"{op}: 'stream' must be None or 'cpu' (convtranspose computes on the CPU), "
+        f"got {stream!r}")
+
+
+def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+              stride: Any = 1, padding: Any = 0, dilation: Any = 1, output_padding: Any = 0,
+              groups: Any = 1, input_dtype: Any = np.float32,
+              weight_dtype: Any = np.float32) -> ConvSpec:
+    """Validate one call and describe it; every caller-facing error comes from here."""
+    input_shape, weight_shape = tuple(input_shape), tuple(weight_shape)
+    expected = ndim + 2
+    if len(input_shape) != expected:
+        raise ValueError(
+            f"{op}: 'input' must have {expected} dimensions {AXES[ndim]} (channels last), got "
+            f"shape {input_shape} with {len(input_shape)}")
+    if len(weight_shape) != expected:
+        raise ValueError(
+            f"{op}: 'weight' must have {expected} dimensions {WEIGHT_AXES[ndim]}, got shape "
+            f"{weight_shape} with {len(weight_shape)}")
+
+    stride_t = normalize_setting(op, "stride", stride, ndim)
+    padding_t = normalize_setting(op, "padding", padding, ndim)
+    dilation_t = normalize_setting(op, "dilation", dilation, ndim)
+    out_pad_t = normalize_setting(op, "output_padding", output_padding, ndim)
+    if not _is_int(groups):
+        raise TypeError(f"{op}: 'groups' must be an int, got {groups!r} "
+                        f"({type(groups).__name__})")
+    groups = int(groups)
+    for name, values in (("stride", stride_t), ("dilation", dilation_t)):
+        if min(values) <= 0:
+            raise ValueError(f"{op}: '{name}' must be >= 1 on every axis, got {values}")
+    if groups <= 0:
+        raise ValueError(f"{op}: 'groups' must be >= 1, got {groups}")
+
+    batch, *in_spatial, c_in = input_shape
+    c_out, *kernel, c_in_per_group = weight_shape
+    if min(in_spatial) <= 0:
+        raise ValueError(f"{op}: 'input' spatial sizes must be >= 1, got shape {input_shape}")
+    if min(kernel) <= 0 or c_out <= 0 or c_in_per_group <= 0:
+        raise ValueError(
+            f"{op}: 'weight' must have no zero-size axis {WEIGHT_AXES[ndim]}, got shape "
+            f"{weight_shape}")
+    if c_in % groups:
+        raise ValueError(
+            f"{op}: 'groups'={groups} must divide the input channels C_in={c_in} "
+            f"(input shape {input_shape})")
+    if c_out % groups:
+        raise ValueError(
+            f"{op}: 'groups'={groups} must divide the output channels C_out={c_out} "
+            f"(weight shape {weight_shape}, axis 0)")
+    if c_in_per_group * groups != c_in:
+        raise ValueError(
+            f"{op}: channel mismatch: 'input' has C_in={c_in} channels, so with "
+            f"groups={groups} 'weight' must end in C_in/groups={c_in // groups}, got weight "
+            f"shape {weight_shape} (last axis {c_in_per_group})")
+
+    out_spatial = tuple(
+        output_size(*args)
+        for args in zip(in_spatial, kernel, stride_t, padding_t, dilation_t, out_pad_t))
+    if min(out_spatial) <= 0:
+        raise ValueError(
+            f"{op}: the output would have spatial size {out_spatial} (must be >= 1 on every "
+            f"axis): out = (in - 1) * stride - 2 * padding + dilation * (k - 1) + "
+            f"output_padding + 1 with in={tuple(in_spatial)}, k={tuple(kernel)}, "
+            f"stride={stride_t}, padding={padding_t}, dilation={dilation_t}, "
+            f"output_padding={out_pad_t}; reduce 'padding' or increase 'output_padding'")
+
+    in_dt, w_dt = np.dtype(input_dtype), np.dtype(weight_dtype)
+    for name, dt in (("input", in_dt), ("weight", w_dt)):
+        if not is_supported_float(dt):
+            raise TypeError(f"{op}: '{name}' must have a floating dtype "
+                            f"({', '.join(SUPPORTED)}), got {dtype_name(dt)}")
+    res_dt = result_dtype(in_dt, w_dt)
+
+    out_bytes = batch * math.prod(out_spatial) * c_out * res_dt.itemsize
+    limit = memory_limit_bytes()
+    if out_bytes > limit:
+        raise ValueError(
+            f"{op}: the output {(batch, *out_spatial, c_out)} {res_dt.name} would take "
+            f"{out_bytes / 2**30:.1f} GiB, more than this machine's {limit / 2**30:.1f} GiB "
+            f"of memory; split the batch, or use convtranspose.dask for out-of-core volumes")
+
+    lift = 3 - ndim
+    return ConvSpec(
+        op=op, ndim=ndim, batch=batch,
+        in_spatial=(1,) * lift + tuple(in_spatial), c_in=c_in, c_out=c_out,
+        kernel=(1,) * lift + tuple(kernel),
+        stride=(1,) * lift + stride_t, padding=(0,) * lift + padding_t,
+        dilation=(1,) * lift + dilation_t, output_padding=(0,) * lift + out_pad_t,
+        groups=groups, out_spatial=(1,) * lift + tuple(out_spatial),
+        input_dtype=in_dt, weight_dtype=w_dt, result_dtype=res_dt,
+        compute_dtype=compute_dtype(res_dt))
