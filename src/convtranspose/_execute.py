@@ -1,7 +1,7 @@
-"""Plan -> result: the kernels. Each one is a NumPy/BLAS call on a tile.
+"""Plan -> result: the kernels. Each task is a few NumPy/BLAS calls on one output tile.
 
-Every kernel reads the caller's arrays and writes only into the output and into its own
-workspace buffers: the caller's arrays are never modified.
+Every kernel reads the caller's arrays and writes only into the output and its own
+workspace buffer: the caller's arrays are never modified.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._geometry import AxisTap, Phase, tap_output_range
-from ._plan import Plan, Tile, split_tiles
+from ._blas import single_threaded_blas
+from ._geometry import Phase
+from ._plan import Plan, Task
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 
@@ -24,32 +25,32 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _pools[threads]
 
 
-def _run_tasks(tasks: list, threads: int, buffer_elems: int, dtype: np.dtype) -> None:
-    """Run `task(buffer)` for each task, on `threads` workers, each with its own buffer.
+def _run(jobs: list, threads: int, buffer_elems: int, dtype: np.dtype) -> None:
+    """Run `job(buffer)` for each job on up to `threads` workers, one buffer per worker.
 
-    Tasks write disjoint parts of the output, so their order does not change any bit of
-    the result."""
-    if not tasks:
-        return
-    workers = min(threads, len(tasks))
-    if workers == 1:
+    Jobs write disjoint blocks of the output, so their order changes no bit of the result.
+    On one worker BLAS keeps its own threads; on several, each GEMM runs single-threaded
+    so the two levels of threading do not fight over the cores."""
+    workers = min(threads, len(jobs))
+    if workers <= 1:
         buf = np.empty(buffer_elems, dtype)
-        for task in tasks:
-            task(buf)
+        for job in jobs:
+            job(buf)
         return
     buffers: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(workers):
         buffers.put(np.empty(buffer_elems, dtype))
 
-    def run(task):
+    def run(job):
         buf = buffers.get()
         try:
-            task(buf)
+            job(buf)
         finally:
             buffers.put(buf)
 
-    for future in [_pool(workers).submit(run, t) for t in tasks]:
-        future.result()
+    with single_threaded_blas():
+        for future in [_pool(workers).submit(run, job) for job in jobs]:
+            future.result()
 
 
 def _strided(residue: int, stride: int, start: int, stop: int) -> slice:
@@ -58,206 +59,248 @@ def _strided(residue: int, stride: int, start: int, stop: int) -> slice:
     return slice(first, first + stride * (stop - start - 1) + 1, stride)
 
 
-def _clip(tap: AxisTap, lo: int, hi: int) -> tuple[int, int]:
-    return max(lo, tap.lo), min(hi, tap.hi)
+def _out_view(out, spec, phase: Phase, task: Task):
+    """The tile's positions of one phase in the output: (nn, nd, nh, qw, C_out)."""
+    t = task.tile
+    (sd, sh, sw), (rd, rh, rw) = spec.stride, phase.residue
+    return out[t.n[0]:t.n[1], _strided(rd, sd, *t.d), _strided(rh, sh, *t.h),
+               _strided(rw, sw, 0, phase.count[2]), :]
 
 
-def _tap_weights(w3: np.ndarray, phase: Phase, groups: int) -> np.ndarray:
-    """(groups, taps * C_in/g, C_out/g): the phase's taps stacked as one GEMM operand."""
-    c_out = w3.shape[0]
-    blocks = [w3[:, td.k, th.k, tw.k, :] for td, th, tw in phase.taps]  # (C_out, C_in_g) each
-    stacked = np.stack(blocks, axis=0)  # (T, C_out, C_in_g)
-    t, _, cig = stacked.shape
-    stacked = stacked.reshape(t, groups, c_out // groups, cig).transpose(1, 0, 3, 2)
-    return np.ascontiguousarray(stacked.reshape(groups, t * cig, c_out // groups))
+def _store(view, res, groups: int) -> None:
+    """view (..., C_out) <- res (G, ..., C_out/g)."""
+    if groups == 1:
+        view[...] = res[0]
+    else:
+        view.reshape(*view.shape[:-1], groups, res.shape[-1])[...] = np.moveaxis(res, 0, -2)
 
 
-def _tile_ranges(tile: Tile, tap) -> tuple[tuple[int, int], ...] | None:
-    """The part of a tile where this 3-tap reads inside the input (None if empty)."""
-    ranges = (_clip(tap[0], *tile.d), _clip(tap[1], *tile.h), (tap[2].lo, tap[2].hi))
-    if any(lo >= hi for lo, hi in ranges):
-        return None
-    return ranges
+def _zero_outside(block: np.ndarray, valid: tuple[tuple[int, int], ...]) -> None:
+    """Zero every element of `block` (axes ..., D, H, W, C) outside the box `valid`."""
+    lead = (slice(None),) * (block.ndim - 4)
+    inner: tuple = ()
+    for axis, (lo, hi) in enumerate(valid):
+        size = block.shape[block.ndim - 4 + axis]
+        if lo >= hi:
+            block[lead + inner] = 0
+            return
+        if lo > 0:
+            block[lead + inner + (slice(0, lo),)] = 0
+        if hi < size:
+            block[lead + inner + (slice(hi, size),)] = 0
+        inner += (slice(lo, hi),)
 
 
-def _gather_task(plan: Plan, x3, out, phase: Phase, wmat, tile: Tile):
-    spec = plan.spec
-    groups, cig = spec.groups, spec.c_in_per_group
-    cog = spec.c_out_per_group
+# --- shift -------------------------------------------------------------------------------
+
+def _shift_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> list[np.ndarray]:
+    """Per (D, H) tap pair, (G, taps_w * C_in/g, phases * C_out/g): the W-axis taps stacked
+    along K, the phases of the group side by side along N."""
+    c_out, cig = w3.shape[0], w3.shape[-1]
+    cog = c_out // groups
+    first = group[0]
+    mats = []
+    for i in range(len(first.axis_taps[0])):
+        for j in range(len(first.axis_taps[1])):
+            cols = []
+            for phase in group:
+                kd, kh = phase.axis_taps[0][i].k, phase.axis_taps[1][j].k
+                kw = [t.k for t in phase.axis_taps[2]]
+                block = w3[:, kd, kh, kw, :]  # (C_out, taps_w, C_in/g)
+                block = block.reshape(groups, cog, len(kw), cig).transpose(0, 2, 3, 1)
+                cols.append(block.reshape(groups, len(kw) * cig, cog))
+            mats.append(np.ascontiguousarray(np.concatenate(cols, axis=2)))
+    return mats
+
+
+def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task):
+    """The phase is a stride-1 correlation: lay the input rows it reads out once, W-axis
+    taps side by side, on a grid padded by the D/H halo. Every (D, H) tap then reads a
+    contiguous run of that grid at a fixed row shift, so each is one plain GEMM; the few
+    grid rows that straddle the halo are computed and dropped."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    phase, tile = group[0], task.tile
+    n0, n1 = tile.n
+    a, b = tile.d
+    e, f = tile.h
+    qw = phase.count[2]
+    nn, nd, nh = n1 - n0, b - a, f - e
+    dmin, dmax = phase.halo(0)
+    hmin, hmax = phase.halo(1)
+    wtaps = phase.axis_taps[2]
+    dn, hn, tw = nd + dmax - dmin, nh + hmax - hmin, len(wtaps)
+    plane = hn * qw
+    grid_rows = nn * dn * plane
+    length = (nn - 1) * dn * plane + nd * plane  # grid rows the GEMMs compute
+    slack = (hmax - hmin) * qw  # the last shifted read runs this far past the grid
+    width = len(group) * cog
+    in_d, in_h, in_w = spec.in_spatial
+    d_lo, h_lo = a + dmin, e + hmin  # first input plane / row the grid holds
+    shifts = [((td.offset - dmin) * hn + (th.offset - hmin)) * qw
+              for td in phase.axis_taps[0] for th in phase.axis_taps[1]]
+    x_is_grid = (tw == 1 and groups == 1 and wtaps[0].offset == 0 and qw == in_w
+                 and slack == 0 and h_lo == 0 and hn == in_h and d_lo >= 0
+                 and d_lo + dn <= in_d and (nn == 1 or dn == in_d))
+    views = [_out_view(out, spec, p, task) for p in group]
+    k = tw * cig
+
+    def job(buf):
+        if x_is_grid:  # one tap, whole planes: the input itself is the grid
+            grid = x3[n0:n1, d_lo:d_lo + dn].reshape(1, grid_rows, k)
+            grid = grid.astype(spec.compute_dtype, copy=False)
+            used = 0
+        else:
+            used = groups * (grid_rows + slack) * k
+            grid = buf[:used].reshape(groups, grid_rows + slack, k)
+            if slack:
+                grid[:, grid_rows:] = 0
+            body = grid[:, :grid_rows].reshape(groups, nn, dn, hn, qw, tw, cig)
+            src_d = (max(d_lo, 0), min(d_lo + dn, in_d))
+            src_h = (max(h_lo, 0), min(h_lo + hn, in_h))
+            for j, wtap in enumerate(wtaps):
+                dst = body[..., j, :]
+                valid = ((src_d[0] - d_lo, src_d[1] - d_lo),
+                         (src_h[0] - h_lo, src_h[1] - h_lo), (wtap.lo, wtap.hi))
+                _zero_outside(dst, valid)
+                if any(lo >= hi for lo, hi in valid):
+                    continue
+                src = x3[n0:n1, src_d[0]:src_d[1], src_h[0]:src_h[1],
+                         wtap.lo + wtap.offset:wtap.hi + wtap.offset, :]
+                src = src.reshape(*src.shape[:-1], groups, cig)
+                (va, vb), (vc, vd), (ve, vf) = valid
+                dst[:, :, va:vb, vc:vd, ve:vf, :] = np.moveaxis(src, -2, 0)
+        acc = buf[used:used + groups * grid_rows * width].reshape(groups, grid_rows, width)
+        tmp = buf[used + acc.size:used + 2 * acc.size].reshape(acc.shape)
+        for i, (shift, wmat) in enumerate(zip(shifts, wmats)):
+            rows = grid[:, shift:shift + length]
+            if i == 0:
+                np.matmul(rows, wmat, out=acc[:, :length])
+            else:
+                np.matmul(rows, wmat, out=tmp[:, :length])
+                acc[:, :length] += tmp[:, :length]
+        res = acc.reshape(groups, nn, dn, hn, qw, width)[:, :, :nd, :nh]
+        for p, view in enumerate(views):
+            _store(view, res[..., p * cog:(p + 1) * cog], groups)
+
+    return job
+
+
+# --- scatter -----------------------------------------------------------------------------
+
+def _scatter_weights(w3: np.ndarray, phase: Phase, groups: int) -> np.ndarray:
+    """(G, taps * C_out/g, C_in/g): every tap of the phase stacked along M."""
+    c_out, cig = w3.shape[0], w3.shape[-1]
+    cog = c_out // groups
+    blocks = [w3[:, td.k, th.k, tw.k, :] for td, th, tw in phase.taps]  # (C_out, C_in/g)
+    stacked = np.stack(blocks).reshape(len(blocks), groups, cog, cig).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(stacked.reshape(groups, len(blocks) * cog, cig))
+
+
+def _scatter_job(spec, x3, out, phase: Phase, wmat, task: Task):
+    """One GEMM of all the phase's taps against the input slab the tile reads, channels
+    first, (G, taps, C_out/g, rows); then each tap adds its shifted window of that result
+    into a channels-first accumulator, contiguous along W."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    tile = task.tile
+    n0, n1 = tile.n
+    a, b = tile.d
+    e, f = tile.h
+    qw = phase.count[2]
+    nn, nd, nh = n1 - n0, b - a, f - e
+    dmin, dmax = phase.halo(0)
+    hmin, hmax = phase.halo(1)
+    in_d, in_h, in_w = spec.in_spatial
+    # Input slab the tile reads, clipped to the input.
+    d_lo, d_hi = max(a + dmin, 0), min(b + dmax, in_d)
+    h_lo, h_hi = max(e + hmin, 0), min(f + hmax, in_h)
     taps = phase.taps
-    n0, n1 = tile.n
-    d0, d1 = tile.d
-    h0, h1 = tile.h
-    qw = phase.count[2]
-    nn, nd, nh = n1 - n0, d1 - d0, h1 - h0
-    rows = nn * nd * nh * qw
-    sd, sh, sw = spec.stride
-    rd, rh, rw = phase.residue
-    out_view = out[n0:n1, _strided(rd, sd, d0, d1), _strided(rh, sh, h0, h1),
-                   _strided(rw, sw, 0, qw), :]
+    view = _out_view(out, spec, phase, task)
 
-    def task(buf):
-        full = (tile.d, tile.h, (0, qw))
-        if len(taps) == 1 and groups == 1:
-            (td, th, tw), = taps
-            ranges = _tile_ranges(tile, taps[0])
-            if ranges == full:
-                src = x3[n0:n1, d0 + td.offset:d1 + td.offset, h0 + th.offset:h1 + th.offset,
-                         tw.offset:qw + tw.offset, :]
-                a = src.reshape(rows, spec.c_in).astype(spec.compute_dtype, copy=False)
-                res = np.matmul(a, wmat[0])
-                out_view[...] = res.reshape(nn, nd, nh, qw, spec.c_out)
-                return
-        ntap = len(taps)
-        col = buf[:rows * ntap * spec.c_in].reshape(groups, nn, nd, nh, qw, ntap, cig)
-        for t, tap in enumerate(taps):
-            dst = col[:, :, :, :, :, t, :]
-            ranges = _tile_ranges(tile, tap)
-            if ranges != full:
-                dst.fill(0)
-            if ranges is None:
+    def job(buf):
+        acc = buf[:groups * cog * nn * nd * nh * qw].reshape(groups, cog, nn, nd, nh, qw)
+        acc.fill(0)
+        if d_lo >= d_hi or h_lo >= h_hi:
+            _store(view, np.moveaxis(acc, 1, -1), groups)
+            return
+        slab = x3[n0:n1, d_lo:d_hi, h_lo:h_hi]
+        rows = nn * (d_hi - d_lo) * (h_hi - h_lo) * in_w
+        xt = slab.reshape(rows, groups, cig).astype(spec.compute_dtype, copy=False)
+        y = buf[acc.size:acc.size + groups * len(taps) * cog * rows]
+        y = y.reshape(groups, len(taps) * cog, rows)
+        np.matmul(wmat, xt.transpose(1, 2, 0), out=y)
+        y = y.reshape(groups, len(taps), cog, nn, d_hi - d_lo, h_hi - h_lo, in_w)
+        for t, (td, th, tw) in enumerate(taps):
+            # Output q reads input q + offset; keep q inside the tile and the slab.
+            qd = (max(a, d_lo - td.offset), min(b, d_hi - td.offset))
+            qh = (max(e, h_lo - th.offset), min(f, h_hi - th.offset))
+            qx = (tw.lo, tw.hi)
+            if qd[0] >= qd[1] or qh[0] >= qh[1] or qx[0] >= qx[1]:
                 continue
-            (a0, a1), (b0, b1), (c0, c1) = ranges
-            src = x3[n0:n1, a0 + tap[0].offset:a1 + tap[0].offset,
-                     b0 + tap[1].offset:b1 + tap[1].offset,
-                     c0 + tap[2].offset:c1 + tap[2].offset, :]
-            src = src.reshape(*src.shape[:-1], groups, cig)
-            dst[:, :, a0 - d0:a1 - d0, b0 - h0:b1 - h0, c0:c1, :] = np.moveaxis(src, -2, 0)
-        res = np.matmul(col.reshape(groups, rows, ntap * cig), wmat)  # (G, rows, C_out/g)
-        res = res.reshape(groups, nn, nd, nh, qw, cog)
-        out_view.reshape(nn, nd, nh, qw, groups, cog)[...] = np.moveaxis(res, 0, -2)
+            window = y[:, t, :, :, qd[0] + td.offset - d_lo:qd[1] + td.offset - d_lo,
+                       qh[0] + th.offset - h_lo:qh[1] + th.offset - h_lo,
+                       qx[0] + tw.offset:qx[1] + tw.offset]
+            acc[:, :, :, qd[0] - a:qd[1] - a, qh[0] - e:qh[1] - e, qx[0]:qx[1]] += window
+        _store(view, np.moveaxis(acc, 1, -1), groups)
 
-    return task
+    return job
 
 
-def _direct_task(plan: Plan, x3, w3, out, phase: Phase, tile: Tile):
-    """Depthwise / channel multiplier: C_in/g == 1, so each tap is a broadcast multiply-add."""
-    spec = plan.spec
+# --- direct ------------------------------------------------------------------------------
+
+def _direct_job(spec, x3, w3, out, phase: Phase, task: Task):
+    """One input channel per group: each tap is a multiply-add broadcast over channels."""
     groups, mult = spec.groups, spec.c_out_per_group
+    tile = task.tile
     n0, n1 = tile.n
-    d0, d1 = tile.d
-    h0, h1 = tile.h
+    a, b = tile.d
+    e, f = tile.h
     qw = phase.count[2]
-    nn, nd, nh = n1 - n0, d1 - d0, h1 - h0
+    nn, nd, nh = n1 - n0, b - a, f - e
     size = nn * nd * nh * qw * spec.c_out
-    sd, sh, sw = spec.stride
-    rd, rh, rw = phase.residue
-    out_view = out[n0:n1, _strided(rd, sd, d0, d1), _strided(rh, sh, h0, h1),
-                   _strided(rw, sw, 0, qw), :]
-    tap_w = [w3[:, td.k, th.k, tw.k, 0].reshape(groups, mult) for td, th, tw in phase.taps]
+    view = _out_view(out, spec, phase, task)
+    in_d, in_h, _ = spec.in_spatial
+    tap_weights = [w3[:, td.k, th.k, tw.k, 0].reshape(groups, mult)
+                   for td, th, tw in phase.taps]
 
-    def task(buf):
+    def job(buf):
         acc = buf[:size].reshape(nn, nd, nh, qw, groups, mult)
         tmp = buf[size:2 * size].reshape(acc.shape)
         acc.fill(0)
-        for tap, wt in zip(phase.taps, tap_w):
-            ranges = _tile_ranges(tile, tap)
-            if ranges is None:
+        for (td, th, tw), wt in zip(phase.taps, tap_weights):
+            qd = (max(a, td.lo), min(b, td.hi))
+            qh = (max(e, th.lo), min(f, th.hi))
+            if qd[0] >= qd[1] or qh[0] >= qh[1]:
                 continue
-            (a0, a1), (b0, b1), (c0, c1) = ranges
-            src = x3[n0:n1, a0 + tap[0].offset:a1 + tap[0].offset,
-                     b0 + tap[1].offset:b1 + tap[1].offset,
-                     c0 + tap[2].offset:c1 + tap[2].offset, :]
+            src = x3[n0:n1, qd[0] + td.offset:qd[1] + td.offset,
+                     qh[0] + th.offset:qh[1] + th.offset, tw.lo + tw.offset:tw.hi + tw.offset]
             src = src.reshape(*src.shape[:-1], groups, 1)
-            part = (slice(None), slice(a0 - d0, a1 - d0), slice(b0 - h0, b1 - h0),
-                    slice(c0, c1))
-            t = tmp[part]
-            np.multiply(src, wt, out=t)
-            acc[part] += t
-        out_view[...] = acc.reshape(nn, nd, nh, qw, spec.c_out)
+            part = (slice(None), slice(qd[0] - a, qd[1] - a), slice(qh[0] - e, qh[1] - e),
+                    slice(tw.lo, tw.hi))
+            np.multiply(src, wt, out=tmp[part])
+            acc[part] += tmp[part]
+        view[...] = acc.reshape(nn, nd, nh, qw, spec.c_out)
 
-    return task
-
-
-def _scatter(plan: Plan, x3, w3, out) -> None:
-    """One GEMM against all taps per input tile, then strided adds into the output.
-
-    Tiles overlap in the output, so they run one after another (BLAS still uses every
-    core inside each GEMM); the fixed order keeps results bitwise reproducible."""
-    spec = plan.spec
-    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    kd, kh, kw = spec.kernel
-    ktot = kd * kh * kw
-    # (G, C_in/g, taps * C_out/g)
-    wall = w3.reshape(groups, cog, ktot, cig).transpose(0, 3, 2, 1).reshape(groups, cig,
-                                                                              ktot * cog)
-    wall = np.ascontiguousarray(wall)
-    ranges = [
-        [tap_output_range(n, k, s, p, d, o) for k in range(kk)]
-        for n, kk, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding,
-                                     spec.dilation, spec.out_spatial)
-    ]
-    di, hi, wi = spec.in_spatial
-    acc = out if out.dtype == spec.compute_dtype else np.zeros(out.shape, spec.compute_dtype)
-    for tile in split_tiles(spec.batch, (di, hi, wi), plan.tile_rows):
-        n0, n1 = tile.n
-        d0, d1 = tile.d
-        h0, h1 = tile.h
-        xt = x3[n0:n1, d0:d1, h0:h1]
-        rows = xt.shape[0] * xt.shape[1] * xt.shape[2] * wi
-        a = xt.reshape(rows, groups, cig).astype(spec.compute_dtype, copy=False)
-        y = np.matmul(np.moveaxis(a, 1, 0), wall)  # (G, rows, taps * C_out/g)
-        y = y.reshape(groups, n1 - n0, d1 - d0, h1 - h0, wi, kd, kh, kw, cog)
-        for a_ in range(kd):
-            dl, dh = max(ranges[0][a_][0], d0), min(ranges[0][a_][1], d1)
-            if dl >= dh:
-                continue
-            for b_ in range(kh):
-                hl, hh = max(ranges[1][b_][0], h0), min(ranges[1][b_][1], h1)
-                if hl >= hh:
-                    continue
-                for c_ in range(kw):
-                    wl, wh = ranges[2][c_]
-                    if wl >= wh:
-                        continue
-                    o = [i * s + k * dd - p for i, k, s, dd, p in
-                         zip((dl, hl, wl), (a_, b_, c_), spec.stride, spec.dilation,
-                             spec.padding)]
-                    counts = (dh - dl, hh - hl, wh - wl)
-                    sl = [slice(o_, o_ + s * (c - 1) + 1, s)
-                          for o_, c, s in zip(o, counts, spec.stride)]
-                    target = acc[n0:n1, sl[0], sl[1], sl[2], :]
-                    target = target.reshape(*target.shape[:-1], groups, cog)
-                    block = y[:, :, dl - d0:dh - d0, hl - h0:hh - h0, wl:wh, a_, b_, c_, :]
-                    target += np.moveaxis(block, 0, -2)
-    if acc is not out:
-        out[...] = acc
+    return job
 
 
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
     spec = plan.spec
     out = np.zeros((spec.batch, *spec.out_spatial, spec.c_out), spec.result_dtype)
-    if spec.batch == 0:
+    if not plan.tasks:
         return out.reshape(spec.output_shape)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     w3 = w.reshape(spec.c_out, *spec.kernel, spec.c_in_per_group).astype(spec.compute_dtype)
-    if plan.algorithm == "scatter":
-        _scatter(plan, x3, w3, out)
-        return out.reshape(spec.output_shape)
-
-    tasks = []
-    buffer_elems = 0
-    for phase in plan.phases:
-        if not phase.taps or phase.size == 0:
-            continue  # phases no tap reaches stay zero
-        tiles = split_tiles(spec.batch, phase.count, plan.tile_rows, min_tiles=plan.threads)
-        if plan.algorithm == "gather":
-            wmat = _tap_weights(w3, phase, spec.groups)
-            for tile in tiles:
-                tasks.append(_gather_task(plan, x3, out, phase, wmat, tile))
-            widest = max(_rows(t, phase) for t in tiles)
-            buffer_elems = max(buffer_elems, widest * len(phase.taps) * spec.c_in)
-        else:
-            for tile in tiles:
-                tasks.append(_direct_task(plan, x3, w3, out, phase, tile))
-            widest = max(_rows(t, phase) for t in tiles)
-            buffer_elems = max(buffer_elems, 2 * widest * spec.c_out)
-    _run_tasks(tasks, plan.threads, buffer_elems, spec.compute_dtype)
+    if plan.algorithm == "shift":
+        weights = [_shift_weights(w3, g, spec.groups) for g in plan.groups]
+        jobs = [_shift_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
+                for t in plan.tasks]
+    elif plan.algorithm == "scatter":
+        weights = [_scatter_weights(w3, g[0], spec.groups) for g in plan.groups]
+        jobs = [_scatter_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t)
+                for t in plan.tasks]
+    else:
+        jobs = [_direct_job(spec, x3, w3, out, plan.groups[t.group][0], t) for t in plan.tasks]
+    buffer = max(t.buffer_elems for t in plan.tasks)
+    _run(jobs, plan.threads, buffer, spec.compute_dtype)
     return out.reshape(spec.output_shape)
-
-
-def _rows(tile: Tile, phase: Phase) -> int:
-    return ((tile.n[1] - tile.n[0]) * (tile.d[1] - tile.d[0]) * (tile.h[1] - tile.h[0])
-            * phase.count[2])
-

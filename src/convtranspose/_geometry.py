@@ -53,15 +53,26 @@ def axis_phases(size: int, kernel: int, stride: int, padding: int, dilation: int
 
 @dataclass(frozen=True)
 class Phase:
-    """One 3-D phase: residues, output counts, and its taps (one AxisTap per axis)."""
+    """One 3-D phase: residues, output counts, and the taps of each axis that reach it.
+
+    Its 3-D taps are every combination of one tap per axis."""
 
     residue: tuple[int, int, int]
     count: tuple[int, int, int]
-    taps: tuple[tuple[AxisTap, AxisTap, AxisTap], ...]
+    axis_taps: tuple[tuple[AxisTap, ...], tuple[AxisTap, ...], tuple[AxisTap, ...]]
+
+    @property
+    def taps(self) -> tuple[tuple[AxisTap, AxisTap, AxisTap], ...]:
+        return tuple(itertools.product(*self.axis_taps))
 
     @property
     def size(self) -> int:
         return math.prod(self.count)
+
+    def halo(self, axis: int) -> tuple[int, int]:
+        """(smallest, largest) input offset of the taps along one axis."""
+        offsets = [t.offset for t in self.axis_taps[axis]]
+        return min(offsets), max(offsets)
 
 
 def phases_3d(spec) -> tuple[Phase, ...]:
@@ -71,12 +82,11 @@ def phases_3d(spec) -> tuple[Phase, ...]:
         for n, k, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding,
                                     spec.dilation, spec.out_spatial)
     ]
-    phases = []
-    for pd, ph, pw in itertools.product(*per_axis):
-        taps = tuple(itertools.product(pd.taps, ph.taps, pw.taps))
-        phases.append(Phase((pd.residue, ph.residue, pw.residue),
-                            (pd.count, ph.count, pw.count), taps))
-    return tuple(phases)
+    return tuple(
+        Phase((pd.residue, ph.residue, pw.residue), (pd.count, ph.count, pw.count),
+              (pd.taps, ph.taps, pw.taps))
+        for pd, ph, pw in itertools.product(*per_axis)
+    )
 
 
 def tap_output_range(size: int, k: int, stride: int, padding: int, dilation: int,

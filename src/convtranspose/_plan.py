@@ -1,23 +1,27 @@
 """Spec -> plan: choose the algorithm and the tiling for one call on this machine.
 
-Three algorithms, all free of zero-stuffing (their multiply-adds are the useful ones, plus
-at most a border row where a tap half-overlaps the input):
+Every algorithm works phase by phase (see `_geometry`): no zero-stuffed input, no multiply
+by a structural zero. They differ in where the taps of a phase meet:
 
-- ``gather``: per output phase, copy the input rows each tap reads into a column block
-  (rows, taps * C_in) and run one GEMM into that phase's strided output positions. Its extra
-  memory traffic is proportional to C_in; it writes every output element exactly once, so
-  tiles run on threads without locks.
-- ``scatter``: one GEMM of input rows against every tap at once (rows, taps * C_out), then
-  add each tap's block into its strided output positions. Its extra traffic is proportional
-  to C_out, so it wins when C_out is small (a 16 -> 1 head).
-- ``direct``: when each group has a single input channel (depthwise, channel multiplier)
-  a GEMM degenerates; multiply-add broadcast over channels instead.
+- ``shift``: lay the input rows a phase reads out once, with the W-axis taps side by side
+  (K = taps_w * C_in), then one GEMM per (D, H) tap reads that grid at a fixed row shift and
+  accumulates into the tile. Phases with identical geometry (kernel == stride) share one GEMM
+  with their weights side by side. The workhorse: its extra traffic is small next to the GEMM.
+- ``scatter``: one GEMM of every tap of the phase against the input rows, channels first
+  (taps * C_out, rows), then add each tap's shifted window. Wins when C_out is tiny
+  (a 16 -> 1 head), where a GEMM with N = C_out would crawl.
+- ``direct``: one input channel per group (depthwise, channel multiplier): a GEMM
+  degenerates, so multiply-add broadcast over channels.
+
+Every task writes a disjoint block of the output, so tasks run on worker threads in any
+order and results are bitwise identical from run to run.
 
 The plan is a printable object: ``print(convtranspose.plan(...))``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,9 +29,17 @@ from dataclasses import dataclass
 from ._geometry import Phase, phases_3d
 from ._spec import ConvSpec
 
+ALGORITHMS = ("shift", "scatter", "direct")
 DEFAULT_WORKSPACE = 64 * 2**20
-TILE_BYTES = 4 * 2**20  # a column block of about this size stays in the last-level cache
+TILE_BYTES = 3 * 2**20  # one task's buffers: about what the L2 + a share of L3 keeps warm
 MIN_TILE_ROWS = 256
+
+# Rough machine model for choosing an algorithm (ratios matter, not absolutes): a GEMM
+# whose narrow side is n runs at about PEAK * n / (n + 12); a strided NumPy copy moves
+# about COPY_BYTES_PER_S.
+GEMM_PEAK = 140e9
+COPY_BYTES_PER_S = 5e9
+ELEMENTWISE_PER_S = 1.5e9
 
 _threads: int | None = None
 
@@ -58,24 +70,34 @@ def get_num_threads() -> int:
 
 @dataclass(frozen=True)
 class Tile:
-    """A rectangular block of one phase's output grid: batch, depth and height ranges
+    """A rectangular block of a phase's output grid: batch, depth and height ranges
     (the width axis is always whole so that rows stay contiguous)."""
 
     n: tuple[int, int]
     d: tuple[int, int]
     h: tuple[int, int]
 
+    def rows(self, width: int) -> int:
+        return (self.n[1] - self.n[0]) * (self.d[1] - self.d[0]) * (self.h[1] - self.h[0]) * width
+
+
+@dataclass(frozen=True)
+class Task:
+    group: int  # index into Plan.groups
+    tile: Tile
+    buffer_elems: int
+
 
 @dataclass(frozen=True)
 class Plan:
     spec: ConvSpec
     algorithm: str
-    phases: tuple[Phase, ...]
-    tile_rows: int
+    groups: tuple[tuple[Phase, ...], ...]  # phases computed together
+    tasks: tuple[Task, ...]
     threads: int
     workspace_bytes: int
     workspace_limit: int
-    est_traffic: dict
+    est_seconds: dict
 
     @property
     def flops(self) -> int:
@@ -83,19 +105,24 @@ class Plan:
 
     def __str__(self) -> str:
         s = self.spec
-        busy = sum(1 for p in self.phases if p.taps)
+        lift = 3 - s.ndim
+        phases = sum(len(g) for g in self.groups)
+        total = math.prod(s.stride)
+        est = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in self.est_seconds.items())
         lines = [
             f"convtranspose plan for {s.op}",
-            f"  input  {s.input_shape} {s.input_dtype.name}",
-            f"  weight {s.weight_shape} {s.weight_dtype.name}",
-            f"  output {s.output_shape} {s.result_dtype.name} (accumulate in "
+            f"  input      {s.input_shape} {s.input_dtype.name}",
+            f"  weight     {s.weight_shape} {s.weight_dtype.name}",
+            f"  output     {s.output_shape} {s.result_dtype.name} (accumulates in "
             f"{s.compute_dtype.name})",
-            f"  stride={s.stride[3 - s.ndim:]} padding={s.padding[3 - s.ndim:]} "
-            f"dilation={s.dilation[3 - s.ndim:]} output_padding="
-            f"{s.output_padding[3 - s.ndim:]} groups={s.groups}",
-            f"  algorithm  {self.algorithm} ({busy} of {len(self.phases)} phases have taps)",
+            f"  settings   stride={s.stride[lift:]} padding={s.padding[lift:]} "
+            f"dilation={s.dilation[lift:]} output_padding={s.output_padding[lift:]} "
+            f"groups={s.groups}",
+            f"  algorithm  {self.algorithm}: {phases} of {total} phases carry taps, "
+            f"in {len(self.groups)} GEMM group(s)",
+            f"  model ms   {est}",
             f"  useful     {self.flops / 1e9:.3f} GFLOP",
-            f"  tiles      <= {self.tile_rows} rows, {self.threads} thread(s)",
+            f"  tasks      {len(self.tasks)} on {self.threads} thread(s)",
             f"  workspace  {self.workspace_bytes / 2**20:.1f} MiB "
             f"(limit {self.workspace_limit / 2**20:.1f} MiB)",
         ]
@@ -105,77 +132,61 @@ class Plan:
 def workspace_limit(spec: ConvSpec, workspace: int | None) -> int:
     """Default: max(64 MiB, 25% of the output); `workspace` (bytes) overrides it."""
     if workspace is not None:
+        if isinstance(workspace, bool) or not isinstance(workspace, int) or workspace < 0:
+            raise ValueError(f"plan: 'workspace' must be a number of bytes >= 0, got "
+                             f"{workspace!r}")
         return workspace
     out_bytes = spec.batch * math.prod(spec.out_spatial) * spec.c_out * spec.result_dtype.itemsize
     return max(DEFAULT_WORKSPACE, out_bytes // 4)
 
 
-def _traffic(spec: ConvSpec, phases: tuple[Phase, ...]) -> dict:
-    """Extra elements each algorithm moves beyond reading the input and writing the output."""
-    n_in = spec.batch * math.prod(spec.in_spatial)
-    gather = 0
-    for ph in phases:
-        if len(ph.taps) > 1:
-            gather += 2 * spec.batch * ph.size * len(ph.taps) * spec.c_in
-    taps_total = sum(len(ph.taps) for ph in phases)
-    scatter = 3 * n_in * taps_total * spec.c_out
-    direct = 2 * spec.batch * taps_total * max(ph.size for ph in phases) * spec.c_out
-    return {"gather": gather, "scatter": scatter, "direct": direct}
+def _geometry_key(phase: Phase) -> tuple:
+    return (phase.count, tuple(tuple((t.offset, t.lo, t.hi) for t in axis)
+                               for axis in phase.axis_taps))
 
 
-def choose_algorithm(spec: ConvSpec, traffic: dict) -> str:
-    if spec.c_in_per_group == 1:
-        return "direct"
-    return "scatter" if traffic["scatter"] < traffic["gather"] else "gather"
+def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...]:
+    """Phases that carry taps; for ``shift`` those of identical geometry share a GEMM."""
+    live = [p for p in phases_3d(spec) if p.taps and p.size]
+    if algorithm != "shift":
+        return tuple((p,) for p in live)
+    merged: dict[tuple, list[Phase]] = {}
+    for p in live:
+        merged.setdefault(_geometry_key(p), []).append(p)
+    return tuple(tuple(g) for g in merged.values())
 
 
-def _row_width(spec: ConvSpec, algorithm: str, phases: tuple[Phase, ...]) -> int:
-    """Workspace elements per output (or input) row of a tile."""
-    if algorithm == "gather":
-        taps = max(len(p.taps) for p in phases)
-        return taps * spec.c_in + spec.c_out
-    if algorithm == "scatter":
-        taps = math.prod(spec.kernel)
-        return taps * spec.c_out
-    return 2 * spec.c_out
-
-
-def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | None = None,
-              threads: int | None = None) -> Plan:
-    phases = phases_3d(spec)
-    traffic = _traffic(spec, phases)
-    algo = algorithm or choose_algorithm(spec, traffic)
-    if algo not in ("gather", "scatter", "direct"):
-        raise ValueError(f"algorithm must be 'gather', 'scatter' or 'direct', got {algo!r}")
-    if algo == "direct" and spec.c_in_per_group != 1:
-        raise ValueError("algorithm 'direct' needs one input channel per group")
-    n_threads = threads or get_num_threads()
-    algo_threads = 1 if algo == "scatter" else n_threads
-    limit = workspace_limit(spec, workspace)
-    itemsize = spec.compute_dtype.itemsize
-    width = _row_width(spec, algo, phases)
-    per_thread = max(1, min(TILE_BYTES, limit // algo_threads) // (width * itemsize))
-    # Each worker owns one tile buffer; never below one output row of the widest axis.
-    w_rows = spec.out_spatial[2] if algo != "scatter" else spec.in_spatial[2]
-    tile_rows = max(per_thread, MIN_TILE_ROWS if limit >= MIN_TILE_ROWS * width * itemsize
-                    else 1, w_rows)
-    used = algo_threads * tile_rows * width * itemsize
-    return Plan(spec=spec, algorithm=algo, phases=phases, tile_rows=tile_rows,
-                threads=n_threads, workspace_bytes=used, workspace_limit=limit,
-                est_traffic=traffic)
+def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile: Tile) -> int:
+    """Workspace elements one task needs (the kernels slice their buffers the same way)."""
+    phase = group[0]
+    nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
+    qw = phase.count[2]
+    if algorithm == "direct":
+        return 2 * nn * nd * nh * qw * spec.c_out
+    dmin, dmax = phase.halo(0)
+    hmin, hmax = phase.halo(1)
+    if algorithm == "shift":
+        dn, hn = nd + dmax - dmin, nh + hmax - hmin
+        grid_rows = nn * dn * hn * qw
+        slack = (hmax - hmin) * qw
+        return (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in \
+            + 2 * grid_rows * len(group) * spec.c_out
+    # scatter: the GEMM result for the input slab, and the channels-first accumulator
+    slab = nn * (nd + dmax - dmin) * (nh + hmax - hmin) * spec.in_spatial[2]
+    return slab * len(phase.taps) * spec.c_out + nn * nd * nh * qw * spec.c_out
 
 
 def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
                 min_tiles: int = 1) -> list[Tile]:
     """Cut a (batch, D, H, W) grid into rectangular tiles of at most `max_rows` rows
-    (a row is one W line position), whole along W."""
+    (a row is one position along W), whole along W; at least `min_tiles` when the grid
+    is big enough that splitting keeps tiles >= MIN_TILE_ROWS."""
     nd, nh, nw = count
-    if batch == 0 or nd * nh * nw == 0:
-        return []
-    # Enough tiles to keep every thread busy, unless that makes tiles tiny.
     total = batch * nd * nh * nw
+    if total == 0:
+        return []
     if min_tiles > 1:
-        max_rows = max(min(max_rows, -(-total // min_tiles)), min(max_rows, MIN_TILE_ROWS))
+        max_rows = min(max_rows, max(MIN_TILE_ROWS, -(-total // min_tiles)))
     plane = nh * nw
     tiles = []
     if plane * nd <= max_rows:
@@ -184,13 +195,104 @@ def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
             tiles.append(Tile((n0, min(batch, n0 + step)), (0, nd), (0, nh)))
     elif plane <= max_rows:
         step = max(1, max_rows // plane)
+        step = -(-nd // -(-nd // step))  # even out the last tile
         for n0 in range(batch):
             for d0 in range(0, nd, step):
                 tiles.append(Tile((n0, n0 + 1), (d0, min(nd, d0 + step)), (0, nh)))
     else:
         step = max(1, max_rows // nw)
+        step = -(-nh // -(-nh // step))
         for n0 in range(batch):
             for d0 in range(nd):
                 for h0 in range(0, nh, step):
                     tiles.append(Tile((n0, n0 + 1), (d0, d0 + 1), (h0, min(nh, h0 + step))))
     return tiles
+
+
+def _gemm_rate(narrow: float) -> float:
+    return GEMM_PEAK * max(narrow, 1) / (max(narrow, 1) + 12)
+
+
+def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
+    """A coarse single-core cost model: GEMM time at the shape's rate plus copy traffic."""
+    n_in = spec.batch * math.prod(spec.in_spatial)
+    n_out = spec.batch * math.prod(spec.out_spatial)
+    item = spec.compute_dtype.itemsize
+    flops = spec.useful_flops
+    write = 2 * n_out * spec.c_out * spec.result_dtype.itemsize / COPY_BYTES_PER_S
+    groups = phase_groups(spec, algorithm)
+    if not groups:
+        return write
+    if algorithm == "direct":
+        return flops / 2 / ELEMENTWISE_PER_S + write
+    if algorithm == "shift":
+        total = write
+        for group in groups:
+            p = group[0]
+            hmin, hmax = p.halo(1)
+            nd, nh, qw = p.count
+            waste = (nh + hmax - hmin) / nh
+            tw, tdh = len(p.axis_taps[2]), len(p.axis_taps[0]) * len(p.axis_taps[1])
+            rows = spec.batch * nd * nh * qw
+            narrow = min(len(group) * spec.c_out_per_group, rows)
+            gemm = 2 * rows * waste * tw * tdh * spec.c_in * spec.c_out_per_group * len(group)
+            total += gemm / _gemm_rate(narrow)
+            grid_copy = 0 if tw == 1 and tdh == 1 else 2 * rows * tw * spec.c_in * item
+            adds = 3 * (tdh - 1) * rows * len(group) * spec.c_out * item
+            total += (grid_copy + adds) / COPY_BYTES_PER_S
+        return total
+    # scatter
+    taps = sum(len(g[0].taps) for g in groups)
+    narrow = min(max(len(g[0].taps) for g in groups) * spec.c_out_per_group, n_in)
+    traffic = 3 * n_in * taps * spec.c_out * item
+    return flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
+
+
+def choose_algorithm(spec: ConvSpec) -> tuple[str, dict]:
+    candidates = [a for a in ALGORITHMS if a != "direct" or spec.c_in_per_group == 1]
+    est = {a: estimate_seconds(spec, a) for a in candidates}
+    return min(est, key=est.get), est
+
+
+def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | None = None,
+              threads: int | None = None) -> Plan:
+    if algorithm is not None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"plan: 'algorithm' must be one of {ALGORITHMS}, got "
+                             f"{algorithm!r}")
+        if algorithm == "direct" and spec.c_in_per_group != 1:
+            raise ValueError("plan: algorithm 'direct' needs one input channel per group "
+                             f"(C_in/groups == 1), got {spec.c_in_per_group}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"plan: 'threads' must be an int >= 1, got {threads!r}")
+    return _make_plan(spec, algorithm, workspace_limit(spec, workspace),
+                      threads or get_num_threads())
+
+
+@functools.lru_cache(maxsize=256)
+def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) -> Plan:
+    """Plans are pure functions of their arguments, so repeated calls reuse them."""
+    if algorithm is None:
+        algorithm, est = choose_algorithm(spec)
+    else:
+        est = {algorithm: estimate_seconds(spec, algorithm)}
+    groups = phase_groups(spec, algorithm)
+    item = spec.compute_dtype.itemsize
+    per_task = max(1, min(TILE_BYTES, limit // threads) // item)
+    min_tiles = threads if len(groups) < threads else 1
+    max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
+    while True:
+        tasks = []
+        for gi, group in enumerate(groups):
+            for tile in split_tiles(spec.batch, group[0].count, max_rows, min_tiles):
+                tasks.append(Task(gi, tile, buffer_elems(spec, algorithm, group, tile)))
+        biggest = max((t.buffer_elems for t in tasks), default=0)
+        if biggest <= per_task or max_rows <= 1:
+            break
+        max_rows = max(1, max_rows * per_task // biggest if biggest > 2 * per_task
+                       else max_rows // 2)
+    workers = min(threads, len(tasks)) or 1
+    return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
+                threads=threads, workspace_bytes=workers * biggest * item,
+                workspace_limit=limit, est_seconds=est)
