@@ -141,8 +141,16 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task):
     x_is_grid = (tw == 1 and groups == 1 and wtaps[0].offset == 0 and qw == in_w
                  and slack == 0 and h_lo == 0 and hn == in_h and d_lo >= 0
                  and d_lo + dn <= in_d and (nn == 1 or dn == in_d))
-    views = [_out_view(out, spec, p, task) for p in group]
     k = tw * cig
+    sd, sh, sw = spec.stride
+    # Every phase of the output, each filling it exactly: store the whole group at once
+    # ("pixel shuffle"), with long contiguous runs instead of one strided run per phase.
+    shuffle = len(group) == sd * sh * sw > 1 and all(
+        c * s == o for c, s, o in zip(phase.count, spec.stride, spec.out_spatial))
+    if shuffle:
+        views = [out[n0:n1, a * sd:b * sd, e * sh:f * sh]]
+    else:
+        views = [_out_view(out, spec, p, task) for p in group]
 
     def job(buf):
         if x_is_grid:  # one tap, whole planes: the input itself is the grid
@@ -179,6 +187,11 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task):
                 np.matmul(rows, wmat, out=tmp[:, :length])
                 acc[:, :length] += tmp[:, :length]
         res = acc.reshape(groups, nn, dn, hn, qw, width)[:, :, :nd, :nh]
+        if shuffle:
+            res = res.reshape(groups, nn, nd, nh, qw, sd, sh, sw, cog)
+            res = res.transpose(1, 2, 5, 3, 6, 4, 7, 0, 8)  # (nn, nd, sd, nh, sh, qw, sw, G, cog)
+            views[0].reshape(res.shape)[...] = res
+            return
         for p, view in enumerate(views):
             _store(view, res[..., p * cog:(p + 1) * cog], groups)
 

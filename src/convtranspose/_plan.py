@@ -31,7 +31,7 @@ from ._spec import ConvSpec
 
 ALGORITHMS = ("shift", "scatter", "direct")
 DEFAULT_WORKSPACE = 64 * 2**20
-TILE_BYTES = 3 * 2**20  # one task's buffers: about what the L2 + a share of L3 keeps warm
+TILE_BYTES = 8 * 2**20
 MIN_TILE_ROWS = 256
 
 # Rough machine model for choosing an algorithm (ratios matter, not absolutes): a GEMM

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,8 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
     if value is None:
         raise TypeError(f"{op}: '{name}' must be an array, got None")
     if not isinstance(value, np.ndarray):
+        value = _from_torch(value)
+    if not isinstance(value, np.ndarray):
         try:
             value = np.asarray(value)
         except (ValueError, TypeError, RuntimeError) as exc:
@@ -122,6 +125,20 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
             f"{op}: '{name}' must have a floating dtype ({', '.join(SUPPORTED)}), got "
             f"{dtype_name(value.dtype)}; convert it first, e.g. x.astype(np.float32)")
     return value
+
+
+def _from_torch(value: Any) -> Any:
+    """A CPU torch tensor as an ndarray without a copy: detached (we compute no autograd
+    graph), and bfloat16 reinterpreted through ml_dtypes, which NumPy cannot do alone."""
+    if type(value).__module__.split(".")[0] != "torch" or not hasattr(value, "detach"):
+        return value
+    value = value.detach()
+    if str(value.dtype) == "torch.bfloat16":
+        import ml_dtypes  # a bfloat16 tensor's caller can install it; we say so if not
+
+        torch = sys.modules["torch"]
+        return value.view(dtype=torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return value.numpy()
 
 
 def memory_limit_bytes() -> int:
