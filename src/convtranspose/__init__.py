@@ -16,17 +16,24 @@ from ._api import (
     run_plan,
 )
 from ._plan import Plan, get_num_threads, set_num_threads
+from ._vjp import conv_transpose1d_vjp, conv_transpose2d_vjp, conv_transpose3d_vjp
+from ._weights import weight_from_torch, weight_to_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Plan",
     "conv_transpose1d",
+    "conv_transpose1d_vjp",
     "conv_transpose2d",
+    "conv_transpose2d_vjp",
     "conv_transpose3d",
+    "conv_transpose3d_vjp",
     "get_num_threads",
     "output_shape",
     "plan",
     "run_plan",
     "set_num_threads",
+    "weight_from_torch",
+    "weight_to_torch",
 ]
