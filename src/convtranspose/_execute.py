@@ -296,6 +296,28 @@ def _direct_job(spec, x3, w3, out, phase: Phase, task: Task):
     return job
 
 
+# --- indexed ------------------------------------------------------------------------------
+
+def _indexed(plan: Plan, x3, w3, out) -> None:
+    """Small calls: every (input row, tap) product in one GEMM, then a gather and a sum."""
+    spec = plan.spec
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    rows = spec.batch * spec.in_spatial[0] * spec.in_spatial[1] * spec.in_spatial[2]
+    taps = spec.kernel[0] * spec.kernel[1] * spec.kernel[2]
+    products = np.empty(((rows * taps + 1), spec.c_out), spec.compute_dtype)
+    products[-1] = 0
+    xr = x3.reshape(rows, groups, cig).astype(spec.compute_dtype, copy=False)
+    wr = w3.reshape(groups, cog, taps, cig).transpose(0, 3, 2, 1).reshape(groups, cig,
+                                                                          taps * cog)
+    if groups == 1:
+        np.matmul(xr[:, 0], wr[0], out=products[:-1].reshape(rows, taps * cog))
+    else:
+        y = np.matmul(xr.transpose(1, 0, 2), wr).reshape(groups, rows, taps, cog)
+        products[:-1].reshape(rows, taps, groups, cog)[...] = y.transpose(1, 2, 0, 3)
+    total = np.take(products, plan.table, axis=0).sum(axis=0)
+    out.reshape(-1, spec.c_out)[...] = total
+
+
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
     spec = plan.spec
@@ -304,6 +326,9 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return out.reshape(spec.output_shape)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     w3 = w.reshape(spec.c_out, *spec.kernel, spec.c_in_per_group).astype(spec.compute_dtype)
+    if plan.algorithm == "indexed":
+        _indexed(plan, x3, w3, out)
+        return out.reshape(spec.output_shape)
     if plan.algorithm == "shift":
         weights = [_shift_weights(w3, g, spec.groups) for g in plan.groups]
         jobs = [_shift_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)

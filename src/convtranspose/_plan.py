@@ -12,6 +12,9 @@ by a structural zero. They differ in where the taps of a phase meet:
   (a 16 -> 1 head), where a GEMM with N = C_out would crawl.
 - ``direct``: one input channel per group (depthwise, channel multiplier): a GEMM
   degenerates, so multiply-add broadcast over channels.
+- ``indexed``: for small calls, where NumPy's per-call overhead dominates: one GEMM of
+  every input row against every tap, then one gather of each output row's contributions
+  through a table the plan precomputes, and one sum.
 
 Every task writes a disjoint block of the output, so tasks run on worker threads in any
 order and results are bitwise identical from run to run.
@@ -24,15 +27,19 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from ._geometry import Phase, phases_3d
 from ._spec import ConvSpec
 
-ALGORITHMS = ("shift", "scatter", "direct")
+ALGORITHMS = ("shift", "scatter", "direct", "indexed")
+INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
 DEFAULT_WORKSPACE = 64 * 2**20
 TILE_BYTES = 8 * 2**20
 MIN_TILE_ROWS = 256
+SERIAL_BELOW_SECONDS = 2e-3
 
 # Rough machine model for choosing an algorithm (ratios matter, not absolutes): a GEMM
 # whose narrow side is n runs at about PEAK * n / (n + 12); a strided NumPy copy moves
@@ -94,10 +101,11 @@ class Plan:
     algorithm: str
     groups: tuple[tuple[Phase, ...], ...]  # phases computed together
     tasks: tuple[Task, ...]
-    threads: int
+    threads: int  # worker threads the tasks run on
     workspace_bytes: int
     workspace_limit: int
     est_seconds: dict
+    table: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def flops(self) -> int:
@@ -108,6 +116,10 @@ class Plan:
         lift = 3 - s.ndim
         phases = sum(len(g) for g in self.groups)
         total = math.prod(s.stride)
+        shape = (f"{phases} of {total} phases carry taps, in {len(self.groups)} GEMM group(s)"
+                 if self.algorithm != "indexed" else
+                 f"one GEMM, then a gather of up to {self.table.shape[0]} products per "
+                 f"output row")
         est = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in self.est_seconds.items())
         lines = [
             f"convtranspose plan for {s.op}",
@@ -118,8 +130,7 @@ class Plan:
             f"  settings   stride={s.stride[lift:]} padding={s.padding[lift:]} "
             f"dilation={s.dilation[lift:]} output_padding={s.output_padding[lift:]} "
             f"groups={s.groups}",
-            f"  algorithm  {self.algorithm}: {phases} of {total} phases carry taps, "
-            f"in {len(self.groups)} GEMM group(s)",
+            f"  algorithm  {self.algorithm}: {shape}",
             f"  model ms   {est}",
             f"  useful     {self.flops / 1e9:.3f} GFLOP",
             f"  tasks      {len(self.tasks)} on {self.threads} thread(s)",
@@ -248,8 +259,19 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
 
 
+def indexed_fits(spec: ConvSpec) -> bool:
+    rows_in = spec.batch * math.prod(spec.in_spatial)
+    rows_out = spec.batch * math.prod(spec.out_spatial)
+    taps = math.prod(spec.kernel)
+    return (rows_in * taps * spec.c_out <= INDEXED_MAX_ELEMS
+            and rows_out * taps <= INDEXED_MAX_ELEMS)
+
+
 def choose_algorithm(spec: ConvSpec) -> tuple[str, dict]:
-    candidates = [a for a in ALGORITHMS if a != "direct" or spec.c_in_per_group == 1]
+    if indexed_fits(spec):
+        return "indexed", {}
+    candidates = [a for a in ALGORITHMS if a != "indexed"
+                  and (a != "direct" or spec.c_in_per_group == 1)]
     est = {a: estimate_seconds(spec, a) for a in candidates}
     return min(est, key=est.get), est
 
@@ -263,6 +285,9 @@ def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | 
         if algorithm == "direct" and spec.c_in_per_group != 1:
             raise ValueError("plan: algorithm 'direct' needs one input channel per group "
                              f"(C_in/groups == 1), got {spec.c_in_per_group}")
+        if algorithm == "indexed" and not indexed_fits(spec):
+            raise ValueError("plan: algorithm 'indexed' is for small calls only (its "
+                             f"tables would exceed {INDEXED_MAX_ELEMS} elements)")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"plan: 'threads' must be an int >= 1, got {threads!r}")
@@ -275,8 +300,12 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
     """Plans are pure functions of their arguments, so repeated calls reuse them."""
     if algorithm is None:
         algorithm, est = choose_algorithm(spec)
-    else:
+    elif algorithm != "indexed":
         est = {algorithm: estimate_seconds(spec, algorithm)}
+    else:
+        est = {}
+    if algorithm == "indexed":
+        return _indexed_plan(spec, limit, est)
     groups = phase_groups(spec, algorithm)
     item = spec.compute_dtype.itemsize
     per_task = max(1, min(TILE_BYTES, limit // threads) // item)
@@ -292,7 +321,52 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
             break
         max_rows = max(1, max_rows * per_task // biggest if biggest > 2 * per_task
                        else max_rows // 2)
+    # A thread hand-off costs tens of microseconds: small calls stay on one worker.
+    if est.get(algorithm, 1.0) < SERIAL_BELOW_SECONDS:
+        threads = 1
     workers = min(threads, len(tasks)) or 1
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item,
                 workspace_limit=limit, est_seconds=est)
+
+
+def _indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
+    """One task over everything; its table says which (input row, tap) products add into
+    each output row (row index `rows_in * taps` is an appended zero row)."""
+    rows_in = spec.batch * math.prod(spec.in_spatial)
+    taps = math.prod(spec.kernel)
+    table = gather_table(spec)
+    item = spec.compute_dtype.itemsize
+    used = ((rows_in * taps + 1) * spec.c_out + table.size * spec.c_out) * item + table.nbytes
+    task = Task(0, Tile((0, spec.batch), (0, 0), (0, 0)), (rows_in * taps + 1) * spec.c_out)
+    return Plan(spec=spec, algorithm="indexed", groups=(), tasks=(task,), threads=1,
+                workspace_bytes=used, workspace_limit=limit, est_seconds=est,
+                table=table)
+
+
+def gather_table(spec: ConvSpec) -> np.ndarray:
+    """(max contributions, output rows) of row indices into the (input row, tap) products."""
+    in_sp, out_sp, kernel = spec.in_spatial, spec.out_spatial, spec.kernel
+    rows_in = spec.batch * math.prod(in_sp)
+    taps = math.prod(kernel)
+    pos = np.indices((spec.batch, *in_sp)).reshape(4, -1)  # (n, d, h, w) of each input row
+    tap = np.indices(kernel).reshape(3, -1)
+    out_idx = np.zeros((rows_in, taps), np.intp)
+    inside = np.ones((rows_in, taps), bool)
+    for axis in range(3):
+        o = (pos[axis + 1][:, None] * spec.stride[axis] + tap[axis][None, :] * spec.dilation[axis]
+             - spec.padding[axis])
+        inside &= (o >= 0) & (o < out_sp[axis])
+        out_idx = out_idx * out_sp[axis] + o
+    out_idx += pos[0][:, None] * math.prod(out_sp)
+    src = np.flatnonzero(inside)
+    dst = out_idx.ravel()[src]
+    order = np.argsort(dst, kind="stable")  # fixed summation order: reproducible bits
+    src, dst = src[order], dst[order]
+    rows_out = spec.batch * math.prod(out_sp)
+    counts = np.bincount(dst, minlength=rows_out)
+    depth = int(counts.max()) if counts.size else 0
+    table = np.full((max(depth, 1), rows_out), rows_in * taps, np.intp)
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    table[np.arange(dst.size) - first[dst], dst] = src
+    return table

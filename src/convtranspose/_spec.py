@@ -7,6 +7,7 @@ in memory.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -162,8 +163,27 @@ def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tu
               stride: Any = 1, padding: Any = 0, dilation: Any = 1, output_padding: Any = 0,
               groups: Any = 1, input_dtype: Any = np.float32,
               weight_dtype: Any = np.float32) -> ConvSpec:
-    """Validate one call and describe it; every caller-facing error comes from here."""
-    input_shape, weight_shape = tuple(input_shape), tuple(weight_shape)
+    """Validate one call and describe it; every caller-facing error comes from here.
+
+    The settings are normalised to plain int tuples first (so that True or 2.0 can never
+    pass for 1 or 2), then the rest is cached: a layer called again with the same shapes
+    skips re-validation."""
+    settings = tuple(normalize_setting(op, name, value, ndim) for name, value in
+                     (("stride", stride), ("padding", padding), ("dilation", dilation),
+                      ("output_padding", output_padding)))
+    if not _is_int(groups):
+        raise TypeError(f"{op}: 'groups' must be an int, got {groups!r} "
+                        f"({type(groups).__name__})")
+    return _make_spec(op, ndim, tuple(int(v) for v in input_shape),
+                      tuple(int(v) for v in weight_shape), *settings, int(groups),
+                      np.dtype(input_dtype), np.dtype(weight_dtype))
+
+
+@functools.lru_cache(maxsize=512)
+def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+               stride_t: tuple[int, ...], padding_t: tuple[int, ...],
+               dilation_t: tuple[int, ...], out_pad_t: tuple[int, ...], groups: int,
+               in_dt: np.dtype, w_dt: np.dtype) -> ConvSpec:
     expected = ndim + 2
     if len(input_shape) != expected:
         raise ValueError(
@@ -174,14 +194,6 @@ def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tu
             f"{op}: 'weight' must have {expected} dimensions {WEIGHT_AXES[ndim]}, got shape "
             f"{weight_shape} with {len(weight_shape)}")
 
-    stride_t = normalize_setting(op, "stride", stride, ndim)
-    padding_t = normalize_setting(op, "padding", padding, ndim)
-    dilation_t = normalize_setting(op, "dilation", dilation, ndim)
-    out_pad_t = normalize_setting(op, "output_padding", output_padding, ndim)
-    if not _is_int(groups):
-        raise TypeError(f"{op}: 'groups' must be an int, got {groups!r} "
-                        f"({type(groups).__name__})")
-    groups = int(groups)
     for name, values in (("stride", stride_t), ("dilation", dilation_t)):
         if min(values) <= 0:
             raise ValueError(f"{op}: '{name}' must be >= 1 on every axis, got {values}")
@@ -221,7 +233,6 @@ def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tu
             f"stride={stride_t}, padding={padding_t}, dilation={dilation_t}, "
             f"output_padding={out_pad_t}; reduce 'padding' or increase 'output_padding'")
 
-    in_dt, w_dt = np.dtype(input_dtype), np.dtype(weight_dtype)
     for name, dt in (("input", in_dt), ("weight", w_dt)):
         if not is_supported_float(dt):
             raise TypeError(f"{op}: '{name}' must have a floating dtype "
