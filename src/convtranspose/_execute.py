@@ -260,8 +260,19 @@ def _scatter_job(spec, x3, out, phase: Phase, wmat, task: Task):
 
 # --- direct ------------------------------------------------------------------------------
 
-def _direct_job(spec, x3, w3, out, phase: Phase, task: Task):
-    """One input channel per group: each tap is a multiply-add broadcast over channels."""
+def _direct_weights(w3: np.ndarray, phase: Phase, groups: int) -> np.ndarray:
+    """(taps_d, taps_h, taps_w, G, multiplier), each axis ordered by rising input offset."""
+    order = [sorted(axis, key=lambda t: t.offset) for axis in phase.axis_taps]
+    kd, kh, kw = ([t.k for t in axis] for axis in order)
+    sub = w3[:, kd][:, :, kh][:, :, :, kw][..., 0]  # (C_out, td, th, tw)
+    sub = sub.reshape(groups, w3.shape[0] // groups, *sub.shape[1:])
+    return np.ascontiguousarray(sub.transpose(2, 3, 4, 0, 1))
+
+
+def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
+    """One input channel per group: copy the tile's input slab once into a zero-bordered
+    buffer, then one einsum over a strided view of every tap's window multiplies and sums
+    without temporaries (taps along an axis read offsets in arithmetic progression)."""
     groups, mult = spec.groups, spec.c_out_per_group
     tile = task.tile
     n0, n1 = tile.n
@@ -269,29 +280,38 @@ def _direct_job(spec, x3, w3, out, phase: Phase, task: Task):
     e, f = tile.h
     qw = phase.count[2]
     nn, nd, nh = n1 - n0, b - a, f - e
-    size = nn * nd * nh * qw * spec.c_out
+    lo = [min(t.offset for t in axis) for axis in phase.axis_taps]
+    hi = [max(t.offset for t in axis) for axis in phase.axis_taps]
+    steps = [(hi[i] - lo[i]) // max(1, len(phase.axis_taps[i]) - 1) for i in range(3)]
+    extent = (nd + hi[0] - lo[0], nh + hi[1] - lo[1], qw + hi[2] - lo[2])
+    start = (a + lo[0], e + lo[1], lo[2])  # input position of the slab's corner
     view = _out_view(out, spec, phase, task)
-    in_d, in_h, _ = spec.in_spatial
-    tap_weights = [w3[:, td.k, th.k, tw.k, 0].reshape(groups, mult)
-                   for td, th, tw in phase.taps]
+    direct_out = out.dtype == spec.compute_dtype
 
     def job(buf):
-        acc = buf[:size].reshape(nn, nd, nh, qw, groups, mult)
-        tmp = buf[size:2 * size].reshape(acc.shape)
-        acc.fill(0)
-        for (td, th, tw), wt in zip(phase.taps, tap_weights):
-            qd = (max(a, td.lo), min(b, td.hi))
-            qh = (max(e, th.lo), min(f, th.hi))
-            if qd[0] >= qd[1] or qh[0] >= qh[1]:
-                continue
-            src = x3[n0:n1, qd[0] + td.offset:qd[1] + td.offset,
-                     qh[0] + th.offset:qh[1] + th.offset, tw.lo + tw.offset:tw.hi + tw.offset]
-            src = src.reshape(*src.shape[:-1], groups, 1)
-            part = (slice(None), slice(qd[0] - a, qd[1] - a), slice(qh[0] - e, qh[1] - e),
-                    slice(tw.lo, tw.hi))
-            np.multiply(src, wt, out=tmp[part])
-            acc[part] += tmp[part]
-        view[...] = acc.reshape(nn, nd, nh, qw, spec.c_out)
+        slab = buf[:nn * extent[0] * extent[1] * extent[2] * groups]
+        slab = slab.reshape(nn, *extent, groups)
+        valid = tuple((max(0, -st), min(ext, size - st))
+                      for st, ext, size in zip(start, extent, spec.in_spatial))
+        _zero_outside(slab, valid)
+        if all(v0 < v1 for v0, v1 in valid):
+            (va, vb), (vc, vd), (ve, vf) = valid
+            slab[:, va:vb, vc:vd, ve:vf] = x3[n0:n1, start[0] + va:start[0] + vb,
+                                             start[1] + vc:start[1] + vd,
+                                             start[2] + ve:start[2] + vf]
+        st = slab.strides
+        windows = np.lib.stride_tricks.as_strided(
+            slab, shape=(nn, nd, nh, qw, *wtaps.shape[:3], groups),
+            strides=(st[0], st[1], st[2], st[3], st[1] * steps[0], st[2] * steps[1],
+                     st[3] * steps[2], st[4]), writeable=False)
+        if direct_out:
+            target = view.reshape(nn, nd, nh, qw, groups, mult)
+        else:
+            target = buf[slab.size:slab.size + nn * nd * nh * qw * spec.c_out]
+            target = target.reshape(nn, nd, nh, qw, groups, mult)
+        np.einsum("ndhwabcg,abcgm->ndhwgm", windows, wtaps, out=target)
+        if not direct_out:
+            view[...] = target.reshape(view.shape)
 
     return job
 
@@ -338,7 +358,9 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         jobs = [_scatter_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t)
                 for t in plan.tasks]
     else:
-        jobs = [_direct_job(spec, x3, w3, out, plan.groups[t.group][0], t) for t in plan.tasks]
+        weights = [_direct_weights(w3, g[0], spec.groups) for g in plan.groups]
+        jobs = [_direct_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t)
+                for t in plan.tasks]
     buffer = max(t.buffer_elems for t in plan.tasks)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
     return out.reshape(spec.output_shape)

@@ -38,6 +38,7 @@ ALGORITHMS = ("shift", "scatter", "direct", "indexed")
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
 DEFAULT_WORKSPACE = 64 * 2**20
 TILE_BYTES = 8 * 2**20
+DIRECT_TILE_BYTES = 2**20
 MIN_TILE_ROWS = 256
 SERIAL_BELOW_SECONDS = 2e-3
 
@@ -172,10 +173,12 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
     phase = group[0]
     nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
     qw = phase.count[2]
-    if algorithm == "direct":
-        return 2 * nn * nd * nh * qw * spec.c_out
     dmin, dmax = phase.halo(0)
     hmin, hmax = phase.halo(1)
+    if algorithm == "direct":
+        wmin, wmax = phase.halo(2)
+        slab = nn * (nd + dmax - dmin) * (nh + hmax - hmin) * (qw + wmax - wmin) * spec.c_in
+        return slab + nn * nd * nh * qw * spec.c_out
     if algorithm == "shift":
         dn, hn = nd + dmax - dmin, nh + hmax - hmin
         grid_rows = nn * dn * hn * qw
@@ -308,7 +311,9 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
         return _indexed_plan(spec, limit, est)
     groups = phase_groups(spec, algorithm)
     item = spec.compute_dtype.itemsize
-    per_task = max(1, min(TILE_BYTES, limit // threads) // item)
+    # Elementwise work wants its tile in L2; a GEMM amortises bigger tiles better.
+    tile_bytes = DIRECT_TILE_BYTES if algorithm == "direct" else TILE_BYTES
+    per_task = max(1, min(tile_bytes, limit // threads) // item)
     min_tiles = threads if len(groups) < threads else 1
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     while True:
