@@ -8,7 +8,7 @@ import numpy as np
 
 from ._execute import execute
 from ._plan import Plan, make_plan
-from ._spec import ConvSpec, as_float_array, check_stream, make_spec
+from ._spec import ConvSpec, as_float_array, check_fits_in_memory, check_stream, make_spec
 
 IntOrTuple = int | tuple[int, ...]
 ArrayLike = Any
@@ -26,7 +26,7 @@ def spec_for(ndim: int, input: ArrayLike, weight: ArrayLike, stride: IntOrTuple 
     w = as_float_array(op, "weight", weight)
     spec = make_spec(op, ndim, x.shape, w.shape, stride, padding, dilation, output_padding,
                      groups, x.dtype, w.dtype)
-    return spec, x, w
+    return check_fits_in_memory(spec), x, w
 
 
 def _conv_transpose(ndim, input, weight, stride, padding, dilation, output_padding, groups,
@@ -80,7 +80,7 @@ def output_shape(input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
             f"{tuple(input_shape)}")
     spec = make_spec("output_shape", ndim, input_shape, weight_shape, stride, padding,
                      dilation, output_padding, groups)
-    return spec.output_shape
+    return check_fits_in_memory(spec).output_shape
 
 
 def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: IntOrTuple = 1,
@@ -95,7 +95,8 @@ def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: In
             f"{tuple(input_shape)}")
     spec = make_spec(_NAMES[ndim], ndim, input_shape, weight_shape, stride, padding, dilation,
                      output_padding, groups, dtype, dtype)
-    return make_plan(spec, algorithm=algorithm, workspace=workspace, threads=threads)
+    return make_plan(check_fits_in_memory(spec), algorithm=algorithm, workspace=workspace,
+                     threads=threads)
 
 
 def run_plan(p: Plan, input: ArrayLike, weight: ArrayLike) -> np.ndarray:

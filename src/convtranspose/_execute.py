@@ -7,6 +7,7 @@ workspace buffer: the caller's arrays are never modified.
 from __future__ import annotations
 
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,13 +17,15 @@ from ._geometry import Phase
 from ._plan import Plan, Task
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()  # callers may be threads themselves (dask workers)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(max_workers=threads,
-                                             thread_name_prefix="convtranspose")
-    return _pools[threads]
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(max_workers=threads,
+                                                 thread_name_prefix="convtranspose")
+        return _pools[threads]
 
 
 def _run(jobs: list, threads: int, buffer_elems: int, dtype: np.dtype) -> None:

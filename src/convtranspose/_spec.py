@@ -239,14 +239,6 @@ def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: t
                             f"({', '.join(SUPPORTED)}), got {dtype_name(dt)}")
     res_dt = result_dtype(in_dt, w_dt)
 
-    out_bytes = batch * math.prod(out_spatial) * c_out * res_dt.itemsize
-    limit = memory_limit_bytes()
-    if out_bytes > limit:
-        raise ValueError(
-            f"{op}: the output {(batch, *out_spatial, c_out)} {res_dt.name} would take "
-            f"{out_bytes / 2**30:.1f} GiB, more than this machine's {limit / 2**30:.1f} GiB "
-            f"of memory; split the batch, or use convtranspose.dask for out-of-core volumes")
-
     lift = 3 - ndim
     return ConvSpec(
         op=op, ndim=ndim, batch=batch,
@@ -257,3 +249,16 @@ def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: t
         groups=groups, out_spatial=(1,) * lift + tuple(out_spatial),
         input_dtype=in_dt, weight_dtype=w_dt, result_dtype=res_dt,
         compute_dtype=compute_dtype(res_dt))
+
+
+def check_fits_in_memory(spec: ConvSpec) -> ConvSpec:
+    """In-memory calls only: refuse, before allocating, an output larger than this
+    machine's memory (convtranspose.dask streams such volumes instead)."""
+    out_bytes = math.prod(spec.output_shape) * spec.result_dtype.itemsize
+    limit = memory_limit_bytes()
+    if out_bytes > limit:
+        raise ValueError(
+            f"{spec.op}: the output {spec.output_shape} {spec.result_dtype.name} would take "
+            f"{out_bytes / 2**30:.1f} GiB, more than this machine's {limit / 2**30:.1f} GiB "
+            f"of memory; split the batch, or use convtranspose.dask for out-of-core volumes")
+    return spec
