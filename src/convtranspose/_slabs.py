@@ -1,0 +1,143 @@
+"""Halo and slab arithmetic shared by `convtranspose.dask` and `convtranspose apply`.
+
+A transposed convolution is local: along one axis, input position i and tap k land on output
+o = i*s + k*d - p. So any output block [o0, o1) is computed from one input slab
+[i0, i1) alone, by the in-memory engine run on that slab with a shifted padding and an
+adjusted output_padding that make its output exactly [o0, o1) (MLX's definition keeps only
+0 <= o' < out', which is precisely a crop). These are small pure functions; nothing here
+imports dask or zarr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._spec import ConvSpec
+
+_OPS = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
+
+
+@dataclass(frozen=True)
+class AxisBlock:
+    """One output block along one spatial axis and the input slab that feeds it.
+
+    `padding`/`output_padding` are the settings for which a transposed convolution of the
+    slab [in_start, in_stop) outputs exactly the positions [out_start, out_stop).
+    An empty slab (in_start == in_stop) means no input reaches the block: it is all zeros.
+    """
+
+    out_start: int
+    out_stop: int
+    in_start: int
+    in_stop: int
+    padding: int
+    output_padding: int
+
+    @property
+    def empty(self) -> bool:
+        return self.in_start >= self.in_stop
+
+
+def input_range(out_start: int, out_stop: int, size: int, kernel: int, stride: int,
+                padding: int, dilation: int) -> tuple[int, int]:
+    """Input positions [i0, i1) that can reach outputs [out_start, out_stop).
+
+    Input i reaches o through some tap k in [0, kernel) when o = i*s + k*d - p, so
+    i*s lies in [out_start + p - d*(kernel-1), out_stop - 1 + p]. Clipped to [0, size);
+    an empty range comes back as (i0, i0).
+    """
+    lo = -(-(out_start + padding - dilation * (kernel - 1)) // stride)  # ceil division
+    hi = (out_stop - 1 + padding) // stride + 1
+    lo = min(max(0, lo), size)
+    return lo, max(lo, min(size, hi))
+
+
+def slab_settings(out_start: int, out_stop: int, in_start: int, in_stop: int, kernel: int,
+                  stride: int, padding: int, dilation: int) -> tuple[int, int]:
+    """(padding, output_padding) that make the slab's transposed convolution output exactly
+    [out_start, out_stop) of the whole one.
+
+    In the slab, input i' = i - in_start lands on o' = i'*s + k*d - p' and must equal
+    o - out_start, so p' = p + out_start - in_start*s; output_padding then fixes the size.
+    Either may be negative or exceed the stride: the engine follows MLX there.
+    """
+    pad = padding + out_start - in_start * stride
+    n = in_stop - in_start
+    out_pad = (out_stop - out_start) - 1 - (n - 1) * stride + 2 * pad - dilation * (kernel - 1)
+    return pad, out_pad
+
+
+def axis_block(out_start: int, out_stop: int, size: int, kernel: int, stride: int,
+               padding: int, dilation: int) -> AxisBlock:
+    i0, i1 = input_range(out_start, out_stop, size, kernel, stride, padding, dilation)
+    if i0 >= i1:
+        return AxisBlock(out_start, out_stop, i0, i0, 0, 0)
+    pad, out_pad = slab_settings(out_start, out_stop, i0, i1, kernel, stride, padding,
+                                 dilation)
+    return AxisBlock(out_start, out_stop, i0, i1, pad, out_pad)
+
+
+def output_bounds_from_input(in_chunks: Sequence[int], stride: int, padding: int,
+                             out_size: int) -> list[int]:
+    """Output block boundaries that follow the input chunks along one axis.
+
+    Input boundary b maps to output b*s - p, where input b's first tap lands: that choice
+    gives the smallest halo, floor(d*(k-1)/s) input positions per block. The first block
+    starts at 0, the last one ends at `out_size` (taking output_padding), and blocks that
+    clipping leaves empty are dropped.
+    """
+    bounds = [0]
+    edge = 0
+    for chunk in list(in_chunks)[:-1]:
+        edge += chunk
+        b = min(max(edge * stride - padding, 0), out_size)
+        if b > bounds[-1]:
+            bounds.append(b)
+    if out_size > bounds[-1]:
+        bounds.append(out_size)
+    return bounds
+
+
+def even_bounds(size: int, chunk: int) -> list[int]:
+    """[0, chunk, 2*chunk, ..., size]."""
+    return [*range(0, size, max(1, chunk)), size]
+
+
+def axis_blocks(bounds: Sequence[int], size: int, kernel: int, stride: int, padding: int,
+                dilation: int) -> list[AxisBlock]:
+    """One AxisBlock per consecutive pair of output boundaries."""
+    return [axis_block(a, b, size, kernel, stride, padding, dilation)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def spatial(spec: ConvSpec, name: str) -> tuple[int, ...]:
+    """A per-axis 3-tuple of the spec in the caller's rank."""
+    return getattr(spec, name)[3 - spec.ndim:]
+
+
+def spec_blocks(spec: ConvSpec, bounds: Sequence[Sequence[int]]) -> list[list[AxisBlock]]:
+    """AxisBlocks for each spatial axis (caller's rank) of a spec, given output boundaries."""
+    args = zip(bounds, spatial(spec, "in_spatial"), spatial(spec, "kernel"),
+               spatial(spec, "stride"), spatial(spec, "padding"), spatial(spec, "dilation"))
+    return [axis_blocks(b, n, k, s, p, d) for b, n, k, s, p, d in args]
+
+
+def compute_block(spec: ConvSpec, slab: np.ndarray, weight: np.ndarray,
+                  blocks: Sequence[AxisBlock]) -> np.ndarray:
+    """The output block (batch, *block spatial, C_out) from its input slab
+    (batch, *slab spatial, C_in), one AxisBlock per spatial axis."""
+    from ._api import conv_transpose1d, conv_transpose2d, conv_transpose3d
+
+    shape = (slab.shape[0], *(b.out_stop - b.out_start for b in blocks), spec.c_out)
+    if any(b.empty for b in blocks) or slab.shape[0] == 0:
+        return np.zeros(shape, spec.result_dtype)
+    fn = {1: conv_transpose1d, 2: conv_transpose2d, 3: conv_transpose3d}[spec.ndim]
+    out = fn(slab, weight, spatial(spec, "stride"), tuple(b.padding for b in blocks),
+             spatial(spec, "dilation"), tuple(b.output_padding for b in blocks), spec.groups)
+    assert out.shape == shape, (out.shape, shape)  # guaranteed by slab_settings
+    return out
+
+

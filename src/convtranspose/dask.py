@@ -1,0 +1,164 @@
+"""Transposed convolutions on Dask arrays: out-of-core and distributed volumes.
+
+    >>> import numpy as np, dask.array as da
+    >>> import convtranspose.dask as ctd
+    >>> x = da.ones((1, 64, 64, 64, 8), chunks=(1, 16, 32, 64, 8), dtype=np.float32)
+    >>> w = np.ones((4, 2, 2, 2, 8), np.float32)
+    >>> y = ctd.conv_transpose3d(x, w, stride=2)      # lazy: nothing computed yet
+    >>> y.shape, y.chunksize
+    ((1, 128, 128, 128, 4), (1, 32, 64, 128, 4))
+
+Each output chunk is computed from the input chunks that overlap its input slab (its own
+input chunk plus a halo of floor(dilation*(k-1)/stride) positions per axis) by the in-memory
+engine: no global rechunk, nothing materialised. Output chunks follow the input chunks: input
+chunk boundary b maps to output boundary b*stride - padding along each spatial axis, and the
+last chunk takes the remainder (output_padding included). Channels must be in one chunk; a
+split channel axis is rechunked along that axis only.
+
+This module needs the optional extra: ``pip install convtranspose[dask]``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from ._slabs import AxisBlock, compute_block, output_bounds_from_input, spatial, spec_blocks
+from ._spec import ConvSpec, as_float_array, make_spec
+
+__all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
+
+IntOrTuple = int | tuple[int, ...]
+
+_NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
+
+
+def _offsets(chunks: Sequence[int]) -> list[int]:
+    """Start of every chunk, plus the end: [0, c0, c0 + c1, ..., total]."""
+    return [0, *itertools.accumulate(chunks)]
+
+
+def _pieces(offsets: list[int], start: int, stop: int) -> list[tuple[int, slice, slice]]:
+    """The input chunks that overlap [start, stop): (chunk index, slice inside the chunk,
+    slice inside the slab)."""
+    if start >= stop:
+        return []
+    first = bisect.bisect_right(offsets, start) - 1
+    pieces = []
+    for j in range(first, len(offsets) - 1):
+        lo, hi = max(start, offsets[j]), min(stop, offsets[j + 1])
+        if lo >= stop:
+            break
+        if lo < hi:
+            pieces.append((j, slice(lo - offsets[j], hi - offsets[j]),
+                           slice(lo - start, hi - start)))
+    return pieces
+
+
+def _block(spec: ConvSpec, parts: list, placement: list, slab_shape: tuple[int, ...],
+           weight: np.ndarray, blocks: tuple[AxisBlock, ...]) -> np.ndarray:
+    """One output chunk: stitch its input slab from the overlapping chunks, then convolve."""
+    if not parts:
+        slab = np.empty(slab_shape, spec.input_dtype)  # no input reaches: compute_block zeros
+    elif len(parts) == 1:
+        slab = parts[0][placement[0][0]]  # a view: the engine never writes to its input
+    else:
+        slab = np.empty(slab_shape, parts[0].dtype)
+        for part, (src, dst) in zip(parts, placement):
+            slab[dst] = part[src]
+    return compute_block(spec, slab, weight, blocks)
+
+
+def _check_array(op: str, x: Any) -> da.Array:
+    if not isinstance(x, da.Array):
+        raise TypeError(
+            f"convtranspose.dask.{op}: 'x' must be a dask.array.Array, got "
+            f"{type(x).__name__}; for in-memory arrays call convtranspose.{op}, or wrap it "
+            f"with dask.array.from_array(x, chunks=...)")
+    if any(np.isnan(c) for axis in x.chunks for c in axis):
+        raise ValueError(
+            f"convtranspose.dask.{op}: 'x' has unknown chunk sizes {x.chunks}; call "
+            f"x.compute_chunk_sizes() first")
+    return x
+
+
+def _conv_transpose(ndim: int, x: Any, weight: Any, stride: IntOrTuple, padding: IntOrTuple,
+                    dilation: IntOrTuple, output_padding: IntOrTuple,
+                    groups: int) -> da.Array:
+    op = _NAMES[ndim]
+    x = _check_array(op, x)
+    if isinstance(weight, da.Array):
+        weight = weight.compute()  # a kernel is small; every task needs all of it
+    w = as_float_array(op, "weight", weight)
+    spec = make_spec(op, ndim, x.shape, w.shape, stride, padding, dilation,
+                     output_padding, groups, x.dtype, w.dtype)
+
+    if len(x.chunks[-1]) > 1:
+        # Every output channel reads every input channel of its group: one chunk, and only
+        # this axis is rechunked.
+        x = x.rechunk({x.ndim - 1: -1})
+
+    bounds = [output_bounds_from_input(chunks, s, p, m) for chunks, s, p, m in
+              zip(x.chunks[1:-1], spatial(spec, "stride"), spatial(spec, "padding"),
+                  spatial(spec, "out_spatial"))]
+    axis_blocks = spec_blocks(spec, bounds)
+    in_offsets = [_offsets(chunks) for chunks in x.chunks[1:-1]]
+
+    name = f"{op}-" + tokenize(x, w, spec)
+    wkey = f"{op}-weight-" + tokenize(w)
+    dsk: dict = {wkey: w}
+    for nb, n_size in enumerate(x.chunks[0]):
+        for jdx in itertools.product(*(range(len(b)) for b in axis_blocks)):
+            blocks = tuple(axis_blocks[a][j] for a, j in enumerate(jdx))
+            per_axis = [_pieces(off, b.in_start, b.in_stop) for off, b in zip(in_offsets, blocks)]
+            parts, placement = [], []
+            if not any(b.empty for b in blocks):
+                for combo in itertools.product(*per_axis):
+                    parts.append((x.name, nb, *(c[0] for c in combo), 0))
+                    src = (slice(None), *(c[1] for c in combo), slice(None))
+                    dst = (slice(None), *(c[2] for c in combo), slice(None))
+                    placement.append((src, dst))
+            slab_shape = (n_size, *(b.in_stop - b.in_start for b in blocks), spec.c_in)
+            dsk[(name, nb, *jdx, 0)] = (_block, spec, parts, placement, slab_shape, wkey,
+                                        blocks)
+
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
+    chunks = (x.chunks[0], *(tuple(np.diff(b).tolist()) for b in bounds), (spec.c_out,))
+    meta = np.empty((0,) * x.ndim, spec.result_dtype)
+    return da.Array(graph, name, chunks, meta=meta)
+
+
+def conv_transpose1d(x: da.Array, weight: Any, /, stride: IntOrTuple = 1,
+                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1) -> da.Array:
+    """1-D transposed convolution of a dask array x (N, W, C_in) with weight
+    (C_out, kW, C_in/groups); lazy, equal to `convtranspose.conv_transpose1d`."""
+    return _conv_transpose(1, x, weight, stride, padding, dilation, output_padding, groups)
+
+
+def conv_transpose2d(x: da.Array, weight: Any, /, stride: IntOrTuple = 1,
+                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1) -> da.Array:
+    """2-D transposed convolution of a dask array x (N, H, W, C_in) with weight
+    (C_out, kH, kW, C_in/groups); lazy, equal to `convtranspose.conv_transpose2d`."""
+    return _conv_transpose(2, x, weight, stride, padding, dilation, output_padding, groups)
+
+
+def conv_transpose3d(x: da.Array, weight: Any, /, stride: IntOrTuple = 1,
+                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1) -> da.Array:
+    """3-D transposed convolution of a dask array x (N, D, H, W, C_in) with weight
+    (C_out, kD, kH, kW, C_in/groups); lazy, equal to `convtranspose.conv_transpose3d`.
+
+    Output chunks follow the input chunks (boundary b -> b*stride - padding per spatial
+    axis); each is computed from one input slab plus its halo. MLX semantics throughout:
+    negative padding, output_padding >= stride, groups.
+    """
+    return _conv_transpose(3, x, weight, stride, padding, dilation, output_padding, groups)
