@@ -113,7 +113,7 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
     if value is None:
         raise TypeError(f"{op}: '{name}' must be an array, got None")
     if not isinstance(value, np.ndarray):
-        value = _from_torch(value)
+        value = _from_framework(value)
     if not isinstance(value, np.ndarray):
         try:
             value = np.asarray(value)
@@ -128,18 +128,28 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
     return value
 
 
-def _from_torch(value: Any) -> Any:
-    """A CPU torch tensor as an ndarray without a copy: detached (we compute no autograd
-    graph), and bfloat16 reinterpreted through ml_dtypes, which NumPy cannot do alone."""
-    if type(value).__module__.split(".")[0] != "torch" or not hasattr(value, "detach"):
-        return value
-    value = value.detach()
-    if str(value.dtype) == "torch.bfloat16":
-        import ml_dtypes  # a bfloat16 tensor's caller can install it; we say so if not
+def _from_framework(value: Any) -> Any:
+    """CPU torch tensors and MLX arrays as ndarrays. Torch tensors are detached (we build no
+    autograd graph). bfloat16 is reinterpreted bit for bit through ml_dtypes, because NumPy
+    cannot read either framework's bfloat16 alone."""
+    module = type(value).__module__.split(".")[0]
+    if module == "torch" and hasattr(value, "detach"):
+        value = value.detach()
+        if str(value.dtype) == "torch.bfloat16":
+            return value.view(dtype=sys.modules["torch"].int16).numpy().view(_bfloat16())
+        return value.numpy()
+    if module == "mlx" and str(getattr(value, "dtype", "")) == "mlx.core.bfloat16":
+        return np.asarray(value.view(sys.modules["mlx.core"].uint16)).view(_bfloat16())
+    return value
 
-        torch = sys.modules["torch"]
-        return value.view(dtype=torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return value.numpy()
+
+def _bfloat16() -> np.dtype:
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("bfloat16 arrays need the ml_dtypes package: "
+                        "pip install 'convtranspose[bf16]'") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def memory_limit_bytes() -> int:
