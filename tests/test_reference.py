@@ -202,7 +202,10 @@ def test_threads_are_correct_and_reproducible(case, algorithm, rng, random_array
         # A small workspace gives every thread several tiles to take in any order.
         p = ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm=algorithm,
                     threads=threads, workspace=1 << 16)
-        assert p.threads == threads and len(p.tasks) >= 2 * threads, (p.threads, len(p.tasks))
+        # scatter runs its tiles in order on one worker (its GEMMs use BLAS threads):
+        # its window adds are memory-bound and ran slower on two workers.
+        workers = 1 if algorithm == "scatter" else threads
+        assert p.threads == workers and len(p.tasks) >= 2 * workers, (p.threads, len(p.tasks))
         first = ct.run_plan(p, x, w)
         assert_close(first, ref, np.float32, mag, what=f"{case.id} {algorithm} x{threads}")
         for _ in range(3):

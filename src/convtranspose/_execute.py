@@ -203,60 +203,70 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task):
 
 # --- scatter -----------------------------------------------------------------------------
 
-def _scatter_weights(w3: np.ndarray, phase: Phase, groups: int) -> np.ndarray:
-    """(G, taps * C_out/g, C_in/g): every tap of the phase stacked along M."""
+def _scatter_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> np.ndarray:
+    """(G, taps * C_out/g, C_in/g): every tap of every phase of the group along M."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
-    blocks = [w3[:, td.k, th.k, tw.k, :] for td, th, tw in phase.taps]  # (C_out, C_in/g)
+    blocks = [w3[:, td.k, th.k, tw.k, :] for p in group for td, th, tw in p.taps]
     stacked = np.stack(blocks).reshape(len(blocks), groups, cog, cig).transpose(1, 0, 2, 3)
     return np.ascontiguousarray(stacked.reshape(groups, len(blocks) * cog, cig))
 
 
-def _scatter_job(spec, x3, out, phase: Phase, wmat, task: Task):
-    """One GEMM of all the phase's taps against the input slab the tile reads, channels
-    first, (G, taps, C_out/g, rows); then each tap adds its shifted window of that result
-    into a channels-first accumulator, contiguous along W."""
+def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
+    """One GEMM of every tap of every phase against the input slab the tile reads, channels
+    first (G, taps, C_out/g, rows), so M = taps * C_out stays wide even when C_out is 1;
+    then each phase sums its taps' shifted windows of that result, contiguous along W, and
+    stores its positions. The tile is in phase coordinates; phases one row shorter clip."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     tile = task.tile
     n0, n1 = tile.n
     a, b = tile.d
     e, f = tile.h
-    qw = phase.count[2]
-    nn, nd, nh = n1 - n0, b - a, f - e
-    dmin, dmax = phase.halo(0)
-    hmin, hmax = phase.halo(1)
+    nn = n1 - n0
     in_d, in_h, in_w = spec.in_spatial
-    # Input slab the tile reads, clipped to the input.
-    d_lo, d_hi = max(a + dmin, 0), min(b + dmax, in_d)
-    h_lo, h_hi = max(e + hmin, 0), min(f + hmax, in_h)
-    taps = phase.taps
-    view = _out_view(out, spec, phase, task)
+    d_lo = max(a + min(p.halo(0)[0] for p in group), 0)
+    d_hi = min(b + max(p.halo(0)[1] for p in group), in_d)
+    h_lo = max(e + min(p.halo(1)[0] for p in group), 0)
+    h_hi = min(f + max(p.halo(1)[1] for p in group), in_h)
+    sd, sh, sw = spec.stride
+    parts = []  # (phase, first tap row in the GEMM, clipped d and h ranges, output view)
+    row = 0
+    for p in group:
+        pd, ph = (a, min(b, p.count[0])), (e, min(f, p.count[1]))
+        if pd[0] < pd[1] and ph[0] < ph[1]:
+            rd, rh, rw = p.residue
+            view = out[n0:n1, _strided(rd, sd, *pd), _strided(rh, sh, *ph),
+                       _strided(rw, sw, 0, p.count[2]), :]
+            parts.append((p, row, pd, ph, view))
+        row += len(p.taps)
+    taps_total = row
 
     def job(buf):
-        acc = buf[:groups * cog * nn * nd * nh * qw].reshape(groups, cog, nn, nd, nh, qw)
-        acc.fill(0)
-        if d_lo >= d_hi or h_lo >= h_hi:
+        rows = nn * max(0, d_hi - d_lo) * max(0, h_hi - h_lo) * in_w
+        y = buf[:groups * taps_total * cog * rows].reshape(groups, taps_total * cog, rows)
+        if rows:
+            slab = x3[n0:n1, d_lo:d_hi, h_lo:h_hi]
+            xt = slab.reshape(rows, groups, cig).astype(spec.compute_dtype, copy=False)
+            np.matmul(wmat, xt.transpose(1, 2, 0), out=y)
+        y = y.reshape(groups, taps_total, cog, nn, max(0, d_hi - d_lo), max(0, h_hi - h_lo),
+                      in_w)
+        free = buf[y.size:]
+        for phase, first, (pa, pb), (pe, pf), view in parts:
+            qw = phase.count[2]
+            acc = free[:groups * cog * nn * (pb - pa) * (pf - pe) * qw]
+            acc = acc.reshape(groups, cog, nn, pb - pa, pf - pe, qw)
+            acc.fill(0)
+            for t, (td, th, tw) in enumerate(phase.taps, start=first):
+                # Output q reads input q + offset; keep q inside the tile and the slab.
+                qd = (max(pa, d_lo - td.offset), min(pb, d_hi - td.offset))
+                qh = (max(pe, h_lo - th.offset), min(pf, h_hi - th.offset))
+                if qd[0] >= qd[1] or qh[0] >= qh[1] or tw.lo >= tw.hi:
+                    continue
+                window = y[:, t, :, :, qd[0] + td.offset - d_lo:qd[1] + td.offset - d_lo,
+                           qh[0] + th.offset - h_lo:qh[1] + th.offset - h_lo,
+                           tw.lo + tw.offset:tw.hi + tw.offset]
+                acc[:, :, :, qd[0] - pa:qd[1] - pa, qh[0] - pe:qh[1] - pe, tw.lo:tw.hi] += window
             _store(view, np.moveaxis(acc, 1, -1), groups)
-            return
-        slab = x3[n0:n1, d_lo:d_hi, h_lo:h_hi]
-        rows = nn * (d_hi - d_lo) * (h_hi - h_lo) * in_w
-        xt = slab.reshape(rows, groups, cig).astype(spec.compute_dtype, copy=False)
-        y = buf[acc.size:acc.size + groups * len(taps) * cog * rows]
-        y = y.reshape(groups, len(taps) * cog, rows)
-        np.matmul(wmat, xt.transpose(1, 2, 0), out=y)
-        y = y.reshape(groups, len(taps), cog, nn, d_hi - d_lo, h_hi - h_lo, in_w)
-        for t, (td, th, tw) in enumerate(taps):
-            # Output q reads input q + offset; keep q inside the tile and the slab.
-            qd = (max(a, d_lo - td.offset), min(b, d_hi - td.offset))
-            qh = (max(e, h_lo - th.offset), min(f, h_hi - th.offset))
-            qx = (tw.lo, tw.hi)
-            if qd[0] >= qd[1] or qh[0] >= qh[1] or qx[0] >= qx[1]:
-                continue
-            window = y[:, t, :, :, qd[0] + td.offset - d_lo:qd[1] + td.offset - d_lo,
-                       qh[0] + th.offset - h_lo:qh[1] + th.offset - h_lo,
-                       qx[0] + tw.offset:qx[1] + tw.offset]
-            acc[:, :, :, qd[0] - a:qd[1] - a, qh[0] - e:qh[1] - e, qx[0]:qx[1]] += window
-        _store(view, np.moveaxis(acc, 1, -1), groups)
 
     return job
 
@@ -357,8 +367,8 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         jobs = [_shift_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
                 for t in plan.tasks]
     elif plan.algorithm == "scatter":
-        weights = [_scatter_weights(w3, g[0], spec.groups) for g in plan.groups]
-        jobs = [_scatter_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t)
+        weights = [_scatter_weights(w3, g, spec.groups) for g in plan.groups]
+        jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
                 for t in plan.tasks]
     else:
         weights = [_direct_weights(w3, g[0], spec.groups) for g in plan.groups]

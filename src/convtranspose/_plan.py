@@ -7,9 +7,9 @@ by a structural zero. They differ in where the taps of a phase meet:
   (K = taps_w * C_in), then one GEMM per (D, H) tap reads that grid at a fixed row shift and
   accumulates into the tile. Phases with identical geometry (kernel == stride) share one GEMM
   with their weights side by side. The workhorse: its extra traffic is small next to the GEMM.
-- ``scatter``: one GEMM of every tap of the phase against the input rows, channels first
-  (taps * C_out, rows), then add each tap's shifted window. Wins when C_out is tiny
-  (a 16 -> 1 head), where a GEMM with N = C_out would crawl.
+- ``scatter``: one GEMM of every tap (of every phase) against the input rows, channels
+  first (taps * C_out, rows), then each phase adds its taps' shifted windows. Wins when
+  C_out is tiny (a 16 -> 1 head), where a GEMM with N = C_out would crawl.
 - ``direct``: one input channel per group (depthwise, channel multiplier): a GEMM
   degenerates, so multiply-add broadcast over channels.
 - ``indexed``: for small calls, where NumPy's per-call overhead dominates: one GEMM of
@@ -38,7 +38,7 @@ ALGORITHMS = ("shift", "scatter", "direct", "indexed")
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
 DEFAULT_WORKSPACE = 64 * 2**20
 TILE_BYTES = 8 * 2**20
-DIRECT_TILE_BYTES = 2**20
+SMALL_TILE_BYTES = 2**22
 MIN_TILE_ROWS = 256
 SERIAL_BELOW_SECONDS = 2e-3
 
@@ -160,6 +160,8 @@ def _geometry_key(phase: Phase) -> tuple:
 def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...]:
     """Phases that carry taps; for ``shift`` those of identical geometry share a GEMM."""
     live = [p for p in phases_3d(spec) if p.taps and p.size]
+    if algorithm == "scatter":
+        return (tuple(live),) if live else ()  # one GEMM for every tap, phases share tiles
     if algorithm != "shift":
         return tuple((p,) for p in live)
     merged: dict[tuple, list[Phase]] = {}
@@ -185,9 +187,14 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
         slack = (hmax - hmin) * qw
         return (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in \
             + 2 * grid_rows * len(group) * spec.c_out
-    # scatter: the GEMM result for the input slab, and the channels-first accumulator
-    slab = nn * (nd + dmax - dmin) * (nh + hmax - hmin) * spec.in_spatial[2]
-    return slab * len(phase.taps) * spec.c_out + nn * nd * nh * qw * spec.c_out
+    # scatter: the GEMM result for the input slab the tile's phases read, and one
+    # channels-first accumulator (the largest phase's)
+    d_rng = min(p.halo(0)[0] for p in group), max(p.halo(0)[1] for p in group)
+    h_rng = min(p.halo(1)[0] for p in group), max(p.halo(1)[1] for p in group)
+    slab = nn * (nd + d_rng[1] - d_rng[0]) * (nh + h_rng[1] - h_rng[0]) * spec.in_spatial[2]
+    taps = sum(len(p.taps) for p in group)
+    widest = max(p.count[2] for p in group)
+    return slab * taps * spec.c_out + nn * nd * nh * widest * spec.c_out
 
 
 def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
@@ -256,9 +263,11 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
             total += (grid_copy + adds) / COPY_BYTES_PER_S
         return total
     # scatter
-    taps = sum(len(g[0].taps) for g in groups)
-    narrow = min(max(len(g[0].taps) for g in groups) * spec.c_out_per_group, n_in)
-    traffic = 3 * n_in * taps * spec.c_out * item
+    taps = sum(len(p.taps) for g in groups for p in g)
+    narrow = min(taps * spec.c_out_per_group, n_in)
+    # The product is written, read back, and every window add reads and writes the
+    # accumulator along strided runs: about six passes (calibrated on W3 and W6).
+    traffic = 6 * n_in * taps * spec.c_out * item
     return flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
 
 
@@ -311,15 +320,17 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
         return _indexed_plan(spec, limit, est)
     groups = phase_groups(spec, algorithm)
     item = spec.compute_dtype.itemsize
-    # Elementwise work wants its tile in L2; a GEMM amortises bigger tiles better.
-    tile_bytes = DIRECT_TILE_BYTES if algorithm == "direct" else TILE_BYTES
+    # Elementwise passes (direct, scatter's window adds) want their tile in L2; the shift
+    # GEMMs amortise bigger tiles better.
+    tile_bytes = TILE_BYTES if algorithm == "shift" else SMALL_TILE_BYTES
     per_task = max(1, min(tile_bytes, limit // threads) // item)
     min_tiles = threads if len(groups) < threads else 1
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     while True:
         tasks = []
         for gi, group in enumerate(groups):
-            for tile in split_tiles(spec.batch, group[0].count, max_rows, min_tiles):
+            count = tuple(max(p.count[i] for p in group) for i in range(3))
+            for tile in split_tiles(spec.batch, count, max_rows, min_tiles):
                 tasks.append(Task(gi, tile, buffer_elems(spec, algorithm, group, tile)))
         biggest = max((t.buffer_elems for t in tasks), default=0)
         if biggest <= per_task or max_rows <= 1:
@@ -327,7 +338,9 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
         max_rows = max(1, max_rows * per_task // biggest if biggest > 2 * per_task
                        else max_rows // 2)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker.
-    if est.get(algorithm, 1.0) < SERIAL_BELOW_SECONDS:
+    # scatter's window adds are bound by memory, not cores: measured slower on two workers
+    # (W6 3.8 ms vs 4.7 ms, 8x W6 48 vs 56 ms) than on one whose GEMM uses BLAS threads.
+    if est.get(algorithm, 1.0) < SERIAL_BELOW_SECONDS or algorithm == "scatter":
         threads = 1
     workers = min(threads, len(tasks)) or 1
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
