@@ -347,18 +347,25 @@ def _indexed(plan: Plan, x3, w3, out) -> None:
     else:
         y = np.matmul(xr.transpose(1, 0, 2), wr).reshape(groups, rows, taps, cog)
         products[:-1].reshape(rows, taps, groups, cog)[...] = y.transpose(1, 2, 0, 3)
-    total = np.take(products, plan.table, axis=0).sum(axis=0)
-    out.reshape(-1, spec.c_out)[...] = total
+    gathered = np.take(products, plan.table, axis=0)
+    if out.dtype == spec.compute_dtype:
+        np.add.reduce(gathered, axis=0, out=out.reshape(-1, spec.c_out))
+    else:  # sum in the compute dtype, round once
+        out.reshape(-1, spec.c_out)[...] = gathered.sum(axis=0)
 
 
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
     spec = plan.spec
-    out = np.zeros((spec.batch, *spec.out_spatial, spec.c_out), spec.result_dtype)
+    # indexed writes every output element; the others leave phases no tap reaches at zero
+    alloc = np.empty if plan.algorithm == "indexed" else np.zeros
+    out = alloc((spec.batch, *spec.out_spatial, spec.c_out), spec.result_dtype)
     if not plan.tasks:
         return out.reshape(spec.output_shape)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
-    w3 = w.reshape(spec.c_out, *spec.kernel, spec.c_in_per_group).astype(spec.compute_dtype)
+    # Read-only below: no copy when the caller's weight already has the compute dtype.
+    w3 = w.reshape(spec.c_out, *spec.kernel, spec.c_in_per_group)
+    w3 = w3.astype(spec.compute_dtype, copy=False)
     if plan.algorithm == "indexed":
         _indexed(plan, x3, w3, out)
         return out.reshape(spec.output_shape)
