@@ -202,8 +202,8 @@ def test_threads_are_correct_and_reproducible(case, algorithm, rng, random_array
         # A small workspace gives every thread several tiles to take in any order.
         p = ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm=algorithm,
                     threads=threads, workspace=1 << 16)
-        # scatter runs its tiles in order on one worker (its GEMMs use BLAS threads):
-        # its window adds are memory-bound and ran slower on two workers.
+        # scatter runs its tiles in order on one worker: its short window adds contend
+        # for the GIL, and two workers measured slower.
         workers = 1 if algorithm == "scatter" else threads
         assert p.threads == workers and len(p.tasks) >= 2 * workers, (p.threads, len(p.tasks))
         first = ct.run_plan(p, x, w)

@@ -32,13 +32,15 @@ def _run(jobs: list, threads: int, buffer_elems: int, dtype: np.dtype) -> None:
     """Run `job(buffer)` for each job on up to `threads` workers, one buffer per worker.
 
     Jobs write disjoint blocks of the output, so their order changes no bit of the result.
-    On one worker BLAS keeps its own threads; on several, each GEMM runs single-threaded
-    so the two levels of threading do not fight over the cores."""
+    Every GEMM runs on one BLAS thread: our workers are the parallelism, and BLAS threads
+    that busy-wait collapse when the machine is shared (W6 went from 4 ms to 48 ms with a
+    second process running, W4 from 51 ms to 734 ms)."""
     workers = min(threads, len(jobs))
     if workers <= 1:
         buf = np.empty(buffer_elems, dtype)
-        for job in jobs:
-            job(buf)
+        with single_threaded_blas():
+            for job in jobs:
+                job(buf)
         return
     buffers: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(workers):

@@ -337,9 +337,9 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
             break
         max_rows = max(1, max_rows * per_task // biggest if biggest > 2 * per_task
                        else max_rows // 2)
-    # A thread hand-off costs tens of microseconds: small calls stay on one worker.
-    # scatter's window adds are bound by memory, not cores: measured slower on two workers
-    # (W6 3.8 ms vs 4.7 ms, 8x W6 48 vs 56 ms) than on one whose GEMM uses BLAS threads.
+    # A thread hand-off costs tens of microseconds: small calls stay on one worker. So does
+    # scatter: its many short window adds contend for the GIL (W6: 3.9 ms on one worker,
+    # 7.4 ms on two).
     if est.get(algorithm, 1.0) < SERIAL_BELOW_SECONDS or algorithm == "scatter":
         threads = 1
     workers = min(threads, len(tasks)) or 1
