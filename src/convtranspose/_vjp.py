@@ -7,15 +7,17 @@ For y = conv_transpose(x, W) and a cotangent g shaped like y, per axis and per p
     grad_weight[co, k, ci] = sum_{n, i}  x[n, i, ci] * g[n, i*s + k*d - p, co]
 
 Both read the same cotangent rows: input position i meets, through tap k, cotangent row
-i*s + k*d - p. So the work is organised over *input* positions (no phases, no
-zero-stuffing): a tile of input rows gathers, per tap, the cotangent rows it meets into one
-block (rows, taps * C_out/g), and that block feeds two GEMMs:
+i*s + k*d - p. So the work is organised over *input* positions (a strided correlation of
+the cotangent, no zero-stuffing), in one pass for both gradients. Three algorithms:
 
-    grad_input tile  = block @ W_stacked          (K = taps * C_out/g)
-    grad_weight     += x_tile^T @ block           (summed over tiles)
-
-Depthwise layers (one input channel per group) have no GEMM to speak of; they multiply-add
-per tap, broadcast over channels, as the forward's ``direct`` kernel does.
+- ``gather``: a tile of input rows copies, per tap, the cotangent rows it meets into one
+  block (rows, taps * C_out/g); two GEMMs: grad_input tile = block @ W_stacked (K = taps *
+  C_out/g) and grad_weight += block^T @ x_tile.
+- ``shift``: the same GEMMs with a copy len(W taps) wide instead of len(taps): per (D, H)
+  stride phase, the cotangent rows are laid out once (W taps side by side) on a grid with
+  a halo, and every (D, H) tap of the phase is a fixed row shift of that grid.
+- ``direct``: depthwise layers (one input channel per group) have no GEMM to speak of;
+  they multiply-add per tap, broadcast over channels.
 
 Tiles are bounded by the same workspace rule as the forward (`_plan.workspace_limit`) and
 are spread over worker threads (NumPy and BLAS release the GIL). Each worker owns its tiles
@@ -42,9 +44,9 @@ from ._spec import ConvSpec, as_float_array
 # A worker's gathered block stays about this size, so that it is still in cache when the
 # GEMMs read it back.
 VJP_TILE_BYTES = 4 * 2**20
-# grad_weight sums over rows: a block of fewer rows than this makes the per-tile update of
-# the (taps * C_out, C_in) partial sum cost too much next to the GEMM; split taps instead.
-GW_MIN_ROWS = 1024
+# Fewer rows than this per block and the GEMMs lose speed (each call packs the whole
+# weight operand) and grad_weight's partial-sum updates grow; cut the taps into chunks.
+MIN_BLOCK_ROWS = 512
 
 _NAMES = {1: "conv_transpose1d_vjp", 2: "conv_transpose2d_vjp", 3: "conv_transpose3d_vjp"}
 
@@ -85,17 +87,23 @@ def _active_taps(spec: ConvSpec) -> list[_Tap]:
 
 
 def _tap_box(spec: ConvSpec, tap: _Tap, tile: Tile):
-    """Where tap reads inside the tile: tile-relative input box and cotangent slices."""
+    """Where tap reads inside the tile: the input box (absolute ranges per axis) and the
+    same box relative to the tile; None if the tap reaches nothing there."""
     box = ((max(tap.lo[0], tile.d[0]), min(tap.hi[0], tile.d[1])),
            (max(tap.lo[1], tile.h[0]), min(tap.hi[1], tile.h[1])),
            (tap.lo[2], tap.hi[2]))
     if any(a >= b for a, b in box):
         return None
-    cot = tuple(slice(a * s + sh, (b - 1) * s + sh + 1, s)
-                for (a, b), s, sh in zip(box, spec.stride, tap.shift))
     rel = ((box[0][0] - tile.d[0], box[0][1] - tile.d[0]),
            (box[1][0] - tile.h[0], box[1][1] - tile.h[0]), box[2])
-    return rel, cot
+    return box, rel
+
+
+def _cot_rows(spec: ConvSpec, tap: _Tap, box, n: tuple[int, int], c3) -> np.ndarray:
+    """The cotangent rows tap meets from the input box: o = i*s + shift per axis."""
+    sl = tuple(slice(a * s + sh, (b - 1) * s + sh + 1, s)
+               for (a, b), s, sh in zip(box, spec.stride, tap.shift))
+    return c3[(slice(*n), *sl)]
 
 
 def _zero_outside(dst: np.ndarray, rel, full: tuple[int, int, int]) -> None:
@@ -148,28 +156,36 @@ def _run_workers(jobs: list[Callable[[], None]], threads: int) -> None:
 
 def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
                need_input: bool = True, need_weight: bool = True,
-               threads: int | None = None, workspace: int | None = None
+               threads: int | None = None, workspace: int | None = None,
+               algorithm: str | None = None
                ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The VJP of a validated spec. grad_input has x's dtype, grad_weight w's (as mx.vjp).
 
     `need_input`/`need_weight` skip the work of the gradient not wanted (None is returned
-    in its place); `threads` and `workspace` (bytes) override the defaults."""
+    in its place); `threads`, `workspace` (bytes) and `algorithm` ('gather', 'shift',
+    'direct') override the defaults."""
     cd = _compute_dtype(x.dtype, w.dtype, cot.dtype)
     ktot = math.prod(spec.kernel)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
     w3 = w.reshape(spec.c_out, ktot, spec.c_in_per_group)
-    gx = np.zeros((spec.batch, *spec.in_spatial, spec.c_in), x.dtype) if need_input else None
+    # Accumulated in the compute dtype (tap chunks add up), rounded to x's dtype at the end.
+    gx = np.zeros((spec.batch, *spec.in_spatial, spec.c_in), cd) if need_input else None
     gw = np.zeros((spec.c_out, ktot, spec.c_in_per_group), cd) if need_weight else None
     taps = _active_taps(spec)
     if taps and spec.batch and (need_input or need_weight):
         n_threads = max(1, threads or get_num_threads())
         budget = max(1, min(VJP_TILE_BYTES, workspace_limit(spec, workspace) // n_threads)
                      // cd.itemsize)  # elements of workspace per worker
-        run = _direct if spec.c_in_per_group == 1 and spec.groups > 1 else _gather
-        run(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd)
+        algorithm = algorithm or choose_vjp_algorithm(spec, taps, budget)
+        if algorithm not in _ALGORITHMS:
+            raise ValueError(f"vjp: 'algorithm' must be one of {tuple(_ALGORITHMS)}, got "
+                             f"{algorithm!r}")
+        if algorithm == "direct" and spec.c_in_per_group != 1:
+            raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
+        _ALGORITHMS[algorithm](spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd)
     if gx is not None:
-        gx = gx.reshape(spec.input_shape)
+        gx = gx.reshape(spec.input_shape).astype(x.dtype, copy=False)
     if gw is not None:
         gw = gw.reshape(spec.weight_shape).astype(w.dtype, copy=False)
     return gx, gw
@@ -193,133 +209,121 @@ def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _gather(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
-    """Gathered cotangent blocks -> GEMMs.
+    """Gathered cotangent blocks -> GEMMs, one pass for both gradients.
 
-    grad_input wants every tap of a row in one block (K = taps * C_out/g) and tiles over
-    rows. grad_weight's reduction runs over rows, so row tiles leave partial sums of the
-    whole (taps * C_out/g, C_in/g) result to add up; when that result is large, it tiles
-    over taps instead (chunks of taps, each summed over all rows while it stays in cache).
-    When both fit one tiling, a single pass gathers once for both GEMMs."""
+    Workers own disjoint row tiles (so grad_input needs no locks) and one grad_weight
+    partial sum each. A block holds every tap when that still leaves enough rows for
+    efficient GEMMs; otherwise the taps are cut into chunks, processed chunk by chunk
+    over the worker's rows: grad_input then adds the chunks up (cheap next to the GEMMs)
+    and the chunk's slice of the grad_weight partial stays in cache while it is summed."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     ntap = len(taps)
     idx = [t.index for t in taps]
     total_rows = spec.batch * math.prod(spec.in_spatial)
-    rows_all = budget // (ntap * spec.c_out)  # rows of a block holding every tap
-    if rows_all >= min(GW_MIN_ROWS, total_rows):
+    want_rows = min(MIN_BLOCK_ROWS, -(-total_rows // n_threads))
+    if budget // (ntap * spec.c_out) >= want_rows:
         chunk = ntap
+        max_rows = budget // (ntap * spec.c_out)
     else:
-        chunk = max(1, budget // (min(GW_MIN_ROWS, total_rows) * spec.c_out))
+        chunk = max(1, budget // (want_rows * spec.c_out))
+        chunk = -(-ntap // -(-ntap // chunk))  # even chunks
+        max_rows = budget // (chunk * spec.c_out)
+    chunks = [(c0, min(ntap, c0 + chunk)) for c0 in range(0, ntap, chunk)]
+    tiles = _tiles(spec, max_rows, n_threads)
+    workers = min(n_threads, len(tiles))
     wg = None
     if gx is not None:
         # (G, T * C_out/g, C_in/g): the active taps stacked as the grad_input GEMM operand.
         wg = w3[:, idx, :].reshape(groups, cog, ntap, cig).transpose(0, 2, 1, 3)
         wg = np.ascontiguousarray(wg.reshape(groups, ntap * cog, cig), dtype=cd)
+    parts = [np.zeros((groups, ntap * cog, cig), cd) if gw is not None else None
+             for _ in range(workers)]
 
-    total = None  # grad_weight as (G, T * C_out/g, C_in/g)
-    if gx is not None or chunk == ntap:
-        tiles = _tiles(spec, rows_all, n_threads)
-        workers = min(n_threads, len(tiles))
-        fused = gw is not None and chunk == ntap
-        parts = [np.zeros((groups, ntap * cog, cig), cd) if fused else None
-                 for _ in range(workers)]
-
-        def rows_job(j):
-            def job():
-                col = np.empty(max(_rows(t, spec) for t in tiles) * ntap * spec.c_out, cd)
-                tmp = np.empty(parts[j].shape, cd) if fused else None
-                for i, tile in enumerate(tiles[j::workers]):
-                    mat = _gather_block(spec, taps, tile, c3, col)
+    def job_for(j):
+        def job():
+            my_tiles = tiles[j::workers]
+            rows = max(_rows(t, spec) for t in my_tiles)
+            col = np.empty(rows * chunk * spec.c_out, cd)
+            gx_tmp = np.empty(rows * spec.c_in, cd) if gx is not None else None
+            gw_tmp = np.empty(groups * chunk * cog * cig, cd) if gw is not None else None
+            for c0, c1 in chunks:
+                wg_c = wg[:, c0 * cog:c1 * cog] if wg is not None else None
+                for i, tile in enumerate(my_tiles):
+                    mat = _gather_block(spec, taps[c0:c1], tile, c3, col)
                     if gx is not None:
-                        _grad_input_tile(spec, tile, mat, wg, gx, cd)
-                    if fused:
-                        _grad_weight_tile(spec, tile, mat, x3, parts[j], tmp, i == 0, cd)
-            return job
+                        _grad_input_tile(spec, tile, mat, wg_c, gx, cd, c0 > 0, gx_tmp)
+                    if gw is not None:
+                        part = parts[j][:, c0 * cog:c1 * cog]
+                        _grad_weight_tile(spec, tile, mat, x3, part, gw_tmp, i == 0, cd)
+        return job
 
-        _run_workers([rows_job(j) for j in range(workers)], workers)
-        if fused:
-            total = _sum_in_order(parts)
-
-    if gw is not None and total is None:
-        chunks = [taps[i:i + chunk] for i in range(0, ntap, chunk)]
-        tiles = _tiles(spec, budget // (chunk * spec.c_out), 1)
-        workers = min(n_threads, max(len(chunks), len(tiles)))
-        # Whole chunks to each worker when there are enough, else split each chunk's rows.
-        if len(chunks) >= workers:
-            plan = [[(c, tiles) for c in range(j, len(chunks), workers)]
-                    for j in range(workers)]
-        else:
-            plan = [[(c, tiles[j::workers]) for c in range(len(chunks))]
-                    for j in range(workers)]
-        results: list[dict] = [{} for _ in range(workers)]
-
-        def chunk_job(j):
-            def job():
-                col = np.empty(max(_rows(t, spec) for t in tiles) * chunk * spec.c_out, cd)
-                tmp = np.empty((groups, chunk * cog, cig), cd)
-                for c, my_tiles in plan[j]:
-                    sub = chunks[c]
-                    part = np.zeros((groups, len(sub) * cog, cig), cd)
-                    for i, tile in enumerate(my_tiles):
-                        mat = _gather_block(spec, sub, tile, c3, col)
-                        _grad_weight_tile(spec, tile, mat, x3, part, tmp[:, :part.shape[1]],
-                                          i == 0, cd)
-                    results[j][c] = part
-            return job
-
-        _run_workers([chunk_job(j) for j in range(workers)], workers)
-        total = np.concatenate(
-            [_sum_in_order([r[c] for r in results if c in r]) for c in range(len(chunks))],
-            axis=1)
-
+    _run_workers([job_for(j) for j in range(workers)], workers)
     if gw is not None:
         # (G, T * C_out/g, C_in/g) -> (C_out, T, C_in/g)
+        total = _sum_in_order(parts)
         blocks = total.reshape(groups, ntap, cog, cig).transpose(0, 2, 1, 3)
         gw[:, idx, :] = blocks.reshape(spec.c_out, ntap, cig)
 
 
 def _gather_block(spec, taps, tile, c3, col) -> np.ndarray:
     """(G, rows, len(taps) * C_out/g): for each input row of the tile, the cotangent rows
-    its taps meet (zero where a tap lands outside the output)."""
+    its taps meet (zero where a tap lands outside the output).
+
+    With one output channel per group, a row-major block would be written one scattered
+    element at a time; the block is then stored tap-major (a transposed view is returned,
+    which BLAS reads as well)."""
     groups, cog = spec.groups, spec.c_out_per_group
     n0, n1 = tile.n
     nw = spec.in_spatial[2]
     nn, nd, nh = n1 - n0, tile.d[1] - tile.d[0], tile.h[1] - tile.h[0]
     rows = nn * nd * nh * nw
     ntap = len(taps)
-    block = col[:rows * ntap * spec.c_out].reshape(groups, nn, nd, nh, nw, ntap, cog)
+    tap_major = cog == 1
+    if tap_major:
+        block = col[:rows * ntap * spec.c_out].reshape(groups, ntap, nn, nd, nh, nw, 1)
+    else:
+        block = col[:rows * ntap * spec.c_out].reshape(groups, nn, nd, nh, nw, ntap, cog)
     for t, tap in enumerate(taps):
-        dst = block[:, :, :, :, :, t, :]
+        dst = block[:, t] if tap_major else block[:, :, :, :, :, t, :]
         found = _tap_box(spec, tap, tile)
         if found is None:
             dst.fill(0)
             continue
-        rel, (sd, sh, sw) = found
+        box, rel = found
         if rel != ((0, nd), (0, nh), (0, nw)):
             _zero_outside(dst, rel, (nd, nh, nw))
         (a0, a1), (b0, b1), (c0, c1) = rel
-        src = c3[n0:n1, sd, sh, sw, :]
+        src = _cot_rows(spec, tap, box, tile.n, c3)
         if groups == 1:
             dst[0, :, a0:a1, b0:b1, c0:c1, :] = src
         else:
             src = src.reshape(*src.shape[:-1], groups, cog)
             dst[:, :, a0:a1, b0:b1, c0:c1, :] = np.moveaxis(src, -2, 0)
+    if tap_major:
+        return block.reshape(groups, ntap, rows).transpose(0, 2, 1)
     return block.reshape(groups, rows, ntap * cog)
 
 
-def _grad_input_tile(spec, tile, mat, wg, gx, cd) -> None:
+def _grad_input_tile(spec, tile, mat, wg, gx, cd, accumulate, tmp) -> None:
+    """grad_input tile (=, or += for later tap chunks) block @ W_stacked."""
     groups, cig = spec.groups, spec.c_in_per_group
     rows = mat.shape[1]
     n0, n1 = tile.n
     # The tile is a contiguous block of gx (whole along W, and along H when D is split).
     target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]].reshape(rows, groups, cig)
-    if groups == 1 and gx.dtype == cd:
+    if groups == 1 and not accumulate:
         np.matmul(mat[0], wg[0], out=target[:, 0, :])
+        return
+    res = tmp[:rows * spec.c_in].reshape(groups, rows, cig)
+    np.matmul(mat, wg, out=res)
+    if accumulate:
+        target += np.moveaxis(res, 0, 1)
     else:
-        target[...] = np.moveaxis(np.matmul(mat, wg), 0, 1)
+        target[...] = np.moveaxis(res, 0, 1)
 
 
 def _grad_weight_tile(spec, tile, mat, x3, part, tmp, first, cd) -> None:
-    """part (G, T * C_out/g, C_in/g) += block^T @ x_tile."""
+    """part (G, T * C_out/g, C_in/g) (=, or +=) block^T @ x_tile."""
     groups, cig = spec.groups, spec.c_in_per_group
     rows = mat.shape[1]
     n0, n1 = tile.n
@@ -331,8 +335,211 @@ def _grad_weight_tile(spec, tile, mat, x3, part, tmp, first, cd) -> None:
     if first:
         np.matmul(mat_t, xt, out=part)
     else:
-        np.matmul(mat_t, xt, out=tmp)
-        part += tmp
+        res = tmp[:part.size].reshape(part.shape)
+        np.matmul(mat_t, xt, out=res)
+        part += res
+
+
+@dataclass(frozen=True)
+class _ShiftLayout:
+    """Taps of the shift path: the W taps side by side in every grid row; the (D, H) taps
+    grouped by stride phase, each a fixed row shift of its phase's grid."""
+
+    wtaps: tuple  # (k, shift, lo, hi) per active W tap
+    phases: tuple  # ((rd, rh), cmin_d, cmin_h, ((pair, cd, ch), ...)) per (D, H) phase
+    pairs: tuple  # (kd, kh) per pair index
+    halo: tuple[int, int]  # extra grid planes along D, rows along H
+    counts: tuple[dict, dict]  # cotangent rows per phase residue, along D and H
+
+
+def _axis_taps(spec: ConvSpec, axis: int) -> list[tuple[int, int, int, int]]:
+    n, kk, s, p, d, o = (spec.in_spatial[axis], spec.kernel[axis], spec.stride[axis],
+                         spec.padding[axis], spec.dilation[axis], spec.out_spatial[axis])
+    taps = []
+    for k in range(kk):
+        lo, hi = tap_output_range(n, k, s, p, d, o)
+        if lo < hi:
+            taps.append((k, k * d - p, lo, hi))
+    return taps
+
+
+def _shift_layout(spec: ConvSpec) -> _ShiftLayout:
+    (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
+    by_phase = []
+    for axis, s in ((0, sd), (1, sh)):
+        groups: dict[int, list] = {}
+        for k, shift, _, _ in _axis_taps(spec, axis):
+            groups.setdefault(shift % s, []).append((k, shift // s))
+        by_phase.append(groups)
+    phases, pairs = [], []
+    halo_d = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[0].values())
+    halo_h = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[1].values())
+    for rd, dtaps in sorted(by_phase[0].items()):
+        for rh, htaps in sorted(by_phase[1].items()):
+            cmin_d, cmin_h = min(c for _, c in dtaps), min(c for _, c in htaps)
+            members = []
+            for (kd, cd), (kh, ch) in itertools.product(dtaps, htaps):
+                members.append((len(pairs), cd, ch))
+                pairs.append((kd, kh))
+            phases.append(((rd, rh), cmin_d, cmin_h, tuple(members)))
+    counts = tuple({r: -(-(o - r) // s) for r in range(s)} for o, s in ((od, sd), (oh, sh)))
+    return _ShiftLayout(tuple(_axis_taps(spec, 2)), tuple(phases), tuple(pairs),
+                        (halo_d, halo_h), counts)
+
+
+def _shift_rows(spec: ConvSpec, layout: _ShiftLayout, budget: int) -> int:
+    """Input rows per shift tile: its grid, accumulator, temporary and input grid."""
+    return max(1, budget // (len(layout.wtaps) * spec.c_out + 3 * spec.c_in))
+
+
+def choose_vjp_algorithm(spec: ConvSpec, taps, budget: int = VJP_TILE_BYTES // 4) -> str:
+    """'direct' for one input channel per group; 'shift' where it copies less of the
+    cotangent than 'gather' (counting its halo), its GEMMs stay wide (K >= 128) and the
+    halo rows it computes and drops stay few (<= 7%); else 'gather'. `budget` is the
+    workspace of one worker, in elements."""
+    if spec.c_in_per_group == 1 and spec.groups > 1:
+        return "direct"
+    layout = _shift_layout(spec)
+    if len(layout.wtaps) * spec.c_out_per_group < 128:
+        return "gather"
+    depth, height, width = spec.in_spatial
+    rows = _shift_rows(spec, layout, budget)  # the tile shape split_tiles will cut
+    if rows >= height * width:
+        nd, nh = min(depth, rows // (height * width)), height
+    else:
+        nd, nh = 1, max(1, rows // width)
+    halo_d, halo_h = layout.halo
+    waste = halo_h / nh + (halo_d / depth if spec.batch > 1 and nd == depth else 0)
+    shift_copy = (len(layout.phases) * len(layout.wtaps) * (nd + halo_d) / nd
+                  * (nh + halo_h) / nh)
+    if waste <= 0.07 and shift_copy < len(taps):
+        return "shift"
+    return "gather"
+
+
+def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
+    """Shifted GEMMs over a gathered grid (the cotangent rows of one (D, H) stride phase,
+    W taps side by side): each (D, H) tap of the phase reads the grid at a fixed row
+    shift, so the copy is len(W taps) wide instead of len(taps). grad_input adds up one
+    GEMM per (D, H) tap (in cache-sized tiles); grad_weight gets one GEMM per (D, H) tap
+    against the input laid out on the grid's row pitch (zeros where the grid has halo)."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    layout = _shift_layout(spec)
+    tw, npair = len(layout.wtaps), len(layout.pairs)
+    kd_, kh_, kw_ = spec.kernel
+    tiles = _tiles(spec, _shift_rows(spec, layout, budget), n_threads)
+    workers = min(n_threads, len(tiles))
+    # (G, pairs, T_w * C_out/g, C_in/g): the grad_input weights of each (D, H) tap.
+    flat = [[(kd * kh_ + kh) * kw_ + k for k, _, _, _ in layout.wtaps]
+            for kd, kh in layout.pairs]
+    wp = None
+    if gx is not None:
+        wp = w3[:, np.array(flat).ravel(), :].reshape(groups, cog, npair, tw, cig)
+        wp = np.ascontiguousarray(wp.transpose(0, 2, 3, 1, 4).reshape(
+            groups, npair, tw * cog, cig), dtype=cd)
+    parts = [np.zeros((groups, npair, tw * cog, cig), cd) if gw is not None else None
+             for _ in range(workers)]
+    halo_d, halo_h = layout.halo
+    nw = spec.in_spatial[2]
+
+    def grid_rows(tile):
+        nn, nd, nh = tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0]
+        return nn * (nd + halo_d) * (nh + halo_h) * nw
+
+    def job_for(j):
+        def job():
+            my_tiles = tiles[j::workers]
+            most = max(grid_rows(t) for t in my_tiles)
+            gbuf = np.empty(most * tw * spec.c_out, cd)
+            acc = np.empty(most * spec.c_in, cd) if gx is not None else None
+            tmp = np.empty(most * spec.c_in, cd) if gx is not None else None
+            xbuf = np.empty(most * spec.c_in, cd) if gw is not None else None
+            wtmp = np.empty(groups * tw * cog * cig, cd) if gw is not None else None
+            for i, tile in enumerate(my_tiles):
+                _shift_tile(spec, layout, tile, x3, c3, wp, gx, parts[j], i == 0,
+                            (gbuf, acc, tmp, xbuf, wtmp))
+        return job
+
+    _run_workers([job_for(j) for j in range(workers)], workers)
+    if gw is not None:
+        total = _sum_in_order(parts).reshape(groups, npair, tw, cog, cig)
+        blocks = total.transpose(0, 3, 1, 2, 4).reshape(spec.c_out, npair * tw, cig)
+        gw[:, np.array(flat).ravel(), :] = blocks
+
+
+def _shift_tile(spec, layout, tile, x3, c3, wp, gx, part, first, bufs) -> None:
+    gbuf, accbuf, tmpbuf, xbuf, wtmp = bufs
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    tw = len(layout.wtaps)
+    n0, n1 = tile.n
+    d0, d1 = tile.d
+    h0, h1 = tile.h
+    nn, nd, nh, nw = n1 - n0, d1 - d0, h1 - h0, spec.in_spatial[2]
+    dn, hn = nd + layout.halo[0], nh + layout.halo[1]
+    plane = hn * nw
+    rows = nn * dn * plane
+    # Grid rows whose results are kept: (b, a < nd, c < nh, w) -> ((b*dn + a)*hn + c)*nw + w.
+    length = ((nn - 1) * dn + nd - 1) * plane + nh * nw
+    sd, sh, sw = spec.stride
+    grid = gbuf[:rows * tw * spec.c_out].reshape(groups, nn, dn, hn, nw, tw, cog)
+    gmat = grid.reshape(groups, rows, tw * cog)
+    acc = tmp = xg = None
+    if gx is not None:
+        acc = accbuf[:rows * spec.c_in].reshape(groups, rows, cig)
+        tmp = tmpbuf[:rows * spec.c_in].reshape(groups, rows, cig)
+    if part is not None:
+        xgrid = xbuf[:rows * spec.c_in].reshape(nn, dn, hn, nw, spec.c_in)
+        xgrid[:, :nd, :nh] = x3[n0:n1, d0:d1, h0:h1]
+        xgrid[:, nd:] = 0
+        xgrid[:, :nd, nh:] = 0
+        xg = xgrid.reshape(rows, groups, cig)[:length].transpose(1, 0, 2)  # (G, len, C_in/g)
+        wres = wtmp.reshape(groups, tw * cog, cig)
+    started = False
+    for (rd, rh), cmin_d, cmin_h, members in layout.phases:
+        # The grid covers cotangent phase rows q = (d0 + cmin_d) + [0, dn) (and along H).
+        qd0, qh0 = d0 + cmin_d, h0 + cmin_h
+        vd = (max(qd0, 0), min(qd0 + dn, layout.counts[0][rd]))
+        vh = (max(qh0, 0), min(qh0 + hn, layout.counts[1][rh]))
+        for t, (_, shift_w, lo, hi) in enumerate(layout.wtaps):
+            dst = grid[:, :, :, :, :, t, :]
+            rel = ((vd[0] - qd0, vd[1] - qd0), (vh[0] - qh0, vh[1] - qh0), (lo, hi))
+            if any(a >= b for a, b in rel):
+                dst.fill(0)
+                continue
+            if rel != ((0, dn), (0, hn), (0, nw)):
+                _zero_outside(dst, rel, (dn, hn, nw))
+            src = c3[n0:n1, vd[0] * sd + rd:(vd[1] - 1) * sd + rd + 1:sd,
+                     vh[0] * sh + rh:(vh[1] - 1) * sh + rh + 1:sh,
+                     lo * sw + shift_w:(hi - 1) * sw + shift_w + 1:sw, :]
+            (a0, a1), (b0, b1), _ = rel
+            if groups == 1:
+                dst[0, :, a0:a1, b0:b1, lo:hi, :] = src
+            else:
+                src = src.reshape(*src.shape[:-1], groups, cog)
+                dst[:, :, a0:a1, b0:b1, lo:hi, :] = np.moveaxis(src, -2, 0)
+        for pair, cd_, ch_ in members:
+            shift = ((cd_ - cmin_d) * hn + (ch_ - cmin_h)) * nw
+            a = gmat[:, shift:shift + length]
+            if acc is not None:
+                if not started:
+                    np.matmul(a, wp[:, pair], out=acc[:, :length])
+                else:
+                    np.matmul(a, wp[:, pair], out=tmp[:, :length])
+                    acc[:, :length] += tmp[:, :length]
+            if part is not None:
+                if first:
+                    np.matmul(a.transpose(0, 2, 1), xg, out=part[:, pair])
+                else:
+                    np.matmul(a.transpose(0, 2, 1), xg, out=wres)
+                    part[:, pair] += wres
+            started = True
+    if gx is not None:
+        res = acc.reshape(groups, nn, dn, hn, nw, cig)[:, :, :nd, :nh]
+        target = gx[n0:n1, d0:d1, h0:h1]
+        if groups == 1:
+            target[...] = res[0]
+        else:
+            target.reshape(nn, nd, nh, nw, groups, cig)[...] = np.moveaxis(res, 0, -2)
 
 
 def _direct(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
@@ -371,12 +578,15 @@ def _direct_tile(spec, taps, tile, x3, c3, wt, gx, part, buf) -> None:
         acc = buf[size:size + size // cog].reshape(nn, nd, nh, nw, groups)
         acc.fill(0)
     xt = x3[n0:n1, d0:d1, h0:h1].reshape(nn, nd, nh, nw, groups, 1)
+    # einsum's one-pass sum of products is about 3x faster than multiply-then-sum here;
+    # it needs operands already in the compute dtype.
+    fused = c3.dtype == tmp_all.dtype and x3.dtype == tmp_all.dtype
     for t, tap in enumerate(taps):
         found = _tap_box(spec, tap, tile)
         if found is None:
             continue
-        ((a0, a1), (b0, b1), (c0, c1)), (sd, sh, sw) = found
-        src = c3[n0:n1, sd, sh, sw, :]
+        box, ((a0, a1), (b0, b1), (c0, c1)) = found
+        src = _cot_rows(spec, tap, box, tile.n, c3)
         src = src.reshape(*src.shape[:-1], groups, cog)
         tmp = tmp_all[:, a0:a1, b0:b1, c0:c1]
         if acc is not None:
@@ -385,11 +595,17 @@ def _direct_tile(spec, taps, tile, x3, c3, wt, gx, part, buf) -> None:
                 acc[:, a0:a1, b0:b1, c0:c1] += tmp[..., 0]
             else:
                 acc[:, a0:a1, b0:b1, c0:c1] += tmp.sum(axis=-1)
-        if part is not None:
+        if part is not None and fused:
+            part[t] += np.einsum("ndhwgm,ndhwg->gm", src,
+                                 xt[:, a0:a1, b0:b1, c0:c1, :, 0]).reshape(spec.c_out)
+        elif part is not None:
             np.multiply(src, xt[:, a0:a1, b0:b1, c0:c1], out=tmp)
             part[t] += tmp.sum(axis=(0, 1, 2, 3)).reshape(spec.c_out)
     if acc is not None:
         gx[n0:n1, d0:d1, h0:h1] = acc
+
+
+_ALGORITHMS = {"gather": _gather, "shift": _shift, "direct": _direct}
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,
