@@ -16,26 +16,29 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the dependency
     ThreadpoolController = None
 
-_controller = None
+_blas_libs: list | None = None
 
 
-def _get_controller():
-    global _controller
-    if _controller is None and ThreadpoolController is not None:
-        _controller = ThreadpoolController()
-    return _controller
-
-
-def blas_controllable() -> bool:
-    controller = _get_controller()
-    return controller is not None and bool(controller.select(user_api="blas").lib_controllers)
+def _libs() -> list:
+    """NumPy's BLAS libraries, found once (a ThreadpoolController scan takes milliseconds)."""
+    global _blas_libs
+    if _blas_libs is None:
+        _blas_libs = ([] if ThreadpoolController is None else
+                      list(ThreadpoolController().select(user_api="blas").lib_controllers))
+    return _blas_libs
 
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    controller = _get_controller()
-    if controller is None:
+    """One BLAS thread inside the block, the caller's setting restored after it: two
+    ctypes calls per library, where threadpoolctl's own context costs ~25 us a call."""
+    saved = [(lib, lib.get_num_threads()) for lib in _libs()]
+    for lib, threads in saved:
+        if threads != 1:
+            lib.set_num_threads(1)
+    try:
         yield
-        return
-    with controller.limit(limits=1, user_api="blas"):
-        yield
+    finally:
+        for lib, threads in saved:
+            if threads != 1:
+                lib.set_num_threads(threads)
