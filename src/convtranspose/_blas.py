@@ -1,9 +1,9 @@
 """BLAS thread control.
 
-When our own workers run tiles in parallel, each GEMM must run on one BLAS thread, or the
-two levels of threads fight over the cores (measured: about 1.5x slower on 2 cores).
-threadpoolctl knows how to reach OpenBLAS, MKL and BLIS inside NumPy; without it we
-leave BLAS alone and rely on the planner running tiles on a single worker.
+Our worker threads are the parallelism, so each GEMM runs on one BLAS thread: otherwise
+the two levels of threads fight over the cores, and OpenBLAS's busy-waiting threads
+collapse on a shared machine (a layer measured 14x slower). threadpoolctl knows how to
+reach OpenBLAS, MKL and BLIS inside NumPy; without it BLAS keeps its own threads.
 """
 
 from __future__ import annotations
