@@ -85,9 +85,6 @@ class Tile:
     d: tuple[int, int]
     h: tuple[int, int]
 
-    def rows(self, width: int) -> int:
-        return (self.n[1] - self.n[0]) * (self.d[1] - self.d[0]) * (self.h[1] - self.h[0]) * width
-
 
 @dataclass(frozen=True)
 class Task:
