@@ -240,7 +240,7 @@ def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
             view = out[n0:n1, _strided(rd, sd, *pd), _strided(rh, sh, *ph),
                        _strided(rw, sw, 0, p.count[2]), :]
             parts.append((p, row, pd, ph, view))
-        row += len(p.taps)
+        row += p.tap_count
     taps_total = row
 
     def job(buf):

@@ -9,6 +9,7 @@ with a subset of the taps: no zero-stuffing, no multiplication by structural zer
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -61,9 +62,13 @@ class Phase:
     count: tuple[int, int, int]
     axis_taps: tuple[tuple[AxisTap, ...], tuple[AxisTap, ...], tuple[AxisTap, ...]]
 
-    @property
+    @functools.cached_property
     def taps(self) -> tuple[tuple[AxisTap, AxisTap, AxisTap], ...]:
         return tuple(itertools.product(*self.axis_taps))
+
+    @property
+    def tap_count(self) -> int:
+        return math.prod(len(axis) for axis in self.axis_taps)
 
     @property
     def size(self) -> int:

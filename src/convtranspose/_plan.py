@@ -156,7 +156,7 @@ def _geometry_key(phase: Phase) -> tuple:
 
 def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...]:
     """Phases that carry taps; for ``shift`` those of identical geometry share a GEMM."""
-    live = [p for p in phases_3d(spec) if p.taps and p.size]
+    live = [p for p in phases_3d(spec) if p.tap_count and p.size]
     if algorithm == "scatter":
         return (tuple(live),) if live else ()  # one GEMM for every tap, phases share tiles
     if algorithm != "shift":
@@ -189,7 +189,7 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
     d_rng = min(p.halo(0)[0] for p in group), max(p.halo(0)[1] for p in group)
     h_rng = min(p.halo(1)[0] for p in group), max(p.halo(1)[1] for p in group)
     slab = nn * (nd + d_rng[1] - d_rng[0]) * (nh + h_rng[1] - h_rng[0]) * spec.in_spatial[2]
-    taps = sum(len(p.taps) for p in group)
+    taps = sum(p.tap_count for p in group)
     widest = max(p.count[2] for p in group)
     return slab * taps * spec.c_out + nn * nd * nh * widest * spec.c_out
 
@@ -260,7 +260,7 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
             total += (grid_copy + adds) / COPY_BYTES_PER_S
         return total
     # scatter
-    taps = sum(len(p.taps) for g in groups for p in g)
+    taps = sum(p.tap_count for g in groups for p in g)
     narrow = min(taps * spec.c_out_per_group, n_in)
     # The product is written, read back, and every window add reads and writes the
     # accumulator along strided runs: about six passes (calibrated on W3 and W6).
