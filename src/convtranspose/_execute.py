@@ -183,14 +183,15 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task):
                 (va, vb), (vc, vd), (ve, vf) = valid
                 dst[:, :, va:vb, vc:vd, ve:vf, :] = np.moveaxis(src, -2, 0)
         acc = buf[used:used + groups * grid_rows * width].reshape(groups, grid_rows, width)
-        tmp = buf[used + acc.size:used + 2 * acc.size].reshape(acc.shape)
+        tmp = buf[used + acc.size:used + 2 * acc.size]  # empty when one GEMM suffices
         for i, (shift, wmat) in enumerate(zip(shifts, wmats)):
             rows = grid[:, shift:shift + length]
             if i == 0:
                 np.matmul(rows, wmat, out=acc[:, :length])
             else:
-                np.matmul(rows, wmat, out=tmp[:, :length])
-                acc[:, :length] += tmp[:, :length]
+                part = tmp.reshape(acc.shape)[:, :length]
+                np.matmul(rows, wmat, out=part)
+                acc[:, :length] += part
         res = acc.reshape(groups, nn, dn, hn, qw, width)[:, :, :nd, :nh]
         if shuffle:
             res = res.reshape(groups, nn, nd, nh, qw, sd, sh, sw, cog)

@@ -182,8 +182,10 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
         dn, hn = nd + dmax - dmin, nh + hmax - hmin
         grid_rows = nn * dn * hn * qw
         slack = (hmax - hmin) * qw
-        return (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in \
-            + 2 * grid_rows * len(group) * spec.c_out
+        # The accumulator, plus a temporary when more than one (D, H) tap adds into it.
+        sums = 2 if len(phase.axis_taps[0]) * len(phase.axis_taps[1]) > 1 else 1
+        grid = (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in
+        return grid + sums * grid_rows * len(group) * spec.c_out
     # scatter: the GEMM result for the input slab the tile's phases read, and one
     # channels-first accumulator (the largest phase's)
     d_rng = min(p.halo(0)[0] for p in group), max(p.halo(0)[1] for p in group)
