@@ -302,7 +302,6 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
     extent = (nd + hi[0] - lo[0], nh + hi[1] - lo[1], qw + hi[2] - lo[2])
     start = (a + lo[0], e + lo[1], lo[2])  # input position of the slab's corner
     view = _out_view(out, spec, phase, task)
-    direct_out = out.dtype == spec.compute_dtype
 
     def job(buf):
         slab = buf[:nn * extent[0] * extent[1] * extent[2] * groups]
@@ -320,14 +319,12 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
             slab, shape=(nn, nd, nh, qw, *wtaps.shape[:3], groups),
             strides=(st[0], st[1], st[2], st[3], st[1] * steps[0], st[2] * steps[1],
                      st[3] * steps[2], st[4]), writeable=False)
-        if direct_out:
-            target = view.reshape(nn, nd, nh, qw, groups, mult)
-        else:
-            target = buf[slab.size:slab.size + nn * nd * nh * qw * spec.c_out]
-            target = target.reshape(nn, nd, nh, qw, groups, mult)
+        # einsum into a contiguous block, then one strided store: einsum writing into the
+        # strided output itself buffered every chunk (98 ms vs 72 ms on W7, one thread).
+        target = buf[slab.size:slab.size + nn * nd * nh * qw * spec.c_out]
+        target = target.reshape(nn, nd, nh, qw, groups, mult)
         np.einsum("ndhwabcg,abcgm->ndhwgm", windows, wtaps, out=target)
-        if not direct_out:
-            view[...] = target.reshape(view.shape)
+        view[...] = target.reshape(view.shape)
 
     return job
 
