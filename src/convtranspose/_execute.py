@@ -14,7 +14,7 @@ import numpy as np
 
 from ._blas import single_threaded_blas
 from ._geometry import Phase
-from ._plan import Plan, Task
+from ._plan import Plan, Task, scatter_slab
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # callers may be threads themselves (dask workers)
@@ -216,21 +216,24 @@ def _scatter_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> n
 
 
 def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
-    """One GEMM of every tap of every phase against the input slab the tile reads, channels
-    first (G, taps, C_out/g, rows), so M = taps * C_out stays wide even when C_out is 1;
-    then each phase sums its taps' shifted windows of that result, contiguous along W, and
-    stores its positions. The tile is in phase coordinates; phases one row shorter clip."""
+    """One GEMM of every tap of every phase against a zero-bordered copy of the input slab
+    the tile reads, channels first (G, taps, C_out/g, slab), so M = taps * C_out stays wide
+    even when C_out is 1. Each phase then sums its taps' windows of that result into an
+    accumulator laid on the slab's (H, W) grid, where every window is one flat shift: one
+    contiguous add per tap; the grid's extra rows and columns are dropped at the store."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     tile = task.tile
     n0, n1 = tile.n
     a, b = tile.d
     e, f = tile.h
     nn = n1 - n0
-    in_d, in_h, in_w = spec.in_spatial
-    d_lo = max(a + min(p.halo(0)[0] for p in group), 0)
-    d_hi = min(b + max(p.halo(0)[1] for p in group), in_d)
-    h_lo = max(e + min(p.halo(1)[0] for p in group), 0)
-    h_hi = min(f + max(p.halo(1)[1] for p in group), in_h)
+    (sd_, sh_, sw_), first = scatter_slab(group, tile)
+    block = sd_ * sh_ * sw_  # one batch item's slab
+    rows = nn * block
+    slack = (sh_ + 1) * sw_
+    taps_total = sum(p.tap_count for p in group)
+    valid = tuple((max(0, -st), min(ext, size - st))
+                  for st, ext, size in zip(first, (sd_, sh_, sw_), spec.in_spatial))
     sd, sh, sw = spec.stride
     parts = []  # (phase, first tap row in the GEMM, clipped d and h ranges, output view)
     row = 0
@@ -242,34 +245,40 @@ def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
                        _strided(rw, sw, 0, p.count[2]), :]
             parts.append((p, row, pd, ph, view))
         row += p.tap_count
-    taps_total = row
 
     def job(buf):
-        rows = nn * max(0, d_hi - d_lo) * max(0, h_hi - h_lo) * in_w
-        y = buf[:groups * taps_total * cog * rows].reshape(groups, taps_total * cog, rows)
-        if rows:
-            slab = x3[n0:n1, d_lo:d_hi, h_lo:h_hi]
-            xt = slab.reshape(rows, groups, cig).astype(spec.compute_dtype, copy=False)
-            np.matmul(wmat, xt.transpose(1, 2, 0), out=y)
-        y = y.reshape(groups, taps_total, cog, nn, max(0, d_hi - d_lo), max(0, h_hi - h_lo),
-                      in_w)
-        free = buf[y.size:]
-        for phase, first, (pa, pb), (pe, pf), view in parts:
-            qw = phase.count[2]
-            acc = free[:groups * cog * nn * (pb - pa) * (pf - pe) * qw]
-            acc = acc.reshape(groups, cog, nn, pb - pa, pf - pe, qw)
-            acc.fill(0)
-            for t, (td, th, tw) in enumerate(phase.taps, start=first):
-                # Output q reads input q + offset; keep q inside the tile and the slab.
-                qd = (max(pa, d_lo - td.offset), min(pb, d_hi - td.offset))
-                qh = (max(pe, h_lo - th.offset), min(pf, h_hi - th.offset))
-                if qd[0] >= qd[1] or qh[0] >= qh[1] or tw.lo >= tw.hi:
-                    continue
-                window = y[:, t, :, :, qd[0] + td.offset - d_lo:qd[1] + td.offset - d_lo,
-                           qh[0] + th.offset - h_lo:qh[1] + th.offset - h_lo,
-                           tw.lo + tw.offset:tw.hi + tw.offset]
-                acc[:, :, :, qd[0] - pa:qd[1] - pa, qh[0] - pe:qh[1] - pe, tw.lo:tw.hi] += window
-            _store(view, np.moveaxis(acc, 1, -1), groups)
+        slab = buf[:rows * spec.c_in].reshape(nn, sd_, sh_, sw_, spec.c_in)
+        _zero_outside(slab, valid)
+        if all(v0 < v1 for v0, v1 in valid):
+            (va, vb), (vc, vd), (ve, vf) = valid
+            slab[:, va:vb, vc:vd, ve:vf] = x3[n0:n1, first[0] + va:first[0] + vb,
+                                             first[1] + vc:first[1] + vd,
+                                             first[2] + ve:first[2] + vf]
+        used = slab.size
+        y = buf[used:used + groups * taps_total * cog * (rows + slack)]
+        y = y.reshape(groups, taps_total * cog, rows + slack)
+        y[:, :, rows:] = 0
+        xt = slab.reshape(rows, groups, cig)
+        np.matmul(wmat, xt.transpose(1, 2, 0), out=y[:, :, :rows])
+        y = y.reshape(groups, taps_total, cog, rows + slack)
+        free = buf[used + y.size:]
+        for phase, first_tap, (pa, pb), (pe, pf), view in parts:
+            length = (pb - pa) * sh_ * sw_
+            acc = free[:groups * cog * nn * length].reshape(groups, cog, nn, length)
+            for t, (td, th, tw) in enumerate(phase.taps, start=first_tap):
+                # acc[i, j, k] is output (pa + i, e + j, k); it reads slab position
+                # (pa + i + td.offset, e + j + th.offset, k + tw.offset) - first.
+                shift = (((pa + td.offset - first[0]) * sh_ + e + th.offset - first[1]) * sw_
+                         + tw.offset - first[2])
+                for n in range(nn):
+                    window = y[:, t, :, n * block + shift:n * block + shift + length]
+                    if t == first_tap:
+                        acc[:, :, n] = window
+                    else:
+                        acc[:, :, n] += window
+            grid = acc.reshape(groups, cog, nn, pb - pa, sh_, sw_)
+            res = grid[..., :pf - pe, :phase.count[2]]
+            _store(view, np.moveaxis(res, 1, -1), groups)
 
     return job
 

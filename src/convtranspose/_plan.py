@@ -186,14 +186,27 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
         sums = 2 if len(phase.axis_taps[0]) * len(phase.axis_taps[1]) > 1 else 1
         grid = (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in
         return grid + sums * grid_rows * len(group) * spec.c_out
-    # scatter: the GEMM result for the input slab the tile's phases read, and one
-    # channels-first accumulator (the largest phase's)
-    d_rng = min(p.halo(0)[0] for p in group), max(p.halo(0)[1] for p in group)
-    h_rng = min(p.halo(1)[0] for p in group), max(p.halo(1)[1] for p in group)
-    slab = nn * (nd + d_rng[1] - d_rng[0]) * (nh + h_rng[1] - h_rng[0]) * spec.in_spatial[2]
+    # scatter: the zero-bordered input slab, the GEMM result on it, one accumulator
+    (sd, sh, sw), _ = scatter_slab(group, tile)
+    rows = nn * sd * sh * sw
     taps = sum(p.tap_count for p in group)
-    widest = max(p.count[2] for p in group)
-    return slab * taps * spec.c_out + nn * nd * nh * widest * spec.c_out
+    slack = (sh + 1) * sw  # flat window reads of the last batch item run past its end
+    return (rows * spec.c_in + (rows + slack) * taps * spec.c_out
+            + nn * nd * sh * sw * spec.c_out)
+
+
+def scatter_slab(group: tuple[Phase, ...], tile: Tile) -> tuple[tuple[int, int, int],
+                                                                  tuple[int, int, int]]:
+    """Extent and first input position (D, H, W) of the slab a scatter tile reads: the
+    tile's rows widened by every phase's tap offsets (positions outside the input are
+    zeros in the slab, so that every tap window is one flat shift of it)."""
+    lo = [min(p.halo(i)[0] for p in group) for i in range(3)]
+    hi = [max(p.halo(i)[1] for p in group) for i in range(3)]
+    qw = max(p.count[2] for p in group)
+    first = (tile.d[0] + lo[0], tile.h[0] + lo[1], lo[2])
+    extent = (tile.d[1] - tile.d[0] + hi[0] - lo[0], tile.h[1] - tile.h[0] + hi[1] - lo[1],
+              qw + hi[2] - lo[2])
+    return extent, first
 
 
 def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
@@ -337,8 +350,8 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
         max_rows = max(1, max_rows * per_task // biggest if biggest > 2 * per_task
                        else max_rows // 2)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So does
-    # scatter: its many short window adds contend for the GIL (W6: 3.9 ms on one worker,
-    # 7.4 ms on two).
+    # scatter, measured on W6: 3.6 ms on one worker, 4.3-5.7 ms on two (its window adds
+    # are memory-bound; a bigger 16 -> 1 head gained from two, 15 vs 20 ms: not yet used).
     if est.get(algorithm, 1.0) < SERIAL_BELOW_SECONDS or algorithm == "scatter":
         threads = 1
     workers = min(threads, len(tasks)) or 1
