@@ -14,7 +14,7 @@ import numpy as np
 
 from ._blas import single_threaded_blas
 from ._geometry import Phase
-from ._plan import Plan, Task, scatter_slab
+from ._plan import Plan, Task, bordered_slab
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # callers may be threads themselves (dask workers)
@@ -94,6 +94,19 @@ def _zero_outside(block: np.ndarray, valid: tuple[tuple[int, int], ...]) -> None
         if hi < size:
             block[lead + inner + (slice(hi, size),)] = 0
         inner += (slice(lo, hi),)
+
+
+def _fill_bordered(slab: np.ndarray, x3: np.ndarray, n: tuple[int, int],
+                   first: tuple[int, int, int]) -> None:
+    """slab (nn, D, H, W, C) <- the input from position `first` on, zeros outside it."""
+    valid = tuple((max(0, -st), min(ext, size - st))
+                  for st, ext, size in zip(first, slab.shape[1:4], x3.shape[1:4]))
+    _zero_outside(slab, valid)
+    if all(v0 < v1 for v0, v1 in valid):
+        (va, vb), (vc, vd), (ve, vf) = valid
+        slab[:, va:vb, vc:vd, ve:vf] = x3[n[0]:n[1], first[0] + va:first[0] + vb,
+                                         first[1] + vc:first[1] + vd,
+                                         first[2] + ve:first[2] + vf]
 
 
 # --- shift -------------------------------------------------------------------------------
@@ -227,13 +240,11 @@ def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
     a, b = tile.d
     e, f = tile.h
     nn = n1 - n0
-    (sd_, sh_, sw_), first = scatter_slab(group, tile)
+    (sd_, sh_, sw_), first = bordered_slab(group, tile)
     block = sd_ * sh_ * sw_  # one batch item's slab
     rows = nn * block
     slack = (sh_ + 1) * sw_
     taps_total = sum(p.tap_count for p in group)
-    valid = tuple((max(0, -st), min(ext, size - st))
-                  for st, ext, size in zip(first, (sd_, sh_, sw_), spec.in_spatial))
     sd, sh, sw = spec.stride
     parts = []  # (phase, first tap row in the GEMM, clipped d and h ranges, output view)
     row = 0
@@ -248,12 +259,7 @@ def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
 
     def job(buf):
         slab = buf[:rows * spec.c_in].reshape(nn, sd_, sh_, sw_, spec.c_in)
-        _zero_outside(slab, valid)
-        if all(v0 < v1 for v0, v1 in valid):
-            (va, vb), (vc, vd), (ve, vf) = valid
-            slab[:, va:vb, vc:vd, ve:vf] = x3[n0:n1, first[0] + va:first[0] + vb,
-                                             first[1] + vc:first[1] + vd,
-                                             first[2] + ve:first[2] + vf]
+        _fill_bordered(slab, x3, tile.n, first)
         used = slab.size
         y = buf[used:used + groups * taps_total * cog * (rows + slack)]
         y = y.reshape(groups, taps_total * cog, rows + slack)
@@ -305,24 +311,15 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
     e, f = tile.h
     qw = phase.count[2]
     nn, nd, nh = n1 - n0, b - a, f - e
-    lo = [min(t.offset for t in axis) for axis in phase.axis_taps]
-    hi = [max(t.offset for t in axis) for axis in phase.axis_taps]
-    steps = [(hi[i] - lo[i]) // max(1, len(phase.axis_taps[i]) - 1) for i in range(3)]
-    extent = (nd + hi[0] - lo[0], nh + hi[1] - lo[1], qw + hi[2] - lo[2])
-    start = (a + lo[0], e + lo[1], lo[2])  # input position of the slab's corner
+    steps = [(phase.halo(i)[1] - phase.halo(i)[0]) // max(1, len(phase.axis_taps[i]) - 1)
+             for i in range(3)]
+    extent, start = bordered_slab((phase,), tile)
     view = _out_view(out, spec, phase, task)
 
     def job(buf):
         slab = buf[:nn * extent[0] * extent[1] * extent[2] * groups]
         slab = slab.reshape(nn, *extent, groups)
-        valid = tuple((max(0, -st), min(ext, size - st))
-                      for st, ext, size in zip(start, extent, spec.in_spatial))
-        _zero_outside(slab, valid)
-        if all(v0 < v1 for v0, v1 in valid):
-            (va, vb), (vc, vd), (ve, vf) = valid
-            slab[:, va:vb, vc:vd, ve:vf] = x3[n0:n1, start[0] + va:start[0] + vb,
-                                             start[1] + vc:start[1] + vd,
-                                             start[2] + ve:start[2] + vf]
+        _fill_bordered(slab, x3, tile.n, start)
         st = slab.strides
         windows = np.lib.stride_tricks.as_strided(
             slab, shape=(nn, nd, nh, qw, *wtaps.shape[:3], groups),

@@ -175,8 +175,7 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
     dmin, dmax = phase.halo(0)
     hmin, hmax = phase.halo(1)
     if algorithm == "direct":
-        wmin, wmax = phase.halo(2)
-        slab = nn * (nd + dmax - dmin) * (nh + hmax - hmin) * (qw + wmax - wmin) * spec.c_in
+        slab = nn * math.prod(bordered_slab(group, tile)[0]) * spec.c_in
         return slab + nn * nd * nh * qw * spec.c_out
     if algorithm == "shift":
         dn, hn = nd + dmax - dmin, nh + hmax - hmin
@@ -187,7 +186,7 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
         grid = (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in
         return grid + sums * grid_rows * len(group) * spec.c_out
     # scatter: the zero-bordered input slab, the GEMM result on it, one accumulator
-    (sd, sh, sw), _ = scatter_slab(group, tile)
+    (sd, sh, sw), _ = bordered_slab(group, tile)
     rows = nn * sd * sh * sw
     taps = sum(p.tap_count for p in group)
     slack = (sh + 1) * sw  # flat window reads of the last batch item run past its end
@@ -195,11 +194,11 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
             + nn * nd * sh * sw * spec.c_out)
 
 
-def scatter_slab(group: tuple[Phase, ...], tile: Tile) -> tuple[tuple[int, int, int],
-                                                                  tuple[int, int, int]]:
-    """Extent and first input position (D, H, W) of the slab a scatter tile reads: the
-    tile's rows widened by every phase's tap offsets (positions outside the input are
-    zeros in the slab, so that every tap window is one flat shift of it)."""
+def bordered_slab(group: tuple[Phase, ...], tile: Tile) -> tuple[tuple[int, int, int],
+                                                                   tuple[int, int, int]]:
+    """Extent and first input position (D, H, W) of the slab a scatter or direct tile
+    reads: the tile's rows widened by every phase's tap offsets (positions outside the
+    input are zeros in the slab, so that every tap window is a plain shift of it)."""
     lo = [min(p.halo(i)[0] for p in group) for i in range(3)]
     hi = [max(p.halo(i)[1] for p in group) for i in range(3)]
     qw = max(p.count[2] for p in group)
