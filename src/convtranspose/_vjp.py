@@ -27,16 +27,18 @@ worker order: results are bitwise reproducible for a given thread count.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._api import ArrayLike, IntOrTuple, spec_for
 from ._blas import single_threaded_blas
+from ._dtypes import compute_dtype, result_dtype
+from ._execute import _pool, _zero_outside
 from ._geometry import tap_output_range
 from ._plan import Tile, get_num_threads, split_tiles, workspace_limit
 from ._spec import ConvSpec, as_float_array
@@ -49,16 +51,6 @@ VJP_TILE_BYTES = 4 * 2**20
 MIN_BLOCK_ROWS = 512
 
 _NAMES = {1: "conv_transpose1d_vjp", 2: "conv_transpose2d_vjp", 3: "conv_transpose3d_vjp"}
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(max_workers=threads,
-                                             thread_name_prefix="convtranspose-vjp")
-    return _pools[threads]
-
 
 @dataclass(frozen=True)
 class _Tap:
@@ -106,27 +98,6 @@ def _cot_rows(spec: ConvSpec, tap: _Tap, box, n: tuple[int, int], c3) -> np.ndar
     return c3[(slice(*n), *sl)]
 
 
-def _zero_outside(dst: np.ndarray, rel, full: tuple[int, int, int]) -> None:
-    """Zero dst (..., nd, nh, nw, c) outside the box rel: only the border slabs, so a tile
-    whose taps clip the width axis does not pay for refilling its whole block."""
-    (a0, a1), (b0, b1), (c0, c1) = rel
-    nd, nh, nw = full
-    if a0 > 0:
-        dst[..., :a0, :, :, :] = 0
-    if a1 < nd:
-        dst[..., a1:, :, :, :] = 0
-    mid = dst[..., a0:a1, :, :, :]
-    if b0 > 0:
-        mid[..., :b0, :, :] = 0
-    if b1 < nh:
-        mid[..., b1:, :, :] = 0
-    mid = mid[..., b0:b1, :, :]
-    if c0 > 0:
-        mid[..., :c0, :] = 0
-    if c1 < nw:
-        mid[..., c1:, :] = 0
-
-
 def check_cotangent(op: str, spec: ConvSpec, cotangent: ArrayLike) -> np.ndarray:
     """The cotangent must be a floating array shaped exactly like the forward's output."""
     cot = as_float_array(op, "cotangent", cotangent)
@@ -138,18 +109,13 @@ def check_cotangent(op: str, spec: ConvSpec, cotangent: ArrayLike) -> np.ndarray
     return cot
 
 
-def _compute_dtype(*dtypes: np.dtype) -> np.dtype:
-    """float64 if anything is float64, else float32: never accumulate below float32."""
-    return np.dtype(np.float64 if any(np.dtype(d) == np.float64 for d in dtypes)
-                    else np.float32)
-
-
 def _run_workers(jobs: list[Callable[[], None]], threads: int) -> None:
-    if len(jobs) == 1:
-        jobs[0]()  # one worker: BLAS keeps its own threads
-        return
-    # Our workers already fill the cores: BLAS threads on top of them would fight.
+    # Our workers are the parallelism, as in the forward: BLAS stays on one thread, since
+    # its busy-waiting threads collapse when the machine is shared.
     with single_threaded_blas():
+        if len(jobs) == 1:
+            jobs[0]()
+            return
         for future in [_pool(threads).submit(job) for job in jobs]:
             future.result()
 
@@ -164,7 +130,7 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
     `need_input`/`need_weight` skip the work of the gradient not wanted (None is returned
     in its place); `threads`, `workspace` (bytes) and `algorithm` ('gather', 'shift',
     'direct') override the defaults."""
-    cd = _compute_dtype(x.dtype, w.dtype, cot.dtype)
+    cd = compute_dtype(functools.reduce(result_dtype, (x.dtype, w.dtype, cot.dtype)))
     ktot = math.prod(spec.kernel)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
@@ -291,7 +257,7 @@ def _gather_block(spec, taps, tile, c3, col) -> np.ndarray:
             continue
         box, rel = found
         if rel != ((0, nd), (0, nh), (0, nw)):
-            _zero_outside(dst, rel, (nd, nh, nw))
+            _zero_outside(dst, rel)
         (a0, a1), (b0, b1), (c0, c1) = rel
         src = _cot_rows(spec, tap, box, tile.n, c3)
         if groups == 1:
@@ -507,7 +473,7 @@ def _shift_tile(spec, layout, tile, x3, c3, wp, gx, part, first, bufs) -> None:
                 dst.fill(0)
                 continue
             if rel != ((0, dn), (0, hn), (0, nw)):
-                _zero_outside(dst, rel, (dn, hn, nw))
+                _zero_outside(dst, rel)
             src = c3[n0:n1, vd[0] * sd + rd:(vd[1] - 1) * sd + rd + 1:sd,
                      vh[0] * sh + rh:(vh[1] - 1) * sh + rh + 1:sh,
                      lo * sw + shift_w:(hi - 1) * sw + shift_w + 1:sw, :]
