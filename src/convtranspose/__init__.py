@@ -15,6 +15,7 @@ from ._api import (
     plan,
     run_plan,
 )
+from ._native_kernel import isa as native_isa
 from ._plan import Plan, get_num_threads, set_num_threads
 from ._vjp import conv_transpose1d_vjp, conv_transpose2d_vjp, conv_transpose3d_vjp
 from ._weights import weight_from_torch, weight_to_torch
@@ -30,6 +31,7 @@ __all__ = [
     "conv_transpose3d",
     "conv_transpose3d_vjp",
     "get_num_threads",
+    "native_isa",
     "output_shape",
     "plan",
     "run_plan",

@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _native_kernel as native
 from ._blas import single_threaded_blas
 from ._geometry import Phase
-from ._plan import Plan, Task, bordered_slab
+from ._plan import Plan, Task, bordered_slab, native_buffer_elems, native_input_box
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # callers may be threads themselves (dask workers)
@@ -335,6 +336,80 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
     return job
 
 
+# --- native ------------------------------------------------------------------------------
+
+def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> list[np.ndarray]:
+    """Per conv group, the taps (D-major, then H, then W, as `axis_taps` orders them) packed
+    for the compiled kernel from (taps, C_in/g, C_out/g), the phases of a merged W group
+    side by side along C_out (in residue order, as they lie in the output)."""
+    c_out, cig = w3.shape[0], w3.shape[-1]
+    mats = []
+    for phase in group:
+        kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
+        sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, C_in/g)
+        mats.append(sub.reshape(groups, c_out // groups, phase.tap_count, cig))
+    wt = np.concatenate(mats, axis=1).transpose(0, 2, 3, 1)  # (G, taps, C_in/g, phases*C_out/g)
+    return [native.pack_weight(np.ascontiguousarray(wt[g])) for g in range(groups)]
+
+
+def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
+                convert_input: bool):
+    """Hand the tile to the compiled kernel: it reads the input in place (or a converted
+    copy of the planes and rows the tile reads) and writes the phase's strided output
+    positions in place (or a block that is then rounded to float16/bfloat16). A merged W
+    group writes s_w * C_out channels per position of its first residue."""
+    groups, cig = spec.groups, spec.c_in_per_group
+    cog = spec.c_out_per_group * len(group)
+    phase, tile = group[0], task.tile
+    n0, n1 = tile.n
+    a, b = tile.d
+    e, f = tile.h
+    nn, nd, nh, qw = n1 - n0, b - a, f - e, phase.count[2]
+    item = spec.compute_dtype.itemsize
+    offsets = tuple(np.array([t.offset for t in axis], np.int64) for axis in phase.axis_taps)
+    view = _out_view(out, spec, phase, task)
+    if len(group) > 1:  # the positions of every W residue: whole output rows
+        view = out[n0:n1, _strided(phase.residue[0], spec.stride[0], a, b),
+                   _strided(phase.residue[1], spec.stride[1], e, f), :qw * len(group)]
+        view = view.reshape(nn, nd, nh, qw, cog)
+    round_output = out.dtype != spec.compute_dtype
+    (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
+    in_w = spec.in_spatial[2]
+    box = (n0, n1, a, b, e, f)
+
+    def job(buf):
+        used = 0
+        if convert_input:
+            slab = buf[:nn * (d1 - d0) * (h1 - h0) * in_w * spec.c_in]
+            slab = slab.reshape(nn, d1 - d0, h1 - h0, in_w, spec.c_in)
+            slab[...] = x3[n0:n1, d0:d1, h0:h1]
+            used = slab.size
+            xs = native.element_strides(slab)[:4]
+            # The slab's origin as if it were the whole input: the kernel reads only the
+            # planes and rows this tile's taps reach, all of which the slab holds.
+            x_addr = slab.ctypes.data - (n0 * xs[0] + d0 * xs[1] + h0 * xs[2]) * item
+        else:
+            xs = native.element_strides(x3)[:4]
+            x_addr = x3.ctypes.data
+        target = view
+        if round_output:
+            target = buf[used:used + view.size].reshape(view.shape)
+        os_ = native.element_strides(target)[:4]
+        for g in range(groups):
+            native.correlate(item, x_addr + g * cig * item, xs, spec.in_spatial, packed[g],
+                             offsets, (1, 1, 1), target.ctypes.data + g * cog * item, os_,
+                             box, qw, cig, cog)
+        if round_output:
+            view[...] = target
+
+    return job
+
+
+def _native_input_needs_copy(spec, x3: np.ndarray) -> bool:
+    strides = native.element_strides(x3) if x3.dtype == spec.compute_dtype else None
+    return strides is None or strides[-1] != 1
+
+
 # --- indexed ------------------------------------------------------------------------------
 
 def _indexed(plan: Plan, x3, w3, out) -> None:
@@ -383,6 +458,17 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         weights = [_scatter_weights(w3, g, spec.groups) for g in plan.groups]
         jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
                 for t in plan.tasks]
+    elif plan.algorithm == "native":
+        weights = [_native_weights(w3, g, spec.groups) for g in plan.groups]
+        convert = _native_input_needs_copy(spec, x3)
+        jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
+                            convert) for t in plan.tasks]
+        if convert and spec.input_dtype == spec.compute_dtype:  # channels not contiguous:
+            buffer = max(native_buffer_elems(spec, plan.groups[t.group][0], t.tile, True,
+                                             len(plan.groups[t.group]))
+                         for t in plan.tasks)  # the plan assumed no copy
+            _run(jobs, plan.threads, buffer, spec.compute_dtype)
+            return out.reshape(spec.output_shape)
     else:
         weights = [_direct_weights(w3, g[0], spec.groups) for g in plan.groups]
         jobs = [_direct_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t)

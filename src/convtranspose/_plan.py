@@ -12,6 +12,10 @@ by a structural zero. They differ in where the taps of a phase meet:
   C_out is tiny (a 16 -> 1 head), where a GEMM with N = C_out would crawl.
 - ``direct``: one input channel per group (depthwise, channel multiplier): a GEMM
   degenerates, so multiply-add broadcast over channels.
+- ``native``: the compiled kernel (csrc/, when the install built it): per phase, every
+  output element is summed in registers over all its taps and input channels and stored
+  once, reading the input where it lies. No grid, no GEMM temporaries, no accumulation
+  passes; it runs at 60-100% of a core's FMA peak where C_out/groups >= 16.
 - ``indexed``: for small calls, where NumPy's per-call overhead dominates: one GEMM of
   every input row against every tap, then one gather of each output row's contributions
   through a table the plan precomputes, and one sum.
@@ -31,16 +35,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _native_kernel as native
 from ._geometry import Phase, phases_3d
 from ._spec import ConvSpec
 
-ALGORITHMS = ("shift", "scatter", "direct", "indexed")
+ALGORITHMS = ("shift", "scatter", "direct", "indexed", "native")
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
 DEFAULT_WORKSPACE = 64 * 2**20
 TILE_BYTES = 8 * 2**20
 SMALL_TILE_BYTES = 2**22
 MIN_TILE_ROWS = 256
 SERIAL_BELOW_SECONDS = 2e-3
+NATIVE_SERIAL_BELOW_SECONDS = 5e-4  # its tasks start with no copies: threads pay off sooner
 
 # Rough machine model for choosing an algorithm (ratios matter, not absolutes): a GEMM
 # whose narrow side is n runs at about PEAK * n / (n + 12); a strided NumPy copy moves
@@ -48,6 +54,9 @@ SERIAL_BELOW_SECONDS = 2e-3
 GEMM_PEAK = 140e9
 COPY_BYTES_PER_S = 5e9
 ELEMENTWISE_PER_S = 1.5e9
+# The native kernel on one core: its measured peak, reached with C_out/g a multiple of
+# 32 or 64 and C_in/g >= 32 (W5: 172 GFLOP/s single-threaded).
+NATIVE_PEAK = 160e9
 
 _threads: int | None = None
 
@@ -128,7 +137,8 @@ class Plan:
             f"  settings   stride={s.stride[lift:]} padding={s.padding[lift:]} "
             f"dilation={s.dilation[lift:]} output_padding={s.output_padding[lift:]} "
             f"groups={s.groups}",
-            f"  algorithm  {self.algorithm}: {shape}",
+            f"  algorithm  {self.algorithm}"
+            f"{f' ({native.isa()})' if self.algorithm == 'native' else ''}: {shape}",
             f"  model ms   {est}",
             f"  useful     {self.flops / 1e9:.3f} GFLOP",
             f"  tasks      {len(self.tasks)} on {self.threads} thread(s)",
@@ -159,12 +169,34 @@ def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...
     live = [p for p in phases_3d(spec) if p.tap_count and p.size]
     if algorithm == "scatter":
         return (tuple(live),) if live else ()  # one GEMM for every tap, phases share tiles
-    if algorithm != "shift":
+    if algorithm == "native":
+        return _native_groups(spec, live)
+    if algorithm != "shift":  # direct: one phase at a time
         return tuple((p,) for p in live)
     merged: dict[tuple, list[Phase]] = {}
     for p in live:
         merged.setdefault(_geometry_key(p), []).append(p)
     return tuple(tuple(g) for g in merged.values())
+
+
+def _native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
+    """The W residues of one (D, H) residue, when they share their geometry (kernel_w a
+    multiple of stride_w), lie side by side in the output: as one phase of s_w * C_out
+    channels they make the kernel write whole output rows in order. Needs groups == 1,
+    where each output pixel's channels are one run."""
+    sw = spec.stride[2]
+    if spec.groups != 1 or sw == 1:
+        return tuple((p,) for p in live)
+    rows: dict[tuple, list[Phase]] = {}
+    for p in live:
+        rows.setdefault((p.residue[:2], _geometry_key(p)), []).append(p)
+    groups = []
+    for row in rows.values():
+        if len(row) == sw:
+            groups.append(tuple(sorted(row, key=lambda p: p.residue[2])))
+        else:
+            groups.extend((p,) for p in row)
+    return tuple(sorted(groups, key=lambda g: g[0].residue))
 
 
 def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile: Tile) -> int:
@@ -177,6 +209,9 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
     if algorithm == "direct":
         slab = nn * math.prod(bordered_slab(group, tile)[0]) * spec.c_in
         return slab + nn * nd * nh * qw * spec.c_out
+    if algorithm == "native":
+        return native_buffer_elems(spec, phase, tile, spec.input_dtype != spec.compute_dtype,
+                                   len(group))
     if algorithm == "shift":
         dn, hn = nd + dmax - dmin, nh + hmax - hmin
         grid_rows = nn * dn * hn * qw
@@ -192,6 +227,31 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
     slack = (sh + 1) * sw  # flat window reads of the last batch item run past its end
     return (rows * spec.c_in + (rows + slack) * taps * spec.c_out
             + nn * nd * sh * sw * spec.c_out)
+
+
+def native_input_box(spec: ConvSpec, phase: Phase, tile: Tile) -> tuple[tuple[int, int],
+                                                                       tuple[int, int]]:
+    """Input planes and rows [lo, hi) a native tile reads (clipped to the input)."""
+    (dmin, dmax), (hmin, hmax) = phase.halo(0), phase.halo(1)
+    in_d, in_h = spec.in_spatial[0], spec.in_spatial[1]
+    d0, h0 = min(in_d, max(0, tile.d[0] + dmin)), min(in_h, max(0, tile.h[0] + hmin))
+    return ((d0, max(d0, min(in_d, tile.d[1] + dmax))),
+            (h0, max(h0, min(in_h, tile.h[1] + hmax))))
+
+
+def native_buffer_elems(spec: ConvSpec, phase: Phase, tile: Tile, convert_input: bool,
+                        phases: int = 1) -> int:
+    """The native kernel reads the input and writes the output in place; it needs room
+    only to convert the tile's input (another dtype, or channels not contiguous) and to
+    round its output (float16/bfloat16 results)."""
+    nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
+    elems = 0
+    if convert_input:
+        (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
+        elems += nn * max(0, d1 - d0) * max(0, h1 - h0) * spec.in_spatial[2] * spec.c_in
+    if spec.result_dtype != spec.compute_dtype:
+        elems += nn * nd * nh * phase.count[2] * phases * spec.c_out
+    return elems
 
 
 def bordered_slab(group: tuple[Phase, ...], tile: Tile) -> tuple[tuple[int, int, int],
@@ -257,6 +317,8 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
         return write
     if algorithm == "direct":
         return flops / 2 / ELEMENTWISE_PER_S + write
+    if algorithm == "native":
+        return flops / native_rate(spec) + write / 2  # one pass over the output
     if algorithm == "shift":
         total = write
         for group in groups:
@@ -282,6 +344,18 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
 
 
+def native_rate(spec: ConvSpec) -> float:
+    """FLOP/s of the native kernel on one core: lanes wasted on padding C_out/g to whole
+    vectors, one-vector blocks bound by broadcasts, few channels per tap bound by the
+    accumulator traffic (measured on W1-W8 and the demo's layers)."""
+    lanes, max_vectors = native.layout(spec.compute_dtype.itemsize)
+    cog, cig = spec.c_out_per_group, spec.c_in_per_group
+    vectors = -(-cog // lanes)
+    used = cog / (vectors * lanes)
+    blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
+    return NATIVE_PEAK * used * blocking * cig / (cig + 4)
+
+
 def indexed_fits(spec: ConvSpec) -> bool:
     rows_in = spec.batch * math.prod(spec.in_spatial)
     rows_out = spec.batch * math.prod(spec.out_spatial)
@@ -294,7 +368,8 @@ def choose_algorithm(spec: ConvSpec) -> tuple[str, dict]:
     if indexed_fits(spec):
         return "indexed", {}
     candidates = [a for a in ALGORITHMS if a != "indexed"
-                  and (a != "direct" or spec.c_in_per_group == 1)]
+                  and (a != "direct" or spec.c_in_per_group == 1)
+                  and (a != "native" or native.AVAILABLE)]
     est = {a: estimate_seconds(spec, a) for a in candidates}
     return min(est, key=est.get), est
 
@@ -308,6 +383,10 @@ def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | 
         if algorithm == "direct" and spec.c_in_per_group != 1:
             raise ValueError("plan: algorithm 'direct' needs one input channel per group "
                              f"(C_in/groups == 1), got {spec.c_in_per_group}")
+        if algorithm == "native" and not native.AVAILABLE:
+            raise ValueError("plan: algorithm 'native' needs the compiled kernel, which this "
+                             "install lacks (it was built without a C++ compiler); "
+                             "reinstall with g++ or clang++ on the PATH")
         if algorithm == "indexed" and not indexed_fits(spec):
             raise ValueError("plan: algorithm 'indexed' is for small calls only (its "
                              f"tables would exceed {INDEXED_MAX_ELEMS} elements)")
@@ -336,6 +415,10 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
     tile_bytes = TILE_BYTES if algorithm == "shift" else SMALL_TILE_BYTES
     per_task = max(1, min(tile_bytes, limit // threads) // item)
     min_tiles = threads if len(groups) < threads else 1
+    if algorithm == "native":
+        # Its tiles cost nothing to cut (no halo copies): cut at least four per worker, so
+        # that a worker slowed by a neighbour's process does not hold up the call.
+        min_tiles = max(1, -(-4 * threads // len(groups)))
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     while True:
         tasks = []
@@ -343,6 +426,10 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
             count = tuple(max(p.count[i] for p in group) for i in range(3))
             for tile in split_tiles(spec.batch, count, max_rows, min_tiles):
                 tasks.append(Task(gi, tile, buffer_elems(spec, algorithm, group, tile)))
+        if algorithm == "native":
+            # Tile-major: the phases of one tile read the same input rows and fill the same
+            # output pages, so run them back to back (their tiles coincide when the counts do).
+            tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.group))
         biggest = max((t.buffer_elems for t in tasks), default=0)
         if biggest <= per_task or max_rows <= 1:
             break
@@ -351,7 +438,9 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So does
     # scatter, measured on W6: 3.6 ms on one worker, 4.3-5.7 ms on two (its window adds
     # are memory-bound; a bigger 16 -> 1 head gained from two, 15 vs 20 ms: not yet used).
-    if est.get(algorithm, 1.0) < SERIAL_BELOW_SECONDS or algorithm == "scatter":
+    serial_below = (NATIVE_SERIAL_BELOW_SECONDS if algorithm == "native"
+                    else SERIAL_BELOW_SECONDS)
+    if est.get(algorithm, 1.0) < serial_below or algorithm == "scatter":
         threads = 1
     workers = min(threads, len(tasks)) or 1
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),

@@ -121,6 +121,10 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
             raise TypeError(
                 f"{op}: '{name}' could not be read as a rectangular numeric array "
                 f"(a ragged list?): {exc}") from None
+    if not value.dtype.isnative and value.dtype.kind == "f":
+        # Another byte order (read from a file, say): the same numbers in native order,
+        # which every kernel and every result uses.
+        value = value.astype(value.dtype.newbyteorder("="))
     if not is_supported_float(value.dtype):
         raise TypeError(
             f"{op}: '{name}' must have a floating dtype ({', '.join(SUPPORTED)}), got "

@@ -1,0 +1,71 @@
+"""The compiled correlation kernel (csrc/), seen from Python: weight packing and one call
+per output block. `AVAILABLE` is False where the extension was not built; the planner
+then never picks the ``native`` algorithm.
+
+The kernel computes, for one phase (see `_geometry`), every output element of a block in
+registers over all its taps and input channels, and stores it once. It reads the input
+where it lies (channels contiguous, any other strides) and writes the output in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from . import _native
+except ImportError:  # built without a C++ compiler: the NumPy kernels serve every call
+    _native = None
+
+AVAILABLE = _native is not None
+
+
+def isa() -> str | None:
+    """The instruction set the kernel runs on ('avx512', 'avx2', 'generic'), or None."""
+    return _native.isa() if AVAILABLE else None
+
+
+def layout(itemsize: int) -> tuple[int, int]:
+    """(vector lanes, vectors per chunk) of the packed weight for 4- or 8-byte floats
+    ((16, 4) on AVX-512 for float32); (1, 1) where the kernel is absent."""
+    return _native.layout(itemsize) if AVAILABLE else (1, 1)
+
+
+def pack_weight(wt: np.ndarray) -> np.ndarray:
+    """(taps, C_in, C_out) -> the kernel's layout: C_out padded to whole vectors and cut
+    into chunks of columns, each chunk [tap][C_in][column], chunk after chunk."""
+    taps, cin, cout = wt.shape
+    lanes, max_vectors = layout(wt.dtype.itemsize)
+    padded = -(-cout // lanes) * lanes
+    chunk = lanes * max_vectors
+    out = np.zeros(taps * cin * padded, wt.dtype)
+    start = 0
+    for c0 in range(0, padded, chunk):
+        c1 = min(padded, c0 + chunk)
+        block = out[start:start + taps * cin * (c1 - c0)].reshape(taps, cin, c1 - c0)
+        live = min(c1, cout) - c0
+        block[..., :live] = wt[..., c0:c0 + live]
+        start += block.size
+    return out
+
+
+def element_strides(a: np.ndarray) -> list[int] | None:
+    """a's strides in elements, or None when one is not a whole number of elements."""
+    item = a.dtype.itemsize
+    if any(s % item for s in a.strides):
+        return None
+    return [s // item for s in a.strides]
+
+
+def correlate(itemsize: int, x_addr: int, x_strides: list[int], in_dims: tuple[int, ...],
+              packed: np.ndarray, offsets: tuple[np.ndarray, ...], steps: tuple[int, ...],
+              out_addr: int, out_strides: list[int], box: tuple[int, ...], wcount: int,
+              cin: int, cout: int) -> None:
+    """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
+    x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
+    taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
+    [0, wcount). Addresses and element strides (n, d, h, w) are raw: x_addr is batch item
+    0's origin, out_addr the box's first position; channels are contiguous in both. The
+    caller keeps every array alive and in bounds; the GIL is released meanwhile."""
+    _native.correlate(itemsize, x_addr, *x_strides, *in_dims, packed.ctypes.data,
+                      *(o.ctypes.data for o in offsets), *(len(o) for o in offsets), *steps,
+                      out_addr, *out_strides, *box, wcount, cin, cout)

@@ -1,0 +1,226 @@
+// Direct stride-1/strided correlation microkernel, included once per instruction set.
+//
+// Before including, a translation unit defines:
+//   CT_NS      the namespace of this instantiation (avx512, avx2, generic)
+//   CT_VBYTES  the SIMD register width in bytes (64, 32, 16)
+//   CT_NREGS   the number of SIMD registers (32 or 16): it bounds the register block
+//
+// out[n, d, h, w, :] = sum over taps (i, j, k) and input channels c of
+//     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c]
+//       * weight[(i, j, k), c, :]
+// where taps reading outside the input contribute nothing. Each output element is
+// computed in registers over every tap and channel and stored once: no accumulation
+// passes through memory, no operand is packed per call beyond the weight.
+//
+// The weight is packed by the caller: output channels padded to a multiple of the
+// vector length, cut into chunks of `chunk` columns (the last may be narrower), each
+// chunk laid out [tap][c][column].
+
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "correlate_api.h"
+
+namespace CT_NS {
+
+typedef float vf __attribute__((vector_size(CT_VBYTES)));
+typedef float vfu __attribute__((vector_size(CT_VBYTES), aligned(4)));
+typedef double vd __attribute__((vector_size(CT_VBYTES)));
+typedef double vdu __attribute__((vector_size(CT_VBYTES), aligned(8)));
+
+template <typename T> struct Vec;
+template <> struct Vec<float> { typedef vf v; typedef vfu u; };
+template <> struct Vec<double> { typedef vd v; typedef vdu u; };
+
+// Register blocking: `nv` vectors of output channels by `P` output pixels, with
+// P * nv accumulators, nv weight vectors and one broadcast held in registers.
+constexpr int MAXV = CT_NREGS == 32 ? 4 : 2;
+template <int NV> struct Block {
+  static constexpr int P = CT_NREGS == 32 ? (NV == 4 ? 6 : NV == 3 ? 8 : NV == 2 ? 12 : 24)
+                                          : (NV == 2 ? 6 : 12);
+};
+
+// A vector of copies of *p, read straight from memory into the register (GCC builds a
+// generic `V{} + *p` as a scalar add of zero plus a register broadcast, two instructions
+// on the FMA ports). Translation units with intrinsics define CT_BROADCAST_F/D.
+template <typename V, typename T>
+static inline V broadcast(const T* p) {
+#ifdef CT_BROADCAST_F
+  if constexpr (sizeof(T) == 4) return (V)CT_BROADCAST_F(reinterpret_cast<const float*>(p));
+  else return (V)CT_BROADCAST_D(reinterpret_cast<const double*>(p));
+#else
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const T value = *p;
+  V b;
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) b[i] = value;
+  return b;
+#endif
+}
+
+struct RowTaps {
+  // The (D, H) taps valid for this output row: the row pointer of the input they read
+  // and their index into the weight's tap axis (times taps_w).
+  const void* rows[CT_MAX_TAPS];
+  int64_t first_tap[CT_MAX_TAPS];
+  int64_t count;
+};
+
+// P pixels by NV vectors of output channels: add the products of `cn` input channels of
+// one tap into the row buffer `acc` (pixel stride `cw`), held in registers meanwhile.
+template <typename T, int P, int NV>
+static inline void block(const T* xb, int64_t pstride, const T* wt, int64_t cw, int64_t cn,
+                         T* acc) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  V r[P][NV];
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) r[p][v] = *reinterpret_cast<const U*>(acc + p * cw + v * L);
+  for (int64_t c = 0; c < cn; ++c) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + c * cw + v * L);
+    if ((c & (64 / sizeof(T) - 1)) == 0) {
+      // Each pixel's channels are one stream; with few taps they come from memory, and
+      // P interleaved streams are more than the hardware prefetcher follows.
+#pragma GCC unroll 32
+      for (int p = 0; p < P; ++p) __builtin_prefetch(xb + p * pstride + c + 256 / sizeof(T));
+    }
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p) {
+      const V b = broadcast<V>(xb + p * pstride + c);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) r[p][v] += b * wv[v];
+    }
+  }
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(acc + p * cw + v * L) = r[p][v];
+}
+
+// A block of r < P pixels: the largest instantiation that fits.
+template <typename T, int NV, int P>
+static inline void tail(int64_t r, const T* xb, int64_t pstride, const T* wt, int64_t cw,
+                        int64_t cn, T* acc) {
+  if constexpr (P > 0) {
+    if (r == P) {
+      block<T, P, NV>(xb, pstride, wt, cw, cn, acc);
+      return;
+    }
+    tail<T, NV, P - 1>(r, xb, pstride, wt, cw, cn, acc);
+  }
+}
+
+// One output row and one chunk of output channels: tap by tap and input-channel block by
+// block, every pixel the tap reaches is swept while that block of the weight stays in L1.
+// The row accumulates in `acc` (pixels x cw, L1/L2-resident), then is stored once.
+template <typename T, int NV>
+static void row_chunk(const CtJob& job, const RowTaps& rt, const int64_t* lo,
+                      const int64_t* hi, const T* wchunk, int64_t cw, int64_t live, T* acc,
+                      T* out) {
+  constexpr int P = Block<NV>::P;
+  const int64_t cin = job.cin, wcount = job.wcount;
+  const int64_t pstride = job.step[2] * job.xs[3];
+  // Input channels per pass: keep the weight block (cb x cw) within about 24 KiB.
+  int64_t cb = 24576 / (cw * (int64_t)sizeof(T));
+  if (cb < 8) cb = 8;
+  std::memset(acc, 0, sizeof(T) * wcount * cw);
+  for (int64_t a = 0; a < rt.count; ++a) {
+    const T* xrow = static_cast<const T*>(rt.rows[a]);
+    for (int64_t k = 0; k < job.ntaps[2]; ++k) {
+      if (lo[k] >= hi[k]) continue;
+      const T* wtap = wchunk + (rt.first_tap[a] + k) * cin * cw;
+      for (int64_t c0 = 0; c0 < cin; c0 += cb) {
+        const int64_t cn = cin - c0 < cb ? cin - c0 : cb;
+        const T* wt = wtap + c0 * cw;
+        int64_t w = lo[k];
+        for (; w + P <= hi[k]; w += P)
+          block<T, P, NV>(xrow + (w * job.step[2] + job.off[2][k]) * job.xs[3] + c0, pstride,
+                          wt, cw, cn, acc + w * cw);
+        if (w < hi[k])
+          tail<T, NV, P - 1>(hi[k] - w, xrow + (w * job.step[2] + job.off[2][k]) * job.xs[3] + c0,
+                             pstride, wt, cw, cn, acc + w * cw);
+      }
+    }
+  }
+  const int64_t os = job.os[3];
+  const int64_t n = live < cw ? live : cw;
+  for (int64_t w = 0; w < wcount; ++w) std::memcpy(out + w * os, acc + w * cw, sizeof(T) * n);
+}
+
+static inline int64_t floor_div(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
+  return q;
+}
+
+template <typename T>
+static void run_typed(const CtJob& job) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cw_full = MAXV * L;
+  const int64_t cpad = (job.cout + L - 1) / L * L;
+  const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
+  const T* x = static_cast<const T*>(job.x);
+  const T* wpk = static_cast<const T*>(job.w);
+  T* out = static_cast<T*>(job.out);
+  // Per W tap, the output pixels [lo, hi) whose input lies inside the row.
+  std::vector<int64_t> lo(job.ntaps[2]), hi(job.ntaps[2]);
+  for (int64_t k = 0; k < job.ntaps[2]; ++k) {
+    const int64_t off = job.off[2][k], s = job.step[2];
+    lo[k] = std::max<int64_t>(0, -floor_div(off, s));  // ceil(-off / s)
+    hi[k] = std::min<int64_t>(job.wcount, floor_div(job.in_dims[2] - 1 - off, s) + 1);
+  }
+  std::vector<T> acc_store(job.wcount * cw_full + 64 / sizeof(T));
+  T* acc = acc_store.data();
+  RowTaps rt;
+  for (int64_t n = job.box[0]; n < job.box[1]; ++n) {
+    for (int64_t d = job.box[2]; d < job.box[3]; ++d) {
+      for (int64_t h = job.box[4]; h < job.box[5]; ++h) {
+        rt.count = 0;
+        for (int64_t i = 0; i < job.ntaps[0]; ++i) {
+          const int64_t id = d * job.step[0] + job.off[0][i];
+          if (id < 0 || id >= job.in_dims[0]) continue;
+          for (int64_t j = 0; j < job.ntaps[1]; ++j) {
+            const int64_t ih = h * job.step[1] + job.off[1][j];
+            if (ih < 0 || ih >= job.in_dims[1]) continue;
+            rt.rows[rt.count] = x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2];
+            rt.first_tap[rt.count] = (i * job.ntaps[1] + j) * job.ntaps[2];
+            ++rt.count;
+          }
+        }
+        T* orow = out + (n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
+                  (h - job.box[4]) * job.os[2];
+        for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) {
+          const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
+          const T* wchunk = wpk + taps * job.cin * c0;
+          const int64_t live = job.cout - c0;
+          T* o = orow + c0;
+          switch (cw / L) {
+            case 1: row_chunk<T, 1>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
+            case 2: row_chunk<T, 2>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
+#if CT_NREGS == 32
+            case 3: row_chunk<T, 3>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
+            case 4: row_chunk<T, 4>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
+#endif
+          }
+        }
+      }
+    }
+  }
+}
+
+void correlate(const CtJob& job) {
+  if (job.itemsize == 4) run_typed<float>(job);
+  else run_typed<double>(job);
+}
+
+int lanes(int itemsize) { return CT_VBYTES / itemsize; }
+int max_vectors() { return MAXV; }
+
+}  // namespace CT_NS

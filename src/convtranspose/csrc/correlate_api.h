@@ -1,0 +1,25 @@
+// The job a Python caller describes, shared by every instruction-set build.
+#pragma once
+#include <cstdint>
+
+#define CT_MAX_TAPS 4096  // (D, H) tap pairs of one phase; checked by the caller
+
+struct CtJob {
+  int itemsize;          // 4: float32, 8: float64
+  const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous
+  int64_t xs[4];         // input strides in elements: n, d, h, w
+  int64_t in_dims[3];    // input D, H, W
+  const void* w;         // packed weight (see correlate.hpp)
+  const int64_t* off[3]; // per axis, the input offset of each tap
+  int64_t ntaps[3];
+  int64_t step[3];       // input position = output position * step + offset
+  void* out;             // output at the box's first position; channels contiguous
+  int64_t os[4];         // output strides in elements: n, d, h, w
+  int64_t box[6];        // n0, n1, d0, d1, h0, h1 (output positions; out points at n0,d0,h0)
+  int64_t wcount;        // output positions along W
+  int64_t cin, cout;
+};
+
+namespace avx512 { void correlate(const CtJob&); int lanes(int); int max_vectors(); }
+namespace avx2 { void correlate(const CtJob&); int lanes(int); int max_vectors(); }
+namespace generic { void correlate(const CtJob&); int lanes(int); int max_vectors(); }

@@ -1,0 +1,10 @@
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx512f,avx512vl,avx512dq,fma,avx2")
+#define CT_NS avx512
+#define CT_VBYTES 64
+#define CT_NREGS 32
+#include <immintrin.h>
+#define CT_BROADCAST_F(p) _mm512_set1_ps(*(p))
+#define CT_BROADCAST_D(p) _mm512_set1_pd(*(p))
+#include "correlate.hpp"
+#endif

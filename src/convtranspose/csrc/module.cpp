@@ -1,0 +1,137 @@
+// convtranspose._native: the compiled correlation kernel, picked at import time for the
+// best instruction set this CPU has (AVX-512, AVX2+FMA, or portable vectors).
+//
+// No NumPy headers: Python passes raw addresses and element strides (the arrays stay
+// alive in the caller for the duration of the call), so the extension builds with only
+// a C++ compiler and Python's headers. The GIL is released while the kernel runs, so
+// the package's worker threads compute tiles in parallel.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cstring>
+
+#include "correlate_api.h"
+
+namespace {
+
+struct Isa {
+  const char* name;
+  void (*correlate)(const CtJob&);
+  int (*lanes)(int);
+  int (*max_vectors)();
+};
+
+const Isa kIsas[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+    {"avx512", avx512::correlate, avx512::lanes, avx512::max_vectors},
+    {"avx2", avx2::correlate, avx2::lanes, avx2::max_vectors},
+#endif
+    {"generic", generic::correlate, generic::lanes, generic::max_vectors},
+};
+const int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
+
+bool supported(const Isa& isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (std::strcmp(isa.name, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq");
+  if (std::strcmp(isa.name, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return true;
+}
+
+const Isa* current = nullptr;
+
+PyObject* py_correlate(PyObject*, PyObject* args) {
+  CtJob job;
+  Py_ssize_t x, w, o, off[3];
+  Py_ssize_t v[28];
+  if (!PyArg_ParseTuple(args, "innnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize, &x, &v[0],
+                        &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &w, &off[0], &off[1], &off[2],
+                        &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
+                        &v[16], &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23], &v[24],
+                        &v[25]))
+    return nullptr;
+  if (job.itemsize != 4 && job.itemsize != 8) {
+    PyErr_SetString(PyExc_ValueError, "correlate: itemsize must be 4 or 8");
+    return nullptr;
+  }
+  job.x = reinterpret_cast<const void*>(x);
+  for (int i = 0; i < 4; ++i) job.xs[i] = v[i];
+  for (int i = 0; i < 3; ++i) job.in_dims[i] = v[4 + i];
+  job.w = reinterpret_cast<const void*>(w);
+  for (int i = 0; i < 3; ++i) job.off[i] = reinterpret_cast<const int64_t*>(off[i]);
+  for (int i = 0; i < 3; ++i) job.ntaps[i] = v[7 + i];
+  for (int i = 0; i < 3; ++i) job.step[i] = v[10 + i];
+  job.out = reinterpret_cast<void*>(o);
+  for (int i = 0; i < 4; ++i) job.os[i] = v[13 + i];
+  for (int i = 0; i < 6; ++i) job.box[i] = v[17 + i];
+  job.wcount = v[23];
+  job.cin = v[24];
+  job.cout = v[25];
+  if (job.ntaps[0] * job.ntaps[1] > CT_MAX_TAPS) {
+    PyErr_SetString(PyExc_ValueError, "correlate: too many (D, H) taps in one phase");
+    return nullptr;
+  }
+  const Isa* isa = current;
+  Py_BEGIN_ALLOW_THREADS isa->correlate(job);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+PyObject* py_layout(PyObject*, PyObject* args) {
+  int itemsize;
+  if (!PyArg_ParseTuple(args, "i", &itemsize)) return nullptr;
+  return Py_BuildValue("ii", current->lanes(itemsize), current->max_vectors());
+}
+
+PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(current->name); }
+
+PyObject* py_available(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(0);
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (!supported(kIsas[i])) continue;
+    PyObject* name = PyUnicode_FromString(kIsas[i].name);
+    PyList_Append(out, name);
+    Py_DECREF(name);
+  }
+  return out;
+}
+
+PyObject* py_set_isa(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (std::strcmp(kIsas[i].name, name) == 0 && supported(kIsas[i])) {
+      current = &kIsas[i];
+      Py_RETURN_NONE;
+    }
+  }
+  PyErr_Format(PyExc_ValueError, "set_isa: %s is not available on this CPU", name);
+  return nullptr;
+}
+
+PyMethodDef kMethods[] = {
+    {"correlate", py_correlate, METH_VARARGS, "Run one correlation job (see correlate.hpp)."},
+    {"layout", py_layout, METH_VARARGS, "(lanes, max vectors per chunk) of the packed weight."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
+    {"available", py_available, METH_NOARGS, "Instruction sets this CPU can run, best first."},
+    {"set_isa", py_set_isa, METH_VARARGS, "Use another available instruction set."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_native", nullptr, -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__native() {
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (supported(kIsas[i])) {
+      current = &kIsas[i];
+      break;
+    }
+  }
+  return PyModule_Create(&kModule);
+}

@@ -1,0 +1,117 @@
+"""The compiled kernel (csrc/): every instruction set this CPU has, against the float64
+reference, over the settings grid and over the shapes that exercise its register blocks,
+remainders, channel chunks and edge handling. CI must build it: these tests fail, not
+skip, when the extension is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import all_cases, conv_transpose_ref, magnitude_ref
+
+import convtranspose as ct
+from convtranspose import _native_kernel as native
+
+CASES = [c for c in all_cases() if c.c_in // c.groups > 1]
+ISAS = native._native.available() if native.AVAILABLE else []
+
+
+def test_the_kernel_was_built():
+    assert native.AVAILABLE, (
+        "convtranspose._native is missing: the install could not compile it (needs g++ or "
+        "clang++ and Python's headers); the package still runs, slower, without it")
+    assert native.isa() in ISAS and "generic" in ISAS
+    assert ct.native_isa() == native.isa()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = native.isa()
+    native._native.set_isa(request.param)
+    yield request.param
+    native._native.set_isa(before)
+
+
+def _run(case, x, w, **extra):
+    p = ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm="native",
+                dtype=x.dtype, **extra)
+    assert p.algorithm == "native"
+    return ct.run_plan(p, x, w)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_grid_every_isa(case, isa, rng, random_array, assert_close):
+    for dtype in ("float32", "float64"):
+        x = random_array(rng, case.input_shape, dtype)
+        w = random_array(rng, case.weight_shape, dtype)
+        out = _run(case, x, w)
+        assert out.dtype == np.dtype(dtype)
+        assert_close(out, conv_transpose_ref(x, w, **case.kwargs), dtype,
+                     magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa} {dtype}")
+
+
+# Output widths 1..13 cross every remainder of the pixel blocks (6, 8, 12 or 24 wide);
+# channel counts cross one to four vectors per chunk, partial vectors and several chunks.
+BLOCK_SHAPES = [(wd, co) for wd in (1, 2, 5, 7, 13) for co in (1, 3, 8, 16, 17, 40, 64, 65, 130)]
+
+
+@pytest.mark.parametrize("width,c_out", BLOCK_SHAPES, ids=[f"w{a}-c{b}" for a, b in BLOCK_SHAPES])
+def test_register_blocks_and_remainders(width, c_out, isa, rng, assert_close):
+    from reference import Case
+    case = Case(f"blocks-{width}-{c_out}", 2, (2, 3, width), 5, c_out, (2, 3, 3), stride=(1, 2, 1),
+                padding=(0, 1, 1))
+    x = rng.standard_normal(case.input_shape)
+    w = rng.standard_normal(case.weight_shape)
+    out = _run(case, x, w)
+    assert_close(out, conv_transpose_ref(x, w, **case.kwargs), np.float64,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
+def test_strided_channels_and_big_endian_input_are_read_correctly(rng, assert_close):
+    # Channels not contiguous, or another byte order: the kernel reads a converted copy.
+    base = rng.standard_normal((1, 6, 5, 7, 12)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 3, 6)).astype(np.float32)
+    strided = base[..., ::2]
+    swapped = strided.astype(">f4")
+    ref = conv_transpose_ref(strided.astype(np.float64), w.astype(np.float64), stride=2,
+                             padding=1)
+    mag = magnitude_ref(strided.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
+    for x in (strided, swapped):
+        before = x.copy()
+        p = ct.plan(x.shape, w.shape, stride=2, padding=1, algorithm="native")
+        assert_close(ct.run_plan(p, x, w), ref, np.float32, mag, what=str(x.dtype))
+        np.testing.assert_array_equal(x, before)  # never writes the caller's array
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_results_round_once(dtype, rng, random_array, assert_close):
+    from reference import Case
+    case = Case("half", 1, (4, 5, 6), 16, 24, (3, 3, 3), stride=2, padding=1, output_padding=1)
+    x = random_array(rng, case.input_shape, dtype)
+    w = random_array(rng, case.weight_shape, dtype)
+    out = _run(case, x, w)
+    assert out.dtype == x.dtype
+    assert_close(out, conv_transpose_ref(x, w, **case.kwargs), dtype,
+                 magnitude_ref(x, w, **case.kwargs), what=dtype)
+
+
+def test_kernel_equal_stride_merges_w_residues_into_whole_rows(rng, assert_close):
+    # k2s2: both W residues of a (D, H) residue share their taps, so they run as one phase
+    # of 2 * C_out channels that writes whole output rows.
+    x = rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((7, 2, 2, 2, 6)).astype(np.float32)
+    p = ct.plan(x.shape, w.shape, stride=2, algorithm="native")
+    assert len(p.groups) == 4 and all(len(g) == 2 for g in p.groups)
+    assert [ph.residue[2] for ph in p.groups[0]] == [0, 1]
+    ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), stride=2)
+    assert_close(ct.run_plan(p, x, w), ref, np.float32, what="k2s2")
+    # Not merged with groups > 1: a position's channels of one group are not one run.
+    p = ct.plan((1, 3, 4, 5, 6), (8, 2, 2, 2, 3), stride=2, groups=2, algorithm="native")
+    assert all(len(g) == 1 for g in p.groups)
+
+
+def test_planner_prefers_native_for_wide_channels_and_not_for_tiny_ones():
+    assert ct.plan((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1).algorithm == "native"
+    assert ct.plan((1, 32, 32, 32, 16), (1, 4, 4, 4, 16), stride=2,
+                   padding=1).algorithm != "native"  # C_out = 1: a vector of 16 lanes for 1
+    assert "native" in str(ct.plan((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1))
