@@ -352,7 +352,7 @@ def test_adjoint_identity(rng):
 
 # ---- tiling, threads, workspace: the same numbers however the work is cut ------------------
 
-@pytest.mark.parametrize("algorithm", ["gather", "shift"])
+@pytest.mark.parametrize("algorithm", ["gather", "shift", "native"])
 @pytest.mark.parametrize("case", [TORCH_GRID[1], TORCH_GRID[4], TORCH_GRID[5], TORCH_GRID[8],
                                   TORCH_GRID[9], MLX_EDGE[2], MLX_EDGE[3]],
                          ids=["vae", "groups", "depthwise", "head", "dilated", "edge",

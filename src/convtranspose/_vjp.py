@@ -19,6 +19,10 @@ the cotangent, no zero-stuffing), in one pass for both gradients. Three algorith
 - ``direct``: depthwise layers (one input channel per group) have no GEMM to speak of;
   they multiply-add per tap, broadcast over channels.
 
+grad_input alone is an ordinary strided correlation of the cotangent with the weight
+(taps transposed): where the compiled kernel is built and the channels suit it, it
+computes grad_input in registers (``native``), and the algorithms above only grad_weight.
+
 Tiles are bounded by the same workspace rule as the forward (`_plan.workspace_limit`) and
 are spread over worker threads (NumPy and BLAS release the GIL). Each worker owns its tiles
 by a fixed round-robin and its own grad_weight partial sum, and partials are added in
@@ -27,6 +31,7 @@ worker order: results are bitwise reproducible for a given thread count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -35,12 +40,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _native_kernel as native
 from ._api import ArrayLike, IntOrTuple, spec_for
 from ._blas import single_threaded_blas
 from ._dtypes import compute_dtype, result_dtype
 from ._execute import _pool, _zero_outside
 from ._geometry import tap_output_range
-from ._plan import Tile, get_num_threads, split_tiles, workspace_limit
+from ._plan import Tile, get_num_threads, native_rate, split_tiles, workspace_limit
 from ._spec import ConvSpec, as_float_array
 
 # A worker's gathered block stays about this size, so that it is still in cache when the
@@ -129,7 +135,8 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
 
     `need_input`/`need_weight` skip the work of the gradient not wanted (None is returned
     in its place); `threads`, `workspace` (bytes) and `algorithm` ('gather', 'shift',
-    'direct') override the defaults."""
+    'direct', or 'native' for grad_input with the default for grad_weight) override the
+    defaults."""
     cd = compute_dtype(functools.reduce(result_dtype, (x.dtype, w.dtype, cot.dtype)))
     ktot = math.prod(spec.kernel)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
@@ -143,18 +150,92 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
         n_threads = max(1, threads or get_num_threads())
         budget = max(1, min(VJP_TILE_BYTES, workspace_limit(spec, workspace) // n_threads)
                      // cd.itemsize)  # elements of workspace per worker
+        if algorithm == "native" and not native.AVAILABLE:
+            raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
+                             "install lacks")
+        if need_input and (algorithm == "native" or (
+                algorithm is None and native_grad_input_suits(spec, need_weight))):
+            _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd)
+            gx_done, algorithm = gx, None
+            gx = None  # the algorithm below computes grad_weight only
+        else:
+            gx_done = None
+        if algorithm == "native":  # it names grad_input's kernel; grad_weight's is chosen
+            algorithm = None
         algorithm = algorithm or choose_vjp_algorithm(spec, taps, budget)
         if algorithm not in _ALGORITHMS:
             raise ValueError(f"vjp: 'algorithm' must be one of {tuple(_ALGORITHMS)}, got "
                              f"{algorithm!r}")
         if algorithm == "direct" and spec.c_in_per_group != 1:
             raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
-        _ALGORITHMS[algorithm](spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd)
+        if gx is not None or gw is not None:
+            _ALGORITHMS[algorithm](spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd)
+        if gx_done is not None:
+            gx = gx_done
     if gx is not None:
         gx = gx.reshape(spec.input_shape).astype(x.dtype, copy=False)
     if gw is not None:
         gw = gw.reshape(spec.weight_shape).astype(w.dtype, copy=False)
     return gx, gw
+
+
+def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
+    """The compiled kernel for grad_input where its rate beats a GEMM's: its output
+    channels are C_in/g and it reduces over C_out/g (the forward's roles swapped).
+
+    When grad_weight is wanted too, the GEMM paths share one gathered block between both
+    gradients, and taking grad_input out of them saves little: measured on W1-W8, the
+    split won only at stride 1 (W5: 37 -> 32 ms); at stride 2 it lost up to 15% (W2)."""
+    if not native.AVAILABLE or (need_weight and math.prod(spec.stride) > 1):
+        return False
+    swapped = dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
+    return native_rate(swapped) >= 60e9
+
+
+def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
+    """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
+    the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
+    grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
+    or with channels not contiguous, is converted plane by plane as a tile needs it."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    item = cd.itemsize
+    offsets = tuple(np.arange(k, dtype=np.int64) * d - p
+                    for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
+    ktot = math.prod(spec.kernel)
+    wt = w3.reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3).astype(cd)
+    packed = [native.pack_weight(np.ascontiguousarray(wt[g])) for g in range(groups)]
+    strides = native.element_strides(c3) if c3.dtype == cd else None
+    convert = strides is None or strides[-1] != 1
+    per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
+    tiles = _tiles(spec, max(1, budget // per_row) if convert else 1 << 30, 4 * n_threads)
+    (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
+    out_w = spec.out_spatial[2]
+
+    def job_for(tile):
+        def job():
+            n0, n1 = tile.n
+            box = (n0, n1, *tile.d, *tile.h)
+            if convert:  # the cotangent planes and rows this tile's taps read
+                d0 = min(od, max(0, tile.d[0] * sd + int(offsets[0][0])))
+                d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
+                h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
+                h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
+                slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), cd)
+                slab[...] = c3[n0:n1, d0:d1, h0:h1]
+                xs = native.element_strides(slab)[:4]
+                x_addr = slab.ctypes.data - (n0 * xs[0] + d0 * xs[1] + h0 * xs[2]) * item
+            else:
+                xs, x_addr = strides[:4], c3.ctypes.data
+            target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
+            os_ = native.element_strides(target)[:4]
+            for g in range(groups):
+                native.correlate(item, x_addr + g * cog * item, xs, spec.out_spatial,
+                                 packed[g], offsets, spec.stride,
+                                 target.ctypes.data + g * cig * item, os_, box,
+                                 spec.in_spatial[2], cog, cig)
+        return job
+
+    _run_workers([job_for(t) for t in tiles], n_threads)
 
 
 def _rows(tile: Tile, spec: ConvSpec) -> int:

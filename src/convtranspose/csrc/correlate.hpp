@@ -60,13 +60,6 @@ static inline V broadcast(const T* p) {
 #endif
 }
 
-struct RowTaps {
-  // The (D, H) taps valid for this output row: the row pointer of the input they read
-  // and their index into the weight's tap axis (times taps_w).
-  const void* rows[CT_MAX_TAPS];
-  int64_t first_tap[CT_MAX_TAPS];
-  int64_t count;
-};
 
 // P pixels by NV vectors of output channels: add the products of `cn` input channels of
 // one tap into the row buffer `acc` (pixel stride `cw`), held in registers meanwhile.
@@ -117,41 +110,48 @@ static inline void tail(int64_t r, const T* xb, int64_t pstride, const T* wt, in
   }
 }
 
-// One output row and one chunk of output channels: tap by tap and input-channel block by
-// block, every pixel the tap reaches is swept while that block of the weight stays in L1.
-// The row accumulates in `acc` (pixels x cw, L1/L2-resident), then is stored once.
+// A group of output rows and one chunk of output channels: tap by tap and input-channel
+// block by block, every pixel of every row the tap reaches is swept while that block of
+// the weight stays in L1 (short rows are grouped so that each block serves enough
+// pixels). The rows accumulate in `acc` (rows x pixels x cw), then are stored once.
 template <typename T, int NV>
-static void row_chunk(const CtJob& job, const RowTaps& rt, const int64_t* lo,
-                      const int64_t* hi, const T* wchunk, int64_t cw, int64_t live, T* acc,
-                      T* out) {
+static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
+                       T* const* orows, const int64_t* lo, const int64_t* hi,
+                       const T* wchunk, int64_t cw, int64_t live, T* acc) {
   constexpr int P = Block<NV>::P;
-  const int64_t cin = job.cin, wcount = job.wcount;
+  const int64_t cin = job.cin, wcount = job.wcount, tw = job.ntaps[2];
+  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3];
   // Input channels per pass: keep the weight block (cb x cw) within about 24 KiB.
   int64_t cb = 24576 / (cw * (int64_t)sizeof(T));
   if (cb < 8) cb = 8;
-  std::memset(acc, 0, sizeof(T) * wcount * cw);
-  for (int64_t a = 0; a < rt.count; ++a) {
-    const T* xrow = static_cast<const T*>(rt.rows[a]);
-    for (int64_t k = 0; k < job.ntaps[2]; ++k) {
+  std::memset(acc, 0, sizeof(T) * nrows * wcount * cw);
+  for (int64_t q = 0; q < pairs; ++q) {
+    for (int64_t k = 0; k < tw; ++k) {
       if (lo[k] >= hi[k]) continue;
-      const T* wtap = wchunk + (rt.first_tap[a] + k) * cin * cw;
+      const T* wtap = wchunk + (q * tw + k) * cin * cw;
+      const int64_t xoff = (lo[k] * job.step[2] + job.off[2][k]) * job.xs[3];
       for (int64_t c0 = 0; c0 < cin; c0 += cb) {
         const int64_t cn = cin - c0 < cb ? cin - c0 : cb;
         const T* wt = wtap + c0 * cw;
-        int64_t w = lo[k];
-        for (; w + P <= hi[k]; w += P)
-          block<T, P, NV>(xrow + (w * job.step[2] + job.off[2][k]) * job.xs[3] + c0, pstride,
-                          wt, cw, cn, acc + w * cw);
-        if (w < hi[k])
-          tail<T, NV, P - 1>(hi[k] - w, xrow + (w * job.step[2] + job.off[2][k]) * job.xs[3] + c0,
-                             pstride, wt, cw, cn, acc + w * cw);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const T* xrow = xrows[r * pairs + q];
+          if (!xrow) continue;  // this (D, H) tap reads outside the input for this row
+          const T* xb = xrow + xoff + c0;
+          T* a = acc + (r * wcount + lo[k]) * cw;
+          int64_t w = lo[k];
+          for (; w + P <= hi[k]; w += P, xb += P * pstride, a += P * cw)
+            block<T, P, NV>(xb, pstride, wt, cw, cn, a);
+          if (w < hi[k]) tail<T, NV, P - 1>(hi[k] - w, xb, pstride, wt, cw, cn, a);
+        }
       }
     }
   }
   const int64_t os = job.os[3];
   const int64_t n = live < cw ? live : cw;
-  for (int64_t w = 0; w < wcount; ++w) std::memcpy(out + w * os, acc + w * cw, sizeof(T) * n);
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t w = 0; w < wcount; ++w)
+      std::memcpy(orows[r] + w * os, acc + (r * wcount + w) * cw, sizeof(T) * n);
 }
 
 static inline int64_t floor_div(int64_t a, int64_t b) {
@@ -176,40 +176,48 @@ static void run_typed(const CtJob& job) {
     lo[k] = std::max<int64_t>(0, -floor_div(off, s));  // ceil(-off / s)
     hi[k] = std::min<int64_t>(job.wcount, floor_div(job.in_dims[2] - 1 - off, s) + 1);
   }
-  std::vector<T> acc_store(job.wcount * cw_full + 64 / sizeof(T));
+  // Rows per group: enough pixels that a weight block in L1 serves ~96 of them.
+  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, (96 + job.wcount - 1) /
+                                                                       std::max<int64_t>(1, job.wcount)));
+  std::vector<T> acc_store(group * job.wcount * cw_full + 64 / sizeof(T));
+  std::vector<const T*> xrows(group * pairs);
+  std::vector<T*> orows(group);
   T* acc = acc_store.data();
-  RowTaps rt;
-  for (int64_t n = job.box[0]; n < job.box[1]; ++n) {
-    for (int64_t d = job.box[2]; d < job.box[3]; ++d) {
-      for (int64_t h = job.box[4]; h < job.box[5]; ++h) {
-        rt.count = 0;
-        for (int64_t i = 0; i < job.ntaps[0]; ++i) {
-          const int64_t id = d * job.step[0] + job.off[0][i];
-          if (id < 0 || id >= job.in_dims[0]) continue;
-          for (int64_t j = 0; j < job.ntaps[1]; ++j) {
-            const int64_t ih = h * job.step[1] + job.off[1][j];
-            if (ih < 0 || ih >= job.in_dims[1]) continue;
-            rt.rows[rt.count] = x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2];
-            rt.first_tap[rt.count] = (i * job.ntaps[1] + j) * job.ntaps[2];
-            ++rt.count;
-          }
+  const int64_t nd = job.box[3] - job.box[2], nh = job.box[5] - job.box[4];
+  const int64_t total = (job.box[1] - job.box[0]) * nd * nh;
+  for (int64_t first = 0; first < total; first += group) {
+    const int64_t nrows = std::min(group, total - first);
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t flat = first + r;
+      const int64_t n = job.box[0] + flat / (nd * nh);
+      const int64_t d = job.box[2] + (flat / nh) % nd;
+      const int64_t h = job.box[4] + flat % nh;
+      for (int64_t i = 0; i < job.ntaps[0]; ++i) {
+        const int64_t id = d * job.step[0] + job.off[0][i];
+        for (int64_t j = 0; j < job.ntaps[1]; ++j) {
+          const int64_t ih = h * job.step[1] + job.off[1][j];
+          const bool inside = id >= 0 && id < job.in_dims[0] && ih >= 0 && ih < job.in_dims[1];
+          xrows[r * pairs + i * job.ntaps[1] + j] =
+              inside ? x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
         }
-        T* orow = out + (n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
-                  (h - job.box[4]) * job.os[2];
-        for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) {
-          const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
-          const T* wchunk = wpk + taps * job.cin * c0;
-          const int64_t live = job.cout - c0;
-          T* o = orow + c0;
-          switch (cw / L) {
-            case 1: row_chunk<T, 1>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
-            case 2: row_chunk<T, 2>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
+      }
+      orows[r] = out + (n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
+                 (h - job.box[4]) * job.os[2];
+    }
+    for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) {
+      const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
+      const T* wchunk = wpk + taps * job.cin * c0;
+      const int64_t live = job.cout - c0;
+      T* o[64];
+      for (int64_t r = 0; r < nrows; ++r) o[r] = orows[r] + c0;
+      switch (cw / L) {
+        case 1: rows_chunk<T, 1>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
+        case 2: rows_chunk<T, 2>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
 #if CT_NREGS == 32
-            case 3: row_chunk<T, 3>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
-            case 4: row_chunk<T, 4>(job, rt, lo.data(), hi.data(), wchunk, cw, live, acc, o); break;
+        case 3: rows_chunk<T, 3>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
+        case 4: rows_chunk<T, 4>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
 #endif
-          }
-        }
       }
     }
   }

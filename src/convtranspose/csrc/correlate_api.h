@@ -2,8 +2,6 @@
 #pragma once
 #include <cstdint>
 
-#define CT_MAX_TAPS 4096  // (D, H) tap pairs of one phase; checked by the caller
-
 struct CtJob {
   int itemsize;          // 4: float32, 8: float64
   const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous

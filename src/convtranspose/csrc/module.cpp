@@ -72,10 +72,6 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
   job.wcount = v[23];
   job.cin = v[24];
   job.cout = v[25];
-  if (job.ntaps[0] * job.ntaps[1] > CT_MAX_TAPS) {
-    PyErr_SetString(PyExc_ValueError, "correlate: too many (D, H) taps in one phase");
-    return nullptr;
-  }
   const Isa* isa = current;
   Py_BEGIN_ALLOW_THREADS isa->correlate(job);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
