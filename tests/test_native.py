@@ -11,8 +11,9 @@ from reference import all_cases, conv_transpose_ref, magnitude_ref
 
 import convtranspose as ct
 from convtranspose import _native_kernel as native
+from convtranspose._plan import native_mode
 
-CASES = [c for c in all_cases() if c.c_in // c.groups > 1]
+CASES = all_cases()
 ISAS = native._native.available() if native.AVAILABLE else []
 
 
@@ -110,8 +111,45 @@ def test_kernel_equal_stride_merges_w_residues_into_whole_rows(rng, assert_close
     assert all(len(g) == 1 for g in p.groups)
 
 
-def test_planner_prefers_native_for_wide_channels_and_not_for_tiny_ones():
-    assert ct.plan((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1).algorithm == "native"
-    assert ct.plan((1, 32, 32, 32, 16), (1, 4, 4, 4, 16), stride=2,
-                   padding=1).algorithm != "native"  # C_out = 1: a vector of 16 lanes for 1
+# Dot mode (vectors along C_in, 1-4 outputs): whole and partial vectors of C_in, every
+# block remainder (16, 8 or 4 pixels wide), groups.
+DOT_SHAPES = [(wd, ci, co, g) for wd in (3, 17) for ci in (8, 16, 21, 40) for co in (1, 2, 3, 4)
+              for g in (1, 2) if ci % g == 0 and ci // g >= 8]
+
+
+@pytest.mark.parametrize("width,c_in,c_out,groups", DOT_SHAPES,
+                         ids=[f"w{a}-ci{b}-co{c}-g{d}" for a, b, c, d in DOT_SHAPES])
+def test_dot_mode_for_few_outputs(width, c_in, c_out, groups, isa, rng, assert_close):
+    from reference import Case
+    case = Case("dot", 2, (3, 2, width), c_in, c_out * groups, (3, 2, 4), stride=(2, 1, 2),
+                padding=(1, 0, 1), groups=groups)
+    assert native_mode(ct.plan(case.input_shape, case.weight_shape, **case.kwargs).spec) \
+        == native.DOT
+    x = rng.standard_normal(case.input_shape)
+    w = rng.standard_normal(case.weight_shape)
+    assert_close(_run(case, x, w), conv_transpose_ref(x, w, **case.kwargs), np.float64,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
+@pytest.mark.parametrize("channels", [16, 64, 70, 3])
+def test_depthwise_mode_whole_and_partial_vectors(channels, isa, rng, assert_close):
+    from reference import Case
+    case = Case("dw", 1, (3, 4, 9), channels, channels, (3, 3, 3), stride=2, padding=1,
+                output_padding=1, groups=channels)
+    x = rng.standard_normal(case.input_shape).astype(np.float32)
+    w = rng.standard_normal(case.weight_shape).astype(np.float32)
+    assert_close(_run(case, x, w), conv_transpose_ref(x, w, **case.kwargs), np.float32,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
+def test_planner_modes():
+    def mode(*shapes, **kw):
+        p = ct.plan(*shapes, **kw)
+        return p.algorithm, native_mode(p.spec)
+    wide = mode((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1)
+    assert wide == ("native", native.CHANNELS)
+    head = mode((1, 32, 32, 32, 16), (1, 4, 4, 4, 16), stride=2, padding=1)
+    assert head == ("native", native.DOT)
+    dw = mode((1, 32, 32, 32, 64), (64, 3, 3, 3, 1), stride=2, padding=1, groups=64)
+    assert dw == ("native", native.DEPTHWISE)
     assert "native" in str(ct.plan((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1))

@@ -15,7 +15,14 @@ import numpy as np
 from . import _native_kernel as native
 from ._blas import single_threaded_blas
 from ._geometry import Phase
-from ._plan import Plan, Task, bordered_slab, native_buffer_elems, native_input_box
+from ._plan import (
+    Plan,
+    Task,
+    bordered_slab,
+    native_buffer_elems,
+    native_input_box,
+    native_mode,
+)
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # callers may be threads themselves (dask workers)
@@ -338,10 +345,12 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
 
 # --- native ------------------------------------------------------------------------------
 
-def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> list[np.ndarray]:
-    """Per conv group, the taps (D-major, then H, then W, as `axis_taps` orders them) packed
-    for the compiled kernel from (taps, C_in/g, C_out/g), the phases of a merged W group
-    side by side along C_out (in residue order, as they lie in the output)."""
+def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
+                    mode: int) -> list[np.ndarray]:
+    """The taps (D-major, then H, then W, as `axis_taps` orders them) packed for the
+    compiled kernel from (taps, C_in/g, C_out/g), the phases of a merged W group side by
+    side along C_out (in residue order, as they lie in the output). One array per conv
+    group, or one for every channel of a depthwise layer."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     mats = []
     for phase in group:
@@ -349,11 +358,13 @@ def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> li
         sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, C_in/g)
         mats.append(sub.reshape(groups, c_out // groups, phase.tap_count, cig))
     wt = np.concatenate(mats, axis=1).transpose(0, 2, 3, 1)  # (G, taps, C_in/g, phases*C_out/g)
-    return [native.pack_weight(np.ascontiguousarray(wt[g])) for g in range(groups)]
+    if mode == native.DEPTHWISE:  # (taps, 1, G): every channel in one pass
+        return [native.pack(wt[:, :, :, 0].transpose(1, 2, 0), mode)]
+    return [native.pack(np.ascontiguousarray(wt[g]), mode) for g in range(groups)]
 
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
-                convert_input: bool):
+                convert_input: bool, mode: int):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
@@ -395,10 +406,14 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
         if round_output:
             target = buf[used:used + view.size].reshape(view.shape)
         os_ = native.element_strides(target)[:4]
-        for g in range(groups):
-            native.correlate(item, x_addr + g * cig * item, xs, spec.in_spatial, packed[g],
-                             offsets, (1, 1, 1), target.ctypes.data + g * cog * item, os_,
-                             box, qw, cig, cog)
+        if mode == native.DEPTHWISE:
+            native.correlate(mode, item, x_addr, xs, spec.in_spatial, packed[0], offsets,
+                             (1, 1, 1), target.ctypes.data, os_, box, qw, groups, groups)
+        else:
+            for g in range(groups):
+                native.correlate(mode, item, x_addr + g * cig * item, xs, spec.in_spatial,
+                                 packed[g], offsets, (1, 1, 1),
+                                 target.ctypes.data + g * cog * item, os_, box, qw, cig, cog)
         if round_output:
             view[...] = target
 
@@ -459,10 +474,11 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
                 for t in plan.tasks]
     elif plan.algorithm == "native":
-        weights = [_native_weights(w3, g, spec.groups) for g in plan.groups]
+        mode = native_mode(spec)
+        weights = [_native_weights(w3, g, spec.groups, mode) for g in plan.groups]
         convert = _native_input_needs_copy(spec, x3)
         jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
-                            convert) for t in plan.tasks]
+                            convert, mode) for t in plan.tasks]
         if convert and spec.input_dtype == spec.compute_dtype:  # channels not contiguous:
             buffer = max(native_buffer_elems(spec, plan.groups[t.group][0], t.tile, True,
                                              len(plan.groups[t.group]))

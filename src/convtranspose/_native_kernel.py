@@ -24,6 +24,12 @@ def isa() -> str | None:
     return _native.isa() if AVAILABLE else None
 
 
+# How the kernel lays its vectors (csrc/correlate_api.h): along the output channels, along
+# the input channels for 1-4 output channels, or along the channels of a depthwise layer.
+CHANNELS, DOT, DEPTHWISE = 0, 1, 2
+DOT_MAX_OUT = 4
+
+
 def layout(itemsize: int) -> tuple[int, int]:
     """(vector lanes, vectors per chunk) of the packed weight for 4- or 8-byte floats
     ((16, 4) on AVX-512 for float32); (1, 1) where the kernel is absent."""
@@ -56,7 +62,17 @@ def element_strides(a: np.ndarray) -> list[int] | None:
     return [s // item for s in a.strides]
 
 
-def correlate(itemsize: int, x_addr: int, x_strides: list[int], in_dims: tuple[int, ...],
+def pack(wt: np.ndarray, mode: int) -> np.ndarray:
+    """(taps, C_in, C_out) -> the weight layout of `mode` (for DEPTHWISE, C_in == 1 and
+    the last axis holds every channel)."""
+    if mode == CHANNELS:
+        return pack_weight(wt)
+    if mode == DOT:
+        return np.ascontiguousarray(wt.transpose(0, 2, 1))  # [tap][co][c]
+    return np.ascontiguousarray(wt[:, 0, :])  # [tap][c]
+
+
+def correlate(mode: int, itemsize: int, x_addr: int, x_strides: list[int], in_dims: tuple[int, ...],
               packed: np.ndarray, offsets: tuple[np.ndarray, ...], steps: tuple[int, ...],
               out_addr: int, out_strides: list[int], box: tuple[int, ...], wcount: int,
               cin: int, cout: int) -> None:
@@ -66,6 +82,6 @@ def correlate(itemsize: int, x_addr: int, x_strides: list[int], in_dims: tuple[i
     [0, wcount). Addresses and element strides (n, d, h, w) are raw: x_addr is batch item
     0's origin, out_addr the box's first position; channels are contiguous in both. The
     caller keeps every array alive and in bounds; the GIL is released meanwhile."""
-    _native.correlate(itemsize, x_addr, *x_strides, *in_dims, packed.ctypes.data,
+    _native.correlate(itemsize, mode, x_addr, *x_strides, *in_dims, packed.ctypes.data,
                       *(o.ctypes.data for o in offsets), *(len(o) for o in offsets), *steps,
                       out_addr, *out_strides, *box, wcount, cin, cout)

@@ -344,12 +344,27 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
 
 
+def native_mode(spec: ConvSpec) -> int:
+    """How the native kernel lays its vectors for this layer (one place for the rule)."""
+    cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    if cig == 1 and cog == 1:
+        return native.DEPTHWISE
+    if cog <= native.DOT_MAX_OUT and cig >= 8:
+        return native.DOT
+    return native.CHANNELS
+
+
 def native_rate(spec: ConvSpec) -> float:
     """FLOP/s of the native kernel on one core: lanes wasted on padding C_out/g to whole
     vectors, one-vector blocks bound by broadcasts, few channels per tap bound by the
     accumulator traffic (measured on W1-W8 and the demo's layers)."""
     lanes, max_vectors = native.layout(spec.compute_dtype.itemsize)
     cog, cig = spec.c_out_per_group, spec.c_in_per_group
+    mode = native_mode(spec)
+    if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
+        return NATIVE_PEAK / 8
+    if mode == native.DOT:  # vectors along C_in, one lane reduction per output
+        return NATIVE_PEAK / 2 * min(cig, lanes) / lanes * cig / (cig + lanes)
     vectors = -(-cog // lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0

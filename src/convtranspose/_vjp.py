@@ -46,7 +46,14 @@ from ._blas import single_threaded_blas
 from ._dtypes import compute_dtype, result_dtype
 from ._execute import _pool, _zero_outside
 from ._geometry import tap_output_range
-from ._plan import Tile, get_num_threads, native_rate, split_tiles, workspace_limit
+from ._plan import (
+    Tile,
+    get_num_threads,
+    native_mode,
+    native_rate,
+    split_tiles,
+    workspace_limit,
+)
 from ._spec import ConvSpec, as_float_array
 
 # A worker's gathered block stays about this size, so that it is still in cache when the
@@ -189,7 +196,7 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     if not native.AVAILABLE or (need_weight and math.prod(spec.stride) > 1):
         return False
     swapped = dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
-    return native_rate(swapped) >= 60e9
+    return native_mode(swapped) == native.CHANNELS and native_rate(swapped) >= 60e9
 
 
 def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
@@ -203,7 +210,8 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
                     for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
     ktot = math.prod(spec.kernel)
     wt = w3.reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3).astype(cd)
-    packed = [native.pack_weight(np.ascontiguousarray(wt[g])) for g in range(groups)]
+    packed = [native.pack(np.ascontiguousarray(wt[g]), native.CHANNELS)
+              for g in range(groups)]
     strides = native.element_strides(c3) if c3.dtype == cd else None
     convert = strides is None or strides[-1] != 1
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
@@ -229,7 +237,7 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
             target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
             os_ = native.element_strides(target)[:4]
             for g in range(groups):
-                native.correlate(item, x_addr + g * cog * item, xs, spec.out_spatial,
+                native.correlate(native.CHANNELS, item, x_addr + g * cog * item, xs, spec.out_spatial,
                                  packed[g], offsets, spec.stride,
                                  target.ctypes.data + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig)

@@ -223,9 +223,210 @@ static void run_typed(const CtJob& job) {
   }
 }
 
+// Horizontal sum of a vector (translation units with intrinsics define CT_HSUM_F/D).
+template <typename V, typename T>
+static inline T hsum(V v) {
+#ifdef CT_HSUM_F
+  if constexpr (sizeof(T) == 4) return CT_HSUM_F(v);
+  else return CT_HSUM_D(v);
+#else
+  constexpr int L = CT_VBYTES / sizeof(T);
+  T s = 0;
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// Per row of the box: the input row pointer of each (D, H) tap pair, or null where the
+// pair reads outside the input; calls f(n, d, h, rows, out_row).
+template <typename T, typename F>
+static void for_each_row(const CtJob& job, F&& f) {
+  const T* x = static_cast<const T*>(job.x);
+  T* out = static_cast<T*>(job.out);
+  std::vector<const T*> rows(job.ntaps[0] * job.ntaps[1]);
+  for (int64_t n = job.box[0]; n < job.box[1]; ++n)
+    for (int64_t d = job.box[2]; d < job.box[3]; ++d)
+      for (int64_t h = job.box[4]; h < job.box[5]; ++h) {
+        for (int64_t i = 0; i < job.ntaps[0]; ++i) {
+          const int64_t id = d * job.step[0] + job.off[0][i];
+          for (int64_t j = 0; j < job.ntaps[1]; ++j) {
+            const int64_t ih = h * job.step[1] + job.off[1][j];
+            const bool inside = id >= 0 && id < job.in_dims[0] && ih >= 0 && ih < job.in_dims[1];
+            rows[i * job.ntaps[1] + j] =
+                inside ? x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
+          }
+        }
+        f(rows.data(), out + (n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
+                           (h - job.box[4]) * job.os[2]);
+      }
+}
+
+// Few output channels (a 16 -> 1 head): vectors run along the input channels instead,
+// P pixels x C_out accumulators, reduced across lanes once per output. Weight [tap][co][c].
+template <typename T, int CO>
+static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
+  const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
+  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
+  const T* wpk = static_cast<const T*>(job.w);
+  for_each_row<T>(job, [&](const T* const* rows, T* orow) {
+    for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
+      const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
+      V acc[P][CO];
+      T tail[P][CO];
+      for (int p = 0; p < P; ++p)
+        for (int o = 0; o < CO; ++o) { acc[p][o] = V{}; tail[p][o] = 0; }
+      for (int64_t q = 0; q < pairs; ++q) {
+        if (!rows[q]) continue;
+        for (int64_t k = 0; k < tw; ++k) {
+          const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
+          if (a >= b) continue;
+          const T* wt = wpk + (q * tw + k) * CO * cin;
+          const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3];
+          if (a == w0 && b == w0 + P) {  // every pixel of the block: unrolled
+            for (int64_t c = 0; c < full; c += L) {
+              V wv[CO];
+              for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * cin + c);
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p) {
+                const V xv = *reinterpret_cast<const U*>(xb + p * pstride + c);
+                for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+              }
+            }
+          } else {  // some pixels read outside the row: the same, masked (indices stay
+                    // compile-time constants, so the accumulators stay in registers)
+            const int64_t pa = a - w0, pb = b - w0;
+            for (int64_t c = 0; c < full; c += L) {
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p) {
+                if (p < pa || p >= pb) continue;
+                const V xv = *reinterpret_cast<const U*>(xb + p * pstride + c);
+                for (int o = 0; o < CO; ++o)
+                  acc[p][o] += xv * *reinterpret_cast<const U*>(wt + o * cin + c);
+              }
+            }
+          }
+          if (full < cin) {  // channels past the last whole vector
+#pragma GCC unroll 16
+            for (int p = 0; p < P; ++p) {
+              if (p < a - w0 || p >= b - w0) continue;
+              for (int64_t c = full; c < cin; ++c)
+                for (int o = 0; o < CO; ++o) tail[p][o] += xb[p * pstride + c] * wt[o * cin + c];
+            }
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        if (p >= np) continue;
+        for (int o = 0; o < CO; ++o)
+          orow[(w0 + p) * os + o] = hsum<V, T>(acc[p][o]) + tail[p][o];
+      }
+    }
+  });
+}
+
+// Depthwise (one input and one output channel per group): vectors run along the
+// channels, each tap one multiply-add per pixel and vector. Weight [tap][c].
+template <typename T>
+static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int P = 4, NV = 4;
+  const int64_t ch = job.cout, tw = job.ntaps[2];
+  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
+  const T* wpk = static_cast<const T*>(job.w);
+  for_each_row<T>(job, [&](const T* const* rows, T* orow) {
+    for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
+      const int64_t nv = std::min<int64_t>(NV, (ch - c0) / L);  // whole vectors here
+      for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
+        const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
+        V acc[P][NV];
+        for (int p = 0; p < P; ++p)
+          for (int v = 0; v < NV; ++v) acc[p][v] = V{};
+        for (int64_t q = 0; q < pairs; ++q) {
+          if (!rows[q]) continue;
+          for (int64_t k = 0; k < tw; ++k) {
+            const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
+            const T* wt = wpk + (q * tw + k) * ch + c0;
+            const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3] + c0;
+            if (nv == NV && a == w0 && b == w0 + P) {
+              V wv[NV];
+              for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + v * L);
+#pragma GCC unroll 4
+              for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v)
+                  acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) * wv[v];
+            } else {  // masked, with compile-time indices (accumulators in registers)
+              const int64_t pa = a - w0, pb = b - w0;
+#pragma GCC unroll 4
+              for (int p = 0; p < P; ++p) {
+                if (p < pa || p >= pb) continue;
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v)
+                  if (v < nv)
+                    acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) *
+                                 *reinterpret_cast<const U*>(wt + v * L);
+              }
+            }
+          }
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) {
+          if (p >= np) continue;
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v)
+            if (v < nv) *reinterpret_cast<U*>(orow + (w0 + p) * os + c0 + v * L) = acc[p][v];
+        }
+        if (nv < NV && c0 + nv * L < ch) {  // channels past the last whole vector: scalar
+          for (int64_t p = 0; p < np; ++p)
+            for (int64_t c = c0 + nv * L; c < ch; ++c) {
+              T sum = 0;
+              for (int64_t q = 0; q < pairs; ++q) {
+                if (!rows[q]) continue;
+                for (int64_t k = 0; k < tw; ++k) {
+                  const int64_t w = w0 + p;
+                  if (w < lo[k] || w >= hi[k]) continue;
+                  sum += rows[q][(w * job.step[2] + job.off[2][k]) * job.xs[3] + c] *
+                         wpk[(q * tw + k) * ch + c];
+                }
+              }
+              orow[(w0 + p) * os + c] = sum;
+            }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+static void run_mode(const CtJob& job) {
+  if (job.mode == CT_MODE_CHANNELS) return run_typed<T>(job);
+  std::vector<int64_t> lo(job.ntaps[2]), hi(job.ntaps[2]);
+  for (int64_t k = 0; k < job.ntaps[2]; ++k) {
+    const int64_t off = job.off[2][k], s = job.step[2];
+    lo[k] = std::max<int64_t>(0, -floor_div(off, s));
+    hi[k] = std::min<int64_t>(job.wcount, floor_div(job.in_dims[2] - 1 - off, s) + 1);
+  }
+  if (job.mode == CT_MODE_DEPTHWISE) return depthwise_rows<T>(job, lo.data(), hi.data());
+  switch (job.cout) {
+    case 1: dot_rows<T, 1>(job, lo.data(), hi.data()); break;
+    case 2: dot_rows<T, 2>(job, lo.data(), hi.data()); break;
+    case 3: dot_rows<T, 3>(job, lo.data(), hi.data()); break;
+    case 4: dot_rows<T, 4>(job, lo.data(), hi.data()); break;
+  }
+}
+
 void correlate(const CtJob& job) {
-  if (job.itemsize == 4) run_typed<float>(job);
-  else run_typed<double>(job);
+  if (job.itemsize == 4) run_mode<float>(job);
+  else run_mode<double>(job);
 }
 
 int lanes(int itemsize) { return CT_VBYTES / itemsize; }

@@ -2,8 +2,16 @@
 #pragma once
 #include <cstdint>
 
+// How the vectors are laid: along output channels (the weight [tap][c][co], C_out padded
+// to whole vectors, in chunks), along input channels for 1-4 output channels ([tap][co][c]),
+// or along the channels of a depthwise layer ([tap][c]).
+#define CT_MODE_CHANNELS 0
+#define CT_MODE_DOT 1
+#define CT_MODE_DEPTHWISE 2
+
 struct CtJob {
   int itemsize;          // 4: float32, 8: float64
+  int mode;              // CT_MODE_*
   const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous
   int64_t xs[4];         // input strides in elements: n, d, h, w
   int64_t in_dims[3];    // input D, H, W
