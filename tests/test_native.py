@@ -153,3 +153,34 @@ def test_planner_modes():
     dw = mode((1, 32, 32, 32, 64), (64, 3, 3, 3, 1), stride=2, padding=1, groups=64)
     assert dw == ("native", native.DEPTHWISE)
     assert "native" in str(ct.plan((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1))
+
+
+# ---- gradients through the kernel ------------------------------------------------------
+
+# (C_in, C_out, groups): vectors along C_out (whole vectors on every instruction set:
+# 32 channels), swapped along C_in (C_out below a vector), several groups, and a block
+# remainder along the broadcast side (C_in = 7, 19).
+GRAD_SHAPES = [(7, 32, 1), (19, 64, 1), (32, 1, 1), (64, 3, 1), (14, 64, 2), (64, 2, 2)]
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", GRAD_SHAPES,
+                         ids=[f"ci{a}-co{b}-g{c}" for a, b, c in GRAD_SHAPES])
+def test_vjp_through_the_kernel_every_isa(c_in, c_out, groups, isa, rng):
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), c_in, c_out, (3, 2, 4), stride=(2, 1, 2),
+                              padding=(1, 0, 2), dilation=(1, 2, 1), output_padding=(1, 0, 1),
+                              groups=groups, batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    assert native_grad_weight_side(spec, x3, c3, np.dtype(np.float32)) is not None
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    for threads in (1, 2):
+        gx, gw = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
+        np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+        again = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
+        np.testing.assert_array_equal(again[1], gw)  # reproducible bit for bit

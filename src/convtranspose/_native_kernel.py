@@ -85,3 +85,34 @@ def correlate(mode: int, itemsize: int, x_addr: int, x_strides: list[int], in_di
     _native.correlate(itemsize, mode, x_addr, *x_strides, *in_dims, packed.ctypes.data,
                       *(o.ctypes.data for o in offsets), *(len(o) for o in offsets), *steps,
                       out_addr, *out_strides, *box, wcount, cin, cout)
+
+
+def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
+    """The inverse of `pack_weight` for `cols` a whole number of vectors: (taps, rows, cols)."""
+    lanes, max_vectors = layout(part.dtype.itemsize)
+    chunk = lanes * max_vectors
+    out = np.empty((taps, rows, cols), part.dtype)
+    start = 0
+    for c0 in range(0, cols, chunk):
+        width = min(cols, c0 + chunk) - c0
+        out[..., c0:c0 + width] = part[start:start + taps * rows * width].reshape(
+            taps, rows, width)
+        start += taps * rows * width
+    return out
+
+
+def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
+                offsets: tuple[np.ndarray, ...], steps: tuple[int, ...], part: np.ndarray,
+                box: tuple[int, ...], cin: int, cout: int) -> None:
+    """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
+    as `pack_weight` of (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
+    the short side C_out < vector length calls for). x (N, D, H, W, C) and the cotangent
+    g (N, D', H', W', C') have contiguous channels; the offsets (elements) pick a conv
+    group's channels."""
+    item = x.dtype.itemsize
+    assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
+    _native.grad_weight(item, int(swapped), x.ctypes.data + x_offset * item,
+                        *element_strides(x)[:4], g.ctypes.data + g_offset * item,
+                        *element_strides(g)[:4], *g.shape[1:4],
+                        *(o.ctypes.data for o in offsets), *(len(o) for o in offsets),
+                        *steps, part.ctypes.data, *box, x.shape[3], cin, cout)

@@ -160,6 +160,13 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
         if algorithm == "native" and not native.AVAILABLE:
             raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                              "install lacks")
+        side = native_grad_weight_side(spec, x3, c3, cd) if need_weight else None
+        if side is not None and algorithm in (None, "native"):
+            _native_grad_weight(spec, x3, c3, gw, n_threads, side, cd)
+            gw_done, need_weight = gw, False
+            gw = None
+        else:
+            gw_done = None
         if need_input and (algorithm == "native" or (
                 algorithm is None and native_grad_input_suits(spec, need_weight))):
             _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd)
@@ -179,6 +186,8 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
             _ALGORITHMS[algorithm](spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd)
         if gx_done is not None:
             gx = gx_done
+        if gw_done is not None:
+            gw = gw_done
     if gx is not None:
         gx = gx.reshape(spec.input_shape).astype(x.dtype, copy=False)
     if gw is not None:
@@ -196,7 +205,9 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     if not native.AVAILABLE or (need_weight and math.prod(spec.stride) > 1):
         return False
     swapped = dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
-    return native_mode(swapped) == native.CHANNELS and native_rate(swapped) >= 60e9
+    # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input
+    # (C_out = 1, modelled 32) takes 2.5 ms here against 4.4 ms through a GEMM.
+    return native_mode(swapped) == native.CHANNELS and native_rate(swapped) >= 20e9
 
 
 def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
@@ -244,6 +255,56 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
         return job
 
     _run_workers([job_for(t) for t in tiles], n_threads)
+
+
+def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
+                            cd: np.dtype) -> bool | None:
+    """None where the compiled grad_weight kernel does not apply; else whether it runs
+    swapped (vectors along C_in, for C_out/g below a vector). It reads both operands in
+    place, so they must have the compute dtype and contiguous channels."""
+    if not native.AVAILABLE or x3.dtype != cd or c3.dtype != cd:
+        return None
+    xs, gs = native.element_strides(x3), native.element_strides(c3)
+    if xs is None or gs is None or xs[-1] != 1 or gs[-1] != 1:
+        return None
+    lanes, _ = native.layout(cd.itemsize)
+    cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    if cog % lanes == 0 and cig >= 4:
+        return False
+    if cig % lanes == 0 and cog < lanes:
+        return True
+    return None
+
+
+def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
+    """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
+    csrc/correlate.hpp): workers own fixed tiles of input rows and one partial sum each,
+    added in worker order (bitwise reproducible for a thread count)."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    offsets = tuple(np.arange(k, dtype=np.int64) * d - p
+                    for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
+    ktot = math.prod(spec.kernel)
+    rows, cols = (cog, cig) if swapped else (cig, cog)
+    tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
+                   n_threads)
+    workers = min(n_threads, len(tiles))
+    parts = [np.zeros((groups, ktot * rows * cols), cd) for _ in range(workers)]
+
+    def job_for(j):
+        def job():
+            for tile in tiles[j::workers]:
+                box = (*tile.n, *tile.d, *tile.h)
+                for g in range(groups):
+                    native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets,
+                                       spec.stride, parts[j][g], box, cig, cog)
+        return job
+
+    _run_workers([job_for(j) for j in range(workers)], workers)
+    total = _sum_in_order(parts)
+    for g in range(groups):
+        block = native.unpack(total[g], ktot, rows, cols)  # (taps, rows, cols)
+        block = block.transpose(1, 0, 2) if swapped else block.transpose(2, 0, 1)
+        gw[g * cog:(g + 1) * cog] = block  # (C_out/g, taps, C_in/g)
 
 
 def _rows(tile: Tile, spec: ConvSpec) -> int:

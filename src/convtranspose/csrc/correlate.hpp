@@ -429,6 +429,165 @@ void correlate(const CtJob& job) {
   else run_mode<double>(job);
 }
 
+// --- grad_weight ------------------------------------------------------------------------
+//
+// part[tap][a][b] += sum over pixels of A[pixel][a] * B[pixel][b]: with A the input rows
+// and B the cotangent rows a tap meets (or swapped, when C_out is the short side), one
+// GEMM per tap whose reduction runs along the pixels. Register blocks of P values of A
+// (broadcast) by NV vectors of B, held in registers over every pixel of a group of rows.
+
+struct Segment {
+  const void* a;  // first pixel's A row (at channel 0)
+  const void* b;
+  int64_t count;
+};
+
+template <typename T, int P, int NV>
+static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, int64_t bs,
+                                int64_t a0, int64_t b0, T* acc, int64_t cw) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  V r[P][NV];
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) r[p][v] = *reinterpret_cast<const U*>(acc + p * cw + v * L);
+  for (int64_t sgi = 0; sgi < nseg; ++sgi) {
+    const T* a = static_cast<const T*>(segs[sgi].a) + a0;
+    const T* b = static_cast<const T*>(segs[sgi].b) + b0;
+    for (int64_t i = 0; i < segs[sgi].count; ++i, a += as, b += bs) {
+      V bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const U*>(b + v * L);
+#pragma GCC unroll 32
+      for (int p = 0; p < P; ++p) {
+        const V x = broadcast<V>(a + p);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) r[p][v] += x * bv[v];
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(acc + p * cw + v * L) = r[p][v];
+}
+
+template <typename T, int NV, int P>
+static inline void reduce_tail(int64_t n, const Segment* segs, int64_t nseg, int64_t as,
+                               int64_t bs, int64_t a0, int64_t b0, T* acc, int64_t cw) {
+  if constexpr (P > 0) {
+    if (n == P) return reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc, cw);
+    reduce_tail<T, NV, P - 1>(n, segs, nseg, as, bs, a0, b0, acc, cw);
+  }
+}
+
+template <typename T, int NV>
+static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t bs,
+                         int64_t na, int64_t b0, T* acc, int64_t cw) {
+  constexpr int P = Block<NV>::P;
+  int64_t a0 = 0;
+  for (; a0 + P <= na; a0 += P) reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw);
+  if (a0 < na) reduce_tail<T, NV, P - 1>(na - a0, segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw);
+}
+
+template <typename T>
+static void grad_weight_typed(const GwJob& job) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cw_full = MAXV * L;
+  const int64_t na = job.swapped ? job.cout : job.cin;
+  const int64_t nb = job.swapped ? job.cin : job.cout;  // a multiple of L (the caller checks)
+  const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
+  const T* x = static_cast<const T*>(job.x);
+  const T* g = static_cast<const T*>(job.g);
+  T* part = static_cast<T*>(job.part);
+  const int64_t tw = job.ntaps[2];
+  std::vector<int64_t> lo(tw), hi(tw);
+  for (int64_t k = 0; k < tw; ++k) {
+    const int64_t off = job.off[2][k], s = job.step[2];
+    lo[k] = std::max<int64_t>(0, -floor_div(off, s));
+    hi[k] = std::min<int64_t>(job.wcount, floor_div(job.gdims[2] - 1 - off, s) + 1);
+  }
+  const int64_t xs_w = job.xs[3], gs_w = job.gs[3] * job.step[2];
+  const int64_t as = job.swapped ? gs_w : xs_w, bs = job.swapped ? xs_w : gs_w;
+  const int64_t nd = job.box[3] - job.box[2], nh = job.box[5] - job.box[4];
+  const int64_t total = (job.box[1] - job.box[0]) * nd * nh;
+  const int64_t group = std::max<int64_t>(1, (192 + job.wcount - 1) / std::max<int64_t>(1, job.wcount));
+  std::vector<Segment> segs(group);
+  std::vector<Segment> batches;  // pieces of segs, each batch ended by a count of -1
+  for (int64_t first = 0; first < total; first += group) {
+    const int64_t nrows = std::min(group, total - first);
+    for (int64_t i = 0; i < job.ntaps[0]; ++i)
+      for (int64_t j = 0; j < job.ntaps[1]; ++j)
+        for (int64_t k = 0; k < tw; ++k) {
+          if (lo[k] >= hi[k]) continue;
+          int64_t nseg = 0;
+          for (int64_t r = 0; r < nrows; ++r) {
+            const int64_t flat = first + r;
+            const int64_t n = job.box[0] + flat / (nd * nh);
+            const int64_t d = job.box[2] + (flat / nh) % nd;
+            const int64_t h = job.box[4] + flat % nh;
+            const int64_t od = d * job.step[0] + job.off[0][i];
+            const int64_t oh = h * job.step[1] + job.off[1][j];
+            if (od < 0 || od >= job.gdims[0] || oh < 0 || oh >= job.gdims[1]) continue;
+            const T* xp = x + n * job.xs[0] + d * job.xs[1] + h * job.xs[2] + lo[k] * xs_w;
+            const T* gp = g + n * job.gs[0] + od * job.gs[1] + oh * job.gs[2] +
+                          (lo[k] * job.step[2] + job.off[2][k]) * job.gs[3];
+            segs[nseg].a = job.swapped ? (const void*)gp : (const void*)xp;
+            segs[nseg].b = job.swapped ? (const void*)xp : (const void*)gp;
+            segs[nseg].count = hi[k] - lo[k];
+            ++nseg;
+          }
+          if (!nseg) continue;
+          // Cut the pixels into batches of about SUB, so that a batch's rows of the vector
+          // side stay in L1 while every block of the broadcast side sweeps them.
+          constexpr int64_t SUB = 48;
+          batches.clear();
+          int64_t run = 0;
+          for (int64_t q = 0; q < nseg; ++q) {
+            for (int64_t done = 0; done < segs[q].count;) {
+              const int64_t take = std::min(segs[q].count - done, SUB - run);
+              Segment piece = segs[q];
+              piece.a = static_cast<const T*>(piece.a) + done * as;
+              piece.b = static_cast<const T*>(piece.b) + done * bs;
+              piece.count = take;
+              batches.push_back(piece);
+              done += take;
+              run += take;
+              if (run == SUB) { batches.push_back(Segment{nullptr, nullptr, -1}); run = 0; }
+            }
+          }
+          if (run) batches.push_back(Segment{nullptr, nullptr, -1});
+          const int64_t tap = (i * job.ntaps[1] + j) * tw + k;
+          for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
+            const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
+            T* acc = part + taps * na * c0 + tap * na * cw;
+            size_t start = 0;
+            for (size_t e = 0; e < batches.size(); ++e) {
+              if (batches[e].count >= 0) continue;
+              const Segment* bseg = batches.data() + start;
+              const int64_t bn = (int64_t)(e - start);
+              start = e + 1;
+              switch (cw / L) {
+                case 1: reduce_chunk<T, 1>(bseg, bn, as, bs, na, c0, acc, cw); break;
+                case 2: reduce_chunk<T, 2>(bseg, bn, as, bs, na, c0, acc, cw); break;
+#if CT_NREGS == 32
+                case 3: reduce_chunk<T, 3>(bseg, bn, as, bs, na, c0, acc, cw); break;
+                case 4: reduce_chunk<T, 4>(bseg, bn, as, bs, na, c0, acc, cw); break;
+#endif
+              }
+            }
+          }
+        }
+  }
+}
+
+void grad_weight(const GwJob& job) {
+  if (job.itemsize == 4) grad_weight_typed<float>(job);
+  else grad_weight_typed<double>(job);
+}
+
 int lanes(int itemsize) { return CT_VBYTES / itemsize; }
 int max_vectors() { return MAXV; }
 

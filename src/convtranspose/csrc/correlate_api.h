@@ -26,6 +26,29 @@ struct CtJob {
   int64_t cin, cout;
 };
 
-namespace avx512 { void correlate(const CtJob&); int lanes(int); int max_vectors(); }
-namespace avx2 { void correlate(const CtJob&); int lanes(int); int max_vectors(); }
-namespace generic { void correlate(const CtJob&); int lanes(int); int max_vectors(); }
+// grad_weight of one tile of input rows, added into a partial sum `part` laid out as the
+// packed weight of CT_MODE_CHANNELS: [chunk][tap][a][column], with (a, columns) = (C_in,
+// C_out), or (C_out, C_in) when `swapped`. The column count must be whole vectors.
+struct GwJob {
+  int itemsize;
+  int swapped;
+  const void* x;         // input at (0, 0, 0, 0, 0); channels contiguous
+  int64_t xs[4];
+  const void* g;         // cotangent at (0, 0, 0, 0, 0); channels contiguous
+  int64_t gs[4];
+  int64_t gdims[3];      // cotangent D, H, W
+  const int64_t* off[3]; // per axis, tap k's offset k * dilation - padding
+  int64_t ntaps[3];
+  int64_t step[3];       // cotangent position = input position * stride + offset
+  void* part;
+  int64_t box[6];        // input rows n0, n1, d0, d1, h0, h1
+  int64_t wcount;        // input W
+  int64_t cin, cout;
+};
+
+#define CT_DECLARE(NS) \
+  namespace NS { void correlate(const CtJob&); void grad_weight(const GwJob&); \
+                 int lanes(int); int max_vectors(); }
+CT_DECLARE(avx512)
+CT_DECLARE(avx2)
+CT_DECLARE(generic)

@@ -18,16 +18,17 @@ namespace {
 struct Isa {
   const char* name;
   void (*correlate)(const CtJob&);
+  void (*grad_weight)(const GwJob&);
   int (*lanes)(int);
   int (*max_vectors)();
 };
 
 const Isa kIsas[] = {
 #if defined(__x86_64__) && defined(__GNUC__)
-    {"avx512", avx512::correlate, avx512::lanes, avx512::max_vectors},
-    {"avx2", avx2::correlate, avx2::lanes, avx2::max_vectors},
+    {"avx512", avx512::correlate, avx512::grad_weight, avx512::lanes, avx512::max_vectors},
+    {"avx2", avx2::correlate, avx2::grad_weight, avx2::lanes, avx2::max_vectors},
 #endif
-    {"generic", generic::correlate, generic::lanes, generic::max_vectors},
+    {"generic", generic::correlate, generic::grad_weight, generic::lanes, generic::max_vectors},
 };
 const int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
 
@@ -82,6 +83,43 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+PyObject* py_grad_weight(PyObject*, PyObject* args) {
+  GwJob job;
+  Py_ssize_t x, g, part, off[3];
+  Py_ssize_t v[27];
+  if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize,
+                        &job.swapped, &x, &v[0], &v[1], &v[2], &v[3], &g, &v[4], &v[5],
+                        &v[6], &v[7], &v[8], &v[9], &v[10], &off[0], &off[1], &off[2], &v[11],
+                        &v[12], &v[13], &v[14], &v[15], &v[16], &part, &v[17], &v[18], &v[19],
+                        &v[20], &v[21], &v[22], &v[23], &v[24], &v[25]))
+    return nullptr;
+  if (job.itemsize != 4 && job.itemsize != 8) {
+    PyErr_SetString(PyExc_ValueError, "grad_weight: itemsize must be 4 or 8");
+    return nullptr;
+  }
+  job.x = reinterpret_cast<const void*>(x);
+  for (int i = 0; i < 4; ++i) job.xs[i] = v[i];
+  job.g = reinterpret_cast<const void*>(g);
+  for (int i = 0; i < 4; ++i) job.gs[i] = v[4 + i];
+  for (int i = 0; i < 3; ++i) job.gdims[i] = v[8 + i];
+  for (int i = 0; i < 3; ++i) job.off[i] = reinterpret_cast<const int64_t*>(off[i]);
+  for (int i = 0; i < 3; ++i) job.ntaps[i] = v[11 + i];
+  for (int i = 0; i < 3; ++i) job.step[i] = v[14 + i];
+  job.part = reinterpret_cast<void*>(part);
+  for (int i = 0; i < 6; ++i) job.box[i] = v[17 + i];
+  job.wcount = v[23];
+  job.cin = v[24];
+  job.cout = v[25];
+  const int64_t nb = job.swapped ? job.cin : job.cout;
+  if (nb % current->lanes(job.itemsize)) {
+    PyErr_SetString(PyExc_ValueError, "grad_weight: the vector side must be whole vectors");
+    return nullptr;
+  }
+  const Isa* isa = current;
+  Py_BEGIN_ALLOW_THREADS isa->grad_weight(job);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 PyObject* py_layout(PyObject*, PyObject* args) {
   int itemsize;
   if (!PyArg_ParseTuple(args, "i", &itemsize)) return nullptr;
@@ -116,6 +154,7 @@ PyObject* py_set_isa(PyObject*, PyObject* args) {
 
 PyMethodDef kMethods[] = {
     {"correlate", py_correlate, METH_VARARGS, "Run one correlation job (see correlate.hpp)."},
+    {"grad_weight", py_grad_weight, METH_VARARGS, "Add one tile's grad_weight into a partial."},
     {"layout", py_layout, METH_VARARGS, "(lanes, max vectors per chunk) of the packed weight."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"available", py_available, METH_NOARGS, "Instruction sets this CPU can run, best first."},
