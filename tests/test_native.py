@@ -184,3 +184,27 @@ def test_vjp_through_the_kernel_every_isa(c_in, c_out, groups, isa, rng):
         np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
         again = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
         np.testing.assert_array_equal(again[1], gw)  # reproducible bit for bit
+
+
+@pytest.mark.parametrize("c_out,groups", [(24, 1), (2, 1), (6, 6)],
+                         ids=["channels", "dot", "depthwise"])
+def test_float16_results_round_like_numpy(c_out, groups, isa, rng):
+    # The kernel rounds float32 sums to float16 as it stores them (in hardware, or in
+    # software on the portable build): the bits must equal NumPy's rounding of the same
+    # float32 result, subnormals, overflow to inf and nan included.
+    c_in = 6 if groups > 1 else 16
+    x = rng.standard_normal((1, 3, 4, 21, c_in)) * np.logspace(-7, 4.5, 21)[:, None]
+    x[0, 1, 2, 5, 0] = np.nan
+    with np.errstate(over="ignore"):  # the largest inputs overflow float16: inf is wanted
+        x = x.astype(np.float16)
+    w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups)).astype(np.float16)
+    kw = dict(stride=2, padding=1, groups=groups)
+    p16 = ct.plan(x.shape, w.shape, **kw, dtype=np.float16, algorithm="native")
+    p32 = ct.plan(x.shape, w.shape, **kw, dtype=np.float32, algorithm="native")
+    got = ct.run_plan(p16, x, w)
+    with np.errstate(over="ignore"):  # the overflow to inf is part of the check
+        want = ct.run_plan(p32, x.astype(np.float32), w.astype(np.float32)).astype(np.float16)
+    assert got.dtype == np.float16
+    assert np.isinf(want).any() and np.isnan(want).any()
+    assert ((want != 0) & (np.abs(want) < np.finfo(np.float16).tiny)).any()  # subnormals
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

@@ -20,6 +20,7 @@ from ._plan import (
     Task,
     bordered_slab,
     native_buffer_elems,
+    native_converts_whole_input,
     native_input_box,
     native_mode,
 )
@@ -383,7 +384,9 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
         view = out[n0:n1, _strided(phase.residue[0], spec.stride[0], a, b),
                    _strided(phase.residue[1], spec.stride[1], e, f), :qw * len(group)]
         view = view.reshape(nn, nd, nh, qw, cog)
-    round_output = out.dtype != spec.compute_dtype
+    # float16 the kernel rounds as it stores; bfloat16 goes through a float32 block.
+    out_f16 = out.dtype == np.float16
+    round_output = out.dtype != spec.compute_dtype and not out_f16
     (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
     in_w = spec.in_spatial[2]
     box = (n0, n1, a, b, e, f)
@@ -406,14 +409,17 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
         if round_output:
             target = buf[used:used + view.size].reshape(view.shape)
         os_ = native.element_strides(target)[:4]
+        out_item = target.dtype.itemsize
         if mode == native.DEPTHWISE:
-            native.correlate(mode, item, x_addr, xs, spec.in_spatial, packed[0], offsets,
-                             (1, 1, 1), target.ctypes.data, os_, box, qw, groups, groups)
+            native.correlate(mode, item, out_f16, x_addr, xs, spec.in_spatial, packed[0],
+                             offsets, (1, 1, 1), target.ctypes.data, os_, box, qw, groups,
+                             groups)
         else:
             for g in range(groups):
-                native.correlate(mode, item, x_addr + g * cig * item, xs, spec.in_spatial,
-                                 packed[g], offsets, (1, 1, 1),
-                                 target.ctypes.data + g * cog * item, os_, box, qw, cig, cog)
+                native.correlate(mode, item, out_f16, x_addr + g * cig * item, xs,
+                                 spec.in_spatial, packed[g], offsets, (1, 1, 1),
+                                 target.ctypes.data + g * cog * out_item, os_, box, qw, cig,
+                                 cog)
         if round_output:
             view[...] = target
 
@@ -477,6 +483,9 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         mode = native_mode(spec)
         weights = [_native_weights(w3, g, spec.groups, mode) for g in plan.groups]
         convert = _native_input_needs_copy(spec, x3)
+        if convert and native_converts_whole_input(spec, plan.workspace_limit):
+            x3 = np.ascontiguousarray(x3, dtype=spec.compute_dtype)  # once, for every phase
+            convert = False
         jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
                             convert, mode) for t in plan.tasks]
         if convert and spec.input_dtype == spec.compute_dtype:  # channels not contiguous:

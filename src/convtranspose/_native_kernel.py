@@ -72,19 +72,20 @@ def pack(wt: np.ndarray, mode: int) -> np.ndarray:
     return np.ascontiguousarray(wt[:, 0, :])  # [tap][c]
 
 
-def correlate(mode: int, itemsize: int, x_addr: int, x_strides: list[int], in_dims: tuple[int, ...],
-              packed: np.ndarray, offsets: tuple[np.ndarray, ...], steps: tuple[int, ...],
-              out_addr: int, out_strides: list[int], box: tuple[int, ...], wcount: int,
+def correlate(mode: int, itemsize: int, out_f16: bool, x_addr: int, x_strides: list[int],
+              in_dims: tuple[int, ...], packed: np.ndarray, offsets: tuple[np.ndarray, ...],
+              steps: tuple[int, ...], out_addr: int, out_strides: list[int], box: tuple[int, ...], wcount: int,
               cin: int, cout: int) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
     [0, wcount). Addresses and element strides (n, d, h, w) are raw: x_addr is batch item
-    0's origin, out_addr the box's first position; channels are contiguous in both. The
+    0's origin, out_addr the box's first position; channels are contiguous in both.
+    `out_f16`: the output is float16, rounded from the float32 sums as they are stored. The
     caller keeps every array alive and in bounds; the GIL is released meanwhile."""
-    _native.correlate(itemsize, mode, x_addr, *x_strides, *in_dims, packed.ctypes.data,
-                      *(o.ctypes.data for o in offsets), *(len(o) for o in offsets), *steps,
-                      out_addr, *out_strides, *box, wcount, cin, cout)
+    _native.correlate(itemsize, mode, int(out_f16), x_addr, *x_strides, *in_dims,
+                      packed.ctypes.data, *(o.ctypes.data for o in offsets),
+                      *(len(o) for o in offsets), *steps, out_addr, *out_strides, *box, wcount, cin, cout)
 
 
 def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:

@@ -199,8 +199,11 @@ def _native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...]
     return tuple(sorted(groups, key=lambda g: g[0].residue))
 
 
-def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile: Tile) -> int:
-    """Workspace elements one task needs (the kernels slice their buffers the same way)."""
+def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile: Tile,
+                 whole_input: bool = False) -> int:
+    """Workspace elements one task needs (the kernels slice their buffers the same way).
+    `whole_input`: native converts the input once for every task (not in the task's
+    buffer)."""
     phase = group[0]
     nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
     qw = phase.count[2]
@@ -210,8 +213,8 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
         slab = nn * math.prod(bordered_slab(group, tile)[0]) * spec.c_in
         return slab + nn * nd * nh * qw * spec.c_out
     if algorithm == "native":
-        return native_buffer_elems(spec, phase, tile, spec.input_dtype != spec.compute_dtype,
-                                   len(group))
+        convert = spec.input_dtype != spec.compute_dtype and not whole_input
+        return native_buffer_elems(spec, phase, tile, convert, len(group))
     if algorithm == "shift":
         dn, hn = nd + dmax - dmin, nh + hmax - hmin
         grid_rows = nn * dn * hn * qw
@@ -239,18 +242,28 @@ def native_input_box(spec: ConvSpec, phase: Phase, tile: Tile) -> tuple[tuple[in
             (h0, max(h0, min(in_h, tile.h[1] + hmax))))
 
 
+def native_converts_whole_input(spec: ConvSpec, limit: int) -> bool:
+    """An input of another dtype is converted once for every phase when that fits in half
+    the workspace limit; otherwise each task converts the planes and rows it reads (a
+    phase at a time: with s^3 phases, s^3 conversions of the input)."""
+    if spec.input_dtype == spec.compute_dtype:
+        return False
+    size = spec.batch * math.prod(spec.in_spatial) * spec.c_in * spec.compute_dtype.itemsize
+    return size <= limit // 2
+
+
 def native_buffer_elems(spec: ConvSpec, phase: Phase, tile: Tile, convert_input: bool,
                         phases: int = 1) -> int:
     """The native kernel reads the input and writes the output in place; it needs room
     only to convert the tile's input (another dtype, or channels not contiguous) and to
-    round its output (float16/bfloat16 results)."""
+    round a bfloat16 output (float16 it rounds itself as it stores)."""
     nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
     elems = 0
     if convert_input:
         (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
         elems += nn * max(0, d1 - d0) * max(0, h1 - h0) * spec.in_spatial[2] * spec.c_in
-    if spec.result_dtype != spec.compute_dtype:
-        elems += nn * nd * nh * phase.count[2] * phases * spec.c_out
+    if spec.result_dtype != spec.compute_dtype and spec.result_dtype != np.float16:
+        elems += nn * nd * nh * phase.count[2] * phases * spec.c_out  # rounded by NumPy
     return elems
 
 
@@ -435,12 +448,14 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
         # that a worker slowed by a neighbour's process does not hold up the call.
         min_tiles = max(1, -(-4 * threads // len(groups)))
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
+    whole_input = algorithm == "native" and native_converts_whole_input(spec, limit)
     while True:
         tasks = []
         for gi, group in enumerate(groups):
             count = tuple(max(p.count[i] for p in group) for i in range(3))
             for tile in split_tiles(spec.batch, count, max_rows, min_tiles):
-                tasks.append(Task(gi, tile, buffer_elems(spec, algorithm, group, tile)))
+                tasks.append(Task(gi, tile, buffer_elems(spec, algorithm, group, tile,
+                                                         whole_input)))
         if algorithm == "native":
             # Tile-major: the phases of one tile read the same input rows and fill the same
             # output pages, so run them back to back (their tiles coincide when the counts do).
@@ -458,8 +473,10 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
     if est.get(algorithm, 1.0) < serial_below or algorithm == "scatter":
         threads = 1
     workers = min(threads, len(tasks)) or 1
+    shared = (spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
+              else 0)
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
-                threads=threads, workspace_bytes=workers * biggest * item,
+                threads=threads, workspace_bytes=workers * biggest * item + shared,
                 workspace_limit=limit, est_seconds=est)
 
 

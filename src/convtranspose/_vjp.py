@@ -248,7 +248,7 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
             target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
             os_ = native.element_strides(target)[:4]
             for g in range(groups):
-                native.correlate(native.CHANNELS, item, x_addr + g * cog * item, xs,
+                native.correlate(native.CHANNELS, item, False, x_addr + g * cog * item, xs,
                                  spec.out_spatial, packed[g], offsets, spec.stride,
                                  target.ctypes.data + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig)

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -63,6 +64,46 @@ static inline V broadcast(const T* p) {
 
 // P pixels by NV vectors of output channels: add the products of `cn` input channels of
 // one tap into the row buffer `acc` (pixel stride `cw`), held in registers meanwhile.
+// float32 -> float16 (IEEE binary16), round to nearest even: where the result is
+// float16 the kernel rounds as it stores, instead of a float32 block rounded by NumPy.
+static inline uint16_t f16_from_f32(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t mag = x & 0x7fffffffu;
+  if (mag >= 0x7f800000u)  // inf, or nan (kept quiet)
+    return sign | 0x7c00u | (mag > 0x7f800000u ? 0x200u | ((mag >> 13) & 0x3ffu) : 0);
+  if (mag >= 0x477ff000u) return sign | 0x7c00u;  // rounds past the largest half: inf
+  if (mag < 0x38800000u) {  // a subnormal half (or zero): scale by 2^24 and round
+    const float scaled = std::fabs(f) * 16777216.0f;  // exact: a power of two
+    const float rounded = std::nearbyint(scaled);     // the default rounding: to even
+    return sign | (uint16_t)rounded;
+  }
+  const uint32_t lsb = (mag >> 13) & 1u;
+  return sign | (uint16_t)((mag - 0x38000000u + 0xfffu + lsb) >> 13);
+}
+
+template <typename T>
+static inline void to_f16(char* dst, const T* src, int64_t n) {
+  if constexpr (sizeof(T) == 4) {
+    int64_t i = 0;
+#ifdef CT_F16_STORE
+    for (; i + CT_VBYTES / 4 <= n; i += CT_VBYTES / 4) CT_F16_STORE(dst + 2 * i, src + i);
+#endif
+    for (; i < n; ++i) {
+      const uint16_t h = f16_from_f32(src[i]);
+      std::memcpy(dst + 2 * i, &h, 2);
+    }
+  }
+}
+
+// Store n results at dst (a byte address): as T, or rounded to float16.
+template <typename T>
+static inline void store_out(bool f16, char* dst, const T* src, int64_t n) {
+  if (f16) to_f16(dst, src, n);
+  else std::memcpy(dst, src, n * sizeof(T));
+}
+
 template <typename T, int P, int NV>
 static inline void block(const T* xb, int64_t pstride, const T* wt, int64_t cw, int64_t cn,
                          T* acc) {
@@ -116,7 +157,7 @@ static inline void tail(int64_t r, const T* xb, int64_t pstride, const T* wt, in
 // pixels). The rows accumulate in `acc` (rows x pixels x cw), then are stored once.
 template <typename T, int NV>
 static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
-                       T* const* orows, const int64_t* lo, const int64_t* hi,
+                       char* const* orows, const int64_t* lo, const int64_t* hi,
                        const T* wchunk, int64_t cw, int64_t live, T* acc) {
   constexpr int P = Block<NV>::P;
   const int64_t cin = job.cin, wcount = job.wcount, tw = job.ntaps[2];
@@ -147,11 +188,11 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
       }
     }
   }
-  const int64_t os = job.os[3];
+  const int64_t os = job.os[3], oi = job.out_f16 ? 2 : sizeof(T);
   const int64_t n = live < cw ? live : cw;
   for (int64_t r = 0; r < nrows; ++r)
     for (int64_t w = 0; w < wcount; ++w)
-      std::memcpy(orows[r] + w * os, acc + (r * wcount + w) * cw, sizeof(T) * n);
+      store_out(job.out_f16, orows[r] + w * os * oi, acc + (r * wcount + w) * cw, n);
 }
 
 static inline int64_t floor_div(int64_t a, int64_t b) {
@@ -168,7 +209,8 @@ static void run_typed(const CtJob& job) {
   const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
   const T* x = static_cast<const T*>(job.x);
   const T* wpk = static_cast<const T*>(job.w);
-  T* out = static_cast<T*>(job.out);
+  char* out = static_cast<char*>(job.out);
+  const int64_t oi = job.out_f16 ? 2 : sizeof(T);  // bytes per output element
   // Per W tap, the output pixels [lo, hi) whose input lies inside the row.
   std::vector<int64_t> lo(job.ntaps[2]), hi(job.ntaps[2]);
   for (int64_t k = 0; k < job.ntaps[2]; ++k) {
@@ -182,7 +224,7 @@ static void run_typed(const CtJob& job) {
                                                                        std::max<int64_t>(1, job.wcount)));
   std::vector<T> acc_store(group * job.wcount * cw_full + 64 / sizeof(T));
   std::vector<const T*> xrows(group * pairs);
-  std::vector<T*> orows(group);
+  std::vector<char*> orows(group);
   T* acc = acc_store.data();
   const int64_t nd = job.box[3] - job.box[2], nh = job.box[5] - job.box[4];
   const int64_t total = (job.box[1] - job.box[0]) * nd * nh;
@@ -202,15 +244,15 @@ static void run_typed(const CtJob& job) {
               inside ? x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
         }
       }
-      orows[r] = out + (n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
-                 (h - job.box[4]) * job.os[2];
+      orows[r] = out + ((n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
+                        (h - job.box[4]) * job.os[2]) * oi;
     }
     for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) {
       const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
       const T* wchunk = wpk + taps * job.cin * c0;
       const int64_t live = job.cout - c0;
-      T* o[64];
-      for (int64_t r = 0; r < nrows; ++r) o[r] = orows[r] + c0;
+      char* o[64];
+      for (int64_t r = 0; r < nrows; ++r) o[r] = orows[r] + c0 * oi;
       switch (cw / L) {
         case 1: rows_chunk<T, 1>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
         case 2: rows_chunk<T, 2>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
@@ -242,7 +284,8 @@ static inline T hsum(V v) {
 template <typename T, typename F>
 static void for_each_row(const CtJob& job, F&& f) {
   const T* x = static_cast<const T*>(job.x);
-  T* out = static_cast<T*>(job.out);
+  char* out = static_cast<char*>(job.out);
+  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
   std::vector<const T*> rows(job.ntaps[0] * job.ntaps[1]);
   for (int64_t n = job.box[0]; n < job.box[1]; ++n)
     for (int64_t d = job.box[2]; d < job.box[3]; ++d)
@@ -256,8 +299,8 @@ static void for_each_row(const CtJob& job, F&& f) {
                 inside ? x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
           }
         }
-        f(rows.data(), out + (n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
-                           (h - job.box[4]) * job.os[2]);
+        f(rows.data(), out + ((n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
+                              (h - job.box[4]) * job.os[2]) * oi);
       }
 }
 
@@ -273,7 +316,8 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
-  for_each_row<T>(job, [&](const T* const* rows, T* orow) {
+  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
       const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
       V acc[P][CO];
@@ -324,7 +368,10 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
       for (int p = 0; p < P; ++p) {
         if (p >= np) continue;
         for (int o = 0; o < CO; ++o)
-          orow[(w0 + p) * os + o] = hsum<V, T>(acc[p][o]) + tail[p][o];
+        {
+          const T value = hsum<V, T>(acc[p][o]) + tail[p][o];
+          store_out(job.out_f16, orow + ((w0 + p) * os + o) * oi, &value, 1);
+        }
       }
     }
   });
@@ -342,7 +389,8 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
-  for_each_row<T>(job, [&](const T* const* rows, T* orow) {
+  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
       const int64_t nv = std::min<int64_t>(NV, (ch - c0) / L);  // whole vectors here
       for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
@@ -383,7 +431,11 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
           if (p >= np) continue;
 #pragma GCC unroll 4
           for (int v = 0; v < NV; ++v)
-            if (v < nv) *reinterpret_cast<U*>(orow + (w0 + p) * os + c0 + v * L) = acc[p][v];
+            if (v < nv) {
+              T lanes_out[L];
+              *reinterpret_cast<U*>(lanes_out) = acc[p][v];
+              store_out(job.out_f16, orow + ((w0 + p) * os + c0 + v * L) * oi, lanes_out, L);
+            }
         }
         if (nv < NV && c0 + nv * L < ch) {  // channels past the last whole vector: scalar
           for (int64_t p = 0; p < np; ++p)
@@ -398,7 +450,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
                          wpk[(q * tw + k) * ch + c];
                 }
               }
-              orow[(w0 + p) * os + c] = sum;
+              store_out(job.out_f16, orow + ((w0 + p) * os + c) * oi, &sum, 1);
             }
         }
       }

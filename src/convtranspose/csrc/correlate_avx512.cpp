@@ -1,5 +1,5 @@
 #if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC target("avx512f,avx512vl,avx512dq,fma,avx2")
+#pragma GCC target("avx512f,avx512vl,avx512dq,fma,avx2,f16c")
 #define CT_NS avx512
 #define CT_VBYTES 64
 #define CT_NREGS 32
@@ -9,5 +9,6 @@
 #define CT_BROADCAST_D(p) _mm512_set1_pd(*(p))
 #define CT_HSUM_F(v) _mm512_reduce_add_ps((__m512)(v))
 #define CT_HSUM_D(v) _mm512_reduce_add_pd((__m512d)(v))
+#define CT_F16_STORE(dst, src) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(_mm512_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #include "correlate.hpp"
 #endif

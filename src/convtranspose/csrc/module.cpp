@@ -37,9 +37,10 @@ bool supported(const Isa& isa) {
   __builtin_cpu_init();
   if (std::strcmp(isa.name, "avx512") == 0)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512dq");
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c");
   if (std::strcmp(isa.name, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #endif
   return true;
 }
@@ -50,7 +51,7 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
   CtJob job;
   Py_ssize_t x, w, o, off[3];
   Py_ssize_t v[28];
-  if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize, &job.mode, &x, &v[0],
+  if (!PyArg_ParseTuple(args, "iiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize, &job.mode, &job.out_f16, &x, &v[0],
                         &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &w, &off[0], &off[1], &off[2],
                         &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
                         &v[16], &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23], &v[24],
@@ -76,6 +77,10 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
   if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_DEPTHWISE ||
       (job.mode == CT_MODE_DOT && (job.cout < 1 || job.cout > 4))) {
     PyErr_SetString(PyExc_ValueError, "correlate: bad mode, or more than 4 outputs in dot mode");
+    return nullptr;
+  }
+  if (job.out_f16 && job.itemsize != 4) {
+    PyErr_SetString(PyExc_ValueError, "correlate: float16 output needs float32 compute");
     return nullptr;
   }
   const Isa* isa = current;
