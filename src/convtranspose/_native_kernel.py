@@ -74,7 +74,8 @@ def pack(wt: np.ndarray, mode: int) -> np.ndarray:
 
 def correlate(mode: int, itemsize: int, out_f16: bool, x_addr: int, x_strides: list[int],
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: tuple[np.ndarray, ...],
-              steps: tuple[int, ...], out_addr: int, out_strides: list[int], box: tuple[int, ...], wcount: int,
+              steps: tuple[int, ...], out_addr: int, out_strides: list[int],
+              box: tuple[int, ...], wcount: int,
               cin: int, cout: int) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
@@ -85,7 +86,8 @@ def correlate(mode: int, itemsize: int, out_f16: bool, x_addr: int, x_strides: l
     caller keeps every array alive and in bounds; the GIL is released meanwhile."""
     _native.correlate(itemsize, mode, int(out_f16), x_addr, *x_strides, *in_dims,
                       packed.ctypes.data, *(o.ctypes.data for o in offsets),
-                      *(len(o) for o in offsets), *steps, out_addr, *out_strides, *box, wcount, cin, cout)
+                      *(len(o) for o in offsets), *steps, out_addr, *out_strides, *box,
+                      wcount, cin, cout)
 
 
 def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
