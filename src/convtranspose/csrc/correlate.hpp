@@ -62,6 +62,28 @@ static inline V broadcast(const T* p) {
 }
 
 
+// The P x NV accumulator tile, to and from `acc` (row stride cw): each pass of a block
+// adds into what earlier passes left there.
+template <typename T, int P, int NV, typename V>
+static inline void load_tile(V (&r)[P][NV], const T* acc, int64_t cw) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) r[p][v] = *reinterpret_cast<const U*>(acc + p * cw + v * L);
+}
+
+template <typename T, int P, int NV, typename V>
+static inline void store_tile(const V (&r)[P][NV], T* acc, int64_t cw) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(acc + p * cw + v * L) = r[p][v];
+}
+
 // P pixels by NV vectors of output channels: add the products of `cn` input channels of
 // one tap into the row buffer `acc` (pixel stride `cw`), held in registers meanwhile.
 // float32 -> float16 (IEEE binary16), round to nearest even: where the result is
@@ -111,10 +133,7 @@ static inline void block(const T* xb, int64_t pstride, const T* wt, int64_t cw, 
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
   V r[P][NV];
-#pragma GCC unroll 32
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) r[p][v] = *reinterpret_cast<const U*>(acc + p * cw + v * L);
+  load_tile<T, P, NV>(r, acc, cw);
   for (int64_t c = 0; c < cn; ++c) {
     V wv[NV];
 #pragma GCC unroll 4
@@ -132,10 +151,7 @@ static inline void block(const T* xb, int64_t pstride, const T* wt, int64_t cw, 
       for (int v = 0; v < NV; ++v) r[p][v] += b * wv[v];
     }
   }
-#pragma GCC unroll 32
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(acc + p * cw + v * L) = r[p][v];
+  store_tile<T, P, NV>(r, acc, cw);
 }
 
 // A block of r < P pixels: the largest instantiation that fits.
@@ -201,23 +217,65 @@ static inline int64_t floor_div(int64_t a, int64_t b) {
   return q;
 }
 
+// Per W tap k, the output pixels [lo, hi) of a row whose input w * step + off[k] lies in
+// [0, in_w).
+struct WRanges {
+  std::vector<int64_t> lo, hi;
+};
+static WRanges w_ranges(const int64_t* off, int64_t taps, int64_t step, int64_t in_w,
+                        int64_t wcount) {
+  WRanges r{std::vector<int64_t>(taps), std::vector<int64_t>(taps)};
+  for (int64_t k = 0; k < taps; ++k) {
+    r.lo[k] = std::max<int64_t>(0, -floor_div(off[k], step));  // ceil(-off / step)
+    r.hi[k] = std::min<int64_t>(wcount, floor_div(in_w - 1 - off[k], step) + 1);
+  }
+  return r;
+}
+
+// The (n, d, h) of the flat-th row of a box (n0, n1, d0, d1, h0, h1), rows in C order.
+struct RowPos {
+  int64_t n, d, h;
+};
+static inline RowPos row_at(const int64_t* box, int64_t flat) {
+  const int64_t nd = box[3] - box[2], nh = box[5] - box[4];
+  return {box[0] + flat / (nd * nh), box[2] + (flat / nh) % nd, box[4] + flat % nh};
+}
+
+static inline int64_t box_rows(const int64_t* box) {
+  return (box[1] - box[0]) * (box[3] - box[2]) * (box[5] - box[4]);
+}
+
+// For output row (n, d, h): the input row each (D, H) tap pair reads, or null where the
+// pair reads outside the input.
 template <typename T>
-static void run_typed(const CtJob& job) {
+static inline void tap_rows(const CtJob& job, RowPos r, const T** rows) {
+  const T* x = static_cast<const T*>(job.x);
+  for (int64_t i = 0; i < job.ntaps[0]; ++i) {
+    const int64_t id = r.d * job.step[0] + job.off[0][i];
+    for (int64_t j = 0; j < job.ntaps[1]; ++j) {
+      const int64_t ih = r.h * job.step[1] + job.off[1][j];
+      const bool inside = id >= 0 && id < job.in_dims[0] && ih >= 0 && ih < job.in_dims[1];
+      rows[i * job.ntaps[1] + j] =
+          inside ? x + r.n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
+    }
+  }
+}
+
+// Where output row (n, d, h) starts, in bytes from the box's first position.
+static inline int64_t out_row_offset(const CtJob& job, RowPos r, int64_t item) {
+  return ((r.n - job.box[0]) * job.os[0] + (r.d - job.box[2]) * job.os[1] +
+          (r.h - job.box[4]) * job.os[2]) * item;
+}
+
+template <typename T>
+static void run_typed(const CtJob& job, const WRanges& wr) {
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cw_full = MAXV * L;
   const int64_t cpad = (job.cout + L - 1) / L * L;
   const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
-  const T* x = static_cast<const T*>(job.x);
   const T* wpk = static_cast<const T*>(job.w);
   char* out = static_cast<char*>(job.out);
   const int64_t oi = job.out_f16 ? 2 : sizeof(T);  // bytes per output element
-  // Per W tap, the output pixels [lo, hi) whose input lies inside the row.
-  std::vector<int64_t> lo(job.ntaps[2]), hi(job.ntaps[2]);
-  for (int64_t k = 0; k < job.ntaps[2]; ++k) {
-    const int64_t off = job.off[2][k], s = job.step[2];
-    lo[k] = std::max<int64_t>(0, -floor_div(off, s));  // ceil(-off / s)
-    hi[k] = std::min<int64_t>(job.wcount, floor_div(job.in_dims[2] - 1 - off, s) + 1);
-  }
   // Rows per group: enough pixels that a weight block in L1 serves ~96 of them.
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, (96 + job.wcount - 1) /
@@ -226,26 +284,13 @@ static void run_typed(const CtJob& job) {
   std::vector<const T*> xrows(group * pairs);
   std::vector<char*> orows(group);
   T* acc = acc_store.data();
-  const int64_t nd = job.box[3] - job.box[2], nh = job.box[5] - job.box[4];
-  const int64_t total = (job.box[1] - job.box[0]) * nd * nh;
+  const int64_t total = box_rows(job.box);
   for (int64_t first = 0; first < total; first += group) {
     const int64_t nrows = std::min(group, total - first);
     for (int64_t r = 0; r < nrows; ++r) {
-      const int64_t flat = first + r;
-      const int64_t n = job.box[0] + flat / (nd * nh);
-      const int64_t d = job.box[2] + (flat / nh) % nd;
-      const int64_t h = job.box[4] + flat % nh;
-      for (int64_t i = 0; i < job.ntaps[0]; ++i) {
-        const int64_t id = d * job.step[0] + job.off[0][i];
-        for (int64_t j = 0; j < job.ntaps[1]; ++j) {
-          const int64_t ih = h * job.step[1] + job.off[1][j];
-          const bool inside = id >= 0 && id < job.in_dims[0] && ih >= 0 && ih < job.in_dims[1];
-          xrows[r * pairs + i * job.ntaps[1] + j] =
-              inside ? x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
-        }
-      }
-      orows[r] = out + ((n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
-                        (h - job.box[4]) * job.os[2]) * oi;
+      const RowPos pos = row_at(job.box, first + r);
+      tap_rows<T>(job, pos, xrows.data() + r * pairs);
+      orows[r] = out + out_row_offset(job, pos, oi);
     }
     for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) {
       const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
@@ -254,11 +299,11 @@ static void run_typed(const CtJob& job) {
       char* o[64];
       for (int64_t r = 0; r < nrows; ++r) o[r] = orows[r] + c0 * oi;
       switch (cw / L) {
-        case 1: rows_chunk<T, 1>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
-        case 2: rows_chunk<T, 2>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
+        case 1: rows_chunk<T, 1>(job, nrows, xrows.data(), o, wr.lo.data(), wr.hi.data(), wchunk, cw, live, acc); break;
+        case 2: rows_chunk<T, 2>(job, nrows, xrows.data(), o, wr.lo.data(), wr.hi.data(), wchunk, cw, live, acc); break;
 #if CT_NREGS == 32
-        case 3: rows_chunk<T, 3>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
-        case 4: rows_chunk<T, 4>(job, nrows, xrows.data(), o, lo.data(), hi.data(), wchunk, cw, live, acc); break;
+        case 3: rows_chunk<T, 3>(job, nrows, xrows.data(), o, wr.lo.data(), wr.hi.data(), wchunk, cw, live, acc); break;
+        case 4: rows_chunk<T, 4>(job, nrows, xrows.data(), o, wr.lo.data(), wr.hi.data(), wchunk, cw, live, acc); break;
 #endif
       }
     }
@@ -279,29 +324,18 @@ static inline T hsum(V v) {
 #endif
 }
 
-// Per row of the box: the input row pointer of each (D, H) tap pair, or null where the
-// pair reads outside the input; calls f(n, d, h, rows, out_row).
+// Per row of the box: calls f(rows, out_row) with the input row of each (D, H) tap pair
+// (null where it reads outside the input) and the row's output address.
 template <typename T, typename F>
 static void for_each_row(const CtJob& job, F&& f) {
-  const T* x = static_cast<const T*>(job.x);
   char* out = static_cast<char*>(job.out);
   const int64_t oi = job.out_f16 ? 2 : sizeof(T);
   std::vector<const T*> rows(job.ntaps[0] * job.ntaps[1]);
-  for (int64_t n = job.box[0]; n < job.box[1]; ++n)
-    for (int64_t d = job.box[2]; d < job.box[3]; ++d)
-      for (int64_t h = job.box[4]; h < job.box[5]; ++h) {
-        for (int64_t i = 0; i < job.ntaps[0]; ++i) {
-          const int64_t id = d * job.step[0] + job.off[0][i];
-          for (int64_t j = 0; j < job.ntaps[1]; ++j) {
-            const int64_t ih = h * job.step[1] + job.off[1][j];
-            const bool inside = id >= 0 && id < job.in_dims[0] && ih >= 0 && ih < job.in_dims[1];
-            rows[i * job.ntaps[1] + j] =
-                inside ? x + n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
-          }
-        }
-        f(rows.data(), out + ((n - job.box[0]) * job.os[0] + (d - job.box[2]) * job.os[1] +
-                              (h - job.box[4]) * job.os[2]) * oi);
-      }
+  for (int64_t flat = 0, total = box_rows(job.box); flat < total; ++flat) {
+    const RowPos pos = row_at(job.box, flat);
+    tap_rows<T>(job, pos, rows.data());
+    f(rows.data(), out + out_row_offset(job, pos, oi));
+  }
 }
 
 // Few output channels (a 16 -> 1 head): vectors run along the input channels instead,
@@ -460,19 +494,16 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
 
 template <typename T>
 static void run_mode(const CtJob& job) {
-  if (job.mode == CT_MODE_CHANNELS) return run_typed<T>(job);
-  std::vector<int64_t> lo(job.ntaps[2]), hi(job.ntaps[2]);
-  for (int64_t k = 0; k < job.ntaps[2]; ++k) {
-    const int64_t off = job.off[2][k], s = job.step[2];
-    lo[k] = std::max<int64_t>(0, -floor_div(off, s));
-    hi[k] = std::min<int64_t>(job.wcount, floor_div(job.in_dims[2] - 1 - off, s) + 1);
-  }
-  if (job.mode == CT_MODE_DEPTHWISE) return depthwise_rows<T>(job, lo.data(), hi.data());
+  const WRanges wr = w_ranges(job.off[2], job.ntaps[2], job.step[2], job.in_dims[2], job.wcount);
+  if (job.mode == CT_MODE_CHANNELS) return run_typed<T>(job, wr);
+  const int64_t* lo = wr.lo.data();
+  const int64_t* hi = wr.hi.data();
+  if (job.mode == CT_MODE_DEPTHWISE) return depthwise_rows<T>(job, lo, hi);
   switch (job.cout) {
-    case 1: dot_rows<T, 1>(job, lo.data(), hi.data()); break;
-    case 2: dot_rows<T, 2>(job, lo.data(), hi.data()); break;
-    case 3: dot_rows<T, 3>(job, lo.data(), hi.data()); break;
-    case 4: dot_rows<T, 4>(job, lo.data(), hi.data()); break;
+    case 1: dot_rows<T, 1>(job, lo, hi); break;
+    case 2: dot_rows<T, 2>(job, lo, hi); break;
+    case 3: dot_rows<T, 3>(job, lo, hi); break;
+    case 4: dot_rows<T, 4>(job, lo, hi); break;
   }
 }
 
@@ -501,10 +532,7 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
   V r[P][NV];
-#pragma GCC unroll 32
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) r[p][v] = *reinterpret_cast<const U*>(acc + p * cw + v * L);
+  load_tile<T, P, NV>(r, acc, cw);
   for (int64_t sgi = 0; sgi < nseg; ++sgi) {
     const T* a = static_cast<const T*>(segs[sgi].a) + a0;
     const T* b = static_cast<const T*>(segs[sgi].b) + b0;
@@ -520,10 +548,7 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
       }
     }
   }
-#pragma GCC unroll 32
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(acc + p * cw + v * L) = r[p][v];
+  store_tile<T, P, NV>(r, acc, cw);
 }
 
 template <typename T, int NV, int P>
@@ -555,31 +580,26 @@ static void grad_weight_typed(const GwJob& job) {
   const T* g = static_cast<const T*>(job.g);
   T* part = static_cast<T*>(job.part);
   const int64_t tw = job.ntaps[2];
-  std::vector<int64_t> lo(tw), hi(tw);
-  for (int64_t k = 0; k < tw; ++k) {
-    const int64_t off = job.off[2][k], s = job.step[2];
-    lo[k] = std::max<int64_t>(0, -floor_div(off, s));
-    hi[k] = std::min<int64_t>(job.wcount, floor_div(job.gdims[2] - 1 - off, s) + 1);
-  }
+  const WRanges wr = w_ranges(job.off[2], tw, job.step[2], job.gdims[2], job.wcount);
+  const std::vector<int64_t>& lo = wr.lo;
+  const std::vector<int64_t>& hi = wr.hi;
   const int64_t xs_w = job.xs[3], gs_w = job.gs[3] * job.step[2];
   const int64_t as = job.swapped ? gs_w : xs_w, bs = job.swapped ? xs_w : gs_w;
-  const int64_t nd = job.box[3] - job.box[2], nh = job.box[5] - job.box[4];
-  const int64_t total = (job.box[1] - job.box[0]) * nd * nh;
+  const int64_t total = box_rows(job.box);
   const int64_t group = std::max<int64_t>(1, (192 + job.wcount - 1) / std::max<int64_t>(1, job.wcount));
   std::vector<Segment> segs(group);
+  std::vector<RowPos> pos(group);
   std::vector<Segment> batches;  // pieces of segs, each batch ended by a count of -1
   for (int64_t first = 0; first < total; first += group) {
     const int64_t nrows = std::min(group, total - first);
+    for (int64_t r = 0; r < nrows; ++r) pos[r] = row_at(job.box, first + r);
     for (int64_t i = 0; i < job.ntaps[0]; ++i)
       for (int64_t j = 0; j < job.ntaps[1]; ++j)
         for (int64_t k = 0; k < tw; ++k) {
           if (lo[k] >= hi[k]) continue;
           int64_t nseg = 0;
           for (int64_t r = 0; r < nrows; ++r) {
-            const int64_t flat = first + r;
-            const int64_t n = job.box[0] + flat / (nd * nh);
-            const int64_t d = job.box[2] + (flat / nh) % nd;
-            const int64_t h = job.box[4] + flat % nh;
+            const auto [n, d, h] = pos[r];
             const int64_t od = d * job.step[0] + job.off[0][i];
             const int64_t oh = h * job.step[1] + job.off[1][j];
             if (od < 0 || od >= job.gdims[0] || oh < 0 || oh >= job.gdims[1]) continue;
