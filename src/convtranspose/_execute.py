@@ -364,7 +364,12 @@ def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
     return [native.pack(np.ascontiguousarray(wt[g]), mode) for g in range(groups)]
 
 
-def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
+def _native_offsets(phase: Phase) -> tuple[np.ndarray, ...]:
+    """Per axis, the input offset of each tap, in `axis_taps` order (the packed order)."""
+    return tuple(np.array([t.offset for t in axis], np.int64) for axis in phase.axis_taps)
+
+
+def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, offsets, task: Task,
                 convert_input: bool, mode: int):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
@@ -378,7 +383,6 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
     e, f = tile.h
     nn, nd, nh, qw = n1 - n0, b - a, f - e, phase.count[2]
     item = spec.compute_dtype.itemsize
-    offsets = tuple(np.array([t.offset for t in axis], np.int64) for axis in phase.axis_taps)
     view = _out_view(out, spec, phase, task)
     if len(group) > 1:  # the positions of every W residue: whole output rows
         view = out[n0:n1, _strided(phase.residue[0], spec.stride[0], a, b),
@@ -398,37 +402,26 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], packed, task: Task,
             slab = slab.reshape(nn, d1 - d0, h1 - h0, in_w, spec.c_in)
             slab[...] = x3[n0:n1, d0:d1, h0:h1]
             used = slab.size
-            xs = native.element_strides(slab)[:4]
-            # The slab's origin as if it were the whole input: the kernel reads only the
-            # planes and rows this tile's taps reach, all of which the slab holds.
-            x_addr = slab.ctypes.data - (n0 * xs[0] + d0 * xs[1] + h0 * xs[2]) * item
+            x_addr, xs = native.origin(slab, (n0, d0, h0))  # it holds every row read
         else:
-            xs = native.element_strides(x3)[:4]
-            x_addr = x3.ctypes.data
+            x_addr, xs = native.origin(x3)
         target = view
         if round_output:
             target = buf[used:used + view.size].reshape(view.shape)
-        os_ = native.element_strides(target)[:4]
+        o_addr, os_ = native.origin(target)
         out_item = target.dtype.itemsize
         if mode == native.DEPTHWISE:
             native.correlate(mode, item, out_f16, x_addr, xs, spec.in_spatial, packed[0],
-                             offsets, (1, 1, 1), target.ctypes.data, os_, box, qw, groups,
-                             groups)
+                             offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups)
         else:
             for g in range(groups):
                 native.correlate(mode, item, out_f16, x_addr + g * cig * item, xs,
                                  spec.in_spatial, packed[g], offsets, (1, 1, 1),
-                                 target.ctypes.data + g * cog * out_item, os_, box, qw, cig,
-                                 cog)
+                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog)
         if round_output:
             view[...] = target
 
     return job
-
-
-def _native_input_needs_copy(spec, x3: np.ndarray) -> bool:
-    strides = native.element_strides(x3) if x3.dtype == spec.compute_dtype else None
-    return strides is None or strides[-1] != 1
 
 
 # --- indexed ------------------------------------------------------------------------------
@@ -482,12 +475,13 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     elif plan.algorithm == "native":
         mode = native_mode(spec)
         weights = [_native_weights(w3, g, spec.groups, mode) for g in plan.groups]
-        convert = _native_input_needs_copy(spec, x3)
+        convert = not native.reads_in_place(x3, spec.compute_dtype)
         if convert and native_converts_whole_input(spec, plan.workspace_limit):
             x3 = np.ascontiguousarray(x3, dtype=spec.compute_dtype)  # once, for every phase
             convert = False
-        jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
-                            convert, mode) for t in plan.tasks]
+        offsets = [_native_offsets(g[0]) for g in plan.groups]
+        jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group],
+                            offsets[t.group], t, convert, mode) for t in plan.tasks]
         if convert and spec.input_dtype == spec.compute_dtype:  # channels not contiguous:
             buffer = max(native_buffer_elems(spec, plan.groups[t.group][0], t.tile, True,
                                              len(plan.groups[t.group]))

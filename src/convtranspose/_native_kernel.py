@@ -72,6 +72,23 @@ def pack(wt: np.ndarray, mode: int) -> np.ndarray:
     return np.ascontiguousarray(wt[:, 0, :])  # [tap][c]
 
 
+def reads_in_place(a: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether the kernel can read `a` where it lies: the dtype it computes in, and every
+    stride a whole number of elements with the channels (last axis) contiguous."""
+    strides = element_strides(a) if a.dtype == dtype else None
+    return strides is not None and strides[-1] == 1
+
+
+def origin(a: np.ndarray, first: tuple[int, ...] = (0, 0, 0)) -> tuple[int, list[int]]:
+    """(address, element strides n, d, h, w) of `a` (N, D, H, W, C), as if `a` held the
+    whole array and its element [0, 0, 0] were position `first` (n, d, h) of it: a
+    converted slab then stands for the full input, and the kernel reads only positions
+    the slab holds."""
+    strides = element_strides(a)[:4]
+    shift = sum(f * st for f, st in zip(first, strides))
+    return a.ctypes.data - shift * a.dtype.itemsize, strides
+
+
 def correlate(mode: int, itemsize: int, out_f16: bool, x_addr: int, x_strides: list[int],
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: tuple[np.ndarray, ...],
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],

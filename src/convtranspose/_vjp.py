@@ -210,6 +210,12 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     return native_mode(swapped) == native.CHANNELS and native_rate(swapped) >= 20e9
 
 
+def _tap_offsets(spec: ConvSpec) -> tuple[np.ndarray, ...]:
+    """Per axis, the cotangent offset k * dilation - padding of every tap k."""
+    return tuple(np.arange(k, dtype=np.int64) * d - p
+                 for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
+
+
 def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
     """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
@@ -217,14 +223,12 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
     or with channels not contiguous, is converted plane by plane as a tile needs it."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     item = cd.itemsize
-    offsets = tuple(np.arange(k, dtype=np.int64) * d - p
-                    for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
+    offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
     wt = w3.reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3).astype(cd)
     packed = [native.pack(np.ascontiguousarray(wt[g]), native.CHANNELS)
               for g in range(groups)]
-    strides = native.element_strides(c3) if c3.dtype == cd else None
-    convert = strides is None or strides[-1] != 1
+    convert = not native.reads_in_place(c3, cd)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
     tiles = _tiles(spec, max(1, budget // per_row) if convert else 1 << 30, 4 * n_threads)
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
@@ -241,16 +245,15 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
                 h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
                 slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), cd)
                 slab[...] = c3[n0:n1, d0:d1, h0:h1]
-                xs = native.element_strides(slab)[:4]
-                x_addr = slab.ctypes.data - (n0 * xs[0] + d0 * xs[1] + h0 * xs[2]) * item
+                x_addr, xs = native.origin(slab, (n0, d0, h0))  # it holds every row read
             else:
-                xs, x_addr = strides[:4], c3.ctypes.data
+                x_addr, xs = native.origin(c3)
             target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
-            os_ = native.element_strides(target)[:4]
+            o_addr, os_ = native.origin(target)
             for g in range(groups):
                 native.correlate(native.CHANNELS, item, False, x_addr + g * cog * item, xs,
                                  spec.out_spatial, packed[g], offsets, spec.stride,
-                                 target.ctypes.data + g * cig * item, os_, box,
+                                 o_addr + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig)
         return job
 
@@ -262,10 +265,8 @@ def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
     """None where the compiled grad_weight kernel does not apply; else whether it runs
     swapped (vectors along C_in, for C_out/g below a vector). It reads both operands in
     place, so they must have the compute dtype and contiguous channels."""
-    if not native.AVAILABLE or x3.dtype != cd or c3.dtype != cd:
-        return None
-    xs, gs = native.element_strides(x3), native.element_strides(c3)
-    if xs is None or gs is None or xs[-1] != 1 or gs[-1] != 1:
+    if not (native.AVAILABLE and native.reads_in_place(x3, cd)
+            and native.reads_in_place(c3, cd)):
         return None
     lanes, _ = native.layout(cd.itemsize)
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
@@ -281,8 +282,7 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
     csrc/correlate.hpp): workers own fixed tiles of input rows and one partial sum each,
     added in worker order (bitwise reproducible for a thread count)."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    offsets = tuple(np.arange(k, dtype=np.int64) * d - p
-                    for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
+    offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
     rows, cols = (cog, cig) if swapped else (cig, cog)
     tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
