@@ -193,6 +193,28 @@ def test_no_matplotlib_means_no_picture_not_an_error(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_settle_waits_for_spinning_threads_to_park():
+    """A peer's pool that spins after its call must not steal the next sample's cores:
+    settle() returns only once this process is idle (here: a thread spins 0.15 s)."""
+    import threading
+    import time
+
+    from convtranspose import _bench
+
+    assert _bench.settle() < 0.1  # idle already: one short look
+    stop = time.perf_counter() + 0.15
+
+    def spin():
+        while time.perf_counter() < stop:
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    waited = _bench.settle()
+    worker.join()
+    assert waited >= 0.1
+
+
 def test_ratio_helpers():
     assert _bench.ratio(PeerTiming(30.0), 10.0) == pytest.approx(3.0)
     assert _bench.ratio(PeerTiming(None, note="n/a"), 10.0) is None

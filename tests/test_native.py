@@ -208,3 +208,28 @@ def test_float16_results_round_like_numpy(c_out, groups, isa, rng):
     assert np.isinf(want).any() and np.isnan(want).any()
     assert ((want != 0) & (np.abs(want) < np.finfo(np.float16).tiny)).any()  # subnormals
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows-contiguous", "rows-strided"])
+@pytest.mark.parametrize("cols", [1, 7, 16, 70, 130])
+def test_pack_columns_gathers_the_documented_layout(dtype, transposed, cols, rng):
+    """Element (tap, r, col) = w.flat-by-strides[table[tap, col] + r * row_stride], columns
+    padded with zeros to whole vectors, cut into chunks [tap][r][column]: checked against
+    a NumPy gather, from a strided source either way round."""
+    taps, rows = 3, 21
+    lanes, max_vectors = native.layout(np.dtype(dtype).itemsize)
+    base = rng.standard_normal((cols + 3, taps, rows * 2)).astype(dtype)
+    src = base[1:cols + 1, :, ::2]  # (cols, taps, rows), not contiguous
+    if transposed:  # rows strided, columns adjacent
+        src = np.ascontiguousarray(src.transpose(1, 2, 0)).transpose(2, 0, 1)
+    s_col, s_tap, s_row = native.element_strides(src)
+    table = np.arange(taps)[:, None] * s_tap + np.arange(cols)[None, :] * s_col
+    packed = native.pack_columns(src, table, rows, s_row)
+    padded = -(-cols // lanes) * lanes
+    want = np.zeros((taps, rows, padded), dtype)
+    want[..., :cols] = src.transpose(1, 2, 0)
+    chunk = lanes * max_vectors
+    expect = np.concatenate([want[..., c:c + chunk].ravel() for c in range(0, padded, chunk)])
+    np.testing.assert_array_equal(packed, expect)
+    np.testing.assert_array_equal(native.unpack(packed, taps, rows, padded), want)

@@ -23,7 +23,9 @@ from ._plan import (
     native_converts_whole_input,
     native_input_box,
     native_mode,
+    native_writes_every_output,
 )
+from ._scratch import Scratch
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # callers may be threads themselves (dask workers)
@@ -347,17 +349,30 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
 # --- native ------------------------------------------------------------------------------
 
 def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
-                    mode: int) -> list[np.ndarray]:
+                    mode: int, scratch: Scratch) -> list[np.ndarray]:
     """The taps (D-major, then H, then W, as `axis_taps` orders them) packed for the
-    compiled kernel from (taps, C_in/g, C_out/g), the phases of a merged W group side by
-    side along C_out (in residue order, as they lie in the output). One array per conv
-    group, or one for every channel of a depthwise layer."""
+    compiled kernel from w3 (C_out, kD, kH, kW, C_in/g), the phases of a merged W group
+    side by side along C_out (in residue order, as they lie in the output). One array per
+    conv group, or one for every channel of a depthwise layer."""
     c_out, cig = w3.shape[0], w3.shape[-1]
+    cog = c_out // groups
+    if mode == native.CHANNELS:  # gathered in one pass by the kernel's packer
+        if native.element_strides(w3) is None:
+            w3 = np.ascontiguousarray(w3)
+        s_co, s_d, s_h, s_w, s_ci = native.element_strides(w3)
+        tap_start = np.stack([  # (phases, taps): element offset of each tap's [0, k, 0]
+            np.add.outer(np.add.outer([t.k * s_d for t in kd], [t.k * s_h for t in kh]),
+                         [t.k * s_w for t in kw]).ravel()
+            for kd, kh, kw in (p.axis_taps for p in group)])
+        column = np.arange(cog) * s_co
+        return [native.pack_columns(
+            w3, (tap_start[:, :, None] + column + g * cog * s_co).transpose(1, 0, 2)
+            .reshape(tap_start.shape[1], -1), cig, s_ci, scratch.empty) for g in range(groups)]
     mats = []
     for phase in group:
         kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
         sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, C_in/g)
-        mats.append(sub.reshape(groups, c_out // groups, phase.tap_count, cig))
+        mats.append(sub.reshape(groups, cog, phase.tap_count, cig))
     wt = np.concatenate(mats, axis=1).transpose(0, 2, 3, 1)  # (G, taps, C_in/g, phases*C_out/g)
     if mode == native.DEPTHWISE:  # (taps, 1, G): every channel in one pass
         return [native.pack(wt[:, :, :, 0].transpose(1, 2, 0), mode)]
@@ -449,11 +464,35 @@ def _indexed(plan: Plan, x3, w3, out) -> None:
         out.reshape(-1, spec.c_out)[...] = gathered.sum(axis=0)
 
 
+def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
+    """The compiled kernel's tasks; packed weights live in `scratch` until they return."""
+    spec = plan.spec
+    mode = native_mode(spec)
+    weights = [_native_weights(w3, g, spec.groups, mode, scratch) for g in plan.groups]
+    convert = not native.reads_in_place(x3, spec.compute_dtype)
+    if convert and native_converts_whole_input(spec, plan.workspace_limit):
+        x3 = np.ascontiguousarray(x3, dtype=spec.compute_dtype)  # once, for every phase
+        convert = False
+    offsets = [_native_offsets(g[0]) for g in plan.groups]
+    jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group],
+                        offsets[t.group], t, convert, mode) for t in plan.tasks]
+    if convert and spec.input_dtype == spec.compute_dtype:  # channels not contiguous:
+        buffer = max(native_buffer_elems(spec, plan.groups[t.group][0], t.tile, True,
+                                         len(plan.groups[t.group]))
+                     for t in plan.tasks)  # the plan assumed no copy
+    else:
+        buffer = max(t.buffer_elems for t in plan.tasks)
+    _run(jobs, plan.threads, buffer, spec.compute_dtype)
+
+
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
     spec = plan.spec
-    # indexed writes every output element; the others leave phases no tap reaches at zero
-    alloc = np.empty if plan.algorithm == "indexed" else np.zeros
+    # indexed and (mostly) native store every output element; the others accumulate into it,
+    # or leave phases no tap reaches at zero. Zeroing costs a pass over the output.
+    fills = plan.algorithm == "indexed" or (plan.algorithm == "native"
+                                            and native_writes_every_output(spec))
+    alloc = np.empty if fills else np.zeros
     out = alloc((spec.batch, *spec.out_spatial, spec.c_out), spec.result_dtype)
     if not plan.tasks:
         return out.reshape(spec.output_shape)
@@ -473,21 +512,9 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
                 for t in plan.tasks]
     elif plan.algorithm == "native":
-        mode = native_mode(spec)
-        weights = [_native_weights(w3, g, spec.groups, mode) for g in plan.groups]
-        convert = not native.reads_in_place(x3, spec.compute_dtype)
-        if convert and native_converts_whole_input(spec, plan.workspace_limit):
-            x3 = np.ascontiguousarray(x3, dtype=spec.compute_dtype)  # once, for every phase
-            convert = False
-        offsets = [_native_offsets(g[0]) for g in plan.groups]
-        jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group],
-                            offsets[t.group], t, convert, mode) for t in plan.tasks]
-        if convert and spec.input_dtype == spec.compute_dtype:  # channels not contiguous:
-            buffer = max(native_buffer_elems(spec, plan.groups[t.group][0], t.tile, True,
-                                             len(plan.groups[t.group]))
-                         for t in plan.tasks)  # the plan assumed no copy
-            _run(jobs, plan.threads, buffer, spec.compute_dtype)
-            return out.reshape(spec.output_shape)
+        with Scratch() as scratch:
+            _execute_native(plan, x3, w3, out, scratch)
+        return out.reshape(spec.output_shape)
     else:
         weights = [_direct_weights(w3, g[0], spec.groups) for g in plan.groups]
         jobs = [_direct_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t)

@@ -36,22 +36,32 @@ def layout(itemsize: int) -> tuple[int, int]:
     return _native.layout(itemsize) if AVAILABLE else (1, 1)
 
 
+def pack_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
+                 empty=np.empty) -> np.ndarray:
+    """The weight layout of CHANNELS mode, gathered in one pass from `w` where it lies
+    (the compute dtype, any strides): element (tap, r, col) is w's element at
+    table[tap, col] + r * row_stride, in elements from w's first. Columns are padded with
+    zeros to whole vectors and cut into chunks, each chunk [tap][r][column], in order.
+    `empty(count, dtype)` provides the result's memory (a `Scratch` may lend it)."""
+    table = np.ascontiguousarray(table, np.int64)
+    taps, cols = table.shape
+    lanes, max_vectors = layout(w.dtype.itemsize)
+    padded = -(-cols // lanes) * lanes
+    out = empty(taps * rows * padded, w.dtype)
+    _native.pack(w.dtype.itemsize, w.ctypes.data, table.ctypes.data, taps, cols, rows,
+                 row_stride, padded, lanes * max_vectors, out.ctypes.data)
+    return out
+
+
 def pack_weight(wt: np.ndarray) -> np.ndarray:
     """(taps, C_in, C_out) -> the kernel's layout: C_out padded to whole vectors and cut
     into chunks of columns, each chunk [tap][C_in][column], chunk after chunk."""
-    taps, cin, cout = wt.shape
-    lanes, max_vectors = layout(wt.dtype.itemsize)
-    padded = -(-cout // lanes) * lanes
-    chunk = lanes * max_vectors
-    out = np.zeros(taps * cin * padded, wt.dtype)
-    start = 0
-    for c0 in range(0, padded, chunk):
-        c1 = min(padded, c0 + chunk)
-        block = out[start:start + taps * cin * (c1 - c0)].reshape(taps, cin, c1 - c0)
-        live = min(c1, cout) - c0
-        block[..., :live] = wt[..., c0:c0 + live]
-        start += block.size
-    return out
+    taps, _, cout = wt.shape
+    if element_strides(wt) is None:
+        wt = np.ascontiguousarray(wt)
+    st = element_strides(wt)
+    table = np.arange(taps)[:, None] * st[0] + np.arange(cout)[None, :] * st[2]
+    return pack_columns(wt, table, wt.shape[1], st[1])
 
 
 def element_strides(a: np.ndarray) -> list[int] | None:

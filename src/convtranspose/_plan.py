@@ -242,6 +242,13 @@ def native_input_box(spec: ConvSpec, phase: Phase, tile: Tile) -> tuple[tuple[in
             (h0, max(h0, min(in_h, tile.h[1] + hmax))))
 
 
+def native_writes_every_output(spec: ConvSpec) -> bool:
+    """Whether native tiles store every output position: they store each position of
+    their phase, zero where no tap lands, so only a phase no tap reaches leaves a gap
+    (then the output must start zeroed)."""
+    return all(p.tap_count for p in phases_3d(spec) if p.size)
+
+
 def native_converts_whole_input(spec: ConvSpec, limit: int) -> bool:
     """An input of another dtype is converted once for every phase when that fits in half
     the workspace limit; otherwise each task converts the planes and rows it reads (a
