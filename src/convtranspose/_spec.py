@@ -85,24 +85,28 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 
 
 def _is_int(value: Any) -> bool:
+    if type(value) is int:  # the common case, without the ABC check (small calls feel it)
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def normalize_setting(op: str, name: str, value: Any, ndim: int) -> tuple[int, ...]:
     """An int, or a tuple/list with one int per spatial axis, as a tuple of ndim ints."""
-    if _is_int(value):
-        return (int(value),) * ndim
+    if type(value) is int:
+        return (value,) * ndim
     if isinstance(value, (tuple, list)):
         if len(value) != ndim:
             raise ValueError(
                 f"{op}: '{name}' must be an int or a tuple of {ndim} ints (one per spatial "
                 f"axis), got {value!r} with {len(value)} entries")
         for entry in value:
-            if not _is_int(entry):
+            if type(entry) is not int and not _is_int(entry):
                 raise TypeError(
                     f"{op}: '{name}' entries must be ints, got {entry!r} "
                     f"({type(entry).__name__}) in {value!r}")
-        return tuple(int(v) for v in value)
+        return tuple(map(int, value))
+    if _is_int(value):
+        return (int(value),) * ndim
     raise TypeError(
         f"{op}: '{name}' must be an int or a tuple of {ndim} ints, got {value!r} "
         f"({type(value).__name__})")
@@ -188,8 +192,8 @@ def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tu
     if not _is_int(groups):
         raise TypeError(f"{op}: 'groups' must be an int, got {groups!r} "
                         f"({type(groups).__name__})")
-    return _make_spec(op, ndim, tuple(int(v) for v in input_shape),
-                      tuple(int(v) for v in weight_shape), *settings, int(groups),
+    return _make_spec(op, ndim, tuple(map(int, input_shape)),
+                      tuple(map(int, weight_shape)), *settings, int(groups),
                       np.dtype(input_dtype), np.dtype(weight_dtype))
 
 
