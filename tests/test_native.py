@@ -56,6 +56,26 @@ def test_grid_every_isa(case, isa, rng, random_array, assert_close):
 BLOCK_SHAPES = [(wd, co) for wd in (1, 2, 5, 7, 13) for co in (1, 3, 8, 16, 17, 40, 64, 65, 130)]
 
 
+# Fewer than TAPS_INNER_BELOW input channels: sums kept in registers across taps, with a
+# block width picked per row length (whole blocks, masked edge pixels on either side).
+TAPS_INNER_SHAPES = [(wd, ci, co) for wd in (1, 5, 12, 17, 33) for ci in (1, 2, 3)
+                     for co in (3, 16, 40, 64, 70)]
+
+
+@pytest.mark.parametrize("width,c_in,c_out", TAPS_INNER_SHAPES,
+                         ids=[f"w{a}-ci{b}-co{c}" for a, b, c in TAPS_INNER_SHAPES])
+def test_taps_in_registers_for_few_input_channels(width, c_in, c_out, isa, rng, assert_close):
+    from reference import Case
+    assert c_in < native.TAPS_INNER_BELOW
+    case = Case(f"taps-inner-{width}-{c_in}-{c_out}", 1, (2, 3, width), c_in, c_out, (2, 3, 4),
+                stride=(1, 2, 2), padding=(0, 1, 2), dilation=(1, 1, 2))
+    x = rng.standard_normal(case.input_shape)
+    w = rng.standard_normal(case.weight_shape)
+    out = _run(case, x, w)
+    assert_close(out, conv_transpose_ref(x, w, **case.kwargs), np.float64,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
 @pytest.mark.parametrize("width,c_out", BLOCK_SHAPES, ids=[f"w{a}-c{b}" for a, b in BLOCK_SHAPES])
 def test_register_blocks_and_remainders(width, c_out, isa, rng, assert_close):
     from reference import Case

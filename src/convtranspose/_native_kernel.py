@@ -28,6 +28,8 @@ def isa() -> str | None:
 # the input channels for 1-4 output channels, or along the channels of a depthwise layer.
 CHANNELS, DOT, DEPTHWISE = 0, 1, 2
 DOT_MAX_OUT = 4
+# Below this many input channels CHANNELS mode sums each block over every tap in registers.
+TAPS_INNER_BELOW = _native.TAPS_INNER_BELOW if AVAILABLE else 0
 
 
 def layout(itemsize: int) -> tuple[int, int]:

@@ -388,6 +388,8 @@ def native_rate(spec: ConvSpec) -> float:
     vectors = -(-cog // lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
+    if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
+        return NATIVE_PEAK * used * blocking * cig / (cig + 1.6)  # traffic, a tap overhead
     return NATIVE_PEAK * used * blocking * cig / (cig + 4)
 
 

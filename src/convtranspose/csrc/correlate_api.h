@@ -9,6 +9,10 @@
 #define CT_MODE_DOT 1
 #define CT_MODE_DEPTHWISE 2
 
+// Below this many input channels (the reduction per tap) CT_MODE_CHANNELS keeps each
+// block's sums in registers across the taps (see correlate.hpp).
+#define CT_TAPS_INNER_BELOW 4
+
 struct CtJob {
   int itemsize;          // 4: float32, 8: float64
   int mode;              // CT_MODE_*

@@ -236,5 +236,10 @@ PyMODINIT_FUNC PyInit__native() {
       break;
     }
   }
-  return PyModule_Create(&kModule);
+  PyObject* module = PyModule_Create(&kModule);
+  if (module && PyModule_AddIntConstant(module, "TAPS_INNER_BELOW", CT_TAPS_INNER_BELOW) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
