@@ -5,6 +5,8 @@ skip, when the extension is missing."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from reference import all_cases, conv_transpose_ref, magnitude_ref
@@ -253,3 +255,37 @@ def test_pack_columns_gathers_the_documented_layout(dtype, transposed, cols, rng
     expect = np.concatenate([want[..., c:c + chunk].ravel() for c in range(0, padded, chunk)])
     np.testing.assert_array_equal(packed, expect)
     np.testing.assert_array_equal(native.unpack(packed, taps, rows, padded), want)
+
+
+@pytest.mark.parametrize("path", ["units", "in-place", "rows"])
+def test_grad_weight_work_splits_agree_and_units_ignore_the_thread_count(path, rng,
+                                                                        monkeypatch):
+    """Workers share out (tap, column chunk) units, summing into grad_weight in place
+    (vectors along C_in) or through the packed layout; with too few units to share (a
+    1x1x1 kernel) they split the rows and add partial sums. Each matches the loop
+    reference; the units split gives the same bits at any thread count."""
+    from test_vjp import loops_vjp, make_case
+
+    import convtranspose._vjp as vjp_module
+    from convtranspose._api import spec_for
+    kernel = (1, 1, 1) if path == "rows" else (3, 2, 4)
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), 32, 64, kernel, stride=(2, 1, 2),
+                              padding=(0, 0, 0) if path == "rows" else (1, 0, 2),
+                              groups=2, batch=2)
+    if path == "in-place":
+        monkeypatch.setattr(vjp_module, "GW_IN_PLACE_BYTES", 0)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    swapped = vjp_module.native_grad_weight_side(spec, x3, c3, np.dtype(np.float32))
+    assert swapped is (path == "in-place")
+    units = native.gw_units(math.prod(kernel), 16 if swapped else 32, 4)
+    assert (units < 4) is (path == "rows")
+    _, rw = loops_vjp(x, w, cot, **kw)
+    results = [vjp_module.vjp_arrays(spec, x, w, cot, need_input=False, threads=t)[1]
+               for t in (1, 2, 3)]
+    for gw in results:
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+    if path != "rows":
+        np.testing.assert_array_equal(results[0], results[1])
+        np.testing.assert_array_equal(results[0], results[2])

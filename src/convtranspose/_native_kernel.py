@@ -135,16 +135,29 @@ def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
 
 def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
                 offsets: tuple[np.ndarray, ...], steps: tuple[int, ...], part: np.ndarray,
-                box: tuple[int, ...], cin: int, cout: int) -> None:
+                box: tuple[int, ...], cin: int, cout: int,
+                units: tuple[int, int] | None = None, zero: bool = False,
+                strides: tuple[int, int] = (0, 0), part_offset: int = 0) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as `pack_weight` of (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
-    the short side C_out < vector length calls for). x (N, D, H, W, C) and the cotangent
-    g (N, D', H', W', C') have contiguous channels; the offsets (elements) pick a conv
-    group's channels."""
+    the short side C_out < vector length calls for), or, with `strides` (row, tap) in
+    elements, the sum for (tap, row r, column c) at part[part_offset + tap * strides[1] +
+    r * strides[0] + c]. x (N, D, H, W, C) and the cotangent g (N, D', H', W', C') have
+    contiguous channels; the offsets (elements) pick a conv group's channels. `units`
+    limits the work to (tap, chunk of columns) units [u0, u1), numbered tap * chunks +
+    chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
+    u0, u1 = units if units is not None else (0, 1 << 62)
     _native.grad_weight(item, int(swapped), x.ctypes.data + x_offset * item,
                         *element_strides(x)[:4], g.ctypes.data + g_offset * item,
                         *element_strides(g)[:4], *g.shape[1:4],
                         *(o.ctypes.data for o in offsets), *(len(o) for o in offsets),
-                        *steps, part.ctypes.data, *box, x.shape[3], cin, cout)
+                        *steps, part.ctypes.data + part_offset * item, *strides, u0, u1,
+                        *box, x.shape[3], cin, cout, int(zero))
+
+
+def gw_units(taps: int, columns: int, itemsize: int) -> int:
+    """How many (tap, chunk of columns) units `grad_weight` splits its work into."""
+    lanes, max_vectors = layout(itemsize)
+    return taps * -(-columns // (lanes * max_vectors))

@@ -659,6 +659,7 @@ static inline void reduce_tail(int64_t n, const Segment* segs, int64_t nseg, int
   }
 }
 
+// acc: the (na x NV vectors) sums, rows `cw` apart.
 template <typename T, int NV>
 static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t bs,
                          int64_t na, int64_t b0, T* acc, int64_t cw) {
@@ -686,6 +687,24 @@ static void grad_weight_typed(const GwJob& job) {
   const int64_t as = job.swapped ? gs_w : xs_w, bs = job.swapped ? xs_w : gs_w;
   const int64_t total = box_rows(job.box);
   const int64_t group = std::max<int64_t>(1, (192 + job.wcount - 1) / std::max<int64_t>(1, job.wcount));
+  const int64_t chunks = (nb + cw_full - 1) / cw_full;
+  // The sums of unit (tap, chunk c0 / cw_full), and their row stride.
+  const auto unit_acc = [&](int64_t tap, int64_t c0, int64_t cw) {
+    return job.pa ? part + tap * job.pt + c0 : part + taps * na * c0 + tap * na * cw;
+  };
+  const auto wanted = [&](int64_t tap, int64_t chunk) {
+    const int64_t u = tap * chunks + chunk;
+    return u >= job.unit0 && u < job.unit1;
+  };
+  if (job.zero)
+    for (int64_t tap = 0; tap < taps; ++tap)
+      for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
+        if (!wanted(tap, c0 / cw_full)) continue;
+        const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
+        T* acc = unit_acc(tap, c0, cw);
+        for (int64_t a = 0; a < na; ++a)
+          std::memset(acc + a * (job.pa ? job.pa : cw), 0, cw * sizeof(T));
+      }
   std::vector<Segment> segs(group);
   std::vector<RowPos> pos(group);
   std::vector<Segment> batches;  // pieces of segs, each batch ended by a count of -1
@@ -696,6 +715,10 @@ static void grad_weight_typed(const GwJob& job) {
       for (int64_t j = 0; j < job.ntaps[1]; ++j)
         for (int64_t k = 0; k < tw; ++k) {
           if (lo[k] >= hi[k]) continue;
+          const int64_t tap = (i * job.ntaps[1] + j) * tw + k;
+          bool any = false;
+          for (int64_t c = 0; c < chunks; ++c) any = any || wanted(tap, c);
+          if (!any) continue;
           int64_t nseg = 0;
           for (int64_t r = 0; r < nrows; ++r) {
             const auto [n, d, h] = pos[r];
@@ -730,10 +753,11 @@ static void grad_weight_typed(const GwJob& job) {
             }
           }
           if (run) batches.push_back(Segment{nullptr, nullptr, -1});
-          const int64_t tap = (i * job.ntaps[1] + j) * tw + k;
           for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
+            if (!wanted(tap, c0 / cw_full)) continue;
             const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
-            T* acc = part + taps * na * c0 + tap * na * cw;
+            T* acc = unit_acc(tap, c0, cw);
+            const int64_t ars = job.pa ? job.pa : cw;  // row stride of the sums
             size_t start = 0;
             for (size_t e = 0; e < batches.size(); ++e) {
               if (batches[e].count >= 0) continue;
@@ -741,11 +765,11 @@ static void grad_weight_typed(const GwJob& job) {
               const int64_t bn = (int64_t)(e - start);
               start = e + 1;
               switch (cw / L) {
-                case 1: reduce_chunk<T, 1>(bseg, bn, as, bs, na, c0, acc, cw); break;
-                case 2: reduce_chunk<T, 2>(bseg, bn, as, bs, na, c0, acc, cw); break;
+                case 1: reduce_chunk<T, 1>(bseg, bn, as, bs, na, c0, acc, ars); break;
+                case 2: reduce_chunk<T, 2>(bseg, bn, as, bs, na, c0, acc, ars); break;
 #if CT_NREGS == 32
-                case 3: reduce_chunk<T, 3>(bseg, bn, as, bs, na, c0, acc, cw); break;
-                case 4: reduce_chunk<T, 4>(bseg, bn, as, bs, na, c0, acc, cw); break;
+                case 3: reduce_chunk<T, 3>(bseg, bn, as, bs, na, c0, acc, ars); break;
+                case 4: reduce_chunk<T, 4>(bseg, bn, as, bs, na, c0, acc, ars); break;
 #endif
               }
             }

@@ -33,7 +33,8 @@ struct CtJob {
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the
 // packed weight of CT_MODE_CHANNELS: [chunk][tap][a][column], with (a, columns) = (C_in,
-// C_out), or (C_out, C_in) when `swapped`. The column count must be whole vectors.
+// C_out), or (C_out, C_in) when `swapped`, or at any strides (pa, pt). The column count
+// must be whole vectors. Columns are cut into chunks of up to 4 vectors.
 struct GwJob {
   int itemsize;
   int swapped;
@@ -46,6 +47,10 @@ struct GwJob {
   int64_t ntaps[3];
   int64_t step[3];       // cotangent position = input position * stride + offset
   void* part;
+  int64_t pa, pt;        // 0, 0: part laid out as above; else the sum of (tap, a, column)
+                         // is part[tap * pt + a * pa + column] (grad_weight in place)
+  int64_t unit0, unit1;  // only these (tap, chunk of columns) units, tap * chunks + chunk
+  int zero;              // 1: the units' sums start from zero (else add into part)
   int64_t box[6];        // input rows n0, n1, d0, d1, h0, h1
   int64_t wcount;        // input W
   int64_t cin, cout;

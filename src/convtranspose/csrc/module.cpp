@@ -92,14 +92,19 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
 
 PyObject* py_grad_weight(PyObject*, PyObject* args) {
   GwJob job;
-  Py_ssize_t x, g, part, off[3];
+  Py_ssize_t x, g, part, off[3], pa, pt, unit0, unit1;
   Py_ssize_t v[27];
-  if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize,
+  if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnni", &job.itemsize,
                         &job.swapped, &x, &v[0], &v[1], &v[2], &v[3], &g, &v[4], &v[5],
                         &v[6], &v[7], &v[8], &v[9], &v[10], &off[0], &off[1], &off[2], &v[11],
-                        &v[12], &v[13], &v[14], &v[15], &v[16], &part, &v[17], &v[18], &v[19],
-                        &v[20], &v[21], &v[22], &v[23], &v[24], &v[25]))
+                        &v[12], &v[13], &v[14], &v[15], &v[16], &part, &pa, &pt, &unit0,
+                        &unit1, &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23],
+                        &v[24], &v[25], &job.zero))
     return nullptr;
+  job.pa = pa;
+  job.pt = pt;
+  job.unit0 = unit0;
+  job.unit1 = unit1;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "grad_weight: itemsize must be 4 or 8");
     return nullptr;
