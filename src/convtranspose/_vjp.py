@@ -149,15 +149,21 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
     w3 = w.reshape(spec.c_out, ktot, spec.c_in_per_group)
-    # Accumulated in the compute dtype (tap chunks add up), rounded to x's dtype at the end.
-    gx = np.zeros((spec.batch, *spec.in_spatial, spec.c_in), cd) if need_input else None
     taps = _active_taps(spec)
+    work = bool(taps and spec.batch)
     side = (native_grad_weight_side(spec, x3, c3, cd)
-            if need_weight and taps and spec.batch and algorithm in (None, "native") else None)
-    # The native grad_weight writes every element; the other paths accumulate into it.
-    gw = (np.empty if side is not None else np.zeros)(
-        (spec.c_out, ktot, spec.c_in_per_group), cd) if need_weight else None
-    if taps and spec.batch and (need_input or need_weight):
+            if need_weight and work and algorithm in (None, "native") else None)
+    # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
+    # would otherwise compute both gradients from one gathered block).
+    native_gx = need_input and work and (algorithm == "native" or (
+        algorithm is None and native_grad_input_suits(spec, need_weight and side is None)))
+    # Accumulated in the compute dtype (tap chunks add up), rounded to x's dtype at the end.
+    # The native kernels write every element; the other paths accumulate into zeros.
+    gx = ((np.empty if native_gx else np.zeros)(
+        (spec.batch, *spec.in_spatial, spec.c_in), cd) if need_input else None)
+    gw = ((np.empty if side is not None else np.zeros)(
+        (spec.c_out, ktot, spec.c_in_per_group), cd) if need_weight else None)
+    if work and (need_input or need_weight):
         n_threads = max(1, threads or get_num_threads())
         budget = max(1, min(VJP_TILE_BYTES, workspace_limit(spec, workspace) // n_threads)
                      // cd.itemsize)  # elements of workspace per worker
@@ -170,8 +176,7 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
             gw = None
         else:
             gw_done = None
-        if need_input and (algorithm == "native" or (
-                algorithm is None and native_grad_input_suits(spec, need_weight))):
+        if native_gx:
             _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd)
             gx_done, algorithm = gx, None
             gx = None  # the algorithm below computes grad_weight only
