@@ -352,7 +352,7 @@ def test_adjoint_identity(rng):
 
 # ---- tiling, threads, workspace: the same numbers however the work is cut ------------------
 
-@pytest.mark.parametrize("algorithm", ["gather", "shift", "native"])
+@pytest.mark.parametrize("algorithm", ["gather", "shift", "native", "indexed"])
 @pytest.mark.parametrize("case", [TORCH_GRID[1], TORCH_GRID[4], TORCH_GRID[5], TORCH_GRID[8],
                                   TORCH_GRID[9], MLX_EDGE[2], MLX_EDGE[3]],
                          ids=["vae", "groups", "depthwise", "head", "dilated", "edge",
@@ -391,6 +391,26 @@ def test_direct_algorithm_for_depthwise(rng):
         np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
     with pytest.raises(ValueError, match="'algorithm' must be one of"):
         vjp_arrays(spec, x, w, cot, algorithm="fft")
+
+
+def test_small_calls_take_indexed_and_big_ones_refuse_it(rng):
+    """Small calls (the forward's indexed sizes) differentiate the gathered products; a
+    call too big for its gathered cotangent refuses the algorithm by name."""
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 4), 8, 8, (3, 3, 3), 2, 1, 1, 1, 1)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    from convtranspose._plan import indexed_fits
+    assert indexed_fits(spec)
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    gx, gw = vjp_arrays(spec, x, w, cot)
+    np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+    np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+    big = spec_for(3, np.zeros((1, 32, 32, 32, 64), np.float32),
+                   np.zeros((64, 3, 3, 3, 64), np.float32), padding=1)[0]
+    assert not indexed_fits(big)
+    with pytest.raises(ValueError, match="'indexed' is for small calls"):
+        vjp_arrays(big, np.zeros(big.input_shape, np.float32),
+                   np.zeros(big.weight_shape, np.float32),
+                   np.zeros(big.output_shape, np.float32), algorithm="indexed")
 
 
 def test_direct_algorithm_in_half_precision(rng, assert_close):

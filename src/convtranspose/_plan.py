@@ -503,8 +503,9 @@ def _indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
                 table=table)
 
 
-def gather_table(spec: ConvSpec) -> np.ndarray:
-    """(max contributions, output rows) of row indices into the (input row, tap) products."""
+def product_targets(spec: ConvSpec) -> np.ndarray:
+    """(input rows * taps,) the output row each (input row, tap) product adds into, or
+    `batch * prod(out_spatial)` where it lands outside the output."""
     in_sp, out_sp, kernel = spec.in_spatial, spec.out_spatial, spec.kernel
     rows_in = spec.batch * math.prod(in_sp)
     taps = math.prod(kernel)
@@ -518,11 +519,19 @@ def gather_table(spec: ConvSpec) -> np.ndarray:
         inside &= (o >= 0) & (o < out_sp[axis])
         out_idx = out_idx * out_sp[axis] + o
     out_idx += pos[0][:, None] * math.prod(out_sp)
-    src = np.flatnonzero(inside)
-    dst = out_idx.ravel()[src]
+    return np.where(inside, out_idx, spec.batch * math.prod(out_sp)).ravel()
+
+
+def gather_table(spec: ConvSpec) -> np.ndarray:
+    """(max contributions, output rows) of row indices into the (input row, tap) products."""
+    rows_in = spec.batch * math.prod(spec.in_spatial)
+    taps = math.prod(spec.kernel)
+    rows_out = spec.batch * math.prod(spec.out_spatial)
+    targets = product_targets(spec)
+    src = np.flatnonzero(targets < rows_out)
+    dst = targets[src]
     order = np.argsort(dst, kind="stable")  # fixed summation order: reproducible bits
     src, dst = src[order], dst[order]
-    rows_out = spec.batch * math.prod(out_sp)
     counts = np.bincount(dst, minlength=rows_out)
     depth = int(counts.max()) if counts.size else 0
     table = np.full((max(depth, 1), rows_out), rows_in * taps, np.intp)

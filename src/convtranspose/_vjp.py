@@ -18,6 +18,9 @@ the cotangent, no zero-stuffing), in one pass for both gradients. Three algorith
   a halo, and every (D, H) tap of the phase is a fixed row shift of that grid.
 - ``direct``: depthwise layers (one input channel per group) have no GEMM to speak of;
   they multiply-add per tap, broadcast over channels.
+- ``indexed``: small calls (the forward's ``indexed`` sizes). Every (input row, tap)
+  product of the forward feeds one output row or none, so the products' cotangent is one
+  gather of cotangent rows, and each gradient one GEMM: no per-tap Python work.
 
 grad_input alone is an ordinary strided correlation of the cotangent with the weight
 (taps transposed): where the compiled kernel is built and the channels suit it, it
@@ -49,8 +52,10 @@ from ._geometry import tap_output_range
 from ._plan import (
     Tile,
     get_num_threads,
+    indexed_fits,
     native_mode,
     native_rate,
+    product_targets,
     split_tiles,
     workspace_limit,
 )
@@ -75,8 +80,10 @@ class _Tap:
     hi: tuple[int, int, int]
 
 
-def _active_taps(spec: ConvSpec) -> list[_Tap]:
-    """Taps with a non-empty input range on every axis; the others have zero gradient."""
+@functools.lru_cache(maxsize=256)
+def _active_taps(spec: ConvSpec) -> tuple[_Tap, ...]:
+    """Taps with a non-empty input range on every axis; the others have zero gradient.
+    Cached per layer: a training loop asks again every step (60 us on W9's 27 taps)."""
     per_axis = []
     for n, kk, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding,
                                  spec.dilation, spec.out_spatial):
@@ -88,7 +95,7 @@ def _active_taps(spec: ConvSpec) -> list[_Tap]:
         lo, hi = (a[2], b[2], c[2]), (a[3], b[3], c[3])
         if all(l_ < h_ for l_, h_ in zip(lo, hi)):
             taps.append(_Tap((a[0] * kh + b[0]) * kw + c[0], (a[1], b[1], c[1]), lo, hi))
-    return taps
+    return tuple(taps)
 
 
 def _tap_box(spec: ConvSpec, tap: _Tap, tile: Tile):
@@ -142,8 +149,8 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
 
     `need_input`/`need_weight` skip the work of the gradient not wanted (None is returned
     in its place); `threads`, `workspace` (bytes) and `algorithm` ('gather', 'shift',
-    'direct', or 'native' for grad_input with the default for grad_weight) override the
-    defaults."""
+    'direct', 'indexed' for small calls, or 'native' for grad_input with the default for
+    grad_weight) override the defaults."""
     cd = compute_dtype(functools.reduce(result_dtype, (x.dtype, w.dtype, cot.dtype)))
     ktot = math.prod(spec.kernel)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
@@ -151,6 +158,11 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
     w3 = w.reshape(spec.c_out, ktot, spec.c_in_per_group)
     taps = _active_taps(spec)
     work = bool(taps and spec.batch)
+    if algorithm is None and indexed_fits(spec):
+        algorithm = "indexed"  # small: one gather and two GEMMs beat any per-tile work
+    elif algorithm == "indexed" and not indexed_fits(spec):
+        raise ValueError("vjp: algorithm 'indexed' is for small calls; this one's gathered "
+                         "cotangent would be too large (leave 'algorithm' to the default)")
     side = (native_grad_weight_side(spec, x3, c3, cd)
             if need_weight and work and algorithm in (None, "native") else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
@@ -772,7 +784,38 @@ def _direct_tile(spec, taps, tile, x3, c3, wt, gx, part, buf) -> None:
         gx[n0:n1, d0:d1, h0:h1] = acc
 
 
-_ALGORITHMS = {"gather": _gather, "shift": _shift, "direct": _direct}
+@functools.lru_cache(maxsize=64)
+def _product_targets(spec: ConvSpec) -> np.ndarray:
+    return product_targets(spec)  # the same small call repeats: built once per layer
+
+
+def _indexed(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
+    """The forward's ``indexed`` algorithm, differentiated: products[(r, t)] = x[r] @
+    W[:, t]^T are each added into one output row or none, so their cotangent is the
+    cotangent's rows gathered (a zero row for none); then grad_input = that @ W stacked
+    over (tap, C_out) and grad_weight = its transpose @ x, per group."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    ktot = math.prod(spec.kernel)
+    rows_in = x3.size // spec.c_in
+    rows_out = c3.size // spec.c_out
+    padded = np.empty((rows_out + 1, spec.c_out), cd)
+    padded[:rows_out] = c3.reshape(rows_out, spec.c_out)
+    padded[rows_out] = 0
+    dprod = np.take(padded, _product_targets(spec), axis=0)  # (rows_in * taps, C_out)
+    dprod = dprod.reshape(rows_in, ktot, groups, cog).transpose(2, 0, 1, 3).reshape(
+        groups, rows_in, ktot * cog)
+    if gx is not None:
+        wg = w3.astype(cd, copy=False).reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3)
+        gxg = np.matmul(dprod, wg.reshape(groups, ktot * cog, cig))  # (G, rows_in, C_in/g)
+        gx.reshape(rows_in, groups, cig)[...] = gxg.transpose(1, 0, 2)
+    if gw is not None:
+        xg = x3.reshape(rows_in, groups, cig).astype(cd, copy=False).transpose(1, 0, 2)
+        gwg = np.matmul(dprod.transpose(0, 2, 1), xg)  # (G, taps * C_out/g, C_in/g)
+        gw.reshape(groups, cog, ktot, cig)[...] = gwg.reshape(
+            groups, ktot, cog, cig).transpose(0, 2, 1, 3)
+
+
+_ALGORITHMS = {"gather": _gather, "shift": _shift, "direct": _direct, "indexed": _indexed}
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,
