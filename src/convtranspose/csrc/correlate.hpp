@@ -630,24 +630,47 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
-  V r[P][NV];
-  load_tile<T, P, NV>(r, acc, cw);
+  // With few sums (a 16 -> 1 head has one per tap) each pixel's multiply-add would wait
+  // on the previous one: U interleaved copies of the sums keep 8 chains in flight, added
+  // in a fixed order at the end.
+  constexpr int UN = P * NV >= 8 ? 1 : 8 / (P * NV);
+  V r[UN][P][NV];
+  load_tile<T, P, NV>(r[0], acc, cw);
+#pragma GCC unroll 8
+  for (int u = 1; u < UN; ++u)
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) r[u][p][v] = V{};
   for (int64_t sgi = 0; sgi < nseg; ++sgi) {
     const T* a = static_cast<const T*>(segs[sgi].a) + a0;
     const T* b = static_cast<const T*>(segs[sgi].b) + b0;
-    for (int64_t i = 0; i < segs[sgi].count; ++i, a += as, b += bs) {
+    const int64_t count = segs[sgi].count;
+    int64_t i = 0;
+    const auto step = [&](auto& sums, const T* ai, const T* bi) {
       V bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const U*>(b + v * L);
+      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const U*>(bi + v * L);
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p) {
-        const V x = broadcast<V>(a + p);
+        const V x = broadcast<V>(ai + p);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) r[p][v] += x * bv[v];
+        for (int v = 0; v < NV; ++v) sums[p][v] += x * bv[v];
       }
+    };
+    for (; i + UN <= count; i += UN, a += UN * as, b += UN * bs) {
+#pragma GCC unroll 8
+      for (int u = 0; u < UN; ++u) step(r[u], a + u * as, b + u * bs);
     }
+    for (; i < count; ++i, a += as, b += bs) step(r[0], a, b);
   }
-  store_tile<T, P, NV>(r, acc, cw);
+#pragma GCC unroll 8
+  for (int u = 1; u < UN; ++u)
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) r[0][p][v] += r[u][p][v];
+  store_tile<T, P, NV>(r[0], acc, cw);
 }
 
 template <typename T, int NV, int P>
@@ -735,8 +758,9 @@ static void grad_weight_typed(const GwJob& job) {
           }
           if (!nseg) continue;
           // Cut the pixels into batches of about SUB, so that a batch's rows of the vector
-          // side stay in L1 while every block of the broadcast side sweeps them.
-          constexpr int64_t SUB = 48;
+          // side stay in L1 while every block of the broadcast side sweeps them; with a
+          // broadcast side of a few values (one block) there is nothing to keep: no cuts.
+          const int64_t SUB = na < 8 ? INT64_MAX / 2 : 48;
           batches.clear();
           int64_t run = 0;
           for (int64_t q = 0; q < nseg; ++q) {
