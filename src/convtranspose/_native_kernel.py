@@ -38,20 +38,33 @@ def layout(itemsize: int) -> tuple[int, int]:
     return _native.layout(itemsize) if AVAILABLE else (1, 1)
 
 
-def pack_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
-                 empty=np.empty) -> np.ndarray:
-    """The weight layout of CHANNELS mode, gathered in one pass from `w` where it lies
-    (the compute dtype, any strides): element (tap, r, col) is w's element at
-    table[tap, col] + r * row_stride, in elements from w's first. Columns are padded with
-    zeros to whole vectors and cut into chunks, each chunk [tap][r][column], in order.
-    `empty(count, dtype)` provides the result's memory (a `Scratch` may lend it)."""
-    table = np.ascontiguousarray(table, np.int64)
+def packed_size(taps: int, rows: int, cols: int, itemsize: int) -> int:
+    """Elements of the CHANNELS layout of (taps, rows, cols): columns padded to vectors."""
+    lanes, _ = layout(itemsize)
+    return taps * rows * (-(-cols // lanes) * lanes)
+
+
+def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
+                 out: np.ndarray) -> None:
+    """Gather into `out` (`packed_size` elements, w's dtype) the weight layout of CHANNELS
+    mode, in one pass from `w` where it lies (the compute dtype, any strides): element
+    (tap, r, col) is w's element at table[tap, col] + r * row_stride, in elements from
+    w's first. Columns are padded with zeros to whole vectors and cut into chunks, each
+    chunk [tap][r][column], in order. Releases the GIL."""
     taps, cols = table.shape
     lanes, max_vectors = layout(w.dtype.itemsize)
     padded = -(-cols // lanes) * lanes
-    out = empty(taps * rows * padded, w.dtype)
+    assert out.size == taps * rows * padded and out.dtype == w.dtype
     _native.pack(w.dtype.itemsize, w.ctypes.data, table.ctypes.data, taps, cols, rows,
                  row_stride, padded, lanes * max_vectors, out.ctypes.data)
+
+
+def pack_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int) -> np.ndarray:
+    """`fill_columns` into a new array."""
+    table = np.ascontiguousarray(table, np.int64)
+    out = np.empty(packed_size(table.shape[0], rows, table.shape[1], w.dtype.itemsize),
+                   w.dtype)
+    fill_columns(w, table, rows, row_stride, out)
     return out
 
 
