@@ -8,7 +8,7 @@ For y = conv_transpose(x, W) and a cotangent g shaped like y, per axis and per p
 
 Both read the same cotangent rows: input position i meets, through tap k, cotangent row
 i*s + k*d - p. So the work is organised over *input* positions (a strided correlation of
-the cotangent, no zero-stuffing), in one pass for both gradients. Three algorithms:
+the cotangent, no zero-stuffing), in one pass for both gradients. Four algorithms:
 
 - ``gather``: a tile of input rows copies, per tap, the cotangent rows it meets into one
   block (rows, taps * C_out/g); two GEMMs: grad_input tile = block @ W_stacked (K = taps *
@@ -307,11 +307,12 @@ def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
 
 def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
-    csrc/correlate.hpp). Swapped (vectors along C_in), the sums land in gw in place:
-    workers own disjoint (tap, column chunk) units over every pixel, so there is no
-    partial sum to add and the bits do not depend on the thread count. Otherwise, or with
-    too few units to share, workers own fixed tiles of input rows and one partial sum
-    each, added in worker order (bitwise reproducible for a thread count)."""
+    csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
+    so there is no partial sum to add and the bits do not depend on the thread count;
+    swapped (vectors along C_in) the sums land in gw in place, otherwise in the packed
+    layout, then unpacked. With too few units to share (a 1x1x1 kernel), workers own
+    fixed tiles of input rows and one partial sum each, added in worker order (bitwise
+    reproducible for a thread count)."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
