@@ -289,3 +289,26 @@ def test_grad_weight_work_splits_agree_and_units_ignore_the_thread_count(path, r
     if path != "rows":
         np.testing.assert_array_equal(results[0], results[1])
         np.testing.assert_array_equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("channels", [5, 16, 70])
+def test_depthwise_grad_input_through_the_kernel(channels, isa, rng):
+    """A depthwise layer's grad_input is a depthwise correlation of the cotangent: the
+    kernel's depthwise mode with the stride as its step (whole and partial vectors)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_input_suits, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), channels, channels, (3, 2, 4),
+                              stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1),
+                              output_padding=(1, 0, 1), groups=channels, batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    assert native_grad_input_suits(spec, need_weight=True)
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    for threads in (1, 2):
+        gx, _ = vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native",
+                           threads=threads)
+        np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+    gx, gw = vjp_arrays(spec, x, w, cot)  # the default: indexed, or kernel + direct
+    np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+    np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)

@@ -222,12 +222,17 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     When grad_weight is wanted too, the GEMM paths share one gathered block between both
     gradients, and taking grad_input out of them saves little: measured on W1-W8, the
     split won only at stride 1 (W5: 37 -> 32 ms); at stride 2 it lost up to 15% (W2)."""
-    if not native.AVAILABLE or (need_weight and math.prod(spec.stride) > 1):
+    if not native.AVAILABLE:
         return False
     swapped = dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
+    mode = native_mode(swapped)
+    if mode == native.DEPTHWISE:  # against the direct path's NumPy multiply-adds: W7's
+        return True               # grad_input 38 -> 12 ms, as fast as its forward
+    if need_weight and math.prod(spec.stride) > 1:
+        return False
     # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input
     # (C_out = 1, modelled 32) takes 2.5 ms here against 4.4 ms through a GEMM.
-    return native_mode(swapped) == native.CHANNELS and native_rate(swapped) >= 20e9
+    return mode == native.CHANNELS and native_rate(swapped) >= 20e9
 
 
 def _tap_offsets(spec: ConvSpec) -> tuple[np.ndarray, ...]:
@@ -245,9 +250,13 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
     item = cd.itemsize
     offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
-    wt = w3.reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3).astype(cd)
-    packed = [native.pack(np.ascontiguousarray(wt[g]), native.CHANNELS)
-              for g in range(groups)]
+    depthwise = cig == 1 and cog == 1
+    if depthwise:  # [tap][channel], every channel in one pass
+        packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=cd)]
+    else:
+        wt = w3.reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3).astype(cd)
+        packed = [native.pack(np.ascontiguousarray(wt[g]), native.CHANNELS)
+                  for g in range(groups)]
     convert = not native.reads_in_place(c3, cd)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
     tiles = _tiles(spec, max(1, budget // per_row) if convert else 1 << 30, 4 * n_threads)
@@ -270,6 +279,11 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
                 x_addr, xs = native.origin(c3)
             target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
             o_addr, os_ = native.origin(target)
+            if depthwise:
+                native.correlate(native.DEPTHWISE, item, False, x_addr, xs, spec.out_spatial,
+                                 packed[0], offsets, spec.stride, o_addr, os_, box,
+                                 spec.in_spatial[2], groups, groups)
+                return
             for g in range(groups):
                 native.correlate(native.CHANNELS, item, False, x_addr + g * cog * item, xs,
                                  spec.out_spatial, packed[g], offsets, spec.stride,
