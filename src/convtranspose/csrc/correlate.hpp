@@ -219,6 +219,28 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
 // 58; even at 4-8; from 16 on rows_chunk wins (138 against 104), its input and weight
 // blocks staying in L1 where this sweep streams every tap's rows.
 
+// One tap's multiply-adds into the P x NV sums of rows_chunk_taps_inner, over every
+// input channel; MASKED: only pixels [a, b) (compile-time indices keep the sums in
+// registers), else all P without a test.
+template <typename T, int NV, int P, bool MASKED, typename V>
+static inline void taps_inner_tap(V (&sum)[P][NV], const T* xb, int64_t pstride, const T* wt,
+                                  int64_t cw, int64_t cin, int64_t a, int64_t b) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  for (int64_t c = 0; c < cin; ++c) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + c * cw + v * L);
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p) {
+      if (MASKED && (p < a || p >= b)) continue;
+      const V x = broadcast<V>(xb + p * pstride + c);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) sum[p][v] += x * wv[v];
+    }
+  }
+}
+
 template <typename T, int NV, int P>
 static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* const* xrows,
                                   char* const* orows, const int64_t* lo, const int64_t* hi,
@@ -247,32 +269,10 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
           if (a >= b) continue;
           const T* wt = wchunk + (q * tw + k) * cin * cw;
           const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3];
-          if (a == 0 && b == P) {  // every pixel of the block
-            for (int64_t c = 0; c < cin; ++c) {
-              V wv[NV];
-#pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + c * cw + v * L);
-#pragma GCC unroll 32
-              for (int p = 0; p < P; ++p) {
-                const V x = broadcast<V>(xb + p * pstride + c);
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) sum[p][v] += x * wv[v];
-              }
-            }
-          } else {  // pixels [a, b) only
-            for (int64_t c = 0; c < cin; ++c) {
-              V wv[NV];
-#pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + c * cw + v * L);
-#pragma GCC unroll 32
-              for (int p = 0; p < P; ++p) {
-                if (p < a || p >= b) continue;
-                const V x = broadcast<V>(xb + p * pstride + c);
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) sum[p][v] += x * wv[v];
-              }
-            }
-          }
+          if (a == 0 && b == P)  // every pixel of the block
+            taps_inner_tap<T, NV, P, false>(sum, xb, pstride, wt, cw, cin, 0, P);
+          else  // pixels [a, b) only
+            taps_inner_tap<T, NV, P, true>(sum, xb, pstride, wt, cw, cin, a, b);
         }
       }
       T* a_row = acc + w0 * cw;
