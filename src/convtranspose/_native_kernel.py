@@ -55,6 +55,7 @@ def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
     lanes, max_vectors = layout(w.dtype.itemsize)
     padded = -(-cols // lanes) * lanes
     assert out.size == taps * rows * padded and out.dtype == w.dtype
+    assert table.dtype == np.int64 and table.flags.c_contiguous
     _native.pack(w.dtype.itemsize, w.ctypes.data, table.ctypes.data, taps, cols, rows,
                  row_stride, padded, lanes * max_vectors, out.ctypes.data)
 
@@ -68,17 +69,6 @@ def pack_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int) -
     return out
 
 
-def pack_weight(wt: np.ndarray) -> np.ndarray:
-    """(taps, C_in, C_out) -> the kernel's layout: C_out padded to whole vectors and cut
-    into chunks of columns, each chunk [tap][C_in][column], chunk after chunk."""
-    taps, _, cout = wt.shape
-    if element_strides(wt) is None:
-        wt = np.ascontiguousarray(wt)
-    st = element_strides(wt)
-    table = np.arange(taps)[:, None] * st[0] + np.arange(cout)[None, :] * st[2]
-    return pack_columns(wt, table, wt.shape[1], st[1])
-
-
 def element_strides(a: np.ndarray) -> list[int] | None:
     """a's strides in elements, or None when one is not a whole number of elements."""
     item = a.dtype.itemsize
@@ -88,10 +78,9 @@ def element_strides(a: np.ndarray) -> list[int] | None:
 
 
 def pack(wt: np.ndarray, mode: int) -> np.ndarray:
-    """(taps, C_in, C_out) -> the weight layout of `mode` (for DEPTHWISE, C_in == 1 and
-    the last axis holds every channel)."""
-    if mode == CHANNELS:
-        return pack_weight(wt)
+    """(taps, C_in, C_out) -> the weight layout of DOT or DEPTHWISE mode (for DEPTHWISE,
+    C_in == 1 and the last axis holds every channel). CHANNELS: `fill_columns`."""
+    assert mode != CHANNELS
     if mode == DOT:
         return np.ascontiguousarray(wt.transpose(0, 2, 1))  # [tap][co][c]
     return np.ascontiguousarray(wt[:, 0, :])  # [tap][c]
@@ -133,7 +122,8 @@ def correlate(mode: int, itemsize: int, out_f16: bool, x_addr: int, x_strides: l
 
 
 def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
-    """The inverse of `pack_weight` for `cols` a whole number of vectors: (taps, rows, cols)."""
+    """The inverse of `fill_columns` for `cols` a whole number of vectors: (taps, rows,
+    cols)."""
     lanes, max_vectors = layout(part.dtype.itemsize)
     chunk = lanes * max_vectors
     out = np.empty((taps, rows, cols), part.dtype)
@@ -152,7 +142,7 @@ def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_of
                 units: tuple[int, int] | None = None, zero: bool = False,
                 strides: tuple[int, int] = (0, 0), part_offset: int = 0) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
-    as `pack_weight` of (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
+    as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
     the short side C_out < vector length calls for), or, with `strides` (row, tap) in
     elements, the sum for (tap, row r, column c) at part[part_offset + tap * strides[1] +
     r * strides[0] + c]. x (N, D, H, W, C) and the cotangent g (N, D', H', W', C') have

@@ -253,9 +253,13 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
     depthwise = cig == 1 and cog == 1
     if depthwise:  # [tap][channel], every channel in one pass
         packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=cd)]
-    else:
-        wt = w3.reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3).astype(cd)
-        packed = [native.pack(np.ascontiguousarray(wt[g]), native.CHANNELS)
+    else:  # [tap][co][ci] per group (rows co, columns ci), gathered from w3 in one pass
+        w3 = w3.astype(cd, copy=False)
+        if native.element_strides(w3) is None:
+            w3 = np.ascontiguousarray(w3)
+        s_co, s_tap, s_ci = native.element_strides(w3)
+        start = np.arange(ktot)[:, None] * s_tap + np.arange(cig)[None, :] * s_ci
+        packed = [native.pack_columns(w3, start + g * cog * s_co, cog, s_co)
                   for g in range(groups)]
     convert = not native.reads_in_place(c3, cd)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
@@ -343,25 +347,17 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
         def in_place(j):
             def job():
                 for g in range(groups):
-                    if swapped:
-                        native.grad_weight(True, x3, g * cig, c3, g * cog, offsets,
-                                           spec.stride, gw, box, cig, cog,
-                                           units=(bounds[j], bounds[j + 1]), zero=True,
-                                           strides=(ktot * cig, cig),
-                                           part_offset=g * cog * ktot * cig)
-                    else:
-                        native.grad_weight(False, x3, g * cig, c3, g * cog, offsets,
-                                           spec.stride, packed[g], box, cig, cog,
-                                           units=(bounds[j], bounds[j + 1]), zero=True)
+                    target = (dict(part=gw, strides=(ktot * cig, cig),
+                                   part_offset=g * cog * ktot * cig) if swapped
+                              else dict(part=packed[g]))
+                    native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets,
+                                       spec.stride, box=box, cin=cig, cout=cog,
+                                       units=(bounds[j], bounds[j + 1]), zero=True, **target)
             return job
 
         _run_workers([in_place(j) for j in range(workers)], workers)
         if packed is not None:
-            for g in range(groups):
-                gw[g * cog:(g + 1) * cog] = native.unpack(packed[g], ktot, rows,
-                                                          cols).transpose(2, 0, 1)
-        return
-        _run_workers([in_place(j) for j in range(workers)], workers)
+            _unpack_grad_weight(gw, packed, ktot, rows, cols, swapped)
         return
     tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
                    n_threads)
@@ -378,9 +374,15 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
         return job
 
     _run_workers([job_for(j) for j in range(workers)], workers)
-    total = _sum_in_order(parts)
-    for g in range(groups):
-        block = native.unpack(total[g], ktot, rows, cols)  # (taps, rows, cols)
+    _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
+
+
+def _unpack_grad_weight(gw, packed, ktot: int, rows: int, cols: int, swapped: bool) -> None:
+    """gw (C_out, taps, C_in/g) from each group's sums in the packed layout of (taps, rows,
+    cols): (rows, cols) = (C_in/g, C_out/g), or (C_out/g, C_in/g) swapped."""
+    cog = rows if swapped else cols
+    for g in range(len(packed)):
+        block = native.unpack(packed[g], ktot, rows, cols)  # (taps, rows, cols)
         block = block.transpose(1, 0, 2) if swapped else block.transpose(2, 0, 1)
         gw[g * cog:(g + 1) * cog] = block  # (C_out/g, taps, C_in/g)
 
