@@ -15,6 +15,7 @@ from ._api import (
     plan,
     run_plan,
 )
+from ._memory import get_result_cache, release_memory, set_result_cache
 from ._native_kernel import isa as native_isa
 from ._plan import Plan, get_num_threads, set_num_threads
 from ._vjp import conv_transpose1d_vjp, conv_transpose2d_vjp, conv_transpose3d_vjp
@@ -31,11 +32,14 @@ __all__ = [
     "conv_transpose3d",
     "conv_transpose3d_vjp",
     "get_num_threads",
+    "get_result_cache",
     "native_isa",
     "output_shape",
     "plan",
+    "release_memory",
     "run_plan",
     "set_num_threads",
+    "set_result_cache",
     "weight_from_torch",
     "weight_to_torch",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._blas import single_threaded_blas
 from ._geometry import Phase
+from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
     Task,
@@ -26,7 +27,6 @@ from ._plan import (
     native_mode,
     native_writes_every_output,
 )
-from ._scratch import Scratch
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()  # callers may be threads themselves (dask workers)
@@ -523,7 +523,7 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     # or leave phases no tap reaches at zero. Zeroing costs a pass over the output.
     fills = plan.algorithm == "indexed" or (plan.algorithm == "native"
                                             and native_writes_every_output(spec))
-    alloc = np.empty if fills else np.zeros
+    alloc = result_empty if fills else result_zeros
     out = alloc((spec.batch, *spec.out_spatial, spec.c_out), spec.result_dtype)
     if not plan.tasks:
         return out.reshape(spec.output_shape)

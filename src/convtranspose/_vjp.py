@@ -49,6 +49,7 @@ from ._blas import single_threaded_blas
 from ._dtypes import compute_dtype, result_dtype
 from ._execute import _pool, _zero_outside
 from ._geometry import tap_output_range
+from ._memory import result_empty, result_zeros
 from ._plan import (
     Tile,
     get_num_threads,
@@ -171,9 +172,9 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
         algorithm is None and native_grad_input_suits(spec, need_weight and side is None)))
     # Accumulated in the compute dtype (tap chunks add up), rounded to x's dtype at the end.
     # The native kernels write every element; the other paths accumulate into zeros.
-    gx = ((np.empty if native_gx else np.zeros)(
+    gx = ((result_empty if native_gx else result_zeros)(
         (spec.batch, *spec.in_spatial, spec.c_in), cd) if need_input else None)
-    gw = ((np.empty if side is not None else np.zeros)(
+    gw = ((result_empty if side is not None else result_zeros)(
         (spec.c_out, ktot, spec.c_in_per_group), cd) if need_weight else None)
     if work and (need_input or need_weight):
         n_threads = max(1, threads or get_num_threads())
