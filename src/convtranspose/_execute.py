@@ -26,6 +26,7 @@ from ._plan import (
     native_input_box,
     native_mode,
     native_writes_every_output,
+    streams_output,
 )
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -436,6 +437,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
     # float16 the kernel rounds as it stores; bfloat16 goes through a float32 block.
     out_f16 = out.dtype == np.float16
     round_output = out.dtype != spec.compute_dtype and not out_f16
+    stream = not round_output and streams_output(out.nbytes)
     (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
     in_w = spec.in_spatial[2]
     box = (n0, n1, a, b, e, f)
@@ -457,11 +459,11 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         o_addr, os_ = native.origin(target)
         out_item = target.dtype.itemsize
         if mode == native.DEPTHWISE:
-            native.correlate(mode, item, out_f16, x_addr, xs, spec.in_spatial, packed[0],
+            native.correlate(mode, item, out_f16, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups)
         else:
             for g in range(groups):
-                native.correlate(mode, item, out_f16, x_addr + g * cig * item, xs,
+                native.correlate(mode, item, out_f16, stream, x_addr + g * cig * item, xs,
                                  spec.in_spatial, packed[g], offsets, (1, 1, 1),
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog)
         if round_output:

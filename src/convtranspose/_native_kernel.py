@@ -103,7 +103,8 @@ def origin(a: np.ndarray, first: tuple[int, ...] = (0, 0, 0)) -> tuple[int, list
     return a.ctypes.data - shift * a.dtype.itemsize, strides
 
 
-def correlate(mode: int, itemsize: int, out_f16: bool, x_addr: int, x_strides: list[int],
+def correlate(mode: int, itemsize: int, out_f16: bool, stream_out: bool, x_addr: int,
+              x_strides: list[int],
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: tuple[np.ndarray, ...],
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
               box: tuple[int, ...], wcount: int,
@@ -113,9 +114,10 @@ def correlate(mode: int, itemsize: int, out_f16: bool, x_addr: int, x_strides: l
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
     [0, wcount). Addresses and element strides (n, d, h, w) are raw: x_addr is batch item
     0's origin, out_addr the box's first position; channels are contiguous in both.
-    `out_f16`: the output is float16, rounded from the float32 sums as they are stored. The
+    `out_f16`: the output is float16, rounded from the float32 sums as they are stored.
+    `stream_out`: write it with non-temporal stores (see `_plan.streams_output`). The
     caller keeps every array alive and in bounds; the GIL is released meanwhile."""
-    _native.correlate(itemsize, mode, int(out_f16), x_addr, *x_strides, *in_dims,
+    _native.correlate(itemsize, mode, int(out_f16), int(stream_out), x_addr, *x_strides, *in_dims,
                       packed.ctypes.data, *(o.ctypes.data for o in offsets),
                       *(len(o) for o in offsets), *steps, out_addr, *out_strides, *box,
                       wcount, cin, cout)

@@ -242,6 +242,18 @@ def native_input_box(spec: ConvSpec, phase: Phase, tile: Tile) -> tuple[tuple[in
             (h0, max(h0, min(in_h, tile.h[1] + hmax))))
 
 
+# Outputs of at least this many bytes leave the compiled kernel by non-temporal stores:
+# far past the L2s, normal stores would first read every line they overwrite and evict
+# lines still in use. One core: W2's 256 MiB 107 -> 82 ms, W1's and W4's 32 MiB 35 -> 30
+# and 54 -> 48 ms. At 8 MiB (W3, W8) the gain was 2-3%, less than a consumer would then
+# lose reading the result from memory rather than from the L3.
+STREAM_OUTPUT_FROM_BYTES = 16 << 20
+
+
+def streams_output(nbytes: int) -> bool:
+    return nbytes >= STREAM_OUTPUT_FROM_BYTES
+
+
 def native_writes_every_output(spec: ConvSpec) -> bool:
     """Whether native tiles store every output position: they store each position of
     their phase, zero where no tap lands, so only a phase no tap reaches leaves a gap

@@ -58,6 +58,7 @@ from ._plan import (
     native_rate,
     product_targets,
     split_tiles,
+    streams_output,
     workspace_limit,
 )
 from ._spec import ConvSpec, as_float_array
@@ -267,6 +268,7 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
     tiles = _tiles(spec, max(1, budget // per_row) if convert else 1 << 30, 4 * n_threads)
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
     out_w = spec.out_spatial[2]
+    stream = streams_output(gx.nbytes)
 
     def job_for(tile):
         def job():
@@ -285,14 +287,14 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
             target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
             o_addr, os_ = native.origin(target)
             if depthwise:
-                native.correlate(native.DEPTHWISE, item, False, x_addr, xs, spec.out_spatial,
-                                 packed[0], offsets, spec.stride, o_addr, os_, box,
-                                 spec.in_spatial[2], groups, groups)
+                native.correlate(native.DEPTHWISE, item, False, stream, x_addr, xs,
+                                 spec.out_spatial, packed[0], offsets, spec.stride, o_addr,
+                                 os_, box, spec.in_spatial[2], groups, groups)
                 return
             for g in range(groups):
-                native.correlate(native.CHANNELS, item, False, x_addr + g * cog * item, xs,
-                                 spec.out_spatial, packed[g], offsets, spec.stride,
-                                 o_addr + g * cig * item, os_, box,
+                native.correlate(native.CHANNELS, item, False, stream,
+                                 x_addr + g * cog * item, xs, spec.out_spatial, packed[g],
+                                 offsets, spec.stride, o_addr + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig)
         return job
 

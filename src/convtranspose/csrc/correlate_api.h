@@ -17,6 +17,7 @@ struct CtJob {
   int itemsize;          // 4: float32, 8: float64
   int mode;              // CT_MODE_*
   int out_f16;           // 1: the output is float16 (from float32), rounded as stored
+  int stream_out;        // 1: the output is far bigger than the caches: stream it out
   const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous
   int64_t xs[4];         // input strides in elements: n, d, h, w
   int64_t in_dims[3];    // input D, H, W

@@ -7,5 +7,9 @@
 #define CT_BROADCAST_F(p) _mm256_set1_ps(*(p))
 #define CT_BROADCAST_D(p) _mm256_set1_pd(*(p))
 #define CT_F16_STORE(dst, src) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(_mm256_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+static inline void ct_stream(float* d, const float* s) { _mm256_stream_ps(d, _mm256_loadu_ps(s)); }
+static inline void ct_stream(double* d, const double* s) { _mm256_stream_pd(d, _mm256_loadu_pd(s)); }
+#define CT_STREAM(dst, src) ct_stream(dst, src)
+#define CT_STREAM_FENCE() _mm_sfence()
 #include "correlate.hpp"
 #endif

@@ -10,5 +10,9 @@
 #define CT_HSUM_F(v) _mm512_reduce_add_ps((__m512)(v))
 #define CT_HSUM_D(v) _mm512_reduce_add_pd((__m512d)(v))
 #define CT_F16_STORE(dst, src) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(_mm512_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+static inline void ct_stream(float* d, const float* s) { _mm512_stream_ps(d, _mm512_loadu_ps(s)); }
+static inline void ct_stream(double* d, const double* s) { _mm512_stream_pd(d, _mm512_loadu_pd(s)); }
+#define CT_STREAM(dst, src) ct_stream(dst, src)
+#define CT_STREAM_FENCE() _mm_sfence()
 #include "correlate.hpp"
 #endif
