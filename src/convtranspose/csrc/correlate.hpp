@@ -216,10 +216,18 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
           if (!xrow) continue;  // this (D, H) tap reads outside the input for this row
           const T* xb = xrow + xoff + c0;
           T* a = acc + (r * wcount + lo[k]) * cw;
-          int64_t w = lo[k];
-          for (; w + P <= hi[k]; w += P, xb += P * pstride, a += P * cw)
-            block<T, P, NV>(xb, pstride, wt, cw, cn, a);
-          if (w < hi[k]) tail<T, NV, P - 1>(hi[k] - w, xb, pstride, wt, cw, cn, a);
+          // Blocks of even size: a remainder of 1-2 pixels would run latency-bound, with
+          // too few independent sums to fill the FMA pipes (31 = 6+5+5+5+5+5, not 6*5+1;
+          // W3's rows of 8 = 4+4: 8% faster).
+          const int64_t n = hi[k] - lo[k], nb = (n + P - 1) / P;
+          const int64_t size = n / nb, bigger = n % nb;
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t len = size + (b < bigger);
+            if (len == P) block<T, P, NV>(xb, pstride, wt, cw, cn, a);
+            else tail<T, NV, P - 1>(len, xb, pstride, wt, cw, cn, a);
+            xb += len * pstride;
+            a += len * cw;
+          }
         }
       }
     }
