@@ -490,11 +490,14 @@ def _indexed(plan: Plan, x3, w3, out) -> None:
     else:
         y = np.matmul(xr.transpose(1, 0, 2), wr).reshape(groups, rows, taps, cog)
         products[:-1].reshape(rows, taps, groups, cog)[...] = y.transpose(1, 2, 0, 3)
-    gathered = np.take(products, plan.table, axis=0)
-    if out.dtype == spec.compute_dtype:
-        np.add.reduce(gathered, axis=0, out=out.reshape(-1, spec.c_out))
-    else:  # sum in the compute dtype, round once
-        out.reshape(-1, spec.c_out)[...] = gathered.sum(axis=0)
+    flat = out.reshape(-1, spec.c_out)
+    target = flat if out.dtype == spec.compute_dtype else np.empty(flat.shape, products.dtype)
+    if native.AVAILABLE:
+        native.gather_sum(products, plan.table, target)
+    else:
+        np.add.reduce(np.take(products, plan.table, axis=0), axis=0, out=target)
+    if target is not flat:  # summed in the compute dtype, rounded once
+        flat[...] = target
 
 
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:

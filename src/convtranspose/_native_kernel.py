@@ -123,6 +123,13 @@ def correlate(mode: int, itemsize: int, out_f16: bool, stream_out: bool, x_addr:
                       wcount, cin, cout)
 
 
+def gather_sum(rows: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
+    """out[o] = sum over j, in order, of rows[table[j, o]]: C-contiguous arrays of one float
+    dtype, table int64 (terms, len(out)) with every index within rows (the planner's)."""
+    _native.gather_sum(rows.dtype.itemsize, rows, table, table.shape[0], table.shape[1],
+                       rows.shape[1], out)
+
+
 def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
     """The inverse of `fill_columns` for `cols` a whole number of vectors: (taps, rows,
     cols)."""
