@@ -240,12 +240,14 @@ def test_float16_results_round_like_numpy(c_out, groups, isa, rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("transposed", [False, True], ids=["rows-contiguous", "rows-strided"])
+@pytest.mark.parametrize("transposed,scattered", [(False, False), (True, False), (True, True)],
+                         ids=["rows-contiguous", "rows-strided", "rows-strided-cols-permuted"])
 @pytest.mark.parametrize("cols", [1, 7, 16, 70, 130])
-def test_pack_columns_gathers_the_documented_layout(dtype, transposed, cols, rng):
+def test_pack_columns_gathers_the_documented_layout(dtype, transposed, scattered, cols, rng):
     """Element (tap, r, col) = w.flat-by-strides[table[tap, col] + r * row_stride], columns
     padded with zeros to whole vectors, cut into chunks [tap][r][column]: checked against
-    a NumPy gather, from a strided source either way round."""
+    a NumPy gather, from a strided source either way round, with the columns adjacent in
+    the source (copied as runs) or not."""
     taps, rows = 3, 21
     lanes, max_vectors = native.layout(np.dtype(dtype).itemsize)
     base = rng.standard_normal((cols + 3, taps, rows * 2)).astype(dtype)
@@ -253,11 +255,12 @@ def test_pack_columns_gathers_the_documented_layout(dtype, transposed, cols, rng
     if transposed:  # rows strided, columns adjacent
         src = np.ascontiguousarray(src.transpose(1, 2, 0)).transpose(2, 0, 1)
     s_col, s_tap, s_row = native.element_strides(src)
-    table = np.arange(taps)[:, None] * s_tap + np.arange(cols)[None, :] * s_col
+    order = rng.permutation(cols) if scattered else np.arange(cols)
+    table = np.arange(taps)[:, None] * s_tap + order[None, :] * s_col
     packed = native.pack_columns(src, table, rows, s_row)
     padded = -(-cols // lanes) * lanes
     want = np.zeros((taps, rows, padded), dtype)
-    want[..., :cols] = src.transpose(1, 2, 0)
+    want[..., :cols] = src.transpose(1, 2, 0)[..., order]
     chunk = lanes * max_vectors
     expect = np.concatenate([want[..., c:c + chunk].ravel() for c in range(0, padded, chunk)])
     np.testing.assert_array_equal(packed, expect)
