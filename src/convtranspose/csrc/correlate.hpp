@@ -541,6 +541,91 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   });
 }
 
+// dot_rows when every pixel's channels are CV whole vectors and pixels lie next to each
+// other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
+// addresses are constant offsets from one pointer. dot_rows computed P pointers per tap,
+// which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
+// cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
+// (masked loads do not fault), so every tap runs the same straight code.
+template <typename V, typename T>
+static inline V load_or_zero(unsigned valid, const T* p) {  // valid: 0 or 1
+#ifdef CT_MASKZ_LOAD_F
+  if constexpr (sizeof(T) == 4) return (V)CT_MASKZ_LOAD_F(valid, reinterpret_cast<const float*>(p));
+  else return (V)CT_MASKZ_LOAD_D(valid, reinterpret_cast<const double*>(p));
+#else
+  typedef typename Vec<T>::u U;
+  return valid ? (V)*reinterpret_cast<const U*>(p) : V{};
+#endif
+}
+
+template <typename T, int CO, int CV>
+static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
+  constexpr int64_t PS = CV * L;  // the pixel stride, in elements
+  const int64_t tw = job.ntaps[2], pairs = job.ntaps[0] * job.ntaps[1], os = job.os[3];
+  const T* wpk = static_cast<const T*>(job.w);
+  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+    for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
+      const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
+      V acc[P][CO];
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] = V{};
+      for (int64_t q = 0; q < pairs; ++q) {
+        if (!rows[q]) continue;
+        for (int64_t k = 0; k < tw; ++k) {
+          const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
+          if (pa >= pb) continue;
+          const T* wt = wpk + (q * tw + k) * CO * PS;
+          const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
+          if (pa == 0 && pb == P) {
+#pragma GCC unroll 4
+            for (int v = 0; v < CV; ++v) {
+              V wv[CO];
+#pragma GCC unroll 4
+              for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p) {
+                const V xv = *reinterpret_cast<const U*>(xb + p * PS + v * L);
+#pragma GCC unroll 4
+                for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+              }
+            }
+          } else {
+            const unsigned valid = ((1u << pb) - 1) & ~((1u << pa) - 1);  // bit p: pixel p
+#pragma GCC unroll 4
+            for (int v = 0; v < CV; ++v) {
+              V wv[CO];
+#pragma GCC unroll 4
+              for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p) {
+                const V xv = load_or_zero<V>((valid >> p) & 1, xb + p * PS + v * L);
+#pragma GCC unroll 4
+                for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+              }
+            }
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        if (p >= np) continue;
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) {
+          const T value = hsum<V, T>(acc[p][o]);
+          store_out(job.out_f16, orow + ((w0 + p) * os + o) * oi, &value, 1);
+        }
+      }
+    }
+  });
+}
+
 // Depthwise (one input and one output channel per group): vectors run along the
 // channels, each tap one multiply-add per pixel and vector. Weight [tap][c].
 template <typename T>
@@ -629,6 +714,19 @@ static void run_mode(const CtJob& job) {
   const int64_t* lo = wr.lo.data();
   const int64_t* hi = wr.hi.data();
   if (job.mode == CT_MODE_DEPTHWISE) return depthwise_rows<T>(job, lo, hi);
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cv = job.cin / L;
+  if (job.step[2] == 1 && job.xs[3] == job.cin && job.cin == cv * L && cv >= 1 && cv <= 2) {
+#define CT_DOT(CO) (cv == 1 ? dot_rows_packed<T, CO, 1> : dot_rows_packed<T, CO, 2>)(job, lo, hi)
+    switch (job.cout) {
+      case 1: CT_DOT(1); break;
+      case 2: CT_DOT(2); break;
+      case 3: CT_DOT(3); break;
+      case 4: CT_DOT(4); break;
+    }
+#undef CT_DOT
+    return;
+  }
   switch (job.cout) {
     case 1: dot_rows<T, 1>(job, lo, hi); break;
     case 2: dot_rows<T, 2>(job, lo, hi); break;

@@ -11,5 +11,10 @@ static inline void ct_stream(float* d, const float* s) { _mm256_stream_ps(d, _mm
 static inline void ct_stream(double* d, const double* s) { _mm256_stream_pd(d, _mm256_loadu_pd(s)); }
 #define CT_STREAM(dst, src) ct_stream(dst, src)
 #define CT_STREAM_FENCE() _mm_sfence()
+// Masked loads (valid: 0 or 1) that stay loads: hidden from the optimiser, a mask known
+// to be all or nothing would become a branch per pixel.
+static inline int ct_opaque(int m) { __asm__("" : "+r"(m)); return m; }
+#define CT_MASKZ_LOAD_F(valid, p) _mm256_maskload_ps(p, _mm256_set1_epi32(ct_opaque(-(int)(valid))))
+#define CT_MASKZ_LOAD_D(valid, p) _mm256_maskload_pd(p, _mm256_set1_epi64x(ct_opaque(-(int)(valid))))
 #include "correlate.hpp"
 #endif

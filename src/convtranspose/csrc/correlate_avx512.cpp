@@ -14,5 +14,10 @@ static inline void ct_stream(float* d, const float* s) { _mm512_stream_ps(d, _mm
 static inline void ct_stream(double* d, const double* s) { _mm512_stream_pd(d, _mm512_loadu_pd(s)); }
 #define CT_STREAM(dst, src) ct_stream(dst, src)
 #define CT_STREAM_FENCE() _mm_sfence()
+// Masked loads (valid: 0 or 1) that stay loads: hidden from the optimiser, a mask known
+// to be all or nothing would become a branch per pixel.
+static inline unsigned ct_opaque(unsigned m) { __asm__("" : "+r"(m)); return m; }
+#define CT_MASKZ_LOAD_F(valid, p) _mm512_maskz_loadu_ps((__mmask16)ct_opaque(0u - (valid)), p)
+#define CT_MASKZ_LOAD_D(valid, p) _mm512_maskz_loadu_pd((__mmask8)ct_opaque(0u - (valid)), p)
 #include "correlate.hpp"
 #endif
