@@ -6,9 +6,10 @@ workspace buffer: the caller's arrays are never modified.
 
 from __future__ import annotations
 
+import collections
 import functools
-import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -41,34 +42,45 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return _pools[threads]
 
 
-def _run(jobs: list, threads: int, buffer_elems: int, dtype: np.dtype) -> None:
-    """Run `job(buffer)` for each job on up to `threads` workers, one buffer per worker.
+def run_jobs(jobs: list[Callable], threads: int,
+             make_buffer: Callable[[], np.ndarray] | None = None) -> None:
+    """Run every job on up to `threads` threads: the caller's and pool workers, each taking
+    the next job as it finishes one. With `make_buffer`, each thread makes one buffer and
+    calls job(buffer); else job().
 
     Jobs write disjoint blocks of the output, so their order changes no bit of the result.
-    Every GEMM runs on one BLAS thread: our workers are the parallelism, and BLAS threads
-    that busy-wait collapse when the machine is shared (W6 went from 4 ms to 48 ms with a
-    second process running, W4 from 51 ms to 734 ms)."""
-    workers = min(threads, len(jobs))
-    if workers <= 1:
-        buf = np.empty(buffer_elems, dtype)
-        with single_threaded_blas():
-            for job in jobs:
-                job(buf)
-        return
-    buffers: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(workers):
-        buffers.put(np.empty(buffer_elems, dtype))
+    The caller works too, rather than waiting: a pool worker takes ~0.1 ms to wake, all
+    of it idle time at the start of a call. Every GEMM runs on one BLAS thread: our
+    threads are the parallelism, and BLAS threads that busy-wait collapse when the
+    machine is shared (W6 went from 4 ms to 48 ms with a second process running, W4 from
+    51 ms to 734 ms)."""
+    pending = collections.deque(jobs)
 
-    def run(job):
-        buf = buffers.get()
-        try:
-            job(buf)
-        finally:
-            buffers.put(buf)
+    def drain() -> None:
+        buffer = make_buffer() if make_buffer is not None else None
+        while True:
+            try:
+                job = pending.popleft()  # atomic: the threads share the queue safely
+            except IndexError:
+                return
+            if buffer is None:
+                job()
+            else:
+                job(buffer)
 
+    helpers = min(threads, len(jobs)) - 1
     with single_threaded_blas():
-        for future in [_pool(workers).submit(run, job) for job in jobs]:
-            future.result()
+        futures = [_pool(helpers).submit(drain) for _ in range(helpers)]
+        try:
+            drain()
+        finally:
+            for future in futures:
+                future.result()  # a worker's error, once every worker has stopped
+
+
+def _run(jobs: list, threads: int, buffer_elems: int, dtype: np.dtype) -> None:
+    """run_jobs with a scratch buffer of `buffer_elems` per thread."""
+    run_jobs(jobs, threads, lambda: np.empty(buffer_elems, dtype))
 
 
 def _strided(residue: int, stride: int, start: int, stop: int) -> slice:

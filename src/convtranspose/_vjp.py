@@ -38,16 +38,14 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _native_kernel as native
 from ._api import ArrayLike, IntOrTuple, spec_for
-from ._blas import single_threaded_blas
 from ._dtypes import compute_dtype, result_dtype
-from ._execute import _pool, _zero_outside
+from ._execute import _zero_outside, run_jobs
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
@@ -129,17 +127,6 @@ def check_cotangent(op: str, spec: ConvSpec, cotangent: ArrayLike) -> np.ndarray
             f"(input {spec.input_shape}, weight {spec.weight_shape}), got shape "
             f"{tuple(cot.shape)}")
     return cot
-
-
-def _run_workers(jobs: list[Callable[[], None]], threads: int) -> None:
-    # Our workers are the parallelism, as in the forward: BLAS stays on one thread, since
-    # its busy-waiting threads collapse when the machine is shared.
-    with single_threaded_blas():
-        if len(jobs) == 1:
-            jobs[0]()
-            return
-        for future in [_pool(threads).submit(job) for job in jobs]:
-            future.result()
 
 
 def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
@@ -298,7 +285,7 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
                                  spec.in_spatial[2], cog, cig)
         return job
 
-    _run_workers([job_for(t) for t in tiles], n_threads)
+    run_jobs([job_for(t) for t in tiles], n_threads)
 
 
 # From this grad_weight size on, the sums go straight into it (vectors along C_in) rather
@@ -358,7 +345,7 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
                                        units=(bounds[j], bounds[j + 1]), zero=True, **target)
             return job
 
-        _run_workers([in_place(j) for j in range(workers)], workers)
+        run_jobs([in_place(j) for j in range(workers)], workers)
         if packed is not None:
             _unpack_grad_weight(gw, packed, ktot, rows, cols, swapped)
         return
@@ -376,7 +363,7 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
                                        spec.stride, parts[j][g], box, cig, cog)
         return job
 
-    _run_workers([job_for(j) for j in range(workers)], workers)
+    run_jobs([job_for(j) for j in range(workers)], workers)
     _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
 
 
@@ -456,7 +443,7 @@ def _gather(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
                         _grad_weight_tile(spec, tile, mat, x3, part, gw_tmp, i == 0, cd)
         return job
 
-    _run_workers([job_for(j) for j in range(workers)], workers)
+    run_jobs([job_for(j) for j in range(workers)], workers)
     if gw is not None:
         # (G, T * C_out/g, C_in/g) -> (C_out, T, C_in/g)
         total = _sum_in_order(parts)
@@ -659,7 +646,7 @@ def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
                             (gbuf, acc, tmp, xbuf, wtmp))
         return job
 
-    _run_workers([job_for(j) for j in range(workers)], workers)
+    run_jobs([job_for(j) for j in range(workers)], workers)
     if gw is not None:
         total = _sum_in_order(parts).reshape(groups, npair, tw, cog, cig)
         blocks = total.transpose(0, 3, 1, 2, 4).reshape(spec.c_out, npair * tw, cig)
@@ -757,7 +744,7 @@ def _direct(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
                 _direct_tile(spec, taps, tile, x3, c3, wt, gx, parts[j], buf)
         return job
 
-    _run_workers([job_for(j) for j in range(workers)], workers)
+    run_jobs([job_for(j) for j in range(workers)], workers)
     if gw is not None:
         gw[:, [t.index for t in taps], 0] = _sum_in_order(parts).T
 
