@@ -386,8 +386,9 @@ def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
     """The taps (D-major, then H, then W, as `axis_taps` orders them) packed for the
     compiled kernel from w3 (C_out, kD, kH, kW, C_in/g), the phases of a merged W group
     side by side along C_out (in residue order, as they lie in the output). One array per
-    conv group, or one for every channel of a depthwise layer. CHANNELS mode packs
-    lazily, into memory taken from `scratch` here (it is not thread-safe)."""
+    conv group, or one for every channel of a depthwise layer. Packed lazily, by the
+    first worker that needs them, into memory taken from `scratch` here (it is not
+    thread-safe)."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
     if mode == native.CHANNELS:  # gathered in one pass by the kernel's packer
@@ -410,16 +411,26 @@ def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
             arrays.append(out)
             fills.append(functools.partial(native.fill_columns, w3, table, cig, s_ci, out))
         return _LazyWeights(arrays, fills)
-    mats = []
-    for phase in group:
-        kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
-        sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, C_in/g)
-        mats.append(sub.reshape(groups, cog, phase.tap_count, cig))
-    wt = np.concatenate(mats, axis=1).transpose(0, 2, 3, 1)  # (G, taps, C_in/g, phases*C_out/g)
-    if mode == native.DEPTHWISE:  # (taps, 1, G): every channel in one pass
-        return _LazyWeights([native.pack(wt[:, :, :, 0].transpose(1, 2, 0), mode)], [])
-    return _LazyWeights([native.pack(np.ascontiguousarray(wt[g]), mode)
-                         for g in range(groups)], [])
+    taps = group[0].tap_count
+    if mode == native.DEPTHWISE:  # [tap][channel]: every channel in one pass
+        arrays = [scratch.empty(taps * groups, w3.dtype)]
+    else:  # DOT, per conv group: [tap][co][c]
+        arrays = [scratch.empty(taps * len(group) * cog * cig, w3.dtype) for _ in range(groups)]
+
+    def fill() -> None:
+        mats = []
+        for phase in group:
+            kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
+            sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, C_in/g)
+            mats.append(sub.reshape(groups, cog, phase.tap_count, cig))
+        wt = np.concatenate(mats, axis=1).transpose(0, 2, 3, 1)  # (G, taps, C_in/g, C_out/g)
+        if mode == native.DEPTHWISE:
+            arrays[0][...] = native.pack(wt[:, :, :, 0].transpose(1, 2, 0), mode).ravel()
+        else:
+            for g in range(groups):
+                arrays[g][...] = native.pack(wt[g], mode).ravel()
+
+    return _LazyWeights(arrays, [fill])
 
 
 def _native_offsets(phase: Phase) -> tuple[np.ndarray, ...]:

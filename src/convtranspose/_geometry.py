@@ -80,8 +80,10 @@ class Phase:
         return min(offsets), max(offsets)
 
 
+@functools.lru_cache(maxsize=256)
 def phases_3d(spec) -> tuple[Phase, ...]:
-    """The s_d * s_h * s_w phases of a spec, in a fixed order (results are deterministic)."""
+    """The s_d * s_h * s_w phases of a spec, in a fixed order (results are deterministic).
+    Cached: a call of a small layer would spend 26 us here."""
     per_axis = [
         axis_phases(n, k, s, p, d, o)
         for n, k, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding,
