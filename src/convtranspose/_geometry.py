@@ -66,18 +66,34 @@ class Phase:
     def taps(self) -> tuple[tuple[AxisTap, AxisTap, AxisTap], ...]:
         return tuple(itertools.product(*self.axis_taps))
 
-    @property
+    # Cached: phases live as long as their spec's cache entry, and small calls ask for these
+    # once per tile. The hash too: caches keyed by phases would rehash every nested tap
+    # (W6: 65 us a call).
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.residue, self.count, self.axis_taps))
+
+    @functools.cached_property
     def tap_count(self) -> int:
         return math.prod(len(axis) for axis in self.axis_taps)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return math.prod(self.count)
 
+    @functools.cached_property
+    def _halos(self) -> tuple[tuple[int, int], ...]:
+        return tuple((min(t.offset for t in axis), max(t.offset for t in axis))
+                     if axis else (0, 0) for axis in self.axis_taps)
+
     def halo(self, axis: int) -> tuple[int, int]:
         """(smallest, largest) input offset of the taps along one axis."""
-        offsets = [t.offset for t in self.axis_taps[axis]]
-        return min(offsets), max(offsets)
+        if not self.axis_taps[axis]:
+            raise ValueError("halo: no tap reaches this phase along that axis")
+        return self._halos[axis]
 
 
 @functools.lru_cache(maxsize=256)

@@ -103,9 +103,25 @@ def origin(a: np.ndarray, first: tuple[int, ...] = (0, 0, 0)) -> tuple[int, list
     return a.ctypes.data - shift * a.dtype.itemsize, strides
 
 
+class TapOffsets:
+    """Per axis, the input offset of each tap (int64), with the addresses the kernel reads
+    them at: made once per layer and reused, since each `.ctypes` lookup costs ~1 us and a
+    call hands the kernel three arrays per tile."""
+
+    __slots__ = ("arrays", "addresses", "counts")
+
+    def __init__(self, arrays) -> None:
+        self.arrays = tuple(np.ascontiguousarray(a, np.int64) for a in arrays)
+        self.addresses = tuple(a.ctypes.data for a in self.arrays)
+        self.counts = tuple(len(a) for a in self.arrays)
+
+    def __getitem__(self, axis: int) -> np.ndarray:
+        return self.arrays[axis]
+
+
 def correlate(mode: int, itemsize: int, out_f16: bool, stream_out: bool, x_addr: int,
               x_strides: list[int],
-              in_dims: tuple[int, ...], packed: np.ndarray, offsets: tuple[np.ndarray, ...],
+              in_dims: tuple[int, ...], packed: np.ndarray, offsets: TapOffsets,
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
               box: tuple[int, ...], wcount: int,
               cin: int, cout: int) -> None:
@@ -118,8 +134,8 @@ def correlate(mode: int, itemsize: int, out_f16: bool, stream_out: bool, x_addr:
     `stream_out`: write it with non-temporal stores (see `_plan.streams_output`). The
     caller keeps every array alive and in bounds; the GIL is released meanwhile."""
     _native.correlate(itemsize, mode, int(out_f16), int(stream_out), x_addr, *x_strides, *in_dims,
-                      packed.ctypes.data, *(o.ctypes.data for o in offsets),
-                      *(len(o) for o in offsets), *steps, out_addr, *out_strides, *box,
+                      packed.ctypes.data, *offsets.addresses, *offsets.counts, *steps,
+                      out_addr, *out_strides, *box,
                       wcount, cin, cout)
 
 
@@ -146,7 +162,7 @@ def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
 
 
 def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
-                offsets: tuple[np.ndarray, ...], steps: tuple[int, ...], part: np.ndarray,
+                offsets: TapOffsets, steps: tuple[int, ...], part: np.ndarray,
                 box: tuple[int, ...], cin: int, cout: int,
                 units: tuple[int, int] | None = None, zero: bool = False,
                 strides: tuple[int, int] = (0, 0), part_offset: int = 0) -> None:
@@ -164,7 +180,7 @@ def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_of
     _native.grad_weight(item, int(swapped), x.ctypes.data + x_offset * item,
                         *element_strides(x)[:4], g.ctypes.data + g_offset * item,
                         *element_strides(g)[:4], *g.shape[1:4],
-                        *(o.ctypes.data for o in offsets), *(len(o) for o in offsets),
+                        *offsets.addresses, *offsets.counts,
                         *steps, part.ctypes.data + part_offset * item, *strides, u0, u1,
                         *box, x.shape[3], cin, cout, int(zero))
 

@@ -224,10 +224,11 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     return mode == native.CHANNELS and native_rate(swapped) >= 20e9
 
 
-def _tap_offsets(spec: ConvSpec) -> tuple[np.ndarray, ...]:
+@functools.lru_cache(maxsize=256)
+def _tap_offsets(spec: ConvSpec) -> native.TapOffsets:
     """Per axis, the cotangent offset k * dilation - padding of every tap k."""
-    return tuple(np.arange(k, dtype=np.int64) * d - p
-                 for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
+    return native.TapOffsets(np.arange(k, dtype=np.int64) * d - p
+                             for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
 
 
 def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
