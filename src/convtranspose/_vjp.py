@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,18 +172,25 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
         if algorithm == "native" and not native.AVAILABLE:
             raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                              "install lacks")
+        # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
+        # neither waits on the other's slowest tile.
+        shared = [] if side is not None and native_gx else None
         if side is not None:
-            _native_grad_weight(spec, x3, c3, gw, n_threads, side, cd)
+            _native_grad_weight(spec, x3, c3, gw, n_threads, side, cd, shared)
             gw_done, need_weight = gw, False
             gw = None
         else:
             gw_done = None
         if native_gx:
-            _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd)
+            _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd, shared)
             gx_done, algorithm = gx, None
             gx = None  # the algorithm below computes grad_weight only
         else:
             gx_done = None
+        if shared:
+            run_jobs([job for jobs, _ in shared for job in jobs], n_threads)
+            for _, finish in shared:
+                finish()
         if algorithm == "native":  # it names grad_input's kernel; grad_weight's is chosen
             algorithm = None
         algorithm = algorithm or choose_vjp_algorithm(spec, taps, budget)
@@ -231,7 +239,8 @@ def _tap_offsets(spec: ConvSpec) -> native.TapOffsets:
                              for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
 
 
-def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
+def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
+                       defer: list | None = None) -> None:
     """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
     grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
@@ -286,7 +295,7 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd) -> None:
                                  spec.in_spatial[2], cog, cig)
         return job
 
-    run_jobs([job_for(t) for t in tiles], n_threads)
+    _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
 
 
 # From this grad_weight size on, the sums go straight into it (vectors along C_in) rather
@@ -314,14 +323,16 @@ def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
     return False if along_out else None
 
 
-def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
+def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd,
+                        defer: list | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
     csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
     so there is no partial sum to add and the bits do not depend on the thread count;
     swapped (vectors along C_in) the sums land in gw in place, otherwise in the packed
     layout, then unpacked. With too few units to share (a 1x1x1 kernel), workers own
     fixed tiles of input rows and one partial sum each, added in worker order (bitwise
-    reproducible for a thread count)."""
+    reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
+    running them, to share one queue with grad_input's tiles."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
@@ -329,7 +340,8 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
     units = native.gw_units(ktot, cols, cd.itemsize)
     if n_threads == 1 or units >= 2 * n_threads:  # workers share out the units
         box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
-        workers = min(n_threads, units)
+        # Sharing a queue with grad_input's tiles, two jobs per thread balance better.
+        workers = min(n_threads * (2 if defer is not None else 1), units)
         bounds = [units * j // workers for j in range(workers + 1)]
         # Swapped, gw (C_out, taps, C_in/g) holds (tap, co, ci) at strides (taps * C_in/g,
         # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
@@ -346,9 +358,11 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
                                        units=(bounds[j], bounds[j + 1]), zero=True, **target)
             return job
 
-        run_jobs([in_place(j) for j in range(workers)], workers)
-        if packed is not None:
-            _unpack_grad_weight(gw, packed, ktot, rows, cols, swapped)
+        def finish_units() -> None:
+            if packed is not None:
+                _unpack_grad_weight(gw, packed, ktot, rows, cols, swapped)
+
+        _run_or_defer([in_place(j) for j in range(workers)], n_threads, finish_units, defer)
         return
     tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
                    n_threads)
@@ -364,8 +378,20 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd) -> None:
                                        spec.stride, parts[j][g], box, cig, cog)
         return job
 
-    run_jobs([job_for(j) for j in range(workers)], workers)
-    _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
+    def finish_rows() -> None:
+        _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
+
+    _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish_rows, defer)
+
+
+def _run_or_defer(jobs: list, threads: int, finish: Callable[[], None],
+                  defer: list | None) -> None:
+    """Run the jobs, then `finish`; or leave both in `defer` for a shared queue."""
+    if defer is not None:
+        defer.append((jobs, finish))
+        return
+    run_jobs(jobs, threads)
+    finish()
 
 
 def _unpack_grad_weight(gw, packed, ktot: int, rows: int, cols: int, swapped: bool) -> None:
