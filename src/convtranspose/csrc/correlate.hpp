@@ -113,7 +113,11 @@ static inline void to_f16(char* dst, const T* src, int64_t n) {
     for (; i + CT_VBYTES / 4 <= n; i += CT_VBYTES / 4) CT_F16_STORE(dst + 2 * i, src + i);
 #endif
     for (; i < n; ++i) {
+#ifdef CT_F16_SCALAR
+      const uint16_t h = CT_F16_SCALAR(src[i]);  // one instruction (dot mode stores singly)
+#else
       const uint16_t h = f16_from_f32(src[i]);
+#endif
       std::memcpy(dst + 2 * i, &h, 2);
     }
   }
