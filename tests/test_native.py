@@ -239,6 +239,31 @@ def test_float16_results_round_like_numpy(c_out, groups, isa, rng):
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize("c_out,groups", [(24, 1), (2, 1), (6, 6)],
+                         ids=["channels", "dot", "depthwise"])
+def test_bfloat16_results_round_like_ml_dtypes(c_out, groups, isa, rng):
+    # The kernel rounds float32 sums to bfloat16 as it stores them: the bits must equal
+    # ml_dtypes' rounding of the same float32 result (to nearest even, overflow to inf,
+    # every nan the quiet nan of its sign).
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    c_in = 6 if groups > 1 else 16
+    x = rng.standard_normal((1, 3, 4, 21, c_in)) * np.logspace(-30, 37, 21)[:, None]
+    x[0, 1, 2, 5, 0] = np.nan
+    x[0, 2, 1, 7, 1] = -np.nan
+    x = x.astype(bf16)
+    w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups)).astype(bf16) * 8
+    kw = dict(stride=2, padding=1, groups=groups)
+    p16 = ct.plan(x.shape, w.shape, **kw, dtype=bf16, algorithm="native")
+    p32 = ct.plan(x.shape, w.shape, **kw, dtype=np.float32, algorithm="native")
+    got = ct.run_plan(p16, x, w)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = ct.run_plan(p32, x.astype(np.float32), w.astype(np.float32)).astype(bf16)
+    assert got.dtype == bf16
+    assert np.isinf(want.astype(np.float32)).any() and np.isnan(want.astype(np.float32)).any()
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("transposed,scattered", [(False, False), (True, False), (True, True)],
                          ids=["rows-contiguous", "rows-strided", "rows-strided-cols-permuted"])

@@ -477,9 +477,10 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         view = out[n0:n1, _strided(phase.residue[0], spec.stride[0], a, b),
                    _strided(phase.residue[1], spec.stride[1], e, f), :qw * len(group)]
         view = view.reshape(nn, nd, nh, qw, cog)
-    # float16 the kernel rounds as it stores; bfloat16 goes through a float32 block.
-    out_f16 = out.dtype == np.float16
-    round_output = out.dtype != spec.compute_dtype and not out_f16
+    # float16 and bfloat16 the kernel rounds as it stores; anything else goes through a
+    # block of the compute dtype.
+    out_half = native.half_kind(out.dtype)
+    round_output = out.dtype != spec.compute_dtype and not out_half
     stream = not round_output and streams_output(out.nbytes)
     (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
     in_w = spec.in_spatial[2]
@@ -502,11 +503,11 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         o_addr, os_ = native.origin(target)
         out_item = target.dtype.itemsize
         if mode == native.DEPTHWISE:
-            native.correlate(mode, item, out_f16, stream, x_addr, xs, spec.in_spatial, packed[0],
+            native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups)
         else:
             for g in range(groups):
-                native.correlate(mode, item, out_f16, stream, x_addr + g * cig * item, xs,
+                native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
                                  spec.in_spatial, packed[g], offsets, (1, 1, 1),
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog)
         if round_output:

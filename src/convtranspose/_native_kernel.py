@@ -103,6 +103,16 @@ def origin(a: np.ndarray, first: tuple[int, ...] = (0, 0, 0)) -> tuple[int, list
     return a.ctypes.data - shift * a.dtype.itemsize, strides
 
 
+# The output kinds the kernel rounds to as it stores (csrc/correlate_api.h, CT_HALF_*).
+HALF_NONE, HALF_F16, HALF_BF16 = 0, 1, 2
+
+
+def half_kind(dtype: np.dtype) -> int:
+    """HALF_F16 or HALF_BF16 for an output the kernel rounds from float32, else HALF_NONE."""
+    name = np.dtype(dtype).name
+    return HALF_F16 if name == "float16" else HALF_BF16 if name == "bfloat16" else HALF_NONE
+
+
 class TapOffsets:
     """Per axis, the input offset of each tap (int64), with the addresses the kernel reads
     them at: made once per layer and reused, since each `.ctypes` lookup costs ~1 us and a
@@ -119,7 +129,7 @@ class TapOffsets:
         return self.arrays[axis]
 
 
-def correlate(mode: int, itemsize: int, out_f16: bool, stream_out: bool, x_addr: int,
+def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr: int,
               x_strides: list[int],
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: TapOffsets,
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
@@ -130,10 +140,11 @@ def correlate(mode: int, itemsize: int, out_f16: bool, stream_out: bool, x_addr:
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
     [0, wcount). Addresses and element strides (n, d, h, w) are raw: x_addr is batch item
     0's origin, out_addr the box's first position; channels are contiguous in both.
-    `out_f16`: the output is float16, rounded from the float32 sums as they are stored.
+    `out_half`: HALF_F16 or HALF_BF16 where the output is float16 or bfloat16, rounded
+    from the float32 sums as they are stored.
     `stream_out`: write it with non-temporal stores (see `_plan.streams_output`). The
     caller keeps every array alive and in bounds; the GIL is released meanwhile."""
-    _native.correlate(itemsize, mode, int(out_f16), int(stream_out), x_addr, *x_strides, *in_dims,
+    _native.correlate(itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
                       packed.ctypes.data, *offsets.addresses, *offsets.counts, *steps,
                       out_addr, *out_strides, *box,
                       wcount, cin, cout)

@@ -263,28 +263,33 @@ def native_writes_every_output(spec: ConvSpec) -> bool:
 
 def native_converts_whole_input(spec: ConvSpec, limit: int) -> bool:
     """An input of another dtype is converted once for every phase when that fits in the
-    workspace limit (in half of it where tiles also need blocks to round a bfloat16
-    output); otherwise each task converts the planes and rows it reads (a phase at a
-    time: with s^3 phases, s^3 conversions of the input; W2 in float16 took 2.3x its
-    float32 time so)."""
+    workspace limit (in half of it where tiles also need blocks to round the output);
+    otherwise each task converts the planes and rows it reads (a phase at a time: with s^3
+    phases, s^3 conversions of the input; W2 in float16 took 2.3x its float32 time so)."""
     if spec.input_dtype == spec.compute_dtype:
         return False
     size = spec.batch * math.prod(spec.in_spatial) * spec.c_in * spec.compute_dtype.itemsize
-    rounds_blocks = spec.result_dtype not in (spec.compute_dtype, np.dtype(np.float16))
-    return size <= (limit // 2 if rounds_blocks else limit)
+    return size <= (limit // 2 if _rounds_blocks(spec) else limit)
+
+
+def _rounds_blocks(spec: ConvSpec) -> bool:
+    """Whether native tiles need a block of the compute dtype to round the output (the
+    kernel rounds float16 and bfloat16 itself as it stores)."""
+    return (spec.result_dtype != spec.compute_dtype
+            and native.half_kind(spec.result_dtype) == native.HALF_NONE)
 
 
 def native_buffer_elems(spec: ConvSpec, phase: Phase, tile: Tile, convert_input: bool,
                         phases: int = 1) -> int:
     """The native kernel reads the input and writes the output in place; it needs room
     only to convert the tile's input (another dtype, or channels not contiguous) and to
-    round a bfloat16 output (float16 it rounds itself as it stores)."""
+    round an output it cannot round itself as it stores (not float16 nor bfloat16)."""
     nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
     elems = 0
     if convert_input:
         (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
         elems += nn * max(0, d1 - d0) * max(0, h1 - h0) * spec.in_spatial[2] * spec.c_in
-    if spec.result_dtype != spec.compute_dtype and spec.result_dtype != np.float16:
+    if _rounds_blocks(spec):
         elems += nn * nd * nh * phase.count[2] * phases * spec.c_out  # rounded by NumPy
     return elems
 

@@ -284,12 +284,12 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
             target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
             o_addr, os_ = native.origin(target)
             if depthwise:
-                native.correlate(native.DEPTHWISE, item, False, stream, x_addr, xs,
+                native.correlate(native.DEPTHWISE, item, native.HALF_NONE, stream, x_addr, xs,
                                  spec.out_spatial, packed[0], offsets, spec.stride, o_addr,
                                  os_, box, spec.in_spatial[2], groups, groups)
                 return
             for g in range(groups):
-                native.correlate(native.CHANNELS, item, False, stream,
+                native.correlate(native.CHANNELS, item, native.HALF_NONE, stream,
                                  x_addr + g * cog * item, xs, spec.out_spatial, packed[g],
                                  offsets, spec.stride, o_addr + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig)

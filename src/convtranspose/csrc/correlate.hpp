@@ -123,10 +123,44 @@ static inline void to_f16(char* dst, const T* src, int64_t n) {
   }
 }
 
-// Store n results at dst (a byte address): as T, or rounded to float16.
+// float32 -> bfloat16, round to nearest even; every nan becomes the quiet nan of its
+// sign, as ml_dtypes rounds (bit for bit: tests/test_native.py checks it).
+static inline uint16_t bf16_from_f32(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((x >> 16) & 0x8000u) | 0x7fc0u);
+  return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+typedef uint32_t vu32 __attribute__((vector_size(CT_VBYTES)));
+typedef uint16_t vu16 __attribute__((vector_size(CT_VBYTES / 2)));
+
 template <typename T>
-static inline void store_out(bool f16, char* dst, const T* src, int64_t n) {
-  if (f16) to_f16(dst, src, n);
+static inline void to_bf16(char* dst, const T* src, int64_t n) {
+  if constexpr (sizeof(T) == 4) {
+    constexpr int L = CT_VBYTES / 4;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {  // bf16_from_f32 a vector at a time (GCC kept it scalar)
+      vu32 x;
+      std::memcpy(&x, src + i, CT_VBYTES);
+      const vu32 nan = (vu32)((x & 0x7fffffffu) > 0x7f800000u);  // all ones where nan
+      const vu32 even = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+      const vu32 quiet = ((x >> 16) & 0x8000u) | 0x7fc0u;
+      const vu16 h = __builtin_convertvector((nan & quiet) | (~nan & even), vu16);
+      std::memcpy(dst + 2 * i, &h, CT_VBYTES / 2);
+    }
+    for (; i < n; ++i) {
+      const uint16_t h = bf16_from_f32(src[i]);
+      std::memcpy(dst + 2 * i, &h, 2);
+    }
+  }
+}
+
+// Store n results at dst (a byte address): as T, or rounded to float16 or bfloat16.
+template <typename T>
+static inline void store_out(int half, char* dst, const T* src, int64_t n) {
+  if (half == CT_HALF_F16) to_f16(dst, src, n);
+  else if (half == CT_HALF_BF16) to_bf16(dst, src, n);
   else std::memcpy(dst, src, n * sizeof(T));
 }
 
@@ -143,7 +177,7 @@ static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_
     return;
   }
 #endif
-  store_out(job.out_f16, dst, src, n);
+  store_out(job.out_half, dst, src, n);
 }
 
 template <typename T, int P, int NV>
@@ -236,7 +270,7 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
       }
     }
   }
-  const int64_t os = job.os[3], oi = job.out_f16 ? 2 : sizeof(T);
+  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   const int64_t n = live < cw ? live : cw;
   for (int64_t r = 0; r < nrows; ++r)
     for (int64_t w = 0; w < wcount; ++w)
@@ -283,7 +317,7 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
   const int64_t cin = job.cin, wcount = job.wcount, tw = job.ntaps[2];
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3];
-  const int64_t os = job.os[3], oi = job.out_f16 ? 2 : sizeof(T);
+  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   const int64_t n = live < cw ? live : cw;
   for (int64_t r = 0; r < nrows; ++r) {
     const T* const* rows = xrows + r * pairs;
@@ -402,7 +436,7 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
   const T* wpk = static_cast<const T*>(job.w);
   char* out = static_cast<char*>(job.out);
-  const int64_t oi = job.out_f16 ? 2 : sizeof(T);  // bytes per output element
+  const int64_t oi = job.out_half ? 2 : sizeof(T);  // bytes per output element
   // Rows per group: enough pixels that a weight block in L1 serves ~96 of them.
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, (96 + job.wcount - 1) /
@@ -463,7 +497,7 @@ static inline T hsum(V v) {
 template <typename T, typename F>
 static void for_each_row(const CtJob& job, F&& f) {
   char* out = static_cast<char*>(job.out);
-  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
   std::vector<const T*> rows(job.ntaps[0] * job.ntaps[1]);
   for (int64_t flat = 0, total = box_rows(job.box); flat < total; ++flat) {
     const RowPos pos = row_at(job.box, flat);
@@ -484,7 +518,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
-  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
       const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
@@ -538,7 +572,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
         for (int o = 0; o < CO; ++o)
         {
           const T value = hsum<V, T>(acc[p][o]) + tail[p][o];
-          store_out(job.out_f16, orow + ((w0 + p) * os + o) * oi, &value, 1);
+          store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
         }
       }
     }
@@ -571,7 +605,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], pairs = job.ntaps[0] * job.ntaps[1], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
-  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
       const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
@@ -623,7 +657,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
 #pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) {
           const T value = hsum<V, T>(acc[p][o]);
-          store_out(job.out_f16, orow + ((w0 + p) * os + o) * oi, &value, 1);
+          store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
         }
       }
     }
@@ -642,7 +676,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
-  const int64_t oi = job.out_f16 ? 2 : sizeof(T);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
       const int64_t nv = std::min<int64_t>(NV, (ch - c0) / L);  // whole vectors here
@@ -687,7 +721,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
             if (v < nv) {
               T lanes_out[L];
               *reinterpret_cast<U*>(lanes_out) = acc[p][v];
-              store_out(job.out_f16, orow + ((w0 + p) * os + c0 + v * L) * oi, lanes_out, L);
+              store_out(job.out_half, orow + ((w0 + p) * os + c0 + v * L) * oi, lanes_out, L);
             }
         }
         if (nv < NV && c0 + nv * L < ch) {  // channels past the last whole vector: scalar
@@ -703,7 +737,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
                          wpk[(q * tw + k) * ch + c];
                 }
               }
-              store_out(job.out_f16, orow + ((w0 + p) * os + c) * oi, &sum, 1);
+              store_out(job.out_half, orow + ((w0 + p) * os + c) * oi, &sum, 1);
             }
         }
       }

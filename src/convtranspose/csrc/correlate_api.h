@@ -13,10 +13,16 @@
 // block's sums in registers across the taps (see correlate.hpp).
 #define CT_TAPS_INNER_BELOW 4
 
+// Output element types other than the compute type: rounded from float32 as stored.
+#define CT_HALF_NONE 0
+#define CT_HALF_F16 1
+#define CT_HALF_BF16 2
+
 struct CtJob {
   int itemsize;          // 4: float32, 8: float64
   int mode;              // CT_MODE_*
-  int out_f16;           // 1: the output is float16 (from float32), rounded as stored
+  int out_half;          // CT_HALF_*: the output is float16 or bfloat16 (from float32),
+                         // rounded as stored
   int stream_out;        // 1: the output is far bigger than the caches: stream it out
   const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous
   int64_t xs[4];         // input strides in elements: n, d, h, w

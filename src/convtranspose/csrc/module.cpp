@@ -53,7 +53,7 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
   CtJob job;
   Py_ssize_t x, w, o, off[3];
   Py_ssize_t v[28];
-  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize, &job.mode, &job.out_f16,
+  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize, &job.mode, &job.out_half,
                         &job.stream_out, &x, &v[0],
                         &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &w, &off[0], &off[1], &off[2],
                         &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
@@ -82,11 +82,13 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "correlate: bad mode, or more than 4 outputs in dot mode");
     return nullptr;
   }
-  if (job.out_f16 && job.itemsize != 4) {
-    PyErr_SetString(PyExc_ValueError, "correlate: float16 output needs float32 compute");
+  if (job.out_half < CT_HALF_NONE || job.out_half > CT_HALF_BF16 ||
+      (job.out_half && job.itemsize != 4)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "correlate: bad output kind, or a half-precision output without float32 compute");
     return nullptr;
   }
-  if (job.out_f16) job.stream_out = 0;  // rounded as stored, through the scalar path
+  if (job.out_half) job.stream_out = 0;  // rounded as stored, through the scalar path
   const Isa* isa = current;
   Py_BEGIN_ALLOW_THREADS isa->correlate(job);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
