@@ -71,12 +71,12 @@ _PAGE = 1 << 12
 
 
 def _default_result_cache() -> int:
-    """512 MiB, or a sixteenth of the machine's memory where that is less."""
+    """1 GiB, or a sixteenth of the machine's memory where that is less."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):
         memory = 8 << 30
-    return min(512 << 20, memory // 16)
+    return min(1 << 30, memory // 16)
 
 
 _result_cache_bytes = _default_result_cache()
@@ -88,7 +88,7 @@ _results_lock = threading.RLock()  # a drop can run inside a lease, in the same 
 def set_result_cache(max_bytes: int | None) -> None:
     """Keep at most `max_bytes` of dropped results' memory for the next results of the
     same size (0: keep none, and give back what is kept now); None restores the default,
-    512 MiB or a sixteenth of the machine's memory where that is less."""
+    1 GiB or a sixteenth of the machine's memory where that is less."""
     global _result_cache_bytes
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
                                   or max_bytes < 0):
