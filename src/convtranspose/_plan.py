@@ -63,7 +63,8 @@ _threads: int | None = None
 
 def set_num_threads(n: int | None) -> None:
     """Worker threads for tiles; None restores the default
-    (CONVTRANSPOSE_NUM_THREADS, else every core this process may use)."""
+    (CONVTRANSPOSE_NUM_THREADS, else every core this process may use, as the first call
+    found them)."""
     global _threads
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"set_num_threads: 'n' must be an int >= 1 or None, got {n!r}")
@@ -79,6 +80,12 @@ def get_num_threads() -> int:
             return max(1, int(env))
         except ValueError:
             pass
+    return _usable_cores()
+
+
+@functools.lru_cache(maxsize=1)
+def _usable_cores() -> int:
+    """The cores this process may run on, read once (the system call cost 1 us a call)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:

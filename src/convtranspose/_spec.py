@@ -94,6 +94,8 @@ def normalize_setting(op: str, name: str, value: Any, ndim: int) -> tuple[int, .
     """An int, or a tuple/list with one int per spatial axis, as a tuple of ndim ints."""
     if type(value) is int:
         return (value,) * ndim
+    if type(value) is tuple and len(value) == ndim and all(type(e) is int for e in value):
+        return value  # the common case, already normal
     if isinstance(value, (tuple, list)):
         if len(value) != ndim:
             raise ValueError(
@@ -160,6 +162,7 @@ def _bfloat16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+@functools.lru_cache(maxsize=1)
 def memory_limit_bytes() -> int:
     """The largest output we agree to allocate: this machine's physical memory."""
     try:
