@@ -349,6 +349,36 @@ def test_depthwise_grad_input_through_the_kernel(channels, isa, rng):
     np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
 
 
+@pytest.mark.parametrize("channels", [1, 5, 16, 20, 64])
+def test_depthwise_grad_weight_through_the_kernel(channels, isa, rng):
+    """A depthwise layer's grad_weight: per tap and channel, a sum over pixels of input
+    times cotangent, vectors along the channels (whole and partial vectors), rows split
+    between workers with one partial each: right for 1 and 2 threads, float32 and
+    float64, and the same bits again at a thread count."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), channels, channels, (3, 2, 4),
+                              stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1),
+                              output_padding=(1, 0, 1), groups=channels, batch=2)
+    for dtype in (np.float32, np.float64):
+        xd, wd, cd = x.astype(dtype), w.astype(dtype), cot.astype(dtype)
+        spec, _, _ = spec_for(3, xd, wd, **kw)
+        x3 = xd.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+        c3 = cd.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+        assert native_grad_weight_side(spec, x3, c3, np.dtype(dtype)) == native.GW_DEPTHWISE
+        _, rw = loops_vjp(xd, wd, cd, **kw)
+        for threads in (1, 2):
+            _, gw = vjp_arrays(spec, xd, wd, cd, need_input=False, algorithm="native",
+                               threads=threads)
+            assert gw.dtype == dtype
+            np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+            _, again = vjp_arrays(spec, xd, wd, cd, need_input=False, algorithm="native",
+                                  threads=threads)
+            np.testing.assert_array_equal(again, gw)
+
+
 STREAM_SHAPES = [(c_in, c_out, groups) for c_in, c_out, groups in
                  ((8, 16, 1), (8, 64, 1), (6, 17, 1), (3, 40, 1), (8, 48, 2), (16, 130, 1))]
 

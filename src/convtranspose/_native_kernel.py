@@ -196,6 +196,24 @@ def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_of
                         *box, x.shape[3], cin, cout, int(zero))
 
 
+GW_DEPTHWISE = 2  # grad_weight's `swapped` for one channel per group (CT_GW_DEPTHWISE)
+
+
+def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
+                          steps: tuple[int, ...], part: np.ndarray,
+                          box: tuple[int, ...]) -> None:
+    """part (taps, C) += the depthwise grad_weight of the input rows in `box`: for each tap
+    and channel c, the sum over pixels of x[p, c] * g[p * step + offset, c]."""
+    item = x.dtype.itemsize
+    assert x.dtype == g.dtype == part.dtype and part.flags.c_contiguous
+    assert x.strides[-1] == g.strides[-1] == item and x.shape[-1] == g.shape[-1]
+    channels = x.shape[-1]
+    _native.grad_weight(item, GW_DEPTHWISE, x.ctypes.data, *element_strides(x)[:4],
+                        g.ctypes.data, *element_strides(g)[:4], *g.shape[1:4],
+                        *offsets.addresses, *offsets.counts, *steps, part.ctypes.data,
+                        1, channels, 0, 1 << 62, *box, x.shape[3], channels, channels, 0)
+
+
 def gw_units(taps: int, columns: int, itemsize: int) -> int:
     """How many (tap, chunk of columns) units `grad_weight` splits its work into."""
     lanes, max_vectors = layout(itemsize)

@@ -306,16 +306,18 @@ GW_IN_PLACE_BYTES = 4 << 20
 
 
 def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
-                            cd: np.dtype) -> bool | None:
-    """None where the compiled grad_weight kernel does not apply; else whether it runs
-    swapped (vectors along C_in: for C_out/g that is not whole vectors, or a grad_weight
-    large enough to be summed in place). It reads both operands in place, so they must
-    have the compute dtype and contiguous channels."""
+                            cd: np.dtype) -> bool | int | None:
+    """None where the compiled grad_weight kernel does not apply; GW_DEPTHWISE for one
+    channel per group; else whether it runs swapped (vectors along C_in: for C_out/g that
+    is not whole vectors, or a grad_weight large enough to be summed in place). It reads
+    both operands in place, so they must have the compute dtype and contiguous channels."""
     if not (native.AVAILABLE and native.reads_in_place(x3, cd)
             and native.reads_in_place(c3, cd)):
         return None
     lanes, _ = native.layout(cd.itemsize)
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    if cig == 1 and cog == 1:
+        return native.GW_DEPTHWISE
     along_out = cog % lanes == 0 and cig >= 4
     if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
                              * cd.itemsize >= GW_IN_PLACE_BYTES):
@@ -323,7 +325,7 @@ def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
     return False if along_out else None
 
 
-def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd,
+def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
                         defer: list | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
     csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
@@ -336,6 +338,9 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd,
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
+    if swapped == native.GW_DEPTHWISE:
+        _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
+        return
     rows, cols = (cog, cig) if swapped else (cig, cog)
     units = native.gw_units(ktot, cols, cd.itemsize)
     if n_threads == 1 or units >= 2 * n_threads:  # workers share out the units
@@ -382,6 +387,31 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool, cd,
         _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
 
     _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish_rows, defer)
+
+
+def _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd,
+                                  defer: list | None) -> None:
+    """Depthwise grad_weight by the kernel: workers own fixed tiles of input rows and one
+    (taps, C) partial each, added in worker order (bitwise reproducible for a thread
+    count)."""
+    ktot = math.prod(spec.kernel)
+    tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
+                   n_threads)
+    workers = min(n_threads, len(tiles))
+    parts = [np.zeros((ktot, spec.c_out), cd) for _ in range(workers)]
+    offsets = _tap_offsets(spec)
+
+    def job_for(j):
+        def job():
+            for tile in tiles[j::workers]:
+                native.depthwise_grad_weight(x3, c3, offsets, spec.stride, parts[j],
+                                             (*tile.n, *tile.d, *tile.h))
+        return job
+
+    def finish() -> None:
+        gw[:, :, 0] = _sum_in_order(parts).T
+
+    _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish, defer)
 
 
 def _run_or_defer(jobs: list, threads: int, finish: Callable[[], None],

@@ -976,7 +976,68 @@ static void grad_weight_typed(const GwJob& job) {
   }
 }
 
+// Depthwise (one input and one output channel per group, C = cin channels):
+// part[tap * pt + c] += sum over the box's input pixels of x[p, c] * g[p * step + off, c].
+// Vectors along the channels; row by row, every tap of the row in turn while the row is
+// in L1. (NumPy's einsum per tap took 12 ms on W7, twice the forward.)
+template <typename T>
+static void dw_grad_weight_typed(const GwJob& job) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t C = job.cin, full = C / L * L, tw = job.ntaps[2];
+  const T* x = static_cast<const T*>(job.x);
+  const T* g = static_cast<const T*>(job.g);
+  T* part = static_cast<T*>(job.part);
+  const WRanges wr = w_ranges(job.off[2], tw, job.step[2], job.gdims[2], job.wcount);
+  const int64_t xs_w = job.xs[3], gs_w = job.gs[3] * job.step[2];
+  for (int64_t flat = 0, total = box_rows(job.box); flat < total; ++flat) {
+    const auto [n, d, h] = row_at(job.box, flat);
+    const T* xrow = x + n * job.xs[0] + d * job.xs[1] + h * job.xs[2];
+    for (int64_t i = 0; i < job.ntaps[0]; ++i) {
+      const int64_t od = d * job.step[0] + job.off[0][i];
+      if (od < 0 || od >= job.gdims[0]) continue;
+      for (int64_t j = 0; j < job.ntaps[1]; ++j) {
+        const int64_t oh = h * job.step[1] + job.off[1][j];
+        if (oh < 0 || oh >= job.gdims[1]) continue;
+        const T* grow = g + n * job.gs[0] + od * job.gs[1] + oh * job.gs[2];
+        for (int64_t k = 0; k < tw; ++k) {
+          const int64_t lo = wr.lo[k], hi = wr.hi[k];
+          if (lo >= hi) continue;
+          T* acc = part + ((i * job.ntaps[1] + j) * tw + k) * job.pt;
+          const T* xp = xrow + lo * xs_w;
+          const T* gp = grow + (lo * job.step[2] + job.off[2][k]) * job.gs[3];
+          for (int64_t c = 0; c < full; c += L) {
+            V s[4] = {V{}, V{}, V{}, V{}};  // four chains: the FMA latency
+            int64_t w = 0;
+            for (; w + 4 <= hi - lo; w += 4)
+#pragma GCC unroll 4
+              for (int u = 0; u < 4; ++u)
+                s[u] += *reinterpret_cast<const U*>(xp + (w + u) * xs_w + c) *
+                        *reinterpret_cast<const U*>(gp + (w + u) * gs_w + c);
+            for (; w < hi - lo; ++w)
+              s[0] += *reinterpret_cast<const U*>(xp + w * xs_w + c) *
+                      *reinterpret_cast<const U*>(gp + w * gs_w + c);
+            const V sum = (s[0] + s[1]) + (s[2] + s[3]);
+            *reinterpret_cast<U*>(acc + c) = *reinterpret_cast<const U*>(acc + c) + sum;
+          }
+          for (int64_t c = full; c < C; ++c) {
+            T sum = 0;
+            for (int64_t w = 0; w < hi - lo; ++w) sum += xp[w * xs_w + c] * gp[w * gs_w + c];
+            acc[c] += sum;
+          }
+        }
+      }
+    }
+  }
+}
+
 void grad_weight(const GwJob& job) {
+  if (job.swapped == CT_GW_DEPTHWISE) {
+    if (job.itemsize == 4) dw_grad_weight_typed<float>(job);
+    else dw_grad_weight_typed<double>(job);
+    return;
+  }
   if (job.itemsize == 4) grad_weight_typed<float>(job);
   else grad_weight_typed<double>(job);
 }

@@ -42,9 +42,11 @@ struct CtJob {
 // packed weight of CT_MODE_CHANNELS: [chunk][tap][a][column], with (a, columns) = (C_in,
 // C_out), or (C_out, C_in) when `swapped`, or at any strides (pa, pt). The column count
 // must be whole vectors. Columns are cut into chunks of up to 4 vectors.
+#define CT_GW_DEPTHWISE 2  // GwJob.swapped: one channel per group (see correlate.hpp)
+
 struct GwJob {
   int itemsize;
-  int swapped;
+  int swapped;           // 0: vectors along C_out; 1: along C_in; CT_GW_DEPTHWISE
   const void* x;         // input at (0, 0, 0, 0, 0); channels contiguous
   int64_t xs[4];
   const void* g;         // cotangent at (0, 0, 0, 0, 0); channels contiguous

@@ -127,8 +127,10 @@ PyObject* py_grad_weight(PyObject*, PyObject* args) {
   job.cin = v[24];
   job.cout = v[25];
   const int64_t nb = job.swapped ? job.cin : job.cout;
-  if (nb % current->lanes(job.itemsize)) {
-    PyErr_SetString(PyExc_ValueError, "grad_weight: the vector side must be whole vectors");
+  if (job.swapped < 0 || job.swapped > CT_GW_DEPTHWISE ||
+      (job.swapped != CT_GW_DEPTHWISE && nb % current->lanes(job.itemsize))) {
+    PyErr_SetString(PyExc_ValueError,
+                    "grad_weight: bad kind, or a vector side that is not whole vectors");
     return nullptr;
   }
   const Isa* isa = current;
