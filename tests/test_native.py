@@ -414,16 +414,19 @@ def test_streamed_outputs_hold_the_same_bits(c_in, c_out, groups, isa, rng, monk
 
 @pytest.mark.parametrize("c_out,groups", [(8, 1), (16, 1), (4, 2), (6, 3), (20, 1)])
 def test_indexed_gather_sum_matches_numpy_take_and_reduce(c_out, groups, rng, monkeypatch):
-    """Small calls sum their gathered products in C (unrolled for 4, 8 and 16 columns);
-    without the extension NumPy's take + add.reduce does it, in the same order: same bits."""
+    """Small calls sum their gathered products in C (unrolled for 4, 8 and 16 columns) and
+    round half-precision results there; without the extension NumPy's take + add.reduce
+    and casts do it, in the same order: same bits."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
     x = rng.standard_normal((2, 3, 4, 3, 6))
     w = rng.standard_normal((c_out, 3, 2, 3, 6 // groups))
     kw = dict(stride=(2, 1, 2), padding=(1, 0, 1), output_padding=(1, 0, 0), groups=groups)
-    for dtype in (np.float32, np.float64, np.float16):
+    for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
         xd, wd = x.astype(dtype), w.astype(dtype)
         p = ct.plan(xd.shape, wd.shape, **kw, dtype=dtype)
         assert p.algorithm == "indexed"
         compiled = ct.run_plan(p, xd, wd)
         monkeypatch.setattr(native, "AVAILABLE", False)
-        np.testing.assert_array_equal(ct.run_plan(p, xd, wd), compiled)
+        np.testing.assert_array_equal(ct.run_plan(p, xd, wd).view(np.uint8),
+                                      compiled.view(np.uint8))
         monkeypatch.undo()

@@ -540,7 +540,11 @@ def _indexed(plan: Plan, x3, w3, out) -> None:
         native.gather_sum(products, plan.table, target)
     else:
         np.add.reduce(np.take(products, plan.table, axis=0), axis=0, out=target)
-    if target is not flat:  # summed in the compute dtype, rounded once
+    if target is flat:
+        return
+    if native.AVAILABLE and native.half_kind(out.dtype) and target.dtype == np.float32:
+        native.round_half(target, flat)  # summed in float32, rounded once
+    else:
         flat[...] = target
 
 

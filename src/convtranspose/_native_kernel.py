@@ -150,6 +150,13 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
                       wcount, cin, cout)
 
 
+def round_half(src: np.ndarray, out: np.ndarray) -> None:
+    """out (float16 or bfloat16, C-contiguous) = src (float32, C-contiguous, same size),
+    rounded to nearest even exactly as the kernel stores (and as NumPy / ml_dtypes round)."""
+    assert src.dtype == np.float32 and src.size == out.size
+    _native.round_half(half_kind(out.dtype), src, out.view(np.uint16))
+
+
 def gather_sum(rows: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     """out[o] = sum over j, in order, of rows[table[j, o]]: C-contiguous arrays of one float
     dtype, table int64 (terms, len(out)) with every index within rows (the planner's)."""
