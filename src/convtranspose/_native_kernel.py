@@ -150,6 +150,13 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
                       wcount, cin, cout)
 
 
+def widen_half(src: np.ndarray, out: np.ndarray) -> None:
+    """out (float32, C-contiguous) = src (float16 or bfloat16, C-contiguous, same size),
+    exactly; the GIL is released meanwhile."""
+    assert out.dtype == np.float32 and src.size == out.size
+    _native.widen_half(half_kind(src.dtype), src.view(np.uint16), out)
+
+
 def round_half(src: np.ndarray, out: np.ndarray) -> None:
     """out (float16 or bfloat16, C-contiguous) = src (float32, C-contiguous, same size),
     rounded to nearest even exactly as the kernel stores (and as NumPy / ml_dtypes round)."""

@@ -17,5 +17,6 @@ static inline int ct_opaque(int m) { __asm__("" : "+r"(m)); return m; }
 #define CT_MASKZ_LOAD_F(valid, p) _mm256_maskload_ps(p, _mm256_set1_epi32(ct_opaque(-(int)(valid))))
 #define CT_MASKZ_LOAD_D(valid, p) _mm256_maskload_pd(p, _mm256_set1_epi64x(ct_opaque(-(int)(valid))))
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+#define CT_F16_LOAD(dst, src) _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))))
 #include "correlate.hpp"
 #endif

@@ -20,5 +20,6 @@ static inline unsigned ct_opaque(unsigned m) { __asm__("" : "+r"(m)); return m; 
 #define CT_MASKZ_LOAD_F(valid, p) _mm512_maskz_loadu_ps((__mmask16)ct_opaque(0u - (valid)), p)
 #define CT_MASKZ_LOAD_D(valid, p) _mm512_maskz_loadu_pd((__mmask8)ct_opaque(0u - (valid)), p)
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+#define CT_F16_LOAD(dst, src) _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))))
 #include "correlate.hpp"
 #endif

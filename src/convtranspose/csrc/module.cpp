@@ -22,19 +22,20 @@ struct Isa {
   void (*correlate)(const CtJob&);
   void (*grad_weight)(const GwJob&);
   void (*round_half)(int, const float*, void*, int64_t);
+  void (*widen_half)(int, const void*, float*, int64_t);
   int (*lanes)(int);
   int (*max_vectors)();
 };
 
 const Isa kIsas[] = {
 #if defined(__x86_64__) && defined(__GNUC__)
-    {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::lanes,
-     avx512::max_vectors},
-    {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::lanes,
-     avx2::max_vectors},
+    {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
+     avx512::lanes, avx512::max_vectors},
+    {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
+     avx2::lanes, avx2::max_vectors},
 #endif
-    {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::lanes,
-     generic::max_vectors},
+    {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
+     generic::lanes, generic::max_vectors},
 };
 const int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
 
@@ -296,6 +297,26 @@ PyObject* py_round_half(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_widen_half(PyObject*, PyObject* args) {
+  int kind;
+  Py_buffer src, dst;
+  if (!PyArg_ParseTuple(args, "iy*w*", &kind, &src, &dst)) return nullptr;
+  const int64_t n = src.len / 2;
+  const bool ok = (kind == CT_HALF_F16 || kind == CT_HALF_BF16) && dst.len >= n * 4;
+  if (ok) {
+    const Isa* isa = current;
+    Py_BEGIN_ALLOW_THREADS isa->widen_half(kind, src.buf, static_cast<float*>(dst.buf), n);
+    Py_END_ALLOW_THREADS
+  }
+  PyBuffer_Release(&src);
+  PyBuffer_Release(&dst);
+  if (!ok) {
+    PyErr_SetString(PyExc_ValueError, "widen_half: bad kind, or a destination too short");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyObject* py_layout(PyObject*, PyObject* args) {
   int itemsize;
   if (!PyArg_ParseTuple(args, "i", &itemsize)) return nullptr;
@@ -333,6 +354,7 @@ PyMethodDef kMethods[] = {
     {"grad_weight", py_grad_weight, METH_VARARGS, "Add one tile's grad_weight into a partial."},
     {"pack", py_pack, METH_VARARGS, "Gather a weight into the CT_MODE_CHANNELS layout."},
     {"gather_sum", py_gather_sum, METH_VARARGS, "Sum rows gathered by a table (indexed)."},
+    {"widen_half", py_widen_half, METH_VARARGS, "float16/bfloat16 -> float32, exactly."},
     {"round_half", py_round_half, METH_VARARGS, "float32 -> float16/bfloat16, as stored."},
     {"layout", py_layout, METH_VARARGS, "(lanes, max vectors per chunk) of the packed weight."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
