@@ -186,7 +186,7 @@ def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
     return out
 
 
-def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
+def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
                 offsets: TapOffsets, steps: tuple[int, ...], part: np.ndarray,
                 box: tuple[int, ...], cin: int, cout: int,
                 units: tuple[int, int] | None = None, zero: bool = False,
@@ -198,7 +198,8 @@ def grad_weight(swapped: bool, x: np.ndarray, x_offset: int, g: np.ndarray, g_of
     r * strides[0] + c]. x (N, D, H, W, C) and the cotangent g (N, D', H', W', C') have
     contiguous channels; the offsets (elements) pick a conv group's channels. `units`
     limits the work to (tap, chunk of columns) units [u0, u1), numbered tap * chunks +
-    chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values."""
+    chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values.
+    `swapped` GW_DEPTHWISE: see `depthwise_grad_weight`."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
     u0, u1 = units if units is not None else (0, 1 << 62)
@@ -218,14 +219,10 @@ def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
                           box: tuple[int, ...]) -> None:
     """part (taps, C) += the depthwise grad_weight of the input rows in `box`: for each tap
     and channel c, the sum over pixels of x[p, c] * g[p * step + offset, c]."""
-    item = x.dtype.itemsize
-    assert x.dtype == g.dtype == part.dtype and part.flags.c_contiguous
-    assert x.strides[-1] == g.strides[-1] == item and x.shape[-1] == g.shape[-1]
+    assert part.flags.c_contiguous and x.shape[-1] == g.shape[-1]
     channels = x.shape[-1]
-    _native.grad_weight(item, GW_DEPTHWISE, x.ctypes.data, *element_strides(x)[:4],
-                        g.ctypes.data, *element_strides(g)[:4], *g.shape[1:4],
-                        *offsets.addresses, *offsets.counts, *steps, part.ctypes.data,
-                        1, channels, 0, 1 << 62, *box, x.shape[3], channels, channels, 0)
+    grad_weight(GW_DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels, channels,
+                strides=(1, channels))
 
 
 def gw_units(taps: int, columns: int, itemsize: int) -> int:

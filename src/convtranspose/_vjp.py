@@ -335,12 +335,12 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
     fixed tiles of input rows and one partial sum each, added in worker order (bitwise
     reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
     running them, to share one queue with grad_input's tiles."""
-    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    offsets = _tap_offsets(spec)
-    ktot = math.prod(spec.kernel)
     if swapped == native.GW_DEPTHWISE:
         _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
         return
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    offsets = _tap_offsets(spec)
+    ktot = math.prod(spec.kernel)
     rows, cols = (cog, cig) if swapped else (cig, cog)
     units = native.gw_units(ktot, cols, cd.itemsize)
     if n_threads == 1 or units >= 2 * n_threads:  # workers share out the units

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "correlate_api.h"
@@ -621,7 +622,8 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
           if (pa >= pb) continue;
           const T* wt = wpk + (q * tw + k) * CO * PS;
           const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
-          if (pa == 0 && pb == P) {
+          // One tap: a whole block loads plainly, an edge block through the valid mask.
+          const auto tap = [&](auto masked, unsigned valid) {
 #pragma GCC unroll 4
             for (int v = 0; v < CV; ++v) {
               V wv[CO];
@@ -629,26 +631,17 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
               for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
 #pragma GCC unroll 16
               for (int p = 0; p < P; ++p) {
-                const V xv = *reinterpret_cast<const U*>(xb + p * PS + v * L);
+                const T* at = xb + p * PS + v * L;
+                V xv;
+                if constexpr (decltype(masked)::value) xv = load_or_zero<V>((valid >> p) & 1, at);
+                else xv = *reinterpret_cast<const U*>(at);
 #pragma GCC unroll 4
                 for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
               }
             }
-          } else {
-            const unsigned valid = ((1u << pb) - 1) & ~((1u << pa) - 1);  // bit p: pixel p
-#pragma GCC unroll 4
-            for (int v = 0; v < CV; ++v) {
-              V wv[CO];
-#pragma GCC unroll 4
-              for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
-#pragma GCC unroll 16
-              for (int p = 0; p < P; ++p) {
-                const V xv = load_or_zero<V>((valid >> p) & 1, xb + p * PS + v * L);
-#pragma GCC unroll 4
-                for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
-              }
-            }
-          }
+          };
+          if (pa == 0 && pb == P) tap(std::false_type{}, 0u);
+          else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
         }
       }
 #pragma GCC unroll 16

@@ -281,40 +281,41 @@ PyObject* py_gather_sum(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-PyObject* py_round_half(PyObject*, PyObject* args) {
+// Between float32 and float16/bfloat16 (CT_HALF_*), arrays by the buffer protocol:
+// `convert(kind, src, dst, n)` on n source values of `src_item` bytes into `dst_item`.
+template <typename F>
+PyObject* convert_half(PyObject* args, const char* name, int64_t src_item, int64_t dst_item,
+                       F&& convert) {
   int kind;
   Py_buffer src, dst;
   if (!PyArg_ParseTuple(args, "iy*w*", &kind, &src, &dst)) return nullptr;
-  const int64_t n = src.len / 4;
-  const bool ok = (kind == CT_HALF_F16 || kind == CT_HALF_BF16) && dst.len >= n * 2;
-  if (ok) current->round_half(kind, static_cast<const float*>(src.buf), dst.buf, n);
-  PyBuffer_Release(&src);
-  PyBuffer_Release(&dst);
-  if (!ok) {
-    PyErr_SetString(PyExc_ValueError, "round_half: bad kind, or a destination too short");
-    return nullptr;
-  }
-  Py_RETURN_NONE;
-}
-
-PyObject* py_widen_half(PyObject*, PyObject* args) {
-  int kind;
-  Py_buffer src, dst;
-  if (!PyArg_ParseTuple(args, "iy*w*", &kind, &src, &dst)) return nullptr;
-  const int64_t n = src.len / 2;
-  const bool ok = (kind == CT_HALF_F16 || kind == CT_HALF_BF16) && dst.len >= n * 4;
+  const int64_t n = src.len / src_item;
+  const bool ok = (kind == CT_HALF_F16 || kind == CT_HALF_BF16) && dst.len >= n * dst_item;
   if (ok) {
-    const Isa* isa = current;
-    Py_BEGIN_ALLOW_THREADS isa->widen_half(kind, src.buf, static_cast<float*>(dst.buf), n);
+    Py_BEGIN_ALLOW_THREADS convert(kind, src.buf, dst.buf, n);
     Py_END_ALLOW_THREADS
   }
   PyBuffer_Release(&src);
   PyBuffer_Release(&dst);
   if (!ok) {
-    PyErr_SetString(PyExc_ValueError, "widen_half: bad kind, or a destination too short");
+    PyErr_Format(PyExc_ValueError, "%s: bad kind, or a destination too short", name);
     return nullptr;
   }
   Py_RETURN_NONE;
+}
+
+PyObject* py_round_half(PyObject*, PyObject* args) {
+  const Isa* isa = current;
+  return convert_half(args, "round_half", 4, 2, [isa](int kind, void* s, void* d, int64_t n) {
+    isa->round_half(kind, static_cast<const float*>(s), d, n);
+  });
+}
+
+PyObject* py_widen_half(PyObject*, PyObject* args) {
+  const Isa* isa = current;
+  return convert_half(args, "widen_half", 2, 4, [isa](int kind, void* s, void* d, int64_t n) {
+    isa->widen_half(kind, s, static_cast<float*>(d), n);
+  });
 }
 
 PyObject* py_layout(PyObject*, PyObject* args) {
