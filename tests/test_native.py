@@ -446,3 +446,143 @@ def test_widen_half_converts_every_bit_pattern_exactly(isa):
         nan = np.isnan(want)
         np.testing.assert_array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
         assert np.isnan(out[nan]).all()
+
+
+# --- tiles shared by threads ------------------------------------------------------------
+
+def _poisoned(monkeypatch):
+    """Results start as NaN (not recycled memory that may hold the right answer), so a row
+    that no call computes shows."""
+    from convtranspose import _execute
+    monkeypatch.setattr(_execute, "result_empty",
+                        lambda shape, dtype: np.full(shape, np.nan, dtype))
+
+
+@pytest.fixture
+def small_calls_threaded(monkeypatch):
+    """Plans of small calls on every thread they are given (they stay on one otherwise)."""
+    from convtranspose import _plan
+    monkeypatch.setattr(_plan, "NATIVE_SERIAL_BELOW_SECONDS", 0.0)
+    _plan._make_plan.cache_clear()
+    yield
+    _plan._make_plan.cache_clear()
+
+
+SHARED_SHAPES = [  # (C_in, C_out, groups, stride): the three kernel modes, one phase or eight
+    (16, 24, 1, 1), (16, 24, 1, 2), (8, 2, 1, 1), (12, 12, 12, 2), (8, 16, 2, 1)]
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,stride", SHARED_SHAPES,
+                         ids=[f"ci{a}-co{b}-g{c}-s{d}" for a, b, c, d in SHARED_SHAPES])
+def test_threads_sharing_a_tile_compute_every_row_once(c_in, c_out, groups, stride, rng,
+                                                       monkeypatch, small_calls_threaded):
+    """Three calls start together on each tile and claim its rows through one cursor: the
+    result holds the bits of one call computing every row, whichever call took which."""
+    import threading
+
+    x = rng.standard_normal((2, 5, 9, 7, c_in)).astype(np.float32)
+    w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups)).astype(np.float32)
+    kw = dict(stride=stride, padding=1, groups=groups)
+    p = ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=1)
+    alone = ct.run_plan(p, x, w).copy()
+    real = native.correlate
+    shared_calls = []
+
+    def three_at_once(*args):
+        *head, cursor, sharers = args
+        if not cursor:
+            return real(*args)
+        shared_calls.append(args)
+        start = threading.Barrier(3)
+
+        def one():
+            start.wait()
+            real(*head, cursor, 3)
+
+        workers = [threading.Thread(target=one) for _ in range(3)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+
+    _poisoned(monkeypatch)
+    monkeypatch.setattr(native, "correlate", three_at_once)
+    shared = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=2), x, w)
+    assert shared_calls, "the plan on two threads made no tile shared"
+    np.testing.assert_array_equal(shared, alone)
+
+
+def test_a_call_computes_only_the_rows_left_unclaimed(rng, monkeypatch, small_calls_threaded):
+    """With the first k rows of the tile claimed already (by another thread, as far as the
+    kernel knows), a call computes the others and leaves those k alone."""
+    import ctypes
+
+    x = rng.standard_normal((1, 4, 6, 5, 8)).astype(np.float32)
+    w = rng.standard_normal((16, 3, 3, 3, 8)).astype(np.float32)
+    p = ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=2)
+    assert len(p.tasks) == 1  # stride 1: one phase, one tile whose rows are (n, d, h)
+    full = ct.run_plan(ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=1),
+                       x, w).copy()
+    real = native.correlate
+    rows = 4 * 6
+    for claimed in (0, 7, rows):
+        def pre_claimed(*args, claimed=claimed):
+            *head, cursor, sharers = args
+            assert cursor and sharers == 2
+            ctypes.c_int64.from_address(cursor).value = claimed
+            return real(*args)
+
+        with monkeypatch.context() as patch:
+            _poisoned(patch)
+            patch.setattr(native, "correlate", pre_claimed)
+            out = ct.run_plan(p, x, w).reshape(rows, -1)
+        assert np.isnan(out[:claimed]).all()
+        np.testing.assert_array_equal(out[claimed:], full.reshape(rows, -1)[claimed:])
+
+
+def test_channels_not_contiguous_past_the_workspace_limit_copy_tile_by_tile(rng,
+                                                                          assert_close):
+    """An input whose channels are strided is copied once where it fits the workspace
+    limit; past it, the tiles copy their own rows, each within the limit."""
+    base = rng.standard_normal((1, 8, 6, 7, 24)).astype(np.float32)
+    x = base[..., ::2]
+    w = rng.standard_normal((16, 3, 3, 3, 12)).astype(np.float32)
+    ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
+    mag = magnitude_ref(x.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
+    for workspace in (None, 4096):
+        p = ct.plan(x.shape, w.shape, stride=2, padding=1, algorithm="native",
+                    workspace=workspace)
+        assert_close(ct.run_plan(p, x, w), ref, np.float32, mag, what=str(workspace))
+
+
+def test_threads_left_without_a_job_join_a_shared_one():
+    """run_jobs: every job runs; a thread that finds no job left joins a Shared one still
+    running (here: units taken under a lock, 1 ms each); an error in one surfaces."""
+    import threading
+    import time
+
+    from convtranspose._execute import Shared, run_jobs
+
+    lock = threading.Lock()
+    units = list(range(20))
+    done: list[tuple[int, int]] = []
+    plain: list[str] = []
+
+    def shared_work():
+        while True:
+            with lock:
+                if not units:
+                    return
+                unit = units.pop()
+            time.sleep(1e-3)
+            done.append((unit, threading.get_ident()))
+
+    run_jobs([lambda: plain.append("a"), Shared(shared_work), lambda: plain.append("b")], 2)
+    assert sorted(u for u, _ in done) == list(range(20)) and sorted(plain) == ["a", "b"]
+    assert len({ident for _, ident in done}) == 2  # both threads worked on it
+
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_jobs([Shared(broken), lambda: None], 2)

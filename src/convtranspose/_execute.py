@@ -6,7 +6,6 @@ workspace buffer: the caller's arrays are never modified.
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import threading
@@ -23,7 +22,7 @@ from ._plan import (
     Plan,
     Task,
     bordered_slab,
-    native_buffer_elems,
+    make_tasks,
     native_converts_whole_input,
     native_input_box,
     native_mode,
@@ -43,33 +42,62 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return _pools[threads]
 
 
-def run_jobs(jobs: list[Callable], threads: int,
+class Shared:
+    """A job that more threads may join while it runs: `fn` divides its work among the
+    calls in flight (the kernel's shared row cursor), each returning once all of it is
+    taken."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+
+def run_jobs(jobs: list, threads: int,
              make_buffer: Callable[[], np.ndarray] | None = None) -> None:
     """Run every job on up to `threads` threads: the caller's and pool workers, each taking
-    the next job as it finishes one. With `make_buffer`, each thread makes one buffer and
-    calls job(buffer); else job().
+    the next job as it finishes one. A thread that finds none left joins a `Shared` job
+    still running, so that the call ends with every thread busy (a fixed cut into jobs
+    left one thread idle for up to a job at the end: about 0.5 ms of W5's 10). With
+    `make_buffer`, each thread makes one buffer and calls job(buffer); else job().
 
-    Jobs write disjoint blocks of the output, so their order changes no bit of the result.
-    The caller works too, rather than waiting: a pool worker takes ~0.1 ms to wake, all
-    of it idle time at the start of a call. Every GEMM runs on one BLAS thread: our
-    threads are the parallelism, and BLAS threads that busy-wait collapse when the
+    Jobs write disjoint blocks of the output, so who runs what changes no bit of the
+    result. The caller works too, rather than waiting: a pool worker takes ~0.1 ms to
+    wake, all of it idle time at the start of a call. Every GEMM runs on one BLAS thread:
+    our threads are the parallelism, and BLAS threads that busy-wait collapse when the
     machine is shared (W6 went from 4 ms to 48 ms with a second process running, W4 from
     51 ms to 734 ms)."""
-    pending = collections.deque(jobs)
+    lock = threading.Lock()
+    position = 0
+    running: list[Shared] = []  # shared jobs that may have work left to take
+
+    def next_job(finished: Shared | None = None):
+        nonlocal position
+        with lock:
+            if finished in running:
+                running.remove(finished)  # a call returned: all of its work is taken
+            if position < len(jobs):
+                job = jobs[position]
+                position += 1
+                if isinstance(job, Shared):
+                    running.append(job)
+                return job
+            return running[0] if running else None
 
     def drain() -> None:
         buffer = make_buffer() if make_buffer is not None else None
-        while True:
-            try:
-                job = pending.popleft()  # atomic: the threads share the queue safely
-            except IndexError:
-                return
+        job = next_job()
+        while job is not None:
+            shared = isinstance(job, Shared)
+            fn = job.fn if shared else job
             if buffer is None:
-                job()
+                fn()
             else:
-                job(buffer)
+                fn(buffer)
+            job = next_job(job if shared else None)
 
-    helpers = min(threads, len(jobs)) - 1
+    sharing = any(isinstance(job, Shared) for job in jobs)
+    helpers = (threads if sharing else min(threads, len(jobs))) - 1
     with single_threaded_blas():
         futures = [_pool(helpers).submit(drain) for _ in range(helpers)]
         try:
@@ -459,7 +487,7 @@ def _native_offsets(phase: Phase) -> native.TapOffsets:
 
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
-                task: Task, convert_input: bool, mode: int, x_origin):
+                task: Task, convert_input: bool, mode: int, x_origin, threads: int):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
@@ -485,8 +513,14 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
     (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
     in_w = spec.in_spatial[2]
     box = (n0, n1, a, b, e, f)
+    # Reading and writing in place, the tile's rows are claimed through the kernel's
+    # cursors (one per conv group), so that threads left without a tile can join it; a
+    # tile that converts its input or rounds through a block runs on one thread.
+    sharers = 1 if convert_input or round_output else threads
+    cursors = np.zeros(groups, np.int64) if sharers > 1 else None
+    cursor = cursors.ctypes.data if cursors is not None else 0
 
-    def job(buf):
+    def job(buf, cursors=cursors):  # the job holds its cursors alive
         packed = weights.get()
         used = 0
         if convert_input:
@@ -504,16 +538,18 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         out_item = target.dtype.itemsize
         if mode == native.DEPTHWISE:
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
-                             offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups)
+                             offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups,
+                             cursor, sharers)
         else:
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
                                  spec.in_spatial, packed[g], offsets, (1, 1, 1),
-                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog)
+                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog,
+                                 cursor and cursor + 8 * g, sharers)
         if round_output:
             view[...] = target
 
-    return job
+    return Shared(job) if sharers > 1 else job
 
 
 # --- indexed ------------------------------------------------------------------------------
@@ -577,20 +613,26 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
     spec = plan.spec
     mode = native_mode(spec)
     weights = [_native_weights(w3, g, spec.groups, mode, scratch) for g in plan.groups]
+    tasks = plan.tasks
     convert = not native.reads_in_place(x3, spec.compute_dtype)
-    if convert and native_converts_whole_input(spec, plan.workspace_limit):
+    if convert and spec.input_dtype == spec.compute_dtype:
+        # Channels not contiguous, where the plan assumed the input read in place: one copy
+        # for every phase where it fits the limit, else tiles that copy their rows.
+        if x3.nbytes <= plan.workspace_limit:
+            x3 = _converted(x3, spec.compute_dtype, plan.threads)
+            convert = False
+        else:
+            tasks, _ = make_tasks(spec, "native", plan.groups, plan.workspace_limit,
+                                  plan.threads, False, False, convert_input=True)
+    elif convert and native_converts_whole_input(spec, plan.workspace_limit):
         x3 = _converted(x3, spec.compute_dtype, plan.threads)  # once, for every phase
         convert = False
     offsets = [_native_offsets(g[0]) for g in plan.groups]
     x_origin = None if convert else native.origin(x3)
     jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group],
-                        offsets[t.group], t, convert, mode, x_origin) for t in plan.tasks]
-    if convert and spec.input_dtype == spec.compute_dtype:  # channels not contiguous:
-        buffer = max(native_buffer_elems(spec, plan.groups[t.group][0], t.tile, True,
-                                         len(plan.groups[t.group]))
-                     for t in plan.tasks)  # the plan assumed no copy
-    else:
-        buffer = max(t.buffer_elems for t in plan.tasks)
+                        offsets[t.group], t, convert, mode, x_origin, plan.threads)
+            for t in tasks]
+    buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
 
 

@@ -134,7 +134,7 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: TapOffsets,
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
               box: tuple[int, ...], wcount: int,
-              cin: int, cout: int) -> None:
+              cin: int, cout: int, cursor: int = 0, sharers: int = 1) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -142,12 +142,15 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     0's origin, out_addr the box's first position; channels are contiguous in both.
     `out_half`: HALF_F16 or HALF_BF16 where the output is float16 or bfloat16, rounded
     from the float32 sums as they are stored.
-    `stream_out`: write it with non-temporal stores (see `_plan.streams_output`). The
-    caller keeps every array alive and in bounds; the GIL is released meanwhile."""
+    `stream_out`: write it with non-temporal stores (see `_plan.streams_output`).
+    `cursor`: 0, and the call computes the whole box; or the address of an int64, 0 at
+    first, through which up to `sharers` concurrent calls share the box's rows, each
+    returning once every row is taken. The caller keeps every array alive and in bounds;
+    the GIL is released meanwhile."""
     _native.correlate(itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
                       packed.ctypes.data, *offsets.addresses, *offsets.counts, *steps,
                       out_addr, *out_strides, *box,
-                      wcount, cin, cout)
+                      wcount, cin, cout, cursor, sharers)
 
 
 def widen_half(src: np.ndarray, out: np.ndarray) -> None:

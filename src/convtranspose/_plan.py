@@ -44,6 +44,10 @@ INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay t
 DEFAULT_WORKSPACE = 64 * 2**20
 TILE_BYTES = 8 * 2**20
 SMALL_TILE_BYTES = 2**22
+# Native tiles that read and write in place are shared by every free thread (the kernel
+# claims their rows), so they need not be cut for balance, only for locality: each costs
+# ~40 us of Python, and W7 cut into 56 tiles of 4 MiB ran 19% slower than in 8.
+SHARED_TILE_BYTES = 64 * 2**20
 MIN_TILE_ROWS = 256
 SERIAL_BELOW_SECONDS = 2e-3
 NATIVE_SERIAL_BELOW_SECONDS = 5e-4  # its tasks start with no copies: threads pay off sooner
@@ -286,6 +290,15 @@ def _rounds_blocks(spec: ConvSpec) -> bool:
             and native.half_kind(spec.result_dtype) == native.HALF_NONE)
 
 
+def native_shares_tiles(spec: ConvSpec, limit: int) -> bool:
+    """Whether native tiles read the input and write the output in place (a C-contiguous
+    input assumed), so that threads can share a tile: none converts its input rows nor
+    rounds its output through a block."""
+    converts = (spec.input_dtype != spec.compute_dtype
+                and not native_converts_whole_input(spec, limit))
+    return not converts and not _rounds_blocks(spec)
+
+
 def native_buffer_elems(spec: ConvSpec, phase: Phase, tile: Tile, convert_input: bool,
                         phases: int = 1) -> int:
     """The native kernel reads the input and writes the output in place; it needs room
@@ -473,34 +486,9 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
     if algorithm == "indexed":
         return _indexed_plan(spec, limit, est)
     groups = phase_groups(spec, algorithm)
-    item = spec.compute_dtype.itemsize
-    # Elementwise passes (direct, scatter's window adds) want their tile in L2; the shift
-    # GEMMs amortise bigger tiles better.
-    tile_bytes = TILE_BYTES if algorithm == "shift" else SMALL_TILE_BYTES
-    per_task = max(1, min(tile_bytes, limit // threads) // item)
-    min_tiles = threads if len(groups) < threads else 1
-    if algorithm == "native":
-        # Its tiles cost nothing to cut (no halo copies): cut at least four per worker, so
-        # that a worker slowed by a neighbour's process does not hold up the call.
-        min_tiles = max(1, -(-4 * threads // len(groups)))
-    max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     whole_input = algorithm == "native" and native_converts_whole_input(spec, limit)
-    while True:
-        tasks = []
-        for gi, group in enumerate(groups):
-            count = tuple(max(p.count[i] for p in group) for i in range(3))
-            for tile in split_tiles(spec.batch, count, max_rows, min_tiles):
-                tasks.append(Task(gi, tile, buffer_elems(spec, algorithm, group, tile,
-                                                         whole_input)))
-        if algorithm == "native":
-            # Tile-major: the phases of one tile read the same input rows and fill the same
-            # output pages, so run them back to back (their tiles coincide when the counts do).
-            tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.group))
-        biggest = max((t.buffer_elems for t in tasks), default=0)
-        if biggest <= per_task or max_rows <= 1:
-            break
-        max_rows = max(1, max_rows * per_task // biggest if biggest > 2 * per_task
-                       else max_rows // 2)
+    shared = algorithm == "native" and native_shares_tiles(spec, limit)
+    tasks, biggest = make_tasks(spec, algorithm, groups, limit, threads, whole_input, shared)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So does
     # scatter, measured on W6: 3.6 ms on one worker, 4.3-5.7 ms on two (its window adds
     # are memory-bound; a bigger 16 -> 1 head gained from two, 15 vs 20 ms: not yet used).
@@ -508,12 +496,55 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
                     else SERIAL_BELOW_SECONDS)
     if est.get(algorithm, 1.0) < serial_below or algorithm == "scatter":
         threads = 1
+    item = spec.compute_dtype.itemsize
     workers = min(threads, len(tasks)) or 1
-    shared = (spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
-              else 0)
+    converted = (spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
+                 else 0)
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
-                threads=threads, workspace_bytes=workers * biggest * item + shared,
+                threads=threads, workspace_bytes=workers * biggest * item + converted,
                 workspace_limit=limit, est_seconds=est)
+
+
+def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], ...],
+               limit: int, threads: int, whole_input: bool, shared: bool,
+               convert_input: bool = False) -> tuple[list[Task], int]:
+    """The tiles of every phase group, each within the workspace limit, and the biggest
+    task's buffer (elements). `shared`: native tiles that threads share, cut only for
+    locality. `convert_input`: native tiles copy their input rows (channels not
+    contiguous), which the buffers must hold."""
+    item = spec.compute_dtype.itemsize
+    # Elementwise passes (direct, scatter's window adds) want their tile in L2; the shift
+    # GEMMs amortise bigger tiles better.
+    tile_bytes = (TILE_BYTES if algorithm == "shift" else
+                  SHARED_TILE_BYTES if shared else SMALL_TILE_BYTES)
+    per_task = max(1, min(tile_bytes, limit // threads) // item)
+    min_tiles = threads if len(groups) < threads else 1
+    if algorithm == "native" and not shared:
+        # Its tiles cost nothing to cut (no halo copies): cut at least four per worker, so
+        # that a worker slowed by a neighbour's process does not hold up the call.
+        min_tiles = max(1, -(-4 * threads // len(groups)))
+    elif shared:
+        min_tiles = 1
+        per_task = max(1, tile_bytes // item)  # no workspace: the limit does not bind
+    max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
+    while True:
+        tasks = []
+        for gi, group in enumerate(groups):
+            count = tuple(max(p.count[i] for p in group) for i in range(3))
+            for tile in split_tiles(spec.batch, count, max_rows, min_tiles):
+                elems = (native_buffer_elems(spec, group[0], tile, True, len(group))
+                         if convert_input else
+                         buffer_elems(spec, algorithm, group, tile, whole_input))
+                tasks.append(Task(gi, tile, elems))
+        if algorithm == "native":
+            # Tile-major: the phases of one tile read the same input rows and fill the same
+            # output pages, so run them back to back (their tiles coincide when the counts do).
+            tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.group))
+        biggest = max((t.buffer_elems for t in tasks), default=0)
+        if biggest <= per_task or max_rows <= 1:
+            return tasks, biggest
+        max_rows = max(1, max_rows * per_task // biggest if biggest > 2 * per_task
+                       else max_rows // 2)
 
 
 def _indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:

@@ -36,6 +36,9 @@ struct CtJob {
   int64_t box[6];        // n0, n1, d0, d1, h0, h1 (output positions; out points at n0,d0,h0)
   int64_t wcount;        // output positions along W
   int64_t cin, cout;
+  int64_t* cursor;       // null: this call computes every row of the box. Else `sharers`
+  int64_t sharers;       // calls share the box's rows, each claiming runs of rows from
+                         // *cursor (0 at first) until none is left
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the

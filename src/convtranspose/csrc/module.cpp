@@ -56,14 +56,14 @@ const Isa* current = nullptr;
 
 PyObject* py_correlate(PyObject*, PyObject* args) {
   CtJob job;
-  Py_ssize_t x, w, o, off[3];
+  Py_ssize_t x, w, o, off[3], cursor = 0, sharers = 1;
   Py_ssize_t v[28];
-  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn", &job.itemsize, &job.mode, &job.out_half,
+  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn|nn", &job.itemsize, &job.mode, &job.out_half,
                         &job.stream_out, &x, &v[0],
                         &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &w, &off[0], &off[1], &off[2],
                         &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
                         &v[16], &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23], &v[24],
-                        &v[25]))
+                        &v[25], &cursor, &sharers))
     return nullptr;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "correlate: itemsize must be 4 or 8");
@@ -82,6 +82,8 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
   job.wcount = v[23];
   job.cin = v[24];
   job.cout = v[25];
+  job.cursor = reinterpret_cast<int64_t*>(cursor);
+  job.sharers = sharers;
   if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_DEPTHWISE ||
       (job.mode == CT_MODE_DOT && (job.cout < 1 || job.cout > 4))) {
     PyErr_SetString(PyExc_ValueError, "correlate: bad mode, or more than 4 outputs in dot mode");
