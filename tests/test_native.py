@@ -478,13 +478,45 @@ def test_threads_sharing_a_tile_compute_every_row_once(c_in, c_out, groups, stri
                                                        monkeypatch, small_calls_threaded):
     """Three calls start together on each tile and claim its rows through one cursor: the
     result holds the bits of one call computing every row, whichever call took which."""
-    import threading
-
     x = rng.standard_normal((2, 5, 9, 7, c_in)).astype(np.float32)
     w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups)).astype(np.float32)
     kw = dict(stride=stride, padding=1, groups=groups)
     p = ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=1)
     alone = ct.run_plan(p, x, w).copy()
+    shared_calls = _three_calls_per_shared_tile(monkeypatch)
+    _poisoned(monkeypatch)
+    shared = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=2), x, w)
+    assert shared_calls, "the plan on two threads made no tile shared"
+    np.testing.assert_array_equal(shared, alone)
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,stride", SHARED_SHAPES,
+                         ids=[f"ci{a}-co{b}-g{c}-s{d}" for a, b, c, d in SHARED_SHAPES])
+def test_grad_input_tiles_shared_by_threads_hold_the_same_bits(c_in, c_out, groups, stride,
+                                                              rng, monkeypatch):
+    from convtranspose import _vjp
+    from convtranspose._api import spec_for
+
+    x = rng.standard_normal((2, 5, 9, 7, c_in)).astype(np.float32)
+    w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups)).astype(np.float32)
+    spec, _, _ = spec_for(3, x, w, stride=stride, padding=1, groups=groups)
+    cot = rng.standard_normal(spec.output_shape).astype(np.float32)
+    alone = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native",
+                            threads=1)[0].copy()
+    shared_calls = _three_calls_per_shared_tile(monkeypatch)
+    monkeypatch.setattr(_vjp, "result_empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    for need_weight in (False, True):  # alone, or in one queue with grad_weight's units
+        gx, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=need_weight, algorithm="native",
+                                threads=2)
+        np.testing.assert_array_equal(gx, alone)
+    assert shared_calls
+
+
+def _three_calls_per_shared_tile(monkeypatch) -> list:
+    """Replace the kernel call of a shared tile by three calls started together, so that
+    they claim its rows concurrently; returns the list of the tiles so run."""
+    import threading
+
     real = native.correlate
     shared_calls = []
 
@@ -505,11 +537,8 @@ def test_threads_sharing_a_tile_compute_every_row_once(c_in, c_out, groups, stri
         for t in workers:
             t.join()
 
-    _poisoned(monkeypatch)
     monkeypatch.setattr(native, "correlate", three_at_once)
-    shared = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=2), x, w)
-    assert shared_calls, "the plan on two threads made no tile shared"
-    np.testing.assert_array_equal(shared, alone)
+    return shared_calls
 
 
 def test_a_call_computes_only_the_rows_left_unclaimed(rng, monkeypatch, small_calls_threaded):

@@ -46,10 +46,11 @@ import numpy as np
 from . import _native_kernel as native
 from ._api import ArrayLike, IntOrTuple, spec_for
 from ._dtypes import compute_dtype, result_dtype
-from ._execute import _zero_outside, run_jobs
+from ._execute import Shared, _zero_outside, run_jobs
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
+    SHARED_TILE_BYTES,
     Tile,
     get_num_threads,
     indexed_fits,
@@ -262,13 +263,20 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
                   for g in range(groups)]
     convert = not native.reads_in_place(c3, cd)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
-    tiles = _tiles(spec, max(1, budget // per_row) if convert else 1 << 30, 4 * n_threads)
+    if convert:  # a tile at a time per thread, each converting what it reads
+        tiles = _tiles(spec, max(1, budget // per_row), 4 * n_threads)
+    else:  # threads share each tile's rows (as the forward's): cut only for locality
+        tiles = _tiles(spec, SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
+    sharers = 1 if convert else n_threads
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
     out_w = spec.out_spatial[2]
     stream = streams_output(gx.nbytes)
 
     def job_for(tile):
-        def job():
+        cursors = np.zeros(groups, np.int64) if sharers > 1 else None
+        cursor = cursors.ctypes.data if cursors is not None else 0
+
+        def job(cursors=cursors):  # the job holds its cursors alive
             n0, n1 = tile.n
             box = (n0, n1, *tile.d, *tile.h)
             if convert:  # the cotangent planes and rows this tile's taps read
@@ -286,14 +294,16 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
             if depthwise:
                 native.correlate(native.DEPTHWISE, item, native.HALF_NONE, stream, x_addr, xs,
                                  spec.out_spatial, packed[0], offsets, spec.stride, o_addr,
-                                 os_, box, spec.in_spatial[2], groups, groups)
+                                 os_, box, spec.in_spatial[2], groups, groups, cursor,
+                                 sharers)
                 return
             for g in range(groups):
                 native.correlate(native.CHANNELS, item, native.HALF_NONE, stream,
                                  x_addr + g * cog * item, xs, spec.out_spatial, packed[g],
                                  offsets, spec.stride, o_addr + g * cig * item, os_, box,
-                                 spec.in_spatial[2], cog, cig)
-        return job
+                                 spec.in_spatial[2], cog, cig, cursor and cursor + 8 * g,
+                                 sharers)
+        return Shared(job) if sharers > 1 else job
 
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
 
