@@ -215,6 +215,45 @@ def test_vjp_through_the_kernel_every_isa(c_in, c_out, groups, isa, rng):
         np.testing.assert_array_equal(again[1], gw)  # reproducible bit for bit
 
 
+def _shifted(a: np.ndarray, offset_bytes: int) -> np.ndarray:
+    """A copy of `a` that starts `offset_bytes` past a cache line boundary."""
+    buf = np.empty(a.nbytes + 64 + offset_bytes, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset_bytes
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("c_in,c_out,swapped", [(112, 32, False), (32, 100, True)],
+                         ids=["cotangent-side", "input-side"])
+def test_grad_weight_reads_vector_rows_off_the_line_boundary_alike(c_in, c_out, swapped, isa,
+                                                                   rng):
+    """With ~96 or more broadcast blocks, grad_weight copies the vector side's rows of a
+    batch to a line boundary when they are not on one: the bits must not depend on where
+    the caller's arrays start (4 and 16 bytes past a line, or on one)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (2, 3, 13), c_in, c_out, (2, 3, 3), stride=(1, 2, 2),
+                              padding=(0, 1, 1), groups=1, batch=1)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    side = native_grad_weight_side(spec, x.reshape(spec.batch, *spec.in_spatial, c_in),
+                                   cot.reshape(spec.batch, *spec.out_spatial, c_out),
+                                   np.dtype(np.float32))
+    lanes, _ = native.layout(4)
+    assert side is (swapped and c_out % lanes != 0)  # generic's 4 lanes take 100 whole
+    rw = loops_vjp(x, w, cot, **kw)[1]
+    results = []
+    for offset in (0, 4, 16):
+        _, gw = vjp_arrays(spec, _shifted(x, offset), w, _shifted(cot, offset),
+                           need_input=False, algorithm="native", threads=1)
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+        results.append(gw.copy())
+    for gw in results[1:]:
+        np.testing.assert_array_equal(gw, results[0])
+
+
 @pytest.mark.parametrize("c_out,groups", [(24, 1), (2, 1), (6, 6)],
                          ids=["channels", "dot", "depthwise"])
 def test_float16_results_round_like_numpy(c_out, groups, isa, rng):
