@@ -60,11 +60,28 @@ def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
                  row_stride, padded, lanes * max_vectors, out.ctypes.data)
 
 
+def aligned_empty(shape: int | tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array that starts on a cache line. The kernel loads
+    whole vectors from packed weights and partial sums; NumPy's big arrays start 16 bytes
+    past a page, and a vector load across two lines costs two."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = np.empty(count * dtype.itemsize + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape: int | tuple[int, ...], dtype) -> np.ndarray:
+    out = aligned_empty(shape, dtype)
+    out.fill(0)
+    return out
+
+
 def pack_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int) -> np.ndarray:
-    """`fill_columns` into a new array."""
+    """`fill_columns` into a new array (on a cache line)."""
     table = np.ascontiguousarray(table, np.int64)
-    out = np.empty(packed_size(table.shape[0], rows, table.shape[1], w.dtype.itemsize),
-                   w.dtype)
+    out = aligned_empty(packed_size(table.shape[0], rows, table.shape[1], w.dtype.itemsize),
+                        w.dtype)
     fill_columns(w, table, rows, row_stride, out)
     return out
 

@@ -360,7 +360,7 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
         bounds = [units * j // workers for j in range(workers + 1)]
         # Swapped, gw (C_out, taps, C_in/g) holds (tap, co, ci) at strides (taps * C_in/g,
         # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
-        packed = None if swapped else np.empty((groups, ktot * rows * cols), cd)
+        packed = None if swapped else native.aligned_empty((groups, ktot * rows * cols), cd)
 
         def in_place(j):
             def job():
@@ -382,7 +382,7 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
     tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
                    n_threads)
     workers = min(n_threads, len(tiles))
-    parts = [np.zeros((groups, ktot * rows * cols), cd) for _ in range(workers)]
+    parts = [native.aligned_zeros((groups, ktot * rows * cols), cd) for _ in range(workers)]
 
     def job_for(j):
         def job():
@@ -408,7 +408,7 @@ def _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd,
     tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
                    n_threads)
     workers = min(n_threads, len(tiles))
-    parts = [np.zeros((ktot, spec.c_out), cd) for _ in range(workers)]
+    parts = [native.aligned_zeros((ktot, spec.c_out), cd) for _ in range(workers)]
     offsets = _tap_offsets(spec)
 
     def job_for(j):
