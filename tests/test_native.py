@@ -452,10 +452,11 @@ def test_streamed_outputs_hold_the_same_bits(c_in, c_out, groups, isa, rng, monk
 
 
 @pytest.mark.parametrize("c_out,groups", [(8, 1), (16, 1), (4, 2), (6, 3), (20, 1)])
-def test_indexed_gather_sum_matches_numpy_take_and_reduce(c_out, groups, rng, monkeypatch):
-    """Small calls sum their gathered products in C (unrolled for 4, 8 and 16 columns) and
-    round half-precision results there; without the extension NumPy's take + add.reduce
-    and casts do it, in the same order: same bits."""
+def test_indexed_gather_sum_matches_numpy_take_and_reduce(c_out, groups, isa, rng,
+                                                          monkeypatch):
+    """Small calls sum their gathered products in C (unrolled for 4, 8 and 16 columns, on
+    every instruction set) and round half-precision results there; without the extension
+    NumPy's take + add.reduce and casts do it, in the same order: same bits."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = rng.standard_normal((2, 3, 4, 3, 6))
     w = rng.standard_normal((c_out, 3, 2, 3, 6 // groups))

@@ -72,6 +72,8 @@ struct GwJob {
   namespace NS { void correlate(const CtJob&); void grad_weight(const GwJob&); \
                  void round_half(int, const float*, void*, int64_t); \
                  void widen_half(int, const void*, float*, int64_t); \
+                 void gather_sum(int, const void*, const int64_t*, int64_t, int64_t, int64_t, \
+                                 void*); \
                  int lanes(int); int max_vectors(); }
 CT_DECLARE(avx512)
 CT_DECLARE(avx2)

@@ -23,6 +23,7 @@ struct Isa {
   void (*grad_weight)(const GwJob&);
   void (*round_half)(int, const float*, void*, int64_t);
   void (*widen_half)(int, const void*, float*, int64_t);
+  void (*gather_sum)(int, const void*, const int64_t*, int64_t, int64_t, int64_t, void*);
   int (*lanes)(int);
   int (*max_vectors)();
 };
@@ -30,11 +31,14 @@ struct Isa {
 const Isa kIsas[] = {
 #if defined(__x86_64__) && defined(__GNUC__)
     {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
+     avx512::gather_sum,
      avx512::lanes, avx512::max_vectors},
     {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
+     avx2::gather_sum,
      avx2::lanes, avx2::max_vectors},
 #endif
     {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
+     generic::gather_sum,
      generic::lanes, generic::max_vectors},
 };
 const int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
@@ -223,35 +227,6 @@ PyObject* py_pack(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-// out[o, :] = sum over j, in order, of src[table[j, o], :]: the `indexed` algorithm's
-// gather and sum in one pass (NumPy's take then add.reduce built an (terms, nout, cols)
-// temporary: 9 of a small call's 20 us).
-template <typename T, int C>  // C > 0: that many columns, known here; 0: `cols`
-void gather_sum(const T* __restrict src, const int64_t* __restrict table, int64_t terms,
-                int64_t nout, int64_t cols, T* __restrict out) {
-  if (C) cols = C;
-  for (int64_t o = 0; o < nout; ++o) {
-    T* __restrict dst = out + o * cols;
-    const T* first = src + table[o] * cols;
-    for (int64_t c = 0; c < cols; ++c) dst[c] = first[c];
-    for (int64_t j = 1; j < terms; ++j) {
-      const T* __restrict row = src + table[j * nout + o] * cols;
-      for (int64_t c = 0; c < cols; ++c) dst[c] += row[c];
-    }
-  }
-}
-
-template <typename T>
-void gather_sum_any(const T* src, const int64_t* table, int64_t terms, int64_t nout,
-                    int64_t cols, T* out) {
-  switch (cols) {  // the common narrow widths unrolled into whole vectors
-    case 4: gather_sum<T, 4>(src, table, terms, nout, cols, out); break;
-    case 8: gather_sum<T, 8>(src, table, terms, nout, cols, out); break;
-    case 16: gather_sum<T, 16>(src, table, terms, nout, cols, out); break;
-    default: gather_sum<T, 0>(src, table, terms, nout, cols, out);
-  }
-}
-
 // Arrays by the buffer protocol (C-contiguous), not addresses: a small call's whole
 // budget is ~20 us, and three `.ctypes.data` lookups cost 3 of them.
 PyObject* py_gather_sum(PyObject*, PyObject* args) {
@@ -265,13 +240,8 @@ PyObject* py_gather_sum(PyObject*, PyObject* args) {
                   table.len >= terms * nout * 8 && out.len >= nout * cols * itemsize &&
                   src.len >= cols * itemsize;
   if (ok) {
-    const int64_t* tab = static_cast<const int64_t*>(table.buf);
-    if (itemsize == 4)
-      gather_sum_any(static_cast<const float*>(src.buf), tab, terms, nout, cols,
-                     static_cast<float*>(out.buf));
-    else
-      gather_sum_any(static_cast<const double*>(src.buf), tab, terms, nout, cols,
-                     static_cast<double*>(out.buf));
+    current->gather_sum(itemsize, src.buf, static_cast<const int64_t*>(table.buf), terms,
+                        nout, cols, out.buf);
   }
   PyBuffer_Release(&src);
   PyBuffer_Release(&table);
