@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._dtypes import dtype_name
+
 try:
     from . import _native
 except ImportError:  # built without a C++ compiler: the NumPy kernels serve every call
@@ -126,7 +128,7 @@ HALF_NONE, HALF_F16, HALF_BF16 = 0, 1, 2
 
 def half_kind(dtype: np.dtype) -> int:
     """HALF_F16 or HALF_BF16 for an output the kernel rounds from float32, else HALF_NONE."""
-    name = np.dtype(dtype).name
+    name = dtype_name(dtype)
     return HALF_F16 if name == "float16" else HALF_BF16 if name == "bfloat16" else HALF_NONE
 
 
