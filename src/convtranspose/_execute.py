@@ -23,9 +23,9 @@ from ._plan import (
     Task,
     bordered_slab,
     make_tasks,
-    native_converts_whole_input,
     native_input_box,
     native_mode,
+    native_whole_input_fits,
     native_writes_every_output,
     streams_output,
 )
@@ -531,11 +531,9 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
     # Reading and writing in place, the tile's rows are claimed through the kernel's
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
-    sharers = 1 if convert_input or round_output else threads
-    cursors = np.zeros(groups, np.int64) if sharers > 1 else None
-    cursor = cursors.ctypes.data if cursors is not None else 0
+    cursors = native.RowCursors(groups, 1 if convert_input or round_output else threads)
 
-    def job(buf, cursors=cursors):  # the job holds its cursors alive
+    def job(buf):
         packed = weights.get()
         used = 0
         if convert_input:
@@ -554,17 +552,17 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         if mode == native.DEPTHWISE:
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups,
-                             cursor, sharers)
+                             cursors.address(0), cursors.sharers)
         else:
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
                                  spec.in_spatial, packed[g], offsets, (1, 1, 1),
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog,
-                                 cursor and cursor + 8 * g, sharers)
+                                 cursors.address(g), cursors.sharers)
         if round_output:
             view[...] = target
 
-    return Shared(job) if sharers > 1 else job
+    return Shared(job) if cursors.sharers > 1 else job
 
 
 # --- indexed ------------------------------------------------------------------------------
@@ -630,18 +628,14 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
     weights = [_native_weights(w3, g, spec.groups, mode, scratch) for g in plan.groups]
     tasks = plan.tasks
     convert = not native.reads_in_place(x3, spec.compute_dtype)
-    if convert and spec.input_dtype == spec.compute_dtype:
-        # Channels not contiguous, where the plan assumed the input read in place: one copy
-        # for every phase where it fits the limit, else tiles that copy their rows.
-        if x3.nbytes <= plan.workspace_limit:
-            x3 = _converted(x3, spec.compute_dtype, plan.threads)
-            convert = False
-        else:
-            tasks, _ = make_tasks(spec, "native", plan.groups, plan.workspace_limit,
-                                  plan.threads, False, False, convert_input=True)
-    elif convert and native_converts_whole_input(spec, plan.workspace_limit):
+    if convert and native_whole_input_fits(spec, plan.workspace_limit):
         x3 = _converted(x3, spec.compute_dtype, plan.threads)  # once, for every phase
         convert = False
+    elif convert and spec.input_dtype == spec.compute_dtype:
+        # Channels not contiguous, where the plan assumed the input read in place (its
+        # tiles are shared and hold no copy): tiles that copy their rows instead.
+        tasks, _ = make_tasks(spec, "native", plan.groups, plan.workspace_limit,
+                              plan.threads, False, False, convert_input=True)
     offsets = [_native_offsets(g[0]) for g in plan.groups]
     x_origin = None if convert else native.origin(x3)
     jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group],

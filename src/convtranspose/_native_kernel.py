@@ -148,6 +148,23 @@ class TapOffsets:
         return self.arrays[axis]
 
 
+class RowCursors:
+    """The row cursors (one per conv group) through which `sharers` threads share one tile
+    of `correlate` calls; none when `sharers` is 1. Whoever calls with them keeps this
+    object alive until the calls return."""
+
+    __slots__ = ("sharers", "_array", "_base")
+
+    def __init__(self, groups: int, sharers: int) -> None:
+        self.sharers = sharers
+        self._array = np.zeros(groups, np.int64) if sharers > 1 else None
+        self._base = self._array.ctypes.data if self._array is not None else 0
+
+    def address(self, group: int) -> int:
+        """`correlate`'s `cursor` for conv group `group` (0: not shared)."""
+        return self._base and self._base + 8 * group
+
+
 def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr: int,
               x_strides: list[int],
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: TapOffsets,
@@ -163,9 +180,9 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     from the float32 sums as they are stored.
     `stream_out`: write it with non-temporal stores (see `_plan.streams_output`).
     `cursor`: 0, and the call computes the whole box; or the address of an int64, 0 at
-    first, through which up to `sharers` concurrent calls share the box's rows, each
-    returning once every row is taken. The caller keeps every array alive and in bounds;
-    the GIL is released meanwhile."""
+    first (see `RowCursors`), through which up to `sharers` concurrent calls share the
+    box's rows, each returning once every row is taken. The caller keeps every array alive
+    and in bounds; the GIL is released meanwhile."""
     _native.correlate(itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
                       packed.ctypes.data, *offsets.addresses, *offsets.counts, *steps,
                       out_addr, *out_strides, *box,

@@ -273,12 +273,16 @@ def native_writes_every_output(spec: ConvSpec) -> bool:
 
 
 def native_converts_whole_input(spec: ConvSpec, limit: int) -> bool:
-    """An input of another dtype is converted once for every phase when that fits in the
-    workspace limit (in half of it where tiles also need blocks to round the output);
-    otherwise each task converts the planes and rows it reads (a phase at a time: with s^3
-    phases, s^3 conversions of the input; W2 in float16 took 2.3x its float32 time so)."""
-    if spec.input_dtype == spec.compute_dtype:
-        return False
+    """An input of another dtype is converted once for every phase when that fits (see
+    `native_whole_input_fits`); otherwise each task converts the planes and rows it reads
+    (a phase at a time: with s^3 phases, s^3 conversions of the input; W2 in float16 took
+    2.3x its float32 time so)."""
+    return spec.input_dtype != spec.compute_dtype and native_whole_input_fits(spec, limit)
+
+
+def native_whole_input_fits(spec: ConvSpec, limit: int) -> bool:
+    """Whether a copy of the whole input in the compute dtype fits in the workspace limit
+    (in half of it where tiles also need blocks to round the output)."""
     size = spec.batch * math.prod(spec.in_spatial) * spec.c_in * spec.compute_dtype.itemsize
     return size <= (limit // 2 if _rounds_blocks(spec) else limit)
 
@@ -513,19 +517,18 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
     locality. `convert_input`: native tiles copy their input rows (channels not
     contiguous), which the buffers must hold."""
     item = spec.compute_dtype.itemsize
-    # Elementwise passes (direct, scatter's window adds) want their tile in L2; the shift
-    # GEMMs amortise bigger tiles better.
-    tile_bytes = (TILE_BYTES if algorithm == "shift" else
-                  SHARED_TILE_BYTES if shared else SMALL_TILE_BYTES)
-    per_task = max(1, min(tile_bytes, limit // threads) // item)
-    min_tiles = threads if len(groups) < threads else 1
-    if algorithm == "native" and not shared:
-        # Its tiles cost nothing to cut (no halo copies): cut at least four per worker, so
-        # that a worker slowed by a neighbour's process does not hold up the call.
-        min_tiles = max(1, -(-4 * threads // len(groups)))
-    elif shared:
-        min_tiles = 1
-        per_task = max(1, tile_bytes // item)  # no workspace: the limit does not bind
+    if shared:  # no workspace (the limit does not bind), and no cut for balance
+        per_task, min_tiles = SHARED_TILE_BYTES // item, 1
+    else:
+        # Elementwise passes (direct, scatter's window adds) want their tile in L2; the
+        # shift GEMMs amortise bigger tiles better.
+        tile_bytes = TILE_BYTES if algorithm == "shift" else SMALL_TILE_BYTES
+        per_task = max(1, min(tile_bytes, limit // threads) // item)
+        min_tiles = threads if len(groups) < threads else 1
+        if algorithm == "native":
+            # Its tiles cost nothing to cut (no halo copies): cut at least four per worker,
+            # so that a worker slowed by a neighbour's process does not hold up the call.
+            min_tiles = max(1, -(-4 * threads // len(groups)))
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     while True:
         tasks = []

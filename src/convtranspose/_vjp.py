@@ -273,10 +273,9 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     stream = streams_output(gx.nbytes)
 
     def job_for(tile):
-        cursors = np.zeros(groups, np.int64) if sharers > 1 else None
-        cursor = cursors.ctypes.data if cursors is not None else 0
+        cursors = native.RowCursors(groups, sharers)
 
-        def job(cursors=cursors):  # the job holds its cursors alive
+        def job():
             n0, n1 = tile.n
             box = (n0, n1, *tile.d, *tile.h)
             if convert:  # the cotangent planes and rows this tile's taps read
@@ -294,15 +293,14 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
             if depthwise:
                 native.correlate(native.DEPTHWISE, item, native.HALF_NONE, stream, x_addr, xs,
                                  spec.out_spatial, packed[0], offsets, spec.stride, o_addr,
-                                 os_, box, spec.in_spatial[2], groups, groups, cursor,
-                                 sharers)
+                                 os_, box, spec.in_spatial[2], groups, groups,
+                                 cursors.address(0), sharers)
                 return
             for g in range(groups):
                 native.correlate(native.CHANNELS, item, native.HALF_NONE, stream,
                                  x_addr + g * cog * item, xs, spec.out_spatial, packed[g],
                                  offsets, spec.stride, o_addr + g * cig * item, os_, box,
-                                 spec.in_spatial[2], cog, cig, cursor and cursor + 8 * g,
-                                 sharers)
+                                 spec.in_spatial[2], cog, cig, cursors.address(g), sharers)
         return Shared(job) if sharers > 1 else job
 
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
@@ -379,8 +377,7 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
 
         _run_or_defer([in_place(j) for j in range(workers)], n_threads, finish_units, defer)
         return
-    tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
-                   n_threads)
+    tiles = _grad_weight_row_tiles(spec, n_threads)
     workers = min(n_threads, len(tiles))
     parts = [native.aligned_zeros((groups, ktot * rows * cols), cd) for _ in range(workers)]
 
@@ -405,8 +402,7 @@ def _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd,
     (taps, C) partial each, added in worker order (bitwise reproducible for a thread
     count)."""
     ktot = math.prod(spec.kernel)
-    tiles = _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
-                   n_threads)
+    tiles = _grad_weight_row_tiles(spec, n_threads)
     workers = min(n_threads, len(tiles))
     parts = [native.aligned_zeros((ktot, spec.c_out), cd) for _ in range(workers)]
     offsets = _tap_offsets(spec)
@@ -452,6 +448,12 @@ def _rows(tile: Tile, spec: ConvSpec) -> int:
 def _tiles(spec: ConvSpec, max_rows: int, min_tiles: int) -> list[Tile]:
     return split_tiles(spec.batch, spec.in_spatial, max(spec.in_spatial[2], max_rows),
                        min_tiles)
+
+
+def _grad_weight_row_tiles(spec: ConvSpec, n_threads: int) -> list[Tile]:
+    """Tiles of about 4096 input pixels (whole rows) for grad_weight's per-worker partials."""
+    return _tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
+                  n_threads)
 
 
 def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:

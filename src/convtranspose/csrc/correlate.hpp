@@ -942,6 +942,7 @@ static void grad_weight_typed(const GwJob& job) {
   // on one (NumPy's big arrays start 16 bytes past a page): every broadcast block re-reads
   // them, and a vector load across two lines costs two. Worth its copy from ~96 blocks of
   // the broadcast side on (W1 -6%, W4 -4..-9%, W3 -3%; W5 and W8, with 64, lost 3-5%).
+  // Room for a batch: at most 64 pixels (SUB below, as na >= 8) of cw_full columns.
   const bool copy_b = na >= 96;
   std::vector<T> bstore(copy_b ? 64 * cw_full + 64 / sizeof(T) : 0);
   T* bbuf = aligned_line(bstore.data());
@@ -1105,8 +1106,6 @@ void grad_weight(const GwJob& job) {
   else grad_weight_typed<double>(job);
 }
 
-// n float32 values to float16 or bfloat16 (CT_HALF_*), rounded as the kernel stores them:
-// the `indexed` path's results (NumPy's float16 rounding took 10 of W9's 40 us).
 // out[o, :] = sum over j, in order, of src[table[j, o], :]: the `indexed` algorithm's
 // gather and sum in one pass (NumPy's take then add.reduce built an (terms, nout, cols)
 // temporary: 9 of a small call's 20 us).
@@ -1146,6 +1145,8 @@ void gather_sum(int itemsize, const void* src, const int64_t* table, int64_t ter
                    static_cast<double*>(out));
 }
 
+// n float32 values to float16 or bfloat16 (CT_HALF_*), rounded as the kernel stores them:
+// the `indexed` path's results (NumPy's float16 rounding took 10 of W9's 40 us).
 void round_half(int kind, const float* src, void* dst, int64_t n) {
   store_out<float>(kind, static_cast<char*>(dst), src, n);
 }
