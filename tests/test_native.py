@@ -215,6 +215,42 @@ def test_vjp_through_the_kernel_every_isa(c_in, c_out, groups, isa, rng):
         np.testing.assert_array_equal(again[1], gw)  # reproducible bit for bit
 
 
+# (C_in/g in vectors, C_out/g, groups, input W, W kernel, W padding): few sums per tap
+# (C_out/g times C_in/g's vectors below 8), where tiles of taps share each pixel's x
+# vectors; one to five vectors (a chunk of four and a remainder), rows with and without
+# pixels that every tap of a tile reaches (W 2 against a kernel 4 wide).
+FEW_SUMS = [(1, 1, 1, 9, 4, 1), (2, 3, 1, 9, 3, 1), (5, 1, 2, 7, 2, 0), (1, 2, 3, 2, 4, 2),
+            (3, 1, 1, 11, 5, 3)]
+
+
+@pytest.mark.parametrize("vectors,c_out,groups,width,kw,pw", FEW_SUMS,
+                         ids=[f"v{a}-co{b}-g{c}-w{d}-k{e}" for a, b, c, d, e, _ in FEW_SUMS])
+def test_grad_weight_few_sums_per_tap(vectors, c_out, groups, width, kw, pw, isa, rng):
+    """Heads with one to three output channels: grad_weight sums tiles of taps together
+    over each row. Every tap's sum must match the loop reference, and its bits must not
+    depend on the thread count (which decides which taps share a tile)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    lanes, max_vectors = native.layout(4)
+    c_in = vectors * lanes * groups
+    x, w, cot, kws = make_case(rng, 3, (3, 5, width), c_in, c_out * groups, (3, 4, kw),
+                               stride=(2, 1, 2), padding=(1, 2, pw), dilation=(1, 1, 2),
+                               groups=groups, batch=2)
+    spec, _, _ = spec_for(3, x, w, **kws)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    assert native_grad_weight_side(spec, x3, c3, np.dtype(np.float32)) is True
+    assert c_out * min(vectors, max_vectors) < 8
+    _, rw = loops_vjp(x, w, cot, **kws)
+    results = [vjp_arrays(spec, x, w, cot, need_input=False, algorithm="native",
+                          threads=t)[1] for t in (1, 2, 3)]
+    np.testing.assert_allclose(results[0], rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(results[2], results[0])
+
+
 def _shifted(a: np.ndarray, offset_bytes: int) -> np.ndarray:
     """A copy of `a` that starts `offset_bytes` past a cache line boundary."""
     buf = np.empty(a.nbytes + 64 + offset_bytes, np.uint8)

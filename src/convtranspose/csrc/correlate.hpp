@@ -899,6 +899,106 @@ static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t 
   if (a0 < na) reduce_tail<T, NV, P - 1>(na - a0, segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw);
 }
 
+// Few sums per tap (swapped, C_out/g * vectors of C_in/g < 8: a 16 -> 1 head has one
+// vector per tap). reduce_block would then do one multiply-add per two loads, each tap
+// sweeping the row alone. Here a tile of up to E sums (tap, output channel) of one row
+// shares each pixel's vectors of x: one broadcast load per multiply-add, E independent
+// chains. Every sum still runs over its row's pixels in ascending order (the pixels some
+// of the tile's taps miss at the row's ends first and last), so the bits do not depend on
+// which sums share a tile, nor on the thread count.
+template <typename T>
+struct FewSum {
+  int64_t g;       // the cotangent value at the first pixel the tap reaches, lo, from
+                   // the row's origin (the cotangent at its position of tap 0)
+  int64_t lo, hi;  // the pixels [lo, hi) of the row the tap reaches
+  T* acc;          // NV vectors of sums
+};
+
+// `rows` rows with the same taps, `grs` and `xrs` apart in the cotangent and in x.
+template <typename T, int NV, int E>
+static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
+                          int64_t xrs, int64_t rows, int64_t xs_w, int64_t gs_w) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  V s[E][NV];
+  int64_t ilo = sums[0].lo, ihi = sums[0].hi;
+#pragma GCC unroll 24
+  for (int e = 0; e < E; ++e) {
+    ilo = std::max(ilo, sums[e].lo);
+    ihi = std::min(ihi, sums[e].hi);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) s[e][v] = *reinterpret_cast<const U*>(sums[e].acc + v * L);
+  }
+  const bool inner = ilo < ihi;
+  for (int64_t r = 0; r < rows; ++r, grow += grs, xrow += xrs) {
+    const auto edge = [&](auto& sum, const FewSum<T>& f, int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const V b = broadcast<V>(grow + f.g + (w - f.lo) * gs_w);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v)
+          sum[v] += b * *reinterpret_cast<const U*>(xrow + w * xs_w + v * L);
+      }
+    };
+#pragma GCC unroll 24
+    for (int e = 0; e < E; ++e) edge(s[e], sums[e], sums[e].lo, inner ? ilo : sums[e].hi);
+    if (!inner) continue;
+    const T* gp[E];
+#pragma GCC unroll 24
+    for (int e = 0; e < E; ++e) gp[e] = grow + sums[e].g + (ilo - sums[e].lo) * gs_w;
+    const T* xp = xrow + ilo * xs_w;
+    for (int64_t t = 0, n = ihi - ilo; t < n; ++t, xp += xs_w) {
+      V xv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const U*>(xp + v * L);
+#pragma GCC unroll 24
+      for (int e = 0; e < E; ++e) {
+        const V b = broadcast<V>(gp[e] + t * gs_w);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) s[e][v] += b * xv[v];
+      }
+    }
+#pragma GCC unroll 24
+    for (int e = 0; e < E; ++e) edge(s[e], sums[e], ihi, sums[e].hi);
+  }
+#pragma GCC unroll 24
+  for (int e = 0; e < E; ++e)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(sums[e].acc + v * L) = s[e][v];
+}
+
+// Sums per tile: up to 12 (W6's 64 taps on one core: 6 per tile 0.78 ms, 8 0.73, 12 0.65,
+// 16 0.93; past 8 the broadcast addresses no longer all fit in registers, yet the x
+// vectors serve more sums), as the vector registers allow.
+template <int NV> struct FewTile {
+  static constexpr int E = std::min(12, (CT_NREGS == 32 ? 24 : 12) / NV);
+};
+
+template <typename T, int NV, int E>
+static inline void few_sums_tail(int64_t n, const FewSum<T>* sums, const T* grow, int64_t grs,
+                                 const T* xrow, int64_t xrs, int64_t rows, int64_t xs_w,
+                                 int64_t gs_w) {
+  if constexpr (E > 0) {
+    if (n == E) return few_sums_tile<T, NV, E>(sums, grow, grs, xrow, xrs, rows, xs_w, gs_w);
+    few_sums_tail<T, NV, E - 1>(n, sums, grow, grs, xrow, xrs, rows, xs_w, gs_w);
+  }
+}
+
+// The sums of one row's chunk of NV vectors, in tiles of even size (a last tile of one or
+// two sums would run latency-bound).
+template <typename T, int NV>
+static void few_sums_rows(const FewSum<T>* sums, int64_t n, const T* grow, int64_t grs,
+                          const T* xrow, int64_t xrs, int64_t rows, int64_t xs_w, int64_t gs_w) {
+  constexpr int E = FewTile<NV>::E;
+  const int64_t tiles = (n + E - 1) / E, size = n / std::max<int64_t>(1, tiles),
+                bigger = n % std::max<int64_t>(1, tiles);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t len = size + (t < bigger);
+    few_sums_tail<T, NV, E>(len, sums, grow, grs, xrow, xrs, rows, xs_w, gs_w);
+    sums += len;
+  }
+}
+
 template <typename T>
 static void grad_weight_typed(const GwJob& job) {
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -935,6 +1035,71 @@ static void grad_weight_typed(const GwJob& job) {
         for (int64_t a = 0; a < na; ++a)
           std::memset(acc + a * (job.pa ? job.pa : cw), 0, cw * sizeof(T));
       }
+  if (job.swapped == 1 && na * std::min<int64_t>(nb / L, MAXV) < 8) {
+    // A row's sums depend only on which (D, H) tap pairs it reaches (a range of i and
+    // one of j): listed again only where those change, at the volume's faces.
+    std::vector<std::vector<FewSum<T>>> lists((nb + cw_full - 1) / cw_full);
+    int64_t key[4] = {-1, -1, -1, -1};
+    const auto first_inside = [](const int64_t* off, int64_t taps, int64_t p, int64_t dim) {
+      int64_t t = 0;
+      while (t < taps && p + off[t] < 0) ++t;
+      int64_t u = t;
+      while (u < taps && p + off[u] < dim) ++u;
+      return std::make_pair(t, u);
+    };
+    // Runs of up to 8 rows of one (n, d) plane with the same taps share each tile's
+    // sums in registers (their x rows, 2 KiB each for W6, stay in L1).
+    const int64_t nh = job.box[5] - job.box[4];
+    for (int64_t flat = 0, rows; flat < total; flat += rows) {
+      const auto [n, d, h] = row_at(job.box, flat);
+      const auto [i0, i1] = first_inside(job.off[0], job.ntaps[0], d * job.step[0], job.gdims[0]);
+      const auto [j0, j1] = first_inside(job.off[1], job.ntaps[1], h * job.step[1], job.gdims[1]);
+      rows = 1;
+      while (rows < 8 && h - job.box[4] + rows < nh &&
+             first_inside(job.off[1], job.ntaps[1], (h + rows) * job.step[1], job.gdims[1]) ==
+                 std::make_pair(j0, j1))
+        ++rows;
+      if (i0 != key[0] || i1 != key[1] || j0 != key[2] || j1 != key[3]) {
+        key[0] = i0, key[1] = i1, key[2] = j0, key[3] = j1;
+        for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
+          const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
+          const int64_t ars = job.pa ? job.pa : cw;  // row stride of the sums
+          std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
+          sums.clear();
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t j = j0; j < j1; ++j)
+              for (int64_t k = 0; k < tw; ++k) {
+                const int64_t tap = (i * job.ntaps[1] + j) * tw + k;
+                if (lo[k] >= hi[k] || !wanted(tap, c0 / cw_full)) continue;
+                const int64_t g0 = job.off[0][i] * job.gs[1] + job.off[1][j] * job.gs[2] +
+                                   (lo[k] * job.step[2] + job.off[2][k]) * job.gs[3];
+                T* acc = unit_acc(tap, c0, cw);
+                for (int64_t a = 0; a < na; ++a)
+                  sums.push_back(FewSum<T>{g0 + a, lo[k], hi[k], acc + a * ars});
+              }
+        }
+      }
+      const T* xrow = x + n * job.xs[0] + d * job.xs[1] + h * job.xs[2];
+      // The cotangent at the row's position for offset 0 on each axis (sums add the rest).
+      const T* grow = g + n * job.gs[0] + d * job.step[0] * job.gs[1] + h * job.step[1] * job.gs[2];
+      const int64_t grs = job.step[1] * job.gs[2], xrs = job.xs[2];
+      for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
+        const std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
+        const int64_t ns = (int64_t)sums.size();
+#define CT_FEW(NV) few_sums_rows<T, NV>(sums.data(), ns, grow, grs, xrow + c0, xrs, rows, xs_w, gs_w)
+        switch ((nb - c0 < cw_full ? nb - c0 : cw_full) / L) {
+          case 1: CT_FEW(1); break;
+          case 2: CT_FEW(2); break;
+#if CT_NREGS == 32
+          case 3: CT_FEW(3); break;
+          case 4: CT_FEW(4); break;
+#endif
+        }
+#undef CT_FEW
+      }
+    }
+    return;
+  }
   std::vector<Segment> segs(group);
   std::vector<RowPos> pos(group);
   std::vector<Segment> batches;  // pieces of segs, each batch ended by a count of -1
