@@ -251,6 +251,31 @@ def test_grad_weight_few_sums_per_tap(vectors, c_out, groups, width, kw, pw, isa
     np.testing.assert_array_equal(results[2], results[0])
 
 
+# (C_out/g, W stride, groups, width): grad_input of heads with one to three output
+# channels runs the kernel with that many input channels, unrolled, and with the pixel
+# stride known where the channels are contiguous (strides 1 and 2, one group).
+HEAD_GRAD_INPUT = [(co, s, g, wd) for co in (1, 2, 3) for s in (1, 2, 3) for g in (1, 2)
+                   for wd in (5, 33)]
+
+
+@pytest.mark.parametrize("c_out,stride,groups,width", HEAD_GRAD_INPUT,
+                         ids=[f"co{a}-s{b}-g{c}-w{d}" for a, b, c, d in HEAD_GRAD_INPUT])
+def test_grad_input_of_few_output_channels(c_out, stride, groups, width, isa, rng):
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import vjp_arrays
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        x, w, cot, kw = make_case(rng, 3, (2, 3, width), 16 * groups, c_out * groups,
+                                  (2, 3, 4), stride=(1, 2, stride), padding=(0, 1, 2),
+                                  dilation=(1, 1, 2), groups=groups, batch=2,
+                                  dtypes=(dtype,) * 3)
+        spec, _, _ = spec_for(3, x, w, **kw)
+        rx, _ = loops_vjp(x, w, cot, **kw)
+        gx, _ = vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native", threads=2)
+        np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
+
+
 def _shifted(a: np.ndarray, offset_bytes: int) -> np.ndarray:
     """A copy of `a` that starts `offset_bytes` past a cache line boundary."""
     buf = np.empty(a.nbytes + 64 + offset_bytes, np.uint8)
