@@ -194,13 +194,13 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
                 finish()
         if algorithm == "native":  # it names grad_input's kernel; grad_weight's is chosen
             algorithm = None
-        algorithm = algorithm or choose_vjp_algorithm(spec, taps, budget)
-        if algorithm not in _ALGORITHMS:
-            raise ValueError(f"vjp: 'algorithm' must be one of {tuple(_ALGORITHMS)}, got "
-                             f"{algorithm!r}")
-        if algorithm == "direct" and spec.c_in_per_group != 1:
-            raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
-        if gx is not None or gw is not None:
+        if gx is not None or gw is not None:  # left for the GEMM paths
+            algorithm = algorithm or choose_vjp_algorithm(spec, taps, budget)
+            if algorithm not in _ALGORITHMS:
+                raise ValueError(f"vjp: 'algorithm' must be one of {tuple(_ALGORITHMS)}, "
+                                 f"got {algorithm!r}")
+            if algorithm == "direct" and spec.c_in_per_group != 1:
+                raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
             _ALGORITHMS[algorithm](spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd)
         if gx_done is not None:
             gx = gx_done

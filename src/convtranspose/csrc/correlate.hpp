@@ -329,10 +329,22 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
   const int64_t pstride = job.step[2] * job.xs[3];
   const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   const int64_t n = live < cw ? live : cw;
+  // Per block of a row and W tap, the same for every row: the block's pixels [a, b) the
+  // tap reaches, and where its first one reads, from the row's start.
+  struct Span { int64_t a, b, x; };
+  std::vector<Span> spans(((wcount + P - 1) / P) * tw);
+  for (int64_t w0 = 0, i = 0; w0 < wcount; w0 += P)
+    for (int64_t k = 0; k < tw; ++k, ++i) {
+      const int64_t np = wcount - w0 < P ? wcount - w0 : P;
+      spans[i] = {std::max(lo[k], w0) - w0, std::min(hi[k], w0 + np) - w0,
+                  (w0 * job.step[2] + job.off[2][k]) * job.xs[3]};
+    }
+  const int64_t wtap = (CI > 0 ? CI : cin) * cw;  // weight elements per tap
   for (int64_t r = 0; r < nrows; ++r) {
     const T* const* rows = xrows + r * pairs;
     for (int64_t w0 = 0; w0 < wcount; w0 += P) {
       const int64_t np = wcount - w0 < P ? wcount - w0 : P;
+      const Span* block_spans = spans.data() + (w0 / P) * tw;
       V sum[P][NV];
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p)
@@ -340,15 +352,16 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
         for (int v = 0; v < NV; ++v) sum[p][v] = V{};
       for (int64_t q = 0; q < pairs; ++q) {
         if (!rows[q]) continue;  // this (D, H) tap reads outside the input for this row
+        const T* wq = wchunk + q * tw * wtap;
         for (int64_t k = 0; k < tw; ++k) {
-          const int64_t a = std::max(lo[k], w0) - w0, b = std::min(hi[k], w0 + np) - w0;
-          if (a >= b) continue;
-          const T* wt = wchunk + (q * tw + k) * cin * cw;
-          const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3];
-          if (a == 0 && b == P)  // every pixel of the block
-            taps_inner_tap<T, NV, P, S, CI, false>(sum, xb, pstride, wt, cw, cin, 0, P);
+          const Span t = block_spans[k];
+          if (t.a >= t.b) continue;
+          if (t.a == 0 && t.b == P)  // every pixel of the block
+            taps_inner_tap<T, NV, P, S, CI, false>(sum, rows[q] + t.x, pstride, wq + k * wtap,
+                                                   cw, cin, 0, P);
           else  // pixels [a, b) only
-            taps_inner_tap<T, NV, P, S, CI, true>(sum, xb, pstride, wt, cw, cin, a, b);
+            taps_inner_tap<T, NV, P, S, CI, true>(sum, rows[q] + t.x, pstride, wq + k * wtap,
+                                                  cw, cin, t.a, t.b);
         }
       }
       T* a_row = acc + w0 * cw;
