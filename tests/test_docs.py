@@ -91,13 +91,15 @@ def test_readme_carries_the_commands_and_the_measured_bench_table() -> None:
     assert len(section) == 2, "README.md needs a '## Performance' section"
     # The table is the one `convtranspose bench --out docs/bench` wrote, row for row, and
     # the chart beside it exists: no number in the README that the repo did not measure.
-    bench = (ROOT / "docs" / "bench" / "bench.md").read_text(encoding="utf-8")
-    rows = [line for line in bench.splitlines() if line.startswith("| W")]
-    assert len(rows) == 9, "docs/bench/bench.md should hold the nine workloads"
-    for row in rows:
-        assert row in section[1], f"README's performance table lacks the bench row {row!r}"
-    assert (ROOT / "docs" / "bench" / "bench.png").exists()
-    assert "docs/bench/bench.png" in section[1]
+    # The same for the gradients' table (`convtranspose bench --grad --out docs/bench/grad`).
+    for folder in ("docs/bench", "docs/bench/grad"):
+        bench = (ROOT / folder / "bench.md").read_text(encoding="utf-8")
+        rows = [line for line in bench.splitlines() if line.startswith("| W")]
+        assert len(rows) == 9, f"{folder}/bench.md should hold the nine workloads"
+        for row in rows:
+            assert row in section[1], f"README's performance section lacks the row {row!r}"
+        assert (ROOT / folder / "bench.png").exists()
+        assert f"{folder}/bench.png" in section[1]
 
 
 def test_figure_script_runs(tmp_path: Path) -> None:
