@@ -938,8 +938,9 @@ static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t 
 // which sums share a tile, nor on the thread count.
 template <typename T>
 struct FewSum {
-  int64_t g;       // the cotangent value at the first pixel the tap reaches, lo, from
-                   // the row's origin (the cotangent at its position of tap 0)
+  int64_t g;       // where the cotangent value of the first pixel the tap reaches (lo)
+                   // is, from the row's origin: the cotangent at (d * step_d,
+                   // h * step_h, 0), which the offsets of the tap's (D, H) pair move
   int64_t lo, hi;  // the pixels [lo, hi) of the row the tap reaches
   T* acc;          // NV vectors of sums
 };
@@ -997,9 +998,9 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
     for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(sums[e].acc + v * L) = s[e][v];
 }
 
-// Sums per tile: up to 12 (W6's 64 taps on one core: 6 per tile 0.78 ms, 8 0.73, 12 0.65,
-// 16 0.93; past 8 the broadcast addresses no longer all fit in registers, yet the x
-// vectors serve more sums), as the vector registers allow.
+// Sums per tile: up to 12, as the vector registers allow (W6's 64 taps on one core, single
+// runs: 6 per tile 0.78 ms, 8 0.73, 12 0.65, 16 0.93; past 8 the broadcast addresses no
+// longer all fit in registers, yet the x vectors serve more sums).
 template <int NV> struct FewTile {
   static constexpr int E = std::min(12, (CT_NREGS == 32 ? 24 : 12) / NV);
 };
@@ -1066,8 +1067,9 @@ static void grad_weight_typed(const GwJob& job) {
           std::memset(acc + a * (job.pa ? job.pa : cw), 0, cw * sizeof(T));
       }
   if (job.swapped == 1 && na * std::min<int64_t>(nb / L, MAXV) < 8) {
-    // A row's sums depend only on which (D, H) tap pairs it reaches (a range of i and
-    // one of j): listed again only where those change, at the volume's faces.
+    // A row's sums depend only on which (D, H) tap pairs it reaches: a range of i and one
+    // of j, as the offsets k * dilation - padding rise with k. They are listed again only
+    // where those ranges change, at the volume's faces.
     std::vector<std::vector<FewSum<T>>> lists((nb + cw_full - 1) / cw_full);
     int64_t key[4] = {-1, -1, -1, -1};
     const auto first_inside = [](const int64_t* off, int64_t taps, int64_t p, int64_t dim) {
@@ -1110,7 +1112,7 @@ static void grad_weight_typed(const GwJob& job) {
         }
       }
       const T* xrow = x + n * job.xs[0] + d * job.xs[1] + h * job.xs[2];
-      // The cotangent at the row's position for offset 0 on each axis (sums add the rest).
+      // The row's origin in the cotangent (each sum's `g` adds its tap's offsets).
       const T* grow = g + n * job.gs[0] + d * job.step[0] * job.gs[1] + h * job.step[1] * job.gs[2];
       const int64_t grs = job.step[1] * job.gs[2], xrs = job.xs[2];
       for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
