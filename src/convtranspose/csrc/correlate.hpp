@@ -45,6 +45,20 @@ template <int NV> struct Block {
                                           : (NV == 2 ? 6 : 12);
 };
 
+// f(std::integral_constant<int, NV>) for a chunk of nv (1..MAXV) vectors: the one place
+// that turns a chunk's width into the compile-time NV its kernels are built for.
+template <typename F>
+static inline void with_vectors(int64_t nv, F&& f) {
+  switch (nv) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+#if CT_NREGS == 32
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+#endif
+  }
+}
+
 // A vector of copies of *p, read straight from memory into the register (GCC builds a
 // generic `V{} + *p` as a scalar add of zero plus a register broadcast, two instructions
 // on the FMA ports). Translation units with intrinsics define CT_BROADCAST_F/D.
@@ -534,17 +548,11 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
         char* o[64];
         for (int64_t r = 0; r < nrows; ++r) o[r] = orows[r] + c0 * oi;
         const bool inner = job.cin < CT_TAPS_INNER_BELOW;
-#define CT_CHUNK(NV) (inner ? rows_chunk_taps_inner<T, NV> : rows_chunk<T, NV>)( \
-      job, nrows, xrows.data(), o, wr.lo.data(), wr.hi.data(), wchunk, cw, live, acc)
-        switch (cw / L) {
-          case 1: CT_CHUNK(1); break;
-          case 2: CT_CHUNK(2); break;
-#if CT_NREGS == 32
-          case 3: CT_CHUNK(3); break;
-          case 4: CT_CHUNK(4); break;
-#endif
-        }
-#undef CT_CHUNK
+        with_vectors(cw / L, [&](auto nv) {
+          constexpr int NV = decltype(nv)::value;
+          (inner ? rows_chunk_taps_inner<T, NV> : rows_chunk<T, NV>)(
+              job, nrows, xrows.data(), o, wr.lo.data(), wr.hi.data(), wchunk, cw, live, acc);
+        });
       }
     }
   }
@@ -1117,17 +1125,10 @@ static void grad_weight_typed(const GwJob& job) {
       const int64_t grs = job.step[1] * job.gs[2], xrs = job.xs[2];
       for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
         const std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
-        const int64_t ns = (int64_t)sums.size();
-#define CT_FEW(NV) few_sums_rows<T, NV>(sums.data(), ns, grow, grs, xrow + c0, xrs, rows, xs_w, gs_w)
-        switch ((nb - c0 < cw_full ? nb - c0 : cw_full) / L) {
-          case 1: CT_FEW(1); break;
-          case 2: CT_FEW(2); break;
-#if CT_NREGS == 32
-          case 3: CT_FEW(3); break;
-          case 4: CT_FEW(4); break;
-#endif
-        }
-#undef CT_FEW
+        with_vectors((nb - c0 < cw_full ? nb - c0 : cw_full) / L, [&](auto nv) {
+          few_sums_rows<T, decltype(nv)::value>(sums.data(), (int64_t)sums.size(), grow, grs,
+                                                xrow + c0, xrs, rows, xs_w, gs_w);
+        });
       }
     }
     return;
@@ -1223,14 +1224,9 @@ static void grad_weight_typed(const GwJob& job) {
                 b0 = 0;
                 bstride = cw;
               }
-              switch (cw / L) {
-                case 1: reduce_chunk<T, 1>(bseg, bn, as, bstride, na, b0, acc, ars); break;
-                case 2: reduce_chunk<T, 2>(bseg, bn, as, bstride, na, b0, acc, ars); break;
-#if CT_NREGS == 32
-                case 3: reduce_chunk<T, 3>(bseg, bn, as, bstride, na, b0, acc, ars); break;
-                case 4: reduce_chunk<T, 4>(bseg, bn, as, bstride, na, b0, acc, ars); break;
-#endif
-              }
+              with_vectors(cw / L, [&](auto nv) {
+                reduce_chunk<T, decltype(nv)::value>(bseg, bn, as, bstride, na, b0, acc, ars);
+              });
             }
           }
         }
