@@ -614,23 +614,20 @@ def test_grad_input_tiles_shared_by_threads_hold_the_same_bits(c_in, c_out, grou
 
 
 def _three_calls_per_shared_tile(monkeypatch) -> list:
-    """Replace the kernel call of a shared tile by three calls started together, so that
-    they claim its rows concurrently; returns the list of the tiles so run."""
+    """Run each shared tile as three calls started together, on Python threads, so that
+    they claim its rows concurrently (on either path: kernel calls made by Python jobs, or
+    tasks for the compiled pool); returns the list of the tiles so run."""
     import threading
 
     real = native.correlate
     shared_calls = []
 
-    def three_at_once(*args):
-        *head, cursor, sharers = args
-        if not cursor:
-            return real(*args)
-        shared_calls.append(args)
+    def three_at_once(fn) -> None:
         start = threading.Barrier(3)
 
         def one():
             start.wait()
-            real(*head, cursor, 3)
+            fn()
 
         workers = [threading.Thread(target=one) for _ in range(3)]
         for t in workers:
@@ -638,7 +635,23 @@ def _three_calls_per_shared_tile(monkeypatch) -> list:
         for t in workers:
             t.join()
 
-    monkeypatch.setattr(native, "correlate", three_at_once)
+    def correlate(*args, into=None):
+        *head, cursor, sharers = args
+        if not cursor or into is not None:
+            return real(*args, into=into)
+        shared_calls.append(args)
+        three_at_once(lambda: real(*head, cursor, 3))
+
+    def run_tasks(tasks, threads):
+        for task in tasks:
+            if task.shared:
+                shared_calls.append(task)
+                three_at_once(task.run_here)
+            else:
+                task.run_here()
+
+    monkeypatch.setattr(native, "correlate", correlate)
+    monkeypatch.setattr(native, "run_tasks", run_tasks)
     return shared_calls
 
 
@@ -656,11 +669,11 @@ def test_a_call_computes_only_the_rows_left_unclaimed(rng, monkeypatch, small_ca
     real = native.correlate
     rows = 4 * 6
     for claimed in (0, 7, rows):
-        def pre_claimed(*args, claimed=claimed):
+        def pre_claimed(*args, claimed=claimed, **kw):
             *head, cursor, sharers = args
             assert cursor and sharers == 2
-            ctypes.c_int64.from_address(cursor).value = claimed
-            return real(*args)
+            ctypes.c_int64.from_address(cursor).value = claimed  # before the call runs
+            return real(*args, **kw)
 
         with monkeypatch.context() as patch:
             _poisoned(patch)
@@ -716,3 +729,94 @@ def test_threads_left_without_a_job_join_a_shared_one():
 
     with pytest.raises(RuntimeError, match="boom"):
         run_jobs([Shared(broken), lambda: None], 2)
+
+
+# --- the compiled pool (csrc/pool.hpp) -------------------------------------------------------
+
+@pytest.fixture
+def two_threads():
+    before = ct._plan._threads
+    ct.set_num_threads(2)
+    yield
+    ct.set_num_threads(before)
+
+
+def test_pool_packs_each_weight_once_before_any_tile_reads_it(rng, monkeypatch,
+                                                              small_calls_threaded):
+    """Stride 2: eight phase groups, each packing its weights (a `native.once`) as the first
+    of its tiles needs them, on whichever pool thread that is. The packed buffers start as
+    NaN, so a tile that read them before the packing was done would show; and a packing
+    run twice would still give the right answer, so the packs are counted."""
+    from convtranspose import _memory
+
+    x = rng.standard_normal((2, 6, 7, 5, 8)).astype(np.float32)
+    w = rng.standard_normal((16, 3, 3, 3, 8)).astype(np.float32)
+    kw = dict(stride=2, padding=1)
+    alone = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=1), x, w)
+    real_empty = _memory.Scratch.empty
+    monkeypatch.setattr(_memory.Scratch, "empty", lambda self, count, dtype: np.full(
+        real_empty(self, count, dtype).shape, np.nan, dtype))
+    onces = []
+    real_once = native.once
+    monkeypatch.setattr(native, "once", lambda calls: onces.append(len(calls))
+                        or real_once(calls))
+    tasks_run = []
+    real_run = native.run_tasks
+    monkeypatch.setattr(native, "run_tasks", lambda tasks, threads: tasks_run.append(
+        (len(tasks), threads)) or real_run(tasks, threads))
+    p = ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=3)
+    for _ in range(5):
+        np.testing.assert_array_equal(ct.run_plan(p, x, w), alone)
+    assert len(onces) == 5 * len(p.groups) and len(p.groups) > 1
+    assert tasks_run and all(n >= len(p.groups) and t == 3 for n, t in tasks_run)
+
+
+def test_pool_serves_concurrent_callers(rng, two_threads):
+    """Two Python threads call at once, each on two threads: one batch has the pool's
+    threads, the other runs on its caller; both give the bits of a call alone."""
+    import threading
+
+    x = rng.standard_normal((1, 8, 16, 16, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 3, 3, 3, 32)).astype(np.float32)
+    alone = ct.conv_transpose3d(x, w, stride=2, padding=1).copy()
+    failures = []
+
+    def caller():
+        for _ in range(10):
+            y = ct.conv_transpose3d(x, w, stride=2, padding=1)
+            if not np.array_equal(y, alone):
+                failures.append(1)
+
+    callers = [threading.Thread(target=caller) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in callers) and not failures
+
+
+def _forked_call(queue) -> None:
+    x = np.ones((1, 8, 16, 16, 32), np.float32)
+    w = np.ones((32, 3, 3, 3, 32), np.float32)
+    queue.put(float(ct.conv_transpose3d(x, w, stride=2, padding=1).sum()))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX")
+def test_pool_works_in_a_forked_child(two_threads):
+    """A child forked after the pool started has none of its threads: it starts its own
+    (a child that waited for its parent's threads would hang)."""
+    import multiprocessing
+
+    x = np.ones((1, 8, 16, 16, 32), np.float32)
+    w = np.ones((32, 3, 3, 3, 32), np.float32)
+    expected = float(ct.conv_transpose3d(x, w, stride=2, padding=1).sum())
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forked_call, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    assert queue.get(timeout=5) == expected

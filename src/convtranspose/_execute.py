@@ -61,6 +61,9 @@ def run_jobs(jobs: list, threads: int,
     left one thread idle for up to a job at the end: about 0.5 ms of W5's 10). With
     `make_buffer`, each thread makes one buffer and calls job(buffer); else job().
 
+    Jobs that are all `native.Task`s run on the compiled pool instead (csrc/pool.hpp): the
+    same sharing, without a Python thread waiting for the GIL at each start and end.
+
     Jobs write disjoint blocks of the output, so who runs what changes no bit of the
     result. The caller works too, rather than waiting: a pool worker takes ~0.1 ms to
     wake, all of it idle time at the start of a call. Every GEMM runs on one BLAS thread:
@@ -96,6 +99,10 @@ def run_jobs(jobs: list, threads: int,
                 fn(buffer)
             job = next_job(job if shared else None)
 
+    if jobs and all(isinstance(job, native.Task) for job in jobs):
+        native.run_tasks(jobs, threads)  # the compiled pool: no GIL to hand over
+        return
+    jobs = [_python_job(job) if isinstance(job, native.Task) else job for job in jobs]
     sharing = any(isinstance(job, Shared) for job in jobs)
     helpers = (threads if sharing else min(threads, len(jobs))) - 1
     with single_threaded_blas():
@@ -105,6 +112,14 @@ def run_jobs(jobs: list, threads: int,
         finally:
             for future in futures:
                 future.result()  # a worker's error, once every worker has stopped
+
+
+def _python_job(task: native.Task) -> Callable | Shared:
+    """A compiled-pool task as a job of run_jobs' Python threads (mixed with jobs that are
+    Python code), taking a buffer it does not use."""
+    def job(*_) -> None:
+        task.run_here()
+    return Shared(job) if task.shared else job
 
 
 def _run(jobs: list, threads: int, buffer_elems: int, dtype: np.dtype) -> None:
@@ -394,15 +409,21 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
 class _LazyWeights:
     """One phase group's packed weights, packed by the first task that needs them: on the
     workers, so that groups pack in parallel and overlap other groups' tiles (W3 packs
-    8 MiB: 2.6 ms of its 25 ms on one thread before any tile started)."""
+    8 MiB: 2.6 ms of its 25 ms on one thread before any tile started). CHANNELS mode packs
+    through the kernel's packer, as a `native.once` that compiled-pool tasks name; the
+    other layouts through NumPy, under a lock."""
 
-    def __init__(self, arrays: list[np.ndarray], fills: list) -> None:
+    def __init__(self, arrays: list[np.ndarray], fills: list, once=None, keep=None) -> None:
         self.arrays = arrays
+        self.once = once
+        self.keep = keep  # what the once's calls read (they hold only addresses)
         self._fills = fills
         self._lock = threading.Lock()
 
     def get(self) -> list[np.ndarray]:
-        if self._fills:
+        if self.once is not None:
+            native.Task((), once=self.once).run_here()
+        elif self._fills:
             with self._lock:
                 for fill in self._fills:
                     fill()
@@ -424,14 +445,14 @@ def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
         if native.element_strides(w3) is None:
             w3 = np.ascontiguousarray(w3)
         strides = tuple(native.element_strides(w3))
-        arrays, fills = [], []
-        for table in _channels_tables(strides, group, groups, cog):
+        arrays, packs = [], []
+        tables = _channels_tables(strides, group, groups, cog)
+        for table in tables:
             out = scratch.empty(native.packed_size(table.shape[0], cig, table.shape[1],
                                                    w3.dtype.itemsize), w3.dtype)
             arrays.append(out)
-            fills.append(functools.partial(native.fill_columns, w3, table, cig, strides[-1],
-                                           out))
-        return _LazyWeights(arrays, fills)
+            native.fill_columns(w3, table, cig, strides[-1], out, into=packs)
+        return _LazyWeights(arrays, [], native.once(packs), keep=(w3, tables))
     taps = group[0].tap_count
     if mode == native.DEPTHWISE:  # [tap][channel]: every channel in one pass
         arrays = [scratch.empty(taps * groups, w3.dtype)]
@@ -533,6 +554,28 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
     # tile that converts its input or rounds through a block runs on one thread.
     cursors = native.RowCursors(groups, 1 if convert_input or round_output else threads)
 
+    def calls(packed, x_addr, xs, target, into=None) -> None:
+        o_addr, os_ = native.origin(target)
+        out_item = target.dtype.itemsize
+        if mode == native.DEPTHWISE:
+            native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
+                             offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups,
+                             cursors.address(0), cursors.sharers, into=into)
+        else:
+            for g in range(groups):
+                native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
+                                 spec.in_spatial, packed[g], offsets, (1, 1, 1),
+                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog,
+                                 cursors.address(g), cursors.sharers, into=into)
+
+    if not convert_input and not round_output:  # every call in place: the compiled pool's
+        prepared: list = []
+        if weights.once is None:
+            weights.get()  # NumPy-packed layouts: now, on this thread (they are small)
+        calls(weights.arrays, *x_origin, view, prepared)
+        return native.Task(tuple(prepared), cursors.sharers > 1, weights.once,
+                           (cursors, weights))
+
     def job(buf):
         packed = weights.get()
         used = 0
@@ -547,18 +590,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         target = view
         if round_output:
             target = buf[used:used + view.size].reshape(view.shape)
-        o_addr, os_ = native.origin(target)
-        out_item = target.dtype.itemsize
-        if mode == native.DEPTHWISE:
-            native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
-                             offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups,
-                             cursors.address(0), cursors.sharers)
-        else:
-            for g in range(groups):
-                native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
-                                 spec.in_spatial, packed[g], offsets, (1, 1, 1),
-                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog,
-                                 cursors.address(g), cursors.sharers)
+        calls(packed, x_addr, xs, target)
         if round_output:
             view[...] = target
 
@@ -648,6 +680,8 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
     spec = plan.spec
+    if plan.algorithm == "native" and plan.threads > 1:
+        native.warm(plan.threads)  # the pool's threads wake while this prepares their work
     # indexed and (mostly) native store every output element; the others accumulate into it,
     # or leave phases no tap reaches at zero. Zeroing costs a pass over the output.
     fills = plan.algorithm == "indexed" or (plan.algorithm == "native"

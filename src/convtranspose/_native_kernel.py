@@ -9,6 +9,8 @@ where it lies (channels contiguous, any other strides) and writes the output in 
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from ._dtypes import dtype_name
@@ -47,19 +49,24 @@ def packed_size(taps: int, rows: int, cols: int, itemsize: int) -> int:
 
 
 def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
-                 out: np.ndarray) -> None:
+                 out: np.ndarray, into: list | None = None) -> None:
     """Gather into `out` (`packed_size` elements, w's dtype) the weight layout of CHANNELS
     mode, in one pass from `w` where it lies (the compute dtype, any strides): element
     (tap, r, col) is w's element at table[tap, col] + r * row_stride, in elements from
     w's first. Columns are padded with zeros to whole vectors and cut into chunks, each
-    chunk [tap][r][column], in order. Releases the GIL."""
+    chunk [tap][r][column], in order. Releases the GIL. `into`: append the call, prepared
+    for `once` or `Task`, instead of running it."""
     taps, cols = table.shape
     lanes, max_vectors = layout(w.dtype.itemsize)
     padded = -(-cols // lanes) * lanes
     assert out.size == taps * rows * padded and out.dtype == w.dtype
     assert table.dtype == np.int64 and table.flags.c_contiguous
-    _native.pack(w.dtype.itemsize, w.ctypes.data, table.ctypes.data, taps, cols, rows,
-                 row_stride, padded, lanes * max_vectors, out.ctypes.data)
+    args = (w.dtype.itemsize, w.ctypes.data, table.ctypes.data, taps, cols, rows, row_stride,
+            padded, lanes * max_vectors, out.ctypes.data)
+    if into is not None:
+        into.append(_native.pack_call(*args))
+    else:
+        _native.pack(*args)
 
 
 def aligned_empty(shape: int | tuple[int, ...], dtype) -> np.ndarray:
@@ -170,7 +177,8 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: TapOffsets,
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
               box: tuple[int, ...], wcount: int,
-              cin: int, cout: int, cursor: int = 0, sharers: int = 1) -> None:
+              cin: int, cout: int, cursor: int = 0, sharers: int = 1,
+              into: list | None = None) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -182,11 +190,53 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     `cursor`: 0, and the call computes the whole box; or the address of an int64, 0 at
     first (see `RowCursors`), through which up to `sharers` concurrent calls share the
     box's rows, each returning once every row is taken. The caller keeps every array alive
-    and in bounds; the GIL is released meanwhile."""
-    _native.correlate(itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
-                      packed.ctypes.data, *offsets.addresses, *offsets.counts, *steps,
-                      out_addr, *out_strides, *box,
-                      wcount, cin, cout, cursor, sharers)
+    and in bounds; the GIL is released meanwhile. `into`: append the call, prepared for a
+    `Task`, instead of running it."""
+    args = (itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
+            packed.ctypes.data, *offsets.addresses, *offsets.counts, *steps,
+            out_addr, *out_strides, *box, wcount, cin, cout, cursor, sharers)
+    if into is not None:
+        into.append(_native.correlate_call(*args))
+    else:
+        _native.correlate(*args)
+
+
+class Task(NamedTuple):
+    """Prepared kernel calls (`into=` of `correlate`, `grad_weight`, `fill_columns`) for
+    the compiled pool, which runs them without the GIL (see csrc/pool.hpp): in order on
+    one thread, or, `shared`, on every thread that joins it (its calls then share their
+    rows through their `RowCursors`). `once` (see `once`) runs first. `keep` holds the
+    arrays the calls address (cursors, packed weights) until they have run."""
+
+    calls: tuple
+    shared: bool = False
+    once: Any = None
+    keep: Any = None
+
+    def run_here(self) -> None:
+        """Run the task on the calling thread (other threads may join it meanwhile)."""
+        _native.run_tasks((self,), 1)
+
+
+def once(calls: list) -> Any:
+    """Prepared calls that the tasks naming this run once, before the first of them (a
+    weight's packing): the first thread to need them runs them, the others wait."""
+    return _native.once(calls)
+
+
+def run_tasks(tasks: list[Task], threads: int) -> None:
+    """Run the tasks on the caller and up to `threads` - 1 pool threads; returns when all
+    are done. Tasks are taken in order; a thread that finds none left joins a shared task
+    still running."""
+    _native.run_tasks(tasks, threads)
+
+
+def warm(threads: int, microseconds: int = 2000) -> None:
+    """Have the pool's threads for a batch of `threads` spin, ready for it, for up to
+    `microseconds`: called before the Python work that prepares the batch, so that they
+    have woken (~0.1 ms here) by the time it starts."""
+    if AVAILABLE and threads > 1:
+        _native.warm(threads, microseconds)
 
 
 def widen_half(src: np.ndarray, out: np.ndarray) -> None:
@@ -229,7 +279,8 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
                 offsets: TapOffsets, steps: tuple[int, ...], part: np.ndarray,
                 box: tuple[int, ...], cin: int, cout: int,
                 units: tuple[int, int] | None = None, zero: bool = False,
-                strides: tuple[int, int] = (0, 0), part_offset: int = 0) -> None:
+                strides: tuple[int, int] = (0, 0), part_offset: int = 0,
+                into: list | None = None) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
     the short side C_out < vector length calls for), or, with `strides` (row, tap) in
@@ -238,16 +289,19 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     contiguous channels; the offsets (elements) pick a conv group's channels. `units`
     limits the work to (tap, chunk of columns) units [u0, u1), numbered tap * chunks +
     chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values.
-    `swapped` GW_DEPTHWISE: see `depthwise_grad_weight`."""
+    `swapped` GW_DEPTHWISE: see `depthwise_grad_weight`. `into`: append the call, prepared
+    for a `Task`, instead of running it."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
     u0, u1 = units if units is not None else (0, 1 << 62)
-    _native.grad_weight(item, int(swapped), x.ctypes.data + x_offset * item,
-                        *element_strides(x)[:4], g.ctypes.data + g_offset * item,
-                        *element_strides(g)[:4], *g.shape[1:4],
-                        *offsets.addresses, *offsets.counts,
-                        *steps, part.ctypes.data + part_offset * item, *strides, u0, u1,
-                        *box, x.shape[3], cin, cout, int(zero))
+    args = (item, int(swapped), x.ctypes.data + x_offset * item, *element_strides(x)[:4],
+            g.ctypes.data + g_offset * item, *element_strides(g)[:4], *g.shape[1:4],
+            *offsets.addresses, *offsets.counts, *steps, part.ctypes.data + part_offset * item,
+            *strides, u0, u1, *box, x.shape[3], cin, cout, int(zero))
+    if into is not None:
+        into.append(_native.grad_weight_call(*args))
+    else:
+        _native.grad_weight(*args)
 
 
 GW_DEPTHWISE = 2  # grad_weight's `swapped` for one channel per group (CT_GW_DEPTHWISE)
@@ -255,13 +309,13 @@ GW_DEPTHWISE = 2  # grad_weight's `swapped` for one channel per group (CT_GW_DEP
 
 def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
                           steps: tuple[int, ...], part: np.ndarray,
-                          box: tuple[int, ...]) -> None:
+                          box: tuple[int, ...], into: list | None = None) -> None:
     """part (taps, C) += the depthwise grad_weight of the input rows in `box`: for each tap
     and channel c, the sum over pixels of x[p, c] * g[p * step + offset, c]."""
     assert part.flags.c_contiguous and x.shape[-1] == g.shape[-1]
     channels = x.shape[-1]
     grad_weight(GW_DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels, channels,
-                strides=(1, channels))
+                strides=(1, channels), into=into)
 
 
 def gw_units(taps: int, columns: int, itemsize: int) -> int:

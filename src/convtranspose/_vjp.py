@@ -46,7 +46,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._api import ArrayLike, IntOrTuple, spec_for
 from ._dtypes import compute_dtype, result_dtype
-from ._execute import Shared, _zero_outside, run_jobs
+from ._execute import _zero_outside, run_jobs
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
@@ -168,6 +168,8 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
         (spec.c_out, ktot, spec.c_in_per_group), cd) if need_weight else None)
     if work and (need_input or need_weight):
         n_threads = max(1, threads or get_num_threads())
+        if side is not None or native_gx:
+            native.warm(n_threads)  # the pool's threads wake while this prepares their work
         budget = max(1, min(VJP_TILE_BYTES, workspace_limit(spec, workspace) // n_threads)
                      // cd.itemsize)  # elements of workspace per worker
         if algorithm == "native" and not native.AVAILABLE:
@@ -274,34 +276,39 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
 
     def job_for(tile):
         cursors = native.RowCursors(groups, sharers)
+        n0, n1 = tile.n
+        box = (n0, n1, *tile.d, *tile.h)
+        target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
+        o_addr, os_ = native.origin(target)
 
-        def job():
-            n0, n1 = tile.n
-            box = (n0, n1, *tile.d, *tile.h)
-            if convert:  # the cotangent planes and rows this tile's taps read
-                d0 = min(od, max(0, tile.d[0] * sd + int(offsets[0][0])))
-                d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
-                h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
-                h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
-                slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), cd)
-                slab[...] = c3[n0:n1, d0:d1, h0:h1]
-                x_addr, xs = native.origin(slab, (n0, d0, h0))  # it holds every row read
-            else:
-                x_addr, xs = native.origin(c3)
-            target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
-            o_addr, os_ = native.origin(target)
+        def calls(x_addr, xs, into=None) -> None:
             if depthwise:
                 native.correlate(native.DEPTHWISE, item, native.HALF_NONE, stream, x_addr, xs,
                                  spec.out_spatial, packed[0], offsets, spec.stride, o_addr,
                                  os_, box, spec.in_spatial[2], groups, groups,
-                                 cursors.address(0), sharers)
+                                 cursors.address(0), sharers, into=into)
                 return
             for g in range(groups):
                 native.correlate(native.CHANNELS, item, native.HALF_NONE, stream,
                                  x_addr + g * cog * item, xs, spec.out_spatial, packed[g],
                                  offsets, spec.stride, o_addr + g * cig * item, os_, box,
-                                 spec.in_spatial[2], cog, cig, cursors.address(g), sharers)
-        return Shared(job) if sharers > 1 else job
+                                 spec.in_spatial[2], cog, cig, cursors.address(g), sharers,
+                                 into=into)
+
+        if not convert:  # in place: a task for the compiled pool
+            prepared: list = []
+            calls(*native.origin(c3), prepared)
+            return native.Task(tuple(prepared), sharers > 1, None, (cursors, packed))
+
+        def job():  # the cotangent planes and rows this tile's taps read, converted
+            d0 = min(od, max(0, tile.d[0] * sd + int(offsets[0][0])))
+            d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
+            h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
+            h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
+            slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), cd)
+            slab[...] = c3[n0:n1, d0:d1, h0:h1]
+            calls(*native.origin(slab, (n0, d0, h0)))  # the slab holds every row read
+        return job
 
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
 
@@ -361,15 +368,15 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
         packed = None if swapped else native.aligned_empty((groups, ktot * rows * cols), cd)
 
         def in_place(j):
-            def job():
-                for g in range(groups):
-                    target = (dict(part=gw, strides=(ktot * cig, cig),
-                                   part_offset=g * cog * ktot * cig) if swapped
-                              else dict(part=packed[g]))
-                    native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets,
-                                       spec.stride, box=box, cin=cig, cout=cog,
-                                       units=(bounds[j], bounds[j + 1]), zero=True, **target)
-            return job
+            calls: list = []
+            for g in range(groups):
+                target = (dict(part=gw, strides=(ktot * cig, cig),
+                               part_offset=g * cog * ktot * cig) if swapped
+                          else dict(part=packed[g]))
+                native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                                   box=box, cin=cig, cout=cog, units=(bounds[j], bounds[j + 1]),
+                                   zero=True, into=calls, **target)
+            return native.Task(tuple(calls), keep=packed)
 
         def finish_units() -> None:
             if packed is not None:
@@ -381,14 +388,14 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
     workers = min(n_threads, len(tiles))
     parts = [native.aligned_zeros((groups, ktot * rows * cols), cd) for _ in range(workers)]
 
-    def job_for(j):
-        def job():
-            for tile in tiles[j::workers]:
-                box = (*tile.n, *tile.d, *tile.h)
-                for g in range(groups):
-                    native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets,
-                                       spec.stride, parts[j][g], box, cig, cog)
-        return job
+    def job_for(j):  # worker j's tiles, in order, into its own partial
+        calls: list = []
+        for tile in tiles[j::workers]:
+            box = (*tile.n, *tile.d, *tile.h)
+            for g in range(groups):
+                native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                                   parts[j][g], box, cig, cog, into=calls)
+        return native.Task(tuple(calls))
 
     def finish_rows() -> None:
         _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
@@ -407,12 +414,12 @@ def _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd,
     parts = [native.aligned_zeros((ktot, spec.c_out), cd) for _ in range(workers)]
     offsets = _tap_offsets(spec)
 
-    def job_for(j):
-        def job():
-            for tile in tiles[j::workers]:
-                native.depthwise_grad_weight(x3, c3, offsets, spec.stride, parts[j],
-                                             (*tile.n, *tile.d, *tile.h))
-        return job
+    def job_for(j):  # worker j's tiles, in order, into its own partial
+        calls: list = []
+        for tile in tiles[j::workers]:
+            native.depthwise_grad_weight(x3, c3, offsets, spec.stride, parts[j],
+                                         (*tile.n, *tile.d, *tile.h), into=calls)
+        return native.Task(tuple(calls))
 
     def finish() -> None:
         gw[:, :, 0] = _sum_in_order(parts).T

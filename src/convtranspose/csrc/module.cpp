@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "correlate_api.h"
+#include "pool.hpp"
 
 namespace {
 
@@ -58,8 +59,8 @@ bool supported(const Isa& isa) {
 
 const Isa* current = nullptr;
 
-PyObject* py_correlate(PyObject*, PyObject* args) {
-  CtJob job;
+// correlate's arguments (see _native_kernel.correlate) into a job; false with an error set.
+bool parse_correlate(PyObject* args, CtJob& job) {
   Py_ssize_t x, w, o, off[3], cursor = 0, sharers = 1;
   Py_ssize_t v[28];
   if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn|nn", &job.itemsize, &job.mode, &job.out_half,
@@ -68,10 +69,10 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
                         &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
                         &v[16], &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23], &v[24],
                         &v[25], &cursor, &sharers))
-    return nullptr;
+    return false;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "correlate: itemsize must be 4 or 8");
-    return nullptr;
+    return false;
   }
   job.x = reinterpret_cast<const void*>(x);
   for (int i = 0; i < 4; ++i) job.xs[i] = v[i];
@@ -91,22 +92,29 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
   if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_DEPTHWISE ||
       (job.mode == CT_MODE_DOT && (job.cout < 1 || job.cout > 4))) {
     PyErr_SetString(PyExc_ValueError, "correlate: bad mode, or more than 4 outputs in dot mode");
-    return nullptr;
+    return false;
   }
   if (job.out_half < CT_HALF_NONE || job.out_half > CT_HALF_BF16 ||
       (job.out_half && job.itemsize != 4)) {
     PyErr_SetString(PyExc_ValueError,
                     "correlate: bad output kind, or a half-precision output without float32 compute");
-    return nullptr;
+    return false;
   }
   if (job.out_half) job.stream_out = 0;  // rounded as stored, through the scalar path
+  return true;
+}
+
+PyObject* py_correlate(PyObject*, PyObject* args) {
+  CtJob job;
+  if (!parse_correlate(args, job)) return nullptr;
   const Isa* isa = current;
   Py_BEGIN_ALLOW_THREADS isa->correlate(job);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-PyObject* py_grad_weight(PyObject*, PyObject* args) {
-  GwJob job;
+// grad_weight's arguments (see _native_kernel.grad_weight) into a job; false with an
+// error set.
+bool parse_grad_weight(PyObject* args, GwJob& job) {
   Py_ssize_t x, g, part, off[3], pa, pt, unit0, unit1;
   Py_ssize_t v[27];
   if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnni", &job.itemsize,
@@ -115,14 +123,14 @@ PyObject* py_grad_weight(PyObject*, PyObject* args) {
                         &v[12], &v[13], &v[14], &v[15], &v[16], &part, &pa, &pt, &unit0,
                         &unit1, &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23],
                         &v[24], &v[25], &job.zero))
-    return nullptr;
+    return false;
   job.pa = pa;
   job.pt = pt;
   job.unit0 = unit0;
   job.unit1 = unit1;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "grad_weight: itemsize must be 4 or 8");
-    return nullptr;
+    return false;
   }
   job.x = reinterpret_cast<const void*>(x);
   for (int i = 0; i < 4; ++i) job.xs[i] = v[i];
@@ -142,8 +150,14 @@ PyObject* py_grad_weight(PyObject*, PyObject* args) {
       (job.swapped != CT_GW_DEPTHWISE && nb % current->lanes(job.itemsize))) {
     PyErr_SetString(PyExc_ValueError,
                     "grad_weight: bad kind, or a vector side that is not whole vectors");
-    return nullptr;
+    return false;
   }
+  return true;
+}
+
+PyObject* py_grad_weight(PyObject*, PyObject* args) {
+  GwJob job;
+  if (!parse_grad_weight(args, job)) return nullptr;
   const Isa* isa = current;
   Py_BEGIN_ALLOW_THREADS isa->grad_weight(job);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
@@ -206,25 +220,184 @@ void pack_columns(const T* src, const int64_t* table, int64_t taps, int64_t cols
   }
 }
 
-PyObject* py_pack(PyObject*, PyObject* args) {
+struct PackArgs {
   int itemsize;
   Py_ssize_t src, table, taps, cols, rows, row_stride, padded, chunk, dst;
-  if (!PyArg_ParseTuple(args, "innnnnnnnn", &itemsize, &src, &table, &taps, &cols, &rows,
-                        &row_stride, &padded, &chunk, &dst))
-    return nullptr;
-  if ((itemsize != 4 && itemsize != 8) || chunk < 1 || padded < cols) {
+};
+
+bool parse_pack(PyObject* args, PackArgs& a) {
+  if (!PyArg_ParseTuple(args, "innnnnnnnn", &a.itemsize, &a.src, &a.table, &a.taps, &a.cols,
+                        &a.rows, &a.row_stride, &a.padded, &a.chunk, &a.dst))
+    return false;
+  if ((a.itemsize != 4 && a.itemsize != 8) || a.chunk < 1 || a.padded < a.cols) {
     PyErr_SetString(PyExc_ValueError, "pack: bad itemsize, chunk or padding");
+    return false;
+  }
+  return true;
+}
+
+void run_pack(const PackArgs& a) {
+  const int64_t* tab = reinterpret_cast<const int64_t*>(a.table);
+  if (a.itemsize == 4)
+    pack_columns(reinterpret_cast<const float*>(a.src), tab, a.taps, a.cols, a.rows,
+                 a.row_stride, a.padded, a.chunk, reinterpret_cast<float*>(a.dst));
+  else
+    pack_columns(reinterpret_cast<const double*>(a.src), tab, a.taps, a.cols, a.rows,
+                 a.row_stride, a.padded, a.chunk, reinterpret_cast<double*>(a.dst));
+}
+
+PyObject* py_pack(PyObject*, PyObject* args) {
+  PackArgs a;
+  if (!parse_pack(args, a)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS run_pack(a);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+// --- Deferred calls and the pool --------------------------------------------------------
+// A call is parsed and checked when Python prepares it (a capsule holding a Call), and
+// run later by `run_tasks` on the pool, without the GIL. The arrays it addresses are kept
+// alive by the Python caller until run_tasks returns.
+
+struct Call {
+  enum Kind { CORRELATE, GRAD_WEIGHT, PACK } kind;
+  CtJob ct;
+  GwJob gw;
+  PackArgs pack;
+  const Isa* isa;
+};
+
+const char* const kCallName = "convtranspose._native.Call";
+const char* const kOnceName = "convtranspose._native.Once";
+
+void run_call(const Call& c) {
+  switch (c.kind) {
+    case Call::CORRELATE: c.isa->correlate(c.ct); break;
+    case Call::GRAD_WEIGHT: c.isa->grad_weight(c.gw); break;
+    case Call::PACK: run_pack(c.pack); break;
+  }
+}
+
+PyObject* call_capsule(Call* c) {
+  PyObject* cap = PyCapsule_New(c, kCallName, [](PyObject* o) {
+    delete static_cast<Call*>(PyCapsule_GetPointer(o, kCallName));
+  });
+  if (!cap) delete c;
+  return cap;
+}
+
+PyObject* py_correlate_call(PyObject*, PyObject* args) {
+  Call* c = new Call{Call::CORRELATE, {}, {}, {}, current};
+  if (!parse_correlate(args, c->ct)) {
+    delete c;
     return nullptr;
   }
-  const int64_t* tab = reinterpret_cast<const int64_t*>(table);
-  Py_BEGIN_ALLOW_THREADS
-  if (itemsize == 4)
-    pack_columns(reinterpret_cast<const float*>(src), tab, taps, cols, rows, row_stride,
-                 padded, chunk, reinterpret_cast<float*>(dst));
-  else
-    pack_columns(reinterpret_cast<const double*>(src), tab, taps, cols, rows, row_stride,
-                 padded, chunk, reinterpret_cast<double*>(dst));
+  return call_capsule(c);
+}
+
+PyObject* py_grad_weight_call(PyObject*, PyObject* args) {
+  Call* c = new Call{Call::GRAD_WEIGHT, {}, {}, {}, current};
+  if (!parse_grad_weight(args, c->gw)) {
+    delete c;
+    return nullptr;
+  }
+  return call_capsule(c);
+}
+
+PyObject* py_pack_call(PyObject*, PyObject* args) {
+  Call* c = new Call{Call::PACK, {}, {}, {}, current};
+  if (!parse_pack(args, c->pack)) {
+    delete c;
+    return nullptr;
+  }
+  return call_capsule(c);
+}
+
+// The calls of a sequence of Call capsules, copied (false with an error set).
+bool calls_of(PyObject* seq, std::vector<Call>& out) {
+  PyObject* fast = PySequence_Fast(seq, "run_tasks: a task's calls must be a sequence");
+  if (!fast) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    void* p = PyCapsule_GetPointer(PySequence_Fast_GET_ITEM(fast, i), kCallName);
+    if (!p) {
+      Py_DECREF(fast);
+      return false;
+    }
+    out.push_back(*static_cast<Call*>(p));
+  }
+  Py_DECREF(fast);
+  return true;
+}
+
+// once(calls) -> a capsule: calls that run_tasks runs once, before the first task that
+// names it (a weight's packing).
+PyObject* py_once(PyObject*, PyObject* args) {
+  PyObject* seq;
+  if (!PyArg_ParseTuple(args, "O", &seq)) return nullptr;
+  std::vector<Call> calls;
+  if (!calls_of(seq, calls)) return nullptr;
+  pool::Once* once = new pool::Once();
+  once->body = [calls = std::move(calls)] {
+    for (const Call& c : calls) run_call(c);
+  };
+  PyObject* cap = PyCapsule_New(once, kOnceName, [](PyObject* o) {
+    delete static_cast<pool::Once*>(PyCapsule_GetPointer(o, kOnceName));
+  });
+  if (!cap) delete once;
+  return cap;
+}
+
+// run_tasks(tasks, threads): each task a tuple (calls, shared, once or None); runs them on
+// the caller and up to threads - 1 pool threads, the GIL released.
+PyObject* py_run_tasks(PyObject*, PyObject* args) {
+  PyObject* seq;
+  int threads;
+  if (!PyArg_ParseTuple(args, "Oi", &seq, &threads)) return nullptr;
+  PyObject* fast = PySequence_Fast(seq, "run_tasks: tasks must be a sequence");
+  if (!fast) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  std::vector<pool::Task> tasks;
+  tasks.reserve(n);
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n && ok; ++i) {
+    PyObject* t = PySequence_Fast_GET_ITEM(fast, i);
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 3) {
+      PyErr_SetString(PyExc_TypeError, "run_tasks: a task is (calls, shared, once, ...)");
+      ok = false;
+      break;
+    }
+    auto calls = std::make_shared<std::vector<Call>>();
+    ok = calls_of(PyTuple_GET_ITEM(t, 0), *calls);
+    const int shared = ok ? PyObject_IsTrue(PyTuple_GET_ITEM(t, 1)) : 0;
+    PyObject* o = PyTuple_GET_ITEM(t, 2);
+    pool::Once* once = nullptr;
+    if (ok && o != Py_None) {
+      once = static_cast<pool::Once*>(PyCapsule_GetPointer(o, kOnceName));
+      ok = once != nullptr;
+    }
+    if (ok && shared < 0) ok = false;
+    if (ok)
+      tasks.push_back({[calls] {
+                         for (const Call& c : *calls) run_call(c);
+                       },
+                       shared != 0, once});
+  }
+  Py_DECREF(fast);  // the tuples, and the Once capsules they hold, live on in `seq`
+  if (!ok) return nullptr;
+  const int helpers = std::max(0, std::min(threads, 256) - 1);
+  Py_BEGIN_ALLOW_THREADS pool::instance()->run(std::move(tasks), helpers);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+// warm(threads, microseconds): the pool's threads for a batch of `threads` spin for that
+// long, ready for it (call it before the Python work that prepares the batch).
+PyObject* py_warm(PyObject*, PyObject* args) {
+  int threads;
+  long long us;
+  if (!PyArg_ParseTuple(args, "iL", &threads, &us)) return nullptr;
+  const int helpers = std::max(0, std::min(threads, 256) - 1);
+  if (helpers > 0) pool::instance()->warm(helpers, std::max(0LL, std::min(us, 100000LL)) * 1000);
+  Py_RETURN_NONE;
 }
 
 // Arrays by the buffer protocol (C-contiguous), not addresses: a small call's whole
@@ -326,6 +499,12 @@ PyMethodDef kMethods[] = {
     {"correlate", py_correlate, METH_VARARGS, "Run one correlation job (see correlate.hpp)."},
     {"grad_weight", py_grad_weight, METH_VARARGS, "Add one tile's grad_weight into a partial."},
     {"pack", py_pack, METH_VARARGS, "Gather a weight into the CT_MODE_CHANNELS layout."},
+    {"correlate_call", py_correlate_call, METH_VARARGS, "correlate, prepared for run_tasks."},
+    {"grad_weight_call", py_grad_weight_call, METH_VARARGS, "grad_weight, prepared for run_tasks."},
+    {"pack_call", py_pack_call, METH_VARARGS, "pack, prepared for once/run_tasks."},
+    {"once", py_once, METH_VARARGS, "Calls run once, before the first task that needs them."},
+    {"run_tasks", py_run_tasks, METH_VARARGS, "Run tasks of prepared calls on the pool."},
+    {"warm", py_warm, METH_VARARGS, "Keep the pool's threads spinning, ready for a batch."},
     {"gather_sum", py_gather_sum, METH_VARARGS, "Sum rows gathered by a table (indexed)."},
     {"widen_half", py_widen_half, METH_VARARGS, "float16/bfloat16 -> float32, exactly."},
     {"round_half", py_round_half, METH_VARARGS, "float32 -> float16/bfloat16, as stored."},

@@ -1,0 +1,225 @@
+// Worker threads for batches of kernel calls, without Python in the loop.
+//
+// Why not Python's thread pool: a pool worker that wakes (a futex, ~0.1 ms on a virtual
+// machine whose idle core has halted) then needs the GIL, which the caller holds while it
+// builds the call, and every hand-over of the GIL is another sleep and wake. Measured on
+// W5 (2 threads): the second thread started its kernel 0.1-0.35 ms after the first, and
+// the call returned 0.1 ms after both kernels had finished. These threads never take the
+// GIL: they run the batch's kernel calls and nothing else, and they can be asked to spin
+// (`warm`) while the caller is still in Python, so that they start at once.
+//
+// Work sharing mirrors run_jobs in _execute.py: tasks are taken in order; a thread that
+// finds none left joins a shared task still running (its calls divide their rows through
+// the kernel's cursors), so that the batch ends with every thread busy. Which thread runs
+// what changes no bit of any result: tasks write disjoint outputs, or are one thread's
+// sequence of calls in a fixed order.
+#pragma once
+
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace pool {
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Until pred() holds: spin for a few microseconds (a wait inside a batch is short: a
+// sharer finishing its last rows), then yield the core, then sleep in short naps so that
+// a long wait does not hold a core a shared machine needs.
+template <typename Pred>
+inline void wait_until(Pred&& pred) {
+  const int64_t start = now_ns();
+  for (int64_t spins = 0; !pred(); ++spins) {
+    if ((spins & 63) != 0) {
+      cpu_relax();
+      continue;
+    }
+    const int64_t waited = now_ns() - start;
+    if (waited < 20000) continue;
+    if (waited < 1000000) {
+      sched_yield();
+      continue;
+    }
+    const timespec nap{0, 50000};
+    nanosleep(&nap, nullptr);
+  }
+}
+
+// Calls that run once, before any task that needs them (a weight's packing, which the
+// tasks then read): the first thread to need them runs them; the others wait.
+struct Once {
+  std::atomic<int> state{0};  // 0: not started, 1: running, 2: done
+  std::function<void()> body;
+
+  void ensure() {
+    int expected = 0;
+    if (state.load(std::memory_order_acquire) == 0 &&
+        state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      body();
+      state.store(2, std::memory_order_release);
+      return;
+    }
+    wait_until([&] { return state.load(std::memory_order_acquire) == 2; });
+  }
+};
+
+struct Task {
+  std::function<void()> body;
+  bool shared;   // every thread may run it: its calls share their rows through cursors
+  Once* once;    // run before the body, or null
+};
+
+struct Batch {
+  explicit Batch(std::vector<Task> t)
+      : tasks(std::move(t)), open(new std::atomic<int>[tasks.size()]) {
+    for (size_t i = 0; i < tasks.size(); ++i) open[i].store(0, std::memory_order_relaxed);
+  }
+  std::vector<Task> tasks;
+  std::atomic<int64_t> next{0};
+  std::unique_ptr<std::atomic<int>[]> open;  // a shared task taken and not yet returned from
+  int seats = 0;                              // helpers that may still join (under the lock)
+  std::atomic<int> inside{0};                 // helpers that joined and have not left
+};
+
+inline void run_task(const Task& t) {
+  if (t.once) t.once->ensure();
+  t.body();
+}
+
+// Take tasks until none is left, then join shared ones still open.
+inline void participate(Batch& b) {
+  const int64_t n = static_cast<int64_t>(b.tasks.size());
+  for (;;) {
+    const int64_t i = b.next.fetch_add(1, std::memory_order_acq_rel);
+    if (i < n) {
+      const Task& t = b.tasks[i];
+      if (t.shared) b.open[i].store(1, std::memory_order_release);
+      run_task(t);
+      if (t.shared) b.open[i].store(0, std::memory_order_release);  // all its rows taken
+      continue;
+    }
+    int64_t j = 0;
+    while (j < n && !b.open[j].load(std::memory_order_acquire)) ++j;
+    if (j == n) return;
+    run_task(b.tasks[j]);
+    b.open[j].store(0, std::memory_order_release);
+  }
+}
+
+class Pool {
+ public:
+  // Start helpers up to `helpers` and keep them spinning (not asleep) for `spin_ns`: the
+  // caller is about to hand them a batch.
+  void warm(int helpers, int64_t spin_ns) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grow(helpers);
+    const int64_t until = now_ns() + spin_ns;
+    if (until > spin_until_.load(std::memory_order_relaxed))
+      spin_until_.store(until, std::memory_order_relaxed);
+    wake_.notify_all();
+  }
+
+  // Run every task on the caller and up to `helpers` pool threads; returns once all are
+  // done. Another batch already running (a second caller thread): this one runs on its
+  // caller alone.
+  void run(std::vector<Task> tasks, int helpers) {
+    Batch batch(std::move(tasks));
+    std::unique_lock<std::mutex> turn(turn_, std::try_to_lock);
+    if (!turn.owns_lock()) helpers = 0;
+    if (helpers > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      grow(helpers);
+      batch.seats = helpers;
+      batch_ = &batch;
+      generation_.fetch_add(1, std::memory_order_release);
+      wake_.notify_all();
+    }
+    participate(batch);
+    if (helpers > 0) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        batch_ = nullptr;  // no one joins from here on
+        // A short grace for the next batch of this call (a vjp runs two or three).
+        spin_until_.store(now_ns() + 50000, std::memory_order_relaxed);
+      }
+      wait_until([&] { return batch.inside.load(std::memory_order_acquire) == 0; });
+    }
+  }
+
+ private:
+  void grow(int helpers) {  // under mutex_
+    for (; workers_ < helpers; ++workers_) std::thread([this] { work(); }).detach();
+  }
+
+  void work() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      for (;;) {  // until a new batch: spin while asked to, else sleep
+        if (generation_.load(std::memory_order_acquire) != seen) break;
+        if (now_ns() < spin_until_.load(std::memory_order_relaxed)) {
+          for (int k = 0; k < 32; ++k) cpu_relax();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] {
+          return generation_.load(std::memory_order_acquire) != seen ||
+                 now_ns() < spin_until_.load(std::memory_order_relaxed);
+        });
+      }
+      Batch* batch = nullptr;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        seen = generation_.load(std::memory_order_acquire);
+        if (batch_ && batch_->seats > 0) {
+          --batch_->seats;
+          batch_->inside.fetch_add(1, std::memory_order_acq_rel);
+          batch = batch_;
+        }
+      }
+      if (batch) {
+        participate(*batch);
+        batch->inside.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex turn_;   // one batch at a time uses the helpers
+  std::mutex mutex_;  // guards batch_, workers_, and the sleep/wake of helpers
+  std::condition_variable wake_;
+  Batch* batch_ = nullptr;
+  int workers_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> spin_until_{0};
+};
+
+// The process's pool. A forked child has none of its parent's threads (and its locks may
+// have been held at the fork): it starts a new pool, leaving the old one unused.
+inline Pool*& instance() {
+  static Pool* p = [] {
+    pthread_atfork(nullptr, nullptr, [] { instance() = new Pool(); });
+    return new Pool();
+  }();
+  return p;
+}
+
+}  // namespace pool
