@@ -98,9 +98,13 @@ def pack_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int) -
 def element_strides(a: np.ndarray) -> list[int] | None:
     """a's strides in elements, or None when one is not a whole number of elements."""
     item = a.dtype.itemsize
-    if any(s % item for s in a.strides):
-        return None
-    return [s // item for s in a.strides]
+    out = []
+    for stride in a.strides:  # a plain loop: called several times per kernel call
+        quotient, rest = divmod(stride, item)
+        if rest:
+            return None
+        out.append(quotient)
+    return out
 
 
 def pack(wt: np.ndarray, mode: int) -> np.ndarray:
