@@ -9,6 +9,8 @@ where it lies (channels contiguous, any other strides) and writes the output in 
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -74,7 +76,7 @@ def aligned_empty(shape: int | tuple[int, ...], dtype) -> np.ndarray:
     whole vectors from packed weights and partial sums; NumPy's big arrays start 16 bytes
     past a page, and a vector load across two lines costs two."""
     dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
+    count = math.prod(shape) if isinstance(shape, tuple) else int(shape)
     raw = np.empty(count * dtype.itemsize + 64, np.uint8)
     start = (-raw.ctypes.data) % 64
     return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
@@ -97,14 +99,19 @@ def pack_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int) -
 
 def element_strides(a: np.ndarray) -> list[int] | None:
     """a's strides in elements, or None when one is not a whole number of elements."""
-    item = a.dtype.itemsize
+    strides = _element_strides(a.strides, a.dtype.itemsize)
+    return None if strides is None else list(strides)
+
+
+@functools.lru_cache(maxsize=1024)  # called several times per kernel call, ~2 us each
+def _element_strides(strides: tuple[int, ...], item: int) -> tuple[int, ...] | None:
     out = []
-    for stride in a.strides:  # a plain loop: called several times per kernel call
+    for stride in strides:
         quotient, rest = divmod(stride, item)
         if rest:
             return None
         out.append(quotient)
-    return out
+    return tuple(out)
 
 
 def pack(wt: np.ndarray, mode: int) -> np.ndarray:
@@ -282,8 +289,8 @@ def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
 def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
                 offsets: TapOffsets, steps: tuple[int, ...], part: np.ndarray,
                 box: tuple[int, ...], cin: int, cout: int,
-                units: tuple[int, int] | None = None, zero: bool = False,
-                strides: tuple[int, int] = (0, 0), part_offset: int = 0,
+                units: tuple[int, int] | list[tuple[int, int]] | None = None,
+                zero: bool = False, strides: tuple[int, int] = (0, 0), part_offset: int = 0,
                 into: list | None = None) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
@@ -294,18 +301,24 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     limits the work to (tap, chunk of columns) units [u0, u1), numbered tap * chunks +
     chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values.
     `swapped` GW_DEPTHWISE: see `depthwise_grad_weight`. `into`: append the call, prepared
-    for a `Task`, instead of running it."""
+    for a `Task`, instead of running it; with a list of `units`, one call per entry (the
+    arguments are worked out once)."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
-    u0, u1 = units if units is not None else (0, 1 << 62)
-    args = (item, int(swapped), x.ctypes.data + x_offset * item, *element_strides(x)[:4],
+    head = (item, int(swapped), x.ctypes.data + x_offset * item, *element_strides(x)[:4],
             g.ctypes.data + g_offset * item, *element_strides(g)[:4], *g.shape[1:4],
             *offsets.addresses, *offsets.counts, *steps, part.ctypes.data + part_offset * item,
-            *strides, u0, u1, *box, x.shape[3], cin, cout, int(zero))
+            *strides)
+    tail = (*box, x.shape[3], cin, cout, int(zero))
+    if isinstance(units, list):
+        assert into is not None
+        into.extend(_native.grad_weight_call(*head, u0, u1, *tail) for u0, u1 in units)
+        return
+    u0, u1 = units if units is not None else (0, 1 << 62)
     if into is not None:
-        into.append(_native.grad_weight_call(*args))
+        into.append(_native.grad_weight_call(*head, u0, u1, *tail))
     else:
-        _native.grad_weight(*args)
+        _native.grad_weight(*head, u0, u1, *tail)
 
 
 GW_DEPTHWISE = 2  # grad_weight's `swapped` for one channel per group (CT_GW_DEPTHWISE)

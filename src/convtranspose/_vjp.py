@@ -224,6 +224,11 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     split won only at stride 1 (W5: 37 -> 32 ms); at stride 2 it lost up to 15% (W2)."""
     if not native.AVAILABLE:
         return False
+    return _native_grad_input_suits(spec, need_weight)
+
+
+@functools.lru_cache(maxsize=256)  # a layer asks at every call: ~8 us of modelling
+def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
     swapped = dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
     mode = native_mode(swapped)
     if mode == native.DEPTHWISE:  # against the direct path's NumPy multiply-adds: W7's
@@ -233,6 +238,20 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input
     # (C_out = 1, modelled 32) takes 2.5 ms here against 4.4 ms through a GEMM.
     return mode == native.CHANNELS and native_rate(swapped) >= 20e9
+
+
+@functools.lru_cache(maxsize=64)  # a table is taps x C_in/g int64: bounded memory
+def _grad_input_tables(ktot: int, cig: int, groups: int, cog: int, s_co: int, s_tap: int,
+                       s_ci: int) -> tuple[np.ndarray, ...]:
+    """Per conv group, the pack table of grad_input's weight [tap][co][ci]: the offset of
+    each (tap, ci)'s element for co = 0, for a weight of these element strides."""
+    start = np.arange(ktot)[:, None] * s_tap + np.arange(cig)[None, :] * s_ci
+    tables = []
+    for g in range(groups):
+        table = np.ascontiguousarray(start + g * cog * s_co, np.int64)
+        table.flags.writeable = False  # shared by every call with these strides
+        tables.append(table)
+    return tuple(tables)
 
 
 @functools.lru_cache(maxsize=256)
@@ -257,12 +276,13 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
         packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=cd)]
     else:  # [tap][co][ci] per group (rows co, columns ci), gathered from w3 in one pass
         w3 = w3.astype(cd, copy=False)
-        if native.element_strides(w3) is None:
+        strides = native.element_strides(w3)
+        if strides is None:
             w3 = np.ascontiguousarray(w3)
-        s_co, s_tap, s_ci = native.element_strides(w3)
-        start = np.arange(ktot)[:, None] * s_tap + np.arange(cig)[None, :] * s_ci
-        packed = [native.pack_columns(w3, start + g * cog * s_co, cog, s_co)
-                  for g in range(groups)]
+            strides = native.element_strides(w3)
+        s_co, s_tap, s_ci = strides
+        packed = [native.pack_columns(w3, table, cog, s_co)
+                  for table in _grad_input_tables(ktot, cig, groups, cog, s_co, s_tap, s_ci)]
     convert = not native.reads_in_place(c3, cd)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
     if convert:  # a tile at a time per thread, each converting what it reads
@@ -367,16 +387,20 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
         # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
         packed = None if swapped else native.aligned_empty((groups, ktot * rows * cols), cd)
 
-        def in_place(j):
+        ranges = [(bounds[j], bounds[j + 1]) for j in range(workers)]
+        per_group = []  # per conv group, one prepared call per worker's units
+        for g in range(groups):
+            target = (dict(part=gw, strides=(ktot * cig, cig),
+                           part_offset=g * cog * ktot * cig) if swapped
+                      else dict(part=packed[g]))
             calls: list = []
-            for g in range(groups):
-                target = (dict(part=gw, strides=(ktot * cig, cig),
-                               part_offset=g * cog * ktot * cig) if swapped
-                          else dict(part=packed[g]))
-                native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
-                                   box=box, cin=cig, cout=cog, units=(bounds[j], bounds[j + 1]),
-                                   zero=True, into=calls, **target)
-            return native.Task(tuple(calls), keep=packed)
+            native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                               box=box, cin=cig, cout=cog, units=ranges, zero=True,
+                               into=calls, **target)
+            per_group.append(calls)
+
+        def in_place(j):
+            return native.Task(tuple(calls[j] for calls in per_group), keep=packed)
 
         def finish_units() -> None:
             if packed is not None:
