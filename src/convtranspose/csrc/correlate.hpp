@@ -199,6 +199,15 @@ static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_
     return;
   }
 #endif
+  if (!job.out_half && n % (CT_VBYTES / sizeof(T)) == 0) {
+    // Whole vectors, inline: std::memcpy with a run-time size is a library call per
+    // pixel (W6's grad_input stores 32768 pixels of one vector each).
+    typedef typename Vec<T>::u U;
+    constexpr int L = CT_VBYTES / sizeof(T);
+    for (int64_t i = 0; i < n; i += L)
+      *reinterpret_cast<U*>(dst + i * sizeof(T)) = *reinterpret_cast<const U*>(src + i);
+    return;
+  }
   store_out(job.out_half, dst, src, n);
 }
 
