@@ -1226,8 +1226,10 @@ static void grad_weight_typed(const GwJob& job) {
                 for (int64_t q = 0; q < bn; ++q) {
                   const T* src = static_cast<const T*>(bseg[q].b) + c0;
                   local[q].b = dst;
-                  for (int64_t i = 0; i < bseg[q].count; ++i, dst += cw)
-                    std::memcpy(dst, src + i * bs, cw * sizeof(T));
+                  for (int64_t i = 0; i < bseg[q].count; ++i, dst += cw)  // whole vectors
+                    for (int64_t c = 0; c < cw; c += L)
+                      *reinterpret_cast<typename Vec<T>::u*>(dst + c) =
+                          *reinterpret_cast<const typename Vec<T>::u*>(src + i * bs + c);
                 }
                 bseg = local.data();
                 b0 = 0;
