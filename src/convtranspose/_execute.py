@@ -568,7 +568,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog,
                                  cursors.address(g), cursors.sharers, into=into)
 
-    if not convert_input and not round_output:  # every call in place: the compiled pool's
+    if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []
         if weights.once is None:
             weights.get()  # NumPy-packed layouts: now, on this thread (they are small)
