@@ -771,6 +771,27 @@ def test_pool_packs_each_weight_once_before_any_tile_reads_it(rng, monkeypatch,
     assert tasks_run and all(n >= len(p.groups) and t == 3 for n, t in tasks_run)
 
 
+def test_pool_tiles_of_one_weight_wait_for_its_packing(rng, monkeypatch, small_calls_threaded):
+    """One phase group cut into many tiles (tiles shared by threads are normally cut only
+    for locality): the threads start on different tiles of the same weight together, and
+    all but the one packing it must wait for the packing (into NaN-filled memory)."""
+    from convtranspose import _memory, _plan
+
+    x = rng.standard_normal((2, 12, 12, 8, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 3, 3, 3, 64)).astype(np.float32)
+    alone = ct.run_plan(ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=1),
+                        x, w)
+    monkeypatch.setattr(_plan, "SHARED_TILE_BYTES", 1)
+    _plan._make_plan.cache_clear()
+    real_empty = _memory.Scratch.empty
+    monkeypatch.setattr(_memory.Scratch, "empty", lambda self, count, dtype: np.full(
+        real_empty(self, count, dtype).shape, np.nan, dtype))
+    p = ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=3)
+    assert len(p.groups) == 1 and len(p.tasks) >= 6
+    for _ in range(40):
+        np.testing.assert_array_equal(ct.run_plan(p, x, w), alone)
+
+
 def test_pool_serves_concurrent_callers(rng, two_threads):
     """Two Python threads call at once, each on two threads: one batch has the pool's
     threads, the other runs on its caller; both give the bits of a call alone."""
@@ -803,8 +824,9 @@ def _forked_call(queue) -> None:
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX")
 def test_pool_works_in_a_forked_child(two_threads):
-    """A child forked after the pool started has none of its threads: it starts its own
-    (a child that waited for its parent's threads would hang)."""
+    """A child forked after the pool started has none of its threads (and may hold a
+    copy of a lock that a parent thread held at the fork): its calls still finish, with
+    the parent's result, on a pool of its own."""
     import multiprocessing
 
     x = np.ones((1, 8, 16, 16, 32), np.float32)
