@@ -26,6 +26,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -148,8 +149,7 @@ class Pool {
     if (!turn.owns_lock()) helpers = 0;
     if (helpers > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
-      grow(helpers);
-      batch.seats = helpers;
+      batch.seats = grow(helpers);
       batch_ = &batch;
       generation_.fetch_add(1, std::memory_order_release);
       wake_.notify_all();
@@ -159,7 +159,7 @@ class Pool {
       {
         std::lock_guard<std::mutex> lock(mutex_);
         batch_ = nullptr;  // no one joins from here on
-        // A short grace for the next batch of this call (a vjp runs two or three).
+        // A short grace: a call that follows at once finds the helpers still awake.
         spin_until_.store(now_ns() + 50000, std::memory_order_relaxed);
       }
       wait_until([&] { return batch.inside.load(std::memory_order_acquire) == 0; });
@@ -167,8 +167,14 @@ class Pool {
   }
 
  private:
-  void grow(int helpers) {  // under mutex_
-    for (; workers_ < helpers; ++workers_) std::thread([this] { work(); }).detach();
+  // Start helpers up to `helpers` (under mutex_); returns how many there are. A thread the
+  // system refuses (a process at its limit) leaves the batch to fewer helpers.
+  int grow(int helpers) {
+    try {
+      for (; workers_ < helpers; ++workers_) std::thread([this] { work(); }).detach();
+    } catch (const std::system_error&) {
+    }
+    return std::min(workers_, helpers);
   }
 
   void work() {
