@@ -93,11 +93,12 @@ struct Task {
 struct Batch {
   explicit Batch(std::vector<Task> t)
       : tasks(std::move(t)), open(new std::atomic<int>[tasks.size()]) {
-    for (size_t i = 0; i < tasks.size(); ++i) open[i].store(0, std::memory_order_relaxed);
+    for (size_t i = 0; i < tasks.size(); ++i)
+      open[i].store(tasks[i].shared ? 1 : 0, std::memory_order_relaxed);
   }
   std::vector<Task> tasks;
   std::atomic<int64_t> next{0};
-  std::unique_ptr<std::atomic<int>[]> open;  // a shared task taken and not yet returned from
+  std::unique_ptr<std::atomic<int>[]> open;  // a shared task not yet returned from
   int seats = 0;                              // helpers that may still join (under the lock)
   std::atomic<int> inside{0};                 // helpers that joined and have not left
 };
@@ -114,12 +115,11 @@ inline void participate(Batch& b) {
     const int64_t i = b.next.fetch_add(1, std::memory_order_acq_rel);
     if (i < n) {
       const Task& t = b.tasks[i];
-      if (t.shared) b.open[i].store(1, std::memory_order_release);
       run_task(t);
       if (t.shared) b.open[i].store(0, std::memory_order_release);  // all its rows taken
       continue;
     }
-    int64_t j = 0;
+    int64_t j = 0;  // every task is taken: join the first shared one still running
     while (j < n && !b.open[j].load(std::memory_order_acquire)) ++j;
     if (j == n) return;
     run_task(b.tasks[j]);
