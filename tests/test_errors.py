@@ -150,6 +150,21 @@ def test_non_integer_tuple_entry(name, value):
     assert repr(value) in _message(e)
 
 
+@pytest.mark.parametrize("name, value", [("stride", 1.0), ("stride", True),
+                                         ("padding", (1.0, 1)), ("padding", (True, 1)),
+                                         ("dilation", np.float64(1)), ("groups", True)],
+                         ids=str)
+def test_a_repeated_call_still_refuses_lookalike_settings(name, value):
+    # The front door keeps the plans of recent calls by their settings, and 1.0 == True == 1
+    # as keys: a call that only looks like a kept one must still be refused.
+    x, w = _ok(2)
+    valid = {"stride": 1, "padding": (1, 1), "dilation": 1, "groups": 1}
+    for _ in range(2):
+        ct.conv_transpose2d(x, w, **valid)
+    with pytest.raises(TypeError, match=rf"'{name}'"):
+        ct.conv_transpose2d(x, w, **{**valid, name: value})
+
+
 def test_numpy_integers_are_integers():
     # The other side of the line above: np.int64 and friends are ints, not errors.
     x, w = _ok(2)

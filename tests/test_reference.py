@@ -232,6 +232,37 @@ def test_set_num_threads_changes_default_plan():
         ct.set_num_threads(0)
 
 
+def test_repeated_calls_follow_set_num_threads(monkeypatch):
+    # A repeated call reuses its plan (the front door keeps recent ones by their shapes and
+    # settings): a thread count set between two such calls must still reach the second.
+    from convtranspose import _api
+    seen = []
+    real = _api.execute
+    monkeypatch.setattr(_api, "execute", lambda p, x, w: (seen.append(p.threads), real(p, x, w))[1])
+    x = np.ones((1, 8, 16, 16, 32), np.float32)
+    w = np.ones((32, 3, 3, 3, 32), np.float32)
+    try:
+        ct.set_num_threads(2)
+        first = ct.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1)
+        ct.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1)
+        ct.set_num_threads(1)
+        last = ct.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1)
+    finally:
+        ct.set_num_threads(None)
+    assert seen == [2, 2, 1]
+    assert np.array_equal(first, last)
+
+
+def test_repeated_calls_read_the_weight_afresh():
+    # Plans are reused between calls, never the weight's values.
+    x = np.arange(64 * 8, dtype=np.float32).reshape(1, 4, 4, 4, 8) / 100
+    w = np.ones((8, 3, 3, 3, 8), np.float32)
+    first = ct.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1)
+    w *= 2
+    second = ct.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1)
+    np.testing.assert_array_equal(second, 2 * first)
+
+
 def test_planner_default_choice_is_one_of_the_tested_algorithms():
     for case in CASES + TILE_CASES + THREAD_CASES:
         p = ct.plan(case.input_shape, case.weight_shape, **case.kwargs)
