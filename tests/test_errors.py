@@ -159,10 +159,26 @@ def test_a_repeated_call_still_refuses_lookalike_settings(name, value):
     # as keys: a call that only looks like a kept one must still be refused.
     x, w = _ok(2)
     valid = {"stride": 1, "padding": (1, 1), "dilation": 1, "groups": 1}
+    cot = np.ones(ct.output_shape(x.shape, w.shape, **valid), np.float32)
     for _ in range(2):
         ct.conv_transpose2d(x, w, **valid)
+        ct.conv_transpose2d_vjp(x, w, cot, **valid)
     with pytest.raises(TypeError, match=rf"'{name}'"):
         ct.conv_transpose2d(x, w, **{**valid, name: value})
+    with pytest.raises(TypeError, match=rf"'{name}'"):
+        ct.conv_transpose2d_vjp(x, w, cot, **{**valid, name: value})
+
+
+def test_a_repeated_backward_call_still_checks_its_cotangent():
+    # The spec of a repeated call is kept; the cotangent is not part of its key.
+    x, w = _ok(3)
+    cot = np.ones(ct.output_shape(x.shape, w.shape, stride=2), np.float32)
+    for _ in range(2):
+        ct.conv_transpose3d_vjp(x, w, cot, stride=2)
+    with pytest.raises(ValueError, match="'cotangent'"):
+        ct.conv_transpose3d_vjp(x, w, cot[:, 1:], stride=2)
+    with pytest.raises(TypeError, match="'cotangent'"):
+        ct.conv_transpose3d_vjp(x, w, cot.astype(np.int32), stride=2)
 
 
 def test_numpy_integers_are_integers():

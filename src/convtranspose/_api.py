@@ -29,12 +29,39 @@ def spec_for(ndim: int, input: ArrayLike, weight: ArrayLike, stride: IntOrTuple 
     return check_fits_in_memory(spec), x, w
 
 
-# Plans of recent calls, by the call's shapes, dtypes and settings: a repeated small call
-# (W9 takes ~20 us) skips ~5 us of validating and planning. Only calls that need no
-# conversion and whose settings are exact ints are kept, so a key can never stand for a call
-# that validation would refuse (2.0 == 2 and True == 1 as dict keys).
-_recent_plans: dict[tuple, Plan] = {}
-_RECENT_PLANS_MAX = 256
+class RecentCalls:
+    """Values (specs, plans) kept for recent calls, by the call's shapes, dtypes and
+    settings: a repeated small call (W9 takes ~20 us) skips ~5 us of validating and
+    planning. Only calls whose arrays are ndarrays that need no conversion and whose
+    settings are exact ints get a key, so a key can never stand for a call that validation
+    would refuse (2.0 == 2 and True == 1 as dict keys)."""
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, Any] = {}
+
+    @staticmethod
+    def key(ndim: int, input: Any, weight: Any, stride: Any, padding: Any, dilation: Any,
+            output_padding: Any, groups: Any) -> tuple | None:
+        if (type(input) is np.ndarray and type(weight) is np.ndarray and type(groups) is int
+                and _plain_ints(stride) and _plain_ints(padding) and _plain_ints(dilation)
+                and _plain_ints(output_padding)):
+            return (ndim, input.shape, input.dtype, weight.shape, weight.dtype, stride,
+                    padding, dilation, output_padding, groups)
+        return None
+
+    def get(self, key: tuple | None) -> Any:
+        return None if key is None else self._values.get(key)
+
+    def put(self, key: tuple | None, value: Any, input: Any, x: np.ndarray, weight: Any,
+            w: np.ndarray) -> None:
+        """Keep `value` for `key` if validation took the arrays as they were."""
+        if key is None or x is not input or w is not weight:
+            return
+        if len(self._values) >= self.MAX:
+            self._values.clear()
+        self._values[key] = value
 
 
 def _plain_ints(value: Any) -> bool:
@@ -42,25 +69,25 @@ def _plain_ints(value: Any) -> bool:
     return kind is int or (kind is tuple and all(type(e) is int for e in value))
 
 
+_recent_plans = RecentCalls()
+
+
 def _conv_transpose(ndim, input, weight, stride, padding, dilation, output_padding, groups,
                     stream) -> np.ndarray:
     key = None
-    if (stream is None and type(input) is np.ndarray and type(weight) is np.ndarray
-            and type(groups) is int and _plain_ints(stride) and _plain_ints(padding)
-            and _plain_ints(dilation) and _plain_ints(output_padding)):
-        key = (ndim, input.shape, input.dtype, weight.shape, weight.dtype, stride, padding,
-               dilation, output_padding, groups, get_num_threads())
-        planned = _recent_plans.get(key)
-        if planned is not None:
-            return execute(planned, input, weight)
+    if stream is None:
+        key = RecentCalls.key(ndim, input, weight, stride, padding, dilation, output_padding,
+                              groups)
+        if key is not None:
+            key += (get_num_threads(),)  # the plan depends on it
+            planned = _recent_plans.get(key)
+            if planned is not None:
+                return execute(planned, input, weight)
     check_stream(_NAMES[ndim], stream)
     spec, x, w = spec_for(ndim, input, weight, stride, padding, dilation, output_padding,
                           groups)
     planned = make_plan(spec)
-    if key is not None and x is input and w is weight:
-        if len(_recent_plans) >= _RECENT_PLANS_MAX:
-            _recent_plans.clear()
-        _recent_plans[key] = planned
+    _recent_plans.put(key, planned, input, x, weight, w)
     return execute(planned, x, w)
 
 

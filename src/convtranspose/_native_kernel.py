@@ -63,8 +63,8 @@ def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
     padded = -(-cols // lanes) * lanes
     assert out.size == taps * rows * padded and out.dtype == w.dtype
     assert table.dtype == np.int64 and table.flags.c_contiguous
-    args = (w.dtype.itemsize, w.ctypes.data, table.ctypes.data, taps, cols, rows, row_stride,
-            padded, lanes * max_vectors, out.ctypes.data)
+    args = (w.dtype.itemsize, _native.address(w), _native.address(table), taps, cols, rows,
+            row_stride, padded, lanes * max_vectors, _native.address(out))
     if into is not None:
         into.append(_native.pack_call(*args))
     else:
@@ -78,7 +78,7 @@ def aligned_empty(shape: int | tuple[int, ...], dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     count = math.prod(shape) if isinstance(shape, tuple) else int(shape)
     raw = np.empty(count * dtype.itemsize + 64, np.uint8)
-    start = (-raw.ctypes.data) % 64
+    start = (-_native.address(raw)) % 64
     return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
@@ -137,7 +137,7 @@ def origin(a: np.ndarray, first: tuple[int, ...] = (0, 0, 0)) -> tuple[int, list
     the slab holds."""
     strides = element_strides(a)[:4]
     shift = sum(f * st for f, st in zip(first, strides))
-    return a.ctypes.data - shift * a.dtype.itemsize, strides
+    return _native.address(a) - shift * a.dtype.itemsize, strides
 
 
 # The output kinds the kernel rounds to as it stores (csrc/correlate_api.h, CT_HALF_*).
@@ -159,7 +159,7 @@ class TapOffsets:
 
     def __init__(self, arrays) -> None:
         self.arrays = tuple(np.ascontiguousarray(a, np.int64) for a in arrays)
-        self.addresses = tuple(a.ctypes.data for a in self.arrays)
+        self.addresses = tuple(_native.address(a) for a in self.arrays)
         self.counts = tuple(len(a) for a in self.arrays)
 
     def __getitem__(self, axis: int) -> np.ndarray:
@@ -176,7 +176,7 @@ class RowCursors:
     def __init__(self, groups: int, sharers: int) -> None:
         self.sharers = sharers
         self._array = np.zeros(groups, np.int64) if sharers > 1 else None
-        self._base = self._array.ctypes.data if self._array is not None else 0
+        self._base = _native.address(self._array) if self._array is not None else 0
 
     def address(self, group: int) -> int:
         """`correlate`'s `cursor` for conv group `group` (0: not shared)."""
@@ -204,7 +204,7 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     and in bounds; the GIL is released meanwhile. `into`: append the call, prepared for a
     `Task`, instead of running it."""
     args = (itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
-            packed.ctypes.data, *offsets.addresses, *offsets.counts, *steps,
+            _native.address(packed), *offsets.addresses, *offsets.counts, *steps,
             out_addr, *out_strides, *box, wcount, cin, cout, cursor, sharers)
     if into is not None:
         into.append(_native.correlate_call(*args))
@@ -305,10 +305,10 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     arguments are worked out once)."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
-    head = (item, int(swapped), x.ctypes.data + x_offset * item, *element_strides(x)[:4],
-            g.ctypes.data + g_offset * item, *element_strides(g)[:4], *g.shape[1:4],
-            *offsets.addresses, *offsets.counts, *steps, part.ctypes.data + part_offset * item,
-            *strides)
+    head = (item, int(swapped), _native.address(x) + x_offset * item,
+            *element_strides(x)[:4], _native.address(g) + g_offset * item,
+            *element_strides(g)[:4], *g.shape[1:4], *offsets.addresses, *offsets.counts,
+            *steps, _native.address(part) + part_offset * item, *strides)
     tail = (*box, x.shape[3], cin, cout, int(zero))
     if isinstance(units, list):
         assert into is not None

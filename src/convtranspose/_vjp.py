@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native_kernel as native
-from ._api import ArrayLike, IntOrTuple, spec_for
+from ._api import ArrayLike, IntOrTuple, RecentCalls, spec_for
 from ._dtypes import compute_dtype, result_dtype
 from ._execute import _zero_outside, run_jobs
 from ._geometry import tap_output_range
@@ -929,10 +929,20 @@ def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,
          stride: IntOrTuple, padding: IntOrTuple, dilation: IntOrTuple,
          output_padding: IntOrTuple, groups: int) -> tuple[np.ndarray, np.ndarray]:
     op = _NAMES[ndim]
-    spec, x, w = spec_for(ndim, input, weight, stride, padding, dilation, output_padding,
-                          groups, op=op)
+    key = RecentCalls.key(ndim, input, weight, stride, padding, dilation, output_padding,
+                          groups)
+    spec = _recent_specs.get(key)
+    if spec is not None:
+        x, w = input, weight
+    else:
+        spec, x, w = spec_for(ndim, input, weight, stride, padding, dilation, output_padding,
+                              groups, op=op)
+        _recent_specs.put(key, spec, input, x, weight, w)
     cot = check_cotangent(op, spec, cotangent)
     return vjp_arrays(spec, x, w, cot)
+
+
+_recent_specs = RecentCalls()
 
 
 def conv_transpose1d_vjp(input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike, /,

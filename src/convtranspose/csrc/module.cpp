@@ -469,6 +469,16 @@ PyObject* py_layout(PyObject*, PyObject* args) {
   return Py_BuildValue("ii", current->lanes(itemsize), current->max_vectors());
 }
 
+// The address of an array's first element (any strides): `a.ctypes.data` builds a ctypes
+// object each time (~1 us, and a backward call asks a dozen times).
+PyObject* py_address(PyObject*, PyObject* a) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(a, &view, PyBUF_STRIDES) != 0) return nullptr;
+  void* first = view.buf;
+  PyBuffer_Release(&view);
+  return PyLong_FromVoidPtr(first);
+}
+
 PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(current->name); }
 
 PyObject* py_available(PyObject*, PyObject*) {
@@ -510,6 +520,7 @@ PyMethodDef kMethods[] = {
     {"round_half", py_round_half, METH_VARARGS, "float32 -> float16/bfloat16, as stored."},
     {"layout", py_layout, METH_VARARGS, "(lanes, max vectors per chunk) of the packed weight."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
+    {"address", py_address, METH_O, "The address of an array's first element."},
     {"available", py_available, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"set_isa", py_set_isa, METH_VARARGS, "Use another available instruction set."},
     {nullptr, nullptr, 0, nullptr},
