@@ -680,7 +680,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
     spec = plan.spec
-    if plan.algorithm == "native" and plan.threads > 1:
+    if plan.algorithm == "native":
         native.warm(plan.threads)  # the pool's threads wake while this prepares their work
     # indexed and (mostly) native store every output element; the others accumulate into it,
     # or leave phases no tap reaches at zero. Zeroing costs a pass over the output.

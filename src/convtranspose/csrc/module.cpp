@@ -277,7 +277,15 @@ void run_call(const Call& c) {
   }
 }
 
-PyObject* call_capsule(Call* c) {
+// A call of `kind` whose arguments `parse` reads into its `field`, as a capsule.
+template <typename Args>
+PyObject* prepared_call(Call::Kind kind, Args Call::*field, bool (*parse)(PyObject*, Args&),
+                        PyObject* args) {
+  Call* c = new Call{kind, {}, {}, {}, current};
+  if (!parse(args, c->*field)) {
+    delete c;
+    return nullptr;
+  }
   PyObject* cap = PyCapsule_New(c, kCallName, [](PyObject* o) {
     delete static_cast<Call*>(PyCapsule_GetPointer(o, kCallName));
   });
@@ -286,30 +294,15 @@ PyObject* call_capsule(Call* c) {
 }
 
 PyObject* py_correlate_call(PyObject*, PyObject* args) {
-  Call* c = new Call{Call::CORRELATE, {}, {}, {}, current};
-  if (!parse_correlate(args, c->ct)) {
-    delete c;
-    return nullptr;
-  }
-  return call_capsule(c);
+  return prepared_call(Call::CORRELATE, &Call::ct, parse_correlate, args);
 }
 
 PyObject* py_grad_weight_call(PyObject*, PyObject* args) {
-  Call* c = new Call{Call::GRAD_WEIGHT, {}, {}, {}, current};
-  if (!parse_grad_weight(args, c->gw)) {
-    delete c;
-    return nullptr;
-  }
-  return call_capsule(c);
+  return prepared_call(Call::GRAD_WEIGHT, &Call::gw, parse_grad_weight, args);
 }
 
 PyObject* py_pack_call(PyObject*, PyObject* args) {
-  Call* c = new Call{Call::PACK, {}, {}, {}, current};
-  if (!parse_pack(args, c->pack)) {
-    delete c;
-    return nullptr;
-  }
-  return call_capsule(c);
+  return prepared_call(Call::PACK, &Call::pack, parse_pack, args);
 }
 
 // The calls of a sequence of Call capsules, copied (false with an error set).
