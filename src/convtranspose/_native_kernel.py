@@ -189,7 +189,7 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
               box: tuple[int, ...], wcount: int,
               cin: int, cout: int, cursor: int = 0, sharers: int = 1,
-              into: list | None = None) -> None:
+              into: list | None = None, pair_out: int = 0) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -202,14 +202,35 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     first (see `RowCursors`), through which up to `sharers` concurrent calls share the
     box's rows, each returning once every row is taken. The caller keeps every array alive
     and in bounds; the GIL is released meanwhile. `into`: append the call, prepared for a
-    `Task`, instead of running it."""
+    `Task`, instead of running it.
+    `pair_out`: 0, or Winograd F(2,3) along D (see `pair_transform`): x is the transformed
+    input, its four D taps (offsets 0-3, step 4) weigh the transformed weight, box row d
+    is the output pair (2d, 2d + 1), and output rows from `pair_out` on are not written."""
     args = (itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
             _native.address(packed), *offsets.addresses, *offsets.counts, *steps,
-            out_addr, *out_strides, *box, wcount, cin, cout, cursor, sharers)
+            out_addr, *out_strides, *box, wcount, cin, cout, cursor, sharers, pair_out)
     if into is not None:
         into.append(_native.correlate_call(*args))
     else:
         _native.correlate(*args)
+
+
+def pair_transform(x_addr: int, x_strides: list[int], in_d: int, base: int,
+                   plane: tuple[int, int, int], v: np.ndarray, items: tuple[int, int],
+                   pairs: tuple[int, int], into: list | None = None) -> None:
+    """Winograd F(2,3)'s input side along D, for outputs 2j and 2j + 1 of a stride-1 axis
+    whose three taps read input 2j + base + (0, 1, 2) (and one further for 2j + 1):
+    v[n, j] = (x0 - x2, x1 + x2, x2 - x1, x1 - x3), xt = x[n, 2j + base + t] (zero outside
+    [0, in_d)), each a whole (H, W, C) = `plane` of x (element strides n, d, h, w; channels
+    contiguous). v: C-contiguous (N, J, 4, H, W, C) of the compute dtype; fills batch items
+    and pairs [lo, hi) of `items` and `pairs`. `into`: prepared for a `Task`."""
+    assert v.flags.c_contiguous and v.shape[2:] == (4, *plane)
+    args = (v.dtype.itemsize, x_addr, *x_strides, in_d, base, *plane, _native.address(v),
+            v.shape[1], *items, *pairs)
+    if into is not None:
+        into.append(_native.pair_call(*args))
+    else:
+        _native.pair_transform(*args)
 
 
 class Task(NamedTuple):

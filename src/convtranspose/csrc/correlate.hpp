@@ -256,6 +256,28 @@ static inline void tail(int64_t r, const T* xb, int64_t pstride, const T* wt, in
   }
 }
 
+// Winograd F(2,3)'s output side: row r's pair of outputs from its four slots' sums m,
+// y0 = m0 + m1 + m2 at orows[r] and y1 = m1 - m2 - m3 at orows[nrows + r] (null where the
+// pair's second output lies past the end).
+template <typename T>
+static void store_pairs(const CtJob& job, int64_t nrows, char* const* orows, const T* acc,
+                        int64_t slot_size, int64_t cw, int64_t n) {
+  alignas(64) T y0[MAXV * CT_VBYTES / sizeof(T)], y1[MAXV * CT_VBYTES / sizeof(T)];
+  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T), wcount = job.wcount;
+  for (int64_t r = 0; r < nrows; ++r) {
+    for (int64_t w = 0; w < wcount; ++w) {
+      const T* __restrict m = acc + (r * wcount + w) * cw;
+      for (int64_t c = 0; c < cw; ++c) {
+        const T m1 = m[slot_size + c], m2 = m[2 * slot_size + c];
+        y0[c] = m[c] + m1 + m2;
+        y1[c] = m1 - m2 - m[3 * slot_size + c];
+      }
+      store_chunk(job, orows[r] + w * os * oi, y0, n);
+      if (orows[nrows + r]) store_chunk(job, orows[nrows + r] + w * os * oi, y1, n);
+    }
+  }
+}
+
 // A group of output rows and one chunk of output channels: tap by tap and input-channel
 // block by block, every pixel of every row the tap reaches is swept while that block of
 // the weight stays in L1 (short rows are grouped so that each block serves enough
@@ -271,8 +293,11 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   // Input channels per pass: keep the weight block (cb x cw) within about 24 KiB.
   int64_t cb = 24576 / (cw * (int64_t)sizeof(T));
   if (cb < 8) cb = 8;
-  std::memset(acc, 0, sizeof(T) * nrows * wcount * cw);
+  // Winograd pairs (job.pair_out): the sums of each of V's D taps apart, one slot each.
+  const int64_t slots = job.pair_out ? job.ntaps[0] : 1, slot_size = nrows * wcount * cw;
+  std::memset(acc, 0, sizeof(T) * slots * slot_size);
   for (int64_t q = 0; q < pairs; ++q) {
+    T* const acc_q = job.pair_out ? acc + q / job.ntaps[1] * slot_size : acc;
     for (int64_t k = 0; k < tw; ++k) {
       if (lo[k] >= hi[k]) continue;
       const T* wtap = wchunk + (q * tw + k) * cin * cw;
@@ -284,7 +309,7 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
           const T* xrow = xrows[r * pairs + q];
           if (!xrow) continue;  // this (D, H) tap reads outside the input for this row
           const T* xb = xrow + xoff + c0;
-          T* a = acc + (r * wcount + lo[k]) * cw;
+          T* a = acc_q + (r * wcount + lo[k]) * cw;
           // Blocks of even size: a remainder of 1-2 pixels would run latency-bound, with
           // too few independent sums to fill the FMA pipes (31 = 6+5+5+5+5+5, not 6*5+1;
           // W3's rows of 8 = 4+4: 8% faster).
@@ -301,8 +326,12 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
       }
     }
   }
-  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   const int64_t n = live < cw ? live : cw;
+  if (job.pair_out) {
+    store_pairs(job, nrows, orows, acc, slot_size, cw, n);
+    return;
+  }
+  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   for (int64_t r = 0; r < nrows; ++r)
     for (int64_t w = 0; w < wcount; ++w)
       store_chunk(job, orows[r] + w * os * oi, acc + (r * wcount + w) * cw, n);
@@ -517,8 +546,10 @@ static inline void tap_rows(const CtJob& job, RowPos r, const T** rows) {
 }
 
 // Where output row (n, d, h) starts, in bytes from the box's first position.
+// (A Winograd pair's row d is output row 2d.)
 static inline int64_t out_row_offset(const CtJob& job, RowPos r, int64_t item) {
-  return ((r.n - job.box[0]) * job.os[0] + (r.d - job.box[2]) * job.os[1] +
+  const int64_t dstep = job.pair_out ? 2 : 1;
+  return ((r.n - job.box[0]) * job.os[0] + (r.d - job.box[2]) * dstep * job.os[1] +
           (r.h - job.box[4]) * job.os[2]) * item;
 }
 
@@ -537,9 +568,11 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
                                                                        std::max<int64_t>(1, job.wcount)));
   // The sums on a cache line boundary: malloc's 16-byte alignment made every tile load
   // and store of them span two lines (aligned: 1.5-5% on W1, W4, W5, W8, one core).
-  std::vector<T> acc_store(group * job.wcount * cw_full + 64 / sizeof(T));
+  // Winograd pairs: four slots of sums per row, and each row's second output.
+  const int64_t slots = job.pair_out ? job.ntaps[0] : 1, outs = job.pair_out ? 2 : 1;
+  std::vector<T> acc_store(slots * group * job.wcount * cw_full + 64 / sizeof(T));
   std::vector<const T*> xrows(group * pairs);
-  std::vector<char*> orows(group);
+  std::vector<char*> orows(outs * group);
   T* acc = aligned_line(acc_store.data());
   RowClaims claims(job, group);
   for (int64_t run0, run1; claims.next(run0, run1);) {
@@ -549,13 +582,15 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
         const RowPos pos = row_at(job.box, first + r);
         tap_rows<T>(job, pos, xrows.data() + r * pairs);
         orows[r] = out + out_row_offset(job, pos, oi);
+        if (job.pair_out)  // the pair's second output, where it lies inside
+          orows[nrows + r] = 2 * pos.d + 1 < job.pair_out ? orows[r] + job.os[1] * oi : nullptr;
       }
       for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) {
         const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
         const T* wchunk = wpk + taps * job.cin * c0;
         const int64_t live = job.cout - c0;
-        char* o[64];
-        for (int64_t r = 0; r < nrows; ++r) o[r] = orows[r] + c0 * oi;
+        char* o[128];
+        for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + c0 * oi : nullptr;
         const bool inner = job.cin < CT_TAPS_INNER_BELOW;
         with_vectors(cw / L, [&](auto nv) {
           constexpr int NV = decltype(nv)::value;
@@ -1399,6 +1434,47 @@ void widen_half(int kind, const void* src, float* dst, int64_t n) {
   for (; i + CT_VBYTES / 4 <= n; i += CT_VBYTES / 4) CT_F16_LOAD(dst + i, h + i);
 #endif
   for (; i < n; ++i) dst[i] = f32_from_f16(h[i]);
+}
+
+template <typename T>
+static void pair_transform_typed(const PairJob& job) {
+  const T* x = static_cast<const T*>(job.x);
+  const int64_t H = job.h, W = job.w, C = job.c, plane = H * W * C;
+  const std::vector<T> zeros(C, T(0));  // the rows of positions outside the input
+  for (int64_t n = job.n0; n < job.n1; ++n) {
+    for (int64_t j = job.j0; j < job.j1; ++j) {
+      const T* xt[4];
+      for (int t = 0; t < 4; ++t) {
+        const int64_t d = 2 * j + job.base + t;
+        xt[t] = d >= 0 && d < job.in_d ? x + n * job.xs[0] + d * job.xs[1] : nullptr;
+      }
+      T* const v = static_cast<T*>(job.v) + (n * job.pairs + j) * 4 * plane;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t at = h * job.xs[2] + w * job.xs[3];
+          const T* __restrict x0 = xt[0] ? xt[0] + at : zeros.data();
+          const T* __restrict x1 = xt[1] ? xt[1] + at : zeros.data();
+          const T* __restrict x2 = xt[2] ? xt[2] + at : zeros.data();
+          const T* __restrict x3 = xt[3] ? xt[3] + at : zeros.data();
+          T* __restrict v0 = v + (h * W + w) * C;
+          T* __restrict v1 = v0 + plane;
+          T* __restrict v2 = v1 + plane;
+          T* __restrict v3 = v2 + plane;
+          for (int64_t c = 0; c < C; ++c) {
+            v0[c] = x0[c] - x2[c];
+            v1[c] = x1[c] + x2[c];
+            v2[c] = x2[c] - x1[c];
+            v3[c] = x1[c] - x3[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+void pair_transform(const PairJob& job) {
+  if (job.itemsize == 4) pair_transform_typed<float>(job);
+  else pair_transform_typed<double>(job);
 }
 
 int lanes(int itemsize) { return CT_VBYTES / itemsize; }

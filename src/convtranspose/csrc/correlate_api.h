@@ -39,6 +39,10 @@ struct CtJob {
   int64_t* cursor;       // null: this call computes every row of the box. Else `sharers`
   int64_t sharers;       // calls share the box's rows, each claiming runs of rows from
                          // *cursor (0 at first) until none is left
+  int64_t pair_out;      // 0. Else Winograd F(2,3) along D (see `pair_transform`): the
+                         // input is the transformed V, its 4 D taps (step 4, offsets 0-3)
+                         // are summed apart, and box row d is the output pair (2d, 2d+1)
+                         // (rows os[1] apart); 2d + 1 is written only below pair_out
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the
@@ -68,12 +72,29 @@ struct GwJob {
   int64_t cin, cout;
 };
 
+// Winograd F(2,3) along D, the input side: for outputs 2j and 2j+1 of a stride-1 axis
+// whose three taps read inputs 2j + base + (0, 1, 2) and 2j + 1 + base + (0, 1, 2),
+//   v[n, j, 0] = x0 - x2, v[n, j, 1] = x1 + x2, v[n, j, 2] = x2 - x1, v[n, j, 3] = x1 - x3
+// with xt = x[n, 2j + base + t] (zero outside the input), each a whole (H, W, C) plane.
+// v is C-contiguous (N, J, 4, H, W, C); this call fills items n0..n1, pairs j0..j1.
+struct PairJob {
+  int itemsize;
+  const void* x;         // input at (0, 0, 0, 0, 0); channels contiguous
+  int64_t xs[4];         // input strides in elements: n, d, h, w
+  int64_t in_d, base;
+  int64_t h, w, c;       // the plane's extent (every input row and channel)
+  void* v;
+  int64_t pairs;         // J
+  int64_t n0, n1, j0, j1;
+};
+
 #define CT_DECLARE(NS) \
   namespace NS { void correlate(const CtJob&); void grad_weight(const GwJob&); \
                  void round_half(int, const float*, void*, int64_t); \
                  void widen_half(int, const void*, float*, int64_t); \
                  void gather_sum(int, const void*, const int64_t*, int64_t, int64_t, int64_t, \
                                  void*); \
+                 void pair_transform(const PairJob&); \
                  int lanes(int); int max_vectors(); }
 CT_DECLARE(avx512)
 CT_DECLARE(avx2)

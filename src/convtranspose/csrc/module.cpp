@@ -25,6 +25,7 @@ struct Isa {
   void (*round_half)(int, const float*, void*, int64_t);
   void (*widen_half)(int, const void*, float*, int64_t);
   void (*gather_sum)(int, const void*, const int64_t*, int64_t, int64_t, int64_t, void*);
+  void (*pair_transform)(const PairJob&);
   int (*lanes)(int);
   int (*max_vectors)();
 };
@@ -32,14 +33,14 @@ struct Isa {
 const Isa kIsas[] = {
 #if defined(__x86_64__) && defined(__GNUC__)
     {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
-     avx512::gather_sum,
+     avx512::gather_sum, avx512::pair_transform,
      avx512::lanes, avx512::max_vectors},
     {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
-     avx2::gather_sum,
+     avx2::gather_sum, avx2::pair_transform,
      avx2::lanes, avx2::max_vectors},
 #endif
     {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
-     generic::gather_sum,
+     generic::gather_sum, generic::pair_transform,
      generic::lanes, generic::max_vectors},
 };
 const int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
@@ -61,14 +62,14 @@ const Isa* current = nullptr;
 
 // correlate's arguments (see _native_kernel.correlate) into a job; false with an error set.
 bool parse_correlate(PyObject* args, CtJob& job) {
-  Py_ssize_t x, w, o, off[3], cursor = 0, sharers = 1;
+  Py_ssize_t x, w, o, off[3], cursor = 0, sharers = 1, pair_out = 0;
   Py_ssize_t v[28];
-  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn|nn", &job.itemsize, &job.mode, &job.out_half,
+  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn|nnn", &job.itemsize, &job.mode, &job.out_half,
                         &job.stream_out, &x, &v[0],
                         &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &w, &off[0], &off[1], &off[2],
                         &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
                         &v[16], &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23], &v[24],
-                        &v[25], &cursor, &sharers))
+                        &v[25], &cursor, &sharers, &pair_out))
     return false;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "correlate: itemsize must be 4 or 8");
@@ -89,6 +90,13 @@ bool parse_correlate(PyObject* args, CtJob& job) {
   job.cout = v[25];
   job.cursor = reinterpret_cast<int64_t*>(cursor);
   job.sharers = sharers;
+  job.pair_out = pair_out;
+  if (pair_out && (pair_out < 0 || job.mode != CT_MODE_CHANNELS || job.ntaps[0] != 4 ||
+                   job.cin < CT_TAPS_INNER_BELOW)) {
+    PyErr_SetString(PyExc_ValueError, "correlate: Winograd pairs need channels mode, four D "
+                    "taps and at least CT_TAPS_INNER_BELOW input channels");
+    return false;
+  }
   if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_DEPTHWISE ||
       (job.mode == CT_MODE_DOT && (job.cout < 1 || job.cout > 4))) {
     PyErr_SetString(PyExc_ValueError, "correlate: bad mode, or more than 4 outputs in dot mode");
@@ -253,16 +261,43 @@ PyObject* py_pack(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// pair_transform's arguments (see _native_kernel.pair_transform) into a job; false with
+// an error set.
+bool parse_pair(PyObject* args, PairJob& job) {
+  Py_ssize_t x, v;
+  if (!PyArg_ParseTuple(args, "innnnnnnnnnnnnnnn", &job.itemsize, &x, &job.xs[0], &job.xs[1],
+                        &job.xs[2], &job.xs[3], &job.in_d, &job.base, &job.h, &job.w, &job.c,
+                        &v, &job.pairs, &job.n0, &job.n1, &job.j0, &job.j1))
+    return false;
+  if ((job.itemsize != 4 && job.itemsize != 8) || job.j0 < 0 || job.j1 > job.pairs ||
+      job.n0 < 0 || job.c < 1) {
+    PyErr_SetString(PyExc_ValueError, "pair_transform: bad itemsize, pairs or channels");
+    return false;
+  }
+  job.x = reinterpret_cast<const void*>(x);
+  job.v = reinterpret_cast<void*>(v);
+  return true;
+}
+
+PyObject* py_pair_transform(PyObject*, PyObject* args) {
+  PairJob job;
+  if (!parse_pair(args, job)) return nullptr;
+  const Isa* isa = current;
+  Py_BEGIN_ALLOW_THREADS isa->pair_transform(job);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 // --- Deferred calls and the pool --------------------------------------------------------
 // A call is parsed and checked when Python prepares it (a capsule holding a Call), and
 // run later by `run_tasks` on the pool, without the GIL. The arrays it addresses are kept
 // alive by the Python caller until run_tasks returns.
 
 struct Call {
-  enum Kind { CORRELATE, GRAD_WEIGHT, PACK } kind;
+  enum Kind { CORRELATE, GRAD_WEIGHT, PACK, PAIR } kind;
   CtJob ct;
   GwJob gw;
   PackArgs pack;
+  PairJob pair;
   const Isa* isa;
 };
 
@@ -274,6 +309,7 @@ void run_call(const Call& c) {
     case Call::CORRELATE: c.isa->correlate(c.ct); break;
     case Call::GRAD_WEIGHT: c.isa->grad_weight(c.gw); break;
     case Call::PACK: run_pack(c.pack); break;
+    case Call::PAIR: c.isa->pair_transform(c.pair); break;
   }
 }
 
@@ -281,7 +317,7 @@ void run_call(const Call& c) {
 template <typename Args>
 PyObject* prepared_call(Call::Kind kind, Args Call::*field, bool (*parse)(PyObject*, Args&),
                         PyObject* args) {
-  Call* c = new Call{kind, {}, {}, {}, current};
+  Call* c = new Call{kind, {}, {}, {}, {}, current};
   if (!parse(args, c->*field)) {
     delete c;
     return nullptr;
@@ -303,6 +339,10 @@ PyObject* py_grad_weight_call(PyObject*, PyObject* args) {
 
 PyObject* py_pack_call(PyObject*, PyObject* args) {
   return prepared_call(Call::PACK, &Call::pack, parse_pack, args);
+}
+
+PyObject* py_pair_call(PyObject*, PyObject* args) {
+  return prepared_call(Call::PAIR, &Call::pair, parse_pair, args);
 }
 
 // The calls of a sequence of Call capsules, copied (false with an error set).
@@ -505,6 +545,8 @@ PyMethodDef kMethods[] = {
     {"correlate_call", py_correlate_call, METH_VARARGS, "correlate, prepared for run_tasks."},
     {"grad_weight_call", py_grad_weight_call, METH_VARARGS, "grad_weight, prepared for run_tasks."},
     {"pack_call", py_pack_call, METH_VARARGS, "pack, prepared for once/run_tasks."},
+    {"pair_transform", py_pair_transform, METH_VARARGS, "Winograd F(2,3)'s input side along D."},
+    {"pair_call", py_pair_call, METH_VARARGS, "pair_transform, prepared for run_tasks."},
     {"once", py_once, METH_VARARGS, "Calls run once, before the first task that needs them."},
     {"run_tasks", py_run_tasks, METH_VARARGS, "Run tasks of prepared calls on the pool."},
     {"warm", py_warm, METH_VARARGS, "Keep the pool's threads spinning, ready for a batch."},
