@@ -176,7 +176,11 @@ def test_planner_modes():
         p = ct.plan(*shapes, **kw)
         return p.algorithm, native_mode(p.spec)
     wide = mode((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1)
-    assert wide == ("native", native.CHANNELS)
+    assert wide == ("winograd", native.CHANNELS)  # stride-1 D of three taps
+    strided = mode((1, 8, 16, 16, 64), (64, 3, 3, 3, 64), stride=2, padding=1)
+    assert strided == ("native", native.CHANNELS)
+    thin = mode((1, 16, 32, 32, 8), (64, 3, 3, 3, 8), padding=1)
+    assert thin[0] == "native"  # too few input channels to pay for the transforms
     head = mode((1, 32, 32, 32, 16), (1, 4, 4, 4, 16), stride=2, padding=1)
     assert head == ("native", native.DOT)
     dw = mode((1, 32, 32, 32, 64), (64, 3, 3, 3, 1), stride=2, padding=1, groups=64)
@@ -635,12 +639,12 @@ def _three_calls_per_shared_tile(monkeypatch) -> list:
         for t in workers:
             t.join()
 
-    def correlate(*args, into=None):
+    def correlate(*args, into=None, **kw):
         *head, cursor, sharers = args
         if not cursor or into is not None:
-            return real(*args, into=into)
+            return real(*args, into=into, **kw)
         shared_calls.append(args)
-        three_at_once(lambda: real(*head, cursor, 3))
+        three_at_once(lambda: real(*head, cursor, 3, **kw))
 
     def run_tasks(tasks, threads):
         for task in tasks:

@@ -18,20 +18,28 @@ from reference import (
 )
 
 import convtranspose as ct
-from convtranspose._plan import ALGORITHMS, indexed_fits
+from convtranspose._plan import ALGORITHMS, indexed_fits, winograd_fits, workspace_limit
 
-CASES = all_cases()
+# The settings grid's channels are too few for 'winograd' (a stride-1 D axis of three
+# taps, >= 16 input channels per group): these cases let every test below reach it.
+WINOGRAD_CASES = [
+    Case("wino-k3s1p1", 2, (5, 3, 4), 16, 8, (3, 3, 3), padding=1),
+    Case("wino-aniso", 1, (4, 3, 5), 32, 5, (3, 2, 3), stride=(1, 2, 1),
+         padding=(2, 0, 1), dilation=(1, 1, 2), output_padding=(0, 1, 0)),
+]
+CASES = all_cases() + WINOGRAD_CASES
 FUNCS = {1: ct.conv_transpose1d, 2: ct.conv_transpose2d, 3: ct.conv_transpose3d}
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
 def _algorithms(case: Case) -> list[str]:
     """Every algorithm the planner may pick for this case: 'direct' needs C_in/groups == 1,
-    'indexed' is only offered for small calls."""
+    'indexed' is only offered for small calls, 'winograd' for the layers it fits."""
     spec = ct.plan(case.input_shape, case.weight_shape, **case.kwargs).spec
     return [a for a in ALGORITHMS
             if (a != "direct" or case.c_in // case.groups == 1)
-            and (a != "indexed" or indexed_fits(spec))]
+            and (a != "indexed" or indexed_fits(spec))
+            and (a != "winograd" or winograd_fits(spec, workspace_limit(spec, None)))]
 
 
 def _operands(case: Case, rng, random_array, dtype="float32"):
@@ -123,7 +131,7 @@ def test_direct_refused_with_several_channels_per_group():
 
 @pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "direct"])
 def test_run_plan_with_other_dtypes_than_planned(algorithm, rng, random_array, assert_close):
-    case = CASES[3]
+    case = WINOGRAD_CASES[0] if algorithm == "winograd" else CASES[3]
     p = ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm=algorithm)
     x = random_array(rng, case.input_shape, np.float16)
     w = random_array(rng, case.weight_shape, ml_dtypes.bfloat16)

@@ -17,7 +17,7 @@ from ._api import (
 )
 from ._memory import get_result_cache, release_memory, set_result_cache
 from ._native_kernel import isa as native_isa
-from ._plan import Plan, get_num_threads, set_num_threads
+from ._plan import Plan, get_num_threads, get_winograd, set_num_threads, set_winograd
 from ._vjp import conv_transpose1d_vjp, conv_transpose2d_vjp, conv_transpose3d_vjp
 from ._weights import weight_from_torch, weight_to_torch
 
@@ -33,6 +33,7 @@ __all__ = [
     "conv_transpose3d_vjp",
     "get_num_threads",
     "get_result_cache",
+    "get_winograd",
     "native_isa",
     "output_shape",
     "plan",
@@ -40,6 +41,7 @@ __all__ = [
     "run_plan",
     "set_num_threads",
     "set_result_cache",
+    "set_winograd",
     "weight_from_torch",
     "weight_to_torch",
 ]

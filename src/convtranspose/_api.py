@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ._execute import execute
-from ._plan import Plan, get_num_threads, make_plan
+from ._plan import Plan, get_num_threads, get_winograd, make_plan
 from ._spec import ConvSpec, as_float_array, check_fits_in_memory, check_stream, make_spec
 
 IntOrTuple = int | tuple[int, ...]
@@ -79,7 +79,7 @@ def _conv_transpose(ndim, input, weight, stride, padding, dilation, output_paddi
         key = RecentCalls.key(ndim, input, weight, stride, padding, dilation, output_padding,
                               groups)
         if key is not None:
-            key += (get_num_threads(),)  # the plan depends on it
+            key += (get_num_threads(), get_winograd())  # the plan depends on them
             planned = _recent_plans.get(key)
             if planned is not None:
                 return execute(planned, input, weight)

@@ -27,6 +27,8 @@ from ._plan import (
     native_mode,
     native_whole_input_fits,
     native_writes_every_output,
+    pair_base,
+    pair_count,
     streams_output,
 )
 
@@ -523,24 +525,31 @@ def _native_offsets(phase: Phase) -> native.TapOffsets:
 
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
-                task: Task, convert_input: bool, mode: int, x_origin, threads: int):
+                task: Task, convert_input: bool, mode: int, x_origin, threads: int,
+                pairs: tuple | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
-    group writes s_w * C_out channels per position of its first residue."""
+    group writes s_w * C_out channels per position of its first residue. `pairs`: a
+    ``winograd`` tile, (V's dims) read at D step 4: its rows are output pairs along D."""
     groups, cig = spec.groups, spec.c_in_per_group
     cog = spec.c_out_per_group * len(group)
     phase, tile = group[0], task.tile
     n0, n1 = tile.n
     a, b = tile.d
     e, f = tile.h
-    nn, nd, nh, qw = n1 - n0, b - a, f - e, phase.count[2]
+    nn, nh, qw = n1 - n0, f - e, phase.count[2]
     item = spec.compute_dtype.itemsize
-    view = _out_view(out, spec, phase, task)
+    rows_d = (slice(2 * a, min(2 * b, spec.out_spatial[0])) if pairs
+              else _strided(phase.residue[0], spec.stride[0], a, b))
+    view = out[n0:n1, rows_d, _strided(phase.residue[1], spec.stride[1], e, f),
+               _strided(phase.residue[2], spec.stride[2], 0, qw)]
     if len(group) > 1:  # the positions of every W residue: whole output rows
-        view = out[n0:n1, _strided(phase.residue[0], spec.stride[0], a, b),
-                   _strided(phase.residue[1], spec.stride[1], e, f), :qw * len(group)]
-        view = view.reshape(nn, nd, nh, qw, cog)
+        view = out[n0:n1, rows_d, _strided(phase.residue[1], spec.stride[1], e, f),
+                   :qw * len(group)]
+        view = view.reshape(nn, -1, nh, qw, cog)
+    in_dims, steps, pair_out = ((pairs, (4, 1, 1), spec.out_spatial[0]) if pairs
+                                else (spec.in_spatial, (1, 1, 1), 0))
     # float16 and bfloat16 the kernel rounds as it stores; anything else goes through a
     # block of the compute dtype.
     out_half = native.half_kind(out.dtype)
@@ -564,9 +573,10 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         else:
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
-                                 spec.in_spatial, packed[g], offsets, (1, 1, 1),
+                                 in_dims, packed[g], offsets, steps,
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog,
-                                 cursors.address(g), cursors.sharers, into=into)
+                                 cursors.address(g), cursors.sharers, into=into,
+                                 pair_out=pair_out)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []
@@ -677,15 +687,66 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
 
 
+def _pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
+    """Winograd F(2,3)'s weight side along D: from the D taps g0, g1, g2 (kernel indices
+    `order`, in order of input offset), the four (g0, (g0 + g1 + g2) / 2,
+    (g0 - g1 + g2) / 2, g2), as a weight (C_out, 4, kH, kW, C_in/g)."""
+    g0, g1, g2 = (w3[:, k] for k in order)
+    u = np.empty((w3.shape[0], 4, *w3.shape[2:]), w3.dtype)
+    u[:, 0] = g0
+    u[:, 3] = g2
+    np.add(g0, g2, out=u[:, 1])
+    np.multiply(u[:, 1], 0.5, out=u[:, 1])  # halves are exact: one rounding, as in the sum
+    np.multiply(g1, 0.5, out=u[:, 2])
+    np.subtract(u[:, 1], u[:, 2], out=u[:, 2])
+    np.add(u[:, 1], np.multiply(g1, 0.5), out=u[:, 1])
+    return u
+
+
+def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
+    """Winograd F(2,3) along D: V, the input transformed along D (`pair_transform`), by
+    every thread; then native tiles of the pair phases weigh V by the transformed weight."""
+    spec = plan.spec
+    if not native.reads_in_place(x3, spec.compute_dtype):
+        x3 = _converted(x3, spec.compute_dtype, plan.threads)
+    base, order = pair_base(spec)
+    n, (in_d, h, w), c = spec.batch, spec.in_spatial, spec.c_in
+    pairs = pair_count(spec)
+    v = result_empty((n, pairs, 4, h, w, c), spec.compute_dtype)
+    x_addr, xs = native.origin(x3)
+    cuts = [(i, j) for i in range(n) for j in range(pairs)]
+    step = -(-len(cuts) // plan.threads)
+    transforms = []
+    for first in range(0, len(cuts), step):
+        calls: list = []
+        (i0, j0), (i1, j1) = cuts[first], cuts[min(len(cuts), first + step) - 1]
+        for i in range(i0, i1 + 1):  # a run of (item, pair)s, item by item
+            native.pair_transform(x_addr, xs, in_d, base, (h, w, c), v, (i, i + 1),
+                                  (j0 if i == i0 else 0, j1 + 1 if i == i1 else pairs),
+                                  into=calls)
+        transforms.append(native.Task(tuple(calls)))
+    native.run_tasks(transforms, plan.threads)
+    u = _pair_weight(w3, order)
+    weights = [_native_weights(u, g, spec.groups, native.CHANNELS, scratch)
+               for g in plan.groups]
+    offsets = [_native_offsets(g[0]) for g in plan.groups]
+    v_origin = native.origin(v.reshape(n, 4 * pairs, h, w, c))
+    jobs = [_native_job(spec, v, out, plan.groups[t.group], weights[t.group],
+                        offsets[t.group], t, False, native.CHANNELS, v_origin, plan.threads,
+                        pairs=(4 * pairs, h, w))
+            for t in plan.tasks]
+    _run(jobs, plan.threads, 0, spec.compute_dtype)
+
+
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
     spec = plan.spec
-    if plan.algorithm == "native":
+    compiled = plan.algorithm in ("native", "winograd")
+    if compiled:
         native.warm(plan.threads)  # the pool's threads wake while this prepares their work
     # indexed and (mostly) native store every output element; the others accumulate into it,
     # or leave phases no tap reaches at zero. Zeroing costs a pass over the output.
-    fills = plan.algorithm == "indexed" or (plan.algorithm == "native"
-                                            and native_writes_every_output(spec))
+    fills = plan.algorithm == "indexed" or (compiled and native_writes_every_output(spec))
     alloc = result_empty if fills else result_zeros
     out = alloc((spec.batch, *spec.out_spatial, spec.c_out), spec.result_dtype)
     if not plan.tasks:
@@ -705,9 +766,10 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         weights = [_scatter_weights(w3, g, spec.groups) for g in plan.groups]
         jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
                 for t in plan.tasks]
-    elif plan.algorithm == "native":
+    elif compiled:
         with Scratch() as scratch:
-            _execute_native(plan, x3, w3, out, scratch)
+            run = _execute_native if plan.algorithm == "native" else _execute_winograd
+            run(plan, x3, w3, out, scratch)
         return out.reshape(spec.output_shape)
     else:
         weights = [_direct_weights(w3, g[0], spec.groups) for g in plan.groups]

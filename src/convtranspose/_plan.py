@@ -16,6 +16,11 @@ by a structural zero. They differ in where the taps of a phase meet:
   output element is summed in registers over all its taps and input channels and stored
   once, reading the input where it lies. No grid, no GEMM temporaries, no accumulation
   passes; it runs at 60-100% of a core's FMA peak where C_out/groups >= 16.
+- ``winograd``: native, with Winograd F(2,3) along a stride-1 D axis of three taps: each
+  pair of output planes from four products instead of six (the input and weight
+  transformed along D first), so 2/3 of the multiply-adds. Sums are rounded in another
+  order than the direct sum: equal within float rounding, not bit for bit (see
+  `set_winograd`).
 - ``indexed``: for small calls, where NumPy's per-call overhead dominates: one GEMM of
   every input row against every tap, then one gather of each output row's contributions
   through a table the plan precomputes, and one sum.
@@ -36,10 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _native_kernel as native
-from ._geometry import Phase, phases_3d
+from ._geometry import AxisTap, Phase, phases_3d
 from ._spec import ConvSpec
 
-ALGORITHMS = ("shift", "scatter", "direct", "indexed", "native")
+ALGORITHMS = ("shift", "scatter", "direct", "indexed", "native", "winograd")
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
 DEFAULT_WORKSPACE = 64 * 2**20
 TILE_BYTES = 8 * 2**20
@@ -61,8 +66,15 @@ ELEMENTWISE_PER_S = 1.5e9
 # The native kernel on one core: its measured peak, reached with C_out/g a multiple of
 # 32 or 64 and C_in/g >= 32 (W5: 172 GFLOP/s single-threaded).
 NATIVE_PEAK = 160e9
+# Winograd's input transform (pair_transform), bytes of V written per second on one core
+# (W5: 8 MiB in 1.1 ms, reading 4 MiB meanwhile).
+PAIR_TRANSFORM_BYTES_PER_S = 7.5e9
+# Below this many input channels per group a Winograd product is too short to pay for
+# its transforms and its four slots of sums.
+WINOGRAD_MIN_CHANNELS = 16
 
 _threads: int | None = None
+_winograd: bool | None = None
 
 
 def set_num_threads(n: int | None) -> None:
@@ -85,6 +97,25 @@ def get_num_threads() -> int:
         except ValueError:
             pass
     return _usable_cores()
+
+
+def set_winograd(enabled: bool | None) -> None:
+    """Whether the planner may pick ``winograd`` (2/3 of the multiply-adds on stride-1
+    k=3 D axes; results equal the direct sum within float rounding, not bit for bit).
+    None restores the default: CONVTRANSPOSE_WINOGRAD=0 in the environment turns it off,
+    else on. Results stay bitwise identical from run to run either way."""
+    global _winograd
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"set_winograd: 'enabled' must be True, False or None, got "
+                         f"{enabled!r}")
+    _winograd = enabled
+
+
+def get_winograd() -> bool:
+    if _winograd is not None:
+        return _winograd
+    return os.environ.get("CONVTRANSPOSE_WINOGRAD", "1").strip() not in ("0", "false", "no",
+                                                                          "off")
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,7 +180,8 @@ class Plan:
             f"dilation={s.dilation[lift:]} output_padding={s.output_padding[lift:]} "
             f"groups={s.groups}",
             f"  algorithm  {self.algorithm}"
-            f"{f' ({native.isa()})' if self.algorithm == 'native' else ''}: {shape}",
+            f"{f' ({native.isa()})' if self.algorithm in ('native', 'winograd') else ''}: "
+            f"{shape}",
             f"  model ms   {est}",
             f"  useful     {self.flops / 1e9:.3f} GFLOP",
             f"  tasks      {len(self.tasks)} on {self.threads} thread(s)",
@@ -178,6 +210,8 @@ def _geometry_key(phase: Phase) -> tuple:
 def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...]:
     """Phases that carry taps; for ``shift`` those of identical geometry share a GEMM."""
     live = [p for p in phases_3d(spec) if p.tap_count and p.size]
+    if algorithm == "winograd":
+        return _native_groups(spec, [pair_phase(p) for p in live])
     if algorithm == "scatter":
         return (tuple(live),) if live else ()  # one GEMM for every tap, phases share tiles
     if algorithm == "native":
@@ -208,6 +242,52 @@ def _native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...]
         else:
             groups.extend((p,) for p in row)
     return tuple(sorted(groups, key=lambda g: g[0].residue))
+
+
+def pair_count(spec: ConvSpec) -> int:
+    """Output pairs along D of a Winograd plan (the last may hold one output)."""
+    return -(-spec.out_spatial[0] // 2)
+
+
+def pair_phase(phase: Phase) -> Phase:
+    """A phase as the ``winograd`` kernel sees it: D counts output pairs, and its taps
+    are the four planes of the transformed input V (offset i, read at step 4)."""
+    pairs = -(-phase.count[0] // 2)
+    taps = tuple(AxisTap(i, i, 0, pairs) for i in range(4))
+    return Phase(phase.residue, (pairs, *phase.count[1:]), (taps, *phase.axis_taps[1:]))
+
+
+def pair_base(spec: ConvSpec) -> tuple[int, tuple[int, int, int]]:
+    """(input offset of the first D tap, the kernel indices of the three D taps in order
+    of offset) of a spec that `winograd_fits`."""
+    taps = sorted(phases_3d(spec)[0].axis_taps[0], key=lambda t: t.offset)
+    return taps[0].offset, tuple(t.k for t in taps)
+
+
+def pair_input_bytes(spec: ConvSpec) -> int:
+    """Size of the transformed input V (N, pairs, 4, H, W, C_in)."""
+    return (spec.batch * pair_count(spec) * 4 * spec.in_spatial[1] * spec.in_spatial[2]
+            * spec.c_in * spec.compute_dtype.itemsize)
+
+
+def winograd_fits(spec: ConvSpec, limit: int) -> bool:
+    """Whether ``winograd`` serves this layer: D has stride 1, dilation 1 and three taps
+    that all reach its outputs (offsets consecutive), the native kernel runs it in channels
+    mode with enough input channels, its tiles read and write in place, and V (with a
+    converted input, if any) fits in the workspace limit."""
+    if (not native.AVAILABLE or spec.stride[0] != 1 or spec.dilation[0] != 1
+            or spec.kernel[0] != 3 or spec.out_spatial[0] < 2
+            or native_mode(spec) != native.CHANNELS
+            or spec.c_in_per_group < max(WINOGRAD_MIN_CHANNELS, native.TAPS_INNER_BELOW)):
+        return False
+    live = [p for p in phases_3d(spec) if p.tap_count and p.size]
+    if not live or any(len(p.axis_taps[0]) != 3 for p in live):
+        return False
+    if not native_shares_tiles(spec, limit):
+        return False
+    converted = (spec.batch * math.prod(spec.in_spatial) * spec.c_in
+                 * spec.compute_dtype.itemsize if spec.input_dtype != spec.compute_dtype else 0)
+    return pair_input_bytes(spec) + converted <= limit
 
 
 def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile: Tile,
@@ -383,6 +463,10 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
         return flops / 2 / ELEMENTWISE_PER_S + write
     if algorithm == "native":
         return flops / native_rate(spec) + write / 2  # one pass over the output
+    if algorithm == "winograd":  # four products per output pair instead of six
+        products = flops * 4 * pair_count(spec) / (3 * spec.out_spatial[0])
+        return (products / native_rate(spec) + write / 2
+                + pair_input_bytes(spec) / PAIR_TRANSFORM_BYTES_PER_S)
     if algorithm == "shift":
         total = write
         for group in groups:
@@ -445,12 +529,13 @@ def indexed_fits(spec: ConvSpec) -> bool:
             and rows_out * taps <= INDEXED_MAX_ELEMS)
 
 
-def choose_algorithm(spec: ConvSpec) -> tuple[str, dict]:
+def choose_algorithm(spec: ConvSpec, limit: int, winograd: bool) -> tuple[str, dict]:
     if indexed_fits(spec):
         return "indexed", {}
     candidates = [a for a in ALGORITHMS if a != "indexed"
                   and (a != "direct" or spec.c_in_per_group == 1)
-                  and (a != "native" or native.AVAILABLE)]
+                  and (a != "native" or native.AVAILABLE)
+                  and (a != "winograd" or (winograd and winograd_fits(spec, limit)))]
     est = {a: estimate_seconds(spec, a) for a in candidates}
     return min(est, key=est.get), est
 
@@ -471,18 +556,26 @@ def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | 
         if algorithm == "indexed" and not indexed_fits(spec):
             raise ValueError("plan: algorithm 'indexed' is for small calls only (its "
                              f"tables would exceed {INDEXED_MAX_ELEMS} elements)")
+        if algorithm == "winograd" and not winograd_fits(spec, workspace_limit(spec,
+                                                                                workspace)):
+            raise ValueError(
+                "plan: algorithm 'winograd' needs a D axis of stride 1, dilation 1 and "
+                f"kernel 3, at least {WINOGRAD_MIN_CHANNELS} input channels per group, the "
+                "compiled kernel, and room for its transformed input (2x the input) in "
+                "the workspace; use 'native' for this layer")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"plan: 'threads' must be an int >= 1, got {threads!r}")
     return _make_plan(spec, algorithm, workspace_limit(spec, workspace),
-                      threads or get_num_threads())
+                      threads or get_num_threads(), get_winograd())
 
 
 @functools.lru_cache(maxsize=256)
-def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) -> Plan:
+def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
+               winograd: bool) -> Plan:
     """Plans are pure functions of their arguments, so repeated calls reuse them."""
     if algorithm is None:
-        algorithm, est = choose_algorithm(spec)
+        algorithm, est = choose_algorithm(spec, limit, winograd)
     elif algorithm != "indexed":
         est = {algorithm: estimate_seconds(spec, algorithm)}
     else:
@@ -490,20 +583,23 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int) 
     if algorithm == "indexed":
         return _indexed_plan(spec, limit, est)
     groups = phase_groups(spec, algorithm)
-    whole_input = algorithm == "native" and native_converts_whole_input(spec, limit)
-    shared = algorithm == "native" and native_shares_tiles(spec, limit)
-    tasks, biggest = make_tasks(spec, algorithm, groups, limit, threads, whole_input, shared)
+    # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place
+    pairs = algorithm == "winograd"
+    kind = "native" if pairs else algorithm
+    whole_input = kind == "native" and (pairs and spec.input_dtype != spec.compute_dtype
+                                        or native_converts_whole_input(spec, limit))
+    shared = kind == "native" and native_shares_tiles(spec, limit)
+    tasks, biggest = make_tasks(spec, kind, groups, limit, threads, whole_input, shared)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So does
     # scatter, measured on W6: 3.6 ms on one worker, 4.3-5.7 ms on two (its window adds
     # are memory-bound; a bigger 16 -> 1 head gained from two, 15 vs 20 ms: not yet used).
-    serial_below = (NATIVE_SERIAL_BELOW_SECONDS if algorithm == "native"
-                    else SERIAL_BELOW_SECONDS)
+    serial_below = NATIVE_SERIAL_BELOW_SECONDS if kind == "native" else SERIAL_BELOW_SECONDS
     if est.get(algorithm, 1.0) < serial_below or algorithm == "scatter":
         threads = 1
     item = spec.compute_dtype.itemsize
     workers = min(threads, len(tasks)) or 1
     converted = (spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
-                 else 0)
+                 else 0) + (pair_input_bytes(spec) if pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
                 workspace_limit=limit, est_seconds=est)
