@@ -197,3 +197,92 @@ def test_kernel_refuses_pairs_outside_channels_mode(rng):
         native.correlate(native.CHANNELS, 4, 0, False, x_addr, xs, (4, 3, 3), packed,
                          offsets, (1, 1, 1), o_addr, os_, (0, 1, 0, 2, 0, 3), 3, 16, 16,
                          pair_out=4)
+
+
+# ---- grad_input ---------------------------------------------------------------------------
+
+# grad_input is a correlation of the cotangent (C_out channels reduced, C_in out): pairs of
+# grad_input planes along D where D has stride 1 and three taps, C_out/g >= 16.
+VJP_CASES = [
+    Case("gx-k3s1p1", 2, (5, 3, 4), 8, 16, (3, 3, 3), padding=1),
+    Case("gx-odd-depth", 1, (5, 4, 3), 24, 32, (3, 3, 3), padding=(2, 1, 1)),
+    Case("gx-aniso", 1, (4, 3, 5), 5, 16, (3, 2, 3), stride=(1, 2, 1), padding=(0, 0, 1),
+         dilation=(1, 1, 2), output_padding=(0, 1, 0)),
+    Case("gx-groups", 2, (4, 3, 3), 16, 48, (3, 3, 3), padding=1, groups=2),
+    Case("gx-negpad", 1, (6, 3, 4), 16, 16, (3, 3, 3), padding=(-1, 1, 1)),
+]
+
+
+def _vjp_operands(case: Case, rng, dtype=np.float32):
+    from convtranspose._api import spec_for
+    x = rng.uniform(-1, 1, case.input_shape).astype(dtype)
+    w = rng.uniform(-1, 1, case.weight_shape).astype(dtype)
+    spec, _, _ = spec_for(3, x, w, **case.kwargs)
+    cot = rng.uniform(-1, 1, spec.output_shape).astype(dtype)
+    return spec, x, w, cot
+
+
+def _count_pairs(monkeypatch) -> list:
+    from convtranspose import _vjp
+    used = []
+    real = _vjp.pair_input
+
+    def counted(*args):
+        used.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(_vjp, "pair_input", counted)
+    return used
+
+
+@pytest.mark.parametrize("case", VJP_CASES, ids=[c.id for c in VJP_CASES])
+def test_grad_input_pairs_match_loops(case, isa, rng, monkeypatch, tolerance):
+    from test_vjp import loops_vjp
+
+    from convtranspose import _vjp
+    used = _count_pairs(monkeypatch)
+    for dtype in (np.float32, np.float64):
+        spec, x, w, cot = _vjp_operands(case, rng, dtype)
+        gx, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native")
+        ref, _ = loops_vjp(x, w, cot, **case.kwargs)
+        scale = np.abs(ref).max()
+        assert np.abs(gx - ref).max() <= 8 * tolerance(dtype) * scale, (case.id, isa, dtype)
+    assert len(used) == 2, "grad_input did not take the Winograd pairs"
+
+
+def test_grad_input_pairs_switched_off_give_the_direct_bits(rng, monkeypatch):
+    from convtranspose import _vjp
+    case = VJP_CASES[0]
+    spec, x, w, cot = _vjp_operands(case, rng)
+    used = _count_pairs(monkeypatch)
+    wino, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native")
+    assert len(used) == 1
+    try:
+        ct.set_winograd(False)
+        direct, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native")
+        again, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native")
+    finally:
+        ct.set_winograd(None)
+    assert len(used) == 1  # not taken while switched off
+    assert np.array_equal(direct, again) and not np.array_equal(direct, wino)
+    assert np.abs(direct - wino).max() <= 1e-5 * np.abs(direct).max()
+    # and a small workspace leaves no room for the transformed cotangent
+    _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native", workspace=1024)
+    assert len(used) == 1
+
+
+@pytest.mark.parametrize("need_weight", [False, True])
+def test_grad_input_pairs_shared_by_threads_hold_the_same_bits(need_weight, rng, monkeypatch):
+    from test_native import _three_calls_per_shared_tile
+
+    from convtranspose import _vjp
+    case = VJP_CASES[3]
+    spec, x, w, cot = _vjp_operands(case, rng)
+    alone = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native",
+                            threads=1)[0].copy()
+    used = _count_pairs(monkeypatch)
+    shared_calls = _three_calls_per_shared_tile(monkeypatch)
+    gx, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=need_weight, algorithm="native",
+                            threads=2)
+    assert used and shared_calls
+    assert np.array_equal(gx, alone)

@@ -687,7 +687,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
 
 
-def _pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
+def pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
     """Winograd F(2,3)'s weight side along D: from the D taps g0, g1, g2 (kernel indices
     `order`, in order of input offset), the four (g0, (g0 + g1 + g2) / 2,
     (g0 - g1 + g2) / 2, g2), as a weight (C_out, 4, kH, kW, C_in/g)."""
@@ -703,19 +703,15 @@ def _pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
     return u
 
 
-def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
-    """Winograd F(2,3) along D: V, the input transformed along D (`pair_transform`), by
-    every thread; then native tiles of the pair phases weigh V by the transformed weight."""
-    spec = plan.spec
-    if not native.reads_in_place(x3, spec.compute_dtype):
-        x3 = _converted(x3, spec.compute_dtype, plan.threads)
-    base, order = pair_base(spec)
-    n, (in_d, h, w), c = spec.batch, spec.in_spatial, spec.c_in
-    pairs = pair_count(spec)
-    v = result_empty((n, pairs, 4, h, w, c), spec.compute_dtype)
+def pair_input(x3: np.ndarray, base: int, pairs: int, threads: int) -> np.ndarray:
+    """Winograd F(2,3)'s input side along D (`native.pair_transform`) of x3 (N, D, H, W,
+    C; the compute dtype, channels contiguous), for output pairs [0, pairs) whose first D
+    tap reads input 2j + base: V (N, pairs, 4, H, W, C), by every thread."""
+    n, in_d, h, w, c = x3.shape
+    v = result_empty((n, pairs, 4, h, w, c), x3.dtype)
     x_addr, xs = native.origin(x3)
     cuts = [(i, j) for i in range(n) for j in range(pairs)]
-    step = -(-len(cuts) // plan.threads)
+    step = -(-len(cuts) // threads)
     transforms = []
     for first in range(0, len(cuts), step):
         calls: list = []
@@ -725,8 +721,21 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
                                   (j0 if i == i0 else 0, j1 + 1 if i == i1 else pairs),
                                   into=calls)
         transforms.append(native.Task(tuple(calls)))
-    native.run_tasks(transforms, plan.threads)
-    u = _pair_weight(w3, order)
+    native.run_tasks(transforms, threads)
+    return v
+
+
+def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
+    """Winograd F(2,3) along D: V, the input transformed along D, by every thread; then
+    native tiles of the pair phases weigh V by the transformed weight."""
+    spec = plan.spec
+    if not native.reads_in_place(x3, spec.compute_dtype):
+        x3 = _converted(x3, spec.compute_dtype, plan.threads)
+    base, order = pair_base(spec)
+    n, (_, h, w), c = spec.batch, spec.in_spatial, spec.c_in
+    pairs = pair_count(spec)
+    v = pair_input(x3, base, pairs, plan.threads)
+    u = pair_weight(w3, order)
     weights = [_native_weights(u, g, spec.groups, native.CHANNELS, scratch)
                for g in plan.groups]
     offsets = [_native_offsets(g[0]) for g in plan.groups]

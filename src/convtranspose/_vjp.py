@@ -46,13 +46,15 @@ import numpy as np
 from . import _native_kernel as native
 from ._api import ArrayLike, IntOrTuple, RecentCalls, spec_for
 from ._dtypes import compute_dtype, result_dtype
-from ._execute import _zero_outside, run_jobs
+from ._execute import _zero_outside, pair_input, pair_weight, run_jobs
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
     SHARED_TILE_BYTES,
+    WINOGRAD_MIN_CHANNELS,
     Tile,
     get_num_threads,
+    get_winograd,
     indexed_fits,
     native_mode,
     native_rate,
@@ -185,7 +187,8 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
         else:
             gw_done = None
         if native_gx:
-            _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd, shared)
+            _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd, shared,
+                               workspace_limit(spec, workspace))
             gx_done, algorithm = gx, None
             gx = None  # the algorithm below computes grad_weight only
         else:
@@ -261,21 +264,53 @@ def _tap_offsets(spec: ConvSpec) -> native.TapOffsets:
                              for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
 
 
+def _grad_input_pairs(spec: ConvSpec, c3: np.ndarray, cd: np.dtype, limit: int) -> bool:
+    """Whether grad_input takes Winograd F(2,3) along D (as the forward's 'winograd'):
+    a D axis of stride 1, dilation 1 and three taps, at least WINOGRAD_MIN_CHANNELS
+    output channels per group to reduce over, a cotangent read in place, and its
+    transform V (2x the cotangent's D planes a pair reads) within the workspace limit."""
+    if (not get_winograd() or spec.stride[0] != 1 or spec.dilation[0] != 1
+            or spec.kernel[0] != 3 or spec.in_spatial[0] < 2
+            or spec.c_out_per_group < WINOGRAD_MIN_CHANNELS
+            or native_mode(dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in))
+            != native.CHANNELS or not native.reads_in_place(c3, cd)):
+        return False
+    pairs = -(-spec.in_spatial[0] // 2)
+    return (spec.batch * pairs * 4 * spec.out_spatial[1] * spec.out_spatial[2] * spec.c_out
+            * cd.itemsize <= limit)
+
+
+@functools.lru_cache(maxsize=256)
+def _pair_offsets(spec: ConvSpec) -> native.TapOffsets:
+    """_tap_offsets with D's taps the four planes of V (offsets 0-3, read at step 4)."""
+    taps = _tap_offsets(spec)
+    return native.TapOffsets([np.arange(4), taps[1], taps[2]])
+
+
 def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
-                       defer: list | None = None) -> None:
+                       defer: list | None = None, limit: int = 0) -> None:
     """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
     grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
-    or with channels not contiguous, is converted plane by plane as a tile needs it."""
+    or with channels not contiguous, is converted plane by plane as a tile needs it.
+    Where `_grad_input_pairs` (within `limit` bytes), Winograd F(2,3) along D: the
+    kernel reads the transformed cotangent V with the transformed weight, and a tile's
+    rows are pairs of grad_input planes."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     item = cd.itemsize
     offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
     depthwise = cig == 1 and cog == 1
+    pairs = 0 if depthwise else -(-spec.in_spatial[0] // 2) * _grad_input_pairs(spec, c3, cd,
+                                                                               limit)
     if depthwise:  # [tap][channel], every channel in one pass
         packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=cd)]
     else:  # [tap][co][ci] per group (rows co, columns ci), gathered from w3 in one pass
         w3 = w3.astype(cd, copy=False)
+        if pairs:  # the D taps, in order of offset k - p, transformed into four
+            w3 = pair_weight(w3.reshape(spec.c_out, *spec.kernel, cig), (0, 1, 2))
+            w3 = w3.reshape(spec.c_out, -1, cig)
+            ktot = w3.shape[1]
         strides = native.element_strides(w3)
         if strides is None:
             w3 = np.ascontiguousarray(w3)
@@ -287,18 +322,29 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
     if convert:  # a tile at a time per thread, each converting what it reads
         tiles = _tiles(spec, max(1, budget // per_row), 4 * n_threads)
+    elif pairs:  # tiles of pair rows, shared as below
+        tiles = split_tiles(spec.batch, (pairs, *spec.in_spatial[1:]),
+                            SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
     else:  # threads share each tile's rows (as the forward's): cut only for locality
         tiles = _tiles(spec, SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
     sharers = 1 if convert else n_threads
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
     out_w = spec.out_spatial[2]
     stream = streams_output(gx.nbytes)
+    source, in_dims, steps = c3, spec.out_spatial, spec.stride
+    if pairs:
+        source = pair_input(c3, int(offsets[0][0]), pairs, n_threads)
+        source = source.reshape(spec.batch, 4 * pairs, *source.shape[3:])
+        in_dims, steps = (4 * pairs, oh, out_w), (4, *spec.stride[1:])
+        offsets = _pair_offsets(spec)
 
     def job_for(tile):
         cursors = native.RowCursors(groups, sharers)
         n0, n1 = tile.n
         box = (n0, n1, *tile.d, *tile.h)
-        target = gx[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]]
+        rows_d = (slice(2 * tile.d[0], min(2 * tile.d[1], spec.in_spatial[0])) if pairs
+                  else slice(*tile.d))
+        target = gx[n0:n1, rows_d, tile.h[0]:tile.h[1]]
         o_addr, os_ = native.origin(target)
 
         def calls(x_addr, xs, into=None) -> None:
@@ -310,15 +356,15 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
                 return
             for g in range(groups):
                 native.correlate(native.CHANNELS, item, native.HALF_NONE, stream,
-                                 x_addr + g * cog * item, xs, spec.out_spatial, packed[g],
-                                 offsets, spec.stride, o_addr + g * cig * item, os_, box,
+                                 x_addr + g * cog * item, xs, in_dims, packed[g],
+                                 offsets, steps, o_addr + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig, cursors.address(g), sharers,
-                                 into=into)
+                                 into=into, pair_out=spec.in_spatial[0] if pairs else 0)
 
         if not convert:  # in place: a task for the compiled pool
             prepared: list = []
-            calls(*native.origin(c3), prepared)
-            return native.Task(tuple(prepared), sharers > 1, None, (cursors, packed))
+            calls(*native.origin(source), prepared)
+            return native.Task(tuple(prepared), sharers > 1, None, (cursors, packed, source))
 
         def job():  # the cotangent planes and rows this tile's taps read, converted
             d0 = min(od, max(0, tile.d[0] * sd + int(offsets[0][0])))
