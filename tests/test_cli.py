@@ -215,6 +215,18 @@ def test_settle_waits_for_spinning_threads_to_park():
     assert waited >= 0.1
 
 
+def test_round_order_rotates_the_fast_and_runs_the_slow_last():
+    """Each fast runner leads once over a cycle; a slow one (MLX) is always last, so no fast
+    runner comes right after it within a round."""
+    names = ["ours", "torch", "mlx", "ort"]
+    slow = [False, False, True, False]
+    orders = [_bench.round_order(names, slow, r) for r in range(6)]
+    assert all(o[-1] == "mlx" and sorted(o) == sorted(names) for o in orders)
+    assert [o[0] for o in orders[:3]] == ["ours", "torch", "ort"]
+    assert orders[3] == orders[0]
+    assert _bench.round_order(names, [False] * 4, 1) == ["torch", "mlx", "ort", "ours"]
+
+
 def test_ratio_helpers():
     assert _bench.ratio(PeerTiming(30.0), 10.0) == pytest.approx(3.0)
     assert _bench.ratio(PeerTiming(None, note="n/a"), 10.0) is None

@@ -3,7 +3,8 @@
 For each workload (DESIGN.md W1-W9) every implementation is first run once and its output
 compared with ours (a mismatch is reported loudly and its ratio left out), warmed up, then
 timed round by round in a rotating order so that drifts of a shared machine hit everyone
-alike. We report medians. Peers get their best native layout: PyTorch the faster of NCDHW and
+alike; a peer far slower than ours (MLX) runs last in each round and a cooldown follows
+it. We report medians. Peers get their best native layout: PyTorch the faster of NCDHW and
 channels_last_3d (a zero-copy view of our channels-last array), ONNX Runtime NCDHW, MLX
 channels last. This machine's sgemm peak (NumPy float32 matmul) is measured in the same run.
 
@@ -47,6 +48,13 @@ SAMPLE_MS = 20.0  # calls shorter than this are repeated within one timed sample
 PAUSE_S = 0.005         # one look at the process's CPU use
 IDLE_SHARE = 0.05       # of one core: below this, the pools are parked
 MAX_SETTLE_S = 0.5
+# A peer this many times slower than ours (MLX: ~100x) is "slow": it runs last in every round
+# and a cooldown follows it. In a plain rotation the runner after MLX's second-long call was
+# ours in most rounds, and ours' W5 samples then spread 9.5-15 ms (median 12.7) against
+# 9.6 ms without MLX in the run; whatever the cause (host throttling after a long burst, its
+# threads), no fast runner should be the one that pays for it.
+SLOW_FACTOR = 10.0
+COOLDOWN_S = 1.0
 TOLERANCE = {"float64": 1e-6, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 
 
@@ -506,6 +514,14 @@ def ours_runner(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
 # Measuring
 
 
+def round_order(runners: Sequence[Any], slow: Sequence[bool], r: int) -> list[Any]:
+    """The order of round `r`: the fast runners rotated by r (each leads equally often),
+    then the slow ones in their given order."""
+    fast = [x for x, s in zip(runners, slow) if not s]
+    k = r % len(fast) if fast else 0
+    return fast[k:] + fast[:k] + [x for x, s in zip(runners, slow) if s]
+
+
 def settle() -> float:
     """Wait until this process's threads use under IDLE_SHARE of a core (at most
     MAX_SETTLE_S); returns the seconds waited."""
@@ -605,22 +621,28 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
     del ref
     gc.collect()
 
-    # Warm-up (the check above was the first call of each), then rounds in rotating order.
+    # Warm-up (the check above was the first call of each), then rounds (see round_order).
     # A call much shorter than SAMPLE_MS is repeated within a sample (its mean is the sample)
     # so that timer resolution and scheduler hiccups do not dominate tiny workloads.
-    numbers = {}
+    numbers, estimates = {}, {}
     for peer, variant, runner in runners:
         est = math.inf
         for _ in range(max(0, warmup) if peer != MLX else 0):  # MLX: seconds per call
             est = min(est, _timed(runner.call))
+        estimates[(peer, variant)] = est
         numbers[(peer, variant)] = (1 if not math.isfinite(est)
                                     else max(1, min(1000, int(SAMPLE_MS / max(est, 1e-3)))))
+    # Slow: MLX (never warmed up: seconds per call), or any runner SLOW_FACTOR x ours.
+    ours_est = estimates[("ours", "")]
+    slow = [p == MLX or estimates[(p, v)] > SLOW_FACTOR * ours_est for p, v, _ in runners]
     samples: dict[tuple[str, str], list[float]] = {(p, v): [] for p, v, _ in runners}
     for r in range(max(1, rounds)):
-        k = r % len(runners)
-        for peer, variant, runner in runners[k:] + runners[:k]:
+        for (peer, variant, runner), is_slow in round_order(list(zip(runners, slow)),
+                                                           slow, r):
             settle()  # let the previous library's spinning worker threads park
             samples[(peer, variant)].append(_timed(runner.call, numbers[(peer, variant)]))
+            if is_slow:
+                time.sleep(COOLDOWN_S)
 
     medians = {key: statistics.median(ts) for key, ts in samples.items()}
     row.ours_ms = medians[("ours", "")]
