@@ -94,8 +94,12 @@ def test_readme_carries_the_commands_and_the_measured_bench_table() -> None:
     # The same for the gradients' table (`convtranspose bench --grad --out docs/bench/grad`).
     for folder in ("docs/bench", "docs/bench/grad"):
         bench = (ROOT / folder / "bench.md").read_text(encoding="utf-8")
-        rows = [line for line in bench.splitlines() if line.startswith("| W")]
+        lines = bench.splitlines()
+        rows = [line for line in lines if line.startswith("| W")]
         assert len(rows) == 9, f"{folder}/bench.md should hold the nine workloads"
+        # Its header with the separator row under it: without that, Markdown shows no table.
+        at = next(i for i, line in enumerate(lines) if line.startswith("| workload"))
+        assert "\n".join(lines[at:at + 2]) in section[1], f"README lacks {folder}'s header"
         for row in rows:
             assert row in section[1], f"README's performance section lacks the row {row!r}"
         assert (ROOT / folder / "bench.png").exists()
