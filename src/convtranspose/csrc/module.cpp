@@ -112,12 +112,20 @@ bool parse_correlate(PyObject* args, CtJob& job) {
   return true;
 }
 
-PyObject* py_correlate(PyObject*, PyObject* args) {
-  CtJob job;
-  if (!parse_correlate(args, job)) return nullptr;
+// Parses a job and runs it now on the current instruction set, without the GIL (the
+// prepared form, run later by the pool, is `prepared_call` below).
+template <typename Job>
+PyObject* run_now(bool (*parse)(PyObject*, Job&), void (*const Isa::*run)(const Job&),
+                  PyObject* args) {
+  Job job;
+  if (!parse(args, job)) return nullptr;
   const Isa* isa = current;
-  Py_BEGIN_ALLOW_THREADS isa->correlate(job);
+  Py_BEGIN_ALLOW_THREADS (isa->*run)(job);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+PyObject* py_correlate(PyObject*, PyObject* args) {
+  return run_now(parse_correlate, &Isa::correlate, args);
 }
 
 // grad_weight's arguments (see _native_kernel.grad_weight) into a job; false with an
@@ -164,11 +172,7 @@ bool parse_grad_weight(PyObject* args, GwJob& job) {
 }
 
 PyObject* py_grad_weight(PyObject*, PyObject* args) {
-  GwJob job;
-  if (!parse_grad_weight(args, job)) return nullptr;
-  const Isa* isa = current;
-  Py_BEGIN_ALLOW_THREADS isa->grad_weight(job);
-  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+  return run_now(parse_grad_weight, &Isa::grad_weight, args);
 }
 
 // The weight layout of CT_MODE_CHANNELS, gathered from wherever the weight lies:
@@ -280,11 +284,7 @@ bool parse_pair(PyObject* args, PairJob& job) {
 }
 
 PyObject* py_pair_transform(PyObject*, PyObject* args) {
-  PairJob job;
-  if (!parse_pair(args, job)) return nullptr;
-  const Isa* isa = current;
-  Py_BEGIN_ALLOW_THREADS isa->pair_transform(job);
-  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+  return run_now(parse_pair, &Isa::pair_transform, args);
 }
 
 // --- Deferred calls and the pool --------------------------------------------------------
