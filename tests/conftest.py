@@ -7,9 +7,13 @@
 - `torch_conv_transpose(x, w, ...)`: our channels-last layout -> PyTorch's layout ->
   `torch.nn.functional.conv_transpose{1,2,3}d` -> back to channels last.
 - `mlx_conv_transpose(x, w, ...)`: `mlx.core.conv_transpose{1,2,3}d` on the CPU.
+- `isa`: parametrised over the compiled kernel's instruction sets on this CPU, each made
+  current for the test (the one before is restored).
+- `small_calls_threaded`: plans of small calls on every thread they are given (they stay
+  on one otherwise); the plan cache is cleared before and after.
 
-Nothing here is autouse and nothing changes global state, so other test files never need to
-override any of it. MLX and PyTorch are imported directly: they are test dependencies, and a
+Nothing here is autouse, and what a fixture changes it restores, so other test files never
+need to override any of it. MLX and PyTorch are imported directly: they are test dependencies, and a
 comparison that cannot run must fail, not skip.
 """
 
@@ -23,6 +27,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from convtranspose import _native_kernel as native
+from convtranspose import _plan
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -196,3 +203,19 @@ def torch_conv_transpose():
 @pytest.fixture(scope="session")
 def mlx_conv_transpose():
     return run_mlx
+
+
+@pytest.fixture(params=native._native.available() if native.AVAILABLE else [])
+def isa(request):
+    before = native.isa()
+    native._native.set_isa(request.param)
+    yield request.param
+    native._native.set_isa(before)
+
+
+@pytest.fixture
+def small_calls_threaded(monkeypatch):
+    monkeypatch.setattr(_plan, "NATIVE_SERIAL_BELOW_SECONDS", 0.0)
+    _plan._make_plan.cache_clear()
+    yield
+    _plan._make_plan.cache_clear()

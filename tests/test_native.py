@@ -27,14 +27,6 @@ def test_the_kernel_was_built():
     assert ct.native_isa() == native.isa()
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = native.isa()
-    native._native.set_isa(request.param)
-    yield request.param
-    native._native.set_isa(before)
-
-
 def _run_spec(spec, x, w):
     p = ct.plan(x.shape, w.shape, stride=spec.stride, padding=spec.padding,
                 dilation=spec.dilation, output_padding=spec.output_padding, groups=spec.groups,
@@ -561,16 +553,6 @@ def _poisoned(monkeypatch):
     from convtranspose import _execute
     monkeypatch.setattr(_execute, "result_empty",
                         lambda shape, dtype: np.full(shape, np.nan, dtype))
-
-
-@pytest.fixture
-def small_calls_threaded(monkeypatch):
-    """Plans of small calls on every thread they are given (they stay on one otherwise)."""
-    from convtranspose import _plan
-    monkeypatch.setattr(_plan, "NATIVE_SERIAL_BELOW_SECONDS", 0.0)
-    _plan._make_plan.cache_clear()
-    yield
-    _plan._make_plan.cache_clear()
 
 
 SHARED_SHAPES = [  # (C_in, C_out, groups, stride): the three kernel modes, one phase or eight

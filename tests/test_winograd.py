@@ -15,8 +15,6 @@ import convtranspose as ct
 from convtranspose import _native_kernel as native
 from convtranspose import _plan
 
-ISAS = native._native.available() if native.AVAILABLE else []
-
 # Each crosses an edge of the pairing: an odd output depth (a last pair of one output),
 # D padding of 0, 2 and -1 (taps reading outside at either end, or cropped), output_padding
 # along D, H/W strides and dilations (phases, merged W residues), groups, batches,
@@ -38,23 +36,6 @@ CASES = [
 
 def _plan_for(case: Case, dtype="float32", **kw) -> ct.Plan:
     return ct.plan(case.input_shape, case.weight_shape, **case.kwargs, dtype=dtype, **kw)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = native.isa()
-    native._native.set_isa(request.param)
-    yield request.param
-    native._native.set_isa(before)
-
-
-@pytest.fixture
-def threaded_small_calls(monkeypatch):
-    """Plans of these small layers on every thread they are given."""
-    monkeypatch.setattr(_plan, "NATIVE_SERIAL_BELOW_SECONDS", 0.0)
-    _plan._make_plan.cache_clear()
-    yield
-    _plan._make_plan.cache_clear()
 
 
 def test_every_case_fits_and_real_layers_get_it():
@@ -124,7 +105,7 @@ def test_strided_input_and_other_dtypes(rng, assert_close):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[7], CASES[8]],
                          ids=["k3s1p1", "merged-w", "groups"])
-def test_threads_sharing_tiles_hold_the_same_bits(case, rng, threaded_small_calls,
+def test_threads_sharing_tiles_hold_the_same_bits(case, rng, small_calls_threaded,
                                                   monkeypatch):
     # Tiles are shared by threads through the kernel's row cursor: three calls claiming
     # rows at once must compute each row once, and every row the same as one thread does.
