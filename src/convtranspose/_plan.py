@@ -270,15 +270,22 @@ def pair_input_bytes(spec: ConvSpec) -> int:
             * spec.c_in * spec.compute_dtype.itemsize)
 
 
+def winograd_axis_fits(spec: ConvSpec, outputs_d: int, summed_channels: int) -> bool:
+    """The rule the forward and grad_input share: Winograd F(2,3) along D needs the
+    compiled kernel, a D axis of stride 1, dilation 1 and three taps, at least two outputs
+    along it, and enough channels summed in each product to pay for the transforms."""
+    return (native.AVAILABLE and spec.stride[0] == 1 and spec.dilation[0] == 1
+            and spec.kernel[0] == 3 and outputs_d >= 2
+            and summed_channels >= max(WINOGRAD_MIN_CHANNELS, native.TAPS_INNER_BELOW))
+
+
 def winograd_fits(spec: ConvSpec, limit: int) -> bool:
-    """Whether ``winograd`` serves this layer: D has stride 1, dilation 1 and three taps
-    that all reach its outputs (offsets consecutive), the native kernel runs it in channels
-    mode with enough input channels, its tiles read and write in place, and V (with a
-    converted input, if any) fits in the workspace limit."""
-    if (not native.AVAILABLE or spec.stride[0] != 1 or spec.dilation[0] != 1
-            or spec.kernel[0] != 3 or spec.out_spatial[0] < 2
-            or native_mode(spec) != native.CHANNELS
-            or spec.c_in_per_group < max(WINOGRAD_MIN_CHANNELS, native.TAPS_INNER_BELOW)):
+    """Whether ``winograd`` serves this layer: `winograd_axis_fits` with D's three taps
+    all reaching its outputs (offsets consecutive), the native kernel runs it in channels
+    mode, its tiles read and write in place, and V (with a converted input, if any) fits
+    in the workspace limit."""
+    if (not winograd_axis_fits(spec, spec.out_spatial[0], spec.c_in_per_group)
+            or native_mode(spec) != native.CHANNELS):
         return False
     live = [p for p in phases_3d(spec) if p.tap_count and p.size]
     if not live or any(len(p.axis_taps[0]) != 3 for p in live):

@@ -51,7 +51,6 @@ from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
     SHARED_TILE_BYTES,
-    WINOGRAD_MIN_CHANNELS,
     Tile,
     get_num_threads,
     get_winograd,
@@ -61,6 +60,7 @@ from ._plan import (
     product_targets,
     split_tiles,
     streams_output,
+    winograd_axis_fits,
     workspace_limit,
 )
 from ._spec import ConvSpec, as_float_array
@@ -266,12 +266,11 @@ def _tap_offsets(spec: ConvSpec) -> native.TapOffsets:
 
 def _grad_input_pairs(spec: ConvSpec, c3: np.ndarray, cd: np.dtype, limit: int) -> bool:
     """Whether grad_input takes Winograd F(2,3) along D (as the forward's 'winograd'):
-    a D axis of stride 1, dilation 1 and three taps, at least WINOGRAD_MIN_CHANNELS
-    output channels per group to reduce over, a cotangent read in place, and its
-    transform V (2x the cotangent's D planes a pair reads) within the workspace limit."""
-    if (not get_winograd() or spec.stride[0] != 1 or spec.dilation[0] != 1
-            or spec.kernel[0] != 3 or spec.in_spatial[0] < 2
-            or spec.c_out_per_group < WINOGRAD_MIN_CHANNELS
+    `winograd_axis_fits` with grad_input's D planes as outputs and C_out/g channels
+    reduced over, a cotangent read in place, and its transform V (2x the cotangent's D
+    planes a pair reads) within the workspace limit."""
+    if (not get_winograd()
+            or not winograd_axis_fits(spec, spec.in_spatial[0], spec.c_out_per_group)
             or native_mode(dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in))
             != native.CHANNELS or not native.reads_in_place(c3, cd)):
         return False
