@@ -247,6 +247,63 @@ def test_grad_weight_few_sums_per_tap(vectors, c_out, groups, width, kw, pw, isa
     np.testing.assert_array_equal(results[2], results[0])
 
 
+@pytest.mark.parametrize("vectors,c_out,groups,width,kw,pw", FEW_SUMS,
+                         ids=[f"v{a}-co{b}-g{c}-w{d}-k{e}" for a, b, c, d, e, _ in FEW_SUMS])
+def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, kw, pw, isa,
+                                                 rng, monkeypatch):
+    """Where grad_weight sums few values per tap, grad_input comes from the same pass (each
+    cotangent value loaded feeds both). Both must match the loop reference at every thread
+    count, in float32 and float64; grad_input's bits must not depend on the thread count,
+    nor grad_weight's from one call to the next."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp
+    from convtranspose._api import spec_for
+    runs = []
+    real = _vjp._native_both
+    monkeypatch.setattr(_vjp, "_native_both", lambda *a: (runs.append(a[-1]), real(*a)))
+    lanes, _ = native.layout(4)
+    c_in = vectors * lanes * groups
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        x, w, cot, kws = make_case(rng, 3, (3, 5, width), c_in, c_out * groups, (3, 4, kw),
+                                   stride=(2, 1, 2), padding=(1, 2, pw), dilation=(1, 1, 2),
+                                   groups=groups, batch=2, dtypes=(dtype,) * 3)
+        spec, _, _ = spec_for(3, x, w, **kws)
+        rx, rw = loops_vjp(x, w, cot, **kws)
+        runs.clear()
+        results = [_vjp.vjp_arrays(spec, x, w, cot, threads=t, algorithm="native")
+                   for t in (1, 2, 3)]  # native: these small calls would take 'indexed'
+        x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+        c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+        fused = (_vjp.native_grad_weight_side(spec, x3, c3, np.dtype(dtype)) is True
+                 and native.fuses_grad_input(np.dtype(dtype).itemsize, c_in // groups, c_out))
+        assert fused or dtype == np.float64  # float32's few sums always fuse
+        assert len(runs) == (3 if fused else 0)
+        for gx, gw in results:
+            np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
+            np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+        np.testing.assert_array_equal(results[1][0], results[0][0])
+        np.testing.assert_array_equal(results[2][0], results[0][0])
+        again = _vjp.vjp_arrays(spec, x, w, cot, threads=2, algorithm="native")
+        np.testing.assert_array_equal(again[1], results[1][1])
+
+
+def test_grad_input_in_the_grad_weight_pass_only_for_few_sums(rng):
+    """The kernel refuses grad_input beside sums it does not take few at a time."""
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import _tap_offsets
+    x = rng.standard_normal((1, 4, 4, 4, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 2, 2, 2, 16)).astype(np.float32)
+    spec, _, _ = spec_for(3, x, w, stride=2)
+    cot = np.zeros(spec.output_shape, np.float32)
+    assert not native.fuses_grad_input(4, 16, 16)
+    part = np.zeros((16, 8, 16), np.float32)
+    with pytest.raises(ValueError, match="grad_input in the same pass"):
+        native.grad_weight(True, x, 0, cot, 0, _tap_offsets(spec), spec.stride, part,
+                           (0, 1, 0, 4, 0, 4), 16, 16, strides=(128, 16),
+                           grad_input=np.zeros_like(x), weight=np.zeros_like(part))
+
+
 # (C_out/g, W stride, groups, width): grad_input of heads with one to three output
 # channels runs the kernel with that many input channels, unrolled, and with the pixel
 # stride known where the channels are contiguous (strides 1 and 2, one group).

@@ -312,7 +312,8 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
                 box: tuple[int, ...], cin: int, cout: int,
                 units: tuple[int, int] | list[tuple[int, int]] | None = None,
                 zero: bool = False, strides: tuple[int, int] = (0, 0), part_offset: int = 0,
-                into: list | None = None) -> None:
+                into: list | None = None, grad_input: np.ndarray | None = None,
+                grad_input_offset: int = 0, weight: np.ndarray | None = None) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
     the short side C_out < vector length calls for), or, with `strides` (row, tap) in
@@ -323,14 +324,23 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values.
     `swapped` GW_DEPTHWISE: see `depthwise_grad_weight`. `into`: append the call, prepared
     for a `Task`, instead of running it; with a list of `units`, one call per entry (the
-    arguments are worked out once)."""
+    arguments are worked out once).
+
+    `grad_input` (N, D, H, W, C_in), with `weight` laid out as part (the same strides and
+    `part_offset`): the same pass also writes grad_input's rows of the box, from channel
+    `grad_input_offset` on; only where `fuses_grad_input`, swapped, over every unit."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
     head = (item, int(swapped), _native.address(x) + x_offset * item,
             *element_strides(x)[:4], _native.address(g) + g_offset * item,
             *element_strides(g)[:4], *g.shape[1:4], *offsets.addresses, *offsets.counts,
             *steps, _native.address(part) + part_offset * item, *strides)
-    tail = (*box, x.shape[3], cin, cout, int(zero))
+    fused = (0, 0, 0, 0, 0, 0)
+    if grad_input is not None:
+        assert weight is not None and grad_input.dtype == weight.dtype == part.dtype
+        fused = (_native.address(grad_input) + grad_input_offset * item,
+                 *element_strides(grad_input)[:4], _native.address(weight) + part_offset * item)
+    tail = (*box, x.shape[3], cin, cout, int(zero), *fused)
     if isinstance(units, list):
         assert into is not None
         into.extend(_native.grad_weight_call(*head, u0, u1, *tail) for u0, u1 in units)
@@ -354,6 +364,13 @@ def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
     channels = x.shape[-1]
     grad_weight(GW_DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels, channels,
                 strides=(1, channels), into=into)
+
+
+def fuses_grad_input(itemsize: int, cin: int, cout: int) -> bool:
+    """Whether `grad_weight`, swapped, can write grad_input in the same pass: few sums
+    per tap (C_out/g times the vectors of C_in/g under 8, a 16 -> 1 head), the kernel's
+    rule."""
+    return AVAILABLE and _native.fuses_grad_input(itemsize, cin, cout)
 
 
 def gw_units(taps: int, columns: int, itemsize: int) -> int:

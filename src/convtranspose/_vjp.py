@@ -25,6 +25,8 @@ the cotangent, no zero-stuffing), in one pass for both gradients. Four algorithm
 grad_input alone is an ordinary strided correlation of the cotangent with the weight
 (taps transposed): where the compiled kernel is built and the channels suit it, it
 computes grad_input in registers (``native``), and the algorithms above only grad_weight.
+Where the compiled grad_weight kernel sums only a few values per tap (a 16 -> 1 head), it
+computes grad_input in the same pass: each cotangent value it loads feeds both.
 
 Tiles are bounded by the same workspace rule as the forward (`_plan.workspace_limit`) and
 are spread over worker threads (NumPy and BLAS release the GIL). Each worker owns its tiles
@@ -177,6 +179,10 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
         if algorithm == "native" and not native.AVAILABLE:
             raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                              "install lacks")
+        if side is True and native_gx and native.fuses_grad_input(
+                cd.itemsize, spec.c_in_per_group, spec.c_out_per_group):
+            _native_both(spec, x3, c3, w3, gx, gw, n_threads, cd)  # few sums: one pass
+            return _results(spec, x, w, gx, gw)
         # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
         # neither waits on the other's slowest tile.
         shared = [] if side is not None and native_gx else None
@@ -211,6 +217,12 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
             gx = gx_done
         if gw_done is not None:
             gw = gw_done
+    return _results(spec, x, w, gx, gw)
+
+
+def _results(spec: ConvSpec, x: np.ndarray, w: np.ndarray, gx: np.ndarray | None,
+             gw: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The gradients in their shapes, rounded to the dtypes of x and w."""
     if gx is not None:
         gx = gx.reshape(spec.input_shape).astype(x.dtype, copy=False)
     if gw is not None:
@@ -470,6 +482,35 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
         _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
 
     _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish_rows, defer)
+
+
+def _native_both(spec, x3, c3, w3, gx, gw, n_threads, cd) -> None:
+    """Both gradients in one pass of the grad_weight kernel, where it sums few values per
+    tap (a 16 -> 1 head): each cotangent value it loads feeds a grad_weight sum and a
+    grad_input pixel (see csrc/correlate.hpp). Workers own fixed tiles of input rows (their
+    grad_input rows) and one grad_weight sum each, worker 0's in gw itself, added in worker
+    order: bitwise reproducible for a thread count."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    ktot = math.prod(spec.kernel)
+    offsets = _tap_offsets(spec)
+    weight = np.ascontiguousarray(w3, dtype=cd)  # laid out as gw: (C_out, taps, C_in/g)
+    tiles = _grad_weight_row_tiles(spec, n_threads)
+    workers = min(n_threads, len(tiles))
+    parts = [gw] + [native.aligned_empty(gw.shape, cd) for _ in range(workers - 1)]
+
+    def job_for(j):  # worker j's tiles, in order, into its own sums
+        calls: list = []
+        for i, tile in enumerate(tiles[j::workers]):
+            for g in range(groups):
+                native.grad_weight(True, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                                   parts[j], (*tile.n, *tile.d, *tile.h), cig, cog,
+                                   zero=i == 0, strides=(ktot * cig, cig),
+                                   part_offset=g * cog * ktot * cig, into=calls,
+                                   grad_input=gx, grad_input_offset=g * cig, weight=weight)
+        return native.Task(tuple(calls), keep=weight)
+
+    run_jobs([job_for(j) for j in range(workers)], n_threads)
+    _sum_in_order(parts)
 
 
 def _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd,

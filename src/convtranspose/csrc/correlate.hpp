@@ -998,12 +998,18 @@ static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t 
 // of the tile's taps miss at the row's ends first and last), so the bits do not depend on
 // which sums share a tile, nor on the thread count.
 template <typename T>
+static inline bool few_sums(int64_t cin, int64_t cout) {
+  return cout * std::min<int64_t>(cin / (CT_VBYTES / (int64_t)sizeof(T)), MAXV) < 8;
+}
+
+template <typename T>
 struct FewSum {
   int64_t g;       // where the cotangent value of the first pixel the tap reaches (lo)
                    // is, from the row's origin: the cotangent at (d * step_d,
                    // h * step_h, 0), which the offsets of the tap's (D, H) pair move
   int64_t lo, hi;  // the pixels [lo, hi) of the row the tap reaches
   T* acc;          // NV vectors of sums
+  const T* w;      // with grad_input too: the sum's NV vectors of the weight
 };
 
 // `rows` rows with the same taps, `grs` and `xrs` apart in the cotangent and in x.
@@ -1091,6 +1097,156 @@ static void few_sums_rows(const FewSum<T>* sums, int64_t n, const T* grow, int64
   }
 }
 
+// Both gradients in one pass (job.gx, few sums only): each broadcast cotangent value b of
+// sum e = (tap, output channel) feeds its grad_weight sum, s[e] += b * x[pixel], and the
+// pixel's grad_input, gx[pixel] += b * W[e], with W[e] held in registers over the tile.
+// Two multiply-adds per broadcast load where grad_weight alone has one (and grad_input
+// alone one per broadcast too), so the pass runs on the FMA ports, not the load ports.
+// U pixels at a time keep U independent grad_input chains in flight. The grad_weight sums
+// run in the same order as few_sums_tile's; a pixel's grad_input adds the row's sums in
+// list order, tile by tile.
+// Register use: E * NV sums, E * NV weight vectors, U * NV each of x and grad_input, and
+// a broadcast. W6 (NV = 1), one core: E 8, U 4: 1.30 ms; E 8, U 2: 1.28; E 6, U 4: 1.33;
+// E 12, U 2: 1.27, level within the noise; fewer sums mean fewer base pointers to keep.
+template <int NV> struct FusedTile {
+  static constexpr int E = CT_NREGS == 32 ? (NV == 1 ? 8 : NV == 2 ? 4 : 2) : (NV == 1 ? 4 : 2);
+  static constexpr int U = CT_NREGS == 32 ? (NV <= 3 ? (NV == 1 ? 4 : 2) : 1) : (NV == 1 ? 2 : 1);
+};
+
+template <typename T, int NV, int E>
+static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
+                            int64_t xrs, T* gxrow, int64_t gxrs, int64_t gxs_w, int64_t rows,
+                            int64_t xs_w, int64_t gs_w) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int UP = FusedTile<NV>::U;
+  V s[E][NV], wv[E][NV];
+  int64_t ilo = sums[0].lo, ihi = sums[0].hi;
+#pragma GCC unroll 16
+  for (int e = 0; e < E; ++e) {
+    ilo = std::max(ilo, sums[e].lo);
+    ihi = std::min(ihi, sums[e].hi);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      s[e][v] = *reinterpret_cast<const U*>(sums[e].acc + v * L);
+      wv[e][v] = *reinterpret_cast<const U*>(sums[e].w + v * L);
+    }
+  }
+  // The pixels some of the tile's sums miss, [wlo, ilo) and [ihi, whi) (every pixel when
+  // no pixel is reached by all): one at a time, each sum that reaches it in turn, the
+  // pixel's grad_input in registers (two chains, even and odd sums).
+  int64_t wlo = sums[0].lo, whi = sums[0].hi;
+#pragma GCC unroll 16
+  for (int e = 1; e < E; ++e) {
+    wlo = std::min(wlo, sums[e].lo);
+    whi = std::max(whi, sums[e].hi);
+  }
+  const bool inner = ilo < ihi;
+  const int64_t left_end = inner ? ilo : whi;
+  for (int64_t r = 0; r < rows; ++r, grow += grs, xrow += xrs, gxrow += gxrs) {
+    const auto edge = [&](int64_t w) {
+      V xv[NV], acc[2][NV];
+      T* gp = gxrow + w * gxs_w;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        xv[v] = *reinterpret_cast<const U*>(xrow + w * xs_w + v * L);
+        acc[0][v] = *reinterpret_cast<const U*>(gp + v * L);
+        acc[1][v] = V{};
+      }
+#pragma GCC unroll 16
+      for (int e = 0; e < E; ++e) {
+        if (w < sums[e].lo || w >= sums[e].hi) continue;
+        const V b = broadcast<V>(grow + sums[e].g + (w - sums[e].lo) * gs_w);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          s[e][v] += b * xv[v];
+          acc[e & 1][v] += b * wv[e][v];
+        }
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        *reinterpret_cast<U*>(gp + v * L) = acc[0][v] + acc[1][v];
+    };
+    for (int64_t w = wlo; w < left_end; ++w) edge(w);
+    if (inner) {
+      const T* gp[E];
+#pragma GCC unroll 16
+      for (int e = 0; e < E; ++e) gp[e] = grow + sums[e].g + (ilo - sums[e].lo) * gs_w;
+      const T* xp = xrow + ilo * xs_w;
+      T* op = gxrow + ilo * gxs_w;
+      const auto step = [&](auto up, int64_t t) {
+        constexpr int UN = decltype(up)::value;
+        V xv[UN][NV], acc[UN][NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < UN; ++u)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) {
+            xv[u][v] = *reinterpret_cast<const U*>(xp + u * xs_w + v * L);
+            acc[u][v] = *reinterpret_cast<const U*>(op + u * gxs_w + v * L);
+          }
+#pragma GCC unroll 16
+        for (int e = 0; e < E; ++e)
+#pragma GCC unroll 4
+          for (int u = 0; u < UN; ++u) {
+            const V b = broadcast<V>(gp[e] + (t + u) * gs_w);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+              s[e][v] += b * xv[u][v];
+              acc[u][v] += b * wv[e][v];
+            }
+          }
+#pragma GCC unroll 4
+        for (int u = 0; u < UN; ++u)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v)
+            *reinterpret_cast<U*>(op + u * gxs_w + v * L) = acc[u][v];
+        xp += UN * xs_w;
+        op += UN * gxs_w;
+      };
+      const int64_t n = ihi - ilo;
+      int64_t t = 0;
+      for (; t + UP <= n; t += UP) step(std::integral_constant<int, UP>{}, t);
+      for (; t < n; ++t) step(std::integral_constant<int, 1>{}, t);
+    }
+    if (inner)
+      for (int64_t w = ihi; w < whi; ++w) edge(w);
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < E; ++e)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(sums[e].acc + v * L) = s[e][v];
+}
+
+template <typename T, int NV, int E>
+static inline void fused_sums_tail(int64_t n, const FewSum<T>* sums, const T* grow,
+                                   int64_t grs, const T* xrow, int64_t xrs, T* gxrow,
+                                   int64_t gxrs, int64_t gxs_w, int64_t rows, int64_t xs_w,
+                                   int64_t gs_w) {
+  if constexpr (E > 0) {
+    if (n == E)
+      return fused_sums_tile<T, NV, E>(sums, grow, grs, xrow, xrs, gxrow, gxrs, gxs_w, rows,
+                                       xs_w, gs_w);
+    fused_sums_tail<T, NV, E - 1>(n, sums, grow, grs, xrow, xrs, gxrow, gxrs, gxs_w, rows,
+                                  xs_w, gs_w);
+  }
+}
+
+template <typename T, int NV>
+static void fused_sums_rows(const FewSum<T>* sums, int64_t n, const T* grow, int64_t grs,
+                            const T* xrow, int64_t xrs, T* gxrow, int64_t gxrs, int64_t gxs_w,
+                            int64_t rows, int64_t xs_w, int64_t gs_w) {
+  constexpr int E = FusedTile<NV>::E;
+  const int64_t tiles = (n + E - 1) / E, size = n / std::max<int64_t>(1, tiles),
+                bigger = n % std::max<int64_t>(1, tiles);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t len = size + (t < bigger);
+    fused_sums_tail<T, NV, E>(len, sums, grow, grs, xrow, xrs, gxrow, gxrs, gxs_w, rows, xs_w,
+                              gs_w);
+    sums += len;
+  }
+}
+
 template <typename T>
 static void grad_weight_typed(const GwJob& job) {
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -1102,6 +1258,8 @@ static void grad_weight_typed(const GwJob& job) {
   const T* g = static_cast<const T*>(job.g);
   T* part = static_cast<T*>(job.part);
   const int64_t tw = job.ntaps[2];
+  T* gx = static_cast<T*>(job.gx);             // grad_input too (few sums only)
+  const T* wt = static_cast<const T*>(job.w);  // its weight, laid out as part
   const WRanges wr = w_ranges(job.off[2], tw, job.step[2], job.gdims[2], job.wcount);
   const std::vector<int64_t>& lo = wr.lo;
   const std::vector<int64_t>& hi = wr.hi;
@@ -1127,7 +1285,7 @@ static void grad_weight_typed(const GwJob& job) {
         for (int64_t a = 0; a < na; ++a)
           std::memset(acc + a * (job.pa ? job.pa : cw), 0, cw * sizeof(T));
       }
-  if (job.swapped == 1 && na * std::min<int64_t>(nb / L, MAXV) < 8) {
+  if (job.swapped == 1 && few_sums<T>(nb, na)) {
     // A row's sums depend only on which (D, H) tap pairs it reaches: a range of i and one
     // of j, as the offsets k * dilation - padding rise with k. They are listed again only
     // where those ranges change, at the volume's faces.
@@ -1168,7 +1326,8 @@ static void grad_weight_typed(const GwJob& job) {
                                    (lo[k] * job.step[2] + job.off[2][k]) * job.gs[3];
                 T* acc = unit_acc(tap, c0, cw);
                 for (int64_t a = 0; a < na; ++a)
-                  sums.push_back(FewSum<T>{g0 + a, lo[k], hi[k], acc + a * ars});
+                  sums.push_back(FewSum<T>{g0 + a, lo[k], hi[k], acc + a * ars,
+                                           wt ? wt + (acc + a * ars - part) : nullptr});
               }
         }
       }
@@ -1176,11 +1335,32 @@ static void grad_weight_typed(const GwJob& job) {
       // The row's origin in the cotangent (each sum's `g` adds its tap's offsets).
       const T* grow = g + n * job.gs[0] + d * job.step[0] * job.gs[1] + h * job.step[1] * job.gs[2];
       const int64_t grs = job.step[1] * job.gs[2], xrs = job.xs[2];
+      T* gxrow = gx ? gx + n * job.gxs[0] + d * job.gxs[1] + h * job.gxs[2] : nullptr;
       for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
         const std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
-        with_vectors((nb - c0 < cw_full ? nb - c0 : cw_full) / L, [&](auto nv) {
-          few_sums_rows<T, decltype(nv)::value>(sums.data(), (int64_t)sums.size(), grow, grs,
-                                                xrow + c0, xrs, rows, xs_w, gs_w);
+        const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
+        with_vectors(cw / L, [&](auto nv) {
+          if (gx) {  // every pixel of the rows is written: from zero, as the sums add up
+            // NV vectors known here, so that these are plain stores: with a run-time
+            // count GCC makes them a memset per pixel, which took 6-25% of W6's time.
+            typedef typename Vec<T>::u U;
+            const typename Vec<T>::v zero{};
+            const int64_t gxs_h = job.gxs[2], gxs_w = job.gxs[3], wcount = job.wcount;
+            for (int64_t r = 0; r < rows; ++r) {
+              T* p = gxrow + r * gxs_h + c0;
+              for (int64_t w = 0; w < wcount; ++w, p += gxs_w)
+#pragma GCC unroll 4
+                for (int v = 0; v < decltype(nv)::value; ++v)
+                  *reinterpret_cast<U*>(p + v * L) = zero;
+            }
+          }
+          if (gx)
+            fused_sums_rows<T, decltype(nv)::value>(sums.data(), (int64_t)sums.size(), grow,
+                                                    grs, xrow + c0, xrs, gxrow + c0,
+                                                    job.gxs[2], job.gxs[3], rows, xs_w, gs_w);
+          else
+            few_sums_rows<T, decltype(nv)::value>(sums.data(), (int64_t)sums.size(), grow,
+                                                  grs, xrow + c0, xrs, rows, xs_w, gs_w);
         });
       }
     }
@@ -1478,6 +1658,9 @@ void pair_transform(const PairJob& job) {
 }
 
 int lanes(int itemsize) { return CT_VBYTES / itemsize; }
+bool fuses_grad_input(int itemsize, int64_t cin, int64_t cout) {
+  return itemsize == 4 ? few_sums<float>(cin, cout) : few_sums<double>(cin, cout);
+}
 int max_vectors() { return MAXV; }
 
 }  // namespace CT_NS

@@ -70,6 +70,10 @@ struct GwJob {
   int64_t box[6];        // input rows n0, n1, d0, d1, h0, h1
   int64_t wcount;        // input W
   int64_t cin, cout;
+  void* gx;              // null; else grad_input too, in the same pass (swapped with few
+  int64_t gxs[4];        // sums only, every unit, part at strides (pa, pt)): gx at (0, 0,
+  const void* w;         // 0, 0, the group's channel 0), strides gxs, every row of the box
+                         // written; w the weight laid out as part (w[tap * pt + a * pa + c])
 };
 
 // Winograd F(2,3) along D, the input side: for outputs 2j and 2j+1 of a stride-1 axis
@@ -95,7 +99,8 @@ struct PairJob {
                  void gather_sum(int, const void*, const int64_t*, int64_t, int64_t, int64_t, \
                                  void*); \
                  void pair_transform(const PairJob&); \
-                 int lanes(int); int max_vectors(); }
+                 int lanes(int); int max_vectors(); \
+                 bool fuses_grad_input(int, int64_t, int64_t); }
 CT_DECLARE(avx512)
 CT_DECLARE(avx2)
 CT_DECLARE(generic)

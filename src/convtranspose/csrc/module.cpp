@@ -28,20 +28,21 @@ struct Isa {
   void (*pair_transform)(const PairJob&);
   int (*lanes)(int);
   int (*max_vectors)();
+  bool (*fuses_grad_input)(int, int64_t, int64_t);
 };
 
 const Isa kIsas[] = {
 #if defined(__x86_64__) && defined(__GNUC__)
     {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
      avx512::gather_sum, avx512::pair_transform,
-     avx512::lanes, avx512::max_vectors},
+     avx512::lanes, avx512::max_vectors, avx512::fuses_grad_input},
     {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
      avx2::gather_sum, avx2::pair_transform,
-     avx2::lanes, avx2::max_vectors},
+     avx2::lanes, avx2::max_vectors, avx2::fuses_grad_input},
 #endif
     {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
      generic::gather_sum, generic::pair_transform,
-     generic::lanes, generic::max_vectors},
+     generic::lanes, generic::max_vectors, generic::fuses_grad_input},
 };
 const int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
 
@@ -131,15 +132,19 @@ PyObject* py_correlate(PyObject*, PyObject* args) {
 // grad_weight's arguments (see _native_kernel.grad_weight) into a job; false with an
 // error set.
 bool parse_grad_weight(PyObject* args, GwJob& job) {
-  Py_ssize_t x, g, part, off[3], pa, pt, unit0, unit1;
+  Py_ssize_t x, g, part, off[3], pa, pt, unit0, unit1, gx, gxs[4], w;
   Py_ssize_t v[27];
-  if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnni", &job.itemsize,
+  if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnninnnnnn", &job.itemsize,
                         &job.swapped, &x, &v[0], &v[1], &v[2], &v[3], &g, &v[4], &v[5],
                         &v[6], &v[7], &v[8], &v[9], &v[10], &off[0], &off[1], &off[2], &v[11],
                         &v[12], &v[13], &v[14], &v[15], &v[16], &part, &pa, &pt, &unit0,
                         &unit1, &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23],
-                        &v[24], &v[25], &job.zero))
+                        &v[24], &v[25], &job.zero, &gx, &gxs[0], &gxs[1], &gxs[2], &gxs[3],
+                        &w))
     return false;
+  job.gx = reinterpret_cast<void*>(gx);
+  for (int i = 0; i < 4; ++i) job.gxs[i] = gxs[i];
+  job.w = reinterpret_cast<const void*>(w);
   job.pa = pa;
   job.pt = pt;
   job.unit0 = unit0;
@@ -166,6 +171,13 @@ bool parse_grad_weight(PyObject* args, GwJob& job) {
       (job.swapped != CT_GW_DEPTHWISE && nb % current->lanes(job.itemsize))) {
     PyErr_SetString(PyExc_ValueError,
                     "grad_weight: bad kind, or a vector side that is not whole vectors");
+    return false;
+  }
+  if (job.gx && !(job.swapped == 1 && job.w && job.pa && unit0 == 0 &&
+                  current->fuses_grad_input(job.itemsize, job.cin, job.cout))) {
+    PyErr_SetString(PyExc_ValueError,
+                    "grad_weight: grad_input in the same pass needs the swapped few-sums "
+                    "case, every unit, the weight and part at strides");
     return false;
   }
   return true;
@@ -502,6 +514,14 @@ PyObject* py_layout(PyObject*, PyObject* args) {
   return Py_BuildValue("ii", current->lanes(itemsize), current->max_vectors());
 }
 
+// Whether grad_weight can compute grad_input in the same pass (its swapped few-sums case).
+PyObject* py_fuses_grad_input(PyObject*, PyObject* args) {
+  int itemsize;
+  Py_ssize_t cin, cout;
+  if (!PyArg_ParseTuple(args, "inn", &itemsize, &cin, &cout)) return nullptr;
+  return PyBool_FromLong(current->fuses_grad_input(itemsize, cin, cout));
+}
+
 // The address of an array's first element (any strides): `a.ctypes.data` builds a ctypes
 // object each time (~1 us, and a backward call asks a dozen times).
 PyObject* py_address(PyObject*, PyObject* a) {
@@ -554,6 +574,8 @@ PyMethodDef kMethods[] = {
     {"widen_half", py_widen_half, METH_VARARGS, "float16/bfloat16 -> float32, exactly."},
     {"round_half", py_round_half, METH_VARARGS, "float32 -> float16/bfloat16, as stored."},
     {"layout", py_layout, METH_VARARGS, "(lanes, max vectors per chunk) of the packed weight."},
+    {"fuses_grad_input", py_fuses_grad_input, METH_VARARGS,
+     "Whether grad_weight (swapped) can compute grad_input in the same pass."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"address", py_address, METH_O, "The address of an array's first element."},
     {"available", py_available, METH_NOARGS, "Instruction sets this CPU can run, best first."},
