@@ -135,6 +135,20 @@ def _rows():
     ]
 
 
+def test_gradient_tables_show_each_gradient_against_the_forward():
+    """With our forward and single-gradient medians, the workspace column gives way to the
+    forward's time and each gradient's time with its ratio to the forward's."""
+    rows = _rows()
+    rows[0].parts = {"forward": 10.0, "grad_input": 12.0, "grad_weight": 16.0}
+    rows[1].parts = {"forward": 0.5, "grad_weight": 0.25}
+    header, body = _bench.table_cells(rows, [_bench.TORCH], peak_gflops=400.0)
+    assert header[-4:] == ["x best(torch/ort)", "forward ms", "grad_input ms (x fwd)",
+                           "grad_weight ms (x fwd)"]
+    assert body[0][-3:] == ["10.0", "12.0 (1.20)", "16.0 (1.60)"]
+    assert body[1][-3:] == ["0.500", "-", "0.250 (0.50)"]
+    assert len(body[2]) == len(header)  # the geomean row spans the new columns too
+
+
 def test_table_cells_from_given_timings():
     header, body = _bench.table_cells(_rows(), [_bench.TORCH, _bench.ORT], peak_gflops=400.0)
     assert header == ["workload", "ours ms", "GFLOP/s", "% peak", "PyTorch ms", "x torch",

@@ -31,6 +31,8 @@ import numpy as np
 
 import convtranspose
 
+from ._api import spec_for
+from ._vjp import vjp_arrays
 from ._workloads import DTYPES, Workload, make_arrays, make_cotangent, resolve_dtype
 from ._workloads import select_workloads as _select
 
@@ -81,6 +83,8 @@ class BenchRow:
     workspace_bytes: int | None = None
     peers: dict[str, PeerTiming] = field(default_factory=dict)
     failure: str = ""  # our own call raised: nothing else is timed for this workload
+    # Gradients: our medians of the forward and of each gradient alone (OUR_PARTS), in ms.
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def ratio(peer: PeerTiming | None, ours_ms: float | None) -> float | None:
@@ -125,6 +129,17 @@ def _fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}"
 
 
+def _part_cells(parts: dict[str, float]) -> list[str]:
+    """The forward's ms, then each gradient's ms with its ratio to the forward's."""
+    fwd = parts.get("forward")
+    cells = [_fmt_ms(fwd)]
+    for name in ("grad_input", "grad_weight"):
+        ms = parts.get(name)
+        cells.append("-" if ms is None else _fmt_ms(ms) + (
+            f" ({ms / fwd:.2f})" if fwd else ""))
+    return cells
+
+
 def table_cells(rows: Sequence[BenchRow], peers: Sequence[str], peak_gflops: float | None,
                 best_of: Sequence[str] = BEST_OF) -> tuple[list[str], list[list[str]]]:
     """Header and body of the results table, geomean row last.
@@ -137,7 +152,11 @@ def table_cells(rows: Sequence[BenchRow], peers: Sequence[str], peak_gflops: flo
     header = ["workload", "ours ms", "GFLOP/s", "% peak"]
     for p in peers:
         header += [f"{p} ms", f"x {SHORT.get(p, p)}"]
-    header += [best_label, "workspace MiB"]
+    # Gradients: each one's time against the forward's, in place of the workspace (the
+    # planner's figure is the forward's).
+    with_parts = any(row.parts for row in rows)
+    header += [best_label] + (["forward ms", "grad_input ms (x fwd)", "grad_weight ms (x fwd)"]
+                              if with_parts else ["workspace MiB"])
     body = []
     for row in rows:
         gf = gflops(row.flops, row.ours_ms)
@@ -153,13 +172,17 @@ def table_cells(rows: Sequence[BenchRow], peers: Sequence[str], peak_gflops: flo
             ms = _fmt_ms(t.ms) + (f" ({t.variant})" if t.variant else "")
             cells += [ms, "MISMATCH" if t.mismatch else _fmt_ratio(ratio(t, row.ours_ms))]
         cells.append(_fmt_ratio(best_ratio(row, best_of)))
-        cells.append("-" if row.workspace_bytes is None
-                     else f"{row.workspace_bytes / 2**20:.1f}")
+        if with_parts:
+            cells += _part_cells(row.parts)
+        else:
+            cells.append("-" if row.workspace_bytes is None
+                         else f"{row.workspace_bytes / 2**20:.1f}")
         body.append(cells)
     gm = ["geomean", "", "", ""]
     for p in peers:
         gm += ["", _fmt_ratio(geomean([ratio(r.peers.get(p), r.ours_ms) for r in rows]))]
-    gm += [_fmt_ratio(geomean([best_ratio(r, best_of) for r in rows])), ""]
+    gm += [_fmt_ratio(geomean([best_ratio(r, best_of) for r in rows]))]
+    gm += [""] * (3 if with_parts else 1)
     body.append(gm)
     return header, body
 
@@ -510,6 +533,25 @@ def ours_runner(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
     return Runner(lambda: vjp(x, w, g, *args), lambda r: r)
 
 
+OUR_PARTS = ("forward", "grad_input", "grad_weight")
+
+
+def our_part_runners(wl: Workload, x: np.ndarray, w: np.ndarray,
+                     g: np.ndarray) -> dict[str, Runner]:
+    """Gradients: our forward, and each gradient alone (the other not computed), timed
+    beside both so that each gradient's cost shows against the forward's."""
+    s = wl.settings
+    spec = spec_for(3, x, w, s["stride"], s["padding"], s["dilation"], s["output_padding"],
+                    s["groups"])[0]
+    return {
+        "forward": Runner(lambda: convtranspose.conv_transpose3d(x, w, **s), lambda y: y),
+        "grad_input": Runner(lambda: vjp_arrays(spec, x, w, g, need_weight=False)[0],
+                             lambda y: y),
+        "grad_weight": Runner(lambda: vjp_arrays(spec, x, w, g, need_input=False)[1],
+                              lambda y: y),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring
 
@@ -586,6 +628,9 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
         log(f"  !!! {wl.title}: convtranspose FAILED: {row.failure}")
         return row
     runners: list[tuple[str, str, Runner]] = [("ours", "", ours)]
+    if grad:
+        runners += [("ours", name, runner)
+                    for name, runner in our_part_runners(wl, x, w, g).items()]
     messages = []
     for peer in peers:
         try:
@@ -646,6 +691,7 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
 
     medians = {key: statistics.median(ts) for key, ts in samples.items()}
     row.ours_ms = medians[("ours", "")]
+    row.parts = {v: ms for (p, v), ms in medians.items() if p == "ours" and v}
     for peer in peers:
         timing = row.peers[peer]
         own = {v: ms for (p, v), ms in medians.items() if p == peer}
