@@ -562,9 +562,15 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   const T* wpk = static_cast<const T*>(job.w);
   char* out = static_cast<char*>(job.out);
   const int64_t oi = job.out_half ? 2 : sizeof(T);  // bytes per output element
-  // Rows per group: enough pixels that a weight block in L1 serves ~96 of them.
+  // Rows per group: enough pixels that a weight block in L1 serves ~96 of them. A chunk of
+  // the weight (every tap) beyond ~1 MiB no longer stays in L2 from one group to the next
+  // and streams in again for each: then ~512 pixels (W3's grad_input, 64 taps x 128
+  // channels, 2 MiB chunks: 28.0 -> 25.6 ms; at 1 MiB and below, W4, W5 and W8 level or
+  // slower, as the sums of a group outgrow L1).
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, (96 + job.wcount - 1) /
+  const int64_t chunk_bytes = taps * job.cin * cw_full * (int64_t)sizeof(T);
+  const int64_t pixels = chunk_bytes > (int64_t(1) << 20) ? 512 : 96;
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, (pixels + job.wcount - 1) /
                                                                        std::max<int64_t>(1, job.wcount)));
   // The sums on a cache line boundary: malloc's 16-byte alignment made every tile load
   // and store of them span two lines (aligned: 1.5-5% on W1, W4, W5, W8, one core).
