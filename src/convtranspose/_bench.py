@@ -83,7 +83,7 @@ class BenchRow:
     workspace_bytes: int | None = None
     peers: dict[str, PeerTiming] = field(default_factory=dict)
     failure: str = ""  # our own call raised: nothing else is timed for this workload
-    # Gradients: our medians of the forward and of each gradient alone (OUR_PARTS), in ms.
+    # Gradients: our medians of OUR_PARTS (the forward, each gradient alone), in ms.
     parts: dict[str, float] = field(default_factory=dict)
 
 
@@ -129,11 +129,15 @@ def _fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}"
 
 
+# Gradients: what of ours is also timed alone (`our_part_runners`), the forward first.
+OUR_PARTS = ("forward", "grad_input", "grad_weight")
+
+
 def _part_cells(parts: dict[str, float]) -> list[str]:
     """The forward's ms, then each gradient's ms with its ratio to the forward's."""
-    fwd = parts.get("forward")
+    fwd = parts.get(OUR_PARTS[0])
     cells = [_fmt_ms(fwd)]
-    for name in ("grad_input", "grad_weight"):
+    for name in OUR_PARTS[1:]:
         ms = parts.get(name)
         cells.append("-" if ms is None else _fmt_ms(ms) + (
             f" ({ms / fwd:.2f})" if fwd else ""))
@@ -155,7 +159,7 @@ def table_cells(rows: Sequence[BenchRow], peers: Sequence[str], peak_gflops: flo
     # Gradients: each one's time against the forward's, in place of the workspace (the
     # planner's figure is the forward's).
     with_parts = any(row.parts for row in rows)
-    header += [best_label] + (["forward ms", "grad_input ms (x fwd)", "grad_weight ms (x fwd)"]
+    header += [best_label] + ([f"{OUR_PARTS[0]} ms"] + [f"{n} ms (x fwd)" for n in OUR_PARTS[1:]]
                               if with_parts else ["workspace MiB"])
     body = []
     for row in rows:
@@ -533,9 +537,6 @@ def ours_runner(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
     return Runner(lambda: vjp(x, w, g, *args), lambda r: r)
 
 
-OUR_PARTS = ("forward", "grad_input", "grad_weight")
-
-
 def our_part_runners(wl: Workload, x: np.ndarray, w: np.ndarray,
                      g: np.ndarray) -> dict[str, Runner]:
     """Gradients: our forward, and each gradient alone (the other not computed), timed
@@ -543,13 +544,10 @@ def our_part_runners(wl: Workload, x: np.ndarray, w: np.ndarray,
     s = wl.settings
     spec = spec_for(3, x, w, s["stride"], s["padding"], s["dilation"], s["output_padding"],
                     s["groups"])[0]
-    return {
-        "forward": Runner(lambda: convtranspose.conv_transpose3d(x, w, **s), lambda y: y),
-        "grad_input": Runner(lambda: vjp_arrays(spec, x, w, g, need_weight=False)[0],
-                             lambda y: y),
-        "grad_weight": Runner(lambda: vjp_arrays(spec, x, w, g, need_input=False)[1],
-                              lambda y: y),
-    }
+    return dict(zip(OUR_PARTS, (
+        Runner(lambda: convtranspose.conv_transpose3d(x, w, **s), lambda y: y),
+        Runner(lambda: vjp_arrays(spec, x, w, g, need_weight=False)[0], lambda y: y),
+        Runner(lambda: vjp_arrays(spec, x, w, g, need_input=False)[1], lambda y: y))))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1078,27 +1078,24 @@ template <int NV> struct FewTile {
   static constexpr int E = std::min(12, (CT_NREGS == 32 ? 24 : 12) / NV);
 };
 
-template <typename T, int NV, int E>
-static inline void few_sums_tail(int64_t n, const FewSum<T>* sums, const T* grow, int64_t grs,
-                                 const T* xrow, int64_t xrs, int64_t rows, int64_t xs_w,
-                                 int64_t gs_w) {
+// f(first, std::integral_constant<int, len>) for a compile-time len in 1..E equal to n.
+template <int E, typename T, typename F>
+static inline void with_tile_size(int64_t n, const FewSum<T>* first, F&& f) {
   if constexpr (E > 0) {
-    if (n == E) return few_sums_tile<T, NV, E>(sums, grow, grs, xrow, xrs, rows, xs_w, gs_w);
-    few_sums_tail<T, NV, E - 1>(n, sums, grow, grs, xrow, xrs, rows, xs_w, gs_w);
+    if (n == E) return f(first, std::integral_constant<int, E>{});
+    with_tile_size<E - 1>(n, first, f);
   }
 }
 
-// The sums of one row's chunk of NV vectors, in tiles of even size (a last tile of one or
-// two sums would run latency-bound).
-template <typename T, int NV>
-static void few_sums_rows(const FewSum<T>* sums, int64_t n, const T* grow, int64_t grs,
-                          const T* xrow, int64_t xrs, int64_t rows, int64_t xs_w, int64_t gs_w) {
-  constexpr int E = FewTile<NV>::E;
+// The n sums of one row's chunk in tiles of even size, at most E each (a last tile of
+// one or two sums would run latency-bound): tile(first sum, its compile-time count).
+template <int E, typename T, typename F>
+static void in_even_tiles(const FewSum<T>* sums, int64_t n, F&& tile) {
   const int64_t tiles = (n + E - 1) / E, size = n / std::max<int64_t>(1, tiles),
                 bigger = n % std::max<int64_t>(1, tiles);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t len = size + (t < bigger);
-    few_sums_tail<T, NV, E>(len, sums, grow, grs, xrow, xrs, rows, xs_w, gs_w);
+    with_tile_size<E>(len, sums, tile);
     sums += len;
   }
 }
@@ -1128,26 +1125,23 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
   constexpr int L = CT_VBYTES / sizeof(T);
   constexpr int UP = FusedTile<NV>::U;
   V s[E][NV], wv[E][NV];
-  int64_t ilo = sums[0].lo, ihi = sums[0].hi;
+  // [ilo, ihi): the pixels every sum of the tile reaches; [wlo, whi): those any reaches.
+  int64_t ilo = sums[0].lo, ihi = sums[0].hi, wlo = ilo, whi = ihi;
 #pragma GCC unroll 16
   for (int e = 0; e < E; ++e) {
     ilo = std::max(ilo, sums[e].lo);
     ihi = std::min(ihi, sums[e].hi);
+    wlo = std::min(wlo, sums[e].lo);
+    whi = std::max(whi, sums[e].hi);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       s[e][v] = *reinterpret_cast<const U*>(sums[e].acc + v * L);
       wv[e][v] = *reinterpret_cast<const U*>(sums[e].w + v * L);
     }
   }
-  // The pixels some of the tile's sums miss, [wlo, ilo) and [ihi, whi) (every pixel when
-  // no pixel is reached by all): one at a time, each sum that reaches it in turn, the
-  // pixel's grad_input in registers (two chains, even and odd sums).
-  int64_t wlo = sums[0].lo, whi = sums[0].hi;
-#pragma GCC unroll 16
-  for (int e = 1; e < E; ++e) {
-    wlo = std::min(wlo, sums[e].lo);
-    whi = std::max(whi, sums[e].hi);
-  }
+  // The pixels some sums miss, [wlo, ilo) and [ihi, whi) (every pixel when none is reached
+  // by all): one at a time, each sum that reaches it in turn, the pixel's grad_input in
+  // registers (two chains, even and odd sums).
   const bool inner = ilo < ihi;
   const int64_t left_end = inner ? ilo : whi;
   for (int64_t r = 0; r < rows; ++r, grow += grs, xrow += xrs, gxrow += gxrs) {
@@ -1222,35 +1216,6 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
   for (int e = 0; e < E; ++e)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(sums[e].acc + v * L) = s[e][v];
-}
-
-template <typename T, int NV, int E>
-static inline void fused_sums_tail(int64_t n, const FewSum<T>* sums, const T* grow,
-                                   int64_t grs, const T* xrow, int64_t xrs, T* gxrow,
-                                   int64_t gxrs, int64_t gxs_w, int64_t rows, int64_t xs_w,
-                                   int64_t gs_w) {
-  if constexpr (E > 0) {
-    if (n == E)
-      return fused_sums_tile<T, NV, E>(sums, grow, grs, xrow, xrs, gxrow, gxrs, gxs_w, rows,
-                                       xs_w, gs_w);
-    fused_sums_tail<T, NV, E - 1>(n, sums, grow, grs, xrow, xrs, gxrow, gxrs, gxs_w, rows,
-                                  xs_w, gs_w);
-  }
-}
-
-template <typename T, int NV>
-static void fused_sums_rows(const FewSum<T>* sums, int64_t n, const T* grow, int64_t grs,
-                            const T* xrow, int64_t xrs, T* gxrow, int64_t gxrs, int64_t gxs_w,
-                            int64_t rows, int64_t xs_w, int64_t gs_w) {
-  constexpr int E = FusedTile<NV>::E;
-  const int64_t tiles = (n + E - 1) / E, size = n / std::max<int64_t>(1, tiles),
-                bigger = n % std::max<int64_t>(1, tiles);
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t len = size + (t < bigger);
-    fused_sums_tail<T, NV, E>(len, sums, grow, grs, xrow, xrs, gxrow, gxrs, gxs_w, rows, xs_w,
-                              gs_w);
-    sums += len;
-  }
 }
 
 template <typename T>
@@ -1346,27 +1311,32 @@ static void grad_weight_typed(const GwJob& job) {
         const std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
         const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
         with_vectors(cw / L, [&](auto nv) {
-          if (gx) {  // every pixel of the rows is written: from zero, as the sums add up
-            // NV vectors known here, so that these are plain stores: with a run-time
-            // count GCC makes them a memset per pixel, which took 6-25% of W6's time.
-            typedef typename Vec<T>::u U;
-            const typename Vec<T>::v zero{};
-            const int64_t gxs_h = job.gxs[2], gxs_w = job.gxs[3], wcount = job.wcount;
-            for (int64_t r = 0; r < rows; ++r) {
-              T* p = gxrow + r * gxs_h + c0;
-              for (int64_t w = 0; w < wcount; ++w, p += gxs_w)
-#pragma GCC unroll 4
-                for (int v = 0; v < decltype(nv)::value; ++v)
-                  *reinterpret_cast<U*>(p + v * L) = zero;
-            }
+          constexpr int NV = decltype(nv)::value;
+          const int64_t count = (int64_t)sums.size();
+          if (!gx) {
+            in_even_tiles<FewTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
+              few_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs, rows,
+                                                       xs_w, gs_w);
+            });
+            return;
           }
-          if (gx)
-            fused_sums_rows<T, decltype(nv)::value>(sums.data(), (int64_t)sums.size(), grow,
-                                                    grs, xrow + c0, xrs, gxrow + c0,
-                                                    job.gxs[2], job.gxs[3], rows, xs_w, gs_w);
-          else
-            few_sums_rows<T, decltype(nv)::value>(sums.data(), (int64_t)sums.size(), grow,
-                                                  grs, xrow + c0, xrs, rows, xs_w, gs_w);
+          // Every pixel of the rows is written: from zero, as the sums add up. NV vectors
+          // known here, so that these are plain stores: with a run-time count GCC makes
+          // them a memset per pixel, which took 6-25% of W6's time.
+          typedef typename Vec<T>::u U;
+          const typename Vec<T>::v zero{};
+          const int64_t gxs_h = job.gxs[2], gxs_w = job.gxs[3], wcount = job.wcount;
+          for (int64_t r = 0; r < rows; ++r) {
+            T* p = gxrow + r * gxs_h + c0;
+            for (int64_t w = 0; w < wcount; ++w, p += gxs_w)
+#pragma GCC unroll 4
+              for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(p + v * L) = zero;
+          }
+          in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
+            fused_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs,
+                                                       gxrow + c0, gxs_h, gxs_w, rows, xs_w,
+                                                       gs_w);
+          });
         });
       }
     }
