@@ -16,12 +16,13 @@ import numpy as np
 
 from . import _native_kernel as native
 from ._blas import single_threaded_blas
-from ._geometry import Phase
+from ._geometry import AxisTap, Phase
 from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
     Task,
     bordered_slab,
+    expands_to_depthwise,
     make_tasks,
     native_input_box,
     native_mode,
@@ -30,6 +31,7 @@ from ._plan import (
     pair_base,
     pair_count,
     streams_output,
+    wide_w_geometry,
 )
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -526,7 +528,7 @@ def _native_offsets(phase: Phase) -> native.TapOffsets:
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: int, x_origin, threads: int,
-                pairs: tuple | None = None):
+                pairs: tuple | None = None, wide: tuple | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
@@ -550,6 +552,8 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         view = view.reshape(nn, -1, nh, qw, cog)
     in_dims, steps, pair_out = ((pairs, (4, 1, 1), spec.out_spatial[0]) if pairs
                                 else (spec.in_spatial, (1, 1, 1), 0))
+    if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
+        in_dims, cig = wide
     # float16 and bfloat16 the kernel rounds as it stores; anything else goes through a
     # block of the compute dtype.
     out_half = native.half_kind(out.dtype)
@@ -568,7 +572,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         out_item = target.dtype.itemsize
         if mode == native.DEPTHWISE:
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
-                             offsets, (1, 1, 1), o_addr, os_, box, qw, groups, groups,
+                             offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
                              cursors.address(0), cursors.sharers, into=into)
         else:
             for g in range(groups):
@@ -666,8 +670,16 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
     """The compiled kernel's tasks; packed weights live in `scratch` until they return."""
     spec = plan.spec
-    mode = native_mode(spec)
-    weights = [_native_weights(w3, g, spec.groups, mode, scratch) for g in plan.groups]
+    mode = native_mode(spec, plan.wide_w)
+    groups, wide = plan.groups, None
+    if expands_to_depthwise(spec):  # each input channel repeated for its outputs
+        x3 = np.repeat(x3.astype(spec.compute_dtype, copy=False), spec.c_out_per_group, axis=-1)
+    group_weights = [w3] * len(groups)
+    if plan.wide_w:
+        x3, group_weights, groups, wide = _wide_w(spec, plan.groups, x3, w3, plan.threads)
+    channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
+    weights = [_native_weights(wg, g, channels, mode, scratch)
+               for wg, g in zip(group_weights, groups)]
     tasks = plan.tasks
     convert = not native.reads_in_place(x3, spec.compute_dtype)
     if convert and native_whole_input_fits(spec, plan.workspace_limit):
@@ -678,13 +690,44 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
         # tiles are shared and hold no copy): tiles that copy their rows instead.
         tasks, _ = make_tasks(spec, "native", plan.groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
-    offsets = [_native_offsets(g[0]) for g in plan.groups]
+    offsets = [_native_offsets(g[0]) for g in groups]
     x_origin = None if convert else native.origin(x3)
-    jobs = [_native_job(spec, x3, out, plan.groups[t.group], weights[t.group],
-                        offsets[t.group], t, convert, mode, x_origin, plan.threads)
+    jobs = [_native_job(spec, x3, out, groups[t.group], weights[t.group],
+                        offsets[t.group], t, convert, mode, x_origin, plan.threads,
+                        wide=wide and wide[t.group])
             for t in tasks]
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
+
+
+def _wide_w(spec, groups, x3, w3, threads):
+    """Fused W taps (`_plan.fuses_w_taps`): the input padded along W with zeros, in the
+    compute dtype; per phase group, its phases with one W tap (k: the phase's index in
+    the group, offset: its first) and the weight (C_out, kD, kH, phases, taps_w * C_in)
+    that tap weighs, zeros where a phase has no tap at some offset; and per group the
+    kernel's (input dims, channels summed per tap)."""
+    left, width, per_group = wide_w_geometry(spec, groups)
+    n, in_d, in_h, in_w = spec.batch, *spec.in_spatial
+    padded = result_empty((n, in_d, in_h, width, spec.c_in), spec.compute_dtype)
+    padded[:, :, :, :left] = 0
+    padded[:, :, :, left + in_w:] = 0
+    run_jobs([functools.partial(np.copyto, padded[i, :, :, left:left + in_w], x3[i],
+                                casting="unsafe") for i in range(n)], threads)
+    w5 = w3.reshape(spec.c_out, *spec.kernel, spec.c_in)
+    wide_groups, weights, kernel_args = [], [], []
+    for group, (taps, first) in zip(groups, per_group):
+        wide_w = np.zeros((spec.c_out, *spec.kernel[:2], len(group), taps, spec.c_in),
+                          spec.compute_dtype)
+        phases = []
+        for i, phase in enumerate(group):
+            for tap in phase.axis_taps[2]:
+                wide_w[:, :, :, i, tap.offset - first] = w5[:, :, :, tap.k]
+            one_tap = (AxisTap(i, first + left, 0, phase.count[2]),)
+            phases.append(Phase(phase.residue, phase.count, (*phase.axis_taps[:2], one_tap)))
+        wide_groups.append(tuple(phases))
+        weights.append(wide_w.reshape(*wide_w.shape[:4], taps * spec.c_in))
+        kernel_args.append(((in_d, in_h, width - taps + 1), taps * spec.c_in))
+    return padded, weights, tuple(wide_groups), kernel_args
 
 
 def pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:

@@ -155,6 +155,7 @@ class Plan:
     workspace_limit: int
     est_seconds: dict
     table: np.ndarray | None = field(default=None, repr=False, compare=False)
+    wide_w: bool = False  # native: a phase's W taps summed as one (see `fuses_w_taps`)
 
     @property
     def flops(self) -> int:
@@ -499,14 +500,68 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
 
 
-def native_mode(spec: ConvSpec) -> int:
-    """How the native kernel lays its vectors for this layer (one place for the rule)."""
+def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> int:
+    """How the native kernel lays its vectors for this layer (one place for the rule);
+    `wide_w` as `summed_channels`."""
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
-    if cig == 1 and cog == 1:
+    if cig == 1 and (cog == 1 or expands_to_depthwise(spec)):
         return native.DEPTHWISE
-    if cog <= native.DOT_MAX_OUT and cig >= 8:
+    if cog <= native.DOT_MAX_OUT and summed_channels(spec, wide_w) >= 8:
         return native.DOT
     return native.CHANNELS
+
+
+def expands_to_depthwise(spec: ConvSpec) -> bool:
+    """A channel multiplier (one input channel per group, fewer output channels per group
+    than a vector's lanes) runs as a depthwise layer over its input with each channel
+    repeated C_out/g times: one copy of the input, where channels mode would fill a
+    vector of outputs per group with C_out/g lanes."""
+    return (spec.groups > 1 and spec.c_in_per_group == 1
+            and 1 < spec.c_out_per_group < native.layout(spec.compute_dtype.itemsize)[0])
+
+
+# Below this many input channels a tap's multiply-adds are too few to pay for loading and
+# storing the block's sums once per tap: the W taps of a phase are summed as one tap.
+FUSE_W_BELOW_CHANNELS = 16
+
+
+def fuses_w_taps(spec: ConvSpec) -> bool:
+    """Whether the native kernel sums a phase's W taps as one wide tap. With dilation 1
+    along W, a phase's W taps read consecutive input pixels, and with channels contiguous
+    (one conv group) those pixels' channels are one contiguous run: one tap of
+    taps_w * C_in channels over a copy of the input padded along W, so that no read leaves
+    it (`wide_w_geometry`; the plan checks the copy fits in the workspace)."""
+    return (native.AVAILABLE and spec.groups == 1 and spec.dilation[2] == 1
+            and spec.kernel[2] > spec.stride[2] and spec.c_in < FUSE_W_BELOW_CHANNELS)
+
+
+def wide_w_geometry(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]
+                    ) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """(left padding, padded width, per phase group (its W taps, their first input
+    offset)) of the W-padded input that fused W taps read: every output w of a group reads
+    pixels [w + first, w + first + taps) of the unpadded row, zeros outside it."""
+    per_group = []
+    for group in groups:
+        offsets = [t.offset for t in group[0].axis_taps[2]]
+        per_group.append((max(offsets) - min(offsets) + 1, min(offsets)))
+    left = max([0] + [-first for _, first in per_group])
+    reach = max([spec.in_spatial[2]] + [max(p.count[2] for p in g) + first + taps - 1 + left
+                                        for g, (taps, first) in zip(groups, per_group)])
+    return left, max(reach, spec.in_spatial[2] + left), tuple(per_group)
+
+
+def wide_w_bytes(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]) -> int:
+    _, width, _ = wide_w_geometry(spec, groups)
+    return (spec.batch * spec.in_spatial[0] * spec.in_spatial[1] * width * spec.c_in
+            * spec.compute_dtype.itemsize)
+
+
+def summed_channels(spec: ConvSpec, wide_w: bool | None = None) -> float:
+    """Channels the native kernel sums per tap: C_in/g, or with fused W taps C_in times
+    the W taps of a phase (on average). `wide_w` None: whether `fuses_w_taps`."""
+    if fuses_w_taps(spec) if wide_w is None else wide_w:
+        return spec.c_in * spec.kernel[2] / spec.stride[2]
+    return spec.c_in_per_group
 
 
 def native_rate(spec: ConvSpec) -> float:
@@ -514,7 +569,7 @@ def native_rate(spec: ConvSpec) -> float:
     vectors, one-vector blocks bound by broadcasts, few channels per tap bound by the
     accumulator traffic (measured on W1-W8 and the demo's layers)."""
     lanes, max_vectors = native.layout(spec.compute_dtype.itemsize)
-    cog, cig = spec.c_out_per_group, spec.c_in_per_group
+    cog, cig = spec.c_out_per_group, summed_channels(spec)
     mode = native_mode(spec)
     if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
         return NATIVE_PEAK / 8
@@ -596,6 +651,10 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     whole_input = kind == "native" and (pairs and spec.input_dtype != spec.compute_dtype
                                         or native_converts_whole_input(spec, limit))
     shared = kind == "native" and native_shares_tiles(spec, limit)
+    wide_w = (algorithm == "native" and fuses_w_taps(spec)
+              and wide_w_bytes(spec, groups) <= limit)
+    if wide_w:  # the padded copy is the input every tile reads, converted
+        whole_input, shared = True, not _rounds_blocks(spec)
     tasks, biggest = make_tasks(spec, kind, groups, limit, threads, whole_input, shared)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So does
     # scatter, measured on W6: 3.6 ms on one worker, 4.3-5.7 ms on two (its window adds
@@ -605,11 +664,12 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         threads = 1
     item = spec.compute_dtype.itemsize
     workers = min(threads, len(tasks)) or 1
-    converted = (spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
+    converted = (wide_w_bytes(spec, groups) if wide_w else
+                 spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
                  else 0) + (pair_input_bytes(spec) if pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
-                workspace_limit=limit, est_seconds=est)
+                workspace_limit=limit, est_seconds=est, wide_w=wide_w)
 
 
 def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], ...],

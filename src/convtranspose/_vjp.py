@@ -245,9 +245,9 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
 @functools.lru_cache(maxsize=256)  # a layer asks at every call: ~8 us of modelling
 def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
     swapped = dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
+    if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:  # depthwise, against the
+        return True  # direct path's NumPy multiply-adds: W7's grad_input 38 -> 12 ms
     mode = native_mode(swapped)
-    if mode == native.DEPTHWISE:  # against the direct path's NumPy multiply-adds: W7's
-        return True               # grad_input 38 -> 12 ms, as fast as its forward
     if need_weight and math.prod(spec.stride) > 1:
         return False
     # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input

@@ -872,13 +872,91 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
   });
 }
 
+// Depthwise at input step 1 with contiguous pixels (every forward phase): a run of pixels
+// of a row is one flat run of pixel * C + channel, in the input as in the sums, so the
+// vectors run along that flat index whatever the channel count (C = 2 used 2 of 16 lanes
+// per vector along the channels, and C < 16 had no whole vector at all). Lane i of the
+// vector at flat index j needs the weight of channel (j + i) % C: each tap's weights
+// repeated along a pattern, read at offset j % C. A block of NB vectors keeps its sums
+// in registers over every tap; where a tap reaches only part of the block (the row's
+// ends), that tap's share goes through memory, lane by lane.
+template <typename T>
+static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int NB = CT_NREGS == 32 ? 8 : 4;
+  constexpr int64_t BLOCK = NB * L;
+  const int64_t ch = job.cout, tw = job.ntaps[2];
+  const int64_t pairs = job.ntaps[0] * job.ntaps[1], taps = pairs * tw;
+  const int64_t flat = job.wcount * ch, os = job.os[3];
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  const T* wpk = static_cast<const T*>(job.w);
+  const int64_t plen = ch + BLOCK;  // pattern: pat[t][j] = w[t][j % ch]
+  std::vector<T> pat(taps * plen);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
+      pat[t * plen + j] = wpk[t * ch + c];
+  std::vector<T> row_store(flat + BLOCK + 64 / sizeof(T));
+  T* row = aligned_line(row_store.data());
+  const int64_t step_mod = BLOCK % ch;
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+    for (int64_t j0 = 0, m0 = 0; j0 < flat; j0 += BLOCK) {
+      const int64_t j1 = std::min(flat, j0 + BLOCK);
+      V sum[NB];
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) sum[v] = V{};
+      bool partial = false;  // some tap's share of the block went to row[] lane by lane
+      for (int64_t q = 0; q < pairs; ++q) {
+        if (!rows[q]) continue;
+        for (int64_t k = 0; k < tw; ++k) {
+          const int64_t a = std::max(lo[k] * ch, j0), b = std::min(hi[k] * ch, j1);
+          if (a >= b) continue;
+          const T* x = rows[q] + job.off[2][k] * ch;  // x[j]: the input flat j reads
+          const T* p = pat.data() + (q * tw + k) * plen + m0 - j0;  // p[j]: its weight
+          if (a == j0 && b == j0 + BLOCK) {
+#pragma GCC unroll 8
+            for (int v = 0; v < NB; ++v)
+              sum[v] += *reinterpret_cast<const U*>(x + j0 + v * L) *
+                        *reinterpret_cast<const U*>(p + j0 + v * L);
+          } else {
+            if (!partial) {
+              std::fill(row + j0, row + j0 + BLOCK, T(0));
+              partial = true;
+            }
+            for (int64_t j = a; j < b; ++j) row[j] += x[j] * p[j];
+          }
+        }
+      }
+      if (partial) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NB; ++v) sum[v] += *reinterpret_cast<const U*>(row + j0 + v * L);
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) *reinterpret_cast<U*>(row + j0 + v * L) = sum[v];
+      m0 += step_mod;
+      if (m0 >= ch) m0 -= ch;
+    }
+    if (os == ch) {
+      store_chunk(job, orow, row, flat);
+    } else {
+      for (int64_t w = 0; w < job.wcount; ++w) store_out(job.out_half, orow + w * os * oi,
+                                                         row + w * ch, ch);
+    }
+  });
+}
+
 template <typename T>
 static void run_mode(const CtJob& job) {
   const WRanges wr = w_ranges(job.off[2], job.ntaps[2], job.step[2], job.in_dims[2], job.wcount);
   if (job.mode == CT_MODE_CHANNELS) return run_typed<T>(job, wr);
   const int64_t* lo = wr.lo.data();
   const int64_t* hi = wr.hi.data();
-  if (job.mode == CT_MODE_DEPTHWISE) return depthwise_rows<T>(job, lo, hi);
+  if (job.mode == CT_MODE_DEPTHWISE) {
+    if (job.step[2] == 1 && job.xs[3] == job.cout)
+      return depthwise_flat_rows<T>(job, lo, hi);
+    return depthwise_rows<T>(job, lo, hi);
+  }
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cv = job.cin / L;
   if (job.step[2] == 1 && job.xs[3] == job.cin && job.cin == cv * L && cv >= 1 && cv <= 2) {
