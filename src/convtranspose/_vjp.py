@@ -52,6 +52,7 @@ from ._execute import _zero_outside, pair_input, pair_weight, run_jobs
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
+    FUSE_W_BELOW_CHANNELS,
     SHARED_TILE_BYTES,
     Tile,
     get_num_threads,
@@ -242,17 +243,36 @@ def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
     return _native_grad_input_suits(spec, need_weight)
 
 
+def grad_input_wide_w(spec: ConvSpec) -> bool:
+    """Whether grad_input sums every W tap as one (as the forward's `fuses_w_taps`): with
+    dilation 1 along W, input pixel i meets cotangent pixels i*s - p + k for k in [0, kW),
+    one run of kW * C_out values (one conv group) in a cotangent padded along W."""
+    return (spec.groups == 1 and spec.dilation[2] == 1 and spec.kernel[2] > 1
+            and spec.c_out < FUSE_W_BELOW_CHANNELS)
+
+
+@functools.lru_cache(maxsize=256)
+def grad_input_kernel_spec(spec: ConvSpec) -> ConvSpec:
+    """grad_input as the kernel sees it: channels swapped (it sums C_out/g, writes C_in/g)
+    and, with `grad_input_wide_w`, one W tap of kW * C_out channels. For the kernel's
+    mode and rate only."""
+    if grad_input_wide_w(spec):
+        return dataclasses.replace(spec, c_in=spec.c_out * spec.kernel[2], c_out=spec.c_in,
+                                   kernel=(*spec.kernel[:2], 1))
+    return dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
+
+
 @functools.lru_cache(maxsize=256)  # a layer asks at every call: ~8 us of modelling
 def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
-    swapped = dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
+    swapped = grad_input_kernel_spec(spec)
     if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:  # depthwise, against the
         return True  # direct path's NumPy multiply-adds: W7's grad_input 38 -> 12 ms
-    mode = native_mode(swapped)
+    mode = native_mode(swapped, False)
     if need_weight and math.prod(spec.stride) > 1:
         return False
     # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input
     # (C_out = 1, modelled 32) takes 2.5 ms here against 4.4 ms through a GEMM.
-    return mode == native.CHANNELS and native_rate(swapped) >= 20e9
+    return mode in (native.CHANNELS, native.DOT) and native_rate(swapped) >= 20e9
 
 
 @functools.lru_cache(maxsize=64)  # a table is taps x C_in/g int64: bounded memory
@@ -312,10 +332,20 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     offsets = _tap_offsets(spec)
     ktot = math.prod(spec.kernel)
     depthwise = cig == 1 and cog == 1
-    pairs = 0 if depthwise else -(-spec.in_spatial[0] // 2) * _grad_input_pairs(spec, c3, cd,
-                                                                               limit)
+    wide = not depthwise and grad_input_wide_w(spec)
+    mode = (native.DEPTHWISE if depthwise else native_mode(grad_input_kernel_spec(spec), False))
+    pairs = 0 if mode != native.CHANNELS or wide else -(-spec.in_spatial[0] // 2) * (
+        _grad_input_pairs(spec, c3, cd, limit))
+    source, in_dims, steps = c3, spec.out_spatial, spec.stride
+    if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
+        c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, cd, n_threads)
+        source = c3
     if depthwise:  # [tap][channel], every channel in one pass
         packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=cd)]
+    elif mode == native.DOT:  # [tap][ci][co] per group: vectors along the co summed
+        w4 = w3.reshape(groups, cog, ktot, cig)
+        packed = [np.ascontiguousarray(w4[g].transpose(1, 2, 0), dtype=cd)
+                  for g in range(groups)]
     else:  # [tap][co][ci] per group (rows co, columns ci), gathered from w3 in one pass
         w3 = w3.astype(cd, copy=False)
         if pairs:  # the D taps, in order of offset k - p, transformed into four
@@ -342,7 +372,6 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
     out_w = spec.out_spatial[2]
     stream = streams_output(gx.nbytes)
-    source, in_dims, steps = c3, spec.out_spatial, spec.stride
     if pairs:
         source = pair_input(c3, int(offsets[0][0]), pairs, n_threads)
         source = source.reshape(spec.batch, 4 * pairs, *source.shape[3:])
@@ -366,7 +395,7 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
                                  cursors.address(0), sharers, into=into)
                 return
             for g in range(groups):
-                native.correlate(native.CHANNELS, item, native.HALF_NONE, stream,
+                native.correlate(mode, item, native.HALF_NONE, stream,
                                  x_addr + g * cog * item, xs, in_dims, packed[g],
                                  offsets, steps, o_addr + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig, cursors.address(g), sharers,
@@ -390,6 +419,29 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
 
 
+def _wide_cotangent(spec, c3, w3, cd, threads):
+    """`grad_input_wide_w`: the cotangent in the compute dtype padded along W so that every
+    input pixel's run of kW pixels lies inside it; the weight as (kW * C_out, kD * kH, C_in)
+    (row k * C_out + co: tap k's channel co); the kernel's input dims, tap offsets, channels
+    summed and taps."""
+    kd, kh, kw = spec.kernel
+    pad, in_w, out_w = spec.padding[2], spec.in_spatial[2], spec.out_spatial[2]
+    left = max(0, pad)
+    width = max(out_w + left, (in_w - 1) * spec.stride[2] - pad + kw + left)
+    n, od, oh = spec.batch, *spec.out_spatial[:2]
+    padded = result_empty((n, od, oh, width, spec.c_out), cd)
+    padded[:, :, :, :left] = 0
+    padded[:, :, :, left + out_w:] = 0
+    run_jobs([functools.partial(np.copyto, padded[i, :, :, left:left + out_w], c3[i],
+                                casting="unsafe") for i in range(n)], threads)
+    w5 = w3.reshape(spec.c_out, kd, kh, kw, spec.c_in)
+    wide_w = np.ascontiguousarray(w5.transpose(3, 0, 1, 2, 4), dtype=cd)
+    wide_w = wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
+    base = _tap_offsets(spec)
+    offsets = native.TapOffsets([base[0], base[1], np.array([left - pad])])
+    return padded, wide_w, (od, oh, width - kw + 1), offsets, kw * spec.c_out, kd * kh
+
+
 # From this grad_weight size on, the sums go straight into it (vectors along C_in) rather
 # than through a packed buffer that is then unpacked: measured, W3's 8 MiB grad_weight
 # 51 -> 36 ms; below it vectors along C_out are faster (W2 45 against 57 ms, W5 12.9
@@ -410,7 +462,7 @@ def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     if cig == 1 and cog == 1:
         return native.GW_DEPTHWISE
-    along_out = cog % lanes == 0 and cig >= 4
+    along_out = cog % lanes == 0
     if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
                              * cd.itemsize >= GW_IN_PLACE_BYTES):
         return True
