@@ -1,12 +1,15 @@
 """`convtranspose bench`: ours against every installed peer, side by side in one process.
 
-For each workload (DESIGN.md W1-W9) every implementation is first run once and its output
-compared with ours (a mismatch is reported loudly and its ratio left out), warmed up, then
-timed round by round in a rotating order so that drifts of a shared machine hit everyone
-alike; a peer far slower than ours (MLX) runs last in each round and a cooldown follows
-it. We report medians. Peers get their best native layout: PyTorch the faster of NCDHW and
-channels_last_3d (a zero-copy view of our channels-last array), ONNX Runtime NCDHW, MLX
-channels last. This machine's sgemm peak (NumPy float32 matmul) is measured in the same run.
+For each workload (W1-W9, defined in `_workloads.py`; or the random layers of `--sweep`,
+`_sweep.py`) every implementation is first run once and its output compared with ours (a
+mismatch is reported loudly and its ratio left out), warmed up, then timed round by round
+(`time_runners`: bursts of >= 20 ms after pauses of >= 60 ms, a new random order each
+round) so that drifts of a shared machine hit everyone alike; a peer far slower than ours
+(MLX) runs last in each round and a cooldown follows it. We report medians, and flag a row
+whose samples spread too far to trust. Peers get their best native layout: PyTorch the
+faster of NC... and channels_last(_3d) (a zero-copy view of our channels-last array), ONNX
+Runtime NC..., MLX channels last. This machine's sgemm peak (NumPy float32 matmul) is
+measured in the same run (W1-W9).
 
 The table and the Markdown are built by small pure functions (`table_cells`, `format_text`,
 `format_markdown`) from `BenchRow` records, so they can be tested from given timings.
