@@ -65,6 +65,7 @@ MAX_SETTLE_S = 0.5
 # 9.6 ms without MLX in the run; whatever the cause (host throttling after a long burst, its
 # threads), no fast runner should be the one that pays for it.
 SLOW_FACTOR = 10.0
+SLOW_MIN_MS = 100.0  # ... and this long a call: a 10 ms peer call needs no 1 s cooldown
 COOLDOWN_S = 1.0
 # A contender whose samples spread more than this (interquartile range / median) makes its
 # row unreliable: the row is marked and a warning printed (issue 24: one peer's outlier
@@ -650,9 +651,10 @@ def time_runners(runners: Sequence[tuple[Any, Runner]], reference: Any, rounds: 
                  slow_keys: Sequence[Any] = ()) -> dict[Any, list[float]]:
     """The one timing loop of the bench: each runner (key, Runner) is warmed up, then timed
     `rounds` times in bursts (burst_size), a settle() before each burst, in a new random
-    order each round; a runner SLOW_FACTOR times slower than the `reference` key's (or in
-    `slow_keys`: not warmed up) runs last in its round, a cooldown after it. Returns the
-    samples (ms per call) by key."""
+    order each round. A slow runner runs last in its round, a cooldown after it: one in
+    `slow_keys` (not warmed up either), or one SLOW_FACTOR times slower than the
+    `reference` key's and of at least SLOW_MIN_MS a call. Returns the samples (ms per call)
+    by key."""
     rng = rng or random.Random(0)
     numbers, estimates = {}, {}
     for key, runner in runners:
@@ -662,7 +664,8 @@ def time_runners(runners: Sequence[tuple[Any, Runner]], reference: Any, rounds: 
         estimates[key] = est
         numbers[key] = burst_size(est)
     ref_est = estimates[reference]
-    slow = [key in slow_keys or estimates[key] > SLOW_FACTOR * ref_est for key, _ in runners]
+    slow = [key in slow_keys or estimates[key] > max(SLOW_FACTOR * ref_est, SLOW_MIN_MS)
+            for key, _ in runners]
     samples: dict[Any, list[float]] = {key: [] for key, _ in runners}
     for _ in range(max(1, rounds)):
         for (key, runner), is_slow in round_order(list(zip(runners, slow)), slow, rng):
@@ -792,10 +795,11 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
         + (f"; max rel. difference vs ours: {errs}" if errs else ""))
     for m in messages:
         log("  " + m)
-    for who, sp in unreliable(row).items():
-        log(f"  !!! {wl.title}: {who}'s samples spread {100 * sp:.0f}% (IQR/median > "
-            f"{100 * SPREAD_LIMIT:.0f}%): this row is unreliable; rerun it, with more "
-            "--rounds or on a quieter machine")
+    shaky = unreliable(row)
+    if shaky:
+        log(f"  !!! {wl.title}: samples spread (IQR/median) "
+            + ", ".join(f"{who} {100 * sp:.0f}%" for who, sp in shaky.items())
+            + f" > {100 * SPREAD_LIMIT:.0f}%: unreliable")
     return row
 
 

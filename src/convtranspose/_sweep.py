@@ -375,14 +375,23 @@ def write_sweep_chart(results: Sequence[SweepResult], path: str, title: str = ""
         from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return False
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import LogLocator
+
     times = FuncFormatter(lambda v, _: f"{v:g}x")
     have = sorted((r for r in results if r.ratio), key=lambda r: r.ratio)
-    colours = dict(zip(CLASSES, plt.get_cmap("tab10").colors))
+    palette = plt.get_cmap("tab10").colors
+    colours = dict(zip(CLASSES, palette[:len(CLASSES) - 1]))
+    colours["other"] = "0.65"  # grey: the classes to look at stand out
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(9.0, 0.28 * len(have) + 5), 4.6),
                                       dpi=110, gridspec_kw={"width_ratios": [2.2, 1]})
     xs = np.arange(len(have))
-    left.bar(xs, [r.ratio for r in have], 0.8,
-             color=[colours[r.layer.label] for r in have])
+    bars = left.bar(xs, [r.ratio for r in have], 0.8,
+                    color=[colours[r.layer.label] for r in have])
+    for bar, r in zip(bars, have):
+        if _bench.flagged(r.row):
+            bar.set_hatch("///")
+            bar.set_edgecolor("white")
     left.set_yscale("log")
     left.axhline(1.0, color="0.2", lw=1)
     left.set_xticks(xs)
@@ -400,11 +409,17 @@ def write_sweep_chart(results: Sequence[SweepResult], path: str, title: str = ""
     right.axhline(1.0, color="0.2", lw=1)
     right.set_xlabel("useful GFLOP" + (" (both gradients)" if grad else ""))
     right.grid(which="both", alpha=0.3)
-    right.legend(fontsize=7, loc="best", title="class", title_fontsize=7)
+    handles, _ = right.get_legend_handles_labels()
+    if any(_bench.flagged(r.row) for r in have):
+        handles.append(Patch(facecolor="0.8", hatch="///", edgecolor="white",
+                             label=f"hatched: spread > {100 * _bench.SPREAD_LIMIT:.0f}%"))
+    right.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                 title="class", title_fontsize=7)
     lo = min([r.ratio for r in have] + [1.0])
     hi = max([r.ratio for r in have] + [1.0])
     for ax in (left, right):
         ax.set_ylim(lo / 1.3, hi * 1.3)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(times)
         ax.yaxis.set_minor_formatter(NullFormatter())
     right.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
