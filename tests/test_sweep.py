@@ -208,6 +208,24 @@ def test_results_table_summary_and_worst_on_given_numbers():
     assert "no backward plan" in _sweep.summary_lines(results, grad=True)[1]
 
 
+def test_predicted_seconds_is_the_plans_estimate_for_its_algorithm(monkeypatch):
+    wl = workload("p", "", 1, 16, 32, 32, 3, 2, 1, 1)
+    plan = convtranspose.plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    assert plan.algorithm in plan.est_seconds  # not an 'indexed' call: it has an estimate
+    got = _sweep.predicted_seconds(wl, np.float32, None, grad=False)
+    assert got == pytest.approx(plan.est_seconds[plan.algorithm])
+    # Gradients: from convtranspose.vjp_plan when the backward has a plan, else none.
+    monkeypatch.delattr(convtranspose, "vjp_plan", raising=False)
+    assert _sweep.predicted_seconds(wl, np.float32, None, grad=True) is None
+
+    class FakePlan:
+        algorithm = "b"
+        est_seconds = {"a": 1.0, "b": 0.25}
+
+    monkeypatch.setattr(convtranspose, "vjp_plan", lambda *a, **k: FakePlan(), raising=False)
+    assert _sweep.predicted_seconds(wl, np.float32, None, grad=True) == 0.25
+
+
 def test_an_unreliable_row_is_marked():
     r = _result("S01", 2.0)
     r.row.spread = {"ours": 0.05, "PyTorch (cl)": 0.6}
