@@ -372,11 +372,10 @@ def write_sweep_chart(results: Sequence[SweepResult], path: str, title: str = ""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullFormatter
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return False
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import LogLocator
 
     times = FuncFormatter(lambda v, _: f"{v:g}x")
     have = sorted((r for r in results if r.ratio), key=lambda r: r.ratio)
