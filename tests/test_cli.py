@@ -83,6 +83,11 @@ def test_bench_w9_prints_table_with_peers(tmp_path):
     assert any(line.startswith("geomean") for line in lines)
     assert "sgemm (numpy float32 matmul 512^3" in res.stdout
     assert "peak used for % peak" in res.stdout
+    kernel = convtranspose.native_isa()
+    assert f"kernel: compiled, {kernel}" in res.stdout if kernel else \
+        "kernel: none: NumPy fallback" in res.stdout
+    assert "% peak = useful GFLOP/s as a share of" in res.stdout  # what the percentage is
+    assert "random order each round" in res.stdout
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "| W9 tiny |" in md and "| geomean |" in md
     assert "sgemm peak (numpy float32 512^3" in md and "PyTorch 2." in md
@@ -100,6 +105,8 @@ def test_bench_grad_without_or_with_vjp():
     if hasattr(convtranspose, "conv_transpose3d_vjp"):
         assert res.returncode == 0, res.stdout + res.stderr
         assert "W9 tiny" in res.stdout and "gradients" in res.stdout
+        # ONNX Runtime has no gradients: not a column of n/a, not a peer at all.
+        assert "ONNX" not in res.stdout and "x best(torch)" in res.stdout
     else:
         assert res.returncode == 1
         assert "grads are unavailable" in res.stderr
@@ -215,7 +222,7 @@ def test_settle_waits_for_spinning_threads_to_park():
 
     from convtranspose import _bench
 
-    assert _bench.settle() < 0.1  # idle already: one short look
+    assert 0.06 <= _bench.settle() < 0.15  # idle already: the minimum pause, one look
     stop = time.perf_counter() + 0.15
 
     def spin():
@@ -224,21 +231,59 @@ def test_settle_waits_for_spinning_threads_to_park():
 
     worker = threading.Thread(target=spin)
     worker.start()
-    waited = _bench.settle()
+    waited = _bench.settle(min_pause=0.0)
     worker.join()
     assert waited >= 0.1
 
 
-def test_round_order_rotates_the_fast_and_runs_the_slow_last():
-    """Each fast runner leads once over a cycle; a slow one (MLX) is always last, so no fast
-    runner comes right after it within a round."""
+def test_round_order_is_random_each_round_and_runs_the_slow_last():
+    """The fast runners come in a new random order every round (reproducible from the
+    generator's seed); a slow one (MLX) is always last, so no fast runner follows it."""
+    import random
+
     names = ["ours", "torch", "mlx", "ort"]
     slow = [False, False, True, False]
-    orders = [_bench.round_order(names, slow, r) for r in range(6)]
+    rng = random.Random(3)
+    orders = [_bench.round_order(names, slow, rng) for r in range(12)]
     assert all(o[-1] == "mlx" and sorted(o) == sorted(names) for o in orders)
-    assert [o[0] for o in orders[:3]] == ["ours", "torch", "ort"]
-    assert orders[3] == orders[0]
-    assert _bench.round_order(names, [False] * 4, 1) == ["torch", "mlx", "ort", "ours"]
+    assert {o[0] for o in orders} == {"ours", "torch", "ort"}
+    assert len({tuple(o) for o in orders}) > 2
+    rng = random.Random(3)
+    assert [_bench.round_order(names, slow, rng) for r in range(12)] == orders
+    assert names == ["ours", "torch", "mlx", "ort"]  # the caller's list is left alone
+
+
+def test_bursts_and_spread():
+    assert _bench.burst_size(0.05) == 400  # 400 calls of 0.05 ms: a 20 ms burst
+    assert _bench.burst_size(7.0) == 3     # at least SAMPLE_MS, never less
+    assert _bench.burst_size(50.0) == 1 and _bench.burst_size(math.inf) == 1
+    assert _bench.burst_size(1e-6) == 1000
+    assert _bench.spread([10.0]) is None
+    assert _bench.spread([10.0, 10.0, 10.0]) == 0.0
+    # Inclusive quartiles of 8, 10, 10, 12: 9.5 and 10.5, median 10 -> 0.1.
+    assert _bench.spread([12.0, 10.0, 8.0, 10.0]) == pytest.approx(0.1)
+
+
+def test_time_runners_times_every_runner_each_round():
+    calls = []
+
+    def runner(name):
+        return _bench.Runner(lambda: calls.append(name), lambda r: r)
+
+    samples = _bench.time_runners([("a", runner("a")), ("b", runner("b"))], "a", rounds=3)
+    assert set(samples) == {"a", "b"} and all(len(v) == 3 for v in samples.values())
+    assert all(t >= 0 for v in samples.values() for t in v)
+    assert calls.count("a") == calls.count("b") > 3  # warm-up, then bursts of many calls
+
+
+def test_a_spread_row_is_marked_unreliable_in_the_table():
+    rows = _rows()
+    rows[0].spread = {"ours": 0.02, "PyTorch (cl)": 0.4}
+    rows[1].spread = {"ours": 0.02, "PyTorch (ncdhw)": 0.1}
+    header, body = _bench.table_cells(rows, [_bench.TORCH, _bench.ORT], peak_gflops=400.0)
+    best = header.index("x best(torch/ort)")
+    assert body[0][best] == "1.50" + _bench.UNRELIABLE  # ORT 30 ms / ours 20 ms
+    assert not body[1][best].endswith(_bench.UNRELIABLE)
 
 
 def test_ratio_helpers():

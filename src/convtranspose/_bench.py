@@ -1,12 +1,15 @@
 """`convtranspose bench`: ours against every installed peer, side by side in one process.
 
-For each workload (DESIGN.md W1-W9) every implementation is first run once and its output
-compared with ours (a mismatch is reported loudly and its ratio left out), warmed up, then
-timed round by round in a rotating order so that drifts of a shared machine hit everyone
-alike; a peer far slower than ours (MLX) runs last in each round and a cooldown follows
-it. We report medians. Peers get their best native layout: PyTorch the faster of NCDHW and
-channels_last_3d (a zero-copy view of our channels-last array), ONNX Runtime NCDHW, MLX
-channels last. This machine's sgemm peak (NumPy float32 matmul) is measured in the same run.
+For each workload (W1-W9, defined in `_workloads.py`; or the random layers of `--sweep`,
+`_sweep.py`) every implementation is first run once and its output compared with ours (a
+mismatch is reported loudly and its ratio left out), warmed up, then timed round by round
+(`time_runners`: bursts of >= 20 ms after pauses of >= 60 ms, a new random order each
+round) so that drifts of a shared machine hit everyone alike; a peer far slower than ours
+(MLX) runs last in each round and a cooldown follows it. We report medians, and flag a row
+whose samples spread too far to trust. Peers get their best native layout: PyTorch the
+faster of NC... and channels_last(_3d) (a zero-copy view of our channels-last array), ONNX
+Runtime NC..., MLX channels last. This machine's sgemm peak (NumPy float32 matmul) is
+measured in the same run (W1-W9).
 
 The table and the Markdown are built by small pure functions (`table_cells`, `format_text`,
 `format_markdown`) from `BenchRow` records, so they can be tested from given timings.
@@ -20,6 +23,7 @@ import importlib
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -42,12 +46,17 @@ BEST_OF = (TORCH, ORT)
 SHORT = {TORCH: "torch", ORT: "ort", MLX: "mlx"}
 # Output agreement, as max|peer - ours| / max|ours|: about rtol 1e-3 scaled, looser for
 # half precisions whose results are rounded to 8 or 11 significant bits.
-SAMPLE_MS = 20.0  # calls shorter than this are repeated within one timed sample
-# Between samples: OpenMP/ORT/BLAS pools keep spinning a while after a call, and a sample
-# taken meanwhile shares the cores with them. ONNX Runtime's spun about one core for 30 ms
-# on W3, and in the fixed cyclic order the runner after it (ours) paid up to 30%; so the
-# pause lasts until the process is idle, not a fixed 10 ms.
-PAUSE_S = 0.005         # one look at the process's CPU use
+# Fair timing (issue 19), for W1-W9 and the sweep alike: each sample is a burst of
+# back-to-back calls lasting at least SAMPLE_MS; before each burst a pause of at least
+# MIN_PAUSE_S that lasts on until this process is idle (settle), so that no contender pays
+# for another's spinning threads; the contenders run in a new random order every round
+# (round_order); we report medians.
+SAMPLE_MS = 20.0
+# OpenMP/ORT/BLAS pools keep spinning a while after a call, and a sample taken meanwhile
+# shares the cores with them: ONNX Runtime's spun about one core for 30 ms on W3, and in a
+# fixed cyclic order the runner after it (ours) paid up to 30%.
+MIN_PAUSE_S = 0.06
+PAUSE_S = 0.005         # one further look at the process's CPU use
 IDLE_SHARE = 0.05       # of one core: below this, the pools are parked
 MAX_SETTLE_S = 0.5
 # A peer this many times slower than ours (MLX: ~100x) is "slow": it runs last in every round
@@ -56,7 +65,12 @@ MAX_SETTLE_S = 0.5
 # 9.6 ms without MLX in the run; whatever the cause (host throttling after a long burst, its
 # threads), no fast runner should be the one that pays for it.
 SLOW_FACTOR = 10.0
+SLOW_MIN_MS = 100.0  # ... and this long a call: a 10 ms peer call needs no 1 s cooldown
 COOLDOWN_S = 1.0
+# A contender whose samples spread more than this (interquartile range / median) makes its
+# row unreliable: the row is marked and a warning printed (issue 24: one peer's outlier
+# once moved a geomean from ~2x to 12x unnoticed).
+SPREAD_LIMIT = 0.25
 TOLERANCE = {"float64": 1e-6, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 
 
@@ -85,6 +99,23 @@ class BenchRow:
     failure: str = ""  # our own call raised: nothing else is timed for this workload
     # Gradients: our medians of OUR_PARTS (the forward, each gradient alone), in ms.
     parts: dict[str, float] = field(default_factory=dict)
+    # Each counted contender's samples' spread (IQR/median), by "ours" or "peer (variant)".
+    spread: dict[str, float | None] = field(default_factory=dict)
+    error: float | None = None  # ours against our float64 result (the sweep)
+
+
+def unreliable(row: BenchRow) -> dict[str, float]:
+    """The contenders of a row whose samples spread beyond SPREAD_LIMIT."""
+    return {who: sp for who, sp in row.spread.items() if sp is not None and sp > SPREAD_LIMIT}
+
+
+UNRELIABLE = "!"  # after a ratio: flagged(row)
+
+
+def flagged(row: BenchRow, best_of: Sequence[str] = BEST_OF) -> bool:
+    """Whether the row's ratio against the faster peer is unreliable: ours or one of
+    `best_of` spread beyond SPREAD_LIMIT."""
+    return any(who == "ours" or who.split(" (")[0] in best_of for who in unreliable(row))
 
 
 def ratio(peer: PeerTiming | None, ours_ms: float | None) -> float | None:
@@ -175,7 +206,8 @@ def table_cells(rows: Sequence[BenchRow], peers: Sequence[str], peak_gflops: flo
                 continue
             ms = _fmt_ms(t.ms) + (f" ({t.variant})" if t.variant else "")
             cells += [ms, "MISMATCH" if t.mismatch else _fmt_ratio(ratio(t, row.ours_ms))]
-        cells.append(_fmt_ratio(best_ratio(row, best_of)))
+        cells.append(_fmt_ratio(best_ratio(row, best_of))
+                     + (UNRELIABLE if flagged(row, best_of) else ""))
         if with_parts:
             cells += _part_cells(row.parts)
         else:
@@ -423,10 +455,15 @@ def _torch_to_np(t: Any) -> np.ndarray:
     return t.numpy()
 
 
+# PyTorch's name of its contiguous layout, by spatial axes (the 'cl' variant is its channels
+# last, a zero-copy view of our array; 1-D has none).
+TORCH_FIRST = {1: "ncw", 2: "nchw", 3: "ncdhw"}
+
+
 def torch_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
                   ) -> dict[str, Runner]:
-    """PyTorch in both layouts: 'ncdhw' (contiguous) and 'cl' (channels_last_3d, a zero-copy
-    permuted view of our array)."""
+    """PyTorch in both layouts: contiguous ('ncdhw', 'nchw', 'ncw') and, in 2-D and 3-D,
+    'cl' (channels_last(_3d), a zero-copy permuted view of our array)."""
     import torch
     import torch.nn.functional as F
 
@@ -435,24 +472,30 @@ def torch_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | No
     if min(wl.padding) < 0 or any(o >= max(s, d) for o, s, d in
                                   zip(wl.output_padding, wl.stride, wl.dilation)):
         raise Unavailable("n/a (setting)")
-    x_cl = _np_to_torch(torch, x).permute(0, 4, 1, 2, 3)
+    nd = wl.ndim
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    x_cl = _np_to_torch(torch, x).permute(0, nd + 1, *range(1, nd + 1))
     wt = _np_to_torch(torch, torch_weight_from_ours(w, wl.groups))
     groups = wl.groups
+    formats = [(TORCH_FIRST[nd], torch.contiguous_format)]
+    if nd > 1:
+        formats.append(("cl", torch.channels_last if nd == 2 else torch.channels_last_3d))
     runners = {}
-    for variant, fmt in (("ncdhw", torch.contiguous_format), ("cl", torch.channels_last_3d)):
+    for variant, fmt in formats:
         xt = x_cl.contiguous(memory_format=fmt)
         wv = wt.contiguous(memory_format=fmt)
         if g is None:
             def call(xt=xt, wv=wv):
                 with torch.no_grad():
-                    return F.conv_transpose3d(xt, wv, **kw)
+                    return conv(xt, wv, **kw)
 
             runners[variant] = Runner(call, lambda y: np.moveaxis(_torch_to_np(y), 1, -1))
             continue
         xg = xt.detach().clone(memory_format=fmt).requires_grad_(True)
         wg = wv.detach().clone(memory_format=fmt).requires_grad_(True)
-        y = F.conv_transpose3d(xg, wg, **kw)  # forward once; the backward alone is timed
-        gt = _np_to_torch(torch, g).permute(0, 4, 1, 2, 3).contiguous(memory_format=fmt)
+        y = conv(xg, wg, **kw)  # forward once; the backward alone is timed
+        gt = _np_to_torch(torch, g).permute(0, nd + 1, *range(1, nd + 1)).contiguous(
+            memory_format=fmt)
 
         def call(y=y, xg=xg, wg=wg, gt=gt):
             return torch.autograd.grad(y, (xg, wg), gt, retain_graph=True)
@@ -491,7 +534,7 @@ def mlx_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
                 ) -> dict[str, Runner]:
     import mlx.core as mx
 
-    if wl.groups != 1:
+    if wl.groups != 1 and wl.ndim == 3:
         raise Unavailable("n/a (groups)")  # MLX: "Can only handle groups != 1 in 1D or 2D"
     if x.dtype.name == "float64":
         raise Unavailable("n/a (float64)")
@@ -505,11 +548,14 @@ def mlx_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
         return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
 
     xm, wm = to_mx(x), to_mx(w)
-    kw = dict(stride=wl.stride, padding=wl.padding, dilation=wl.dilation,
-              output_padding=wl.output_padding)
+    one = wl.ndim == 1  # mx.conv_transpose1d takes ints, not tuples
+    kw = {k: (v[0] if one else v) for k, v in wl.settings.items() if k != "groups"}
+    if wl.groups != 1:
+        kw["groups"] = wl.groups
+    conv = (mx.conv_transpose1d, mx.conv_transpose2d, mx.conv_transpose3d)[wl.ndim - 1]
 
     def forward(a, b):
-        return mx.conv_transpose3d(a, b, **kw)
+        return conv(a, b, **kw)
 
     if g is None:
         def call():
@@ -528,11 +574,17 @@ def mlx_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
     return {"": Runner(call_vjp, lambda r: (to_np(r[0]), to_np(r[1])))}
 
 
+def _ours(ndim: int, vjp: bool = False) -> Callable[..., Any]:
+    """convtranspose.conv_transpose{ndim}d(_vjp), looked up at call time (tests patch it)."""
+    return getattr(convtranspose, f"conv_transpose{ndim}d{'_vjp' if vjp else ''}")
+
+
 def ours_runner(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None) -> Runner:
     s = wl.settings
     if g is None:
-        return Runner(lambda: convtranspose.conv_transpose3d(x, w, **s), lambda y: y)
-    vjp = convtranspose.conv_transpose3d_vjp
+        fwd = _ours(wl.ndim)
+        return Runner(lambda: fwd(x, w, **s), lambda y: y)
+    vjp = _ours(wl.ndim, vjp=True)
     args = (s["stride"], s["padding"], s["dilation"], s["output_padding"], s["groups"])
     return Runner(lambda: vjp(x, w, g, *args), lambda r: r)
 
@@ -542,10 +594,11 @@ def our_part_runners(wl: Workload, x: np.ndarray, w: np.ndarray,
     """Gradients: our forward, and each gradient alone (the other not computed), timed
     beside both so that each gradient's cost shows against the forward's."""
     s = wl.settings
-    spec = spec_for(3, x, w, s["stride"], s["padding"], s["dilation"], s["output_padding"],
-                    s["groups"])[0]
+    spec = spec_for(wl.ndim, x, w, s["stride"], s["padding"], s["dilation"],
+                    s["output_padding"], s["groups"])[0]
+    fwd = _ours(wl.ndim)
     return dict(zip(OUR_PARTS, (
-        Runner(lambda: convtranspose.conv_transpose3d(x, w, **s), lambda y: y),
+        Runner(lambda: fwd(x, w, **s), lambda y: y),
         Runner(lambda: vjp_arrays(spec, x, w, g, need_weight=False)[0], lambda y: y),
         Runner(lambda: vjp_arrays(spec, x, w, g, need_input=False)[1], lambda y: y))))
 
@@ -554,24 +607,73 @@ def our_part_runners(wl: Workload, x: np.ndarray, w: np.ndarray,
 # Measuring
 
 
-def round_order(runners: Sequence[Any], slow: Sequence[bool], r: int) -> list[Any]:
-    """The order of round `r`: the fast runners rotated by r (each leads equally often),
-    then the slow ones in their given order."""
+def round_order(runners: Sequence[Any], slow: Sequence[bool], rng: random.Random
+                ) -> list[Any]:
+    """The order of one round: the fast runners in a new random order, then the slow ones
+    in their given order."""
     fast = [x for x, s in zip(runners, slow) if not s]
-    k = r % len(fast) if fast else 0
-    return fast[k:] + fast[:k] + [x for x, s in zip(runners, slow) if s]
+    rng.shuffle(fast)
+    return fast + [x for x, s in zip(runners, slow) if s]
 
 
-def settle() -> float:
-    """Wait until this process's threads use under IDLE_SHARE of a core (at most
-    MAX_SETTLE_S); returns the seconds waited."""
+def settle(min_pause: float = MIN_PAUSE_S) -> float:
+    """Pause at least `min_pause` seconds, and on until this process's threads use under
+    IDLE_SHARE of a core (at most MAX_SETTLE_S in all); returns the seconds waited."""
     start = time.perf_counter()
+    look = max(min_pause, PAUSE_S)
     while True:
         cpu, wall = time.process_time(), time.perf_counter()
-        time.sleep(PAUSE_S)
+        time.sleep(look)
         busy = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
         if busy < IDLE_SHARE or time.perf_counter() - start > MAX_SETTLE_S:
             return time.perf_counter() - start
+        look = PAUSE_S
+
+
+def spread(samples: Sequence[float]) -> float | None:
+    """Interquartile range / median of a contender's samples; None below two samples."""
+    if len(samples) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    med = statistics.median(samples)
+    return (q3 - q1) / med if med > 0 else None
+
+
+def burst_size(est_ms: float) -> int:
+    """Calls per sample so that a burst lasts at least SAMPLE_MS (at most 1000 calls)."""
+    if not math.isfinite(est_ms):
+        return 1
+    return max(1, min(1000, math.ceil(SAMPLE_MS / max(est_ms, 1e-3))))
+
+
+def time_runners(runners: Sequence[tuple[Any, Runner]], reference: Any, rounds: int,
+                 warmup: int = 1, rng: random.Random | None = None,
+                 slow_keys: Sequence[Any] = ()) -> dict[Any, list[float]]:
+    """The one timing loop of the bench: each runner (key, Runner) is warmed up, then timed
+    `rounds` times in bursts (burst_size), a settle() before each burst, in a new random
+    order each round. A slow runner runs last in its round, a cooldown after it: one in
+    `slow_keys` (not warmed up either), or one SLOW_FACTOR times slower than the
+    `reference` key's and of at least SLOW_MIN_MS a call. Returns the samples (ms per call)
+    by key."""
+    rng = rng or random.Random(0)
+    numbers, estimates = {}, {}
+    for key, runner in runners:
+        est = math.inf
+        for _ in range(max(0, warmup) if key not in slow_keys else 0):
+            est = min(est, _timed(runner.call))
+        estimates[key] = est
+        numbers[key] = burst_size(est)
+    ref_est = estimates[reference]
+    slow = [key in slow_keys or estimates[key] > max(SLOW_FACTOR * ref_est, SLOW_MIN_MS)
+            for key, _ in runners]
+    samples: dict[Any, list[float]] = {key: [] for key, _ in runners}
+    for _ in range(max(1, rounds)):
+        for (key, runner), is_slow in round_order(list(zip(runners, slow)), slow, rng):
+            settle()  # let the previous library's spinning worker threads park
+            samples[key].append(_timed(runner.call, numbers[key]))
+            if is_slow:
+                time.sleep(COOLDOWN_S)
+    return samples
 
 
 def _timed(fn: Callable[[], Any], number: int = 1) -> float:
@@ -603,8 +705,11 @@ def _compare(got: Any, ref: Any) -> float:
 
 def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
                    rounds: int = 7, threads: int | None = None, grad: bool = False,
-                   warmup: int = 1, log: Callable[[str], None] = print) -> BenchRow:
-    """Check every peer against ours, then time them interleaved; medians in ms."""
+                   warmup: int = 1, log: Callable[[str], None] = print, parts: bool = True,
+                   rng: random.Random | None = None, check64: bool = False) -> BenchRow:
+    """Check every peer against ours, then time them interleaved (time_runners); medians
+    in ms. `parts`: with `grad`, also time our forward and each gradient alone. `check64`:
+    also our error against our own float64 result (row.error)."""
     dt = resolve_dtype(dtype)
     x, w = make_arrays(wl, dt)
     g = make_cotangent(wl, dt) if grad else None
@@ -625,8 +730,13 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
         row.failure = _first_line(exc)
         log(f"  !!! {wl.title}: convtranspose FAILED: {row.failure}")
         return row
+    if check64:
+        x64, w64 = x.astype(np.float64), w.astype(np.float64)
+        g64 = None if g is None else g.astype(np.float64)
+        row.error = _compare(ref, ours_runner(wl, x64, w64, g64).call())
+        del x64, w64, g64
     runners: list[tuple[str, str, Runner]] = [("ours", "", ours)]
-    if grad:
+    if grad and parts:
         runners += [("ours", name, runner)
                     for name, runner in our_part_runners(wl, x, w, g).items()]
     messages = []
@@ -664,31 +774,12 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
     del ref
     gc.collect()
 
-    # Warm-up (the check above was the first call of each), then rounds (see round_order).
-    # A call much shorter than SAMPLE_MS is repeated within a sample (its mean is the sample)
-    # so that timer resolution and scheduler hiccups do not dominate tiny workloads.
-    numbers, estimates = {}, {}
-    for peer, variant, runner in runners:
-        est = math.inf
-        for _ in range(max(0, warmup) if peer != MLX else 0):  # MLX: seconds per call
-            est = min(est, _timed(runner.call))
-        estimates[(peer, variant)] = est
-        numbers[(peer, variant)] = (1 if not math.isfinite(est)
-                                    else max(1, min(1000, int(SAMPLE_MS / max(est, 1e-3)))))
-    # Slow: MLX (never warmed up: seconds per call), or any runner SLOW_FACTOR x ours.
-    ours_est = estimates[("ours", "")]
-    slow = [p == MLX or estimates[(p, v)] > SLOW_FACTOR * ours_est for p, v, _ in runners]
-    samples: dict[tuple[str, str], list[float]] = {(p, v): [] for p, v, _ in runners}
-    for r in range(max(1, rounds)):
-        for (peer, variant, runner), is_slow in round_order(list(zip(runners, slow)),
-                                                           slow, r):
-            settle()  # let the previous library's spinning worker threads park
-            samples[(peer, variant)].append(_timed(runner.call, numbers[(peer, variant)]))
-            if is_slow:
-                time.sleep(COOLDOWN_S)
-
+    # Warm-up (the check above was the first call of each), then the timed rounds.
+    samples = time_runners([((p, v), r) for p, v, r in runners], ("ours", ""), rounds,
+                           warmup, rng, slow_keys=[(p, v) for p, v, _ in runners if p == MLX])
     medians = {key: statistics.median(ts) for key, ts in samples.items()}
     row.ours_ms = medians[("ours", "")]
+    row.spread = {"ours": spread(samples[("ours", "")])}
     row.parts = {v: ms for (p, v), ms in medians.items() if p == "ours" and v}
     for peer in peers:
         timing = row.peers[peer]
@@ -696,12 +787,19 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
         if own:
             variant = min(own, key=own.get)
             timing.ms, timing.variant = own[variant], variant
+            row.spread[peer + (f" ({variant})" if variant else "")] = spread(
+                samples[(peer, variant)])
     errs = ", ".join(f"{p} {row.peers[p].error:.1e}" for p in peers
                      if row.peers[p].error is not None)
     log(f"  {wl.title}: ours {_fmt_ms(row.ours_ms)} ms"
         + (f"; max rel. difference vs ours: {errs}" if errs else ""))
     for m in messages:
         log("  " + m)
+    shaky = unreliable(row)
+    if shaky:
+        log(f"  !!! {wl.title}: samples spread (IQR/median) "
+            + ", ".join(f"{who} {100 * sp:.0f}%" for who, sp in shaky.items())
+            + f" > {100 * SPREAD_LIMIT:.0f}%: unreliable")
     return row
 
 
@@ -752,9 +850,10 @@ def _positive_int(text: str) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "bench", help="time conv_transpose3d against PyTorch, ONNX Runtime (and MLX)",
+        "bench", help="time convtranspose against PyTorch, ONNX Runtime (and MLX)",
         description="Time convtranspose.conv_transpose3d on the public workloads W1-W9 "
-                    "against every installed peer, interleaved in one process; medians.")
+                    "(or, with --sweep N, on N random 1-D/2-D/3-D layers) against every "
+                    "installed peer, interleaved in one process; medians.")
     p.add_argument("--workload", default="all",
                    help="comma-separated workloads, e.g. W1,W3 (default: all of W1-W9)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -763,19 +862,84 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="threads for ours, PyTorch and ONNX Runtime (default: all cores)")
     p.add_argument("--mlx", action="store_true", help="also time MLX's CPU conv_transpose3d "
-                   "(slow: seconds per call)")
+                   "(slow: seconds per call; W1-W9 only)")
     p.add_argument("--grad", action="store_true",
-                   help="time gradients: convtranspose.conv_transpose3d_vjp against the "
-                        "peers' backward passes")
+                   help="time gradients: convtranspose's vjp against PyTorch's backward "
+                        "(ONNX Runtime has none)")
     p.add_argument("--sgemm-size", type=_positive_int, default=2048, metavar="N",
                    help="size of the float32 N x N x N matmul measuring the peak (default 2048)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="also write DIR/bench.md (the table) and DIR/bench.png (a chart)")
+                   help="also write DIR/bench.md (the table) and DIR/bench.png (a chart); "
+                        "with --sweep DIR/sweep.md, sweep.png and sweep.json (the layers)")
+    sweep = p.add_argument_group(
+        "random-layer sweep", "time N random layers drawn from --seed (about 2/3 3-D, 1/4 "
+        "2-D, the rest 1-D; 0.05-3 useful GFLOP each) against the faster peer")
+    sweep.add_argument("--sweep", type=_positive_int, default=None, metavar="N",
+                       help="draw and time N random layers instead of W1-W9")
+    sweep.add_argument("--seed", type=int, default=0,
+                       help="the sweep's random seed (the same seed draws the same layers; "
+                            "default 0)")
+    sweep.add_argument("--dims", default="1,2,3", metavar="1,2,3",
+                       help="spatial dimensions to draw from (default 1,2,3)")
+    sweep.add_argument("--layers", metavar="FILE.json", default=None,
+                       help="time the layers of a sweep.json (or worst.json) written by "
+                            "--out instead of drawing; with --sweep N only the first N")
+    sweep.add_argument("--show-worst", type=_positive_int, default=None, metavar="K",
+                       help="list the K layers with the lowest ratio (and, with --out, write "
+                            "them to DIR/worst.json for --layers)")
     p.set_defaults(func=run)
     return p
 
 
+def kernel_text() -> str:
+    """The compiled kernel in use, or its absence (issue 24: the slow path must not be
+    silent)."""
+    isa = convtranspose.native_isa()
+    return f"compiled, {isa}" if isa else "none: NumPy fallback (3-4x slower; see README)"
+
+
+def header_lines(threads: int | None, found: dict[str, str], missing: Sequence[str],
+                 mlx_asked: bool | None) -> list[str]:
+    """What ran where: machine, kernel, peers (the first lines of W1-W9 and of the sweep)."""
+    lines = [f"machine: {_cpu_name()}, {os.cpu_count()} CPU(s); python "
+             f"{platform.python_version()}, numpy {np.__version__}; threads: "
+             f"{threads or 'default (all cores)'}",
+             f"kernel: {kernel_text()}",
+             "peers: " + (", ".join(f"{p} {v}" for p, v in found.items()) or "none")
+             + ("; MLX not requested (--mlx)" if mlx_asked is False else "")]
+    if missing:
+        lines.append("missing peers (not timed): " + "; ".join(missing))
+    return lines
+
+
+TIMING_NOTE = (f"Timing: each sample a burst of back-to-back calls of >= {SAMPLE_MS:.0f} ms, "
+               f"after a pause of >= {1e3 * MIN_PAUSE_S:.0f} ms until the process is idle; "
+               "contenders in a new random order each round; medians. "
+               f"{UNRELIABLE} after a ratio: ours or a peer spread more than "
+               f"{100 * SPREAD_LIMIT:.0f}% (interquartile range / median) over the rounds: "
+               "the ratio is unreliable, rerun it.")
+
+
+def setup_peers(args: argparse.Namespace, threads: int | None
+                ) -> tuple[dict[str, str], list[str]]:
+    """The installed peers (ONNX Runtime left out for gradients: it has none), with
+    `threads` applied to ours and PyTorch."""
+    found, missing = find_peers(getattr(args, "mlx", False))
+    if args.grad:
+        found.pop(ORT, None)
+        missing = [m for m in missing if not m.startswith(ORT)]
+    if threads is not None:
+        convtranspose.set_num_threads(threads)
+        if TORCH in found:
+            import torch
+            torch.set_num_threads(threads)
+    return found, missing
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "sweep", None) or getattr(args, "layers", None):
+        from ._sweep import run_sweep
+        return run_sweep(args)
     try:
         workloads = _select(args.workload)
         dt = resolve_dtype(args.dtype)
@@ -787,65 +951,70 @@ def run(args: argparse.Namespace) -> int:
               "conv_transpose3d_vjp", file=sys.stderr)
         return 1
     threads = args.threads
-    found, missing = find_peers(args.mlx)
+    found, missing = setup_peers(args, threads)
     peers = list(found)
-    found_text = ", ".join(f"{p} {v}" for p, v in found.items()) or "none"
-    if threads is not None:
-        convtranspose.set_num_threads(threads)
-        if TORCH in peers:
-            import torch
-            torch.set_num_threads(threads)
+    best_of = [p for p in BEST_OF if p in peers] if args.grad else BEST_OF
 
     print(f"convtranspose {convtranspose.__version__} bench: {len(workloads)} workload(s), "
           f"{dt.name}, {'gradients (vjp), ' if args.grad else ''}median of {args.rounds} "
           f"round(s)")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPU(s); python {platform.python_version()}"
-          f", numpy {np.__version__}; threads: {threads or 'default (all cores)'}")
-    print("peers: " + found_text
-          + ("" if args.mlx else "; MLX not requested (--mlx)"))
-    if missing:
-        print("missing peers (not timed): " + "; ".join(missing))
+    for line in header_lines(threads, found, missing, args.mlx):
+        print(line)
     size = args.sgemm_size
     sgemm_rounds = max(3, min(args.rounds, 7))
     peak, peak_ms = sgemm_peak(size, rounds=sgemm_rounds)
     print(f"sgemm (numpy float32 matmul {size}^3, median): {peak:.1f} GFLOP/s ({peak_ms:.1f} ms)"
           + (" - BLAS threads are not limited by --threads" if threads else ""))
 
-    rows = [bench_workload(wl, peers, dt, args.rounds, threads, args.grad)
+    rng = random.Random(getattr(args, "seed", 0))
+    rows = [bench_workload(wl, peers, dt, args.rounds, threads, args.grad, rng=rng)
             for wl in workloads]
     # Measured again after the workloads: on a shared machine the higher one is the peak.
     peak_end, _ = sgemm_peak(size, rounds=sgemm_rounds)
     print(f"sgemm again after the workloads: {peak_end:.1f} GFLOP/s; peak used for % peak: "
           f"{max(peak, peak_end):.1f} GFLOP/s")
     peak = max(peak, peak_end)
-    header, body = table_cells(rows, peers, peak)
+    header, body = table_cells(rows, peers, peak, best_of)
     print()
     print(format_text(header, body))
     notes = [
-        "ratio = peer ms / our ms: above 1 we are faster. Medians, interleaved rounds.",
+        "ratio = peer ms / our ms: above 1 we are faster. " + TIMING_NOTE,
         f"useful GFLOP/s = {'2 x ' if args.grad else ''}2*N*prod(in)*C_in*(C_out/groups)*"
-        "prod(k) / time; % peak = of this run's float32 sgemm.",
-        "PyTorch: the faster of NCDHW (ncdhw) and channels_last_3d (cl); ONNX Runtime: NCDHW.",
+        "prod(k) / time: the multiply-adds of the direct sum that touch a real input value, "
+        "whatever the algorithm does.",
+        f"% peak = useful GFLOP/s as a share of this machine's float32 GEMM rate, measured in "
+        f"this run (NumPy matmul {size}^3, the higher of before and after the workloads). "
+        "Above 100% means fewer multiply-adds than the direct sum (Winograd: W5, W8) or a "
+        "GEMM rate measured low on a busy machine, not a faster multiply-add.",
+        "PyTorch: the faster of NCDHW (ncdhw) and channels_last_3d (cl)"
+        + ("." if args.grad else "; ONNX Runtime: NCDHW."),
     ]
     mismatches = [f"{r.name}: {p} output differs from ours (rel. error {t.error:.2e})"
                   for r in rows for p, t in r.peers.items() if t.mismatch]
     failures = [f"{r.name}: convtranspose failed: {r.failure}" for r in rows if r.failure]
+    shaky = [f"{r.name}: " + ", ".join(f"{who} {100 * sp:.0f}%"
+                                       for who, sp in unreliable(r).items())
+             for r in rows if unreliable(r)]
     if missing:
         notes.append("missing peers: " + "; ".join(missing))
     notes += ["MISMATCH " + m for m in mismatches] + ["FAILED " + f for f in failures]
-    for note in notes[:3]:
+    notes += ["UNRELIABLE (spread) " + u for u in shaky]
+    for note in notes[:4]:
         print(note)
     for m in mismatches:
         print(f"!!! MISMATCH {m}")
     for f in failures:
         print(f"!!! FAILED {f}")
+    for u in shaky:
+        print(f"!!! UNRELIABLE {u}: rerun these rows (--workload, more --rounds)")
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = [f"convtranspose {convtranspose.__version__}, {dt.name}"
                 f"{', gradients' if args.grad else ''}, median of {args.rounds} rounds",
                 f"{_cpu_name()}, {os.cpu_count()} CPU(s), threads: {threads or 'all'}",
-                "peers: " + found_text,
+                f"kernel: {kernel_text()}",
+                "peers: " + (", ".join(f"{p} {v}" for p, v in found.items()) or "none"),
                 f"sgemm peak (numpy float32 {size}^3, the higher of before and after): "
                 f"{peak:.1f} GFLOP/s"]
         md = os.path.join(args.out, "bench.md")

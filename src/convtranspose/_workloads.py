@@ -1,7 +1,8 @@
-"""The public benchmark workloads W1-W9 (DESIGN.md) as data, plus deterministic arrays for them.
+"""The public benchmark workloads W1-W9, defined here as data, plus deterministic arrays.
 
-A workload is one `conv_transpose3d` layer: channels-last input (N, D, H, W, C_in) and weight
-(C_out, kD, kH, kW, C_in / groups), with MLX's settings. `convtranspose bench` and the tests
+A workload is one transposed-convolution layer (W1-W9 are 3-D; the bench's random sweep
+also draws 1-D and 2-D ones): channels-last input (N, *spatial, C_in) and weight
+(C_out, *kernel, C_in / groups), with MLX's settings. `convtranspose bench` and the tests
 read them from here so that every measurement talks about the same layers.
 """
 
@@ -14,34 +15,39 @@ from typing import Any
 
 import numpy as np
 
-Triple = tuple[int, int, int]
+Dims = tuple[int, ...]  # one entry per spatial axis (1 to 3)
 
 
-def _triple(value: int | Iterable[int]) -> Triple:
+def _dims(value: int | Iterable[int], ndim: int) -> Dims:
     if isinstance(value, int):
-        return (value, value, value)
+        return (value,) * ndim
     out = tuple(int(v) for v in value)
-    if len(out) != 3:
-        raise ValueError(f"expected an int or 3 ints, got {value!r}")
-    return out  # type: ignore[return-value]
+    if len(out) != ndim:
+        raise ValueError(f"expected an int or {ndim} ints, got {value!r}")
+    return out
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One 3-D transposed-convolution layer to time."""
+    """One 1-D, 2-D or 3-D transposed-convolution layer to time (every tuple has one entry
+    per spatial axis)."""
 
     name: str
     label: str
     batch: int
-    in_spatial: Triple
+    in_spatial: Dims
     c_in: int
     c_out: int
-    kernel: Triple
-    stride: Triple = (1, 1, 1)
-    padding: Triple = (0, 0, 0)
-    output_padding: Triple = (0, 0, 0)
+    kernel: Dims
+    stride: Dims = (1, 1, 1)
+    padding: Dims = (0, 0, 0)
+    output_padding: Dims = (0, 0, 0)
     groups: int = 1
-    dilation: Triple = (1, 1, 1)
+    dilation: Dims = (1, 1, 1)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.in_spatial)
 
     @property
     def title(self) -> str:
@@ -57,13 +63,13 @@ class Workload:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """Keyword arguments of `conv_transpose3d` (and of `convtranspose.plan`)."""
+        """Keyword arguments of `conv_transpose{ndim}d` (and of `convtranspose.plan`)."""
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
                 "output_padding": self.output_padding, "groups": self.groups}
 
     @property
-    def out_spatial(self) -> Triple:
-        return tuple(  # type: ignore[return-value]
+    def out_spatial(self) -> Dims:
+        return tuple(
             (i - 1) * s - 2 * p + d * (k - 1) + op + 1
             for i, k, s, p, d, op in zip(self.in_spatial, self.kernel, self.stride,
                                          self.padding, self.dilation, self.output_padding))
@@ -83,14 +89,14 @@ class Workload:
 def workload(name: str, label: str, batch: int, in_spatial: int | Iterable[int], c_in: int,
              c_out: int, kernel: int | Iterable[int], stride: int | Iterable[int] = 1,
              padding: int | Iterable[int] = 0, output_padding: int | Iterable[int] = 0,
-             groups: int = 1, dilation: int | Iterable[int] = 1) -> Workload:
-    """A `Workload` from ints or triples (ints apply to every axis)."""
-    return Workload(name, label, batch, _triple(in_spatial), c_in, c_out, _triple(kernel),
-                    _triple(stride), _triple(padding), _triple(output_padding), groups,
-                    _triple(dilation))
+             groups: int = 1, dilation: int | Iterable[int] = 1, ndim: int = 3) -> Workload:
+    """A `Workload` of `ndim` spatial axes from ints or tuples (ints apply to every axis)."""
+    return Workload(name, label, batch, _dims(in_spatial, ndim), c_in, c_out,
+                    _dims(kernel, ndim), _dims(stride, ndim), _dims(padding, ndim),
+                    _dims(output_padding, ndim), groups, _dims(dilation, ndim))
 
 
-# DESIGN.md, "Public workloads" (float32 there; any dtype here).
+# The public workloads: float32 in the README's tables; any dtype here.
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     workload("W1", "unet-k2s2-16", 2, 16, 256, 128, 2, 2),
     workload("W2", "unet-k2s2-64", 1, 64, 64, 32, 2, 2),
