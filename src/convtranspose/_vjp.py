@@ -159,7 +159,7 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
     elif algorithm == "indexed" and not indexed_fits(spec):
         raise ValueError("vjp: algorithm 'indexed' is for small calls; this one's gathered "
                          "cotangent would be too large (leave 'algorithm' to the default)")
-    side = (native_grad_weight_side(spec, x3, c3, cd)
+    side = (native_grad_weight_side(spec, x3, c3, cd, max(1, threads or get_num_threads()))
             if need_weight and work and algorithm in (None, "native") else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
@@ -419,27 +419,85 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
 
 
-def _wide_cotangent(spec, c3, w3, cd, threads):
-    """`grad_input_wide_w`: the cotangent in the compute dtype padded along W so that every
-    input pixel's run of kW pixels lies inside it; the weight as (kW * C_out, kD * kH, C_in)
-    (row k * C_out + co: tap k's channel co); the kernel's input dims, tap offsets, channels
-    summed and taps."""
-    kd, kh, kw = spec.kernel
+def _padded_cotangent(spec, c3, cd, threads, reach: int) -> tuple[np.ndarray, int]:
+    """The cotangent in the compute dtype padded with zeros along W, and its left padding,
+    so that for every input pixel i the `reach` cotangent pixels from i*s - p on lie
+    inside it (the W-tap runs of `grad_input_wide_w` and `grad_weight_wide_w`)."""
     pad, in_w, out_w = spec.padding[2], spec.in_spatial[2], spec.out_spatial[2]
     left = max(0, pad)
-    width = max(out_w + left, (in_w - 1) * spec.stride[2] - pad + kw + left)
+    width = max(out_w + left, (in_w - 1) * spec.stride[2] - pad + reach + left)
     n, od, oh = spec.batch, *spec.out_spatial[:2]
     padded = result_empty((n, od, oh, width, spec.c_out), cd)
     padded[:, :, :, :left] = 0
     padded[:, :, :, left + out_w:] = 0
     run_jobs([functools.partial(np.copyto, padded[i, :, :, left:left + out_w], c3[i],
                                 casting="unsafe") for i in range(n)], threads)
+    return padded, left
+
+
+def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:
+    """The tap offsets of a W-padded cotangent read with one W tap (its run's start)."""
+    base = _tap_offsets(spec)
+    return native.TapOffsets([base[0], base[1], np.array([left - spec.padding[2]])])
+
+
+def _wide_cotangent(spec, c3, w3, cd, threads):
+    """`grad_input_wide_w`: the padded cotangent; the weight as (kW * C_out, kD * kH, C_in)
+    (row k * C_out + co: tap k's channel co); the kernel's input dims, tap offsets, channels
+    summed and taps."""
+    kd, kh, kw = spec.kernel
+    padded, left = _padded_cotangent(spec, c3, cd, threads, kw)
     w5 = w3.reshape(spec.c_out, kd, kh, kw, spec.c_in)
     wide_w = np.ascontiguousarray(w5.transpose(3, 0, 1, 2, 4), dtype=cd)
     wide_w = wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
-    base = _tap_offsets(spec)
-    offsets = native.TapOffsets([base[0], base[1], np.array([left - pad])])
-    return padded, wide_w, (od, oh, width - kw + 1), offsets, kw * spec.c_out, kd * kh
+    od, oh, width = padded.shape[1:4]
+    return (padded, wide_w, (od, oh, width - kw + 1), _wide_offsets(spec, left),
+            kw * spec.c_out, kd * kh)
+
+
+GW_WIDE = 3  # native_grad_weight_side: every W tap's columns in one run (grad_weight_wide_w)
+
+
+def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
+    """Whether grad_weight sums every W tap at once: with dilation 1 along W, input pixel
+    i meets one run of kW * C_out cotangent values, so a (D, H) tap's sums over the pixels
+    are one product of x's C_in by that run (rounded up to whole vectors, the extra columns
+    dropped) where per tap C_out alone would fill part of a vector. Needs enough (tap,
+    column chunk) units to share among the threads."""
+    lanes, _ = native.layout(cd.itemsize)
+    cols = -(-spec.kernel[2] * spec.c_out // lanes) * lanes
+    return (spec.groups == 1 and spec.dilation[2] == 1 and spec.kernel[2] > 1
+            and spec.c_out < FUSE_W_BELOW_CHANNELS
+            and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, cd.itemsize)
+            >= 2 * threads)
+
+
+def _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> None:
+    """grad_weight by `grad_weight_wide_w`: sums (kD * kH taps, C_in, columns) over a
+    W-padded cotangent, columns k * C_out + co, then laid out as gw (C_out, taps, C_in)."""
+    kd, kh, kw = spec.kernel
+    lanes, _ = native.layout(cd.itemsize)
+    cols = -(-kw * spec.c_out // lanes) * lanes
+    padded, left = _padded_cotangent(spec, c3, cd, n_threads, -(-cols // spec.c_out))
+    taps = kd * kh
+    part = native.aligned_empty((taps * spec.c_in * cols,), cd)
+    units = native.gw_units(taps, cols, cd.itemsize)
+    workers = min(n_threads * (2 if defer is not None else 1), units)
+    bounds = [units * j // workers for j in range(workers + 1)]
+    box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
+    calls: list = []
+    native.grad_weight(False, x3, 0, padded, 0, _wide_offsets(spec, left), spec.stride,
+                       part, box, cin=spec.c_in, cout=cols,
+                       units=[(bounds[j], bounds[j + 1]) for j in range(workers)],
+                       zero=True, strides=(cols, spec.c_in * cols), into=calls)
+    jobs = [native.Task((call,), keep=(part, padded)) for call in calls]
+
+    def finish() -> None:
+        sums = part.reshape(taps, spec.c_in, cols)[:, :, :kw * spec.c_out]
+        sums = sums.reshape(taps, spec.c_in, kw, spec.c_out)
+        gw.reshape(spec.c_out, taps, kw, spec.c_in)[...] = sums.transpose(3, 0, 2, 1)
+
+    _run_or_defer(jobs, n_threads, finish, defer)
 
 
 # From this grad_weight size on, the sums go straight into it (vectors along C_in) rather
@@ -450,7 +508,7 @@ GW_IN_PLACE_BYTES = 4 << 20
 
 
 def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
-                            cd: np.dtype) -> bool | int | None:
+                            cd: np.dtype, threads: int = 1) -> bool | int | None:
     """None where the compiled grad_weight kernel does not apply; GW_DEPTHWISE for one
     channel per group; else whether it runs swapped (vectors along C_in: for C_out/g that
     is not whole vectors, or a grad_weight large enough to be summed in place). It reads
@@ -466,7 +524,9 @@ def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
     if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
                              * cd.itemsize >= GW_IN_PLACE_BYTES):
         return True
-    return False if along_out else None
+    if along_out:
+        return False
+    return GW_WIDE if grad_weight_wide_w(spec, cd, threads) else None
 
 
 def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
@@ -481,6 +541,9 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
     running them, to share one queue with grad_input's tiles."""
     if swapped == native.GW_DEPTHWISE:
         _native_depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
+        return
+    if swapped == GW_WIDE:
+        _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
         return
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     offsets = _tap_offsets(spec)
