@@ -532,7 +532,8 @@ def fuses_w_taps(spec: ConvSpec) -> bool:
     taps_w * C_in channels over a copy of the input padded along W, so that no read leaves
     it (`wide_w_geometry`; the plan checks the copy fits in the workspace)."""
     return (native.AVAILABLE and spec.groups == 1 and spec.dilation[2] == 1
-            and spec.kernel[2] > spec.stride[2] and spec.c_in < FUSE_W_BELOW_CHANNELS)
+            and spec.kernel[2] > spec.stride[2] and spec.c_in < FUSE_W_BELOW_CHANNELS
+            and spec.c_in * spec.c_out > 1)  # 1 -> 1 is depthwise, already along pixels
 
 
 def wide_w_geometry(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]

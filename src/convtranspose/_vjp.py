@@ -55,6 +55,7 @@ from ._plan import (
     FUSE_W_BELOW_CHANNELS,
     SHARED_TILE_BYTES,
     Tile,
+    expands_to_depthwise,
     get_num_threads,
     get_winograd,
     indexed_fits,
@@ -154,6 +155,9 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
     w3 = w.reshape(spec.c_out, ktot, spec.c_in_per_group)
     taps = _active_taps(spec)
     work = bool(taps and spec.batch)
+    if algorithm is None and work and native.AVAILABLE and expands_to_depthwise(spec):
+        return _multiplier_vjp(spec, x, w, cot, cd, need_input, need_weight, threads,
+                               workspace)
     if algorithm is None and indexed_fits(spec):
         algorithm = "indexed"  # small: one gather and two GEMMs beat any per-tile work
     elif algorithm == "indexed" and not indexed_fits(spec):
@@ -218,6 +222,27 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
             gx = gx_done
         if gw_done is not None:
             gw = gw_done
+    return _results(spec, x, w, gx, gw)
+
+
+def _multiplier_vjp(spec, x, w, cot, cd, need_input, need_weight, threads, workspace):
+    """A channel multiplier (as the forward, `expands_to_depthwise`) as a depthwise layer
+    over C_out channels whose input repeats each channel C_out/g times: grad_weight is that
+    layer's, and grad_input sums its grad_input over each channel's repeats (in a fixed
+    order: the bits do not depend on the threads)."""
+    m = spec.c_out_per_group
+    depthwise = dataclasses.replace(spec, c_in=spec.c_out, groups=spec.c_out)
+    shape = (spec.batch, *spec.in_spatial, spec.c_out)
+    if need_weight:
+        xe = np.repeat(x.reshape(*shape[:-1], spec.c_in).astype(cd, copy=False), m, axis=-1)
+    else:  # grad_input reads no input: a stand-in of the right shape, no memory
+        xe = np.broadcast_to(np.zeros((), cd), shape)
+    gxe, gw = vjp_arrays(depthwise, xe, w.reshape(spec.c_out, -1, 1), cot,
+                         need_input=need_input, need_weight=need_weight, threads=threads,
+                         workspace=workspace)
+    gx = None
+    if gxe is not None:
+        gx = gxe.reshape(*shape[:-1], spec.c_in, m).sum(axis=-1)
     return _results(spec, x, w, gx, gw)
 
 
