@@ -471,6 +471,13 @@ class ZarrWriter:
 
 # --------------------------------------------------------------------------- progress
 
+def _bytes_text(size: float) -> str:
+    """'288 kB', '4.5 MB', '131 MB': a small output does not read as 0 MB."""
+    if size < 1e6:
+        return f"{size / 1e3:.0f} kB"
+    return f"{size / 1e6:.1f} MB" if size < 1e7 else f"{size / 1e6:.0f} MB"
+
+
 def eta_text(seconds: float) -> str:
     """m:ss, rounded up: it reads 0:00 only once nothing is left (0.6 s left is 0:01)."""
     if not math.isfinite(seconds):
@@ -668,6 +675,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     elapsed = time.monotonic() - start
     progress.finish(f"wrote {job.output}: {job.out_shape} {job.spec.result_dtype.name}, "
-                    f"{job.out_bytes / 1e6:.0f} MB in {elapsed:.1f} s "
-                    f"({job.out_bytes / 1e6 / max(elapsed, 1e-9):.0f} MB/s)")
+                    f"{_bytes_text(job.out_bytes)} in {elapsed:.1f} s "
+                    f"({_bytes_text(job.out_bytes / max(elapsed, 1e-9))}/s)")
     return 0
