@@ -108,8 +108,9 @@ _CLI_NAMES = {"input": "INPUT", "weight": "WEIGHT", "stride": "--stride",
               "padding": "--padding", "dilation": "--dilation",
               "output_padding": "--output-padding", "groups": "--groups"}
 _SPATIAL_AXES = {1: "W", 2: "H,W", 3: "D,H,W"}
-# More kernel taps than any transposed-convolution layer in use has (4x4x4 is 64): a WEIGHT
-# that large, and larger than INPUT on every axis, is a volume given in the wrong place.
+# A WEIGHT larger than INPUT on every spatial axis with more taps than this is a volume
+# given in the wrong place: the legitimate kernels larger than their input (a 1x1x1 latent
+# into a 4x4x4 kernel, 64 taps) are small.
 _MAX_PLAUSIBLE_TAPS = 64
 
 
