@@ -83,3 +83,60 @@ def test_import_prints_and_warns_nothing():
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == ""
 
+
+
+# ------------------------------------------------------------------ docs/PERFORMANCE.md
+
+def _tables(text: str) -> list[list[str]]:
+    """Each Markdown table: its consecutive lines starting with '|'."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_performance_page_tables_are_well_formed_and_linked():
+    text = (ROOT / "docs" / "PERFORMANCE.md").read_text(encoding="utf-8")
+    tables = _tables(text)
+    assert tables
+    for table in tables:
+        width = len(_cells(table[0]))
+        assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", table[1].strip()), table[1]
+        assert all(len(_cells(row)) == width for row in table), table[0]
+    for target in re.findall(r"\]\(([^)#\s]+)", text):
+        assert "://" in target or (ROOT / "docs" / target).exists(), target
+    assert "(docs/PERFORMANCE.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_performance_page_gives_the_workloads_as_the_bench_runs_them():
+    from convtranspose._workloads import WORKLOADS
+
+    text = (ROOT / "docs" / "PERFORMANCE.md").read_text(encoding="utf-8")
+    table = next(t for t in _tables(text) if t[0].startswith("| workload | input"))
+    header = _cells(table[0])
+    rows = {r[0].split()[0]: dict(zip(header, r)) for r in map(_cells, table[2:])}
+    assert list(rows) == list(WORKLOADS)
+
+    def axes(v: tuple[int, ...]) -> str:
+        return str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
+
+    for name, w in WORKLOADS.items():
+        row = rows[name]
+        assert row["workload"] == w.title
+        assert row["input (N, D, H, W, C_in)"] == str(w.input_shape)
+        assert row["weight (C_out, kD, kH, kW, C_in/groups)"] == str(w.weight_shape)
+        assert row["stride"] == axes(w.stride) and row["padding"] == axes(w.padding)
+        assert row["output_padding"] == axes(w.output_padding)
+        assert row["groups"] == str(w.groups)
+        assert w.dilation == (1, 1, 1)  # the table has no dilation column
+        assert row["output (N, D, H, W, C_out)"] == str(
+            ct.output_shape(w.input_shape, w.weight_shape, **w.settings))
+        assert float(row["useful GFLOP"]) == float(f"{w.useful_flops / 1e9:.3g}")
