@@ -4,12 +4,13 @@ Results equal the in-memory call (.npy -> .zarr, .npy -> .npy, Zarr -> .npy); a 
 input and output both exceed a memory cap streams within it (peak RSS of the subprocess);
 an interrupted run leaves nothing that looks complete and running again finishes it; bad
 input gets exit code 2, one line on stderr and no file; the progress bar shows on a terminal
-only."""
+only, a summary line otherwise."""
 
 from __future__ import annotations
 
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import zarr
 
 import convtranspose as ct
+from convtranspose._apply import eta_text
 
 CLI = [sys.executable, "-m", "convtranspose", "apply"]
 FUNCS = {1: ct.conv_transpose1d, 2: ct.conv_transpose2d, 3: ct.conv_transpose3d}
@@ -80,7 +82,9 @@ def test_npy_input_matches_in_memory(tmp_path, rng, assert_close, out_name, name
         args += ["--chunk", chunk]
     res = run_cli(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert res.stderr == "" and res.stdout == ""  # not a terminal: silent
+    # Not a terminal: no bar, only the summary line.
+    assert res.stdout == "" and res.stderr.startswith(f"wrote {out_name}: ")
+    assert res.stderr.count("\n") == 1
     expected = FUNCS[len(x_shape) - 2](x, w, **kw) + b
     got = read_output(tmp_path / out_name)
     assert got.dtype == np.float32
@@ -273,11 +277,25 @@ BAD = [
     ("channel mismatch", ["x.npy", "wbad.npy", "-o", "y.zarr"], "channel mismatch"),
     ("weight rank", ["x.npy", "w2d.npy", "-o", "y.zarr"], "5 dimensions"),
     ("stride text", ["x.npy", "w.npy", "-o", "y.zarr", "--stride", "two"], "--stride"),
-    ("stride zero", ["x.npy", "w.npy", "-o", "y.zarr", "--stride", "0"], "'stride' must be"),
-    ("stride count", ["x.npy", "w.npy", "-o", "y.zarr", "--stride", "1,2"], "3 ints"),
+    ("stride zero", ["x.npy", "w.npy", "-o", "y.zarr", "--stride", "0"], "--stride must be"),
+    ("stride count", ["x.npy", "w.npy", "-o", "y.zarr", "--stride", "1,2"],
+     "--stride takes one int for every axis or 3 comma-separated ints, one per spatial axis "
+     "(D,H,W) of the 3-D INPUT: e.g. --stride 2 or --stride 1,2,2; got 1,2"),
+    ("padding count", ["x.npy", "w.npy", "-o", "y.zarr", "--padding", "1,1,1,1"],
+     "--padding 2 or --padding 1,2,2"),
+    ("output padding count", ["x2d.npy", "w2d.npy", "-o", "y.zarr", "--output-padding", "1,1,1"],
+     "--output-padding takes one int for every axis or 2 comma-separated ints, one per spatial "
+     "axis (H,W)"),
+    ("swapped", ["w16.npy", "x16.npy", "-o", "y.npy"],
+     "INPUT and WEIGHT look swapped: INPUT w16.npy (2, 3, 3, 3, 4) reads as a weight "
+     "(C_out, D,H,W kernel 3x3x3, C_in/groups) and WEIGHT x16.npy (1, 16, 16, 16, 4) as a "
+     "volume (N, D,H,W 16x16x16, C_in); give the volume first: convtranspose apply x16.npy "
+     "w16.npy -o y.npy"),
+    ("swapped, and groups fit only the right order",
+     ["w16g.npy", "x16.npy", "-o", "y.npy", "--groups", "2", "--stride", "2"], "look swapped"),
     ("groups", ["x.npy", "w.npy", "-o", "y.zarr", "--groups", "3"], "groups"),
     ("output too small", ["x.npy", "w.npy", "-o", "y.zarr", "--padding", "9"],
-     "spatial size"),
+     "reduce --padding or increase --output-padding"),
     ("bias shape", ["x.npy", "w.npy", "-o", "y.zarr", "--bias", "w.npy"], "--bias"),
     ("bias dtype", ["x.npy", "w.npy", "-o", "y.zarr", "--bias", "bi.npy"], "--bias"),
     ("output suffix", ["x.npy", "w.npy", "-o", "y.h5"], ".zarr or .npy"),
@@ -298,6 +316,10 @@ def bad_folder(tmp_path_factory):
     np.save(folder / "w.npy", np.ones((2, 3, 3, 3, 4), np.float32))
     np.save(folder / "wbad.npy", np.ones((2, 3, 3, 3, 3), np.float32))
     np.save(folder / "w2d.npy", np.ones((2, 3, 3, 4), np.float32))
+    np.save(folder / "x2d.npy", np.ones((1, 5, 5, 4), np.float32))
+    np.save(folder / "x16.npy", np.ones((1, 16, 16, 16, 4), np.float32))
+    np.save(folder / "w16.npy", np.ones((2, 3, 3, 3, 4), np.float32))
+    np.save(folder / "w16g.npy", np.ones((2, 3, 3, 3, 2), np.float32))
     np.save(folder / "bi.npy", np.ones(2, np.int64))
     (folder / "junk.npy").write_text("not numpy\n")
     (folder / "sub").mkdir()
@@ -315,6 +337,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(bad_folder, what, ar
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("convtranspose apply: error: ")
     assert message in lines[0]
+    # Said in the command's terms: flags and INPUT/WEIGHT, not Python's names and tuples.
+    assert "tuple" not in lines[0]
+    assert not re.search(r"'(stride|padding|dilation|output_padding|groups|input|weight)'",
+                         lines[0]), lines[0]
     assert "Traceback" not in res.stderr and res.stdout == ""
     assert sorted(os.listdir(bad_folder)) == before
     assert os.listdir(bad_folder / "sub") == []
@@ -358,9 +384,33 @@ def test_progress_bar_on_a_terminal_only(tmp_path, rng):
     assert code == 0
     assert "\r[" in drawn and "100%" in drawn and "MB/s" in drawn
     assert "wrote y.npy" in drawn
+    mid_run = [frame for frame in drawn.split("\r") if "%" in frame and "100%" not in frame]
+    assert mid_run and not [frame for frame in mid_run if "ETA 0:00" in frame], mid_run
 
     code, drawn = _run_on_terminal(["x.npy", "w.npy", "-o", "y.npy", "--quiet"], tmp_path)
     assert code == 0 and drawn == ""
 
-    res = run_cli("x.npy", "w.npy", "-o", "y.npy", cwd=tmp_path)  # a pipe, not a terminal
-    assert res.returncode == 0 and res.stderr == ""
+    # A pipe, not a terminal: no bar, one summary line on stderr, nothing on stdout.
+    res = run_cli("x.npy", "w.npy", "-o", "y.npy", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout == ""
+    assert re.fullmatch(r"wrote y\.npy: \(1, 25, 65, 65, 8\) float32, 3\.4 MB in [\d.]+ s "
+                        r"\([\d.]+ [kM]B/s\)\n", res.stderr), res.stderr
+    res = run_cli("x.npy", "w.npy", "-o", "y.npy", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+
+
+def test_a_kernel_larger_than_its_input_is_not_taken_for_swapped_files(tmp_path, rng):
+    # A 1x1x1 latent into a 4x4x4 kernel (a GAN's first layer): legitimate, not swapped.
+    x = rng.standard_normal((3, 1, 1, 1, 8), dtype=np.float32)
+    w = rng.standard_normal((5, 4, 4, 4, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    res = run_cli("x.npy", "w.npy", "-o", "y.npy", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ct.conv_transpose3d(x, w),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_eta_is_rounded_up():
+    assert [eta_text(s) for s in (0.0, 0.4, 59.2, 61.0, 3600.0, float("inf"))] == \
+        ["0:00", "0:01", "1:00", "1:01", "60:00", "-:--"]

@@ -58,6 +58,8 @@ def test_demo_runs_and_writes_png(tmp_path):
     total = [line for line in text.splitlines() if line.startswith("total")]
     assert len(total) == 1
     assert "PyTorch agrees" in text  # torch is installed in CI: its comparison really ran
+    isa = convtranspose.native_isa()
+    assert (f"\nkernel: compiled ({isa})\n" if isa else "\nkernel: NumPy/BLAS fallback") in text
     png = out / "demo.png"
     assert png.is_file()
     import matplotlib.image as mpimg
@@ -496,3 +498,37 @@ def test_demo_volume_and_weights_deterministic():
     for lay, w in zip(_demo.DECODER, ws):
         out_shape = convtranspose.output_shape(out_shape, w.shape, **lay.settings)
     assert out_shape == (1, 64, 64, 64, 1)
+
+
+def test_demo_names_a_missing_kernel_and_its_cost(monkeypatch):
+    monkeypatch.setattr(convtranspose, "native_isa", lambda: None)
+    line = _demo.kernel_line()
+    assert line.startswith("kernel: NumPy/BLAS fallback")
+    assert "slower" in line and "C++ compiler" in line and "docs/PERFORMANCE.md" in line
+
+
+def _block_matplotlib(monkeypatch):
+    """As if matplotlib were not installed: importing it raises ImportError."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_demo_without_matplotlib_leaves_no_folder(monkeypatch, tmp_path, capsys):
+    _block_matplotlib(monkeypatch)
+    out = tmp_path / "convtranspose-demo"
+    args = argparse.Namespace(out=str(out), seed=0, repeat=1, no_torch=True)
+    assert _demo.run(args) == 0
+    assert "matplotlib is not installed: no picture" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_demo_colour_bars_are_labelled(monkeypatch, tmp_path):
+    import matplotlib.figure
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *args, **kwargs: saved.append(fig))
+    x = _demo.synthetic_volume(0)
+    assert _demo.write_slices(x, x[..., :1], str(tmp_path / "d" / "demo.png"))
+    labels = [ax.get_ylabel() for ax in saved[0].axes if ax.get_label() == "<colorbar>"]
+    assert labels == ["input value (channel 0)", "output value"]

@@ -1,7 +1,5 @@
 """Front doors: thin wrappers that go arguments -> spec -> plan -> execute."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import numpy as np

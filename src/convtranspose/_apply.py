@@ -76,7 +76,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "16,128,128. Default: chunks of about 4 MiB. Work proceeds in blocks "
                         "of whole chunks, 16-32 MiB each")
     p.add_argument("--quiet", action="store_true",
-                   help="no progress bar (there is none either when stderr is not a terminal)")
+                   help="print nothing on success: no progress bar (drawn only when stderr "
+                        "is a terminal) and no summary line")
     p.set_defaults(func=run)
 
     def one_line_error(message: str) -> None:
@@ -101,11 +102,80 @@ def _parse_ints(name: str, text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def _load_small_npy(name: str, path: str) -> np.ndarray:
+# How the Python API's argument names read on this command line (the spec's messages quote
+# them: 'stride'); the spec stays the one place that words each rule.
+_CLI_NAMES = {"input": "INPUT", "weight": "WEIGHT", "stride": "--stride",
+              "padding": "--padding", "dilation": "--dilation",
+              "output_padding": "--output-padding", "groups": "--groups"}
+_SPATIAL_AXES = {1: "W", 2: "H,W", 3: "D,H,W"}
+# A WEIGHT larger than INPUT on every spatial axis with more taps than this is a volume
+# given in the wrong place: the legitimate kernels larger than their input (a 1x1x1 latent
+# into a 4x4x4 kernel, 64 taps) are small.
+_MAX_PLAUSIBLE_TAPS = 64
+
+
+def _cli_words(message: str) -> str:
+    """A message of the spec (written for Python callers) in this command's terms."""
+    message = message.removeprefix(f"{PROG}: ")
+    for name, flag in _CLI_NAMES.items():
+        message = message.replace(f"'{name}'", flag)
+    return message
+
+
+def _check_axis_count(name: str, value: int | tuple[int, ...], ndim: int) -> None:
+    """A setting is one int, or one per spatial axis of INPUT: said as the flag is typed."""
+    if isinstance(value, int) or len(value) == ndim:
+        return
+    flag = _CLI_NAMES[name]
+    got = ",".join(map(str, value))
+    if ndim == 1:
+        raise BadInput(f"{flag} takes one int for the 1-D INPUT (one spatial axis, W): "
+                       f"e.g. {flag} 2; got {got}")
+    example = ",".join(["1"] + ["2"] * (ndim - 1))
+    raise BadInput(f"{flag} takes one int for every axis or {ndim} comma-separated ints, "
+                   f"one per spatial axis ({_SPATIAL_AXES[ndim]}) of the {ndim}-D INPUT: "
+                   f"e.g. {flag} 2 or {flag} {example}; got {got} ({len(value)} values)")
+
+
+def _looks_swapped(x_shape: tuple[int, ...], w_shape: tuple[int, ...], settings: dict,
+                   groups: int) -> bool:
+    """True when INPUT reads as a weight and WEIGHT as a volume: WEIGHT's "kernel" is larger
+    than INPUT's extent on every spatial axis and has more taps than any layer in use, and
+    the files taken the other way round make a valid call. The legitimate kernel larger than
+    its input (a 1x1 latent into a 4x4 kernel) stays within the taps limit."""
+    if len(x_shape) != len(w_shape) or len(x_shape) not in (3, 4, 5):
+        return False
+    kernel, extent = w_shape[1:-1], x_shape[1:-1]
+    if math.prod(kernel) <= _MAX_PLAUSIBLE_TAPS or any(k <= e for k, e in zip(kernel, extent)):
+        return False
+    try:
+        make_spec(PROG, len(x_shape) - 2, w_shape, x_shape, settings["stride"],
+                  settings["padding"], settings["dilation"], settings["output_padding"],
+                  groups)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _swapped_message(args: argparse.Namespace, x_shape: tuple[int, ...],
+                     w_shape: tuple[int, ...]) -> str:
+    ndim = len(x_shape) - 2
+    axes = _SPATIAL_AXES[ndim]
+    kernel = "x".join(map(str, x_shape[1:-1]))
+    volume = "x".join(map(str, w_shape[1:-1]))
+    return (f"INPUT and WEIGHT look swapped: INPUT {args.input} {x_shape} reads as a weight "
+            f"(C_out, {axes} kernel {kernel}, C_in/groups) and WEIGHT {args.weight} "
+            f"{w_shape} as a volume (N, {axes} {volume}, C_in); give the volume first: "
+            f"{PROG} {args.weight} {args.input} -o {args.output} with the same options")
+
+
+def _load_small_npy(name: str, path: str, mapped: bool = False) -> np.ndarray:
+    """`mapped`: read only the header now (a WEIGHT given in place of a big volume must not
+    be read whole before its shape is checked)."""
     if not os.path.isfile(path):
         raise BadInput(f"{name} {path!r} does not exist or is not a file")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r" if mapped else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise BadInput(f"{name} {path!r} is not a readable .npy file: {exc}") from None
     if not isinstance(arr, np.ndarray):
@@ -259,18 +329,26 @@ def prepare(args: argparse.Namespace) -> Job:
     chunk = None if args.chunk in (None, "auto") else _parse_ints("--chunk", args.chunk)
 
     x, kind = _open_input(args.input)
-    w = _load_small_npy("WEIGHT", args.weight)
+    w = _load_small_npy("WEIGHT", args.weight, mapped=True)
     ndim = len(x.shape) - 2
     if ndim not in (1, 2, 3):
         raise BadInput(f"INPUT must have 3, 4 or 5 dimensions (N, *spatial, C_in), channels "
                        f"last; got shape {tuple(x.shape)}")
+    for name, value in settings.items():
+        _check_axis_count(name, value, ndim)
+    swapped = _looks_swapped(tuple(x.shape), w.shape, settings, groups)
     try:
         spec = make_spec(PROG, ndim, tuple(x.shape), w.shape, settings["stride"],
-                              settings["padding"], settings["dilation"],
-                              settings["output_padding"], groups, x.dtype, w.dtype)
+                         settings["padding"], settings["dilation"],
+                         settings["output_padding"], groups, x.dtype, w.dtype)
     except (TypeError, ValueError) as exc:
-        raise BadInput(str(exc).removeprefix(f"{PROG}: ")) from None
+        if swapped:
+            raise BadInput(_swapped_message(args, tuple(x.shape), w.shape)) from None
+        raise BadInput(_cli_words(str(exc))) from None
+    if swapped:
+        raise BadInput(_swapped_message(args, tuple(x.shape), w.shape))
 
+    w = np.array(w)  # checked: now read it whole
     bias = None
     if args.bias is not None:
         bias = _load_small_npy("--bias", args.bias)
@@ -394,6 +472,21 @@ class ZarrWriter:
 
 # --------------------------------------------------------------------------- progress
 
+def _bytes_text(size: float) -> str:
+    """'288 kB', '4.5 MB', '131 MB': a small output does not read as 0 MB."""
+    if size < 1e6:
+        return f"{size / 1e3:.0f} kB"
+    return f"{size / 1e6:.1f} MB" if size < 1e7 else f"{size / 1e6:.0f} MB"
+
+
+def eta_text(seconds: float) -> str:
+    """m:ss, rounded up: it reads 0:00 only once nothing is left (0.6 s left is 0:01)."""
+    if not math.isfinite(seconds):
+        return "-:--"
+    whole = math.ceil(max(seconds, 0.0))
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
 class Progress:
     """A one-line progress bar on stderr, redrawn at most ten times a second."""
 
@@ -419,9 +512,8 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         rate = (done_bytes - self.resumed) / elapsed
         eta = (self.total - done_bytes) / rate if rate > 0 else float("inf")
-        eta_text = f"{int(eta) // 60}:{int(eta) % 60:02d}" if math.isfinite(eta) else "-:--"
         tail = (f" {frac:4.0%} {done_bytes / 1e6:.0f}/{self.total / 1e6:.0f} MB "
-                f"{rate / 1e6:.1f} MB/s ETA {eta_text}")
+                f"{rate / 1e6:.1f} MB/s ETA {eta_text(eta)}")
         width = max(10, min(40, shutil.get_terminal_size((80, 20)).columns - len(tail) - 3))
         filled = int(round(frac * width))
         line = f"[{'#' * filled}{'.' * (width - filled)}]{tail}"
@@ -437,9 +529,12 @@ class Progress:
             self.stream.flush()
 
     def finish(self, message: str) -> None:
+        """The closing summary: under the bar on a terminal, else one line (not --quiet)."""
         if self.enabled:
             self.update(self.done, force=True)
-            self.stream.write(f"\n{message}\n")
+            self.stream.write("\n")
+        if self.verbose:
+            self.stream.write(f"{message}\n")
             self.stream.flush()
 
 
@@ -581,6 +676,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     elapsed = time.monotonic() - start
     progress.finish(f"wrote {job.output}: {job.out_shape} {job.spec.result_dtype.name}, "
-                    f"{job.out_bytes / 1e6:.0f} MB in {elapsed:.1f} s "
-                    f"({job.out_bytes / 1e6 / max(elapsed, 1e-9):.0f} MB/s)")
+                    f"{_bytes_text(job.out_bytes)} in {elapsed:.1f} s "
+                    f"({_bytes_text(job.out_bytes / max(elapsed, 1e-9))}/s)")
     return 0

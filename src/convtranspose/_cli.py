@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -29,6 +31,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="convtranspose",
         description="MLX-exact transposed convolutions on NumPy arrays, fast on the CPU.")
+    parser.add_argument("--version", action="store_true",
+                        help="print the version and the kernel in use, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     wanted = [a for a in argv if a in SUBCOMMANDS][:1] or list(SUBCOMMANDS)
     for name in SUBCOMMANDS:
@@ -42,10 +46,32 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def version_text() -> str:
+    """'convtranspose 0.1.0 (compiled kernel: avx2)': the version of the package that runs,
+    from its installed metadata, else (run from a source tree) from the package itself."""
+    import convtranspose
+
+    version = convtranspose.__version__
+    try:
+        dist = importlib.metadata.distribution("convtranspose")
+        # Only if that installed copy is the one imported, not another in a source tree.
+        if os.path.samefile(dist.locate_file("convtranspose/__init__.py"),
+                            convtranspose.__file__):
+            version = dist.version
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        pass
+    isa = convtranspose.native_isa()
+    kernel = f"compiled kernel: {isa}" if isa else "no compiled kernel: NumPy/BLAS fallback"
+    return f"convtranspose {version} ({kernel})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if args.version:
+        print(version_text())
+        return 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -16,8 +16,6 @@ has handed its heap back, smaller ones do too. W2's 256 MiB result paid 18 ms of
   `set_result_cache` bytes of dropped results are kept (oldest dropped first).
 """
 
-from __future__ import annotations
-
 import ctypes
 import os
 import threading
@@ -53,7 +51,7 @@ class Scratch:
         skip = (-fresh.ctypes.data) % _ALIGN
         return fresh[skip:skip + nbytes].view(dtype)
 
-    def __enter__(self) -> Scratch:
+    def __enter__(self) -> "Scratch":
         return self
 
     def __exit__(self, *exc) -> None:

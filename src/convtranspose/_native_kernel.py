@@ -7,8 +7,6 @@ registers over all its taps and input channels, and stores it once. It reads the
 where it lies (channels contiguous, any other strides) and writes the output in place.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from typing import Any, NamedTuple

@@ -31,8 +31,6 @@ order and results are bitwise identical from run to run.
 The plan is a printable object: ``print(convtranspose.plan(...))``.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 import os
@@ -190,6 +188,9 @@ class Plan:
             f"(limit {self.workspace_limit / 2**20:.1f} MiB)",
         ]
         return "\n".join(lines)
+
+    # A notebook shows repr(): the summary, not the dataclass's dump of every tile.
+    __repr__ = __str__
 
 
 def workspace_limit(spec: ConvSpec, workspace: int | None) -> int:

@@ -34,8 +34,6 @@ by a fixed round-robin and its own grad_weight partial sum, and partials are add
 worker order: results are bitwise reproducible for a given thread count.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import itertools

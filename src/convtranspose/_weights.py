@@ -10,8 +10,6 @@ Both functions only move elements: the dtype is kept, the result is a new C-cont
 NumPy array, and the caller's array is never modified.
 """
 
-from __future__ import annotations
-
 import numbers
 from typing import Any
 

@@ -18,8 +18,6 @@ split channel axis is rechunked along that axis only.
 This module needs the optional extra: ``pip install convtranspose[dask]``.
 """
 
-from __future__ import annotations
-
 import bisect
 import itertools
 from collections.abc import Sequence

@@ -16,8 +16,6 @@ Calls evaluate their inputs (the engine runs on NumPy arrays), so they do not go
 `mx.compile`. This module imports MLX; `import convtranspose` alone never does.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from typing import Any
