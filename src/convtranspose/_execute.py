@@ -73,7 +73,10 @@ def run_jobs(jobs: list, threads: int,
     wake, all of it idle time at the start of a call. Every GEMM runs on one BLAS thread:
     our threads are the parallelism, and BLAS threads that busy-wait collapse when the
     machine is shared (W6 went from 4 ms to 48 ms with a second process running, W4 from
-    51 ms to 734 ms)."""
+    51 ms to 734 ms).
+
+    Once a thread raises (Ctrl-C: see `checkpoint`), the others take no further job and
+    leave the one they run at its next `checkpoint`; the call raises once all have left."""
     lock = threading.Lock()
     position = 0
     running: list[Shared] = []  # shared jobs that may have work left to take
@@ -81,6 +84,8 @@ def run_jobs(jobs: list, threads: int,
     def next_job(finished: Shared | None = None):
         nonlocal position
         with lock:
+            if run.stopped:
+                return None
             if finished in running:
                 running.remove(finished)  # a call returned: all of its work is taken
             if position < len(jobs):
@@ -92,20 +97,32 @@ def run_jobs(jobs: list, threads: int,
             return running[0] if running else None
 
     def drain() -> None:
-        buffer = make_buffer() if make_buffer is not None else None
-        job = next_job()
-        while job is not None:
-            shared = isinstance(job, Shared)
-            fn = job.fn if shared else job
-            if buffer is None:
-                fn()
-            else:
-                fn(buffer)
-            job = next_job(job if shared else None)
+        outer = getattr(_local, "run", None)
+        _local.run = run
+        try:
+            buffer = make_buffer() if make_buffer is not None else None
+            job = next_job()
+            while job is not None:
+                shared = isinstance(job, Shared)
+                fn = job.fn if shared else job
+                if buffer is None:
+                    fn()
+                else:
+                    fn(buffer)
+                checkpoint()
+                job = next_job(job if shared else None)
+        except _Stopped:
+            pass  # another thread raised: that is the call's error
+        except BaseException:
+            run.stopped = True
+            raise
+        finally:
+            _local.run = outer
 
     if jobs and all(isinstance(job, native.Task) for job in jobs):
         native.run_tasks(jobs, threads)  # the compiled pool: no GIL to hand over
         return
+    run = _Run(native.interrupt_mark())
     jobs = [_python_job(job) if isinstance(job, native.Task) else job for job in jobs]
     sharing = any(isinstance(job, Shared) for job in jobs)
     helpers = (threads if sharing else min(threads, len(jobs))) - 1
@@ -114,8 +131,41 @@ def run_jobs(jobs: list, threads: int,
         try:
             drain()
         finally:
-            for future in futures:
-                future.result()  # a worker's error, once every worker has stopped
+            # Every worker has left before the call returns or raises (its own error first).
+            errors = [future.exception() for future in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+
+
+class _Stopped(Exception):
+    """Raised by `checkpoint` in a thread whose run_jobs call is stopping."""
+
+
+class _Run:
+    """One run_jobs call: whether it is stopping, and the count of SIGINTs at its start."""
+
+    __slots__ = ("stopped", "mark")
+
+    def __init__(self, mark: int) -> None:
+        self.stopped = False
+        self.mark = mark
+
+
+_local = threading.local()  # .run: the run_jobs call this thread works for
+
+
+def checkpoint() -> None:
+    """Between the tiles of a long job: leave the job where its run_jobs call is stopping
+    (another of its threads raised), or raise KeyboardInterrupt where Ctrl-C is to stop
+    this call (see `native.check_interrupt`; the main thread's KeyboardInterrupt arrives by
+    itself)."""
+    run = getattr(_local, "run", None)
+    if run is None:
+        return
+    if run.stopped:
+        raise _Stopped
+    run.mark = native.check_interrupt(run.mark)
 
 
 def _python_job(task: native.Task) -> Callable | Shared:

@@ -14,20 +14,33 @@ has handed its heap back, smaller ones do too. W2's 256 MiB result paid 18 ms of
 * `result_empty` gives results of `RECYCLE_FROM_BYTES` or more memory that an earlier
   result of the same size held, once the caller dropped it and every view of it. At most
   `set_result_cache` bytes of dropped results are kept (oldest dropped first).
+
+Both go back to the system once unused for `DECAY_SECONDS` (as jemalloc's and mimalloc's
+decay: a process that stops calling holds nothing of ours a few seconds later, and calls
+back to back keep their saving). A daemon thread gives them back: it sleeps until the
+oldest kept block's time is up (indefinitely while nothing is kept; a block kept then
+wakes it), frees what is due, and asks glibc to hand back the heap pages it freed (blocks
+below glibc's mmap threshold come from its heap, which keeps them otherwise).
 """
 
+import atexit
 import ctypes
+import ctypes.util
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
 
 RETAIN_BYTES = 64 << 20
+DECAY_SECONDS = 1.0  # unused this long, kept memory goes back to the system
 _ALIGN = 64  # a cache line: the kernel's vector loads stay within one
 
-_free: list[np.ndarray] = []
-_lock = threading.Lock()
+# Kept blocks, oldest kept first: (when kept, buffer). One lock for both kinds, reentrant:
+# a result's drop can run inside a lease, in the same thread.
+_free: list[tuple[float, np.ndarray]] = []  # scratch buffers
+_lock = threading.RLock()
 
 
 class Scratch:
@@ -35,7 +48,7 @@ class Scratch:
 
     def __init__(self) -> None:
         with _lock:
-            self._buffer = _free.pop() if _free else np.empty(0, np.uint8)
+            self._buffer = _free.pop()[1] if _free else np.empty(0, np.uint8)
         self._used = 0
 
     def empty(self, count: int, dtype: np.dtype) -> np.ndarray:
@@ -58,8 +71,10 @@ class Scratch:
         buffer = self._buffer
         if buffer.size < self._used + _ALIGN <= RETAIN_BYTES:
             buffer = np.empty(self._used + _ALIGN, np.uint8)  # the next call fits whole
-        with _lock:
-            _free.append(buffer)
+        if buffer.size:
+            with _lock:
+                _free.append((time.monotonic(), buffer))
+                _decay_soon()
 
 
 # --- results -------------------------------------------------------------------------------
@@ -78,9 +93,8 @@ def _default_result_cache() -> int:
 
 
 _result_cache_bytes = _default_result_cache()
-_dropped: list[np.ndarray] = []  # raw blocks whose result died, oldest first
+_dropped: list[tuple[float, np.ndarray]] = []  # raw blocks whose result died, oldest first
 _dropped_bytes = 0
-_results_lock = threading.RLock()  # a drop can run inside a lease, in the same thread
 
 
 def set_result_cache(max_bytes: int | None) -> None:
@@ -92,7 +106,7 @@ def set_result_cache(max_bytes: int | None) -> None:
                                   or max_bytes < 0):
         raise ValueError("set_result_cache: 'max_bytes' must be an int >= 0 or None, got "
                          f"{max_bytes!r}")
-    with _results_lock:
+    with _lock:
         _result_cache_bytes = _default_result_cache() if max_bytes is None else max_bytes
         _trim(0)
 
@@ -105,37 +119,141 @@ def get_result_cache() -> int:
 def release_memory() -> None:
     """Give back every buffer kept between calls: dropped results' memory and scratch."""
     global _dropped_bytes
-    with _results_lock:
+    with _lock:
         _dropped.clear()
         _dropped_bytes = 0
-    with _lock:
         _free.clear()
+    _trim_heap()
 
 
 def _trim(incoming: int) -> None:
     """Drop the oldest kept blocks until `incoming` more bytes fit under the cap."""
     global _dropped_bytes
     while _dropped and _dropped_bytes + incoming > _result_cache_bytes:
-        _dropped_bytes -= _dropped.pop(0).nbytes
+        _dropped_bytes -= _dropped.pop(0)[1].nbytes
 
 
 def _give_back(raw: np.ndarray) -> None:
     global _dropped_bytes
-    with _results_lock:
+    with _lock:
         if raw.nbytes <= _result_cache_bytes:
             _trim(raw.nbytes)
-            _dropped.append(raw)
+            _dropped.append((time.monotonic(), raw))
             _dropped_bytes += raw.nbytes
+            _decay_soon()
 
 
 def _take(size: int) -> np.ndarray | None:
     global _dropped_bytes
-    with _results_lock:
+    with _lock:
         for i in range(len(_dropped) - 1, -1, -1):
-            if _dropped[i].nbytes == size:
+            if _dropped[i][1].nbytes == size:
                 _dropped_bytes -= size
-                return _dropped.pop(i)
+                return _dropped.pop(i)[1]
     return None
+
+
+# --- decay ---------------------------------------------------------------------------------
+
+_wake = threading.Condition(_lock)
+_decayer: threading.Thread | None = None
+_decayer_waits = False  # without a deadline: a block kept now must wake it
+_closing = False
+
+
+def _decay_soon() -> None:
+    """Under _lock, after keeping a block: make sure the decay thread will see it."""
+    global _decayer
+    if _decayer is not None:
+        if _decayer_waits:
+            _wake.notify()
+        return
+    if _closing:
+        return
+    thread = threading.Thread(target=_decay_loop, name="convtranspose-decay", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had (at its limit, or shutting down): keep no memory
+        _expire(float("inf"))
+        return
+    _decayer = thread
+
+
+def _expire(now: float) -> tuple[list[np.ndarray], float | None]:
+    """Under _lock: take out every block kept since before now - DECAY_SECONDS; returns
+    them and the time the next one is due (None: nothing kept). Both lists are in the
+    order kept: leases and takes remove from anywhere, additions go at the end."""
+    global _dropped_bytes
+    due: list[np.ndarray] = []
+    cutoff = now - DECAY_SECONDS
+    while _dropped and _dropped[0][0] <= cutoff:
+        due.append(_dropped.pop(0)[1])
+        _dropped_bytes -= due[-1].nbytes
+    while _free and _free[0][0] <= cutoff:
+        due.append(_free.pop(0)[1])
+    oldest = min((kept[0][0] for kept in (_dropped, _free) if kept), default=None)
+    return due, None if oldest is None else oldest + DECAY_SECONDS
+
+
+def _decay_loop() -> None:
+    global _decayer_waits
+    while True:
+        with _lock:
+            while True:
+                if _closing:
+                    return
+                due, deadline = _expire(time.monotonic())
+                if due:
+                    break
+                _decayer_waits = deadline is None
+                _wake.wait(None if deadline is None else deadline - time.monotonic())
+                _decayer_waits = False
+        del due  # the last reference: the pages go back (big blocks are unmapped)
+        _trim_heap()
+
+
+def _load_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_trim()
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps them otherwise)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _close() -> None:
+    """At exit: the decay thread ends instead of waking during the interpreter's shutdown."""
+    global _closing
+    with _lock:
+        _closing = True
+        _wake.notify_all()
+
+
+def _after_fork() -> None:
+    """In a forked child: the parent's decay thread and lock did not come along."""
+    global _lock, _wake, _decayer, _decayer_waits, _dropped_bytes
+    _lock = threading.RLock()
+    _wake = threading.Condition(_lock)
+    _decayer, _decayer_waits = None, False
+    _dropped.clear()
+    _free.clear()
+    _dropped_bytes = 0
+
+
+atexit.register(_close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def result_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -261,6 +261,20 @@ def run_tasks(tasks: list[Task], threads: int) -> None:
     _native.run_tasks(tasks, threads)
 
 
+def interrupt_mark() -> int:
+    """The count of SIGINTs so far, for `check_interrupt` (0 without the kernel). Calls in
+    the compiled kernel notice a SIGINT by themselves (csrc/module.cpp, "Ctrl-C")."""
+    return _native.interrupts() if AVAILABLE else 0
+
+
+def check_interrupt(mark: int) -> int:
+    """Between the tiles of a call that started at `mark`: raise what Python's signal
+    handlers raise (on the main thread), or KeyboardInterrupt where a SIGINT arrived since
+    and Python's handler for it is the default one (on another thread: a Dask worker's
+    call stops with the main thread's). Returns the mark to pass next time."""
+    return _native.check_interrupt(mark) if AVAILABLE else mark
+
+
 def warm(threads: int, microseconds: int = 2000) -> None:
     """Have the pool's threads for a batch of `threads` spin, ready for it, for up to
     `microseconds`: called before the Python work that prepares the batch, so that they

@@ -46,7 +46,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._api import ArrayLike, IntOrTuple, RecentCalls, spec_for
 from ._dtypes import compute_dtype, result_dtype
-from ._execute import _zero_outside, pair_input, pair_weight, run_jobs
+from ._execute import _zero_outside, checkpoint, pair_input, pair_weight, run_jobs
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
@@ -759,6 +759,7 @@ def _gather(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
             for c0, c1 in chunks:
                 wg_c = wg[:, c0 * cog:c1 * cog] if wg is not None else None
                 for i, tile in enumerate(my_tiles):
+                    checkpoint()
                     mat = _gather_block(spec, taps[c0:c1], tile, c3, col)
                     if gx is not None:
                         _grad_input_tile(spec, tile, mat, wg_c, gx, cd, c0 > 0, gx_tmp)
@@ -966,6 +967,7 @@ def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
             xbuf = np.empty(most * spec.c_in, cd) if gw is not None else None
             wtmp = np.empty(groups * tw * cog * cig, cd) if gw is not None else None
             for i, tile in enumerate(my_tiles):
+                checkpoint()
                 _shift_tile(spec, layout, tile, x3, c3, wp, gx, parts[j], i == 0,
                             (gbuf, acc, tmp, xbuf, wtmp))
         return job
@@ -1065,6 +1067,7 @@ def _direct(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
         def job():
             buf = np.empty(2 * max(_rows(t, spec) for t in tiles) * spec.c_out, cd)
             for tile in tiles[j::workers]:
+                checkpoint()
                 _direct_tile(spec, taps, tile, x3, c3, wt, gx, parts[j], buf)
         return job
 

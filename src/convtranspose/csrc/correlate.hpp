@@ -501,14 +501,24 @@ static inline int64_t box_rows(const int64_t* box) {
 // cursor. A claim is 1 / (2 * sharers) of the rows left: long runs of neighbouring rows
 // at first, then shorter ones, so that the sharers finish within about a unit of each
 // other (a fixed cut into tasks left one worker idle for up to a task: W5 lost 0.5 ms of
-// 10 so). Which call computes a row changes no bit of it.
+// 10 so). Which call computes a row changes no bit of it. A run is handed out a unit at a
+// time, `ct_stop` asked before each: Ctrl-C stops the call within a unit of rows.
 class RowClaims {
  public:
   RowClaims(const CtJob& job, int64_t unit)
       : cursor_(job.cursor), sharers_(std::max<int64_t>(1, job.sharers)),
-        total_(box_rows(job.box)), unit_(std::max<int64_t>(1, unit)) {}
+        total_(box_rows(job.box)), unit_(std::max<int64_t>(1, unit)), stop_(ct_stop) {}
 
   bool next(int64_t& first, int64_t& last) {
+    if (at_ >= end_ && !claim(at_, end_)) return false;
+    if (stop_ && stop_->stop(stop_)) return false;
+    first = at_;
+    last = at_ = std::min(end_, at_ + unit_);
+    return true;
+  }
+
+ private:
+  bool claim(int64_t& first, int64_t& last) {
     if (!cursor_) {
       first = 0;
       last = total_;
@@ -523,10 +533,11 @@ class RowClaims {
     return first < total_;
   }
 
- private:
   int64_t* cursor_;
   int64_t sharers_, total_, unit_;
   bool done_ = false;
+  CtStop* stop_;
+  int64_t at_ = 0, end_ = 0;  // the run being handed out
 };
 
 // For output row (n, d, h): the input row each (D, H) tap pair reads, or null where the
@@ -1350,6 +1361,7 @@ static void grad_weight_typed(const GwJob& job) {
   const int64_t total = box_rows(job.box);
   const int64_t group = std::max<int64_t>(1, (192 + job.wcount - 1) / std::max<int64_t>(1, job.wcount));
   const int64_t chunks = (nb + cw_full - 1) / cw_full;
+  CtStop* const stop = ct_stop;  // asked before each group of rows (see RowClaims)
   // The sums of unit (tap, chunk c0 / cw_full), and their row stride.
   const auto unit_acc = [&](int64_t tap, int64_t c0, int64_t cw) {
     return job.pa ? part + tap * job.pt + c0 : part + taps * na * c0 + tap * na * cw;
@@ -1384,6 +1396,7 @@ static void grad_weight_typed(const GwJob& job) {
     // sums in registers (their x rows, 2 KiB each for W6, stay in L1).
     const int64_t nh = job.box[5] - job.box[4];
     for (int64_t flat = 0, rows; flat < total; flat += rows) {
+      if (stop && stop->stop(stop)) return;
       const auto [n, d, h] = row_at(job.box, flat);
       const auto [i0, i1] = first_inside(job.off[0], job.ntaps[0], d * job.step[0], job.gdims[0]);
       const auto [j0, j1] = first_inside(job.off[1], job.ntaps[1], h * job.step[1], job.gdims[1]);
@@ -1466,6 +1479,7 @@ static void grad_weight_typed(const GwJob& job) {
   T* bbuf = aligned_line(bstore.data());
   std::vector<Segment> local;
   for (int64_t first = 0; first < total; first += group) {
+    if (stop && stop->stop(stop)) return;
     const int64_t nrows = std::min(group, total - first);
     for (int64_t r = 0; r < nrows; ++r) pos[r] = row_at(job.box, first + r);
     for (int64_t i = 0; i < job.ntaps[0]; ++i)

@@ -92,6 +92,14 @@ struct PairJob {
   int64_t n0, n1, j0, j1;
 };
 
+// Stopping a call early (Ctrl-C): module.cpp points `ct_stop` at a stop on each thread
+// that runs kernel calls; the kernel asks it between runs of rows and, once it answers
+// true, returns with rows left undone (the caller then discards the output).
+struct CtStop {
+  bool (*stop)(CtStop*);
+};
+extern __thread CtStop* ct_stop;  // null: never stop
+
 #define CT_DECLARE(NS) \
   namespace NS { void correlate(const CtJob&); void grad_weight(const GwJob&); \
                  void round_half(int, const float*, void*, int64_t); \

@@ -8,15 +8,169 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <signal.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 
 #include "correlate_api.h"
 #include "pool.hpp"
 
+__thread CtStop* ct_stop = nullptr;
+
 namespace {
+
+// --- Ctrl-C during a call ------------------------------------------------------------------
+// A call runs without the GIL, so Python's SIGINT handler (KeyboardInterrupt) would run only
+// once it returns. Instead the calling thread, between runs of rows and between calls (its
+// `ct_stop`, a CallerStop), notices a SIGINT and takes the GIL to let Python decide:
+//  - SIGINT's C handler is wrapped ("armed") to count each SIGINT after Python's own
+//    handler has noted it, so a thread notices one with an atomic load. Arming happens
+//    with the GIL held (Python changes handlers only under it), at import and again every
+//    look below: a program that sets a handler again (IPython does, per cell) is re-armed.
+//    Where SIGINT is ignored or not handled by anything, nothing is armed.
+//  - Every LOOK_NS too, in case a handler was set since the last arming, it looks.
+//  - To look, it takes the GIL: on the main thread Python runs its pending handlers
+//    (PyErr_CheckSignals); the call stops if one raised. On another thread (a Dask
+//    worker) the call stops with KeyboardInterrupt where a SIGINT arrived and Python's
+//    handler is the default one, which raises it in the main thread.
+// The pool's helpers then stop at their next run of rows (pool.hpp), and the call raises.
+
+std::atomic<uint64_t> g_interrupts{0};
+std::atomic<const struct sigaction*> g_chained{nullptr};  // the handler that ours wraps
+constexpr int64_t LOOK_NS = 100000000;
+
+void on_sigint(int sig, siginfo_t* info, void* context) {
+  const int saved = errno;
+  const struct sigaction* prev = g_chained.load(std::memory_order_acquire);
+  if (prev && (prev->sa_flags & SA_SIGINFO))
+    prev->sa_sigaction(sig, info, context);
+  else if (prev && prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN)
+    prev->sa_handler(sig);
+  g_interrupts.fetch_add(1, std::memory_order_acq_rel);  // after Python noted the signal
+  errno = saved;
+}
+
+bool same_action(const struct sigaction& a, const struct sigaction& b) {
+  const bool info = a.sa_flags & SA_SIGINFO;
+  return a.sa_flags == b.sa_flags && std::memcmp(&a.sa_mask, &b.sa_mask, sizeof a.sa_mask) == 0 &&
+         (info ? a.sa_sigaction == b.sa_sigaction : a.sa_handler == b.sa_handler);
+}
+
+// Wrap SIGINT's C handler (with the GIL held), unless it is wrapped already or there is
+// no handler to wrap (SIG_DFL, SIG_IGN).
+void arm() {
+  struct sigaction cur;
+  if (sigaction(SIGINT, nullptr, &cur) != 0) return;
+  if ((cur.sa_flags & SA_SIGINFO) ? cur.sa_sigaction == on_sigint
+                                  : cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)
+    return;
+  const struct sigaction* prev = g_chained.load(std::memory_order_acquire);
+  if (!prev || !same_action(*prev, cur)) {
+    prev = new struct sigaction(cur);  // never freed: a handler may be reading the last one
+    g_chained.store(prev, std::memory_order_release);
+  }
+  struct sigaction mine = cur;  // the same mask and flags
+  mine.sa_flags |= SA_SIGINFO;
+  mine.sa_sigaction = on_sigint;
+  sigaction(SIGINT, &mine, nullptr);
+}
+
+// `attribute` of `module`, or null (no exception left set).
+PyObject* python_attr(const char* module, const char* attribute) {
+  PyObject* m = PyImport_ImportModule(module);
+  PyObject* a = m ? PyObject_GetAttrString(m, attribute) : nullptr;
+  Py_XDECREF(m);
+  if (!a) PyErr_Clear();
+  return a;
+}
+
+bool on_main_thread() {
+  PyObject* main = python_attr("threading", "main_thread");
+  PyObject* thread = main ? PyObject_CallNoArgs(main) : nullptr;
+  PyObject* ident = thread ? PyObject_GetAttrString(thread, "ident") : nullptr;
+  const bool yes = !ident || PyLong_AsUnsignedLong(ident) == PyThread_get_thread_ident();
+  Py_XDECREF(ident);
+  Py_XDECREF(thread);
+  Py_XDECREF(main);
+  PyErr_Clear();
+  return yes;
+}
+
+// Whether Python's SIGINT handler is the default one (raise KeyboardInterrupt).
+bool default_sigint() {
+  PyObject* get = python_attr("signal", "getsignal");
+  PyObject* handler = get ? PyObject_CallFunction(get, "i", SIGINT) : nullptr;
+  PyObject* fallback = python_attr("signal", "default_int_handler");
+  const bool yes = handler && handler == fallback;
+  Py_XDECREF(fallback);
+  Py_XDECREF(handler);
+  Py_XDECREF(get);
+  PyErr_Clear();
+  return yes;
+}
+
+// With the GIL: -1, an exception set, where the call is to stop (see above); `seen`, the
+// count of SIGINTs already answered, moves on.
+int look(uint64_t& seen) {
+  if (PyErr_CheckSignals() < 0) return -1;
+  const uint64_t now = g_interrupts.load(std::memory_order_acquire);
+  if (now != seen) {
+    seen = now;
+    if (!on_main_thread() && default_sigint()) {
+      PyErr_SetNone(PyExc_KeyboardInterrupt);
+      return -1;
+    }
+  }
+  arm();
+  return 0;
+}
+
+// The calling thread's stop, while it runs kernel calls without the GIL.
+struct CallerStop : CtStop {
+  CallerStop() : seen(g_interrupts.load(std::memory_order_acquire)) { stop = poll; }
+
+  static bool poll(CtStop* base) {
+    CallerStop* s = static_cast<CallerStop*>(base);
+    if (s->flag.load(std::memory_order_relaxed)) return true;
+    if (g_interrupts.load(std::memory_order_acquire) == s->seen) {
+      if ((++s->polls & 15) != 0) return false;  // a clock read costs ~0.1 us here
+      const int64_t now = pool::now_ns();
+      if (s->next_look == 0) s->next_look = now + LOOK_NS;
+      if (now < s->next_look) return false;
+    }
+    PyEval_RestoreThread(s->ts);
+    const bool stop = look(s->seen) < 0;
+    s->ts = PyEval_SaveThread();
+    s->next_look = pool::now_ns() + LOOK_NS;
+    if (stop) s->flag.store(1, std::memory_order_relaxed);
+    return stop;
+  }
+
+  std::atomic<int> flag{0};  // raised: stop (an exception is set in `ts`)
+  PyThreadState* ts = nullptr;
+  uint64_t seen;
+  int64_t next_look = 0;  // 0: from the first clock read on
+  unsigned polls = 0;
+};
+
+// Runs work(stop flag) with the GIL released and this thread's `ct_stop` a CallerStop;
+// false, with an exception set, where it stopped early. `nested`: this thread was
+// already running a call (a signal handler called us during a look).
+template <typename F>
+bool run_released(F&& work) {
+  CallerStop stop;
+  CtStop* outer = ct_stop;
+  ct_stop = &stop;
+  stop.ts = PyEval_SaveThread();
+  work(&stop.flag, outer != nullptr);
+  PyEval_RestoreThread(stop.ts);
+  ct_stop = outer;
+  return !stop.flag.load(std::memory_order_relaxed);
+}
 
 struct Isa {
   const char* name;
@@ -121,8 +275,8 @@ PyObject* run_now(bool (*parse)(PyObject*, Job&), void (*const Isa::*run)(const 
   Job job;
   if (!parse(args, job)) return nullptr;
   const Isa* isa = current;
-  Py_BEGIN_ALLOW_THREADS (isa->*run)(job);
-  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+  if (!run_released([&](const std::atomic<int>*, bool) { (isa->*run)(job); })) return nullptr;
+  Py_RETURN_NONE;
 }
 
 PyObject* py_correlate(PyObject*, PyObject* args) {
@@ -423,15 +577,36 @@ PyObject* py_run_tasks(PyObject*, PyObject* args) {
     if (ok && shared < 0) ok = false;
     if (ok)
       tasks.push_back({[calls] {
-                         for (const Call& c : *calls) run_call(c);
+                         for (const Call& c : *calls) {
+                           if (pool::stopping()) return;
+                           run_call(c);
+                         }
                        },
                        shared != 0, once});
   }
   Py_DECREF(fast);  // the tuples, and the Once capsules they hold, live on in `seq`
   if (!ok) return nullptr;
   const int helpers = std::max(0, std::min(threads, 256) - 1);
-  Py_BEGIN_ALLOW_THREADS pool::instance()->run(std::move(tasks), helpers);
-  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+  const bool done = run_released([&](const std::atomic<int>* stop, bool nested) {
+    pool::instance()->run(std::move(tasks), nested ? 0 : helpers, stop);
+  });
+  if (!done) return nullptr;
+  Py_RETURN_NONE;
+}
+
+// interrupts() -> the count of SIGINTs so far, SIGINT's handler armed (see "Ctrl-C" above).
+PyObject* py_interrupts(PyObject*, PyObject*) {
+  arm();
+  return PyLong_FromUnsignedLongLong(g_interrupts.load(std::memory_order_acquire));
+}
+
+// check_interrupt(mark) -> the new mark; raises where a call that started at `mark` is
+// to stop (what a kernel call does between its rows, for Python loops between tiles).
+PyObject* py_check_interrupt(PyObject*, PyObject* arg) {
+  uint64_t seen = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  if (look(seen) < 0) return nullptr;
+  return PyLong_FromUnsignedLongLong(seen);
 }
 
 // warm(threads, microseconds): the pool's threads for a batch of `threads` spin for that
@@ -570,6 +745,9 @@ PyMethodDef kMethods[] = {
     {"once", py_once, METH_VARARGS, "Calls run once, before the first task that needs them."},
     {"run_tasks", py_run_tasks, METH_VARARGS, "Run tasks of prepared calls on the pool."},
     {"warm", py_warm, METH_VARARGS, "Keep the pool's threads spinning, ready for a batch."},
+    {"interrupts", py_interrupts, METH_NOARGS, "SIGINTs so far (the count armed)."},
+    {"check_interrupt", py_check_interrupt, METH_O,
+     "Raise where a call that started at this count of SIGINTs is to stop."},
     {"gather_sum", py_gather_sum, METH_VARARGS, "Sum rows gathered by a table (indexed)."},
     {"widen_half", py_widen_half, METH_VARARGS, "float16/bfloat16 -> float32, exactly."},
     {"round_half", py_round_half, METH_VARARGS, "float32 -> float16/bfloat16, as stored."},
@@ -595,6 +773,7 @@ PyMODINIT_FUNC PyInit__native() {
     }
   }
   PyObject* module = PyModule_Create(&kModule);
+  arm();
   if (module && PyModule_AddIntConstant(module, "TAPS_INNER_BELOW", CT_TAPS_INNER_BELOW) < 0) {
     Py_DECREF(module);
     return nullptr;

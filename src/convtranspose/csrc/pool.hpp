@@ -13,10 +13,17 @@
 // the kernel's cursors), so that the batch ends with every thread busy. Which thread runs
 // what changes no bit of any result: tasks write disjoint outputs, or are one thread's
 // sequence of calls in a fixed order.
+//
+// Stopping early (Ctrl-C): every thread in a batch has `ct_stop` (correlate_api.h) set:
+// the caller's is module.cpp's, which looks for a signal and then raises the batch's flag;
+// the helpers' reads that flag. It is asked before each task, between a task's calls and
+// between the kernel's runs of rows; a batch that stops leaves its output half-written.
+// The helpers block every signal, so that a signal is delivered to a Python thread.
 #pragma once
 
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <time.h>
 
 #include <algorithm>
@@ -30,6 +37,8 @@
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include "correlate_api.h"
 
 namespace pool {
 
@@ -67,6 +76,22 @@ inline void wait_until(Pred&& pred) {
   }
 }
 
+// Whether this thread's batch is to stop (see the top of this file).
+inline bool stopping() {
+  CtStop* s = ct_stop;
+  return s && s->stop(s);
+}
+
+// A helper's stop: the batch's flag, which the caller raises.
+struct FlagStop : CtStop {
+  explicit FlagStop(const std::atomic<int>* f) : flag(f) {
+    stop = [](CtStop* s) {
+      return static_cast<FlagStop*>(s)->flag->load(std::memory_order_relaxed) != 0;
+    };
+  }
+  const std::atomic<int>* flag;
+};
+
 // Calls that run once, before any task that needs them (a weight's packing, which the
 // tasks then read): the first thread to need them runs them; the others wait.
 struct Once {
@@ -92,8 +117,8 @@ struct Task {
 };
 
 struct Batch {
-  explicit Batch(std::vector<Task> t)
-      : tasks(std::move(t)), open(new std::atomic<int>[tasks.size()]) {
+  Batch(std::vector<Task> t, const std::atomic<int>* s)
+      : tasks(std::move(t)), open(new std::atomic<int>[tasks.size()]), stop(s) {
     for (size_t i = 0; i < tasks.size(); ++i)
       open[i].store(tasks[i].shared ? 1 : 0, std::memory_order_relaxed);
   }
@@ -102,6 +127,7 @@ struct Batch {
   std::unique_ptr<std::atomic<int>[]> open;  // a shared task not yet returned from
   int seats = 0;                              // helpers that may still join (under the lock)
   std::atomic<int> inside{0};                 // helpers that joined and have not left
+  const std::atomic<int>* stop;               // raised by the caller: take no more work
 };
 
 inline void run_task(const Task& t) {
@@ -109,10 +135,12 @@ inline void run_task(const Task& t) {
   t.body();
 }
 
-// Take tasks until none is left, then join shared ones still open.
+// Take tasks until none is left, then join shared ones still open (or until the batch
+// stops).
 inline void participate(Batch& b) {
   const int64_t n = static_cast<int64_t>(b.tasks.size());
   for (;;) {
+    if (stopping()) return;
     const int64_t i = b.next.fetch_add(1, std::memory_order_acq_rel);
     if (i < n) {
       const Task& t = b.tasks[i];
@@ -142,11 +170,12 @@ class Pool {
   }
 
   // Run every task on the caller and up to `helpers` pool threads; returns once all are
-  // done. Another batch already running (a second caller thread): this one runs on its
-  // caller alone.
-  void run(std::vector<Task> tasks, int helpers) {
+  // done, or once the caller's `ct_stop` has raised `stop` and every helper has left.
+  // Another batch already running (a second caller thread): this one runs on its caller
+  // alone.
+  void run(std::vector<Task> tasks, int helpers, const std::atomic<int>* stop) {
     const int64_t started = now_ns();
-    Batch batch(std::move(tasks));
+    Batch batch(std::move(tasks), stop);
     std::unique_lock<std::mutex> turn(turn_, std::try_to_lock);
     if (!turn.owns_lock()) helpers = 0;
     if (helpers > 0) {
@@ -167,7 +196,8 @@ class Pool {
         // (50 us to 1 ms) bounds the spinning to a quarter of the work's own.
         const int64_t now = now_ns();
         const int64_t grace = std::min<int64_t>(1000000, std::max<int64_t>(50000, (now - started) / 4));
-        spin_until_.store(now + grace, std::memory_order_relaxed);
+        const bool stopped = stop && stop->load(std::memory_order_relaxed);
+        spin_until_.store(stopped ? 0 : now + grace, std::memory_order_relaxed);
       }
       wait_until([&] { return batch.inside.load(std::memory_order_acquire) == 0; });
     }
@@ -175,12 +205,18 @@ class Pool {
 
  private:
   // Start helpers up to `helpers` (under mutex_); returns how many there are. A thread the
-  // system refuses (a process at its limit) leaves the batch to fewer helpers.
+  // system refuses (a process at its limit) leaves the batch to fewer helpers. They start
+  // with every signal blocked (a thread inherits its creator's mask).
   int grow(int helpers) {
+    if (workers_ >= helpers) return helpers;
+    sigset_t all, before;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &before);
     try {
       for (; workers_ < helpers; ++workers_) std::thread([this] { work(); }).detach();
     } catch (const std::system_error&) {
     }
+    pthread_sigmask(SIG_SETMASK, &before, nullptr);
     return std::min(workers_, helpers);
   }
 
@@ -210,7 +246,10 @@ class Pool {
         }
       }
       if (batch) {
+        FlagStop stop(batch->stop);
+        ct_stop = batch->stop ? &stop : nullptr;
         participate(*batch);
+        ct_stop = nullptr;
         batch->inside.fetch_sub(1, std::memory_order_acq_rel);
       }
     }
