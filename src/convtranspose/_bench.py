@@ -528,6 +528,33 @@ def mlx_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
     return {"": Runner(call_vjp, lambda r: (to_np(r[0]), to_np(r[1])))}
 
 
+def mlx_dropin_runners(wl: Workload, x: np.ndarray, w: np.ndarray) -> dict[str, Runner]:
+    """Our MLX drop-in (convtranspose.mlx) on mx.arrays, eager and under mx.compile (the
+    compiled primitive; eager alone where it is not available), timed beside the rest."""
+    import mlx.core as mx
+
+    from . import mlx as ctm
+
+    if x.dtype.name not in ("float32", "float64"):
+        raise Unavailable("n/a (dtype)")
+    xm, wm = mx.array(x), mx.array(w)
+
+    def forward(a, b):
+        return ctm.conv_transpose3d(a, b, **wl.settings)
+
+    def timed(fn):
+        def call():
+            y = fn(xm, wm)
+            mx.eval(y)
+            return y
+        return Runner(call, np.array)
+
+    out = {"eager": timed(forward)}
+    if ctm.extension_error() is None:
+        out["compiled"] = timed(mx.compile(forward))
+    return out
+
+
 def ours_runner(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None) -> Runner:
     s = wl.settings
     if g is None:
@@ -630,6 +657,11 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
         runners += [("ours", name, runner)
                     for name, runner in our_part_runners(wl, x, w, g).items()]
     messages = []
+    if MLX in peers and g is None:  # our drop-in, timed as "ours-mlx" (logged, not tabled)
+        try:
+            runners += [("ours-mlx", v, r) for v, r in mlx_dropin_runners(wl, x, w).items()]
+        except Unavailable:
+            pass
     for peer in peers:
         try:
             if peer == TORCH:
@@ -700,6 +732,9 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
                      if row.peers[p].error is not None)
     log(f"  {wl.title}: ours {_fmt_ms(row.ours_ms)} ms"
         + (f"; max rel. difference vs ours: {errs}" if errs else ""))
+    dropin = [f"{v} {_fmt_ms(ms)} ms" for (p, v), ms in medians.items() if p == "ours-mlx"]
+    if dropin:
+        log(f"  {wl.title}: convtranspose.mlx drop-in: " + ", ".join(dropin))
     for m in messages:
         log("  " + m)
     return row
