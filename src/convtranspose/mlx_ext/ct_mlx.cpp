@@ -224,7 +224,18 @@ std::shared_ptr<void> pack(int item, const void* w, const std::vector<int64_t>& 
 
 enum Kind { FORWARD = 0, GRAD_INPUT = 1 };
 
+// How the kernel lays its vectors (the planner's rule, _plan.native_mode): along the
+// channels of a depthwise layer, along the reduction for 1-4 outputs, else along outputs.
+int mode_for(int64_t rows, int64_t cols) {
+  if (rows == 1 && cols == 1) return CT_MODE_DEPTHWISE;
+  if (cols <= 4 && rows >= 8) return CT_MODE_DOT;
+  return CT_MODE_CHANNELS;
+}
+
 // out = F(x, w) (kind FORWARD) or GI(dy, w) (kind GRAD_INPUT), every buffer MLX's.
+// Each is a set of correlations (one per output phase of the forward; one for grad_input)
+// of the operand with some of the weight's taps: `rows` channels summed, `cols` produced
+// per group.
 template <typename T>
 void evaluate(Kind kind, const Geometry& g, const mx::array& a, const mx::array& w,
               mx::array& out) {
@@ -235,54 +246,92 @@ void evaluate(Kind kind, const Geometry& g, const mx::array& a, const mx::array&
   T* o = out.data<T>();
   const int64_t os[4] = {od[1] * od[2] * od[3] * od[4], od[2] * od[3] * od[4], od[3] * od[4],
                          od[4]};
-  const int64_t cout_g = wv.dims[0] / g.groups, cin_g = wv.dims[4];
+  const int64_t G = g.groups, cout_g = wv.dims[0] / G, cin_g = wv.dims[4];
   const int64_t kern[3] = {wv.dims[1], wv.dims[2], wv.dims[3]};
   const int64_t ktot = kern[0] * kern[1] * kern[2];
   const T* wdata = static_cast<const T*>(wv.data);
+  const int64_t rows = kind == FORWARD ? cin_g : cout_g;
+  const int64_t cols = kind == FORWARD ? cout_g : cin_g;
+  const int mode = mode_for(rows, cols);
+  // The weight element of (group, tap, summed channel r, produced channel c).
+  auto source = [&](int64_t grp, int64_t kidx, int64_t r, int64_t c) -> int64_t {
+    const int64_t co = kind == FORWARD ? c : r, ci = kind == FORWARD ? r : c;
+    return ((grp * cout_g + co) * ktot + kidx) * cin_g + ci;
+  };
+  const int64_t in_dims[3] = {x.dims[1], x.dims[2], x.dims[3]};
 
   Batch b;
   double flops = 0;
-  bool zero_first = false;
-  auto add_job = [&](const void* xp, const int64_t* in_dims, std::vector<int64_t> off[3],
-                     const int64_t* step, void* op, const int64_t* ostr, const int64_t* count,
-                     int64_t cin, int64_t cout, std::shared_ptr<void> packed) {
-    CtJob j{};
-    j.itemsize = item;
-    j.mode = CT_MODE_CHANNELS;
-    j.out_half = CT_HALF_NONE;
-    j.stream_out = 0;
-    j.x = xp;
-    std::copy(x.strides, x.strides + 4, j.xs);
-    std::copy(in_dims, in_dims + 3, j.in_dims);
-    j.w = packed.get();
-    for (int k = 0; k < 3; ++k) {
-      j.ntaps[k] = static_cast<int64_t>(off[k].size());
-      j.step[k] = step[k];
-      b.offsets.push_back(std::move(off[k]));
+  // One correlation (per group, or one for a depthwise layer) over the taps `ks` (kernel
+  // index per axis) reading input offsets `cs`, writing `count` outputs from `op`.
+  auto emit = [&](std::vector<int64_t> ks[3], std::vector<int64_t> cs[3], const int64_t* step,
+                  T* op, const int64_t* ostr, const int64_t* count) {
+    const int64_t taps = ks[0].size() * ks[1].size() * ks[2].size();
+    std::vector<int64_t> kidx;
+    for (int64_t i : ks[0])
+      for (int64_t j : ks[1])
+        for (int64_t k : ks[2]) kidx.push_back((i * kern[1] + j) * kern[2] + k);
+    const int64_t jobs = mode == CT_MODE_DEPTHWISE ? 1 : G;
+    for (int64_t grp = 0; grp < jobs; ++grp) {
+      std::shared_ptr<void> packed;
+      if (mode == CT_MODE_CHANNELS) {  // [chunk][tap][r][column], by the kernel's packer
+        std::vector<int64_t> table(taps * cols);
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t c = 0; c < cols; ++c) table[t * cols + c] = source(grp, kidx[t], 0, c);
+        const int64_t row_stride = rows > 1 ? source(grp, 0, 1, 0) - source(grp, 0, 0, 0) : 1;
+        packed = pack(item, wdata, table, taps, cols, rows, row_stride);
+      } else if (mode == CT_MODE_DOT) {  // [tap][column][r]
+        packed.reset(aligned(taps * cols * rows * item), std::free);
+        T* p = static_cast<T*>(packed.get());
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t c = 0; c < cols; ++c)
+            for (int64_t r = 0; r < rows; ++r) *p++ = wdata[source(grp, kidx[t], r, c)];
+      } else {  // [tap][channel], every group's one channel
+        packed.reset(aligned(taps * G * item), std::free);
+        T* p = static_cast<T*>(packed.get());
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t c = 0; c < G; ++c) *p++ = wdata[source(c, kidx[t], 0, 0)];
+      }
+      const int64_t cin = mode == CT_MODE_DEPTHWISE ? G : rows;
+      const int64_t cout = mode == CT_MODE_DEPTHWISE ? G : cols;
+      CtJob j{};
+      j.itemsize = item;
+      j.mode = mode;
+      j.out_half = CT_HALF_NONE;
+      j.x = static_cast<const T*>(x.data) + grp * rows;
+      std::copy(x.strides, x.strides + 4, j.xs);
+      std::copy(in_dims, in_dims + 3, j.in_dims);
+      j.w = packed.get();
+      for (int k = 0; k < 3; ++k) {
+        j.ntaps[k] = static_cast<int64_t>(cs[k].size());
+        j.step[k] = step[k];
+        b.offsets.push_back(cs[k]);
+      }
+      j.out = op + grp * cols;
+      std::copy(ostr, ostr + 4, j.os);
+      const int64_t box[6] = {0, od[0], 0, count[0], 0, count[1]};
+      std::copy(box, box + 6, j.box);
+      j.wcount = count[2];
+      j.cin = cin;
+      j.cout = cout;
+      j.sharers = 1;
+      flops += 2.0 * od[0] * count[0] * count[1] * count[2] * taps * rows * cols *
+               (mode == CT_MODE_DEPTHWISE ? G : 1);
+      b.jobs.push_back(j);
+      b.packed.push_back(std::move(packed));
     }
-    j.out = op;
-    std::copy(ostr, ostr + 4, j.os);
-    const int64_t box[6] = {0, od[0], 0, count[0], 0, count[1]};
-    std::copy(box, box + 6, j.box);
-    j.wcount = count[2];
-    j.cin = cin;
-    j.cout = cout;
-    j.sharers = 1;
-    flops += 2.0 * od[0] * count[0] * count[1] * count[2] * j.ntaps[0] * j.ntaps[1] *
-             j.ntaps[2] * cin * cout;
-    b.jobs.push_back(j);
-    b.packed.push_back(std::move(packed));
   };
 
+  bool zero_first = false;
   if (kind == FORWARD) {
-    // One stride-1 correlation per phase (output residues r) and group (see _geometry.py).
+    // One stride-1 correlation per phase (output residues r): see _geometry.py.
     for (int rd = 0; rd < g.stride[0]; ++rd)
       for (int rh = 0; rh < g.stride[1]; ++rh)
         for (int rw = 0; rw < g.stride[2]; ++rw) {
           const int r[3] = {rd, rh, rw};
           int64_t count[3];
           std::vector<int64_t> ks[3], cs[3];
-          bool empty = false;
+          bool empty = false, untouched = false;
           for (int a = 0; a < 3; ++a) {
             count[a] = std::max<int64_t>(0, (od[1 + a] - r[a] + g.stride[a] - 1) / g.stride[a]);
             for (int64_t k = 0; k < kern[a]; ++k) {
@@ -294,55 +343,30 @@ void evaluate(Kind kind, const Geometry& g, const mx::array& a, const mx::array&
                 cs[a].push_back(c);
               }
             }
-            if (count[a] == 0) empty = true;
+            empty = empty || count[a] == 0;
+            untouched = untouched || ks[a].empty();
           }
           if (empty) continue;
-          if (ks[0].empty() || ks[1].empty() || ks[2].empty()) {
-            zero_first = true;  // no tap reaches this phase: its outputs are zero
+          if (untouched) {  // no tap reaches this phase: its outputs are zero
+            zero_first = true;
             continue;
           }
-          const int64_t taps = ks[0].size() * ks[1].size() * ks[2].size();
           const int64_t ostr[4] = {os[0], os[1] * g.stride[0], os[2] * g.stride[1],
                                    os[3] * g.stride[2]};
-          for (int grp = 0; grp < g.groups; ++grp) {
-            std::vector<int64_t> table(taps * cout_g);
-            int64_t t = 0;
-            for (int64_t i : ks[0])
-              for (int64_t j2 : ks[1])
-                for (int64_t k : ks[2]) {
-                  const int64_t kidx = (i * kern[1] + j2) * kern[2] + k;
-                  for (int64_t col = 0; col < cout_g; ++col)
-                    table[t * cout_g + col] = ((grp * cout_g + col) * ktot + kidx) * cin_g;
-                  ++t;
-                }
-            auto packed = pack(item, wdata, table, taps, cout_g, cin_g, 1);
-            std::vector<int64_t> off[3] = {cs[0], cs[1], cs[2]};
-            const int64_t in_dims[3] = {x.dims[1], x.dims[2], x.dims[3]};
-            const int64_t step[3] = {1, 1, 1};
-            T* op = o + rd * os[1] + rh * os[2] + rw * os[3] + grp * cout_g;
-            add_job(static_cast<const T*>(x.data) + grp * cin_g, in_dims, off, step, op, ostr,
-                    count, cin_g, cout_g, std::move(packed));
-          }
+          const int64_t step[3] = {1, 1, 1};
+          emit(ks, cs, step, o + rd * os[1] + rh * os[2] + rw * os[3], ostr, count);
         }
   } else {
     // grad_input: dx[i] = sum over taps k, channels co of dy[i*s + k*d - p, co] w[co, k, ci].
-    std::vector<int64_t> cs[3];
+    std::vector<int64_t> ks[3], cs[3];
     for (int a = 0; a < 3; ++a)
-      for (int64_t k = 0; k < kern[a]; ++k)
+      for (int64_t k = 0; k < kern[a]; ++k) {
+        ks[a].push_back(k);
         cs[a].push_back(k * g.dilation[a] - g.padding[a]);
+      }
     const int64_t count[3] = {od[1], od[2], od[3]};
-    for (int grp = 0; grp < g.groups; ++grp) {
-      std::vector<int64_t> table(ktot * cin_g);
-      for (int64_t t = 0; t < ktot; ++t)
-        for (int64_t col = 0; col < cin_g; ++col)
-          table[t * cin_g + col] = (grp * cout_g * ktot + t) * cin_g + col;
-      auto packed = pack(item, wdata, table, ktot, cin_g, cout_g, ktot * cin_g);
-      std::vector<int64_t> off[3] = {cs[0], cs[1], cs[2]};
-      const int64_t in_dims[3] = {x.dims[1], x.dims[2], x.dims[3]};
-      const int64_t step[3] = {g.stride[0], g.stride[1], g.stride[2]};
-      add_job(static_cast<const T*>(x.data) + grp * cout_g, in_dims, off, step,
-              o + grp * cin_g, os, count, cout_g, cin_g, std::move(packed));
-    }
+    const int64_t step[3] = {g.stride[0], g.stride[1], g.stride[2]};
+    emit(ks, cs, step, o, os, count);
   }
   // Each job points at its own offset arrays, whose storage is now final.
   for (size_t i = 0; i < b.jobs.size(); ++i)
