@@ -253,6 +253,7 @@ OUR_LAYERS = {1: ctm.ConvTranspose1d, 2: ctm.ConvTranspose2d, 3: ctm.ConvTranspo
 
 def _pair(case):
     ndim, cin, cout, k, kw, _ = case
+    mx.random.seed(0)
     ours = OUR_LAYERS[ndim](cin, cout, k, **kw)
     ours.bias = rand(ours.bias.shape, seed=21) * 0.1
     if kw.get("groups", 1) > 1:
@@ -295,7 +296,9 @@ def test_compiled_adam_step_matches_mlx(case):
     for (ka, a), (kb, b) in zip(tree_flatten(ours.parameters()),
                                 tree_flatten(theirs.parameters())):
         assert ka == kb
-        close(a, b, 1e-5)
+        # Adam divides each gradient by its own running size: an element whose gradient
+        # is near zero carries its float32 rounding into a step of up to the learning rate.
+        close(a, b, 1e-3 * 1e-2, scale=1.0)
 
 
 # ---- streams and the fallback -------------------------------------------------------------

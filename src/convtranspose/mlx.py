@@ -64,7 +64,7 @@ import numpy as np
 
 from ._api import spec_for
 from ._execute import execute
-from ._plan import get_num_threads, make_plan
+from ._plan import STREAM_OUTPUT_FROM_BYTES, get_num_threads, make_plan
 from ._spec import make_spec
 from ._vjp import check_cotangent, vjp_arrays
 
@@ -151,7 +151,7 @@ def _load(path: Path) -> Any:
     module.set_api(_native_kernel._native.c_api())
     try:  # an mx.array must cross into the module: nanobind's ABI must match MLX's
         probe = module.conv_transpose(mx.ones((1, 2, 1)), mx.ones((1, 1, 1)), 1, [1], [0],
-                                      [1], [0], 1, 1, stream=mx.cpu)
+                                      [1], [0], 1, 1, STREAM_OUTPUT_FROM_BYTES, stream=mx.cpu)
         mx.eval(probe)
     except TypeError as exc:
         raise RuntimeError(f"the extension does not accept MLX's arrays (nanobind's ABI "
@@ -369,7 +369,8 @@ def _conv_transpose(ndim: int, input: Any, weight: Any, stride: IntOrTuple,
     x = input if input.dtype == compute else input.astype(compute)
     w = weight if weight.dtype == compute else weight.astype(compute)
     y = ext.conv_transpose(x, w, ndim, list(stride3), list(padding3), list(dilation3),
-                           list(output_padding3), groups, get_num_threads(), stream=mx.cpu)
+                           list(output_padding3), groups, get_num_threads(),
+                           STREAM_OUTPUT_FROM_BYTES, stream=mx.cpu)
     return y if result == compute else y.astype(result)
 
 

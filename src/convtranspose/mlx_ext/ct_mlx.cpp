@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -47,7 +48,10 @@ struct Geometry {
   int padding[3] = {0, 0, 0};
   int dilation[3] = {1, 1, 1};
   int output_padding[3] = {0, 0, 0};
-  int threads = 1;  // for the kernel; not part of what the operation computes
+  // How the kernel runs; not part of what the operation computes: threads, and the output
+  // size from which it leaves by non-temporal stores (_plan.STREAM_OUTPUT_FROM_BYTES).
+  int threads = 1;
+  int64_t stream_from = INT64_MAX;
 
   bool same_as(const Geometry& o) const {
     return ndim == o.ndim && groups == o.groups &&
@@ -60,7 +64,7 @@ struct Geometry {
 
 Geometry make_geometry(int ndim, const std::vector<int>& stride, const std::vector<int>& padding,
                        const std::vector<int>& dilation, const std::vector<int>& output_padding,
-                       int groups, int threads) {
+                       int groups, int threads, int64_t stream_from) {
   if (ndim < 1 || ndim > 3) throw std::invalid_argument("convtranspose: ndim must be 1, 2 or 3");
   auto check = [&](const std::vector<int>& v, const char* name) {
     if (static_cast<int>(v.size()) != ndim) {
@@ -77,6 +81,7 @@ Geometry make_geometry(int ndim, const std::vector<int>& stride, const std::vect
   g.ndim = ndim;
   g.groups = groups;
   g.threads = std::max(1, threads);
+  g.stream_from = stream_from;
   const int lift = 3 - ndim;
   for (int a = 0; a < ndim; ++a) {
     g.stride[lift + a] = stride[a];
@@ -298,6 +303,7 @@ void evaluate(Kind kind, const Geometry& g, const mx::array& a, const mx::array&
       j.itemsize = item;
       j.mode = mode;
       j.out_half = CT_HALF_NONE;
+      j.stream_out = static_cast<int64_t>(out.nbytes()) >= g.stream_from;
       j.x = static_cast<const T*>(x.data) + grp * rows;
       std::copy(x.strides, x.strides + 4, j.xs);
       std::copy(in_dims, in_dims + 3, j.in_dims);
@@ -624,28 +630,29 @@ NB_MODULE(_ct_mlx, m) {
       "conv_transpose",
       [](const mx::array& x, const mx::array& w, int ndim, const std::vector<int>& stride,
          const std::vector<int>& padding, const std::vector<int>& dilation,
-         const std::vector<int>& output_padding, int groups, int threads,
+         const std::vector<int>& output_padding, int groups, int threads, int64_t stream_from,
          mx::StreamOrDevice s) {
         return forward(x, w,
                        make_geometry(ndim, stride, padding, dilation, output_padding, groups,
-                                     threads),
+                                     threads, stream_from),
                        s);
       },
       "x"_a, "w"_a, "ndim"_a, "stride"_a, "padding"_a, "dilation"_a, "output_padding"_a,
-      "groups"_a, "threads"_a, nb::kw_only(), "stream"_a = nb::none());
+      "groups"_a, "threads"_a, "stream_from"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def(
       "grad_input",
       [](const mx::array& dy, const mx::array& w, const std::vector<int>& in_spatial, int ndim,
          const std::vector<int>& stride, const std::vector<int>& padding,
          const std::vector<int>& dilation, const std::vector<int>& output_padding, int groups,
-         int threads, mx::StreamOrDevice s) {
+         int threads, int64_t stream_from, mx::StreamOrDevice s) {
         return grad_input(dy, w,
                           make_geometry(ndim, stride, padding, dilation, output_padding,
-                                        groups, threads),
+                                        groups, threads, stream_from),
                           in_spatial, s);
       },
       "dy"_a, "w"_a, "in_spatial"_a, "ndim"_a, "stride"_a, "padding"_a, "dilation"_a,
-      "output_padding"_a, "groups"_a, "threads"_a, nb::kw_only(), "stream"_a = nb::none());
+      "output_padding"_a, "groups"_a, "threads"_a, "stream_from"_a, nb::kw_only(),
+      "stream"_a = nb::none());
   m.def(
       "grad_weight",
       [](const mx::array& x, const mx::array& dy, const std::vector<int>& kernel, int ndim,
@@ -654,7 +661,7 @@ NB_MODULE(_ct_mlx, m) {
          mx::StreamOrDevice s) {
         return grad_weight(x, dy,
                            make_geometry(ndim, stride, padding, dilation, output_padding,
-                                         groups, 1),
+                                         groups, 1, INT64_MAX),
                            kernel, s);
       },
       "x"_a, "dy"_a, "kernel"_a, "ndim"_a, "stride"_a, "padding"_a, "dilation"_a,
