@@ -19,8 +19,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_mlx_dropin import (CALLS, GRAD_CALLS, GRAD_IDS, IDS, OURS, THEIRS, close,
-                             operands, rand)
+from test_mlx_dropin import CALLS, GRAD_CALLS, GRAD_IDS, IDS, OURS, THEIRS, close, operands, rand
 
 import convtranspose as ct
 from convtranspose import mlx as ctm
