@@ -20,6 +20,11 @@ correlation on the same kernel) and grad_weight is built from MLX ops (a matmul 
 so every order of derivative is an MLX graph; jvp is the primitive on the tangents (it is
 linear in each argument); vmap folds a mapped input axis into the batch, and runs a mapped
 weight item by item. float16/bfloat16 compute in float32 and are rounded back by MLX.
+The primitive takes the kernel from `convtranspose._native.c_api()` (a capsule holding the
+C function table of csrc/ct_capi.h), so both modules share one kernel build and one thread
+pool; it runs the direct path of the planner (one correlation per output phase and group,
+the kernel's three weight layouts, input slabs kept in cache, the pool's threads), not its
+Winograd or tiling choices.
 
 **Building it.** The extension is compiled at first use against the installed MLX (its
 CMake config, nanobind in MLX's type domain so that `mx.array` passes across), once per
@@ -122,11 +127,12 @@ def _compile(folder: Path) -> None:
     if importlib.util.find_spec("nanobind") is None:
         raise RuntimeError("the nanobind package is not installed")
     build = folder / "build"
+    staging = build / "out"  # moved into `folder` once linked: never a half-written module
     log = folder / "build.log"
     mlx_root = str(Path(importlib.util.find_spec("mlx").submodule_search_locations[0]))
     steps = [
         [cmake, "-S", str(_PACKAGE / "mlx_ext"), "-B", str(build),
-         f"-DPython_EXECUTABLE={sys.executable}", f"-DCT_OUTPUT_DIR={folder}",
+         f"-DPython_EXECUTABLE={sys.executable}", f"-DCT_OUTPUT_DIR={staging}",
          f"-DMLX_ROOT={mlx_root}", "-DCMAKE_BUILD_TYPE=Release"],
         [cmake, "--build", str(build), "-j", str(max(1, min(4, os.cpu_count() or 1)))],
     ]
@@ -136,6 +142,10 @@ def _compile(folder: Path) -> None:
             if done.returncode:
                 tail = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the build failed (log: {log}):\n{tail}")
+    built = _module_file(staging)
+    if built is None:
+        raise RuntimeError(f"the build made no module (log: {log})")
+    os.replace(built, folder / built.name)
     shutil.rmtree(build, ignore_errors=True)
 
 
@@ -178,8 +188,6 @@ def build_extension() -> str:
                       file=sys.stderr)
                 _compile(folder)
                 path = _module_file(folder)
-                if path is None:
-                    raise RuntimeError(f"the build made no module in {folder}")
         _state["ext"] = _load(path)
         _state.pop("error", None)
         return str(path)
