@@ -579,6 +579,33 @@ def _ours(ndim: int, vjp: bool = False) -> Callable[..., Any]:
     return getattr(convtranspose, f"conv_transpose{ndim}d{'_vjp' if vjp else ''}")
 
 
+def mlx_dropin_runners(wl: Workload, x: np.ndarray, w: np.ndarray) -> dict[str, Runner]:
+    """Our MLX drop-in (convtranspose.mlx) on mx.arrays, eager and under mx.compile (the
+    compiled primitive; eager alone where it is not available), timed beside the rest."""
+    import mlx.core as mx
+
+    from . import mlx as ctm
+
+    if x.dtype.name not in ("float32", "float64"):
+        raise Unavailable("n/a (dtype)")
+    xm, wm = mx.array(x), mx.array(w)
+
+    def forward(a, b):
+        return ctm.conv_transpose3d(a, b, **wl.settings)
+
+    def timed(fn):
+        def call():
+            y = fn(xm, wm)
+            mx.eval(y)
+            return y
+        return Runner(call, np.array)
+
+    out = {"eager": timed(forward)}
+    if ctm.extension_error() is None:
+        out["compiled"] = timed(mx.compile(forward))
+    return out
+
+
 def ours_runner(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None) -> Runner:
     s = wl.settings
     if g is None:
@@ -740,6 +767,11 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
         runners += [("ours", name, runner)
                     for name, runner in our_part_runners(wl, x, w, g).items()]
     messages = []
+    if MLX in peers and g is None:  # our drop-in, timed as "ours-mlx" (logged, not tabled)
+        try:
+            runners += [("ours-mlx", v, r) for v, r in mlx_dropin_runners(wl, x, w).items()]
+        except Unavailable:
+            pass
     for peer in peers:
         try:
             if peer == TORCH:
@@ -793,6 +825,9 @@ def bench_workload(wl: Workload, peers: Sequence[str], dtype: Any = np.float32,
                      if row.peers[p].error is not None)
     log(f"  {wl.title}: ours {_fmt_ms(row.ours_ms)} ms"
         + (f"; max rel. difference vs ours: {errs}" if errs else ""))
+    dropin = [f"{v} {_fmt_ms(ms)} ms" for (p, v), ms in medians.items() if p == "ours-mlx"]
+    if dropin:
+        log(f"  {wl.title}: convtranspose.mlx drop-in: " + ", ".join(dropin))
     for m in messages:
         log("  " + m)
     shaky = unreliable(row)

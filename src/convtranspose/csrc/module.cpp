@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "correlate_api.h"
+#include "ct_capi.h"
 #include "pool.hpp"
 
 __thread CtStop* ct_stop = nullptr;
@@ -733,6 +734,27 @@ PyObject* py_set_isa(PyObject*, PyObject* args) {
   return nullptr;
 }
 
+// The C function table for other extensions (ct_capi.h), dispatching to `current`.
+void capi_correlate(const CtJob* job) { current->correlate(*job); }
+void capi_pack(int itemsize, const void* src, const int64_t* table, int64_t taps, int64_t cols,
+               int64_t rows, int64_t row_stride, int64_t padded, int64_t chunk, void* dst) {
+  run_pack({itemsize, reinterpret_cast<Py_ssize_t>(src), reinterpret_cast<Py_ssize_t>(table),
+            taps, cols, rows, row_stride, padded, chunk, reinterpret_cast<Py_ssize_t>(dst)});
+}
+int capi_lanes(int itemsize) { return current->lanes(itemsize); }
+int capi_max_vectors() { return current->max_vectors(); }
+void capi_run_shared(void (*body)(void*), void* ctx, int threads) {
+  std::vector<pool::Task> tasks;
+  tasks.push_back({[body, ctx] { body(ctx); }, threads > 1, nullptr});
+  pool::instance()->run(std::move(tasks), std::max(0, std::min(threads, 256) - 1));
+}
+const CtCapi kCapi = {CT_CAPI_VERSION, capi_correlate, capi_pack, capi_lanes,
+                      capi_max_vectors, capi_run_shared};
+
+PyObject* py_c_api(PyObject*, PyObject*) {
+  return PyCapsule_New(const_cast<CtCapi*>(&kCapi), CT_CAPI_NAME, nullptr);
+}
+
 PyMethodDef kMethods[] = {
     {"correlate", py_correlate, METH_VARARGS, "Run one correlation job (see correlate.hpp)."},
     {"grad_weight", py_grad_weight, METH_VARARGS, "Add one tile's grad_weight into a partial."},
@@ -755,6 +777,7 @@ PyMethodDef kMethods[] = {
     {"fuses_grad_input", py_fuses_grad_input, METH_VARARGS,
      "Whether grad_weight (swapped) can compute grad_input in the same pass."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
+    {"c_api", py_c_api, METH_NOARGS, "The kernel's C function table (ct_capi.h), a capsule."},
     {"address", py_address, METH_O, "The address of an array's first element."},
     {"available", py_available, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"set_isa", py_set_isa, METH_VARARGS, "Use another available instruction set."},
