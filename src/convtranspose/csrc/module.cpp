@@ -746,7 +746,8 @@ int capi_max_vectors() { return current->max_vectors(); }
 void capi_run_shared(void (*body)(void*), void* ctx, int threads) {
   std::vector<pool::Task> tasks;
   tasks.push_back({[body, ctx] { body(ctx); }, threads > 1, nullptr});
-  pool::instance()->run(std::move(tasks), std::max(0, std::min(threads, 256) - 1));
+  pool::instance()->run(std::move(tasks), std::max(0, std::min(threads, 256) - 1),
+                        nullptr);  // MLX calls are not interrupted mid-evaluation
 }
 const CtCapi kCapi = {CT_CAPI_VERSION, capi_correlate, capi_pack, capi_lanes,
                       capi_max_vectors, capi_run_shared};
