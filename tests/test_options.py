@@ -107,14 +107,13 @@ def test_output_size_matches_torch(rng, assert_close, case):
 def test_unbatched_matches_torch(rng, assert_close, case):
     x, w, b = _arrays(rng, case)
     *_, stride, padding, dilation, groups = case
-    got = FUNCS[x.ndim - 2](x[0], w, stride, padding, dilation, 1, groups, bias=b)
-    expected = _torch_forward(x[0], w, b, stride, padding, dilation, groups, output_padding=1,
-                              unbatched=True)
+    got = FUNCS[x.ndim - 2](x[0], w, stride, padding, dilation, 0, groups, bias=b)
+    expected = _torch_forward(x[0], w, b, stride, padding, dilation, groups, unbatched=True)
     assert got.shape == expected.shape
     assert_close(got, expected, np.float32, what="unbatched")
     # The same result as the batched call's first item.
     np.testing.assert_array_equal(
-        got, FUNCS[x.ndim - 2](x, w, stride, padding, dilation, 1, groups, bias=b)[0])
+        got, FUNCS[x.ndim - 2](x, w, stride, padding, dilation, 0, groups, bias=b)[0])
 
 
 def _onnx_run(x, w, b, stride, pads, dilation, groups) -> np.ndarray:
@@ -313,7 +312,8 @@ def test_vjp_output_size_and_unbatched_match_torch(rng, assert_close, case):
     *_, stride, padding, dilation, groups = case
     ndim = x.ndim - 2
     smallest = ct.output_shape(x.shape, w.shape, stride, padding, dilation, groups=groups)
-    size = tuple(m + 1 for m in smallest[1:-1])
+    strides = (stride,) * ndim if isinstance(stride, int) else stride
+    size = tuple(m + s - 1 for m, s in zip(smallest[1:-1], strides))  # the largest
     g = rng.uniform(-1, 1, (*size, w.shape[0])).astype(np.float32)
     gx, gw, gb = VJPS[ndim](x[0], w, g, stride, padding, dilation, groups=groups, bias=b,
                             output_size=size)
@@ -363,13 +363,14 @@ def test_dask_options_equal_in_memory(rng, case, opts):
     ndim = x.ndim - 2
     kw = dict(stride=stride, padding=opts.get("padding", padding), dilation=dilation,
               groups=groups)
-    if isinstance(kw["padding"], tuple):
-        kw["padding"] = kw["padding"] * ndim
+    if isinstance(opts.get("padding"), tuple):
+        kw["padding"] = opts["padding"] * ndim
     if opts.get("bias"):
         kw["bias"] = b
     if opts.get("output_size"):
         smallest = ct.output_shape(x.shape, w.shape, stride, padding, dilation, groups=groups)
-        kw["output_size"] = tuple(m + 1 for m in smallest[1:-1])
+        strides = (stride,) * ndim if isinstance(stride, int) else stride
+        kw["output_size"] = tuple(m + s - 1 for m, s in zip(smallest[1:-1], strides))
     if opts.get("unbatched"):
         x = x[0]
     expected = FUNCS[ndim](x, w, **kw)
@@ -422,7 +423,7 @@ W3 = np.ones((4, 3, 3, 3, 6), np.float32)
      r"'bias' must have shape \(C_out,\)"),
     (lambda: ct.conv_transpose3d(X3, W3, bias=np.ones(4, np.int64)), TypeError,
      r"'bias' must have a floating dtype"),
-    (lambda: ct.conv_transpose3d_vjp(X3, W3, np.ones((1, 6, 6, 6, 4)), bias=[1, 2, 3]),
+    (lambda: ct.conv_transpose3d_vjp(X3, W3, np.ones((1, 6, 6, 6, 4)), bias=[1.0, 2.0, 3.0]),
      ValueError, r"'bias' must have shape"),
     (lambda: ct.conv_transpose3d(X3, W3, 2, 1, output_size=17), ValueError,
      r"'output_size'=\(17, 17, 17\) cannot be reached.*\(7\.\.8, 7\.\.8, 7\.\.8\)"),
@@ -433,13 +434,13 @@ W3 = np.ones((4, 3, 3, 3, 6), np.float32)
     (lambda: ct.conv_transpose3d(X3, W3, output_size=(6, 6)), ValueError,
      r"'output_size' must be an int or a tuple of 3 ints"),
     (lambda: ct.conv_transpose3d(X3, W3, padding="full"), ValueError,
-     r"'padding' must be an int, a tuple of 3 entries.*'same' or 'valid', got 'full'"),
+     r"'padding' must be an int, a tuple of 3 entries.*'same' or 'valid', got the str 'full'"),
     (lambda: ct.conv_transpose3d(X3, W3, padding=(1, (1, 2, 3), 0)), ValueError,
      r"each 'padding' entry must be an int or a \(lo, hi\) pair"),
     (lambda: ct.conv_transpose3d(X3, W3, padding=(1, 1.5, 0)), TypeError,
      r"'padding' entries must be ints or \(lo, hi\) pairs"),
     (lambda: ct.conv_transpose3d(X3, W3, padding=((1, 2), (0, 1))), ValueError,
-     r"'padding' must be an int or a tuple of 3 entries.*got .* with 2 entries"),
+     r"'padding' must be an int or a tuple of 3 ints or \(lo, hi\) pairs.*with 2 entries"),
     (lambda: ct.conv_transpose1d(X3[:, 0, 0], W3[:, 0, 0], padding=(0, 1)), ValueError,
      r"for \(lo, hi\) on the one axis write padding=\(\(0, 1\),\)"),
     (lambda: ct.conv_transpose1d(X3[:, 0, 0], W3[:, 0, 0], padding=((3, 3),)), ValueError,
@@ -447,8 +448,10 @@ W3 = np.ones((4, 3, 3, 3, 6), np.float32)
     (lambda: ct.conv_transpose3d(X3, W3, padding=None), TypeError, r"'padding' must be"),
     (lambda: ct.conv_transpose3d_vjp(X3[0], W3, np.ones((1, 6, 6, 6, 4))), ValueError,
      r"'cotangent' must have the forward output's shape \(6, 6, 6, 4\)"),
-    (lambda: ct.output_shape((4, 4, 6), W3.shape), ValueError,
+    (lambda: ct.conv_transpose3d(np.ones((4, 4, 6)), W3), ValueError,
      r"'input' must have 5 dimensions .*or 4 without the batch axis"),
+    (lambda: ct.output_shape((4, 6), W3.shape), ValueError,
+     r"'input_shape' must have 3, 4 or 5 entries .*or one fewer without the batch axis"),
 ])
 def test_option_errors(call, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -474,7 +477,7 @@ def test_torch_layout_gets_a_hint(rng, ndim, groups):
 
 def test_no_hint_when_the_shapes_do_not_read_as_torch():
     with pytest.raises(ValueError, match="channel mismatch") as info:
-        ct.conv_transpose3d(X3, np.ones((4, 3, 3, 3, 5), np.float32))
+        ct.conv_transpose3d(X3, np.ones((5, 3, 3, 3, 5), np.float32))
     assert "PyTorch" not in str(info.value)
 
 

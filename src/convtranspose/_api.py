@@ -38,7 +38,10 @@ def spec_for(ndim: int, input: ArrayLike, weight: ArrayLike, stride: IntOrTuple 
     op = op or _NAMES[ndim]
     x = as_float_array(op, "input", input)
     w = as_float_array(op, "weight", weight)
-    shape = (1, *x.shape) if allow_unbatched and x.ndim == ndim + 1 else x.shape
+    # One dimension fewer is an unbatched input only beside a weight of the right rank
+    # (2-D arrays given to a 3-D function are an error about the input).
+    alone = allow_unbatched and x.ndim == ndim + 1 and w.ndim == ndim + 2
+    shape = (1, *x.shape) if alone else x.shape
     spec = make_spec(op, ndim, shape, w.shape, stride, padding, dilation, output_padding,
                      groups, x.dtype, w.dtype, output_size=output_size)
     return check_fits_in_memory(spec), x, w
@@ -231,19 +234,21 @@ conv_transpose3d.__doc__ = _doc(3)
 
 
 def _shape_spec(op: str, input_shape, weight_shape, stride, padding, dilation,
-                output_padding, groups, dtype, output_size) -> ConvSpec:
-    """The spec of a call given by shapes (the batch axis optional, as for arrays)."""
+                output_padding, groups, dtype, output_size) -> tuple[ConvSpec, bool]:
+    """The spec of a call given by shapes, and whether the input has no batch axis (one
+    entry fewer than the weight)."""
     input_shape, weight_shape = tuple(input_shape), tuple(weight_shape)
-    ndim = len(weight_shape) - 2
+    alone = len(weight_shape) in (3, 4, 5) and len(input_shape) == len(weight_shape) - 1
+    ndim = len(input_shape) - (1 if alone else 2)
     if ndim not in _NAMES:
         raise ValueError(
-            f"{op}: 'weight_shape' must have 3, 4 or 5 entries (C_out, *kernel, "
-            f"C_in/groups), got {weight_shape}")
-    shape = (1, *input_shape) if len(input_shape) == ndim + 1 else input_shape
-    spec = make_spec(op if op != "plan" else _NAMES[ndim], ndim, shape, weight_shape, stride,
+            f"{op}: 'input_shape' must have 3, 4 or 5 entries (N, *spatial, C), or one fewer "
+            f"without the batch axis, got {input_shape}")
+    shape = (1, *input_shape) if alone else input_shape
+    spec = make_spec(_NAMES[ndim] if op == "plan" else op, ndim, shape, weight_shape, stride,
                      padding, dilation, output_padding, groups, dtype, dtype,
                      output_size=output_size)
-    return check_fits_in_memory(spec)
+    return check_fits_in_memory(spec), alone
 
 
 def output_shape(input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
@@ -279,10 +284,9 @@ def output_shape(input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
     >>> ct.output_shape((8, 8, 8, 16), (4, 3, 3, 3, 16), stride=2, padding=1, output_size=16)
     (16, 16, 16, 4)
     """
-    spec = _shape_spec("output_shape", input_shape, weight_shape, stride, padding, dilation,
-                       output_padding, groups, np.float32, output_size)
-    shape = spec.output_shape
-    return shape[1:] if len(tuple(input_shape)) == spec.ndim + 1 else shape
+    spec, alone = _shape_spec("output_shape", input_shape, weight_shape, stride, padding,
+                              dilation, output_padding, groups, np.float32, output_size)
+    return spec.output_shape[1:] if alone else spec.output_shape
 
 
 def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: IntOrTuple = 1,
@@ -326,8 +330,8 @@ def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: In
     >>> p.spec.output_shape
     (1, 32, 32, 32, 16)
     """
-    spec = _shape_spec("plan", input_shape, weight_shape, stride, padding, dilation,
-                       output_padding, groups, dtype, output_size)
+    spec, _ = _shape_spec("plan", input_shape, weight_shape, stride, padding, dilation,
+                          output_padding, groups, dtype, output_size)
     return make_plan(spec, algorithm=algorithm, workspace=workspace, threads=threads)
 
 

@@ -215,14 +215,14 @@ def normalize_padding(op: str, value: Any, ndim: int) -> PadPairs | str:
             return ((0, 0),) * ndim
         raise ValueError(
             f"{op}: 'padding' must be an int, a tuple of {ndim} entries (each an int or a "
-            f"(lo, hi) pair), 'same' or 'valid', got {value!r}")
+            f"(lo, hi) pair), 'same' or 'valid', got the str {value!r}")
     if isinstance(value, (tuple, list)):
         if len(value) != ndim:
             hint = (f"; for (lo, hi) on the one axis write padding=(({value[0]!r}, "
                     f"{value[1]!r}),)" if ndim == 1 and len(value) == 2 else "")
             raise ValueError(
-                f"{op}: 'padding' must be an int or a tuple of {ndim} entries (one per "
-                f"spatial axis, each an int or a (lo, hi) pair), got {value!r} with "
+                f"{op}: 'padding' must be an int or a tuple of {ndim} ints or (lo, hi) pairs "
+                f"(one per spatial axis), 'same' or 'valid', got {value!r} with "
                 f"{len(value)} entries{hint}")
         pairs = []
         for entry in value:
