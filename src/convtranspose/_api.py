@@ -120,7 +120,10 @@ def _run(planned: Plan, x: np.ndarray, w: np.ndarray, bias: ArrayLike | None) ->
     """Execute with the bias checked; drop the batch axis again for an unbatched input."""
     spec = planned.spec
     b = check_bias(spec.op, bias, spec)
-    y = execute(planned, x, w, None if b is None else np.ascontiguousarray(b, spec.compute_dtype))
+    if b is None:
+        y = execute(planned, x, w)
+    else:
+        y = execute(planned, x, w, np.ascontiguousarray(b, spec.compute_dtype))
     return y[0] if unbatched(spec, x) else y
 
 
