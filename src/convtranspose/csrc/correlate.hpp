@@ -300,10 +300,17 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   // The chunk's bias (its first channel is job.cout - live): the sums start from it, so
   // that it costs no pass of its own; Winograd pairs add it as they store.
   const T* bias = job.bias ? static_cast<const T*>(job.bias) + (job.cout - live) : nullptr;
-  if (bias && !job.pair_out)
-    for (int64_t i = 0; i < slot_size; i += cw) std::memcpy(acc + i, bias, cw * sizeof(T));
-  else
+  if (bias && !job.pair_out) {  // NV vectors a pixel, stored inline (as the memset was)
+    typedef typename Vec<T>::u U;
+    constexpr int L = CT_VBYTES / sizeof(T);
+    typename Vec<T>::v b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const U*>(bias + v * L);
+    for (T* a = acc; a < acc + slot_size; a += cw)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(a + v * L) = b[v];
+  } else {
     std::memset(acc, 0, sizeof(T) * slots * slot_size);
+  }
   for (int64_t q = 0; q < pairs; ++q) {
     T* const acc_q = job.pair_out ? acc + q / job.ntaps[1] * slot_size : acc;
     for (int64_t k = 0; k < tw; ++k) {
