@@ -245,3 +245,26 @@ def reaches_output(case: Case) -> bool:
 
 def all_cases() -> list[Case]:
     return [c for ndim in (1, 2, 3) for c in settings_grid(ndim)]
+
+
+def conv_transpose_pads_ref(x, w, stride=1, pads=None, dilation=1, groups: int = 1,
+                            bias=None) -> np.ndarray:
+    """The crop reading of (lo, hi) padding: the whole output (no crop), then per axis
+    positions [lo, full - hi) of it, zeros beyond its ends (lo or hi < 0); plus `bias`.
+    pads: one (lo, hi) per spatial axis (None: no crop)."""
+    full = conv_transpose_ref(x, w, stride, 0, dilation, 0, groups)
+    ndim = full.ndim - 2
+    pads = pads or [(0, 0)] * ndim
+    for axis, (lo, hi) in enumerate(pads):
+        a = axis + 1
+        if lo < 0 or hi < 0:  # extend with zeros first
+            widths = [(0, 0)] * full.ndim
+            widths[a] = (max(0, -lo), max(0, -hi))
+            full = np.pad(full, widths)
+            lo, hi = max(lo, 0), max(hi, 0)
+        index = [slice(None)] * full.ndim
+        index[a] = slice(lo, full.shape[a] - hi)
+        full = full[tuple(index)]
+    if bias is not None:
+        full = full + np.asarray(bias, np.float64)
+    return full

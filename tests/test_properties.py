@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from reference import Case, conv_transpose_ref, magnitude_ref
+from reference import Case, conv_transpose_pads_ref, conv_transpose_ref, magnitude_ref
 
 import convtranspose as ct
 
 FUNCS = {1: ct.conv_transpose1d, 2: ct.conv_transpose2d, 3: ct.conv_transpose3d}
+VJPS = {1: ct.conv_transpose1d_vjp, 2: ct.conv_transpose2d_vjp, 3: ct.conv_transpose3d_vjp}
 PROFILE = settings(max_examples=60, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
@@ -159,6 +160,51 @@ def test_batch_items_are_independent(case, seed, assert_close):
         alone = FUNCS[case.ndim](x[n:n + 1], w, **case.kwargs)
         assert_close(whole[n:n + 1], alone, np.float32,
                      magnitude_ref(x[n:n + 1], w, **case.kwargs))
+
+
+@st.composite
+def pads_cases(draw):
+    """A case with (lo, hi) pads per axis (uneven, negative ones included) or "same", in
+    place of its padding and output_padding."""
+    case = draw(cases())
+    if draw(st.booleans()):
+        return case, "same"
+    pads = tuple(draw(st.lists(st.tuples(st.integers(-2, 3), st.integers(-2, 3)),
+                               min_size=case.ndim, max_size=case.ndim)))
+    return case, pads
+
+
+@PROFILE
+@given(drawn=pads_cases(), seed=seeds, unbatched=st.booleans())
+def test_pads_and_bias_match_the_crop_reading(drawn, seed, unbatched, assert_close):
+    """(lo, hi) pads and "same", with a bias, equal the uncropped result cropped to
+    [lo, full - hi) (zeros beyond its ends) plus the bias; an unbatched input gives the
+    first item of the batched call; the vjp's grad_bias is the cotangent's sum."""
+    case, pads = drawn
+    x, w = _operands(case, seed, np.float32)
+    b = np.random.default_rng(seed).uniform(-1, 1, case.c_out).astype(np.float32)
+    kw = dict(stride=case.stride, dilation=case.dilation, groups=case.groups)
+    try:
+        spec = ct.plan(case.input_shape, case.weight_shape, padding=pads, **kw).spec
+    except ValueError as exc:
+        assert "the output would have spatial size" in str(exc)
+        return
+    lift = 3 - case.ndim
+    pairs = list(zip(spec.pad_lo[lift:], spec.pad_hi[lift:]))
+    if pads == "same":
+        assert spec.output_shape[1:-1] == tuple(
+            n * s for n, s in zip(case.in_spatial, case.per_axis("stride")))
+    out = FUNCS[case.ndim](x, w, padding=pads, bias=b, **kw)
+    expected = conv_transpose_pads_ref(x, w, case.stride, pairs, case.dilation, case.groups,
+                                       b)
+    assert_close(out, expected, np.float32, what=repr((case, pads)))
+    if unbatched and case.batch >= 1:
+        alone = FUNCS[case.ndim](x[0], w, padding=pads, bias=b, **kw)
+        assert_close(alone, out[0], np.float32)
+        g = np.ones(out.shape[1:], np.float32)
+        gx, gw, gb = VJPS[case.ndim](x[0], w, g, padding=pads, bias=b, **kw)
+        assert gx.shape == x.shape[1:] and gw.shape == w.shape
+        np.testing.assert_array_equal(gb, np.full(case.c_out, g[..., 0].size, np.float32))
 
 
 def test_strategies_reach_the_edges():

@@ -65,9 +65,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="result: a path ending in .zarr or .npy (replaced if it exists)")
     p.add_argument("--stride", default="1", metavar="S", help="e.g. 2 or 1,2,2 (default 1)")
-    p.add_argument("--padding", default="0", metavar="P", help="default 0; may be negative")
+    p.add_argument("--padding", default="0", metavar="P",
+                   help="default 0; may be negative; LO:HI for uneven ends (ONNX pads), e.g. "
+                        "0:1,1,1; or same (output = input * stride) or valid")
     p.add_argument("--dilation", default="1", metavar="D", help="default 1")
     p.add_argument("--output-padding", default="0", metavar="OP", help="default 0")
+    p.add_argument("--output-size", metavar="O",
+                   help="the spatial output size wanted (PyTorch's rule picks the output "
+                        "padding), e.g. 64 or 16,64,64; not with --output-padding")
     p.add_argument("--groups", default="1", metavar="G", help="default 1")
     p.add_argument("--bias", metavar="B.npy", help="bias (C_out,) added to every position")
     p.add_argument("--chunk", metavar="C",
@@ -102,6 +107,24 @@ def _parse_ints(name: str, text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
+def _parse_padding(text: str) -> int | str | tuple:
+    """'1' -> 1, '1,0:1' -> (1, (0, 1)), 'same' and 'valid' as they are."""
+    text = str(text).strip()
+    if text.lower() in ("same", "valid"):
+        return text.lower()
+    entries = []
+    for part in text.split(","):
+        try:
+            pair = tuple(int(t) for t in part.split(":"))
+        except ValueError:
+            pair = ()
+        if len(pair) not in (1, 2):
+            raise BadInput(f"--padding must be same, valid, an int, or comma-separated "
+                           f"entries each an int or LO:HI such as 1 or 0:1,1,1, got {text!r}")
+        entries.append(pair[0] if len(pair) == 1 else pair)
+    return entries[0] if len(entries) == 1 and isinstance(entries[0], int) else tuple(entries)
+
+
 # How the Python API's argument names read on this command line (the spec's messages quote
 # them: 'stride'); the spec stays the one place that words each rule.
 _CLI_NAMES = {"input": "INPUT", "weight": "WEIGHT", "stride": "--stride",
@@ -124,7 +147,7 @@ def _cli_words(message: str) -> str:
 
 def _check_axis_count(name: str, value: int | tuple[int, ...], ndim: int) -> None:
     """A setting is one int, or one per spatial axis of INPUT: said as the flag is typed."""
-    if isinstance(value, int) or len(value) == ndim:
+    if isinstance(value, (int, str)) or len(value) == ndim:
         return
     flag = _CLI_NAMES[name]
     got = ",".join(map(str, value))
@@ -322,7 +345,10 @@ def prepare(args: argparse.Namespace) -> Job:
                        f"store; remove it or choose another name")
 
     settings = {name: _parse_ints(f"--{name.replace('_', '-')}", getattr(args, name))
-                for name in ("stride", "padding", "dilation", "output_padding")}
+                for name in ("stride", "dilation", "output_padding")}
+    settings["padding"] = _parse_padding(args.padding)
+    output_size = (None if args.output_size is None
+                   else _parse_ints("--output-size", args.output_size))
     groups = _parse_ints("--groups", args.groups)
     if not isinstance(groups, int):
         raise BadInput(f"--groups must be one int, got {args.groups!r}")
@@ -340,7 +366,8 @@ def prepare(args: argparse.Namespace) -> Job:
     try:
         spec = make_spec(PROG, ndim, tuple(x.shape), w.shape, settings["stride"],
                          settings["padding"], settings["dilation"],
-                         settings["output_padding"], groups, x.dtype, w.dtype)
+                         settings["output_padding"], groups, x.dtype, w.dtype,
+                         output_size=output_size)
     except (TypeError, ValueError) as exc:
         if swapped:
             raise BadInput(_swapped_message(args, tuple(x.shape), w.shape)) from None
@@ -371,7 +398,9 @@ def prepare(args: argparse.Namespace) -> Job:
         "input_dtype": str(x.dtype), "input_mtime_ns": stat.st_mtime_ns,
         "input_size": stat.st_size, "weight": _sha256(args.weight),
         "bias": _sha256(args.bias) if args.bias else None,
-        "settings": {k: v if isinstance(v, int) else list(v) for k, v in settings.items()},
+        "settings": {k: v if isinstance(v, (int, str)) else list(v)
+                     for k, v in settings.items()},
+        "output_size": output_size,
         "groups": groups, "chunk": list(chunk_shape), "block": list(block),
         "output": out_kind, "dtype": spec.result_dtype.name,
     }
@@ -595,7 +624,7 @@ def execute(job: Job, progress: Progress) -> None:
         chunks = (*job.chunk, spec.c_out)
         writer = ZarrWriter(temp, job.out_shape, chunks, dtype, resume=bool(done))
     reader = InputReader(job.input_path, job.input_kind)
-    bias = None if job.bias is None else job.bias.astype(dtype)
+    bias = job.bias  # added by the kernel as it stores each block
     c_in = spec.c_in
     if done:
         progress.note(f"{PROG}: resuming an interrupted run: {len(done)} of {job.n_blocks} "
@@ -636,10 +665,8 @@ def execute(job: Job, progress: Progress) -> None:
                 else:
                     slab = reader.read((slice(n0, n1), *(slice(b.in_start, b.in_stop)
                                                          for b in blocks), slice(None)))
-                out = compute_block(spec, slab, job.weight, blocks)
+                out = compute_block(spec, slab, job.weight, blocks, bias)
                 del slab
-                if bias is not None:
-                    out += bias
                 settle(log)
                 start = (n0, *(b.out_start for b in blocks), 0)
                 pending.append((pool.submit(writer.write, start, out), index, size))

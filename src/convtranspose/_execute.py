@@ -254,7 +254,14 @@ def _shift_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> lis
     return mats
 
 
-def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task):
+def _group_bias(bias, spec, group) -> np.ndarray | None:
+    """(G, phases * C_out/g): each conv group's bias, once per phase of the group."""
+    if bias is None:
+        return None
+    return np.tile(bias.reshape(spec.groups, spec.c_out_per_group), (1, len(group)))
+
+
+def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task, bias=None):
     """The phase is a stride-1 correlation: lay the input rows it reads out once, W-axis
     taps side by side, on a grid padded by the D/H halo. Every (D, H) tap then reads a
     contiguous run of that grid at a fixed row shift, so each is one plain GEMM; the few
@@ -329,6 +336,8 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task):
                 np.matmul(rows, wmat, out=part)
                 acc[:, :length] += part
         res = acc.reshape(groups, nn, dn, hn, qw, width)[:, :, :nd, :nh]
+        if bias is not None:  # added to the sums while they are in cache
+            res += bias[:, None, None, None, None, :]
         if shuffle:
             res = res.reshape(groups, nn, nd, nh, qw, sd, sh, sw, cog)
             res = res.transpose(1, 2, 5, 3, 6, 4, 7, 0, 8)  # (nn, nd, sd, nh, sh, qw, sw, G, cog)
@@ -351,7 +360,7 @@ def _scatter_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> n
     return np.ascontiguousarray(stacked.reshape(groups, len(blocks) * cog, cig))
 
 
-def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
+def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task, bias=None):
     """One GEMM of every tap of every phase against a zero-bordered copy of the input slab
     the tile reads, channels first (G, taps, C_out/g, slab), so M = taps * C_out stays wide
     even when C_out is 1. Each phase then sums its taps' windows of that result into an
@@ -405,6 +414,8 @@ def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task):
                         acc[:, :, n] = window
                     else:
                         acc[:, :, n] += window
+            if bias is not None:
+                acc += bias.reshape(groups, cog, 1, 1)
             grid = acc.reshape(groups, cog, nn, pb - pa, sh_, sw_)
             res = grid[..., :pf - pe, :phase.count[2]]
             _store(view, np.moveaxis(res, 1, -1), groups)
@@ -423,7 +434,7 @@ def _direct_weights(w3: np.ndarray, phase: Phase, groups: int) -> np.ndarray:
     return np.ascontiguousarray(sub.transpose(2, 3, 4, 0, 1))
 
 
-def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
+def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task, bias=None):
     """One input channel per group: copy the tile's input slab once into a zero-bordered
     buffer, then one einsum over a strided view of every tap's window multiplies and sums
     without temporaries (taps along an axis read offsets in arithmetic progression)."""
@@ -453,6 +464,8 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task):
         target = buf[slab.size:slab.size + nn * nd * nh * qw * spec.c_out]
         target = target.reshape(nn, nd, nh, qw, groups, mult)
         np.einsum("ndhwabcg,abcgm->ndhwgm", windows, wtaps, out=target)
+        if bias is not None:
+            target += bias.reshape(groups, mult)
         view[...] = target.reshape(view.shape)
 
     return job
@@ -578,12 +591,14 @@ def _native_offsets(phase: Phase) -> native.TapOffsets:
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: int, x_origin, threads: int,
-                pairs: tuple | None = None, wide: tuple | None = None):
+                pairs: tuple | None = None, wide: tuple | None = None,
+                bias: np.ndarray | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
     group writes s_w * C_out channels per position of its first residue. `pairs`: a
-    ``winograd`` tile, (V's dims) read at D step 4: its rows are output pairs along D."""
+    ``winograd`` tile, (V's dims) read at D step 4: its rows are output pairs along D.
+    `bias`: None, or the group's `native.bias_table`, added by the kernel as it stores."""
     groups, cig = spec.groups, spec.c_in_per_group
     cog = spec.c_out_per_group * len(group)
     phase, tile = group[0], task.tile
@@ -616,6 +631,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
     cursors = native.RowCursors(groups, 1 if convert_input or round_output else threads)
+    b_addr = bias.ctypes.data if bias is not None else 0
 
     def calls(packed, x_addr, xs, target, into=None) -> None:
         o_addr, os_ = native.origin(target)
@@ -623,14 +639,14 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         if mode == native.DEPTHWISE:
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
-                             cursors.address(0), cursors.sharers, into=into)
+                             cursors.address(0), cursors.sharers, into=into, bias=b_addr)
         else:
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
                                  in_dims, packed[g], offsets, steps,
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog,
                                  cursors.address(g), cursors.sharers, into=into,
-                                 pair_out=pair_out)
+                                 pair_out=pair_out, bias=b_addr and b_addr + g * cog * item)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []
@@ -638,7 +654,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
             weights.get()  # NumPy-packed layouts: now, on this thread (they are small)
         calls(weights.arrays, *x_origin, view, prepared)
         return native.Task(tuple(prepared), cursors.sharers > 1, weights.once,
-                           (cursors, weights))
+                           (cursors, weights, bias))
 
     def job(buf):
         packed = weights.get()
@@ -663,7 +679,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
 
 # --- indexed ------------------------------------------------------------------------------
 
-def _indexed(plan: Plan, x3, w3, out) -> None:
+def _indexed(plan: Plan, x3, w3, out, bias=None) -> None:
     """Small calls: every (input row, tap) product in one GEMM, then a gather and a sum."""
     spec = plan.spec
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
@@ -685,6 +701,8 @@ def _indexed(plan: Plan, x3, w3, out) -> None:
         native.gather_sum(products, plan.table, target)
     else:
         np.add.reduce(np.take(products, plan.table, axis=0), axis=0, out=target)
+    if bias is not None:  # small calls only: the sums are in cache
+        target += bias
     if target is flat:
         return
     if native.AVAILABLE and native.half_kind(out.dtype) and target.dtype == np.float32:
@@ -717,7 +735,11 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
     return out
 
 
-def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
+def _bias_tables(plan: Plan, bias) -> list:
+    return [None if bias is None else native.bias_table(bias, len(g)) for g in plan.groups]
+
+
+def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
     """The compiled kernel's tasks; packed weights live in `scratch` until they return."""
     spec = plan.spec
     mode = native_mode(spec, plan.wide_w)
@@ -742,9 +764,10 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
                               plan.threads, False, False, convert_input=True)
     offsets = [_native_offsets(g[0]) for g in groups]
     x_origin = None if convert else native.origin(x3)
+    biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, x3, out, groups[t.group], weights[t.group],
                         offsets[t.group], t, convert, mode, x_origin, plan.threads,
-                        wide=wide and wide[t.group])
+                        wide=wide and wide[t.group], bias=biases[t.group])
             for t in tasks]
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
@@ -818,7 +841,7 @@ def pair_input(x3: np.ndarray, base: int, pairs: int, threads: int) -> np.ndarra
     return v
 
 
-def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
+def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
     """Winograd F(2,3) along D: V, the input transformed along D, by every thread; then
     native tiles of the pair phases weigh V by the transformed weight."""
     spec = plan.spec
@@ -833,15 +856,19 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch) -> None:
                for g in plan.groups]
     offsets = [_native_offsets(g[0]) for g in plan.groups]
     v_origin = native.origin(v.reshape(n, 4 * pairs, h, w, c))
+    biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, v, out, plan.groups[t.group], weights[t.group],
                         offsets[t.group], t, False, native.CHANNELS, v_origin, plan.threads,
-                        pairs=(4 * pairs, h, w))
+                        pairs=(4 * pairs, h, w), bias=biases[t.group])
             for t in plan.tasks]
     _run(jobs, plan.threads, 0, spec.compute_dtype)
 
 
-def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Run a plan on arrays that match its spec; returns a new C-contiguous array."""
+def execute(plan: Plan, x: np.ndarray, w: np.ndarray,
+            bias: np.ndarray | None = None) -> np.ndarray:
+    """Run a plan on arrays that match its spec; returns a new C-contiguous array.
+    `bias`: None, or (C_out,) of the compute dtype (`_spec.check_bias`), added to every
+    output as the kernels store it."""
     spec = plan.spec
     compiled = plan.algorithm in ("native", "winograd")
     if compiled:
@@ -850,7 +877,13 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     # or leave phases no tap reaches at zero. Zeroing costs a pass over the output.
     fills = plan.algorithm == "indexed" or (compiled and native_writes_every_output(spec))
     alloc = result_empty if fills else result_zeros
+    if bias is not None and not fills:
+        alloc = result_empty
     out = alloc((spec.batch, *spec.out_spatial, spec.c_out), spec.result_dtype)
+    if bias is not None and not fills:
+        # Positions that no tap reaches hold the bias alone; the kernels overwrite the rest
+        # with their sums plus the bias (this pass stands for the zeroing).
+        out[...] = bias
     if not plan.tasks:
         return out.reshape(spec.output_shape)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
@@ -858,25 +891,26 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     w3 = w.reshape(spec.c_out, *spec.kernel, spec.c_in_per_group)
     w3 = w3.astype(spec.compute_dtype, copy=False)
     if plan.algorithm == "indexed":
-        _indexed(plan, x3, w3, out)
+        _indexed(plan, x3, w3, out, bias)
         return out.reshape(spec.output_shape)
     if plan.algorithm == "shift":
         weights = [_shift_weights(w3, g, spec.groups) for g in plan.groups]
-        jobs = [_shift_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
-                for t in plan.tasks]
+        biases = [_group_bias(bias, spec, g) for g in plan.groups]
+        jobs = [_shift_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
+                           biases[t.group]) for t in plan.tasks]
     elif plan.algorithm == "scatter":
         weights = [_scatter_weights(w3, g, spec.groups) for g in plan.groups]
-        jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t)
+        jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t, bias)
                 for t in plan.tasks]
     elif compiled:
         with Scratch() as scratch:
             run = _execute_native if plan.algorithm == "native" else _execute_winograd
-            run(plan, x3, w3, out, scratch)
+            run(plan, x3, w3, out, scratch, bias)
         return out.reshape(spec.output_shape)
     else:
         weights = [_direct_weights(w3, g[0], spec.groups) for g in plan.groups]
-        jobs = [_direct_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t)
-                for t in plan.tasks]
+        jobs = [_direct_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t,
+                            bias) for t in plan.tasks]
     buffer = max(t.buffer_elems for t in plan.tasks)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
     return out.reshape(spec.output_shape)

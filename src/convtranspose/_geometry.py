@@ -102,7 +102,7 @@ def phases_3d(spec) -> tuple[Phase, ...]:
     Cached: a call of a small layer would spend 26 us here."""
     per_axis = [
         axis_phases(n, k, s, p, d, o)
-        for n, k, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding,
+        for n, k, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.pad_lo,
                                     spec.dilation, spec.out_spatial)
     ]
     return tuple(

@@ -187,7 +187,7 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
               box: tuple[int, ...], wcount: int,
               cin: int, cout: int, cursor: int = 0, sharers: int = 1,
-              into: list | None = None, pair_out: int = 0) -> None:
+              into: list | None = None, pair_out: int = 0, bias: int = 0) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -203,14 +203,26 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     `Task`, instead of running it.
     `pair_out`: 0, or Winograd F(2,3) along D (see `pair_transform`): x is the transformed
     input, its four D taps (offsets 0-3, step 4) weigh the transformed weight, box row d
-    is the output pair (2d, 2d + 1), and output rows from `pair_out` on are not written."""
+    is the output pair (2d, 2d + 1), and output rows from `pair_out` on are not written.
+    `bias`: 0, or the address of `cout` values of the compute dtype (readable in whole
+    vectors past them: see `bias_table`), added to each output as it is stored."""
     args = (itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
             _native.address(packed), *offsets.addresses, *offsets.counts, *steps,
-            out_addr, *out_strides, *box, wcount, cin, cout, cursor, sharers, pair_out)
+            out_addr, *out_strides, *box, wcount, cin, cout, cursor, sharers, pair_out, bias)
     if into is not None:
         into.append(_native.correlate_call(*args))
     else:
         _native.correlate(*args)
+
+
+def bias_table(bias: np.ndarray, repeats: int) -> np.ndarray:
+    """`bias` (C_out,) repeated `repeats` times (a merged W group's phases lie side by side
+    along its channels), then zeros: the kernel loads a chunk's bias in whole vectors,
+    up to one vector past the last channel."""
+    lanes, _ = layout(bias.dtype.itemsize)
+    out = np.zeros(bias.size * repeats + lanes, bias.dtype)
+    out[:bias.size * repeats] = np.tile(bias, repeats)
+    return out
 
 
 def pair_transform(x_addr: int, x_strides: list[int], in_d: int, base: int,

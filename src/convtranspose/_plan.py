@@ -741,7 +741,7 @@ def product_targets(spec: ConvSpec) -> np.ndarray:
     inside = np.ones((rows_in, taps), bool)
     for axis in range(3):
         o = (pos[axis + 1][:, None] * spec.stride[axis] + tap[axis][None, :] * spec.dilation[axis]
-             - spec.padding[axis])
+             - spec.pad_lo[axis])
         inside &= (o >= 0) & (o < out_sp[axis])
         out_idx = out_idx * out_sp[axis] + o
     out_idx += pos[0][:, None] * math.prod(out_sp)

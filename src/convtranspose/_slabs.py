@@ -2,10 +2,10 @@
 
 A transposed convolution is local: along one axis, input position i and tap k land on output
 o = i*s + k*d - p. So any output block [o0, o1) is computed from one input slab
-[i0, i1) alone, by the in-memory engine run on that slab with a shifted padding and an
-adjusted output_padding that make its output exactly [o0, o1) (MLX's definition keeps only
-0 <= o' < out', which is precisely a crop). These are small pure functions; nothing here
-imports dask or zarr.
+[i0, i1) alone, by the in-memory engine run on that slab with the crops (lo, hi) that make
+its output exactly [o0, o1) (the definition keeps only 0 <= o' < out', which is precisely a
+crop; hi < 0 extends the output where no input of the slab reaches). These are small pure
+functions; nothing here imports dask or zarr.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import numpy as np
 
 from ._spec import ConvSpec
 
-_OPS = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
-
 
 @dataclass(frozen=True)
 class AxisBlock:
     """One output block along one spatial axis and the input slab that feeds it.
 
-    `padding`/`output_padding` are the settings for which a transposed convolution of the
-    slab [in_start, in_stop) outputs exactly the positions [out_start, out_stop).
+    `pad_lo`/`pad_hi` are the crops for which a transposed convolution of the slab
+    [in_start, in_stop) outputs exactly the positions [out_start, out_stop).
     An empty slab (in_start == in_stop) means no input reaches the block: it is all zeros.
     """
 
@@ -33,8 +31,8 @@ class AxisBlock:
     out_stop: int
     in_start: int
     in_stop: int
-    padding: int
-    output_padding: int
+    pad_lo: int
+    pad_hi: int
 
     @property
     def empty(self) -> bool:
@@ -57,17 +55,17 @@ def input_range(out_start: int, out_stop: int, size: int, kernel: int, stride: i
 
 def slab_settings(out_start: int, out_stop: int, in_start: int, in_stop: int, kernel: int,
                   stride: int, padding: int, dilation: int) -> tuple[int, int]:
-    """(padding, output_padding) that make the slab's transposed convolution output exactly
-    [out_start, out_stop) of the whole one.
+    """(lo, hi) crops that make the slab's transposed convolution output exactly
+    [out_start, out_stop) of the whole one (`padding`: the whole one's lo).
 
-    In the slab, input i' = i - in_start lands on o' = i'*s + k*d - p' and must equal
-    o - out_start, so p' = p + out_start - in_start*s; output_padding then fixes the size.
-    Either may be negative or exceed the stride: the engine follows MLX there.
+    In the slab, input i' = i - in_start lands on o' = i'*s + k*d - lo and must equal
+    o - out_start, so lo = p + out_start - in_start*s; hi then fixes the size:
+    (n - 1) * s + d * (k - 1) + 1 - lo - hi = out_stop - out_start. Either may be negative.
     """
-    pad = padding + out_start - in_start * stride
+    lo = padding + out_start - in_start * stride
     n = in_stop - in_start
-    out_pad = (out_stop - out_start) - 1 - (n - 1) * stride + 2 * pad - dilation * (kernel - 1)
-    return pad, out_pad
+    hi = (n - 1) * stride + dilation * (kernel - 1) + 1 - lo - (out_stop - out_start)
+    return lo, hi
 
 
 def axis_block(out_start: int, out_stop: int, size: int, kernel: int, stride: int,
@@ -121,22 +119,26 @@ def spatial(spec: ConvSpec, name: str) -> tuple[int, ...]:
 def spec_blocks(spec: ConvSpec, bounds: Sequence[Sequence[int]]) -> list[list[AxisBlock]]:
     """AxisBlocks for each spatial axis (caller's rank) of a spec, given output boundaries."""
     args = zip(bounds, spatial(spec, "in_spatial"), spatial(spec, "kernel"),
-               spatial(spec, "stride"), spatial(spec, "padding"), spatial(spec, "dilation"))
+               spatial(spec, "stride"), spatial(spec, "pad_lo"), spatial(spec, "dilation"))
     return [axis_blocks(b, n, k, s, p, d) for b, n, k, s, p, d in args]
 
 
 def compute_block(spec: ConvSpec, slab: np.ndarray, weight: np.ndarray,
-                  blocks: Sequence[AxisBlock]) -> np.ndarray:
+                  blocks: Sequence[AxisBlock], bias: np.ndarray | None = None) -> np.ndarray:
     """The output block (batch, *block spatial, C_out) from its input slab
-    (batch, *slab spatial, C_in), one AxisBlock per spatial axis."""
+    (batch, *slab spatial, C_in), one AxisBlock per spatial axis, plus `bias` (C_out,)."""
     from ._api import conv_transpose1d, conv_transpose2d, conv_transpose3d
 
     shape = (slab.shape[0], *(b.out_stop - b.out_start for b in blocks), spec.c_out)
     if any(b.empty for b in blocks) or slab.shape[0] == 0:
-        return np.zeros(shape, spec.result_dtype)
+        out = np.zeros(shape, spec.result_dtype)
+        if bias is not None:
+            out[...] = bias
+        return out
     fn = {1: conv_transpose1d, 2: conv_transpose2d, 3: conv_transpose3d}[spec.ndim]
-    out = fn(slab, weight, spatial(spec, "stride"), tuple(b.padding for b in blocks),
-             spatial(spec, "dilation"), tuple(b.output_padding for b in blocks), spec.groups)
+    out = fn(slab, weight, spatial(spec, "stride"),
+             tuple((b.pad_lo, b.pad_hi) for b in blocks), spatial(spec, "dilation"), 0,
+             spec.groups, bias=bias)
     assert out.shape == shape, (out.shape, shape)  # guaranteed by slab_settings
     return out
 

@@ -31,6 +31,12 @@ class ConvSpec:
     1-D and 2-D calls are lifted to 3-D by leading spatial axes of size 1 (kernel 1,
     stride 1, padding 0, ...), so every kernel downstream handles a single case.
     `ndim` remembers the caller's rank so that results can be reshaped back.
+
+    Every padding option (an int, `(lo, hi)` pairs, "same", "valid", `output_padding`,
+    `output_size`) folds into `pad_lo` and `pad_hi` at the door: per axis, input i and tap k
+    land on output o = i*stride + k*dilation - pad_lo, and the output is
+    (in - 1) * stride + dilation * (k - 1) + 1 - pad_lo - pad_hi long. A negative pad_hi
+    extends the output with positions that no tap reaches (zeros, or the bias).
     """
 
     op: str
@@ -41,15 +47,26 @@ class ConvSpec:
     c_out: int
     kernel: tuple[int, int, int]
     stride: tuple[int, int, int]
-    padding: tuple[int, int, int]
+    pad_lo: tuple[int, int, int]
+    pad_hi: tuple[int, int, int]
     dilation: tuple[int, int, int]
-    output_padding: tuple[int, int, int]
     groups: int
     out_spatial: tuple[int, int, int]
     input_dtype: np.dtype
     weight_dtype: np.dtype
     result_dtype: np.dtype
     compute_dtype: np.dtype
+
+    @property
+    def padding(self) -> tuple[int, int, int]:
+        """The crop at the start of each axis (tap k reads at offset k*dilation - padding)."""
+        return self.pad_lo
+
+    @property
+    def output_padding(self) -> tuple[int, int, int]:
+        """With `padding` (= pad_lo), MLX's output_padding for the same result:
+        pad_lo - pad_hi (negative, or >= stride, where the pads are uneven)."""
+        return tuple(lo - hi for lo, hi in zip(self.pad_lo, self.pad_hi))
 
     @property
     def c_in_per_group(self) -> int:
@@ -180,36 +197,114 @@ def check_stream(op: str, stream: Any) -> None:
         f"got {stream!r}")
 
 
+PadPairs = tuple[tuple[int, int], ...]
+
+
+def normalize_padding(op: str, value: Any, ndim: int) -> PadPairs | str:
+    """`padding` as one (lo, hi) pair per spatial axis, or "same" (resolved with the kernel).
+
+    An int p means (p, p) on every axis; a tuple or list has one entry per axis, each an
+    int p (p, p) or a pair (lo, hi) as ONNX's pads (begins, then ends); "valid" is 0."""
+    if type(value) is int:
+        return ((value, value),) * ndim
+    if isinstance(value, str):
+        name = value.lower()
+        if name == "same":
+            return "same"
+        if name == "valid":
+            return ((0, 0),) * ndim
+        raise ValueError(
+            f"{op}: 'padding' must be an int, a tuple of {ndim} entries (each an int or a "
+            f"(lo, hi) pair), 'same' or 'valid', got the str {value!r}")
+    if isinstance(value, (tuple, list)):
+        if len(value) != ndim:
+            hint = (f"; for (lo, hi) on the one axis write padding=(({value[0]!r}, "
+                    f"{value[1]!r}),)" if ndim == 1 and len(value) == 2 else "")
+            raise ValueError(
+                f"{op}: 'padding' must be an int or a tuple of {ndim} ints or (lo, hi) pairs "
+                f"(one per spatial axis), 'same' or 'valid', got {value!r} with "
+                f"{len(value)} entries{hint}")
+        pairs = []
+        for entry in value:
+            if isinstance(entry, (tuple, list)):
+                if len(entry) != 2 or not all(_is_int(e) for e in entry):
+                    raise ValueError(
+                        f"{op}: each 'padding' entry must be an int or a (lo, hi) pair of "
+                        f"ints, got {entry!r} in {value!r}")
+                pairs.append((int(entry[0]), int(entry[1])))
+            elif _is_int(entry):
+                pairs.append((int(entry), int(entry)))
+            else:
+                raise TypeError(
+                    f"{op}: 'padding' entries must be ints or (lo, hi) pairs of ints, got "
+                    f"{entry!r} ({type(entry).__name__}) in {value!r}")
+        return tuple(pairs)
+    if _is_int(value):
+        return ((int(value), int(value)),) * ndim
+    raise TypeError(
+        f"{op}: 'padding' must be an int, a tuple of {ndim} entries (each an int or a "
+        f"(lo, hi) pair), 'same' or 'valid', got {value!r} ({type(value).__name__})")
+
+
 def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
               stride: Any = 1, padding: Any = 0, dilation: Any = 1, output_padding: Any = 0,
               groups: Any = 1, input_dtype: Any = np.float32,
-              weight_dtype: Any = np.float32) -> ConvSpec:
+              weight_dtype: Any = np.float32, *, output_size: Any = None) -> ConvSpec:
     """Validate one call and describe it; every caller-facing error comes from here.
 
     The settings are normalised to plain int tuples first (so that True or 2.0 can never
     pass for 1 or 2), then the rest is cached: a layer called again with the same shapes
     skips re-validation."""
     settings = tuple(normalize_setting(op, name, value, ndim) for name, value in
-                     (("stride", stride), ("padding", padding), ("dilation", dilation),
+                     (("stride", stride), ("dilation", dilation),
                       ("output_padding", output_padding)))
+    pads = normalize_padding(op, padding, ndim)
+    size = None if output_size is None else normalize_setting(op, "output_size", output_size,
+                                                              ndim)
     if not _is_int(groups):
         raise TypeError(f"{op}: 'groups' must be an int, got {groups!r} "
                         f"({type(groups).__name__})")
     return _make_spec(op, ndim, tuple(map(int, input_shape)),
-                      tuple(map(int, weight_shape)), *settings, int(groups),
-                      np.dtype(input_dtype), np.dtype(weight_dtype))
+                      tuple(map(int, weight_shape)), settings[0], pads, settings[1],
+                      settings[2], int(groups), np.dtype(input_dtype), np.dtype(weight_dtype),
+                      size)
+
+
+def same_padding(kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(lo, hi) of padding="same": output = input * stride. The crop d*(k-1) + 1 - s is
+    split with the odd unit at the end (lo = total // 2), as TensorFlow and Keras do; where
+    the dilated kernel is shorter than the stride, hi < 0 extends the output with zeros."""
+    total = dilation * (kernel - 1) + 1 - stride
+    if total < 0:
+        return 0, total
+    return total // 2, total - total // 2
+
+
+def torch_layout_hint(input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                      groups: int) -> str:
+    """A hint for channel errors when the shapes read as PyTorch's channels-first layout:
+    input (N, C_in, *spatial), weight (C_in, C_out/groups, *kernel)."""
+    if (len(input_shape) >= 3 and len(weight_shape) == len(input_shape)
+            and input_shape[1] == weight_shape[0] and weight_shape[0] % groups == 0):
+        return ("; these shapes fit PyTorch's channels-first layout (input (N, C_in, "
+                "*spatial), weight (C_in, C_out/groups, *kernel)): convtranspose takes "
+                "channels last, so pass np.moveaxis(x, 1, -1) and "
+                f"convtranspose.weight_from_torch(w, groups={groups})")
+    return ""
 
 
 @functools.lru_cache(maxsize=512)
 def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
-               stride_t: tuple[int, ...], padding_t: tuple[int, ...],
+               stride_t: tuple[int, ...], pads: PadPairs | str,
                dilation_t: tuple[int, ...], out_pad_t: tuple[int, ...], groups: int,
-               in_dt: np.dtype, w_dt: np.dtype) -> ConvSpec:
+               in_dt: np.dtype, w_dt: np.dtype,
+               output_size_t: tuple[int, ...] | None = None) -> ConvSpec:
     expected = ndim + 2
     if len(input_shape) != expected:
         raise ValueError(
-            f"{op}: 'input' must have {expected} dimensions {AXES[ndim]} (channels last), got "
-            f"shape {input_shape} with {len(input_shape)}")
+            f"{op}: 'input' must have {expected} dimensions {AXES[ndim]} (channels last), or "
+            f"{expected - 1} without the batch axis, got shape {input_shape} with "
+            f"{len(input_shape)}")
     if len(weight_shape) != expected:
         raise ValueError(
             f"{op}: 'weight' must have {expected} dimensions {WEIGHT_AXES[ndim]}, got shape "
@@ -229,30 +324,53 @@ def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: t
         raise ValueError(
             f"{op}: 'weight' must have no zero-size axis {WEIGHT_AXES[ndim]}, got shape "
             f"{weight_shape}")
+    hint = torch_layout_hint(input_shape, weight_shape, groups)
     if c_in % groups:
         raise ValueError(
             f"{op}: 'groups'={groups} must divide the input channels C_in={c_in} "
-            f"(input shape {input_shape})")
+            f"(input shape {input_shape}){hint}")
     if c_out % groups:
         raise ValueError(
             f"{op}: 'groups'={groups} must divide the output channels C_out={c_out} "
-            f"(weight shape {weight_shape}, axis 0)")
+            f"(weight shape {weight_shape}, axis 0){hint}")
     if c_in_per_group * groups != c_in:
         raise ValueError(
             f"{op}: channel mismatch: 'input' has C_in={c_in} channels, so with "
             f"groups={groups} 'weight' must end in C_in/groups={c_in // groups}, got weight "
-            f"shape {weight_shape} (last axis {c_in_per_group})")
+            f"shape {weight_shape} (last axis {c_in_per_group}){hint}")
 
-    out_spatial = tuple(
-        output_size(*args)
-        for args in zip(in_spatial, kernel, stride_t, padding_t, dilation_t, out_pad_t))
+    if pads == "same":
+        pads = tuple(same_padding(k, s, d) for k, s, d in zip(kernel, stride_t, dilation_t))
+    pad_lo = [lo for lo, _ in pads]
+    pad_hi = [hi for _, hi in pads]
+    if output_size_t is not None:
+        if any(out_pad_t):
+            raise ValueError(
+                f"{op}: give 'output_size' or 'output_padding', not both (output_size "
+                f"{output_size_t} picks the output_padding), got output_padding={out_pad_t}")
+        smallest = [full_size(n, k, s, d) - lo - hi for n, k, s, d, lo, hi in
+                    zip(in_spatial, kernel, stride_t, dilation_t, pad_lo, pad_hi)]
+        # PyTorch's rule: sizes from the smallest up to stride - 1 more.
+        if any(not lo <= want <= lo + s - 1
+               for want, lo, s in zip(output_size_t, smallest, stride_t)):
+            ranges = ", ".join(f"{lo}..{lo + s - 1}" for lo, s in zip(smallest, stride_t))
+            raise ValueError(
+                f"{op}: 'output_size'={output_size_t} cannot be reached: with input "
+                f"{tuple(in_spatial)}, kernel {tuple(kernel)}, stride {stride_t}, padding "
+                f"{tuple(pads)} and dilation {dilation_t}, each axis's size must lie in "
+                f"({ranges})")
+        out_pad_t = tuple(want - lo for want, lo in zip(output_size_t, smallest))
+    pad_hi = [hi - op_ for hi, op_ in zip(pad_hi, out_pad_t)]
+
+    out_spatial = tuple(full_size(n, k, s, d) - lo - hi for n, k, s, d, lo, hi in
+                        zip(in_spatial, kernel, stride_t, dilation_t, pad_lo, pad_hi))
     if min(out_spatial) <= 0:
         raise ValueError(
             f"{op}: the output would have spatial size {out_spatial} (must be >= 1 on every "
-            f"axis): out = (in - 1) * stride - 2 * padding + dilation * (k - 1) + "
-            f"output_padding + 1 with in={tuple(in_spatial)}, k={tuple(kernel)}, "
-            f"stride={stride_t}, padding={padding_t}, dilation={dilation_t}, "
-            f"output_padding={out_pad_t}; reduce 'padding' or increase 'output_padding'")
+            f"axis): out = (in - 1) * stride + dilation * (k - 1) + 1 - lo - hi, with "
+            f"padding (lo, hi) = {tuple(pads)} less output_padding {out_pad_t} at the end, "
+            f"in={tuple(in_spatial)}, k={tuple(kernel)}, stride={stride_t}, "
+            f"dilation={dilation_t}; reduce 'padding' or increase 'output_padding'")
 
     for name, dt in (("input", in_dt), ("weight", w_dt)):
         if not is_supported_float(dt):
@@ -265,11 +383,29 @@ def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: t
         op=op, ndim=ndim, batch=batch,
         in_spatial=(1,) * lift + tuple(in_spatial), c_in=c_in, c_out=c_out,
         kernel=(1,) * lift + tuple(kernel),
-        stride=(1,) * lift + stride_t, padding=(0,) * lift + padding_t,
-        dilation=(1,) * lift + dilation_t, output_padding=(0,) * lift + out_pad_t,
+        stride=(1,) * lift + stride_t, pad_lo=(0,) * lift + tuple(pad_lo),
+        pad_hi=(0,) * lift + tuple(pad_hi), dilation=(1,) * lift + dilation_t,
         groups=groups, out_spatial=(1,) * lift + tuple(out_spatial),
         input_dtype=in_dt, weight_dtype=w_dt, result_dtype=res_dt,
         compute_dtype=compute_dtype(res_dt))
+
+
+def full_size(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """Output length along one axis before any crop: (in - 1) * s + d * (k - 1) + 1."""
+    return (size - 1) * stride + dilation * (kernel - 1) + 1
+
+
+def check_bias(op: str, bias: Any, spec: ConvSpec) -> np.ndarray | None:
+    """`bias` as a floating (C_out,) array (its own dtype), or None. It does not take part
+    in the result's dtype: the kernels add it in the compute dtype."""
+    if bias is None:
+        return None
+    b = as_float_array(op, "bias", bias)
+    if b.shape != (spec.c_out,):
+        raise ValueError(
+            f"{op}: 'bias' must have shape (C_out,) = ({spec.c_out},), one value per output "
+            f"channel, got shape {b.shape}")
+    return b
 
 
 def check_fits_in_memory(spec: ConvSpec) -> ConvSpec:

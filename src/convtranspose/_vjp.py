@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native_kernel as native
-from ._api import ArrayLike, IntOrTuple, RecentCalls, spec_for
+from ._api import ArrayLike, IntOrTuple, Padding, RecentCalls, _plain_ints, spec_for, unbatched
 from ._dtypes import compute_dtype, result_dtype
 from ._execute import _zero_outside, checkpoint, pair_input, pair_weight, run_jobs
 from ._geometry import tap_output_range
@@ -65,7 +65,7 @@ from ._plan import (
     winograd_axis_fits,
     workspace_limit,
 )
-from ._spec import ConvSpec, as_float_array
+from ._spec import ConvSpec, as_float_array, check_bias
 
 # A worker's gathered block stays about this size, so that it is still in cache when the
 # GEMMs read it back.
@@ -91,7 +91,7 @@ def _active_taps(spec: ConvSpec) -> tuple[_Tap, ...]:
     """Taps with a non-empty input range on every axis; the others have zero gradient.
     Cached per layer: a training loop asks again every step (60 us on W9's 27 taps)."""
     per_axis = []
-    for n, kk, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding,
+    for n, kk, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.pad_lo,
                                  spec.dilation, spec.out_spatial):
         per_axis.append([(k, k * d - p, *tap_output_range(n, k, s, p, d, o))
                          for k in range(kk)])
@@ -124,14 +124,17 @@ def _cot_rows(spec: ConvSpec, tap: _Tap, box, n: tuple[int, int], c3) -> np.ndar
     return c3[(slice(*n), *sl)]
 
 
-def check_cotangent(op: str, spec: ConvSpec, cotangent: ArrayLike) -> np.ndarray:
-    """The cotangent must be a floating array shaped exactly like the forward's output."""
+def check_cotangent(op: str, spec: ConvSpec, cotangent: ArrayLike,
+                    alone: bool = False) -> np.ndarray:
+    """The cotangent must be a floating array shaped exactly like the forward's output
+    (without its batch axis where `alone`: an unbatched input)."""
     cot = as_float_array(op, "cotangent", cotangent)
-    if tuple(cot.shape) != tuple(spec.output_shape):
+    shape = spec.output_shape[1:] if alone else spec.output_shape
+    if tuple(cot.shape) != tuple(shape):
         raise ValueError(
-            f"{op}: 'cotangent' must have the forward output's shape {spec.output_shape} "
-            f"(input {spec.input_shape}, weight {spec.weight_shape}), got shape "
-            f"{tuple(cot.shape)}")
+            f"{op}: 'cotangent' must have the forward output's shape {shape} "
+            f"(input {spec.input_shape[1:] if alone else spec.input_shape}, weight "
+            f"{spec.weight_shape}), got shape {tuple(cot.shape)}")
     return cot
 
 
@@ -316,7 +319,7 @@ def _grad_input_tables(ktot: int, cig: int, groups: int, cog: int, s_co: int, s_
 def _tap_offsets(spec: ConvSpec) -> native.TapOffsets:
     """Per axis, the cotangent offset k * dilation - padding of every tap k."""
     return native.TapOffsets(np.arange(k, dtype=np.int64) * d - p
-                             for k, d, p in zip(spec.kernel, spec.dilation, spec.padding))
+                             for k, d, p in zip(spec.kernel, spec.dilation, spec.pad_lo))
 
 
 def _grad_input_pairs(spec: ConvSpec, c3: np.ndarray, cd: np.dtype, limit: int) -> bool:
@@ -865,7 +868,7 @@ class _ShiftLayout:
 
 def _axis_taps(spec: ConvSpec, axis: int) -> list[tuple[int, int, int, int]]:
     n, kk, s, p, d, o = (spec.in_spatial[axis], spec.kernel[axis], spec.stride[axis],
-                         spec.padding[axis], spec.dilation[axis], spec.out_spatial[axis])
+                         spec.pad_lo[axis], spec.dilation[axis], spec.out_spatial[axis])
     taps = []
     for k in range(kk):
         lo, hi = tap_output_range(n, k, s, p, d, o)
@@ -1153,62 +1156,117 @@ _ALGORITHMS = {"gather": _gather, "shift": _shift, "direct": _direct, "indexed":
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,
-         stride: IntOrTuple, padding: IntOrTuple, dilation: IntOrTuple,
-         output_padding: IntOrTuple, groups: int) -> tuple[np.ndarray, np.ndarray]:
+         stride: IntOrTuple, padding: Padding, dilation: IntOrTuple,
+         output_padding: IntOrTuple, groups: int, bias: ArrayLike | None = None,
+         output_size: IntOrTuple | None = None) -> tuple[np.ndarray, ...]:
     op = _NAMES[ndim]
     key = RecentCalls.key(ndim, input, weight, stride, padding, dilation, output_padding,
                           groups)
+    if key is not None and output_size is not None:
+        key = key + (output_size,) if _plain_ints(output_size) else None
     spec = _recent_specs.get(key)
     if spec is not None:
         x, w = input, weight
     else:
         spec, x, w = spec_for(ndim, input, weight, stride, padding, dilation, output_padding,
-                              groups, op=op)
+                              groups, op=op, output_size=output_size, allow_unbatched=True)
         _recent_specs.put(key, spec, input, x, weight, w)
-    cot = check_cotangent(op, spec, cotangent)
-    return vjp_arrays(spec, x, w, cot)
+    b = check_bias(op, bias, spec)
+    alone = unbatched(spec, x)
+    cot = check_cotangent(op, spec, cotangent, alone)
+    gx, gw = vjp_arrays(spec, x, w, cot)
+    if alone:
+        gx = gx[0]
+    if b is None:
+        return gx, gw
+    # The bias's gradient: the cotangent summed over every position (the compute dtype).
+    cd = compute_dtype(result_dtype(cot.dtype, b.dtype))
+    gb = np.add.reduce(cot.reshape(-1, spec.c_out), axis=0, dtype=cd)
+    return gx, gw, gb.astype(b.dtype, copy=False)
 
 
 _recent_specs = RecentCalls()
 
+_VJP_DOC = """Gradients of `conv_transpose{n}d` for a cotangent shaped like its output.
+
+    The vector-Jacobian product that ``mx.vjp`` and PyTorch autograd give.
+
+    Parameters
+    ----------
+    input : array_like
+        {xshape}, or without the batch axis (then so are the cotangent and grad_input).
+    weight : array_like
+        {wshape}.
+    cotangent : array_like
+        {yshape}: the forward output's shape.
+    stride, padding, dilation, output_padding, groups
+        As for `conv_transpose{n}d` (padding may be (lo, hi) pairs, "same" or "valid").
+    bias : array_like of shape (C_out,), optional, keyword-only
+        The forward's bias. Given, the result also holds grad_bias (the cotangent summed
+        over the batch and every position), in bias's dtype.
+    output_size : int or tuple of {n} ints, optional, keyword-only
+        As for `conv_transpose{n}d`.
+
+    Returns
+    -------
+    (grad_input, grad_weight) or (grad_input, grad_weight, grad_bias)
+        numpy.ndarrays with the shapes and dtypes of input, weight (and bias). Accumulated
+        in float32 at least (float64 if any array is float64).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As the forward call; also a cotangent not shaped like its output.
+
+    Examples
+    --------
+    >>> import numpy as np, convtranspose as ct
+    >>> x = np.ones({xex}, np.float32)
+    >>> w = np.ones({wex}, np.float32)
+    >>> g = np.ones({yex}, np.float32)
+    >>> gx, gw, gb = ct.conv_transpose{n}d_vjp(x, w, g, stride=2, bias=np.zeros(4, np.float32))
+    >>> gx.shape, gw.shape, gb.shape
+    ({xex}, {wex}, (4,))
+    """
+
+
+def _vjp_doc(ndim: int) -> str:
+    spatial = {1: "W", 2: "H, W", 3: "D, H, W"}[ndim]
+    kernel = {1: "kW", 2: "kH, kW", 3: "kD, kH, kW"}[ndim]
+    out = {1: "W_out", 2: "H_out, W_out", 3: "D_out, H_out, W_out"}[ndim]
+    return _VJP_DOC.format(
+        n=ndim, xshape=f"(N, {spatial}, C_in)", wshape=f"(C_out, {kernel}, C_in/groups)",
+        yshape=f"(N, {out}, C_out)", xex=(1, *(5,) * ndim, 3), wex=(4, *(3,) * ndim, 3),
+        yex=(1, *(11,) * ndim, 4))
+
 
 def conv_transpose1d_vjp(input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike, /,
-                         stride: IntOrTuple = 1, padding: IntOrTuple = 0,
+                         stride: IntOrTuple = 1, padding: Padding = 0,
                          dilation: IntOrTuple = 1, output_padding: IntOrTuple = 0,
-                         groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients of `conv_transpose1d` for a cotangent shaped like its output.
-
-    input (N, W, C_in), weight (C_out, kW, C_in/groups), cotangent (N, W_out, C_out).
-    Returns (grad_input, grad_weight) with the dtypes of input and weight, as `mx.vjp`.
-    """
+                         groups: int = 1, *, bias: ArrayLike | None = None,
+                         output_size: IntOrTuple | None = None) -> tuple[np.ndarray, ...]:
     return _vjp(1, input, weight, cotangent, stride, padding, dilation, output_padding,
-                groups)
+                groups, bias, output_size)
 
 
 def conv_transpose2d_vjp(input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike, /,
-                         stride: IntOrTuple = 1, padding: IntOrTuple = 0,
+                         stride: IntOrTuple = 1, padding: Padding = 0,
                          dilation: IntOrTuple = 1, output_padding: IntOrTuple = 0,
-                         groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients of `conv_transpose2d` for a cotangent shaped like its output.
-
-    input (N, H, W, C_in), weight (C_out, kH, kW, C_in/groups), cotangent
-    (N, H_out, W_out, C_out). Returns (grad_input, grad_weight) with the dtypes of input
-    and weight, as `mx.vjp`.
-    """
+                         groups: int = 1, *, bias: ArrayLike | None = None,
+                         output_size: IntOrTuple | None = None) -> tuple[np.ndarray, ...]:
     return _vjp(2, input, weight, cotangent, stride, padding, dilation, output_padding,
-                groups)
+                groups, bias, output_size)
 
 
 def conv_transpose3d_vjp(input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike, /,
-                         stride: IntOrTuple = 1, padding: IntOrTuple = 0,
+                         stride: IntOrTuple = 1, padding: Padding = 0,
                          dilation: IntOrTuple = 1, output_padding: IntOrTuple = 0,
-                         groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients of `conv_transpose3d` for a cotangent shaped like its output.
-
-    input (N, D, H, W, C_in), weight (C_out, kD, kH, kW, C_in/groups), cotangent
-    (N, D_out, H_out, W_out, C_out). Returns (grad_input, grad_weight): the
-    vector-Jacobian product that `mx.vjp` and PyTorch autograd give, with the dtypes of
-    input and weight. Accumulates in float32 at least (float64 if any array is float64).
-    """
+                         groups: int = 1, *, bias: ArrayLike | None = None,
+                         output_size: IntOrTuple | None = None) -> tuple[np.ndarray, ...]:
     return _vjp(3, input, weight, cotangent, stride, padding, dilation, output_padding,
-                groups)
+                groups, bias, output_size)
+
+
+conv_transpose1d_vjp.__doc__ = _vjp_doc(1)
+conv_transpose2d_vjp.__doc__ = _vjp_doc(2)
+conv_transpose3d_vjp.__doc__ = _vjp_doc(3)

@@ -29,11 +29,12 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._slabs import AxisBlock, compute_block, output_bounds_from_input, spatial, spec_blocks
-from ._spec import ConvSpec, as_float_array, make_spec
+from ._spec import ConvSpec, as_float_array, check_bias, make_spec
 
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
 
 IntOrTuple = int | tuple[int, ...]
+Padding = int | tuple[int | tuple[int, int], ...] | str
 
 _NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
 
@@ -61,7 +62,8 @@ def _pieces(offsets: list[int], start: int, stop: int) -> list[tuple[int, slice,
 
 
 def _block(spec: ConvSpec, parts: list, placement: list, slab_shape: tuple[int, ...],
-           weight: np.ndarray, blocks: tuple[AxisBlock, ...]) -> np.ndarray:
+           weight: np.ndarray, blocks: tuple[AxisBlock, ...],
+           bias: np.ndarray | None = None) -> np.ndarray:
     """One output chunk: stitch its input slab from the overlapping chunks, then convolve."""
     if not parts:
         slab = np.empty(slab_shape, spec.input_dtype)  # no input reaches: compute_block zeros
@@ -71,7 +73,7 @@ def _block(spec: ConvSpec, parts: list, placement: list, slab_shape: tuple[int, 
         slab = np.empty(slab_shape, parts[0].dtype)
         for part, (src, dst) in zip(parts, placement):
             slab[dst] = part[src]
-    return compute_block(spec, slab, weight, blocks)
+    return compute_block(spec, slab, weight, blocks, bias)
 
 
 def _check_array(op: str, x: Any) -> da.Array:
@@ -87,16 +89,23 @@ def _check_array(op: str, x: Any) -> da.Array:
     return x
 
 
-def _conv_transpose(ndim: int, x: Any, weight: Any, stride: IntOrTuple, padding: IntOrTuple,
+def _conv_transpose(ndim: int, x: Any, weight: Any, stride: IntOrTuple, padding: Padding,
                     dilation: IntOrTuple, output_padding: IntOrTuple,
-                    groups: int) -> da.Array:
+                    groups: int, bias: Any = None,
+                    output_size: IntOrTuple | None = None) -> da.Array:
     op = _NAMES[ndim]
     x = _check_array(op, x)
     if isinstance(weight, da.Array):
         weight = weight.compute()  # a kernel is small; every task needs all of it
+    if isinstance(bias, da.Array):
+        bias = bias.compute()
     w = as_float_array(op, "weight", weight)
+    if x.ndim == ndim + 1:  # no batch axis: a batch of one, dropped again at the end
+        return _conv_transpose(ndim, x[None], w, stride, padding, dilation, output_padding,
+                               groups, bias, output_size)[0]
     spec = make_spec(op, ndim, x.shape, w.shape, stride, padding, dilation,
-                     output_padding, groups, x.dtype, w.dtype)
+                     output_padding, groups, x.dtype, w.dtype, output_size=output_size)
+    b = check_bias(op, bias, spec)
 
     if len(x.chunks[-1]) > 1:
         # Every output channel reads every input channel of its group: one chunk, and only
@@ -104,14 +113,18 @@ def _conv_transpose(ndim: int, x: Any, weight: Any, stride: IntOrTuple, padding:
         x = x.rechunk({x.ndim - 1: -1})
 
     bounds = [output_bounds_from_input(chunks, s, p, m) for chunks, s, p, m in
-              zip(x.chunks[1:-1], spatial(spec, "stride"), spatial(spec, "padding"),
+              zip(x.chunks[1:-1], spatial(spec, "stride"), spatial(spec, "pad_lo"),
                   spatial(spec, "out_spatial"))]
     axis_blocks = spec_blocks(spec, bounds)
     in_offsets = [_offsets(chunks) for chunks in x.chunks[1:-1]]
 
-    name = f"{op}-" + tokenize(x, w, spec)
+    name = f"{op}-" + tokenize(x, w, spec, b)
     wkey = f"{op}-weight-" + tokenize(w)
     dsk: dict = {wkey: w}
+    bkey = None
+    if b is not None:
+        bkey = f"{op}-bias-" + tokenize(b)
+        dsk[bkey] = b
     for nb, n_size in enumerate(x.chunks[0]):
         for jdx in itertools.product(*(range(len(b)) for b in axis_blocks)):
             blocks = tuple(axis_blocks[a][j] for a, j in enumerate(jdx))
@@ -125,7 +138,7 @@ def _conv_transpose(ndim: int, x: Any, weight: Any, stride: IntOrTuple, padding:
                     placement.append((src, dst))
             slab_shape = (n_size, *(b.in_stop - b.in_start for b in blocks), spec.c_in)
             dsk[(name, nb, *jdx, 0)] = (_block, spec, parts, placement, slab_shape, wkey,
-                                        blocks)
+                                        blocks, bkey)
 
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
     chunks = (x.chunks[0], *(tuple(np.diff(b).tolist()) for b in bounds), (spec.c_out,))
@@ -133,30 +146,78 @@ def _conv_transpose(ndim: int, x: Any, weight: Any, stride: IntOrTuple, padding:
     return da.Array(graph, name, chunks, meta=meta)
 
 
+_DOC = """{n}-D transposed convolution of a dask array; lazy, equal to
+    `convtranspose.conv_transpose{n}d` (whose docstring describes every setting).
+
+    Parameters
+    ----------
+    x : dask.array.Array
+        {xshape}, channels last, or without the batch axis. Channels must be one chunk
+        (a split channel axis is rechunked along it only).
+    weight : array_like
+        {wshape}; a dask array is computed (every task needs all of it).
+    stride, padding, dilation, output_padding, groups
+        As `convtranspose.conv_transpose{n}d`: padding may be (lo, hi) pairs per axis,
+        "same" or "valid"; MLX's negative padding and output_padding >= stride too.
+    bias : array_like of shape (C_out,), optional, keyword-only
+        Added as each block is computed.
+    output_size : int or tuple of {n} ints, optional, keyword-only
+        PyTorch's rule, as `convtranspose.conv_transpose{n}d`.
+
+    Returns
+    -------
+    dask.array.Array
+        Output chunks follow the input chunks (boundary b -> b*stride - lo per spatial
+        axis); each is computed from one input slab plus its halo.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As the in-memory call, when the graph is built; also an `x` that is not a dask
+        array or has unknown chunk sizes.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, convtranspose.dask as ctd
+    >>> x = da.ones({xex}, chunks=2, dtype=np.float32)
+    >>> w = np.ones({wex}, np.float32)
+    >>> ctd.conv_transpose{n}d(x, w, stride=2, padding="same", bias=np.ones(4)).shape
+    {yex}
+    """
+
+
+def _doc(ndim: int) -> str:
+    spatial_ = {1: "W", 2: "H, W", 3: "D, H, W"}[ndim]
+    kernel = {1: "kW", 2: "kH, kW", 3: "kD, kH, kW"}[ndim]
+    return _DOC.format(n=ndim, xshape=f"(N, {spatial_}, C_in)",
+                       wshape=f"(C_out, {kernel}, C_in/groups)", xex=(1, *(4,) * ndim, 3),
+                       wex=(4, *(3,) * ndim, 3), yex=(1, *(8,) * ndim, 4))
+
+
 def conv_transpose1d(x: da.Array, weight: Any, /, stride: IntOrTuple = 1,
-                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                     output_padding: IntOrTuple = 0, groups: int = 1) -> da.Array:
-    """1-D transposed convolution of a dask array x (N, W, C_in) with weight
-    (C_out, kW, C_in/groups); lazy, equal to `convtranspose.conv_transpose1d`."""
-    return _conv_transpose(1, x, weight, stride, padding, dilation, output_padding, groups)
+                     padding: Padding = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1, *, bias: Any = None,
+                     output_size: IntOrTuple | None = None) -> da.Array:
+    return _conv_transpose(1, x, weight, stride, padding, dilation, output_padding, groups,
+                           bias, output_size)
 
 
 def conv_transpose2d(x: da.Array, weight: Any, /, stride: IntOrTuple = 1,
-                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                     output_padding: IntOrTuple = 0, groups: int = 1) -> da.Array:
-    """2-D transposed convolution of a dask array x (N, H, W, C_in) with weight
-    (C_out, kH, kW, C_in/groups); lazy, equal to `convtranspose.conv_transpose2d`."""
-    return _conv_transpose(2, x, weight, stride, padding, dilation, output_padding, groups)
+                     padding: Padding = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1, *, bias: Any = None,
+                     output_size: IntOrTuple | None = None) -> da.Array:
+    return _conv_transpose(2, x, weight, stride, padding, dilation, output_padding, groups,
+                           bias, output_size)
 
 
 def conv_transpose3d(x: da.Array, weight: Any, /, stride: IntOrTuple = 1,
-                     padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                     output_padding: IntOrTuple = 0, groups: int = 1) -> da.Array:
-    """3-D transposed convolution of a dask array x (N, D, H, W, C_in) with weight
-    (C_out, kD, kH, kW, C_in/groups); lazy, equal to `convtranspose.conv_transpose3d`.
+                     padding: Padding = 0, dilation: IntOrTuple = 1,
+                     output_padding: IntOrTuple = 0, groups: int = 1, *, bias: Any = None,
+                     output_size: IntOrTuple | None = None) -> da.Array:
+    return _conv_transpose(3, x, weight, stride, padding, dilation, output_padding, groups,
+                           bias, output_size)
 
-    Output chunks follow the input chunks (boundary b -> b*stride - padding per spatial
-    axis); each is computed from one input slab plus its halo. MLX semantics throughout:
-    negative padding, output_padding >= stride, groups.
-    """
-    return _conv_transpose(3, x, weight, stride, padding, dilation, output_padding, groups)
+
+conv_transpose1d.__doc__ = _doc(1)
+conv_transpose2d.__doc__ = _doc(2)
+conv_transpose3d.__doc__ = _doc(3)

@@ -261,16 +261,18 @@ static inline void tail(int64_t r, const T* xb, int64_t pstride, const T* wt, in
 // pair's second output lies past the end).
 template <typename T>
 static void store_pairs(const CtJob& job, int64_t nrows, char* const* orows, const T* acc,
-                        int64_t slot_size, int64_t cw, int64_t n) {
+                        int64_t slot_size, int64_t cw, int64_t n, const T* bias) {
   alignas(64) T y0[MAXV * CT_VBYTES / sizeof(T)], y1[MAXV * CT_VBYTES / sizeof(T)];
+  alignas(64) T b[MAXV * CT_VBYTES / sizeof(T)] = {};  // the chunk's bias (zeros: none)
+  if (bias) std::memcpy(b, bias, cw * sizeof(T));
   const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T), wcount = job.wcount;
   for (int64_t r = 0; r < nrows; ++r) {
     for (int64_t w = 0; w < wcount; ++w) {
       const T* __restrict m = acc + (r * wcount + w) * cw;
       for (int64_t c = 0; c < cw; ++c) {
         const T m1 = m[slot_size + c], m2 = m[2 * slot_size + c];
-        y0[c] = m[c] + m1 + m2;
-        y1[c] = m1 - m2 - m[3 * slot_size + c];
+        y0[c] = m[c] + m1 + m2 + b[c];
+        y1[c] = m1 - m2 - m[3 * slot_size + c] + b[c];
       }
       store_chunk(job, orows[r] + w * os * oi, y0, n);
       if (orows[nrows + r]) store_chunk(job, orows[nrows + r] + w * os * oi, y1, n);
@@ -295,7 +297,20 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   if (cb < 8) cb = 8;
   // Winograd pairs (job.pair_out): the sums of each of V's D taps apart, one slot each.
   const int64_t slots = job.pair_out ? job.ntaps[0] : 1, slot_size = nrows * wcount * cw;
-  std::memset(acc, 0, sizeof(T) * slots * slot_size);
+  // The chunk's bias (its first channel is job.cout - live): the sums start from it, so
+  // that it costs no pass of its own; Winograd pairs add it as they store.
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + (job.cout - live) : nullptr;
+  if (bias && !job.pair_out) {  // NV vectors a pixel, stored inline (as the memset was)
+    typedef typename Vec<T>::u U;
+    constexpr int L = CT_VBYTES / sizeof(T);
+    typename Vec<T>::v b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const U*>(bias + v * L);
+    for (T* a = acc; a < acc + slot_size; a += cw)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(a + v * L) = b[v];
+  } else {
+    std::memset(acc, 0, sizeof(T) * slots * slot_size);
+  }
   for (int64_t q = 0; q < pairs; ++q) {
     T* const acc_q = job.pair_out ? acc + q / job.ntaps[1] * slot_size : acc;
     for (int64_t k = 0; k < tw; ++k) {
@@ -328,7 +343,7 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   }
   const int64_t n = live < cw ? live : cw;
   if (job.pair_out) {
-    store_pairs(job, nrows, orows, acc, slot_size, cw, n);
+    store_pairs(job, nrows, orows, acc, slot_size, cw, n, bias);
     return;
   }
   const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
@@ -392,6 +407,12 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
                   (w0 * job.step[2] + job.off[2][k]) * job.xs[3]};
     }
   const int64_t wtap = (CI > 0 ? CI : cin) * cw;  // weight elements per tap
+  V start[NV];  // the sums start from the chunk's bias (its first channel: cout - live)
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+    start[v] = job.bias ? *reinterpret_cast<const U*>(static_cast<const T*>(job.bias) +
+                                                        (job.cout - live) + v * L)
+                        : V{};
   for (int64_t r = 0; r < nrows; ++r) {
     const T* const* rows = xrows + r * pairs;
     for (int64_t w0 = 0; w0 < wcount; w0 += P) {
@@ -401,7 +422,7 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) sum[p][v] = V{};
+        for (int v = 0; v < NV; ++v) sum[p][v] = start[v];
       for (int64_t q = 0; q < pairs; ++q) {
         if (!rows[q]) continue;  // this (D, H) tap reads outside the input for this row
         const T* wq = wchunk + q * tw * wtap;
@@ -664,6 +685,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
+  const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
@@ -717,7 +739,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
         if (p >= np) continue;
         for (int o = 0; o < CO; ++o)
         {
-          const T value = hsum<V, T>(acc[p][o]) + tail[p][o];
+          const T value = hsum<V, T>(acc[p][o]) + tail[p][o] + (bias ? bias[o] : T(0));
           store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
         }
       }
@@ -751,6 +773,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], pairs = job.ntaps[0] * job.ntaps[1], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
+  const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
@@ -794,7 +817,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
         if (p >= np) continue;
 #pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) {
-          const T value = hsum<V, T>(acc[p][o]);
+          const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
           store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
         }
       }
@@ -814,6 +837,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
+  const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
@@ -858,14 +882,15 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
           for (int v = 0; v < NV; ++v)
             if (v < nv) {
               T lanes_out[L];
-              *reinterpret_cast<U*>(lanes_out) = acc[p][v];
+              *reinterpret_cast<U*>(lanes_out) =
+                  bias ? acc[p][v] + *reinterpret_cast<const U*>(bias + c0 + v * L) : acc[p][v];
               store_out(job.out_half, orow + ((w0 + p) * os + c0 + v * L) * oi, lanes_out, L);
             }
         }
         if (nv < NV && c0 + nv * L < ch) {  // channels past the last whole vector: scalar
           for (int64_t p = 0; p < np; ++p)
             for (int64_t c = c0 + nv * L; c < ch; ++c) {
-              T sum = 0;
+              T sum = bias ? bias[c] : T(0);
               for (int64_t q = 0; q < pairs; ++q) {
                 if (!rows[q]) continue;
                 for (int64_t k = 0; k < tw; ++k) {

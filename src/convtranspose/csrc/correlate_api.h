@@ -43,6 +43,8 @@ struct CtJob {
                          // input is the transformed V, its 4 D taps (step 4, offsets 0-3)
                          // are summed apart, and box row d is the output pair (2d, 2d+1)
                          // (rows os[1] apart); 2d + 1 is written only below pair_out
+  const void* bias;      // null; else bias[co] (the compute type), added to each output as
+                         // it is stored; readable in whole vectors past cout (padded)
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the

@@ -218,14 +218,14 @@ const Isa* current = nullptr;
 
 // correlate's arguments (see _native_kernel.correlate) into a job; false with an error set.
 bool parse_correlate(PyObject* args, CtJob& job) {
-  Py_ssize_t x, w, o, off[3], cursor = 0, sharers = 1, pair_out = 0;
+  Py_ssize_t x, w, o, off[3], cursor = 0, sharers = 1, pair_out = 0, bias = 0;
   Py_ssize_t v[28];
-  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn|nnn", &job.itemsize, &job.mode, &job.out_half,
+  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn|nnnn", &job.itemsize, &job.mode, &job.out_half,
                         &job.stream_out, &x, &v[0],
                         &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &w, &off[0], &off[1], &off[2],
                         &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
                         &v[16], &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23], &v[24],
-                        &v[25], &cursor, &sharers, &pair_out))
+                        &v[25], &cursor, &sharers, &pair_out, &bias))
     return false;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "correlate: itemsize must be 4 or 8");
@@ -247,6 +247,7 @@ bool parse_correlate(PyObject* args, CtJob& job) {
   job.cursor = reinterpret_cast<int64_t*>(cursor);
   job.sharers = sharers;
   job.pair_out = pair_out;
+  job.bias = reinterpret_cast<const void*>(bias);
   if (pair_out && (pair_out < 0 || job.mode != CT_MODE_CHANNELS || job.ntaps[0] != 4 ||
                    job.cin < CT_TAPS_INNER_BELOW)) {
     PyErr_SetString(PyExc_ValueError, "correlate: Winograd pairs need channels mode, four D "
