@@ -933,6 +933,11 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
       pat[t * plen + j] = wpk[t * ch + c];
+  // The sums start from the bias, laid along the same pattern (zeros: none).
+  std::vector<T> bpat(plen, T(0));
+  if (job.bias)
+    for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
+      bpat[j] = static_cast<const T*>(job.bias)[c];
   std::vector<T> row_store(flat + BLOCK + 64 / sizeof(T));
   T* row = aligned_line(row_store.data());
   const int64_t step_mod = BLOCK % ch;
@@ -952,7 +957,7 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
       if (j0 >= inner0 && j0 + BLOCK <= inner1) {
         V sum[NB];
 #pragma GCC unroll 8
-        for (int v = 0; v < NB; ++v) sum[v] = V{};
+        for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
         for (int64_t q = 0; q < pairs; ++q) {
           if (!rows[q]) continue;
           const T* xq = rows[q] + j0;
@@ -974,7 +979,7 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
       }
       V sum[NB];
 #pragma GCC unroll 8
-      for (int v = 0; v < NB; ++v) sum[v] = V{};
+      for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
       bool partial = false;  // some tap's share of the block went to row[] lane by lane
       for (int64_t q = 0; q < pairs; ++q) {
         if (!rows[q]) continue;
