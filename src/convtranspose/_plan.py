@@ -61,9 +61,10 @@ NATIVE_SERIAL_BELOW_SECONDS = 5e-4  # its tasks start with no copies: threads pa
 GEMM_PEAK = 140e9
 COPY_BYTES_PER_S = 5e9
 ELEMENTWISE_PER_S = 1.5e9
-# The native kernel on one core: its measured peak, reached with C_out/g a multiple of
-# 32 or 64 and C_in/g >= 32 (W5: 172 GFLOP/s single-threaded).
-NATIVE_PEAK = 160e9
+# The native kernel on one core, per vector lane: its measured peak, reached with C_out/g
+# a multiple of 32 or 64 and C_in/g >= 32 (W5: 172 GFLOP/s single-threaded on AVX-512's
+# 16 float32 lanes; AVX2 has half the lanes and about half the rate).
+NATIVE_PEAK_PER_LANE = 10e9
 # Winograd's input transform (pair_transform), bytes of V written per second on one core
 # (W5: 8 MiB in 1.1 ms, reading 4 MiB meanwhile).
 PAIR_TRANSFORM_BYTES_PER_S = 7.5e9
@@ -470,6 +471,11 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
         return write
     if algorithm == "direct":
         return flops / 2 / ELEMENTWISE_PER_S + write
+    if algorithm == "indexed":  # one GEMM, a gather of the products, ~10 us of Python
+        taps = math.prod(spec.kernel)
+        gathered = n_out * taps * spec.c_out * item  # at most: every tap lands
+        return (flops / _gemm_rate(min(spec.c_in_per_group, taps * spec.c_out_per_group))
+                + 2 * gathered / COPY_BYTES_PER_S + 1e-5)
     if algorithm == "native":
         return flops / native_rate(spec) + write / 2  # one pass over the output
     if algorithm == "winograd":  # four products per output pair instead of six
@@ -571,18 +577,19 @@ def native_rate(spec: ConvSpec) -> float:
     vectors, one-vector blocks bound by broadcasts, few channels per tap bound by the
     accumulator traffic (measured on W1-W8 and the demo's layers)."""
     lanes, max_vectors = native.layout(spec.compute_dtype.itemsize)
+    peak = NATIVE_PEAK_PER_LANE * lanes  # this machine's, one core
     cog, cig = spec.c_out_per_group, summed_channels(spec)
     mode = native_mode(spec)
     if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
-        return NATIVE_PEAK / 8
+        return peak / 4  # along the flat pixel * channel index: two loads per FMA
     if mode == native.DOT:  # vectors along C_in, one lane reduction per output
-        return NATIVE_PEAK / 2 * min(cig, lanes) / lanes * cig / (cig + lanes)
+        return peak / 2 * min(cig, lanes) / lanes * cig / (cig + lanes)
     vectors = -(-cog // lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
-        return NATIVE_PEAK * used * blocking * cig / (cig + 1.6)  # traffic, a tap overhead
-    return NATIVE_PEAK * used * blocking * cig / (cig + 4)
+        return peak * used * blocking * cig / (cig + 1.6)  # traffic, a tap overhead
+    return peak * used * blocking * cig / (cig + 4)
 
 
 def indexed_fits(spec: ConvSpec) -> bool:
@@ -595,7 +602,7 @@ def indexed_fits(spec: ConvSpec) -> bool:
 
 def choose_algorithm(spec: ConvSpec, limit: int, winograd: bool) -> tuple[str, dict]:
     if indexed_fits(spec):
-        return "indexed", {}
+        return "indexed", {"indexed": estimate_seconds(spec, "indexed")}
     candidates = [a for a in ALGORITHMS if a != "indexed"
                   and (a != "direct" or spec.c_in_per_group == 1)
                   and (a != "native" or native.AVAILABLE)
@@ -640,10 +647,8 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     """Plans are pure functions of their arguments, so repeated calls reuse them."""
     if algorithm is None:
         algorithm, est = choose_algorithm(spec, limit, winograd)
-    elif algorithm != "indexed":
-        est = {algorithm: estimate_seconds(spec, algorithm)}
     else:
-        est = {}
+        est = {algorithm: estimate_seconds(spec, algorithm)}
     if algorithm == "indexed":
         return _indexed_plan(spec, limit, est)
     groups = phase_groups(spec, algorithm)
@@ -664,6 +669,10 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     serial_below = NATIVE_SERIAL_BELOW_SECONDS if kind == "native" else SERIAL_BELOW_SECONDS
     if est.get(algorithm, 1.0) < serial_below or algorithm == "scatter":
         threads = 1
+    # The model is of one core: the plan predicts the call, on its threads (efficiency
+    # ~0.9 on two), so that `print(plan)` and the sweep compare it with the clock.
+    est = {a: v / (1 if threads == 1 or a == "scatter" else 0.9 * threads)
+           for a, v in est.items()}
     item = spec.compute_dtype.itemsize
     workers = min(threads, len(tasks)) or 1
     converted = (wide_w_bytes(spec, groups) if wide_w else
