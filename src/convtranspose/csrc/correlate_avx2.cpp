@@ -1,4 +1,14 @@
 #if defined(__x86_64__) && defined(__GNUC__)
+// The standard library's templates before the target pragma: their instantiations here
+// are shared (weak) symbols that the linker may pick for every unit, so they must not
+// carry this unit's instructions.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
 #pragma GCC target("avx2,fma,f16c")
 #define CT_NS avx2
 #define CT_VBYTES 32
