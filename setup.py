@@ -115,8 +115,12 @@ class _ParallelBuildExt(build_ext):
     def _build_parallel(self, ext: Extension) -> None:
         ext_path = self.get_ext_fullpath(ext.name)
         units = ext._units  # [(source, macros, object folder)]
-        if not (self.force or newer_group([u[0] for u in units] + ext.depends, ext_path,
-                                          "newer")):
+        # Which sets the built extension has: another CONVTRANSPOSE_ISAS rebuilds it.
+        stamp = os.path.join(self.build_temp, "convtranspose-isas")
+        isas = ",".join(ext._isas)
+        built = open(stamp).read() if os.path.exists(stamp) else None
+        if built == isas and not (self.force or newer_group(
+                [u[0] for u in units] + ext.depends, ext_path, "newer")):
             return
 
         def compile_one(unit):
@@ -134,6 +138,8 @@ class _ParallelBuildExt(build_ext):
             library_dirs=ext.library_dirs, runtime_library_dirs=ext.runtime_library_dirs,
             extra_postargs=ext.extra_link_args, export_symbols=self.get_export_symbols(ext),
             debug=self.debug, build_temp=self.build_temp, target_lang="c++")
+        with open(stamp, "w") as f:
+            f.write(isas)
 
 
 def _usable_cpus() -> set[int] | range:
@@ -167,7 +173,7 @@ def _native_extension() -> Extension:
         # CONVTRANSPOSE_REQUIRE_NATIVE=1 (release wheels): a failed build fails the install.
         optional=os.environ.get("CONVTRANSPOSE_REQUIRE_NATIVE", "") in ("", "0"),
     )
-    ext._units = units
+    ext._units, ext._isas = units, isas
     return ext
 
 
