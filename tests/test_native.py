@@ -6,6 +6,7 @@ skip, when the extension is missing."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ def test_the_kernel_was_built():
     assert native.AVAILABLE, (
         "convtranspose._native is missing: the install could not compile it (needs g++ or "
         "clang++ and Python's headers); the package still runs, slower, without it")
-    assert native.isa() in ISAS and "generic" in ISAS
+    assert native.isa() in ISAS
+    if os.environ.get("CONVTRANSPOSE_ISAS") == "all":  # CI's build: the fallback too
+        assert ISAS[-1] == "generic"
     assert ct.native_isa() == native.isa()
 
 

@@ -26,6 +26,15 @@
 
 #include "correlate_api.h"
 
+// CT_PART compiles one part of the entry points, so that a build can compile the parts of
+// an instruction set in parallel (setup.py): 1 the float32 correlation, 2 the float64
+// one, 3 the rest. Unset: every entry point.
+#ifdef CT_PART
+#define CT_PART_HAS(n) (CT_PART == (n))
+#else
+#define CT_PART_HAS(n) 1
+#endif
+
 namespace CT_NS {
 
 typedef float vf __attribute__((vector_size(CT_VBYTES)));
@@ -1052,10 +1061,20 @@ static void run_mode(const CtJob& job) {
   }
 }
 
+void correlate_f32(const CtJob& job);
+void correlate_f64(const CtJob& job);
+#if CT_PART_HAS(1)
+void correlate_f32(const CtJob& job) { run_mode<float>(job); }
+#endif
+#if CT_PART_HAS(2)
+void correlate_f64(const CtJob& job) { run_mode<double>(job); }
+#endif
+#if CT_PART_HAS(3)
 void correlate(const CtJob& job) {
-  if (job.itemsize == 4) run_mode<float>(job);
-  else run_mode<double>(job);
+  if (job.itemsize == 4) correlate_f32(job);
+  else correlate_f64(job);
 }
+#endif
 
 // --- grad_weight ------------------------------------------------------------------------
 //
@@ -1655,6 +1674,7 @@ static void dw_grad_weight_typed(const GwJob& job) {
   }
 }
 
+#if CT_PART_HAS(3)
 void grad_weight(const GwJob& job) {
   if (job.swapped == CT_GW_DEPTHWISE) {
     if (job.itemsize == 4) dw_grad_weight_typed<float>(job);
@@ -1793,5 +1813,6 @@ bool fuses_grad_input(int itemsize, int64_t cin, int64_t cout) {
   return itemsize == 4 ? few_sums<float>(cin, cout) : few_sums<double>(cin, cout);
 }
 int max_vectors() { return MAXV; }
+#endif  // CT_PART_HAS(3)
 
 }  // namespace CT_NS

@@ -1,5 +1,19 @@
 #if defined(__x86_64__) && defined(__GNUC__)
+// The standard library's templates before the target pragma: their instantiations here
+// are shared (weak) symbols that the linker may pick for every unit, so they must not
+// carry this unit's instructions.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+#ifdef __clang__  // which has no `#pragma GCC target`
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
 #pragma GCC target("avx2,fma,f16c")
+#endif
 #define CT_NS avx2
 #define CT_VBYTES 32
 #define CT_NREGS 16
@@ -19,4 +33,7 @@ static inline int ct_opaque(int m) { __asm__("" : "+r"(m)); return m; }
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define CT_F16_LOAD(dst, src) _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))))
 #include "correlate.hpp"
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
 #endif

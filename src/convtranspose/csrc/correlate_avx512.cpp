@@ -1,9 +1,25 @@
 #if defined(__x86_64__) && defined(__GNUC__)
+// The standard library's templates before the target pragma: their instantiations here
+// are shared (weak) symbols that the linker may pick for every unit, so they must not
+// carry this unit's instructions.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+#ifdef __clang__  // which has no `#pragma GCC target`
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,fma,avx2,f16c"))), apply_to = function)
+#else
 #pragma GCC target("avx512f,avx512vl,avx512dq,fma,avx2,f16c")
+#endif
 #define CT_NS avx512
 #define CT_VBYTES 64
 #define CT_NREGS 32
+#ifndef __clang__
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on its own reduce intrinsics
+#endif
 #include <immintrin.h>
 #define CT_BROADCAST_F(p) _mm512_set1_ps(*(p))
 #define CT_BROADCAST_D(p) _mm512_set1_pd(*(p))
@@ -22,4 +38,7 @@ static inline unsigned ct_opaque(unsigned m) { __asm__("" : "+r"(m)); return m; 
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define CT_F16_LOAD(dst, src) _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))))
 #include "correlate.hpp"
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
 #endif

@@ -186,18 +186,31 @@ struct Isa {
   bool (*fuses_grad_input)(int, int64_t, int64_t);
 };
 
-const Isa kIsas[] = {
+// The instruction sets this build compiled (setup.py defines CT_WITH_ISAS and one
+// CT_WITH_<NAME> each; a build without CT_WITH_ISAS compiled all), best first.
+#ifndef CT_WITH_ISAS
 #if defined(__x86_64__) && defined(__GNUC__)
+#define CT_WITH_AVX512
+#define CT_WITH_AVX2
+#endif
+#define CT_WITH_GENERIC
+#endif
+const Isa kIsas[] = {
+#ifdef CT_WITH_AVX512
     {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
      avx512::gather_sum, avx512::pair_transform,
      avx512::lanes, avx512::max_vectors, avx512::fuses_grad_input},
+#endif
+#ifdef CT_WITH_AVX2
     {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
      avx2::gather_sum, avx2::pair_transform,
      avx2::lanes, avx2::max_vectors, avx2::fuses_grad_input},
 #endif
+#ifdef CT_WITH_GENERIC
     {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
      generic::gather_sum, generic::pair_transform,
      generic::lanes, generic::max_vectors, generic::fuses_grad_input},
+#endif
 };
 const int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
 
@@ -796,6 +809,11 @@ PyMODINIT_FUNC PyInit__native() {
       current = &kIsas[i];
       break;
     }
+  }
+  if (!current) {  // built without `generic`, on a CPU that lacks the sets it has: the
+                   // package runs on its NumPy kernels (an ImportError is its signal)
+    PyErr_SetString(PyExc_ImportError, "_native: built for instruction sets this CPU lacks");
+    return nullptr;
   }
   PyObject* module = PyModule_Create(&kModule);
   arm();
