@@ -1,0 +1,125 @@
+"""The kernels' paths for the layers the random sweep found slow (thin, few-channel,
+multiplier, strided), forward and gradients, against the slow reference and PyTorch.
+
+Each class names the path the planner must take for it (so a test fails when a change
+routes the class elsewhere), then checks every algorithm the planner may pick for it, and
+both gradients, on small random draws of the class."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from reference import conv_transpose_ref
+
+import convtranspose as ct
+from convtranspose import _native_kernel as native
+from convtranspose import _plan, _vjp
+from convtranspose._api import spec_for
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel's paths")
+
+ALGORITHMS = ("native", "shift", "scatter", "direct", "indexed", "winograd")
+
+# name: (C_in, C_out, groups, kernel, stride, dilation)
+CLASSES = {
+    "depthwise-2ch": (2, 2, 2, 5, 1, 1),
+    "depthwise-16ch": (16, 16, 16, 3, 1, 1),
+    "depthwise-strided": (5, 5, 5, 3, 2, 1),
+    "multiplier-2": (6, 12, 6, 3, 2, 1),
+    "multiplier-3": (3, 9, 3, 4, 1, 1),
+    "few-in-large-k": (3, 8, 1, 7, 2, 1),
+    "one-in": (1, 3, 1, 4, 2, 1),
+    "thin-out": (9, 1, 1, 6, 2, 1),
+    "thin-both": (3, 3, 1, 3, 2, 1),
+    "stride-over-kernel": (4, 6, 1, 2, 3, 1),
+    "dilated-few": (3, 5, 1, 3, 2, 2),
+}
+
+
+def _draw(rng, ndim: int, c_in: int, c_out: int, groups: int, k: int, s: int, d: int):
+    spatial = tuple(int(rng.integers(3, 9)) for _ in range(ndim))
+    x = rng.standard_normal((int(rng.integers(1, 3)), *spatial, c_in))
+    w = rng.standard_normal((c_out, *(k,) * ndim, c_in // groups))
+    settings = dict(stride=s, padding=int(rng.integers(0, d * (k - 1) // 2 + 1)),
+                    dilation=d, output_padding=int(rng.integers(0, s)) if s > d else 0,
+                    groups=groups)
+    return x, w, settings
+
+
+def _torch_vjp(x, w, cot, settings):
+    ndim = x.ndim - 2
+    xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
+    wt = torch.from_numpy(ct.weight_to_torch(w, groups=settings["groups"])).requires_grad_(True)
+    y = getattr(torch.nn.functional, f"conv_transpose{ndim}d")(xt, wt, **settings)
+    gx, gw = torch.autograd.grad(y, (xt, wt), torch.from_numpy(np.moveaxis(cot, -1, 1).copy()))
+    return np.moveaxis(gx.numpy(), 1, -1), ct.weight_from_torch(gw.numpy(),
+                                                                groups=settings["groups"])
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_class_forward_every_algorithm(name, ndim, assert_close):
+    rng = np.random.default_rng(zlib.crc32(f"{name} {ndim}".encode()))
+    x, w, settings = _draw(rng, ndim, *CLASSES[name])
+    x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    ref = conv_transpose_ref(x, w, **settings)
+    bias = rng.standard_normal(w.shape[0]).astype(np.float32)
+    fn = getattr(ct, f"conv_transpose{ndim}d")
+    ran = []
+    for algorithm in ALGORITHMS:
+        try:
+            p = ct.plan(x.shape, w.shape, **settings, algorithm=algorithm)
+        except ValueError:
+            continue
+        assert_close(ct.run_plan(p, x32, w32), ref, np.float32, what=f"{name} {ndim}-D {algorithm}")
+        ran.append(algorithm)
+    assert "native" in ran
+    # The default plan with a bias, which the new paths add as they store.
+    assert_close(fn(x32, w32, **settings, bias=bias), ref + bias, np.float32, what=f"{name} bias")
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_class_gradients(name, ndim):
+    rng = np.random.default_rng(zlib.crc32(f"{name} {ndim} vjp".encode()))
+    x, w, settings = _draw(rng, ndim, *CLASSES[name])
+    out = ct.output_shape(x.shape, w.shape, **settings)
+    cot = rng.standard_normal(out)
+    gx, gw = getattr(ct, f"conv_transpose{ndim}d_vjp")(
+        x.astype(np.float32), w.astype(np.float32), cot.astype(np.float32), **settings)
+    rx, rw = _torch_vjp(x, w, cot, settings)
+    for got, want, what in ((gx, rx, "grad_input"), (gw, rw, "grad_weight")):
+        scale = np.abs(want).max() + 1e-12
+        assert np.abs(got - want).max() / scale < 2e-5, f"{name} {ndim}-D {what}"
+
+
+def _spec(name: str, ndim: int = 3, spatial: int = 12):
+    c_in, c_out, groups, k, s, d = CLASSES[name]
+    x = np.zeros((1, *(spatial,) * ndim, c_in), np.float32)
+    w = np.zeros((c_out, *(k,) * ndim, c_in // groups), np.float32)
+    spec, x, w = spec_for(ndim, x, w, s, 0, d, 0, groups)
+    return spec, x, w
+
+
+def test_the_paths_each_class_takes():
+    """The routing rules, so that the tests above cover the paths they are meant to."""
+    spec, *_ = _spec("multiplier-2")
+    assert _plan.expands_to_depthwise(spec) and _plan.native_mode(spec) == native.DEPTHWISE
+    for name in ("few-in-large-k", "one-in"):
+        spec, *_ = _spec(name)
+        p = ct.plan(spec.input_shape, spec.weight_shape, stride=spec.stride,
+                    dilation=spec.dilation, groups=spec.groups)
+        assert p.algorithm == "native" and p.wide_w, name
+    spec, *_ = _spec("dilated-few")  # dilation along W: pixels not consecutive
+    assert not _plan.fuses_w_taps(spec)
+    for name in ("thin-both", "one-in"):
+        spec, x, w = _spec(name)
+        c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
+        assert _vjp.grad_input_wide_w(spec), name
+        assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, spec.c_in),
+                                            c3, np.dtype(np.float32), 2) == _vjp.GW_WIDE, name
+    spec, *_ = _spec("depthwise-2ch")
+    assert _plan.native_mode(spec) == native.DEPTHWISE
