@@ -33,9 +33,12 @@ CLASSES = {
     "few-in-large-k": (3, 8, 1, 7, 2, 1),
     "one-in": (1, 3, 1, 4, 2, 1),
     "thin-out": (9, 1, 1, 6, 2, 1),
+    "thin-out-3": (16, 3, 1, 4, 2, 1),
     "thin-both": (3, 3, 1, 3, 2, 1),
     "stride-over-kernel": (4, 6, 1, 2, 3, 1),
     "dilated-few": (3, 5, 1, 3, 2, 2),
+    "grouped-few": (4, 34, 2, 5, 2, 1),
+    "grouped-thin-out": (12, 4, 4, 5, 2, 1),
 }
 
 
@@ -115,10 +118,10 @@ def test_the_paths_each_class_takes():
         assert p.algorithm == "native" and p.wide_w, name
     spec, *_ = _spec("dilated-few")  # dilation along W: pixels not consecutive
     assert not _plan.fuses_w_taps(spec)
-    for name in ("thin-both", "one-in"):
+    for name in ("thin-both", "one-in", "grouped-few", "grouped-thin-out"):
         spec, x, w = _spec(name)
         c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
-        assert _vjp.grad_input_wide_w(spec), name
+        assert _vjp.grad_input_wide_w(spec) == (spec.groups == 1), name
         assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, spec.c_in),
                                             c3, np.dtype(np.float32), 2) == _vjp.GW_WIDE, name
     spec, *_ = _spec("depthwise-2ch")

@@ -233,7 +233,9 @@ def _native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...]
     channels they make the kernel write whole output rows in order. Needs groups == 1,
     where each output pixel's channels are one run."""
     sw = spec.stride[2]
-    if spec.groups != 1 or sw == 1:
+    # Channels mode only: dot mode takes at most four outputs (s_w * C_out would exceed
+    # them; a forced 'native' 16 -> 3 k4 s2 raised so) and depthwise one per channel.
+    if spec.groups != 1 or sw == 1 or native_mode(spec) != native.CHANNELS:
         return tuple((p,) for p in live)
     rows: dict[tuple, list[Phase]] = {}
     for p in live:

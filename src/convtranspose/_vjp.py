@@ -487,41 +487,50 @@ GW_WIDE = 3  # native_grad_weight_side: every W tap's columns in one run (grad_w
 def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
     """Whether grad_weight sums every W tap at once: with dilation 1 along W, input pixel
     i meets one run of kW * C_out cotangent values, so a (D, H) tap's sums over the pixels
-    are one product of x's C_in by that run (rounded up to whole vectors, the extra columns
-    dropped) where per tap C_out alone would fill part of a vector. Needs enough (tap,
-    column chunk) units to share among the threads."""
+    are one product of x's C_in/g by that run (rounded up to whole vectors, the extra
+    columns dropped) where per tap C_out/g alone would fill part of a vector. With groups
+    the run holds every group's channels: each group's product computes them all and
+    keeps its own (work times the groups, so up to four). Needs enough (tap, column
+    chunk) units to share among the threads."""
     lanes, _ = native.layout(cd.itemsize)
     cols = -(-spec.kernel[2] * spec.c_out // lanes) * lanes
-    return (spec.groups == 1 and spec.dilation[2] == 1 and spec.kernel[2] > 1
-            and spec.c_out < FUSE_W_BELOW_CHANNELS
+    few = spec.c_out < FUSE_W_BELOW_CHANNELS if spec.groups == 1 else spec.groups <= 4
+    return (few and spec.dilation[2] == 1 and spec.kernel[2] > 1
             and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, cd.itemsize)
             >= 2 * threads)
 
 
 def _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> None:
-    """grad_weight by `grad_weight_wide_w`: sums (kD * kH taps, C_in, columns) over a
-    W-padded cotangent, columns k * C_out + co, then laid out as gw (C_out, taps, C_in)."""
+    """grad_weight by `grad_weight_wide_w`: per conv group, sums (kD * kH taps, C_in/g,
+    columns) over a W-padded cotangent, columns k * C_out + co, then its own channels laid
+    out as gw (C_out, taps, C_in/g)."""
     kd, kh, kw = spec.kernel
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     lanes, _ = native.layout(cd.itemsize)
     cols = -(-kw * spec.c_out // lanes) * lanes
     padded, left = _padded_cotangent(spec, c3, cd, n_threads, -(-cols // spec.c_out))
     taps = kd * kh
-    part = native.aligned_empty((taps * spec.c_in * cols,), cd)
+    part = native.aligned_empty((groups * taps * cig * cols,), cd)
     units = native.gw_units(taps, cols, cd.itemsize)
     workers = min(n_threads * (2 if defer is not None else 1), units)
-    bounds = [units * j // workers for j in range(workers + 1)]
+    ranges = [(units * j // workers, units * (j + 1) // workers) for j in range(workers)]
     box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
-    calls: list = []
-    native.grad_weight(False, x3, 0, padded, 0, _wide_offsets(spec, left), spec.stride,
-                       part, box, cin=spec.c_in, cout=cols,
-                       units=[(bounds[j], bounds[j + 1]) for j in range(workers)],
-                       zero=True, strides=(cols, spec.c_in * cols), into=calls)
-    jobs = [native.Task((call,), keep=(part, padded)) for call in calls]
+    per_group = []
+    for g in range(groups):
+        calls: list = []
+        native.grad_weight(False, x3, g * cig, padded, 0, _wide_offsets(spec, left),
+                           spec.stride, part, box, cin=cig, cout=cols, units=ranges,
+                           zero=True, strides=(cols, cig * cols),
+                           part_offset=g * taps * cig * cols, into=calls)
+        per_group.append(calls)
+    jobs = [native.Task(tuple(calls[j] for calls in per_group), keep=(part, padded))
+            for j in range(workers)]
 
     def finish() -> None:
-        sums = part.reshape(taps, spec.c_in, cols)[:, :, :kw * spec.c_out]
-        sums = sums.reshape(taps, spec.c_in, kw, spec.c_out)
-        gw.reshape(spec.c_out, taps, kw, spec.c_in)[...] = sums.transpose(3, 0, 2, 1)
+        sums = part.reshape(groups, taps, cig, cols)[..., :kw * spec.c_out]
+        sums = sums.reshape(groups, taps, cig, kw, groups, cog)
+        own = sums[np.arange(groups), :, :, :, np.arange(groups)]  # (G, taps, cig, kw, cog)
+        gw.reshape(groups, cog, taps, kw, cig)[...] = own.transpose(0, 4, 1, 3, 2)
 
     _run_or_defer(jobs, n_threads, finish, defer)
 

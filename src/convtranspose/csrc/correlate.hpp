@@ -684,6 +684,20 @@ static void for_each_row(const CtJob& job, F&& f) {
 
 // Few output channels (a 16 -> 1 head): vectors run along the input channels instead,
 // P pixels x C_out accumulators, reduced across lanes once per output. Weight [tap][co][c].
+// The first n < lanes elements at p as a vector, zeros after them, reading none past them
+// (translation units with masked loads define CT_LOAD_FIRST_F/D).
+template <typename V, typename T>
+static inline V load_first(int64_t n, const T* p) {
+#ifdef CT_LOAD_FIRST_F
+  if constexpr (sizeof(T) == 4) return (V)CT_LOAD_FIRST_F(n, reinterpret_cast<const float*>(p));
+  else return (V)CT_LOAD_FIRST_D(n, reinterpret_cast<const double*>(p));
+#else
+  V v{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
 template <typename T, int CO>
 static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   typedef typename Vec<T>::v V;
@@ -733,12 +747,15 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
               }
             }
           }
-          if (full < cin) {  // channels past the last whole vector
+          if (full < cin) {  // channels past the last whole vector: one partial vector
+            // (a scalar chain per pixel ran latency-bound: 71 -> 1 at a third of PyTorch)
+            V wv[CO];
+            for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(cin - full, wt + o * cin + full);
 #pragma GCC unroll 16
             for (int p = 0; p < P; ++p) {
               if (p < a - w0 || p >= b - w0) continue;
-              for (int64_t c = full; c < cin; ++c)
-                for (int o = 0; o < CO; ++o) tail[p][o] += xb[p * pstride + c] * wt[o * cin + c];
+              const V xv = load_first<V>(cin - full, xb + p * pstride + full);
+              for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
             }
           }
         }
@@ -1036,7 +1053,10 @@ static void run_mode(const CtJob& job) {
   const int64_t* lo = wr.lo.data();
   const int64_t* hi = wr.hi.data();
   if (job.mode == CT_MODE_DEPTHWISE) {
-    if (job.step[2] == 1 && job.xs[3] == job.cout)
+    // Few channels along the flat index; many along the channels, where each weight
+    // vector serves four pixels.
+    constexpr int L = CT_VBYTES / sizeof(T);
+    if (job.step[2] == 1 && job.xs[3] == job.cout && job.cout < 4 * L)
       return depthwise_flat_rows<T>(job, lo, hi);
     return depthwise_rows<T>(job, lo, hi);
   }

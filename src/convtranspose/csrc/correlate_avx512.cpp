@@ -35,6 +35,9 @@ static inline void ct_stream(double* d, const double* s) { _mm512_stream_pd(d, _
 static inline unsigned ct_opaque(unsigned m) { __asm__("" : "+r"(m)); return m; }
 #define CT_MASKZ_LOAD_F(valid, p) _mm512_maskz_loadu_ps((__mmask16)ct_opaque(0u - (valid)), p)
 #define CT_MASKZ_LOAD_D(valid, p) _mm512_maskz_loadu_pd((__mmask8)ct_opaque(0u - (valid)), p)
+// The first n (0-15 / 0-7) elements at p, zeros after them (lanes past n are not read).
+#define CT_LOAD_FIRST_F(n, p) _mm512_maskz_loadu_ps((__mmask16)((1u << (n)) - 1), p)
+#define CT_LOAD_FIRST_D(n, p) _mm512_maskz_loadu_pd((__mmask8)((1u << (n)) - 1), p)
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define CT_F16_LOAD(dst, src) _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))))
 #include "correlate.hpp"
