@@ -7,6 +7,10 @@
 
 #include "../src/convtranspose/csrc/correlate_api.h"
 
+// The kernel asks this thread's stop (Ctrl-C) between runs of rows; module.cpp, which
+// defines it, is not linked here: none.
+__thread CtStop* ct_stop = nullptr;
+
 template <typename T>
 static int check(int64_t cin, int64_t cout) {
   const int64_t W = 11, K = 3, WO = W - K + 1;
