@@ -298,7 +298,11 @@ def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
         return False
     # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input
     # (C_out = 1, modelled 32) takes 2.5 ms here against 4.4 ms through a GEMM.
-    return mode in (native.CHANNELS, native.DOT) and native_rate(swapped) >= 20e9
+    # (Modelled at AVX-512's 16 float32 lanes: the bar scales with the vectors, as the
+    # GEMM paths' rate does.)
+    lanes = native.layout(4)[0]
+    return (mode in (native.CHANNELS, native.DOT)
+            and native_rate(swapped) >= 20e9 * lanes / 16)
 
 
 @functools.lru_cache(maxsize=64)  # a table is taps x C_in/g int64: bounded memory
