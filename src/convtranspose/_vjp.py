@@ -465,7 +465,8 @@ def _padded_cotangent(spec, c3, cd, threads, reach: int) -> tuple[np.ndarray, in
     return padded, left
 
 
-def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:
+@functools.lru_cache(maxsize=256)  # prepared calls hold the arrays' addresses only: the
+def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:  # cache keeps them alive
     """The tap offsets of a W-padded cotangent read with one W tap (its run's start)."""
     base = _tap_offsets(spec)
     return native.TapOffsets([base[0], base[1], np.array([left - spec.padding[2]])])
