@@ -132,3 +132,21 @@ def test_the_paths_each_class_takes():
                                             c3, np.dtype(np.float32), 2) == _vjp.GW_WIDE, name
     spec, *_ = _spec("depthwise-2ch")
     assert _plan.native_mode(spec) == native.DEPTHWISE
+
+
+def test_grouped_wide_grad_weight_beside_grad_input_on_one_thread():
+    """The queue of both gradients on one thread, grad_weight's tasks first: their tap
+    offsets must outlive the Python call that prepared them (they were freed, and grad_input's
+    arrays took their memory: every sum wrong)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, 6, 7, 76)).astype(np.float32)
+    w = rng.standard_normal((4, 5, 5, 5, 19)).astype(np.float32)
+    spec, x, w = spec_for(3, x, w, 2, 2, 1, 0, 4)
+    cot = rng.standard_normal((1, *spec.out_spatial, 4)).astype(np.float32)
+    assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, 76),
+                                        cot.reshape(1, *spec.out_spatial, 4),
+                                        np.dtype(np.float32), 1) == _vjp.GW_WIDE
+    want = _vjp.vjp_arrays(spec, x, w, cot, algorithm="gather")[1]
+    for threads in (1, 2):
+        got = _vjp.vjp_arrays(spec, x, w, cot, threads=threads)[1]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
