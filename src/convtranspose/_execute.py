@@ -785,6 +785,20 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
 
 
+def padded_along_w(a: np.ndarray, left: int, width: int, dtype: np.dtype,
+                   threads: int) -> np.ndarray:
+    """a (N, D, H, W, C) in `dtype`, `left` zeros before each row and zeros after it up to
+    `width`: the input that a run of W taps read as one (`_wide_w`, and the gradients'
+    W-padded cotangent) never leaves. Copied item by item on the threads."""
+    n, d, h, w, c = a.shape
+    padded = result_empty((n, d, h, width, c), dtype)
+    padded[:, :, :, :left] = 0
+    padded[:, :, :, left + w:] = 0
+    run_jobs([functools.partial(np.copyto, padded[i, :, :, left:left + w], a[i],
+                                casting="unsafe") for i in range(n)], threads)
+    return padded
+
+
 def _wide_w(spec, groups, x3, w3, threads):
     """Fused W taps (`_plan.fuses_w_taps`): the input padded along W with zeros, in the
     compute dtype; per phase group, its phases with one W tap (k: the phase's index in
@@ -792,12 +806,8 @@ def _wide_w(spec, groups, x3, w3, threads):
     that tap weighs, zeros where a phase has no tap at some offset; and per group the
     kernel's (input dims, channels summed per tap)."""
     left, width, per_group = wide_w_geometry(spec, groups)
-    n, in_d, in_h, in_w = spec.batch, *spec.in_spatial
-    padded = result_empty((n, in_d, in_h, width, spec.c_in), spec.compute_dtype)
-    padded[:, :, :, :left] = 0
-    padded[:, :, :, left + in_w:] = 0
-    run_jobs([functools.partial(np.copyto, padded[i, :, :, left:left + in_w], x3[i],
-                                casting="unsafe") for i in range(n)], threads)
+    in_d, in_h = spec.in_spatial[:2]
+    padded = padded_along_w(x3, left, width, spec.compute_dtype, threads)
     w5 = w3.reshape(spec.c_out, *spec.kernel, spec.c_in)
     wide_groups, weights, kernel_args = [], [], []
     for group, (taps, first) in zip(groups, per_group):

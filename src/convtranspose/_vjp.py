@@ -46,7 +46,14 @@ import numpy as np
 from . import _native_kernel as native
 from ._api import ArrayLike, IntOrTuple, Padding, RecentCalls, _plain_ints, spec_for, unbatched
 from ._dtypes import compute_dtype, result_dtype
-from ._execute import _zero_outside, checkpoint, pair_input, pair_weight, run_jobs
+from ._execute import (
+    _zero_outside,
+    checkpoint,
+    padded_along_w,
+    pair_input,
+    pair_weight,
+    run_jobs,
+)
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
@@ -290,9 +297,9 @@ def grad_input_kernel_spec(spec: ConvSpec) -> ConvSpec:
 
 @functools.lru_cache(maxsize=256)  # a layer asks at every call: ~8 us of modelling
 def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
-    swapped = grad_input_kernel_spec(spec)
     if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:  # depthwise, against the
         return True  # direct path's NumPy multiply-adds: W7's grad_input 38 -> 12 ms
+    swapped = grad_input_kernel_spec(spec)
     mode = native_mode(swapped, False)
     if need_weight and math.prod(spec.stride) > 1:
         return False
@@ -456,13 +463,7 @@ def _padded_cotangent(spec, c3, cd, threads, reach: int) -> tuple[np.ndarray, in
     pad, in_w, out_w = spec.padding[2], spec.in_spatial[2], spec.out_spatial[2]
     left = max(0, pad)
     width = max(out_w + left, (in_w - 1) * spec.stride[2] - pad + reach + left)
-    n, od, oh = spec.batch, *spec.out_spatial[:2]
-    padded = result_empty((n, od, oh, width, spec.c_out), cd)
-    padded[:, :, :, :left] = 0
-    padded[:, :, :, left + out_w:] = 0
-    run_jobs([functools.partial(np.copyto, padded[i, :, :, left:left + out_w], c3[i],
-                                casting="unsafe") for i in range(n)], threads)
-    return padded, left
+    return padded_along_w(c3, left, width, cd, threads), left
 
 
 @functools.lru_cache(maxsize=256)  # prepared calls hold the arrays' addresses only: the
