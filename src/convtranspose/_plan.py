@@ -560,9 +560,10 @@ def wide_w_geometry(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]
         offsets = [t.offset for t in group[0].axis_taps[2]]
         per_group.append((max(offsets) - min(offsets) + 1, min(offsets)))
     left = max([0] + [-first for _, first in per_group])
-    reach = max([spec.in_spatial[2]] + [max(p.count[2] for p in g) + first + taps - 1 + left
-                                        for g, (taps, first) in zip(groups, per_group)])
-    return left, max(reach, spec.in_spatial[2] + left), tuple(per_group)
+    reach = max([spec.in_spatial[2] + left]  # the input itself, after its left padding
+                + [max(p.count[2] for p in g) + first + taps - 1 + left
+                   for g, (taps, first) in zip(groups, per_group)])
+    return left, reach, tuple(per_group)
 
 
 def wide_w_bytes(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]) -> int:
