@@ -233,9 +233,11 @@ def _native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...]
     channels they make the kernel write whole output rows in order. Needs groups == 1,
     where each output pixel's channels are one run."""
     sw = spec.stride[2]
-    # Channels mode only: dot mode takes at most four outputs (s_w * C_out would exceed
-    # them; a forced 'native' 16 -> 3 k4 s2 raised so) and depthwise one per channel.
-    if spec.groups != 1 or sw == 1 or native_mode(spec) != native.CHANNELS:
+    # Dot mode takes at most four outputs (a forced 'native' 16 -> 3 k4 s2, s_w * C_out = 6,
+    # raised so), depthwise one per channel.
+    mode = native_mode(spec)
+    if (spec.groups != 1 or sw == 1 or mode == native.DEPTHWISE
+            or mode == native.DOT and sw * spec.c_out > native.DOT_MAX_OUT):
         return tuple((p,) for p in live)
     rows: dict[tuple, list[Phase]] = {}
     for p in live:
