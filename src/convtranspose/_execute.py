@@ -12,6 +12,7 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
     Task,
+    Tile,
     bordered_slab,
     expands_to_depthwise,
     make_tasks,
@@ -475,65 +477,92 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task, bias=None):
 # --- native ------------------------------------------------------------------------------
 
 class _LazyWeights:
-    """One phase group's packed weights, packed by the first task that needs them: on the
-    workers, so that groups pack in parallel and overlap other groups' tiles (W3 packs
-    8 MiB: 2.6 ms of its 25 ms on one thread before any tile started). CHANNELS mode packs
-    through the kernel's packer, as a `native.once` that compiled-pool tasks name; the
-    other layouts through NumPy, under a lock."""
+    """One phase group's packed weights. CHANNELS mode's are packed by the first task that
+    needs them, as a `native.once` that compiled-pool tasks name: on the workers, so that
+    groups pack in parallel and overlap other groups' tiles (W3 packs 8 MiB: 2.6 ms of
+    its 25 ms on one thread before any tile started). The other layouts are small and
+    packed before any task starts (`once` None)."""
 
-    def __init__(self, arrays: list[np.ndarray], fills: list, once=None, keep=None) -> None:
+    def __init__(self, arrays: list[np.ndarray], once=None, keep=None) -> None:
         self.arrays = arrays
         self.once = once
         self.keep = keep  # what the once's calls read (they hold only addresses)
-        self._fills = fills
-        self._lock = threading.Lock()
 
     def get(self) -> list[np.ndarray]:
         if self.once is not None:
             native.Task((), once=self.once).run_here()
-        elif self._fills:
-            with self._lock:
-                for fill in self._fills:
-                    fill()
-                self._fills = []
         return self.arrays
 
 
-def _native_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
-                    mode: int, scratch: Scratch) -> _LazyWeights:
-    """The taps (D-major, then H, then W, as `axis_taps` orders them) packed for the
-    compiled kernel from w3 (C_out, kD, kH, kW, C_in/g), the phases of a merged W group
-    side by side along C_out (in residue order, as they lie in the output). One array per
-    conv group, or one for every channel of a depthwise layer. Packed lazily, by the
-    first worker that needs them, into memory taken from `scratch` here (it is not
-    thread-safe)."""
-    c_out, cig = w3.shape[0], w3.shape[-1]
-    cog = c_out // groups
+class _HashedOnce:
+    """A tuple that hashes once: a cache keyed by a layer's phase groups (64 at stride 4
+    in 3-D), asked once per group, rehashed every phase of every group each time."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: tuple) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _HashedOnce) and (self.value is other.value
+                                                   or self.value == other.value)
+
+
+def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode: int,
+                    scratch: Scratch) -> list[_LazyWeights]:
+    """Per phase group of `layer`, its taps (D-major, then H, then W, as `axis_taps` orders
+    them) packed for the compiled kernel from its weight w3s[i] (C_out, kD, kH, kW,
+    C_in/g), the phases of a merged W group side by side along C_out (in residue order,
+    as they lie in the output). One array per conv group, or one for every channel of a
+    depthwise layer, all in one block of `scratch` (taken here: it is not thread-safe).
+    CHANNELS mode packs lazily, by the first worker that needs a group; the other layouts
+    now, by one gather where the groups share a weight (a call of a strided layer has a
+    group per phase: 64 at stride 4 in 3-D, ~40 us each when packed one by one)."""
+    w3 = w3s[0]
+    item = w3.dtype.itemsize
+    cog = w3.shape[0] // groups
+    align = 64 // item  # each array on a cache line: the kernel loads whole vectors
     if mode == native.CHANNELS:  # gathered in one pass by the kernel's packer
-        if native.element_strides(w3) is None:
-            w3 = np.ascontiguousarray(w3)
-        strides = tuple(native.element_strides(w3))
-        arrays, packs = [], []
-        tables = _channels_tables(strides, group, groups, cog)
-        for table in tables:
-            out = scratch.empty(native.packed_size(table.shape[0], cig, table.shape[1],
-                                                   w3.dtype.itemsize), w3.dtype)
-            arrays.append(out)
-            native.fill_columns(w3, table, cig, strides[-1], out, into=packs)
-        return _LazyWeights(arrays, [], native.once(packs), keep=(w3, tables))
-    taps = group[0].tap_count
-    if mode == native.DEPTHWISE:  # [tap][channel]: every channel in one pass
-        arrays = [scratch.empty(taps * groups, w3.dtype)]
-    else:  # DOT, per conv group: [tap][co][c]
-        arrays = [scratch.empty(taps * len(group) * cog * cig, w3.dtype) for _ in range(groups)]
-    index = _small_layout_index(w3.shape, group, groups, mode)
-
-    def fill() -> None:
-        flat = np.ascontiguousarray(w3).reshape(-1)
-        for out, where in zip(arrays, index):
-            np.take(flat, where, out=out)
-
-    return _LazyWeights(arrays, [fill])
+        readable: dict[int, tuple] = {}  # per distinct weight: (itself or a copy, strides)
+        for w in w3s:
+            if id(w) not in readable:
+                r = w if native.element_strides(w) is not None else np.ascontiguousarray(w)
+                readable[id(w)] = (r, tuple(native.element_strides(r)))
+        w3s, strides = zip(*(readable[id(w)] for w in w3s))
+        lanes, _ = native.layout(item)
+        tables = [_channels_tables(st, layer, groups, cog)[i] for i, st in enumerate(strides)]
+        sizes = [[t.shape[0] * w.shape[-1] * -(-t.shape[1] // lanes) * lanes for t in per_group]
+                 for w, per_group in zip(w3s, tables)]
+        block = scratch.empty(sum(-(-n // align) * align for per in sizes for n in per),
+                              w3.dtype)
+        weights, at = [], 0
+        for w, st, per_group, per_size in zip(w3s, strides, tables, sizes):
+            arrays, packs = [], []
+            for table, n in zip(per_group, per_size):
+                arrays.append(block[at:at + n])
+                at += -(-n // align) * align
+                native.fill_columns(w, table, w.shape[-1], st[-1], arrays[-1], into=packs)
+            weights.append(_LazyWeights(arrays, native.once(packs), keep=(w, per_group)))
+        return weights
+    shared = all(w is w3 for w in w3s)
+    parts = ([_small_layout_index(w3.shape, layer, groups, mode)] if shared else
+             [_small_layout_index(w.shape, _HashedOnce((g,)), groups, mode)
+              for w, g in zip(w3s, layer.value)])
+    block = scratch.empty(sum(index.size for index, _ in parts), w3.dtype)
+    weights, at = [], 0
+    for w, (index, lengths) in zip(w3s if not shared else [w3], parts):
+        np.take(np.ascontiguousarray(w).reshape(-1), index, out=block[at:at + index.size])
+        for per_group in lengths:
+            arrays = []
+            for n in per_group:
+                arrays.append(block[at:at + n])
+                at += n
+            weights.append(_LazyWeights(arrays))
+    return weights
 
 
 def _small_layouts(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
@@ -552,42 +581,98 @@ def _small_layouts(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
     return [native.pack(wt[g], mode).ravel() for g in range(groups)]
 
 
-@functools.lru_cache(maxsize=16)  # a table is taps x C_out int64: bounded memory
-def _channels_tables(strides: tuple[int, ...], group: tuple[Phase, ...], groups: int,
-                     cog: int) -> list[np.ndarray]:
-    """Per conv group, the pack table of CHANNELS mode for a weight of these element
-    strides: (taps, phases * C_out/g) offsets of each tap's [co, k, 0]. Cached: building
-    it took ~15 us per phase group and call (W4 has eight)."""
+@functools.lru_cache(maxsize=16)  # a layer's tables hold taps x C_out int64: bounded
+def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
+                     cog: int) -> list[list[np.ndarray]]:
+    """Per phase group of a layer and per conv group, the pack table of CHANNELS mode for
+    a weight of these element strides: (taps, phases * C_out/g) offsets of each tap's
+    [co, k, 0]. Cached per layer: building one took ~15 us per phase group and call, and
+    a cache per phase group thrashed on layers of more groups than it held (stride 4 in
+    3-D: 64)."""
     s_co, s_d, s_h, s_w, _ = strides
-    tap_start = np.stack([  # (phases, taps): element offset of each tap's [0, k, 0]
-        np.add.outer(np.add.outer([t.k * s_d for t in kd], [t.k * s_h for t in kh]),
-                     [t.k * s_w for t in kw]).ravel()
-        for kd, kh, kw in (p.axis_taps for p in group)])
-    taps = tap_start.shape[1]
     column = np.arange(cog) * s_co
-    tables = []
-    for g in range(groups):
-        table = np.ascontiguousarray(
-            (tap_start[:, :, None] + column + g * cog * s_co).transpose(1, 0, 2)
-            .reshape(taps, -1), np.int64)
-        table.flags.writeable = False  # shared by every call with these strides
-        tables.append(table)
-    return tables
+    layer_tables = []
+    for group in layer.value:
+        tap_start = np.stack([  # (phases, taps): element offset of each tap's [0, k, 0]
+            np.add.outer(np.add.outer([t.k * s_d for t in kd], [t.k * s_h for t in kh]),
+                         [t.k * s_w for t in kw]).ravel()
+            for kd, kh, kw in (p.axis_taps for p in group)])
+        taps = tap_start.shape[1]
+        tables = []
+        for g in range(groups):
+            table = np.ascontiguousarray(
+                (tap_start[:, :, None] + column + g * cog * s_co).transpose(1, 0, 2)
+                .reshape(taps, -1), np.int64)
+            table.flags.writeable = False  # shared by every call with these strides
+            tables.append(table)
+        layer_tables.append(tables)
+    return layer_tables
 
 
-@functools.lru_cache(maxsize=128)
-def _small_layout_index(shape: tuple[int, ...], group: tuple[Phase, ...], groups: int,
-                        mode: int) -> list[np.ndarray]:
-    """Where each packed element comes from in a C-contiguous weight of `shape`: the
-    layout computed once on the indices, so that a call packs with one take per conv
-    group (the NumPy indexing took 15-20 us per phase group and call)."""
-    return _small_layouts(np.arange(math.prod(shape)).reshape(shape), group, groups, mode)
+@functools.lru_cache(maxsize=8)  # an index holds as many int64 as the weight: bounded
+def _small_layout_index(shape: tuple[int, ...], layer: _HashedOnce, groups: int,
+                        mode: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Where each packed element of every phase group of `layer` comes from in a
+    C-contiguous weight of `shape`, groups one after the other (the layout computed once
+    on the indices: a call then packs with one take), and each group's array lengths."""
+    indices = np.arange(math.prod(shape)).reshape(shape)
+    per_group = [_small_layouts(indices, group, groups, mode) for group in layer.value]
+    index = np.concatenate([a for arrays in per_group for a in arrays])
+    index.flags.writeable = False
+    return index, [[a.size for a in arrays] for arrays in per_group]
 
 
 @functools.lru_cache(maxsize=256)
 def _native_offsets(phase: Phase) -> native.TapOffsets:
     """Per axis, the input offset of each tap, in `axis_taps` order (the packed order)."""
     return native.TapOffsets([t.offset for t in axis] for axis in phase.axis_taps)
+
+
+class _TileGeometry(NamedTuple):
+    """What a native tile hands the kernel besides addresses: a pure function of the
+    plan's task and the output's layout, cached, since a call of a strided layer has a
+    tile per phase (64 at stride 4 in 3-D) and working it out took ~40 us a tile."""
+
+    out_offset: int  # bytes from the output's first element to the tile's first position
+    out_strides: list  # element strides (n, d, h, w) of the tile's positions
+    box: tuple[int, int, int, int, int, int]
+    wcount: int
+    in_dims: tuple[int, ...]
+    steps: tuple[int, int, int]
+    pair_out: int
+    cin: int  # input channels the kernel sums per conv group (taps_w * C_in/g when wide)
+    cout: int  # output channels per conv group (s_w * C_out/g for a merged W group)
+    input_rows: tuple[tuple[int, int], tuple[int, int]]  # `native_input_box`
+
+
+@functools.lru_cache(maxsize=4096)  # a few hundred bytes an entry
+def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | None,
+                   wide: tuple | None, out_shape: tuple, out_strides: tuple,
+                   out_item: int) -> _TileGeometry:
+    """The tile's positions in the output as a strided view of it (every W residue of a
+    merged group: whole rows), and what the kernel reads."""
+    phase = group[0]
+    n0, n1 = tile.n
+    (a, b), (e, f) = tile.d, tile.h
+    qw = phase.count[2]
+    first_d = 2 * a if pairs else phase.residue[0] + a * spec.stride[0]
+    step_d = 1 if pairs else spec.stride[0]
+    # a merged W group's position holds every residue's channels: whole rows, in steps of
+    # len(group) positions
+    step_w = len(group) if len(group) > 1 else spec.stride[2]
+    first = (n0, first_d, phase.residue[1] + e * spec.stride[1],
+             0 if len(group) > 1 else phase.residue[2])
+    es = [st // out_item for st in out_strides[:4]]
+    offset = sum(i * st for i, st in zip(first, es)) * out_item
+    strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * step_w]
+    in_dims, steps, pair_out = ((pairs, (4, 1, 1), spec.out_spatial[0]) if pairs
+                                else (spec.in_spatial, (1, 1, 1), 0))
+    cig = spec.c_in_per_group
+    if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
+        in_dims, cig = wide
+    return _TileGeometry(offset, strides, (n0, n1, a, b, e, f), qw, in_dims, steps, pair_out,
+                         cig, spec.c_out_per_group * len(group),
+                         native_input_box(spec, phase, tile))
 
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
@@ -600,43 +685,23 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
     group writes s_w * C_out channels per position of its first residue. `pairs`: a
     ``winograd`` tile, (V's dims) read at D step 4: its rows are output pairs along D.
     `bias`: None, or the group's `native.bias_table`, added by the kernel as it stores."""
-    groups, cig = spec.groups, spec.c_in_per_group
-    cog = spec.c_out_per_group * len(group)
-    phase, tile = group[0], task.tile
-    n0, n1 = tile.n
-    a, b = tile.d
-    e, f = tile.h
-    nn, nh, qw = n1 - n0, f - e, phase.count[2]
+    groups = spec.groups
+    geo = _tile_geometry(spec, group, task.tile, pairs, wide, out.shape, out.strides,
+                         out.dtype.itemsize)
+    cig, cog, box, qw = geo.cin, geo.cout, geo.box, geo.wcount
     item = spec.compute_dtype.itemsize
-    rows_d = (slice(2 * a, min(2 * b, spec.out_spatial[0])) if pairs
-              else _strided(phase.residue[0], spec.stride[0], a, b))
-    view = out[n0:n1, rows_d, _strided(phase.residue[1], spec.stride[1], e, f),
-               _strided(phase.residue[2], spec.stride[2], 0, qw)]
-    if len(group) > 1:  # the positions of every W residue: whole output rows
-        view = out[n0:n1, rows_d, _strided(phase.residue[1], spec.stride[1], e, f),
-                   :qw * len(group)]
-        view = view.reshape(nn, -1, nh, qw, cog)
-    in_dims, steps, pair_out = ((pairs, (4, 1, 1), spec.out_spatial[0]) if pairs
-                                else (spec.in_spatial, (1, 1, 1), 0))
-    if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
-        in_dims, cig = wide
     # float16 and bfloat16 the kernel rounds as it stores; anything else goes through a
     # block of the compute dtype.
     out_half = native.half_kind(out.dtype)
     round_output = out.dtype != spec.compute_dtype and not out_half
     stream = not round_output and streams_output(out.nbytes)
-    (d0, d1), (h0, h1) = native_input_box(spec, phase, tile)
-    in_w = spec.in_spatial[2]
-    box = (n0, n1, a, b, e, f)
     # Reading and writing in place, the tile's rows are claimed through the kernel's
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
     cursors = native.RowCursors(groups, 1 if convert_input or round_output else threads)
     b_addr = bias.ctypes.data if bias is not None else 0
 
-    def calls(packed, x_addr, xs, target, into=None) -> None:
-        o_addr, os_ = native.origin(target)
-        out_item = target.dtype.itemsize
+    def calls(packed, x_addr, xs, o_addr, os_, out_item, into=None) -> None:
         if mode == native.DEPTHWISE:
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
@@ -644,36 +709,46 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
         else:
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
-                                 in_dims, packed[g], offsets, steps,
+                                 geo.in_dims, packed[g], offsets, geo.steps,
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog,
                                  cursors.address(g), cursors.sharers, into=into,
-                                 pair_out=pair_out, bias=b_addr and b_addr + g * cog * item)
+                                 pair_out=geo.pair_out, bias=b_addr and b_addr + g * cog * item)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []
-        if weights.once is None:
-            weights.get()  # NumPy-packed layouts: now, on this thread (they are small)
-        calls(weights.arrays, *x_origin, view, prepared)
+        calls(weights.arrays, *x_origin, native.address(out) + geo.out_offset,
+              geo.out_strides, out.dtype.itemsize, prepared)
         return native.Task(tuple(prepared), cursors.sharers > 1, weights.once,
                            (cursors, weights, bias))
 
     def job(buf):
         packed = weights.get()
         used = 0
+        n0, n1 = task.tile.n
+        (d0, d1), (h0, h1) = geo.input_rows
         if convert_input:
-            slab = buf[:nn * (d1 - d0) * (h1 - h0) * in_w * spec.c_in]
-            slab = slab.reshape(nn, d1 - d0, h1 - h0, in_w, spec.c_in)
+            in_w = spec.in_spatial[2]
+            slab = buf[:(n1 - n0) * (d1 - d0) * (h1 - h0) * in_w * spec.c_in]
+            slab = slab.reshape(n1 - n0, d1 - d0, h1 - h0, in_w, spec.c_in)
             slab[...] = x3[n0:n1, d0:d1, h0:h1]
             used = slab.size
             x_addr, xs = native.origin(slab, (n0, d0, h0))  # it holds every row read
         else:
             x_addr, xs = x_origin
-        target = view
-        if round_output:
+        if round_output:  # the tile's positions (out is C-contiguous: `execute` made it),
+            # through a block of the compute dtype
+            rows_d = (min(2 * box[3], spec.out_spatial[0]) - 2 * box[2] if pairs
+                      else box[3] - box[2])
+            view = np.lib.stride_tricks.as_strided(
+                out.reshape(-1)[geo.out_offset // out.dtype.itemsize:],
+                (n1 - n0, rows_d, box[5] - box[4], qw, spec.c_out * len(group)),
+                [st * out.dtype.itemsize for st in (*geo.out_strides, 1)])
             target = buf[used:used + view.size].reshape(view.shape)
-        calls(packed, x_addr, xs, target)
-        if round_output:
+            calls(packed, x_addr, xs, *native.origin(target), target.dtype.itemsize)
             view[...] = target
+        else:
+            calls(packed, x_addr, xs, native.address(out) + geo.out_offset, geo.out_strides,
+                  out.dtype.itemsize)
 
     return Shared(job) if cursors.sharers > 1 else job
 
@@ -762,8 +837,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     if plan.wide_w:
         x3, group_weights, groups, wide = _wide_w(spec, plan.groups, x3, w3, plan.threads)
     channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
-    weights = [_native_weights(wg, g, channels, mode, scratch)
-               for wg, g in zip(group_weights, groups)]
+    weights = _native_weights(group_weights, _HashedOnce(groups), channels, mode, scratch)
     tasks = plan.tasks
     convert = not native.reads_in_place(x3, spec.compute_dtype)
     if convert and native_whole_input_fits(spec, plan.workspace_limit):
@@ -874,8 +948,8 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
     pairs = pair_count(spec)
     v = pair_input(x3, base, pairs, plan.threads)
     u = pair_weight(w3, order)
-    weights = [_native_weights(u, g, spec.groups, native.CHANNELS, scratch)
-               for g in plan.groups]
+    weights = _native_weights([u] * len(plan.groups), _HashedOnce(plan.groups), spec.groups,
+                              native.CHANNELS, scratch)
     offsets = [_native_offsets(g[0]) for g in plan.groups]
     v_origin = native.origin(v.reshape(n, 4 * pairs, h, w, c))
     biases = _bias_tables(plan, bias)
