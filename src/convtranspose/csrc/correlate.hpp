@@ -698,74 +698,105 @@ static inline V load_first(int64_t n, const T* p) {
 #endif
 }
 
+// P pixels by CO outputs of dot mode: P * CO accumulators and CO weight vectors in
+// registers (the input vector is the multiply-add's memory operand).
+template <int CO> struct DotBlock {
+  static constexpr int P = CT_NREGS == 32 ? (CO == 1 ? 16 : CO == 2 ? 8 : 4)
+                                          : (CO == 1 ? 12 : CO == 2 ? 6 : CO == 3 ? 4 : 3);
+};
+
+// One tap of dot mode into the P x CO sums: pixels p in [pa, pb) of the block at xb.
+// A whole block sweeps the channels once, each weight vector serving P pixels, the pixels
+// reached by stepping one pointer (P pointers live at once spilled to the stack: 71 -> 1
+// s3 ran at 7 GFLOP/s). A partial block (a row's edges) points its other pixels at
+// `zeros` (`full` of them) and runs the same sweep: a test per pixel and vector, as
+// before, or a pixel at a time, kept its sums latency-bound.
+template <typename T, int CO, int P, typename V>
+static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const T* wt,
+                           int64_t cin, int64_t full, int64_t pa, int64_t pb,
+                           const T* zeros) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  if (pa == 0 && pb == P) {
+    for (int64_t c = 0; c < full; c += L) {
+      V wv[CO];
+#pragma GCC unroll 4
+      for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * cin + c);
+      const T* xp = xb + c;
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p, xp += pstride) {
+        const V xv = *reinterpret_cast<const U*>(xp);
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+      }
+    }
+  } else {  // pixels outside [pa, pb) read zeros: the same sweep, one pointer each
+    const T* xp[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) xp[p] = p >= pa && p < pb ? xb + p * pstride : zeros;
+    for (int64_t c = 0; c < full; c += L) {
+      V wv[CO];
+#pragma GCC unroll 4
+      for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * cin + c);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const V xv = *reinterpret_cast<const U*>(xp[p] + c);
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+      }
+    }
+  }
+  if (full < cin) {  // channels past the last whole vector: one partial vector
+    // (a scalar chain per pixel ran latency-bound: 71 -> 1 at a third of PyTorch)
+    V wv[CO];
+#pragma GCC unroll 4
+    for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(cin - full, wt + o * cin + full);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      if (p < pa || p >= pb) continue;
+      const V xv = load_first<V>(cin - full, xb + p * pstride + full);
+#pragma GCC unroll 4
+      for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+    }
+  }
+}
+
 template <typename T, int CO>
 static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   typedef typename Vec<T>::v V;
-  typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
-  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
+  constexpr int P = DotBlock<CO>::P;
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
   const int64_t pairs = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
   const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
+  const std::vector<T> zeros(full);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
       const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
       V acc[P][CO];
-      T tail[P][CO];
+#pragma GCC unroll 16
       for (int p = 0; p < P; ++p)
-        for (int o = 0; o < CO; ++o) { acc[p][o] = V{}; tail[p][o] = 0; }
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] = V{};
       for (int64_t q = 0; q < pairs; ++q) {
         if (!rows[q]) continue;
         for (int64_t k = 0; k < tw; ++k) {
           const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
           if (a >= b) continue;
-          const T* wt = wpk + (q * tw + k) * CO * cin;
-          const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3];
-          if (a == w0 && b == w0 + P) {  // every pixel of the block: unrolled
-            for (int64_t c = 0; c < full; c += L) {
-              V wv[CO];
-              for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * cin + c);
-#pragma GCC unroll 16
-              for (int p = 0; p < P; ++p) {
-                const V xv = *reinterpret_cast<const U*>(xb + p * pstride + c);
-                for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
-              }
-            }
-          } else {  // some pixels read outside the row: the same, masked (indices stay
-                    // compile-time constants, so the accumulators stay in registers)
-            const int64_t pa = a - w0, pb = b - w0;
-            for (int64_t c = 0; c < full; c += L) {
-#pragma GCC unroll 16
-              for (int p = 0; p < P; ++p) {
-                if (p < pa || p >= pb) continue;
-                const V xv = *reinterpret_cast<const U*>(xb + p * pstride + c);
-                for (int o = 0; o < CO; ++o)
-                  acc[p][o] += xv * *reinterpret_cast<const U*>(wt + o * cin + c);
-              }
-            }
-          }
-          if (full < cin) {  // channels past the last whole vector: one partial vector
-            // (a scalar chain per pixel ran latency-bound: 71 -> 1 at a third of PyTorch)
-            V wv[CO];
-            for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(cin - full, wt + o * cin + full);
-#pragma GCC unroll 16
-            for (int p = 0; p < P; ++p) {
-              if (p < a - w0 || p >= b - w0) continue;
-              const V xv = load_first<V>(cin - full, xb + p * pstride + full);
-              for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
-            }
-          }
+          dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
+                            pstride, wpk + (q * tw + k) * CO * cin, cin, full, a - w0, b - w0,
+                            zeros.data());
         }
       }
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         if (p >= np) continue;
-        for (int o = 0; o < CO; ++o)
-        {
-          const T value = hsum<V, T>(acc[p][o]) + tail[p][o] + (bias ? bias[o] : T(0));
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) {
+          const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
           store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
         }
       }
@@ -795,7 +826,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
-  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
+  constexpr int P = DotBlock<CO>::P;
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], pairs = job.ntaps[0] * job.ntaps[1], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
