@@ -132,6 +132,36 @@ def test_the_paths_each_class_takes():
                                             c3, np.dtype(np.float32), 2) == _vjp.GW_WIDE, name
     spec, *_ = _spec("depthwise-2ch")
     assert _plan.native_mode(spec) == native.DEPTHWISE
+    # one cotangent channel per group fans out to C_in/g inputs: a depthwise grad_input
+    spec, *_ = _spec("grouped-thin-out")
+    assert _plan.expands_to_depthwise(_vjp.grad_input_kernel_spec(spec))
+
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, shape", [
+    (16, 24, 3, 1, (2, 1700)),  # channels mode, sums through a row buffer
+    (3, 20, 4, 2, (1, 1900)),  # few input channels: sums in registers, W taps fused
+    (24, 2, 3, 2, (1, 1601)),  # dot mode
+    (16, 16, 3, 1, (1, 4, 2, 1000)),  # Winograd along D
+])
+def test_long_rows_run_in_pieces(c_in, c_out, k, stride, shape, assert_close):
+    """Rows longer than the kernel's run (a 1-D signal is one row) are computed a run of
+    pixels at a time: every run boundary, and each tap's reach across one, in place."""
+    rng = np.random.default_rng(c_in * 100 + c_out)
+    ndim = len(shape) - 1
+    x = rng.standard_normal((*shape, c_in))
+    w = rng.standard_normal((c_out, *(k,) * ndim, c_in))
+    settings = dict(stride=stride, padding=1)
+    ref = conv_transpose_ref(x, w, **settings)
+    ran = []
+    for algorithm in ("native", "winograd"):
+        try:
+            p = ct.plan(x.shape, w.shape, **settings, algorithm=algorithm)
+        except ValueError:
+            continue
+        got = ct.run_plan(p, x.astype(np.float32), w.astype(np.float32))
+        assert_close(got, ref, np.float32, what=f"{algorithm} {shape}")
+        ran.append(algorithm)
+    assert ran == (["native", "winograd"] if ndim == 3 else ["native"])
 
 
 def test_grouped_wide_grad_weight_beside_grad_input_on_one_thread():
