@@ -180,3 +180,24 @@ def test_grouped_wide_grad_weight_beside_grad_input_on_one_thread():
     for threads in (1, 2):
         got = _vjp.vjp_arrays(spec, x, w, cot, threads=threads)[1]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 3, 4, 7])
+def test_depthwise_grad_weight_of_few_channels_along_the_rows(channels, dtype):
+    """Depthwise grad_weight with fewer channels than a vector sums along each row's flat
+    pixel * channel index, whole steps of lanes * C values, then the rest one by one: rows
+    long enough for both, against PyTorch in float64."""
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((2, 4, 5, 90, channels))  # past `indexed`'s small calls
+    w = rng.standard_normal((channels, 3, 3, 5, 1))
+    settings = dict(stride=(2, 1, 1), padding=(1, 0, 2), dilation=1, output_padding=(1, 0, 0),
+                    groups=channels)
+    cot = rng.standard_normal(ct.output_shape(x.shape, w.shape, **settings))
+    spec, xs, ws = spec_for(3, x.astype(dtype), w.astype(dtype), settings["stride"],
+                            settings["padding"], 1, settings["output_padding"], channels)
+    assert not _plan.indexed_fits(spec)
+    _, gw = _vjp.vjp_arrays(spec, xs, ws, cot.astype(dtype), need_input=False)
+    _, want = _torch_vjp(x, w, cot, settings)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    assert np.abs(gw - want).max() / np.abs(want).max() < tol
