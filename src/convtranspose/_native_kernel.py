@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._dtypes import dtype_name
+from ._geometry import ceil_div
 
 try:
     from . import _native
@@ -45,7 +46,7 @@ def layout(itemsize: int) -> tuple[int, int]:
 def packed_size(taps: int, rows: int, cols: int, itemsize: int) -> int:
     """Elements of the CHANNELS layout of (taps, rows, cols): columns padded to vectors."""
     lanes, _ = layout(itemsize)
-    return taps * rows * (-(-cols // lanes) * lanes)
+    return taps * rows * (ceil_div(cols, lanes) * lanes)
 
 
 def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
@@ -58,7 +59,7 @@ def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
     for `once` or `Task`, instead of running it."""
     taps, cols = table.shape
     lanes, max_vectors = layout(w.dtype.itemsize)
-    padded = -(-cols // lanes) * lanes
+    padded = ceil_div(cols, lanes) * lanes
     assert out.size == taps * rows * padded and out.dtype == w.dtype
     assert table.dtype == np.int64 and table.flags.c_contiguous
     args = (w.dtype.itemsize, _native.address(w), _native.address(table), taps, cols, rows,
@@ -400,4 +401,4 @@ def fuses_grad_input(itemsize: int, cin: int, cout: int) -> bool:
 def gw_units(taps: int, columns: int, itemsize: int) -> int:
     """How many (tap, chunk of columns) units `grad_weight` splits its work into."""
     lanes, max_vectors = layout(itemsize)
-    return taps * -(-columns // (lanes * max_vectors))
+    return taps * ceil_div(columns, lanes * max_vectors)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._geometry import ceil_div
 from ._spec import ConvSpec
 
 
@@ -47,7 +48,7 @@ def input_range(out_start: int, out_stop: int, size: int, kernel: int, stride: i
     i*s lies in [out_start + p - d*(kernel-1), out_stop - 1 + p]. Clipped to [0, size);
     an empty range comes back as (i0, i0).
     """
-    lo = -(-(out_start + padding - dilation * (kernel - 1)) // stride)  # ceil division
+    lo = ceil_div(out_start + padding - dilation * (kernel - 1), stride)
     hi = (out_stop - 1 + padding) // stride + 1
     lo = min(max(0, lo), size)
     return lo, max(lo, min(size, hi))

@@ -11,13 +11,22 @@ import functools
 import math
 import numbers
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ._arrays import from_framework
 from ._dtypes import SUPPORTED, compute_dtype, dtype_name, is_supported_float, result_dtype
+
+# The public operations' names, which every message of theirs starts with.
+OP_NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
+VJP_NAMES = {ndim: f"{name}_vjp" for ndim, name in OP_NAMES.items()}
+
+# The settings' types in the public signatures.
+IntOrTuple = int | tuple[int, ...]
+# An int, one entry per spatial axis (an int or a (lo, hi) pair), "same" or "valid".
+Padding = int | tuple[int | tuple[int, int], ...] | str
 
 AXES = {1: "(N, W, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 WEIGHT_AXES = {1: "(C_out, kW, C_in/groups)", 2: "(C_out, kH, kW, C_in/groups)",
@@ -136,7 +145,7 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
     if value is None:
         raise TypeError(f"{op}: '{name}' must be an array, got None")
     if not isinstance(value, np.ndarray):
-        value = _from_framework(value)
+        value = from_framework(value)
     if not isinstance(value, np.ndarray):
         try:
             value = np.asarray(value)
@@ -153,30 +162,6 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
             f"{op}: '{name}' must have a floating dtype ({', '.join(SUPPORTED)}), got "
             f"{dtype_name(value.dtype)}; convert it first, e.g. x.astype(np.float32)")
     return value
-
-
-def _from_framework(value: Any) -> Any:
-    """CPU torch tensors and MLX arrays as ndarrays. Torch tensors are detached (we build no
-    autograd graph). bfloat16 is reinterpreted bit for bit through ml_dtypes, because NumPy
-    cannot read either framework's bfloat16 alone."""
-    module = type(value).__module__.split(".")[0]
-    if module == "torch" and hasattr(value, "detach"):
-        value = value.detach()
-        if str(value.dtype) == "torch.bfloat16":
-            return value.view(dtype=sys.modules["torch"].int16).numpy().view(_bfloat16())
-        return value.numpy()
-    if module == "mlx" and str(getattr(value, "dtype", "")) == "mlx.core.bfloat16":
-        return np.asarray(value.view(sys.modules["mlx.core"].uint16)).view(_bfloat16())
-    return value
-
-
-def _bfloat16() -> np.dtype:
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise TypeError("bfloat16 arrays need the ml_dtypes package: "
-                        "pip install 'convtranspose[bf16]'") from None
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 @functools.lru_cache(maxsize=1)
