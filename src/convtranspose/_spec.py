@@ -1,8 +1,15 @@
 """Arguments -> spec: normalise and validate a call once.
 
-Every error message a caller can see from a bad call is written here. Nothing downstream
-re-validates: a `ConvSpec` is a promise that the call is well formed and its output fits
-in memory.
+The errors of the call itself are written here: its arrays (rank, dtype, channels, groups),
+its settings (stride, padding, dilation, output_padding, output_size, groups, stream, bias)
+and an output too large for memory. Nothing downstream re-validates them: a `ConvSpec` is a
+promise that the call is well formed and its output fits in memory.
+
+Other messages live beside what they check: the options of a plan (`algorithm`, `workspace`,
+`threads`: `_plan`, `_vjp`), the cotangent (`_vjp`), the rank of a shape given to
+`output_shape` or `plan` and the arrays given to `run_plan` (`_api`), what
+only one front door takes (MLX streams and layers: `mlx`; Dask chunks: `dask`) and the
+weight converters (`_weights`).
 """
 
 from __future__ import annotations
@@ -235,7 +242,8 @@ def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tu
               stride: Any = 1, padding: Any = 0, dilation: Any = 1, output_padding: Any = 0,
               groups: Any = 1, input_dtype: Any = np.float32,
               weight_dtype: Any = np.float32, *, output_size: Any = None) -> ConvSpec:
-    """Validate one call and describe it; every caller-facing error comes from here.
+    """Validate one call and describe it; every error of its arrays and settings comes
+    from here.
 
     The settings are normalised to plain int tuples first (so that True or 2.0 can never
     pass for 1 or 2), then the rest is cached: a layer called again with the same shapes
