@@ -14,10 +14,12 @@ weight converters (`_weights`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -386,6 +388,29 @@ def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: t
 def full_size(size: int, kernel: int, stride: int, dilation: int) -> int:
     """Output length along one axis before any crop: (in - 1) * s + d * (k - 1) + 1."""
     return (size - 1) * stride + dilation * (kernel - 1) + 1
+
+
+def slab_spec(spec: ConvSpec, batch: int, in_spatial: Sequence[int], pad_lo: Sequence[int],
+              pad_hi: Sequence[int], input_dtype: Any, weight_dtype: Any) -> ConvSpec:
+    """The layer of `spec` (kernel, stride, dilation, groups) on a slab of its input, with
+    its own crops `pad_lo`/`pad_hi` (caller's rank; either may be negative): how `_slabs`
+    computes one output block. The crops come from its arithmetic, not from a caller, so
+    they skip the public arguments and their rules; only the output's size is checked."""
+    lift = 3 - spec.ndim
+    in3 = (1,) * lift + tuple(in_spatial)
+    lo3 = (0,) * lift + tuple(pad_lo)
+    hi3 = (0,) * lift + tuple(pad_hi)
+    out3 = tuple(full_size(n, k, s, d) - lo - hi for n, k, s, d, lo, hi in
+                 zip(in3, spec.kernel, spec.stride, spec.dilation, lo3, hi3))
+    if min(out3) <= 0:
+        raise ValueError(f"{spec.op}: crops lo={lo3}, hi={hi3} leave no output of a slab "
+                         f"{in3} (spatial size {out3})")
+    in_dt, w_dt = np.dtype(input_dtype), np.dtype(weight_dtype)
+    res_dt = result_dtype(in_dt, w_dt)
+    return dataclasses.replace(
+        spec, batch=batch, in_spatial=in3, pad_lo=lo3, pad_hi=hi3, out_spatial=out3,
+        input_dtype=in_dt, weight_dtype=w_dt, result_dtype=res_dt,
+        compute_dtype=compute_dtype(res_dt))
 
 
 def check_bias(op: str, bias: Any, spec: ConvSpec) -> np.ndarray | None:
