@@ -420,6 +420,30 @@ def test_bfloat16_results_round_like_ml_dtypes(c_out, groups, isa, rng):
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+def test_binding_fills_each_job_by_field_name():
+    """The binding (csrc/module.cpp) fills a job's C struct field by field from a dict of
+    its names: a missing field, a name the struct lacks, an array of the wrong length or a
+    value that is not an int is an error naming it; keys need not be interned."""
+    a = np.zeros(64, np.float32)
+    table = np.zeros((1, 4), np.int64)
+    pack = {"itemsize": 4, "src": native._native.address(a),
+            "table": native._native.address(table), "taps": 1, "cols": 4, "rows": 1,
+            "row_stride": 1, "padded": 16, "chunk": 16, "dst": native._native.address(a)}
+    assert native._native.pack_call(pack) is not None
+    built = {"".join(("ro", "ws")) if k == "rows" else k: v for k, v in pack.items()}
+    assert native._native.pack_call(built) is not None
+    with pytest.raises(TypeError, match="pack: missing field 'rows'"):
+        native._native.pack_call({k: v for k, v in pack.items() if k != "rows"})
+    with pytest.raises(TypeError, match="pack: unknown field 'colums'"):
+        native._native.pack_call({**pack, "colums": 4})
+    with pytest.raises(TypeError, match="pack: field 'taps' takes ints"):
+        native._native.pack_call({**pack, "taps": 1.0})
+    with pytest.raises(TypeError, match="takes a dict of the fields of a PackJob"):
+        native._native.pack_call(tuple(pack.values()))
+    with pytest.raises(TypeError, match="correlate: field 'xs' takes a tuple or list of 4"):
+        native._native.correlate_call({"itemsize": 4, "xs": (1, 2, 3)})
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("transposed,scattered", [(False, False), (True, False), (True, True)],
                          ids=["rows-contiguous", "rows-strided", "rows-strided-cols-permuted"])
