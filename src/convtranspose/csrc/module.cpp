@@ -233,13 +233,14 @@ const Isa* current = nullptr;
 
 // --- Jobs by name ---------------------------------------------------------------------------
 // Python describes a job as a dict keyed by the fields of its C struct (correlate_api.h),
-// e.g. correlate({"itemsize": 4, "mode": 0, "x": <address>, "xs": (n, d, h, w), ...}),
-// and each job's table below says where `fill` writes each field (offsetof), as XNNPACK
-// fills its operator contexts field by field. So a new field is one line in the struct,
-// one in its table and one key in Python; nothing is numbered. A missing field (one
-// without a default), a name the struct lacks, or a list of the wrong length is a
-// TypeError that names it. A dict rather than keyword arguments: Python builds a dict for
-// a call of more than 15 keywords anyway, and a vectorcall would turn it back into names.
+// e.g. correlate({"itemsize": 4, "mode": 0, "x": <address>, "xs": (n, d, h, w), ...}).
+// Each job's table below names its fields, and `fill` writes each one where its
+// declaration says (offsetof, its type and length), as XNNPACK fills its operator
+// contexts field by field. So a new field is one line in the struct, one in its table and
+// one key in Python; nothing is numbered. A missing field (one without a default), a name
+// the struct lacks, or a list of the wrong length is a TypeError that names it. A dict
+// rather than keyword arguments: Python builds a dict for a call of more than 15 keywords
+// anyway, and a vectorcall would turn it back into names (measured: slower).
 
 enum class Type { INT, I64, PTR };  // int, int64_t, an address (any pointer)
 
@@ -248,14 +249,44 @@ struct Field {
   Type type;
   size_t offset;        // in the struct
   int count;            // 1: one value; n > 1: an array field, given as n values
-  bool optional;        // absent: the default the parser set stays
+  bool optional;        // absent: the default its parser set stays
   PyObject* key;        // the name, interned at import (matched by pointer)
 };
 
-#define CT_FIELD(Struct, name, type, count) \
-  Field { #name, Type::type, offsetof(Struct, name), count, false, nullptr }
-#define CT_OPTIONAL(Struct, name, type, count) \
-  Field { #name, Type::type, offsetof(Struct, name), count, true, nullptr }
+// A member's Type and length, from its declaration: the tables name fields and cannot
+// disagree with the structs on either (a member of another type, say a bool, does not
+// compile until a Member says how Python gives it).
+template <typename T>
+struct Member;
+template <>
+struct Member<int> {
+  static constexpr Type type = Type::INT;
+  static constexpr int count = 1;
+};
+template <>
+struct Member<int64_t> {
+  static constexpr Type type = Type::I64;
+  static constexpr int count = 1;
+};
+template <typename T>
+struct Member<T*> {
+  static constexpr Type type = Type::PTR;
+  static constexpr int count = 1;
+};
+template <typename T, size_t N>
+struct Member<T[N]> {
+  static_assert(Member<T>::count == 1, "arrays of arrays are not fields");
+  static constexpr Type type = Member<T>::type;
+  static constexpr int count = static_cast<int>(N);
+};
+
+#define CT_MEMBER(Struct, name, optional)                                                    \
+  Field {                                                                                    \
+    #name, Member<decltype(Struct::name)>::type, offsetof(Struct, name),                     \
+        Member<decltype(Struct::name)>::count, optional, nullptr                             \
+  }
+#define CT_FIELD(Struct, name) CT_MEMBER(Struct, name, false)
+#define CT_OPTIONAL(Struct, name) CT_MEMBER(Struct, name, true)  // absent: the default stays
 
 // One value of field `f` into `where`; false with an error set.
 bool store_value(const char* what, const Field& f, PyObject* value, char* where) {
@@ -364,17 +395,13 @@ bool intern_keys(Field (&fields)[N]) {
 }
 
 Field kCorrelateFields[] = {
-    CT_FIELD(CtJob, itemsize, INT, 1),   CT_FIELD(CtJob, mode, INT, 1),
-    CT_FIELD(CtJob, out_half, INT, 1),   CT_FIELD(CtJob, stream_out, INT, 1),
-    CT_FIELD(CtJob, x, PTR, 1),          CT_FIELD(CtJob, xs, I64, 4),
-    CT_FIELD(CtJob, in_dims, I64, 3),    CT_FIELD(CtJob, w, PTR, 1),
-    CT_FIELD(CtJob, off, PTR, 3),        CT_FIELD(CtJob, ntaps, I64, 3),
-    CT_FIELD(CtJob, step, I64, 3),       CT_FIELD(CtJob, out, PTR, 1),
-    CT_FIELD(CtJob, os, I64, 4),         CT_FIELD(CtJob, box, I64, 6),
-    CT_FIELD(CtJob, wcount, I64, 1),     CT_FIELD(CtJob, cin, I64, 1),
-    CT_FIELD(CtJob, cout, I64, 1),       CT_OPTIONAL(CtJob, cursor, PTR, 1),
-    CT_OPTIONAL(CtJob, sharers, I64, 1), CT_OPTIONAL(CtJob, pair_out, I64, 1),
-    CT_OPTIONAL(CtJob, bias, PTR, 1),
+    CT_FIELD(CtJob, itemsize),    CT_FIELD(CtJob, mode),        CT_FIELD(CtJob, out_half),
+    CT_FIELD(CtJob, stream_out),  CT_FIELD(CtJob, x),           CT_FIELD(CtJob, xs),
+    CT_FIELD(CtJob, in_dims),     CT_FIELD(CtJob, w),           CT_FIELD(CtJob, off),
+    CT_FIELD(CtJob, ntaps),       CT_FIELD(CtJob, step),        CT_FIELD(CtJob, out),
+    CT_FIELD(CtJob, os),          CT_FIELD(CtJob, box),         CT_FIELD(CtJob, wcount),
+    CT_FIELD(CtJob, cin),         CT_FIELD(CtJob, cout),        CT_OPTIONAL(CtJob, cursor),
+    CT_OPTIONAL(CtJob, sharers),  CT_OPTIONAL(CtJob, pair_out), CT_OPTIONAL(CtJob, bias),
 };
 
 // correlate's fields (see _native_kernel.correlate) into a job; false with an error set.
@@ -424,18 +451,14 @@ PyObject* py_correlate(PyObject*, PyObject* spec) {
 }
 
 Field kGradWeightFields[] = {
-    CT_FIELD(GwJob, itemsize, INT, 1), CT_FIELD(GwJob, swapped, INT, 1),
-    CT_FIELD(GwJob, x, PTR, 1),        CT_FIELD(GwJob, xs, I64, 4),
-    CT_FIELD(GwJob, g, PTR, 1),        CT_FIELD(GwJob, gs, I64, 4),
-    CT_FIELD(GwJob, gdims, I64, 3),    CT_FIELD(GwJob, off, PTR, 3),
-    CT_FIELD(GwJob, ntaps, I64, 3),    CT_FIELD(GwJob, step, I64, 3),
-    CT_FIELD(GwJob, part, PTR, 1),     CT_FIELD(GwJob, pa, I64, 1),
-    CT_FIELD(GwJob, pt, I64, 1),       CT_FIELD(GwJob, unit0, I64, 1),
-    CT_FIELD(GwJob, unit1, I64, 1),    CT_FIELD(GwJob, zero, INT, 1),
-    CT_FIELD(GwJob, box, I64, 6),      CT_FIELD(GwJob, wcount, I64, 1),
-    CT_FIELD(GwJob, cin, I64, 1),      CT_FIELD(GwJob, cout, I64, 1),
-    CT_OPTIONAL(GwJob, gx, PTR, 1),    CT_OPTIONAL(GwJob, gxs, I64, 4),
-    CT_OPTIONAL(GwJob, w, PTR, 1),
+    CT_FIELD(GwJob, itemsize), CT_FIELD(GwJob, swapped),  CT_FIELD(GwJob, x),
+    CT_FIELD(GwJob, xs),       CT_FIELD(GwJob, g),        CT_FIELD(GwJob, gs),
+    CT_FIELD(GwJob, gdims),    CT_FIELD(GwJob, off),      CT_FIELD(GwJob, ntaps),
+    CT_FIELD(GwJob, step),     CT_FIELD(GwJob, part),     CT_FIELD(GwJob, pa),
+    CT_FIELD(GwJob, pt),       CT_FIELD(GwJob, unit0),    CT_FIELD(GwJob, unit1),
+    CT_FIELD(GwJob, zero),     CT_FIELD(GwJob, box),      CT_FIELD(GwJob, wcount),
+    CT_FIELD(GwJob, cin),      CT_FIELD(GwJob, cout),     CT_OPTIONAL(GwJob, gx),
+    CT_OPTIONAL(GwJob, gxs),   CT_OPTIONAL(GwJob, w),
 };
 
 // grad_weight's fields (see _native_kernel.grad_weight) into a job; false with an error
@@ -535,11 +558,10 @@ struct PackJob {
 };
 
 Field kPackFields[] = {
-    CT_FIELD(PackJob, itemsize, INT, 1), CT_FIELD(PackJob, src, PTR, 1),
-    CT_FIELD(PackJob, table, PTR, 1),    CT_FIELD(PackJob, taps, I64, 1),
-    CT_FIELD(PackJob, cols, I64, 1),     CT_FIELD(PackJob, rows, I64, 1),
-    CT_FIELD(PackJob, row_stride, I64, 1), CT_FIELD(PackJob, padded, I64, 1),
-    CT_FIELD(PackJob, chunk, I64, 1),    CT_FIELD(PackJob, dst, PTR, 1),
+    CT_FIELD(PackJob, itemsize),   CT_FIELD(PackJob, src),        CT_FIELD(PackJob, table),
+    CT_FIELD(PackJob, taps),       CT_FIELD(PackJob, cols),       CT_FIELD(PackJob, rows),
+    CT_FIELD(PackJob, row_stride), CT_FIELD(PackJob, padded),     CT_FIELD(PackJob, chunk),
+    CT_FIELD(PackJob, dst),
 };
 
 bool parse_pack(PyObject* spec, PackJob& a) {
@@ -569,13 +591,11 @@ PyObject* py_pack(PyObject*, PyObject* spec) {
 }
 
 Field kPairFields[] = {
-    CT_FIELD(PairJob, itemsize, INT, 1), CT_FIELD(PairJob, x, PTR, 1),
-    CT_FIELD(PairJob, xs, I64, 4),       CT_FIELD(PairJob, in_d, I64, 1),
-    CT_FIELD(PairJob, base, I64, 1),     CT_FIELD(PairJob, h, I64, 1),
-    CT_FIELD(PairJob, w, I64, 1),        CT_FIELD(PairJob, c, I64, 1),
-    CT_FIELD(PairJob, v, PTR, 1),        CT_FIELD(PairJob, pairs, I64, 1),
-    CT_FIELD(PairJob, n0, I64, 1),       CT_FIELD(PairJob, n1, I64, 1),
-    CT_FIELD(PairJob, j0, I64, 1),       CT_FIELD(PairJob, j1, I64, 1),
+    CT_FIELD(PairJob, itemsize), CT_FIELD(PairJob, x),        CT_FIELD(PairJob, xs),
+    CT_FIELD(PairJob, in_d),     CT_FIELD(PairJob, base),     CT_FIELD(PairJob, h),
+    CT_FIELD(PairJob, w),        CT_FIELD(PairJob, c),        CT_FIELD(PairJob, v),
+    CT_FIELD(PairJob, pairs),    CT_FIELD(PairJob, n0),       CT_FIELD(PairJob, n1),
+    CT_FIELD(PairJob, j0),       CT_FIELD(PairJob, j1),
 };
 
 // pair_transform's fields (see _native_kernel.pair_transform) into a job; false with an
