@@ -5,6 +5,10 @@ then never picks the ``native`` algorithm.
 The kernel computes, for one phase (see `_geometry`), every output element of a block in
 registers over all its taps and input channels, and stores it once. It reads the input
 where it lies (channels contiguous, any other strides) and writes the output in place.
+
+Each call hands the binding a dict of its job's fields by name, the names of the C structs
+in csrc/correlate_api.h (CtJob, GwJob, PairJob) and csrc/module.cpp (PackJob); the binding
+fills the struct field by field and says which field is missing or unknown.
 """
 
 import functools
@@ -62,7 +66,7 @@ def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
     padded = ceil_div(cols, lanes) * lanes
     assert out.size == taps * rows * padded and out.dtype == w.dtype
     assert table.dtype == np.int64 and table.flags.c_contiguous
-    job = {"itemsize": w.dtype.itemsize, "src": _native.address(w),  # PackJob (module.cpp)
+    job = {"itemsize": w.dtype.itemsize, "src": _native.address(w),  # PackJob's fields
            "table": _native.address(table), "taps": taps, "cols": cols, "rows": rows,
            "row_stride": row_stride, "padded": padded, "chunk": lanes * max_vectors,
            "dst": _native.address(out)}
@@ -209,7 +213,7 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     is the output pair (2d, 2d + 1), and output rows from `pair_out` on are not written.
     `bias`: 0, or the address of `cout` values of the compute dtype (readable in whole
     vectors past them: see `bias_table`), added to each output as it is stored."""
-    job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob, by field name
+    job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "out": out_addr, "os": out_strides, "box": box, "wcount": wcount,
@@ -241,7 +245,7 @@ def pair_transform(x_addr: int, x_strides: list[int], in_d: int, base: int,
     contiguous). v: C-contiguous (N, J, 4, H, W, C) of the compute dtype; fills batch items
     and pairs [lo, hi) of `items` and `pairs`. `into`: prepared for a `Task`."""
     assert v.flags.c_contiguous and v.shape[2:] == (4, *plane)
-    job = {"itemsize": v.dtype.itemsize, "x": x_addr, "xs": x_strides,  # PairJob
+    job = {"itemsize": v.dtype.itemsize, "x": x_addr, "xs": x_strides,  # PairJob's fields
            "in_d": in_d, "base": base, "h": plane[0], "w": plane[1], "c": plane[2],
            "v": _native.address(v), "pairs": v.shape[1], "n0": items[0], "n1": items[1],
            "j0": pairs[0], "j1": pairs[1]}
@@ -363,7 +367,7 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     `grad_input_offset` on; only where `fuses_grad_input`, swapped, over every unit."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
-    job = {"itemsize": item, "swapped": int(swapped),  # GwJob (csrc/correlate_api.h)
+    job = {"itemsize": item, "swapped": int(swapped),  # GwJob's fields
            "x": _native.address(x) + x_offset * item, "xs": element_strides(x)[:4],
            "g": _native.address(g) + g_offset * item, "gs": element_strides(g)[:4],
            "gdims": g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
