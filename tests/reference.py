@@ -1,6 +1,7 @@
 """A slow, obviously-correct reference for the transposed convolution (MLX semantics).
 
-It is the definition in DESIGN.md read literally, with nothing clever:
+It is the operator's definition (docs/NUMPY_USERS.md, "What a transposed convolution
+computes") read literally, with nothing clever:
 
     input position i and kernel tap k add into output position o = i*stride + k*dilation - padding
     (per spatial axis), kept when 0 <= o < out; group g maps input channels

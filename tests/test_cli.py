@@ -349,14 +349,14 @@ def test_torch_weight_layout(groups):
     rng = np.random.default_rng(0)
     c_out, cin_g = 2 * groups, 3
     w = rng.standard_normal((c_out, 2, 3, 1, cin_g)).astype(np.float32)
-    wt = _bench.torch_weight_from_ours(w, groups)
+    wt = convtranspose.weight_to_torch(w, groups)
     cout_g = c_out // groups
     assert wt.shape == (groups * cin_g, cout_g, 2, 3, 1) and wt.flags.c_contiguous
     for g in range(groups):
         for i in range(cin_g):
             for o in range(cout_g):
                 assert np.array_equal(wt[g * cin_g + i, o], w[g * cout_g + o, ..., i])
-    assert np.array_equal(_bench.ours_weight_from_torch(wt, groups), w)
+    assert np.array_equal(convtranspose.weight_from_torch(wt, groups), w)
 
 
 ONNX_SETTINGS = [
@@ -376,7 +376,7 @@ def test_onnx_model_equals_ours(setting):
     x, w = make_arrays(wl, np.float32, seed=7)
     ours = convtranspose.conv_transpose3d(x, w, **wl.settings)
     model = _bench.onnx_conv_transpose_model(
-        (2, c_in, 3, 4, 5), _bench.torch_weight_from_ours(w, g), wl.stride, wl.padding,
+        (2, c_in, 3, 4, 5), convtranspose.weight_to_torch(w, g), wl.stride, wl.padding,
         wl.dilation, wl.output_padding, g)
     sess = _bench.onnx_session(model, threads=1)
     got = sess.run(None, {"X": _bench.to_channels_first(x)})[0]

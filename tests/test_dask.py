@@ -349,6 +349,27 @@ def test_slab_blocks_cover_and_reproduce_every_setting(rng):
     assert checked > 500
 
 
+def test_slab_crops_go_through_the_spec_not_the_public_arguments(rng, monkeypatch):
+    """A block's crops (negative, or past the stride) are the slab arithmetic's own: no
+    rule of the public padding/output_padding arguments is asked about them."""
+    x = rng.uniform(-1, 1, (1, 7, 3)).astype(np.float32)
+    w = rng.uniform(-1, 1, (2, 3, 3)).astype(np.float32)
+    whole = ct.conv_transpose1d(x, w, 2, -2, 1, 3)
+    spec = make_spec("t", 1, x.shape, w.shape, 2, -2, 1, 3, 1, x.dtype, w.dtype)
+    blocks = _slabs.spec_blocks(spec, [[0, 5, 11, spec.out_spatial[-1]]])[0]
+    assert any(b.pad_lo < 0 or b.pad_hi < 0 for b in blocks)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a slab went through the public arguments")
+
+    monkeypatch.setattr("convtranspose._spec.make_spec", refused)
+    monkeypatch.setattr("convtranspose._spec.normalize_padding", refused)
+    monkeypatch.setattr("convtranspose._api._conv_transpose", refused)
+    for b in blocks:
+        got = _slabs.compute_block(spec, x[:, b.in_start:b.in_stop], w, [b])
+        np.testing.assert_allclose(got, whole[:, b.out_start:b.out_stop], atol=1e-5)
+
+
 def test_output_bounds_from_input():
     assert _slabs.output_bounds_from_input([3, 3, 4], 2, 1, 21) == [0, 5, 11, 21]
     assert _slabs.output_bounds_from_input([4], 2, 0, 8) == [0, 8]

@@ -15,8 +15,9 @@ What MLX cannot do on the CPU is checked as a fact where it matters, then worked
   lo = dilation*(k-1) - padding and hi = lo + output_padding per axis. Where lo or hi is
   negative (padding > dilation*(k-1), or output_padding < padding - dilation*(k-1)), MLX
   either raises or returns an output whose length disagrees with its own output-size
-  formula. There DESIGN.md's definition (the formula) is the one we follow and
-  tests/test_reference.py checks it; MLX is compared only where it follows its formula.
+  formula. There the definition (o = i*stride + k*dilation - padding, docs/NUMPY_USERS.md)
+  is the one we follow and tests/test_reference.py checks it; MLX is compared only where it
+  follows its formula.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def test_threads_sharing_tiles_hold_the_same_bits(case, rng, small_calls_threade
                                                   monkeypatch):
     # Tiles are shared by threads through the kernel's row cursor: three calls claiming
     # rows at once must compute each row once, and every row the same as one thread does.
-    from test_native import _three_calls_per_shared_tile
+    from test_native_threads import _three_calls_per_shared_tile
 
     x = rng.standard_normal(case.input_shape).astype(np.float32)
     w = rng.standard_normal(case.weight_shape).astype(np.float32)
@@ -254,7 +254,7 @@ def test_grad_input_pairs_switched_off_give_the_direct_bits(rng, monkeypatch):
 
 @pytest.mark.parametrize("need_weight", [False, True])
 def test_grad_input_pairs_shared_by_threads_hold_the_same_bits(need_weight, rng, monkeypatch):
-    from test_native import _three_calls_per_shared_tile
+    from test_native_threads import _three_calls_per_shared_tile
 
     from convtranspose import _vjp
     case = VJP_CASES[3]

@@ -6,8 +6,11 @@ import numpy as np
 
 from ._execute import execute
 from ._plan import Plan, get_num_threads, get_winograd, make_plan
+from ._spec import OP_NAMES as _NAMES
 from ._spec import (
     ConvSpec,
+    IntOrTuple,
+    Padding,
     as_float_array,
     check_bias,
     check_fits_in_memory,
@@ -15,12 +18,7 @@ from ._spec import (
     make_spec,
 )
 
-IntOrTuple = int | tuple[int, ...]
-# An int, one entry per spatial axis (an int or a (lo, hi) pair), "same" or "valid".
-Padding = int | tuple[int | tuple[int, int], ...] | str
 ArrayLike = Any
-
-_NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
 
 
 def spec_for(ndim: int, input: ArrayLike, weight: ArrayLike, stride: IntOrTuple = 1,

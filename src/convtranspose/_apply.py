@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ._geometry import ceil_div
 from ._slabs import AxisBlock, compute_block, even_bounds, spatial, spec_blocks
 from ._spec import ConvSpec, make_spec
 
@@ -314,7 +315,7 @@ class Job:
     @property
     def n_blocks(self) -> int:
         per = math.prod(len(a) for a in self.axis_blocks)
-        return per * -(-self.spec.batch // self.block[0])
+        return per * ceil_div(self.spec.batch, self.block[0])
 
 
 def _sha256(path: str) -> str:

@@ -36,7 +36,9 @@ import numpy as np
 import convtranspose
 
 from ._api import spec_for
+from ._arrays import from_framework, mlx_to_numpy
 from ._vjp import vjp_arrays
+from ._weights import weight_from_torch, weight_to_torch
 from ._workloads import DTYPES, Workload, make_arrays, make_cotangent, resolve_dtype
 from ._workloads import select_workloads as _select
 
@@ -316,28 +318,8 @@ def write_chart(rows: Sequence[BenchRow], peers: Sequence[str], path: str,
 
 
 # --------------------------------------------------------------------------------------------
-# Conversions between our channels-last layout and the peers' layouts
-
-
-def torch_weight_from_ours(w: np.ndarray, groups: int) -> np.ndarray:
-    """(C_out, *k, C_in/g) -> PyTorch/ONNX (C_in, C_out/g, *k), C-contiguous.
-
-    W_torch[g*Cin_g + i, o, *k] == W_ours[g*Cout_g + o, *k, i].
-    """
-    c_out, *k, cin_g = w.shape
-    nk = len(k)
-    v = w.reshape(groups, c_out // groups, *k, cin_g)
-    v = v.transpose(0, nk + 2, 1, *range(2, nk + 2))          # (G, Cin_g, Cout_g, *k)
-    return np.ascontiguousarray(v.reshape(groups * cin_g, c_out // groups, *k))
-
-
-def ours_weight_from_torch(w: np.ndarray, groups: int) -> np.ndarray:
-    """The inverse of `torch_weight_from_ours`: (C_in, C_out/g, *k) -> (C_out, *k, C_in/g)."""
-    c_in, cout_g, *k = w.shape
-    nk = len(k)
-    v = w.reshape(groups, c_in // groups, cout_g, *k)
-    v = v.transpose(0, 2, *range(3, nk + 3), 1)               # (G, Cout_g, *k, Cin_g)
-    return v.reshape(groups * cout_g, *k, c_in // groups)
+# Conversions between our channels-last layout and the peers' layouts (weights: the
+# library's own weight_to_torch/weight_from_torch; tensors to NumPy: _arrays)
 
 
 def to_channels_first(x: np.ndarray) -> np.ndarray:
@@ -448,13 +430,6 @@ def _np_to_torch(torch: Any, a: np.ndarray) -> Any:
     return torch.from_numpy(a)
 
 
-def _torch_to_np(t: Any) -> np.ndarray:
-    t = t.detach()
-    if t.dtype.is_floating_point and t.dtype.itemsize < 4:
-        t = t.float()  # numpy has no bfloat16; compare in float32
-    return t.numpy()
-
-
 # PyTorch's name of its contiguous layout, by spatial axes (the 'cl' variant is its channels
 # last, a zero-copy view of our array; 1-D has none).
 TORCH_FIRST = {1: "ncw", 2: "nchw", 3: "ncdhw"}
@@ -475,7 +450,7 @@ def torch_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | No
     nd = wl.ndim
     conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
     x_cl = _np_to_torch(torch, x).permute(0, nd + 1, *range(1, nd + 1))
-    wt = _np_to_torch(torch, torch_weight_from_ours(w, wl.groups))
+    wt = _np_to_torch(torch, weight_to_torch(w, wl.groups))
     groups = wl.groups
     formats = [(TORCH_FIRST[nd], torch.contiguous_format)]
     if nd > 1:
@@ -489,7 +464,7 @@ def torch_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | No
                 with torch.no_grad():
                     return conv(xt, wv, **kw)
 
-            runners[variant] = Runner(call, lambda y: np.moveaxis(_torch_to_np(y), 1, -1))
+            runners[variant] = Runner(call, lambda y: np.moveaxis(from_framework(y), 1, -1))
             continue
         xg = xt.detach().clone(memory_format=fmt).requires_grad_(True)
         wg = wv.detach().clone(memory_format=fmt).requires_grad_(True)
@@ -502,8 +477,7 @@ def torch_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | No
 
         def to_ours(res):
             gx, gw = res
-            return (np.moveaxis(_torch_to_np(gx), 1, -1),
-                    ours_weight_from_torch(_torch_to_np(gw), groups))
+            return np.moveaxis(from_framework(gx), 1, -1), weight_from_torch(gw, groups)
 
         runners[variant] = Runner(call, to_ours)
     return runners
@@ -520,7 +494,7 @@ def ort_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
         raise Unavailable("n/a (setting)")
     xt = to_channels_first(x)
     try:
-        model = onnx_conv_transpose_model(xt.shape, torch_weight_from_ours(w, wl.groups),
+        model = onnx_conv_transpose_model(xt.shape, weight_to_torch(w, wl.groups),
                                           wl.stride, wl.padding, wl.dilation,
                                           wl.output_padding, wl.groups)
         sess = onnx_session(model, threads)
@@ -544,9 +518,6 @@ def mlx_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
             return mx.array(a.astype(np.float32)).astype(mx.bfloat16)
         return mx.array(a)
 
-    def to_np(a: Any) -> np.ndarray:
-        return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
-
     xm, wm = to_mx(x), to_mx(w)
     one = wl.ndim == 1  # mx.conv_transpose1d takes ints, not tuples
     kw = {k: (v[0] if one else v) for k, v in wl.settings.items() if k != "groups"}
@@ -563,7 +534,7 @@ def mlx_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
             mx.eval(y)
             return y
 
-        return {"": Runner(call, to_np)}
+        return {"": Runner(call, mlx_to_numpy)}
     gm = to_mx(g)
 
     def call_vjp():
@@ -571,7 +542,7 @@ def mlx_runners(wl: Workload, x: np.ndarray, w: np.ndarray, g: np.ndarray | None
         mx.eval(gx, gw)
         return gx, gw
 
-    return {"": Runner(call_vjp, lambda r: (to_np(r[0]), to_np(r[1])))}
+    return {"": Runner(call_vjp, lambda r: (mlx_to_numpy(r[0]), mlx_to_numpy(r[1])))}
 
 
 def _ours(ndim: int, vjp: bool = False) -> Callable[..., Any]:

@@ -134,7 +134,7 @@ def _torch_layer(x: np.ndarray, w: np.ndarray, layer: Layer) -> dict[str, Any]:
     except ImportError:
         return {}
     x_cl = torch.from_numpy(x).permute(0, 4, 1, 2, 3)
-    w_t = torch.from_numpy(np.ascontiguousarray(w.transpose(4, 0, 1, 2, 3)))
+    w_t = torch.from_numpy(convtranspose.weight_to_torch(w))
     calls = {}
     for name, fmt in (("ncdhw", torch.contiguous_format), ("cl", torch.channels_last_3d)):
         xt, wt = x_cl.contiguous(memory_format=fmt), w_t.contiguous(memory_format=fmt)

@@ -15,6 +15,11 @@ import math
 from dataclasses import dataclass
 
 
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for ints, b > 0, exact at any size (no float)."""
+    return -(-a // b)
+
+
 @dataclass(frozen=True)
 class AxisTap:
     """Tap `k` of one axis, reading input `q + offset` for outputs q in [lo, hi)."""
@@ -38,7 +43,7 @@ def axis_phases(size: int, kernel: int, stride: int, padding: int, dilation: int
     outside the input are dropped: they would only multiply zeros)."""
     phases = []
     for r in range(stride):
-        count = max(0, -(-(out - r) // stride))
+        count = max(0, ceil_div(out - r, stride))
         taps = []
         for k in range(kernel):
             shift = r + padding - k * dilation

@@ -5,6 +5,10 @@ then never picks the ``native`` algorithm.
 The kernel computes, for one phase (see `_geometry`), every output element of a block in
 registers over all its taps and input channels, and stores it once. It reads the input
 where it lies (channels contiguous, any other strides) and writes the output in place.
+
+Each call hands the binding a dict of its job's fields by name, the names of the C structs
+in csrc/correlate_api.h (CtJob, GwJob, PairJob) and csrc/module.cpp (PackJob); the binding
+fills the struct field by field and says which field is missing or unknown.
 """
 
 import functools
@@ -14,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._dtypes import dtype_name
+from ._geometry import ceil_div
 
 try:
     from . import _native
@@ -45,7 +50,7 @@ def layout(itemsize: int) -> tuple[int, int]:
 def packed_size(taps: int, rows: int, cols: int, itemsize: int) -> int:
     """Elements of the CHANNELS layout of (taps, rows, cols): columns padded to vectors."""
     lanes, _ = layout(itemsize)
-    return taps * rows * (-(-cols // lanes) * lanes)
+    return taps * rows * (ceil_div(cols, lanes) * lanes)
 
 
 def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
@@ -58,15 +63,17 @@ def fill_columns(w: np.ndarray, table: np.ndarray, rows: int, row_stride: int,
     for `once` or `Task`, instead of running it."""
     taps, cols = table.shape
     lanes, max_vectors = layout(w.dtype.itemsize)
-    padded = -(-cols // lanes) * lanes
+    padded = ceil_div(cols, lanes) * lanes
     assert out.size == taps * rows * padded and out.dtype == w.dtype
     assert table.dtype == np.int64 and table.flags.c_contiguous
-    args = (w.dtype.itemsize, _native.address(w), _native.address(table), taps, cols, rows,
-            row_stride, padded, lanes * max_vectors, _native.address(out))
+    job = {"itemsize": w.dtype.itemsize, "src": _native.address(w),  # PackJob's fields
+           "table": _native.address(table), "taps": taps, "cols": cols, "rows": rows,
+           "row_stride": row_stride, "padded": padded, "chunk": lanes * max_vectors,
+           "dst": _native.address(out)}
     if into is not None:
-        into.append(_native.pack_call(*args))
+        into.append(_native.pack_call(job))
     else:
-        _native.pack(*args)
+        _native.pack(job)
 
 
 def aligned_empty(shape: int | tuple[int, ...], dtype) -> np.ndarray:
@@ -211,13 +218,16 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     is the output pair (2d, 2d + 1), and output rows from `pair_out` on are not written.
     `bias`: 0, or the address of `cout` values of the compute dtype (readable in whole
     vectors past them: see `bias_table`), added to each output as it is stored."""
-    args = (itemsize, mode, out_half, int(stream_out), x_addr, *x_strides, *in_dims,
-            _native.address(packed), *offsets.addresses, *offsets.counts, *steps,
-            out_addr, *out_strides, *box, wcount, cin, cout, cursor, sharers, pair_out, bias)
+    job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
+           "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
+           "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
+           "step": steps, "out": out_addr, "os": out_strides, "box": box, "wcount": wcount,
+           "cin": cin, "cout": cout, "cursor": cursor, "sharers": sharers,
+           "pair_out": pair_out, "bias": bias}
     if into is not None:
-        into.append(_native.correlate_call(*args))
+        into.append(_native.correlate_call(job))
     else:
-        _native.correlate(*args)
+        _native.correlate(job)
 
 
 def bias_table(bias: np.ndarray, repeats: int) -> np.ndarray:
@@ -240,12 +250,14 @@ def pair_transform(x_addr: int, x_strides: list[int], in_d: int, base: int,
     contiguous). v: C-contiguous (N, J, 4, H, W, C) of the compute dtype; fills batch items
     and pairs [lo, hi) of `items` and `pairs`. `into`: prepared for a `Task`."""
     assert v.flags.c_contiguous and v.shape[2:] == (4, *plane)
-    args = (v.dtype.itemsize, x_addr, *x_strides, in_d, base, *plane, _native.address(v),
-            v.shape[1], *items, *pairs)
+    job = {"itemsize": v.dtype.itemsize, "x": x_addr, "xs": x_strides,  # PairJob's fields
+           "in_d": in_d, "base": base, "h": plane[0], "w": plane[1], "c": plane[2],
+           "v": _native.address(v), "pairs": v.shape[1], "n0": items[0], "n1": items[1],
+           "j0": pairs[0], "j1": pairs[1]}
     if into is not None:
-        into.append(_native.pair_call(*args))
+        into.append(_native.pair_call(job))
     else:
-        _native.pair_transform(*args)
+        _native.pair_transform(job)
 
 
 class Task(NamedTuple):
@@ -360,25 +372,28 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     `grad_input_offset` on; only where `fuses_grad_input`, swapped, over every unit."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
-    head = (item, int(swapped), _native.address(x) + x_offset * item,
-            *element_strides(x)[:4], _native.address(g) + g_offset * item,
-            *element_strides(g)[:4], *g.shape[1:4], *offsets.addresses, *offsets.counts,
-            *steps, _native.address(part) + part_offset * item, *strides)
-    fused = (0, 0, 0, 0, 0, 0)
+    job = {"itemsize": item, "swapped": int(swapped),  # GwJob's fields
+           "x": _native.address(x) + x_offset * item, "xs": element_strides(x)[:4],
+           "g": _native.address(g) + g_offset * item, "gs": element_strides(g)[:4],
+           "gdims": g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
+           "step": steps, "part": _native.address(part) + part_offset * item,
+           "pa": strides[0], "pt": strides[1], "box": box, "wcount": x.shape[3], "cin": cin,
+           "cout": cout, "zero": int(zero)}
     if grad_input is not None:
         assert weight is not None and grad_input.dtype == weight.dtype == part.dtype
-        fused = (_native.address(grad_input) + grad_input_offset * item,
-                 *element_strides(grad_input)[:4], _native.address(weight) + part_offset * item)
-    tail = (*box, x.shape[3], cin, cout, int(zero), *fused)
+        job["gx"] = _native.address(grad_input) + grad_input_offset * item
+        job["gxs"] = element_strides(grad_input)[:4]
+        job["w"] = _native.address(weight) + part_offset * item
     if isinstance(units, list):
         assert into is not None
-        into.extend(_native.grad_weight_call(*head, u0, u1, *tail) for u0, u1 in units)
+        for job["unit0"], job["unit1"] in units:  # each call copies the job as it prepares
+            into.append(_native.grad_weight_call(job))
         return
-    u0, u1 = units if units is not None else (0, 1 << 62)
+    job["unit0"], job["unit1"] = units if units is not None else (0, 1 << 62)
     if into is not None:
-        into.append(_native.grad_weight_call(*head, u0, u1, *tail))
+        into.append(_native.grad_weight_call(job))
     else:
-        _native.grad_weight(*head, u0, u1, *tail)
+        _native.grad_weight(job)
 
 
 GW_DEPTHWISE = 2  # grad_weight's `swapped` for one channel per group (CT_GW_DEPTHWISE)
@@ -405,4 +420,4 @@ def fuses_grad_input(itemsize: int, cin: int, cout: int) -> bool:
 def gw_units(taps: int, columns: int, itemsize: int) -> int:
     """How many (tap, chunk of columns) units `grad_weight` splits its work into."""
     lanes, max_vectors = layout(itemsize)
-    return taps * -(-columns // (lanes * max_vectors))
+    return taps * ceil_div(columns, lanes * max_vectors)

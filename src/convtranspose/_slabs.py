@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._spec import ConvSpec
+from ._execute import execute
+from ._geometry import ceil_div
+from ._plan import make_plan
+from ._spec import ConvSpec, as_float_array, slab_spec
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def input_range(out_start: int, out_stop: int, size: int, kernel: int, stride: i
     i*s lies in [out_start + p - d*(kernel-1), out_stop - 1 + p]. Clipped to [0, size);
     an empty range comes back as (i0, i0).
     """
-    lo = -(-(out_start + padding - dilation * (kernel - 1)) // stride)  # ceil division
+    lo = ceil_div(out_start + padding - dilation * (kernel - 1), stride)
     hi = (out_stop - 1 + padding) // stride + 1
     lo = min(max(0, lo), size)
     return lo, max(lo, min(size, hi))
@@ -126,20 +129,23 @@ def spec_blocks(spec: ConvSpec, bounds: Sequence[Sequence[int]]) -> list[list[Ax
 def compute_block(spec: ConvSpec, slab: np.ndarray, weight: np.ndarray,
                   blocks: Sequence[AxisBlock], bias: np.ndarray | None = None) -> np.ndarray:
     """The output block (batch, *block spatial, C_out) from its input slab
-    (batch, *slab spatial, C_in), one AxisBlock per spatial axis, plus `bias` (C_out,)."""
-    from ._api import conv_transpose1d, conv_transpose2d, conv_transpose3d
+    (batch, *slab spatial, C_in), one AxisBlock per spatial axis, plus `bias` (C_out,).
 
+    The block's crops go into its spec as they are (`slab_spec`), then plan and execute:
+    not through the public arguments, whose padding and output_padding rules are the
+    caller's, not this arithmetic's."""
     shape = (slab.shape[0], *(b.out_stop - b.out_start for b in blocks), spec.c_out)
     if any(b.empty for b in blocks) or slab.shape[0] == 0:
         out = np.zeros(shape, spec.result_dtype)
         if bias is not None:
             out[...] = bias
         return out
-    fn = {1: conv_transpose1d, 2: conv_transpose2d, 3: conv_transpose3d}[spec.ndim]
-    out = fn(slab, weight, spatial(spec, "stride"),
-             tuple((b.pad_lo, b.pad_hi) for b in blocks), spatial(spec, "dilation"), 0,
-             spec.groups, bias=bias)
+    # Native byte order, as the kernels read (a .npy of another order is read as it lies).
+    x = as_float_array(spec.op, "input", slab)
+    w = as_float_array(spec.op, "weight", weight)
+    block = slab_spec(spec, x.shape[0], x.shape[1:-1], [b.pad_lo for b in blocks],
+                      [b.pad_hi for b in blocks], x.dtype, w.dtype)
+    b = None if bias is None else np.ascontiguousarray(bias, block.compute_dtype)
+    out = execute(make_plan(block), x, w, b)
     assert out.shape == shape, (out.shape, shape)  # guaranteed by slab_settings
     return out
-
-

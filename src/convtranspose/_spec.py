@@ -1,23 +1,41 @@
 """Arguments -> spec: normalise and validate a call once.
 
-Every error message a caller can see from a bad call is written here. Nothing downstream
-re-validates: a `ConvSpec` is a promise that the call is well formed and its output fits
-in memory.
+The errors of the call itself are written here: its arrays (rank, dtype, channels, groups),
+its settings (stride, padding, dilation, output_padding, output_size, groups, stream, bias)
+and an output too large for memory. Nothing downstream re-validates them: a `ConvSpec` is a
+promise that the call is well formed and its output fits in memory.
+
+Other messages live beside what they check: the options of a plan (`algorithm`, `workspace`,
+`threads`: `_plan`, `_vjp`), the cotangent (`_vjp`), the rank of a shape given to
+`output_shape` or `plan` and the arrays given to `run_plan` (`_api`), what
+only one front door takes (MLX streams and layers: `mlx`; Dask chunks: `dask`) and the
+weight converters (`_weights`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
 import os
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ._arrays import from_framework
 from ._dtypes import SUPPORTED, compute_dtype, dtype_name, is_supported_float, result_dtype
+
+# The public operations' names, which every message of theirs starts with.
+OP_NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
+VJP_NAMES = {ndim: f"{name}_vjp" for ndim, name in OP_NAMES.items()}
+
+# The settings' types in the public signatures.
+IntOrTuple = int | tuple[int, ...]
+# An int, one entry per spatial axis (an int or a (lo, hi) pair), "same" or "valid".
+Padding = int | tuple[int | tuple[int, int], ...] | str
 
 AXES = {1: "(N, W, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
 WEIGHT_AXES = {1: "(C_out, kW, C_in/groups)", 2: "(C_out, kH, kW, C_in/groups)",
@@ -136,7 +154,7 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
     if value is None:
         raise TypeError(f"{op}: '{name}' must be an array, got None")
     if not isinstance(value, np.ndarray):
-        value = _from_framework(value)
+        value = from_framework(value)
     if not isinstance(value, np.ndarray):
         try:
             value = np.asarray(value)
@@ -153,30 +171,6 @@ def as_float_array(op: str, name: str, value: Any) -> np.ndarray:
             f"{op}: '{name}' must have a floating dtype ({', '.join(SUPPORTED)}), got "
             f"{dtype_name(value.dtype)}; convert it first, e.g. x.astype(np.float32)")
     return value
-
-
-def _from_framework(value: Any) -> Any:
-    """CPU torch tensors and MLX arrays as ndarrays. Torch tensors are detached (we build no
-    autograd graph). bfloat16 is reinterpreted bit for bit through ml_dtypes, because NumPy
-    cannot read either framework's bfloat16 alone."""
-    module = type(value).__module__.split(".")[0]
-    if module == "torch" and hasattr(value, "detach"):
-        value = value.detach()
-        if str(value.dtype) == "torch.bfloat16":
-            return value.view(dtype=sys.modules["torch"].int16).numpy().view(_bfloat16())
-        return value.numpy()
-    if module == "mlx" and str(getattr(value, "dtype", "")) == "mlx.core.bfloat16":
-        return np.asarray(value.view(sys.modules["mlx.core"].uint16)).view(_bfloat16())
-    return value
-
-
-def _bfloat16() -> np.dtype:
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise TypeError("bfloat16 arrays need the ml_dtypes package: "
-                        "pip install 'convtranspose[bf16]'") from None
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 @functools.lru_cache(maxsize=1)
@@ -250,7 +244,8 @@ def make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: tu
               stride: Any = 1, padding: Any = 0, dilation: Any = 1, output_padding: Any = 0,
               groups: Any = 1, input_dtype: Any = np.float32,
               weight_dtype: Any = np.float32, *, output_size: Any = None) -> ConvSpec:
-    """Validate one call and describe it; every caller-facing error comes from here.
+    """Validate one call and describe it; every error of its arrays and settings comes
+    from here.
 
     The settings are normalised to plain int tuples first (so that True or 2.0 can never
     pass for 1 or 2), then the rest is cached: a layer called again with the same shapes
@@ -393,6 +388,29 @@ def _make_spec(op: str, ndim: int, input_shape: tuple[int, ...], weight_shape: t
 def full_size(size: int, kernel: int, stride: int, dilation: int) -> int:
     """Output length along one axis before any crop: (in - 1) * s + d * (k - 1) + 1."""
     return (size - 1) * stride + dilation * (kernel - 1) + 1
+
+
+def slab_spec(spec: ConvSpec, batch: int, in_spatial: Sequence[int], pad_lo: Sequence[int],
+              pad_hi: Sequence[int], input_dtype: Any, weight_dtype: Any) -> ConvSpec:
+    """The layer of `spec` (kernel, stride, dilation, groups) on a slab of its input, with
+    its own crops `pad_lo`/`pad_hi` (caller's rank; either may be negative): how `_slabs`
+    computes one output block. The crops come from its arithmetic, not from a caller, so
+    they skip the public arguments and their rules; only the output's size is checked."""
+    lift = 3 - spec.ndim
+    in3 = (1,) * lift + tuple(in_spatial)
+    lo3 = (0,) * lift + tuple(pad_lo)
+    hi3 = (0,) * lift + tuple(pad_hi)
+    out3 = tuple(full_size(n, k, s, d) - lo - hi for n, k, s, d, lo, hi in
+                 zip(in3, spec.kernel, spec.stride, spec.dilation, lo3, hi3))
+    if min(out3) <= 0:
+        raise ValueError(f"{spec.op}: crops lo={lo3}, hi={hi3} leave no output of a slab "
+                         f"{in3} (spatial size {out3})")
+    in_dt, w_dt = np.dtype(input_dtype), np.dtype(weight_dtype)
+    res_dt = result_dtype(in_dt, w_dt)
+    return dataclasses.replace(
+        spec, batch=batch, in_spatial=in3, pad_lo=lo3, pad_hi=hi3, out_spatial=out3,
+        input_dtype=in_dt, weight_dtype=w_dt, result_dtype=res_dt,
+        compute_dtype=compute_dtype(res_dt))
 
 
 def check_bias(op: str, bias: Any, spec: ConvSpec) -> np.ndarray | None:

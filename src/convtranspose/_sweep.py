@@ -34,6 +34,7 @@ import convtranspose
 
 from . import _bench
 from ._bench import BEST_OF, ORT, SHORT, TORCH, BenchRow
+from ._geometry import ceil_div
 from ._workloads import Workload, resolve_dtype
 
 DIM_SHARES = {3: 2 / 3, 2: 1 / 4, 1: 1 / 12}
@@ -100,7 +101,7 @@ def _channels(rng: random.Random) -> int:
 
 
 def _round_up(c: int, multiple: int) -> int:
-    return min(MAX_CHANNELS, max(multiple, -(-c // multiple) * multiple))
+    return min(MAX_CHANNELS, max(multiple, ceil_div(c, multiple) * multiple))
 
 
 def _channels_and_groups(rng: random.Random) -> tuple[int, int, int]:

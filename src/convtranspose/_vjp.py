@@ -72,6 +72,7 @@ from ._plan import (
     winograd_axis_fits,
     workspace_limit,
 )
+from ._spec import VJP_NAMES as _NAMES
 from ._spec import ConvSpec, as_float_array, check_bias
 
 # A worker's gathered block stays about this size, so that it is still in cache when the
@@ -81,7 +82,6 @@ VJP_TILE_BYTES = 4 * 2**20
 # weight operand) and grad_weight's partial-sum updates grow; cut the taps into chunks.
 MIN_BLOCK_ROWS = 512
 
-_NAMES = {1: "conv_transpose1d_vjp", 2: "conv_transpose2d_vjp", 3: "conv_transpose3d_vjp"}
 
 @dataclass(frozen=True)
 class _Tap:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import from_framework
+
 _TORCH_AXES = {3: "(C_in, C_out/groups, kW)", 4: "(C_in, C_out/groups, kH, kW)",
                5: "(C_in, C_out/groups, kD, kH, kW)"}
 _OUR_AXES = {3: "(C_out, kW, C_in/groups)", 4: "(C_out, kH, kW, C_in/groups)",
@@ -25,16 +27,7 @@ def _as_numpy(op: str, w: Any) -> np.ndarray:
     """A NumPy view of `w` (ndarray, torch tensor, MLX array, nested list): never a write."""
     if w is None:
         raise TypeError(f"{op}: 'w' must be an array, got None")
-    if type(w).__module__.startswith("torch"):
-        # A parameter that requires grad refuses .numpy(); detach() shares memory, no copy.
-        w = w.detach().cpu()
-        if str(w.dtype) == "torch.bfloat16":
-            # NumPy has no bfloat16: reinterpret the 16-bit payload as ml_dtypes.bfloat16.
-            import ml_dtypes
-            import torch
-
-            return w.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return w.numpy()
+    w = from_framework(w, to_cpu=True)
     try:
         arr = np.asarray(w)
     except (ValueError, TypeError, RuntimeError) as exc:

@@ -29,14 +29,17 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._slabs import AxisBlock, compute_block, output_bounds_from_input, spatial, spec_blocks
-from ._spec import ConvSpec, as_float_array, check_bias, make_spec
+from ._spec import (
+    OP_NAMES,
+    ConvSpec,
+    IntOrTuple,
+    Padding,
+    as_float_array,
+    check_bias,
+    make_spec,
+)
 
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
-
-IntOrTuple = int | tuple[int, ...]
-Padding = int | tuple[int | tuple[int, int], ...] | str
-
-_NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
 
 
 def _offsets(chunks: Sequence[int]) -> list[int]:
@@ -93,7 +96,7 @@ def _conv_transpose(ndim: int, x: Any, weight: Any, stride: IntOrTuple, padding:
                     dilation: IntOrTuple, output_padding: IntOrTuple,
                     groups: int, bias: Any = None,
                     output_size: IntOrTuple | None = None) -> da.Array:
-    op = _NAMES[ndim]
+    op = OP_NAMES[ndim]
     x = _check_array(op, x)
     if isinstance(weight, da.Array):
         weight = weight.compute()  # a kernel is small; every task needs all of it

@@ -66,14 +66,11 @@ import mlx.nn as nn
 import numpy as np
 
 from ._api import spec_for
+from ._arrays import mlx_to_numpy
 from ._execute import execute
 from ._plan import STREAM_OUTPUT_FROM_BYTES, get_num_threads, make_plan
-from ._spec import make_spec
+from ._spec import OP_NAMES, IntOrTuple, make_spec
 from ._vjp import check_cotangent, vjp_arrays
-
-IntOrTuple = int | tuple[int, ...]
-
-_NAMES = {1: "conv_transpose1d", 2: "conv_transpose2d", 3: "conv_transpose3d"}
 
 # --- The compiled primitive: built at first use, cached per version ------------------------
 
@@ -219,19 +216,6 @@ def _needs_extension(op: str, what: str) -> RuntimeError:
         f"because {_state.get('error')}. To fix: {_FIX}.")
 
 
-
-def _to_numpy(a: Any) -> np.ndarray:
-    """An mx.array as a NumPy array (a view of MLX's buffer where the dtype allows).
-
-    NumPy cannot hold MLX's bfloat16 directly: it travels as float32, which holds every
-    bfloat16 value exactly, and the results are rounded back to bfloat16 by MLX."""
-    if not isinstance(a, mx.array):
-        a = mx.array(a)
-    if a.dtype == mx.bfloat16:
-        a = a.astype(mx.float32)
-    return np.asarray(a)
-
-
 def _to_mx(a: np.ndarray, dtype: Any) -> mx.array:
     # mx.array(float64 ndarray) would silently give float32: always name the dtype.
     if a.dtype.name == _dtype_name(dtype):
@@ -266,7 +250,7 @@ def _evaluated(op: str, arrays: tuple) -> list[np.ndarray]:
     """NumPy views of arrays for the fallback, which must evaluate them: under mx.compile or
     mx.vmap MLX refuses, and the error says what to do instead."""
     try:
-        return [_to_numpy(a) for a in arrays]
+        return [mlx_to_numpy(a) for a in arrays]
     except ValueError as exc:
         if "transformation" in str(exc):
             raise _needs_extension(op, "a call under mx.compile or mx.vmap") from None
@@ -295,7 +279,7 @@ def _primitive(ndim: int, stride: tuple, padding: tuple, dilation: tuple,
                output_padding: tuple, groups: int):
     """The fallback: one differentiable MLX function per setting (custom functions take
     arrays only), computed on NumPy."""
-    op = _NAMES[ndim]
+    op = OP_NAMES[ndim]
     settings = (stride, padding, dilation, output_padding, groups)
 
     @mx.custom_function
@@ -326,7 +310,7 @@ def _validated(ndim: int, x_shape: tuple, x_dtype: Any, w_shape: tuple, w_dtype:
                groups: Any) -> tuple:
     """The call's settings, validated on shapes and dtypes alone (so that a bad call fails
     here, named), as per-axis lists; cached, since a small layer's call costs ~20 us."""
-    spec = make_spec(_NAMES[ndim], ndim, x_shape, w_shape, stride, padding, dilation,
+    spec = make_spec(OP_NAMES[ndim], ndim, x_shape, w_shape, stride, padding, dilation,
                      output_padding, groups, _probe_dtype(x_dtype), _probe_dtype(w_dtype))
     return _settings_key(spec)
 
@@ -356,7 +340,7 @@ def _compute_dtype(dtype: Any) -> Any:
 def _conv_transpose(ndim: int, input: Any, weight: Any, stride: IntOrTuple,
                     padding: IntOrTuple, dilation: IntOrTuple, output_padding: IntOrTuple,
                     groups: int, stream: Any) -> mx.array:
-    op = _NAMES[ndim]
+    op = OP_NAMES[ndim]
     gpu = _on_gpu(op, stream)
     if not isinstance(input, mx.array):
         input = mx.array(input)

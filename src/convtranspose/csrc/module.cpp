@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -229,39 +231,189 @@ bool supported(const Isa& isa) {
 
 const Isa* current = nullptr;
 
-// correlate's arguments (see _native_kernel.correlate) into a job; false with an error set.
-bool parse_correlate(PyObject* args, CtJob& job) {
-  Py_ssize_t x, w, o, off[3], cursor = 0, sharers = 1, pair_out = 0, bias = 0;
-  Py_ssize_t v[28];
-  if (!PyArg_ParseTuple(args, "iiiinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn|nnnn", &job.itemsize, &job.mode, &job.out_half,
-                        &job.stream_out, &x, &v[0],
-                        &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &w, &off[0], &off[1], &off[2],
-                        &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &o, &v[13], &v[14], &v[15],
-                        &v[16], &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23], &v[24],
-                        &v[25], &cursor, &sharers, &pair_out, &bias))
+// --- Jobs by name ---------------------------------------------------------------------------
+// Python describes a job as a dict keyed by the fields of its C struct (correlate_api.h),
+// e.g. correlate({"itemsize": 4, "mode": 0, "x": <address>, "xs": (n, d, h, w), ...}).
+// Each job's table below names its fields, and `fill` writes each one where its
+// declaration says (offsetof, its type and length), as XNNPACK fills its operator
+// contexts field by field. So a new field is one line in the struct, one in its table and
+// one key in Python; nothing is numbered. A missing field (one without a default), a name
+// the struct lacks, or a list of the wrong length is a TypeError that names it. A dict
+// rather than keyword arguments: Python builds a dict for a call of more than 15 keywords
+// anyway, and a vectorcall would turn it back into names (measured: slower).
+
+enum class Type { INT, I64, PTR };  // int, int64_t, an address (any pointer)
+
+struct Field {
+  const char* name;
+  Type type;
+  size_t offset;        // in the struct
+  int count;            // 1: one value; n > 1: an array field, given as n values
+  bool optional;        // absent: the default its parser set stays
+  PyObject* key;        // the name, interned at import (matched by pointer)
+};
+
+// A member's Type and length, from its declaration: the tables name fields and cannot
+// disagree with the structs on either (a member of another type, say a bool, does not
+// compile until a Member says how Python gives it).
+template <typename T>
+struct Member;
+template <>
+struct Member<int> {
+  static constexpr Type type = Type::INT;
+  static constexpr int count = 1;
+};
+template <>
+struct Member<int64_t> {
+  static constexpr Type type = Type::I64;
+  static constexpr int count = 1;
+};
+template <typename T>
+struct Member<T*> {
+  static constexpr Type type = Type::PTR;
+  static constexpr int count = 1;
+};
+template <typename T, size_t N>
+struct Member<T[N]> {
+  static_assert(Member<T>::count == 1, "arrays of arrays are not fields");
+  static constexpr Type type = Member<T>::type;
+  static constexpr int count = static_cast<int>(N);
+};
+
+#define CT_MEMBER(Struct, name, optional)                                                    \
+  Field {                                                                                    \
+    #name, Member<decltype(Struct::name)>::type, offsetof(Struct, name),                     \
+        Member<decltype(Struct::name)>::count, optional, nullptr                             \
+  }
+#define CT_FIELD(Struct, name) CT_MEMBER(Struct, name, false)
+#define CT_OPTIONAL(Struct, name) CT_MEMBER(Struct, name, true)  // absent: the default stays
+
+// One value of field `f` into `where`; false with an error set.
+bool store_value(const char* what, const Field& f, PyObject* value, char* where) {
+  // Ints and what has __index__ (NumPy's), as PyArg's "n" read them: PyLong_AsLongLong
+  // would take a slow path for every address (two 30-bit digits).
+  const Py_ssize_t v = PyNumber_AsSsize_t(value, PyExc_OverflowError);
+  if (v == -1 && PyErr_Occurred()) {
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_TypeError, "%s: field '%s' takes ints, got %R", what, f.name, value);
+    }
     return false;
+  }
+  switch (f.type) {
+    case Type::INT: {
+      if (v < INT_MIN || v > INT_MAX) {
+        PyErr_Format(PyExc_OverflowError, "%s: field '%s' is out of range: %zd", what,
+                     f.name, v);
+        return false;
+      }
+      const int i = static_cast<int>(v);
+      std::memcpy(where, &i, sizeof i);
+      return true;
+    }
+    case Type::I64: {
+      const int64_t i = v;
+      std::memcpy(where, &i, sizeof i);
+      return true;
+    }
+    case Type::PTR: {
+      void* p = reinterpret_cast<void*>(static_cast<intptr_t>(v));
+      std::memcpy(where, &p, sizeof p);
+      return true;
+    }
+  }
+  return false;
+}
+
+size_t type_size(Type t) {
+  return t == Type::INT ? sizeof(int) : t == Type::I64 ? sizeof(int64_t) : sizeof(void*);
+}
+
+bool store_field(const char* what, const Field& f, PyObject* value, char* base) {
+  if (f.count == 1) return store_value(what, f, value, base + f.offset);
+  // A tuple or a list of exactly `count` values, read where they lie.
+  if (!(PyTuple_Check(value) || PyList_Check(value)) ||
+      PySequence_Fast_GET_SIZE(value) != f.count) {
+    PyErr_Format(PyExc_TypeError, "%s: field '%s' takes a tuple or list of %d ints, got %R",
+                 what, f.name, f.count, value);
+    return false;
+  }
+  PyObject** items = PySequence_Fast_ITEMS(value);
+  const size_t step = type_size(f.type);
+  for (int i = 0; i < f.count; ++i)
+    if (!store_value(what, f, items[i], base + f.offset + i * step)) return false;
+  return true;
+}
+
+// The fields of `spec` (a dict: name -> value) into `job`, a `structure`, one by one; false
+// with an error set. Fields left out keep the values the caller set first. A literal
+// dict's keys are interned, as the table's are, so a key finds its field by pointer, in
+// the table's order at the first look.
+template <size_t N>
+bool fill(const char* what, const char* structure, Field (&fields)[N], PyObject* spec,
+          void* job) {
+  if (!PyDict_Check(spec)) {
+    PyErr_Format(PyExc_TypeError, "%s: takes a dict of the fields of a %s by name, got %R",
+                 what, structure, spec);
+    return false;
+  }
+  char* base = static_cast<char*>(job);
+  bool given[N] = {};
+  size_t next = 0;  // where the previous key was found, plus one
+  PyObject *name, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(spec, &pos, &name, &value)) {
+    size_t at = N;
+    for (size_t k = 0; k < N && at == N; ++k)
+      if (fields[(next + k) % N].key == name) at = (next + k) % N;
+    for (size_t k = 0; k < N && at == N; ++k)  // a key built at run time: by value
+      if (PyUnicode_Check(name) && PyUnicode_Compare(name, fields[k].key) == 0) at = k;
+    if (at == N) {
+      PyErr_Format(PyExc_TypeError, "%s: unknown field %R (%s has no such field)", what,
+                   name, structure);
+      return false;
+    }
+    given[at] = true;
+    next = at + 1;
+    if (!store_field(what, fields[at], value, base)) return false;
+  }
+  for (size_t k = 0; k < N; ++k) {
+    if (!given[k] && !fields[k].optional) {
+      PyErr_Format(PyExc_TypeError, "%s: missing field '%s' (%s has no default for it)",
+                   what, fields[k].name, structure);
+      return false;
+    }
+  }
+  return true;
+}
+
+template <size_t N>
+bool intern_keys(Field (&fields)[N]) {
+  for (Field& f : fields)
+    if (!(f.key = PyUnicode_InternFromString(f.name))) return false;
+  return true;
+}
+
+Field kCorrelateFields[] = {
+    CT_FIELD(CtJob, itemsize),    CT_FIELD(CtJob, mode),        CT_FIELD(CtJob, out_half),
+    CT_FIELD(CtJob, stream_out),  CT_FIELD(CtJob, x),           CT_FIELD(CtJob, xs),
+    CT_FIELD(CtJob, in_dims),     CT_FIELD(CtJob, w),           CT_FIELD(CtJob, off),
+    CT_FIELD(CtJob, ntaps),       CT_FIELD(CtJob, step),        CT_FIELD(CtJob, out),
+    CT_FIELD(CtJob, os),          CT_FIELD(CtJob, box),         CT_FIELD(CtJob, wcount),
+    CT_FIELD(CtJob, cin),         CT_FIELD(CtJob, cout),        CT_OPTIONAL(CtJob, cursor),
+    CT_OPTIONAL(CtJob, sharers),  CT_OPTIONAL(CtJob, pair_out), CT_OPTIONAL(CtJob, bias),
+};
+
+// correlate's fields (see _native_kernel.correlate) into a job; false with an error set.
+bool parse_correlate(PyObject* spec, CtJob& job) {
+  job = CtJob{};
+  job.sharers = 1;  // the defaults: one call computes the whole box, no pairs, no bias
+  if (!fill("correlate", "CtJob", kCorrelateFields, spec, &job)) return false;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "correlate: itemsize must be 4 or 8");
     return false;
   }
-  job.x = reinterpret_cast<const void*>(x);
-  for (int i = 0; i < 4; ++i) job.xs[i] = v[i];
-  for (int i = 0; i < 3; ++i) job.in_dims[i] = v[4 + i];
-  job.w = reinterpret_cast<const void*>(w);
-  for (int i = 0; i < 3; ++i) job.off[i] = reinterpret_cast<const int64_t*>(off[i]);
-  for (int i = 0; i < 3; ++i) job.ntaps[i] = v[7 + i];
-  for (int i = 0; i < 3; ++i) job.step[i] = v[10 + i];
-  job.out = reinterpret_cast<void*>(o);
-  for (int i = 0; i < 4; ++i) job.os[i] = v[13 + i];
-  for (int i = 0; i < 6; ++i) job.box[i] = v[17 + i];
-  job.wcount = v[23];
-  job.cin = v[24];
-  job.cout = v[25];
-  job.cursor = reinterpret_cast<int64_t*>(cursor);
-  job.sharers = sharers;
-  job.pair_out = pair_out;
-  job.bias = reinterpret_cast<const void*>(bias);
-  if (pair_out && (pair_out < 0 || job.mode != CT_MODE_CHANNELS || job.ntaps[0] != 4 ||
+  if (job.pair_out && (job.pair_out < 0 || job.mode != CT_MODE_CHANNELS || job.ntaps[0] != 4 ||
                    job.cin < CT_TAPS_INNER_BELOW)) {
     PyErr_SetString(PyExc_ValueError, "correlate: Winograd pairs need channels mode, four D "
                     "taps and at least CT_TAPS_INNER_BELOW input channels");
@@ -286,55 +438,38 @@ bool parse_correlate(PyObject* args, CtJob& job) {
 // prepared form, run later by the pool, is `prepared_call` below).
 template <typename Job>
 PyObject* run_now(bool (*parse)(PyObject*, Job&), void (*const Isa::*run)(const Job&),
-                  PyObject* args) {
+                  PyObject* spec) {
   Job job;
-  if (!parse(args, job)) return nullptr;
+  if (!parse(spec, job)) return nullptr;
   const Isa* isa = current;
   if (!run_released([&](const std::atomic<int>*, bool) { (isa->*run)(job); })) return nullptr;
   Py_RETURN_NONE;
 }
 
-PyObject* py_correlate(PyObject*, PyObject* args) {
-  return run_now(parse_correlate, &Isa::correlate, args);
+PyObject* py_correlate(PyObject*, PyObject* spec) {
+  return run_now(parse_correlate, &Isa::correlate, spec);
 }
 
-// grad_weight's arguments (see _native_kernel.grad_weight) into a job; false with an
-// error set.
-bool parse_grad_weight(PyObject* args, GwJob& job) {
-  Py_ssize_t x, g, part, off[3], pa, pt, unit0, unit1, gx, gxs[4], w;
-  Py_ssize_t v[27];
-  if (!PyArg_ParseTuple(args, "iinnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnninnnnnn", &job.itemsize,
-                        &job.swapped, &x, &v[0], &v[1], &v[2], &v[3], &g, &v[4], &v[5],
-                        &v[6], &v[7], &v[8], &v[9], &v[10], &off[0], &off[1], &off[2], &v[11],
-                        &v[12], &v[13], &v[14], &v[15], &v[16], &part, &pa, &pt, &unit0,
-                        &unit1, &v[17], &v[18], &v[19], &v[20], &v[21], &v[22], &v[23],
-                        &v[24], &v[25], &job.zero, &gx, &gxs[0], &gxs[1], &gxs[2], &gxs[3],
-                        &w))
-    return false;
-  job.gx = reinterpret_cast<void*>(gx);
-  for (int i = 0; i < 4; ++i) job.gxs[i] = gxs[i];
-  job.w = reinterpret_cast<const void*>(w);
-  job.pa = pa;
-  job.pt = pt;
-  job.unit0 = unit0;
-  job.unit1 = unit1;
+Field kGradWeightFields[] = {
+    CT_FIELD(GwJob, itemsize), CT_FIELD(GwJob, swapped),  CT_FIELD(GwJob, x),
+    CT_FIELD(GwJob, xs),       CT_FIELD(GwJob, g),        CT_FIELD(GwJob, gs),
+    CT_FIELD(GwJob, gdims),    CT_FIELD(GwJob, off),      CT_FIELD(GwJob, ntaps),
+    CT_FIELD(GwJob, step),     CT_FIELD(GwJob, part),     CT_FIELD(GwJob, pa),
+    CT_FIELD(GwJob, pt),       CT_FIELD(GwJob, unit0),    CT_FIELD(GwJob, unit1),
+    CT_FIELD(GwJob, zero),     CT_FIELD(GwJob, box),      CT_FIELD(GwJob, wcount),
+    CT_FIELD(GwJob, cin),      CT_FIELD(GwJob, cout),     CT_OPTIONAL(GwJob, gx),
+    CT_OPTIONAL(GwJob, gxs),   CT_OPTIONAL(GwJob, w),
+};
+
+// grad_weight's fields (see _native_kernel.grad_weight) into a job; false with an error
+// set.
+bool parse_grad_weight(PyObject* spec, GwJob& job) {
+  job = GwJob{};  // the default: no grad_input in the same pass (gx, gxs, w)
+  if (!fill("grad_weight", "GwJob", kGradWeightFields, spec, &job)) return false;
   if (job.itemsize != 4 && job.itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "grad_weight: itemsize must be 4 or 8");
     return false;
   }
-  job.x = reinterpret_cast<const void*>(x);
-  for (int i = 0; i < 4; ++i) job.xs[i] = v[i];
-  job.g = reinterpret_cast<const void*>(g);
-  for (int i = 0; i < 4; ++i) job.gs[i] = v[4 + i];
-  for (int i = 0; i < 3; ++i) job.gdims[i] = v[8 + i];
-  for (int i = 0; i < 3; ++i) job.off[i] = reinterpret_cast<const int64_t*>(off[i]);
-  for (int i = 0; i < 3; ++i) job.ntaps[i] = v[11 + i];
-  for (int i = 0; i < 3; ++i) job.step[i] = v[14 + i];
-  job.part = reinterpret_cast<void*>(part);
-  for (int i = 0; i < 6; ++i) job.box[i] = v[17 + i];
-  job.wcount = v[23];
-  job.cin = v[24];
-  job.cout = v[25];
   const int64_t nb = job.swapped ? job.cin : job.cout;
   if (job.swapped < 0 || job.swapped > CT_GW_DEPTHWISE ||
       (job.swapped != CT_GW_DEPTHWISE && nb % current->lanes(job.itemsize))) {
@@ -342,7 +477,7 @@ bool parse_grad_weight(PyObject* args, GwJob& job) {
                     "grad_weight: bad kind, or a vector side that is not whole vectors");
     return false;
   }
-  if (job.gx && !(job.swapped == 1 && job.w && job.pa && unit0 == 0 &&
+  if (job.gx && !(job.swapped == 1 && job.w && job.pa && job.unit0 == 0 &&
                   current->fuses_grad_input(job.itemsize, job.cin, job.cout))) {
     PyErr_SetString(PyExc_ValueError,
                     "grad_weight: grad_input in the same pass needs the swapped few-sums "
@@ -352,8 +487,8 @@ bool parse_grad_weight(PyObject* args, GwJob& job) {
   return true;
 }
 
-PyObject* py_grad_weight(PyObject*, PyObject* args) {
-  return run_now(parse_grad_weight, &Isa::grad_weight, args);
+PyObject* py_grad_weight(PyObject*, PyObject* spec) {
+  return run_now(parse_grad_weight, &Isa::grad_weight, spec);
 }
 
 // The weight layout of CT_MODE_CHANNELS, gathered from wherever the weight lies:
@@ -413,15 +548,25 @@ void pack_columns(const T* src, const int64_t* table, int64_t taps, int64_t cols
   }
 }
 
-struct PackArgs {
+// pack's job: see pack_columns above (src, dst of `itemsize` floats).
+struct PackJob {
   int itemsize;
-  Py_ssize_t src, table, taps, cols, rows, row_stride, padded, chunk, dst;
+  const void* src;
+  const int64_t* table;
+  int64_t taps, cols, rows, row_stride, padded, chunk;
+  void* dst;
 };
 
-bool parse_pack(PyObject* args, PackArgs& a) {
-  if (!PyArg_ParseTuple(args, "innnnnnnnn", &a.itemsize, &a.src, &a.table, &a.taps, &a.cols,
-                        &a.rows, &a.row_stride, &a.padded, &a.chunk, &a.dst))
-    return false;
+Field kPackFields[] = {
+    CT_FIELD(PackJob, itemsize),   CT_FIELD(PackJob, src),        CT_FIELD(PackJob, table),
+    CT_FIELD(PackJob, taps),       CT_FIELD(PackJob, cols),       CT_FIELD(PackJob, rows),
+    CT_FIELD(PackJob, row_stride), CT_FIELD(PackJob, padded),     CT_FIELD(PackJob, chunk),
+    CT_FIELD(PackJob, dst),
+};
+
+bool parse_pack(PyObject* spec, PackJob& a) {
+  a = PackJob{};
+  if (!fill("pack", "PackJob", kPackFields, spec, &a)) return false;
   if ((a.itemsize != 4 && a.itemsize != 8) || a.chunk < 1 || a.padded < a.cols) {
     PyErr_SetString(PyExc_ValueError, "pack: bad itemsize, chunk or padding");
     return false;
@@ -429,43 +574,45 @@ bool parse_pack(PyObject* args, PackArgs& a) {
   return true;
 }
 
-void run_pack(const PackArgs& a) {
-  const int64_t* tab = reinterpret_cast<const int64_t*>(a.table);
+void run_pack(const PackJob& a) {
   if (a.itemsize == 4)
-    pack_columns(reinterpret_cast<const float*>(a.src), tab, a.taps, a.cols, a.rows,
-                 a.row_stride, a.padded, a.chunk, reinterpret_cast<float*>(a.dst));
+    pack_columns(static_cast<const float*>(a.src), a.table, a.taps, a.cols, a.rows,
+                 a.row_stride, a.padded, a.chunk, static_cast<float*>(a.dst));
   else
-    pack_columns(reinterpret_cast<const double*>(a.src), tab, a.taps, a.cols, a.rows,
-                 a.row_stride, a.padded, a.chunk, reinterpret_cast<double*>(a.dst));
+    pack_columns(static_cast<const double*>(a.src), a.table, a.taps, a.cols, a.rows,
+                 a.row_stride, a.padded, a.chunk, static_cast<double*>(a.dst));
 }
 
-PyObject* py_pack(PyObject*, PyObject* args) {
-  PackArgs a;
-  if (!parse_pack(args, a)) return nullptr;
+PyObject* py_pack(PyObject*, PyObject* spec) {
+  PackJob a;
+  if (!parse_pack(spec, a)) return nullptr;
   Py_BEGIN_ALLOW_THREADS run_pack(a);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-// pair_transform's arguments (see _native_kernel.pair_transform) into a job; false with
-// an error set.
-bool parse_pair(PyObject* args, PairJob& job) {
-  Py_ssize_t x, v;
-  if (!PyArg_ParseTuple(args, "innnnnnnnnnnnnnnn", &job.itemsize, &x, &job.xs[0], &job.xs[1],
-                        &job.xs[2], &job.xs[3], &job.in_d, &job.base, &job.h, &job.w, &job.c,
-                        &v, &job.pairs, &job.n0, &job.n1, &job.j0, &job.j1))
-    return false;
+Field kPairFields[] = {
+    CT_FIELD(PairJob, itemsize), CT_FIELD(PairJob, x),        CT_FIELD(PairJob, xs),
+    CT_FIELD(PairJob, in_d),     CT_FIELD(PairJob, base),     CT_FIELD(PairJob, h),
+    CT_FIELD(PairJob, w),        CT_FIELD(PairJob, c),        CT_FIELD(PairJob, v),
+    CT_FIELD(PairJob, pairs),    CT_FIELD(PairJob, n0),       CT_FIELD(PairJob, n1),
+    CT_FIELD(PairJob, j0),       CT_FIELD(PairJob, j1),
+};
+
+// pair_transform's fields (see _native_kernel.pair_transform) into a job; false with an
+// error set.
+bool parse_pair(PyObject* spec, PairJob& job) {
+  job = PairJob{};
+  if (!fill("pair_transform", "PairJob", kPairFields, spec, &job)) return false;
   if ((job.itemsize != 4 && job.itemsize != 8) || job.j0 < 0 || job.j1 > job.pairs ||
       job.n0 < 0 || job.c < 1) {
     PyErr_SetString(PyExc_ValueError, "pair_transform: bad itemsize, pairs or channels");
     return false;
   }
-  job.x = reinterpret_cast<const void*>(x);
-  job.v = reinterpret_cast<void*>(v);
   return true;
 }
 
-PyObject* py_pair_transform(PyObject*, PyObject* args) {
-  return run_now(parse_pair, &Isa::pair_transform, args);
+PyObject* py_pair_transform(PyObject*, PyObject* spec) {
+  return run_now(parse_pair, &Isa::pair_transform, spec);
 }
 
 // --- Deferred calls and the pool --------------------------------------------------------
@@ -477,7 +624,7 @@ struct Call {
   enum Kind { CORRELATE, GRAD_WEIGHT, PACK, PAIR } kind;
   CtJob ct;
   GwJob gw;
-  PackArgs pack;
+  PackJob pack;
   PairJob pair;
   const Isa* isa;
 };
@@ -494,12 +641,13 @@ void run_call(const Call& c) {
   }
 }
 
-// A call of `kind` whose arguments `parse` reads into its `field`, as a capsule.
-template <typename Args>
-PyObject* prepared_call(Call::Kind kind, Args Call::*field, bool (*parse)(PyObject*, Args&),
-                        PyObject* args) {
+// A call of `kind` whose fields `parse` reads into its `field`, as a capsule: parsed once
+// here, when Python prepares it, and run as it is by the pool.
+template <typename Job>
+PyObject* prepared_call(Call::Kind kind, Job Call::*field, bool (*parse)(PyObject*, Job&),
+                        PyObject* spec) {
   Call* c = new Call{kind, {}, {}, {}, {}, current};
-  if (!parse(args, c->*field)) {
+  if (!parse(spec, c->*field)) {
     delete c;
     return nullptr;
   }
@@ -510,20 +658,20 @@ PyObject* prepared_call(Call::Kind kind, Args Call::*field, bool (*parse)(PyObje
   return cap;
 }
 
-PyObject* py_correlate_call(PyObject*, PyObject* args) {
-  return prepared_call(Call::CORRELATE, &Call::ct, parse_correlate, args);
+PyObject* py_correlate_call(PyObject*, PyObject* spec) {
+  return prepared_call(Call::CORRELATE, &Call::ct, parse_correlate, spec);
 }
 
-PyObject* py_grad_weight_call(PyObject*, PyObject* args) {
-  return prepared_call(Call::GRAD_WEIGHT, &Call::gw, parse_grad_weight, args);
+PyObject* py_grad_weight_call(PyObject*, PyObject* spec) {
+  return prepared_call(Call::GRAD_WEIGHT, &Call::gw, parse_grad_weight, spec);
 }
 
-PyObject* py_pack_call(PyObject*, PyObject* args) {
-  return prepared_call(Call::PACK, &Call::pack, parse_pack, args);
+PyObject* py_pack_call(PyObject*, PyObject* spec) {
+  return prepared_call(Call::PACK, &Call::pack, parse_pack, spec);
 }
 
-PyObject* py_pair_call(PyObject*, PyObject* args) {
-  return prepared_call(Call::PAIR, &Call::pair, parse_pair, args);
+PyObject* py_pair_call(PyObject*, PyObject* spec) {
+  return prepared_call(Call::PAIR, &Call::pair, parse_pair, spec);
 }
 
 // The calls of a sequence of Call capsules, copied (false with an error set).
@@ -752,8 +900,7 @@ PyObject* py_set_isa(PyObject*, PyObject* args) {
 void capi_correlate(const CtJob* job) { current->correlate(*job); }
 void capi_pack(int itemsize, const void* src, const int64_t* table, int64_t taps, int64_t cols,
                int64_t rows, int64_t row_stride, int64_t padded, int64_t chunk, void* dst) {
-  run_pack({itemsize, reinterpret_cast<Py_ssize_t>(src), reinterpret_cast<Py_ssize_t>(table),
-            taps, cols, rows, row_stride, padded, chunk, reinterpret_cast<Py_ssize_t>(dst)});
+  run_pack({itemsize, src, table, taps, cols, rows, row_stride, padded, chunk, dst});
 }
 int capi_lanes(int itemsize) { return current->lanes(itemsize); }
 int capi_max_vectors() { return current->max_vectors(); }
@@ -771,14 +918,22 @@ PyObject* py_c_api(PyObject*, PyObject*) {
 }
 
 PyMethodDef kMethods[] = {
-    {"correlate", py_correlate, METH_VARARGS, "Run one correlation job (see correlate.hpp)."},
-    {"grad_weight", py_grad_weight, METH_VARARGS, "Add one tile's grad_weight into a partial."},
-    {"pack", py_pack, METH_VARARGS, "Gather a weight into the CT_MODE_CHANNELS layout."},
-    {"correlate_call", py_correlate_call, METH_VARARGS, "correlate, prepared for run_tasks."},
-    {"grad_weight_call", py_grad_weight_call, METH_VARARGS, "grad_weight, prepared for run_tasks."},
-    {"pack_call", py_pack_call, METH_VARARGS, "pack, prepared for once/run_tasks."},
-    {"pair_transform", py_pair_transform, METH_VARARGS, "Winograd F(2,3)'s input side along D."},
-    {"pair_call", py_pair_call, METH_VARARGS, "pair_transform, prepared for run_tasks."},
+    {"correlate", py_correlate, METH_O,
+     "Run one correlation job (a dict of CtJob's fields; see correlate.hpp)."},
+    {"grad_weight", py_grad_weight, METH_O,
+     "Add one tile's grad_weight into a partial (a dict of GwJob's fields)."},
+    {"pack", py_pack, METH_O,
+     "Gather a weight into the CT_MODE_CHANNELS layout (a dict of PackJob's fields)."},
+    {"correlate_call", py_correlate_call, METH_O,
+     "correlate, prepared for run_tasks."},
+    {"grad_weight_call", py_grad_weight_call, METH_O,
+     "grad_weight, prepared for run_tasks."},
+    {"pack_call", py_pack_call, METH_O,
+     "pack, prepared for once/run_tasks."},
+    {"pair_transform", py_pair_transform, METH_O,
+     "Winograd F(2,3)'s input side along D (a dict of PairJob's fields)."},
+    {"pair_call", py_pair_call, METH_O,
+     "pair_transform, prepared for run_tasks."},
     {"once", py_once, METH_VARARGS, "Calls run once, before the first task that needs them."},
     {"run_tasks", py_run_tasks, METH_VARARGS, "Run tasks of prepared calls on the pool."},
     {"warm", py_warm, METH_VARARGS, "Keep the pool's threads spinning, ready for a batch."},
@@ -815,6 +970,9 @@ PyMODINIT_FUNC PyInit__native() {
     PyErr_SetString(PyExc_ImportError, "_native: built for instruction sets this CPU lacks");
     return nullptr;
   }
+  if (!intern_keys(kCorrelateFields) || !intern_keys(kGradWeightFields) ||
+      !intern_keys(kPackFields) || !intern_keys(kPairFields))
+    return nullptr;
   PyObject* module = PyModule_Create(&kModule);
   arm();
   if (module && PyModule_AddIntConstant(module, "TAPS_INNER_BELOW", CT_TAPS_INNER_BELOW) < 0) {

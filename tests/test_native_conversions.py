@@ -1,0 +1,78 @@
+"""The compiled kernel's conversions and its binding: the packed weight layout, float16 and
+bfloat16 widened to float32 bit for bit, and the C binding that fills each job's struct by
+field name (csrc/module.cpp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convtranspose import _native_kernel as native
+
+
+def test_binding_fills_each_job_by_field_name():
+    """The binding (csrc/module.cpp) fills a job's C struct field by field from a dict of
+    its names: a missing field, a name the struct lacks, an array of the wrong length or a
+    value that is not an int is an error naming it; keys need not be interned."""
+    a = np.zeros(64, np.float32)
+    table = np.zeros((1, 4), np.int64)
+    pack = {"itemsize": 4, "src": native._native.address(a),
+            "table": native._native.address(table), "taps": 1, "cols": 4, "rows": 1,
+            "row_stride": 1, "padded": 16, "chunk": 16, "dst": native._native.address(a)}
+    assert native._native.pack_call(pack) is not None
+    built = {"".join(("ro", "ws")) if k == "rows" else k: v for k, v in pack.items()}
+    assert native._native.pack_call(built) is not None
+    with pytest.raises(TypeError, match="pack: missing field 'rows'"):
+        native._native.pack_call({k: v for k, v in pack.items() if k != "rows"})
+    with pytest.raises(TypeError, match="pack: unknown field 'colums'"):
+        native._native.pack_call({**pack, "colums": 4})
+    with pytest.raises(TypeError, match="pack: field 'taps' takes ints"):
+        native._native.pack_call({**pack, "taps": 1.0})
+    with pytest.raises(TypeError, match="takes a dict of the fields of a PackJob"):
+        native._native.pack_call(tuple(pack.values()))
+    with pytest.raises(TypeError, match="correlate: field 'xs' takes a tuple or list of 4"):
+        native._native.correlate_call({"itemsize": 4, "xs": (1, 2, 3)})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transposed,scattered", [(False, False), (True, False), (True, True)],
+                         ids=["rows-contiguous", "rows-strided", "rows-strided-cols-permuted"])
+@pytest.mark.parametrize("cols", [1, 7, 16, 70, 130])
+def test_pack_columns_gathers_the_documented_layout(dtype, transposed, scattered, cols, rng):
+    """Element (tap, r, col) = w.flat-by-strides[table[tap, col] + r * row_stride], columns
+    padded with zeros to whole vectors, cut into chunks [tap][r][column]: checked against
+    a NumPy gather, from a strided source either way round, with the columns adjacent in
+    the source (copied as runs) or not."""
+    taps, rows = 3, 21
+    lanes, max_vectors = native.layout(np.dtype(dtype).itemsize)
+    base = rng.standard_normal((cols + 3, taps, rows * 2)).astype(dtype)
+    src = base[1:cols + 1, :, ::2]  # (cols, taps, rows), not contiguous
+    if transposed:  # rows strided, columns adjacent
+        src = np.ascontiguousarray(src.transpose(1, 2, 0)).transpose(2, 0, 1)
+    s_col, s_tap, s_row = native.element_strides(src)
+    order = rng.permutation(cols) if scattered else np.arange(cols)
+    table = np.arange(taps)[:, None] * s_tap + order[None, :] * s_col
+    packed = native.pack_columns(src, table, rows, s_row)
+    padded = -(-cols // lanes) * lanes
+    want = np.zeros((taps, rows, padded), dtype)
+    want[..., :cols] = src.transpose(1, 2, 0)[..., order]
+    chunk = lanes * max_vectors
+    expect = np.concatenate([want[..., c:c + chunk].ravel() for c in range(0, padded, chunk)])
+    np.testing.assert_array_equal(packed, expect)
+    np.testing.assert_array_equal(native.unpack(packed, taps, rows, padded), want)
+
+
+def test_widen_half_converts_every_bit_pattern_exactly(isa):
+    """A float16/bfloat16 input converted for the kernel (F16C, or software on the portable
+    build): every one of the 65536 bit patterns gives NumPy's / ml_dtypes' float32, bit
+    for bit (nans: a nan; F16C quiets signalling ones)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        src = bits.view(dtype)
+        out = np.empty(bits.size, np.float32)
+        native.widen_half(src, out)
+        want = src.astype(np.float32)
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+        assert np.isnan(out[nan]).all()

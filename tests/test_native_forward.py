@@ -1,0 +1,304 @@
+"""The compiled kernel (csrc/), forward: every instruction set this CPU has, against the
+float64 reference, over the settings grid and over the shapes that exercise its register
+blocks, remainders, channel chunks, modes (channels, dot, depthwise), half-precision
+rounding, streamed stores and edge handling. CI must build it: these tests fail, not skip,
+when the extension is missing. Gradients: test_native_grad.py; conversions and the
+binding: test_native_conversions.py; threads and the pool: test_native_threads.py."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from reference import all_cases, conv_transpose_ref, magnitude_ref
+
+import convtranspose as ct
+from convtranspose import _native_kernel as native
+from convtranspose._plan import native_mode
+
+CASES = all_cases()
+
+
+ISAS = native._native.available() if native.AVAILABLE else []
+
+
+def test_the_kernel_was_built():
+    assert native.AVAILABLE, (
+        "convtranspose._native is missing: the install could not compile it (needs g++ or "
+        "clang++ and Python's headers); the package still runs, slower, without it")
+    assert native.isa() in ISAS
+    if os.environ.get("CONVTRANSPOSE_ISAS") == "all":  # CI's build: the fallback too
+        assert ISAS[-1] == "generic"
+    assert ct.native_isa() == native.isa()
+
+
+def _run_spec(spec, x, w):
+    p = ct.plan(x.shape, w.shape, stride=spec.stride, padding=spec.padding,
+                dilation=spec.dilation, output_padding=spec.output_padding, groups=spec.groups,
+                algorithm="native", dtype=x.dtype)
+    return ct.run_plan(p, x, w)
+
+
+def _run(case, x, w, **extra):
+    p = ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm="native",
+                dtype=x.dtype, **extra)
+    assert p.algorithm == "native"
+    return ct.run_plan(p, x, w)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_grid_every_isa(case, isa, rng, random_array, assert_close):
+    for dtype in ("float32", "float64"):
+        x = random_array(rng, case.input_shape, dtype)
+        w = random_array(rng, case.weight_shape, dtype)
+        out = _run(case, x, w)
+        assert out.dtype == np.dtype(dtype)
+        assert_close(out, conv_transpose_ref(x, w, **case.kwargs), dtype,
+                     magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa} {dtype}")
+
+
+# Output widths 1..13 cross every remainder of the pixel blocks (6, 8, 12 or 24 wide);
+# channel counts cross one to four vectors per chunk, partial vectors and several chunks.
+BLOCK_SHAPES = [(wd, co) for wd in (1, 2, 5, 7, 13) for co in (1, 3, 8, 16, 17, 40, 64, 65, 130)]
+
+
+# Fewer than TAPS_INNER_BELOW input channels: sums kept in registers across taps, with a
+# block width picked per row length (whole blocks, masked edge pixels on either side).
+TAPS_INNER_SHAPES = [(wd, ci, co) for wd in (1, 5, 12, 17, 33) for ci in (1, 2, 3)
+                     for co in (3, 16, 40, 64, 70)]
+
+
+@pytest.mark.parametrize("width,c_in,c_out", TAPS_INNER_SHAPES,
+                         ids=[f"w{a}-ci{b}-co{c}" for a, b, c in TAPS_INNER_SHAPES])
+def test_taps_in_registers_for_few_input_channels(width, c_in, c_out, isa, rng, assert_close):
+    from reference import Case
+    assert c_in < native.TAPS_INNER_BELOW
+    case = Case(f"taps-inner-{width}-{c_in}-{c_out}", 1, (2, 3, width), c_in, c_out, (2, 3, 4),
+                stride=(1, 2, 2), padding=(0, 1, 2), dilation=(1, 1, 2))
+    x = rng.standard_normal(case.input_shape)
+    w = rng.standard_normal(case.weight_shape)
+    out = _run(case, x, w)
+    assert_close(out, conv_transpose_ref(x, w, **case.kwargs), np.float64,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
+@pytest.mark.parametrize("width,c_out", BLOCK_SHAPES, ids=[f"w{a}-c{b}" for a, b in BLOCK_SHAPES])
+def test_register_blocks_and_remainders(width, c_out, isa, rng, assert_close):
+    from reference import Case
+    case = Case(f"blocks-{width}-{c_out}", 2, (2, 3, width), 5, c_out, (2, 3, 3), stride=(1, 2, 1),
+                padding=(0, 1, 1))
+    x = rng.standard_normal(case.input_shape)
+    w = rng.standard_normal(case.weight_shape)
+    out = _run(case, x, w)
+    assert_close(out, conv_transpose_ref(x, w, **case.kwargs), np.float64,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
+def test_strided_channels_and_big_endian_input_are_read_correctly(rng, assert_close):
+    # Channels not contiguous, or another byte order: the kernel reads a converted copy.
+    base = rng.standard_normal((1, 6, 5, 7, 12)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 3, 6)).astype(np.float32)
+    strided = base[..., ::2]
+    swapped = strided.astype(">f4")
+    ref = conv_transpose_ref(strided.astype(np.float64), w.astype(np.float64), stride=2,
+                             padding=1)
+    mag = magnitude_ref(strided.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
+    for x in (strided, swapped):
+        before = x.copy()
+        p = ct.plan(x.shape, w.shape, stride=2, padding=1, algorithm="native")
+        assert_close(ct.run_plan(p, x, w), ref, np.float32, mag, what=str(x.dtype))
+        np.testing.assert_array_equal(x, before)  # never writes the caller's array
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_results_round_once(dtype, rng, random_array, assert_close):
+    from reference import Case
+    case = Case("half", 1, (4, 5, 6), 16, 24, (3, 3, 3), stride=2, padding=1, output_padding=1)
+    x = random_array(rng, case.input_shape, dtype)
+    w = random_array(rng, case.weight_shape, dtype)
+    out = _run(case, x, w)
+    assert out.dtype == x.dtype
+    assert_close(out, conv_transpose_ref(x, w, **case.kwargs), dtype,
+                 magnitude_ref(x, w, **case.kwargs), what=dtype)
+
+
+def test_kernel_equal_stride_merges_w_residues_into_whole_rows(rng, assert_close):
+    # k2s2: both W residues of a (D, H) residue share their taps, so they run as one phase
+    # of 2 * C_out channels that writes whole output rows.
+    x = rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((7, 2, 2, 2, 6)).astype(np.float32)
+    p = ct.plan(x.shape, w.shape, stride=2, algorithm="native")
+    assert len(p.groups) == 4 and all(len(g) == 2 for g in p.groups)
+    assert [ph.residue[2] for ph in p.groups[0]] == [0, 1]
+    ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), stride=2)
+    assert_close(ct.run_plan(p, x, w), ref, np.float32, what="k2s2")
+    # Not merged with groups > 1: a position's channels of one group are not one run.
+    p = ct.plan((1, 3, 4, 5, 6), (8, 2, 2, 2, 3), stride=2, groups=2, algorithm="native")
+    assert all(len(g) == 1 for g in p.groups)
+
+
+# Dot mode (vectors along C_in, 1-4 outputs): whole and partial vectors of C_in, every
+# block remainder (16, 8 or 4 pixels wide), groups.
+DOT_SHAPES = [(wd, ci, co, g) for wd in (3, 17) for ci in (8, 16, 21, 40) for co in (1, 2, 3, 4)
+              for g in (1, 2) if ci % g == 0 and ci // g >= 8]
+
+
+@pytest.mark.parametrize("width,c_in,c_out,groups", DOT_SHAPES,
+                         ids=[f"w{a}-ci{b}-co{c}-g{d}" for a, b, c, d in DOT_SHAPES])
+def test_dot_mode_for_few_outputs(width, c_in, c_out, groups, isa, rng, assert_close):
+    from reference import Case
+    case = Case("dot", 2, (3, 2, width), c_in, c_out * groups, (3, 2, 4), stride=(2, 1, 2),
+                padding=(1, 0, 1), groups=groups)
+    assert native_mode(ct.plan(case.input_shape, case.weight_shape, **case.kwargs).spec) \
+        == native.DOT
+    x = rng.standard_normal(case.input_shape)
+    w = rng.standard_normal(case.weight_shape)
+    assert_close(_run(case, x, w), conv_transpose_ref(x, w, **case.kwargs), np.float64,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
+@pytest.mark.parametrize("channels", [16, 64, 70, 3])
+def test_depthwise_mode_whole_and_partial_vectors(channels, isa, rng, assert_close):
+    from reference import Case
+    case = Case("dw", 1, (3, 4, 9), channels, channels, (3, 3, 3), stride=2, padding=1,
+                output_padding=1, groups=channels)
+    x = rng.standard_normal(case.input_shape).astype(np.float32)
+    w = rng.standard_normal(case.weight_shape).astype(np.float32)
+    assert_close(_run(case, x, w), conv_transpose_ref(x, w, **case.kwargs), np.float32,
+                 magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
+
+
+def test_planner_modes():
+    def mode(*shapes, **kw):
+        p = ct.plan(*shapes, **kw)
+        return p.algorithm, native_mode(p.spec)
+    wide = mode((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1)
+    assert wide == ("winograd", native.CHANNELS)  # stride-1 D of three taps
+    strided = mode((1, 8, 16, 16, 64), (64, 3, 3, 3, 64), stride=2, padding=1)
+    assert strided == ("native", native.CHANNELS)
+    thin = mode((1, 16, 32, 32, 8), (64, 3, 3, 3, 8), padding=1)
+    assert thin[0] == "native"  # too few input channels to pay for the transforms
+    head = mode((1, 32, 32, 32, 16), (1, 4, 4, 4, 16), stride=2, padding=1)
+    assert head == ("native", native.DOT)
+    dw = mode((1, 32, 32, 32, 64), (64, 3, 3, 3, 1), stride=2, padding=1, groups=64)
+    assert dw == ("native", native.DEPTHWISE)
+    assert "native" in str(ct.plan((1, 16, 32, 32, 64), (64, 3, 3, 3, 64), padding=1))
+
+
+@pytest.mark.parametrize("c_out,groups", [(24, 1), (2, 1), (6, 6)],
+                         ids=["channels", "dot", "depthwise"])
+def test_float16_results_round_like_numpy(c_out, groups, isa, rng):
+    # The kernel rounds float32 sums to float16 as it stores them (in hardware, or in
+    # software on the portable build): the bits must equal NumPy's rounding of the same
+    # float32 result, subnormals, overflow to inf and nan included.
+    c_in = 6 if groups > 1 else 16
+    x = rng.standard_normal((1, 3, 4, 21, c_in)) * np.logspace(-7, 4.5, 21)[:, None]
+    x[0, 1, 2, 5, 0] = np.nan
+    with np.errstate(over="ignore"):  # the largest inputs overflow float16: inf is wanted
+        x = x.astype(np.float16)
+    w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups)).astype(np.float16)
+    kw = dict(stride=2, padding=1, groups=groups)
+    p16 = ct.plan(x.shape, w.shape, **kw, dtype=np.float16, algorithm="native")
+    p32 = ct.plan(x.shape, w.shape, **kw, dtype=np.float32, algorithm="native")
+    got = ct.run_plan(p16, x, w)
+    with np.errstate(over="ignore"):  # the overflow to inf is part of the check
+        want = ct.run_plan(p32, x.astype(np.float32), w.astype(np.float32)).astype(np.float16)
+    assert got.dtype == np.float16
+    assert np.isinf(want).any() and np.isnan(want).any()
+    assert ((want != 0) & (np.abs(want) < np.finfo(np.float16).tiny)).any()  # subnormals
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("c_out,groups", [(24, 1), (2, 1), (6, 6)],
+                         ids=["channels", "dot", "depthwise"])
+def test_bfloat16_results_round_like_ml_dtypes(c_out, groups, isa, rng):
+    # The kernel rounds float32 sums to bfloat16 as it stores them: the bits must equal
+    # ml_dtypes' rounding of the same float32 result (to nearest even, overflow to inf,
+    # every nan the quiet nan of its sign).
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    c_in = 6 if groups > 1 else 16
+    x = rng.standard_normal((1, 3, 4, 21, c_in)) * np.logspace(-30, 37, 21)[:, None]
+    x[0, 1, 2, 5, 0] = np.nan
+    x[0, 2, 1, 7, 1] = -np.nan
+    x = x.astype(bf16)
+    w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups)).astype(bf16) * 8
+    kw = dict(stride=2, padding=1, groups=groups)
+    p16 = ct.plan(x.shape, w.shape, **kw, dtype=bf16, algorithm="native")
+    p32 = ct.plan(x.shape, w.shape, **kw, dtype=np.float32, algorithm="native")
+    got = ct.run_plan(p16, x, w)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = ct.run_plan(p32, x.astype(np.float32), w.astype(np.float32)).astype(bf16)
+    assert got.dtype == bf16
+    assert np.isinf(want.astype(np.float32)).any() and np.isnan(want.astype(np.float32)).any()
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+STREAM_SHAPES = [(c_in, c_out, groups) for c_in, c_out, groups in
+                 ((8, 16, 1), (8, 64, 1), (6, 17, 1), (3, 40, 1), (8, 48, 2), (16, 130, 1))]
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", STREAM_SHAPES,
+                         ids=[f"ci{a}-co{b}-g{c}" for a, b, c in STREAM_SHAPES])
+def test_streamed_outputs_hold_the_same_bits(c_in, c_out, groups, isa, rng, monkeypatch):
+    """Outputs past STREAM_OUTPUT_FROM_BYTES leave the kernel by non-temporal stores where
+    whole aligned vectors go out, by plain stores elsewhere (partial vectors, odd channel
+    counts, float16): with the threshold at 0, every call streams and must give the bits of
+    the plain path, forward and grad_input, float32 and float64."""
+    from convtranspose import _plan
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import vjp_arrays
+    x = rng.standard_normal((1, 3, 4, 9, c_in))
+    w = rng.standard_normal((c_out, 3, 2, 3, c_in // groups))
+    kw = dict(stride=(2, 1, 2), padding=(1, 0, 1), groups=groups)
+    for dtype in (np.float32, np.float64, np.float16):
+        xd, wd = x.astype(dtype), w.astype(dtype)
+        spec, _, _ = spec_for(3, xd, wd, **kw)
+
+        def both(spec=spec, xd=xd, wd=wd):
+            y = _run_spec(spec, xd, wd)
+            return (y, *vjp_arrays(spec, xd, wd, np.cos(y), algorithm="native"))
+
+        plain = both()
+        monkeypatch.setattr(_plan, "STREAM_OUTPUT_FROM_BYTES", 0)
+        streamed = both()
+        monkeypatch.undo()
+        for a, b in zip(plain, streamed):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("c_out,groups", [(8, 1), (16, 1), (4, 2), (6, 3), (20, 1)])
+def test_indexed_gather_sum_matches_numpy_take_and_reduce(c_out, groups, isa, rng,
+                                                          monkeypatch):
+    """Small calls sum their gathered products in C (unrolled for 4, 8 and 16 columns, on
+    every instruction set) and round half-precision results there; without the extension
+    NumPy's take + add.reduce and casts do it, in the same order: same bits."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = rng.standard_normal((2, 3, 4, 3, 6))
+    w = rng.standard_normal((c_out, 3, 2, 3, 6 // groups))
+    kw = dict(stride=(2, 1, 2), padding=(1, 0, 1), output_padding=(1, 0, 0), groups=groups)
+    for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
+        xd, wd = x.astype(dtype), w.astype(dtype)
+        p = ct.plan(xd.shape, wd.shape, **kw, dtype=dtype)
+        assert p.algorithm == "indexed"
+        compiled = ct.run_plan(p, xd, wd)
+        monkeypatch.setattr(native, "AVAILABLE", False)
+        np.testing.assert_array_equal(ct.run_plan(p, xd, wd).view(np.uint8),
+                                      compiled.view(np.uint8))
+        monkeypatch.undo()
+
+
+def test_channels_not_contiguous_past_the_workspace_limit_copy_tile_by_tile(rng,
+                                                                          assert_close):
+    """An input whose channels are strided is copied once where it fits the workspace
+    limit; past it, the tiles copy their own rows, each within the limit."""
+    base = rng.standard_normal((1, 8, 6, 7, 24)).astype(np.float32)
+    x = base[..., ::2]
+    w = rng.standard_normal((16, 3, 3, 3, 12)).astype(np.float32)
+    ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
+    mag = magnitude_ref(x.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
+    for workspace in (None, 4096):
+        p = ct.plan(x.shape, w.shape, stride=2, padding=1, algorithm="native",
+                    workspace=workspace)
+        assert_close(ct.run_plan(p, x, w), ref, np.float32, mag, what=str(workspace))

@@ -1,0 +1,285 @@
+"""The compiled kernel (csrc/), gradients: grad_input (a correlation of the cotangent,
+heads with few output channels, depthwise) and grad_weight (vectors along either side,
+few sums per tap, both gradients in one pass, work split between threads, depthwise),
+on every instruction set this CPU has, against the loop reference of test_vjp.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from convtranspose import _native_kernel as native
+
+# (C_in, C_out, groups): vectors along C_out (whole vectors on every instruction set:
+# 32 channels), swapped along C_in (C_out below a vector), several groups, and a block
+# remainder along the broadcast side (C_in = 7, 19).
+GRAD_SHAPES = [(7, 32, 1), (19, 64, 1), (32, 1, 1), (64, 3, 1), (14, 64, 2), (64, 2, 2)]
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", GRAD_SHAPES,
+                         ids=[f"ci{a}-co{b}-g{c}" for a, b, c in GRAD_SHAPES])
+def test_vjp_through_the_kernel_every_isa(c_in, c_out, groups, isa, rng):
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), c_in, c_out, (3, 2, 4), stride=(2, 1, 2),
+                              padding=(1, 0, 2), dilation=(1, 2, 1), output_padding=(1, 0, 1),
+                              groups=groups, batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    assert native_grad_weight_side(spec, x3, c3, np.dtype(np.float32)) is not None
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    for threads in (1, 2):
+        gx, gw = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
+        np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+        again = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
+        np.testing.assert_array_equal(again[1], gw)  # reproducible bit for bit
+
+
+# (C_in/g in vectors, C_out/g, groups, input W, W kernel, W padding): few sums per tap
+# (C_out/g times C_in/g's vectors below 8), where tiles of taps share each pixel's x
+# vectors; one to five vectors (a chunk of four and a remainder), rows with and without
+# pixels that every tap of a tile reaches (W 2 against a kernel 4 wide).
+FEW_SUMS = [(1, 1, 1, 9, 4, 1), (2, 3, 1, 9, 3, 1), (5, 1, 2, 7, 2, 0), (1, 2, 3, 2, 4, 2),
+            (3, 1, 1, 11, 5, 3)]
+
+
+@pytest.mark.parametrize("vectors,c_out,groups,width,kw,pw", FEW_SUMS,
+                         ids=[f"v{a}-co{b}-g{c}-w{d}-k{e}" for a, b, c, d, e, _ in FEW_SUMS])
+def test_grad_weight_few_sums_per_tap(vectors, c_out, groups, width, kw, pw, isa, rng):
+    """Heads with one to three output channels: grad_weight sums tiles of taps together
+    over each row. Every tap's sum must match the loop reference, and its bits must not
+    depend on the thread count (which decides which taps share a tile)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    lanes, max_vectors = native.layout(4)
+    c_in = vectors * lanes * groups
+    x, w, cot, kws = make_case(rng, 3, (3, 5, width), c_in, c_out * groups, (3, 4, kw),
+                               stride=(2, 1, 2), padding=(1, 2, pw), dilation=(1, 1, 2),
+                               groups=groups, batch=2)
+    spec, _, _ = spec_for(3, x, w, **kws)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    assert native_grad_weight_side(spec, x3, c3, np.dtype(np.float32)) is True
+    assert c_out * min(vectors, max_vectors) < 8
+    _, rw = loops_vjp(x, w, cot, **kws)
+    results = [vjp_arrays(spec, x, w, cot, need_input=False, algorithm="native",
+                          threads=t)[1] for t in (1, 2, 3)]
+    np.testing.assert_allclose(results[0], rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(results[2], results[0])
+
+
+@pytest.mark.parametrize("vectors,c_out,groups,width,kw,pw", FEW_SUMS,
+                         ids=[f"v{a}-co{b}-g{c}-w{d}-k{e}" for a, b, c, d, e, _ in FEW_SUMS])
+def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, kw, pw, isa,
+                                                 rng, monkeypatch):
+    """Where grad_weight sums few values per tap, grad_input comes from the same pass (each
+    cotangent value loaded feeds both). Both must match the loop reference at every thread
+    count, in float32 and float64; grad_input's bits must not depend on the thread count,
+    nor grad_weight's from one call to the next."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp
+    from convtranspose._api import spec_for
+    runs = []
+    real = _vjp._native_both
+    monkeypatch.setattr(_vjp, "_native_both", lambda *a: (runs.append(a[-1]), real(*a)))
+    lanes, _ = native.layout(4)
+    c_in = vectors * lanes * groups
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        x, w, cot, kws = make_case(rng, 3, (3, 5, width), c_in, c_out * groups, (3, 4, kw),
+                                   stride=(2, 1, 2), padding=(1, 2, pw), dilation=(1, 1, 2),
+                                   groups=groups, batch=2, dtypes=(dtype,) * 3)
+        spec, _, _ = spec_for(3, x, w, **kws)
+        rx, rw = loops_vjp(x, w, cot, **kws)
+        runs.clear()
+        results = [_vjp.vjp_arrays(spec, x, w, cot, threads=t, algorithm="native")
+                   for t in (1, 2, 3)]  # native: these small calls would take 'indexed'
+        x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+        c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+        fused = (_vjp.native_grad_weight_side(spec, x3, c3, np.dtype(dtype)) is True
+                 and native.fuses_grad_input(np.dtype(dtype).itemsize, c_in // groups, c_out))
+        assert fused or dtype == np.float64  # float32's few sums always fuse
+        assert len(runs) == (3 if fused else 0)
+        for gx, gw in results:
+            np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
+            np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+        np.testing.assert_array_equal(results[1][0], results[0][0])
+        np.testing.assert_array_equal(results[2][0], results[0][0])
+        again = _vjp.vjp_arrays(spec, x, w, cot, threads=2, algorithm="native")
+        np.testing.assert_array_equal(again[1], results[1][1])
+
+
+def test_grad_input_in_the_grad_weight_pass_only_for_few_sums(rng):
+    """The kernel refuses grad_input beside sums it does not take few at a time."""
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import _tap_offsets
+    x = rng.standard_normal((1, 4, 4, 4, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 2, 2, 2, 16)).astype(np.float32)
+    spec, _, _ = spec_for(3, x, w, stride=2)
+    cot = np.zeros(spec.output_shape, np.float32)
+    assert not native.fuses_grad_input(4, 16, 16)
+    part = np.zeros((16, 8, 16), np.float32)
+    with pytest.raises(ValueError, match="grad_input in the same pass"):
+        native.grad_weight(True, x, 0, cot, 0, _tap_offsets(spec), spec.stride, part,
+                           (0, 1, 0, 4, 0, 4), 16, 16, strides=(128, 16),
+                           grad_input=np.zeros_like(x), weight=np.zeros_like(part))
+
+
+# (C_out/g, W stride, groups, width): grad_input of heads with one to three output
+# channels runs the kernel with that many input channels, unrolled, and with the pixel
+# stride known where the channels are contiguous (strides 1 and 2, one group).
+HEAD_GRAD_INPUT = [(co, s, g, wd) for co in (1, 2, 3) for s in (1, 2, 3) for g in (1, 2)
+                   for wd in (5, 33)]
+
+
+@pytest.mark.parametrize("c_out,stride,groups,width", HEAD_GRAD_INPUT,
+                         ids=[f"co{a}-s{b}-g{c}-w{d}" for a, b, c, d in HEAD_GRAD_INPUT])
+def test_grad_input_of_few_output_channels(c_out, stride, groups, width, isa, rng):
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import vjp_arrays
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        x, w, cot, kw = make_case(rng, 3, (2, 3, width), 16 * groups, c_out * groups,
+                                  (2, 3, 4), stride=(1, 2, stride), padding=(0, 1, 2),
+                                  dilation=(1, 1, 2), groups=groups, batch=2,
+                                  dtypes=(dtype,) * 3)
+        spec, _, _ = spec_for(3, x, w, **kw)
+        rx, _ = loops_vjp(x, w, cot, **kw)
+        gx, _ = vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native", threads=2)
+        np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
+
+
+def _shifted(a: np.ndarray, offset_bytes: int) -> np.ndarray:
+    """A copy of `a` that starts `offset_bytes` past a cache line boundary."""
+    buf = np.empty(a.nbytes + 64 + offset_bytes, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset_bytes
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("c_in,c_out,swapped", [(112, 32, False), (32, 100, True)],
+                         ids=["cotangent-side", "input-side"])
+def test_grad_weight_reads_vector_rows_off_the_line_boundary_alike(c_in, c_out, swapped, isa,
+                                                                   rng):
+    """With ~96 or more broadcast blocks, grad_weight copies the vector side's rows of a
+    batch to a line boundary when they are not on one: the bits must not depend on where
+    the caller's arrays start (4 and 16 bytes past a line, or on one)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (2, 3, 13), c_in, c_out, (2, 3, 3), stride=(1, 2, 2),
+                              padding=(0, 1, 1), groups=1, batch=1)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    side = native_grad_weight_side(spec, x.reshape(spec.batch, *spec.in_spatial, c_in),
+                                   cot.reshape(spec.batch, *spec.out_spatial, c_out),
+                                   np.dtype(np.float32))
+    lanes, _ = native.layout(4)
+    assert side is (swapped and c_out % lanes != 0)  # generic's 4 lanes take 100 whole
+    rw = loops_vjp(x, w, cot, **kw)[1]
+    results = []
+    for offset in (0, 4, 16):
+        _, gw = vjp_arrays(spec, _shifted(x, offset), w, _shifted(cot, offset),
+                           need_input=False, algorithm="native", threads=1)
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+        results.append(gw.copy())
+    for gw in results[1:]:
+        np.testing.assert_array_equal(gw, results[0])
+
+
+@pytest.mark.parametrize("path", ["units", "in-place", "rows"])
+def test_grad_weight_work_splits_agree_and_units_ignore_the_thread_count(path, rng,
+                                                                        monkeypatch):
+    """Workers share out (tap, column chunk) units, summing into grad_weight in place
+    (vectors along C_in) or through the packed layout; with too few units to share (a
+    1x1x1 kernel) they split the rows and add partial sums. Each matches the loop
+    reference; the units split gives the same bits at any thread count."""
+    from test_vjp import loops_vjp, make_case
+
+    import convtranspose._vjp as vjp_module
+    from convtranspose._api import spec_for
+    kernel = (1, 1, 1) if path == "rows" else (3, 2, 4)
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), 32, 64, kernel, stride=(2, 1, 2),
+                              padding=(0, 0, 0) if path == "rows" else (1, 0, 2),
+                              groups=2, batch=2)
+    if path == "in-place":
+        monkeypatch.setattr(vjp_module, "GW_IN_PLACE_BYTES", 0)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    swapped = vjp_module.native_grad_weight_side(spec, x3, c3, np.dtype(np.float32))
+    assert swapped is (path == "in-place")
+    units = native.gw_units(math.prod(kernel), 16 if swapped else 32, 4)
+    assert (units < 4) is (path == "rows")
+    _, rw = loops_vjp(x, w, cot, **kw)
+    results = [vjp_module.vjp_arrays(spec, x, w, cot, need_input=False, threads=t)[1]
+               for t in (1, 2, 3)]
+    for gw in results:
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+    if path != "rows":
+        np.testing.assert_array_equal(results[0], results[1])
+        np.testing.assert_array_equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("channels", [5, 16, 70])
+def test_depthwise_grad_input_through_the_kernel(channels, isa, rng):
+    """A depthwise layer's grad_input is a depthwise correlation of the cotangent: the
+    kernel's depthwise mode with the stride as its step (whole and partial vectors)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_input_suits, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), channels, channels, (3, 2, 4),
+                              stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1),
+                              output_padding=(1, 0, 1), groups=channels, batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    assert native_grad_input_suits(spec, need_weight=True)
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    for threads in (1, 2):
+        gx, _ = vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native",
+                           threads=threads)
+        np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+    gx, gw = vjp_arrays(spec, x, w, cot)  # the default: indexed, or kernel + direct
+    np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+    np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 5, 16, 20, 64])
+def test_depthwise_grad_weight_through_the_kernel(channels, isa, rng):
+    """A depthwise layer's grad_weight: per tap and channel, a sum over pixels of input
+    times cotangent, vectors along the channels (whole and partial vectors), rows split
+    between workers with one partial each: right for 1 and 2 threads, float32 and
+    float64, and the same bits again at a thread count."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 9), channels, channels, (3, 2, 4),
+                              stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1),
+                              output_padding=(1, 0, 1), groups=channels, batch=2)
+    for dtype in (np.float32, np.float64):
+        xd, wd, cd = x.astype(dtype), w.astype(dtype), cot.astype(dtype)
+        spec, _, _ = spec_for(3, xd, wd, **kw)
+        x3 = xd.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+        c3 = cd.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+        assert native_grad_weight_side(spec, x3, c3, np.dtype(dtype)) == native.GW_DEPTHWISE
+        _, rw = loops_vjp(xd, wd, cd, **kw)
+        for threads in (1, 2):
+            _, gw = vjp_arrays(spec, xd, wd, cd, need_input=False, algorithm="native",
+                               threads=threads)
+            assert gw.dtype == dtype
+            np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+            _, again = vjp_arrays(spec, xd, wd, cd, need_input=False, algorithm="native",
+                                  threads=threads)
+            np.testing.assert_array_equal(again, gw)
