@@ -736,7 +736,7 @@ template <int CO> struct DotBlock {
 // A whole block sweeps the channels once, each weight vector serving P pixels, the pixels
 // reached by stepping one pointer (P pointers live at once spilled to the stack: 71 -> 1
 // s3 ran at 7 GFLOP/s). A partial block (a row's edges) points its other pixels at
-// `zeros` (`full` of them) and runs the same sweep: a test per pixel and vector, as
+// `zeros` (`cin` of them) and runs the same sweep: a test per pixel and vector, as
 // before, or a pixel at a time, kept its sums latency-bound.
 template <typename T, int CO, int P, typename V>
 static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const T* wt,
@@ -744,12 +744,30 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
                            const T* zeros) {
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
+  // Channels past the last whole vector, where there is one before them: the vector
+  // ending at the last channel, weighed by the weight's with its first lanes (channels
+  // the whole vectors summed) zeroed: a plain load per pixel, where a masked one cost as
+  // much as the whole vectors of 53 channels.
+  const int64_t rest = cin - full;
+  const bool overlap = rest > 0 && full > 0;
+  V wtail[CO];
+  if (overlap) {
+    alignas(64) T lanes[L];
+#pragma GCC unroll 4
+    for (int o = 0; o < CO; ++o) {
+      for (int i = 0; i < L; ++i) lanes[i] = i >= L - rest ? wt[o * cin + cin - L + i] : T(0);
+      wtail[o] = *reinterpret_cast<const U*>(lanes);
+    }
+  }
+  const int64_t ends = overlap ? full + L : full;  // sweeps: whole vectors, then the tail's
   if (pa == 0 && pb == P) {
-    for (int64_t c = 0; c < full; c += L) {
+    for (int64_t c = 0; c < ends; c += L) {
+      const int64_t at = c < full ? c : cin - L;
       V wv[CO];
 #pragma GCC unroll 4
-      for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * cin + c);
-      const T* xp = xb + c;
+      for (int o = 0; o < CO; ++o)
+        wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
+      const T* xp = xb + at;
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p, xp += pstride) {
         const V xv = *reinterpret_cast<const U*>(xp);
@@ -761,27 +779,29 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
     const T* xp[P];
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) xp[p] = p >= pa && p < pb ? xb + p * pstride : zeros;
-    for (int64_t c = 0; c < full; c += L) {
+    for (int64_t c = 0; c < ends; c += L) {
+      const int64_t at = c < full ? c : cin - L;
       V wv[CO];
 #pragma GCC unroll 4
-      for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * cin + c);
+      for (int o = 0; o < CO; ++o)
+        wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
-        const V xv = *reinterpret_cast<const U*>(xp[p] + c);
+        const V xv = *reinterpret_cast<const U*>(xp[p] + at);
 #pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
       }
     }
   }
-  if (full < cin) {  // channels past the last whole vector: one partial vector
+  if (rest > 0 && !overlap) {  // fewer channels than a vector: one partial vector
     // (a scalar chain per pixel ran latency-bound: 71 -> 1 at a third of PyTorch)
     V wv[CO];
 #pragma GCC unroll 4
-    for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(cin - full, wt + o * cin + full);
+    for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(rest, wt + o * cin);
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
       if (p < pa || p >= pb) continue;
-      const V xv = load_first<V>(cin - full, xb + p * pstride + full);
+      const V xv = load_first<V>(rest, xb + p * pstride);
 #pragma GCC unroll 4
       for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
     }
@@ -799,7 +819,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   const T* wpk = static_cast<const T*>(job.w);
   const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  const std::vector<T> zeros(full);
+  const std::vector<T> zeros(cin);  // what a partial block's pixels outside it read
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
       const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
