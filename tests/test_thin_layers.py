@@ -40,6 +40,7 @@ CLASSES = {
     "grouped-few": (4, 34, 2, 5, 2, 1),
     "grouped-thin-out": (12, 4, 4, 5, 2, 1),
     "grouped-wide-in": (76, 4, 4, 5, 2, 2),
+    "dilated-odd-channels": (18, 10, 2, 3, 2, 2),
 }
 
 
@@ -98,11 +99,15 @@ def test_class_gradients(name, ndim, threads):
     spec, x32, w32 = spec_for(ndim, x.astype(np.float32), w.astype(np.float32),
                               settings["stride"], settings["padding"], settings["dilation"],
                               settings["output_padding"], settings["groups"])
-    gx, gw = _vjp.vjp_arrays(spec, x32, w32, cot.astype(np.float32), threads=threads)
     rx, rw = _torch_vjp(x, w, cot, settings)
-    for got, want, what in ((gx, rx, "grad_input"), (gw, rw, "grad_weight")):
-        scale = np.abs(want).max() + 1e-12
-        assert np.abs(got - want).max() / scale < 2e-5, f"{name} {ndim}-D {what}"
+    # The default, and the kernel's paths asked for: draws this small would else take
+    # `indexed` alone.
+    for algorithm in (None, "native"):
+        gx, gw = _vjp.vjp_arrays(spec, x32, w32, cot.astype(np.float32), threads=threads,
+                                 algorithm=algorithm)
+        for got, want, what in ((gx, rx, "grad_input"), (gw, rw, "grad_weight")):
+            scale = np.abs(want).max() + 1e-12
+            assert np.abs(got - want).max() / scale < 2e-5, f"{name} {ndim}-D {what} {algorithm}"
 
 
 def _spec(name: str, ndim: int = 3, spatial: int = 12):
@@ -132,6 +137,11 @@ def test_the_paths_each_class_takes():
                                             c3, np.dtype(np.float32), 2) == _vjp.GW_WIDE, name
     spec, *_ = _spec("depthwise-2ch")
     assert _plan.native_mode(spec) == native.DEPTHWISE
+    # neither C_in/g nor C_out/g whole vectors, W dilated: x padded for grad_weight
+    spec, x, w = _spec("dilated-odd-channels")
+    c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
+    assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, spec.c_in), c3,
+                                        np.dtype(np.float32), 2) == _vjp.GW_PADDED
     # one cotangent channel per group fans out to C_in/g inputs: a depthwise grad_input
     spec, *_ = _spec("grouped-thin-out")
     assert _plan.expands_to_depthwise(_vjp.grad_input_kernel_spec(spec))

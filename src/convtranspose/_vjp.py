@@ -166,7 +166,7 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
     if algorithm is None and work and native.AVAILABLE and expands_to_depthwise(spec):
         return _multiplier_vjp(spec, x, w, cot, cd, need_input, need_weight, threads,
                                workspace)
-    if (algorithm is None and work and need_input and native.AVAILABLE
+    if (algorithm in (None, "native") and work and need_input and native.AVAILABLE
             and expands_to_depthwise(grad_input_kernel_spec(spec))):
         gx = _fan_out_grad_input(spec, w, cot, cd, threads, workspace)
         _, gw = vjp_arrays(spec, x, w, cot, need_input=False, need_weight=need_weight,
@@ -396,6 +396,8 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     depthwise = cig == 1 and cog == 1
     wide = not depthwise and grad_input_wide_w(spec)
     mode = (native.DEPTHWISE if depthwise else native_mode(grad_input_kernel_spec(spec), False))
+    # (a fan-out, depthwise by its swapped spec alone, goes to `_fan_out_grad_input`)
+    assert depthwise or mode != native.DEPTHWISE
     pairs = 0 if mode != native.CHANNELS or wide else -(-spec.in_spatial[0] // 2) * (
         _grad_input_pairs(spec, c3, cd, limit))
     source, in_dims, steps = c3, spec.out_spatial, spec.stride
@@ -513,6 +515,7 @@ def _wide_cotangent(spec, c3, w3, cd, threads):
 
 
 GW_WIDE = 3  # native_grad_weight_side: every W tap's columns in one run (grad_weight_wide_w)
+GW_PADDED = 4  # swapped, over a copy of x with each group's channels padded to whole vectors
 
 
 def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
@@ -592,7 +595,9 @@ def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
         return True
     if along_out:
         return False
-    return GW_WIDE if grad_weight_wide_w(spec, cd, threads) else None
+    if grad_weight_wide_w(spec, cd, threads):
+        return GW_WIDE
+    return GW_PADDED if math.prod(spec.kernel) > 1 else None
 
 
 def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
@@ -610,6 +615,9 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
         return
     if swapped == GW_WIDE:
         _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
+        return
+    if swapped == GW_PADDED:
+        _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
         return
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     offsets = _tap_offsets(spec)
@@ -663,6 +671,32 @@ def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
         _unpack_grad_weight(gw, _sum_in_order(parts), ktot, rows, cols, swapped)
 
     _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish_rows, defer)
+
+
+def _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> None:
+    """grad_weight where neither C_in/g nor C_out/g is whole vectors (`GW_PADDED`): the
+    kernel's swapped sums (vectors along C_in) over a copy of x whose groups' channels are
+    padded with zeros to whole vectors, into a gw as padded; its own channels copied out.
+    The copy is one pass over x; the GEMM paths it replaces ran such layers at a third of
+    the kernel's rate (260 -> 24 g2 k4 d2)."""
+    lanes, _ = native.layout(cd.itemsize)
+    groups, cig = spec.groups, spec.c_in_per_group
+    padded_cig = -(-cig // lanes) * lanes
+    padded = dataclasses.replace(spec, c_in=groups * padded_cig)
+    xp = native.aligned_zeros((*x3.shape[:-1], groups, padded_cig), cd)
+    xp[..., :cig] = x3.reshape(*x3.shape[:-1], groups, cig)
+    xp = xp.reshape(*x3.shape[:-1], groups * padded_cig)
+    gwp = native.aligned_empty((spec.c_out, math.prod(spec.kernel), padded_cig), cd)
+    queue: list = []
+    _native_grad_weight(padded, xp, c3, gwp, n_threads, True, cd, queue)
+    (jobs, finish), = queue
+
+    def copy_out() -> None:
+        finish()
+        gw[...] = gwp[:, :, :cig]
+
+    _run_or_defer([native.Task(job.calls, job.shared, job.once, (job.keep, xp, gwp))
+                   for job in jobs], n_threads, copy_out, defer)
 
 
 def _native_both(spec, x3, c3, w3, gx, gw, n_threads, cd) -> None:
