@@ -18,6 +18,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __SSE2__
+#include <xmmintrin.h>
+#endif
+
 #include "correlate_api.h"
 #include "ct_capi.h"
 #include "pool.hpp"
@@ -539,7 +543,28 @@ void pack_columns(const T* src, const int64_t* table, int64_t taps, int64_t cols
       // (W3's 8 MiB weight took 2.6 ms so, against 0.3 ms of copying).
       for (int64_t cb = 0; cb < live; cb += 8) {
         const int64_t cn = std::min<int64_t>(8, live - cb);
-        for (int64_t r = 0; r < rows; ++r)
+        int64_t r = 0;
+#ifdef __SSE2__
+        if constexpr (sizeof(T) == 4) {
+          // Four columns by four rows a step, transposed in registers: the element loop
+          // moved ~1.4 GB/s (a 19 MiB weight in 13 ms, its copy taking 2.8).
+          if (cn == 8)
+            for (; r + 4 <= rows; r += 4)
+              for (int64_t h = 0; h < 8; h += 4) {
+                __m128 a = _mm_loadu_ps(reinterpret_cast<const float*>(src + from[cb + h] + r));
+                __m128 b = _mm_loadu_ps(reinterpret_cast<const float*>(src + from[cb + h + 1] + r));
+                __m128 c = _mm_loadu_ps(reinterpret_cast<const float*>(src + from[cb + h + 2] + r));
+                __m128 d = _mm_loadu_ps(reinterpret_cast<const float*>(src + from[cb + h + 3] + r));
+                _MM_TRANSPOSE4_PS(a, b, c, d);
+                float* o = reinterpret_cast<float*>(dst + r * width + cb + h);
+                _mm_storeu_ps(o, a);
+                _mm_storeu_ps(o + width, b);
+                _mm_storeu_ps(o + 2 * width, c);
+                _mm_storeu_ps(o + 3 * width, d);
+              }
+        }
+#endif
+        for (; r < rows; ++r)
           for (int64_t c = 0; c < cn; ++c) dst[r * width + cb + c] = src[from[cb + c] + r];
       }
       for (int64_t r = 0; r < rows; ++r)
