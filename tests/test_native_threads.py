@@ -42,6 +42,22 @@ def test_threads_sharing_a_tile_compute_every_row_once(c_in, c_out, groups, stri
     np.testing.assert_array_equal(shared, alone)
 
 
+def test_threads_share_a_few_rows_by_channel_chunks(rng, monkeypatch, small_calls_threaded):
+    """A few rows of wide channels (fewer row groups than twice the sharers): the calls
+    claim (row group, channel chunk) pairs instead of rows, each pair computed whole by
+    one of them: the bits of one call computing everything, and every output written."""
+    x = rng.standard_normal((1, 2, 2, 3, 32)).astype(np.float32)
+    w = rng.standard_normal((160, 3, 3, 3, 32)).astype(np.float32)
+    kw = dict(padding=1)
+    alone = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=1),
+                        x, w).copy()
+    shared_calls = _three_calls_per_shared_tile(monkeypatch)
+    _poisoned(monkeypatch)
+    shared = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=2), x, w)
+    assert shared_calls, "the plan on two threads made no tile shared"
+    np.testing.assert_array_equal(shared, alone)
+
+
 @pytest.mark.parametrize("c_in,c_out,groups,stride", SHARED_SHAPES,
                          ids=[f"ci{a}-co{b}-g{c}-s{d}" for a, b, c, d in SHARED_SHAPES])
 def test_grad_input_tiles_shared_by_threads_hold_the_same_bits(c_in, c_out, groups, stride,

@@ -542,9 +542,11 @@ static inline int64_t box_rows(const int64_t* box) {
 // time, `ct_stop` asked before each: Ctrl-C stops the call within a unit of rows.
 class RowClaims {
  public:
-  RowClaims(const CtJob& job, int64_t unit)
+  // `total`: claims over that many units of work instead of the box's rows.
+  RowClaims(const CtJob& job, int64_t unit, int64_t total = -1)
       : cursor_(job.cursor), sharers_(std::max<int64_t>(1, job.sharers)),
-        total_(box_rows(job.box)), unit_(std::max<int64_t>(1, unit)), stop_(ct_stop) {}
+        total_(total >= 0 ? total : box_rows(job.box)), unit_(std::max<int64_t>(1, unit)),
+        stop_(ct_stop) {}
 
   bool next(int64_t& first, int64_t& last) {
     if (at_ >= end_ && !claim(at_, end_)) return false;
@@ -644,35 +646,56 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   std::vector<const T*> xrows(group * pairs);
   std::vector<char*> orows(outs * group);
   T* acc = aligned_line(acc_store.data());
-  RowClaims claims(job, group);
-  for (int64_t run0, run1; claims.next(run0, run1);) {
-    for (int64_t first = run0; first < run1; first += group) {
-      const int64_t nrows = std::min(group, run1 - first);
-      for (int64_t r = 0; r < nrows; ++r) {
-        const RowPos pos = row_at(job.box, first + r);
-        tap_rows<T>(job, pos, xrows.data() + r * pairs);
-        orows[r] = out + out_row_offset(job, pos, oi);
-        if (job.pair_out)  // the pair's second output, where it lies inside
-          orows[nrows + r] = 2 * pos.d + 1 < job.pair_out ? orows[r] + job.os[1] * oi : nullptr;
-      }
-      for (int64_t i = 0; i < nruns; ++i) {
-        const int64_t* lo = run_lo.data() + i * tw;
-        const int64_t* hi = run_hi.data() + i * tw;
-        for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) {
-          const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
-          const T* wchunk = wpk + taps * job.cin * c0;
-          const int64_t live = job.cout - c0;
-          char* o[128];
-          for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + c0 * oi : nullptr;
-          const bool inner = job.cin < CT_TAPS_INNER_BELOW;
-          with_vectors(cw / L, [&](auto nv) {
-            constexpr int NV = decltype(nv)::value;
-            (inner ? rows_chunk_taps_inner<T, NV> : rows_chunk<T, NV>)(
-                job, nrows, xrows.data(), o, lo, hi, wchunk, cw, live, acc, runs[i]);
-          });
-        }
-      }
+  int64_t nrows = 0;
+  const auto set_rows = [&](int64_t first, int64_t count) {  // a group's input and output rows
+    nrows = count;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const RowPos pos = row_at(job.box, first + r);
+      tap_rows<T>(job, pos, xrows.data() + r * pairs);
+      orows[r] = out + out_row_offset(job, pos, oi);
+      if (job.pair_out)  // the pair's second output, where it lies inside
+        orows[nrows + r] = 2 * pos.d + 1 < job.pair_out ? orows[r] + job.os[1] * oi : nullptr;
     }
+  };
+  // The group's outputs of channels [c0, c0 + cw_full) in W run i.
+  const auto chunk = [&](int64_t c0, int64_t i) {
+    const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
+    const T* wchunk = wpk + taps * job.cin * c0;
+    const int64_t live = job.cout - c0;
+    char* o[128];
+    for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + c0 * oi : nullptr;
+    const bool inner = job.cin < CT_TAPS_INNER_BELOW;
+    with_vectors(cw / L, [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      (inner ? rows_chunk_taps_inner<T, NV> : rows_chunk<T, NV>)(
+          job, nrows, xrows.data(), o, run_lo.data() + i * tw, run_hi.data() + i * tw, wchunk,
+          cw, live, acc, runs[i]);
+    });
+  };
+  const int64_t total = box_rows(job.box), groups = (total + group - 1) / group;
+  const int64_t chunks = (cpad + cw_full - 1) / cw_full;
+  if (job.sharers > 1 && chunks > 1 && groups < 2 * job.sharers) {
+    // Too few row groups for the threads sharing the box (a few pixels of wide channels:
+    // 16 rows of 4 pixels made one group, and the other thread waited): they claim (row
+    // group, channel chunk) pairs instead, a group's chunks one after the other.
+    RowClaims claims(job, 1, groups * chunks);
+    int64_t current = -1;
+    for (int64_t run0, run1; claims.next(run0, run1);)
+      for (int64_t v = run0; v < run1; ++v) {
+        if (v / chunks != current) {
+          current = v / chunks;
+          set_rows(current * group, std::min(group, total - current * group));
+        }
+        for (int64_t i = 0; i < nruns; ++i) chunk(v % chunks * cw_full, i);
+      }
+  } else {
+    RowClaims claims(job, group);
+    for (int64_t run0, run1; claims.next(run0, run1);)
+      for (int64_t first = run0; first < run1; first += group) {
+        set_rows(first, std::min(group, run1 - first));
+        for (int64_t i = 0; i < nruns; ++i)  // a run's input rows serve every chunk
+          for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) chunk(c0, i);
+      }
   }
 #ifdef CT_STREAM_FENCE
   if (job.stream_out) CT_STREAM_FENCE();  // non-temporal stores are weakly ordered
