@@ -199,6 +199,156 @@ class Plan:
     __repr__ = __str__
 
 
+# The NumPy/BLAS paths; 'native' names the compiled kernel's (grad_weight's layout is
+# then chosen by the rules below).
+GEMM_ALGORITHMS = ("gather", "shift", "direct", "indexed")
+VJP_ALGORITHMS = ("native", *GEMM_ALGORITHMS)
+GW_WIDE = 3  # grad_weight's kernel layout: every W tap's columns in one run
+GW_PADDED = 4  # swapped, over a copy of x with each group's channels padded to whole vectors
+
+
+@dataclass(frozen=True)
+class GradStep:
+    """How one gradient is computed: its path, and what the model says it costs.
+
+    `algorithm`: 'native', 'winograd' (grad_input only), one of GEMM_ALGORITHMS, or
+    'zeros' (no tap reaches the output: nothing to sum). `side`: for grad_weight on the
+    compiled kernel, its layout (`grad_weight_side`). `with_grad_weight`: grad_input
+    computed in grad_weight's pass. `wide_w`: grad_input's W taps summed as one
+    (`grad_input_wide_w`). `fan_out`: grad_input as a depthwise layer's over C_in channels
+    (one cotangent channel per group, repeated for its inputs)."""
+
+    algorithm: str
+    flops: int
+    workspace_bytes: int  # about: the model's count of its scratch memory
+    threads: int
+    est_seconds: float
+    side: bool | int | None = None
+    with_grad_weight: bool = False
+    wide_w: bool = False
+    fan_out: bool = False
+
+    @property
+    def native(self) -> bool:
+        return self.algorithm in ("native", "winograd")
+
+    def describe(self) -> str:
+        """One line: the path, then how the compiled kernel lays it out."""
+        name = self.algorithm
+        if self.native:
+            name += f" ({native.isa()})"
+        how = {
+            "winograd": "F(2,3) along D on the transformed cotangent",
+            "gather": "GEMMs over gathered cotangent rows (one copy feeds both gradients)",
+            "shift": "shifted GEMMs over a grid of cotangent rows (one copy feeds both "
+                     "gradients)",
+            "direct": "multiply-adds broadcast over channels",
+            "indexed": "one gather of the products' cotangent, one GEMM",
+            "zeros": "no tap reaches the output",
+        }.get(self.algorithm, "")
+        if self.fan_out:
+            how = ("a depthwise grad_input over C_in channels, each group's cotangent channel "
+                   f"repeated for its inputs{'' if self.native else ' (' + how + ')'}")
+        elif self.with_grad_weight:
+            how = "in grad_weight's pass"
+        elif self.algorithm == "native" and self.side is not None:
+            how = _SIDE_NAMES[self.side]
+        elif self.algorithm == "native":
+            how = "a correlation of the cotangent, channels swapped" + (
+                ", W taps as one" if self.wide_w else "")
+        return f"{name}: {how}" if how else name
+
+
+_SIDE_NAMES = {False: "vectors along C_out/g, packed then unpacked",
+               True: "vectors along C_in/g, summed in place",
+               native.GW_DEPTHWISE: "one channel per group, per-worker partial sums",
+               GW_WIDE: "every W tap's columns in one run",
+               GW_PADDED: "vectors along C_in/g, over x padded to whole vectors"}
+
+
+@dataclass(frozen=True)
+class VjpPlan:
+    """What a backward call runs: for grad_input and grad_weight separately, the path, its
+    FLOPs, workspace, threads and modelled time. Built once per call (`make_vjp_plan`),
+    never revised while it runs; ``print(plan)`` summarises it."""
+
+    spec: ConvSpec
+    compute_dtype: np.dtype
+    grad_input: GradStep | None  # None: not asked for
+    grad_weight: GradStep | None
+    threads: int
+    workspace_limit: int
+    budget: int  # elements of scratch per worker for the NumPy/BLAS paths
+    shared_queue: bool = False  # both gradients' kernel tasks in one queue
+    multiplier: "VjpPlan | None" = None  # the depthwise layer's plan a multiplier runs
+    fan_out: "VjpPlan | None" = None  # the depthwise plan grad_input runs (GradStep.fan_out)
+
+    @property
+    def steps(self) -> tuple[GradStep, ...]:
+        return tuple(s for s in (self.grad_input, self.grad_weight) if s is not None)
+
+    @property
+    def gemm_algorithm(self) -> str | None:
+        """The NumPy/BLAS path that serves what the kernel does not, if any."""
+        return next((s.algorithm for s in self.steps if s.algorithm in GEMM_ALGORITHMS),
+                    None)
+
+    @property
+    def algorithm(self) -> str:
+        """The paths in one name: 'native', 'shift', or 'native+gather' (grad_input's
+        first where they differ)."""
+        names = list(dict.fromkeys(s.algorithm for s in self.steps))
+        return "+".join(names) or "none"
+
+    @property
+    def est_seconds(self) -> dict:
+        """The model's time for the whole backward, keyed by `algorithm` (as the forward's
+        Plan keys its candidates)."""
+        return {self.algorithm: sum(s.est_seconds for s in self.steps)}
+
+    @property
+    def flops(self) -> int:
+        return sum(s.flops for s in self.steps)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(s.workspace_bytes for s in self.steps)
+
+    def __str__(self) -> str:
+        s = self.spec
+        lift = 3 - s.ndim
+        total = sum(st.est_seconds for st in self.steps)
+        lines = [
+            f"convtranspose backward plan for {s.op}",
+            f"  input        {s.input_shape} {s.input_dtype.name}",
+            f"  weight       {s.weight_shape} {s.weight_dtype.name}",
+            f"  cotangent    {s.output_shape} (accumulates in {self.compute_dtype.name})",
+            f"  settings     stride={s.stride[lift:]} padding={s.padding[lift:]} "
+            f"dilation={s.dilation[lift:]} output_padding={s.output_padding[lift:]} "
+            f"groups={s.groups}",
+        ]
+        if self.multiplier is not None:
+            lines.append(f"  multiplier   run as a depthwise layer of {s.c_out} channels, "
+                         f"each input channel repeated {s.c_out_per_group} times")
+        for name, step in (("grad_input", self.grad_input), ("grad_weight", self.grad_weight)):
+            lines.append(f"  {name:<12} " + ("not asked for" if step is None else
+                                             step.describe()))
+        est = ", ".join(f"{n} {st.est_seconds * 1e3:.2f}" for n, st in
+                        (("grad_input", self.grad_input), ("grad_weight", self.grad_weight))
+                        if st is not None)
+        lines += [
+            f"  model ms     {est} (total {total * 1e3:.2f})",
+            f"  useful       {self.flops / 1e9:.3f} GFLOP",
+            f"  threads      {self.threads}"
+            + (" (both gradients' kernel tasks in one queue)" if self.shared_queue else ""),
+            f"  workspace    about {self.workspace_bytes / 2**20:.1f} MiB "
+            f"(limit {self.workspace_limit / 2**20:.1f} MiB)",
+        ]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
 def workspace_limit(spec: ConvSpec, workspace: int | None) -> int:
     """Default: max(64 MiB, 25% of the output); `workspace` (bytes) overrides it."""
     if workspace is not None:

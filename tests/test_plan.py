@@ -1,0 +1,184 @@
+"""The planners' choices, pinned on representative layers: which algorithm the forward
+runs and which path each gradient takes. A change that routes a layer elsewhere fails
+here by name, and is then a decision to make (and to measure), not a side effect.
+
+The pins are for the compiled kernel (the no-compiler planner has its own tests below);
+the numbers each path gives are checked against references elsewhere (test_vjp,
+test_reference, test_thin_layers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convtranspose as ct
+from convtranspose import _native_kernel as native
+from convtranspose import _vjp
+from convtranspose._workloads import select_workloads
+
+needs_kernel = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel's paths")
+
+# name: (grad_input's path, grad_weight's path, grad_weight's kernel layout or None,
+#        grad_input computed in grad_weight's pass)
+BACKWARD_W = {
+    "W1": ("native", "native", False, False),
+    "W2": ("native", "native", False, False),
+    "W3": ("native", "native", True, False),
+    "W4": ("native", "native", False, False),
+    "W5": ("winograd", "native", False, False),
+    "W6": ("native", "native", True, True),  # 16 -> 1 head: few sums, one pass for both
+    "W7": ("native", "native", native.GW_DEPTHWISE, False),
+    "W8": ("winograd", "native", False, False),
+    "W9": ("indexed", "indexed", None, False),  # small: one gather, two GEMMs
+}
+
+# (input shape, weight shape, settings): grad_input's path, grad_weight's path. Channel
+# counts that no vector width divides, so that the pins hold on AVX2 and AVX-512 alike.
+BACKWARD_LAYERS = {
+    # grouped, few channels per group (2 in, 17 out per group): grad_weight sums every W
+    # tap's columns at once (GW_WIDE)
+    "grouped-few": ((1, 12, 12, 12, 4), (34, 5, 5, 5, 2), dict(stride=2, groups=2),
+                    "native", "native"),
+    # grouped, 19 in and 1 out per group: the same
+    "grouped-thin-out": ((1, 12, 12, 12, 76), (4, 5, 5, 5, 19), dict(stride=2, groups=4),
+                         "native", "native"),
+    # a channel multiplier: run as the depthwise layer it expands to
+    "multiplier": ((1, 12, 12, 12, 6), (12, 3, 3, 3, 1), dict(stride=2, groups=6),
+                   "native", "native"),
+    # 20 -> 20 at stride 2: neither side whole vectors: grad_weight over x padded to them
+    "odd-channels-s2": ((1, 8, 24, 24, 20), (20, 3, 3, 3, 20), dict(stride=2, padding=1),
+                        "native", "native"),
+    # 20 -> 50 at stride 1: Winograd for grad_input
+    "odd-channels-s1": ((1, 8, 24, 24, 20), (50, 3, 3, 3, 20), dict(padding=1),
+                        "winograd", "native"),
+    # float16 arrays the kernel cannot read in place: grad_weight on the GEMM paths, one
+    # gathered copy feeding both GEMMs ...
+    "half-odd-channels-s2": ((1, 8, 24, 24, 20), (20, 3, 3, 3, 20),
+                             dict(stride=2, padding=1, dtype=np.float16), "gather", "gather"),
+    # ... or, with wide rows (halo rows few) and 3 W taps of 50 channels, the shift grid
+    "half-shift-2d": ((1, 96, 96, 20), (50, 3, 3, 20),
+                      dict(stride=2, padding=1, dtype=np.float16), "shift", "shift"),
+    "half-shift-2d-s1": ((1, 64, 64, 20), (50, 3, 3, 20), dict(padding=1, dtype=np.float16),
+                         "native", "shift"),
+    # grad_input that fans each group's one cotangent channel out to its 2 inputs: as the
+    # depthwise grad_input over C_in channels of the repeated cotangent
+    "fan-out": ((1, 12, 12, 12, 8), (4, 4, 4, 4, 2), dict(stride=2, groups=4),
+                "native", "native"),
+}
+GW_SIDES = {"odd-channels-s2": _vjp.GW_PADDED, "odd-channels-s1": _vjp.GW_PADDED,
+            "grouped-few": _vjp.GW_WIDE, "grouped-thin-out": _vjp.GW_WIDE, "fan-out": _vjp.GW_WIDE,
+            "multiplier": native.GW_DEPTHWISE}
+
+
+def _workload(name: str):
+    (wl,) = select_workloads([name])
+    return wl
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(BACKWARD_W))
+def test_backward_paths_of_the_public_workloads(name):
+    wl = _workload(name)
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings, threads=2)
+    gx_path, gw_path, side, fused = BACKWARD_W[name]
+    assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
+    assert p.grad_weight.side == side and p.grad_input.with_grad_weight == fused, p
+    assert (p.multiplier is None) and p.threads == 2
+    # both by the kernel (and not in one pass): their tasks share one queue
+    assert p.shared_queue == (gw_path == "native" and gx_path != "indexed" and not fused)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(BACKWARD_LAYERS))
+def test_backward_paths_of_representative_layers(name):
+    x_shape, w_shape, settings, gx_path, gw_path = BACKWARD_LAYERS[name]
+    p = ct.vjp_plan(x_shape, w_shape, **settings, threads=2)
+    assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
+    assert p.grad_weight.side == GW_SIDES.get(name), p
+
+
+@needs_kernel
+def test_a_multiplier_plans_as_its_depthwise_layer():
+    p = ct.vjp_plan((1, 12, 12, 12, 6), (12, 3, 3, 3, 1), stride=2, groups=6)
+    assert p.multiplier is not None and p.multiplier.spec.groups == 12
+    assert p.multiplier.spec.c_in == 12 and p.spec.c_in == 6
+    assert "multiplier" in str(p)
+
+
+def test_backward_plan_honours_what_is_asked():
+    shape, w_shape = (1, 16, 16, 16, 32), (16, 2, 2, 2, 32)
+    alone = ct.vjp_plan(shape, w_shape, stride=2, need_weight=False)
+    assert alone.grad_weight is None and alone.grad_input is not None
+    assert not alone.shared_queue
+    gemm = ct.vjp_plan(shape, w_shape, stride=2, algorithm="gather")
+    assert gemm.algorithm == "gather"
+    assert gemm.grad_input.algorithm == gemm.grad_weight.algorithm == "gather"
+    with pytest.raises(ValueError, match="'algorithm' must be one of"):
+        ct.vjp_plan(shape, w_shape, stride=2, algorithm="fft")
+    with pytest.raises(ValueError, match="'indexed' is for small calls"):
+        ct.vjp_plan(shape, w_shape, stride=2, algorithm="indexed")
+    with pytest.raises(ValueError, match="'direct' needs one input channel per group"):
+        ct.vjp_plan(shape, w_shape, stride=2, algorithm="direct")
+    with pytest.raises(ValueError, match="'threads' must be an int >= 1"):
+        ct.vjp_plan(shape, w_shape, threads=0)
+
+
+def test_print_vjp_plan_names_the_paths():
+    wl = _workload("W6")
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    text = str(p)
+    assert text == repr(p)
+    assert text.startswith("convtranspose backward plan for conv_transpose3d_vjp")
+    for line in ("grad_input", "grad_weight", "model ms", "useful", "threads", "workspace"):
+        assert f"\n  {line}" in text, line
+    assert f"grad_input   {p.grad_input.algorithm}" in text
+    assert f"grad_weight  {p.grad_weight.algorithm}" in text
+    alone = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings, need_input=False)
+    assert "grad_input   not asked for" in str(alone)
+
+
+def test_backward_plan_reads_like_the_sweep_expects():
+    """`_sweep.predicted_seconds` reads est_seconds[algorithm], as for the forward."""
+    wl = _workload("W3")
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    total = p.est_seconds[p.algorithm]
+    assert total == pytest.approx(p.grad_input.est_seconds + p.grad_weight.est_seconds)
+    assert total > 0 and p.flops == 2 * p.spec.useful_flops
+
+
+def test_vjp_arrays_runs_the_plan_it_is_given(rng, monkeypatch):
+    """The call builds the plan once and runs it: the public plan for the same arguments is
+    the one the call runs (the cache returns the very object)."""
+    x = rng.standard_normal((1, 6, 6, 6, 16)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 3, 16)).astype(np.float32)
+    seen = []
+    real = _vjp.run_vjp_plan
+
+    def spy(plan, *arrays):
+        seen.append(plan)
+        return real(plan, *arrays)
+
+    monkeypatch.setattr(_vjp, "run_vjp_plan", spy)
+    cot = np.ones(ct.output_shape(x.shape, w.shape, stride=2), np.float32)
+    ct.conv_transpose3d_vjp(x, w, cot, stride=2)
+    assert seen == [ct.vjp_plan(x.shape, w.shape, stride=2)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("algorithm", [None, "native"])
+def test_fan_out_grad_input_plans_as_a_depthwise_layer(algorithm, rng):
+    """One output channel per group and 2 input channels per group: grad_input runs as
+    the depthwise layer over C_in channels (asked for by name too: the kernel has no other
+    layout for it, and returned garbage when forced), grad_weight as planned alone."""
+    x_shape, w_shape, settings, _, _ = BACKWARD_LAYERS["fan-out"]
+    p = ct.vjp_plan(x_shape, w_shape, **settings, algorithm=algorithm)
+    assert p.fan_out is not None and p.fan_out.spec.groups == p.spec.c_in == 8
+    assert p.grad_input.fan_out and "depthwise grad_input" in str(p)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    cot = rng.standard_normal(ct.output_shape(x_shape, w_shape, **settings)).astype(np.float32)
+    spec = p.spec
+    gx, gw = _vjp.vjp_arrays(spec, x, w, cot, algorithm=algorithm)
+    rx, rw = _vjp.vjp_arrays(spec, x, w, cot, algorithm="gather")
+    np.testing.assert_allclose(gx, rx, rtol=0, atol=1e-5 * np.abs(rx).max())
+    np.testing.assert_allclose(gw, rw, rtol=0, atol=1e-5 * np.abs(rw).max())
