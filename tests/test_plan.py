@@ -182,3 +182,65 @@ def test_fan_out_grad_input_plans_as_a_depthwise_layer(algorithm, rng):
     rx, rw = _vjp.vjp_arrays(spec, x, w, cot, algorithm="gather")
     np.testing.assert_allclose(gx, rx, rtol=0, atol=1e-5 * np.abs(rx).max())
     np.testing.assert_allclose(gw, rw, rtol=0, atol=1e-5 * np.abs(rw).max())
+
+
+# --- the forward's registry --------------------------------------------------------------
+
+def test_a_new_algorithm_is_one_kernel_and_one_registry_line(rng):
+    """A kernel that fits every layer and claims the fastest estimate is what the planner
+    picks and what execute runs (here the shift kernel's code under another name); asked
+    for by name where it does not fit, its own reason is the refusal."""
+    import dataclasses
+
+    from convtranspose import _plan, kernels
+    from convtranspose.kernels import shift
+
+    ran = []
+
+    def run(plan, x3, w3, out, bias):
+        ran.append(plan.algorithm)
+        shift.run(plan, x3, w3, out, bias)
+
+    def fits(spec, limit):
+        return None if spec.groups == 1 else "is for ungrouped layers only"
+
+    dummy = dataclasses.replace(shift.KERNEL, name="dummy", fits=fits, run=run,
+                                estimate=lambda spec: 1e-12)
+    x = rng.standard_normal((1, 7, 8, 9, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 3, 3, 3, 16)).astype(np.float32)
+    before = ct.conv_transpose3d(x, w, stride=2)  # a recent call, as a training loop makes
+    kernels.register(dummy)  # the one line
+    try:
+        assert "dummy" in _plan.ALGORITHMS
+        p = ct.plan(x.shape, w.shape, stride=2)
+        assert p.algorithm == "dummy" and "dummy" in p.est_seconds
+        got = ct.run_plan(p, x, w)
+        again = ct.conv_transpose3d(x, w, stride=2)  # the front door plans afresh
+        assert ran == ["dummy", "dummy"]
+        np.testing.assert_array_equal(again, got)
+        want = ct.run_plan(ct.plan(x.shape, w.shape, stride=2, algorithm="shift"), x, w)
+        np.testing.assert_array_equal(got, want)
+        grouped = ct.plan((1, 7, 8, 9, 16), (16, 3, 3, 3, 4), stride=2, groups=4)
+        assert grouped.algorithm != "dummy" and "dummy" not in grouped.est_seconds
+        with pytest.raises(ValueError, match="plan: algorithm 'dummy' is for ungrouped"):
+            ct.plan((1, 7, 8, 9, 16), (16, 3, 3, 3, 4), groups=4, algorithm="dummy")
+    finally:
+        kernels.unregister("dummy")
+    assert "dummy" not in _plan.ALGORITHMS
+    assert ct.plan(x.shape, w.shape, stride=2).algorithm != "dummy"
+    np.testing.assert_array_equal(ct.conv_transpose3d(x, w, stride=2), before)
+
+
+def test_every_registered_kernel_states_why_it_does_not_fit():
+    """Refusals come from the kernels: a layer no NumPy trick serves as 'direct', too big
+    for 'indexed', and without a D axis for 'winograd'."""
+    from convtranspose.kernels import REGISTRY
+
+    spec = ct.plan((1, 16, 16, 16, 32), (16, 2, 2, 2, 32), stride=2).spec
+    limit = 64 << 20
+    reasons = {name: kernel.fits(spec, limit) for name, kernel in REGISTRY.items()}
+    assert reasons["shift"] is None and reasons["scatter"] is None
+    assert "one input channel per group" in reasons["direct"]
+    assert "small calls" in reasons["indexed"]
+    assert "stride 1" in reasons["winograd"]
+    assert (reasons["native"] is None) == native.AVAILABLE
