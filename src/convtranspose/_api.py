@@ -307,7 +307,8 @@ def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: In
     algorithm : str, optional, keyword-only
         Force one: "native" (the compiled kernel), "winograd" (F(2,3) along D, through
         the compiled kernel), "shift", "scatter", "direct" (depthwise) or "indexed"
-        (small calls). Default: the fastest that fits.
+        (small calls). Default: the fastest that fits ("scatter" and "direct" only
+        without the compiled kernel).
     workspace : int, optional, keyword-only
         Bytes of scratch memory allowed (default: a share of this machine's memory).
     threads : int, optional, keyword-only

@@ -1,6 +1,14 @@
 """``scatter``: one GEMM of every tap (of every phase) against the input rows, channels
 first (taps * C_out, rows), then each phase adds its taps' shifted windows. Wins where
-C_out is tiny (a 16 -> 1 head), where a GEMM with N = C_out would crawl."""
+C_out is tiny (a 16 -> 1 head), where a GEMM with N = C_out would crawl.
+
+Offered only without the compiled kernel (issue 25, measured on a 2-core AVX2 EPYC, two
+threads): there it keeps W6 (16 -> 1 k4 s2) at 8.7 ms where `shift` takes 19.1, and a
+384 -> 1 k3 layer at 21 ms against 36. Beside the compiled kernel it lost: of six random
+layers the planner gave it on AVX2, `native` was 3-7x faster on three, even on two, and
+15% slower on one (on AVX-512 the planner never gave it one of 4000). Its model
+misjudges large kernels without the compiled kernel too (7x5x2 taps, 256 -> 213: 2.8 s
+against `shift`'s 0.11 s): a model to revisit, not a reason to keep it for the kernel."""
 
 from __future__ import annotations
 
@@ -55,4 +63,5 @@ def run(plan, x3, w3, out, bias):
 
 # One worker, measured on W6: 3.6 ms on one, 4.3-5.7 ms on two (its window adds are
 # memory-bound; a bigger 16 -> 1 head gained from two, 15 vs 20 ms: not yet used).
-KERNEL = Kernel("scatter", fits, estimate, phase_groups, run, buffer_elems, serial=True)
+KERNEL = Kernel("scatter", fits, estimate, phase_groups, run, buffer_elems, serial=True,
+                fallback=True)
