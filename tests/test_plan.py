@@ -184,6 +184,100 @@ def test_fan_out_grad_input_plans_as_a_depthwise_layer(algorithm, rng):
     np.testing.assert_allclose(gw, rw, rtol=0, atol=1e-5 * np.abs(rw).max())
 
 
+# --- the forward's choices ---------------------------------------------------------------
+
+FORWARD_W = {"W1": "native", "W2": "native", "W3": "native", "W4": "native",
+             "W5": "winograd", "W6": "native", "W7": "native", "W8": "winograd",
+             "W9": "indexed"}
+
+FORWARD_LAYERS = {  # (input shape, weight shape, settings, algorithm)
+    # grouped, few channels per group: the kernel (per-group vectors, or W taps fused)
+    "grouped-few": ((1, 12, 12, 12, 4), (34, 5, 5, 5, 2), dict(stride=2, groups=2), "native"),
+    "grouped-thin-out": ((1, 12, 12, 12, 76), (4, 5, 5, 5, 19), dict(stride=2, groups=4),
+                         "native"),
+    "grouped-4ch": ((1, 16, 16, 16, 64), (64, 3, 3, 3, 4),
+                    dict(stride=2, padding=1, groups=16), "native"),
+    "multiplier": ((1, 12, 12, 12, 6), (12, 3, 3, 3, 1), dict(stride=2, groups=6), "native"),
+    "depthwise": ((1, 16, 16, 16, 16), (16, 3, 3, 3, 1), dict(padding=1, groups=16),
+                  "native"),
+    "stride-over-kernel": ((1, 12, 12, 12, 32), (32, 2, 2, 2, 32), dict(stride=3), "native"),
+    # 384 -> 3 k4: the kernel, which 'scatter' (offered beside it on AVX2) ran 3x slower
+    "thin-out-wide-in": ((3, 12, 12, 8, 384), (3, 4, 4, 4, 384), {}, "native"),
+    "1d-long": ((2, 4096, 32), (32, 5, 32), dict(stride=2, padding=2), "native"),
+    # a 2x1x2 input of 256 channels through 7^3 taps: a few GEMMs beat the kernel's per-row
+    # setup by 10x in the model
+    "few-pixels-wide": ((4, 2, 1, 2, 256), (32, 7, 7, 7, 256), dict(padding=3), "shift"),
+    "tiny": ((1, 4, 4, 4, 8), (8, 3, 3, 3, 8), dict(stride=2, padding=1, output_padding=1),
+             "indexed"),
+}
+
+# Without the compiled kernel: (forward, grad_input, grad_weight) of W1-W9.
+NO_COMPILER_W = {
+    "W1": ("shift", "gather", "gather"), "W2": ("shift", "gather", "gather"),
+    "W3": ("shift", "gather", "gather"), "W4": ("shift", "shift", "shift"),
+    "W5": ("shift", "shift", "shift"),
+    "W6": ("scatter", "gather", "gather"),  # 16 -> 1 head: 2.2x faster than shift here
+    "W7": ("direct", "direct", "direct"),  # depthwise: 3x faster than shift here
+    "W8": ("shift", "shift", "shift"), "W9": ("indexed", "indexed", "indexed"),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(FORWARD_W))
+def test_forward_algorithm_of_the_public_workloads(name):
+    wl = _workload(name)
+    assert ct.plan(wl.input_shape, wl.weight_shape, **wl.settings,
+                   threads=2).algorithm == FORWARD_W[name]
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(FORWARD_LAYERS))
+def test_forward_algorithm_of_representative_layers(name):
+    x_shape, w_shape, settings, algorithm = FORWARD_LAYERS[name]
+    p = ct.plan(x_shape, w_shape, **settings, threads=2)
+    assert p.algorithm == algorithm, p
+
+
+@needs_kernel
+def test_fallback_kernels_are_not_offered_beside_the_compiled_one():
+    """'scatter' and 'direct' serve the no-compiler install only; asked for by name they
+    still run."""
+    from convtranspose.kernels import REGISTRY
+
+    assert {n for n, k in REGISTRY.items() if k.fallback} == {"scatter", "direct"}
+    wl = _workload("W6")
+    p = ct.plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    assert "scatter" not in p.est_seconds and p.algorithm == "native"
+    assert ct.plan(wl.input_shape, wl.weight_shape, **wl.settings,
+                   algorithm="scatter").algorithm == "scatter"
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """The planners as an install without the compiled kernel sees them."""
+    from convtranspose import _plan
+
+    def forget():
+        _plan._make_plan.cache_clear()
+        _vjp._make_vjp_plan.cache_clear()
+
+    forget()
+    monkeypatch.setattr(native, "AVAILABLE", False)
+    yield
+    monkeypatch.undo()
+    forget()
+
+
+@pytest.mark.parametrize("name", list(NO_COMPILER_W))
+def test_no_compiler_choices_of_the_public_workloads(name, no_compiler):
+    wl = _workload(name)
+    forward, gx_path, gw_path = NO_COMPILER_W[name]
+    assert ct.plan(wl.input_shape, wl.weight_shape, **wl.settings).algorithm == forward
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
+    assert not any(step.native for step in p.steps)
+
+
 # --- the forward's registry --------------------------------------------------------------
 
 def test_a_new_algorithm_is_one_kernel_and_one_registry_line(rng):
