@@ -18,7 +18,8 @@ from reference import (
 )
 
 import convtranspose as ct
-from convtranspose._plan import ALGORITHMS, indexed_fits, winograd_fits, workspace_limit
+from convtranspose._plan import ALGORITHMS, workspace_limit
+from convtranspose.kernels import REGISTRY
 
 # The settings grid's channels are too few for 'winograd' (a stride-1 D axis of three
 # taps, >= 16 input channels per group): these cases let every test below reach it.
@@ -33,13 +34,10 @@ DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
 def _algorithms(case: Case) -> list[str]:
-    """Every algorithm the planner may pick for this case: 'direct' needs C_in/groups == 1,
-    'indexed' is only offered for small calls, 'winograd' for the layers it fits."""
+    """Every algorithm that fits this case, as its kernel says (`Kernel.fits`)."""
     spec = ct.plan(case.input_shape, case.weight_shape, **case.kwargs).spec
-    return [a for a in ALGORITHMS
-            if (a != "direct" or case.c_in // case.groups == 1)
-            and (a != "indexed" or indexed_fits(spec))
-            and (a != "winograd" or winograd_fits(spec, workspace_limit(spec, None)))]
+    limit = workspace_limit(spec, None)
+    return [name for name, kernel in REGISTRY.items() if kernel.fits(spec, limit) is None]
 
 
 def _operands(case: Case, rng, random_array, dtype="float32"):

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import convtranspose as ct
 from convtranspose._api import spec_for
-from convtranspose._vjp import _active_taps, choose_vjp_algorithm, vjp_arrays
+from convtranspose._vjp import active_taps, choose_vjp_algorithm, vjp_arrays
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 VJP = {1: ct.conv_transpose1d_vjp, 2: ct.conv_transpose2d_vjp, 3: ct.conv_transpose3d_vjp}
@@ -382,7 +382,7 @@ def test_algorithms_tilings_and_threads_agree(case, algorithm, rng):
 def test_direct_algorithm_for_depthwise(rng):
     x, w, cot, kw = make_case(rng, 3, (3, 4, 5), 6, 12, 3, 2, 1, 2, 1, 6, batch=3)
     spec, _, _ = spec_for(3, x, w, **kw)
-    assert choose_vjp_algorithm(spec, _active_taps(spec)) == "direct"
+    assert choose_vjp_algorithm(spec, active_taps(spec)) == "direct"
     rx, rw = loops_vjp(x, w, cot, **kw)
     for workspace, threads in ((1, 3), (5000, 2), (None, 1)):
         gx, gw = vjp_arrays(spec, x, w, cot, workspace=workspace, threads=threads,
@@ -428,7 +428,7 @@ def test_shift_is_chosen_where_it_copies_less(rng, assert_close):
     per row instead of 9, and is what runs by default."""
     x, w, cot, kw = make_case(rng, 2, (32, 4), 4, 64, 3, 1, 1, 1, 0, 1)
     spec, _, _ = spec_for(2, x, w, **kw)
-    assert choose_vjp_algorithm(spec, _active_taps(spec)) == "shift"
+    assert choose_vjp_algorithm(spec, active_taps(spec)) == "shift"
     got = ct.conv_transpose2d_vjp(x, w, cot, **kw)
     magnitude = torch_vjp(np.abs(x), np.abs(w), np.abs(cot), **kw)
     check_grads(assert_close, got, torch_vjp(x, w, cot, **kw), magnitude,

@@ -14,10 +14,11 @@ from ._api import (
     output_shape,
     plan,
     run_plan,
+    vjp_plan,
 )
 from ._memory import get_result_cache, release_memory, set_result_cache
 from ._native_kernel import isa as native_isa
-from ._plan import Plan, get_num_threads, get_winograd, set_num_threads, set_winograd
+from ._plan import Plan, VjpPlan, get_num_threads, get_winograd, set_num_threads, set_winograd
 from ._vjp import conv_transpose1d_vjp, conv_transpose2d_vjp, conv_transpose3d_vjp
 from ._weights import weight_from_torch, weight_to_torch
 
@@ -42,6 +43,8 @@ __all__ = [
     "set_num_threads",
     "set_result_cache",
     "set_winograd",
+    "VjpPlan",
+    "vjp_plan",
     "weight_from_torch",
     "weight_to_torch",
 ]

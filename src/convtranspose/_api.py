@@ -1,11 +1,12 @@
 """Front doors: thin wrappers that go arguments -> spec -> plan -> execute."""
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from ._execute import execute
-from ._plan import Plan, get_num_threads, get_winograd, make_plan
+from ._plan import Plan, VjpPlan, get_num_threads, get_winograd, make_plan
 from ._spec import OP_NAMES as _NAMES
 from ._spec import (
     ConvSpec,
@@ -306,7 +307,8 @@ def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: In
     algorithm : str, optional, keyword-only
         Force one: "native" (the compiled kernel), "winograd" (F(2,3) along D, through
         the compiled kernel), "shift", "scatter", "direct" (depthwise) or "indexed"
-        (small calls). Default: the fastest that fits.
+        (small calls). Default: the fastest that fits ("scatter" and "direct" only
+        without the compiled kernel).
     workspace : int, optional, keyword-only
         Bytes of scratch memory allowed (default: a share of this machine's memory).
     threads : int, optional, keyword-only
@@ -332,6 +334,59 @@ def plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: In
     spec, _ = _shape_spec("plan", input_shape, weight_shape, stride, padding, dilation,
                           output_padding, groups, dtype, output_size)
     return make_plan(spec, algorithm=algorithm, workspace=workspace, threads=threads)
+
+
+def vjp_plan(input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+             stride: IntOrTuple = 1, padding: Padding = 0, dilation: IntOrTuple = 1,
+             output_padding: IntOrTuple = 0, groups: int = 1, dtype: Any = np.float32, *,
+             need_input: bool = True, need_weight: bool = True, algorithm: str | None = None,
+             workspace: int | None = None, threads: int | None = None,
+             output_size: IntOrTuple | None = None) -> VjpPlan:
+    """What a gradient call (`conv_transpose3d_vjp` and kin) would run: for grad_input and
+    grad_weight, the path, useful FLOPs, workspace, threads and modelled time. Print it.
+
+    Parameters
+    ----------
+    input_shape, weight_shape, stride, padding, dilation, output_padding, groups, dtype,
+    workspace, threads, output_size
+        As for `plan` (the cotangent has the output's shape and `dtype` too; arrays
+        assumed C-contiguous).
+    need_input, need_weight : bool, default True, keyword-only
+        The gradients asked for.
+    algorithm : str, optional, keyword-only
+        Force one: "native" (grad_input by the compiled kernel, grad_weight's path chosen),
+        "gather", "shift", "direct" (one input channel per group) or "indexed" (small
+        calls). Default: the planner's choice.
+
+    Returns
+    -------
+    VjpPlan
+
+    Raises
+    ------
+    TypeError, ValueError
+        As the call would; also an algorithm that does not fit the layer, saying why.
+
+    Examples
+    --------
+    >>> import convtranspose as ct
+    >>> p = ct.vjp_plan((1, 16, 16, 16, 32), (16, 2, 2, 2, 32), stride=2)
+    >>> p.grad_input is not None and p.grad_weight is not None
+    True
+    """
+    from ._vjp import make_vjp_plan  # _vjp imports this module's front-door helpers
+
+    spec, _ = _shape_spec("plan", input_shape, weight_shape, stride, padding, dilation,
+                          output_padding, groups, dtype, output_size)
+    spec = dataclasses.replace(spec, op=spec.op + "_vjp")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"vjp_plan: 'threads' must be an int >= 1, got {threads!r}")
+    in_place = spec.input_dtype == spec.compute_dtype  # C-contiguous arrays assumed
+    return make_vjp_plan(spec, spec.compute_dtype, need_input=need_input,
+                         need_weight=need_weight, threads=threads, workspace=workspace,
+                         algorithm=algorithm, input_in_place=in_place,
+                         cotangent_in_place=in_place)
 
 
 def run_plan(p: Plan, input: ArrayLike, weight: ArrayLike, *,

@@ -30,7 +30,6 @@ from ._plan import (
     native_input_box,
     native_mode,
     native_whole_input_fits,
-    native_writes_every_output,
     pair_base,
     pair_count,
     streams_output,
@@ -960,18 +959,36 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
     _run(jobs, plan.threads, 0, spec.compute_dtype)
 
 
+def _kernels() -> dict:
+    """The registry, imported at first use (its modules import this one)."""
+    global _registry
+    if _registry is None:
+        from .kernels import REGISTRY
+        _registry = REGISTRY
+    return _registry
+
+
+_registry: dict | None = None
+
+
+def run_tiles(plan: Plan, jobs: list) -> None:
+    """The plan's tile jobs on its threads, each thread with a buffer for the biggest."""
+    buffer = max((t.buffer_elems for t in plan.tasks), default=0)
+    _run(jobs, plan.threads, buffer, plan.spec.compute_dtype)
+
+
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray,
             bias: np.ndarray | None = None) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array.
     `bias`: None, or (C_out,) of the compute dtype (`_spec.check_bias`), added to every
     output as the kernels store it."""
     spec = plan.spec
-    compiled = plan.algorithm in ("native", "winograd")
-    if compiled:
+    kernel = _kernels()[plan.algorithm]
+    if kernel.compiled:
         native.warm(plan.threads)  # the pool's threads wake while this prepares their work
-    # indexed and (mostly) native store every output element; the others accumulate into it,
-    # or leave phases no tap reaches at zero. Zeroing costs a pass over the output.
-    fills = plan.algorithm == "indexed" or (compiled and native_writes_every_output(spec))
+    # Kernels that store every output element need no zeroing (a pass over the output);
+    # the others accumulate into it, or leave phases no tap reaches at zero.
+    fills = kernel.writes_every_output(spec)
     alloc = result_empty if fills else result_zeros
     if bias is not None and not fills:
         alloc = result_empty
@@ -986,27 +1003,5 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray,
     # Read-only below: no copy when the caller's weight already has the compute dtype.
     w3 = w.reshape(spec.c_out, *spec.kernel, spec.c_in_per_group)
     w3 = w3.astype(spec.compute_dtype, copy=False)
-    if plan.algorithm == "indexed":
-        _indexed(plan, x3, w3, out, bias)
-        return out.reshape(spec.output_shape)
-    if plan.algorithm == "shift":
-        weights = [_shift_weights(w3, g, spec.groups) for g in plan.groups]
-        biases = [_group_bias(bias, spec, g) for g in plan.groups]
-        jobs = [_shift_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
-                           biases[t.group]) for t in plan.tasks]
-    elif plan.algorithm == "scatter":
-        weights = [_scatter_weights(w3, g, spec.groups) for g in plan.groups]
-        jobs = [_scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t, bias)
-                for t in plan.tasks]
-    elif compiled:
-        with Scratch() as scratch:
-            run = _execute_native if plan.algorithm == "native" else _execute_winograd
-            run(plan, x3, w3, out, scratch, bias)
-        return out.reshape(spec.output_shape)
-    else:
-        weights = [_direct_weights(w3, g[0], spec.groups) for g in plan.groups]
-        jobs = [_direct_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t,
-                            bias) for t in plan.tasks]
-    buffer = max(t.buffer_elems for t in plan.tasks)
-    _run(jobs, plan.threads, buffer, spec.compute_dtype)
+    kernel.run(plan, x3, w3, out, bias)
     return out.reshape(spec.output_shape)

@@ -1,29 +1,10 @@
 """Spec -> plan: choose the algorithm and the tiling for one call on this machine.
 
 Every algorithm works phase by phase (see `_geometry`): no zero-stuffed input, no multiply
-by a structural zero. They differ in where the taps of a phase meet:
-
-- ``shift``: lay the input rows a phase reads out once, with the W-axis taps side by side
-  (K = taps_w * C_in), then one GEMM per (D, H) tap reads that grid at a fixed row shift and
-  accumulates into the tile. Phases with identical geometry (kernel == stride) share one GEMM
-  with their weights side by side. The workhorse: its extra traffic is small next to the GEMM.
-- ``scatter``: one GEMM of every tap (of every phase) against the input rows, channels
-  first (taps * C_out, rows), then each phase adds its taps' shifted windows. Wins when
-  C_out is tiny (a 16 -> 1 head), where a GEMM with N = C_out would crawl.
-- ``direct``: one input channel per group (depthwise, channel multiplier): a GEMM
-  degenerates, so multiply-add broadcast over channels.
-- ``native``: the compiled kernel (csrc/, when the install built it): per phase, every
-  output element is summed in registers over all its taps and input channels and stored
-  once, reading the input where it lies. No grid, no GEMM temporaries, no accumulation
-  passes; it runs at 60-100% of a core's FMA peak where C_out/groups >= 16.
-- ``winograd``: native, with Winograd F(2,3) along a stride-1 D axis of three taps: each
-  pair of output planes from four products instead of six (the input and weight
-  transformed along D first), so 2/3 of the multiply-adds. Sums are rounded in another
-  order than the direct sum: equal within float rounding, not bit for bit (see
-  `set_winograd`).
-- ``indexed``: for small calls, where NumPy's per-call overhead dominates: one GEMM of
-  every input row against every tap, then one gather of each output row's contributions
-  through a table the plan precomputes, and one sum.
+by a structural zero. They differ in where the taps of a phase meet; each is one module of
+`kernels/` (shift, scatter, direct, indexed, native, winograd), registered in
+`kernels.REGISTRY`, which the planner chooses from: the fastest estimate among the kernels
+that fit.
 
 Every task writes a disjoint block of the output, so tasks run on worker threads in any
 order and results are bitwise identical from run to run.
@@ -42,7 +23,6 @@ from . import _native_kernel as native
 from ._geometry import AxisTap, Phase, phases_3d
 from ._spec import ConvSpec
 
-ALGORITHMS = ("shift", "scatter", "direct", "indexed", "native", "winograd")
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
 DEFAULT_WORKSPACE = 64 * 2**20
 TILE_BYTES = 8 * 2**20
@@ -79,6 +59,24 @@ WINOGRAD_MIN_CHANNELS = 16
 
 _threads: int | None = None
 _winograd: bool | None = None
+
+
+def _kernels() -> dict:
+    """The registry (imported when first needed: its modules import this one)."""
+    global _registry
+    if _registry is None:
+        from .kernels import REGISTRY
+        _registry = REGISTRY
+    return _registry
+
+
+_registry: dict | None = None
+
+
+def __getattr__(name: str):
+    if name == "ALGORITHMS":  # the registered kernels' names, in the planner's order
+        return tuple(_kernels())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def set_num_threads(n: int | None) -> None:
@@ -171,7 +169,7 @@ class Plan:
         phases = sum(len(g) for g in self.groups)
         total = math.prod(s.stride)
         shape = (f"{phases} of {total} phases carry taps, in {len(self.groups)} GEMM group(s)"
-                 if self.algorithm != "indexed" else
+                 if self.table is None else
                  f"one GEMM, then a gather of up to {self.table.shape[0]} products per "
                  f"output row")
         est = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in self.est_seconds.items())
@@ -185,7 +183,7 @@ class Plan:
             f"dilation={s.dilation[lift:]} output_padding={s.output_padding[lift:]} "
             f"groups={s.groups}",
             f"  algorithm  {self.algorithm}"
-            f"{f' ({native.isa()})' if self.algorithm in ('native', 'winograd') else ''}: "
+            f"{f' ({native.isa()})' if self._compiled else ''}: "
             f"{shape}",
             f"  model ms   {est}",
             f"  useful     {self.flops / 1e9:.3f} GFLOP",
@@ -195,7 +193,162 @@ class Plan:
         ]
         return "\n".join(lines)
 
+    @property
+    def _compiled(self) -> bool:
+        kernel = _kernels().get(self.algorithm)
+        return kernel is not None and kernel.compiled
+
     # A notebook shows repr(): the summary, not the dataclass's dump of every tile.
+    __repr__ = __str__
+
+
+# The NumPy/BLAS paths; 'native' names the compiled kernel's (grad_weight's layout is
+# then chosen by the rules below).
+GEMM_ALGORITHMS = ("gather", "shift", "direct", "indexed")
+VJP_ALGORITHMS = ("native", *GEMM_ALGORITHMS)
+GW_WIDE = 3  # grad_weight's kernel layout: every W tap's columns in one run
+GW_PADDED = 4  # swapped, over a copy of x with each group's channels padded to whole vectors
+
+
+@dataclass(frozen=True)
+class GradStep:
+    """How one gradient is computed: its path, and what the model says it costs.
+
+    `algorithm`: 'native', 'winograd' (grad_input only), one of GEMM_ALGORITHMS, or
+    'zeros' (no tap reaches the output: nothing to sum). `side`: for grad_weight on the
+    compiled kernel, its layout (`grad_weight_side`). `with_grad_weight`: grad_input
+    computed in grad_weight's pass. `wide_w`: grad_input's W taps summed as one
+    (`grad_input_wide_w`). `fan_out`: grad_input as a depthwise layer's over C_in channels
+    (one cotangent channel per group, repeated for its inputs)."""
+
+    algorithm: str
+    flops: int
+    workspace_bytes: int  # about: the model's count of its scratch memory
+    threads: int
+    est_seconds: float
+    side: bool | int | None = None
+    with_grad_weight: bool = False
+    wide_w: bool = False
+    fan_out: bool = False
+
+    @property
+    def native(self) -> bool:
+        return self.algorithm in ("native", "winograd")
+
+    def describe(self) -> str:
+        """One line: the path, then how the compiled kernel lays it out."""
+        name = self.algorithm
+        if self.native:
+            name += f" ({native.isa()})"
+        how = {
+            "winograd": "F(2,3) along D on the transformed cotangent",
+            "gather": "GEMMs over gathered cotangent rows (one copy feeds both gradients)",
+            "shift": "shifted GEMMs over a grid of cotangent rows (one copy feeds both "
+                     "gradients)",
+            "direct": "multiply-adds broadcast over channels",
+            "indexed": "one gather of the products' cotangent, one GEMM",
+            "zeros": "no tap reaches the output",
+        }.get(self.algorithm, "")
+        if self.fan_out:
+            how = ("a depthwise grad_input over C_in channels, each group's cotangent channel "
+                   f"repeated for its inputs{'' if self.native else ' (' + how + ')'}")
+        elif self.with_grad_weight:
+            how = "in grad_weight's pass"
+        elif self.algorithm == "native" and self.side is not None:
+            how = _SIDE_NAMES[self.side]
+        elif self.algorithm == "native":
+            how = "a correlation of the cotangent, channels swapped" + (
+                ", W taps as one" if self.wide_w else "")
+        return f"{name}: {how}" if how else name
+
+
+_SIDE_NAMES = {False: "vectors along C_out/g, packed then unpacked",
+               True: "vectors along C_in/g, summed in place",
+               native.GW_DEPTHWISE: "one channel per group, per-worker partial sums",
+               GW_WIDE: "every W tap's columns in one run",
+               GW_PADDED: "vectors along C_in/g, over x padded to whole vectors"}
+
+
+@dataclass(frozen=True)
+class VjpPlan:
+    """What a backward call runs: for grad_input and grad_weight separately, the path, its
+    FLOPs, workspace, threads and modelled time. Built once per call (`make_vjp_plan`),
+    never revised while it runs; ``print(plan)`` summarises it."""
+
+    spec: ConvSpec
+    compute_dtype: np.dtype
+    grad_input: GradStep | None  # None: not asked for
+    grad_weight: GradStep | None
+    threads: int
+    workspace_limit: int
+    budget: int  # elements of scratch per worker for the NumPy/BLAS paths
+    shared_queue: bool = False  # both gradients' kernel tasks in one queue
+    multiplier: "VjpPlan | None" = None  # the depthwise layer's plan a multiplier runs
+    fan_out: "VjpPlan | None" = None  # the depthwise plan grad_input runs (GradStep.fan_out)
+
+    @property
+    def steps(self) -> tuple[GradStep, ...]:
+        return tuple(s for s in (self.grad_input, self.grad_weight) if s is not None)
+
+    @property
+    def gemm_algorithm(self) -> str | None:
+        """The NumPy/BLAS path that serves what the kernel does not, if any."""
+        return next((s.algorithm for s in self.steps if s.algorithm in GEMM_ALGORITHMS),
+                    None)
+
+    @property
+    def algorithm(self) -> str:
+        """The paths in one name: 'native', 'shift', or 'native+gather' (grad_input's
+        first where they differ)."""
+        names = list(dict.fromkeys(s.algorithm for s in self.steps))
+        return "+".join(names) or "none"
+
+    @property
+    def est_seconds(self) -> dict:
+        """The model's time for the whole backward, keyed by `algorithm` (as the forward's
+        Plan keys its candidates)."""
+        return {self.algorithm: sum(s.est_seconds for s in self.steps)}
+
+    @property
+    def flops(self) -> int:
+        return sum(s.flops for s in self.steps)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(s.workspace_bytes for s in self.steps)
+
+    def __str__(self) -> str:
+        s = self.spec
+        lift = 3 - s.ndim
+        total = sum(st.est_seconds for st in self.steps)
+        lines = [
+            f"convtranspose backward plan for {s.op}",
+            f"  input        {s.input_shape} {s.input_dtype.name}",
+            f"  weight       {s.weight_shape} {s.weight_dtype.name}",
+            f"  cotangent    {s.output_shape} (accumulates in {self.compute_dtype.name})",
+            f"  settings     stride={s.stride[lift:]} padding={s.padding[lift:]} "
+            f"dilation={s.dilation[lift:]} output_padding={s.output_padding[lift:]} "
+            f"groups={s.groups}",
+        ]
+        if self.multiplier is not None:
+            lines.append(f"  multiplier   run as a depthwise layer of {s.c_out} channels, "
+                         f"each input channel repeated {s.c_out_per_group} times")
+        for name, step in (("grad_input", self.grad_input), ("grad_weight", self.grad_weight)):
+            lines.append(f"  {name:<12} " + ("not asked for" if step is None else
+                                             step.describe()))
+        est = ", ".join(f"{n} {st.est_seconds * 1e3:.2f}" for n, st in
+                        (("grad_input", self.grad_input), ("grad_weight", self.grad_weight))
+                        if st is not None)
+        lines += [
+            f"  model ms     {est} (total {total * 1e3:.2f})",
+            f"  useful       {self.flops / 1e9:.3f} GFLOP",
+            f"  threads      {self.threads}"
+            + (" (both gradients' kernel tasks in one queue)" if self.shared_queue else ""),
+            f"  workspace    about {self.workspace_bytes / 2**20:.1f} MiB "
+            f"(limit {self.workspace_limit / 2**20:.1f} MiB)",
+        ]
+        return "\n".join(lines)
+
     __repr__ = __str__
 
 
@@ -210,29 +363,22 @@ def workspace_limit(spec: ConvSpec, workspace: int | None) -> int:
     return max(DEFAULT_WORKSPACE, out_bytes // 4)
 
 
-def _geometry_key(phase: Phase) -> tuple:
+def geometry_key(phase: Phase) -> tuple:
     return (phase.count, tuple(tuple((t.offset, t.lo, t.hi) for t in axis)
                                for axis in phase.axis_taps))
 
 
+def live_phases(spec: ConvSpec) -> list[Phase]:
+    """The phases that carry taps and have outputs."""
+    return [p for p in phases_3d(spec) if p.tap_count and p.size]
+
+
 def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...]:
-    """Phases that carry taps; for ``shift`` those of identical geometry share a GEMM."""
-    live = [p for p in phases_3d(spec) if p.tap_count and p.size]
-    if algorithm == "winograd":
-        return _native_groups(spec, [pair_phase(p) for p in live])
-    if algorithm == "scatter":
-        return (tuple(live),) if live else ()  # one GEMM for every tap, phases share tiles
-    if algorithm == "native":
-        return _native_groups(spec, live)
-    if algorithm != "shift":  # direct: one phase at a time
-        return tuple((p,) for p in live)
-    merged: dict[tuple, list[Phase]] = {}
-    for p in live:
-        merged.setdefault(_geometry_key(p), []).append(p)
-    return tuple(tuple(g) for g in merged.values())
+    """The phases that carry taps, grouped as the algorithm's tasks compute them."""
+    return _kernels()[algorithm].phase_groups(spec)
 
 
-def _native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
+def native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
     """The W residues of one (D, H) residue, when they share their geometry (kernel_w a
     multiple of stride_w), lie side by side in the output: as one phase of s_w * C_out
     channels they make the kernel write whole output rows in order. Needs groups == 1,
@@ -246,7 +392,7 @@ def _native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...]
         return tuple((p,) for p in live)
     rows: dict[tuple, list[Phase]] = {}
     for p in live:
-        rows.setdefault((p.residue[:2], _geometry_key(p)), []).append(p)
+        rows.setdefault((p.residue[:2], geometry_key(p)), []).append(p)
     groups = []
     for row in rows.values():
         if len(row) == sw:
@@ -314,32 +460,7 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
     """Workspace elements one task needs (the kernels slice their buffers the same way).
     `whole_input`: native converts the input once for every task (not in the task's
     buffer)."""
-    phase = group[0]
-    nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
-    qw = phase.count[2]
-    dmin, dmax = phase.halo(0)
-    hmin, hmax = phase.halo(1)
-    if algorithm == "direct":
-        slab = nn * math.prod(bordered_slab(group, tile)[0]) * spec.c_in
-        return slab + nn * nd * nh * qw * spec.c_out
-    if algorithm == "native":
-        convert = spec.input_dtype != spec.compute_dtype and not whole_input
-        return native_buffer_elems(spec, phase, tile, convert, len(group))
-    if algorithm == "shift":
-        dn, hn = nd + dmax - dmin, nh + hmax - hmin
-        grid_rows = nn * dn * hn * qw
-        slack = (hmax - hmin) * qw
-        # The accumulator, plus a temporary when more than one (D, H) tap adds into it.
-        sums = 2 if len(phase.axis_taps[0]) * len(phase.axis_taps[1]) > 1 else 1
-        grid = (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in
-        return grid + sums * grid_rows * len(group) * spec.c_out
-    # scatter: the zero-bordered input slab, the GEMM result on it, one accumulator
-    (sd, sh, sw), _ = bordered_slab(group, tile)
-    rows = nn * sd * sh * sw
-    taps = sum(p.tap_count for p in group)
-    slack = (sh + 1) * sw  # flat window reads of the last batch item run past its end
-    return (rows * spec.c_in + (rows + slack) * taps * spec.c_out
-            + nn * nd * sh * sw * spec.c_out)
+    return _kernels()[algorithm].buffer_elems(spec, group, tile, whole_input)
 
 
 def native_input_box(spec: ConvSpec, phase: Phase, tile: Tile) -> tuple[tuple[int, int],
@@ -473,52 +594,18 @@ def _gemm_rate(narrow: float) -> float:
     return GEMM_PEAK * lanes / 16 * max(narrow, 1) / (max(narrow, 1) + 12)
 
 
-def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
-    """A coarse single-core cost model: GEMM time at the shape's rate plus copy traffic."""
-    n_in = spec.batch * math.prod(spec.in_spatial)
+def output_write_seconds(spec: ConvSpec) -> float:
+    """Writing the output and reading it back once, at the copy rate."""
     n_out = spec.batch * math.prod(spec.out_spatial)
-    item = spec.compute_dtype.itemsize
-    flops = spec.useful_flops
-    write = 2 * n_out * spec.c_out * spec.result_dtype.itemsize / COPY_BYTES_PER_S
-    groups = phase_groups(spec, algorithm)
-    if not groups:
-        return write
-    if algorithm == "direct":
-        return flops / 2 / ELEMENTWISE_PER_S + write
-    if algorithm == "indexed":  # one GEMM, a gather of the products, ~10 us of Python
-        taps = math.prod(spec.kernel)
-        gathered = n_out * taps * spec.c_out * item  # at most: every tap lands
-        return (flops / _gemm_rate(min(spec.c_in_per_group, taps * spec.c_out_per_group))
-                + 2 * gathered / COPY_BYTES_PER_S + 1e-5)
-    if algorithm == "native":
-        return flops / native_rate(spec) + write / 2  # one pass over the output
-    if algorithm == "winograd":  # four products per output pair instead of six
-        products = flops * 4 * pair_count(spec) / (3 * spec.out_spatial[0])
-        return (products / native_rate(spec) + write / 2
-                + pair_input_bytes(spec) / PAIR_TRANSFORM_BYTES_PER_S)
-    if algorithm == "shift":
-        total = write
-        for group in groups:
-            p = group[0]
-            hmin, hmax = p.halo(1)
-            nd, nh, qw = p.count
-            waste = (nh + hmax - hmin) / nh
-            tw, tdh = len(p.axis_taps[2]), len(p.axis_taps[0]) * len(p.axis_taps[1])
-            rows = spec.batch * nd * nh * qw
-            narrow = min(len(group) * spec.c_out_per_group, rows)
-            gemm = 2 * rows * waste * tw * tdh * spec.c_in * spec.c_out_per_group * len(group)
-            total += gemm / _gemm_rate(narrow)
-            grid_copy = 0 if tw == 1 and tdh == 1 else 2 * rows * tw * spec.c_in * item
-            adds = 3 * (tdh - 1) * rows * len(group) * spec.c_out * item
-            total += (grid_copy + adds) / COPY_BYTES_PER_S
-        return total
-    # scatter
-    taps = sum(p.tap_count for g in groups for p in g)
-    narrow = min(taps * spec.c_out_per_group, n_in)
-    # The product is written, read back, and every window add reads and writes the
-    # accumulator along strided runs: about six passes (calibrated on W3 and W6).
-    traffic = 6 * n_in * taps * spec.c_out * item
-    return flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
+    return 2 * n_out * spec.c_out * spec.result_dtype.itemsize / COPY_BYTES_PER_S
+
+
+def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
+    """A coarse single-core cost model (the kernel's `estimate`): GEMM time at the shape's
+    rate plus copy traffic; a layer no tap reaches costs its output's write."""
+    if not live_phases(spec):
+        return output_write_seconds(spec)
+    return _kernels()[algorithm].estimate(spec)
 
 
 def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> int:
@@ -616,39 +703,29 @@ def indexed_fits(spec: ConvSpec) -> bool:
 
 
 def choose_algorithm(spec: ConvSpec, limit: int, winograd: bool) -> tuple[str, dict]:
-    if indexed_fits(spec):
-        return "indexed", {"indexed": estimate_seconds(spec, "indexed")}
-    candidates = [a for a in ALGORITHMS if a != "indexed"
-                  and (a != "direct" or spec.c_in_per_group == 1)
-                  and (a != "native" or native.AVAILABLE)
-                  and (a != "winograd" or (winograd and winograd_fits(spec, limit)))]
-    est = {a: estimate_seconds(spec, a) for a in candidates}
+    """The fastest estimate among the kernels that fit (a `first` kernel that fits is
+    taken outright; inexact ones only with `winograd`; fallbacks only without the
+    compiled kernel): (its name, every candidate's estimate)."""
+    kernels = _kernels()
+    for kernel in kernels.values():
+        if kernel.first and kernel.fits(spec, limit) is None:
+            return kernel.name, {kernel.name: estimate_seconds(spec, kernel.name)}
+    est = {k.name: estimate_seconds(spec, k.name) for k in kernels.values()
+           if not k.first and (k.exact or winograd) and not (k.fallback and native.AVAILABLE)
+           and k.fits(spec, limit) is None}
     return min(est, key=est.get), est
 
 
 def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | None = None,
               threads: int | None = None) -> Plan:
     if algorithm is not None:
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"plan: 'algorithm' must be one of {ALGORITHMS}, got "
+        kernels = _kernels()
+        if algorithm not in kernels:
+            raise ValueError(f"plan: 'algorithm' must be one of {tuple(kernels)}, got "
                              f"{algorithm!r}")
-        if algorithm == "direct" and spec.c_in_per_group != 1:
-            raise ValueError("plan: algorithm 'direct' needs one input channel per group "
-                             f"(C_in/groups == 1), got {spec.c_in_per_group}")
-        if algorithm == "native" and not native.AVAILABLE:
-            raise ValueError("plan: algorithm 'native' needs the compiled kernel, which this "
-                             "install lacks (it was built without a C++ compiler); "
-                             "reinstall with g++ or clang++ on the PATH")
-        if algorithm == "indexed" and not indexed_fits(spec):
-            raise ValueError("plan: algorithm 'indexed' is for small calls only (its "
-                             f"tables would exceed {INDEXED_MAX_ELEMS} elements)")
-        if algorithm == "winograd" and not winograd_fits(spec, workspace_limit(spec,
-                                                                                workspace)):
-            raise ValueError(
-                "plan: algorithm 'winograd' needs a D axis of stride 1, dilation 1 and "
-                f"kernel 3, at least {WINOGRAD_MIN_CHANNELS} input channels per group, the "
-                "compiled kernel, and room for its transformed input (2x the input) in "
-                "the workspace; use 'native' for this layer")
+        reason = kernels[algorithm].fits(spec, workspace_limit(spec, workspace))
+        if reason is not None:
+            raise ValueError(f"plan: algorithm {algorithm!r} {reason}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"plan: 'threads' must be an int >= 1, got {threads!r}")
@@ -664,9 +741,10 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         algorithm, est = choose_algorithm(spec, limit, winograd)
     else:
         est = {algorithm: estimate_seconds(spec, algorithm)}
-    if algorithm == "indexed":
-        return _indexed_plan(spec, limit, est)
-    groups = phase_groups(spec, algorithm)
+    kernel = _kernels()[algorithm]
+    if kernel.make_plan is not None:  # its own plan (indexed: one task and a table)
+        return kernel.make_plan(spec, limit, est)
+    groups = kernel.phase_groups(spec)
     # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place
     pairs = algorithm == "winograd"
     kind = "native" if pairs else algorithm
@@ -678,15 +756,15 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     if wide_w:  # the padded copy is the input every tile reads, converted
         whole_input, shared = True, not _rounds_blocks(spec)
     tasks, biggest = make_tasks(spec, kind, groups, limit, threads, whole_input, shared)
-    # A thread hand-off costs tens of microseconds: small calls stay on one worker. So does
-    # scatter, measured on W6: 3.6 ms on one worker, 4.3-5.7 ms on two (its window adds
-    # are memory-bound; a bigger 16 -> 1 head gained from two, 15 vs 20 ms: not yet used).
+    # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
+    # `serial` kernels.
     serial_below = NATIVE_SERIAL_BELOW_SECONDS if kind == "native" else SERIAL_BELOW_SECONDS
-    if est.get(algorithm, 1.0) < serial_below or algorithm == "scatter":
+    if est.get(algorithm, 1.0) < serial_below or kernel.serial:
         threads = 1
     # The model is of one core: the plan predicts the call, on its threads (efficiency
     # ~0.9 on two), so that `print(plan)` and the sweep compare it with the clock.
-    est = {a: v / (1 if threads == 1 or a == "scatter" else 0.9 * threads)
+    kernels = _kernels()
+    est = {a: v / (1 if threads == 1 or kernels[a].serial else 0.9 * threads)
            for a, v in est.items()}
     item = spec.compute_dtype.itemsize
     workers = min(threads, len(tasks)) or 1
@@ -712,8 +790,8 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
         min_tiles = 1
     else:
         # Elementwise passes (direct, scatter's window adds) want their tile in L2; the
-        # shift GEMMs amortise bigger tiles better.
-        tile_bytes = TILE_BYTES if algorithm == "shift" else SMALL_TILE_BYTES
+        # shift GEMMs amortise bigger tiles better (each kernel's `tile_bytes`).
+        tile_bytes = _kernels()[algorithm].tile_bytes
         per_task = max(1, min(tile_bytes, limit // threads) // item)
         min_tiles = threads if len(groups) < threads else 1
         if algorithm == "native":
@@ -741,7 +819,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
                        else max_rows // 2)
 
 
-def _indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
+def indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
     """One task over everything; its table says which (input row, tap) products add into
     each output row (row index `rows_in * taps` is an appended zero row)."""
     rows_in = spec.batch * math.prod(spec.in_spatial)

@@ -28,6 +28,13 @@ computes grad_input in registers (``native``), and the algorithms above only gra
 Where the compiled grad_weight kernel sums only a few values per tap (a 16 -> 1 head), it
 computes grad_input in the same pass: each cotangent value it loads feeds both.
 
+The plan: `make_vjp_plan` chooses, once per call and before any work, the path of each
+gradient (a frozen, printable `VjpPlan`: ``print(convtranspose.vjp_plan(...))``), from the
+spec, the dtypes, the gradients asked for, threads, workspace and whether the kernel can
+read the arrays where they lie; `run_vjp_plan` runs it and revises nothing. A channel
+multiplier (`expands_to_depthwise`) runs as the depthwise layer it expands to, whose plan
+its plan holds.
+
 Tiles are bounded by the same workspace rule as the forward (`_plan.workspace_limit`) and
 are spread over worker threads (NumPy and BLAS release the GIL). Each worker owns its tiles
 by a fixed round-robin and its own grad_weight partial sum, and partials are added in
@@ -57,9 +64,20 @@ from ._execute import (
 from ._geometry import tap_output_range
 from ._memory import result_empty, result_zeros
 from ._plan import (
+    COPY_BYTES_PER_S,
+    ELEMENTWISE_PER_S,
     FUSE_W_BELOW_CHANNELS,
+    GEMM_ALGORITHMS,
+    GW_PADDED,
+    GW_WIDE,
+    NATIVE_PEAK_PER_LANE,
+    PAIR_TRANSFORM_BYTES_PER_S,
     SHARED_TILE_BYTES,
+    VJP_ALGORITHMS,
+    GradStep,
     Tile,
+    VjpPlan,
+    _gemm_rate,
     expands_to_depthwise,
     get_num_threads,
     get_winograd,
@@ -75,16 +93,20 @@ from ._plan import (
 from ._spec import VJP_NAMES as _NAMES
 from ._spec import ConvSpec, as_float_array, check_bias
 
-# A worker's gathered block stays about this size, so that it is still in cache when the
-# GEMMs read it back.
-VJP_TILE_BYTES = 4 * 2**20
 # Fewer rows than this per block and the GEMMs lose speed (each call packs the whole
 # weight operand) and grad_weight's partial-sum updates grow; cut the taps into chunks.
 MIN_BLOCK_ROWS = 512
 
 
+# --- the plan: which path computes each gradient, chosen before any work ----------------
+
+# A worker's gathered block stays about this size, so that it is still in cache when the
+# GEMMs read it back.
+VJP_TILE_BYTES = 4 * 2**20
+
+
 @dataclass(frozen=True)
-class _Tap:
+class KernelTap:
     """One 3-D kernel tap that reaches the output from at least one input position."""
 
     index: int  # flat index into the kernel, (kd, kh, kw) in C order
@@ -94,7 +116,7 @@ class _Tap:
 
 
 @functools.lru_cache(maxsize=256)
-def _active_taps(spec: ConvSpec) -> tuple[_Tap, ...]:
+def active_taps(spec: ConvSpec) -> tuple[KernelTap, ...]:
     """Taps with a non-empty input range on every axis; the others have zero gradient.
     Cached per layer: a training loop asks again every step (60 us on W9's 27 taps)."""
     per_axis = []
@@ -107,186 +129,8 @@ def _active_taps(spec: ConvSpec) -> tuple[_Tap, ...]:
     for a, b, c in itertools.product(*per_axis):
         lo, hi = (a[2], b[2], c[2]), (a[3], b[3], c[3])
         if all(l_ < h_ for l_, h_ in zip(lo, hi)):
-            taps.append(_Tap((a[0] * kh + b[0]) * kw + c[0], (a[1], b[1], c[1]), lo, hi))
+            taps.append(KernelTap((a[0] * kh + b[0]) * kw + c[0], (a[1], b[1], c[1]), lo, hi))
     return tuple(taps)
-
-
-def _tap_box(spec: ConvSpec, tap: _Tap, tile: Tile):
-    """Where tap reads inside the tile: the input box (absolute ranges per axis) and the
-    same box relative to the tile; None if the tap reaches nothing there."""
-    box = ((max(tap.lo[0], tile.d[0]), min(tap.hi[0], tile.d[1])),
-           (max(tap.lo[1], tile.h[0]), min(tap.hi[1], tile.h[1])),
-           (tap.lo[2], tap.hi[2]))
-    if any(a >= b for a, b in box):
-        return None
-    rel = ((box[0][0] - tile.d[0], box[0][1] - tile.d[0]),
-           (box[1][0] - tile.h[0], box[1][1] - tile.h[0]), box[2])
-    return box, rel
-
-
-def _cot_rows(spec: ConvSpec, tap: _Tap, box, n: tuple[int, int], c3) -> np.ndarray:
-    """The cotangent rows tap meets from the input box: o = i*s + shift per axis."""
-    sl = tuple(slice(a * s + sh, (b - 1) * s + sh + 1, s)
-               for (a, b), s, sh in zip(box, spec.stride, tap.shift))
-    return c3[(slice(*n), *sl)]
-
-
-def check_cotangent(op: str, spec: ConvSpec, cotangent: ArrayLike,
-                    alone: bool = False) -> np.ndarray:
-    """The cotangent must be a floating array shaped exactly like the forward's output
-    (without its batch axis where `alone`: an unbatched input)."""
-    cot = as_float_array(op, "cotangent", cotangent)
-    shape = spec.output_shape[1:] if alone else spec.output_shape
-    if tuple(cot.shape) != tuple(shape):
-        raise ValueError(
-            f"{op}: 'cotangent' must have the forward output's shape {shape} "
-            f"(input {spec.input_shape[1:] if alone else spec.input_shape}, weight "
-            f"{spec.weight_shape}), got shape {tuple(cot.shape)}")
-    return cot
-
-
-def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
-               need_input: bool = True, need_weight: bool = True,
-               threads: int | None = None, workspace: int | None = None,
-               algorithm: str | None = None
-               ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The VJP of a validated spec. grad_input has x's dtype, grad_weight w's (as mx.vjp).
-
-    `need_input`/`need_weight` skip the work of the gradient not wanted (None is returned
-    in its place); `threads`, `workspace` (bytes) and `algorithm` ('gather', 'shift',
-    'direct', 'indexed' for small calls, or 'native' for grad_input with the default for
-    grad_weight) override the defaults."""
-    cd = compute_dtype(functools.reduce(result_dtype, (x.dtype, w.dtype, cot.dtype)))
-    ktot = math.prod(spec.kernel)
-    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
-    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-    w3 = w.reshape(spec.c_out, ktot, spec.c_in_per_group)
-    taps = _active_taps(spec)
-    work = bool(taps and spec.batch)
-    if algorithm is None and work and native.AVAILABLE and expands_to_depthwise(spec):
-        return _multiplier_vjp(spec, x, w, cot, cd, need_input, need_weight, threads,
-                               workspace)
-    if (algorithm in (None, "native") and work and need_input and native.AVAILABLE
-            and expands_to_depthwise(grad_input_kernel_spec(spec))):
-        gx = _fan_out_grad_input(spec, w, cot, cd, threads, workspace)
-        _, gw = vjp_arrays(spec, x, w, cot, need_input=False, need_weight=need_weight,
-                           threads=threads, workspace=workspace)
-        return _results(spec, x, w, gx, gw)
-    if algorithm is None and indexed_fits(spec):
-        algorithm = "indexed"  # small: one gather and two GEMMs beat any per-tile work
-    elif algorithm == "indexed" and not indexed_fits(spec):
-        raise ValueError("vjp: algorithm 'indexed' is for small calls; this one's gathered "
-                         "cotangent would be too large (leave 'algorithm' to the default)")
-    side = (native_grad_weight_side(spec, x3, c3, cd, max(1, threads or get_num_threads()))
-            if need_weight and work and algorithm in (None, "native") else None)
-    # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
-    # would otherwise compute both gradients from one gathered block).
-    native_gx = need_input and work and (algorithm == "native" or (
-        algorithm is None and native_grad_input_suits(spec, need_weight and side is None)))
-    # Accumulated in the compute dtype (tap chunks add up), rounded to x's dtype at the end.
-    # The native kernels write every element; the other paths accumulate into zeros.
-    gx = ((result_empty if native_gx else result_zeros)(
-        (spec.batch, *spec.in_spatial, spec.c_in), cd) if need_input else None)
-    gw = ((result_empty if side is not None else result_zeros)(
-        (spec.c_out, ktot, spec.c_in_per_group), cd) if need_weight else None)
-    if work and (need_input or need_weight):
-        n_threads = max(1, threads or get_num_threads())
-        if side is not None or native_gx:
-            native.warm(n_threads)  # the pool's threads wake while this prepares their work
-        budget = max(1, min(VJP_TILE_BYTES, workspace_limit(spec, workspace) // n_threads)
-                     // cd.itemsize)  # elements of workspace per worker
-        if algorithm == "native" and not native.AVAILABLE:
-            raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
-                             "install lacks")
-        if side is True and native_gx and native.fuses_grad_input(
-                cd.itemsize, spec.c_in_per_group, spec.c_out_per_group):
-            _native_both(spec, x3, c3, w3, gx, gw, n_threads, cd)  # few sums: one pass
-            return _results(spec, x, w, gx, gw)
-        # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
-        # neither waits on the other's slowest tile.
-        shared = [] if side is not None and native_gx else None
-        if side is not None:
-            _native_grad_weight(spec, x3, c3, gw, n_threads, side, cd, shared)
-            gw_done, need_weight = gw, False
-            gw = None
-        else:
-            gw_done = None
-        if native_gx:
-            _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd, shared,
-                               workspace_limit(spec, workspace))
-            gx_done, algorithm = gx, None
-            gx = None  # the algorithm below computes grad_weight only
-        else:
-            gx_done = None
-        if shared:
-            run_jobs([job for jobs, _ in shared for job in jobs], n_threads)
-            for _, finish in shared:
-                finish()
-        if algorithm == "native":  # it names grad_input's kernel; grad_weight's is chosen
-            algorithm = None
-        if gx is not None or gw is not None:  # left for the GEMM paths
-            algorithm = algorithm or choose_vjp_algorithm(spec, taps, budget)
-            if algorithm not in _ALGORITHMS:
-                raise ValueError(f"vjp: 'algorithm' must be one of {tuple(_ALGORITHMS)}, "
-                                 f"got {algorithm!r}")
-            if algorithm == "direct" and spec.c_in_per_group != 1:
-                raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
-            _ALGORITHMS[algorithm](spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd)
-        if gx_done is not None:
-            gx = gx_done
-        if gw_done is not None:
-            gw = gw_done
-    return _results(spec, x, w, gx, gw)
-
-
-def _multiplier_vjp(spec, x, w, cot, cd, need_input, need_weight, threads, workspace):
-    """A channel multiplier (as the forward, `expands_to_depthwise`) as a depthwise layer
-    over C_out channels whose input repeats each channel C_out/g times: grad_weight is that
-    layer's, and grad_input sums its grad_input over each channel's repeats (in a fixed
-    order: the bits do not depend on the threads)."""
-    m = spec.c_out_per_group
-    depthwise = dataclasses.replace(spec, c_in=spec.c_out, groups=spec.c_out)
-    shape = (spec.batch, *spec.in_spatial, spec.c_out)
-    if need_weight:
-        xe = np.repeat(x.reshape(*shape[:-1], spec.c_in).astype(cd, copy=False), m, axis=-1)
-    else:  # grad_input reads no input: a stand-in of the right shape, no memory
-        xe = np.broadcast_to(np.zeros((), cd), shape)
-    gxe, gw = vjp_arrays(depthwise, xe, w.reshape(spec.c_out, -1, 1), cot,
-                         need_input=need_input, need_weight=need_weight, threads=threads,
-                         workspace=workspace)
-    gx = None
-    if gxe is not None:
-        gx = gxe.reshape(*shape[:-1], spec.c_in, m).sum(axis=-1)
-    return _results(spec, x, w, gx, gw)
-
-
-def _fan_out_grad_input(spec, w, cot, cd, threads, workspace) -> np.ndarray:
-    """grad_input where each group sums one cotangent channel into its C_in/g inputs (the
-    mirror of a channel multiplier, `expands_to_depthwise` of the swapped spec): a
-    depthwise grad_input over the cotangent with each channel repeated C_in/g times, so
-    that the kernel's vectors run along C_in instead of each group's single channel (the
-    GEMM paths ran 8 -> 4 g4 at 0.5 GFLOP/s)."""
-    m = spec.c_in_per_group
-    depthwise = dataclasses.replace(spec, c_out=spec.c_in, groups=spec.c_in)
-    ktot = math.prod(spec.kernel)
-    # channel g*m + j weighs with W[g, k, j]
-    wd = w.reshape(spec.c_out, ktot, m).transpose(0, 2, 1).reshape(spec.c_in, ktot, 1)
-    shape = (spec.batch, *spec.out_spatial, spec.c_out)
-    cot_rep = np.repeat(cot.reshape(shape).astype(cd, copy=False), m, axis=-1)
-    standin = np.broadcast_to(np.zeros((), cd), (spec.batch, *spec.in_spatial, spec.c_in))
-    gx, _ = vjp_arrays(depthwise, standin, wd.reshape(depthwise.weight_shape), cot_rep,
-                       need_weight=False, threads=threads, workspace=workspace)
-    return gx
-
-
-def _results(spec: ConvSpec, x: np.ndarray, w: np.ndarray, gx: np.ndarray | None,
-             gw: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The gradients in their shapes, rounded to the dtypes of x and w."""
-    if gx is not None:
-        gx = gx.reshape(spec.input_shape).astype(x.dtype, copy=False)
-    if gw is not None:
-        gw = gw.reshape(spec.weight_shape).astype(w.dtype, copy=False)
-    return gx, gw
 
 
 def native_grad_input_suits(spec: ConvSpec, need_weight: bool = False) -> bool:
@@ -337,6 +181,514 @@ def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
             and native_rate(swapped) >= 20e9 * lanes / 16)
 
 
+def grad_input_takes_pairs(spec: ConvSpec, cd: np.dtype, limit: int, winograd: bool,
+                           cotangent_in_place: bool) -> bool:
+    """Whether grad_input takes Winograd F(2,3) along D (as the forward's 'winograd'):
+    `winograd_axis_fits` with grad_input's D planes as outputs and C_out/g channels
+    reduced over, a cotangent read in place, and its transform V (2x the cotangent's D
+    planes a pair reads) within the workspace limit. `winograd`: `get_winograd()`."""
+    if (not winograd
+            or not winograd_axis_fits(spec, spec.in_spatial[0], spec.c_out_per_group)
+            or native_mode(dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in))
+            != native.CHANNELS or not cotangent_in_place):
+        return False
+    return grad_input_pair_bytes(spec, cd) <= limit
+
+
+def grad_input_pair_bytes(spec: ConvSpec, cd: np.dtype) -> int:
+    """Size of grad_input's transformed cotangent V (N, pairs, 4, H_out, W_out, C_out)."""
+    pairs = -(-spec.in_spatial[0] // 2)
+    return (spec.batch * pairs * 4 * spec.out_spatial[1] * spec.out_spatial[2] * spec.c_out
+            * cd.itemsize)
+
+
+def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
+    """Whether grad_weight sums every W tap at once: with dilation 1 along W, input pixel
+    i meets one run of kW * C_out cotangent values, so a (D, H) tap's sums over the pixels
+    are one product of x's C_in/g by that run (rounded up to whole vectors, the extra
+    columns dropped) where per tap C_out/g alone would fill part of a vector. With groups
+    the run holds every group's channels: each group's product computes them all and
+    keeps its own (work times the groups, so up to four). Needs enough (tap, column
+    chunk) units to share among the threads."""
+    lanes, _ = native.layout(cd.itemsize)
+    cols = -(-spec.kernel[2] * spec.c_out // lanes) * lanes
+    few = spec.c_out < FUSE_W_BELOW_CHANNELS if spec.groups == 1 else spec.groups <= 4
+    return (few and spec.dilation[2] == 1 and spec.kernel[2] > 1
+            and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, cd.itemsize)
+            >= 2 * threads)
+
+
+
+# From this grad_weight size on, the sums go straight into it (vectors along C_in) rather
+# than through a packed buffer that is then unpacked: measured, W3's 8 MiB grad_weight
+# 51 -> 36 ms; below it vectors along C_out are faster (W2 45 against 57 ms, W5 12.9
+# against 14.3, W8 21 against 25, W4 31 against 33 with a 1.7 MiB grad_weight).
+GW_IN_PLACE_BYTES = 4 << 20
+
+
+def grad_weight_side(spec: ConvSpec, cd: np.dtype, threads: int, in_place: bool,
+                     in_place_bytes: int) -> bool | int | None:
+    """None where the compiled grad_weight kernel does not apply; GW_DEPTHWISE for one
+    channel per group; else whether it runs swapped (vectors along C_in: for C_out/g that
+    is not whole vectors, or a grad_weight large enough to be summed in place), or GW_WIDE,
+    or GW_PADDED (swapped over x padded to whole vectors, where neither side is).
+    It reads both operands in place: `in_place`, whether they have the compute dtype and
+    contiguous channels. `in_place_bytes`: GW_IN_PLACE_BYTES."""
+    if not (native.AVAILABLE and in_place):
+        return None
+    lanes, _ = native.layout(cd.itemsize)
+    cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    if cig == 1 and cog == 1:
+        return native.GW_DEPTHWISE
+    along_out = cog % lanes == 0
+    if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
+                             * cd.itemsize >= in_place_bytes):
+        return True
+    if along_out:
+        return False
+    if grad_weight_wide_w(spec, cd, threads):
+        return GW_WIDE
+    return GW_PADDED if math.prod(spec.kernel) > 1 else None
+
+
+@dataclass(frozen=True)
+class ShiftLayout:
+    """Taps of the shift path: the W taps side by side in every grid row; the (D, H) taps
+    grouped by stride phase, each a fixed row shift of its phase's grid."""
+
+    wtaps: tuple  # (k, shift, lo, hi) per active W tap
+    phases: tuple  # ((rd, rh), cmin_d, cmin_h, ((pair, cd, ch), ...)) per (D, H) phase
+    pairs: tuple  # (kd, kh) per pair index
+    halo: tuple[int, int]  # extra grid planes along D, rows along H
+    counts: tuple[dict, dict]  # cotangent rows per phase residue, along D and H
+
+
+def _axis_taps(spec: ConvSpec, axis: int) -> list[tuple[int, int, int, int]]:
+    n, kk, s, p, d, o = (spec.in_spatial[axis], spec.kernel[axis], spec.stride[axis],
+                         spec.pad_lo[axis], spec.dilation[axis], spec.out_spatial[axis])
+    taps = []
+    for k in range(kk):
+        lo, hi = tap_output_range(n, k, s, p, d, o)
+        if lo < hi:
+            taps.append((k, k * d - p, lo, hi))
+    return taps
+
+
+def shift_layout(spec: ConvSpec) -> ShiftLayout:
+    (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
+    by_phase = []
+    for axis, s in ((0, sd), (1, sh)):
+        groups: dict[int, list] = {}
+        for k, shift, _, _ in _axis_taps(spec, axis):
+            groups.setdefault(shift % s, []).append((k, shift // s))
+        by_phase.append(groups)
+    phases, pairs = [], []
+    halo_d = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[0].values())
+    halo_h = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[1].values())
+    for rd, dtaps in sorted(by_phase[0].items()):
+        for rh, htaps in sorted(by_phase[1].items()):
+            cmin_d, cmin_h = min(c for _, c in dtaps), min(c for _, c in htaps)
+            members = []
+            for (kd, cd), (kh, ch) in itertools.product(dtaps, htaps):
+                members.append((len(pairs), cd, ch))
+                pairs.append((kd, kh))
+            phases.append(((rd, rh), cmin_d, cmin_h, tuple(members)))
+    counts = tuple({r: -(-(o - r) // s) for r in range(s)} for o, s in ((od, sd), (oh, sh)))
+    return ShiftLayout(tuple(_axis_taps(spec, 2)), tuple(phases), tuple(pairs),
+                        (halo_d, halo_h), counts)
+
+
+def shift_rows(spec: ConvSpec, layout: ShiftLayout, budget: int) -> int:
+    """Input rows per shift tile: its grid, accumulator, temporary and input grid."""
+    return max(1, budget // (len(layout.wtaps) * spec.c_out + 3 * spec.c_in))
+
+
+def choose_vjp_algorithm(spec: ConvSpec, taps, budget: int = VJP_TILE_BYTES // 4) -> str:
+    """'direct' for one input channel per group; 'shift' where it copies less of the
+    cotangent than 'gather' (counting its halo), its GEMMs stay wide (K >= 128) and the
+    halo rows it computes and drops stay few (<= 7%); else 'gather'. `budget` is the
+    workspace of one worker, in elements."""
+    if spec.c_in_per_group == 1 and spec.groups > 1:
+        return "direct"
+    layout = shift_layout(spec)
+    if len(layout.wtaps) * spec.c_out_per_group < 128:
+        return "gather"
+    depth, height, width = spec.in_spatial
+    rows = shift_rows(spec, layout, budget)  # the tile shape split_tiles will cut
+    if rows >= height * width:
+        nd, nh = min(depth, rows // (height * width)), height
+    else:
+        nd, nh = 1, max(1, rows // width)
+    halo_d, halo_h = layout.halo
+    waste = halo_h / nh + (halo_d / depth if spec.batch > 1 and nd == depth else 0)
+    shift_copy = (len(layout.phases) * len(layout.wtaps) * (nd + halo_d) / nd
+                  * (nh + halo_h) / nh)
+    if waste <= 0.07 and shift_copy < len(taps):
+        return "shift"
+    return "gather"
+
+
+def make_vjp_plan(spec: ConvSpec, cd: np.dtype, *, need_input: bool = True,
+                  need_weight: bool = True, threads: int | None = None,
+                  workspace: int | None = None, algorithm: str | None = None,
+                  input_in_place: bool = True, cotangent_in_place: bool = True) -> VjpPlan:
+    """The backward's plan, summing in `cd` (`vjp_compute_dtype`). `input_in_place`,
+    `cotangent_in_place`: whether the kernel can read those arrays where they lie
+    (`native.reads_in_place`; C-contiguous arrays of the compute dtype can)."""
+    if algorithm is not None and algorithm not in VJP_ALGORITHMS:
+        raise ValueError(f"vjp: 'algorithm' must be one of {GEMM_ALGORITHMS + ('native',)}, "
+                         f"got {algorithm!r}")
+    n_threads = max(1, threads or get_num_threads())
+    return _make_vjp_plan(spec, cd, need_input, need_weight, n_threads,
+                          workspace_limit(spec, workspace), algorithm, get_winograd(),
+                          input_in_place, cotangent_in_place, GW_IN_PLACE_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: bool,
+                   threads: int, limit: int, algorithm: str | None, winograd: bool,
+                   input_in_place: bool, cotangent_in_place: bool,
+                   in_place_bytes: int) -> VjpPlan:
+    """Plans are pure functions of their arguments (the tunable threshold included), so a
+    training loop's steps reuse one."""
+    budget = max(1, min(VJP_TILE_BYTES, limit // threads) // cd.itemsize)
+    work = bool(active_taps(spec) and spec.batch)
+    if algorithm is None and work and native.AVAILABLE and expands_to_depthwise(spec):
+        depthwise = dataclasses.replace(spec, c_in=spec.c_out, groups=spec.c_out)
+        # grad_weight reads the repeated input, made C-contiguous in the compute dtype.
+        inner = _make_vjp_plan(depthwise, cd, need_input, need_weight, threads, limit, None,
+                               winograd, need_weight, cotangent_in_place, in_place_bytes)
+        return dataclasses.replace(inner, spec=spec, multiplier=inner)
+    if (algorithm in (None, "native") and work and need_input and native.AVAILABLE
+            and expands_to_depthwise(grad_input_kernel_spec(spec))):
+        # grad_input fans each group's one cotangent channel out to its C_in/g inputs (the
+        # mirror of a multiplier): a depthwise grad_input over the cotangent with each
+        # channel repeated C_in/g times, which reads no input; grad_weight as the default
+        # plans it alone (for 'native' too).
+        depthwise = dataclasses.replace(spec, c_out=spec.c_in, groups=spec.c_in)
+        fan_out = _make_vjp_plan(depthwise, cd, True, False, threads, limit, None, winograd,
+                                 False, True, in_place_bytes)
+        rest = _make_vjp_plan(spec, cd, False, need_weight, threads, limit, None, winograd,
+                              input_in_place, cotangent_in_place, in_place_bytes)
+        return dataclasses.replace(
+            rest, grad_input=dataclasses.replace(fan_out.grad_input, fan_out=True),
+            fan_out=fan_out)
+    if algorithm is None and indexed_fits(spec):
+        algorithm = "indexed"  # small: one gather and two GEMMs beat any per-tile work
+    elif algorithm == "indexed" and not indexed_fits(spec):
+        raise ValueError("vjp: algorithm 'indexed' is for small calls; this one's gathered "
+                         "cotangent would be too large (leave 'algorithm' to the default)")
+    if not work or not (need_input or need_weight):
+        zeros = GradStep("zeros", 0, 0, 1, 0.0)
+        return VjpPlan(spec, cd, zeros if need_input else None, zeros if need_weight else None,
+                       threads, limit, budget)
+    if algorithm == "native" and not native.AVAILABLE:
+        raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
+                         "install lacks")
+    side = (grad_weight_side(spec, cd, threads, input_in_place and cotangent_in_place,
+                             in_place_bytes)
+            if need_weight and algorithm in (None, "native") else None)
+    # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
+    # would otherwise compute both gradients from one gathered block).
+    native_gx = need_input and (algorithm == "native" or (
+        algorithm is None and native_grad_input_suits(spec, need_weight and side is None)))
+    fused = (side is True and native_gx
+             and native.fuses_grad_input(cd.itemsize, spec.c_in_per_group,
+                                         spec.c_out_per_group))
+    gemm = None
+    if (need_input and not native_gx) or (need_weight and side is None):
+        gemm = (algorithm if algorithm not in (None, "native")
+                else choose_vjp_algorithm(spec, active_taps(spec), budget))
+        if gemm == "direct" and spec.c_in_per_group != 1:
+            raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
+    gemm_costs = _gemm_costs(spec, cd, gemm, need_input and not native_gx,
+                             need_weight and side is None, threads, budget) if gemm else {}
+    gx = gw = None
+    if need_input:
+        if native_gx:
+            pairs = (not fused and _grad_input_mode(spec) == native.CHANNELS
+                     and not _grad_input_wide(spec)
+                     and grad_input_takes_pairs(spec, cd, limit, winograd, cotangent_in_place))
+            gx = _native_grad_input_step(spec, cd, threads, budget, pairs, fused,
+                                         cotangent_in_place)
+        else:
+            gx = gemm_costs["input"]
+    if need_weight:
+        gw = (_native_grad_weight_step(spec, cd, threads, side) if side is not None
+              else gemm_costs["weight"])
+    return VjpPlan(spec, cd, gx, gw, threads, limit, budget,
+                   shared_queue=side is not None and native_gx and not fused)
+
+
+def _grad_input_wide(spec: ConvSpec) -> bool:
+    """Whether the kernel's grad_input sums W taps as one (never for depthwise layers)."""
+    depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
+    return not depthwise and grad_input_wide_w(spec)
+
+
+def _grad_input_mode(spec: ConvSpec) -> int:
+    """The kernel's vector layout for grad_input."""
+    if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:
+        return native.DEPTHWISE
+    return native_mode(grad_input_kernel_spec(spec), False)
+
+
+def _on_threads(seconds: float, threads: int) -> float:
+    """The models are of one core; as the forward's plan, ~0.9 efficiency on more."""
+    return seconds / (1 if threads == 1 else 0.9 * threads)
+
+
+def _native_grad_input_step(spec: ConvSpec, cd: np.dtype, threads: int, budget: int,
+                            pairs: bool, fused: bool, cotangent_in_place: bool) -> GradStep:
+    """The kernel's grad_input: the forward's rate model on its channel-swapped spec."""
+    flops = spec.useful_flops
+    item = cd.itemsize
+    wide = _grad_input_wide(spec)
+    write = 2 * spec.batch * math.prod(spec.in_spatial) * spec.c_in * item / COPY_BYTES_PER_S
+    products = flops
+    scratch = 0 if cotangent_in_place else threads * budget * item
+    extra = 0.0
+    if pairs:  # four products per pair of planes instead of six, and the transform
+        products = flops * 4 * -(-spec.in_spatial[0] // 2) / (3 * spec.in_spatial[0])
+        scratch = grad_input_pair_bytes(spec, cd)
+        extra = scratch / PAIR_TRANSFORM_BYTES_PER_S
+    elif wide:  # the cotangent padded along W
+        scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
+                   * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * item)
+    seconds = products / native_rate(grad_input_kernel_spec(spec)) + write / 2 + extra
+    return GradStep("winograd" if pairs else "native", flops, scratch, threads,
+                    _on_threads(seconds, threads), with_grad_weight=fused, wide_w=wide)
+
+
+def _native_grad_weight_step(spec: ConvSpec, cd: np.dtype, threads: int,
+                             side: bool | int) -> GradStep:
+    """The kernel's grad_weight. It sums over pixels (many per tap), so its rate is the
+    forward kernel's peak times the lanes its vector axis fills (C_in/g swapped, C_out/g
+    else, kW * C_out for GW_WIDE, whose groups each compute every group's columns)."""
+    lanes, _ = native.layout(cd.itemsize)
+    peak = NATIVE_PEAK_PER_LANE * lanes
+    gw_bytes = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * cd.itemsize
+    if side == native.GW_DEPTHWISE:
+        rate, scratch = peak / 4, threads * gw_bytes
+    else:
+        width = (spec.kernel[2] * spec.c_out if side == GW_WIDE
+                 else spec.c_in_per_group if side in (True, GW_PADDED)
+                 else spec.c_out_per_group)
+        vectors = -(-width // lanes)
+        rate = peak * width / (vectors * lanes) / (spec.groups if side == GW_WIDE else 1)
+        scratch = 0 if side is True else gw_bytes
+        if side == GW_PADDED:  # x and gw with C_in/g padded to whole vectors
+            scratch = (spec.batch * math.prod(spec.in_spatial) * spec.groups * vectors * lanes
+                       * cd.itemsize + gw_bytes * vectors * lanes // width)
+        if side == GW_WIDE:  # the W-padded cotangent and every group's columns
+            scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
+                       * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * cd.itemsize
+                       + gw_bytes * spec.groups * vectors * lanes // max(1, width))
+    flops = spec.useful_flops
+    return GradStep("native", flops, scratch, threads, _on_threads(flops / rate, threads),
+                    side=side)
+
+
+def _gemm_costs(spec: ConvSpec, cd: np.dtype, algorithm: str, want_input: bool,
+                want_weight: bool, threads: int, budget: int) -> dict[str, GradStep]:
+    """The NumPy/BLAS paths: each gradient's GEMMs at the shape's rate (`_gemm_rate` of
+    their narrow side), and the copy of cotangent rows that feeds both, charged to the
+    first gradient asked for."""
+    flops = spec.useful_flops
+    item = cd.itemsize
+    rows = spec.batch * math.prod(spec.in_spatial)
+    cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    taps = len(active_taps(spec))
+    if algorithm == "direct":
+        per_grad, copy = flops / 2 / ELEMENTWISE_PER_S, 0.0
+        times = {"input": per_grad, "weight": per_grad}
+    else:
+        if algorithm == "shift":
+            layout = shift_layout(spec)
+            copied, k = len(layout.phases) * len(layout.wtaps), len(layout.wtaps) * cog
+        else:
+            copied, k = taps, taps * cog
+        copy = 2 * rows * copied * spec.c_out * item / COPY_BYTES_PER_S
+        if algorithm == "indexed":
+            copy += 1e-5  # a few calls of Python
+        times = {"input": flops / _gemm_rate(cig), "weight": flops / _gemm_rate(min(k, cig))}
+    gw_bytes = spec.c_out * math.prod(spec.kernel) * cig * item
+    if algorithm == "indexed":
+        scratch = {"input": 2 * rows * taps * spec.c_out * item, "weight": gw_bytes}
+    else:
+        scratch = {"input": threads * budget * item, "weight": threads * gw_bytes}
+    steps = {}
+    for name, wanted in (("input", want_input), ("weight", want_weight)):
+        if wanted:
+            seconds = times[name] + copy
+            copy = 0.0
+            steps[name] = GradStep(algorithm, flops, scratch[name], threads,
+                                   _on_threads(seconds, threads))
+    return steps
+
+
+# --- running a plan ----------------------------------------------------------------------
+
+def _tap_box(spec: ConvSpec, tap: KernelTap, tile: Tile):
+    """Where tap reads inside the tile: the input box (absolute ranges per axis) and the
+    same box relative to the tile; None if the tap reaches nothing there."""
+    box = ((max(tap.lo[0], tile.d[0]), min(tap.hi[0], tile.d[1])),
+           (max(tap.lo[1], tile.h[0]), min(tap.hi[1], tile.h[1])),
+           (tap.lo[2], tap.hi[2]))
+    if any(a >= b for a, b in box):
+        return None
+    rel = ((box[0][0] - tile.d[0], box[0][1] - tile.d[0]),
+           (box[1][0] - tile.h[0], box[1][1] - tile.h[0]), box[2])
+    return box, rel
+
+
+def _cot_rows(spec: ConvSpec, tap: KernelTap, box, n: tuple[int, int], c3) -> np.ndarray:
+    """The cotangent rows tap meets from the input box: o = i*s + shift per axis."""
+    sl = tuple(slice(a * s + sh, (b - 1) * s + sh + 1, s)
+               for (a, b), s, sh in zip(box, spec.stride, tap.shift))
+    return c3[(slice(*n), *sl)]
+
+
+def check_cotangent(op: str, spec: ConvSpec, cotangent: ArrayLike,
+                    alone: bool = False) -> np.ndarray:
+    """The cotangent must be a floating array shaped exactly like the forward's output
+    (without its batch axis where `alone`: an unbatched input)."""
+    cot = as_float_array(op, "cotangent", cotangent)
+    shape = spec.output_shape[1:] if alone else spec.output_shape
+    if tuple(cot.shape) != tuple(shape):
+        raise ValueError(
+            f"{op}: 'cotangent' must have the forward output's shape {shape} "
+            f"(input {spec.input_shape[1:] if alone else spec.input_shape}, weight "
+            f"{spec.weight_shape}), got shape {tuple(cot.shape)}")
+    return cot
+
+
+def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
+               need_input: bool = True, need_weight: bool = True,
+               threads: int | None = None, workspace: int | None = None,
+               algorithm: str | None = None
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The VJP of a validated spec. grad_input has x's dtype, grad_weight w's (as mx.vjp).
+
+    `need_input`/`need_weight` skip the work of the gradient not wanted (None is returned
+    in its place); `threads`, `workspace` (bytes) and `algorithm` ('gather', 'shift',
+    'direct', 'indexed' for small calls, or 'native' for grad_input with the default for
+    grad_weight) override the defaults. The plan (`make_vjp_plan`) decides every path
+    before any work; this only runs it."""
+    cd = vjp_compute_dtype(x.dtype, w.dtype, cot.dtype)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    plan = make_vjp_plan(spec, cd, need_input=need_input, need_weight=need_weight,
+                         threads=threads, workspace=workspace, algorithm=algorithm,
+                         input_in_place=native.AVAILABLE and native.reads_in_place(x3, cd),
+                         cotangent_in_place=native.AVAILABLE and native.reads_in_place(c3, cd))
+    return run_vjp_plan(plan, x, w, cot)
+
+
+@functools.lru_cache(maxsize=64)
+def vjp_compute_dtype(*dtypes: np.dtype) -> np.dtype:
+    """The dtype the gradients sum in: float32 at least (as `mx.vjp`)."""
+    return compute_dtype(functools.reduce(result_dtype, dtypes))
+
+
+def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Run each step of the plan on arrays of its spec."""
+    if plan.multiplier is not None:
+        return _multiplier_vjp(plan, x, w, cot)
+    spec, cd, threads = plan.spec, plan.compute_dtype, plan.threads
+    if plan.fan_out is not None:  # grad_input by its own plan; the steps below grad_weight
+        gx = _fan_out_grad_input(plan.fan_out, spec, w, cot)
+        _, gw = run_vjp_plan(dataclasses.replace(plan, grad_input=None, fan_out=None),
+                             x, w, cot)
+        return _results(spec, x, w, gx, gw)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    w3 = w.reshape(spec.c_out, math.prod(spec.kernel), spec.c_in_per_group)
+    gi, gwp = plan.grad_input, plan.grad_weight
+    gi_native = gi is not None and gi.native
+    gw_native = gwp is not None and gwp.native
+    # Accumulated in the compute dtype (tap chunks add up), rounded to x's dtype at the end.
+    # The native kernels write every element; the other paths accumulate into zeros.
+    gx = ((result_empty if gi_native else result_zeros)(
+        (spec.batch, *spec.in_spatial, spec.c_in), cd) if gi is not None else None)
+    gw = ((result_empty if gw_native else result_zeros)(
+        (spec.c_out, math.prod(spec.kernel), spec.c_in_per_group), cd)
+        if gwp is not None else None)
+    if gi_native or gw_native:
+        native.warm(threads)  # the pool's threads wake while this prepares their work
+    if gi_native and gi.with_grad_weight:
+        _native_both(spec, x3, c3, w3, gx, gw, threads, cd)  # few sums: one pass
+        return _results(spec, x, w, gx, gw)
+    # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
+    # neither waits on the other's slowest tile.
+    shared = [] if plan.shared_queue else None
+    if gw_native:
+        _native_grad_weight(spec, x3, c3, gw, threads, gwp.side, cd, shared)
+    if gi_native:
+        _native_grad_input(spec, c3, w3, gx, threads, plan.budget, cd, shared,
+                           gi.algorithm == "winograd")
+    if shared:
+        run_jobs([job for jobs, _ in shared for job in jobs], threads)
+        for _, finish in shared:
+            finish()
+    gemm = plan.gemm_algorithm
+    if gemm is not None:  # what the kernel does not compute, from one copy for both
+        _GEMM_PATHS[gemm](spec, active_taps(spec), x3, c3, w3,
+                          gx if gi is not None and gi.algorithm == gemm else None,
+                          gw if gwp is not None and gwp.algorithm == gemm else None,
+                          threads, plan.budget, cd)
+    return _results(spec, x, w, gx, gw)
+
+
+def _multiplier_vjp(plan: VjpPlan, x, w, cot):
+    """A channel multiplier (as the forward, `expands_to_depthwise`) as a depthwise layer
+    over C_out channels whose input repeats each channel C_out/g times: grad_weight is that
+    layer's, and grad_input sums its grad_input over each channel's repeats (in a fixed
+    order: the bits do not depend on the threads)."""
+    spec, cd = plan.spec, plan.compute_dtype
+    m = spec.c_out_per_group
+    shape = (spec.batch, *spec.in_spatial, spec.c_out)
+    if plan.grad_weight is not None:
+        xe = np.repeat(x.reshape(*shape[:-1], spec.c_in).astype(cd, copy=False), m, axis=-1)
+    else:  # grad_input reads no input: a stand-in of the right shape, no memory
+        xe = np.broadcast_to(np.zeros((), cd), shape)
+    gxe, gw = run_vjp_plan(plan.multiplier, xe, w.reshape(spec.c_out, -1, 1), cot)
+    gx = None
+    if gxe is not None:
+        gx = gxe.reshape(*shape[:-1], spec.c_in, m).sum(axis=-1)
+    return _results(spec, x, w, gx, gw)
+
+
+def _fan_out_grad_input(fan_out: VjpPlan, spec: ConvSpec, w, cot) -> np.ndarray:
+    """grad_input where each group sums one cotangent channel into its C_in/g inputs (the
+    mirror of a channel multiplier, `expands_to_depthwise` of the swapped spec): a
+    depthwise grad_input over the cotangent with each channel repeated C_in/g times, so
+    that the kernel's vectors run along C_in instead of each group's single channel (the
+    GEMM paths ran 8 -> 4 g4 at 0.5 GFLOP/s). `fan_out`: that depthwise layer's plan."""
+    cd, depthwise = fan_out.compute_dtype, fan_out.spec
+    m = spec.c_in_per_group
+    ktot = math.prod(spec.kernel)
+    # channel g*m + j weighs with W[g, k, j]
+    wd = w.reshape(spec.c_out, ktot, m).transpose(0, 2, 1).reshape(spec.c_in, ktot, 1)
+    shape = (spec.batch, *spec.out_spatial, spec.c_out)
+    cot_rep = np.repeat(cot.reshape(shape).astype(cd, copy=False), m, axis=-1)
+    standin = np.broadcast_to(np.zeros((), cd), (spec.batch, *spec.in_spatial, spec.c_in))
+    gx, _ = run_vjp_plan(fan_out, standin, wd.reshape(depthwise.weight_shape), cot_rep)
+    return gx
+
+
+def _results(spec: ConvSpec, x: np.ndarray, w: np.ndarray, gx: np.ndarray | None,
+             gw: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The gradients in their shapes, rounded to the dtypes of x and w."""
+    if gx is not None:
+        gx = gx.reshape(spec.input_shape).astype(x.dtype, copy=False)
+    if gw is not None:
+        gw = gw.reshape(spec.weight_shape).astype(w.dtype, copy=False)
+    return gx, gw
+
+
+
 @functools.lru_cache(maxsize=64)  # a table is taps x C_in/g int64: bounded memory
 def _grad_input_tables(ktot: int, cig: int, groups: int, cog: int, s_co: int, s_tap: int,
                        s_ci: int) -> tuple[np.ndarray, ...]:
@@ -358,21 +710,6 @@ def _tap_offsets(spec: ConvSpec) -> native.TapOffsets:
                              for k, d, p in zip(spec.kernel, spec.dilation, spec.pad_lo))
 
 
-def _grad_input_pairs(spec: ConvSpec, c3: np.ndarray, cd: np.dtype, limit: int) -> bool:
-    """Whether grad_input takes Winograd F(2,3) along D (as the forward's 'winograd'):
-    `winograd_axis_fits` with grad_input's D planes as outputs and C_out/g channels
-    reduced over, a cotangent read in place, and its transform V (2x the cotangent's D
-    planes a pair reads) within the workspace limit."""
-    if (not get_winograd()
-            or not winograd_axis_fits(spec, spec.in_spatial[0], spec.c_out_per_group)
-            or native_mode(dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in))
-            != native.CHANNELS or not native.reads_in_place(c3, cd)):
-        return False
-    pairs = -(-spec.in_spatial[0] // 2)
-    return (spec.batch * pairs * 4 * spec.out_spatial[1] * spec.out_spatial[2] * spec.c_out
-            * cd.itemsize <= limit)
-
-
 @functools.lru_cache(maxsize=256)
 def _pair_offsets(spec: ConvSpec) -> native.TapOffsets:
     """_tap_offsets with D's taps the four planes of V (offsets 0-3, read at step 4)."""
@@ -381,12 +718,12 @@ def _pair_offsets(spec: ConvSpec) -> native.TapOffsets:
 
 
 def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
-                       defer: list | None = None, limit: int = 0) -> None:
+                       defer: list | None = None, winograd: bool = False) -> None:
     """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
     grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
     or with channels not contiguous, is converted plane by plane as a tile needs it.
-    Where `_grad_input_pairs` (within `limit` bytes), Winograd F(2,3) along D: the
+    `winograd` (the plan's `grad_input_takes_pairs`): Winograd F(2,3) along D: the
     kernel reads the transformed cotangent V with the transformed weight, and a tile's
     rows are pairs of grad_input planes."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
@@ -398,8 +735,7 @@ def _native_grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     mode = (native.DEPTHWISE if depthwise else native_mode(grad_input_kernel_spec(spec), False))
     # (a fan-out, depthwise by its swapped spec alone, goes to `_fan_out_grad_input`)
     assert depthwise or mode != native.DEPTHWISE
-    pairs = 0 if mode != native.CHANNELS or wide else -(-spec.in_spatial[0] // 2) * (
-        _grad_input_pairs(spec, c3, cd, limit))
+    pairs = -(-spec.in_spatial[0] // 2) if winograd else 0  # the plan's choice
     source, in_dims, steps = c3, spec.out_spatial, spec.stride
     if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
         c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, cd, n_threads)
@@ -514,25 +850,6 @@ def _wide_cotangent(spec, c3, w3, cd, threads):
             kw * spec.c_out, kd * kh)
 
 
-GW_WIDE = 3  # native_grad_weight_side: every W tap's columns in one run (grad_weight_wide_w)
-GW_PADDED = 4  # swapped, over a copy of x with each group's channels padded to whole vectors
-
-
-def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
-    """Whether grad_weight sums every W tap at once: with dilation 1 along W, input pixel
-    i meets one run of kW * C_out cotangent values, so a (D, H) tap's sums over the pixels
-    are one product of x's C_in/g by that run (rounded up to whole vectors, the extra
-    columns dropped) where per tap C_out/g alone would fill part of a vector. With groups
-    the run holds every group's channels: each group's product computes them all and
-    keeps its own (work times the groups, so up to four). Needs enough (tap, column
-    chunk) units to share among the threads."""
-    lanes, _ = native.layout(cd.itemsize)
-    cols = -(-spec.kernel[2] * spec.c_out // lanes) * lanes
-    few = spec.c_out < FUSE_W_BELOW_CHANNELS if spec.groups == 1 else spec.groups <= 4
-    return (few and spec.dilation[2] == 1 and spec.kernel[2] > 1
-            and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, cd.itemsize)
-            >= 2 * threads)
-
 
 def _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> None:
     """grad_weight by `grad_weight_wide_w`: per conv group, sums (kD * kH taps, C_in/g,
@@ -569,35 +886,11 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> No
     _run_or_defer(jobs, n_threads, finish, defer)
 
 
-# From this grad_weight size on, the sums go straight into it (vectors along C_in) rather
-# than through a packed buffer that is then unpacked: measured, W3's 8 MiB grad_weight
-# 51 -> 36 ms; below it vectors along C_out are faster (W2 45 against 57 ms, W5 12.9
-# against 14.3, W8 21 against 25, W4 31 against 33 with a 1.7 MiB grad_weight).
-GW_IN_PLACE_BYTES = 4 << 20
-
-
 def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
                             cd: np.dtype, threads: int = 1) -> bool | int | None:
-    """None where the compiled grad_weight kernel does not apply; GW_DEPTHWISE for one
-    channel per group; else whether it runs swapped (vectors along C_in: for C_out/g that
-    is not whole vectors, or a grad_weight large enough to be summed in place). It reads
-    both operands in place, so they must have the compute dtype and contiguous channels."""
-    if not (native.AVAILABLE and native.reads_in_place(x3, cd)
-            and native.reads_in_place(c3, cd)):
-        return None
-    lanes, _ = native.layout(cd.itemsize)
-    cig, cog = spec.c_in_per_group, spec.c_out_per_group
-    if cig == 1 and cog == 1:
-        return native.GW_DEPTHWISE
-    along_out = cog % lanes == 0
-    if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
-                             * cd.itemsize >= GW_IN_PLACE_BYTES):
-        return True
-    if along_out:
-        return False
-    if grad_weight_wide_w(spec, cd, threads):
-        return GW_WIDE
-    return GW_PADDED if math.prod(spec.kernel) > 1 else None
+    """`grad_weight_side` for these arrays: whether the kernel reads them in place."""
+    return grad_weight_side(spec, cd, threads, native.reads_in_place(x3, cd)
+                            and native.reads_in_place(c3, cd), GW_IN_PLACE_BYTES)
 
 
 def _native_grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
@@ -928,82 +1221,6 @@ def _grad_weight_tile(spec, tile, mat, x3, part, tmp, first, cd) -> None:
         part += res
 
 
-@dataclass(frozen=True)
-class _ShiftLayout:
-    """Taps of the shift path: the W taps side by side in every grid row; the (D, H) taps
-    grouped by stride phase, each a fixed row shift of its phase's grid."""
-
-    wtaps: tuple  # (k, shift, lo, hi) per active W tap
-    phases: tuple  # ((rd, rh), cmin_d, cmin_h, ((pair, cd, ch), ...)) per (D, H) phase
-    pairs: tuple  # (kd, kh) per pair index
-    halo: tuple[int, int]  # extra grid planes along D, rows along H
-    counts: tuple[dict, dict]  # cotangent rows per phase residue, along D and H
-
-
-def _axis_taps(spec: ConvSpec, axis: int) -> list[tuple[int, int, int, int]]:
-    n, kk, s, p, d, o = (spec.in_spatial[axis], spec.kernel[axis], spec.stride[axis],
-                         spec.pad_lo[axis], spec.dilation[axis], spec.out_spatial[axis])
-    taps = []
-    for k in range(kk):
-        lo, hi = tap_output_range(n, k, s, p, d, o)
-        if lo < hi:
-            taps.append((k, k * d - p, lo, hi))
-    return taps
-
-
-def _shift_layout(spec: ConvSpec) -> _ShiftLayout:
-    (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
-    by_phase = []
-    for axis, s in ((0, sd), (1, sh)):
-        groups: dict[int, list] = {}
-        for k, shift, _, _ in _axis_taps(spec, axis):
-            groups.setdefault(shift % s, []).append((k, shift // s))
-        by_phase.append(groups)
-    phases, pairs = [], []
-    halo_d = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[0].values())
-    halo_h = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[1].values())
-    for rd, dtaps in sorted(by_phase[0].items()):
-        for rh, htaps in sorted(by_phase[1].items()):
-            cmin_d, cmin_h = min(c for _, c in dtaps), min(c for _, c in htaps)
-            members = []
-            for (kd, cd), (kh, ch) in itertools.product(dtaps, htaps):
-                members.append((len(pairs), cd, ch))
-                pairs.append((kd, kh))
-            phases.append(((rd, rh), cmin_d, cmin_h, tuple(members)))
-    counts = tuple({r: -(-(o - r) // s) for r in range(s)} for o, s in ((od, sd), (oh, sh)))
-    return _ShiftLayout(tuple(_axis_taps(spec, 2)), tuple(phases), tuple(pairs),
-                        (halo_d, halo_h), counts)
-
-
-def _shift_rows(spec: ConvSpec, layout: _ShiftLayout, budget: int) -> int:
-    """Input rows per shift tile: its grid, accumulator, temporary and input grid."""
-    return max(1, budget // (len(layout.wtaps) * spec.c_out + 3 * spec.c_in))
-
-
-def choose_vjp_algorithm(spec: ConvSpec, taps, budget: int = VJP_TILE_BYTES // 4) -> str:
-    """'direct' for one input channel per group; 'shift' where it copies less of the
-    cotangent than 'gather' (counting its halo), its GEMMs stay wide (K >= 128) and the
-    halo rows it computes and drops stay few (<= 7%); else 'gather'. `budget` is the
-    workspace of one worker, in elements."""
-    if spec.c_in_per_group == 1 and spec.groups > 1:
-        return "direct"
-    layout = _shift_layout(spec)
-    if len(layout.wtaps) * spec.c_out_per_group < 128:
-        return "gather"
-    depth, height, width = spec.in_spatial
-    rows = _shift_rows(spec, layout, budget)  # the tile shape split_tiles will cut
-    if rows >= height * width:
-        nd, nh = min(depth, rows // (height * width)), height
-    else:
-        nd, nh = 1, max(1, rows // width)
-    halo_d, halo_h = layout.halo
-    waste = halo_h / nh + (halo_d / depth if spec.batch > 1 and nd == depth else 0)
-    shift_copy = (len(layout.phases) * len(layout.wtaps) * (nd + halo_d) / nd
-                  * (nh + halo_h) / nh)
-    if waste <= 0.07 and shift_copy < len(taps):
-        return "shift"
-    return "gather"
-
 
 def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
     """Shifted GEMMs over a gathered grid (the cotangent rows of one (D, H) stride phase,
@@ -1012,10 +1229,10 @@ def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
     GEMM per (D, H) tap (in cache-sized tiles); grad_weight gets one GEMM per (D, H) tap
     against the input laid out on the grid's row pitch (zeros where the grid has halo)."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    layout = _shift_layout(spec)
+    layout = shift_layout(spec)
     tw, npair = len(layout.wtaps), len(layout.pairs)
     kd_, kh_, kw_ = spec.kernel
-    tiles = _tiles(spec, _shift_rows(spec, layout, budget), n_threads)
+    tiles = _tiles(spec, shift_rows(spec, layout, budget), n_threads)
     workers = min(n_threads, len(tiles))
     # (G, pairs, T_w * C_out/g, C_in/g): the grad_input weights of each (D, H) tap.
     flat = [[(kd * kh_ + kh) * kw_ + k for k, _, _, _ in layout.wtaps]
@@ -1226,7 +1443,8 @@ def _indexed(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
             groups, ktot, cog, cig).transpose(0, 2, 1, 3)
 
 
-_ALGORITHMS = {"gather": _gather, "shift": _shift, "direct": _direct, "indexed": _indexed}
+# The NumPy/BLAS paths by name (`_vjp_plan.GEMM_ALGORITHMS`).
+_GEMM_PATHS = {"gather": _gather, "shift": _shift, "direct": _direct, "indexed": _indexed}
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,

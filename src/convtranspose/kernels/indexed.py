@@ -1,0 +1,45 @@
+"""``indexed``: for small calls, where NumPy's per-call overhead dominates: one GEMM of
+every input row against every tap, then one gather of each output row's contributions
+through a table the plan precomputes, and one sum."""
+
+from __future__ import annotations
+
+import math
+
+from .. import _execute
+from .._plan import (
+    COPY_BYTES_PER_S,
+    INDEXED_MAX_ELEMS,
+    _gemm_rate,
+    indexed_fits,
+    indexed_plan,
+    live_phases,
+)
+from . import Kernel
+
+
+def fits(spec, limit):
+    if not indexed_fits(spec):
+        return f"is for small calls only (its tables would exceed {INDEXED_MAX_ELEMS} elements)"
+    return None
+
+
+def phase_groups(spec):
+    return tuple((p,) for p in live_phases(spec))
+
+
+def estimate(spec):
+    """One GEMM, a gather of the products, ~10 us of Python."""
+    n_out = spec.batch * math.prod(spec.out_spatial)
+    taps = math.prod(spec.kernel)
+    gathered = n_out * taps * spec.c_out * spec.compute_dtype.itemsize  # at most
+    return (spec.useful_flops / _gemm_rate(min(spec.c_in_per_group, taps * spec.c_out_per_group))
+            + 2 * gathered / COPY_BYTES_PER_S + 1e-5)
+
+
+def run(plan, x3, w3, out, bias):
+    _execute._indexed(plan, x3, w3, out, bias)
+
+
+KERNEL = Kernel("indexed", fits, estimate, phase_groups, run,
+                writes_every_output=lambda spec: True, first=True, make_plan=indexed_plan)

@@ -1,0 +1,340 @@
+"""The planners' choices, pinned on representative layers: which algorithm the forward
+runs and which path each gradient takes. A change that routes a layer elsewhere fails
+here by name, and is then a decision to make (and to measure), not a side effect.
+
+The pins are for the compiled kernel (the no-compiler planner has its own tests below);
+the numbers each path gives are checked against references elsewhere (test_vjp,
+test_reference, test_thin_layers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convtranspose as ct
+from convtranspose import _native_kernel as native
+from convtranspose import _vjp
+from convtranspose._workloads import select_workloads
+
+needs_kernel = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel's paths")
+
+# name: (grad_input's path, grad_weight's path, grad_weight's kernel layout or None,
+#        grad_input computed in grad_weight's pass)
+BACKWARD_W = {
+    "W1": ("native", "native", False, False),
+    "W2": ("native", "native", False, False),
+    "W3": ("native", "native", True, False),
+    "W4": ("native", "native", False, False),
+    "W5": ("winograd", "native", False, False),
+    "W6": ("native", "native", True, True),  # 16 -> 1 head: few sums, one pass for both
+    "W7": ("native", "native", native.GW_DEPTHWISE, False),
+    "W8": ("winograd", "native", False, False),
+    "W9": ("indexed", "indexed", None, False),  # small: one gather, two GEMMs
+}
+
+# (input shape, weight shape, settings): grad_input's path, grad_weight's path. Channel
+# counts that no vector width divides, so that the pins hold on AVX2 and AVX-512 alike.
+BACKWARD_LAYERS = {
+    # grouped, few channels per group (2 in, 17 out per group): grad_weight sums every W
+    # tap's columns at once (GW_WIDE)
+    "grouped-few": ((1, 12, 12, 12, 4), (34, 5, 5, 5, 2), dict(stride=2, groups=2),
+                    "native", "native"),
+    # grouped, 19 in and 1 out per group: the same
+    "grouped-thin-out": ((1, 12, 12, 12, 76), (4, 5, 5, 5, 19), dict(stride=2, groups=4),
+                         "native", "native"),
+    # a channel multiplier: run as the depthwise layer it expands to
+    "multiplier": ((1, 12, 12, 12, 6), (12, 3, 3, 3, 1), dict(stride=2, groups=6),
+                   "native", "native"),
+    # 20 -> 20 at stride 2: neither side whole vectors: grad_weight over x padded to them
+    "odd-channels-s2": ((1, 8, 24, 24, 20), (20, 3, 3, 3, 20), dict(stride=2, padding=1),
+                        "native", "native"),
+    # 20 -> 50 at stride 1: Winograd for grad_input
+    "odd-channels-s1": ((1, 8, 24, 24, 20), (50, 3, 3, 3, 20), dict(padding=1),
+                        "winograd", "native"),
+    # float16 arrays the kernel cannot read in place: grad_weight on the GEMM paths, one
+    # gathered copy feeding both GEMMs ...
+    "half-odd-channels-s2": ((1, 8, 24, 24, 20), (20, 3, 3, 3, 20),
+                             dict(stride=2, padding=1, dtype=np.float16), "gather", "gather"),
+    # ... or, with wide rows (halo rows few) and 3 W taps of 50 channels, the shift grid
+    "half-shift-2d": ((1, 96, 96, 20), (50, 3, 3, 20),
+                      dict(stride=2, padding=1, dtype=np.float16), "shift", "shift"),
+    "half-shift-2d-s1": ((1, 64, 64, 20), (50, 3, 3, 20), dict(padding=1, dtype=np.float16),
+                         "native", "shift"),
+    # grad_input that fans each group's one cotangent channel out to its 2 inputs: as the
+    # depthwise grad_input over C_in channels of the repeated cotangent
+    "fan-out": ((1, 12, 12, 12, 8), (4, 4, 4, 4, 2), dict(stride=2, groups=4),
+                "native", "native"),
+}
+GW_SIDES = {"odd-channels-s2": _vjp.GW_PADDED, "odd-channels-s1": _vjp.GW_PADDED,
+            "grouped-few": _vjp.GW_WIDE, "grouped-thin-out": _vjp.GW_WIDE, "fan-out": _vjp.GW_WIDE,
+            "multiplier": native.GW_DEPTHWISE}
+
+
+def _workload(name: str):
+    (wl,) = select_workloads([name])
+    return wl
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(BACKWARD_W))
+def test_backward_paths_of_the_public_workloads(name):
+    wl = _workload(name)
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings, threads=2)
+    gx_path, gw_path, side, fused = BACKWARD_W[name]
+    assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
+    assert p.grad_weight.side == side and p.grad_input.with_grad_weight == fused, p
+    assert (p.multiplier is None) and p.threads == 2
+    # both by the kernel (and not in one pass): their tasks share one queue
+    assert p.shared_queue == (gw_path == "native" and gx_path != "indexed" and not fused)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(BACKWARD_LAYERS))
+def test_backward_paths_of_representative_layers(name):
+    x_shape, w_shape, settings, gx_path, gw_path = BACKWARD_LAYERS[name]
+    p = ct.vjp_plan(x_shape, w_shape, **settings, threads=2)
+    assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
+    assert p.grad_weight.side == GW_SIDES.get(name), p
+
+
+@needs_kernel
+def test_a_multiplier_plans_as_its_depthwise_layer():
+    p = ct.vjp_plan((1, 12, 12, 12, 6), (12, 3, 3, 3, 1), stride=2, groups=6)
+    assert p.multiplier is not None and p.multiplier.spec.groups == 12
+    assert p.multiplier.spec.c_in == 12 and p.spec.c_in == 6
+    assert "multiplier" in str(p)
+
+
+def test_backward_plan_honours_what_is_asked():
+    shape, w_shape = (1, 16, 16, 16, 32), (16, 2, 2, 2, 32)
+    alone = ct.vjp_plan(shape, w_shape, stride=2, need_weight=False)
+    assert alone.grad_weight is None and alone.grad_input is not None
+    assert not alone.shared_queue
+    gemm = ct.vjp_plan(shape, w_shape, stride=2, algorithm="gather")
+    assert gemm.algorithm == "gather"
+    assert gemm.grad_input.algorithm == gemm.grad_weight.algorithm == "gather"
+    with pytest.raises(ValueError, match="'algorithm' must be one of"):
+        ct.vjp_plan(shape, w_shape, stride=2, algorithm="fft")
+    with pytest.raises(ValueError, match="'indexed' is for small calls"):
+        ct.vjp_plan(shape, w_shape, stride=2, algorithm="indexed")
+    with pytest.raises(ValueError, match="'direct' needs one input channel per group"):
+        ct.vjp_plan(shape, w_shape, stride=2, algorithm="direct")
+    with pytest.raises(ValueError, match="'threads' must be an int >= 1"):
+        ct.vjp_plan(shape, w_shape, threads=0)
+
+
+def test_print_vjp_plan_names_the_paths():
+    wl = _workload("W6")
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    text = str(p)
+    assert text == repr(p)
+    assert text.startswith("convtranspose backward plan for conv_transpose3d_vjp")
+    for line in ("grad_input", "grad_weight", "model ms", "useful", "threads", "workspace"):
+        assert f"\n  {line}" in text, line
+    assert f"grad_input   {p.grad_input.algorithm}" in text
+    assert f"grad_weight  {p.grad_weight.algorithm}" in text
+    alone = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings, need_input=False)
+    assert "grad_input   not asked for" in str(alone)
+
+
+def test_backward_plan_reads_like_the_sweep_expects():
+    """`_sweep.predicted_seconds` reads est_seconds[algorithm], as for the forward."""
+    wl = _workload("W3")
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    total = p.est_seconds[p.algorithm]
+    assert total == pytest.approx(p.grad_input.est_seconds + p.grad_weight.est_seconds)
+    assert total > 0 and p.flops == 2 * p.spec.useful_flops
+
+
+def test_vjp_arrays_runs_the_plan_it_is_given(rng, monkeypatch):
+    """The call builds the plan once and runs it: the public plan for the same arguments is
+    the one the call runs (the cache returns the very object)."""
+    x = rng.standard_normal((1, 6, 6, 6, 16)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 3, 16)).astype(np.float32)
+    seen = []
+    real = _vjp.run_vjp_plan
+
+    def spy(plan, *arrays):
+        seen.append(plan)
+        return real(plan, *arrays)
+
+    monkeypatch.setattr(_vjp, "run_vjp_plan", spy)
+    cot = np.ones(ct.output_shape(x.shape, w.shape, stride=2), np.float32)
+    ct.conv_transpose3d_vjp(x, w, cot, stride=2)
+    assert seen == [ct.vjp_plan(x.shape, w.shape, stride=2)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("algorithm", [None, "native"])
+def test_fan_out_grad_input_plans_as_a_depthwise_layer(algorithm, rng):
+    """One output channel per group and 2 input channels per group: grad_input runs as
+    the depthwise layer over C_in channels (asked for by name too: the kernel has no other
+    layout for it, and returned garbage when forced), grad_weight as planned alone."""
+    x_shape, w_shape, settings, _, _ = BACKWARD_LAYERS["fan-out"]
+    p = ct.vjp_plan(x_shape, w_shape, **settings, algorithm=algorithm)
+    assert p.fan_out is not None and p.fan_out.spec.groups == p.spec.c_in == 8
+    assert p.grad_input.fan_out and "depthwise grad_input" in str(p)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    cot = rng.standard_normal(ct.output_shape(x_shape, w_shape, **settings)).astype(np.float32)
+    spec = p.spec
+    gx, gw = _vjp.vjp_arrays(spec, x, w, cot, algorithm=algorithm)
+    rx, rw = _vjp.vjp_arrays(spec, x, w, cot, algorithm="gather")
+    np.testing.assert_allclose(gx, rx, rtol=0, atol=1e-5 * np.abs(rx).max())
+    np.testing.assert_allclose(gw, rw, rtol=0, atol=1e-5 * np.abs(rw).max())
+
+
+# --- the forward's choices ---------------------------------------------------------------
+
+FORWARD_W = {"W1": "native", "W2": "native", "W3": "native", "W4": "native",
+             "W5": "winograd", "W6": "native", "W7": "native", "W8": "winograd",
+             "W9": "indexed"}
+
+FORWARD_LAYERS = {  # (input shape, weight shape, settings, algorithm)
+    # grouped, few channels per group: the kernel (per-group vectors, or W taps fused)
+    "grouped-few": ((1, 12, 12, 12, 4), (34, 5, 5, 5, 2), dict(stride=2, groups=2), "native"),
+    "grouped-thin-out": ((1, 12, 12, 12, 76), (4, 5, 5, 5, 19), dict(stride=2, groups=4),
+                         "native"),
+    "grouped-4ch": ((1, 16, 16, 16, 64), (64, 3, 3, 3, 4),
+                    dict(stride=2, padding=1, groups=16), "native"),
+    "multiplier": ((1, 12, 12, 12, 6), (12, 3, 3, 3, 1), dict(stride=2, groups=6), "native"),
+    "depthwise": ((1, 16, 16, 16, 16), (16, 3, 3, 3, 1), dict(padding=1, groups=16),
+                  "native"),
+    "stride-over-kernel": ((1, 12, 12, 12, 32), (32, 2, 2, 2, 32), dict(stride=3), "native"),
+    # 384 -> 3 k4: the kernel, which 'scatter' (offered beside it on AVX2) ran 3x slower
+    "thin-out-wide-in": ((3, 12, 12, 8, 384), (3, 4, 4, 4, 384), {}, "native"),
+    "1d-long": ((2, 4096, 32), (32, 5, 32), dict(stride=2, padding=2), "native"),
+    # a 2x1x2 input of 256 channels through 7^3 taps: a few GEMMs beat the kernel's per-row
+    # setup by 10x in the model
+    "few-pixels-wide": ((4, 2, 1, 2, 256), (32, 7, 7, 7, 256), dict(padding=3), "shift"),
+    "tiny": ((1, 4, 4, 4, 8), (8, 3, 3, 3, 8), dict(stride=2, padding=1, output_padding=1),
+             "indexed"),
+}
+
+# Without the compiled kernel: (forward, grad_input, grad_weight) of W1-W9.
+NO_COMPILER_W = {
+    "W1": ("shift", "gather", "gather"), "W2": ("shift", "gather", "gather"),
+    "W3": ("shift", "gather", "gather"), "W4": ("shift", "shift", "shift"),
+    "W5": ("shift", "shift", "shift"),
+    "W6": ("scatter", "gather", "gather"),  # 16 -> 1 head: 2.2x faster than shift here
+    "W7": ("direct", "direct", "direct"),  # depthwise: 3x faster than shift here
+    "W8": ("shift", "shift", "shift"), "W9": ("indexed", "indexed", "indexed"),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(FORWARD_W))
+def test_forward_algorithm_of_the_public_workloads(name):
+    wl = _workload(name)
+    assert ct.plan(wl.input_shape, wl.weight_shape, **wl.settings,
+                   threads=2).algorithm == FORWARD_W[name]
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(FORWARD_LAYERS))
+def test_forward_algorithm_of_representative_layers(name):
+    x_shape, w_shape, settings, algorithm = FORWARD_LAYERS[name]
+    p = ct.plan(x_shape, w_shape, **settings, threads=2)
+    assert p.algorithm == algorithm, p
+
+
+@needs_kernel
+def test_fallback_kernels_are_not_offered_beside_the_compiled_one():
+    """'scatter' and 'direct' serve the no-compiler install only; asked for by name they
+    still run."""
+    from convtranspose.kernels import REGISTRY
+
+    assert {n for n, k in REGISTRY.items() if k.fallback} == {"scatter", "direct"}
+    wl = _workload("W6")
+    p = ct.plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    assert "scatter" not in p.est_seconds and p.algorithm == "native"
+    assert ct.plan(wl.input_shape, wl.weight_shape, **wl.settings,
+                   algorithm="scatter").algorithm == "scatter"
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """The planners as an install without the compiled kernel sees them."""
+    from convtranspose import _plan
+
+    def forget():
+        _plan._make_plan.cache_clear()
+        _vjp._make_vjp_plan.cache_clear()
+
+    forget()
+    monkeypatch.setattr(native, "AVAILABLE", False)
+    yield
+    monkeypatch.undo()
+    forget()
+
+
+@pytest.mark.parametrize("name", list(NO_COMPILER_W))
+def test_no_compiler_choices_of_the_public_workloads(name, no_compiler):
+    wl = _workload(name)
+    forward, gx_path, gw_path = NO_COMPILER_W[name]
+    assert ct.plan(wl.input_shape, wl.weight_shape, **wl.settings).algorithm == forward
+    p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings)
+    assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
+    assert not any(step.native for step in p.steps)
+
+
+# --- the forward's registry --------------------------------------------------------------
+
+def test_a_new_algorithm_is_one_kernel_and_one_registry_line(rng):
+    """A kernel that fits every layer and claims the fastest estimate is what the planner
+    picks and what execute runs (here the shift kernel's code under another name); asked
+    for by name where it does not fit, its own reason is the refusal."""
+    import dataclasses
+
+    from convtranspose import _plan, kernels
+    from convtranspose.kernels import shift
+
+    ran = []
+
+    def run(plan, x3, w3, out, bias):
+        ran.append(plan.algorithm)
+        shift.run(plan, x3, w3, out, bias)
+
+    def fits(spec, limit):
+        return None if spec.groups == 1 else "is for ungrouped layers only"
+
+    dummy = dataclasses.replace(shift.KERNEL, name="dummy", fits=fits, run=run,
+                                estimate=lambda spec: 1e-12)
+    x = rng.standard_normal((1, 7, 8, 9, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 3, 3, 3, 16)).astype(np.float32)
+    before = ct.conv_transpose3d(x, w, stride=2)  # a recent call, as a training loop makes
+    kernels.register(dummy)  # the one line
+    try:
+        assert "dummy" in _plan.ALGORITHMS
+        p = ct.plan(x.shape, w.shape, stride=2)
+        assert p.algorithm == "dummy" and "dummy" in p.est_seconds
+        got = ct.run_plan(p, x, w)
+        again = ct.conv_transpose3d(x, w, stride=2)  # the front door plans afresh
+        assert ran == ["dummy", "dummy"]
+        np.testing.assert_array_equal(again, got)
+        want = ct.run_plan(ct.plan(x.shape, w.shape, stride=2, algorithm="shift"), x, w)
+        np.testing.assert_array_equal(got, want)
+        grouped = ct.plan((1, 7, 8, 9, 16), (16, 3, 3, 3, 4), stride=2, groups=4)
+        assert grouped.algorithm != "dummy" and "dummy" not in grouped.est_seconds
+        with pytest.raises(ValueError, match="plan: algorithm 'dummy' is for ungrouped"):
+            ct.plan((1, 7, 8, 9, 16), (16, 3, 3, 3, 4), groups=4, algorithm="dummy")
+    finally:
+        kernels.unregister("dummy")
+    assert "dummy" not in _plan.ALGORITHMS
+    assert ct.plan(x.shape, w.shape, stride=2).algorithm != "dummy"
+    np.testing.assert_array_equal(ct.conv_transpose3d(x, w, stride=2), before)
+
+
+def test_every_registered_kernel_states_why_it_does_not_fit():
+    """Refusals come from the kernels: a layer no NumPy trick serves as 'direct', too big
+    for 'indexed', and without a D axis for 'winograd'."""
+    from convtranspose.kernels import REGISTRY
+
+    spec = ct.plan((1, 16, 16, 16, 32), (16, 2, 2, 2, 32), stride=2).spec
+    limit = 64 << 20
+    reasons = {name: kernel.fits(spec, limit) for name, kernel in REGISTRY.items()}
+    assert reasons["shift"] is None and reasons["scatter"] is None
+    assert "one input channel per group" in reasons["direct"]
+    assert "small calls" in reasons["indexed"]
+    assert "stride 1" in reasons["winograd"]
+    assert (reasons["native"] is None) == native.AVAILABLE
