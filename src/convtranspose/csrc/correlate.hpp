@@ -844,8 +844,12 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   const std::vector<T> zeros(cin);  // what a partial block's pixels outside it read
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
-    for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
-      const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
+    for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
+      // A partial last block starts P pixels before the row's end instead, its first
+      // pixels computed again but not stored: whole blocks run unmasked (W6's rows of
+      // 32 left a block of 8 masked in three).
+      const int64_t w0 = job.wcount - b0 < P && job.wcount >= P ? job.wcount - P : b0;
+      const int64_t skip = b0 - w0, np = job.wcount - w0 < P ? job.wcount - w0 : P;
       V acc[P][CO];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p)
@@ -863,7 +867,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
       }
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
-        if (p >= np) continue;
+        if (p < skip || p >= np) continue;
 #pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) {
           const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
@@ -903,8 +907,12 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
   const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
-    for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
-      const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
+    for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
+      // A partial last block starts P pixels before the row's end instead, its first
+      // pixels computed again but not stored: whole blocks run unmasked (W6's rows of
+      // 32 left a block of 8 masked in three).
+      const int64_t w0 = job.wcount - b0 < P && job.wcount >= P ? job.wcount - P : b0;
+      const int64_t skip = b0 - w0, np = job.wcount - w0 < P ? job.wcount - w0 : P;
       V acc[P][CO];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p)
@@ -941,7 +949,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
       }
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
-        if (p >= np) continue;
+        if (p < skip || p >= np) continue;
 #pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) {
           const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
