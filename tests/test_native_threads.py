@@ -295,3 +295,25 @@ def test_pool_works_in_a_forked_child(two_threads):
         child.kill()
     assert not hung and child.exitcode == 0
     assert queue.get(timeout=5) == expected
+
+
+@pytest.mark.parametrize("c_out", [8, 40, 70, 200])
+def test_weights_packed_in_pieces_by_every_thread_hold_the_same_layout(c_out, rng,
+                                                                     monkeypatch):
+    """Fewer phase groups than threads: the weight is packed now, in pieces that every
+    thread takes (runs of taps within one chunk of columns, or whole chunks): the result
+    has the bits of the packing in one piece."""
+    from convtranspose import _execute, _plan
+    monkeypatch.setattr(_plan, "NATIVE_SERIAL_BELOW_SECONDS", 0.0)  # two threads however small
+    x = rng.standard_normal((1, 3, 4, 5, 24)).astype(np.float32)
+    w = rng.standard_normal((c_out, 3, 3, 3, 24)).astype(np.float32)
+    alone = ct.run_plan(ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=1),
+                        x, w).copy()
+    pieces = []
+    real = _execute._pack_pieces
+    monkeypatch.setattr(_execute, "PARALLEL_PACK_BYTES", 0)
+    monkeypatch.setattr(_execute, "_pack_pieces",
+                        lambda *a: (pieces.append(len(a[5])), real(*a))[1])
+    got = ct.run_plan(ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=2), x, w)
+    assert pieces, "the weight was not packed in pieces"
+    np.testing.assert_array_equal(got, alone)

@@ -511,8 +511,39 @@ class _HashedOnce:
                                                    or self.value == other.value)
 
 
+PARALLEL_PACK_BYTES = 1 << 20
+
+
+def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndarray,
+                 pieces: int, into: list, keep: list) -> None:
+    """`native.fill_columns` of one packed array as up to `pieces` calls that threads can
+    run at once: whole chunks of columns each (chunks lie one after the other), or, for a
+    single chunk ([tap][row][column]), runs of taps. `keep` receives the arrays the
+    calls read, to hold until they have run."""
+    taps, cols = table.shape
+    rows = w.shape[-1]
+    lanes, vectors = native.layout(w.dtype.itemsize)
+    chunk = lanes * vectors
+    padded = -(-cols // lanes) * lanes
+    if cols > chunk:
+        chunks = -(-cols // chunk)
+        per = -(-chunks // pieces) * chunk
+        for c0 in range(0, cols, per):
+            n1 = min(padded, c0 + per)  # padded columns of the piece
+            part = np.ascontiguousarray(table[:, c0:c0 + per])
+            keep.append(part)  # the prepared call holds only its address
+            native.fill_columns(w, part, rows, row_stride,
+                                out[taps * rows * c0:taps * rows * n1], into=into)
+    else:
+        per = -(-taps // pieces)
+        for t0 in range(0, taps, per):
+            t1 = min(taps, t0 + per)
+            native.fill_columns(w, table[t0:t1], rows, row_stride,
+                                out[t0 * rows * padded:t1 * rows * padded], into=into)
+
+
 def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode: int,
-                    scratch: Scratch) -> list[_LazyWeights]:
+                    scratch: Scratch, threads: int = 1) -> list[_LazyWeights]:
     """Per phase group of `layer`, its taps (D-major, then H, then W, as `axis_taps` orders
     them) packed for the compiled kernel from its weight w3s[i] (C_out, kD, kH, kW,
     C_in/g), the phases of a merged W group side by side along C_out (in residue order,
@@ -520,7 +551,10 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
     depthwise layer, all in one block of `scratch` (taken here: it is not thread-safe).
     CHANNELS mode packs lazily, by the first worker that needs a group; the other layouts
     now, by one gather where the groups share a weight (a call of a strided layer has a
-    group per phase: 64 at stride 4 in 3-D, ~40 us each when packed one by one)."""
+    group per phase: 64 at stride 4 in 3-D, ~40 us each when packed one by one). Where
+    fewer groups than `threads` pack over PARALLEL_PACK_BYTES, every thread packs them
+    now, in pieces: one worker packing a big weight alone held up the rest (3x3x3
+    192 -> 384 k4: 19 MiB, 9.2 ms on one or two threads alike)."""
     w3 = w3s[0]
     item = w3.dtype.itemsize
     cog = w3.shape[0] // groups
@@ -538,14 +572,22 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
                  for w, per_group in zip(w3s, tables)]
         block = scratch.empty(sum(-(-n // align) * align for per in sizes for n in per),
                               w3.dtype)
-        weights, at = [], 0
+        now = (threads > 1 and len(layer.value) < threads
+               and block.nbytes >= PARALLEL_PACK_BYTES)
+        weights, at, pieces, keep = [], 0, [], []
         for w, st, per_group, per_size in zip(w3s, strides, tables, sizes):
             arrays, packs = [], []
             for table, n in zip(per_group, per_size):
                 arrays.append(block[at:at + n])
                 at += -(-n // align) * align
-                native.fill_columns(w, table, w.shape[-1], st[-1], arrays[-1], into=packs)
-            weights.append(_LazyWeights(arrays, native.once(packs), keep=(w, per_group)))
+                if now:
+                    _pack_pieces(w, table, st[-1], arrays[-1], 2 * threads, pieces, keep)
+                else:
+                    native.fill_columns(w, table, w.shape[-1], st[-1], arrays[-1], into=packs)
+            weights.append(_LazyWeights(arrays, None if now else native.once(packs),
+                                        keep=(w, per_group)))
+        if pieces:
+            native.run_tasks([native.Task((call,)) for call in pieces], threads)
         return weights
     shared = all(w is w3 for w in w3s)
     parts = ([_small_layout_index(w3.shape, layer, groups, mode)] if shared else
@@ -836,7 +878,8 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     if plan.wide_w:
         x3, group_weights, groups, wide = _wide_w(spec, plan.groups, x3, w3, plan.threads)
     channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
-    weights = _native_weights(group_weights, _HashedOnce(groups), channels, mode, scratch)
+    weights = _native_weights(group_weights, _HashedOnce(groups), channels, mode, scratch,
+                              plan.threads)
     tasks = plan.tasks
     convert = not native.reads_in_place(x3, spec.compute_dtype)
     if convert and native_whole_input_fits(spec, plan.workspace_limit):
@@ -948,7 +991,7 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
     v = pair_input(x3, base, pairs, plan.threads)
     u = pair_weight(w3, order)
     weights = _native_weights([u] * len(plan.groups), _HashedOnce(plan.groups), spec.groups,
-                              native.CHANNELS, scratch)
+                              native.CHANNELS, scratch, plan.threads)
     offsets = [_native_offsets(g[0]) for g in plan.groups]
     v_origin = native.origin(v.reshape(n, 4 * pairs, h, w, c))
     biases = _bias_tables(plan, bias)
