@@ -32,6 +32,7 @@ from ._plan import (
     native_whole_input_fits,
     pair_base,
     pair_count,
+    registry,
     streams_output,
     wide_w_geometry,
 )
@@ -1002,16 +1003,6 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
     _run(jobs, plan.threads, 0, spec.compute_dtype)
 
 
-def _kernels() -> dict:
-    """The registry, imported at first use (its modules import this one)."""
-    global _registry
-    if _registry is None:
-        from .kernels import REGISTRY
-        _registry = REGISTRY
-    return _registry
-
-
-_registry: dict | None = None
 
 
 def run_tiles(plan: Plan, jobs: list) -> None:
@@ -1026,7 +1017,7 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray,
     `bias`: None, or (C_out,) of the compute dtype (`_spec.check_bias`), added to every
     output as the kernels store it."""
     spec = plan.spec
-    kernel = _kernels()[plan.algorithm]
+    kernel = registry()[plan.algorithm]
     if kernel.compiled:
         native.warm(plan.threads)  # the pool's threads wake while this prepares their work
     # Kernels that store every output element need no zeroing (a pass over the output);

@@ -61,7 +61,7 @@ _threads: int | None = None
 _winograd: bool | None = None
 
 
-def _kernels() -> dict:
+def registry() -> dict:
     """The registry (imported when first needed: its modules import this one)."""
     global _registry
     if _registry is None:
@@ -75,7 +75,7 @@ _registry: dict | None = None
 
 def __getattr__(name: str):
     if name == "ALGORITHMS":  # the registered kernels' names, in the planner's order
-        return tuple(_kernels())
+        return tuple(registry())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -195,7 +195,7 @@ class Plan:
 
     @property
     def _compiled(self) -> bool:
-        kernel = _kernels().get(self.algorithm)
+        kernel = registry().get(self.algorithm)
         return kernel is not None and kernel.compiled
 
     # A notebook shows repr(): the summary, not the dataclass's dump of every tile.
@@ -375,7 +375,7 @@ def live_phases(spec: ConvSpec) -> list[Phase]:
 
 def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...]:
     """The phases that carry taps, grouped as the algorithm's tasks compute them."""
-    return _kernels()[algorithm].phase_groups(spec)
+    return registry()[algorithm].phase_groups(spec)
 
 
 def native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
@@ -460,7 +460,7 @@ def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile:
     """Workspace elements one task needs (the kernels slice their buffers the same way).
     `whole_input`: native converts the input once for every task (not in the task's
     buffer)."""
-    return _kernels()[algorithm].buffer_elems(spec, group, tile, whole_input)
+    return registry()[algorithm].buffer_elems(spec, group, tile, whole_input)
 
 
 def native_input_box(spec: ConvSpec, phase: Phase, tile: Tile) -> tuple[tuple[int, int],
@@ -605,7 +605,7 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     rate plus copy traffic; a layer no tap reaches costs its output's write."""
     if not live_phases(spec):
         return output_write_seconds(spec)
-    return _kernels()[algorithm].estimate(spec)
+    return registry()[algorithm].estimate(spec)
 
 
 def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> int:
@@ -706,7 +706,7 @@ def choose_algorithm(spec: ConvSpec, limit: int, winograd: bool) -> tuple[str, d
     """The fastest estimate among the kernels that fit (a `first` kernel that fits is
     taken outright; inexact ones only with `winograd`; fallbacks only without the
     compiled kernel): (its name, every candidate's estimate)."""
-    kernels = _kernels()
+    kernels = registry()
     for kernel in kernels.values():
         if kernel.first and kernel.fits(spec, limit) is None:
             return kernel.name, {kernel.name: estimate_seconds(spec, kernel.name)}
@@ -719,7 +719,7 @@ def choose_algorithm(spec: ConvSpec, limit: int, winograd: bool) -> tuple[str, d
 def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | None = None,
               threads: int | None = None) -> Plan:
     if algorithm is not None:
-        kernels = _kernels()
+        kernels = registry()
         if algorithm not in kernels:
             raise ValueError(f"plan: 'algorithm' must be one of {tuple(kernels)}, got "
                              f"{algorithm!r}")
@@ -741,7 +741,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         algorithm, est = choose_algorithm(spec, limit, winograd)
     else:
         est = {algorithm: estimate_seconds(spec, algorithm)}
-    kernel = _kernels()[algorithm]
+    kernel = registry()[algorithm]
     if kernel.make_plan is not None:  # its own plan (indexed: one task and a table)
         return kernel.make_plan(spec, limit, est)
     groups = kernel.phase_groups(spec)
@@ -763,7 +763,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         threads = 1
     # The model is of one core: the plan predicts the call, on its threads (efficiency
     # ~0.9 on two), so that `print(plan)` and the sweep compare it with the clock.
-    kernels = _kernels()
+    kernels = registry()
     est = {a: v / (1 if threads == 1 or kernels[a].serial else 0.9 * threads)
            for a, v in est.items()}
     item = spec.compute_dtype.itemsize
@@ -791,7 +791,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
     else:
         # Elementwise passes (direct, scatter's window adds) want their tile in L2; the
         # shift GEMMs amortise bigger tiles better (each kernel's `tile_bytes`).
-        tile_bytes = _kernels()[algorithm].tile_bytes
+        tile_bytes = registry()[algorithm].tile_bytes
         per_task = max(1, min(tile_bytes, limit // threads) // item)
         min_tiles = threads if len(groups) < threads else 1
         if algorithm == "native":

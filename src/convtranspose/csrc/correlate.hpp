@@ -783,14 +783,17 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
     }
   }
   const int64_t ends = overlap ? full + L : full;  // sweeps: whole vectors, then the tail's
+  // The weight vectors of sweep c (the tail's past the whole vectors), and where it reads.
+  const auto weights = [&](int64_t c, V (&wv)[CO]) {
+#pragma GCC unroll 4
+    for (int o = 0; o < CO; ++o)
+      wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
+    return c < full ? c : cin - L;
+  };
   if (pa == 0 && pb == P) {
     for (int64_t c = 0; c < ends; c += L) {
-      const int64_t at = c < full ? c : cin - L;
       V wv[CO];
-#pragma GCC unroll 4
-      for (int o = 0; o < CO; ++o)
-        wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
-      const T* xp = xb + at;
+      const T* xp = xb + weights(c, wv);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p, xp += pstride) {
         const V xv = *reinterpret_cast<const U*>(xp);
@@ -803,11 +806,8 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) xp[p] = p >= pa && p < pb ? xb + p * pstride : zeros;
     for (int64_t c = 0; c < ends; c += L) {
-      const int64_t at = c < full ? c : cin - L;
       V wv[CO];
-#pragma GCC unroll 4
-      for (int o = 0; o < CO; ++o)
-        wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
+      const int64_t at = weights(c, wv);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         const V xv = *reinterpret_cast<const U*>(xp[p] + at);
