@@ -900,7 +900,10 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
-  constexpr int P = DotBlock<CO>::P;
+  // The sums alone may fill the registers here (16 for one output on AVX2, one spilled):
+  // no pixel pointers compete for them, and 16 pixels tile W6's rows of 32 exactly, where
+  // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
+  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], pairs = job.ntaps[0] * job.ntaps[1], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
