@@ -21,7 +21,7 @@ from convtranspose._api import spec_for
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel's paths")
 
-ALGORITHMS = ("native", "shift", "scatter", "direct", "indexed", "winograd")
+ALGORITHMS = ("native", "shift", "scatter", "direct", "indexed", "winograd", "fan_in")
 
 # name: (C_in, C_out, groups, kernel, stride, dilation)
 CLASSES = {

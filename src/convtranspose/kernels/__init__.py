@@ -79,7 +79,7 @@ class Kernel:
 
 
 # The built-in kernels, in the order the planner lists them (ties go to the first).
-_BUILTIN = ("shift", "scatter", "direct", "indexed", "native", "winograd")
+_BUILTIN = ("shift", "scatter", "direct", "indexed", "native", "winograd", "fan_in")
 
 REGISTRY: dict[str, Kernel] = {}
 
