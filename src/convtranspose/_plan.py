@@ -628,6 +628,15 @@ def expands_to_depthwise(spec: ConvSpec) -> bool:
             and 1 < spec.c_out_per_group < native.layout(spec.compute_dtype.itemsize)[0])
 
 
+def per_input_channel_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
+    """A grouped layer's weight with one output channel per group (C_out, taps, m = C_in/g)
+    as the depthwise weight over its C_in input channels, (C_in, taps, 1): channel g*m + j
+    weighs with W[g, tap, j]. Serves the forward's `fan_in` and grad_input's fan-out, the
+    two ways such a layer runs as a depthwise one."""
+    m, taps = spec.c_in_per_group, math.prod(spec.kernel)
+    return w.reshape(spec.c_out, taps, m).transpose(0, 2, 1).reshape(spec.c_in, taps, 1)
+
+
 # Below this many input channels a tap's multiply-adds are too few to pay for loading and
 # storing the block's sums once per tap: the W taps of a phase are summed as one tap.
 FUSE_W_BELOW_CHANNELS = 16

@@ -84,6 +84,7 @@ from ._plan import (
     indexed_fits,
     native_mode,
     native_rate,
+    per_input_channel_weight,
     product_targets,
     split_tiles,
     streams_output,
@@ -668,9 +669,7 @@ def _fan_out_grad_input(fan_out: VjpPlan, spec: ConvSpec, w, cot) -> np.ndarray:
     GEMM paths ran 8 -> 4 g4 at 0.5 GFLOP/s). `fan_out`: that depthwise layer's plan."""
     cd, depthwise = fan_out.compute_dtype, fan_out.spec
     m = spec.c_in_per_group
-    ktot = math.prod(spec.kernel)
-    # channel g*m + j weighs with W[g, k, j]
-    wd = w.reshape(spec.c_out, ktot, m).transpose(0, 2, 1).reshape(spec.c_in, ktot, 1)
+    wd = per_input_channel_weight(spec, w)
     shape = (spec.batch, *spec.out_spatial, spec.c_out)
     cot_rep = np.repeat(cot.reshape(shape).astype(cd, copy=False), m, axis=-1)
     standin = np.broadcast_to(np.zeros((), cd), (spec.batch, *spec.in_spatial, spec.c_in))

@@ -19,7 +19,13 @@ import numpy as np
 
 from .. import _execute
 from .. import _native_kernel as native
-from .._plan import COPY_BYTES_PER_S, estimate_seconds, live_phases, make_plan
+from .._plan import (
+    COPY_BYTES_PER_S,
+    estimate_seconds,
+    live_phases,
+    make_plan,
+    per_input_channel_weight,
+)
 from . import Kernel
 
 
@@ -62,10 +68,9 @@ def phase_groups(spec):
 def run(plan, x3, w3, out, bias):
     spec = plan.spec
     depthwise = _depthwise(spec)
-    m, taps = spec.c_in_per_group, math.prod(spec.kernel)
-    # channel g * m + j weighs with W[g, tap, j]
-    wd = (w3.reshape(spec.c_out, taps, m).transpose(0, 2, 1)
-          .reshape(spec.c_in, *spec.kernel, 1).astype(spec.compute_dtype))
+    m = spec.c_in_per_group
+    wd = (per_input_channel_weight(spec, w3).reshape(spec.c_in, *spec.kernel, 1)
+          .astype(spec.compute_dtype))
     stage = _execute.execute(
         make_plan(depthwise, algorithm="native", workspace=plan.workspace_limit,
                   threads=plan.threads), x3, wd)
