@@ -755,6 +755,17 @@ template <int CO> struct DotBlock {
                                           : (CO == 1 ? 12 : CO == 2 ? 6 : CO == 3 ? 4 : 3);
 };
 
+// Where dot mode computes the block of a row that starts at pixel b0 (blocks of P, rows
+// of wcount): at w0, np pixels, the first `skip` of them already stored. A partial last
+// block starts P pixels before the row's end instead, its first pixels computed again but
+// not stored: whole blocks run unmasked (W6's rows of 32 left a block of 8 masked in
+// three).
+struct DotSpan { int64_t w0, skip, np; };
+static inline DotSpan dot_span(int64_t b0, int64_t P, int64_t wcount) {
+  const int64_t w0 = wcount - b0 < P && wcount >= P ? wcount - P : b0;
+  return {w0, b0 - w0, wcount - w0 < P ? wcount - w0 : P};
+}
+
 // One tap of dot mode into the P x CO sums: pixels p in [pa, pb) of the block at xb.
 // A whole block sweeps the channels once, each weight vector serving P pixels, the pixels
 // reached by stepping one pointer (P pointers live at once spilled to the stack: 71 -> 1
@@ -845,11 +856,8 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   const std::vector<T> zeros(cin);  // what a partial block's pixels outside it read
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
-      // A partial last block starts P pixels before the row's end instead, its first
-      // pixels computed again but not stored: whole blocks run unmasked (W6's rows of
-      // 32 left a block of 8 masked in three).
-      const int64_t w0 = job.wcount - b0 < P && job.wcount >= P ? job.wcount - P : b0;
-      const int64_t skip = b0 - w0, np = job.wcount - w0 < P ? job.wcount - w0 : P;
+      const DotSpan at = dot_span(b0, P, job.wcount);
+      const int64_t w0 = at.w0, skip = at.skip, np = at.np;
       V acc[P][CO];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p)
@@ -911,11 +919,8 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   for_each_row<T>(job, [&](const T* const* rows, char* orow) {
     for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
-      // A partial last block starts P pixels before the row's end instead, its first
-      // pixels computed again but not stored: whole blocks run unmasked (W6's rows of
-      // 32 left a block of 8 masked in three).
-      const int64_t w0 = job.wcount - b0 < P && job.wcount >= P ? job.wcount - P : b0;
-      const int64_t skip = b0 - w0, np = job.wcount - w0 < P ? job.wcount - w0 : P;
+      const DotSpan at = dot_span(b0, P, job.wcount);
+      const int64_t w0 = at.w0, skip = at.skip, np = at.np;
       V acc[P][CO];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p)
