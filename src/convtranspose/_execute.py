@@ -32,6 +32,7 @@ from ._plan import (
     native_whole_input_fits,
     pair_base,
     pair_count,
+    planar_geometry,
     registry,
     streams_output,
     wide_w_geometry,
@@ -720,13 +721,14 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: int, x_origin, threads: int,
                 pairs: tuple | None = None, wide: tuple | None = None,
-                bias: np.ndarray | None = None):
+                bias: np.ndarray | None = None, channel_stride: int = 0):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
     group writes s_w * C_out channels per position of its first residue. `pairs`: a
     ``winograd`` tile, (V's dims) read at D step 4: its rows are output pairs along D.
-    `bias`: None, or the group's `native.bias_table`, added by the kernel as it stores."""
+    `bias`: None, or the group's `native.bias_table`, added by the kernel as it stores.
+    `channel_stride`: PLANAR mode's, its input the planar copy (`native.planar_copy`)."""
     groups = spec.groups
     geo = _tile_geometry(spec, group, task.tile, pairs, wide, out.shape, out.strides,
                          out.dtype.itemsize)
@@ -749,12 +751,14 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
                              offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
                              cursors.address(0), cursors.sharers, into=into, bias=b_addr)
         else:
+            group_step = cig * (channel_stride or 1) * item
             for g in range(groups):
-                native.correlate(mode, item, out_half, stream, x_addr + g * cig * item, xs,
+                native.correlate(mode, item, out_half, stream, x_addr + g * group_step, xs,
                                  geo.in_dims, packed[g], offsets, geo.steps,
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog,
                                  cursors.address(g), cursors.sharers, into=into,
-                                 pair_out=geo.pair_out, bias=b_addr and b_addr + g * cog * item)
+                                 pair_out=geo.pair_out, bias=b_addr and b_addr + g * cog * item,
+                                 channel_stride=channel_stride)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []
@@ -871,9 +875,10 @@ def _bias_tables(plan: Plan, bias) -> list:
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
     """The compiled kernel's tasks; packed weights live in `scratch` until they return."""
     spec = plan.spec
-    mode = native_mode(spec, plan.wide_w)
+    planar = plan.algorithm == "planar"
+    mode = native.PLANAR if planar else native_mode(spec, plan.wide_w)
     groups, wide = plan.groups, None
-    if expands_to_depthwise(spec):  # each input channel repeated for its outputs
+    if not planar and expands_to_depthwise(spec):  # each input channel repeated for its outputs
         x3 = np.repeat(x3.astype(spec.compute_dtype, copy=False), spec.c_out_per_group, axis=-1)
     group_weights = [w3] * len(groups)
     if plan.wide_w:
@@ -881,9 +886,18 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
     weights = _native_weights(group_weights, _HashedOnce(groups), channels, mode, scratch,
                               plan.threads)
-    tasks = plan.tasks
+    tasks, channel_stride = plan.tasks, 0
     convert = not native.reads_in_place(x3, spec.compute_dtype)
-    if convert and native_whole_input_fits(spec, plan.workspace_limit):
+    if planar:  # the copy every tile reads, from the input in the compute dtype
+        if convert:
+            x3 = _converted(x3, spec.compute_dtype, plan.threads)
+        top, left, height, pitch = planar_geometry(spec)
+        copy = scratch.empty(native.planar_size(x3.shape, height, pitch, x3.dtype.itemsize),
+                             x3.dtype)
+        *planar_origin, channel_stride = native.planar_copy(x3, top, left, height, pitch,
+                                                            copy, plan.threads)
+        convert = False
+    elif convert and native_whole_input_fits(spec, plan.workspace_limit):
         x3 = _converted(x3, spec.compute_dtype, plan.threads)  # once, for every phase
         convert = False
     elif convert and spec.input_dtype == spec.compute_dtype:
@@ -892,11 +906,12 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
         tasks, _ = make_tasks(spec, "native", plan.groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
     offsets = [_native_offsets(g[0]) for g in groups]
-    x_origin = None if convert else native.origin(x3)
+    x_origin = (planar_origin if planar else None if convert else native.origin(x3))
     biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, x3, out, groups[t.group], weights[t.group],
                         offsets[t.group], t, convert, mode, x_origin, plan.threads,
-                        wide=wide and wide[t.group], bias=biases[t.group])
+                        wide=wide and wide[t.group], bias=biases[t.group],
+                        channel_stride=channel_stride)
             for t in tasks]
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)

@@ -34,9 +34,11 @@ def isa() -> str | None:
 
 
 # How the kernel lays its vectors (csrc/correlate_api.h): along the output channels, along
-# the input channels for 1-4 output channels, or along the channels of a depthwise layer.
-CHANNELS, DOT, DEPTHWISE = 0, 1, 2
+# the input channels for 1-4 output channels, along the channels of a depthwise layer, or
+# along a row's output pixels for 1-4 output channels over a planar copy of the input.
+CHANNELS, DOT, DEPTHWISE, PLANAR = 0, 1, 2, 3
 DOT_MAX_OUT = 4
+PLANAR_MAX_OUT = 4
 # Below this many input channels CHANNELS mode sums each block over every tap in registers.
 TAPS_INNER_BELOW = _native.TAPS_INNER_BELOW if AVAILABLE else 0
 
@@ -120,9 +122,11 @@ def _element_strides(strides: tuple[int, ...], item: int) -> tuple[int, ...] | N
 
 
 def pack(wt: np.ndarray, mode: int) -> np.ndarray:
-    """(taps, C_in, C_out) -> the weight layout of DOT or DEPTHWISE mode (for DEPTHWISE,
-    C_in == 1 and the last axis holds every channel). CHANNELS: `fill_columns`."""
+    """(taps, C_in, C_out) -> the weight layout of DOT, DEPTHWISE or PLANAR mode (for
+    DEPTHWISE, C_in == 1 and the last axis holds every channel). CHANNELS: `fill_columns`."""
     assert mode != CHANNELS
+    if mode == PLANAR:
+        return np.ascontiguousarray(wt)  # [tap][c][co]
     if mode == DOT:
         return np.ascontiguousarray(wt.transpose(0, 2, 1))  # [tap][co][c]
     return np.ascontiguousarray(wt[:, 0, :])  # [tap][c]
@@ -199,7 +203,8 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
               box: tuple[int, ...], wcount: int,
               cin: int, cout: int, cursor: int = 0, sharers: int = 1,
-              into: list | None = None, pair_out: int = 0, bias: int = 0) -> None:
+              into: list | None = None, pair_out: int = 0, bias: int = 0,
+              channel_stride: int = 0) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -217,17 +222,63 @@ def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr:
     input, its four D taps (offsets 0-3, step 4) weigh the transformed weight, box row d
     is the output pair (2d, 2d + 1), and output rows from `pair_out` on are not written.
     `bias`: 0, or the address of `cout` values of the compute dtype (readable in whole
-    vectors past them: see `bias_table`), added to each output as it is stored."""
+    vectors past them: see `bias_table`), added to each output as it is stored.
+    `channel_stride`: PLANAR mode's input (`planar_copy`), whose channels lie that many
+    elements apart and its pixels next to each other (x_strides[3] == 1)."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "out": out_addr, "os": out_strides, "box": box, "wcount": wcount,
            "cin": cin, "cout": cout, "cursor": cursor, "sharers": sharers,
-           "pair_out": pair_out, "bias": bias}
+           "pair_out": pair_out, "bias": bias, "cs": channel_stride}
     if into is not None:
         into.append(_native.correlate_call(job))
     else:
         _native.correlate(job)
+
+
+def planar_copy(x: np.ndarray, top: int, left: int, height: int, pitch: int,
+                out: np.ndarray, threads: int) -> tuple[int, list[int], int]:
+    """Fill `out` (`planar_size` elements of x's dtype) with the input PLANAR mode reads:
+    each plane (n, d) of x (N, D, H, W, C; channels contiguous) as C images of `height`
+    rows of `pitch` elements, channel by channel, the plane's pixels from row `top` and
+    column `left` on and zeros around them; copied by every thread. Returns the address
+    and element strides (n, d, h, w) of pixel (0, 0, 0, 0) of channel 0, and the channel
+    stride."""
+    n, d, h, w, c = x.shape
+    planes, image = n * d, planar_image(height, pitch, x.dtype.itemsize)
+    assert out.size == planar_size(x.shape, height, pitch, x.dtype.itemsize)
+    out[planes * c * image:] = 0  # what a run's last vectors read past the images
+    job = {"itemsize": x.dtype.itemsize, "src": _native.address(x),  # PlanarJob's fields
+           "xs": element_strides(x)[:4], "d": d, "h": h, "w": w, "c": c, "top": top,
+           "left": left, "height": height, "pitch": pitch, "image": image,
+           "dst": _native.address(out)}
+    step = max(1, ceil_div(planes, 4 * threads))
+    calls = []
+    for job["plane0"] in range(0, planes, step):
+        job["plane1"] = min(planes, job["plane0"] + step)
+        calls.append(_native.planar_call(job))
+    run_tasks([Task((call,)) for call in calls], threads)
+    origin = _native.address(out) + (top * pitch + left) * x.dtype.itemsize
+    return origin, [d * c * image, c * image, pitch, 1], image
+
+
+def planar_image(height: int, pitch: int, itemsize: int) -> int:
+    """Elements from one channel's image to the next in `planar_copy`: height * pitch
+    rounded up to an odd number of cache lines. The kernel reads every channel at the
+    same offset in turn; images a multiple of 4 KiB apart (64 x 64 pixels) all fell in
+    the same few cache sets, and a 64-channel layer ran at 1/4 of its speed at 63 x 63."""
+    line = 64 // itemsize
+    lines = ceil_div(height * pitch, line)
+    return (lines + 1 - lines % 2) * line
+
+
+def planar_size(shape: tuple[int, ...], height: int, pitch: int, itemsize: int) -> int:
+    """Elements of `planar_copy`'s copy of an input of `shape` (N, D, H, W, C): its
+    images, then a row and two vectors that a run's last vectors may read past them."""
+    n, d, _, _, c = shape
+    lanes, _ = layout(itemsize)
+    return n * d * c * planar_image(height, pitch, itemsize) + pitch + 2 * lanes
 
 
 def bias_table(bias: np.ndarray, repeats: int) -> np.ndarray:

@@ -669,6 +669,33 @@ def wide_w_geometry(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]
     return left, reach, tuple(per_group)
 
 
+def planar_geometry(spec: ConvSpec) -> tuple[int, int, int, int]:
+    """(top, left, height, pitch) of the planar copy PLANAR mode reads: every output (h, w)
+    of every live phase reads pixels (h + offset, w + offset) of its (H, W) taps, which
+    must lie in the copy's image (`top` rows and `left` columns of zeros before the
+    input's pixels, zeros after them up to `height` rows of `pitch`)."""
+    pads = []
+    for axis in (1, 2):
+        before, reach = 0, spec.in_spatial[axis]
+        for phase in live_phases(spec):
+            offsets = [t.offset for t in phase.axis_taps[axis]]
+            before = max(before, -min(offsets))
+            reach = max(reach, phase.count[axis] + max(offsets))
+        pads.append((before, before + reach))
+    (top, height), (left, pitch) = pads
+    return top, left, height, pitch
+
+
+def planar_bytes(spec: ConvSpec) -> int:
+    """The planar copy's size (with the compute-dtype copy it is made from, where the
+    input is of another dtype)."""
+    _, _, height, pitch = planar_geometry(spec)
+    item = spec.compute_dtype.itemsize
+    shape = (spec.batch, *spec.in_spatial, spec.c_in)
+    converted = math.prod(shape) * item if spec.input_dtype != spec.compute_dtype else 0
+    return native.planar_size(shape, height, pitch, item) * item + converted
+
+
 def wide_w_bytes(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]) -> int:
     _, width, _ = wide_w_geometry(spec, groups)
     return (spec.batch * spec.in_spatial[0] * spec.in_spatial[1] * width * spec.c_in
@@ -693,8 +720,8 @@ def native_rate(spec: ConvSpec) -> float:
     mode = native_mode(spec)
     if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
         return peak / 4  # along the flat pixel * channel index: two loads per FMA
-    if mode == native.DOT:  # vectors along C_in, one lane reduction per output
-        return peak / 2 * min(cig, lanes) / lanes * cig / (cig + lanes)
+    if mode == native.DOT:  # vectors along C_in (the last one whole), one lane reduction
+        return peak / 2 * cig / (math.ceil(cig / lanes) * lanes) * cig / (cig + lanes)
     vectors = -(-cog // lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
@@ -754,15 +781,18 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     if kernel.make_plan is not None:  # its own plan (indexed: one task and a table)
         return kernel.make_plan(spec, limit, est)
     groups = kernel.phase_groups(spec)
-    # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place
+    # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place;
+    # so are those of every compiled kernel
     pairs = algorithm == "winograd"
-    kind = "native" if pairs else algorithm
+    kind = "native" if kernel.compiled else algorithm
     whole_input = kind == "native" and (pairs and spec.input_dtype != spec.compute_dtype
                                         or native_converts_whole_input(spec, limit))
     shared = kind == "native" and native_shares_tiles(spec, limit)
     wide_w = (algorithm == "native" and fuses_w_taps(spec)
               and wide_w_bytes(spec, groups) <= limit)
-    if wide_w:  # the padded copy is the input every tile reads, converted
+    copy_bytes = (wide_w_bytes(spec, groups) if wide_w else
+                  kernel.input_copy_bytes(spec) if kernel.input_copy_bytes else 0)
+    if copy_bytes:  # the copy is the input every tile reads, converted
         whole_input, shared = True, not _rounds_blocks(spec)
     tasks, biggest = make_tasks(spec, kind, groups, limit, threads, whole_input, shared)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
@@ -777,7 +807,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
            for a, v in est.items()}
     item = spec.compute_dtype.itemsize
     workers = min(threads, len(tasks)) or 1
-    converted = (wide_w_bytes(spec, groups) if wide_w else
+    converted = (copy_bytes or
                  spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
                  else 0) + (pair_input_bytes(spec) if pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),

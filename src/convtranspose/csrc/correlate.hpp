@@ -1163,8 +1163,11 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
   });
 }
 
+#include "planar.hpp"
+
 template <typename T>
 static void run_mode(const CtJob& job) {
+  if (job.mode == CT_MODE_PLANAR) return run_planar<T>(job);
   const WRanges wr = w_ranges(job.off[2], job.ntaps[2], job.step[2], job.in_dims[2], job.wcount);
   if (job.mode == CT_MODE_CHANNELS) return run_typed<T>(job, wr);
   const int64_t* lo = wr.lo.data();

@@ -4,10 +4,12 @@
 
 // How the vectors are laid: along output channels (the weight [tap][c][co], C_out padded
 // to whole vectors, in chunks), along input channels for 1-4 output channels ([tap][co][c]),
-// or along the channels of a depthwise layer ([tap][c]).
+// along the channels of a depthwise layer ([tap][c]), or along the output pixels of a row
+// for 1-4 output channels over a planar input ([tap][c][co], see planar.hpp).
 #define CT_MODE_CHANNELS 0
 #define CT_MODE_DOT 1
 #define CT_MODE_DEPTHWISE 2
+#define CT_MODE_PLANAR 3
 
 // Below this many input channels (the reduction per tap) CT_MODE_CHANNELS keeps each
 // block's sums in registers across the taps (see correlate.hpp).
@@ -45,6 +47,8 @@ struct CtJob {
                          // (rows os[1] apart); 2d + 1 is written only below pair_out
   const void* bias;      // null; else bias[co] (the compute type), added to each output as
                          // it is stored; readable in whole vectors past cout (padded)
+  int64_t cs;            // 0; CT_MODE_PLANAR: the input's channel stride (its pixels are
+                         // contiguous, xs[3] == 1)
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the

@@ -406,6 +406,7 @@ Field kCorrelateFields[] = {
     CT_FIELD(CtJob, os),          CT_FIELD(CtJob, box),         CT_FIELD(CtJob, wcount),
     CT_FIELD(CtJob, cin),         CT_FIELD(CtJob, cout),        CT_OPTIONAL(CtJob, cursor),
     CT_OPTIONAL(CtJob, sharers),  CT_OPTIONAL(CtJob, pair_out), CT_OPTIONAL(CtJob, bias),
+    CT_OPTIONAL(CtJob, cs),
 };
 
 // correlate's fields (see _native_kernel.correlate) into a job; false with an error set.
@@ -423,9 +424,18 @@ bool parse_correlate(PyObject* spec, CtJob& job) {
                     "taps and at least CT_TAPS_INNER_BELOW input channels");
     return false;
   }
-  if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_DEPTHWISE ||
-      (job.mode == CT_MODE_DOT && (job.cout < 1 || job.cout > 4))) {
-    PyErr_SetString(PyExc_ValueError, "correlate: bad mode, or more than 4 outputs in dot mode");
+  if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_PLANAR ||
+      ((job.mode == CT_MODE_DOT || job.mode == CT_MODE_PLANAR) &&
+       (job.cout < 1 || job.cout > 4))) {
+    PyErr_SetString(PyExc_ValueError,
+                    "correlate: bad mode, or more than 4 outputs in dot or planar mode");
+    return false;
+  }
+  if (job.mode == CT_MODE_PLANAR &&
+      (job.cs < 1 || job.xs[3] != 1 || job.step[1] != 1 || job.step[2] != 1)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "correlate: planar mode needs a channel stride, contiguous pixels and "
+                    "step 1 along H and W");
     return false;
   }
   if (job.out_half < CT_HALF_NONE || job.out_half > CT_HALF_BF16 ||
@@ -615,6 +625,96 @@ PyObject* py_pack(PyObject*, PyObject* spec) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// The planar copy of an input that CT_MODE_PLANAR reads (planar.hpp): plane (n, d) of x
+// (N, D, H, W, C; channels contiguous, element strides xs) becomes C images of `height`
+// rows of `pitch` elements, `image` elements apart (>= height * pitch), at
+// dst + (n * D + d) * c * image, channel by channel, each holding the plane's H x W pixels
+// from row `top` and column `left` on, and zeros around them (up to the next image).
+// Planes [plane0, plane1) of the flat (n, d) order.
+struct PlanarJob {
+  int itemsize;
+  const void* src;
+  int64_t xs[4];
+  int64_t d, h, w, c, top, left, height, pitch, image, plane0, plane1;
+  void* dst;
+};
+
+Field kPlanarFields[] = {
+    CT_FIELD(PlanarJob, itemsize), CT_FIELD(PlanarJob, src),    CT_FIELD(PlanarJob, xs),
+    CT_FIELD(PlanarJob, d),        CT_FIELD(PlanarJob, h),      CT_FIELD(PlanarJob, w),
+    CT_FIELD(PlanarJob, c),        CT_FIELD(PlanarJob, top),    CT_FIELD(PlanarJob, left),
+    CT_FIELD(PlanarJob, height),   CT_FIELD(PlanarJob, pitch),  CT_FIELD(PlanarJob, image),
+    CT_FIELD(PlanarJob, plane0),   CT_FIELD(PlanarJob, plane1), CT_FIELD(PlanarJob, dst),
+};
+
+bool parse_planar(PyObject* spec, PlanarJob& a) {
+  a = PlanarJob{};
+  if (!fill("to_planar", "PlanarJob", kPlanarFields, spec, &a)) return false;
+  if ((a.itemsize != 4 && a.itemsize != 8) || a.left < 0 || a.top < 0 ||
+      a.pitch < a.left + a.w || a.height < a.top + a.h || a.image < a.height * a.pitch ||
+      a.plane0 < 0 ||
+      a.plane1 < a.plane0) {
+    PyErr_SetString(PyExc_ValueError, "to_planar: bad itemsize, padding or planes");
+    return false;
+  }
+  return true;
+}
+
+// Each input row's pixels, four at a time by four channels transposed in registers for
+// float32 (each pixel's channels one run of the source, each channel's pixels one run of
+// the copy).
+template <typename T>
+void to_planar(const PlanarJob& a) {
+  const T* src = static_cast<const T*>(a.src);
+  const int64_t c = a.c, w = a.w, left = a.left, pitch = a.pitch, ps = a.xs[3];
+  const int64_t image = a.image;
+  for (int64_t plane = a.plane0; plane < a.plane1; ++plane) {
+    const int64_t n = plane / a.d, d = plane % a.d;
+    T* out = static_cast<T*>(a.dst) + plane * c * image;
+    for (int64_t ch = 0; ch < c; ++ch) {  // the zeros around the pixels: each stretch
+      T* o = out + ch * image;            // from the end of a row's pixels (or the
+      int64_t from = 0;                   // image's start) to the next row's first
+      for (int64_t hh = a.top; hh <= a.top + a.h; ++hh) {
+        const int64_t to = hh < a.top + a.h ? hh * pitch + left : image;
+        std::fill(o + from, o + to, T(0));
+        from = hh * pitch + left + w;
+      }
+    }
+    for (int64_t hh = 0; hh < a.h; ++hh) {
+      const T* row = src + n * a.xs[0] + d * a.xs[1] + hh * a.xs[2];
+      T* orow = out + (a.top + hh) * pitch + left;
+      int64_t w0 = 0;
+#ifdef __SSE2__
+      if constexpr (sizeof(T) == 4) {
+        for (; w0 + 4 <= w; w0 += 4) {
+          const float* px = reinterpret_cast<const float*>(row + w0 * ps);
+          float* o = reinterpret_cast<float*>(orow + w0);
+          int64_t ch = 0;
+          for (; ch + 4 <= c; ch += 4) {
+            __m128 p0 = _mm_loadu_ps(px + ch), p1 = _mm_loadu_ps(px + ps + ch);
+            __m128 p2 = _mm_loadu_ps(px + 2 * ps + ch), p3 = _mm_loadu_ps(px + 3 * ps + ch);
+            _MM_TRANSPOSE4_PS(p0, p1, p2, p3);
+            _mm_storeu_ps(o + ch * image, p0);
+            _mm_storeu_ps(o + (ch + 1) * image, p1);
+            _mm_storeu_ps(o + (ch + 2) * image, p2);
+            _mm_storeu_ps(o + (ch + 3) * image, p3);
+          }
+          for (; ch < c; ++ch)
+            for (int64_t i = 0; i < 4; ++i) o[ch * image + i] = px[i * ps + ch];
+        }
+      }
+#endif
+      for (; w0 < w; ++w0)
+        for (int64_t ch = 0; ch < c; ++ch) orow[ch * image + w0] = row[w0 * ps + ch];
+    }
+  }
+}
+
+void run_planar_copy(const PlanarJob& a) {
+  if (a.itemsize == 4) to_planar<float>(a);
+  else to_planar<double>(a);
+}
+
 Field kPairFields[] = {
     CT_FIELD(PairJob, itemsize), CT_FIELD(PairJob, x),        CT_FIELD(PairJob, xs),
     CT_FIELD(PairJob, in_d),     CT_FIELD(PairJob, base),     CT_FIELD(PairJob, h),
@@ -646,11 +746,12 @@ PyObject* py_pair_transform(PyObject*, PyObject* spec) {
 // alive by the Python caller until run_tasks returns.
 
 struct Call {
-  enum Kind { CORRELATE, GRAD_WEIGHT, PACK, PAIR } kind;
+  enum Kind { CORRELATE, GRAD_WEIGHT, PACK, PAIR, PLANAR } kind;
   CtJob ct;
   GwJob gw;
   PackJob pack;
   PairJob pair;
+  PlanarJob planar;
   const Isa* isa;
 };
 
@@ -663,6 +764,7 @@ void run_call(const Call& c) {
     case Call::GRAD_WEIGHT: c.isa->grad_weight(c.gw); break;
     case Call::PACK: run_pack(c.pack); break;
     case Call::PAIR: c.isa->pair_transform(c.pair); break;
+    case Call::PLANAR: run_planar_copy(c.planar); break;
   }
 }
 
@@ -671,7 +773,7 @@ void run_call(const Call& c) {
 template <typename Job>
 PyObject* prepared_call(Call::Kind kind, Job Call::*field, bool (*parse)(PyObject*, Job&),
                         PyObject* spec) {
-  Call* c = new Call{kind, {}, {}, {}, {}, current};
+  Call* c = new Call{kind, {}, {}, {}, {}, {}, current};
   if (!parse(spec, c->*field)) {
     delete c;
     return nullptr;
@@ -693,6 +795,10 @@ PyObject* py_grad_weight_call(PyObject*, PyObject* spec) {
 
 PyObject* py_pack_call(PyObject*, PyObject* spec) {
   return prepared_call(Call::PACK, &Call::pack, parse_pack, spec);
+}
+
+PyObject* py_planar_call(PyObject*, PyObject* spec) {
+  return prepared_call(Call::PLANAR, &Call::planar, parse_planar, spec);
 }
 
 PyObject* py_pair_call(PyObject*, PyObject* spec) {
@@ -957,6 +1063,8 @@ PyMethodDef kMethods[] = {
      "pack, prepared for once/run_tasks."},
     {"pair_transform", py_pair_transform, METH_O,
      "Winograd F(2,3)'s input side along D (a dict of PairJob's fields)."},
+    {"planar_call", py_planar_call, METH_O,
+     "The planar copy of input rows for CT_MODE_PLANAR (PlanarJob's fields), for run_tasks."},
     {"pair_call", py_pair_call, METH_O,
      "pair_transform, prepared for run_tasks."},
     {"once", py_once, METH_VARARGS, "Calls run once, before the first task that needs them."},
@@ -996,7 +1104,7 @@ PyMODINIT_FUNC PyInit__native() {
     return nullptr;
   }
   if (!intern_keys(kCorrelateFields) || !intern_keys(kGradWeightFields) ||
-      !intern_keys(kPackFields) || !intern_keys(kPairFields))
+      !intern_keys(kPackFields) || !intern_keys(kPairFields) || !intern_keys(kPlanarFields))
     return nullptr;
   PyObject* module = PyModule_Create(&kModule);
   arm();

@@ -60,6 +60,9 @@ class Kernel:
     serial: its tasks run on one worker (the plan's threads are 1).
     tile_bytes: the scratch a task aims at (elementwise passes want their tile in L2).
     make_plan: its own plan builder (spec, limit, est) -> Plan, instead of tiles.
+    input_copy_bytes(spec): where set, its run first copies the whole input, converted,
+        into a layout every task reads (so no task converts rows); the copy's size, which
+        the plan counts in its workspace.
     """
 
     name: str
@@ -76,10 +79,12 @@ class Kernel:
     serial: bool = False
     tile_bytes: int = SMALL_TILE_BYTES
     make_plan: Callable[[ConvSpec, int, dict], Plan] | None = None
+    input_copy_bytes: Callable[[ConvSpec], int] | None = None
 
 
 # The built-in kernels, in the order the planner lists them (ties go to the first).
-_BUILTIN = ("shift", "scatter", "direct", "indexed", "native", "winograd", "fan_in")
+_BUILTIN = ("shift", "scatter", "direct", "indexed", "native", "winograd", "fan_in",
+            "planar")
 
 REGISTRY: dict[str, Kernel] = {}
 

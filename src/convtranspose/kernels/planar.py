@@ -1,0 +1,82 @@
+"""``planar``: the compiled kernel with its vectors along a row's output pixels, for layers
+of 1-4 output channels per group (CT_MODE_PLANAR, csrc/planar.hpp). The input is first
+copied into a planar layout (each input row's channels one after another, each a run of
+pixels padded with zeros), so that each (tap, input channel) is one broadcast weight times
+whole vectors of neighbouring outputs: every lane does useful work whatever C_in/g is,
+with no sums across lanes. Dot mode, the native kernel's way for such layers, runs its
+vectors along C_in/g (part of a vector below 8 or 16 channels) and reduces each output
+across lanes."""
+
+from __future__ import annotations
+
+import math
+
+from .. import _execute
+from .. import _native_kernel as native
+from .._memory import Scratch
+from .._plan import (
+    COPY_BYTES_PER_S,
+    NATIVE_PEAK_PER_LANE,
+    live_phases,
+    native_writes_every_output,
+    planar_bytes,
+)
+from . import Kernel
+from .native import buffer_elems
+
+
+def fits(spec, limit):
+    if not native.AVAILABLE:
+        return "needs the compiled kernel"
+    if spec.c_out_per_group > native.PLANAR_MAX_OUT:
+        return (f"is for layers of at most {native.PLANAR_MAX_OUT} output channels per "
+                "group; use 'native'")
+    if planar_bytes(spec) > limit:
+        return "would hold its planar copy of the input beyond the workspace limit"
+    return None
+
+
+def phase_groups(spec):
+    return tuple((p,) for p in live_phases(spec))
+
+
+# Vectors of pixels per register block, by output channels (planar.hpp's PlanarBlock).
+def _block_vectors(cog: int, registers: int) -> int:
+    if registers >= 32:
+        return {1: 16, 2: 12, 3: 8}.get(cog, 6)
+    return {1: 12, 2: 6, 3: 4}.get(cog, 2)
+
+
+def planar_rate(spec) -> float:
+    """FLOP/s on one core: lanes past a row's end wasted, and per (tap, channel) a
+    broadcast per output channel and a load per vector beside the block's multiply-adds."""
+    lanes, _ = native.layout(spec.compute_dtype.itemsize)
+    cog = spec.c_out_per_group
+    nb = _block_vectors(cog, 32 if lanes * spec.compute_dtype.itemsize == 64 else 16)
+    used = total = 0.0
+    for phase in live_phases(spec):  # a row's last vector runs whole
+        count, work = phase.count[2], phase.size * phase.tap_count
+        used += work
+        total += work * -(-count // lanes) * lanes / count
+    lane_use = used / total if total else 1.0
+    fmas = nb * cog
+    return NATIVE_PEAK_PER_LANE * lanes * lane_use * fmas / (max(fmas, nb + cog) + 2)
+
+
+def estimate(spec):
+    """The multiply-adds, the planar copy (read and written), and the output: each conv
+    group's pass stores its few channels of every output pixel, a line each."""
+    pixels = spec.batch * math.prod(spec.out_spatial)
+    line = min(64, spec.c_out * spec.result_dtype.itemsize)
+    return (spec.useful_flops / planar_rate(spec) + 2 * planar_bytes(spec) / COPY_BYTES_PER_S
+            + pixels * spec.groups * line / COPY_BYTES_PER_S)
+
+
+def run(plan, x3, w3, out, bias):
+    with Scratch() as scratch:
+        _execute._execute_native(plan, x3, w3, out, scratch, bias)
+
+
+KERNEL = Kernel("planar", fits, estimate, phase_groups, run, buffer_elems,
+                writes_every_output=native_writes_every_output, compiled=True,
+                input_copy_bytes=planar_bytes)
