@@ -87,11 +87,12 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
     nor grad_weight's from one call to the next."""
     from test_vjp import loops_vjp, make_case
 
-    from convtranspose import _vjp
+    from convtranspose import _vjp, _vjp_native
     from convtranspose._api import spec_for
     runs = []
-    real = _vjp._native_both
-    monkeypatch.setattr(_vjp, "_native_both", lambda *a: (runs.append(a[-1]), real(*a)))
+    real = _vjp_native.both_gradients
+    monkeypatch.setattr(_vjp_native, "both_gradients",
+                        lambda *a: (runs.append(a[-1]), real(*a)))
     lanes, _ = native.layout(4)
     c_in = vectors * lanes * groups
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
@@ -121,7 +122,7 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
 def test_grad_input_in_the_grad_weight_pass_only_for_few_sums(rng):
     """The kernel refuses grad_input beside sums it does not take few at a time."""
     from convtranspose._api import spec_for
-    from convtranspose._vjp import _tap_offsets
+    from convtranspose._vjp_native import tap_offsets
     x = rng.standard_normal((1, 4, 4, 4, 16)).astype(np.float32)
     w = rng.standard_normal((16, 2, 2, 2, 16)).astype(np.float32)
     spec, _, _ = spec_for(3, x, w, stride=2)
@@ -129,7 +130,7 @@ def test_grad_input_in_the_grad_weight_pass_only_for_few_sums(rng):
     assert not native.fuses_grad_input(4, 16, 16)
     part = np.zeros((16, 8, 16), np.float32)
     with pytest.raises(ValueError, match="grad_input in the same pass"):
-        native.grad_weight(True, x, 0, cot, 0, _tap_offsets(spec), spec.stride, part,
+        native.grad_weight(True, x, 0, cot, 0, tap_offsets(spec), spec.stride, part,
                            (0, 1, 0, 4, 0, 4), 16, 16, strides=(128, 16),
                            grad_input=np.zeros_like(x), weight=np.zeros_like(part))
 

@@ -16,7 +16,7 @@ from reference import conv_transpose_ref
 
 import convtranspose as ct
 from convtranspose import _native_kernel as native
-from convtranspose import _plan, _vjp
+from convtranspose import _plan, _vjp, _vjp_native
 from convtranspose._api import spec_for
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel's paths")
@@ -132,7 +132,7 @@ def test_the_paths_each_class_takes():
     for name in ("thin-both", "one-in", "grouped-few", "grouped-thin-out"):
         spec, x, w = _spec(name)
         c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
-        assert _vjp.grad_input_wide_w(spec) == (spec.groups == 1), name
+        assert _vjp_native.grad_input_wide_w(spec) == (spec.groups == 1), name
         assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, spec.c_in),
                                             c3, np.dtype(np.float32), 2) == _vjp.GW_WIDE, name
     spec, *_ = _spec("depthwise-2ch")
@@ -144,7 +144,7 @@ def test_the_paths_each_class_takes():
                                         np.dtype(np.float32), 2) == _vjp.GW_PADDED
     # one cotangent channel per group fans out to C_in/g inputs: a depthwise grad_input
     spec, *_ = _spec("grouped-thin-out")
-    assert _plan.expands_to_depthwise(_vjp.grad_input_kernel_spec(spec))
+    assert _plan.expands_to_depthwise(_vjp_native.grad_input_kernel_spec(spec))
 
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, shape", [
