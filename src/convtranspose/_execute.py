@@ -543,7 +543,7 @@ def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndar
                                 out[t0 * rows * padded:t1 * rows * padded], into=into)
 
 
-def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode: int,
+def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode: native.Mode,
                     scratch: Scratch, threads: int = 1) -> list[_LazyWeights]:
     """Per phase group of `layer`, its taps (D-major, then H, then W, as `axis_taps` orders
     them) packed for the compiled kernel from its weight w3s[i] (C_out, kD, kH, kW,
@@ -608,7 +608,7 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
 
 
 def _small_layouts(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
-                   mode: int) -> list[np.ndarray]:
+                   mode: native.Mode) -> list[np.ndarray]:
     """The DOT ([tap][co][c] per conv group) or DEPTHWISE ([tap][channel]) layout of w3."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
@@ -653,7 +653,7 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
 
 @functools.lru_cache(maxsize=8)  # an index holds as many int64 as the weight: bounded
 def _small_layout_index(shape: tuple[int, ...], layer: _HashedOnce, groups: int,
-                        mode: int) -> tuple[np.ndarray, list[list[int]]]:
+                        mode: native.Mode) -> tuple[np.ndarray, list[list[int]]]:
     """Where each packed element of every phase group of `layer` comes from in a
     C-contiguous weight of `shape`, groups one after the other (the layout computed once
     on the indices: a call then packs with one take), and each group's array lengths."""
@@ -718,7 +718,7 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
 
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
-                task: Task, convert_input: bool, mode: int, x_origin, threads: int,
+                task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
                 pairs: tuple | None = None, wide: tuple | None = None,
                 bias: np.ndarray | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted

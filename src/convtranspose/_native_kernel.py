@@ -11,6 +11,7 @@ in csrc/correlate_api.h (CtJob, GwJob, PairJob) and csrc/module.cpp (PackJob); t
 fills the struct field by field and says which field is missing or unknown.
 """
 
+import enum
 import functools
 import math
 from typing import Any, NamedTuple
@@ -33,9 +34,16 @@ def isa() -> str | None:
     return _native.isa() if AVAILABLE else None
 
 
-# How the kernel lays its vectors (csrc/correlate_api.h): along the output channels, along
-# the input channels for 1-4 output channels, or along the channels of a depthwise layer.
-CHANNELS, DOT, DEPTHWISE = 0, 1, 2
+class Mode(enum.IntEnum):
+    """How the kernel lays its vectors: `correlate`'s `mode`, valued as csrc/correlate_api.h's
+    CT_MODE_* (a new mode is one member here, one there)."""
+
+    CHANNELS = 0  # along the output channels
+    DOT = 1  # along the input channels, for 1-4 output channels
+    DEPTHWISE = 2  # along the channels of a depthwise layer
+
+
+CHANNELS, DOT, DEPTHWISE = Mode.CHANNELS, Mode.DOT, Mode.DEPTHWISE  # as `native.DOT`
 DOT_MAX_OUT = 4
 # Below this many input channels CHANNELS mode sums each block over every tap in registers.
 TAPS_INNER_BELOW = _native.TAPS_INNER_BELOW if AVAILABLE else 0
@@ -119,7 +127,7 @@ def _element_strides(strides: tuple[int, ...], item: int) -> tuple[int, ...] | N
     return tuple(out)
 
 
-def pack(wt: np.ndarray, mode: int) -> np.ndarray:
+def pack(wt: np.ndarray, mode: Mode) -> np.ndarray:
     """(taps, C_in, C_out) -> the weight layout of DOT or DEPTHWISE mode (for DEPTHWISE,
     C_in == 1 and the last axis holds every channel). CHANNELS: `fill_columns`."""
     assert mode != CHANNELS
@@ -193,7 +201,7 @@ class RowCursors:
         return self._base and self._base + 8 * group
 
 
-def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr: int,
+def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr: int,
               x_strides: list[int],
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: TapOffsets,
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],

@@ -608,7 +608,7 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return registry()[algorithm].estimate(spec)
 
 
-def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> int:
+def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> native.Mode:
     """How the native kernel lays its vectors for this layer (one place for the rule);
     `wide_w` as `summed_channels`."""
     cig, cog = spec.c_in_per_group, spec.c_out_per_group

@@ -55,7 +55,7 @@ def grad_input_w_taps_as_one(spec: ConvSpec) -> bool:
     return not depthwise and grad_input_wide_w(spec)
 
 
-def grad_input_mode(spec: ConvSpec) -> int:
+def grad_input_mode(spec: ConvSpec) -> native.Mode:
     """The kernel's vector layout for grad_input."""
     if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:
         return native.DEPTHWISE
