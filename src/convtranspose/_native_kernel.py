@@ -356,7 +356,19 @@ def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
     return out
 
 
-def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
+class GradWeightLayout(enum.IntEnum):
+    """How the compiled grad_weight lays its sums (`_vjp.grad_weight_layout`). The first
+    three are `grad_weight`'s `swapped` (GwJob's, csrc/correlate_api.h: CT_GW_DEPTHWISE is
+    2); WIDE and PADDED are built on them in Python (`_vjp_native`)."""
+
+    ALONG_OUT = 0  # vectors along C_out/g, packed then unpacked
+    ALONG_IN = 1  # "swapped": vectors along C_in/g, summed in place
+    DEPTHWISE = 2  # one channel per group, per-worker partial sums
+    WIDE = 3  # ALONG_OUT over a W-padded cotangent: every W tap's columns in one run
+    PADDED = 4  # ALONG_IN over a copy of x with each group's channels padded to whole vectors
+
+
+def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
                 offsets: TapOffsets, steps: tuple[int, ...], part: np.ndarray,
                 box: tuple[int, ...], cin: int, cout: int,
                 units: tuple[int, int] | list[tuple[int, int]] | None = None,
@@ -371,9 +383,10 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     contiguous channels; the offsets (elements) pick a conv group's channels. `units`
     limits the work to (tap, chunk of columns) units [u0, u1), numbered tap * chunks +
     chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values.
-    `swapped` GW_DEPTHWISE: see `depthwise_grad_weight`. `into`: append the call, prepared
-    for a `Task`, instead of running it; with a list of `units`, one call per entry (the
-    arguments are worked out once).
+    `swapped`: GradWeightLayout.ALONG_OUT, ALONG_IN (or a bool for either) or DEPTHWISE
+    (see `depthwise_grad_weight`). `into`: append the call, prepared for a `Task`, instead
+    of running it; with a list of `units`, one call per entry (the arguments are worked
+    out once).
 
     `grad_input` (N, D, H, W, C_in), with `weight` laid out as part (the same strides and
     `part_offset`): the same pass also writes grad_input's rows of the box, from channel
@@ -404,9 +417,6 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
         _native.grad_weight(job)
 
 
-GW_DEPTHWISE = 2  # grad_weight's `swapped` for one channel per group (CT_GW_DEPTHWISE)
-
-
 def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
                           steps: tuple[int, ...], part: np.ndarray,
                           box: tuple[int, ...], into: list | None = None) -> None:
@@ -414,8 +424,8 @@ def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
     and channel c, the sum over pixels of x[p, c] * g[p * step + offset, c]."""
     assert part.flags.c_contiguous and x.shape[-1] == g.shape[-1]
     channels = x.shape[-1]
-    grad_weight(GW_DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels, channels,
-                strides=(1, channels), into=into)
+    grad_weight(GradWeightLayout.DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels,
+                channels, strides=(1, channels), into=into)
 
 
 def fuses_grad_input(itemsize: int, cin: int, cout: int) -> bool:

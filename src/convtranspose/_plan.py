@@ -206,8 +206,6 @@ class Plan:
 # then chosen by the rules below).
 GEMM_ALGORITHMS = ("gather", "shift", "direct", "indexed")
 VJP_ALGORITHMS = ("native", *GEMM_ALGORITHMS)
-GW_WIDE = 3  # grad_weight's kernel layout: every W tap's columns in one run
-GW_PADDED = 4  # swapped, over a copy of x with each group's channels padded to whole vectors
 
 
 @dataclass(frozen=True)
@@ -215,8 +213,8 @@ class GradStep:
     """How one gradient is computed: its path, and what the model says it costs.
 
     `algorithm`: 'native', 'winograd' (grad_input only), one of GEMM_ALGORITHMS, or
-    'zeros' (no tap reaches the output: nothing to sum). `side`: for grad_weight on the
-    compiled kernel, its layout (`grad_weight_side`). `with_grad_weight`: grad_input
+    'zeros' (no tap reaches the output: nothing to sum). `layout`: for grad_weight on the
+    compiled kernel, its layout (`grad_weight_layout`). `with_grad_weight`: grad_input
     computed in grad_weight's pass. `wide_w`: grad_input's W taps summed as one
     (`grad_input_wide_w`). `fan_out`: grad_input as a depthwise layer's over C_in channels
     (one cotangent channel per group, repeated for its inputs)."""
@@ -226,7 +224,7 @@ class GradStep:
     workspace_bytes: int  # about: the model's count of its scratch memory
     threads: int
     est_seconds: float
-    side: bool | int | None = None
+    layout: native.GradWeightLayout | None = None
     with_grad_weight: bool = False
     wide_w: bool = False
     fan_out: bool = False
@@ -254,19 +252,20 @@ class GradStep:
                    f"repeated for its inputs{'' if self.native else ' (' + how + ')'}")
         elif self.with_grad_weight:
             how = "in grad_weight's pass"
-        elif self.algorithm == "native" and self.side is not None:
-            how = _SIDE_NAMES[self.side]
+        elif self.algorithm == "native" and self.layout is not None:
+            how = _LAYOUT_NAMES[self.layout]
         elif self.algorithm == "native":
             how = "a correlation of the cotangent, channels swapped" + (
                 ", W taps as one" if self.wide_w else "")
         return f"{name}: {how}" if how else name
 
 
-_SIDE_NAMES = {False: "vectors along C_out/g, packed then unpacked",
-               True: "vectors along C_in/g, summed in place",
-               native.GW_DEPTHWISE: "one channel per group, per-worker partial sums",
-               GW_WIDE: "every W tap's columns in one run",
-               GW_PADDED: "vectors along C_in/g, over x padded to whole vectors"}
+_LAYOUT_NAMES = {
+    native.GradWeightLayout.ALONG_OUT: "vectors along C_out/g, packed then unpacked",
+    native.GradWeightLayout.ALONG_IN: "vectors along C_in/g, summed in place",
+    native.GradWeightLayout.DEPTHWISE: "one channel per group, per-worker partial sums",
+    native.GradWeightLayout.WIDE: "every W tap's columns in one run",
+    native.GradWeightLayout.PADDED: "vectors along C_in/g, over x padded to whole vectors"}
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,12 @@ from ._api import ArrayLike, IntOrTuple, Padding, RecentCalls, _plain_ints, spec
 from ._dtypes import compute_dtype, result_dtype
 from ._execute import run_jobs
 from ._memory import result_empty, result_zeros
+from ._native_kernel import GradWeightLayout
 from ._plan import (
     COPY_BYTES_PER_S,
     ELEMENTWISE_PER_S,
     FUSE_W_BELOW_CHANNELS,
     GEMM_ALGORITHMS,
-    GW_PADDED,
-    GW_WIDE,
     NATIVE_PEAK_PER_LANE,
     PAIR_TRANSFORM_BYTES_PER_S,
     VJP_ALGORITHMS,
@@ -147,12 +146,12 @@ def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
 GW_IN_PLACE_BYTES = 4 << 20
 
 
-def grad_weight_side(spec: ConvSpec, cd: np.dtype, threads: int, in_place: bool,
-                     in_place_bytes: int) -> bool | int | None:
-    """None where the compiled grad_weight kernel does not apply; GW_DEPTHWISE for one
-    channel per group; else whether it runs swapped (vectors along C_in: for C_out/g that
-    is not whole vectors, or a grad_weight large enough to be summed in place), or GW_WIDE,
-    or GW_PADDED (swapped over x padded to whole vectors, where neither side is).
+def grad_weight_layout(spec: ConvSpec, cd: np.dtype, threads: int, in_place: bool,
+                       in_place_bytes: int) -> GradWeightLayout | None:
+    """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
+    channel per group; else ALONG_IN (vectors along C_in: for C_out/g that is not whole
+    vectors, or a grad_weight large enough to be summed in place), ALONG_OUT, WIDE, or
+    PADDED (ALONG_IN over x padded to whole vectors, where neither side is).
     It reads both operands in place: `in_place`, whether they have the compute dtype and
     contiguous channels. `in_place_bytes`: GW_IN_PLACE_BYTES."""
     if not (native.AVAILABLE and in_place):
@@ -160,16 +159,16 @@ def grad_weight_side(spec: ConvSpec, cd: np.dtype, threads: int, in_place: bool,
     lanes, _ = native.layout(cd.itemsize)
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     if cig == 1 and cog == 1:
-        return native.GW_DEPTHWISE
+        return GradWeightLayout.DEPTHWISE
     along_out = cog % lanes == 0
     if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
                              * cd.itemsize >= in_place_bytes):
-        return True
+        return GradWeightLayout.ALONG_IN
     if along_out:
-        return False
+        return GradWeightLayout.ALONG_OUT
     if grad_weight_wide_w(spec, cd, threads):
-        return GW_WIDE
-    return GW_PADDED if math.prod(spec.kernel) > 1 else None
+        return GradWeightLayout.WIDE
+    return GradWeightLayout.PADDED if math.prod(spec.kernel) > 1 else None
 
 
 def choose_vjp_algorithm(spec: ConvSpec, taps, budget: int = VJP_TILE_BYTES // 4) -> str:
@@ -254,24 +253,24 @@ def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: 
     if algorithm == "native" and not native.AVAILABLE:
         raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                          "install lacks")
-    side = (grad_weight_side(spec, cd, threads, input_in_place and cotangent_in_place,
-                             in_place_bytes)
+    layout = (grad_weight_layout(spec, cd, threads, input_in_place and cotangent_in_place,
+                                 in_place_bytes)
             if need_weight and algorithm in (None, "native") else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
     native_gx = need_input and (algorithm == "native" or (
-        algorithm is None and native_grad_input_suits(spec, need_weight and side is None)))
-    fused = (side is True and native_gx
+        algorithm is None and native_grad_input_suits(spec, need_weight and layout is None)))
+    fused = (layout == GradWeightLayout.ALONG_IN and native_gx
              and native.fuses_grad_input(cd.itemsize, spec.c_in_per_group,
                                          spec.c_out_per_group))
     gemm = None
-    if (need_input and not native_gx) or (need_weight and side is None):
+    if (need_input and not native_gx) or (need_weight and layout is None):
         gemm = (algorithm if algorithm not in (None, "native")
                 else choose_vjp_algorithm(spec, active_taps(spec), budget))
         if gemm == "direct" and spec.c_in_per_group != 1:
             raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
     gemm_costs = _gemm_costs(spec, cd, gemm, need_input and not native_gx,
-                             need_weight and side is None, threads, budget) if gemm else {}
+                             need_weight and layout is None, threads, budget) if gemm else {}
     gx = gw = None
     if need_input:
         if native_gx:
@@ -283,10 +282,10 @@ def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: 
         else:
             gx = gemm_costs["input"]
     if need_weight:
-        gw = (_native_grad_weight_step(spec, cd, threads, side) if side is not None
+        gw = (_native_grad_weight_step(spec, cd, threads, layout) if layout is not None
               else gemm_costs["weight"])
     return VjpPlan(spec, cd, gx, gw, threads, limit, budget,
-                   shared_queue=side is not None and native_gx and not fused)
+                   shared_queue=layout is not None and native_gx and not fused)
 
 
 def _on_threads(seconds: float, threads: int) -> float:
@@ -317,32 +316,35 @@ def _native_grad_input_step(spec: ConvSpec, cd: np.dtype, threads: int, budget: 
 
 
 def _native_grad_weight_step(spec: ConvSpec, cd: np.dtype, threads: int,
-                             side: bool | int) -> GradStep:
+                             layout: GradWeightLayout) -> GradStep:
     """The kernel's grad_weight. It sums over pixels (many per tap), so its rate is the
-    forward kernel's peak times the lanes its vector axis fills (C_in/g swapped, C_out/g
-    else, kW * C_out for GW_WIDE, whose groups each compute every group's columns)."""
+    forward kernel's peak times the lanes its vector axis fills (C_in/g for ALONG_IN and
+    PADDED, C_out/g for ALONG_OUT, kW * C_out for WIDE, whose groups each compute every
+    group's columns)."""
     lanes, _ = native.layout(cd.itemsize)
     peak = NATIVE_PEAK_PER_LANE * lanes
     gw_bytes = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * cd.itemsize
-    if side == native.GW_DEPTHWISE:
+    if layout == GradWeightLayout.DEPTHWISE:
         rate, scratch = peak / 4, threads * gw_bytes
     else:
-        width = (spec.kernel[2] * spec.c_out if side == GW_WIDE
-                 else spec.c_in_per_group if side in (True, GW_PADDED)
+        width = (spec.kernel[2] * spec.c_out if layout == GradWeightLayout.WIDE
+                 else spec.c_in_per_group
+                 if layout in (GradWeightLayout.ALONG_IN, GradWeightLayout.PADDED)
                  else spec.c_out_per_group)
         vectors = -(-width // lanes)
-        rate = peak * width / (vectors * lanes) / (spec.groups if side == GW_WIDE else 1)
-        scratch = 0 if side is True else gw_bytes
-        if side == GW_PADDED:  # x and gw with C_in/g padded to whole vectors
+        rate = peak * width / (vectors * lanes) / (
+            spec.groups if layout == GradWeightLayout.WIDE else 1)
+        scratch = 0 if layout == GradWeightLayout.ALONG_IN else gw_bytes
+        if layout == GradWeightLayout.PADDED:  # x and gw with C_in/g padded to whole vectors
             scratch = (spec.batch * math.prod(spec.in_spatial) * spec.groups * vectors * lanes
                        * cd.itemsize + gw_bytes * vectors * lanes // width)
-        if side == GW_WIDE:  # the W-padded cotangent and every group's columns
+        if layout == GradWeightLayout.WIDE:  # the W-padded cotangent and every group's columns
             scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
                        * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * cd.itemsize
                        + gw_bytes * spec.groups * vectors * lanes // max(1, width))
     flops = spec.useful_flops
     return GradStep("native", flops, scratch, threads, _on_threads(flops / rate, threads),
-                    side=side)
+                    layout=layout)
 
 
 def _gemm_costs(spec: ConvSpec, cd: np.dtype, algorithm: str, want_input: bool,
@@ -460,7 +462,7 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
     # neither waits on the other's slowest tile.
     shared = [] if plan.shared_queue else None
     if gw_native:
-        native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.side, cd, shared)
+        native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, cd, shared)
     if gi_native:
         native_paths.grad_input(spec, c3, w3, gx, threads, plan.budget, cd, shared,
                            gi.algorithm == "winograd")
@@ -522,11 +524,11 @@ def _results(spec: ConvSpec, x: np.ndarray, w: np.ndarray, gx: np.ndarray | None
     return gx, gw
 
 
-def native_grad_weight_side(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
-                            cd: np.dtype, threads: int = 1) -> bool | int | None:
-    """`grad_weight_side` for these arrays: whether the kernel reads them in place."""
-    return grad_weight_side(spec, cd, threads, native.reads_in_place(x3, cd)
-                            and native.reads_in_place(c3, cd), GW_IN_PLACE_BYTES)
+def native_grad_weight_layout(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
+                              cd: np.dtype, threads: int = 1) -> GradWeightLayout | None:
+    """`grad_weight_layout` for these arrays: whether the kernel reads them in place."""
+    return grad_weight_layout(spec, cd, threads, native.reads_in_place(x3, cd)
+                              and native.reads_in_place(c3, cd), GW_IN_PLACE_BYTES)
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,

@@ -1,6 +1,6 @@
 """The gradient's paths on the compiled kernel (csrc/), for the plan's choices (`_vjp`):
 grad_input as a correlation of the cotangent (channels swapped; W taps as one, or Winograd
-pairs along D), grad_weight in one of its layouts (`_vjp.grad_weight_side`), or both in one
+pairs along D), grad_weight in one of its layouts (`_vjp.grad_weight_layout`), or both in one
 pass. Each prepares kernel calls as tasks for the compiled pool, run at once or left in a
 shared queue (`defer`). Workers own disjoint units or rows, or one partial sum each added
 in worker order: bitwise reproducible for a given thread count.
@@ -15,10 +15,9 @@ import numpy as np
 
 from . import _native_kernel as native
 from ._execute import padded_along_w, pair_input, pair_weight, run_jobs
+from ._native_kernel import GradWeightLayout
 from ._plan import (
     FUSE_W_BELOW_CHANNELS,
-    GW_PADDED,
-    GW_WIDE,
     SHARED_TILE_BYTES,
     Tile,
     native_mode,
@@ -258,7 +257,7 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> No
     _run_or_defer(jobs, n_threads, finish, defer)
 
 
-def grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
+def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, cd,
                 defer: list | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
     csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
@@ -268,15 +267,16 @@ def grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
     fixed tiles of input rows and one partial sum each, added in worker order (bitwise
     reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
     running them, to share one queue with grad_input's tiles."""
-    if swapped == native.GW_DEPTHWISE:
+    if layout == GradWeightLayout.DEPTHWISE:
         _depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
         return
-    if swapped == GW_WIDE:
+    if layout == GradWeightLayout.WIDE:
         _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
         return
-    if swapped == GW_PADDED:
+    if layout == GradWeightLayout.PADDED:
         _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
         return
+    swapped = layout == GradWeightLayout.ALONG_IN
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     offsets = tap_offsets(spec)
     ktot = math.prod(spec.kernel)
@@ -332,7 +332,7 @@ def grad_weight(spec, x3, c3, gw, n_threads, swapped: bool | int, cd,
 
 
 def _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> None:
-    """grad_weight where neither C_in/g nor C_out/g is whole vectors (`GW_PADDED`): the
+    """grad_weight where neither C_in/g nor C_out/g is whole vectors (layout PADDED): the
     kernel's swapped sums (vectors along C_in) over a copy of x whose groups' channels are
     padded with zeros to whole vectors, into a gw as padded; its own channels copied out.
     The copy is one pass over x; the GEMM paths it replaces ran such layers at a third of
@@ -346,7 +346,7 @@ def _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> 
     xp = xp.reshape(*x3.shape[:-1], groups * padded_cig)
     gwp = native.aligned_empty((spec.c_out, math.prod(spec.kernel), padded_cig), cd)
     queue: list = []
-    grad_weight(padded, xp, c3, gwp, n_threads, True, cd, queue)
+    grad_weight(padded, xp, c3, gwp, n_threads, GradWeightLayout.ALONG_IN, cd, queue)
     (jobs, finish), = queue
 
     def copy_out() -> None:
