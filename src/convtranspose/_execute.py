@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _native_kernel as native
+from ._algorithms import Algorithm
 from ._blas import single_threaded_blas
 from ._geometry import AxisTap, Phase
 from ._memory import Scratch, result_empty, result_zeros
@@ -889,7 +890,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     elif convert and spec.input_dtype == spec.compute_dtype:
         # Channels not contiguous, where the plan assumed the input read in place (its
         # tiles are shared and hold no copy): tiles that copy their rows instead.
-        tasks, _ = make_tasks(spec, "native", plan.groups, plan.workspace_limit,
+        tasks, _ = make_tasks(spec, Algorithm.NATIVE, plan.groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
     offsets = [_native_offsets(g[0]) for g in groups]
     x_origin = None if convert else native.origin(x3)

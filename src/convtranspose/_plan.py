@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _native_kernel as native
+from ._algorithms import Algorithm, VjpAlgorithm
 from ._geometry import AxisTap, Phase, phases_3d
 from ._spec import ConvSpec
 
@@ -204,8 +205,9 @@ class Plan:
 
 # The NumPy/BLAS paths; 'native' names the compiled kernel's (grad_weight's layout is
 # then chosen by the rules below).
-GEMM_ALGORITHMS = ("gather", "shift", "direct", "indexed")
-VJP_ALGORITHMS = ("native", *GEMM_ALGORITHMS)
+GEMM_ALGORITHMS = (VjpAlgorithm.GATHER, VjpAlgorithm.SHIFT, VjpAlgorithm.DIRECT,
+                   VjpAlgorithm.INDEXED)
+VJP_ALGORITHMS = (VjpAlgorithm.NATIVE, *GEMM_ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,7 @@ class GradStep:
     (`grad_input_wide_w`). `fan_out`: grad_input as a depthwise layer's over C_in channels
     (one cotangent channel per group, repeated for its inputs)."""
 
-    algorithm: str
+    algorithm: VjpAlgorithm
     flops: int
     workspace_bytes: int  # about: the model's count of its scratch memory
     threads: int
@@ -231,7 +233,7 @@ class GradStep:
 
     @property
     def native(self) -> bool:
-        return self.algorithm in ("native", "winograd")
+        return self.algorithm in (VjpAlgorithm.NATIVE, VjpAlgorithm.WINOGRAD)
 
     def describe(self) -> str:
         """One line: the path, then how the compiled kernel lays it out."""
@@ -239,22 +241,23 @@ class GradStep:
         if self.native:
             name += f" ({native.isa()})"
         how = {
-            "winograd": "F(2,3) along D on the transformed cotangent",
-            "gather": "GEMMs over gathered cotangent rows (one copy feeds both gradients)",
-            "shift": "shifted GEMMs over a grid of cotangent rows (one copy feeds both "
-                     "gradients)",
-            "direct": "multiply-adds broadcast over channels",
-            "indexed": "one gather of the products' cotangent, one GEMM",
-            "zeros": "no tap reaches the output",
+            VjpAlgorithm.WINOGRAD: "F(2,3) along D on the transformed cotangent",
+            VjpAlgorithm.GATHER: "GEMMs over gathered cotangent rows (one copy feeds both "
+                                 "gradients)",
+            VjpAlgorithm.SHIFT: "shifted GEMMs over a grid of cotangent rows (one copy feeds "
+                                "both gradients)",
+            VjpAlgorithm.DIRECT: "multiply-adds broadcast over channels",
+            VjpAlgorithm.INDEXED: "one gather of the products' cotangent, one GEMM",
+            VjpAlgorithm.ZEROS: "no tap reaches the output",
         }.get(self.algorithm, "")
         if self.fan_out:
             how = ("a depthwise grad_input over C_in channels, each group's cotangent channel "
                    f"repeated for its inputs{'' if self.native else ' (' + how + ')'}")
         elif self.with_grad_weight:
             how = "in grad_weight's pass"
-        elif self.algorithm == "native" and self.layout is not None:
+        elif self.algorithm == VjpAlgorithm.NATIVE and self.layout is not None:
             how = _LAYOUT_NAMES[self.layout]
-        elif self.algorithm == "native":
+        elif self.algorithm == VjpAlgorithm.NATIVE:
             how = "a correlation of the cotangent, channels swapped" + (
                 ", W taps as one" if self.wide_w else "")
         return f"{name}: {how}" if how else name
@@ -729,11 +732,12 @@ def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | 
     if algorithm is not None:
         kernels = registry()
         if algorithm not in kernels:
-            raise ValueError(f"plan: 'algorithm' must be one of {tuple(kernels)}, got "
+            raise ValueError(f"plan: 'algorithm' must be one of {tuple(map(str, kernels))}, got "
                              f"{algorithm!r}")
         reason = kernels[algorithm].fits(spec, workspace_limit(spec, workspace))
         if reason is not None:
-            raise ValueError(f"plan: algorithm {algorithm!r} {reason}")
+            raise ValueError(f"plan: algorithm {str(algorithm)!r} {reason}")
+        algorithm = kernels[algorithm].name  # the registry's spelling (an Algorithm)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"plan: 'threads' must be an int >= 1, got {threads!r}")
@@ -754,19 +758,20 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         return kernel.make_plan(spec, limit, est)
     groups = kernel.phase_groups(spec)
     # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place
-    pairs = algorithm == "winograd"
-    kind = "native" if pairs else algorithm
-    whole_input = kind == "native" and (pairs and spec.input_dtype != spec.compute_dtype
+    pairs = algorithm == Algorithm.WINOGRAD
+    kind = Algorithm.NATIVE if pairs else algorithm
+    whole_input = kind == Algorithm.NATIVE and (pairs and spec.input_dtype != spec.compute_dtype
                                         or native_converts_whole_input(spec, limit))
-    shared = kind == "native" and native_shares_tiles(spec, limit)
-    wide_w = (algorithm == "native" and fuses_w_taps(spec)
+    shared = kind == Algorithm.NATIVE and native_shares_tiles(spec, limit)
+    wide_w = (algorithm == Algorithm.NATIVE and fuses_w_taps(spec)
               and wide_w_bytes(spec, groups) <= limit)
     if wide_w:  # the padded copy is the input every tile reads, converted
         whole_input, shared = True, not _rounds_blocks(spec)
     tasks, biggest = make_tasks(spec, kind, groups, limit, threads, whole_input, shared)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
     # `serial` kernels.
-    serial_below = NATIVE_SERIAL_BELOW_SECONDS if kind == "native" else SERIAL_BELOW_SECONDS
+    serial_below = (NATIVE_SERIAL_BELOW_SECONDS if kind == Algorithm.NATIVE
+                    else SERIAL_BELOW_SECONDS)
     if est.get(algorithm, 1.0) < serial_below or kernel.serial:
         threads = 1
     # The model is of one core: the plan predicts the call, on its threads (efficiency
@@ -802,7 +807,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
         tile_bytes = registry()[algorithm].tile_bytes
         per_task = max(1, min(tile_bytes, limit // threads) // item)
         min_tiles = threads if len(groups) < threads else 1
-        if algorithm == "native":
+        if algorithm == Algorithm.NATIVE:
             # Its tiles cost nothing to cut (no halo copies): cut at least four per worker,
             # so that a worker slowed by a neighbour's process does not hold up the call.
             min_tiles = max(1, -(-4 * threads // len(groups)))
@@ -816,7 +821,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
                          if convert_input else
                          buffer_elems(spec, algorithm, group, tile, whole_input))
                 tasks.append(Task(gi, tile, elems))
-        if algorithm == "native":
+        if algorithm == Algorithm.NATIVE:
             # Tile-major: the phases of one tile read the same input rows and fill the same
             # output pages, so run them back to back (their tiles coincide when the counts do).
             tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.group))
@@ -836,7 +841,7 @@ def indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
     item = spec.compute_dtype.itemsize
     used = ((rows_in * taps + 1) * spec.c_out + table.size * spec.c_out) * item + table.nbytes
     task = Task(0, Tile((0, spec.batch), (0, 0), (0, 0)), (rows_in * taps + 1) * spec.c_out)
-    return Plan(spec=spec, algorithm="indexed", groups=(), tasks=(task,), threads=1,
+    return Plan(spec=spec, algorithm=Algorithm.INDEXED, groups=(), tasks=(task,), threads=1,
                 workspace_bytes=used, workspace_limit=limit, est_seconds=est,
                 table=table)
 

@@ -35,6 +35,7 @@ import numpy as np
 from . import _native_kernel as native
 from . import _vjp_native as native_paths
 from . import _vjp_numpy as numpy_paths
+from ._algorithms import VjpAlgorithm
 from ._api import ArrayLike, IntOrTuple, Padding, RecentCalls, _plain_ints, spec_for, unbatched
 from ._dtypes import compute_dtype, result_dtype
 from ._execute import run_jobs
@@ -171,16 +172,17 @@ def grad_weight_layout(spec: ConvSpec, cd: np.dtype, threads: int, in_place: boo
     return GradWeightLayout.PADDED if math.prod(spec.kernel) > 1 else None
 
 
-def choose_vjp_algorithm(spec: ConvSpec, taps, budget: int = VJP_TILE_BYTES // 4) -> str:
+def choose_vjp_algorithm(spec: ConvSpec, taps,
+                         budget: int = VJP_TILE_BYTES // 4) -> VjpAlgorithm:
     """'direct' for one input channel per group; 'shift' where it copies less of the
     cotangent than 'gather' (counting its halo), its GEMMs stay wide (K >= 128) and the
     halo rows it computes and drops stay few (<= 7%); else 'gather'. `budget` is the
     workspace of one worker, in elements."""
     if spec.c_in_per_group == 1 and spec.groups > 1:
-        return "direct"
+        return VjpAlgorithm.DIRECT
     layout = shift_layout(spec)
     if len(layout.wtaps) * spec.c_out_per_group < 128:
-        return "gather"
+        return VjpAlgorithm.GATHER
     depth, height, width = spec.in_spatial
     rows = shift_rows(spec, layout, budget)  # the tile shape split_tiles will cut
     if rows >= height * width:
@@ -192,8 +194,8 @@ def choose_vjp_algorithm(spec: ConvSpec, taps, budget: int = VJP_TILE_BYTES // 4
     shift_copy = (len(layout.phases) * len(layout.wtaps) * (nd + halo_d) / nd
                   * (nh + halo_h) / nh)
     if waste <= 0.07 and shift_copy < len(taps):
-        return "shift"
-    return "gather"
+        return VjpAlgorithm.SHIFT
+    return VjpAlgorithm.GATHER
 
 
 def make_vjp_plan(spec: ConvSpec, cd: np.dtype, *, need_input: bool = True,
@@ -203,9 +205,12 @@ def make_vjp_plan(spec: ConvSpec, cd: np.dtype, *, need_input: bool = True,
     """The backward's plan, summing in `cd` (`vjp_compute_dtype`). `input_in_place`,
     `cotangent_in_place`: whether the kernel can read those arrays where they lie
     (`native.reads_in_place`; C-contiguous arrays of the compute dtype can)."""
-    if algorithm is not None and algorithm not in VJP_ALGORITHMS:
-        raise ValueError(f"vjp: 'algorithm' must be one of {GEMM_ALGORITHMS + ('native',)}, "
-                         f"got {algorithm!r}")
+    if algorithm is not None:
+        if algorithm not in VJP_ALGORITHMS:
+            raise ValueError(f"vjp: 'algorithm' must be one of "
+                             f"{tuple(map(str, GEMM_ALGORITHMS + (VjpAlgorithm.NATIVE,)))}, "
+                             f"got {algorithm!r}")
+        algorithm = VjpAlgorithm(algorithm)
     n_threads = max(1, threads or get_num_threads())
     return _make_vjp_plan(spec, cd, need_input, need_weight, n_threads,
                           workspace_limit(spec, workspace), algorithm, get_winograd(),
@@ -214,7 +219,7 @@ def make_vjp_plan(spec: ConvSpec, cd: np.dtype, *, need_input: bool = True,
 
 @functools.lru_cache(maxsize=256)
 def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: bool,
-                   threads: int, limit: int, algorithm: str | None, winograd: bool,
+                   threads: int, limit: int, algorithm: VjpAlgorithm | None, winograd: bool,
                    input_in_place: bool, cotangent_in_place: bool,
                    in_place_bytes: int) -> VjpPlan:
     """Plans are pure functions of their arguments (the tunable threshold included), so a
@@ -227,7 +232,7 @@ def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: 
         inner = _make_vjp_plan(depthwise, cd, need_input, need_weight, threads, limit, None,
                                winograd, need_weight, cotangent_in_place, in_place_bytes)
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
-    if (algorithm in (None, "native") and work and need_input and native.AVAILABLE
+    if (algorithm in (None, VjpAlgorithm.NATIVE) and work and need_input and native.AVAILABLE
             and expands_to_depthwise(grad_input_kernel_spec(spec))):
         # grad_input fans each group's one cotangent channel out to its C_in/g inputs (the
         # mirror of a multiplier): a depthwise grad_input over the cotangent with each
@@ -242,32 +247,32 @@ def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: 
             rest, grad_input=dataclasses.replace(fan_out.grad_input, fan_out=True),
             fan_out=fan_out)
     if algorithm is None and indexed_fits(spec):
-        algorithm = "indexed"  # small: one gather and two GEMMs beat any per-tile work
-    elif algorithm == "indexed" and not indexed_fits(spec):
+        algorithm = VjpAlgorithm.INDEXED  # small: one gather and two GEMMs beat any tiles
+    elif algorithm == VjpAlgorithm.INDEXED and not indexed_fits(spec):
         raise ValueError("vjp: algorithm 'indexed' is for small calls; this one's gathered "
                          "cotangent would be too large (leave 'algorithm' to the default)")
     if not work or not (need_input or need_weight):
-        zeros = GradStep("zeros", 0, 0, 1, 0.0)
+        zeros = GradStep(VjpAlgorithm.ZEROS, 0, 0, 1, 0.0)
         return VjpPlan(spec, cd, zeros if need_input else None, zeros if need_weight else None,
                        threads, limit, budget)
-    if algorithm == "native" and not native.AVAILABLE:
+    if algorithm == VjpAlgorithm.NATIVE and not native.AVAILABLE:
         raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                          "install lacks")
     layout = (grad_weight_layout(spec, cd, threads, input_in_place and cotangent_in_place,
                                  in_place_bytes)
-            if need_weight and algorithm in (None, "native") else None)
+            if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
-    native_gx = need_input and (algorithm == "native" or (
+    native_gx = need_input and (algorithm == VjpAlgorithm.NATIVE or (
         algorithm is None and native_grad_input_suits(spec, need_weight and layout is None)))
     fused = (layout == GradWeightLayout.ALONG_IN and native_gx
              and native.fuses_grad_input(cd.itemsize, spec.c_in_per_group,
                                          spec.c_out_per_group))
     gemm = None
     if (need_input and not native_gx) or (need_weight and layout is None):
-        gemm = (algorithm if algorithm not in (None, "native")
+        gemm = (algorithm if algorithm not in (None, VjpAlgorithm.NATIVE)
                 else choose_vjp_algorithm(spec, active_taps(spec), budget))
-        if gemm == "direct" and spec.c_in_per_group != 1:
+        if gemm == VjpAlgorithm.DIRECT and spec.c_in_per_group != 1:
             raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
     gemm_costs = _gemm_costs(spec, cd, gemm, need_input and not native_gx,
                              need_weight and layout is None, threads, budget) if gemm else {}
@@ -311,8 +316,8 @@ def _native_grad_input_step(spec: ConvSpec, cd: np.dtype, threads: int, budget: 
         scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
                    * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * item)
     seconds = products / native_rate(grad_input_kernel_spec(spec)) + write / 2 + extra
-    return GradStep("winograd" if pairs else "native", flops, scratch, threads,
-                    _on_threads(seconds, threads), with_grad_weight=fused, wide_w=wide)
+    return GradStep(VjpAlgorithm.WINOGRAD if pairs else VjpAlgorithm.NATIVE, flops, scratch,
+                    threads, _on_threads(seconds, threads), with_grad_weight=fused, wide_w=wide)
 
 
 def _native_grad_weight_step(spec: ConvSpec, cd: np.dtype, threads: int,
@@ -343,8 +348,8 @@ def _native_grad_weight_step(spec: ConvSpec, cd: np.dtype, threads: int,
                        * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * cd.itemsize
                        + gw_bytes * spec.groups * vectors * lanes // max(1, width))
     flops = spec.useful_flops
-    return GradStep("native", flops, scratch, threads, _on_threads(flops / rate, threads),
-                    layout=layout)
+    return GradStep(VjpAlgorithm.NATIVE, flops, scratch, threads,
+                    _on_threads(flops / rate, threads), layout=layout)
 
 
 def _gemm_costs(spec: ConvSpec, cd: np.dtype, algorithm: str, want_input: bool,
@@ -357,21 +362,21 @@ def _gemm_costs(spec: ConvSpec, cd: np.dtype, algorithm: str, want_input: bool,
     rows = spec.batch * math.prod(spec.in_spatial)
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     taps = len(active_taps(spec))
-    if algorithm == "direct":
+    if algorithm == VjpAlgorithm.DIRECT:
         per_grad, copy = flops / 2 / ELEMENTWISE_PER_S, 0.0
         times = {"input": per_grad, "weight": per_grad}
     else:
-        if algorithm == "shift":
+        if algorithm == VjpAlgorithm.SHIFT:
             layout = shift_layout(spec)
             copied, k = len(layout.phases) * len(layout.wtaps), len(layout.wtaps) * cog
         else:
             copied, k = taps, taps * cog
         copy = 2 * rows * copied * spec.c_out * item / COPY_BYTES_PER_S
-        if algorithm == "indexed":
+        if algorithm == VjpAlgorithm.INDEXED:
             copy += 1e-5  # a few calls of Python
         times = {"input": flops / _gemm_rate(cig), "weight": flops / _gemm_rate(min(k, cig))}
     gw_bytes = spec.c_out * math.prod(spec.kernel) * cig * item
-    if algorithm == "indexed":
+    if algorithm == VjpAlgorithm.INDEXED:
         scratch = {"input": 2 * rows * taps * spec.c_out * item, "weight": gw_bytes}
     else:
         scratch = {"input": threads * budget * item, "weight": threads * gw_bytes}
@@ -465,7 +470,7 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
         native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, cd, shared)
     if gi_native:
         native_paths.grad_input(spec, c3, w3, gx, threads, plan.budget, cd, shared,
-                           gi.algorithm == "winograd")
+                           gi.algorithm == VjpAlgorithm.WINOGRAD)
     if shared:
         run_jobs([job for jobs, _ in shared for job in jobs], threads)
         for _, finish in shared:

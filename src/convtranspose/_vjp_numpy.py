@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._algorithms import VjpAlgorithm
 from ._execute import _zero_outside, checkpoint, run_jobs
 from ._geometry import tap_output_range
 from ._plan import Tile, product_targets
@@ -496,4 +497,5 @@ def _indexed(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
 
 
 # The paths by name (`_plan.GEMM_ALGORITHMS`).
-PATHS = {"gather": _gather, "shift": _shift, "direct": _direct, "indexed": _indexed}
+PATHS = {VjpAlgorithm.GATHER: _gather, VjpAlgorithm.SHIFT: _shift,
+         VjpAlgorithm.DIRECT: _direct, VjpAlgorithm.INDEXED: _indexed}
