@@ -689,7 +689,7 @@ class _TileGeometry(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)  # a few hundred bytes an entry
-def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | None,
+def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pair_dims: tuple | None,
                    wide: tuple | None, out_shape: tuple, out_strides: tuple,
                    out_item: int) -> _TileGeometry:
     """The tile's positions in the output as a strided view of it (every W residue of a
@@ -698,8 +698,8 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
     n0, n1 = tile.n
     (a, b), (e, f) = tile.d, tile.h
     qw = phase.count[2]
-    first_d = 2 * a if pairs else phase.residue[0] + a * spec.stride[0]
-    step_d = 1 if pairs else spec.stride[0]
+    first_d = 2 * a if pair_dims else phase.residue[0] + a * spec.stride[0]
+    step_d = 1 if pair_dims else spec.stride[0]
     # a merged W group's position holds every residue's channels: whole rows, in steps of
     # len(group) positions
     step_w = len(group) if len(group) > 1 else spec.stride[2]
@@ -708,7 +708,7 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
     es = [st // out_item for st in out_strides[:4]]
     offset = sum(i * st for i, st in zip(first, es)) * out_item
     strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * step_w]
-    in_dims, steps, pair_out = ((pairs, (4, 1, 1), spec.out_spatial[0]) if pairs
+    in_dims, steps, pair_out = ((pair_dims, (4, 1, 1), spec.out_spatial[0]) if pair_dims
                                 else (spec.in_spatial, (1, 1, 1), 0))
     cig = spec.c_in_per_group
     if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
@@ -720,16 +720,17 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
-                pairs: tuple | None = None, wide: tuple | None = None,
+                pair_dims: tuple | None = None, wide: tuple | None = None,
                 bias: np.ndarray | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
-    group writes s_w * C_out channels per position of its first residue. `pairs`: a
-    ``winograd`` tile, (V's dims) read at D step 4: its rows are output pairs along D.
+    group writes s_w * C_out channels per position of its first residue. `pair_dims`: a
+    ``winograd`` tile, V's dims (4 * pairs, H, W) read at D step 4: its rows are output
+    pairs along D.
     `bias`: None, or the group's `native.bias_table`, added by the kernel as it stores."""
     groups = spec.groups
-    geo = _tile_geometry(spec, group, task.tile, pairs, wide, out.shape, out.strides,
+    geo = _tile_geometry(spec, group, task.tile, pair_dims, wide, out.shape, out.strides,
                          out.dtype.itemsize)
     cig, cog, box, qw = geo.cin, geo.cout, geo.box, geo.wcount
     item = spec.compute_dtype.itemsize
@@ -780,7 +781,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
             x_addr, xs = x_origin
         if round_output:  # the tile's positions (out is C-contiguous: `execute` made it),
             # through a block of the compute dtype
-            rows_d = (min(2 * box[3], spec.out_spatial[0]) - 2 * box[2] if pairs
+            rows_d = (min(2 * box[3], spec.out_spatial[0]) - 2 * box[2] if pair_dims
                       else box[3] - box[2])
             view = np.lib.stride_tricks.as_strided(
                 out.reshape(-1)[geo.out_offset // out.dtype.itemsize:],
@@ -959,14 +960,14 @@ def pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
     return u
 
 
-def pair_input(x3: np.ndarray, base: int, pairs: int, threads: int) -> np.ndarray:
+def pair_input(x3: np.ndarray, base: int, winograd_pairs: int, threads: int) -> np.ndarray:
     """Winograd F(2,3)'s input side along D (`native.pair_transform`) of x3 (N, D, H, W,
-    C; the compute dtype, channels contiguous), for output pairs [0, pairs) whose first D
-    tap reads input 2j + base: V (N, pairs, 4, H, W, C), by every thread."""
+    C; the compute dtype, channels contiguous), for output pairs [0, winograd_pairs) whose
+    first D tap reads input 2j + base: V (N, winograd_pairs, 4, H, W, C), by every thread."""
     n, in_d, h, w, c = x3.shape
-    v = result_empty((n, pairs, 4, h, w, c), x3.dtype)
+    v = result_empty((n, winograd_pairs, 4, h, w, c), x3.dtype)
     x_addr, xs = native.origin(x3)
-    cuts = [(i, j) for i in range(n) for j in range(pairs)]
+    cuts = [(i, j) for i in range(n) for j in range(winograd_pairs)]
     step = -(-len(cuts) // threads)
     transforms = []
     for first in range(0, len(cuts), step):
@@ -974,7 +975,8 @@ def pair_input(x3: np.ndarray, base: int, pairs: int, threads: int) -> np.ndarra
         (i0, j0), (i1, j1) = cuts[first], cuts[min(len(cuts), first + step) - 1]
         for i in range(i0, i1 + 1):  # a run of (item, pair)s, item by item
             native.pair_transform(x_addr, xs, in_d, base, (h, w, c), v, (i, i + 1),
-                                  (j0 if i == i0 else 0, j1 + 1 if i == i1 else pairs),
+                                  (j0 if i == i0 else 0,
+                                   j1 + 1 if i == i1 else winograd_pairs),
                                   into=calls)
         transforms.append(native.Task(tuple(calls)))
     native.run_tasks(transforms, threads)
@@ -989,17 +991,17 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
         x3 = _converted(x3, spec.compute_dtype, plan.threads)
     base, order = pair_base(spec)
     n, (_, h, w), c = spec.batch, spec.in_spatial, spec.c_in
-    pairs = pair_count(spec)
-    v = pair_input(x3, base, pairs, plan.threads)
+    winograd_pairs = pair_count(spec)
+    v = pair_input(x3, base, winograd_pairs, plan.threads)
     u = pair_weight(w3, order)
     weights = _native_weights([u] * len(plan.groups), _HashedOnce(plan.groups), spec.groups,
                               native.CHANNELS, scratch, plan.threads)
     offsets = [_native_offsets(g[0]) for g in plan.groups]
-    v_origin = native.origin(v.reshape(n, 4 * pairs, h, w, c))
+    v_origin = native.origin(v.reshape(n, 4 * winograd_pairs, h, w, c))
     biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, v, out, plan.groups[t.group], weights[t.group],
                         offsets[t.group], t, False, native.CHANNELS, v_origin, plan.threads,
-                        pairs=(4 * pairs, h, w), bias=biases[t.group])
+                        pair_dims=(4 * winograd_pairs, h, w), bias=biases[t.group])
             for t in plan.tasks]
     _run(jobs, plan.threads, 0, spec.compute_dtype)
 

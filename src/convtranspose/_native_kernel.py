@@ -250,18 +250,18 @@ def bias_table(bias: np.ndarray, repeats: int) -> np.ndarray:
 
 def pair_transform(x_addr: int, x_strides: list[int], in_d: int, base: int,
                    plane: tuple[int, int, int], v: np.ndarray, items: tuple[int, int],
-                   pairs: tuple[int, int], into: list | None = None) -> None:
+                   pair_range: tuple[int, int], into: list | None = None) -> None:
     """Winograd F(2,3)'s input side along D, for outputs 2j and 2j + 1 of a stride-1 axis
     whose three taps read input 2j + base + (0, 1, 2) (and one further for 2j + 1):
     v[n, j] = (x0 - x2, x1 + x2, x2 - x1, x1 - x3), xt = x[n, 2j + base + t] (zero outside
     [0, in_d)), each a whole (H, W, C) = `plane` of x (element strides n, d, h, w; channels
     contiguous). v: C-contiguous (N, J, 4, H, W, C) of the compute dtype; fills batch items
-    and pairs [lo, hi) of `items` and `pairs`. `into`: prepared for a `Task`."""
+    and pairs [lo, hi) of `items` and `pair_range`. `into`: prepared for a `Task`."""
     assert v.flags.c_contiguous and v.shape[2:] == (4, *plane)
     job = {"itemsize": v.dtype.itemsize, "x": x_addr, "xs": x_strides,  # PairJob's fields
            "in_d": in_d, "base": base, "h": plane[0], "w": plane[1], "c": plane[2],
            "v": _native.address(v), "pairs": v.shape[1], "n0": items[0], "n1": items[1],
-           "j0": pairs[0], "j1": pairs[1]}
+           "j0": pair_range[0], "j1": pair_range[1]}
     if into is not None:
         into.append(_native.pair_call(job))
     else:

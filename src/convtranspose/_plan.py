@@ -412,9 +412,10 @@ def pair_count(spec: ConvSpec) -> int:
 def pair_phase(phase: Phase) -> Phase:
     """A phase as the ``winograd`` kernel sees it: D counts output pairs, and its taps
     are the four planes of the transformed input V (offset i, read at step 4)."""
-    pairs = -(-phase.count[0] // 2)
-    taps = tuple(AxisTap(i, i, 0, pairs) for i in range(4))
-    return Phase(phase.residue, (pairs, *phase.count[1:]), (taps, *phase.axis_taps[1:]))
+    winograd_pairs = -(-phase.count[0] // 2)
+    taps = tuple(AxisTap(i, i, 0, winograd_pairs) for i in range(4))
+    return Phase(phase.residue, (winograd_pairs, *phase.count[1:]),
+                 (taps, *phase.axis_taps[1:]))
 
 
 def pair_base(spec: ConvSpec) -> tuple[int, tuple[int, int, int]]:
@@ -758,10 +759,11 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         return kernel.make_plan(spec, limit, est)
     groups = kernel.phase_groups(spec)
     # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place
-    pairs = algorithm == Algorithm.WINOGRAD
-    kind = Algorithm.NATIVE if pairs else algorithm
-    whole_input = kind == Algorithm.NATIVE and (pairs and spec.input_dtype != spec.compute_dtype
-                                        or native_converts_whole_input(spec, limit))
+    takes_pairs = algorithm == Algorithm.WINOGRAD
+    kind = Algorithm.NATIVE if takes_pairs else algorithm
+    whole_input = kind == Algorithm.NATIVE and (
+        takes_pairs and spec.input_dtype != spec.compute_dtype
+        or native_converts_whole_input(spec, limit))
     shared = kind == Algorithm.NATIVE and native_shares_tiles(spec, limit)
     wide_w = (algorithm == Algorithm.NATIVE and fuses_w_taps(spec)
               and wide_w_bytes(spec, groups) <= limit)
@@ -783,7 +785,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     workers = min(threads, len(tasks)) or 1
     converted = (wide_w_bytes(spec, groups) if wide_w else
                  spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
-                 else 0) + (pair_input_bytes(spec) if pairs else 0)
+                 else 0) + (pair_input_bytes(spec) if takes_pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
                 workspace_limit=limit, est_seconds=est, wide_w=wide_w)

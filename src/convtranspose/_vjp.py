@@ -32,12 +32,13 @@ import math
 
 import numpy as np
 
+from . import _dtypes
 from . import _native_kernel as native
 from . import _vjp_native as native_paths
 from . import _vjp_numpy as numpy_paths
 from ._algorithms import VjpAlgorithm
 from ._api import ArrayLike, IntOrTuple, Padding, RecentCalls, _plain_ints, spec_for, unbatched
-from ._dtypes import compute_dtype, result_dtype
+from ._dtypes import result_dtype
 from ._execute import run_jobs
 from ._memory import result_empty, result_zeros
 from ._native_kernel import GradWeightLayout
@@ -103,7 +104,7 @@ def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
             and native_rate(swapped) >= 20e9 * lanes / 16)
 
 
-def grad_input_takes_pairs(spec: ConvSpec, cd: np.dtype, limit: int, winograd: bool,
+def grad_input_takes_pairs(spec: ConvSpec, compute_dtype: np.dtype, limit: int, winograd: bool,
                            cotangent_in_place: bool) -> bool:
     """Whether grad_input takes Winograd F(2,3) along D (as the forward's 'winograd'):
     `winograd_axis_fits` with grad_input's D planes as outputs and C_out/g channels
@@ -114,17 +115,17 @@ def grad_input_takes_pairs(spec: ConvSpec, cd: np.dtype, limit: int, winograd: b
             or native_mode(dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in))
             != native.CHANNELS or not cotangent_in_place):
         return False
-    return grad_input_pair_bytes(spec, cd) <= limit
+    return grad_input_pair_bytes(spec, compute_dtype) <= limit
 
 
-def grad_input_pair_bytes(spec: ConvSpec, cd: np.dtype) -> int:
+def grad_input_pair_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
     """Size of grad_input's transformed cotangent V (N, pairs, 4, H_out, W_out, C_out)."""
-    pairs = -(-spec.in_spatial[0] // 2)
-    return (spec.batch * pairs * 4 * spec.out_spatial[1] * spec.out_spatial[2] * spec.c_out
-            * cd.itemsize)
+    winograd_pairs = -(-spec.in_spatial[0] // 2)
+    return (spec.batch * winograd_pairs * 4 * spec.out_spatial[1] * spec.out_spatial[2] * spec.c_out
+            * compute_dtype.itemsize)
 
 
-def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
+def grad_weight_wide_w(spec: ConvSpec, compute_dtype: np.dtype, threads: int) -> bool:
     """Whether grad_weight sums every W tap at once: with dilation 1 along W, input pixel
     i meets one run of kW * C_out cotangent values, so a (D, H) tap's sums over the pixels
     are one product of x's C_in/g by that run (rounded up to whole vectors, the extra
@@ -132,11 +133,11 @@ def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
     the run holds every group's channels: each group's product computes them all and
     keeps its own (work times the groups, so up to four). Needs enough (tap, column
     chunk) units to share among the threads."""
-    lanes, _ = native.layout(cd.itemsize)
+    lanes, _ = native.layout(compute_dtype.itemsize)
     cols = -(-spec.kernel[2] * spec.c_out // lanes) * lanes
     few = spec.c_out < FUSE_W_BELOW_CHANNELS if spec.groups == 1 else spec.groups <= 4
     return (few and spec.dilation[2] == 1 and spec.kernel[2] > 1
-            and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, cd.itemsize)
+            and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, compute_dtype.itemsize)
             >= 2 * threads)
 
 
@@ -147,7 +148,7 @@ def grad_weight_wide_w(spec: ConvSpec, cd: np.dtype, threads: int) -> bool:
 GW_IN_PLACE_BYTES = 4 << 20
 
 
-def grad_weight_layout(spec: ConvSpec, cd: np.dtype, threads: int, in_place: bool,
+def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, threads: int, in_place: bool,
                        in_place_bytes: int) -> GradWeightLayout | None:
     """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
     channel per group; else ALONG_IN (vectors along C_in: for C_out/g that is not whole
@@ -157,17 +158,17 @@ def grad_weight_layout(spec: ConvSpec, cd: np.dtype, threads: int, in_place: boo
     contiguous channels. `in_place_bytes`: GW_IN_PLACE_BYTES."""
     if not (native.AVAILABLE and in_place):
         return None
-    lanes, _ = native.layout(cd.itemsize)
+    lanes, _ = native.layout(compute_dtype.itemsize)
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     if cig == 1 and cog == 1:
         return GradWeightLayout.DEPTHWISE
     along_out = cog % lanes == 0
     if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
-                             * cd.itemsize >= in_place_bytes):
+                             * compute_dtype.itemsize >= in_place_bytes):
         return GradWeightLayout.ALONG_IN
     if along_out:
         return GradWeightLayout.ALONG_OUT
-    if grad_weight_wide_w(spec, cd, threads):
+    if grad_weight_wide_w(spec, compute_dtype, threads):
         return GradWeightLayout.WIDE
     return GradWeightLayout.PADDED if math.prod(spec.kernel) > 1 else None
 
@@ -198,11 +199,11 @@ def choose_vjp_algorithm(spec: ConvSpec, taps,
     return VjpAlgorithm.GATHER
 
 
-def make_vjp_plan(spec: ConvSpec, cd: np.dtype, *, need_input: bool = True,
+def make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, *, need_input: bool = True,
                   need_weight: bool = True, threads: int | None = None,
                   workspace: int | None = None, algorithm: str | None = None,
                   input_in_place: bool = True, cotangent_in_place: bool = True) -> VjpPlan:
-    """The backward's plan, summing in `cd` (`vjp_compute_dtype`). `input_in_place`,
+    """The backward's plan, summing in `compute_dtype` (`vjp_compute_dtype`). `input_in_place`,
     `cotangent_in_place`: whether the kernel can read those arrays where they lie
     (`native.reads_in_place`; C-contiguous arrays of the compute dtype can)."""
     if algorithm is not None:
@@ -212,25 +213,26 @@ def make_vjp_plan(spec: ConvSpec, cd: np.dtype, *, need_input: bool = True,
                              f"got {algorithm!r}")
         algorithm = VjpAlgorithm(algorithm)
     n_threads = max(1, threads or get_num_threads())
-    return _make_vjp_plan(spec, cd, need_input, need_weight, n_threads,
+    return _make_vjp_plan(spec, compute_dtype, need_input, need_weight, n_threads,
                           workspace_limit(spec, workspace), algorithm, get_winograd(),
                           input_in_place, cotangent_in_place, GW_IN_PLACE_BYTES)
 
 
 @functools.lru_cache(maxsize=256)
-def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: bool,
+def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, need_weight: bool,
                    threads: int, limit: int, algorithm: VjpAlgorithm | None, winograd: bool,
                    input_in_place: bool, cotangent_in_place: bool,
                    in_place_bytes: int) -> VjpPlan:
     """Plans are pure functions of their arguments (the tunable threshold included), so a
     training loop's steps reuse one."""
-    budget = max(1, min(VJP_TILE_BYTES, limit // threads) // cd.itemsize)
+    budget = max(1, min(VJP_TILE_BYTES, limit // threads) // compute_dtype.itemsize)
     work = bool(active_taps(spec) and spec.batch)
     if algorithm is None and work and native.AVAILABLE and expands_to_depthwise(spec):
         depthwise = dataclasses.replace(spec, c_in=spec.c_out, groups=spec.c_out)
         # grad_weight reads the repeated input, made C-contiguous in the compute dtype.
-        inner = _make_vjp_plan(depthwise, cd, need_input, need_weight, threads, limit, None,
-                               winograd, need_weight, cotangent_in_place, in_place_bytes)
+        inner = _make_vjp_plan(depthwise, compute_dtype, need_input, need_weight, threads,
+                               limit, None, winograd, need_weight, cotangent_in_place,
+                               in_place_bytes)
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
     if (algorithm in (None, VjpAlgorithm.NATIVE) and work and need_input and native.AVAILABLE
             and expands_to_depthwise(grad_input_kernel_spec(spec))):
@@ -239,10 +241,10 @@ def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: 
         # channel repeated C_in/g times, which reads no input; grad_weight as the default
         # plans it alone (for 'native' too).
         depthwise = dataclasses.replace(spec, c_out=spec.c_in, groups=spec.c_in)
-        fan_out = _make_vjp_plan(depthwise, cd, True, False, threads, limit, None, winograd,
-                                 False, True, in_place_bytes)
-        rest = _make_vjp_plan(spec, cd, False, need_weight, threads, limit, None, winograd,
-                              input_in_place, cotangent_in_place, in_place_bytes)
+        fan_out = _make_vjp_plan(depthwise, compute_dtype, True, False, threads, limit, None,
+                                 winograd, False, True, in_place_bytes)
+        rest = _make_vjp_plan(spec, compute_dtype, False, need_weight, threads, limit, None,
+                              winograd, input_in_place, cotangent_in_place, in_place_bytes)
         return dataclasses.replace(
             rest, grad_input=dataclasses.replace(fan_out.grad_input, fan_out=True),
             fan_out=fan_out)
@@ -253,20 +255,20 @@ def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: 
                          "cotangent would be too large (leave 'algorithm' to the default)")
     if not work or not (need_input or need_weight):
         zeros = GradStep(VjpAlgorithm.ZEROS, 0, 0, 1, 0.0)
-        return VjpPlan(spec, cd, zeros if need_input else None, zeros if need_weight else None,
-                       threads, limit, budget)
+        return VjpPlan(spec, compute_dtype, zeros if need_input else None,
+                       zeros if need_weight else None, threads, limit, budget)
     if algorithm == VjpAlgorithm.NATIVE and not native.AVAILABLE:
         raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                          "install lacks")
-    layout = (grad_weight_layout(spec, cd, threads, input_in_place and cotangent_in_place,
-                                 in_place_bytes)
+    layout = (grad_weight_layout(spec, compute_dtype, threads,
+                                 input_in_place and cotangent_in_place, in_place_bytes)
             if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
     native_gx = need_input and (algorithm == VjpAlgorithm.NATIVE or (
         algorithm is None and native_grad_input_suits(spec, need_weight and layout is None)))
     fused = (layout == GradWeightLayout.ALONG_IN and native_gx
-             and native.fuses_grad_input(cd.itemsize, spec.c_in_per_group,
+             and native.fuses_grad_input(compute_dtype.itemsize, spec.c_in_per_group,
                                          spec.c_out_per_group))
     gemm = None
     if (need_input and not native_gx) or (need_weight and layout is None):
@@ -274,22 +276,23 @@ def _make_vjp_plan(spec: ConvSpec, cd: np.dtype, need_input: bool, need_weight: 
                 else choose_vjp_algorithm(spec, active_taps(spec), budget))
         if gemm == VjpAlgorithm.DIRECT and spec.c_in_per_group != 1:
             raise ValueError("vjp: algorithm 'direct' needs one input channel per group")
-    gemm_costs = _gemm_costs(spec, cd, gemm, need_input and not native_gx,
+    gemm_costs = _gemm_costs(spec, compute_dtype, gemm, need_input and not native_gx,
                              need_weight and layout is None, threads, budget) if gemm else {}
     gx = gw = None
     if need_input:
         if native_gx:
-            pairs = (not fused and native_paths.grad_input_mode(spec) == native.CHANNELS
-                     and not native_paths.grad_input_w_taps_as_one(spec)
-                     and grad_input_takes_pairs(spec, cd, limit, winograd, cotangent_in_place))
-            gx = _native_grad_input_step(spec, cd, threads, budget, pairs, fused,
-                                         cotangent_in_place)
+            takes_pairs = (not fused and native_paths.grad_input_mode(spec) == native.CHANNELS
+                           and not native_paths.grad_input_w_taps_as_one(spec)
+                           and grad_input_takes_pairs(spec, compute_dtype, limit, winograd,
+                                                      cotangent_in_place))
+            gx = _native_grad_input_step(spec, compute_dtype, threads, budget, takes_pairs,
+                                         fused, cotangent_in_place)
         else:
             gx = gemm_costs["input"]
     if need_weight:
-        gw = (_native_grad_weight_step(spec, cd, threads, layout) if layout is not None
+        gw = (_native_grad_weight_step(spec, compute_dtype, threads, layout) if layout is not None
               else gemm_costs["weight"])
-    return VjpPlan(spec, cd, gx, gw, threads, limit, budget,
+    return VjpPlan(spec, compute_dtype, gx, gw, threads, limit, budget,
                    shared_queue=layout is not None and native_gx and not fused)
 
 
@@ -298,37 +301,38 @@ def _on_threads(seconds: float, threads: int) -> float:
     return seconds / (1 if threads == 1 else 0.9 * threads)
 
 
-def _native_grad_input_step(spec: ConvSpec, cd: np.dtype, threads: int, budget: int,
-                            pairs: bool, fused: bool, cotangent_in_place: bool) -> GradStep:
+def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int, budget: int,
+                            takes_pairs: bool, fused: bool,
+                            cotangent_in_place: bool) -> GradStep:
     """The kernel's grad_input: the forward's rate model on its channel-swapped spec."""
     flops = spec.useful_flops
-    item = cd.itemsize
+    item = compute_dtype.itemsize
     wide = native_paths.grad_input_w_taps_as_one(spec)
     write = 2 * spec.batch * math.prod(spec.in_spatial) * spec.c_in * item / COPY_BYTES_PER_S
     products = flops
     scratch = 0 if cotangent_in_place else threads * budget * item
     extra = 0.0
-    if pairs:  # four products per pair of planes instead of six, and the transform
+    if takes_pairs:  # four products per pair of planes instead of six, and the transform
         products = flops * 4 * -(-spec.in_spatial[0] // 2) / (3 * spec.in_spatial[0])
-        scratch = grad_input_pair_bytes(spec, cd)
+        scratch = grad_input_pair_bytes(spec, compute_dtype)
         extra = scratch / PAIR_TRANSFORM_BYTES_PER_S
     elif wide:  # the cotangent padded along W
         scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
                    * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * item)
     seconds = products / native_rate(grad_input_kernel_spec(spec)) + write / 2 + extra
-    return GradStep(VjpAlgorithm.WINOGRAD if pairs else VjpAlgorithm.NATIVE, flops, scratch,
+    return GradStep(VjpAlgorithm.WINOGRAD if takes_pairs else VjpAlgorithm.NATIVE, flops, scratch,
                     threads, _on_threads(seconds, threads), with_grad_weight=fused, wide_w=wide)
 
 
-def _native_grad_weight_step(spec: ConvSpec, cd: np.dtype, threads: int,
+def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
                              layout: GradWeightLayout) -> GradStep:
     """The kernel's grad_weight. It sums over pixels (many per tap), so its rate is the
     forward kernel's peak times the lanes its vector axis fills (C_in/g for ALONG_IN and
     PADDED, C_out/g for ALONG_OUT, kW * C_out for WIDE, whose groups each compute every
     group's columns)."""
-    lanes, _ = native.layout(cd.itemsize)
+    lanes, _ = native.layout(compute_dtype.itemsize)
     peak = NATIVE_PEAK_PER_LANE * lanes
-    gw_bytes = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * cd.itemsize
+    gw_bytes = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * compute_dtype.itemsize
     if layout == GradWeightLayout.DEPTHWISE:
         rate, scratch = peak / 4, threads * gw_bytes
     else:
@@ -342,23 +346,24 @@ def _native_grad_weight_step(spec: ConvSpec, cd: np.dtype, threads: int,
         scratch = 0 if layout == GradWeightLayout.ALONG_IN else gw_bytes
         if layout == GradWeightLayout.PADDED:  # x and gw with C_in/g padded to whole vectors
             scratch = (spec.batch * math.prod(spec.in_spatial) * spec.groups * vectors * lanes
-                       * cd.itemsize + gw_bytes * vectors * lanes // width)
+                       * compute_dtype.itemsize + gw_bytes * vectors * lanes // width)
         if layout == GradWeightLayout.WIDE:  # the W-padded cotangent and every group's columns
             scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
-                       * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * cd.itemsize
+                       * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out
+                       * compute_dtype.itemsize
                        + gw_bytes * spec.groups * vectors * lanes // max(1, width))
     flops = spec.useful_flops
     return GradStep(VjpAlgorithm.NATIVE, flops, scratch, threads,
                     _on_threads(flops / rate, threads), layout=layout)
 
 
-def _gemm_costs(spec: ConvSpec, cd: np.dtype, algorithm: str, want_input: bool,
+def _gemm_costs(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str, want_input: bool,
                 want_weight: bool, threads: int, budget: int) -> dict[str, GradStep]:
     """The NumPy/BLAS paths: each gradient's GEMMs at the shape's rate (`_gemm_rate` of
     their narrow side), and the copy of cotangent rows that feeds both, charged to the
     first gradient asked for."""
     flops = spec.useful_flops
-    item = cd.itemsize
+    item = compute_dtype.itemsize
     rows = spec.batch * math.prod(spec.in_spatial)
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     taps = len(active_taps(spec))
@@ -418,20 +423,21 @@ def vjp_arrays(spec: ConvSpec, x: np.ndarray, w: np.ndarray, cot: np.ndarray, *,
     'direct', 'indexed' for small calls, or 'native' for grad_input with the default for
     grad_weight) override the defaults. The plan (`make_vjp_plan`) decides every path
     before any work; this only runs it."""
-    cd = vjp_compute_dtype(x.dtype, w.dtype, cot.dtype)
+    compute_dtype = vjp_compute_dtype(x.dtype, w.dtype, cot.dtype)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-    plan = make_vjp_plan(spec, cd, need_input=need_input, need_weight=need_weight,
+    in_place = native.AVAILABLE and native.reads_in_place(x3, compute_dtype)
+    cot_in_place = native.AVAILABLE and native.reads_in_place(c3, compute_dtype)
+    plan = make_vjp_plan(spec, compute_dtype, need_input=need_input, need_weight=need_weight,
                          threads=threads, workspace=workspace, algorithm=algorithm,
-                         input_in_place=native.AVAILABLE and native.reads_in_place(x3, cd),
-                         cotangent_in_place=native.AVAILABLE and native.reads_in_place(c3, cd))
+                         input_in_place=in_place, cotangent_in_place=cot_in_place)
     return run_vjp_plan(plan, x, w, cot)
 
 
 @functools.lru_cache(maxsize=64)
 def vjp_compute_dtype(*dtypes: np.dtype) -> np.dtype:
     """The dtype the gradients sum in: float32 at least (as `mx.vjp`)."""
-    return compute_dtype(functools.reduce(result_dtype, dtypes))
+    return _dtypes.compute_dtype(functools.reduce(result_dtype, dtypes))
 
 
 def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
@@ -439,7 +445,7 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
     """Run each step of the plan on arrays of its spec."""
     if plan.multiplier is not None:
         return _multiplier_vjp(plan, x, w, cot)
-    spec, cd, threads = plan.spec, plan.compute_dtype, plan.threads
+    spec, compute_dtype, threads = plan.spec, plan.compute_dtype, plan.threads
     if plan.fan_out is not None:  # grad_input by its own plan; the steps below grad_weight
         gx = _fan_out_grad_input(plan.fan_out, spec, w, cot)
         _, gw = run_vjp_plan(dataclasses.replace(plan, grad_input=None, fan_out=None),
@@ -454,22 +460,23 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
     # Accumulated in the compute dtype (tap chunks add up), rounded to x's dtype at the end.
     # The native kernels write every element; the other paths accumulate into zeros.
     gx = ((result_empty if gi_native else result_zeros)(
-        (spec.batch, *spec.in_spatial, spec.c_in), cd) if gi is not None else None)
+        (spec.batch, *spec.in_spatial, spec.c_in), compute_dtype) if gi is not None else None)
     gw = ((result_empty if gw_native else result_zeros)(
-        (spec.c_out, math.prod(spec.kernel), spec.c_in_per_group), cd)
+        (spec.c_out, math.prod(spec.kernel), spec.c_in_per_group), compute_dtype)
         if gwp is not None else None)
     if gi_native or gw_native:
         native.warm(threads)  # the pool's threads wake while this prepares their work
     if gi_native and gi.with_grad_weight:
-        native_paths.both_gradients(spec, x3, c3, w3, gx, gw, threads, cd)  # few sums: one pass
+        # few sums: one pass
+        native_paths.both_gradients(spec, x3, c3, w3, gx, gw, threads, compute_dtype)
         return _results(spec, x, w, gx, gw)
     # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
     # neither waits on the other's slowest tile.
     shared = [] if plan.shared_queue else None
     if gw_native:
-        native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, cd, shared)
+        native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, compute_dtype, shared)
     if gi_native:
-        native_paths.grad_input(spec, c3, w3, gx, threads, plan.budget, cd, shared,
+        native_paths.grad_input(spec, c3, w3, gx, threads, plan.budget, compute_dtype, shared,
                            gi.algorithm == VjpAlgorithm.WINOGRAD)
     if shared:
         run_jobs([job for jobs, _ in shared for job in jobs], threads)
@@ -480,7 +487,7 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
         numpy_paths.PATHS[gemm](spec, active_taps(spec), x3, c3, w3,
                           gx if gi is not None and gi.algorithm == gemm else None,
                           gw if gwp is not None and gwp.algorithm == gemm else None,
-                          threads, plan.budget, cd)
+                          threads, plan.budget, compute_dtype)
     return _results(spec, x, w, gx, gw)
 
 
@@ -489,13 +496,14 @@ def _multiplier_vjp(plan: VjpPlan, x, w, cot):
     over C_out channels whose input repeats each channel C_out/g times: grad_weight is that
     layer's, and grad_input sums its grad_input over each channel's repeats (in a fixed
     order: the bits do not depend on the threads)."""
-    spec, cd = plan.spec, plan.compute_dtype
+    spec, compute_dtype = plan.spec, plan.compute_dtype
     m = spec.c_out_per_group
     shape = (spec.batch, *spec.in_spatial, spec.c_out)
     if plan.grad_weight is not None:
-        xe = np.repeat(x.reshape(*shape[:-1], spec.c_in).astype(cd, copy=False), m, axis=-1)
+        xe = np.repeat(x.reshape(*shape[:-1], spec.c_in).astype(compute_dtype, copy=False), m,
+                       axis=-1)
     else:  # grad_input reads no input: a stand-in of the right shape, no memory
-        xe = np.broadcast_to(np.zeros((), cd), shape)
+        xe = np.broadcast_to(np.zeros((), compute_dtype), shape)
     gxe, gw = run_vjp_plan(plan.multiplier, xe, w.reshape(spec.c_out, -1, 1), cot)
     gx = None
     if gxe is not None:
@@ -509,12 +517,13 @@ def _fan_out_grad_input(fan_out: VjpPlan, spec: ConvSpec, w, cot) -> np.ndarray:
     depthwise grad_input over the cotangent with each channel repeated C_in/g times, so
     that the kernel's vectors run along C_in instead of each group's single channel (the
     GEMM paths ran 8 -> 4 g4 at 0.5 GFLOP/s). `fan_out`: that depthwise layer's plan."""
-    cd, depthwise = fan_out.compute_dtype, fan_out.spec
+    compute_dtype, depthwise = fan_out.compute_dtype, fan_out.spec
     m = spec.c_in_per_group
     wd = per_input_channel_weight(spec, w)
     shape = (spec.batch, *spec.out_spatial, spec.c_out)
-    cot_rep = np.repeat(cot.reshape(shape).astype(cd, copy=False), m, axis=-1)
-    standin = np.broadcast_to(np.zeros((), cd), (spec.batch, *spec.in_spatial, spec.c_in))
+    cot_rep = np.repeat(cot.reshape(shape).astype(compute_dtype, copy=False), m, axis=-1)
+    standin = np.broadcast_to(np.zeros((), compute_dtype),
+                              (spec.batch, *spec.in_spatial, spec.c_in))
     gx, _ = run_vjp_plan(fan_out, standin, wd.reshape(depthwise.weight_shape), cot_rep)
     return gx
 
@@ -530,10 +539,10 @@ def _results(spec: ConvSpec, x: np.ndarray, w: np.ndarray, gx: np.ndarray | None
 
 
 def native_grad_weight_layout(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
-                              cd: np.dtype, threads: int = 1) -> GradWeightLayout | None:
+                              compute_dtype: np.dtype, threads: int = 1) -> GradWeightLayout | None:
     """`grad_weight_layout` for these arrays: whether the kernel reads them in place."""
-    return grad_weight_layout(spec, cd, threads, native.reads_in_place(x3, cd)
-                              and native.reads_in_place(c3, cd), GW_IN_PLACE_BYTES)
+    return grad_weight_layout(spec, compute_dtype, threads, native.reads_in_place(x3, compute_dtype)
+                              and native.reads_in_place(c3, compute_dtype), GW_IN_PLACE_BYTES)
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,
@@ -561,8 +570,8 @@ def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,
     if b is None:
         return gx, gw
     # The bias's gradient: the cotangent summed over every position (the compute dtype).
-    cd = compute_dtype(result_dtype(cot.dtype, b.dtype))
-    gb = np.add.reduce(cot.reshape(-1, spec.c_out), axis=0, dtype=cd)
+    sum_dtype = _dtypes.compute_dtype(result_dtype(cot.dtype, b.dtype))
+    gb = np.add.reduce(cot.reshape(-1, spec.c_out), axis=0, dtype=sum_dtype)
     return gx, gw, gb.astype(b.dtype, copy=False)
 
 

@@ -89,7 +89,7 @@ def _pair_offsets(spec: ConvSpec) -> native.TapOffsets:
     return native.TapOffsets([np.arange(4), taps[1], taps[2]])
 
 
-def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
+def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
                defer: list | None = None, winograd: bool = False) -> None:
     """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
@@ -99,7 +99,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     kernel reads the transformed cotangent V with the transformed weight, and a tile's
     rows are pairs of grad_input planes."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    item = cd.itemsize
+    item = compute_dtype.itemsize
     offsets = tap_offsets(spec)
     ktot = math.prod(spec.kernel)
     depthwise = cig == 1 and cog == 1
@@ -107,20 +107,21 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     mode = grad_input_mode(spec)
     # (a fan-out, depthwise by its swapped spec alone, goes to `_fan_out_grad_input`)
     assert depthwise or mode != native.DEPTHWISE
-    pairs = -(-spec.in_spatial[0] // 2) if winograd else 0  # the plan's choice
+    winograd_pairs = -(-spec.in_spatial[0] // 2) if winograd else 0  # the plan's choice
     source, in_dims, steps = c3, spec.out_spatial, spec.stride
     if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
-        c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, cd, n_threads)
+        c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, compute_dtype,
+                                                              n_threads)
         source = c3
     if depthwise:  # [tap][channel], every channel in one pass
-        packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=cd)]
+        packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=compute_dtype)]
     elif mode == native.DOT:  # [tap][ci][co] per group: vectors along the co summed
         w4 = w3.reshape(groups, cog, ktot, cig)
-        packed = [np.ascontiguousarray(w4[g].transpose(1, 2, 0), dtype=cd)
+        packed = [np.ascontiguousarray(w4[g].transpose(1, 2, 0), dtype=compute_dtype)
                   for g in range(groups)]
     else:  # [tap][co][ci] per group (rows co, columns ci), gathered from w3 in one pass
-        w3 = w3.astype(cd, copy=False)
-        if pairs:  # the D taps, in order of offset k - p, transformed into four
+        w3 = w3.astype(compute_dtype, copy=False)
+        if winograd_pairs:  # the D taps, in order of offset k - p, transformed into four
             w3 = pair_weight(w3.reshape(spec.c_out, *spec.kernel, cig), (0, 1, 2))
             w3 = w3.reshape(spec.c_out, -1, cig)
             ktot = w3.shape[1]
@@ -131,12 +132,12 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
         s_co, s_tap, s_ci = strides
         packed = [native.pack_columns(w3, table, cog, s_co)
                   for table in _grad_input_tables(ktot, cig, groups, cog, s_co, s_tap, s_ci)]
-    convert = not native.reads_in_place(c3, cd)
+    convert = not native.reads_in_place(c3, compute_dtype)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
     if convert:  # a tile at a time per thread, each converting what it reads
         tiles = input_tiles(spec, max(1, budget // per_row), 4 * n_threads)
-    elif pairs:  # tiles of pair rows, shared as below
-        tiles = split_tiles(spec.batch, (pairs, *spec.in_spatial[1:]),
+    elif winograd_pairs:  # tiles of pair rows, shared as below
+        tiles = split_tiles(spec.batch, (winograd_pairs, *spec.in_spatial[1:]),
                             SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
     else:  # threads share each tile's rows (as the forward's): cut only for locality
         tiles = input_tiles(spec, SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
@@ -144,17 +145,17 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
     out_w = spec.out_spatial[2]
     stream = streams_output(gx.nbytes)
-    if pairs:
-        source = pair_input(c3, int(offsets[0][0]), pairs, n_threads)
-        source = source.reshape(spec.batch, 4 * pairs, *source.shape[3:])
-        in_dims, steps = (4 * pairs, oh, out_w), (4, *spec.stride[1:])
+    if winograd_pairs:
+        source = pair_input(c3, int(offsets[0][0]), winograd_pairs, n_threads)
+        source = source.reshape(spec.batch, 4 * winograd_pairs, *source.shape[3:])
+        in_dims, steps = (4 * winograd_pairs, oh, out_w), (4, *spec.stride[1:])
         offsets = _pair_offsets(spec)
 
     def job_for(tile):
         cursors = native.RowCursors(groups, sharers)
         n0, n1 = tile.n
         box = (n0, n1, *tile.d, *tile.h)
-        rows_d = (slice(2 * tile.d[0], min(2 * tile.d[1], spec.in_spatial[0])) if pairs
+        rows_d = (slice(2 * tile.d[0], min(2 * tile.d[1], spec.in_spatial[0])) if winograd_pairs
                   else slice(*tile.d))
         target = gx[n0:n1, rows_d, tile.h[0]:tile.h[1]]
         o_addr, os_ = native.origin(target)
@@ -171,7 +172,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
                                  x_addr + g * cog * item, xs, in_dims, packed[g],
                                  offsets, steps, o_addr + g * cig * item, os_, box,
                                  spec.in_spatial[2], cog, cig, cursors.address(g), sharers,
-                                 into=into, pair_out=spec.in_spatial[0] if pairs else 0)
+                                 into=into, pair_out=spec.in_spatial[0] if winograd_pairs else 0)
 
         if not convert:  # in place: a task for the compiled pool
             prepared: list = []
@@ -183,7 +184,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
             d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
             h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
             h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
-            slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), cd)
+            slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), compute_dtype)
             slab[...] = c3[n0:n1, d0:d1, h0:h1]
             calls(*native.origin(slab, (n0, d0, h0)))  # the slab holds every row read
         return job
@@ -191,14 +192,14 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, cd,
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
 
 
-def _padded_cotangent(spec, c3, cd, threads, reach: int) -> tuple[np.ndarray, int]:
+def _padded_cotangent(spec, c3, compute_dtype, threads, reach: int) -> tuple[np.ndarray, int]:
     """The cotangent in the compute dtype padded with zeros along W, and its left padding,
     so that for every input pixel i the `reach` cotangent pixels from i*s - p on lie
     inside it (the W-tap runs of `grad_input_wide_w` and `grad_weight_wide_w`)."""
     pad, in_w, out_w = spec.padding[2], spec.in_spatial[2], spec.out_spatial[2]
     left = max(0, pad)
     width = max(out_w + left, (in_w - 1) * spec.stride[2] - pad + reach + left)
-    return padded_along_w(c3, left, width, cd, threads), left
+    return padded_along_w(c3, left, width, compute_dtype, threads), left
 
 
 @functools.lru_cache(maxsize=256)  # prepared calls hold the arrays' addresses only: the
@@ -208,32 +209,32 @@ def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:  # cache keep
     return native.TapOffsets([base[0], base[1], np.array([left - spec.padding[2]])])
 
 
-def _wide_cotangent(spec, c3, w3, cd, threads):
+def _wide_cotangent(spec, c3, w3, compute_dtype, threads):
     """`grad_input_wide_w`: the padded cotangent; the weight as (kW * C_out, kD * kH, C_in)
     (row k * C_out + co: tap k's channel co); the kernel's input dims, tap offsets, channels
     summed and taps."""
     kd, kh, kw = spec.kernel
-    padded, left = _padded_cotangent(spec, c3, cd, threads, kw)
+    padded, left = _padded_cotangent(spec, c3, compute_dtype, threads, kw)
     w5 = w3.reshape(spec.c_out, kd, kh, kw, spec.c_in)
-    wide_w = np.ascontiguousarray(w5.transpose(3, 0, 1, 2, 4), dtype=cd)
+    wide_w = np.ascontiguousarray(w5.transpose(3, 0, 1, 2, 4), dtype=compute_dtype)
     wide_w = wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
     od, oh, width = padded.shape[1:4]
     return (padded, wide_w, (od, oh, width - kw + 1), _wide_offsets(spec, left),
             kw * spec.c_out, kd * kh)
 
 
-def _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> None:
+def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None) -> None:
     """grad_weight by `grad_weight_wide_w`: per conv group, sums (kD * kH taps, C_in/g,
     columns) over a W-padded cotangent, columns k * C_out + co, then its own channels laid
     out as gw (C_out, taps, C_in/g)."""
     kd, kh, kw = spec.kernel
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    lanes, _ = native.layout(cd.itemsize)
+    lanes, _ = native.layout(compute_dtype.itemsize)
     cols = -(-kw * spec.c_out // lanes) * lanes
-    padded, left = _padded_cotangent(spec, c3, cd, n_threads, -(-cols // spec.c_out))
+    padded, left = _padded_cotangent(spec, c3, compute_dtype, n_threads, -(-cols // spec.c_out))
     taps = kd * kh
-    part = native.aligned_empty((groups * taps * cig * cols,), cd)
-    units = native.gw_units(taps, cols, cd.itemsize)
+    part = native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
+    units = native.gw_units(taps, cols, compute_dtype.itemsize)
     workers = min(n_threads * (2 if defer is not None else 1), units)
     ranges = [(units * j // workers, units * (j + 1) // workers) for j in range(workers)]
     box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
@@ -257,7 +258,7 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> No
     _run_or_defer(jobs, n_threads, finish, defer)
 
 
-def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, cd,
+def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_dtype,
                 defer: list | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
     csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
@@ -268,20 +269,20 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, cd,
     reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
     running them, to share one queue with grad_input's tiles."""
     if layout == GradWeightLayout.DEPTHWISE:
-        _depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
+        _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
         return
     if layout == GradWeightLayout.WIDE:
-        _wide_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
+        _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
         return
     if layout == GradWeightLayout.PADDED:
-        _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer)
+        _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
         return
     swapped = layout == GradWeightLayout.ALONG_IN
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     offsets = tap_offsets(spec)
     ktot = math.prod(spec.kernel)
     rows, cols = (cog, cig) if swapped else (cig, cog)
-    units = native.gw_units(ktot, cols, cd.itemsize)
+    units = native.gw_units(ktot, cols, compute_dtype.itemsize)
     if n_threads == 1 or units >= 2 * n_threads:  # workers share out the units
         box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
         # Sharing a queue with grad_input's tiles, two jobs per thread balance better.
@@ -289,7 +290,8 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, cd,
         bounds = [units * j // workers for j in range(workers + 1)]
         # Swapped, gw (C_out, taps, C_in/g) holds (tap, co, ci) at strides (taps * C_in/g,
         # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
-        packed = None if swapped else native.aligned_empty((groups, ktot * rows * cols), cd)
+        packed = (None if swapped
+                  else native.aligned_empty((groups, ktot * rows * cols), compute_dtype))
 
         ranges = [(bounds[j], bounds[j + 1]) for j in range(workers)]
         per_group = []  # per conv group, one prepared call per worker's units
@@ -314,7 +316,8 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, cd,
         return
     tiles = _grad_weight_row_tiles(spec, n_threads)
     workers = min(n_threads, len(tiles))
-    parts = [native.aligned_zeros((groups, ktot * rows * cols), cd) for _ in range(workers)]
+    parts = [native.aligned_zeros((groups, ktot * rows * cols), compute_dtype)
+             for _ in range(workers)]
 
     def job_for(j):  # worker j's tiles, in order, into its own partial
         calls: list = []
@@ -331,22 +334,22 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, cd,
     _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish_rows, defer)
 
 
-def _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> None:
+def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None) -> None:
     """grad_weight where neither C_in/g nor C_out/g is whole vectors (layout PADDED): the
     kernel's swapped sums (vectors along C_in) over a copy of x whose groups' channels are
     padded with zeros to whole vectors, into a gw as padded; its own channels copied out.
     The copy is one pass over x; the GEMM paths it replaces ran such layers at a third of
     the kernel's rate (260 -> 24 g2 k4 d2)."""
-    lanes, _ = native.layout(cd.itemsize)
+    lanes, _ = native.layout(compute_dtype.itemsize)
     groups, cig = spec.groups, spec.c_in_per_group
     padded_cig = -(-cig // lanes) * lanes
     padded = dataclasses.replace(spec, c_in=groups * padded_cig)
-    xp = native.aligned_zeros((*x3.shape[:-1], groups, padded_cig), cd)
+    xp = native.aligned_zeros((*x3.shape[:-1], groups, padded_cig), compute_dtype)
     xp[..., :cig] = x3.reshape(*x3.shape[:-1], groups, cig)
     xp = xp.reshape(*x3.shape[:-1], groups * padded_cig)
-    gwp = native.aligned_empty((spec.c_out, math.prod(spec.kernel), padded_cig), cd)
+    gwp = native.aligned_empty((spec.c_out, math.prod(spec.kernel), padded_cig), compute_dtype)
     queue: list = []
-    grad_weight(padded, xp, c3, gwp, n_threads, GradWeightLayout.ALONG_IN, cd, queue)
+    grad_weight(padded, xp, c3, gwp, n_threads, GradWeightLayout.ALONG_IN, compute_dtype, queue)
     (jobs, finish), = queue
 
     def copy_out() -> None:
@@ -357,7 +360,7 @@ def _padded_grad_weight(spec, x3, c3, gw, n_threads, cd, defer: list | None) -> 
                    for job in jobs], n_threads, copy_out, defer)
 
 
-def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, cd) -> None:
+def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
     """Both gradients in one pass of the grad_weight kernel, where it sums few values per
     tap (a 16 -> 1 head): each cotangent value it loads feeds a grad_weight sum and a
     grad_input pixel (see csrc/correlate.hpp). Workers own fixed tiles of input rows (their
@@ -366,10 +369,10 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, cd) -> None:
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     ktot = math.prod(spec.kernel)
     offsets = tap_offsets(spec)
-    weight = np.ascontiguousarray(w3, dtype=cd)  # laid out as gw: (C_out, taps, C_in/g)
+    weight = np.ascontiguousarray(w3, dtype=compute_dtype)  # laid out as gw: (C_out, taps, C_in/g)
     tiles = _grad_weight_row_tiles(spec, n_threads)
     workers = min(n_threads, len(tiles))
-    parts = [gw] + [native.aligned_empty(gw.shape, cd) for _ in range(workers - 1)]
+    parts = [gw] + [native.aligned_empty(gw.shape, compute_dtype) for _ in range(workers - 1)]
 
     def job_for(j):  # worker j's tiles, in order, into its own sums
         calls: list = []
@@ -386,7 +389,7 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, cd) -> None:
     sum_in_order(parts)
 
 
-def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd,
+def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
                            defer: list | None) -> None:
     """Depthwise grad_weight by the kernel: workers own fixed tiles of input rows and one
     (taps, C) partial each, added in worker order (bitwise reproducible for a thread
@@ -394,7 +397,7 @@ def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, cd,
     ktot = math.prod(spec.kernel)
     tiles = _grad_weight_row_tiles(spec, n_threads)
     workers = min(n_threads, len(tiles))
-    parts = [native.aligned_zeros((ktot, spec.c_out), cd) for _ in range(workers)]
+    parts = [native.aligned_zeros((ktot, spec.c_out), compute_dtype) for _ in range(workers)]
     offsets = tap_offsets(spec)
 
     def job_for(j):  # worker j's tiles, in order, into its own partial

@@ -71,8 +71,10 @@ class ShiftLayout:
     grouped by stride phase, each a fixed row shift of its phase's grid."""
 
     wtaps: tuple  # (k, shift, lo, hi) per active W tap
-    phases: tuple  # ((rd, rh), cmin_d, cmin_h, ((pair, cd, ch), ...)) per (D, H) phase
-    pairs: tuple  # (kd, kh) per pair index
+    # ((rd, rh), min_row_d, min_row_h, ((tap_pair, row_d, row_h), ...)) per (D, H) phase:
+    # tap (kd, kh) reads cotangent phase row i + row_d (and along H) for input row i
+    phases: tuple
+    tap_pairs: tuple  # (kd, kh) per tap pair index
     halo: tuple[int, int]  # extra grid planes along D, rows along H
     counts: tuple[dict, dict]  # cotangent rows per phase residue, along D and H
 
@@ -92,23 +94,23 @@ def shift_layout(spec: ConvSpec) -> ShiftLayout:
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
     by_phase = []
     for axis, s in ((0, sd), (1, sh)):
-        groups: dict[int, list] = {}
+        by_residue: dict[int, list] = {}
         for k, shift, _, _ in _axis_taps(spec, axis):
-            groups.setdefault(shift % s, []).append((k, shift // s))
-        by_phase.append(groups)
-    phases, pairs = [], []
+            by_residue.setdefault(shift % s, []).append((k, shift // s))
+        by_phase.append(by_residue)
+    phases, tap_pairs = [], []
     halo_d = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[0].values())
     halo_h = max(max(c for _, c in v) - min(c for _, c in v) for v in by_phase[1].values())
     for rd, dtaps in sorted(by_phase[0].items()):
         for rh, htaps in sorted(by_phase[1].items()):
-            cmin_d, cmin_h = min(c for _, c in dtaps), min(c for _, c in htaps)
+            min_row_d, min_row_h = min(c for _, c in dtaps), min(c for _, c in htaps)
             members = []
-            for (kd, cd), (kh, ch) in itertools.product(dtaps, htaps):
-                members.append((len(pairs), cd, ch))
-                pairs.append((kd, kh))
-            phases.append(((rd, rh), cmin_d, cmin_h, tuple(members)))
+            for (kd, row_d), (kh, row_h) in itertools.product(dtaps, htaps):
+                members.append((len(tap_pairs), row_d, row_h))
+                tap_pairs.append((kd, kh))
+            phases.append(((rd, rh), min_row_d, min_row_h, tuple(members)))
     counts = tuple({r: -(-(o - r) // s) for r in range(s)} for o, s in ((od, sd), (oh, sh)))
-    return ShiftLayout(tuple(_axis_taps(spec, 2)), tuple(phases), tuple(pairs),
+    return ShiftLayout(tuple(_axis_taps(spec, 2)), tuple(phases), tuple(tap_pairs),
                         (halo_d, halo_h), counts)
 
 
@@ -142,7 +144,7 @@ def _rows(tile: Tile, spec: ConvSpec) -> int:
             * spec.in_spatial[2])
 
 
-def _gather(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
+def _gather(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, compute_dtype) -> None:
     """Gathered cotangent blocks -> GEMMs, one pass for both gradients.
 
     Workers own disjoint row tiles (so grad_input needs no locks) and one grad_weight
@@ -169,27 +171,27 @@ def _gather(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
     if gx is not None:
         # (G, T * C_out/g, C_in/g): the active taps stacked as the grad_input GEMM operand.
         wg = w3[:, idx, :].reshape(groups, cog, ntap, cig).transpose(0, 2, 1, 3)
-        wg = np.ascontiguousarray(wg.reshape(groups, ntap * cog, cig), dtype=cd)
-    parts = [np.zeros((groups, ntap * cog, cig), cd) if gw is not None else None
+        wg = np.ascontiguousarray(wg.reshape(groups, ntap * cog, cig), dtype=compute_dtype)
+    parts = [np.zeros((groups, ntap * cog, cig), compute_dtype) if gw is not None else None
              for _ in range(workers)]
 
     def job_for(j):
         def job():
             my_tiles = tiles[j::workers]
             rows = max(_rows(t, spec) for t in my_tiles)
-            col = np.empty(rows * chunk * spec.c_out, cd)
-            gx_tmp = np.empty(rows * spec.c_in, cd) if gx is not None else None
-            gw_tmp = np.empty(groups * chunk * cog * cig, cd) if gw is not None else None
+            col = np.empty(rows * chunk * spec.c_out, compute_dtype)
+            gx_tmp = np.empty(rows * spec.c_in, compute_dtype) if gx is not None else None
+            gw_tmp = np.empty(groups * chunk * cog * cig, compute_dtype) if gw is not None else None
             for c0, c1 in chunks:
                 wg_c = wg[:, c0 * cog:c1 * cog] if wg is not None else None
                 for i, tile in enumerate(my_tiles):
                     checkpoint()
                     mat = _gather_block(spec, taps[c0:c1], tile, c3, col)
                     if gx is not None:
-                        _grad_input_tile(spec, tile, mat, wg_c, gx, cd, c0 > 0, gx_tmp)
+                        _grad_input_tile(spec, tile, mat, wg_c, gx, compute_dtype, c0 > 0, gx_tmp)
                     if gw is not None:
                         part = parts[j][:, c0 * cog:c1 * cog]
-                        _grad_weight_tile(spec, tile, mat, x3, part, gw_tmp, i == 0, cd)
+                        _grad_weight_tile(spec, tile, mat, x3, part, gw_tmp, i == 0, compute_dtype)
         return job
 
     run_jobs([job_for(j) for j in range(workers)], workers)
@@ -239,7 +241,7 @@ def _gather_block(spec, taps, tile, c3, col) -> np.ndarray:
     return block.reshape(groups, rows, ntap * cog)
 
 
-def _grad_input_tile(spec, tile, mat, wg, gx, cd, accumulate, tmp) -> None:
+def _grad_input_tile(spec, tile, mat, wg, gx, compute_dtype, accumulate, tmp) -> None:
     """grad_input tile (=, or += for later tap chunks) block @ W_stacked."""
     groups, cig = spec.groups, spec.c_in_per_group
     rows = mat.shape[1]
@@ -257,13 +259,13 @@ def _grad_input_tile(spec, tile, mat, wg, gx, cd, accumulate, tmp) -> None:
         target[...] = np.moveaxis(res, 0, 1)
 
 
-def _grad_weight_tile(spec, tile, mat, x3, part, tmp, first, cd) -> None:
+def _grad_weight_tile(spec, tile, mat, x3, part, tmp, first, compute_dtype) -> None:
     """part (G, T * C_out/g, C_in/g) (=, or +=) block^T @ x_tile."""
     groups, cig = spec.groups, spec.c_in_per_group
     rows = mat.shape[1]
     n0, n1 = tile.n
     xt = x3[n0:n1, tile.d[0]:tile.d[1], tile.h[0]:tile.h[1]].reshape(rows, groups, cig)
-    xt = xt.astype(cd, copy=False).transpose(1, 0, 2)  # (G, rows, C_in/g)
+    xt = xt.astype(compute_dtype, copy=False).transpose(1, 0, 2)  # (G, rows, C_in/g)
     # block^T @ x rather than x^T @ block: the same numbers, transposed, but with the long
     # (taps * C_out) side as BLAS's M it ran about twice as fast here.
     mat_t = mat.transpose(0, 2, 1)  # a BLAS-ready transposed view
@@ -275,7 +277,7 @@ def _grad_weight_tile(spec, tile, mat, x3, part, tmp, first, cd) -> None:
         part += res
 
 
-def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
+def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, compute_dtype) -> None:
     """Shifted GEMMs over a gathered grid (the cotangent rows of one (D, H) stride phase,
     W taps side by side): each (D, H) tap of the phase reads the grid at a fixed row
     shift, so the copy is len(W taps) wide instead of len(taps). grad_input adds up one
@@ -283,20 +285,20 @@ def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
     against the input laid out on the grid's row pitch (zeros where the grid has halo)."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     layout = shift_layout(spec)
-    tw, npair = len(layout.wtaps), len(layout.pairs)
+    tw, n_tap_pairs = len(layout.wtaps), len(layout.tap_pairs)
     kd_, kh_, kw_ = spec.kernel
     tiles = input_tiles(spec, shift_rows(spec, layout, budget), n_threads)
     workers = min(n_threads, len(tiles))
-    # (G, pairs, T_w * C_out/g, C_in/g): the grad_input weights of each (D, H) tap.
+    # (G, tap pairs, T_w * C_out/g, C_in/g): the grad_input weights of each (D, H) tap.
     flat = [[(kd * kh_ + kh) * kw_ + k for k, _, _, _ in layout.wtaps]
-            for kd, kh in layout.pairs]
+            for kd, kh in layout.tap_pairs]
     wp = None
     if gx is not None:
-        wp = w3[:, np.array(flat).ravel(), :].reshape(groups, cog, npair, tw, cig)
+        wp = w3[:, np.array(flat).ravel(), :].reshape(groups, cog, n_tap_pairs, tw, cig)
         wp = np.ascontiguousarray(wp.transpose(0, 2, 3, 1, 4).reshape(
-            groups, npair, tw * cog, cig), dtype=cd)
-    parts = [np.zeros((groups, npair, tw * cog, cig), cd) if gw is not None else None
-             for _ in range(workers)]
+            groups, n_tap_pairs, tw * cog, cig), dtype=compute_dtype)
+    parts = [np.zeros((groups, n_tap_pairs, tw * cog, cig), compute_dtype)
+             if gw is not None else None for _ in range(workers)]
     halo_d, halo_h = layout.halo
     nw = spec.in_spatial[2]
 
@@ -308,11 +310,11 @@ def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
         def job():
             my_tiles = tiles[j::workers]
             most = max(grid_rows(t) for t in my_tiles)
-            gbuf = np.empty(most * tw * spec.c_out, cd)
-            acc = np.empty(most * spec.c_in, cd) if gx is not None else None
-            tmp = np.empty(most * spec.c_in, cd) if gx is not None else None
-            xbuf = np.empty(most * spec.c_in, cd) if gw is not None else None
-            wtmp = np.empty(groups * tw * cog * cig, cd) if gw is not None else None
+            gbuf = np.empty(most * tw * spec.c_out, compute_dtype)
+            acc = np.empty(most * spec.c_in, compute_dtype) if gx is not None else None
+            tmp = np.empty(most * spec.c_in, compute_dtype) if gx is not None else None
+            xbuf = np.empty(most * spec.c_in, compute_dtype) if gw is not None else None
+            wtmp = np.empty(groups * tw * cog * cig, compute_dtype) if gw is not None else None
             for i, tile in enumerate(my_tiles):
                 checkpoint()
                 _shift_tile(spec, layout, tile, x3, c3, wp, gx, parts[j], i == 0,
@@ -321,8 +323,8 @@ def _shift(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
 
     run_jobs([job_for(j) for j in range(workers)], workers)
     if gw is not None:
-        total = sum_in_order(parts).reshape(groups, npair, tw, cog, cig)
-        blocks = total.transpose(0, 3, 1, 2, 4).reshape(spec.c_out, npair * tw, cig)
+        total = sum_in_order(parts).reshape(groups, n_tap_pairs, tw, cog, cig)
+        blocks = total.transpose(0, 3, 1, 2, 4).reshape(spec.c_out, n_tap_pairs * tw, cig)
         gw[:, np.array(flat).ravel(), :] = blocks
 
 
@@ -354,9 +356,9 @@ def _shift_tile(spec, layout, tile, x3, c3, wp, gx, part, first, bufs) -> None:
         xg = xgrid.reshape(rows, groups, cig)[:length].transpose(1, 0, 2)  # (G, len, C_in/g)
         wres = wtmp.reshape(groups, tw * cog, cig)
     started = False
-    for (rd, rh), cmin_d, cmin_h, members in layout.phases:
-        # The grid covers cotangent phase rows q = (d0 + cmin_d) + [0, dn) (and along H).
-        qd0, qh0 = d0 + cmin_d, h0 + cmin_h
+    for (rd, rh), min_row_d, min_row_h, members in layout.phases:
+        # The grid covers cotangent phase rows q = (d0 + min_row_d) + [0, dn) (and along H).
+        qd0, qh0 = d0 + min_row_d, h0 + min_row_h
         vd = (max(qd0, 0), min(qd0 + dn, layout.counts[0][rd]))
         vh = (max(qh0, 0), min(qh0 + hn, layout.counts[1][rh]))
         for t, (_, shift_w, lo, hi) in enumerate(layout.wtaps):
@@ -376,21 +378,21 @@ def _shift_tile(spec, layout, tile, x3, c3, wp, gx, part, first, bufs) -> None:
             else:
                 src = src.reshape(*src.shape[:-1], groups, cog)
                 dst[:, :, a0:a1, b0:b1, lo:hi, :] = np.moveaxis(src, -2, 0)
-        for pair, cd_, ch_ in members:
-            shift = ((cd_ - cmin_d) * hn + (ch_ - cmin_h)) * nw
+        for tap_pair, row_d, row_h in members:
+            shift = ((row_d - min_row_d) * hn + (row_h - min_row_h)) * nw
             a = gmat[:, shift:shift + length]
             if acc is not None:
                 if not started:
-                    np.matmul(a, wp[:, pair], out=acc[:, :length])
+                    np.matmul(a, wp[:, tap_pair], out=acc[:, :length])
                 else:
-                    np.matmul(a, wp[:, pair], out=tmp[:, :length])
+                    np.matmul(a, wp[:, tap_pair], out=tmp[:, :length])
                     acc[:, :length] += tmp[:, :length]
             if part is not None:
                 if first:
-                    np.matmul(a.transpose(0, 2, 1), xg, out=part[:, pair])
+                    np.matmul(a.transpose(0, 2, 1), xg, out=part[:, tap_pair])
                 else:
                     np.matmul(a.transpose(0, 2, 1), xg, out=wres)
-                    part[:, pair] += wres
+                    part[:, tap_pair] += wres
             started = True
     if gx is not None:
         res = acc.reshape(groups, nn, dn, hn, nw, cig)[:, :, :nd, :nh]
@@ -401,18 +403,19 @@ def _shift_tile(spec, layout, tile, x3, c3, wp, gx, part, first, bufs) -> None:
             target.reshape(nn, nd, nh, nw, groups, cig)[...] = np.moveaxis(res, 0, -2)
 
 
-def _direct(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
+def _direct(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, compute_dtype) -> None:
     """Depthwise: tiles of rows, each worker with its own (taps, C_out) partial."""
     ntap = len(taps)
     tiles = input_tiles(spec, budget // (2 * spec.c_out), n_threads)
     workers = min(n_threads, len(tiles))
-    parts = [np.zeros((ntap, spec.c_out), cd) if gw is not None else None
+    parts = [np.zeros((ntap, spec.c_out), compute_dtype) if gw is not None else None
              for _ in range(workers)]
-    wt = np.ascontiguousarray(w3[:, [t.index for t in taps], 0].T.astype(cd))  # (T, C_out)
+    # (T, C_out)
+    wt = np.ascontiguousarray(w3[:, [t.index for t in taps], 0].T.astype(compute_dtype))
 
     def job_for(j):
         def job():
-            buf = np.empty(2 * max(_rows(t, spec) for t in tiles) * spec.c_out, cd)
+            buf = np.empty(2 * max(_rows(t, spec) for t in tiles) * spec.c_out, compute_dtype)
             for tile in tiles[j::workers]:
                 checkpoint()
                 _direct_tile(spec, taps, tile, x3, c3, wt, gx, parts[j], buf)
@@ -470,7 +473,7 @@ def _product_targets(spec: ConvSpec) -> np.ndarray:
     return product_targets(spec)  # the same small call repeats: built once per layer
 
 
-def _indexed(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
+def _indexed(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, compute_dtype) -> None:
     """The forward's ``indexed`` algorithm, differentiated: products[(r, t)] = x[r] @
     W[:, t]^T are each added into one output row or none, so their cotangent is the
     cotangent's rows gathered (a zero row for none); then grad_input = that @ W stacked
@@ -479,18 +482,19 @@ def _indexed(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, cd) -> None:
     ktot = math.prod(spec.kernel)
     rows_in = x3.size // spec.c_in
     rows_out = c3.size // spec.c_out
-    padded = np.empty((rows_out + 1, spec.c_out), cd)
+    padded = np.empty((rows_out + 1, spec.c_out), compute_dtype)
     padded[:rows_out] = c3.reshape(rows_out, spec.c_out)
     padded[rows_out] = 0
     dprod = np.take(padded, _product_targets(spec), axis=0)  # (rows_in * taps, C_out)
     dprod = dprod.reshape(rows_in, ktot, groups, cog).transpose(2, 0, 1, 3).reshape(
         groups, rows_in, ktot * cog)
     if gx is not None:
-        wg = w3.astype(cd, copy=False).reshape(groups, cog, ktot, cig).transpose(0, 2, 1, 3)
+        wg = (w3.astype(compute_dtype, copy=False).reshape(groups, cog, ktot, cig)
+              .transpose(0, 2, 1, 3))
         gxg = np.matmul(dprod, wg.reshape(groups, ktot * cog, cig))  # (G, rows_in, C_in/g)
         gx.reshape(rows_in, groups, cig)[...] = gxg.transpose(1, 0, 2)
     if gw is not None:
-        xg = x3.reshape(rows_in, groups, cig).astype(cd, copy=False).transpose(1, 0, 2)
+        xg = x3.reshape(rows_in, groups, cig).astype(compute_dtype, copy=False).transpose(1, 0, 2)
         gwg = np.matmul(dprod.transpose(0, 2, 1), xg)  # (G, taps * C_out/g, C_in/g)
         gw.reshape(groups, cog, ktot, cig)[...] = gwg.reshape(
             groups, ktot, cog, cig).transpose(0, 2, 1, 3)
