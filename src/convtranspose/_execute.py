@@ -19,7 +19,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._algorithms import Algorithm
 from ._blas import single_threaded_blas
-from ._geometry import AxisTap, Phase
+from ._geometry import AxisTap, Phase, ceil_div
 from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
@@ -526,10 +526,10 @@ def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndar
     rows = w.shape[-1]
     lanes, vectors = native.layout(w.dtype.itemsize)
     chunk = lanes * vectors
-    padded = -(-cols // lanes) * lanes
+    padded = ceil_div(cols, lanes) * lanes
     if cols > chunk:
-        chunks = -(-cols // chunk)
-        per = -(-chunks // pieces) * chunk
+        chunks = ceil_div(cols, chunk)
+        per = ceil_div(chunks, pieces) * chunk
         for c0 in range(0, cols, per):
             n1 = min(padded, c0 + per)  # padded columns of the piece
             part = np.ascontiguousarray(table[:, c0:c0 + per])
@@ -537,7 +537,7 @@ def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndar
             native.fill_columns(w, part, rows, row_stride,
                                 out[taps * rows * c0:taps * rows * n1], into=into)
     else:
-        per = -(-taps // pieces)
+        per = ceil_div(taps, pieces)
         for t0 in range(0, taps, per):
             t1 = min(taps, t0 + per)
             native.fill_columns(w, table[t0:t1], rows, row_stride,
@@ -570,9 +570,9 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
         w3s, strides = zip(*(readable[id(w)] for w in w3s))
         lanes, _ = native.layout(item)
         tables = [_channels_tables(st, layer, groups, cog)[i] for i, st in enumerate(strides)]
-        sizes = [[t.shape[0] * w.shape[-1] * -(-t.shape[1] // lanes) * lanes for t in per_group]
+        sizes = [[t.shape[0] * w.shape[-1] * ceil_div(t.shape[1], lanes) * lanes for t in per_group]
                  for w, per_group in zip(w3s, tables)]
-        block = scratch.empty(sum(-(-n // align) * align for per in sizes for n in per),
+        block = scratch.empty(sum(ceil_div(n, align) * align for per in sizes for n in per),
                               w3.dtype)
         now = (threads > 1 and len(layer.value) < threads
                and block.nbytes >= PARALLEL_PACK_BYTES)
@@ -581,7 +581,7 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
             arrays, packs = [], []
             for table, n in zip(per_group, per_size):
                 arrays.append(block[at:at + n])
-                at += -(-n // align) * align
+                at += ceil_div(n, align) * align
                 if now:
                     _pack_pieces(w, table, st[-1], arrays[-1], 2 * threads, pieces, keep)
                 else:
@@ -847,9 +847,9 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
     release the GIL), into memory recycled from call to call like a result's: W2's 64 MiB
     in float32 took 14 ms on one thread from fresh pages."""
     out = result_empty(x3.shape, dtype)
-    step = -(-len(x3) // threads) if len(x3) >= threads else None
+    step = ceil_div(len(x3), threads) if len(x3) >= threads else None
     if step is None:  # too few batch items: cut along D
-        step_d = -(-x3.shape[1] // threads)
+        step_d = ceil_div(x3.shape[1], threads)
         parts = [(slice(None), slice(i, i + step_d)) for i in range(0, x3.shape[1], step_d)]
     else:
         parts = [(slice(i, i + step),) for i in range(0, len(x3), step)]
@@ -968,7 +968,7 @@ def pair_input(x3: np.ndarray, base: int, winograd_pairs: int, threads: int) -> 
     v = result_empty((n, winograd_pairs, 4, h, w, c), x3.dtype)
     x_addr, xs = native.origin(x3)
     cuts = [(i, j) for i in range(n) for j in range(winograd_pairs)]
-    step = -(-len(cuts) // threads)
+    step = ceil_div(len(cuts), threads)
     transforms = []
     for first in range(0, len(cuts), step):
         calls: list = []

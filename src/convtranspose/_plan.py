@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _native_kernel as native
 from ._algorithms import Algorithm, VjpAlgorithm
-from ._geometry import AxisTap, Phase, phases_3d
+from ._geometry import AxisTap, Phase, ceil_div, phases_3d
 from ._spec import ConvSpec
 
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
@@ -406,13 +406,13 @@ def native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...],
 
 def pair_count(spec: ConvSpec) -> int:
     """Output pairs along D of a Winograd plan (the last may hold one output)."""
-    return -(-spec.out_spatial[0] // 2)
+    return ceil_div(spec.out_spatial[0], 2)
 
 
 def pair_phase(phase: Phase) -> Phase:
     """A phase as the ``winograd`` kernel sees it: D counts output pairs, and its taps
     are the four planes of the transformed input V (offset i, read at step 4)."""
-    winograd_pairs = -(-phase.count[0] // 2)
+    winograd_pairs = ceil_div(phase.count[0], 2)
     taps = tuple(AxisTap(i, i, 0, winograd_pairs) for i in range(4))
     return Phase(phase.residue, (winograd_pairs, *phase.count[1:]),
                  (taps, *phase.axis_taps[1:]))
@@ -565,7 +565,7 @@ def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
     if total == 0:
         return []
     if min_tiles > 1:
-        max_rows = min(max_rows, max(MIN_TILE_ROWS, -(-total // min_tiles)))
+        max_rows = min(max_rows, max(MIN_TILE_ROWS, ceil_div(total, min_tiles)))
     plane = nh * nw
     tiles = []
     if plane * nd <= max_rows:
@@ -574,13 +574,13 @@ def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
             tiles.append(Tile((n0, min(batch, n0 + step)), (0, nd), (0, nh)))
     elif plane <= max_rows:
         step = max(1, max_rows // plane)
-        step = -(-nd // -(-nd // step))  # even out the last tile
+        step = ceil_div(nd, ceil_div(nd, step))  # even out the last tile
         for n0 in range(batch):
             for d0 in range(0, nd, step):
                 tiles.append(Tile((n0, n0 + 1), (d0, min(nd, d0 + step)), (0, nh)))
     else:
         step = max(1, max_rows // nw)
-        step = -(-nh // -(-nh // step))
+        step = ceil_div(nh, ceil_div(nh, step))
         for n0 in range(batch):
             for d0 in range(nd):
                 for h0 in range(0, nh, step):
@@ -698,7 +698,7 @@ def native_rate(spec: ConvSpec) -> float:
         return peak / 4  # along the flat pixel * channel index: two loads per FMA
     if mode == native.DOT:  # vectors along C_in, one lane reduction per output
         return peak / 2 * min(cig, lanes) / lanes * cig / (cig + lanes)
-    vectors = -(-cog // lanes)
+    vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
@@ -812,7 +812,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
         if algorithm == Algorithm.NATIVE:
             # Its tiles cost nothing to cut (no halo copies): cut at least four per worker,
             # so that a worker slowed by a neighbour's process does not hold up the call.
-            min_tiles = max(1, -(-4 * threads // len(groups)))
+            min_tiles = max(1, ceil_div(4 * threads, len(groups)))
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     while True:
         tasks = []

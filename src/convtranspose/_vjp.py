@@ -40,6 +40,7 @@ from ._algorithms import VjpAlgorithm
 from ._api import ArrayLike, IntOrTuple, Padding, RecentCalls, _plain_ints, spec_for, unbatched
 from ._dtypes import result_dtype
 from ._execute import run_jobs
+from ._geometry import ceil_div
 from ._memory import result_empty, result_zeros
 from ._native_kernel import GradWeightLayout
 from ._plan import (
@@ -120,7 +121,7 @@ def grad_input_takes_pairs(spec: ConvSpec, compute_dtype: np.dtype, limit: int, 
 
 def grad_input_pair_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
     """Size of grad_input's transformed cotangent V (N, pairs, 4, H_out, W_out, C_out)."""
-    winograd_pairs = -(-spec.in_spatial[0] // 2)
+    winograd_pairs = ceil_div(spec.in_spatial[0], 2)
     return (spec.batch * winograd_pairs * 4 * spec.out_spatial[1] * spec.out_spatial[2] * spec.c_out
             * compute_dtype.itemsize)
 
@@ -134,7 +135,7 @@ def grad_weight_wide_w(spec: ConvSpec, compute_dtype: np.dtype, threads: int) ->
     keeps its own (work times the groups, so up to four). Needs enough (tap, column
     chunk) units to share among the threads."""
     lanes, _ = native.layout(compute_dtype.itemsize)
-    cols = -(-spec.kernel[2] * spec.c_out // lanes) * lanes
+    cols = ceil_div(spec.kernel[2] * spec.c_out, lanes) * lanes
     few = spec.c_out < FUSE_W_BELOW_CHANNELS if spec.groups == 1 else spec.groups <= 4
     return (few and spec.dilation[2] == 1 and spec.kernel[2] > 1
             and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, compute_dtype.itemsize)
@@ -313,7 +314,7 @@ def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
     scratch = 0 if cotangent_in_place else threads * budget * item
     extra = 0.0
     if takes_pairs:  # four products per pair of planes instead of six, and the transform
-        products = flops * 4 * -(-spec.in_spatial[0] // 2) / (3 * spec.in_spatial[0])
+        products = flops * 4 * ceil_div(spec.in_spatial[0], 2) / (3 * spec.in_spatial[0])
         scratch = grad_input_pair_bytes(spec, compute_dtype)
         extra = scratch / PAIR_TRANSFORM_BYTES_PER_S
     elif wide:  # the cotangent padded along W
@@ -340,7 +341,7 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
                  else spec.c_in_per_group
                  if layout in (GradWeightLayout.ALONG_IN, GradWeightLayout.PADDED)
                  else spec.c_out_per_group)
-        vectors = -(-width // lanes)
+        vectors = ceil_div(width, lanes)
         rate = peak * width / (vectors * lanes) / (
             spec.groups if layout == GradWeightLayout.WIDE else 1)
         scratch = 0 if layout == GradWeightLayout.ALONG_IN else gw_bytes

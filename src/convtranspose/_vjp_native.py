@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _native_kernel as native
 from ._execute import padded_along_w, pair_input, pair_weight, run_jobs
+from ._geometry import ceil_div
 from ._native_kernel import GradWeightLayout
 from ._plan import (
     FUSE_W_BELOW_CHANNELS,
@@ -107,7 +108,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     mode = grad_input_mode(spec)
     # (a fan-out, depthwise by its swapped spec alone, goes to `_fan_out_grad_input`)
     assert depthwise or mode != native.DEPTHWISE
-    winograd_pairs = -(-spec.in_spatial[0] // 2) if winograd else 0  # the plan's choice
+    winograd_pairs = ceil_div(spec.in_spatial[0], 2) if winograd else 0  # the plan's choice
     source, in_dims, steps = c3, spec.out_spatial, spec.stride
     if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
         c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, compute_dtype,
@@ -230,8 +231,9 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
     kd, kh, kw = spec.kernel
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     lanes, _ = native.layout(compute_dtype.itemsize)
-    cols = -(-kw * spec.c_out // lanes) * lanes
-    padded, left = _padded_cotangent(spec, c3, compute_dtype, n_threads, -(-cols // spec.c_out))
+    cols = ceil_div(kw * spec.c_out, lanes) * lanes
+    padded, left = _padded_cotangent(spec, c3, compute_dtype, n_threads,
+                                     ceil_div(cols, spec.c_out))
     taps = kd * kh
     part = native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
     units = native.gw_units(taps, cols, compute_dtype.itemsize)
@@ -342,7 +344,7 @@ def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list 
     the kernel's rate (260 -> 24 g2 k4 d2)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
     groups, cig = spec.groups, spec.c_in_per_group
-    padded_cig = -(-cig // lanes) * lanes
+    padded_cig = ceil_div(cig, lanes) * lanes
     padded = dataclasses.replace(spec, c_in=groups * padded_cig)
     xp = native.aligned_zeros((*x3.shape[:-1], groups, padded_cig), compute_dtype)
     xp[..., :cig] = x3.reshape(*x3.shape[:-1], groups, cig)

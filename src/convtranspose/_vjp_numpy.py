@@ -27,7 +27,7 @@ import numpy as np
 
 from ._algorithms import VjpAlgorithm
 from ._execute import _zero_outside, checkpoint, run_jobs
-from ._geometry import tap_output_range
+from ._geometry import ceil_div, tap_output_range
 from ._plan import Tile, product_targets
 from ._spec import ConvSpec
 from ._vjp_tiles import input_tiles, sum_in_order
@@ -109,7 +109,7 @@ def shift_layout(spec: ConvSpec) -> ShiftLayout:
                 members.append((len(tap_pairs), row_d, row_h))
                 tap_pairs.append((kd, kh))
             phases.append(((rd, rh), min_row_d, min_row_h, tuple(members)))
-    counts = tuple({r: -(-(o - r) // s) for r in range(s)} for o, s in ((od, sd), (oh, sh)))
+    counts = tuple({r: ceil_div(o - r, s) for r in range(s)} for o, s in ((od, sd), (oh, sh)))
     return ShiftLayout(tuple(_axis_taps(spec, 2)), tuple(phases), tuple(tap_pairs),
                         (halo_d, halo_h), counts)
 
@@ -156,13 +156,13 @@ def _gather(spec, taps, x3, c3, w3, gx, gw, n_threads, budget, compute_dtype) ->
     ntap = len(taps)
     idx = [t.index for t in taps]
     total_rows = spec.batch * math.prod(spec.in_spatial)
-    want_rows = min(MIN_BLOCK_ROWS, -(-total_rows // n_threads))
+    want_rows = min(MIN_BLOCK_ROWS, ceil_div(total_rows, n_threads))
     if budget // (ntap * spec.c_out) >= want_rows:
         chunk = ntap
         max_rows = budget // (ntap * spec.c_out)
     else:
         chunk = max(1, budget // (want_rows * spec.c_out))
-        chunk = -(-ntap // -(-ntap // chunk))  # even chunks
+        chunk = ceil_div(ntap, ceil_div(ntap, chunk))  # even chunks
         max_rows = budget // (chunk * spec.c_out)
     chunks = [(c0, min(ntap, c0 + chunk)) for c0 in range(0, ntap, chunk)]
     tiles = input_tiles(spec, max_rows, n_threads)
