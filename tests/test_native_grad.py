@@ -291,3 +291,34 @@ def test_depthwise_grad_weight_through_the_kernel(channels, isa, rng):
             _, again = vjp_arrays(spec, xd, wd, cd, need_input=False, algorithm="native",
                                   threads=threads)
             np.testing.assert_array_equal(again, gw)
+
+
+def test_both_gradients_summing_w_taps_as_one_pad_the_cotangent_once(isa, rng, monkeypatch):
+    """Few output channels and neither side whole vectors: grad_input and grad_weight both
+    sum every W tap as one run of a cotangent padded along W. It is padded once, as wide
+    as grad_weight's runs need, and each gradient keeps the bits it has alone (grad_input
+    alone pads less) and matches the loop reference."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp, _vjp_native
+    from convtranspose._api import spec_for
+    x, w, cot, kw = make_case(rng, 3, (6, 10, 12), 5, 3, (3, 3, 3), stride=2, padding=(0, 1, 1),
+                              batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    plan = _vjp.make_vjp_plan(spec, np.dtype(np.float32), threads=2)
+    assert plan.grad_input.wide_w and plan.grad_weight.layout == native.GradWeightLayout.WIDE
+    widths = []
+    real = _vjp_native.padded_along_w
+    monkeypatch.setattr(_vjp_native, "padded_along_w",
+                        lambda a, left, width, *rest: (widths.append(width),
+                                                       real(a, left, width, *rest))[1])
+    gx, gw = _vjp.vjp_arrays(spec, x, w, cot, threads=2)
+    assert len(widths) == 1
+    gx_alone, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, threads=2)
+    _, gw_alone = _vjp.vjp_arrays(spec, x, w, cot, need_input=False, threads=2)
+    assert widths[1] < widths[0] == widths[2]  # grad_input alone: a narrower padding
+    np.testing.assert_array_equal(gx, gx_alone)
+    np.testing.assert_array_equal(gw, gw_alone)
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+    np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)

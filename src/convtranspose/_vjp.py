@@ -467,18 +467,22 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
         if gwp is not None else None)
     if gi_native or gw_native:
         native.warm(threads)  # the pool's threads wake while this prepares their work
-    if gi_native and gi.with_grad_weight:
-        # few sums: one pass
+    if gi_native and gi.with_grad_weight:  # few sums: one pass for both
         native_paths.both_gradients(spec, x3, c3, w3, gx, gw, threads, compute_dtype)
         return _results(spec, x, w, gx, gw)
+    # Both summing W taps as one: the W-padded cotangent once, for both.
+    padded = (native_paths.padded_cotangent_for_both(spec, c3, compute_dtype, threads)
+              if gi_native and gi.wide_w and gw_native
+              and gwp.layout == GradWeightLayout.WIDE else None)
     # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
     # neither waits on the other's slowest tile.
     shared = [] if plan.shared_queue else None
     if gw_native:
-        native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, compute_dtype, shared)
+        native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, compute_dtype, shared,
+                                 padded)
     if gi_native:
         native_paths.grad_input(spec, c3, w3, gx, threads, plan.budget, compute_dtype, shared,
-                           gi.algorithm == VjpAlgorithm.WINOGRAD)
+                                gi.algorithm == VjpAlgorithm.WINOGRAD, padded)
     if shared:
         run_jobs([job for jobs, _ in shared for job in jobs], threads)
         for _, finish in shared:
@@ -486,9 +490,9 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
     gemm = plan.gemm_algorithm
     if gemm is not None:  # what the kernel does not compute, from one copy for both
         numpy_paths.PATHS[gemm](spec, active_taps(spec), x3, c3, w3,
-                          gx if gi is not None and gi.algorithm == gemm else None,
-                          gw if gwp is not None and gwp.algorithm == gemm else None,
-                          threads, plan.budget, compute_dtype)
+                                gx if gi is not None and gi.algorithm == gemm else None,
+                                gw if gwp is not None and gwp.algorithm == gemm else None,
+                                threads, plan.budget, compute_dtype)
     return _results(spec, x, w, gx, gw)
 
 

@@ -91,14 +91,17 @@ def _pair_offsets(spec: ConvSpec) -> native.TapOffsets:
 
 
 def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
-               defer: list | None = None, winograd: bool = False) -> None:
+               defer: list | None = None, winograd: bool = False,
+               padded: tuple[np.ndarray, int] | None = None) -> None:
     """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
     grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
     or with channels not contiguous, is converted plane by plane as a tile needs it.
     `winograd` (the plan's `grad_input_takes_pairs`): Winograd F(2,3) along D: the
     kernel reads the transformed cotangent V with the transformed weight, and a tile's
-    rows are pairs of grad_input planes."""
+    rows are pairs of grad_input planes. `padded`: the W-padded cotangent and its left
+    padding, made for both gradients (`padded_cotangent_for_both`), where W taps sum as
+    one."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     item = compute_dtype.itemsize
     offsets = tap_offsets(spec)
@@ -112,7 +115,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     source, in_dims, steps = c3, spec.out_spatial, spec.stride
     if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
         c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, compute_dtype,
-                                                              n_threads)
+                                                              n_threads, padded)
         source = c3
     if depthwise:  # [tap][channel], every channel in one pass
         packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=compute_dtype)]
@@ -193,14 +196,34 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
 
 
-def _padded_cotangent(spec, c3, compute_dtype, threads, reach: int) -> tuple[np.ndarray, int]:
-    """The cotangent in the compute dtype padded with zeros along W, and its left padding,
-    so that for every input pixel i the `reach` cotangent pixels from i*s - p on lie
-    inside it (the W-tap runs of `grad_input_wide_w` and `grad_weight_wide_w`)."""
+def _cotangent_padding(spec: ConvSpec, reach: int) -> tuple[int, int]:
+    """(left padding, width) of a cotangent padded with zeros along W so that for every
+    input pixel i the `reach` cotangent pixels from i*s - p on lie inside it (the W-tap
+    runs of `grad_input_wide_w` and `grad_weight_wide_w`)."""
     pad, in_w, out_w = spec.padding[2], spec.in_spatial[2], spec.out_spatial[2]
     left = max(0, pad)
-    width = max(out_w + left, (in_w - 1) * spec.stride[2] - pad + reach + left)
+    return left, max(out_w + left, (in_w - 1) * spec.stride[2] - pad + reach + left)
+
+
+def _padded_cotangent(spec, c3, compute_dtype, threads, reach: int) -> tuple[np.ndarray, int]:
+    """The cotangent in the compute dtype padded along W (`_cotangent_padding`), and its
+    left padding."""
+    left, width = _cotangent_padding(spec, reach)
     return padded_along_w(c3, left, width, compute_dtype, threads), left
+
+
+def _grad_weight_reach(spec: ConvSpec, compute_dtype: np.dtype) -> int:
+    """The cotangent pixels a `grad_weight_wide_w` run reads: kW * C_out values rounded
+    up to whole vectors (so at least kW pixels, grad_input's run)."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    return ceil_div(ceil_div(spec.kernel[2] * spec.c_out, lanes) * lanes, spec.c_out)
+
+
+def padded_cotangent_for_both(spec, c3, compute_dtype, threads) -> tuple[np.ndarray, int]:
+    """Where grad_input and grad_weight both sum W taps as one: the W-padded cotangent,
+    made once, wide enough for grad_weight's runs and so for grad_input's."""
+    return _padded_cotangent(spec, c3, compute_dtype, threads,
+                             _grad_weight_reach(spec, compute_dtype))
 
 
 @functools.lru_cache(maxsize=256)  # prepared calls hold the arrays' addresses only: the
@@ -210,30 +233,34 @@ def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:  # cache keep
     return native.TapOffsets([base[0], base[1], np.array([left - spec.padding[2]])])
 
 
-def _wide_cotangent(spec, c3, w3, compute_dtype, threads):
-    """`grad_input_wide_w`: the padded cotangent; the weight as (kW * C_out, kD * kH, C_in)
-    (row k * C_out + co: tap k's channel co); the kernel's input dims, tap offsets, channels
-    summed and taps."""
+def _wide_cotangent(spec, c3, w3, compute_dtype, threads,
+                    padded: tuple[np.ndarray, int] | None = None):
+    """`grad_input_wide_w`: the padded cotangent (`padded`, if made already: it may be
+    wider); the weight as (kW * C_out, kD * kH, C_in) (row k * C_out + co: tap k's channel
+    co); the kernel's input dims (as wide as a run of kW reads, whatever the padding's
+    width), tap offsets, channels summed and taps."""
     kd, kh, kw = spec.kernel
-    padded, left = _padded_cotangent(spec, c3, compute_dtype, threads, kw)
+    cot, left = padded or _padded_cotangent(spec, c3, compute_dtype, threads, kw)
     w5 = w3.reshape(spec.c_out, kd, kh, kw, spec.c_in)
     wide_w = np.ascontiguousarray(w5.transpose(3, 0, 1, 2, 4), dtype=compute_dtype)
     wide_w = wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
-    od, oh, width = padded.shape[1:4]
-    return (padded, wide_w, (od, oh, width - kw + 1), _wide_offsets(spec, left),
+    od, oh = cot.shape[1:3]
+    _, width = _cotangent_padding(spec, kw)
+    return (cot, wide_w, (od, oh, width - kw + 1), _wide_offsets(spec, left),
             kw * spec.c_out, kd * kh)
 
 
-def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None) -> None:
+def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None,
+                      padded_cotangent: tuple[np.ndarray, int] | None = None) -> None:
     """grad_weight by `grad_weight_wide_w`: per conv group, sums (kD * kH taps, C_in/g,
-    columns) over a W-padded cotangent, columns k * C_out + co, then its own channels laid
-    out as gw (C_out, taps, C_in/g)."""
+    columns) over a W-padded cotangent (`padded_cotangent`, if made already), columns
+    k * C_out + co, then its own channels laid out as gw (C_out, taps, C_in/g)."""
     kd, kh, kw = spec.kernel
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     lanes, _ = native.layout(compute_dtype.itemsize)
     cols = ceil_div(kw * spec.c_out, lanes) * lanes
-    padded, left = _padded_cotangent(spec, c3, compute_dtype, n_threads,
-                                     ceil_div(cols, spec.c_out))
+    padded, left = padded_cotangent or _padded_cotangent(
+        spec, c3, compute_dtype, n_threads, _grad_weight_reach(spec, compute_dtype))
     taps = kd * kh
     part = native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
     units = native.gw_units(taps, cols, compute_dtype.itemsize)
@@ -261,7 +288,8 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
 
 
 def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_dtype,
-                defer: list | None = None) -> None:
+                defer: list | None = None,
+                padded: tuple[np.ndarray, int] | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
     csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
     so there is no partial sum to add and the bits do not depend on the thread count;
@@ -269,12 +297,13 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
     layout, then unpacked. With too few units to share (a 1x1x1 kernel), workers own
     fixed tiles of input rows and one partial sum each, added in worker order (bitwise
     reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
-    running them, to share one queue with grad_input's tiles."""
+    running them, to share one queue with grad_input's tiles. `padded`: for layout WIDE,
+    the W-padded cotangent if made already (`padded_cotangent_for_both`)."""
     if layout == GradWeightLayout.DEPTHWISE:
         _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
         return
     if layout == GradWeightLayout.WIDE:
-        _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
+        _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer, padded)
         return
     if layout == GradWeightLayout.PADDED:
         _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
