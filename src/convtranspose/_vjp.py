@@ -263,7 +263,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
                          "install lacks")
     layout = (grad_weight_layout(spec, compute_dtype, threads,
                                  input_in_place and cotangent_in_place, in_place_bytes)
-            if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
+              if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
     native_gx = need_input and (algorithm == VjpAlgorithm.NATIVE or (

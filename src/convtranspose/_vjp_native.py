@@ -467,4 +467,4 @@ def _unpack_grad_weight(gw, packed, ktot: int, rows: int, cols: int, swapped: bo
 def _grad_weight_row_tiles(spec: ConvSpec, n_threads: int) -> list[Tile]:
     """Tiles of about 4096 input pixels (whole rows) for grad_weight's per-worker partials."""
     return input_tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
-                  n_threads)
+                       n_threads)
