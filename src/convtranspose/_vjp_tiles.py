@@ -8,8 +8,8 @@ from ._spec import ConvSpec
 
 
 def input_tiles(spec: ConvSpec, max_rows: int, min_tiles: int) -> list[Tile]:
-    """Tiles of whole input rows (along W), about `max_rows` rows each, at least
-    `min_tiles` of them where the input allows."""
+    """The input grid cut by `split_tiles` into tiles whole along W, of at most
+    `max_rows` positions (never less than one row), `min_tiles` where it allows."""
     return split_tiles(spec.batch, spec.in_spatial, max(spec.in_spatial[2], max_rows),
                        min_tiles)
 
