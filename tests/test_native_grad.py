@@ -24,14 +24,14 @@ def test_vjp_through_the_kernel_every_isa(c_in, c_out, groups, isa, rng):
     from test_vjp import loops_vjp, make_case
 
     from convtranspose._api import spec_for
-    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
     x, w, cot, kw = make_case(rng, 3, (3, 4, 9), c_in, c_out, (3, 2, 4), stride=(2, 1, 2),
                               padding=(1, 0, 2), dilation=(1, 2, 1), output_padding=(1, 0, 1),
                               groups=groups, batch=2)
     spec, _, _ = spec_for(3, x, w, **kw)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-    assert native_grad_weight_side(spec, x3, c3, np.dtype(np.float32)) is not None
+    assert native_grad_weight_layout(spec, x3, c3, np.dtype(np.float32)) is not None
     rx, rw = loops_vjp(x, w, cot, **kw)
     for threads in (1, 2):
         gx, gw = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
@@ -58,7 +58,7 @@ def test_grad_weight_few_sums_per_tap(vectors, c_out, groups, width, kw, pw, isa
     from test_vjp import loops_vjp, make_case
 
     from convtranspose._api import spec_for
-    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
     lanes, max_vectors = native.layout(4)
     c_in = vectors * lanes * groups
     x, w, cot, kws = make_case(rng, 3, (3, 5, width), c_in, c_out * groups, (3, 4, kw),
@@ -67,7 +67,8 @@ def test_grad_weight_few_sums_per_tap(vectors, c_out, groups, width, kw, pw, isa
     spec, _, _ = spec_for(3, x, w, **kws)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-    assert native_grad_weight_side(spec, x3, c3, np.dtype(np.float32)) is True
+    assert (native_grad_weight_layout(spec, x3, c3, np.dtype(np.float32))
+            == native.GradWeightLayout.ALONG_IN)
     assert c_out * min(vectors, max_vectors) < 8
     _, rw = loops_vjp(x, w, cot, **kws)
     results = [vjp_arrays(spec, x, w, cot, need_input=False, algorithm="native",
@@ -87,11 +88,12 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
     nor grad_weight's from one call to the next."""
     from test_vjp import loops_vjp, make_case
 
-    from convtranspose import _vjp
+    from convtranspose import _vjp, _vjp_native
     from convtranspose._api import spec_for
     runs = []
-    real = _vjp._native_both
-    monkeypatch.setattr(_vjp, "_native_both", lambda *a: (runs.append(a[-1]), real(*a)))
+    real = _vjp_native.both_gradients
+    monkeypatch.setattr(_vjp_native, "both_gradients",
+                        lambda *a: (runs.append(a[-1]), real(*a)))
     lanes, _ = native.layout(4)
     c_in = vectors * lanes * groups
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
@@ -105,7 +107,8 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
                    for t in (1, 2, 3)]  # native: these small calls would take 'indexed'
         x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
         c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-        fused = (_vjp.native_grad_weight_side(spec, x3, c3, np.dtype(dtype)) is True
+        fused = (_vjp.native_grad_weight_layout(spec, x3, c3, np.dtype(dtype))
+                 == native.GradWeightLayout.ALONG_IN
                  and native.fuses_grad_input(np.dtype(dtype).itemsize, c_in // groups, c_out))
         assert fused or dtype == np.float64  # float32's few sums always fuse
         assert len(runs) == (3 if fused else 0)
@@ -121,7 +124,7 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
 def test_grad_input_in_the_grad_weight_pass_only_for_few_sums(rng):
     """The kernel refuses grad_input beside sums it does not take few at a time."""
     from convtranspose._api import spec_for
-    from convtranspose._vjp import _tap_offsets
+    from convtranspose._vjp_native import tap_offsets
     x = rng.standard_normal((1, 4, 4, 4, 16)).astype(np.float32)
     w = rng.standard_normal((16, 2, 2, 2, 16)).astype(np.float32)
     spec, _, _ = spec_for(3, x, w, stride=2)
@@ -129,7 +132,7 @@ def test_grad_input_in_the_grad_weight_pass_only_for_few_sums(rng):
     assert not native.fuses_grad_input(4, 16, 16)
     part = np.zeros((16, 8, 16), np.float32)
     with pytest.raises(ValueError, match="grad_input in the same pass"):
-        native.grad_weight(True, x, 0, cot, 0, _tap_offsets(spec), spec.stride, part,
+        native.grad_weight(True, x, 0, cot, 0, tap_offsets(spec), spec.stride, part,
                            (0, 1, 0, 4, 0, 4), 16, 16, strides=(128, 16),
                            grad_input=np.zeros_like(x), weight=np.zeros_like(part))
 
@@ -178,15 +181,17 @@ def test_grad_weight_reads_vector_rows_off_the_line_boundary_alike(c_in, c_out, 
     from test_vjp import loops_vjp, make_case
 
     from convtranspose._api import spec_for
-    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
     x, w, cot, kw = make_case(rng, 3, (2, 3, 13), c_in, c_out, (2, 3, 3), stride=(1, 2, 2),
                               padding=(0, 1, 1), groups=1, batch=1)
     spec, _, _ = spec_for(3, x, w, **kw)
-    side = native_grad_weight_side(spec, x.reshape(spec.batch, *spec.in_spatial, c_in),
-                                   cot.reshape(spec.batch, *spec.out_spatial, c_out),
-                                   np.dtype(np.float32))
+    layout = native_grad_weight_layout(spec, x.reshape(spec.batch, *spec.in_spatial, c_in),
+                                       cot.reshape(spec.batch, *spec.out_spatial, c_out),
+                                       np.dtype(np.float32))
     lanes, _ = native.layout(4)
-    assert side is (swapped and c_out % lanes != 0)  # generic's 4 lanes take 100 whole
+    along_in = swapped and c_out % lanes != 0  # generic's 4 lanes take 100 whole
+    assert layout == (native.GradWeightLayout.ALONG_IN if along_in
+                      else native.GradWeightLayout.ALONG_OUT)
     rw = loops_vjp(x, w, cot, **kw)[1]
     results = []
     for offset in (0, 4, 16):
@@ -218,8 +223,10 @@ def test_grad_weight_work_splits_agree_and_units_ignore_the_thread_count(path, r
     spec, _, _ = spec_for(3, x, w, **kw)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-    swapped = vjp_module.native_grad_weight_side(spec, x3, c3, np.dtype(np.float32))
-    assert swapped is (path == "in-place")
+    layout = vjp_module.native_grad_weight_layout(spec, x3, c3, np.dtype(np.float32))
+    swapped = path == "in-place"
+    assert layout == (native.GradWeightLayout.ALONG_IN if swapped
+                      else native.GradWeightLayout.ALONG_OUT)
     units = native.gw_units(math.prod(kernel), 16 if swapped else 32, 4)
     assert (units < 4) is (path == "rows")
     _, rw = loops_vjp(x, w, cot, **kw)
@@ -264,7 +271,7 @@ def test_depthwise_grad_weight_through_the_kernel(channels, isa, rng):
     from test_vjp import loops_vjp, make_case
 
     from convtranspose._api import spec_for
-    from convtranspose._vjp import native_grad_weight_side, vjp_arrays
+    from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
     x, w, cot, kw = make_case(rng, 3, (3, 4, 9), channels, channels, (3, 2, 4),
                               stride=(2, 1, 2), padding=(1, 0, 2), dilation=(1, 2, 1),
                               output_padding=(1, 0, 1), groups=channels, batch=2)
@@ -273,7 +280,8 @@ def test_depthwise_grad_weight_through_the_kernel(channels, isa, rng):
         spec, _, _ = spec_for(3, xd, wd, **kw)
         x3 = xd.reshape(spec.batch, *spec.in_spatial, spec.c_in)
         c3 = cd.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-        assert native_grad_weight_side(spec, x3, c3, np.dtype(dtype)) == native.GW_DEPTHWISE
+        assert (native_grad_weight_layout(spec, x3, c3, np.dtype(dtype))
+                == native.GradWeightLayout.DEPTHWISE)
         _, rw = loops_vjp(xd, wd, cd, **kw)
         for threads in (1, 2):
             _, gw = vjp_arrays(spec, xd, wd, cd, need_input=False, algorithm="native",
@@ -283,3 +291,34 @@ def test_depthwise_grad_weight_through_the_kernel(channels, isa, rng):
             _, again = vjp_arrays(spec, xd, wd, cd, need_input=False, algorithm="native",
                                   threads=threads)
             np.testing.assert_array_equal(again, gw)
+
+
+def test_both_gradients_summing_w_taps_as_one_pad_the_cotangent_once(isa, rng, monkeypatch):
+    """Few output channels and neither side whole vectors: grad_input and grad_weight both
+    sum every W tap as one run of a cotangent padded along W. It is padded once, as wide
+    as grad_weight's runs need, and each gradient keeps the bits it has alone (grad_input
+    alone pads less) and matches the loop reference."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp, _vjp_native
+    from convtranspose._api import spec_for
+    x, w, cot, kw = make_case(rng, 3, (6, 10, 12), 5, 3, (3, 3, 3), stride=2, padding=(0, 1, 1),
+                              batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    plan = _vjp.make_vjp_plan(spec, np.dtype(np.float32), threads=2)
+    assert plan.grad_input.wide_w and plan.grad_weight.layout == native.GradWeightLayout.WIDE
+    widths = []
+    real = _vjp_native.padded_along_w
+    monkeypatch.setattr(_vjp_native, "padded_along_w",
+                        lambda a, left, width, *rest: (widths.append(width),
+                                                       real(a, left, width, *rest))[1])
+    gx, gw = _vjp.vjp_arrays(spec, x, w, cot, threads=2)
+    assert len(widths) == 1
+    gx_alone, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, threads=2)
+    _, gw_alone = _vjp.vjp_arrays(spec, x, w, cot, need_input=False, threads=2)
+    assert widths[1] < widths[0] == widths[2]  # grad_input alone: a narrower padding
+    np.testing.assert_array_equal(gx, gx_alone)
+    np.testing.assert_array_equal(gw, gw_alone)
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+    np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)

@@ -20,15 +20,16 @@ needs_kernel = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled ker
 
 # name: (grad_input's path, grad_weight's path, grad_weight's kernel layout or None,
 #        grad_input computed in grad_weight's pass)
+ALONG_OUT, ALONG_IN = native.GradWeightLayout.ALONG_OUT, native.GradWeightLayout.ALONG_IN
 BACKWARD_W = {
-    "W1": ("native", "native", False, False),
-    "W2": ("native", "native", False, False),
-    "W3": ("native", "native", True, False),
-    "W4": ("native", "native", False, False),
-    "W5": ("winograd", "native", False, False),
-    "W6": ("native", "native", True, True),  # 16 -> 1 head: few sums, one pass for both
-    "W7": ("native", "native", native.GW_DEPTHWISE, False),
-    "W8": ("winograd", "native", False, False),
+    "W1": ("native", "native", ALONG_OUT, False),
+    "W2": ("native", "native", ALONG_OUT, False),
+    "W3": ("native", "native", ALONG_IN, False),
+    "W4": ("native", "native", ALONG_OUT, False),
+    "W5": ("winograd", "native", ALONG_OUT, False),
+    "W6": ("native", "native", ALONG_IN, True),  # 16 -> 1 head: few sums, one pass for both
+    "W7": ("native", "native", native.GradWeightLayout.DEPTHWISE, False),
+    "W8": ("winograd", "native", ALONG_OUT, False),
     "W9": ("indexed", "indexed", None, False),  # small: one gather, two GEMMs
 }
 
@@ -36,7 +37,7 @@ BACKWARD_W = {
 # counts that no vector width divides, so that the pins hold on AVX2 and AVX-512 alike.
 BACKWARD_LAYERS = {
     # grouped, few channels per group (2 in, 17 out per group): grad_weight sums every W
-    # tap's columns at once (GW_WIDE)
+    # tap's columns at once (layout WIDE)
     "grouped-few": ((1, 12, 12, 12, 4), (34, 5, 5, 5, 2), dict(stride=2, groups=2),
                     "native", "native"),
     # grouped, 19 in and 1 out per group: the same
@@ -65,9 +66,10 @@ BACKWARD_LAYERS = {
     "fan-out": ((1, 12, 12, 12, 8), (4, 4, 4, 4, 2), dict(stride=2, groups=4),
                 "native", "native"),
 }
-GW_SIDES = {"odd-channels-s2": _vjp.GW_PADDED, "odd-channels-s1": _vjp.GW_PADDED,
-            "grouped-few": _vjp.GW_WIDE, "grouped-thin-out": _vjp.GW_WIDE, "fan-out": _vjp.GW_WIDE,
-            "multiplier": native.GW_DEPTHWISE}
+Layout = native.GradWeightLayout
+GW_LAYOUTS = {"odd-channels-s2": Layout.PADDED, "odd-channels-s1": Layout.PADDED,
+              "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.WIDE, "fan-out": Layout.WIDE,
+              "multiplier": Layout.DEPTHWISE}
 
 
 def _workload(name: str):
@@ -80,9 +82,9 @@ def _workload(name: str):
 def test_backward_paths_of_the_public_workloads(name):
     wl = _workload(name)
     p = ct.vjp_plan(wl.input_shape, wl.weight_shape, **wl.settings, threads=2)
-    gx_path, gw_path, side, fused = BACKWARD_W[name]
+    gx_path, gw_path, layout, fused = BACKWARD_W[name]
     assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
-    assert p.grad_weight.side == side and p.grad_input.with_grad_weight == fused, p
+    assert p.grad_weight.layout == layout and p.grad_input.with_grad_weight == fused, p
     assert (p.multiplier is None) and p.threads == 2
     # both by the kernel (and not in one pass): their tasks share one queue
     assert p.shared_queue == (gw_path == "native" and gx_path != "indexed" and not fused)
@@ -94,7 +96,7 @@ def test_backward_paths_of_representative_layers(name):
     x_shape, w_shape, settings, gx_path, gw_path = BACKWARD_LAYERS[name]
     p = ct.vjp_plan(x_shape, w_shape, **settings, threads=2)
     assert (p.grad_input.algorithm, p.grad_weight.algorithm) == (gx_path, gw_path), p
-    assert p.grad_weight.side == GW_SIDES.get(name), p
+    assert p.grad_weight.layout == GW_LAYOUTS.get(name), p
 
 
 @needs_kernel

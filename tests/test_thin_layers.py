@@ -16,7 +16,7 @@ from reference import conv_transpose_ref
 
 import convtranspose as ct
 from convtranspose import _native_kernel as native
-from convtranspose import _plan, _vjp
+from convtranspose import _plan, _vjp, _vjp_native
 from convtranspose._api import spec_for
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel's paths")
@@ -132,19 +132,20 @@ def test_the_paths_each_class_takes():
     for name in ("thin-both", "one-in", "grouped-few", "grouped-thin-out"):
         spec, x, w = _spec(name)
         c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
-        assert _vjp.grad_input_wide_w(spec) == (spec.groups == 1), name
-        assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, spec.c_in),
-                                            c3, np.dtype(np.float32), 2) == _vjp.GW_WIDE, name
+        assert _vjp_native.grad_input_wide_w(spec) == (spec.groups == 1), name
+        layout = _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, spec.c_in),
+                                                c3, np.dtype(np.float32), 2)
+        assert layout == native.GradWeightLayout.WIDE, name
     spec, *_ = _spec("depthwise-2ch")
     assert _plan.native_mode(spec) == native.DEPTHWISE
     # neither C_in/g nor C_out/g whole vectors, W dilated: x padded for grad_weight
     spec, x, w = _spec("dilated-odd-channels")
     c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
-    assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, spec.c_in), c3,
-                                        np.dtype(np.float32), 2) == _vjp.GW_PADDED
+    assert _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, spec.c_in), c3,
+                                          np.dtype(np.float32), 2) == native.GradWeightLayout.PADDED
     # one cotangent channel per group fans out to C_in/g inputs: a depthwise grad_input
     spec, *_ = _spec("grouped-thin-out")
-    assert _plan.expands_to_depthwise(_vjp.grad_input_kernel_spec(spec))
+    assert _plan.expands_to_depthwise(_vjp_native.grad_input_kernel_spec(spec))
 
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, shape", [
@@ -183,9 +184,9 @@ def test_grouped_wide_grad_weight_beside_grad_input_on_one_thread():
     w = rng.standard_normal((4, 5, 5, 5, 19)).astype(np.float32)
     spec, x, w = spec_for(3, x, w, 2, 2, 1, 0, 4)
     cot = rng.standard_normal((1, *spec.out_spatial, 4)).astype(np.float32)
-    assert _vjp.native_grad_weight_side(spec, x.reshape(1, *spec.in_spatial, 76),
-                                        cot.reshape(1, *spec.out_spatial, 4),
-                                        np.dtype(np.float32), 1) == _vjp.GW_WIDE
+    assert _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, 76),
+                                          cot.reshape(1, *spec.out_spatial, 4),
+                                          np.dtype(np.float32), 1) == native.GradWeightLayout.WIDE
     want = _vjp.vjp_arrays(spec, x, w, cot, algorithm="gather")[1]
     for threads in (1, 2):
         got = _vjp.vjp_arrays(spec, x, w, cot, threads=threads)[1]

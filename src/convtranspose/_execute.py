@@ -17,8 +17,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _native_kernel as native
+from ._algorithms import Algorithm
 from ._blas import single_threaded_blas
-from ._geometry import AxisTap, Phase
+from ._geometry import AxisTap, Phase, ceil_div
 from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
@@ -526,10 +527,10 @@ def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndar
     rows = w.shape[-1]
     lanes, vectors = native.layout(w.dtype.itemsize)
     chunk = lanes * vectors
-    padded = -(-cols // lanes) * lanes
+    padded = ceil_div(cols, lanes) * lanes
     if cols > chunk:
-        chunks = -(-cols // chunk)
-        per = -(-chunks // pieces) * chunk
+        chunks = ceil_div(cols, chunk)
+        per = ceil_div(chunks, pieces) * chunk
         for c0 in range(0, cols, per):
             n1 = min(padded, c0 + per)  # padded columns of the piece
             part = np.ascontiguousarray(table[:, c0:c0 + per])
@@ -537,14 +538,14 @@ def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndar
             native.fill_columns(w, part, rows, row_stride,
                                 out[taps * rows * c0:taps * rows * n1], into=into)
     else:
-        per = -(-taps // pieces)
+        per = ceil_div(taps, pieces)
         for t0 in range(0, taps, per):
             t1 = min(taps, t0 + per)
             native.fill_columns(w, table[t0:t1], rows, row_stride,
                                 out[t0 * rows * padded:t1 * rows * padded], into=into)
 
 
-def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode: int,
+def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode: native.Mode,
                     scratch: Scratch, threads: int = 1) -> list[_LazyWeights]:
     """Per phase group of `layer`, its taps (D-major, then H, then W, as `axis_taps` orders
     them) packed for the compiled kernel from its weight w3s[i] (C_out, kD, kH, kW,
@@ -570,9 +571,9 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
         w3s, strides = zip(*(readable[id(w)] for w in w3s))
         lanes, _ = native.layout(item)
         tables = [_channels_tables(st, layer, groups, cog)[i] for i, st in enumerate(strides)]
-        sizes = [[t.shape[0] * w.shape[-1] * -(-t.shape[1] // lanes) * lanes for t in per_group]
+        sizes = [[t.shape[0] * w.shape[-1] * ceil_div(t.shape[1], lanes) * lanes for t in per_group]
                  for w, per_group in zip(w3s, tables)]
-        block = scratch.empty(sum(-(-n // align) * align for per in sizes for n in per),
+        block = scratch.empty(sum(ceil_div(n, align) * align for per in sizes for n in per),
                               w3.dtype)
         now = (threads > 1 and len(layer.value) < threads
                and block.nbytes >= PARALLEL_PACK_BYTES)
@@ -581,7 +582,7 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
             arrays, packs = [], []
             for table, n in zip(per_group, per_size):
                 arrays.append(block[at:at + n])
-                at += -(-n // align) * align
+                at += ceil_div(n, align) * align
                 if now:
                     _pack_pieces(w, table, st[-1], arrays[-1], 2 * threads, pieces, keep)
                 else:
@@ -609,7 +610,7 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
 
 
 def _small_layouts(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
-                   mode: int) -> list[np.ndarray]:
+                   mode: native.Mode) -> list[np.ndarray]:
     """The DOT ([tap][co][c] per conv group) or DEPTHWISE ([tap][channel]) layout of w3."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
@@ -654,7 +655,7 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
 
 @functools.lru_cache(maxsize=8)  # an index holds as many int64 as the weight: bounded
 def _small_layout_index(shape: tuple[int, ...], layer: _HashedOnce, groups: int,
-                        mode: int) -> tuple[np.ndarray, list[list[int]]]:
+                        mode: native.Mode) -> tuple[np.ndarray, list[list[int]]]:
     """Where each packed element of every phase group of `layer` comes from in a
     C-contiguous weight of `shape`, groups one after the other (the layout computed once
     on the indices: a call then packs with one take), and each group's array lengths."""
@@ -689,7 +690,7 @@ class _TileGeometry(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)  # a few hundred bytes an entry
-def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | None,
+def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pair_dims: tuple | None,
                    wide: tuple | None, out_shape: tuple, out_strides: tuple,
                    out_item: int) -> _TileGeometry:
     """The tile's positions in the output as a strided view of it (every W residue of a
@@ -698,8 +699,8 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
     n0, n1 = tile.n
     (a, b), (e, f) = tile.d, tile.h
     qw = phase.count[2]
-    first_d = 2 * a if pairs else phase.residue[0] + a * spec.stride[0]
-    step_d = 1 if pairs else spec.stride[0]
+    first_d = 2 * a if pair_dims else phase.residue[0] + a * spec.stride[0]
+    step_d = 1 if pair_dims else spec.stride[0]
     # a merged W group's position holds every residue's channels: whole rows, in steps of
     # len(group) positions
     step_w = len(group) if len(group) > 1 else spec.stride[2]
@@ -708,7 +709,7 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
     es = [st // out_item for st in out_strides[:4]]
     offset = sum(i * st for i, st in zip(first, es)) * out_item
     strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * step_w]
-    in_dims, steps, pair_out = ((pairs, (4, 1, 1), spec.out_spatial[0]) if pairs
+    in_dims, steps, pair_out = ((pair_dims, (4, 1, 1), spec.out_spatial[0]) if pair_dims
                                 else (spec.in_spatial, (1, 1, 1), 0))
     cig = spec.c_in_per_group
     if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
@@ -719,18 +720,19 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pairs: tuple | No
 
 
 def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
-                task: Task, convert_input: bool, mode: int, x_origin, threads: int,
-                pairs: tuple | None = None, wide: tuple | None = None,
+                task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
+                pair_dims: tuple | None = None, wide: tuple | None = None,
                 bias: np.ndarray | None = None, channel_stride: int = 0):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
-    group writes s_w * C_out channels per position of its first residue. `pairs`: a
-    ``winograd`` tile, (V's dims) read at D step 4: its rows are output pairs along D.
+    group writes s_w * C_out channels per position of its first residue. `pair_dims`: a
+    ``winograd`` tile, V's dims (4 * pairs, H, W) read at D step 4: its rows are output
+    pairs along D.
     `bias`: None, or the group's `native.bias_table`, added by the kernel as it stores.
     `channel_stride`: PLANAR mode's, its input the planar copy (`native.planar_copy`)."""
     groups = spec.groups
-    geo = _tile_geometry(spec, group, task.tile, pairs, wide, out.shape, out.strides,
+    geo = _tile_geometry(spec, group, task.tile, pair_dims, wide, out.shape, out.strides,
                          out.dtype.itemsize)
     cig, cog, box, qw = geo.cin, geo.cout, geo.box, geo.wcount
     item = spec.compute_dtype.itemsize
@@ -783,7 +785,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
             x_addr, xs = x_origin
         if round_output:  # the tile's positions (out is C-contiguous: `execute` made it),
             # through a block of the compute dtype
-            rows_d = (min(2 * box[3], spec.out_spatial[0]) - 2 * box[2] if pairs
+            rows_d = (min(2 * box[3], spec.out_spatial[0]) - 2 * box[2] if pair_dims
                       else box[3] - box[2])
             view = np.lib.stride_tricks.as_strided(
                 out.reshape(-1)[geo.out_offset // out.dtype.itemsize:],
@@ -849,9 +851,9 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
     release the GIL), into memory recycled from call to call like a result's: W2's 64 MiB
     in float32 took 14 ms on one thread from fresh pages."""
     out = result_empty(x3.shape, dtype)
-    step = -(-len(x3) // threads) if len(x3) >= threads else None
+    step = ceil_div(len(x3), threads) if len(x3) >= threads else None
     if step is None:  # too few batch items: cut along D
-        step_d = -(-x3.shape[1] // threads)
+        step_d = ceil_div(x3.shape[1], threads)
         parts = [(slice(None), slice(i, i + step_d)) for i in range(0, x3.shape[1], step_d)]
     else:
         parts = [(slice(i, i + step),) for i in range(0, len(x3), step)]
@@ -875,7 +877,7 @@ def _bias_tables(plan: Plan, bias) -> list:
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
     """The compiled kernel's tasks; packed weights live in `scratch` until they return."""
     spec = plan.spec
-    planar = plan.algorithm == "planar"
+    planar = plan.algorithm == Algorithm.PLANAR
     mode = native.PLANAR if planar else native_mode(spec, plan.wide_w)
     groups, wide = plan.groups, None
     if not planar and expands_to_depthwise(spec):  # each input channel repeated for its outputs
@@ -903,7 +905,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     elif convert and spec.input_dtype == spec.compute_dtype:
         # Channels not contiguous, where the plan assumed the input read in place (its
         # tiles are shared and hold no copy): tiles that copy their rows instead.
-        tasks, _ = make_tasks(spec, "native", plan.groups, plan.workspace_limit,
+        tasks, _ = make_tasks(spec, Algorithm.NATIVE, plan.groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
     offsets = [_native_offsets(g[0]) for g in groups]
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
@@ -973,22 +975,23 @@ def pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
     return u
 
 
-def pair_input(x3: np.ndarray, base: int, pairs: int, threads: int) -> np.ndarray:
+def pair_input(x3: np.ndarray, base: int, winograd_pairs: int, threads: int) -> np.ndarray:
     """Winograd F(2,3)'s input side along D (`native.pair_transform`) of x3 (N, D, H, W,
-    C; the compute dtype, channels contiguous), for output pairs [0, pairs) whose first D
-    tap reads input 2j + base: V (N, pairs, 4, H, W, C), by every thread."""
+    C; the compute dtype, channels contiguous), for output pairs [0, winograd_pairs) whose
+    first D tap reads input 2j + base: V (N, winograd_pairs, 4, H, W, C), by every thread."""
     n, in_d, h, w, c = x3.shape
-    v = result_empty((n, pairs, 4, h, w, c), x3.dtype)
+    v = result_empty((n, winograd_pairs, 4, h, w, c), x3.dtype)
     x_addr, xs = native.origin(x3)
-    cuts = [(i, j) for i in range(n) for j in range(pairs)]
-    step = -(-len(cuts) // threads)
+    cuts = [(i, j) for i in range(n) for j in range(winograd_pairs)]
+    step = ceil_div(len(cuts), threads)
     transforms = []
     for first in range(0, len(cuts), step):
         calls: list = []
         (i0, j0), (i1, j1) = cuts[first], cuts[min(len(cuts), first + step) - 1]
         for i in range(i0, i1 + 1):  # a run of (item, pair)s, item by item
             native.pair_transform(x_addr, xs, in_d, base, (h, w, c), v, (i, i + 1),
-                                  (j0 if i == i0 else 0, j1 + 1 if i == i1 else pairs),
+                                  (j0 if i == i0 else 0,
+                                   j1 + 1 if i == i1 else winograd_pairs),
                                   into=calls)
         transforms.append(native.Task(tuple(calls)))
     native.run_tasks(transforms, threads)
@@ -1003,17 +1006,17 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
         x3 = _converted(x3, spec.compute_dtype, plan.threads)
     base, order = pair_base(spec)
     n, (_, h, w), c = spec.batch, spec.in_spatial, spec.c_in
-    pairs = pair_count(spec)
-    v = pair_input(x3, base, pairs, plan.threads)
+    winograd_pairs = pair_count(spec)
+    v = pair_input(x3, base, winograd_pairs, plan.threads)
     u = pair_weight(w3, order)
     weights = _native_weights([u] * len(plan.groups), _HashedOnce(plan.groups), spec.groups,
                               native.CHANNELS, scratch, plan.threads)
     offsets = [_native_offsets(g[0]) for g in plan.groups]
-    v_origin = native.origin(v.reshape(n, 4 * pairs, h, w, c))
+    v_origin = native.origin(v.reshape(n, 4 * winograd_pairs, h, w, c))
     biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, v, out, plan.groups[t.group], weights[t.group],
                         offsets[t.group], t, False, native.CHANNELS, v_origin, plan.threads,
-                        pairs=(4 * pairs, h, w), bias=biases[t.group])
+                        pair_dims=(4 * winograd_pairs, h, w), bias=biases[t.group])
             for t in plan.tasks]
     _run(jobs, plan.threads, 0, spec.compute_dtype)
 

@@ -33,6 +33,8 @@ import weakref
 
 import numpy as np
 
+from ._geometry import ceil_div
+
 RETAIN_BYTES = 64 << 20
 DECAY_SECONDS = 1.0  # unused this long, kept memory goes back to the system
 _ALIGN = 64  # a cache line: the kernel's vector loads stay within one
@@ -267,7 +269,7 @@ def result_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         nbytes *= n
     if nbytes < RECYCLE_FROM_BYTES or _result_cache_bytes == 0:
         return np.empty(shape, dtype)
-    size = -(-(nbytes + _ALIGN) // _PAGE) * _PAGE
+    size = ceil_div(nbytes + _ALIGN, _PAGE) * _PAGE
     raw = _take(size)
     if raw is None:
         raw = np.empty(size, np.uint8)

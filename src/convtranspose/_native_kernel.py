@@ -11,6 +11,7 @@ in csrc/correlate_api.h (CtJob, GwJob, PairJob) and csrc/module.cpp (PackJob); t
 fills the struct field by field and says which field is missing or unknown.
 """
 
+import enum
 import functools
 import math
 from typing import Any, NamedTuple
@@ -33,10 +34,17 @@ def isa() -> str | None:
     return _native.isa() if AVAILABLE else None
 
 
-# How the kernel lays its vectors (csrc/correlate_api.h): along the output channels, along
-# the input channels for 1-4 output channels, along the channels of a depthwise layer, or
-# along a row's output pixels for 1-4 output channels over a planar copy of the input.
-CHANNELS, DOT, DEPTHWISE, PLANAR = 0, 1, 2, 3
+class Mode(enum.IntEnum):
+    """How the kernel lays its vectors: `correlate`'s `mode`, valued as csrc/correlate_api.h's
+    CT_MODE_* (a new mode is one member here, one there)."""
+
+    CHANNELS = 0  # along the output channels
+    DOT = 1  # along the input channels, for 1-4 output channels
+    DEPTHWISE = 2  # along the channels of a depthwise layer
+    PLANAR = 3  # along a row's output pixels, for 1-4 outputs, over a planar input copy
+
+
+CHANNELS, DOT, DEPTHWISE, PLANAR = Mode.CHANNELS, Mode.DOT, Mode.DEPTHWISE, Mode.PLANAR
 DOT_MAX_OUT = 4
 PLANAR_MAX_OUT = 4
 # Below this many input channels CHANNELS mode sums each block over every tap in registers.
@@ -121,7 +129,7 @@ def _element_strides(strides: tuple[int, ...], item: int) -> tuple[int, ...] | N
     return tuple(out)
 
 
-def pack(wt: np.ndarray, mode: int) -> np.ndarray:
+def pack(wt: np.ndarray, mode: Mode) -> np.ndarray:
     """(taps, C_in, C_out) -> the weight layout of DOT, DEPTHWISE or PLANAR mode (for
     DEPTHWISE, C_in == 1 and the last axis holds every channel). CHANNELS: `fill_columns`."""
     assert mode != CHANNELS
@@ -197,7 +205,7 @@ class RowCursors:
         return self._base and self._base + 8 * group
 
 
-def correlate(mode: int, itemsize: int, out_half: int, stream_out: bool, x_addr: int,
+def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr: int,
               x_strides: list[int],
               in_dims: tuple[int, ...], packed: np.ndarray, offsets: TapOffsets,
               steps: tuple[int, ...], out_addr: int, out_strides: list[int],
@@ -293,18 +301,18 @@ def bias_table(bias: np.ndarray, repeats: int) -> np.ndarray:
 
 def pair_transform(x_addr: int, x_strides: list[int], in_d: int, base: int,
                    plane: tuple[int, int, int], v: np.ndarray, items: tuple[int, int],
-                   pairs: tuple[int, int], into: list | None = None) -> None:
+                   pair_range: tuple[int, int], into: list | None = None) -> None:
     """Winograd F(2,3)'s input side along D, for outputs 2j and 2j + 1 of a stride-1 axis
     whose three taps read input 2j + base + (0, 1, 2) (and one further for 2j + 1):
     v[n, j] = (x0 - x2, x1 + x2, x2 - x1, x1 - x3), xt = x[n, 2j + base + t] (zero outside
     [0, in_d)), each a whole (H, W, C) = `plane` of x (element strides n, d, h, w; channels
     contiguous). v: C-contiguous (N, J, 4, H, W, C) of the compute dtype; fills batch items
-    and pairs [lo, hi) of `items` and `pairs`. `into`: prepared for a `Task`."""
+    and pairs [lo, hi) of `items` and `pair_range`. `into`: prepared for a `Task`."""
     assert v.flags.c_contiguous and v.shape[2:] == (4, *plane)
     job = {"itemsize": v.dtype.itemsize, "x": x_addr, "xs": x_strides,  # PairJob's fields
            "in_d": in_d, "base": base, "h": plane[0], "w": plane[1], "c": plane[2],
            "v": _native.address(v), "pairs": v.shape[1], "n0": items[0], "n1": items[1],
-           "j0": pairs[0], "j1": pairs[1]}
+           "j0": pair_range[0], "j1": pair_range[1]}
     if into is not None:
         into.append(_native.pair_call(job))
     else:
@@ -399,7 +407,19 @@ def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
     return out
 
 
-def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
+class GradWeightLayout(enum.IntEnum):
+    """How the compiled grad_weight lays its sums (`_vjp.grad_weight_layout`). The first
+    three are `grad_weight`'s `swapped` (GwJob's, csrc/correlate_api.h: CT_GW_DEPTHWISE is
+    2); WIDE and PADDED are built on them in Python (`_vjp_native`)."""
+
+    ALONG_OUT = 0  # vectors along C_out/g, packed then unpacked
+    ALONG_IN = 1  # "swapped": vectors along C_in/g, summed in place
+    DEPTHWISE = 2  # one channel per group, per-worker partial sums
+    WIDE = 3  # ALONG_OUT over a W-padded cotangent: every W tap's columns in one run
+    PADDED = 4  # ALONG_IN over a copy of x with each group's channels padded to whole vectors
+
+
+def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
                 offsets: TapOffsets, steps: tuple[int, ...], part: np.ndarray,
                 box: tuple[int, ...], cin: int, cout: int,
                 units: tuple[int, int] | list[tuple[int, int]] | None = None,
@@ -414,9 +434,10 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
     contiguous channels; the offsets (elements) pick a conv group's channels. `units`
     limits the work to (tap, chunk of columns) units [u0, u1), numbered tap * chunks +
     chunk (see `gw_units`); `zero`: their sums start from zero instead of part's values.
-    `swapped` GW_DEPTHWISE: see `depthwise_grad_weight`. `into`: append the call, prepared
-    for a `Task`, instead of running it; with a list of `units`, one call per entry (the
-    arguments are worked out once).
+    `swapped`: GradWeightLayout.ALONG_OUT, ALONG_IN (or a bool for either) or DEPTHWISE
+    (see `depthwise_grad_weight`). `into`: append the call, prepared for a `Task`, instead
+    of running it; with a list of `units`, one call per entry (the arguments are worked
+    out once).
 
     `grad_input` (N, D, H, W, C_in), with `weight` laid out as part (the same strides and
     `part_offset`): the same pass also writes grad_input's rows of the box, from channel
@@ -447,9 +468,6 @@ def grad_weight(swapped: bool | int, x: np.ndarray, x_offset: int, g: np.ndarray
         _native.grad_weight(job)
 
 
-GW_DEPTHWISE = 2  # grad_weight's `swapped` for one channel per group (CT_GW_DEPTHWISE)
-
-
 def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
                           steps: tuple[int, ...], part: np.ndarray,
                           box: tuple[int, ...], into: list | None = None) -> None:
@@ -457,8 +475,8 @@ def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
     and channel c, the sum over pixels of x[p, c] * g[p * step + offset, c]."""
     assert part.flags.c_contiguous and x.shape[-1] == g.shape[-1]
     channels = x.shape[-1]
-    grad_weight(GW_DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels, channels,
-                strides=(1, channels), into=into)
+    grad_weight(GradWeightLayout.DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels,
+                channels, strides=(1, channels), into=into)
 
 
 def fuses_grad_input(itemsize: int, cin: int, cout: int) -> bool:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _native_kernel as native
-from ._geometry import AxisTap, Phase, phases_3d
+from ._algorithms import Algorithm, VjpAlgorithm
+from ._geometry import AxisTap, Phase, ceil_div, phases_3d
 from ._spec import ConvSpec
 
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
@@ -204,10 +205,9 @@ class Plan:
 
 # The NumPy/BLAS paths; 'native' names the compiled kernel's (grad_weight's layout is
 # then chosen by the rules below).
-GEMM_ALGORITHMS = ("gather", "shift", "direct", "indexed")
-VJP_ALGORITHMS = ("native", *GEMM_ALGORITHMS)
-GW_WIDE = 3  # grad_weight's kernel layout: every W tap's columns in one run
-GW_PADDED = 4  # swapped, over a copy of x with each group's channels padded to whole vectors
+GEMM_ALGORITHMS = (VjpAlgorithm.GATHER, VjpAlgorithm.SHIFT, VjpAlgorithm.DIRECT,
+                   VjpAlgorithm.INDEXED)
+VJP_ALGORITHMS = (VjpAlgorithm.NATIVE, *GEMM_ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -215,25 +215,25 @@ class GradStep:
     """How one gradient is computed: its path, and what the model says it costs.
 
     `algorithm`: 'native', 'winograd' (grad_input only), one of GEMM_ALGORITHMS, or
-    'zeros' (no tap reaches the output: nothing to sum). `side`: for grad_weight on the
-    compiled kernel, its layout (`grad_weight_side`). `with_grad_weight`: grad_input
+    'zeros' (no tap reaches the output: nothing to sum). `layout`: for grad_weight on the
+    compiled kernel, its layout (`grad_weight_layout`). `with_grad_weight`: grad_input
     computed in grad_weight's pass. `wide_w`: grad_input's W taps summed as one
     (`grad_input_wide_w`). `fan_out`: grad_input as a depthwise layer's over C_in channels
     (one cotangent channel per group, repeated for its inputs)."""
 
-    algorithm: str
+    algorithm: VjpAlgorithm
     flops: int
     workspace_bytes: int  # about: the model's count of its scratch memory
     threads: int
     est_seconds: float
-    side: bool | int | None = None
+    layout: native.GradWeightLayout | None = None
     with_grad_weight: bool = False
     wide_w: bool = False
     fan_out: bool = False
 
     @property
     def native(self) -> bool:
-        return self.algorithm in ("native", "winograd")
+        return self.algorithm in (VjpAlgorithm.NATIVE, VjpAlgorithm.WINOGRAD)
 
     def describe(self) -> str:
         """One line: the path, then how the compiled kernel lays it out."""
@@ -241,32 +241,34 @@ class GradStep:
         if self.native:
             name += f" ({native.isa()})"
         how = {
-            "winograd": "F(2,3) along D on the transformed cotangent",
-            "gather": "GEMMs over gathered cotangent rows (one copy feeds both gradients)",
-            "shift": "shifted GEMMs over a grid of cotangent rows (one copy feeds both "
-                     "gradients)",
-            "direct": "multiply-adds broadcast over channels",
-            "indexed": "one gather of the products' cotangent, one GEMM",
-            "zeros": "no tap reaches the output",
+            VjpAlgorithm.WINOGRAD: "F(2,3) along D on the transformed cotangent",
+            VjpAlgorithm.GATHER: "GEMMs over gathered cotangent rows (one copy feeds both "
+                                 "gradients)",
+            VjpAlgorithm.SHIFT: "shifted GEMMs over a grid of cotangent rows (one copy feeds "
+                                "both gradients)",
+            VjpAlgorithm.DIRECT: "multiply-adds broadcast over channels",
+            VjpAlgorithm.INDEXED: "one gather of the products' cotangent, one GEMM",
+            VjpAlgorithm.ZEROS: "no tap reaches the output",
         }.get(self.algorithm, "")
         if self.fan_out:
             how = ("a depthwise grad_input over C_in channels, each group's cotangent channel "
                    f"repeated for its inputs{'' if self.native else ' (' + how + ')'}")
         elif self.with_grad_weight:
             how = "in grad_weight's pass"
-        elif self.algorithm == "native" and self.side is not None:
-            how = _SIDE_NAMES[self.side]
-        elif self.algorithm == "native":
+        elif self.algorithm == VjpAlgorithm.NATIVE and self.layout is not None:
+            how = _LAYOUT_NAMES[self.layout]
+        elif self.algorithm == VjpAlgorithm.NATIVE:
             how = "a correlation of the cotangent, channels swapped" + (
                 ", W taps as one" if self.wide_w else "")
         return f"{name}: {how}" if how else name
 
 
-_SIDE_NAMES = {False: "vectors along C_out/g, packed then unpacked",
-               True: "vectors along C_in/g, summed in place",
-               native.GW_DEPTHWISE: "one channel per group, per-worker partial sums",
-               GW_WIDE: "every W tap's columns in one run",
-               GW_PADDED: "vectors along C_in/g, over x padded to whole vectors"}
+_LAYOUT_NAMES = {
+    native.GradWeightLayout.ALONG_OUT: "vectors along C_out/g, packed then unpacked",
+    native.GradWeightLayout.ALONG_IN: "vectors along C_in/g, summed in place",
+    native.GradWeightLayout.DEPTHWISE: "one channel per group, per-worker partial sums",
+    native.GradWeightLayout.WIDE: "every W tap's columns in one run",
+    native.GradWeightLayout.PADDED: "vectors along C_in/g, over x padded to whole vectors"}
 
 
 @dataclass(frozen=True)
@@ -404,15 +406,16 @@ def native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...],
 
 def pair_count(spec: ConvSpec) -> int:
     """Output pairs along D of a Winograd plan (the last may hold one output)."""
-    return -(-spec.out_spatial[0] // 2)
+    return ceil_div(spec.out_spatial[0], 2)
 
 
 def pair_phase(phase: Phase) -> Phase:
     """A phase as the ``winograd`` kernel sees it: D counts output pairs, and its taps
     are the four planes of the transformed input V (offset i, read at step 4)."""
-    pairs = -(-phase.count[0] // 2)
-    taps = tuple(AxisTap(i, i, 0, pairs) for i in range(4))
-    return Phase(phase.residue, (pairs, *phase.count[1:]), (taps, *phase.axis_taps[1:]))
+    winograd_pairs = ceil_div(phase.count[0], 2)
+    taps = tuple(AxisTap(i, i, 0, winograd_pairs) for i in range(4))
+    return Phase(phase.residue, (winograd_pairs, *phase.count[1:]),
+                 (taps, *phase.axis_taps[1:]))
 
 
 def pair_base(spec: ConvSpec) -> tuple[int, tuple[int, int, int]]:
@@ -562,7 +565,7 @@ def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
     if total == 0:
         return []
     if min_tiles > 1:
-        max_rows = min(max_rows, max(MIN_TILE_ROWS, -(-total // min_tiles)))
+        max_rows = min(max_rows, max(MIN_TILE_ROWS, ceil_div(total, min_tiles)))
     plane = nh * nw
     tiles = []
     if plane * nd <= max_rows:
@@ -571,13 +574,13 @@ def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
             tiles.append(Tile((n0, min(batch, n0 + step)), (0, nd), (0, nh)))
     elif plane <= max_rows:
         step = max(1, max_rows // plane)
-        step = -(-nd // -(-nd // step))  # even out the last tile
+        step = ceil_div(nd, ceil_div(nd, step))  # even out the last tile
         for n0 in range(batch):
             for d0 in range(0, nd, step):
                 tiles.append(Tile((n0, n0 + 1), (d0, min(nd, d0 + step)), (0, nh)))
     else:
         step = max(1, max_rows // nw)
-        step = -(-nh // -(-nh // step))
+        step = ceil_div(nh, ceil_div(nh, step))
         for n0 in range(batch):
             for d0 in range(nd):
                 for h0 in range(0, nh, step):
@@ -608,7 +611,7 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return registry()[algorithm].estimate(spec)
 
 
-def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> int:
+def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> native.Mode:
     """How the native kernel lays its vectors for this layer (one place for the rule);
     `wide_w` as `summed_channels`."""
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
@@ -722,7 +725,7 @@ def native_rate(spec: ConvSpec) -> float:
         return peak / 4  # along the flat pixel * channel index: two loads per FMA
     if mode == native.DOT:  # vectors along C_in (the last one whole), one lane reduction
         return peak / 2 * cig / (math.ceil(cig / lanes) * lanes) * cig / (cig + lanes)
-    vectors = -(-cog // lanes)
+    vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
@@ -757,11 +760,12 @@ def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | 
     if algorithm is not None:
         kernels = registry()
         if algorithm not in kernels:
-            raise ValueError(f"plan: 'algorithm' must be one of {tuple(kernels)}, got "
+            raise ValueError(f"plan: 'algorithm' must be one of {tuple(map(str, kernels))}, got "
                              f"{algorithm!r}")
         reason = kernels[algorithm].fits(spec, workspace_limit(spec, workspace))
         if reason is not None:
-            raise ValueError(f"plan: algorithm {algorithm!r} {reason}")
+            raise ValueError(f"plan: algorithm {str(algorithm)!r} {reason}")
+        algorithm = kernels[algorithm].name  # the registry's spelling (an Algorithm)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"plan: 'threads' must be an int >= 1, got {threads!r}")
@@ -783,12 +787,13 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     groups = kernel.phase_groups(spec)
     # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place;
     # so are those of every compiled kernel
-    pairs = algorithm == "winograd"
-    kind = "native" if kernel.compiled else algorithm
-    whole_input = kind == "native" and (pairs and spec.input_dtype != spec.compute_dtype
-                                        or native_converts_whole_input(spec, limit))
-    shared = kind == "native" and native_shares_tiles(spec, limit)
-    wide_w = (algorithm == "native" and fuses_w_taps(spec)
+    takes_pairs = algorithm == Algorithm.WINOGRAD
+    kind = Algorithm.NATIVE if kernel.compiled else algorithm
+    whole_input = kind == Algorithm.NATIVE and (
+        takes_pairs and spec.input_dtype != spec.compute_dtype
+        or native_converts_whole_input(spec, limit))
+    shared = kind == Algorithm.NATIVE and native_shares_tiles(spec, limit)
+    wide_w = (algorithm == Algorithm.NATIVE and fuses_w_taps(spec)
               and wide_w_bytes(spec, groups) <= limit)
     copy_bytes = (wide_w_bytes(spec, groups) if wide_w else
                   kernel.input_copy_bytes(spec) if kernel.input_copy_bytes else 0)
@@ -797,7 +802,8 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     tasks, biggest = make_tasks(spec, kind, groups, limit, threads, whole_input, shared)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
     # `serial` kernels.
-    serial_below = NATIVE_SERIAL_BELOW_SECONDS if kind == "native" else SERIAL_BELOW_SECONDS
+    serial_below = (NATIVE_SERIAL_BELOW_SECONDS if kind == Algorithm.NATIVE
+                    else SERIAL_BELOW_SECONDS)
     if est.get(algorithm, 1.0) < serial_below or kernel.serial:
         threads = 1
     # The model is of one core: the plan predicts the call, on its threads (efficiency
@@ -809,7 +815,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     workers = min(threads, len(tasks)) or 1
     converted = (copy_bytes or
                  spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
-                 else 0) + (pair_input_bytes(spec) if pairs else 0)
+                 else 0) + (pair_input_bytes(spec) if takes_pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
                 workspace_limit=limit, est_seconds=est, wide_w=wide_w)
@@ -833,10 +839,10 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
         tile_bytes = registry()[algorithm].tile_bytes
         per_task = max(1, min(tile_bytes, limit // threads) // item)
         min_tiles = threads if len(groups) < threads else 1
-        if algorithm == "native":
+        if algorithm == Algorithm.NATIVE:
             # Its tiles cost nothing to cut (no halo copies): cut at least four per worker,
             # so that a worker slowed by a neighbour's process does not hold up the call.
-            min_tiles = max(1, -(-4 * threads // len(groups)))
+            min_tiles = max(1, ceil_div(4 * threads, len(groups)))
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     while True:
         tasks = []
@@ -847,7 +853,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
                          if convert_input else
                          buffer_elems(spec, algorithm, group, tile, whole_input))
                 tasks.append(Task(gi, tile, elems))
-        if algorithm == "native":
+        if algorithm == Algorithm.NATIVE:
             # Tile-major: the phases of one tile read the same input rows and fill the same
             # output pages, so run them back to back (their tiles coincide when the counts do).
             tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.group))
@@ -867,7 +873,7 @@ def indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
     item = spec.compute_dtype.itemsize
     used = ((rows_in * taps + 1) * spec.c_out + table.size * spec.c_out) * item + table.nbytes
     task = Task(0, Tile((0, spec.batch), (0, 0), (0, 0)), (rows_in * taps + 1) * spec.c_out)
-    return Plan(spec=spec, algorithm="indexed", groups=(), tasks=(task,), threads=1,
+    return Plan(spec=spec, algorithm=Algorithm.INDEXED, groups=(), tasks=(task,), threads=1,
                 workspace_bytes=used, workspace_limit=limit, est_seconds=est,
                 table=table)
 

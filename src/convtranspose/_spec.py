@@ -218,21 +218,21 @@ def normalize_padding(op: str, value: Any, ndim: int) -> PadPairs | str:
                 f"{op}: 'padding' must be an int or a tuple of {ndim} ints or (lo, hi) pairs "
                 f"(one per spatial axis), 'same' or 'valid', got {value!r} with "
                 f"{len(value)} entries{hint}")
-        pairs = []
+        lo_hi = []
         for entry in value:
             if isinstance(entry, (tuple, list)):
                 if len(entry) != 2 or not all(_is_int(e) for e in entry):
                     raise ValueError(
                         f"{op}: each 'padding' entry must be an int or a (lo, hi) pair of "
                         f"ints, got {entry!r} in {value!r}")
-                pairs.append((int(entry[0]), int(entry[1])))
+                lo_hi.append((int(entry[0]), int(entry[1])))
             elif _is_int(entry):
-                pairs.append((int(entry), int(entry)))
+                lo_hi.append((int(entry), int(entry)))
             else:
                 raise TypeError(
                     f"{op}: 'padding' entries must be ints or (lo, hi) pairs of ints, got "
                     f"{entry!r} ({type(entry).__name__}) in {value!r}")
-        return tuple(pairs)
+        return tuple(lo_hi)
     if _is_int(value):
         return ((int(value), int(value)),) * ndim
     raise TypeError(

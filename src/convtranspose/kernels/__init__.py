@@ -4,8 +4,8 @@ Each module builds one `Kernel`: whether it fits a layer (and why not), its cost
 how it groups the phases and sizes its tiles' buffers, and how it runs a plan. The planner
 (`_plan.choose_algorithm`) takes the fastest estimate among the kernels that fit; a plan
 asked for by name is refused with the kernel's own reason; `_execute.execute` runs
-`REGISTRY[plan.algorithm].run`. A new algorithm is one module and one line in `_BUILTIN`
-(or one `register` call, as a test does).
+`REGISTRY[plan.algorithm].run`. A new algorithm is one module and one member of
+`_algorithms.Algorithm` (or one `register` call, as a test does).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._algorithms import Algorithm
 from .._plan import SMALL_TILE_BYTES
 
 if TYPE_CHECKING:
@@ -83,8 +84,7 @@ class Kernel:
 
 
 # The built-in kernels, in the order the planner lists them (ties go to the first).
-_BUILTIN = ("shift", "scatter", "direct", "indexed", "native", "winograd", "fan_in",
-            "planar")
+_BUILTIN = tuple(Algorithm)
 
 REGISTRY: dict[str, Kernel] = {}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from .. import _execute
+from .._algorithms import Algorithm
 from .._plan import ELEMENTWISE_PER_S, bordered_slab, live_phases, output_write_seconds
 from . import Kernel
 
@@ -48,4 +49,4 @@ def run(plan, x3, w3, out, bias):
     _execute.run_tiles(plan, jobs)
 
 
-KERNEL = Kernel("direct", fits, estimate, phase_groups, run, buffer_elems, fallback=True)
+KERNEL = Kernel(Algorithm.DIRECT, fits, estimate, phase_groups, run, buffer_elems, fallback=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import _execute
 from .. import _native_kernel as native
+from .._algorithms import Algorithm
 from .._plan import (
     COPY_BYTES_PER_S,
     estimate_seconds,
@@ -57,7 +58,7 @@ def fits(spec, limit):
 
 def estimate(spec):
     """The depthwise stage on the kernel, then one pass reading it and writing the sums."""
-    return (estimate_seconds(_depthwise(spec), "native")
+    return (estimate_seconds(_depthwise(spec), Algorithm.NATIVE)
             + 2 * _stage_bytes(spec) / COPY_BYTES_PER_S)
 
 
@@ -72,7 +73,7 @@ def run(plan, x3, w3, out, bias):
     wd = (per_input_channel_weight(spec, w3).reshape(spec.c_in, *spec.kernel, 1)
           .astype(spec.compute_dtype))
     stage = _execute.execute(
-        make_plan(depthwise, algorithm="native", workspace=plan.workspace_limit,
+        make_plan(depthwise, algorithm=Algorithm.NATIVE, workspace=plan.workspace_limit,
                   threads=plan.threads), x3, wd)
     sums = stage.reshape(*out.shape, m).sum(axis=-1)
     if bias is not None:
@@ -80,5 +81,5 @@ def run(plan, x3, w3, out, bias):
     np.copyto(out, sums, casting="unsafe")
 
 
-KERNEL = Kernel("fan_in", fits, estimate, phase_groups, run,
+KERNEL = Kernel(Algorithm.FAN_IN, fits, estimate, phase_groups, run,
                 writes_every_output=lambda spec: True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from .. import _execute
+from .._algorithms import Algorithm
 from .._plan import (
     COPY_BYTES_PER_S,
     INDEXED_MAX_ELEMS,
@@ -41,5 +42,5 @@ def run(plan, x3, w3, out, bias):
     _execute._indexed(plan, x3, w3, out, bias)
 
 
-KERNEL = Kernel("indexed", fits, estimate, phase_groups, run,
+KERNEL = Kernel(Algorithm.INDEXED, fits, estimate, phase_groups, run,
                 writes_every_output=lambda spec: True, first=True, make_plan=indexed_plan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .. import _execute
 from .. import _native_kernel as native
+from .._algorithms import Algorithm
 from .._memory import Scratch
 from .._plan import (
     live_phases,
@@ -46,5 +47,5 @@ def run(plan, x3, w3, out, bias):
         _execute._execute_native(plan, x3, w3, out, scratch, bias)
 
 
-KERNEL = Kernel("native", fits, estimate, phase_groups, run, buffer_elems,
+KERNEL = Kernel(Algorithm.NATIVE, fits, estimate, phase_groups, run, buffer_elems,
                 writes_every_output=native_writes_every_output, compiled=True)

@@ -13,6 +13,7 @@ against `shift`'s 0.11 s): a model to revisit, not a reason to keep it for the k
 from __future__ import annotations
 
 from .. import _execute
+from .._algorithms import Algorithm
 from .._plan import COPY_BYTES_PER_S, _gemm_rate, bordered_slab, live_phases, output_write_seconds
 from . import Kernel
 
@@ -63,5 +64,5 @@ def run(plan, x3, w3, out, bias):
 
 # One worker, measured on W6: 3.6 ms on one, 4.3-5.7 ms on two (its window adds are
 # memory-bound; a bigger 16 -> 1 head gained from two, 15 vs 20 ms: not yet used).
-KERNEL = Kernel("scatter", fits, estimate, phase_groups, run, buffer_elems, serial=True,
+KERNEL = Kernel(Algorithm.SCATTER, fits, estimate, phase_groups, run, buffer_elems, serial=True,
                 fallback=True)

@@ -7,6 +7,7 @@ small next to the GEMM."""
 from __future__ import annotations
 
 from .. import _execute
+from .._algorithms import Algorithm
 from .._plan import (
     COPY_BYTES_PER_S,
     TILE_BYTES,
@@ -76,5 +77,5 @@ def run(plan, x3, w3, out, bias):
     _execute.run_tiles(plan, jobs)
 
 
-KERNEL = Kernel("shift", fits, estimate, phase_groups, run, buffer_elems,
+KERNEL = Kernel(Algorithm.SHIFT, fits, estimate, phase_groups, run, buffer_elems,
                 tile_bytes=TILE_BYTES)

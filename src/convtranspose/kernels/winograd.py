@@ -7,6 +7,7 @@ order than the direct sum: equal within float rounding, not bit for bit (see
 from __future__ import annotations
 
 from .. import _execute
+from .._algorithms import Algorithm
 from .._memory import Scratch
 from .._plan import (
     PAIR_TRANSFORM_BYTES_PER_S,
@@ -51,5 +52,5 @@ def run(plan, x3, w3, out, bias):
         _execute._execute_winograd(plan, x3, w3, out, scratch, bias)
 
 
-KERNEL = Kernel("winograd", fits, estimate, phase_groups, run, buffer_elems,
+KERNEL = Kernel(Algorithm.WINOGRAD, fits, estimate, phase_groups, run, buffer_elems,
                 writes_every_output=native_writes_every_output, compiled=True, exact=False)

@@ -1,0 +1,470 @@
+"""The gradient's paths on the compiled kernel (csrc/), for the plan's choices (`_vjp`):
+grad_input as a correlation of the cotangent (channels swapped; W taps as one, or Winograd
+pairs along D), grad_weight in one of its layouts (`_vjp.grad_weight_layout`), or both in one
+pass. Each prepares kernel calls as tasks for the compiled pool, run at once or left in a
+shared queue (`defer`). Workers own disjoint units or rows, or one partial sum each added
+in worker order: bitwise reproducible for a given thread count.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from . import _native_kernel as native
+from ._execute import padded_along_w, pair_input, pair_weight, run_jobs
+from ._geometry import ceil_div
+from ._native_kernel import GradWeightLayout
+from ._plan import (
+    FUSE_W_BELOW_CHANNELS,
+    SHARED_TILE_BYTES,
+    Tile,
+    native_mode,
+    split_tiles,
+    streams_output,
+)
+from ._spec import ConvSpec
+from ._vjp_tiles import input_tiles, sum_in_order
+
+
+def grad_input_wide_w(spec: ConvSpec) -> bool:
+    """Whether grad_input sums every W tap as one (as the forward's `fuses_w_taps`): with
+    dilation 1 along W, input pixel i meets cotangent pixels i*s - p + k for k in [0, kW),
+    one run of kW * C_out values (one conv group) in a cotangent padded along W."""
+    return (spec.groups == 1 and spec.dilation[2] == 1 and spec.kernel[2] > 1
+            and spec.c_out < FUSE_W_BELOW_CHANNELS)
+
+
+@functools.lru_cache(maxsize=256)
+def grad_input_kernel_spec(spec: ConvSpec) -> ConvSpec:
+    """grad_input as the kernel sees it: channels swapped (it sums C_out/g, writes C_in/g)
+    and, with `grad_input_wide_w`, one W tap of kW * C_out channels. For the kernel's
+    mode and rate only."""
+    if grad_input_wide_w(spec):
+        return dataclasses.replace(spec, c_in=spec.c_out * spec.kernel[2], c_out=spec.c_in,
+                                   kernel=(*spec.kernel[:2], 1))
+    return dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in)
+
+
+def grad_input_w_taps_as_one(spec: ConvSpec) -> bool:
+    """Whether the kernel's grad_input sums W taps as one (`grad_input_wide_w`; never for
+    depthwise layers)."""
+    depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
+    return not depthwise and grad_input_wide_w(spec)
+
+
+def grad_input_mode(spec: ConvSpec) -> native.Mode:
+    """The kernel's vector layout for grad_input."""
+    if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:
+        return native.DEPTHWISE
+    return native_mode(grad_input_kernel_spec(spec), False)
+
+
+@functools.lru_cache(maxsize=64)  # a table is taps x C_in/g int64: bounded memory
+def _grad_input_tables(ktot: int, cig: int, groups: int, cog: int, s_co: int, s_tap: int,
+                       s_ci: int) -> tuple[np.ndarray, ...]:
+    """Per conv group, the pack table of grad_input's weight [tap][co][ci]: the offset of
+    each (tap, ci)'s element for co = 0, for a weight of these element strides."""
+    start = np.arange(ktot)[:, None] * s_tap + np.arange(cig)[None, :] * s_ci
+    tables = []
+    for g in range(groups):
+        table = np.ascontiguousarray(start + g * cog * s_co, np.int64)
+        table.flags.writeable = False  # shared by every call with these strides
+        tables.append(table)
+    return tuple(tables)
+
+
+@functools.lru_cache(maxsize=256)
+def tap_offsets(spec: ConvSpec) -> native.TapOffsets:
+    """Per axis, the cotangent offset k * dilation - padding of every tap k."""
+    return native.TapOffsets(np.arange(k, dtype=np.int64) * d - p
+                             for k, d, p in zip(spec.kernel, spec.dilation, spec.pad_lo))
+
+
+@functools.lru_cache(maxsize=256)
+def _pair_offsets(spec: ConvSpec) -> native.TapOffsets:
+    """`tap_offsets` with D's taps the four planes of V (offsets 0-3, read at step 4)."""
+    taps = tap_offsets(spec)
+    return native.TapOffsets([np.arange(4), taps[1], taps[2]])
+
+
+def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
+               defer: list | None = None, winograd: bool = False,
+               padded: tuple[np.ndarray, int] | None = None) -> None:
+    """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
+    the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
+    grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
+    or with channels not contiguous, is converted plane by plane as a tile needs it.
+    `winograd` (the plan's `grad_input_takes_pairs`): Winograd F(2,3) along D: the
+    kernel reads the transformed cotangent V with the transformed weight, and a tile's
+    rows are pairs of grad_input planes. `padded`: the W-padded cotangent and its left
+    padding, made for both gradients (`padded_cotangent_for_both`), where W taps sum as
+    one."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    item = compute_dtype.itemsize
+    offsets = tap_offsets(spec)
+    ktot = math.prod(spec.kernel)
+    depthwise = cig == 1 and cog == 1
+    wide = grad_input_w_taps_as_one(spec)
+    mode = grad_input_mode(spec)
+    # (a fan-out, depthwise by its swapped spec alone, goes to `_fan_out_grad_input`)
+    assert depthwise or mode != native.DEPTHWISE
+    winograd_pairs = ceil_div(spec.in_spatial[0], 2) if winograd else 0  # the plan's choice
+    source, in_dims, steps = c3, spec.out_spatial, spec.stride
+    if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
+        c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, compute_dtype,
+                                                              n_threads, padded)
+        source = c3
+    if depthwise:  # [tap][channel], every channel in one pass
+        packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=compute_dtype)]
+    elif mode == native.DOT:  # [tap][ci][co] per group: vectors along the co summed
+        w4 = w3.reshape(groups, cog, ktot, cig)
+        packed = [np.ascontiguousarray(w4[g].transpose(1, 2, 0), dtype=compute_dtype)
+                  for g in range(groups)]
+    else:  # [tap][co][ci] per group (rows co, columns ci), gathered from w3 in one pass
+        w3 = w3.astype(compute_dtype, copy=False)
+        if winograd_pairs:  # the D taps, in order of offset k - p, transformed into four
+            w3 = pair_weight(w3.reshape(spec.c_out, *spec.kernel, cig), (0, 1, 2))
+            w3 = w3.reshape(spec.c_out, -1, cig)
+            ktot = w3.shape[1]
+        strides = native.element_strides(w3)
+        if strides is None:
+            w3 = np.ascontiguousarray(w3)
+            strides = native.element_strides(w3)
+        s_co, s_tap, s_ci = strides
+        packed = [native.pack_columns(w3, table, cog, s_co)
+                  for table in _grad_input_tables(ktot, cig, groups, cog, s_co, s_tap, s_ci)]
+    convert = not native.reads_in_place(c3, compute_dtype)
+    per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
+    if convert:  # a tile at a time per thread, each converting what it reads
+        tiles = input_tiles(spec, max(1, budget // per_row), 4 * n_threads)
+    elif winograd_pairs:  # tiles of pair rows, shared as below
+        tiles = split_tiles(spec.batch, (winograd_pairs, *spec.in_spatial[1:]),
+                            SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
+    else:  # threads share each tile's rows (as the forward's): cut only for locality
+        tiles = input_tiles(spec, SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
+    sharers = 1 if convert else n_threads
+    (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
+    out_w = spec.out_spatial[2]
+    stream = streams_output(gx.nbytes)
+    if winograd_pairs:
+        source = pair_input(c3, int(offsets[0][0]), winograd_pairs, n_threads)
+        source = source.reshape(spec.batch, 4 * winograd_pairs, *source.shape[3:])
+        in_dims, steps = (4 * winograd_pairs, oh, out_w), (4, *spec.stride[1:])
+        offsets = _pair_offsets(spec)
+
+    def job_for(tile):
+        cursors = native.RowCursors(groups, sharers)
+        n0, n1 = tile.n
+        box = (n0, n1, *tile.d, *tile.h)
+        rows_d = (slice(2 * tile.d[0], min(2 * tile.d[1], spec.in_spatial[0])) if winograd_pairs
+                  else slice(*tile.d))
+        target = gx[n0:n1, rows_d, tile.h[0]:tile.h[1]]
+        o_addr, os_ = native.origin(target)
+
+        def calls(x_addr, xs, into=None) -> None:
+            if depthwise:
+                native.correlate(native.DEPTHWISE, item, native.HALF_NONE, stream, x_addr, xs,
+                                 spec.out_spatial, packed[0], offsets, spec.stride, o_addr,
+                                 os_, box, spec.in_spatial[2], groups, groups,
+                                 cursors.address(0), sharers, into=into)
+                return
+            for g in range(groups):
+                native.correlate(mode, item, native.HALF_NONE, stream,
+                                 x_addr + g * cog * item, xs, in_dims, packed[g],
+                                 offsets, steps, o_addr + g * cig * item, os_, box,
+                                 spec.in_spatial[2], cog, cig, cursors.address(g), sharers,
+                                 into=into, pair_out=spec.in_spatial[0] if winograd_pairs else 0)
+
+        if not convert:  # in place: a task for the compiled pool
+            prepared: list = []
+            calls(*native.origin(source), prepared)
+            return native.Task(tuple(prepared), sharers > 1, None, (cursors, packed, source))
+
+        def job():  # the cotangent planes and rows this tile's taps read, converted
+            d0 = min(od, max(0, tile.d[0] * sd + int(offsets[0][0])))
+            d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
+            h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
+            h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
+            slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), compute_dtype)
+            slab[...] = c3[n0:n1, d0:d1, h0:h1]
+            calls(*native.origin(slab, (n0, d0, h0)))  # the slab holds every row read
+        return job
+
+    _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
+
+
+def _cotangent_padding(spec: ConvSpec, reach: int) -> tuple[int, int]:
+    """(left padding, width) of a cotangent padded with zeros along W so that for every
+    input pixel i the `reach` cotangent pixels from i*s - p on lie inside it (the W-tap
+    runs of `grad_input_wide_w` and `grad_weight_wide_w`)."""
+    pad, in_w, out_w = spec.padding[2], spec.in_spatial[2], spec.out_spatial[2]
+    left = max(0, pad)
+    return left, max(out_w + left, (in_w - 1) * spec.stride[2] - pad + reach + left)
+
+
+def _padded_cotangent(spec, c3, compute_dtype, threads, reach: int) -> tuple[np.ndarray, int]:
+    """The cotangent in the compute dtype padded along W (`_cotangent_padding`), and its
+    left padding."""
+    left, width = _cotangent_padding(spec, reach)
+    return padded_along_w(c3, left, width, compute_dtype, threads), left
+
+
+def _grad_weight_reach(spec: ConvSpec, compute_dtype: np.dtype) -> int:
+    """The cotangent pixels a `grad_weight_wide_w` run reads: kW * C_out values rounded
+    up to whole vectors (so at least kW pixels, grad_input's run)."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    return ceil_div(ceil_div(spec.kernel[2] * spec.c_out, lanes) * lanes, spec.c_out)
+
+
+def padded_cotangent_for_both(spec, c3, compute_dtype, threads) -> tuple[np.ndarray, int]:
+    """Where grad_input and grad_weight both sum W taps as one: the W-padded cotangent,
+    made once, wide enough for grad_weight's runs and so for grad_input's."""
+    return _padded_cotangent(spec, c3, compute_dtype, threads,
+                             _grad_weight_reach(spec, compute_dtype))
+
+
+@functools.lru_cache(maxsize=256)  # prepared calls hold the arrays' addresses only: the
+def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:  # cache keeps them alive
+    """The tap offsets of a W-padded cotangent read with one W tap (its run's start)."""
+    base = tap_offsets(spec)
+    return native.TapOffsets([base[0], base[1], np.array([left - spec.padding[2]])])
+
+
+def _wide_cotangent(spec, c3, w3, compute_dtype, threads,
+                    padded: tuple[np.ndarray, int] | None = None):
+    """`grad_input_wide_w`: the padded cotangent (`padded`, if made already: it may be
+    wider); the weight as (kW * C_out, kD * kH, C_in) (row k * C_out + co: tap k's channel
+    co); the kernel's input dims (as wide as a run of kW reads, whatever the padding's
+    width), tap offsets, channels summed and taps."""
+    kd, kh, kw = spec.kernel
+    cot, left = padded or _padded_cotangent(spec, c3, compute_dtype, threads, kw)
+    w5 = w3.reshape(spec.c_out, kd, kh, kw, spec.c_in)
+    wide_w = np.ascontiguousarray(w5.transpose(3, 0, 1, 2, 4), dtype=compute_dtype)
+    wide_w = wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
+    od, oh = cot.shape[1:3]
+    _, width = _cotangent_padding(spec, kw)
+    return (cot, wide_w, (od, oh, width - kw + 1), _wide_offsets(spec, left),
+            kw * spec.c_out, kd * kh)
+
+
+def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None,
+                      padded_cotangent: tuple[np.ndarray, int] | None = None) -> None:
+    """grad_weight by `grad_weight_wide_w`: per conv group, sums (kD * kH taps, C_in/g,
+    columns) over a W-padded cotangent (`padded_cotangent`, if made already), columns
+    k * C_out + co, then its own channels laid out as gw (C_out, taps, C_in/g)."""
+    kd, kh, kw = spec.kernel
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    cols = ceil_div(kw * spec.c_out, lanes) * lanes
+    padded, left = padded_cotangent or _padded_cotangent(
+        spec, c3, compute_dtype, n_threads, _grad_weight_reach(spec, compute_dtype))
+    taps = kd * kh
+    part = native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
+    units = native.gw_units(taps, cols, compute_dtype.itemsize)
+    workers = min(n_threads * (2 if defer is not None else 1), units)
+    ranges = [(units * j // workers, units * (j + 1) // workers) for j in range(workers)]
+    box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
+    per_group = []
+    for g in range(groups):
+        calls: list = []
+        native.grad_weight(False, x3, g * cig, padded, 0, _wide_offsets(spec, left),
+                           spec.stride, part, box, cin=cig, cout=cols, units=ranges,
+                           zero=True, strides=(cols, cig * cols),
+                           part_offset=g * taps * cig * cols, into=calls)
+        per_group.append(calls)
+    jobs = [native.Task(tuple(calls[j] for calls in per_group), keep=(part, padded))
+            for j in range(workers)]
+
+    def finish() -> None:
+        sums = part.reshape(groups, taps, cig, cols)[..., :kw * spec.c_out]
+        sums = sums.reshape(groups, taps, cig, kw, groups, cog)
+        own = sums[np.arange(groups), :, :, :, np.arange(groups)]  # (G, taps, cig, kw, cog)
+        gw.reshape(groups, cog, taps, kw, cig)[...] = own.transpose(0, 4, 1, 3, 2)
+
+    _run_or_defer(jobs, n_threads, finish, defer)
+
+
+def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_dtype,
+                defer: list | None = None,
+                padded: tuple[np.ndarray, int] | None = None) -> None:
+    """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
+    csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
+    so there is no partial sum to add and the bits do not depend on the thread count;
+    swapped (vectors along C_in) the sums land in gw in place, otherwise in the packed
+    layout, then unpacked. With too few units to share (a 1x1x1 kernel), workers own
+    fixed tiles of input rows and one partial sum each, added in worker order (bitwise
+    reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
+    running them, to share one queue with grad_input's tiles. `padded`: for layout WIDE,
+    the W-padded cotangent if made already (`padded_cotangent_for_both`)."""
+    if layout == GradWeightLayout.DEPTHWISE:
+        _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
+        return
+    if layout == GradWeightLayout.WIDE:
+        _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer, padded)
+        return
+    if layout == GradWeightLayout.PADDED:
+        _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
+        return
+    swapped = layout == GradWeightLayout.ALONG_IN
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    offsets = tap_offsets(spec)
+    ktot = math.prod(spec.kernel)
+    rows, cols = (cog, cig) if swapped else (cig, cog)
+    units = native.gw_units(ktot, cols, compute_dtype.itemsize)
+    if n_threads == 1 or units >= 2 * n_threads:  # workers share out the units
+        box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
+        # Sharing a queue with grad_input's tiles, two jobs per thread balance better.
+        workers = min(n_threads * (2 if defer is not None else 1), units)
+        bounds = [units * j // workers for j in range(workers + 1)]
+        # Swapped, gw (C_out, taps, C_in/g) holds (tap, co, ci) at strides (taps * C_in/g,
+        # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
+        packed = (None if swapped
+                  else native.aligned_empty((groups, ktot * rows * cols), compute_dtype))
+
+        ranges = [(bounds[j], bounds[j + 1]) for j in range(workers)]
+        per_group = []  # per conv group, one prepared call per worker's units
+        for g in range(groups):
+            target = (dict(part=gw, strides=(ktot * cig, cig),
+                           part_offset=g * cog * ktot * cig) if swapped
+                      else dict(part=packed[g]))
+            calls: list = []
+            native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                               box=box, cin=cig, cout=cog, units=ranges, zero=True,
+                               into=calls, **target)
+            per_group.append(calls)
+
+        def in_place(j):
+            return native.Task(tuple(calls[j] for calls in per_group), keep=packed)
+
+        def finish_units() -> None:
+            if packed is not None:
+                _unpack_grad_weight(gw, packed, ktot, rows, cols, swapped)
+
+        _run_or_defer([in_place(j) for j in range(workers)], n_threads, finish_units, defer)
+        return
+    tiles = _grad_weight_row_tiles(spec, n_threads)
+    workers = min(n_threads, len(tiles))
+    parts = [native.aligned_zeros((groups, ktot * rows * cols), compute_dtype)
+             for _ in range(workers)]
+
+    def job_for(j):  # worker j's tiles, in order, into its own partial
+        calls: list = []
+        for tile in tiles[j::workers]:
+            box = (*tile.n, *tile.d, *tile.h)
+            for g in range(groups):
+                native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                                   parts[j][g], box, cig, cog, into=calls)
+        return native.Task(tuple(calls))
+
+    def finish_rows() -> None:
+        _unpack_grad_weight(gw, sum_in_order(parts), ktot, rows, cols, swapped)
+
+    _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish_rows, defer)
+
+
+def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None) -> None:
+    """grad_weight where neither C_in/g nor C_out/g is whole vectors (layout PADDED): the
+    kernel's swapped sums (vectors along C_in) over a copy of x whose groups' channels are
+    padded with zeros to whole vectors, into a gw as padded; its own channels copied out.
+    The copy is one pass over x; the GEMM paths it replaces ran such layers at a third of
+    the kernel's rate (260 -> 24 g2 k4 d2)."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    groups, cig = spec.groups, spec.c_in_per_group
+    padded_cig = ceil_div(cig, lanes) * lanes
+    padded = dataclasses.replace(spec, c_in=groups * padded_cig)
+    xp = native.aligned_zeros((*x3.shape[:-1], groups, padded_cig), compute_dtype)
+    xp[..., :cig] = x3.reshape(*x3.shape[:-1], groups, cig)
+    xp = xp.reshape(*x3.shape[:-1], groups * padded_cig)
+    gwp = native.aligned_empty((spec.c_out, math.prod(spec.kernel), padded_cig), compute_dtype)
+    queue: list = []
+    grad_weight(padded, xp, c3, gwp, n_threads, GradWeightLayout.ALONG_IN, compute_dtype, queue)
+    (jobs, finish), = queue
+
+    def copy_out() -> None:
+        finish()
+        gw[...] = gwp[:, :, :cig]
+
+    _run_or_defer([native.Task(job.calls, job.shared, job.once, (job.keep, xp, gwp))
+                   for job in jobs], n_threads, copy_out, defer)
+
+
+def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
+    """Both gradients in one pass of the grad_weight kernel, where it sums few values per
+    tap (a 16 -> 1 head): each cotangent value it loads feeds a grad_weight sum and a
+    grad_input pixel (see csrc/correlate.hpp). Workers own fixed tiles of input rows (their
+    grad_input rows) and one grad_weight sum each, worker 0's in gw itself, added in worker
+    order: bitwise reproducible for a thread count."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    ktot = math.prod(spec.kernel)
+    offsets = tap_offsets(spec)
+    weight = np.ascontiguousarray(w3, dtype=compute_dtype)  # laid out as gw: (C_out, taps, C_in/g)
+    tiles = _grad_weight_row_tiles(spec, n_threads)
+    workers = min(n_threads, len(tiles))
+    parts = [gw] + [native.aligned_empty(gw.shape, compute_dtype) for _ in range(workers - 1)]
+
+    def job_for(j):  # worker j's tiles, in order, into its own sums
+        calls: list = []
+        for i, tile in enumerate(tiles[j::workers]):
+            for g in range(groups):
+                native.grad_weight(True, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                                   parts[j], (*tile.n, *tile.d, *tile.h), cig, cog,
+                                   zero=i == 0, strides=(ktot * cig, cig),
+                                   part_offset=g * cog * ktot * cig, into=calls,
+                                   grad_input=gx, grad_input_offset=g * cig, weight=weight)
+        return native.Task(tuple(calls), keep=weight)
+
+    run_jobs([job_for(j) for j in range(workers)], n_threads)
+    sum_in_order(parts)
+
+
+def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
+                           defer: list | None) -> None:
+    """Depthwise grad_weight by the kernel: workers own fixed tiles of input rows and one
+    (taps, C) partial each, added in worker order (bitwise reproducible for a thread
+    count)."""
+    ktot = math.prod(spec.kernel)
+    tiles = _grad_weight_row_tiles(spec, n_threads)
+    workers = min(n_threads, len(tiles))
+    parts = [native.aligned_zeros((ktot, spec.c_out), compute_dtype) for _ in range(workers)]
+    offsets = tap_offsets(spec)
+
+    def job_for(j):  # worker j's tiles, in order, into its own partial
+        calls: list = []
+        for tile in tiles[j::workers]:
+            native.depthwise_grad_weight(x3, c3, offsets, spec.stride, parts[j],
+                                         (*tile.n, *tile.d, *tile.h), into=calls)
+        return native.Task(tuple(calls))
+
+    def finish() -> None:
+        gw[:, :, 0] = sum_in_order(parts).T
+
+    _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish, defer)
+
+
+def _run_or_defer(jobs: list, threads: int, finish: Callable[[], None],
+                  defer: list | None) -> None:
+    """Run the jobs, then `finish`; or leave both in `defer` for a shared queue."""
+    if defer is not None:
+        defer.append((jobs, finish))
+        return
+    run_jobs(jobs, threads)
+    finish()
+
+
+def _unpack_grad_weight(gw, packed, ktot: int, rows: int, cols: int, swapped: bool) -> None:
+    """gw (C_out, taps, C_in/g) from each group's sums in the packed layout of (taps, rows,
+    cols): (rows, cols) = (C_in/g, C_out/g), or (C_out/g, C_in/g) swapped."""
+    cog = rows if swapped else cols
+    for g in range(len(packed)):
+        block = native.unpack(packed[g], ktot, rows, cols)  # (taps, rows, cols)
+        block = block.transpose(1, 0, 2) if swapped else block.transpose(2, 0, 1)
+        gw[g * cog:(g + 1) * cog] = block  # (C_out/g, taps, C_in/g)
+
+
+def _grad_weight_row_tiles(spec: ConvSpec, n_threads: int) -> list[Tile]:
+    """Tiles of about 4096 input pixels (whole rows) for grad_weight's per-worker partials."""
+    return input_tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
+                       n_threads)
