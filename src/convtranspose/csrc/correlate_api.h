@@ -10,7 +10,7 @@
 #define CT_MODE_DEPTHWISE 2
 
 // Below this many input channels (the reduction per tap) CT_MODE_CHANNELS keeps each
-// block's sums in registers across the taps (see correlate.hpp).
+// block's sums in registers across the taps (rows_chunk_taps_inner in forward.hpp).
 #define CT_TAPS_INNER_BELOW 4
 
 // Output element types other than the compute type: rounded from float32 as stored.
@@ -27,7 +27,7 @@ struct CtJob {
   const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous
   int64_t xs[4];         // input strides in elements: n, d, h, w
   int64_t in_dims[3];    // input D, H, W
-  const void* w;         // packed weight (see correlate.hpp)
+  const void* w;         // packed weight (see forward.hpp)
   const int64_t* off[3]; // per axis, the input offset of each tap
   int64_t ntaps[3];
   int64_t step[3];       // input position = output position * step + offset
@@ -51,7 +51,7 @@ struct CtJob {
 // packed weight of CT_MODE_CHANNELS: [chunk][tap][a][column], with (a, columns) = (C_in,
 // C_out), or (C_out, C_in) when `swapped`, or at any strides (pa, pt). The column count
 // must be whole vectors. Columns are cut into chunks of up to 4 vectors.
-#define CT_GW_DEPTHWISE 2  // GwJob.swapped: one channel per group (see correlate.hpp)
+#define CT_GW_DEPTHWISE 2  // GwJob.swapped: one channel per group (see grad_weight.hpp)
 
 struct GwJob {
   int itemsize;

@@ -944,7 +944,7 @@ PyObject* py_c_api(PyObject*, PyObject*) {
 
 PyMethodDef kMethods[] = {
     {"correlate", py_correlate, METH_O,
-     "Run one correlation job (a dict of CtJob's fields; see correlate.hpp)."},
+     "Run one correlation job (a dict of CtJob's fields; see correlate_api.h)."},
     {"grad_weight", py_grad_weight, METH_O,
      "Add one tile's grad_weight into a partial (a dict of GwJob's fields)."},
     {"pack", py_pack, METH_O,
