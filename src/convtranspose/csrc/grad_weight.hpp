@@ -351,7 +351,7 @@ static void grad_weight_typed(const GwJob& job) {
         for (int64_t a = 0; a < na; ++a)
           std::memset(acc + a * (job.pa ? job.pa : cw), 0, cw * sizeof(T));
       }
-  if (job.swapped == 1 && few_sums<T>(nb, na)) {
+  if (job.swapped == CT_GW_ALONG_CIN && few_sums<T>(nb, na)) {
     // A row's sums depend only on which (D, H) tap pairs it reaches: a range of i and one
     // of j, as the offsets k * dilation - padding rise with k. They are listed again only
     // where those ranges change, at the volume's faces.

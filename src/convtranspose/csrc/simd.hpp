@@ -121,7 +121,7 @@ static inline V load_or_zero(unsigned valid, const T* p) {  // valid: 0 or 1
 }
 
 #if CT_PART_HAS(3)
-// What module.cpp asks of this build: elements per vector, and vectors per chunk of columns.
+// What module.cpp asks of this build: elements per vector, vectors per chunk of columns.
 int lanes(int itemsize) { return CT_VBYTES / itemsize; }
 int max_vectors() { return MAXV; }
 #endif
