@@ -124,7 +124,7 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
                        const T* wchunk, int64_t cw, int64_t live, T* acc, WRun run) {
   constexpr int P = Block<NV>::P;
   const int64_t cin = job.cin, wcount = run.n, tw = job.ntaps[2];
-  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3];
   // Input channels per pass: keep the weight block (cb x cw) within about 24 KiB.
   int64_t cb = 24576 / (cw * (int64_t)sizeof(T));
@@ -145,7 +145,7 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   } else {
     std::memset(acc, 0, sizeof(T) * slots * slot_size);
   }
-  for (int64_t q = 0; q < pairs; ++q) {
+  for (int64_t q = 0; q < dh_taps; ++q) {
     T* const acc_q = job.pair_out ? acc + q / job.ntaps[1] * slot_size : acc;
     for (int64_t k = 0; k < tw; ++k) {
       if (lo[k] >= hi[k]) continue;
@@ -155,7 +155,7 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
         const int64_t cn = cin - c0 < cb ? cin - c0 : cb;
         const T* wt = wtap + c0 * cw;
         for (int64_t r = 0; r < nrows; ++r) {
-          const T* xrow = xrows[r * pairs + q];
+          const T* xrow = xrows[r * dh_taps + q];
           if (!xrow) continue;  // this (D, H) tap reads outside the input for this row
           const T* xb = xrow + xoff + c0;
           T* a = acc_q + (r * wcount + lo[k] - run.w0) * cw;
@@ -227,7 +227,7 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, wcount = run.n, tw = job.ntaps[2];
-  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3];
   const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   const int64_t n = live < cw ? live : cw;
@@ -250,7 +250,7 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
                                                         (job.cout - live) + v * L)
                         : V{};
   for (int64_t r = 0; r < nrows; ++r) {
-    const T* const* rows = xrows + r * pairs;
+    const T* const* rows = xrows + r * dh_taps;
     for (int64_t w0 = 0; w0 < wcount; w0 += P) {
       const int64_t np = wcount - w0 < P ? wcount - w0 : P;
       const Span* block_spans = spans.data() + (w0 / P) * tw;
@@ -259,7 +259,7 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
       for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) sum[p][v] = start[v];
-      for (int64_t q = 0; q < pairs; ++q) {
+      for (int64_t q = 0; q < dh_taps; ++q) {
         if (!rows[q]) continue;  // this (D, H) tap reads outside the input for this row
         const T* wq = wchunk + q * tw * wtap;
         for (int64_t k = 0; k < tw; ++k) {
@@ -404,7 +404,7 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   // and streams in again for each: then ~512 pixels (W3's grad_input, 64 taps x 128
   // channels, 2 MiB chunks: 28.0 -> 25.6 ms; at 1 MiB and below, W4, W5 and W8 level or
   // slower, as the sums of a group outgrow L1).
-  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t chunk_bytes = taps * job.cin * cw_full * (int64_t)sizeof(T);
   const int64_t pixels = chunk_bytes > (int64_t(1) << 20) ? 512 : 96;
   // Rows longer than W_RUN pixels are computed a run of about W_RUN at a time (`WRun`):
@@ -423,22 +423,22 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
       run_hi[i * tw + k] = std::min(wr.hi[k], runs[i].w0 + runs[i].n);
     }
   }
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, (pixels + run_max - 1) /
-                                                                       std::max<int64_t>(1, run_max)));
+  const int64_t group_rows = std::max<int64_t>(
+      1, std::min<int64_t>(64, (pixels + run_max - 1) / std::max<int64_t>(1, run_max)));
   // The sums on a cache line boundary: malloc's 16-byte alignment made every tile load
   // and store of them span two lines (aligned: 1.5-5% on W1, W4, W5, W8, one core).
   // Winograd pairs: four slots of sums per row, and each row's second output.
   const int64_t slots = job.pair_out ? job.ntaps[0] : 1, outs = job.pair_out ? 2 : 1;
-  std::vector<T> acc_store(slots * group * run_max * cw_full + 64 / sizeof(T));
-  std::vector<const T*> xrows(group * pairs);
-  std::vector<char*> orows(outs * group);
+  std::vector<T> acc_store(slots * group_rows * run_max * cw_full + 64 / sizeof(T));
+  std::vector<const T*> xrows(group_rows * dh_taps);
+  std::vector<char*> orows(outs * group_rows);
   T* acc = aligned_line(acc_store.data());
   int64_t nrows = 0;
   const auto set_rows = [&](int64_t first, int64_t count) {  // a group's input and output rows
     nrows = count;
     for (int64_t r = 0; r < nrows; ++r) {
       const RowPos pos = row_at(job.box, first + r);
-      tap_rows<T>(job, pos, xrows.data() + r * pairs);
+      tap_rows<T>(job, pos, xrows.data() + r * dh_taps);
       orows[r] = out + out_row_offset(job, pos, oi);
       if (job.pair_out)  // the pair's second output, where it lies inside
         orows[nrows + r] = 2 * pos.d + 1 < job.pair_out ? orows[r] + job.os[1] * oi : nullptr;
@@ -459,27 +459,29 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
           cw, live, acc, runs[i]);
     });
   };
-  const int64_t total = box_rows(job.box), groups = (total + group - 1) / group;
+  const int64_t total = box_rows(job.box);
+  const int64_t row_groups = (total + group_rows - 1) / group_rows;
   const int64_t chunks = (cpad + cw_full - 1) / cw_full;
-  if (job.sharers > 1 && chunks > 1 && groups < 2 * job.sharers) {
+  if (job.sharers > 1 && chunks > 1 && row_groups < 2 * job.sharers) {
     // Too few row groups for the threads sharing the box (a few pixels of wide channels:
     // 16 rows of 4 pixels made one group, and the other thread waited): they claim (row
     // group, channel chunk) pairs instead, a group's chunks one after the other.
-    RowClaims claims(job, 1, groups * chunks);
+    RowClaims claims(job, 1, row_groups * chunks);
     int64_t current = -1;
     for (int64_t run0, run1; claims.next(run0, run1);)
       for (int64_t v = run0; v < run1; ++v) {
         if (v / chunks != current) {
           current = v / chunks;
-          set_rows(current * group, std::min(group, total - current * group));
+          set_rows(current * group_rows,
+                   std::min(group_rows, total - current * group_rows));
         }
         for (int64_t i = 0; i < nruns; ++i) chunk(v % chunks * cw_full, i);
       }
   } else {
-    RowClaims claims(job, group);
+    RowClaims claims(job, group_rows);
     for (int64_t run0, run1; claims.next(run0, run1);)
-      for (int64_t first = run0; first < run1; first += group) {
-        set_rows(first, std::min(group, run1 - first));
+      for (int64_t first = run0; first < run1; first += group_rows) {
+        set_rows(first, std::min(group_rows, run1 - first));
         for (int64_t i = 0; i < nruns; ++i)  // a run's input rows serve every chunk
           for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) chunk(c0, i);
       }
@@ -608,7 +610,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   constexpr int L = CT_VBYTES / sizeof(T);
   constexpr int P = DotBlock<CO>::P;
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
-  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
   const T* bias = static_cast<const T*>(job.bias);
@@ -623,7 +625,7 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
       for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) acc[p][o] = V{};
-      for (int64_t q = 0; q < pairs; ++q) {
+      for (int64_t q = 0; q < dh_taps; ++q) {
         if (!rows[q]) continue;
         for (int64_t k = 0; k < tw; ++k) {
           const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
@@ -662,7 +664,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
   // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
   constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
-  const int64_t tw = job.ntaps[2], pairs = job.ntaps[0] * job.ntaps[1], os = job.os[3];
+  const int64_t tw = job.ntaps[2], dh_taps = job.ntaps[0] * job.ntaps[1], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
   const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
@@ -675,7 +677,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
       for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) acc[p][o] = V{};
-      for (int64_t q = 0; q < pairs; ++q) {
+      for (int64_t q = 0; q < dh_taps; ++q) {
         if (!rows[q]) continue;
         for (int64_t k = 0; k < tw; ++k) {
           const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
@@ -726,7 +728,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
   constexpr int L = CT_VBYTES / sizeof(T);
   constexpr int P = 4, NV = 4;
   const int64_t ch = job.cout, tw = job.ntaps[2];
-  const int64_t pairs = job.ntaps[0] * job.ntaps[1];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* wpk = static_cast<const T*>(job.w);
   const T* bias = static_cast<const T*>(job.bias);
@@ -739,7 +741,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
         V acc[P][NV];
         for (int p = 0; p < P; ++p)
           for (int v = 0; v < NV; ++v) acc[p][v] = V{};
-        for (int64_t q = 0; q < pairs; ++q) {
+        for (int64_t q = 0; q < dh_taps; ++q) {
           if (!rows[q]) continue;
           for (int64_t k = 0; k < tw; ++k) {
             const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
@@ -783,7 +785,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
           for (int64_t p = 0; p < np; ++p)
             for (int64_t c = c0 + nv * L; c < ch; ++c) {
               T sum = bias ? bias[c] : T(0);
-              for (int64_t q = 0; q < pairs; ++q) {
+              for (int64_t q = 0; q < dh_taps; ++q) {
                 if (!rows[q]) continue;
                 for (int64_t k = 0; k < tw; ++k) {
                   const int64_t w = w0 + p;
@@ -816,7 +818,7 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
   constexpr int NB = CT_NREGS == 32 ? 8 : 4;
   constexpr int64_t BLOCK = NB * L;
   const int64_t ch = job.cout, tw = job.ntaps[2];
-  const int64_t pairs = job.ntaps[0] * job.ntaps[1], taps = pairs * tw;
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1], taps = dh_taps * tw;
   const int64_t flat = job.wcount * ch, os = job.os[3];
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   const T* wpk = static_cast<const T*>(job.w);
@@ -850,7 +852,7 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
         V sum[NB];
 #pragma GCC unroll 8
         for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
-        for (int64_t q = 0; q < pairs; ++q) {
+        for (int64_t q = 0; q < dh_taps; ++q) {
           if (!rows[q]) continue;
           const T* xq = rows[q] + j0;
           const T* pq = pat.data() + q * tw * plen + m0;
@@ -873,7 +875,7 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
 #pragma GCC unroll 8
       for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
       bool partial = false;  // some tap's share of the block went to row[] lane by lane
-      for (int64_t q = 0; q < pairs; ++q) {
+      for (int64_t q = 0; q < dh_taps; ++q) {
         if (!rows[q]) continue;
         for (int64_t k = 0; k < tw; ++k) {
           const int64_t a = std::max(lo[k] * ch, j0), b = std::min(hi[k] * ch, j1);

@@ -331,7 +331,8 @@ static void grad_weight_typed(const GwJob& job) {
   const int64_t xs_w = job.xs[3], gs_w = job.gs[3] * job.step[2];
   const int64_t as = job.swapped ? gs_w : xs_w, bs = job.swapped ? xs_w : gs_w;
   const int64_t total = box_rows(job.box);
-  const int64_t group = std::max<int64_t>(1, (192 + job.wcount - 1) / std::max<int64_t>(1, job.wcount));
+  const int64_t group_rows =
+      std::max<int64_t>(1, (192 + job.wcount - 1) / std::max<int64_t>(1, job.wcount));
   const int64_t chunks = (nb + cw_full - 1) / cw_full;
   CtStop* const stop = ct_stop;  // asked before each group of rows (see RowClaims)
   // The sums of unit (tap, chunk c0 / cw_full), and their row stride.
@@ -438,8 +439,8 @@ static void grad_weight_typed(const GwJob& job) {
     }
     return;
   }
-  std::vector<Segment> segs(group);
-  std::vector<RowPos> pos(group);
+  std::vector<Segment> segs(group_rows);
+  std::vector<RowPos> pos(group_rows);
   std::vector<Segment> batches;  // pieces of segs, each batch ended by a count of -1
   // The vector side's rows of a batch, copied to a cache line boundary where they are not
   // on one (NumPy's big arrays start 16 bytes past a page): every broadcast block re-reads
@@ -450,9 +451,9 @@ static void grad_weight_typed(const GwJob& job) {
   std::vector<T> bstore(copy_b ? 64 * cw_full + 64 / sizeof(T) : 0);
   T* bbuf = aligned_line(bstore.data());
   std::vector<Segment> local;
-  for (int64_t first = 0; first < total; first += group) {
+  for (int64_t first = 0; first < total; first += group_rows) {
     if (stop && stop->stop(stop)) return;
-    const int64_t nrows = std::min(group, total - first);
+    const int64_t nrows = std::min(group_rows, total - first);
     for (int64_t r = 0; r < nrows; ++r) pos[r] = row_at(job.box, first + r);
     for (int64_t i = 0; i < job.ntaps[0]; ++i)
       for (int64_t j = 0; j < job.ntaps[1]; ++j)
