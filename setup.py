@@ -3,10 +3,11 @@
 It is `optional`: where no C++ compiler works, the install still succeeds, says so in one
 line, and the package runs on its NumPy/BLAS kernels (`convtranspose.native_isa()` is None).
 
-The kernel (csrc/correlate.hpp) is compiled once per instruction set, each in three parts
-(CT_PART: the float32 correlation, the float64 one, the rest) that compile in parallel: on
-2 cores the three units took 3.5-5.5 min one after another (291 s of CPU). Which
-instruction sets, from CONVTRANSPOSE_ISAS at build time:
+The kernel (csrc/correlate.hpp, which includes one header per operation: forward.hpp,
+grad_weight.hpp, conversions.hpp, and those they share) is compiled once per instruction
+set, each in three parts (CT_PART: the float32 correlation, the float64 one, the rest)
+that compile in parallel: on 2 cores the three units took 3.5-5.5 min one after another
+(291 s of CPU). Which instruction sets, from CONVTRANSPOSE_ISAS at build time:
   host (default)  the best one this machine runs, alone (avx2 here: ~70 s of CPU, where
                   all three take ~230 s)
   all             every one this architecture has: release wheels (see [tool.cibuildwheel]
@@ -26,6 +27,7 @@ machine: the compiler calls are ~100% of the build; setuptools itself a few seco
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -160,7 +162,8 @@ def _native_extension() -> Extension:
     ext = Extension(
         "convtranspose._native",
         sources=sorted({u[0] for u in units}),  # for sdists and up-to-date checks
-        depends=[f"{CSRC}/correlate.hpp", f"{CSRC}/correlate_api.h", f"{CSRC}/pool.hpp"],
+        # Every header in csrc/: a change to any rebuilds the extension.
+        depends=sorted(glob.glob(f"{CSRC}/*.h") + glob.glob(f"{CSRC}/*.hpp")),
         language="c++",
         # -O3 unrolls the register blocks; -ffp-contract=fast fuses multiply-adds. No
         # -march: each instruction set is compiled in its own file and chosen at run time.

@@ -2,34 +2,43 @@
 #pragma once
 #include <cstdint>
 
-// How the vectors are laid: along output channels (the weight [tap][c][co], C_out padded
-// to whole vectors, in chunks), along input channels for 1-4 output channels ([tap][co][c]),
-// along the channels of a depthwise layer ([tap][c]), or along the output pixels of a row
-// for 1-4 output channels over a planar input ([tap][c][co], see planar.hpp).
-#define CT_MODE_CHANNELS 0
-#define CT_MODE_DOT 1
-#define CT_MODE_DEPTHWISE 2
-#define CT_MODE_PLANAR 3
+// The enums name the values of the jobs' int fields (CtJob::mode and out_half,
+// GwJob::swapped), which Python passes by number: each value is written out, and a new
+// one is one more line.
+
+// How the vectors are laid (CtJob::mode): along output channels (the weight [tap][c][co],
+// C_out padded to whole vectors, in chunks), along input channels for 1-4 output channels
+// ([tap][co][c]), along the channels of a depthwise layer ([tap][c]), or along the output
+// pixels of a row for 1-4 output channels over a planar input ([tap][c][co], planar.hpp).
+enum CtMode : int {
+  CT_MODE_CHANNELS = 0,
+  CT_MODE_DOT = 1,
+  CT_MODE_DEPTHWISE = 2,
+  CT_MODE_PLANAR = 3,
+};
 
 // Below this many input channels (the reduction per tap) CT_MODE_CHANNELS keeps each
-// block's sums in registers across the taps (see correlate.hpp).
-#define CT_TAPS_INNER_BELOW 4
+// block's sums in registers across the taps (rows_chunk_taps_inner in forward.hpp).
+constexpr int CT_TAPS_INNER_BELOW = 4;
 
-// Output element types other than the compute type: rounded from float32 as stored.
-#define CT_HALF_NONE 0
-#define CT_HALF_F16 1
-#define CT_HALF_BF16 2
+// Output element types other than the compute type (CtJob::out_half): rounded from float32
+// as stored.
+enum CtHalf : int {
+  CT_HALF_NONE = 0,
+  CT_HALF_F16 = 1,
+  CT_HALF_BF16 = 2,
+};
 
 struct CtJob {
   int itemsize;          // 4: float32, 8: float64
-  int mode;              // CT_MODE_*
-  int out_half;          // CT_HALF_*: the output is float16 or bfloat16 (from float32),
+  int mode;              // a CtMode
+  int out_half;          // a CtHalf: the output is float16 or bfloat16 (from float32),
                          // rounded as stored
   int stream_out;        // 1: the output is far bigger than the caches: stream it out
   const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous
   int64_t xs[4];         // input strides in elements: n, d, h, w
   int64_t in_dims[3];    // input D, H, W
-  const void* w;         // packed weight (see correlate.hpp)
+  const void* w;         // packed weight (see forward.hpp)
   const int64_t* off[3]; // per axis, the input offset of each tap
   int64_t ntaps[3];
   int64_t step[3];       // input position = output position * step + offset
@@ -55,11 +64,19 @@ struct CtJob {
 // packed weight of CT_MODE_CHANNELS: [chunk][tap][a][column], with (a, columns) = (C_in,
 // C_out), or (C_out, C_in) when `swapped`, or at any strides (pa, pt). The column count
 // must be whole vectors. Columns are cut into chunks of up to 4 vectors.
-#define CT_GW_DEPTHWISE 2  // GwJob.swapped: one channel per group (see correlate.hpp)
+
+// Which side the vectors run along (GwJob::swapped): C_out, the columns of (C_in, C_out);
+// C_in, swapped; or the channels of a depthwise layer, one per group (dw_grad_weight_typed
+// in grad_weight.hpp).
+enum CtGwLayout : int {
+  CT_GW_ALONG_COUT = 0,
+  CT_GW_ALONG_CIN = 1,
+  CT_GW_DEPTHWISE = 2,
+};
 
 struct GwJob {
   int itemsize;
-  int swapped;           // 0: vectors along C_out; 1: along C_in; CT_GW_DEPTHWISE
+  int swapped;           // a CtGwLayout
   const void* x;         // input at (0, 0, 0, 0, 0); channels contiguous
   int64_t xs[4];
   const void* g;         // cotangent at (0, 0, 0, 0, 0); channels contiguous

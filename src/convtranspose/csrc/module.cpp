@@ -485,13 +485,13 @@ bool parse_grad_weight(PyObject* spec, GwJob& job) {
     return false;
   }
   const int64_t nb = job.swapped ? job.cin : job.cout;
-  if (job.swapped < 0 || job.swapped > CT_GW_DEPTHWISE ||
+  if (job.swapped < CT_GW_ALONG_COUT || job.swapped > CT_GW_DEPTHWISE ||
       (job.swapped != CT_GW_DEPTHWISE && nb % current->lanes(job.itemsize))) {
     PyErr_SetString(PyExc_ValueError,
                     "grad_weight: bad kind, or a vector side that is not whole vectors");
     return false;
   }
-  if (job.gx && !(job.swapped == 1 && job.w && job.pa && job.unit0 == 0 &&
+  if (job.gx && !(job.swapped == CT_GW_ALONG_CIN && job.w && job.pa && job.unit0 == 0 &&
                   current->fuses_grad_input(job.itemsize, job.cin, job.cout))) {
     PyErr_SetString(PyExc_ValueError,
                     "grad_weight: grad_input in the same pass needs the swapped few-sums "
@@ -1050,7 +1050,7 @@ PyObject* py_c_api(PyObject*, PyObject*) {
 
 PyMethodDef kMethods[] = {
     {"correlate", py_correlate, METH_O,
-     "Run one correlation job (a dict of CtJob's fields; see correlate.hpp)."},
+     "Run one correlation job (a dict of CtJob's fields; see correlate_api.h)."},
     {"grad_weight", py_grad_weight, METH_O,
      "Add one tile's grad_weight into a partial (a dict of GwJob's fields)."},
     {"pack", py_pack, METH_O,

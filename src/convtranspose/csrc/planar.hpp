@@ -1,4 +1,4 @@
-// Few output channels over a planar input (CT_MODE_PLANAR), included by correlate.hpp
+// Few output channels over a planar input (CT_MODE_PLANAR), included by forward.hpp
 // inside its instruction-set namespace.
 //
 // Vectors run along output pixels: the input is a planar copy (`to_planar` in module.cpp)
@@ -20,15 +20,6 @@ template <int CO> struct PlanarBlock {
   static constexpr int NB = CT_NREGS == 32 ? (CO == 1 ? 16 : CO == 2 ? 12 : CO == 3 ? 8 : 6)
                                            : (CO == 1 ? 12 : CO == 2 ? 6 : CO == 3 ? 4 : 2);
 };
-
-// f(std::integral_constant<int, n>) for 1 <= n <= MAXN (a row's last, partial block).
-template <int MAXN, typename F>
-static inline void with_count(int64_t n, F&& f) {
-  if constexpr (MAXN > 1) {
-    if (n < MAXN) return with_count<MAXN - 1>(n, f);
-  }
-  f(std::integral_constant<int, MAXN>{});
-}
 
 // The sums of NB vectors of a run's pixels from q0 on, over every tap and channel:
 // planes[i] is D tap i's input plane (null outside the input), flat[t] the offset of

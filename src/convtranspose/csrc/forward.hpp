@@ -1,0 +1,968 @@
+// The forward correlation (CtJob): the entry point `correlate`, and `run_mode`, which
+// runs the job's layout of the vectors (CtJob::mode). Part of the kernel: correlate.hpp
+// includes it inside the build's namespace (CT_NS).
+//
+// out[n, d, h, w, :] = sum over taps (i, j, k) and input channels c of
+//     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c]
+//       * weight[(i, j, k), c, :]
+// where taps reading outside the input contribute nothing. Each output element is
+// computed in registers over every tap and channel and stored once: no accumulation
+// passes through memory, no operand is packed per call beyond the weight.
+//
+// The weight is packed by the caller. CT_MODE_CHANNELS: output channels padded to a
+// multiple of the vector length, cut into chunks of `chunk` columns (the last may be
+// narrower), each chunk laid out [tap][c][column]. Dot and depthwise modes: see dot_rows
+// and depthwise_rows.
+
+// One pixel's chunk of output channels, from the accumulators. Outputs far bigger than
+// the caches (job.stream_out) are written with non-temporal stores wherever whole aligned
+// vectors go out: no read for ownership of lines about to be overwritten, and no eviction
+// of lines still in use (one core: W2 107 -> 82 ms, W1 35 -> 30, W4 54 -> 48).
+template <typename T>
+static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_t n) {
+#ifdef CT_STREAM
+  constexpr int L = CT_VBYTES / sizeof(T);
+  if (job.stream_out && n % L == 0 && reinterpret_cast<uintptr_t>(dst) % CT_VBYTES == 0) {
+    for (int64_t i = 0; i < n; i += L) CT_STREAM(reinterpret_cast<T*>(dst) + i, src + i);
+    return;
+  }
+#endif
+  if (!job.out_half && n % (CT_VBYTES / sizeof(T)) == 0) {
+    // Whole vectors, inline: std::memcpy with a run-time size is a library call per
+    // pixel (W6's grad_input stores 32768 pixels of one vector each).
+    typedef typename Vec<T>::u U;
+    constexpr int L = CT_VBYTES / sizeof(T);
+    for (int64_t i = 0; i < n; i += L)
+      *reinterpret_cast<U*>(dst + i * sizeof(T)) = *reinterpret_cast<const U*>(src + i);
+    return;
+  }
+  store_out(job.out_half, dst, src, n);
+}
+
+// P pixels by NV vectors of output channels: add the products of `cn` input channels of
+// one tap into the row buffer `acc` (pixel stride `cw`), held in registers meanwhile.
+template <typename T, int P, int NV>
+static inline void block(const T* xb, int64_t pstride, const T* wt, int64_t cw, int64_t cn,
+                         T* acc) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  V r[P][NV];
+  load_tile<T, P, NV>(r, acc, cw);
+  for (int64_t c = 0; c < cn; ++c) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + c * cw + v * L);
+    if ((c & (64 / sizeof(T) - 1)) == 0) {
+      // Each pixel's channels are one stream; with few taps they come from memory, and
+      // P interleaved streams are more than the hardware prefetcher follows. The next
+      // block's streams start here too, so that it does not open on misses (1-2%).
+#pragma GCC unroll 32
+      for (int p = 0; p < P; ++p) {
+        __builtin_prefetch(xb + p * pstride + c + 256 / sizeof(T));
+        __builtin_prefetch(xb + (P + p) * pstride + c);
+      }
+    }
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p) {
+      const V b = broadcast<V>(xb + p * pstride + c);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) r[p][v] += b * wv[v];
+    }
+  }
+  store_tile<T, P, NV>(r, acc, cw);
+}
+
+// A block of r < P pixels: the largest instantiation that fits.
+template <typename T, int NV, int P>
+static inline void tail(int64_t r, const T* xb, int64_t pstride, const T* wt, int64_t cw,
+                        int64_t cn, T* acc) {
+  if constexpr (P > 0) {
+    if (r == P) {
+      block<T, P, NV>(xb, pstride, wt, cw, cn, acc);
+      return;
+    }
+    tail<T, NV, P - 1>(r, xb, pstride, wt, cw, cn, acc);
+  }
+}
+
+// A run of a row's output pixels [w0, w0 + n): rows_chunk's sums cover one run at a time,
+// so that a long row (a 1-D layer's is the whole signal) keeps them in cache.
+struct WRun { int64_t w0, n; };
+
+// Winograd F(2,3)'s output side: row r's pair of outputs from its four slots' sums m,
+// y0 = m0 + m1 + m2 at orows[r] and y1 = m1 - m2 - m3 at orows[nrows + r] (null where the
+// pair's second output lies past the end).
+template <typename T>
+static void store_pairs(const CtJob& job, int64_t nrows, char* const* orows, const T* acc,
+                        int64_t slot_size, int64_t cw, int64_t n, const T* bias, WRun run) {
+  alignas(64) T y0[MAXV * CT_VBYTES / sizeof(T)], y1[MAXV * CT_VBYTES / sizeof(T)];
+  alignas(64) T b[MAXV * CT_VBYTES / sizeof(T)] = {};  // the chunk's bias (zeros: none)
+  if (bias) std::memcpy(b, bias, cw * sizeof(T));
+  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T), wcount = run.n;
+  for (int64_t r = 0; r < nrows; ++r) {
+    for (int64_t w = 0; w < wcount; ++w) {
+      const T* __restrict m = acc + (r * wcount + w) * cw;
+      for (int64_t c = 0; c < cw; ++c) {
+        const T m1 = m[slot_size + c], m2 = m[2 * slot_size + c];
+        y0[c] = m[c] + m1 + m2 + b[c];
+        y1[c] = m1 - m2 - m[3 * slot_size + c] + b[c];
+      }
+      store_chunk(job, orows[r] + (run.w0 + w) * os * oi, y0, n);
+      if (orows[nrows + r]) store_chunk(job, orows[nrows + r] + (run.w0 + w) * os * oi, y1, n);
+    }
+  }
+}
+
+// A group of output rows and one chunk of output channels: tap by tap and input-channel
+// block by block, every pixel of every row the tap reaches is swept while that block of
+// the weight stays in L1 (short rows are grouped so that each block serves enough
+// pixels). The rows accumulate in `acc` (rows x pixels x cw), then are stored once.
+template <typename T, int NV>
+static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
+                       char* const* orows, const int64_t* lo, const int64_t* hi,
+                       const T* wchunk, int64_t cw, int64_t live, T* acc, WRun run) {
+  constexpr int P = Block<NV>::P;
+  const int64_t cin = job.cin, wcount = run.n, tw = job.ntaps[2];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
+  const int64_t pstride = job.step[2] * job.xs[3];
+  // Input channels per pass: keep the weight block (cb x cw) within about 24 KiB.
+  int64_t cb = 24576 / (cw * (int64_t)sizeof(T));
+  if (cb < 8) cb = 8;
+  // Winograd pairs (job.pair_out): the sums of each of V's D taps apart, one slot each.
+  const int64_t slots = job.pair_out ? job.ntaps[0] : 1, slot_size = nrows * wcount * cw;
+  // The chunk's bias (its first channel is job.cout - live): the sums start from it, so
+  // that it costs no pass of its own; Winograd pairs add it as they store.
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + (job.cout - live) : nullptr;
+  if (bias && !job.pair_out) {  // NV vectors a pixel, stored inline (as the memset was)
+    typedef typename Vec<T>::u U;
+    constexpr int L = CT_VBYTES / sizeof(T);
+    typename Vec<T>::v b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const U*>(bias + v * L);
+    for (T* a = acc; a < acc + slot_size; a += cw)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(a + v * L) = b[v];
+  } else {
+    std::memset(acc, 0, sizeof(T) * slots * slot_size);
+  }
+  for (int64_t q = 0; q < dh_taps; ++q) {
+    T* const acc_q = job.pair_out ? acc + q / job.ntaps[1] * slot_size : acc;
+    for (int64_t k = 0; k < tw; ++k) {
+      if (lo[k] >= hi[k]) continue;
+      const T* wtap = wchunk + (q * tw + k) * cin * cw;
+      const int64_t xoff = (lo[k] * job.step[2] + job.off[2][k]) * job.xs[3];
+      for (int64_t c0 = 0; c0 < cin; c0 += cb) {
+        const int64_t cn = cin - c0 < cb ? cin - c0 : cb;
+        const T* wt = wtap + c0 * cw;
+        for (int64_t r = 0; r < nrows; ++r) {
+          const T* xrow = xrows[r * dh_taps + q];
+          if (!xrow) continue;  // this (D, H) tap reads outside the input for this row
+          const T* xb = xrow + xoff + c0;
+          T* a = acc_q + (r * wcount + lo[k] - run.w0) * cw;
+          // Blocks of even size: a remainder of 1-2 pixels would run latency-bound, with
+          // too few independent sums to fill the FMA pipes (31 = 6+5+5+5+5+5, not 6*5+1;
+          // W3's rows of 8 = 4+4: 8% faster).
+          const int64_t n = hi[k] - lo[k], nb = (n + P - 1) / P;
+          const int64_t size = n / nb, bigger = n % nb;
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t len = size + (b < bigger);
+            if (len == P) block<T, P, NV>(xb, pstride, wt, cw, cn, a);
+            else tail<T, NV, P - 1>(len, xb, pstride, wt, cw, cn, a);
+            xb += len * pstride;
+            a += len * cw;
+          }
+        }
+      }
+    }
+  }
+  const int64_t n = live < cw ? live : cw;
+  if (job.pair_out) {
+    store_pairs(job, nrows, orows, acc, slot_size, cw, n, bias, run);
+    return;
+  }
+  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t w = 0; w < wcount; ++w)
+      store_chunk(job, orows[r] + (run.w0 + w) * os * oi, acc + (r * wcount + w) * cw, n);
+}
+
+// Very few input channels (fewer than CT_TAPS_INNER_BELOW): rows_chunk would load and store
+// each block's sums once per tap for only cin multiply-adds per pixel and vector, so here
+// each block of P pixels keeps its sums in registers over every tap and channel. Pixels
+// that a tap does not reach are masked with compile-time indices, which keeps the sums in
+// registers. Measured (k4, 16 outputs, one core): cin 1 25 -> 35-48 GFLOP/s, cin 2 37 ->
+// 58; even at 4-8; from 16 on rows_chunk wins (138 against 104), its input and weight
+// blocks staying in L1 where this sweep streams every tap's rows.
+
+// One tap's multiply-adds into the P x NV sums of rows_chunk_taps_inner, over every
+// input channel; MASKED: only pixels [a, b) (compile-time indices keep the sums in
+// registers), else all P without a test.
+template <typename T, int NV, int P, int S, int CI, bool MASKED, typename V>
+static inline void taps_inner_tap(V (&sum)[P][NV], const T* xb, int64_t pstride, const T* wt,
+                                  int64_t cw, int64_t cin, int64_t a, int64_t b) {
+  if constexpr (CI > 0) cin = CI;
+  if constexpr (S > 0) pstride = S * CI;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  for (int64_t c = 0; c < cin; ++c) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + c * cw + v * L);
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p) {
+      if (MASKED && (p < a || p >= b)) continue;
+      const V x = broadcast<V>(xb + p * pstride + c);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) sum[p][v] += x * wv[v];
+    }
+  }
+}
+
+template <typename T, int NV, int P, int S, int CI>
+static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* const* xrows,
+                                  char* const* orows, const int64_t* lo, const int64_t* hi,
+                                  const T* wchunk, int64_t cw, int64_t live, T* acc,
+                                  WRun run) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cin = job.cin, wcount = run.n, tw = job.ntaps[2];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
+  const int64_t pstride = job.step[2] * job.xs[3];
+  const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
+  const int64_t n = live < cw ? live : cw;
+  // Per block of a row and W tap, the same for every row: the block's pixels [a, b) the
+  // tap reaches, and where its first one reads, from the row's start.
+  struct Span { int64_t a, b, x; };
+  std::vector<Span> spans(((wcount + P - 1) / P) * tw);
+  for (int64_t w0 = 0, i = 0; w0 < wcount; w0 += P)
+    for (int64_t k = 0; k < tw; ++k, ++i) {
+      const int64_t np = wcount - w0 < P ? wcount - w0 : P;
+      const int64_t at = run.w0 + w0;  // the block's first pixel in the row
+      spans[i] = {std::max(lo[k], at) - at, std::min(hi[k], at + np) - at,
+                  (at * job.step[2] + job.off[2][k]) * job.xs[3]};
+    }
+  const int64_t wtap = (CI > 0 ? CI : cin) * cw;  // weight elements per tap
+  V start[NV];  // the sums start from the chunk's bias (its first channel: cout - live)
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+    start[v] = job.bias ? *reinterpret_cast<const U*>(static_cast<const T*>(job.bias) +
+                                                        (job.cout - live) + v * L)
+                        : V{};
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* const* rows = xrows + r * dh_taps;
+    for (int64_t w0 = 0; w0 < wcount; w0 += P) {
+      const int64_t np = wcount - w0 < P ? wcount - w0 : P;
+      const Span* block_spans = spans.data() + (w0 / P) * tw;
+      V sum[P][NV];
+#pragma GCC unroll 32
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) sum[p][v] = start[v];
+      for (int64_t q = 0; q < dh_taps; ++q) {
+        if (!rows[q]) continue;  // this (D, H) tap reads outside the input for this row
+        const T* wq = wchunk + q * tw * wtap;
+        for (int64_t k = 0; k < tw; ++k) {
+          const Span t = block_spans[k];
+          if (t.a >= t.b) continue;
+          if (t.a == 0 && t.b == P)  // every pixel of the block
+            taps_inner_tap<T, NV, P, S, CI, false>(sum, rows[q] + t.x, pstride, wq + k * wtap,
+                                                   cw, cin, 0, P);
+          else  // pixels [a, b) only
+            taps_inner_tap<T, NV, P, S, CI, true>(sum, rows[q] + t.x, pstride, wq + k * wtap,
+                                                  cw, cin, t.a, t.b);
+        }
+      }
+      T* a_row = acc + w0 * cw;
+#pragma GCC unroll 32
+      for (int p = 0; p < P; ++p) {
+        if (p >= np) continue;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(a_row + p * cw + v * L) = sum[p][v];
+      }
+    }
+    for (int64_t w = 0; w < wcount; ++w)
+      store_chunk(job, orows[r] + (run.w0 + w) * os * oi, acc + w * cw, n);
+  }
+}
+
+// Every block but a row's last is whole, and a last block of a few pixels costs about a
+// whole one: of the register blocks that fit, the one with the least work per row.
+template <typename T, int NV>
+static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* const* xrows,
+                                  char* const* orows, const int64_t* lo, const int64_t* hi,
+                                  const T* wchunk, int64_t cw, int64_t live, T* acc,
+                                  WRun run) {
+  constexpr int P = Block<NV>::P;
+  constexpr int P2 = P * 2 / 3 > 0 ? P * 2 / 3 : 1, P3 = P / 2 > 0 ? P / 2 : 1;
+  const int64_t w = run.n;
+  const auto cost = [w](int64_t p) { return (w + p - 1) / p * (p + 6); };
+  const int best = cost(P) <= cost(P2) && cost(P) <= cost(P3) ? P
+                   : cost(P2) <= cost(P3)                     ? P2 : P3;
+  // With one or two vectors of outputs a tap's work is small (cin * P * NV multiply-adds)
+  // and its overhead shows: the channel count and the pixel stride (step times channels,
+  // contiguous) known here unroll the channels and put every pixel's broadcast at a
+  // constant offset from one register, where else the P addresses need P registers and
+  // spill. W6's grad_input, one core: 1.37 -> 0.87 ms (the stride alone 1.05 -> 0.87).
+  const int ci = NV <= 2 && job.cin >= 1 && job.cin <= 3 ? (int)job.cin : 0;
+  const int s = ci && job.xs[3] == job.cin && job.step[2] <= 2 ? (int)job.step[2] : 0;
+#define CT_INNER(PB, SB, CIB)                                                                 \
+  if (best == PB && s == SB && ci == CIB)                                                     \
+    return rows_chunk_taps_inner<T, NV, PB, SB, CIB>(job, nrows, xrows, orows, lo, hi, wchunk, \
+                                                    cw, live, acc, run);
+#define CT_INNER_C(PB, CIB) CT_INNER(PB, 1, CIB) CT_INNER(PB, 2, CIB) CT_INNER(PB, 0, CIB)
+#define CT_INNER_P(PB)                                                                       \
+  if constexpr (NV <= 2) { CT_INNER_C(PB, 1) CT_INNER_C(PB, 2) CT_INNER_C(PB, 3) }           \
+  CT_INNER(PB, 0, 0)
+  CT_INNER_P(P) CT_INNER_P(P2) CT_INNER_P(P3)
+#undef CT_INNER_P
+#undef CT_INNER_C
+#undef CT_INNER
+}
+
+// The runs of rows [first, last) of the box this call computes, in whole `unit`s but the
+// box's last: every row at once when the job is not shared, else claims on the shared
+// cursor. A claim is 1 / (2 * sharers) of the rows left: long runs of neighbouring rows
+// at first, then shorter ones, so that the sharers finish within about a unit of each
+// other (a fixed cut into tasks left one worker idle for up to a task: W5 lost 0.5 ms of
+// 10 so). Which call computes a row changes no bit of it. A run is handed out a unit at a
+// time, `ct_stop` asked before each: Ctrl-C stops the call within a unit of rows.
+class RowClaims {
+ public:
+  // `total`: claims over that many units of work instead of the box's rows.
+  RowClaims(const CtJob& job, int64_t unit, int64_t total = -1)
+      : cursor_(job.cursor), sharers_(std::max<int64_t>(1, job.sharers)),
+        total_(total >= 0 ? total : box_rows(job.box)), unit_(std::max<int64_t>(1, unit)),
+        stop_(ct_stop) {}
+
+  bool next(int64_t& first, int64_t& last) {
+    if (at_ >= end_ && !claim(at_, end_)) return false;
+    if (stop_ && stop_->stop(stop_)) return false;
+    first = at_;
+    last = at_ = std::min(end_, at_ + unit_);
+    return true;
+  }
+
+ private:
+  bool claim(int64_t& first, int64_t& last) {
+    if (!cursor_) {
+      first = 0;
+      last = total_;
+      return !std::exchange(done_, true) && total_ > 0;
+    }
+    const int64_t left = total_ - __atomic_load_n(cursor_, __ATOMIC_RELAXED);
+    if (left <= 0) return false;
+    const int64_t share = (left + 2 * sharers_ - 1) / (2 * sharers_);
+    const int64_t take = (share + unit_ - 1) / unit_ * unit_;
+    first = __atomic_fetch_add(cursor_, take, __ATOMIC_RELAXED);
+    last = std::min(total_, first + take);
+    return first < total_;
+  }
+
+  int64_t* cursor_;
+  int64_t sharers_, total_, unit_;
+  bool done_ = false;
+  CtStop* stop_;
+  int64_t at_ = 0, end_ = 0;  // the run being handed out
+};
+
+// For output row (n, d, h): the input row each (D, H) tap pair reads, or null where the
+// pair reads outside the input.
+template <typename T>
+static inline void tap_rows(const CtJob& job, RowPos r, const T** rows) {
+  const T* x = static_cast<const T*>(job.x);
+  for (int64_t i = 0; i < job.ntaps[0]; ++i) {
+    const int64_t id = r.d * job.step[0] + job.off[0][i];
+    for (int64_t j = 0; j < job.ntaps[1]; ++j) {
+      const int64_t ih = r.h * job.step[1] + job.off[1][j];
+      const bool inside = id >= 0 && id < job.in_dims[0] && ih >= 0 && ih < job.in_dims[1];
+      rows[i * job.ntaps[1] + j] =
+          inside ? x + r.n * job.xs[0] + id * job.xs[1] + ih * job.xs[2] : nullptr;
+    }
+  }
+}
+
+// Where output row (n, d, h) starts, in bytes from the box's first position.
+// (A Winograd pair's row d is output row 2d.)
+static inline int64_t out_row_offset(const CtJob& job, RowPos r, int64_t item) {
+  const int64_t dstep = job.pair_out ? 2 : 1;
+  return ((r.n - job.box[0]) * job.os[0] + (r.d - job.box[2]) * dstep * job.os[1] +
+          (r.h - job.box[4]) * job.os[2]) * item;
+}
+
+template <typename T>
+static void run_typed(const CtJob& job, const WRanges& wr) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cw_full = MAXV * L;
+  const int64_t cpad = (job.cout + L - 1) / L * L;
+  const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
+  const T* wpk = static_cast<const T*>(job.w);
+  char* out = static_cast<char*>(job.out);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);  // bytes per output element
+  // Rows per group: enough pixels that a weight block in L1 serves ~96 of them. A chunk of
+  // the weight (every tap) beyond ~1 MiB no longer stays in L2 from one group to the next
+  // and streams in again for each: then ~512 pixels (W3's grad_input, 64 taps x 128
+  // channels, 2 MiB chunks: 28.0 -> 25.6 ms; at 1 MiB and below, W4, W5 and W8 level or
+  // slower, as the sums of a group outgrow L1).
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
+  const int64_t chunk_bytes = taps * job.cin * cw_full * (int64_t)sizeof(T);
+  const int64_t pixels = chunk_bytes > (int64_t(1) << 20) ? 512 : 96;
+  // Rows longer than W_RUN pixels are computed a run of about W_RUN at a time (`WRun`):
+  // a row's sums for one chunk of channels stay within L2, not a 1-D layer's whole signal
+  // streamed through memory twice (4 -> 4 k1 over 615646 pixels, one core: 82 -> 8 ms).
+  constexpr int64_t W_RUN = 512;
+  const int64_t nruns = job.wcount > W_RUN * 3 / 2 ? (job.wcount + W_RUN - 1) / W_RUN : 1;
+  const int64_t run_max = (job.wcount + nruns - 1) / nruns;
+  const int64_t tw = job.ntaps[2];
+  std::vector<int64_t> run_lo(nruns * tw), run_hi(nruns * tw);  // per run: tap ranges in it
+  std::vector<WRun> runs(nruns);
+  for (int64_t i = 0; i < nruns; ++i) {
+    runs[i] = {i * run_max, std::min(run_max, job.wcount - i * run_max)};
+    for (int64_t k = 0; k < tw; ++k) {
+      run_lo[i * tw + k] = std::max(wr.lo[k], runs[i].w0);
+      run_hi[i * tw + k] = std::min(wr.hi[k], runs[i].w0 + runs[i].n);
+    }
+  }
+  const int64_t group_rows = std::max<int64_t>(
+      1, std::min<int64_t>(64, (pixels + run_max - 1) / std::max<int64_t>(1, run_max)));
+  // The sums on a cache line boundary: malloc's 16-byte alignment made every tile load
+  // and store of them span two lines (aligned: 1.5-5% on W1, W4, W5, W8, one core).
+  // Winograd pairs: four slots of sums per row, and each row's second output.
+  const int64_t slots = job.pair_out ? job.ntaps[0] : 1, outs = job.pair_out ? 2 : 1;
+  std::vector<T> acc_store(slots * group_rows * run_max * cw_full + 64 / sizeof(T));
+  std::vector<const T*> xrows(group_rows * dh_taps);
+  std::vector<char*> orows(outs * group_rows);
+  T* acc = aligned_line(acc_store.data());
+  int64_t nrows = 0;
+  const auto set_rows = [&](int64_t first, int64_t count) {  // a group's input and output rows
+    nrows = count;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const RowPos pos = row_at(job.box, first + r);
+      tap_rows<T>(job, pos, xrows.data() + r * dh_taps);
+      orows[r] = out + out_row_offset(job, pos, oi);
+      if (job.pair_out)  // the pair's second output, where it lies inside
+        orows[nrows + r] = 2 * pos.d + 1 < job.pair_out ? orows[r] + job.os[1] * oi : nullptr;
+    }
+  };
+  // The group's outputs of channels [c0, c0 + cw_full) in W run i.
+  const auto chunk = [&](int64_t c0, int64_t i) {
+    const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
+    const T* wchunk = wpk + taps * job.cin * c0;
+    const int64_t live = job.cout - c0;
+    char* o[128];
+    for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + c0 * oi : nullptr;
+    const bool inner = job.cin < CT_TAPS_INNER_BELOW;
+    with_vectors(cw / L, [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      (inner ? rows_chunk_taps_inner<T, NV> : rows_chunk<T, NV>)(
+          job, nrows, xrows.data(), o, run_lo.data() + i * tw, run_hi.data() + i * tw, wchunk,
+          cw, live, acc, runs[i]);
+    });
+  };
+  const int64_t total = box_rows(job.box);
+  const int64_t row_groups = (total + group_rows - 1) / group_rows;
+  const int64_t chunks = (cpad + cw_full - 1) / cw_full;
+  if (job.sharers > 1 && chunks > 1 && row_groups < 2 * job.sharers) {
+    // Too few row groups for the threads sharing the box (a few pixels of wide channels:
+    // 16 rows of 4 pixels made one group, and the other thread waited): they claim (row
+    // group, channel chunk) pairs instead, a group's chunks one after the other.
+    RowClaims claims(job, 1, row_groups * chunks);
+    int64_t current = -1;
+    for (int64_t run0, run1; claims.next(run0, run1);)
+      for (int64_t v = run0; v < run1; ++v) {
+        if (v / chunks != current) {
+          current = v / chunks;
+          set_rows(current * group_rows,
+                   std::min(group_rows, total - current * group_rows));
+        }
+        for (int64_t i = 0; i < nruns; ++i) chunk(v % chunks * cw_full, i);
+      }
+  } else {
+    RowClaims claims(job, group_rows);
+    for (int64_t run0, run1; claims.next(run0, run1);)
+      for (int64_t first = run0; first < run1; first += group_rows) {
+        set_rows(first, std::min(group_rows, run1 - first));
+        for (int64_t i = 0; i < nruns; ++i)  // a run's input rows serve every chunk
+          for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) chunk(c0, i);
+      }
+  }
+#ifdef CT_STREAM_FENCE
+  if (job.stream_out) CT_STREAM_FENCE();  // non-temporal stores are weakly ordered
+#endif
+}
+
+// Per row of the box: calls f(rows, out_row) with the input row of each (D, H) tap pair
+// (null where it reads outside the input) and the row's output address.
+template <typename T, typename F>
+static void for_each_row(const CtJob& job, F&& f) {
+  char* out = static_cast<char*>(job.out);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  std::vector<const T*> rows(job.ntaps[0] * job.ntaps[1]);
+  RowClaims claims(job, 1);
+  for (int64_t run0, run1; claims.next(run0, run1);)
+    for (int64_t flat = run0; flat < run1; ++flat) {
+      const RowPos pos = row_at(job.box, flat);
+      tap_rows<T>(job, pos, rows.data());
+      f(rows.data(), out + out_row_offset(job, pos, oi));
+    }
+}
+
+// Few output channels (a 16 -> 1 head): vectors run along the input channels instead,
+// P pixels x C_out accumulators, reduced across lanes once per output. Weight [tap][co][c].
+
+// P pixels by CO outputs of dot mode: P * CO accumulators and CO weight vectors in
+// registers (the input vector is the multiply-add's memory operand).
+template <int CO> struct DotBlock {
+  static constexpr int P = CT_NREGS == 32 ? (CO == 1 ? 16 : CO == 2 ? 8 : 4)
+                                          : (CO == 1 ? 12 : CO == 2 ? 6 : CO == 3 ? 4 : 3);
+};
+
+// Where dot mode computes the block of a row that starts at pixel b0 (blocks of P, rows
+// of wcount): at w0, np pixels, the first `skip` of them already stored. A partial last
+// block starts P pixels before the row's end instead, its first pixels computed again but
+// not stored: whole blocks run unmasked (W6's rows of 32 left a block of 8 masked in
+// three).
+struct DotSpan { int64_t w0, skip, np; };
+static inline DotSpan dot_span(int64_t b0, int64_t P, int64_t wcount) {
+  const int64_t w0 = wcount - b0 < P && wcount >= P ? wcount - P : b0;
+  return {w0, b0 - w0, wcount - w0 < P ? wcount - w0 : P};
+}
+
+// One tap of dot mode into the P x CO sums: pixels p in [pa, pb) of the block at xb.
+// A whole block sweeps the channels once, each weight vector serving P pixels, the pixels
+// reached by stepping one pointer (P pointers live at once spilled to the stack: 71 -> 1
+// s3 ran at 7 GFLOP/s). A partial block (a row's edges) points its other pixels at
+// `zeros` (`cin` of them) and runs the same sweep: a test per pixel and vector, as
+// before, or a pixel at a time, kept its sums latency-bound.
+template <typename T, int CO, int P, typename V>
+static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const T* wt,
+                           int64_t cin, int64_t full, int64_t pa, int64_t pb,
+                           const T* zeros) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  // Channels past the last whole vector, where there is one before them: the vector
+  // ending at the last channel, weighed by the weight's with its first lanes (channels
+  // the whole vectors summed) zeroed: a plain load per pixel, where a masked one cost as
+  // much as the whole vectors of 53 channels.
+  const int64_t rest = cin - full;
+  const bool overlap = rest > 0 && full > 0;
+  V wtail[CO];
+  if (overlap) {
+    alignas(64) T lanes[L];
+#pragma GCC unroll 4
+    for (int o = 0; o < CO; ++o) {
+      for (int i = 0; i < L; ++i) lanes[i] = i >= L - rest ? wt[o * cin + cin - L + i] : T(0);
+      wtail[o] = *reinterpret_cast<const U*>(lanes);
+    }
+  }
+  const int64_t ends = overlap ? full + L : full;  // sweeps: whole vectors, then the tail's
+  // The weight vectors of sweep c (the tail's past the whole vectors), and where it reads.
+  const auto weights = [&](int64_t c, V (&wv)[CO]) {
+#pragma GCC unroll 4
+    for (int o = 0; o < CO; ++o)
+      wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
+    return c < full ? c : cin - L;
+  };
+  if (pa == 0 && pb == P) {
+    for (int64_t c = 0; c < ends; c += L) {
+      V wv[CO];
+      const T* xp = xb + weights(c, wv);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p, xp += pstride) {
+        const V xv = *reinterpret_cast<const U*>(xp);
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+      }
+    }
+  } else {  // pixels outside [pa, pb) read zeros: the same sweep, one pointer each
+    const T* xp[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) xp[p] = p >= pa && p < pb ? xb + p * pstride : zeros;
+    for (int64_t c = 0; c < ends; c += L) {
+      V wv[CO];
+      const int64_t at = weights(c, wv);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const V xv = *reinterpret_cast<const U*>(xp[p] + at);
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+      }
+    }
+  }
+  if (rest > 0 && !overlap) {  // fewer channels than a vector: one partial vector
+    // (a scalar chain per pixel ran latency-bound: 71 -> 1 at a third of PyTorch)
+    V wv[CO];
+#pragma GCC unroll 4
+    for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(rest, wt + o * cin);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      if (p < pa || p >= pb) continue;
+      const V xv = load_first<V>(rest, xb + p * pstride);
+#pragma GCC unroll 4
+      for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+    }
+  }
+}
+
+template <typename T, int CO>
+static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int P = DotBlock<CO>::P;
+  const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
+  const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
+  const T* wpk = static_cast<const T*>(job.w);
+  const T* bias = static_cast<const T*>(job.bias);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  const std::vector<T> zeros(cin);  // what a partial block's pixels outside it read
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+    for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
+      const DotSpan at = dot_span(b0, P, job.wcount);
+      const int64_t w0 = at.w0, skip = at.skip, np = at.np;
+      V acc[P][CO];
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] = V{};
+      for (int64_t q = 0; q < dh_taps; ++q) {
+        if (!rows[q]) continue;
+        for (int64_t k = 0; k < tw; ++k) {
+          const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
+          if (a >= b) continue;
+          dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
+                            pstride, wpk + (q * tw + k) * CO * cin, cin, full, a - w0, b - w0,
+                            zeros.data());
+        }
+      }
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        if (p < skip || p >= np) continue;
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) {
+          const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
+          store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
+        }
+      }
+    }
+  });
+}
+
+// dot_rows when every pixel's channels are CV whole vectors and pixels lie next to each
+// other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
+// addresses are constant offsets from one pointer. dot_rows computed P pointers per tap,
+// which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
+// cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
+// (masked loads do not fault), so every tap runs the same straight code.
+template <typename T, int CO, int CV>
+static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  // The sums alone may fill the registers here (16 for one output on AVX2, one spilled):
+  // no pixel pointers compete for them, and 16 pixels tile W6's rows of 32 exactly, where
+  // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
+  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
+  constexpr int64_t PS = CV * L;  // the pixel stride, in elements
+  const int64_t tw = job.ntaps[2], dh_taps = job.ntaps[0] * job.ntaps[1], os = job.os[3];
+  const T* wpk = static_cast<const T*>(job.w);
+  const T* bias = static_cast<const T*>(job.bias);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+    for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
+      const DotSpan at = dot_span(b0, P, job.wcount);
+      const int64_t w0 = at.w0, skip = at.skip, np = at.np;
+      V acc[P][CO];
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) acc[p][o] = V{};
+      for (int64_t q = 0; q < dh_taps; ++q) {
+        if (!rows[q]) continue;
+        for (int64_t k = 0; k < tw; ++k) {
+          const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
+          if (pa >= pb) continue;
+          const T* wt = wpk + (q * tw + k) * CO * PS;
+          const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
+          // One tap: a whole block loads plainly, an edge block through the valid mask.
+          const auto tap = [&](auto masked, unsigned valid) {
+#pragma GCC unroll 4
+            for (int v = 0; v < CV; ++v) {
+              V wv[CO];
+#pragma GCC unroll 4
+              for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p) {
+                const T* at = xb + p * PS + v * L;
+                V xv;
+                if constexpr (decltype(masked)::value) xv = load_or_zero<V>((valid >> p) & 1, at);
+                else xv = *reinterpret_cast<const U*>(at);
+#pragma GCC unroll 4
+                for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
+              }
+            }
+          };
+          if (pa == 0 && pb == P) tap(std::false_type{}, 0u);
+          else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
+        }
+      }
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        if (p < skip || p >= np) continue;
+#pragma GCC unroll 4
+        for (int o = 0; o < CO; ++o) {
+          const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
+          store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
+        }
+      }
+    }
+  });
+}
+
+// Depthwise (one input and one output channel per group): vectors run along the
+// channels, each tap one multiply-add per pixel and vector. Weight [tap][c].
+template <typename T>
+static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int P = 4, NV = 4;
+  const int64_t ch = job.cout, tw = job.ntaps[2];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
+  const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
+  const T* wpk = static_cast<const T*>(job.w);
+  const T* bias = static_cast<const T*>(job.bias);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+    for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
+      const int64_t nv = std::min<int64_t>(NV, (ch - c0) / L);  // whole vectors here
+      for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
+        const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
+        V acc[P][NV];
+        for (int p = 0; p < P; ++p)
+          for (int v = 0; v < NV; ++v) acc[p][v] = V{};
+        for (int64_t q = 0; q < dh_taps; ++q) {
+          if (!rows[q]) continue;
+          for (int64_t k = 0; k < tw; ++k) {
+            const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
+            const T* wt = wpk + (q * tw + k) * ch + c0;
+            const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3] + c0;
+            if (nv == NV && a == w0 && b == w0 + P) {
+              V wv[NV];
+              for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + v * L);
+#pragma GCC unroll 4
+              for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v)
+                  acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) * wv[v];
+            } else {  // masked, with compile-time indices (accumulators in registers)
+              const int64_t pa = a - w0, pb = b - w0;
+#pragma GCC unroll 4
+              for (int p = 0; p < P; ++p) {
+                if (p < pa || p >= pb) continue;
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v)
+                  if (v < nv)
+                    acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) *
+                                 *reinterpret_cast<const U*>(wt + v * L);
+              }
+            }
+          }
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) {
+          if (p >= np) continue;
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v)
+            if (v < nv) {
+              T lanes_out[L];
+              *reinterpret_cast<U*>(lanes_out) =
+                  bias ? acc[p][v] + *reinterpret_cast<const U*>(bias + c0 + v * L) : acc[p][v];
+              store_out(job.out_half, orow + ((w0 + p) * os + c0 + v * L) * oi, lanes_out, L);
+            }
+        }
+        if (nv < NV && c0 + nv * L < ch) {  // channels past the last whole vector: scalar
+          for (int64_t p = 0; p < np; ++p)
+            for (int64_t c = c0 + nv * L; c < ch; ++c) {
+              T sum = bias ? bias[c] : T(0);
+              for (int64_t q = 0; q < dh_taps; ++q) {
+                if (!rows[q]) continue;
+                for (int64_t k = 0; k < tw; ++k) {
+                  const int64_t w = w0 + p;
+                  if (w < lo[k] || w >= hi[k]) continue;
+                  sum += rows[q][(w * job.step[2] + job.off[2][k]) * job.xs[3] + c] *
+                         wpk[(q * tw + k) * ch + c];
+                }
+              }
+              store_out(job.out_half, orow + ((w0 + p) * os + c) * oi, &sum, 1);
+            }
+        }
+      }
+    }
+  });
+}
+
+// Depthwise at input step 1 with contiguous pixels (every forward phase): a run of pixels
+// of a row is one flat run of pixel * C + channel, in the input as in the sums, so the
+// vectors run along that flat index whatever the channel count (C = 2 used 2 of 16 lanes
+// per vector along the channels, and C < 16 had no whole vector at all). Lane i of the
+// vector at flat index j needs the weight of channel (j + i) % C: each tap's weights
+// repeated along a pattern, read at offset j % C. A block of NB vectors keeps its sums
+// in registers over every tap; where a tap reaches only part of the block (the row's
+// ends), that tap's share goes through memory, lane by lane.
+template <typename T>
+static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int NB = CT_NREGS == 32 ? 8 : 4;
+  constexpr int64_t BLOCK = NB * L;
+  const int64_t ch = job.cout, tw = job.ntaps[2];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1], taps = dh_taps * tw;
+  const int64_t flat = job.wcount * ch, os = job.os[3];
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  const T* wpk = static_cast<const T*>(job.w);
+  const int64_t plen = ch + BLOCK;  // pattern: pat[t][j] = w[t][j % ch]
+  std::vector<T> pat(taps * plen);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
+      pat[t * plen + j] = wpk[t * ch + c];
+  // The sums start from the bias, laid along the same pattern (zeros: none).
+  std::vector<T> bpat(plen, T(0));
+  if (job.bias)
+    for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
+      bpat[j] = static_cast<const T*>(job.bias)[c];
+  std::vector<T> row_store(flat + BLOCK + 64 / sizeof(T));
+  T* row = aligned_line(row_store.data());
+  const int64_t step_mod = BLOCK % ch;
+  // Blocks inside [inner0, inner1) are reached whole by every W tap: no range test there
+  // (the tests cost several times a block's multiply-adds: a 16-channel k5 layer ran at
+  // 3 GFLOP/s with them).
+  int64_t inner0 = 0, inner1 = flat;
+  for (int64_t k = 0; k < tw; ++k) {
+    inner0 = std::max(inner0, lo[k] * ch);
+    inner1 = std::min(inner1, hi[k] * ch);
+  }
+  std::vector<int64_t> xoff(tw);
+  for (int64_t k = 0; k < tw; ++k) xoff[k] = job.off[2][k] * ch;
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+    for (int64_t j0 = 0, m0 = 0; j0 < flat; j0 += BLOCK) {
+      const int64_t j1 = std::min(flat, j0 + BLOCK);
+      if (j0 >= inner0 && j0 + BLOCK <= inner1) {
+        V sum[NB];
+#pragma GCC unroll 8
+        for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
+        for (int64_t q = 0; q < dh_taps; ++q) {
+          if (!rows[q]) continue;
+          const T* xq = rows[q] + j0;
+          const T* pq = pat.data() + q * tw * plen + m0;
+          for (int64_t k = 0; k < tw; ++k) {
+            const T* x = xq + xoff[k];
+            const T* p = pq + k * plen;
+#pragma GCC unroll 8
+            for (int v = 0; v < NB; ++v)
+              sum[v] += *reinterpret_cast<const U*>(x + v * L) *
+                        *reinterpret_cast<const U*>(p + v * L);
+          }
+        }
+#pragma GCC unroll 8
+        for (int v = 0; v < NB; ++v) *reinterpret_cast<U*>(row + j0 + v * L) = sum[v];
+        m0 += step_mod;
+        if (m0 >= ch) m0 -= ch;
+        continue;
+      }
+      V sum[NB];
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
+      bool partial = false;  // some tap's share of the block went to row[] lane by lane
+      for (int64_t q = 0; q < dh_taps; ++q) {
+        if (!rows[q]) continue;
+        for (int64_t k = 0; k < tw; ++k) {
+          const int64_t a = std::max(lo[k] * ch, j0), b = std::min(hi[k] * ch, j1);
+          if (a >= b) continue;
+          const T* x = rows[q] + job.off[2][k] * ch;  // x[j]: the input flat j reads
+          const T* p = pat.data() + (q * tw + k) * plen + m0 - j0;  // p[j]: its weight
+          if (a == j0 && b == j0 + BLOCK) {
+#pragma GCC unroll 8
+            for (int v = 0; v < NB; ++v)
+              sum[v] += *reinterpret_cast<const U*>(x + j0 + v * L) *
+                        *reinterpret_cast<const U*>(p + j0 + v * L);
+          } else {
+            if (!partial) {
+              std::fill(row + j0, row + j0 + BLOCK, T(0));
+              partial = true;
+            }
+            for (int64_t j = a; j < b; ++j) row[j] += x[j] * p[j];
+          }
+        }
+      }
+      if (partial) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NB; ++v) sum[v] += *reinterpret_cast<const U*>(row + j0 + v * L);
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) *reinterpret_cast<U*>(row + j0 + v * L) = sum[v];
+      m0 += step_mod;
+      if (m0 >= ch) m0 -= ch;
+    }
+    if (os == ch) {
+      store_chunk(job, orow, row, flat);
+    } else {
+      for (int64_t w = 0; w < job.wcount; ++w) store_out(job.out_half, orow + w * os * oi,
+                                                         row + w * ch, ch);
+    }
+  });
+}
+
+#include "planar.hpp"
+
+template <typename T>
+static void run_mode(const CtJob& job) {
+  if (job.mode == CT_MODE_PLANAR) return run_planar<T>(job);
+  const WRanges wr = w_ranges(job.off[2], job.ntaps[2], job.step[2], job.in_dims[2], job.wcount);
+  if (job.mode == CT_MODE_CHANNELS) return run_typed<T>(job, wr);
+  const int64_t* lo = wr.lo.data();
+  const int64_t* hi = wr.hi.data();
+  if (job.mode == CT_MODE_DEPTHWISE) {
+    // Few channels along the flat index; many along the channels, where each weight
+    // vector serves four pixels.
+    constexpr int L = CT_VBYTES / sizeof(T);
+    if (job.step[2] == 1 && job.xs[3] == job.cout && job.cout < 4 * L)
+      return depthwise_flat_rows<T>(job, lo, hi);
+    return depthwise_rows<T>(job, lo, hi);
+  }
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cv = job.cin / L;
+  if (job.step[2] == 1 && job.xs[3] == job.cin && job.cin == cv * L && cv >= 1 && cv <= 2) {
+#define CT_DOT(CO) (cv == 1 ? dot_rows_packed<T, CO, 1> : dot_rows_packed<T, CO, 2>)(job, lo, hi)
+    switch (job.cout) {
+      case 1: CT_DOT(1); break;
+      case 2: CT_DOT(2); break;
+      case 3: CT_DOT(3); break;
+      case 4: CT_DOT(4); break;
+    }
+#undef CT_DOT
+    return;
+  }
+  switch (job.cout) {
+    case 1: dot_rows<T, 1>(job, lo, hi); break;
+    case 2: dot_rows<T, 2>(job, lo, hi); break;
+    case 3: dot_rows<T, 3>(job, lo, hi); break;
+    case 4: dot_rows<T, 4>(job, lo, hi); break;
+  }
+}
+
+void correlate_f32(const CtJob& job);
+void correlate_f64(const CtJob& job);
+#if CT_PART_HAS(1)
+void correlate_f32(const CtJob& job) { run_mode<float>(job); }
+#endif
+#if CT_PART_HAS(2)
+void correlate_f64(const CtJob& job) { run_mode<double>(job); }
+#endif
+#if CT_PART_HAS(3)
+void correlate(const CtJob& job) {
+  if (job.itemsize == 4) correlate_f32(job);
+  else correlate_f64(job);
+}
+#endif

@@ -1,0 +1,137 @@
+// The vectors of one instruction set's build: their types, the register blocks they allow,
+// and the broadcasts, loads and sums every operation shares. Part of the kernel:
+// correlate.hpp includes it inside the build's namespace (CT_NS).
+
+typedef float vf __attribute__((vector_size(CT_VBYTES)));
+typedef float vfu __attribute__((vector_size(CT_VBYTES), aligned(4)));
+typedef double vd __attribute__((vector_size(CT_VBYTES)));
+typedef double vdu __attribute__((vector_size(CT_VBYTES), aligned(8)));
+
+template <typename T> struct Vec;
+template <> struct Vec<float> { typedef vf v; typedef vfu u; };
+template <> struct Vec<double> { typedef vd v; typedef vdu u; };
+
+// Register blocking: `nv` vectors of output channels by `P` output pixels, with
+// P * nv accumulators, nv weight vectors and one broadcast held in registers.
+constexpr int MAXV = CT_NREGS == 32 ? 4 : 2;
+template <int NV> struct Block {
+  static constexpr int P = CT_NREGS == 32 ? (NV == 4 ? 6 : NV == 3 ? 8 : NV == 2 ? 12 : 24)
+                                          : (NV == 2 ? 6 : 12);
+};
+
+// f(std::integral_constant<int, NV>) for a chunk of nv (1..MAXV) vectors: the one place
+// that turns a chunk's width into the compile-time NV its kernels are built for.
+template <typename F>
+static inline void with_vectors(int64_t nv, F&& f) {
+  switch (nv) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+#if CT_NREGS == 32
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+#endif
+  }
+}
+
+// f(std::integral_constant<int, n>) for 1 <= n <= MAXN: a block of a run-time count built
+// for each count (a row's last, partial block; a tile of fewer sums).
+template <int MAXN, typename F>
+static inline void with_count(int64_t n, F&& f) {
+  if constexpr (MAXN > 1) {
+    if (n < MAXN) return with_count<MAXN - 1>(n, f);
+  }
+  f(std::integral_constant<int, MAXN>{});
+}
+
+// A vector of copies of *p, read straight from memory into the register (GCC builds a
+// generic `V{} + *p` as a scalar add of zero plus a register broadcast, two instructions
+// on the FMA ports). Translation units with intrinsics define CT_BROADCAST_F/D.
+template <typename V, typename T>
+static inline V broadcast(const T* p) {
+#ifdef CT_BROADCAST_F
+  if constexpr (sizeof(T) == 4) return (V)CT_BROADCAST_F(reinterpret_cast<const float*>(p));
+  else return (V)CT_BROADCAST_D(reinterpret_cast<const double*>(p));
+#else
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const T value = *p;
+  V b;
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) b[i] = value;
+  return b;
+#endif
+}
+
+// p rounded up to a cache line boundary (the buffer holds 64 spare bytes for it).
+template <typename T>
+static inline T* aligned_line(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// The P x NV accumulator tile, to and from `acc` (row stride cw): each pass of a block
+// adds into what earlier passes left there.
+template <typename T, int P, int NV, typename V>
+static inline void load_tile(V (&r)[P][NV], const T* acc, int64_t cw) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) r[p][v] = *reinterpret_cast<const U*>(acc + p * cw + v * L);
+}
+
+template <typename T, int P, int NV, typename V>
+static inline void store_tile(const V (&r)[P][NV], T* acc, int64_t cw) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(acc + p * cw + v * L) = r[p][v];
+}
+
+// Horizontal sum of a vector (translation units with intrinsics define CT_HSUM_F/D).
+template <typename V, typename T>
+static inline T hsum(V v) {
+#ifdef CT_HSUM_F
+  if constexpr (sizeof(T) == 4) return CT_HSUM_F(v);
+  else return CT_HSUM_D(v);
+#else
+  constexpr int L = CT_VBYTES / sizeof(T);
+  T s = 0;
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// The first n < lanes elements at p as a vector, zeros after them, reading none past them
+// (translation units with masked loads define CT_LOAD_FIRST_F/D).
+template <typename V, typename T>
+static inline V load_first(int64_t n, const T* p) {
+#ifdef CT_LOAD_FIRST_F
+  if constexpr (sizeof(T) == 4) return (V)CT_LOAD_FIRST_F(n, reinterpret_cast<const float*>(p));
+  else return (V)CT_LOAD_FIRST_D(n, reinterpret_cast<const double*>(p));
+#else
+  V v{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+// The vector at p, or zeros where `valid` is 0 (translation units with masked loads define
+// CT_MASKZ_LOAD_F/D; a masked load does not fault, so p may lie past the row's end).
+template <typename V, typename T>
+static inline V load_or_zero(unsigned valid, const T* p) {  // valid: 0 or 1
+#ifdef CT_MASKZ_LOAD_F
+  if constexpr (sizeof(T) == 4) return (V)CT_MASKZ_LOAD_F(valid, reinterpret_cast<const float*>(p));
+  else return (V)CT_MASKZ_LOAD_D(valid, reinterpret_cast<const double*>(p));
+#else
+  typedef typename Vec<T>::u U;
+  return valid ? (V)*reinterpret_cast<const U*>(p) : V{};
+#endif
+}
+
+#if CT_PART_HAS(3)
+// What module.cpp asks of this build: elements per vector, vectors per chunk of columns.
+int lanes(int itemsize) { return CT_VBYTES / itemsize; }
+int max_vectors() { return MAXV; }
+#endif
