@@ -322,3 +322,34 @@ def test_both_gradients_summing_w_taps_as_one_pad_the_cotangent_once(isa, rng, m
     rx, rw = loops_vjp(x, w, cot, **kw)
     np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
     np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+
+
+# (channels, W stride, W padding, W dilation, W output_padding): strided along W with fewer
+# channels than a vector (4 lanes on the portable build), where both depthwise passes read
+# the cotangent split by W residue (taps of every residue, shifts below zero and past the
+# row's end).
+BY_RESIDUE = [(1, 2, 0, 1, 0), (3, 2, 2, 1, 1), (1, 3, 1, 2, 2), (3, 4, 3, 1, 0), (2, 3, 0, 2, 1)]
+
+
+@pytest.mark.parametrize("channels,stride,padding,dilation,output_padding", BY_RESIDUE)
+def test_depthwise_gradients_by_w_residue(channels, stride, padding, dilation,
+                                          output_padding, isa, rng):
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import vjp_arrays
+    from convtranspose._vjp_native import _by_residue
+    x, w, cot, kw = make_case(rng, 3, (3, 4, 11), channels, channels, (2, 3, 5),
+                              stride=(2, 1, stride), padding=(0, 1, padding),
+                              dilation=(1, 1, dilation), output_padding=(1, 0, output_padding),
+                              groups=channels, batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    assert _by_residue(spec, np.dtype(np.float32))
+    rx, rw = loops_vjp(x, w, cot, **kw)
+    for threads in (1, 2):
+        gx, gw = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
+        np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+        again = vjp_arrays(spec, x, w, cot, algorithm="native", threads=threads)
+        np.testing.assert_array_equal(again[0], gx)
+        np.testing.assert_array_equal(again[1], gw)
