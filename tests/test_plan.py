@@ -61,14 +61,14 @@ BACKWARD_LAYERS = {
                       dict(stride=2, padding=1, dtype=np.float16), "shift", "shift"),
     "half-shift-2d-s1": ((1, 64, 64, 20), (50, 3, 3, 20), dict(padding=1, dtype=np.float16),
                          "native", "shift"),
-    # grad_input that fans each group's one cotangent channel out to its 2 inputs: as the
-    # depthwise grad_input over C_in channels of the repeated cotangent
+    # grad_input that fans each group's one cotangent channel out to its 2 inputs: both
+    # gradients as the depthwise layer's over C_in channels of the repeated cotangent
     "fan-out": ((1, 12, 12, 12, 8), (4, 4, 4, 4, 2), dict(stride=2, groups=4),
                 "native", "native"),
 }
 Layout = native.GradWeightLayout
 GW_LAYOUTS = {"odd-channels-s2": Layout.PADDED, "odd-channels-s1": Layout.PADDED,
-              "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.WIDE, "fan-out": Layout.WIDE,
+              "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.WIDE, "fan-out": Layout.DEPTHWISE,
               "multiplier": Layout.DEPTHWISE}
 
 
@@ -169,13 +169,17 @@ def test_vjp_arrays_runs_the_plan_it_is_given(rng, monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("algorithm", [None, "native"])
 def test_fan_out_grad_input_plans_as_a_depthwise_layer(algorithm, rng):
-    """One output channel per group and 2 input channels per group: grad_input runs as
-    the depthwise layer over C_in channels (asked for by name too: the kernel has no other
-    layout for it, and returned garbage when forced), grad_weight as planned alone."""
+    """One output channel per group and 2 input channels per group: both gradients run
+    as the depthwise layer's over C_in channels (asked for by name too: the kernel has no
+    other layout for grad_input, and returned garbage when forced); not where the repeated
+    cotangent would exceed the workspace limit."""
     x_shape, w_shape, settings, _, _ = BACKWARD_LAYERS["fan-out"]
     p = ct.vjp_plan(x_shape, w_shape, **settings, algorithm=algorithm)
     assert p.fan_out is not None and p.fan_out.spec.groups == p.spec.c_in == 8
     assert p.grad_input.fan_out and "depthwise grad_input" in str(p)
+    assert p.grad_weight.fan_out and "depthwise grad_weight" in str(p)
+    repeated = int(np.prod(ct.output_shape(x_shape, w_shape, **settings))) * 2 * 4
+    assert ct.vjp_plan(x_shape, w_shape, **settings, workspace=repeated - 4).fan_out is None
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
     cot = rng.standard_normal(ct.output_shape(x_shape, w_shape, **settings)).astype(np.float32)

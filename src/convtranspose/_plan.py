@@ -218,8 +218,8 @@ class GradStep:
     'zeros' (no tap reaches the output: nothing to sum). `layout`: for grad_weight on the
     compiled kernel, its layout (`grad_weight_layout`). `with_grad_weight`: grad_input
     computed in grad_weight's pass. `wide_w`: grad_input's W taps summed as one
-    (`grad_input_wide_w`). `fan_out`: grad_input as a depthwise layer's over C_in channels
-    (one cotangent channel per group, repeated for its inputs)."""
+    (`grad_input_wide_w`). `fan_out`: the gradient as a depthwise layer's over C_in
+    channels (one cotangent channel per group, repeated for its inputs)."""
 
     algorithm: VjpAlgorithm
     flops: int
@@ -251,7 +251,8 @@ class GradStep:
             VjpAlgorithm.ZEROS: "no tap reaches the output",
         }.get(self.algorithm, "")
         if self.fan_out:
-            how = ("a depthwise grad_input over C_in channels, each group's cotangent channel "
+            which = "grad_input" if self.layout is None else "grad_weight"
+            how = (f"a depthwise {which} over C_in channels, each group's cotangent channel "
                    f"repeated for its inputs{'' if self.native else ' (' + how + ')'}")
         elif self.with_grad_weight:
             how = "in grad_weight's pass"
@@ -286,7 +287,7 @@ class VjpPlan:
     budget: int  # elements of scratch per worker for the NumPy/BLAS paths
     shared_queue: bool = False  # both gradients' kernel tasks in one queue
     multiplier: "VjpPlan | None" = None  # the depthwise layer's plan a multiplier runs
-    fan_out: "VjpPlan | None" = None  # the depthwise plan grad_input runs (GradStep.fan_out)
+    fan_out: "VjpPlan | None" = None  # the depthwise plan both gradients run (GradStep.fan_out)
 
     @property
     def steps(self) -> tuple[GradStep, ...]:

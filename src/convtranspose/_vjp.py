@@ -150,13 +150,15 @@ GW_IN_PLACE_BYTES = 4 << 20
 
 
 def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, threads: int, in_place: bool,
-                       in_place_bytes: int) -> GradWeightLayout | None:
+                       in_place_bytes: int, limit: int | None = None
+                       ) -> GradWeightLayout | None:
     """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
     channel per group; else ALONG_IN (vectors along C_in: for C_out/g that is not whole
     vectors, or a grad_weight large enough to be summed in place), ALONG_OUT, WIDE, or
     PADDED (ALONG_IN over x padded to whole vectors, where neither side is).
     It reads both operands in place: `in_place`, whether they have the compute dtype and
-    contiguous channels. `in_place_bytes`: GW_IN_PLACE_BYTES."""
+    contiguous channels. `in_place_bytes`: GW_IN_PLACE_BYTES. `limit`: the workspace
+    limit, which PADDED's copy of x must fit."""
     if not (native.AVAILABLE and in_place):
         return None
     lanes, _ = native.layout(compute_dtype.itemsize)
@@ -171,7 +173,11 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, threads: int, in
         return GradWeightLayout.ALONG_OUT
     if grad_weight_wide_w(spec, compute_dtype, threads):
         return GradWeightLayout.WIDE
-    return GradWeightLayout.PADDED if math.prod(spec.kernel) > 1 else None
+    padded_x = (spec.batch * math.prod(spec.in_spatial) * spec.groups * ceil_div(cig, lanes)
+                * lanes * compute_dtype.itemsize)
+    if math.prod(spec.kernel) > 1 and (limit is None or padded_x <= limit):
+        return GradWeightLayout.PADDED
+    return None
 
 
 def choose_vjp_algorithm(spec: ConvSpec, taps,
@@ -235,20 +241,20 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
                                limit, None, winograd, need_weight, cotangent_in_place,
                                in_place_bytes)
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
-    if (algorithm in (None, VjpAlgorithm.NATIVE) and work and need_input and native.AVAILABLE
-            and expands_to_depthwise(grad_input_kernel_spec(spec))):
-        # grad_input fans each group's one cotangent channel out to its C_in/g inputs (the
-        # mirror of a multiplier): a depthwise grad_input over the cotangent with each
-        # channel repeated C_in/g times, which reads no input; grad_weight as the default
-        # plans it alone (for 'native' too).
+    if (algorithm in (None, VjpAlgorithm.NATIVE) and work and native.AVAILABLE
+            and expands_to_depthwise(grad_input_kernel_spec(spec))
+            and _repeated_cotangent_bytes(spec, compute_dtype) <= limit):
+        # Each group sums its C_in/g inputs into one output channel (the mirror of a
+        # multiplier): both gradients are those of the depthwise layer over C_in channels
+        # whose cotangent repeats each group's channel for its inputs, so that the
+        # kernel's vectors run along C_in instead of each group's single channel.
         depthwise = dataclasses.replace(spec, c_out=spec.c_in, groups=spec.c_in)
-        fan_out = _make_vjp_plan(depthwise, compute_dtype, True, False, threads, limit, None,
-                                 winograd, False, True, in_place_bytes)
-        rest = _make_vjp_plan(spec, compute_dtype, False, need_weight, threads, limit, None,
-                              winograd, input_in_place, cotangent_in_place, in_place_bytes)
-        return dataclasses.replace(
-            rest, grad_input=dataclasses.replace(fan_out.grad_input, fan_out=True),
-            fan_out=fan_out)
+        fan_out = _make_vjp_plan(depthwise, compute_dtype, need_input, need_weight, threads,
+                                 limit, None, winograd, input_in_place, True, in_place_bytes)
+        marked = {name: dataclasses.replace(step, fan_out=True)
+                  for name, step in (("grad_input", fan_out.grad_input),
+                                     ("grad_weight", fan_out.grad_weight)) if step is not None}
+        return dataclasses.replace(fan_out, spec=spec, fan_out=fan_out, **marked)
     if algorithm is None and indexed_fits(spec):
         algorithm = VjpAlgorithm.INDEXED  # small: one gather and two GEMMs beat any tiles
     elif algorithm == VjpAlgorithm.INDEXED and not indexed_fits(spec):
@@ -262,7 +268,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                          "install lacks")
     layout = (grad_weight_layout(spec, compute_dtype, threads,
-                                 input_in_place and cotangent_in_place, in_place_bytes)
+                                 input_in_place and cotangent_in_place, in_place_bytes, limit)
               if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
@@ -447,11 +453,8 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
     if plan.multiplier is not None:
         return _multiplier_vjp(plan, x, w, cot)
     spec, compute_dtype, threads = plan.spec, plan.compute_dtype, plan.threads
-    if plan.fan_out is not None:  # grad_input by its own plan; the steps below grad_weight
-        gx = _fan_out_grad_input(plan.fan_out, spec, w, cot)
-        _, gw = run_vjp_plan(dataclasses.replace(plan, grad_input=None, fan_out=None),
-                             x, w, cot)
-        return _results(spec, x, w, gx, gw)
+    if plan.fan_out is not None:
+        return _fan_out_vjp(plan.fan_out, spec, x, w, cot)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
     w3 = w.reshape(spec.c_out, math.prod(spec.kernel), spec.c_in_per_group)
@@ -516,21 +519,31 @@ def _multiplier_vjp(plan: VjpPlan, x, w, cot):
     return _results(spec, x, w, gx, gw)
 
 
-def _fan_out_grad_input(fan_out: VjpPlan, spec: ConvSpec, w, cot) -> np.ndarray:
-    """grad_input where each group sums one cotangent channel into its C_in/g inputs (the
-    mirror of a channel multiplier, `expands_to_depthwise` of the swapped spec): a
-    depthwise grad_input over the cotangent with each channel repeated C_in/g times, so
-    that the kernel's vectors run along C_in instead of each group's single channel (the
-    GEMM paths ran 8 -> 4 g4 at 0.5 GFLOP/s). `fan_out`: that depthwise layer's plan."""
+def _repeated_cotangent_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
+    """The cotangent with each group's channel repeated for its C_in/g inputs."""
+    return spec.batch * math.prod(spec.out_spatial) * spec.c_in * compute_dtype.itemsize
+
+
+def _fan_out_vjp(fan_out: VjpPlan, spec: ConvSpec, x, w, cot):
+    """Both gradients of a layer whose groups each sum C_in/g inputs into one output
+    channel, as those of a depthwise layer over C_in channels with each group's cotangent
+    channel repeated for its inputs (`fan_out`: that layer's plan). One channel per
+    group, the GEMM paths ran 8 -> 4 g4's grad_input at 0.5 GFLOP/s, and its grad_weight
+    over x padded to whole vectors of C_in/g took 179 ms where PyTorch's backward takes
+    75 (877x853 2-D, two threads)."""
     compute_dtype, depthwise = fan_out.compute_dtype, fan_out.spec
-    m = spec.c_in_per_group
+    m, taps = spec.c_in_per_group, math.prod(spec.kernel)
     wd = per_input_channel_weight(spec, w)
     shape = (spec.batch, *spec.out_spatial, spec.c_out)
     cot_rep = np.repeat(cot.reshape(shape).astype(compute_dtype, copy=False), m, axis=-1)
-    standin = np.broadcast_to(np.zeros((), compute_dtype),
-                              (spec.batch, *spec.in_spatial, spec.c_in))
-    gx, _ = run_vjp_plan(fan_out, standin, wd.reshape(depthwise.weight_shape), cot_rep)
-    return gx
+    xin = x if fan_out.grad_weight is not None else np.broadcast_to(  # grad_input reads
+        np.zeros((), compute_dtype), (spec.batch, *spec.in_spatial, spec.c_in))  # no input
+    gx, gwd = run_vjp_plan(fan_out, xin, wd.reshape(depthwise.weight_shape), cot_rep)
+    gw = None
+    if gwd is not None:  # channel g*m + j's taps are W[g, :, j]
+        gw = np.ascontiguousarray(gwd.reshape(spec.c_out, m, taps).transpose(0, 2, 1))
+        gw = gw.reshape(spec.weight_shape)
+    return _results(spec, x, w, gx, gw)
 
 
 def _results(spec: ConvSpec, x: np.ndarray, w: np.ndarray, gx: np.ndarray | None,
