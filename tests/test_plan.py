@@ -68,8 +68,8 @@ BACKWARD_LAYERS = {
 }
 Layout = native.GradWeightLayout
 GW_LAYOUTS = {"odd-channels-s2": Layout.PADDED, "odd-channels-s1": Layout.PADDED,
-              "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.WIDE, "fan-out": Layout.DEPTHWISE,
-              "multiplier": Layout.DEPTHWISE}
+              "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.WIDE,
+              "fan-out": Layout.DEPTHWISE, "multiplier": Layout.DEPTHWISE}
 
 
 def _workload(name: str):
