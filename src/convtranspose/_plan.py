@@ -2,9 +2,9 @@
 
 Every algorithm works phase by phase (see `_geometry`): no zero-stuffed input, no multiply
 by a structural zero. They differ in where the taps of a phase meet; each is one module of
-`kernels/` (shift, scatter, direct, indexed, native, winograd), registered in
-`kernels.REGISTRY`, which the planner chooses from: the fastest estimate among the kernels
-that fit.
+`kernels/` (shift, scatter, direct, indexed, native, winograd, fan_in, planar: the members
+of `_algorithms.Algorithm`), registered in `kernels.REGISTRY`, which the planner chooses
+from: the fastest estimate among the kernels that fit.
 
 Every task writes a disjoint block of the output, so tasks run on worker threads in any
 order and results are bitwise identical from run to run.
