@@ -4,6 +4,9 @@ field name (csrc/module.cpp)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -32,6 +35,29 @@ def test_binding_fills_each_job_by_field_name():
         native._native.pack_call(tuple(pack.values()))
     with pytest.raises(TypeError, match="correlate: field 'xs' takes a tuple or list of 4"):
         native._native.correlate_call({"itemsize": 4, "xs": (1, 2, 3)})
+
+
+def _c_enum(header: str, prefix: str) -> dict[str, int]:
+    """The members `PREFIX_NAME = value,` of the C enums in `header`, by NAME."""
+    return {m[1]: int(m[2])
+            for m in re.finditer(rf"^\s*{prefix}(\w+)\s*=\s*(-?\d+)\s*,", header, re.M)}
+
+
+def test_python_values_of_the_c_enums_are_those_of_correlate_api_h():
+    """Python passes the kernel's modes, output kinds and grad_weight layouts by number:
+    each must be the value csrc/correlate_api.h gives it, or a job would silently run in
+    another mode."""
+    header = (Path(__file__).resolve().parents[1] / "src" / "convtranspose" / "csrc"
+              / "correlate_api.h").read_text(encoding="utf-8")
+    assert {m.name: int(m) for m in native.Mode} == _c_enum(header, "CT_MODE_")
+    assert {"NONE": native.HALF_NONE, "F16": native.HALF_F16,
+            "BF16": native.HALF_BF16} == _c_enum(header, "CT_HALF_")
+    layout = native.GradWeightLayout
+    c_layouts = _c_enum(header, "CT_GW_")
+    assert {"ALONG_COUT": int(layout.ALONG_OUT), "ALONG_CIN": int(layout.ALONG_IN),
+            "DEPTHWISE": int(layout.DEPTHWISE)} == c_layouts
+    # WIDE and PADDED are Python's alone (built on the three): no C value may mean them.
+    assert not {int(layout.WIDE), int(layout.PADDED)} & set(c_layouts.values())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

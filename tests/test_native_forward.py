@@ -136,13 +136,13 @@ def test_kernel_equal_stride_merges_w_residues_into_whole_rows(rng, assert_close
     x = rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
     w = rng.standard_normal((7, 2, 2, 2, 6)).astype(np.float32)
     p = ct.plan(x.shape, w.shape, stride=2, algorithm="native")
-    assert len(p.groups) == 4 and all(len(g) == 2 for g in p.groups)
-    assert [ph.residue[2] for ph in p.groups[0]] == [0, 1]
+    assert len(p.phase_groups) == 4 and all(len(g) == 2 for g in p.phase_groups)
+    assert [ph.residue[2] for ph in p.phase_groups[0]] == [0, 1]
     ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), stride=2)
     assert_close(ct.run_plan(p, x, w), ref, np.float32, what="k2s2")
-    # Not merged with groups > 1: a position's channels of one group are not one run.
+    # Not merged with groups > 1: a position's channels of one conv group are not one run.
     p = ct.plan((1, 3, 4, 5, 6), (8, 2, 2, 2, 3), stride=2, groups=2, algorithm="native")
-    assert all(len(g) == 1 for g in p.groups)
+    assert all(len(g) == 1 for g in p.phase_groups)
 
 
 # Dot mode (vectors along C_in, 1-4 outputs): whole and partial vectors of C_in, every

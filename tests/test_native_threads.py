@@ -220,8 +220,8 @@ def test_pool_packs_each_weight_once_before_any_tile_reads_it(rng, monkeypatch,
     p = ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=3)
     for _ in range(5):
         np.testing.assert_array_equal(ct.run_plan(p, x, w), alone)
-    assert len(onces) == 5 * len(p.groups) and len(p.groups) > 1
-    assert tasks_run and all(n >= len(p.groups) and t == 3 for n, t in tasks_run)
+    assert len(onces) == 5 * len(p.phase_groups) and len(p.phase_groups) > 1
+    assert tasks_run and all(n >= len(p.phase_groups) and t == 3 for n, t in tasks_run)
 
 
 def test_pool_tiles_of_one_weight_wait_for_its_packing(rng, monkeypatch, small_calls_threaded):
@@ -240,7 +240,7 @@ def test_pool_tiles_of_one_weight_wait_for_its_packing(rng, monkeypatch, small_c
     monkeypatch.setattr(_memory.Scratch, "empty", lambda self, count, dtype: np.full(
         real_empty(self, count, dtype).shape, np.nan, dtype))
     p = ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=3)
-    assert len(p.groups) == 1 and len(p.tasks) >= 6
+    assert len(p.phase_groups) == 1 and len(p.tasks) >= 6
     for _ in range(40):
         np.testing.assert_array_equal(ct.run_plan(p, x, w), alone)
 

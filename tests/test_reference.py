@@ -183,8 +183,8 @@ def test_small_workspace_matches_reference(case, algorithm, workspace, rng, rand
     p = ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm=algorithm,
                 workspace=workspace, threads=1, dtype=dtype)
     # The test is only worth something if the budget really cut the work into tiles:
-    # more tasks than groups of phases computed together.
-    assert len(p.tasks) > len(p.groups), (len(p.tasks), len(p.groups))
+    # more tasks than phase groups.
+    assert len(p.tasks) > len(p.phase_groups), (len(p.tasks), len(p.phase_groups))
     assert p.workspace_limit == workspace
     out = ct.run_plan(p, x, w)
     ref = conv_transpose_ref(x, w, **case.kwargs)

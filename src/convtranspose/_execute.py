@@ -239,17 +239,18 @@ def _fill_bordered(slab: np.ndarray, x3: np.ndarray, n: tuple[int, int],
 
 # --- shift -------------------------------------------------------------------------------
 
-def _shift_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> list[np.ndarray]:
+def _shift_weights(w3: np.ndarray, phase_group: tuple[Phase, ...],
+                   groups: int) -> list[np.ndarray]:
     """Per (D, H) tap pair, (G, taps_w * C_in/g, phases * C_out/g): the W-axis taps stacked
-    along K, the phases of the group side by side along N."""
+    along K, the phases of the phase group side by side along N."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
-    first = group[0]
+    first = phase_group[0]
     mats = []
     for i in range(len(first.axis_taps[0])):
         for j in range(len(first.axis_taps[1])):
             cols = []
-            for phase in group:
+            for phase in phase_group:
                 kd, kh = phase.axis_taps[0][i].k, phase.axis_taps[1][j].k
                 kw = [t.k for t in phase.axis_taps[2]]
                 block = w3[:, kd, kh, kw, :]  # (C_out, taps_w, C_in/g)
@@ -259,20 +260,20 @@ def _shift_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> lis
     return mats
 
 
-def _group_bias(bias, spec, group) -> np.ndarray | None:
-    """(G, phases * C_out/g): each conv group's bias, once per phase of the group."""
+def _phase_group_bias(bias, spec, phase_group) -> np.ndarray | None:
+    """(G, phases * C_out/g): each conv group's bias, once per phase of the phase group."""
     if bias is None:
         return None
-    return np.tile(bias.reshape(spec.groups, spec.c_out_per_group), (1, len(group)))
+    return np.tile(bias.reshape(spec.groups, spec.c_out_per_group), (1, len(phase_group)))
 
 
-def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task, bias=None):
+def _shift_job(spec, x3, out, phase_group: tuple[Phase, ...], wmats, task: Task, bias=None):
     """The phase is a stride-1 correlation: lay the input rows it reads out once, W-axis
     taps side by side, on a grid padded by the D/H halo. Every (D, H) tap then reads a
     contiguous run of that grid at a fixed row shift, so each is one plain GEMM; the few
     grid rows that straddle the halo are computed and dropped."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    phase, tile = group[0], task.tile
+    phase, tile = phase_group[0], task.tile
     n0, n1 = tile.n
     a, b = tile.d
     e, f = tile.h
@@ -286,7 +287,7 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task, bias=
     grid_rows = nn * dn * plane
     length = (nn - 1) * dn * plane + nd * plane  # grid rows the GEMMs compute
     slack = (hmax - hmin) * qw  # the last shifted read runs this far past the grid
-    width = len(group) * cog
+    width = len(phase_group) * cog
     in_d, in_h, in_w = spec.in_spatial
     d_lo, h_lo = a + dmin, e + hmin  # first input plane / row the grid holds
     shifts = [((td.offset - dmin) * hn + (th.offset - hmin)) * qw
@@ -296,14 +297,14 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task, bias=
                  and d_lo + dn <= in_d and (nn == 1 or dn == in_d))
     k = tw * cig
     sd, sh, sw = spec.stride
-    # Every phase of the output, each filling it exactly: store the whole group at once
-    # ("pixel shuffle"), with long contiguous runs instead of one strided run per phase.
-    shuffle = len(group) == sd * sh * sw > 1 and all(
+    # Every phase of the output, each filling it exactly: store the whole phase group at
+    # once ("pixel shuffle"), with long contiguous runs instead of one strided run per phase.
+    shuffle = len(phase_group) == sd * sh * sw > 1 and all(
         c * s == o for c, s, o in zip(phase.count, spec.stride, spec.out_spatial))
     if shuffle:
         views = [out[n0:n1, a * sd:b * sd, e * sh:f * sh]]
     else:
-        views = [_out_view(out, spec, p, task) for p in group]
+        views = [_out_view(out, spec, p, task) for p in phase_group]
 
     def job(buf):
         if x_is_grid:  # one tap, whole planes: the input itself is the grid
@@ -356,16 +357,16 @@ def _shift_job(spec, x3, out, group: tuple[Phase, ...], wmats, task: Task, bias=
 
 # --- scatter -----------------------------------------------------------------------------
 
-def _scatter_weights(w3: np.ndarray, group: tuple[Phase, ...], groups: int) -> np.ndarray:
-    """(G, taps * C_out/g, C_in/g): every tap of every phase of the group along M."""
+def _scatter_weights(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int) -> np.ndarray:
+    """(G, taps * C_out/g, C_in/g): every tap of every phase of the phase group along M."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
-    blocks = [w3[:, td.k, th.k, tw.k, :] for p in group for td, th, tw in p.taps]
+    blocks = [w3[:, td.k, th.k, tw.k, :] for p in phase_group for td, th, tw in p.taps]
     stacked = np.stack(blocks).reshape(len(blocks), groups, cog, cig).transpose(1, 0, 2, 3)
     return np.ascontiguousarray(stacked.reshape(groups, len(blocks) * cog, cig))
 
 
-def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task, bias=None):
+def _scatter_job(spec, x3, out, phase_group: tuple[Phase, ...], wmat, task: Task, bias=None):
     """One GEMM of every tap of every phase against a zero-bordered copy of the input slab
     the tile reads, channels first (G, taps, C_out/g, slab), so M = taps * C_out stays wide
     even when C_out is 1. Each phase then sums its taps' windows of that result into an
@@ -377,15 +378,15 @@ def _scatter_job(spec, x3, out, group: tuple[Phase, ...], wmat, task: Task, bias
     a, b = tile.d
     e, f = tile.h
     nn = n1 - n0
-    (sd_, sh_, sw_), first = bordered_slab(group, tile)
+    (sd_, sh_, sw_), first = bordered_slab(phase_group, tile)
     block = sd_ * sh_ * sw_  # one batch item's slab
     rows = nn * block
     slack = (sh_ + 1) * sw_
-    taps_total = sum(p.tap_count for p in group)
+    taps_total = sum(p.tap_count for p in phase_group)
     sd, sh, sw = spec.stride
     parts = []  # (phase, first tap row in the GEMM, clipped d and h ranges, output view)
     row = 0
-    for p in group:
+    for p in phase_group:
         pd, ph = (a, min(b, p.count[0])), (e, min(f, p.count[1]))
         if pd[0] < pd[1] and ph[0] < ph[1]:
             rd, rh, rw = p.residue
@@ -481,8 +482,8 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task, bias=None):
 class _LazyWeights:
     """One phase group's packed weights. CHANNELS mode's are packed by the first task that
     needs them, as a `native.once` that compiled-pool tasks name: on the workers, so that
-    groups pack in parallel and overlap other groups' tiles (W3 packs 8 MiB: 2.6 ms of
-    its 25 ms on one thread before any tile started). The other layouts are small and
+    phase groups pack in parallel and overlap other phase groups' tiles (W3 packs 8 MiB:
+    2.6 ms of its 25 ms on one thread before any tile started). The other layouts are small and
     packed before any task starts (`once` None)."""
 
     def __init__(self, arrays: list[np.ndarray], once=None, keep=None) -> None:
@@ -498,7 +499,8 @@ class _LazyWeights:
 
 class _HashedOnce:
     """A tuple that hashes once: a cache keyed by a layer's phase groups (64 at stride 4
-    in 3-D), asked once per group, rehashed every phase of every group each time."""
+    in 3-D), asked once per phase group, rehashed every phase of every phase group each
+    time."""
 
     __slots__ = ("value", "_hash")
 
@@ -552,12 +554,12 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
     C_in/g), the phases of a merged W group side by side along C_out (in residue order,
     as they lie in the output). One array per conv group, or one for every channel of a
     depthwise layer, all in one block of `scratch` (taken here: it is not thread-safe).
-    CHANNELS mode packs lazily, by the first worker that needs a group; the other layouts
-    now, by one gather where the groups share a weight (a call of a strided layer has a
-    group per phase: 64 at stride 4 in 3-D, ~40 us each when packed one by one). Where
-    fewer groups than `threads` pack over PARALLEL_PACK_BYTES, every thread packs them
-    now, in pieces: one worker packing a big weight alone held up the rest (3x3x3
-    192 -> 384 k4: 19 MiB, 9.2 ms on one or two threads alike)."""
+    CHANNELS mode packs lazily, by the first worker that needs a phase group; the other
+    layouts now, by one gather where the phase groups share a weight (a call of a strided
+    layer has a phase group per phase: 64 at stride 4 in 3-D, ~40 us each when packed one
+    by one). Where fewer phase groups than `threads` pack over PARALLEL_PACK_BYTES, every
+    thread packs them now, in pieces: one worker packing a big weight alone held up the rest
+    (3x3x3 192 -> 384 k4: 19 MiB, 9.2 ms on one or two threads alike)."""
     w3 = w3s[0]
     item = w3.dtype.itemsize
     cog = w3.shape[0] // groups
@@ -594,8 +596,8 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
         return weights
     shared = all(w is w3 for w in w3s)
     parts = ([_small_layout_index(w3.shape, layer, groups, mode)] if shared else
-             [_small_layout_index(w.shape, _HashedOnce((g,)), groups, mode)
-              for w, g in zip(w3s, layer.value)])
+             [_small_layout_index(w.shape, _HashedOnce((phase_group,)), groups, mode)
+              for w, phase_group in zip(w3s, layer.value)])
     block = scratch.empty(sum(index.size for index, _ in parts), w3.dtype)
     weights, at = [], 0
     for w, (index, lengths) in zip(w3s if not shared else [w3], parts):
@@ -609,13 +611,13 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
     return weights
 
 
-def _small_layouts(w3: np.ndarray, group: tuple[Phase, ...], groups: int,
+def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
                    mode: native.Mode) -> list[np.ndarray]:
     """The DOT ([tap][co][c] per conv group) or DEPTHWISE ([tap][channel]) layout of w3."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
     mats = []
-    for phase in group:
+    for phase in phase_group:
         kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
         sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, C_in/g)
         mats.append(sub.reshape(groups, cog, phase.tap_count, cig))
@@ -631,16 +633,16 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
     """Per phase group of a layer and per conv group, the pack table of CHANNELS mode for
     a weight of these element strides: (taps, phases * C_out/g) offsets of each tap's
     [co, k, 0]. Cached per layer: building one took ~15 us per phase group and call, and
-    a cache per phase group thrashed on layers of more groups than it held (stride 4 in
-    3-D: 64)."""
+    a cache per phase group thrashed on layers of more phase groups than it held (stride 4
+    in 3-D: 64)."""
     s_co, s_d, s_h, s_w, _ = strides
     column = np.arange(cog) * s_co
     layer_tables = []
-    for group in layer.value:
+    for phase_group in layer.value:
         tap_start = np.stack([  # (phases, taps): element offset of each tap's [0, k, 0]
             np.add.outer(np.add.outer([t.k * s_d for t in kd], [t.k * s_h for t in kh]),
                          [t.k * s_w for t in kw]).ravel()
-            for kd, kh, kw in (p.axis_taps for p in group)])
+            for kd, kh, kw in (p.axis_taps for p in phase_group)])
         taps = tap_start.shape[1]
         tables = []
         for g in range(groups):
@@ -657,13 +659,15 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
 def _small_layout_index(shape: tuple[int, ...], layer: _HashedOnce, groups: int,
                         mode: native.Mode) -> tuple[np.ndarray, list[list[int]]]:
     """Where each packed element of every phase group of `layer` comes from in a
-    C-contiguous weight of `shape`, groups one after the other (the layout computed once
-    on the indices: a call then packs with one take), and each group's array lengths."""
+    C-contiguous weight of `shape`, phase groups one after the other (the layout computed
+    once on the indices: a call then packs with one take), and each phase group's array
+    lengths."""
     indices = np.arange(math.prod(shape)).reshape(shape)
-    per_group = [_small_layouts(indices, group, groups, mode) for group in layer.value]
-    index = np.concatenate([a for arrays in per_group for a in arrays])
+    per_phase_group = [_small_layouts(indices, phase_group, groups, mode)
+                       for phase_group in layer.value]
+    index = np.concatenate([a for arrays in per_phase_group for a in arrays])
     index.flags.writeable = False
-    return index, [[a.size for a in arrays] for arrays in per_group]
+    return index, [[a.size for a in arrays] for arrays in per_phase_group]
 
 
 @functools.lru_cache(maxsize=256)
@@ -690,22 +694,22 @@ class _TileGeometry(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)  # a few hundred bytes an entry
-def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pair_dims: tuple | None,
+def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: tuple | None,
                    wide: tuple | None, out_shape: tuple, out_strides: tuple,
                    out_item: int) -> _TileGeometry:
     """The tile's positions in the output as a strided view of it (every W residue of a
-    merged group: whole rows), and what the kernel reads."""
-    phase = group[0]
+    merged W group: whole rows), and what the kernel reads."""
+    phase = phase_group[0]
     n0, n1 = tile.n
     (a, b), (e, f) = tile.d, tile.h
     qw = phase.count[2]
     first_d = 2 * a if pair_dims else phase.residue[0] + a * spec.stride[0]
     step_d = 1 if pair_dims else spec.stride[0]
     # a merged W group's position holds every residue's channels: whole rows, in steps of
-    # len(group) positions
-    step_w = len(group) if len(group) > 1 else spec.stride[2]
+    # len(phase_group) positions
+    step_w = len(phase_group) if len(phase_group) > 1 else spec.stride[2]
     first = (n0, first_d, phase.residue[1] + e * spec.stride[1],
-             0 if len(group) > 1 else phase.residue[2])
+             0 if len(phase_group) > 1 else phase.residue[2])
     es = [st // out_item for st in out_strides[:4]]
     offset = sum(i * st for i, st in zip(first, es)) * out_item
     strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * step_w]
@@ -715,11 +719,11 @@ def _tile_geometry(spec, group: tuple[Phase, ...], tile: Tile, pair_dims: tuple 
     if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
         in_dims, cig = wide
     return _TileGeometry(offset, strides, (n0, n1, a, b, e, f), qw, in_dims, steps, pair_out,
-                         cig, spec.c_out_per_group * len(group),
+                         cig, spec.c_out_per_group * len(phase_group),
                          native_input_box(spec, phase, tile))
 
 
-def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, offsets,
+def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
                 pair_dims: tuple | None = None, wide: tuple | None = None,
                 bias: np.ndarray | None = None, channel_stride: int = 0):
@@ -729,10 +733,11 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
     group writes s_w * C_out channels per position of its first residue. `pair_dims`: a
     ``winograd`` tile, V's dims (4 * pairs, H, W) read at D step 4: its rows are output
     pairs along D.
-    `bias`: None, or the group's `native.bias_table`, added by the kernel as it stores.
+    `bias`: None, or the phase group's `native.bias_table`, added by the kernel as it
+    stores.
     `channel_stride`: PLANAR mode's, its input the planar copy (`native.planar_copy`)."""
     groups = spec.groups
-    geo = _tile_geometry(spec, group, task.tile, pair_dims, wide, out.shape, out.strides,
+    geo = _tile_geometry(spec, phase_group, task.tile, pair_dims, wide, out.shape, out.strides,
                          out.dtype.itemsize)
     cig, cog, box, qw = geo.cin, geo.cout, geo.box, geo.wcount
     item = spec.compute_dtype.itemsize
@@ -789,7 +794,7 @@ def _native_job(spec, x3, out, group: tuple[Phase, ...], weights: _LazyWeights, 
                       else box[3] - box[2])
             view = np.lib.stride_tricks.as_strided(
                 out.reshape(-1)[geo.out_offset // out.dtype.itemsize:],
-                (n1 - n0, rows_d, box[5] - box[4], qw, spec.c_out * len(group)),
+                (n1 - n0, rows_d, box[5] - box[4], qw, spec.c_out * len(phase_group)),
                 [st * out.dtype.itemsize for st in (*geo.out_strides, 1)])
             target = buf[used:used + view.size].reshape(view.shape)
             calls(packed, x_addr, xs, *native.origin(target), target.dtype.itemsize)
@@ -871,7 +876,7 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
 
 
 def _bias_tables(plan: Plan, bias) -> list:
-    return [None if bias is None else native.bias_table(bias, len(g)) for g in plan.groups]
+    return [None if bias is None else native.bias_table(bias, len(g)) for g in plan.phase_groups]
 
 
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
@@ -879,15 +884,16 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     spec = plan.spec
     planar = plan.algorithm == Algorithm.PLANAR
     mode = native.PLANAR if planar else native_mode(spec, plan.wide_w)
-    groups, wide = plan.groups, None
+    phase_groups, wide = plan.phase_groups, None
     if not planar and expands_to_depthwise(spec):  # each input channel repeated for its outputs
         x3 = np.repeat(x3.astype(spec.compute_dtype, copy=False), spec.c_out_per_group, axis=-1)
-    group_weights = [w3] * len(groups)
+    phase_group_weights = [w3] * len(phase_groups)
     if plan.wide_w:
-        x3, group_weights, groups, wide = _wide_w(spec, plan.groups, x3, w3, plan.threads)
+        x3, phase_group_weights, phase_groups, wide = _wide_w(spec, plan.phase_groups, x3, w3,
+                                                              plan.threads)
     channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
-    weights = _native_weights(group_weights, _HashedOnce(groups), channels, mode, scratch,
-                              plan.threads)
+    weights = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels, mode,
+                              scratch, plan.threads)
     tasks, channel_stride = plan.tasks, 0
     convert = not native.reads_in_place(x3, spec.compute_dtype)
     if planar:  # the copy every tile reads, from the input in the compute dtype
@@ -905,14 +911,14 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     elif convert and spec.input_dtype == spec.compute_dtype:
         # Channels not contiguous, where the plan assumed the input read in place (its
         # tiles are shared and hold no copy): tiles that copy their rows instead.
-        tasks, _ = make_tasks(spec, Algorithm.NATIVE, plan.groups, plan.workspace_limit,
+        tasks, _ = make_tasks(spec, Algorithm.NATIVE, plan.phase_groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
-    offsets = [_native_offsets(g[0]) for g in groups]
+    offsets = [_native_offsets(g[0]) for g in phase_groups]
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
     biases = _bias_tables(plan, bias)
-    jobs = [_native_job(spec, x3, out, groups[t.group], weights[t.group],
-                        offsets[t.group], t, convert, mode, x_origin, plan.threads,
-                        wide=wide and wide[t.group], bias=biases[t.group],
+    jobs = [_native_job(spec, x3, out, phase_groups[t.phase_group], weights[t.phase_group],
+                        offsets[t.phase_group], t, convert, mode, x_origin, plan.threads,
+                        wide=wide and wide[t.phase_group], bias=biases[t.phase_group],
                         channel_stride=channel_stride)
             for t in tasks]
     buffer = max((t.buffer_elems for t in tasks), default=0)
@@ -933,30 +939,30 @@ def padded_along_w(a: np.ndarray, left: int, width: int, dtype: np.dtype,
     return padded
 
 
-def _wide_w(spec, groups, x3, w3, threads):
+def _wide_w(spec, phase_groups, x3, w3, threads):
     """Fused W taps (`_plan.fuses_w_taps`): the input padded along W with zeros, in the
     compute dtype; per phase group, its phases with one W tap (k: the phase's index in
-    the group, offset: its first) and the weight (C_out, kD, kH, phases, taps_w * C_in)
-    that tap weighs, zeros where a phase has no tap at some offset; and per group the
-    kernel's (input dims, channels summed per tap)."""
-    left, width, per_group = wide_w_geometry(spec, groups)
+    the phase group, offset: its first) and the weight (C_out, kD, kH, phases,
+    taps_w * C_in) that tap weighs, zeros where a phase has no tap at some offset; and per
+    phase group the kernel's (input dims, channels summed per tap)."""
+    left, width, per_phase_group = wide_w_geometry(spec, phase_groups)
     in_d, in_h = spec.in_spatial[:2]
     padded = padded_along_w(x3, left, width, spec.compute_dtype, threads)
     w5 = w3.reshape(spec.c_out, *spec.kernel, spec.c_in)
-    wide_groups, weights, kernel_args = [], [], []
-    for group, (taps, first) in zip(groups, per_group):
-        wide_w = np.zeros((spec.c_out, *spec.kernel[:2], len(group), taps, spec.c_in),
+    wide_phase_groups, weights, kernel_args = [], [], []
+    for phase_group, (taps, first) in zip(phase_groups, per_phase_group):
+        wide_w = np.zeros((spec.c_out, *spec.kernel[:2], len(phase_group), taps, spec.c_in),
                           spec.compute_dtype)
         phases = []
-        for i, phase in enumerate(group):
+        for i, phase in enumerate(phase_group):
             for tap in phase.axis_taps[2]:
                 wide_w[:, :, :, i, tap.offset - first] = w5[:, :, :, tap.k]
             one_tap = (AxisTap(i, first + left, 0, phase.count[2]),)
             phases.append(Phase(phase.residue, phase.count, (*phase.axis_taps[:2], one_tap)))
-        wide_groups.append(tuple(phases))
+        wide_phase_groups.append(tuple(phases))
         weights.append(wide_w.reshape(*wide_w.shape[:4], taps * spec.c_in))
         kernel_args.append(((in_d, in_h, width - taps + 1), taps * spec.c_in))
-    return padded, weights, tuple(wide_groups), kernel_args
+    return padded, weights, tuple(wide_phase_groups), kernel_args
 
 
 def pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
@@ -1009,14 +1015,14 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
     winograd_pairs = pair_count(spec)
     v = pair_input(x3, base, winograd_pairs, plan.threads)
     u = pair_weight(w3, order)
-    weights = _native_weights([u] * len(plan.groups), _HashedOnce(plan.groups), spec.groups,
-                              native.CHANNELS, scratch, plan.threads)
-    offsets = [_native_offsets(g[0]) for g in plan.groups]
+    weights = _native_weights([u] * len(plan.phase_groups), _HashedOnce(plan.phase_groups),
+                              spec.groups, native.CHANNELS, scratch, plan.threads)
+    offsets = [_native_offsets(g[0]) for g in plan.phase_groups]
     v_origin = native.origin(v.reshape(n, 4 * winograd_pairs, h, w, c))
     biases = _bias_tables(plan, bias)
-    jobs = [_native_job(spec, v, out, plan.groups[t.group], weights[t.group],
-                        offsets[t.group], t, False, native.CHANNELS, v_origin, plan.threads,
-                        pair_dims=(4 * winograd_pairs, h, w), bias=biases[t.group])
+    jobs = [_native_job(spec, v, out, plan.phase_groups[t.phase_group], weights[t.phase_group],
+                        offsets[t.phase_group], t, False, native.CHANNELS, v_origin, plan.threads,
+                        pair_dims=(4 * winograd_pairs, h, w), bias=biases[t.phase_group])
             for t in plan.tasks]
     _run(jobs, plan.threads, 0, spec.compute_dtype)
 

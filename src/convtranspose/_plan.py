@@ -2,9 +2,9 @@
 
 Every algorithm works phase by phase (see `_geometry`): no zero-stuffed input, no multiply
 by a structural zero. They differ in where the taps of a phase meet; each is one module of
-`kernels/` (shift, scatter, direct, indexed, native, winograd), registered in
-`kernels.REGISTRY`, which the planner chooses from: the fastest estimate among the kernels
-that fit.
+`kernels/` (shift, scatter, direct, indexed, native, winograd, fan_in, planar: the members
+of `_algorithms.Algorithm`), registered in `kernels.REGISTRY`, which the planner chooses
+from: the fastest estimate among the kernels that fit.
 
 Every task writes a disjoint block of the output, so tasks run on worker threads in any
 order and results are bitwise identical from run to run.
@@ -142,7 +142,7 @@ class Tile:
 
 @dataclass(frozen=True)
 class Task:
-    group: int  # index into Plan.groups
+    phase_group: int  # index into Plan.phase_groups
     tile: Tile
     buffer_elems: int
 
@@ -151,7 +151,7 @@ class Task:
 class Plan:
     spec: ConvSpec
     algorithm: str
-    groups: tuple[tuple[Phase, ...], ...]  # phases computed together
+    phase_groups: tuple[tuple[Phase, ...], ...]  # phases computed together
     tasks: tuple[Task, ...]
     threads: int  # worker threads the tasks run on
     workspace_bytes: int
@@ -167,9 +167,10 @@ class Plan:
     def __str__(self) -> str:
         s = self.spec
         lift = 3 - s.ndim
-        phases = sum(len(g) for g in self.groups)
+        phases = sum(len(g) for g in self.phase_groups)
         total = math.prod(s.stride)
-        shape = (f"{phases} of {total} phases carry taps, in {len(self.groups)} GEMM group(s)"
+        shape = (f"{phases} of {total} phases carry taps, in {len(self.phase_groups)} phase "
+                 f"group(s)"
                  if self.table is None else
                  f"one GEMM, then a gather of up to {self.table.shape[0]} products per "
                  f"output row")
@@ -381,7 +382,7 @@ def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...
     return registry()[algorithm].phase_groups(spec)
 
 
-def native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
+def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
     """The W residues of one (D, H) residue, when they share their geometry (kernel_w a
     multiple of stride_w), lie side by side in the output: as one phase of s_w * C_out
     channels they make the kernel write whole output rows in order. Needs groups == 1,
@@ -396,13 +397,13 @@ def native_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...],
     rows: dict[tuple, list[Phase]] = {}
     for p in live:
         rows.setdefault((p.residue[:2], geometry_key(p)), []).append(p)
-    groups = []
+    phase_groups = []
     for row in rows.values():
         if len(row) == sw:
-            groups.append(tuple(sorted(row, key=lambda p: p.residue[2])))
+            phase_groups.append(tuple(sorted(row, key=lambda p: p.residue[2])))
         else:
-            groups.extend((p,) for p in row)
-    return tuple(sorted(groups, key=lambda g: g[0].residue))
+            phase_groups.extend((p,) for p in row)
+    return tuple(sorted(phase_groups, key=lambda g: g[0].residue))
 
 
 def pair_count(spec: ConvSpec) -> int:
@@ -459,12 +460,12 @@ def winograd_fits(spec: ConvSpec, limit: int) -> bool:
     return pair_input_bytes(spec) + converted <= limit
 
 
-def buffer_elems(spec: ConvSpec, algorithm: str, group: tuple[Phase, ...], tile: Tile,
+def buffer_elems(spec: ConvSpec, algorithm: str, phase_group: tuple[Phase, ...], tile: Tile,
                  whole_input: bool = False) -> int:
     """Workspace elements one task needs (the kernels slice their buffers the same way).
     `whole_input`: native converts the input once for every task (not in the task's
     buffer)."""
-    return registry()[algorithm].buffer_elems(spec, group, tile, whole_input)
+    return registry()[algorithm].buffer_elems(spec, phase_group, tile, whole_input)
 
 
 def native_input_box(spec: ConvSpec, phase: Phase, tile: Tile) -> tuple[tuple[int, int],
@@ -542,14 +543,14 @@ def native_buffer_elems(spec: ConvSpec, phase: Phase, tile: Tile, convert_input:
     return elems
 
 
-def bordered_slab(group: tuple[Phase, ...], tile: Tile) -> tuple[tuple[int, int, int],
-                                                                   tuple[int, int, int]]:
+def bordered_slab(phase_group: tuple[Phase, ...], tile: Tile
+                  ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Extent and first input position (D, H, W) of the slab a scatter or direct tile
     reads: the tile's rows widened by every phase's tap offsets (positions outside the
     input are zeros in the slab, so that every tap window is a plain shift of it)."""
-    lo = [min(p.halo(i)[0] for p in group) for i in range(3)]
-    hi = [max(p.halo(i)[1] for p in group) for i in range(3)]
-    qw = max(p.count[2] for p in group)
+    lo = [min(p.halo(i)[0] for p in phase_group) for i in range(3)]
+    hi = [max(p.halo(i)[1] for p in phase_group) for i in range(3)]
+    qw = max(p.count[2] for p in phase_group)
     first = (tile.d[0] + lo[0], tile.h[0] + lo[1], lo[2])
     extent = (tile.d[1] - tile.d[0] + hi[0] - lo[0], tile.h[1] - tile.h[0] + hi[1] - lo[1],
               qw + hi[2] - lo[2])
@@ -657,20 +658,21 @@ def fuses_w_taps(spec: ConvSpec) -> bool:
             and spec.c_in * spec.c_out > 1)  # 1 -> 1 is depthwise, already along pixels
 
 
-def wide_w_geometry(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]
+def wide_w_geometry(spec: ConvSpec, phase_groups: tuple[tuple[Phase, ...], ...]
                     ) -> tuple[int, int, tuple[tuple[int, int], ...]]:
     """(left padding, padded width, per phase group (its W taps, their first input
-    offset)) of the W-padded input that fused W taps read: every output w of a group reads
-    pixels [w + first, w + first + taps) of the unpadded row, zeros outside it."""
-    per_group = []
-    for group in groups:
-        offsets = [t.offset for t in group[0].axis_taps[2]]
-        per_group.append((max(offsets) - min(offsets) + 1, min(offsets)))
-    left = max([0] + [-first for _, first in per_group])
+    offset)) of the W-padded input that fused W taps read: every output w of a phase
+    group reads pixels [w + first, w + first + taps) of the unpadded row, zeros outside
+    it."""
+    per_phase_group = []
+    for phase_group in phase_groups:
+        offsets = [t.offset for t in phase_group[0].axis_taps[2]]
+        per_phase_group.append((max(offsets) - min(offsets) + 1, min(offsets)))
+    left = max([0] + [-first for _, first in per_phase_group])
     reach = max([spec.in_spatial[2] + left]  # the input itself, after its left padding
                 + [max(p.count[2] for p in g) + first + taps - 1 + left
-                   for g, (taps, first) in zip(groups, per_group)])
-    return left, reach, tuple(per_group)
+                   for g, (taps, first) in zip(phase_groups, per_phase_group)])
+    return left, reach, tuple(per_phase_group)
 
 
 def planar_geometry(spec: ConvSpec) -> tuple[int, int, int, int]:
@@ -700,8 +702,8 @@ def planar_bytes(spec: ConvSpec) -> int:
     return native.planar_size(shape, height, pitch, item) * item + converted
 
 
-def wide_w_bytes(spec: ConvSpec, groups: tuple[tuple[Phase, ...], ...]) -> int:
-    _, width, _ = wide_w_geometry(spec, groups)
+def wide_w_bytes(spec: ConvSpec, phase_groups: tuple[tuple[Phase, ...], ...]) -> int:
+    _, width, _ = wide_w_geometry(spec, phase_groups)
     return (spec.batch * spec.in_spatial[0] * spec.in_spatial[1] * width * spec.c_in
             * spec.compute_dtype.itemsize)
 
@@ -785,7 +787,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     kernel = registry()[algorithm]
     if kernel.make_plan is not None:  # its own plan (indexed: one task and a table)
         return kernel.make_plan(spec, limit, est)
-    groups = kernel.phase_groups(spec)
+    phase_groups = kernel.phase_groups(spec)
     # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place;
     # so are those of every compiled kernel
     takes_pairs = algorithm == Algorithm.WINOGRAD
@@ -795,12 +797,13 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         or native_converts_whole_input(spec, limit))
     shared = kind == Algorithm.NATIVE and native_shares_tiles(spec, limit)
     wide_w = (algorithm == Algorithm.NATIVE and fuses_w_taps(spec)
-              and wide_w_bytes(spec, groups) <= limit)
-    copy_bytes = (wide_w_bytes(spec, groups) if wide_w else
+              and wide_w_bytes(spec, phase_groups) <= limit)
+    copy_bytes = (wide_w_bytes(spec, phase_groups) if wide_w else
                   kernel.input_copy_bytes(spec) if kernel.input_copy_bytes else 0)
     if copy_bytes:  # the copy is the input every tile reads, converted
         whole_input, shared = True, not _rounds_blocks(spec)
-    tasks, biggest = make_tasks(spec, kind, groups, limit, threads, whole_input, shared)
+    tasks, biggest = make_tasks(spec, kind, phase_groups, limit, threads, whole_input,
+                                shared)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
     # `serial` kernels.
     serial_below = (NATIVE_SERIAL_BELOW_SECONDS if kind == Algorithm.NATIVE
@@ -817,12 +820,12 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     converted = (copy_bytes or
                  spec.batch * math.prod(spec.in_spatial) * spec.c_in * item if whole_input
                  else 0) + (pair_input_bytes(spec) if takes_pairs else 0)
-    return Plan(spec=spec, algorithm=algorithm, groups=groups, tasks=tuple(tasks),
+    return Plan(spec=spec, algorithm=algorithm, phase_groups=phase_groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
                 workspace_limit=limit, est_seconds=est, wide_w=wide_w)
 
 
-def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], ...],
+def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, ...], ...],
                limit: int, threads: int, whole_input: bool, shared: bool,
                convert_input: bool = False) -> tuple[list[Task], int]:
     """The tiles of every phase group, each within the workspace limit, and the biggest
@@ -831,7 +834,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
     contiguous), which the buffers must hold."""
     item = spec.compute_dtype.itemsize
     if shared:  # no workspace (the limit does not bind), and no cut for balance
-        dot = len(groups) > 1 and native_mode(spec) == native.DOT
+        dot = len(phase_groups) > 1 and native_mode(spec) == native.DOT
         per_task = (SHARED_DOT_TILE_BYTES if dot else SHARED_TILE_BYTES) // item
         min_tiles = 1
     else:
@@ -839,25 +842,25 @@ def make_tasks(spec: ConvSpec, algorithm: str, groups: tuple[tuple[Phase, ...], 
         # shift GEMMs amortise bigger tiles better (each kernel's `tile_bytes`).
         tile_bytes = registry()[algorithm].tile_bytes
         per_task = max(1, min(tile_bytes, limit // threads) // item)
-        min_tiles = threads if len(groups) < threads else 1
+        min_tiles = threads if len(phase_groups) < threads else 1
         if algorithm == Algorithm.NATIVE:
             # Its tiles cost nothing to cut (no halo copies): cut at least four per worker,
             # so that a worker slowed by a neighbour's process does not hold up the call.
-            min_tiles = max(1, ceil_div(4 * threads, len(groups)))
+            min_tiles = max(1, ceil_div(4 * threads, len(phase_groups)))
     max_rows = max(MIN_TILE_ROWS, per_task // max(1, spec.c_in + 2 * spec.c_out))
     while True:
         tasks = []
-        for gi, group in enumerate(groups):
-            count = tuple(max(p.count[i] for p in group) for i in range(3))
+        for gi, phase_group in enumerate(phase_groups):
+            count = tuple(max(p.count[i] for p in phase_group) for i in range(3))
             for tile in split_tiles(spec.batch, count, max_rows, min_tiles):
-                elems = (native_buffer_elems(spec, group[0], tile, True, len(group))
+                elems = (native_buffer_elems(spec, phase_group[0], tile, True, len(phase_group))
                          if convert_input else
-                         buffer_elems(spec, algorithm, group, tile, whole_input))
+                         buffer_elems(spec, algorithm, phase_group, tile, whole_input))
                 tasks.append(Task(gi, tile, elems))
         if algorithm == Algorithm.NATIVE:
             # Tile-major: the phases of one tile read the same input rows and fill the same
             # output pages, so run them back to back (their tiles coincide when the counts do).
-            tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.group))
+            tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.phase_group))
         biggest = max((t.buffer_elems for t in tasks), default=0)
         if biggest <= per_task or max_rows <= 1:
             return tasks, biggest
@@ -874,7 +877,8 @@ def indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
     item = spec.compute_dtype.itemsize
     used = ((rows_in * taps + 1) * spec.c_out + table.size * spec.c_out) * item + table.nbytes
     task = Task(0, Tile((0, spec.batch), (0, 0), (0, 0)), (rows_in * taps + 1) * spec.c_out)
-    return Plan(spec=spec, algorithm=Algorithm.INDEXED, groups=(), tasks=(task,), threads=1,
+    return Plan(spec=spec, algorithm=Algorithm.INDEXED, phase_groups=(), tasks=(task,),
+                threads=1,
                 workspace_bytes=used, workspace_limit=limit, est_seconds=est,
                 table=table)
 

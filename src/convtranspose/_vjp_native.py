@@ -295,7 +295,7 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
                 defer: list | None = None,
                 padded: tuple[np.ndarray, int] | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
-    csrc/correlate.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
+    csrc/grad_weight.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
     so there is no partial sum to add and the bits do not depend on the thread count;
     swapped (vectors along C_in) the sums land in gw in place, otherwise in the packed
     layout, then unpacked. With too few units to share (a 1x1x1 kernel), workers own
@@ -398,7 +398,7 @@ def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list 
 def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
     """Both gradients in one pass of the grad_weight kernel, where it sums few values per
     tap (a 16 -> 1 head): each cotangent value it loads feeds a grad_weight sum and a
-    grad_input pixel (see csrc/correlate.hpp). Workers own fixed tiles of input rows (their
+    grad_input pixel (see csrc/grad_weight.hpp). Workers own fixed tiles of input rows (their
     grad_input rows) and one grad_weight sum each, worker 0's in gw itself, added in worker
     order: bitwise reproducible for a thread count."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group

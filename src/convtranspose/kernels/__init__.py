@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 PhaseGroups = tuple[tuple["Phase", ...], ...]
 
 
-def _no_buffer(spec: ConvSpec, group: tuple[Phase, ...], tile: Tile, whole_input: bool) -> int:
+def _no_buffer(spec: ConvSpec, phase_group: tuple[Phase, ...], tile: Tile,
+               whole_input: bool) -> int:
     return 0
 
 
@@ -46,7 +47,7 @@ class Kernel:
     estimate(spec): seconds on one core, the planner's model (ratios matter, not
         absolutes).
     phase_groups(spec): the phases that carry taps, grouped as its tasks compute them.
-    buffer_elems(spec, group, tile, whole_input): scratch elements one task needs.
+    buffer_elems(spec, phase_group, tile, whole_input): scratch elements one task needs.
     run(plan, x3, w3, out, bias): computes the plan's output into `out` (zeroed, or
         holding the bias, unless `writes_every_output`).
     writes_every_output(spec): whether `run` stores every output element (no zeroing).

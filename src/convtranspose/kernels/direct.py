@@ -34,18 +34,18 @@ def estimate(spec):
     return spec.useful_flops / 2 / ELEMENTWISE_PER_S + output_write_seconds(spec)
 
 
-def buffer_elems(spec, group, tile, whole_input):
+def buffer_elems(spec, phase_group, tile, whole_input):
     """The tile's zero-bordered input slab and a contiguous block of its output."""
     nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
-    slab = nn * math.prod(bordered_slab(group, tile)[0]) * spec.c_in
-    return slab + nn * nd * nh * group[0].count[2] * spec.c_out
+    slab = nn * math.prod(bordered_slab(phase_group, tile)[0]) * spec.c_in
+    return slab + nn * nd * nh * phase_group[0].count[2] * spec.c_out
 
 
 def run(plan, x3, w3, out, bias):
     spec = plan.spec
-    weights = [_execute._direct_weights(w3, g[0], spec.groups) for g in plan.groups]
-    jobs = [_execute._direct_job(spec, x3, out, plan.groups[t.group][0], weights[t.group], t,
-                                 bias) for t in plan.tasks]
+    weights = [_execute._direct_weights(w3, g[0], spec.groups) for g in plan.phase_groups]
+    jobs = [_execute._direct_job(spec, x3, out, plan.phase_groups[t.phase_group][0],
+                                 weights[t.phase_group], t, bias) for t in plan.tasks]
     _execute.run_tiles(plan, jobs)
 
 

@@ -12,7 +12,7 @@ from .._memory import Scratch
 from .._plan import (
     live_phases,
     native_buffer_elems,
-    native_groups,
+    native_phase_groups,
     native_rate,
     native_writes_every_output,
     output_write_seconds,
@@ -28,18 +28,18 @@ def fits(spec, limit):
 
 
 def phase_groups(spec):
-    return native_groups(spec, live_phases(spec))
+    return native_phase_groups(spec, live_phases(spec))
 
 
 def estimate(spec):
     return spec.useful_flops / native_rate(spec) + output_write_seconds(spec) / 2  # one pass
 
 
-def buffer_elems(spec, group, tile, whole_input):
+def buffer_elems(spec, phase_group, tile, whole_input):
     """Room only to convert the tile's input (unless converted once for every task) and
     to round an output the kernel cannot round as it stores."""
     convert = spec.input_dtype != spec.compute_dtype and not whole_input
-    return native_buffer_elems(spec, group[0], tile, convert, len(group))
+    return native_buffer_elems(spec, phase_group[0], tile, convert, len(phase_group))
 
 
 def run(plan, x3, w3, out, bias):

@@ -32,23 +32,23 @@ def estimate(spec):
     """The GEMM at its rate; the product is written, read back, and every window add
     reads and writes the accumulator along strided runs: about six passes (calibrated on
     W3 and W6)."""
-    groups = phase_groups(spec)
+    together = phase_groups(spec)
     write = output_write_seconds(spec)
-    if not groups:
+    if not together:
         return write
     n_in = spec.batch * spec.in_spatial[0] * spec.in_spatial[1] * spec.in_spatial[2]
-    taps = sum(p.tap_count for g in groups for p in g)
+    taps = sum(p.tap_count for g in together for p in g)
     narrow = min(taps * spec.c_out_per_group, n_in)
     traffic = 6 * n_in * taps * spec.c_out * spec.compute_dtype.itemsize
     return spec.useful_flops / _gemm_rate(narrow) + traffic / COPY_BYTES_PER_S + write
 
 
-def buffer_elems(spec, group, tile, whole_input):
+def buffer_elems(spec, phase_group, tile, whole_input):
     """The zero-bordered input slab, the GEMM result on it, one accumulator."""
     nn, nd = tile.n[1] - tile.n[0], tile.d[1] - tile.d[0]
-    (sd, sh, sw), _ = bordered_slab(group, tile)
+    (sd, sh, sw), _ = bordered_slab(phase_group, tile)
     rows = nn * sd * sh * sw
-    taps = sum(p.tap_count for p in group)
+    taps = sum(p.tap_count for p in phase_group)
     slack = (sh + 1) * sw  # flat window reads of the last batch item run past its end
     return (rows * spec.c_in + (rows + slack) * taps * spec.c_out
             + nn * nd * sh * sw * spec.c_out)
@@ -56,9 +56,9 @@ def buffer_elems(spec, group, tile, whole_input):
 
 def run(plan, x3, w3, out, bias):
     spec = plan.spec
-    weights = [_execute._scatter_weights(w3, g, spec.groups) for g in plan.groups]
-    jobs = [_execute._scatter_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
-                                  bias) for t in plan.tasks]
+    weights = [_execute._scatter_weights(w3, g, spec.groups) for g in plan.phase_groups]
+    jobs = [_execute._scatter_job(spec, x3, out, plan.phase_groups[t.phase_group],
+                                  weights[t.phase_group], t, bias) for t in plan.tasks]
     _execute.run_tiles(plan, jobs)
 
 

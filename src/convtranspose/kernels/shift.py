@@ -36,26 +36,26 @@ def estimate(spec):
     copy and the accumulator adds."""
     item = spec.compute_dtype.itemsize
     total = output_write_seconds(spec)
-    for group in phase_groups(spec):
-        p = group[0]
+    for phase_group in phase_groups(spec):
+        p = phase_group[0]
         hmin, hmax = p.halo(1)
         nd, nh, qw = p.count
         waste = (nh + hmax - hmin) / nh
         tw, tdh = len(p.axis_taps[2]), len(p.axis_taps[0]) * len(p.axis_taps[1])
         rows = spec.batch * nd * nh * qw
-        narrow = min(len(group) * spec.c_out_per_group, rows)
-        gemm = 2 * rows * waste * tw * tdh * spec.c_in * spec.c_out_per_group * len(group)
+        narrow = min(len(phase_group) * spec.c_out_per_group, rows)
+        gemm = 2 * rows * waste * tw * tdh * spec.c_in * spec.c_out_per_group * len(phase_group)
         total += gemm / _gemm_rate(narrow)
         grid_copy = 0 if tw == 1 and tdh == 1 else 2 * rows * tw * spec.c_in * item
-        adds = 3 * (tdh - 1) * rows * len(group) * spec.c_out * item
+        adds = 3 * (tdh - 1) * rows * len(phase_group) * spec.c_out * item
         total += (grid_copy + adds) / COPY_BYTES_PER_S
     return total
 
 
-def buffer_elems(spec, group, tile, whole_input):
+def buffer_elems(spec, phase_group, tile, whole_input):
     """The grid (with the slack its last shifted read runs past), the accumulator, and a
     temporary when more than one (D, H) tap adds into it."""
-    phase = group[0]
+    phase = phase_group[0]
     nn, nd, nh = (tile.n[1] - tile.n[0], tile.d[1] - tile.d[0], tile.h[1] - tile.h[0])
     qw = phase.count[2]
     dmin, dmax = phase.halo(0)
@@ -65,15 +65,16 @@ def buffer_elems(spec, group, tile, whole_input):
     slack = (hmax - hmin) * qw
     sums = 2 if len(phase.axis_taps[0]) * len(phase.axis_taps[1]) > 1 else 1
     grid = (grid_rows + slack) * len(phase.axis_taps[2]) * spec.c_in
-    return grid + sums * grid_rows * len(group) * spec.c_out
+    return grid + sums * grid_rows * len(phase_group) * spec.c_out
 
 
 def run(plan, x3, w3, out, bias):
     spec = plan.spec
-    weights = [_execute._shift_weights(w3, g, spec.groups) for g in plan.groups]
-    biases = [_execute._group_bias(bias, spec, g) for g in plan.groups]
-    jobs = [_execute._shift_job(spec, x3, out, plan.groups[t.group], weights[t.group], t,
-                                biases[t.group]) for t in plan.tasks]
+    weights = [_execute._shift_weights(w3, g, spec.groups) for g in plan.phase_groups]
+    biases = [_execute._phase_group_bias(bias, spec, g) for g in plan.phase_groups]
+    jobs = [_execute._shift_job(spec, x3, out, plan.phase_groups[t.phase_group],
+                                weights[t.phase_group], t, biases[t.phase_group])
+            for t in plan.tasks]
     _execute.run_tiles(plan, jobs)
 
 

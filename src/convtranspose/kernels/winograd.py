@@ -13,7 +13,7 @@ from .._plan import (
     PAIR_TRANSFORM_BYTES_PER_S,
     WINOGRAD_MIN_CHANNELS,
     live_phases,
-    native_groups,
+    native_phase_groups,
     native_rate,
     native_writes_every_output,
     output_write_seconds,
@@ -36,8 +36,8 @@ def fits(spec, limit):
 
 
 def phase_groups(spec):
-    """Native groups of the pair phases (`pair_phase`)."""
-    return native_groups(spec, [pair_phase(p) for p in live_phases(spec)])
+    """Native phase groups of the pair phases (`pair_phase`)."""
+    return native_phase_groups(spec, [pair_phase(p) for p in live_phases(spec)])
 
 
 def estimate(spec):
