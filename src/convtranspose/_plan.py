@@ -377,11 +377,6 @@ def live_phases(spec: ConvSpec) -> list[Phase]:
     return [p for p in phases_3d(spec) if p.tap_count and p.size]
 
 
-def phase_groups(spec: ConvSpec, algorithm: str) -> tuple[tuple[Phase, ...], ...]:
-    """The phases that carry taps, grouped as the algorithm's tasks compute them."""
-    return registry()[algorithm].phase_groups(spec)
-
-
 def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
     """The W residues of one (D, H) residue, when they share their geometry (kernel_w a
     multiple of stride_w), lie side by side in the output: as one phase of s_w * C_out
