@@ -557,7 +557,7 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
   }
   const int64_t ends = overlap ? full + L : full;  // sweeps: whole vectors, then the tail's
   // The weight vectors of sweep c (the tail's past the whole vectors), and where it reads.
-  const auto weights = [&](int64_t c, V (&wv)[CO]) {
+  const auto weights = [&](int64_t c, V (&wv)[CO]) CT_ALWAYS_INLINE {
 #pragma GCC unroll 4
     for (int o = 0; o < CO; ++o)
       wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];

@@ -35,7 +35,7 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
     const T* b = static_cast<const T*>(segs[sgi].b) + b0;
     const int64_t count = segs[sgi].count;
     int64_t i = 0;
-    const auto step = [&](auto& sums, const T* ai, const T* bi) {
+    const auto step = [&](auto& sums, const T* ai, const T* bi) CT_ALWAYS_INLINE {
       __builtin_prefetch(ai + 64 / sizeof(T));  // the next blocks' line of this pixel
       V bv[NV];
 #pragma GCC unroll 4
@@ -130,7 +130,7 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
   }
   const bool inner = ilo < ihi;
   for (int64_t r = 0; r < rows; ++r, grow += grs, xrow += xrs) {
-    const auto edge = [&](auto& sum, const FewSum<T>& f, int64_t w0, int64_t w1) {
+    const auto edge = [&](auto& sum, const FewSum<T>& f, int64_t w0, int64_t w1) CT_ALWAYS_INLINE {
       for (int64_t w = w0; w < w1; ++w) {
         const V b = broadcast<V>(grow + f.g + (w - f.lo) * gs_w);
 #pragma GCC unroll 4
