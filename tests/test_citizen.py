@@ -176,23 +176,29 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def long_side():
-    """The side of a (1, d, d, d, 64) input whose 3x3x3, 64 -> 64 call takes about 4 s here
-    (from a timed 16^3 call; at least 24, and at most 80: 128 MiB of float32)."""
+def long_call():
+    """(side, channels) of a (1, d, d, d, C) input whose 3x3x3, C -> C call takes about
+    4 s here, from a timed 16^3, 64-channel call: the side grows first (at least 24, at most
+    80), then the channels (at least 64, a multiple of 16), so that the input stays within
+    ~0.5 GiB of float32 on a fast machine (80^3 x 64 channels ran in 0.3 s on an AVX-512
+    Xeon, over before the SIGINT at 0.5 s)."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 16, 16, 16, 64), dtype=np.float32)
     w = rng.standard_normal((64, 3, 3, 3, 64), dtype=np.float32)
     ct.conv_transpose3d(x, w, padding=1)
     start = time.perf_counter()
     ct.conv_transpose3d(x, w, padding=1)
-    seconds = time.perf_counter() - start
-    return int(min(80, max(24, 16 * (4.0 / max(seconds, 1e-4)) ** (1 / 3))))
+    factor = 4.0 / max(time.perf_counter() - start, 1e-4)  # work: side^3 * channels^2
+    side = int(min(80, max(24, 16 * factor ** (1 / 3))))
+    channels = 64 * max(1.0, factor / (side / 16) ** 3) ** 0.5
+    return side, int(min(256, channels // 16 * 16))
 
 
 @pytest.mark.parametrize("kind", ["forward", "vjp", "dask"])
-def test_ctrl_c_stops_a_long_call_promptly(kind, long_side):
-    side = long_side if kind != "vjp" else max(24, int(long_side / 1.3))  # vjp: ~2x the work
-    out = _run_script(INTERRUPT, kind, str(side), "64")
+def test_ctrl_c_stops_a_long_call_promptly(kind, long_call):
+    side, channels = long_call
+    side = side if kind != "vjp" else max(24, int(side / 1.3))  # vjp: ~2x the work
+    out = _run_script(INTERRUPT, kind, str(side), str(channels))
     assert "returned_after" not in out, (
         f"the call ended {out.get('returned_after', 0):.2f} s in, before the SIGINT at 0.5 s")
     assert out["latency"] < LATENCY_LIMIT_S, f"KeyboardInterrupt {out['latency']:.2f} s late"
@@ -207,9 +213,9 @@ HANDLER = COMMON + r"""
 caught = []
 signal.signal(signal.SIGINT, lambda *_: caught.append(1))
 rng = np.random.default_rng(0)
-side = int(sys.argv[1])
-x = rng.standard_normal((1, side, side, side, 64), dtype=np.float32)
-w = (rng.standard_normal((64, 3, 3, 3, 64)) * 0.05).astype(np.float32)
+side, channels = int(sys.argv[1]), int(sys.argv[2])
+x = rng.standard_normal((1, side, side, side, channels), dtype=np.float32)
+w = (rng.standard_normal((channels, 3, 3, 3, channels)) * 0.05).astype(np.float32)
 want = ct.conv_transpose3d(x, w, padding=1)
 threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
 start = time.perf_counter()
@@ -219,8 +225,9 @@ print(json.dumps({"seconds": time.perf_counter() - start, "caught": len(caught),
 """
 
 
-def test_a_handler_that_does_not_raise_lets_the_call_finish(long_side):
-    out = _run_script(HANDLER, str(max(24, int(long_side * 0.7))))
+def test_a_handler_that_does_not_raise_lets_the_call_finish(long_call):
+    side, channels = long_call
+    out = _run_script(HANDLER, str(max(24, int(side * 0.7))), str(channels))
     assert out["seconds"] > 0.3, "the call ended before the signal: nothing was tested"
     assert out["caught"] == 1
     assert out["same"]
@@ -228,14 +235,14 @@ def test_a_handler_that_does_not_raise_lets_the_call_finish(long_side):
 
 # ---- the CLI -----------------------------------------------------------------------------
 
-def test_ctrl_c_stops_convtranspose_apply_promptly(tmp_path, long_side):
+def test_ctrl_c_stops_convtranspose_apply_promptly(tmp_path, long_call):
     """One block of seconds: SIGINT during it ends the run within the latency limit plus an
     interpreter's exit, with exit status 130 and no output that looks complete."""
     rng = np.random.default_rng(2)
-    side = long_side
-    np.save(tmp_path / "x.npy", rng.standard_normal((1, side, side, side, 64),
+    side, channels = long_call
+    np.save(tmp_path / "x.npy", rng.standard_normal((1, side, side, side, channels),
                                                     dtype=np.float32))
-    np.save(tmp_path / "w.npy", (rng.standard_normal((64, 3, 3, 3, 64)) * 0.05)
+    np.save(tmp_path / "w.npy", (rng.standard_normal((channels, 3, 3, 3, channels)) * 0.05)
             .astype(np.float32))
     chunk = str(side)  # the whole volume in one block
     proc = subprocess.Popen([sys.executable, "-m", "convtranspose", "apply", "x.npy", "w.npy",

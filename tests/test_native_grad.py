@@ -352,3 +352,20 @@ def test_depthwise_gradients_by_w_residue(channels, stride, padding, dilation,
     spec, _, _ = spec_for(3, x, w, **kw)
     assert _by_residue(spec, np.dtype(np.float32))
     _assert_native_vjp(spec, x, w, cot, *loops_vjp(x, w, cot, **kw))
+
+
+@pytest.mark.parametrize("channels", range(1, 16))
+def test_depthwise_gradients_every_channel_count_below_a_vector(channels, isa, rng):
+    """Every channel count below AVX-512's 16 float lanes, W at step 1 (dense rows: the
+    flat pixel * channel dot, one instantiation per channel count) and at stride 2 (split
+    by W residue). The cases once stopped at 7 channels, AVX2's lanes less one, and the
+    AVX-512 kernel's grad_weight came back all zeros for 8 to 15 channels."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    for stride in (1, 2):
+        x, w, cot, kw = make_case(rng, 3, (2, 3, 7), channels, channels, (2, 2, 3),
+                                  stride=(1, 2, stride), padding=(0, 1, 1),
+                                  groups=channels, batch=2)
+        spec, _, _ = spec_for(3, x, w, **kw)
+        _assert_native_vjp(spec, x, w, cot, *loops_vjp(x, w, cot, **kw))

@@ -597,6 +597,7 @@ static void dw_grad_weight_typed(const GwJob& job) {
   T* part = static_cast<T*>(job.part);
   const WRanges wr = w_ranges(job.off[2], tw, job.step[2], job.gdims[2], job.wcount);
   const int64_t xs_w = job.xs[3], gs_w = job.gs[3] * job.step[2];
+  static_assert(L <= 16, "dw_flat_dot's cases below stop at 15 channels");
   const bool flat = C < L && xs_w == C && gs_w == C;  // dense rows: `dw_flat_dot`
   for (int64_t row = 0, total = box_rows(job.box); row < total; ++row) {
     const auto [n, d, h] = row_at(job.box, row);
@@ -617,8 +618,10 @@ static void dw_grad_weight_typed(const GwJob& job) {
           if (flat) {
             switch (C) {
 #define CT_DW_FLAT(CC) case CC: if constexpr (CC < L) dw_flat_dot<T, CC>(xp, gp, hi - lo, acc); break;
+              // every C < L, up to L = 16 (AVX-512 floats)
               CT_DW_FLAT(1) CT_DW_FLAT(2) CT_DW_FLAT(3) CT_DW_FLAT(4) CT_DW_FLAT(5) CT_DW_FLAT(6)
-              CT_DW_FLAT(7)
+              CT_DW_FLAT(7) CT_DW_FLAT(8) CT_DW_FLAT(9) CT_DW_FLAT(10) CT_DW_FLAT(11)
+              CT_DW_FLAT(12) CT_DW_FLAT(13) CT_DW_FLAT(14) CT_DW_FLAT(15)
 #undef CT_DW_FLAT
             }
             continue;
