@@ -369,3 +369,26 @@ def test_depthwise_gradients_every_channel_count_below_a_vector(channels, isa, r
                                   groups=channels, batch=2)
         spec, _, _ = spec_for(3, x, w, **kw)
         _assert_native_vjp(spec, x, w, cot, *loops_vjp(x, w, cot, **kw))
+
+
+@pytest.mark.parametrize("shape,kernel", [((1, 40, 37), (1, 2, 3)), ((1, 1, 150), (1, 1, 2))],
+                         ids=["2-D", "1-D"])
+def test_wide_grad_weight_with_too_few_units_splits_rows(shape, kernel, isa, rng):
+    """grad_weight summing W taps as one (WIDE) on a 2-D or 1-D layer has only kD * kH
+    (tap, column chunk) units, fewer than two per thread: workers then own row tiles and a
+    partial sum each (sharing the units, each streamed every pixel, and two threads ran
+    8 -> 2 2-D's grad_weight 4x slower than one)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_layout
+    x, w, cot, kw = make_case(rng, 3, shape, 5, 2, kernel, padding=(0, 0, 1), batch=2)
+    spec, _, _ = spec_for(3, x, w, **kw)
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    assert native_grad_weight_layout(spec, x3, c3, np.dtype(np.float32)) == \
+        native.GradWeightLayout.WIDE
+    lanes = native.layout(4)[0]
+    cols = math.ceil(kernel[2] * 2 / lanes) * lanes
+    assert native.gw_units(kernel[0] * kernel[1], cols, 4) < 4  # the row split on 2 threads
+    _assert_native_vjp(spec, x, w, cot, *loops_vjp(x, w, cot, **kw))

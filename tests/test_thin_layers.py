@@ -140,7 +140,7 @@ def test_the_paths_each_class_takes():
         c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
         assert _vjp_native.grad_input_wide_w(spec) == (spec.groups == 1), name
         layout = _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, spec.c_in),
-                                                c3, np.dtype(np.float32), 2)
+                                                c3, np.dtype(np.float32))
         assert layout == native.GradWeightLayout.WIDE, name
     spec, *_ = _spec("depthwise-2ch")
     assert _plan.native_mode(spec) == native.DEPTHWISE
@@ -148,7 +148,7 @@ def test_the_paths_each_class_takes():
     spec, x, w = _spec("dilated-odd-channels")
     c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
     assert _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, spec.c_in), c3,
-                                          np.dtype(np.float32), 2) == native.GradWeightLayout.PADDED
+                                          np.dtype(np.float32)) == native.GradWeightLayout.PADDED
     # one cotangent channel per group fans out to C_in/g inputs: a depthwise grad_input
     spec, *_ = _spec("grouped-thin-out")
     assert _plan.expands_to_depthwise(_vjp_native.grad_input_kernel_spec(spec))
@@ -192,7 +192,7 @@ def test_grouped_wide_grad_weight_beside_grad_input_on_one_thread():
     cot = rng.standard_normal((1, *spec.out_spatial, 4)).astype(np.float32)
     assert _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, 76),
                                           cot.reshape(1, *spec.out_spatial, 4),
-                                          np.dtype(np.float32), 1) == native.GradWeightLayout.WIDE
+                                          np.dtype(np.float32)) == native.GradWeightLayout.WIDE
     want = _vjp.vjp_arrays(spec, x, w, cot, algorithm="gather")[1]
     for threads in (1, 2):
         got = _vjp.vjp_arrays(spec, x, w, cot, threads=threads)[1]

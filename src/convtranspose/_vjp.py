@@ -126,20 +126,16 @@ def grad_input_pair_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
             * compute_dtype.itemsize)
 
 
-def grad_weight_wide_w(spec: ConvSpec, compute_dtype: np.dtype, threads: int) -> bool:
+def grad_weight_wide_w(spec: ConvSpec, compute_dtype: np.dtype) -> bool:
     """Whether grad_weight sums every W tap at once: with dilation 1 along W, input pixel
     i meets one run of kW * C_out cotangent values, so a (D, H) tap's sums over the pixels
     are one product of x's C_in/g by that run (rounded up to whole vectors, the extra
     columns dropped) where per tap C_out/g alone would fill part of a vector. With groups
     the run holds every group's channels: each group's product computes them all and
-    keeps its own (work times the groups, so up to four). Needs enough (tap, column
-    chunk) units to share among the threads."""
-    lanes, _ = native.layout(compute_dtype.itemsize)
-    cols = ceil_div(spec.kernel[2] * spec.c_out, lanes) * lanes
+    keeps its own (work times the groups, so up to four). Workers share out its (tap,
+    column chunk) units, or with too few of them row tiles, a partial sum each."""
     few = spec.c_out < FUSE_W_BELOW_CHANNELS if spec.groups == 1 else spec.groups <= 4
-    return (few and spec.dilation[2] == 1 and spec.kernel[2] > 1
-            and native.gw_units(spec.kernel[0] * spec.kernel[1], cols, compute_dtype.itemsize)
-            >= 2 * threads)
+    return few and spec.dilation[2] == 1 and spec.kernel[2] > 1
 
 
 # From this grad_weight size on, the sums go straight into it (vectors along C_in) rather
@@ -149,7 +145,7 @@ def grad_weight_wide_w(spec: ConvSpec, compute_dtype: np.dtype, threads: int) ->
 GW_IN_PLACE_BYTES = 4 << 20
 
 
-def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, threads: int, in_place: bool,
+def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
                        in_place_bytes: int, limit: int | None = None
                        ) -> GradWeightLayout | None:
     """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
@@ -171,7 +167,7 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, threads: int, in
         return GradWeightLayout.ALONG_IN
     if along_out:
         return GradWeightLayout.ALONG_OUT
-    if grad_weight_wide_w(spec, compute_dtype, threads):
+    if grad_weight_wide_w(spec, compute_dtype):
         return GradWeightLayout.WIDE
     padded_x = (spec.batch * math.prod(spec.in_spatial) * spec.groups * ceil_div(cig, lanes)
                 * lanes * compute_dtype.itemsize)
@@ -267,13 +263,17 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
     if algorithm == VjpAlgorithm.NATIVE and not native.AVAILABLE:
         raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                          "install lacks")
-    layout = (grad_weight_layout(spec, compute_dtype, threads,
+    layout = (grad_weight_layout(spec, compute_dtype,
                                  input_in_place and cotangent_in_place, in_place_bytes, limit)
               if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
     native_gx = need_input and (algorithm == VjpAlgorithm.NATIVE or (
         algorithm is None and native_grad_input_suits(spec, need_weight and layout is None)))
+    if need_input and algorithm is None and not native_gx and native.AVAILABLE:
+        native_gx = _native_grad_input_is_cheaper(spec, compute_dtype, threads, budget,
+                                                  need_weight and layout is None,
+                                                  cotangent_in_place)
     fused = (layout == GradWeightLayout.ALONG_IN and native_gx
              and native.fuses_grad_input(compute_dtype.itemsize, spec.c_in_per_group,
                                          spec.c_out_per_group))
@@ -301,6 +301,28 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
               else gemm_costs["weight"])
     return VjpPlan(spec, compute_dtype, gx, gw, threads, limit, budget,
                    shared_queue=layout is not None and native_gx and not fused)
+
+
+def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
+                                  budget: int, shares_copy: bool,
+                                  cotangent_in_place: bool) -> bool:
+    """Where the rule of `native_grad_input_suits` keeps grad_input on the GEMM paths,
+    whether the models still say the kernel is cheaper: against the GEMM's own time,
+    and the cotangent copy too unless grad_weight's GEMMs share it (`shares_copy`).
+    (4 -> 6 g2 k6 s2: the gathered rows of 3 channels took 250 ms, the kernel 5 ms.)"""
+    if native_mode(grad_input_kernel_spec(spec), False) not in (native.CHANNELS, native.DOT):
+        return False
+    gemm = choose_vjp_algorithm(spec, active_taps(spec), budget)
+    alone = _gemm_costs(spec, compute_dtype, gemm, True, False, threads, budget)["input"]
+    gemm_seconds = alone.est_seconds
+    if shares_copy:  # the copy is paid by grad_weight's GEMMs anyway
+        both = _gemm_costs(spec, compute_dtype, gemm, True, True, threads, budget)
+        weight_alone = _gemm_costs(spec, compute_dtype, gemm, False, True, threads, budget)
+        gemm_seconds = (both["input"].est_seconds + both["weight"].est_seconds
+                        - weight_alone["weight"].est_seconds)
+    kernel = _native_grad_input_step(spec, compute_dtype, threads, budget, False, False,
+                                     cotangent_in_place)
+    return kernel.est_seconds < gemm_seconds
 
 
 def _on_threads(seconds: float, threads: int) -> float:
@@ -360,8 +382,11 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
                        * compute_dtype.itemsize
                        + gw_bytes * spec.groups * vectors * lanes // max(1, width))
     flops = spec.useful_flops
+    seconds = flops / rate
+    if layout in (GradWeightLayout.PADDED, GradWeightLayout.WIDE):  # its copy, written and
+        seconds += 2 * scratch / COPY_BYTES_PER_S  # read (8 -> 2 2-D PADDED: 37 MiB of x)
     return GradStep(VjpAlgorithm.NATIVE, flops, scratch, threads,
-                    _on_threads(flops / rate, threads), layout=layout)
+                    _on_threads(seconds, threads), layout=layout)
 
 
 def _gemm_costs(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str, want_input: bool,
@@ -557,9 +582,9 @@ def _results(spec: ConvSpec, x: np.ndarray, w: np.ndarray, gx: np.ndarray | None
 
 
 def native_grad_weight_layout(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
-                              compute_dtype: np.dtype, threads: int = 1) -> GradWeightLayout | None:
+                              compute_dtype: np.dtype) -> GradWeightLayout | None:
     """`grad_weight_layout` for these arrays: whether the kernel reads them in place."""
-    return grad_weight_layout(spec, compute_dtype, threads, native.reads_in_place(x3, compute_dtype)
+    return grad_weight_layout(spec, compute_dtype, native.reads_in_place(x3, compute_dtype)
                               and native.reads_in_place(c3, compute_dtype), GW_IN_PLACE_BYTES)
 
 

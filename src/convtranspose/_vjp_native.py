@@ -266,24 +266,39 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
     padded, left = padded_cotangent or _padded_cotangent(
         spec, c3, compute_dtype, n_threads, _grad_weight_reach(spec, compute_dtype))
     taps = kd * kh
-    part = native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
     units = native.gw_units(taps, cols, compute_dtype.itemsize)
-    workers = min(n_threads * (2 if defer is not None else 1), units)
-    ranges = [(units * j // workers, units * (j + 1) // workers) for j in range(workers)]
-    box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
-    per_group = []
-    for g in range(groups):
+    offsets = _wide_offsets(spec, left)
+
+    def calls_for(part, box, ranges, zero) -> list:
         calls: list = []
-        native.grad_weight(False, x3, g * cig, padded, 0, _wide_offsets(spec, left),
-                           spec.stride, part, box, cin=cig, cout=cols, units=ranges,
-                           zero=True, strides=(cols, cig * cols),
-                           part_offset=g * taps * cig * cols, into=calls)
-        per_group.append(calls)
-    jobs = [native.Task(tuple(calls[j] for calls in per_group), keep=(part, padded))
-            for j in range(workers)]
+        for g in range(groups):
+            native.grad_weight(False, x3, g * cig, padded, 0, offsets, spec.stride, part, box,
+                               cin=cig, cout=cols, units=ranges, zero=zero,
+                               strides=(cols, cig * cols), part_offset=g * taps * cig * cols,
+                               into=calls)
+        return calls
+
+    if n_threads == 1 or units >= 2 * n_threads:  # workers share out the (tap, chunk) units
+        part = native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
+        workers = min(n_threads * (2 if defer is not None else 1), units)
+        ranges = [(units * j // workers, units * (j + 1) // workers) for j in range(workers)]
+        box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
+        per_group = [calls_for(part, box, [r], True) for r in ranges]
+        jobs = [native.Task(tuple(calls), keep=(part, padded)) for calls in per_group]
+        parts = [part]
+    else:  # too few units (a 2-D layer's kH taps): workers own row tiles and a partial each
+        tiles = _grad_weight_row_tiles(spec, n_threads)
+        workers = min(n_threads, len(tiles))
+        parts = [native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
+                 for _ in range(workers)]
+        jobs = [native.Task(tuple(call for i, tile in enumerate(tiles[j::workers])
+                                  for call in calls_for(parts[j], (*tile.n, *tile.d, *tile.h),
+                                                        [(0, units)], i == 0)),
+                            keep=(parts[j], padded))
+                for j in range(workers)]
 
     def finish() -> None:
-        sums = part.reshape(groups, taps, cig, cols)[..., :kw * spec.c_out]
+        sums = sum_in_order(parts).reshape(groups, taps, cig, cols)[..., :kw * spec.c_out]
         sums = sums.reshape(groups, taps, cig, kw, groups, cog)
         own = sums[np.arange(groups), :, :, :, np.arange(groups)]  # (G, taps, cig, kw, cog)
         gw.reshape(groups, cog, taps, kw, cig)[...] = own.transpose(0, 4, 1, 3, 2)
