@@ -297,7 +297,7 @@ def test_pool_works_in_a_forked_child(two_threads):
     assert queue.get(timeout=5) == expected
 
 
-@pytest.mark.parametrize("c_out", [8, 40, 70, 200])
+@pytest.mark.parametrize("c_out", [12, 40, 70, 200])  # from 12: CHANNELS mode
 def test_weights_packed_in_pieces_by_every_thread_hold_the_same_layout(c_out, rng,
                                                                      monkeypatch):
     """Fewer phase groups than threads: the weight is packed now, in pieces that every

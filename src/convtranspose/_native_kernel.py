@@ -39,14 +39,15 @@ class Mode(enum.IntEnum):
     CT_MODE_* (a new mode is one member here, one there)."""
 
     CHANNELS = 0  # along the output channels
-    DOT = 1  # along the input channels, for 1-4 output channels
+    DOT = 1  # along the input channels, for 1-8 output channels (DOT_MAX_OUT)
     DEPTHWISE = 2  # along the channels of a depthwise layer
     PLANAR = 3  # along a row's output pixels, for 1-4 outputs, over a planar input copy
 
 
 CHANNELS, DOT, DEPTHWISE, PLANAR = Mode.CHANNELS, Mode.DOT, Mode.DEPTHWISE, Mode.PLANAR
-DOT_MAX_OUT = 4
-PLANAR_MAX_OUT = 4
+# The most outputs per group a dot-mode or planar job takes (correlate_api.h).
+DOT_MAX_OUT = _native.DOT_MAX_OUT if AVAILABLE else 0
+PLANAR_MAX_OUT = _native.PLANAR_MAX_OUT if AVAILABLE else 0
 # Below this many input channels CHANNELS mode sums each block over every tap in registers.
 TAPS_INNER_BELOW = _native.TAPS_INNER_BELOW if AVAILABLE else 0
 

@@ -7,7 +7,7 @@
 // one is one more line.
 
 // How the vectors are laid (CtJob::mode): along output channels (the weight [tap][c][co],
-// C_out padded to whole vectors, in chunks), along input channels for 1-4 output channels
+// C_out padded to whole vectors, in chunks), along input channels for 1-8 output channels
 // ([tap][co][c]), along the channels of a depthwise layer ([tap][c]), or along the output
 // pixels of a row for 1-4 output channels over a planar input ([tap][c][co], planar.hpp).
 enum CtMode : int {
@@ -16,6 +16,11 @@ enum CtMode : int {
   CT_MODE_DEPTHWISE = 2,
   CT_MODE_PLANAR = 3,
 };
+
+// The most output channels (per group) a dot-mode or planar job takes: dot mode computes
+// more than four in chunks of at most four (forward.hpp's run_mode), planar all at once.
+constexpr int CT_DOT_MAX_OUT = 8;
+constexpr int CT_PLANAR_MAX_OUT = 4;
 
 // Below this many input channels (the reduction per tap) CT_MODE_CHANNELS keeps each
 // block's sums in registers across the taps (rows_chunk_taps_inner in forward.hpp).

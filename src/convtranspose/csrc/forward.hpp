@@ -512,9 +512,15 @@ static void for_each_row(const CtJob& job, F&& f) {
 
 // P pixels by CO outputs of dot mode: P * CO accumulators and CO weight vectors in
 // registers (the input vector is the multiply-add's memory operand).
+// With 32 registers up to eight outputs (DotBlock<CO>::MAX_OUT; more run in chunks), as
+// many pixels as leave room for the weights: each x vector then serves CO multiply-adds
+// and each weight vector P.
 template <int CO> struct DotBlock {
-  static constexpr int P = CT_NREGS == 32 ? (CO == 1 ? 16 : CO == 2 ? 8 : 4)
-                                          : (CO == 1 ? 12 : CO == 2 ? 6 : CO == 3 ? 4 : 3);
+  static constexpr int MAX_OUT = CT_NREGS == 32 ? 8 : 4;
+  static constexpr int P = CT_NREGS == 32
+                               ? (CO == 1 ? 16 : CO == 2 ? 8 : CO == 3 ? 6 : CO == 4 ? 5
+                                  : CO <= 6 ? 4 : 3)
+                               : (CO == 1 ? 12 : CO == 2 ? 6 : CO == 3 ? 4 : 3);
 };
 
 // Where dot mode computes the block of a row that starts at pixel b0 (blocks of P, rows
@@ -536,29 +542,24 @@ static inline DotSpan dot_span(int64_t b0, int64_t P, int64_t wcount) {
 // before, or a pixel at a time, kept its sums latency-bound.
 template <typename T, int CO, int P, typename V>
 static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const T* wt,
-                           int64_t cin, int64_t full, int64_t pa, int64_t pb,
+                           const T* tail, int64_t cin, int64_t full, int64_t pa, int64_t pb,
                            const T* zeros) {
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
   // Channels past the last whole vector, where there is one before them: the vector
-  // ending at the last channel, weighed by the weight's with its first lanes (channels
-  // the whole vectors summed) zeroed: a plain load per pixel, where a masked one cost as
-  // much as the whole vectors of 53 channels.
+  // ending at the last channel, weighed by `tail` (dot_tails: the weight's with its first
+  // lanes, channels the whole vectors summed, zeroed): a plain load per pixel, where a
+  // masked one cost as much as the whole vectors of 53 channels.
   const int64_t rest = cin - full;
   const bool overlap = rest > 0 && full > 0;
   V wtail[CO];
-  if (overlap) {
-    alignas(64) T lanes[L];
-#pragma GCC unroll 4
-    for (int o = 0; o < CO; ++o) {
-      for (int i = 0; i < L; ++i) lanes[i] = i >= L - rest ? wt[o * cin + cin - L + i] : T(0);
-      wtail[o] = *reinterpret_cast<const U*>(lanes);
-    }
-  }
+  if (overlap)
+#pragma GCC unroll 8
+    for (int o = 0; o < CO; ++o) wtail[o] = *reinterpret_cast<const U*>(tail + o * L);
   const int64_t ends = overlap ? full + L : full;  // sweeps: whole vectors, then the tail's
   // The weight vectors of sweep c (the tail's past the whole vectors), and where it reads.
   const auto weights = [&](int64_t c, V (&wv)[CO]) CT_ALWAYS_INLINE {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int o = 0; o < CO; ++o)
       wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
     return c < full ? c : cin - L;
@@ -570,7 +571,7 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p, xp += pstride) {
         const V xv = *reinterpret_cast<const U*>(xp);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
       }
     }
@@ -584,7 +585,7 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         const V xv = *reinterpret_cast<const U*>(xp[p] + at);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
       }
     }
@@ -592,38 +593,62 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
   if (rest > 0 && !overlap) {  // fewer channels than a vector: one partial vector
     // (a scalar chain per pixel ran latency-bound: 71 -> 1 at a third of PyTorch)
     V wv[CO];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(rest, wt + o * cin);
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
       if (p < pa || p >= pb) continue;
       const V xv = load_first<V>(rest, xb + p * pstride);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
     }
   }
 }
 
+// The weight's last vector of each (tap, output) for dot_tap's channels past the whole
+// vectors: the vector ending at the last channel, lanes the whole vectors summed zeroed
+// ([tap][co][lane]; empty where C_in is whole vectors or less than one). Made once per
+// job: built per tap call, it cost 24 -> 5 k3 more than its multiply-adds.
+template <typename T>
+static std::vector<T> dot_tails(const CtJob& job) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cin = job.cin, rest = cin % L;
+  if (rest == 0 || cin < L) return {};
+  const int64_t rows = job.ntaps[0] * job.ntaps[1] * job.ntaps[2] * job.cout;
+  const T* w = static_cast<const T*>(job.w);
+  std::vector<T> tails(rows * L + 64 / sizeof(T));
+  T* t = aligned_line(tails.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int i = 0; i < L; ++i) t[r * L + i] = i >= L - rest ? w[r * cin + cin - L + i] : T(0);
+  return tails;
+}
+
+// One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (the weight's
+// [tap][co][c] rows for them; a tap's rows job.cout * cin apart). `zeros`: cin zeros;
+// `tails`: dot_tails' (line-aligned).
 template <typename T, int CO>
-static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                                const T* const* rows, char* orow, int64_t o0, const T* zeros,
+                                const T* tails) {
   typedef typename Vec<T>::v V;
   constexpr int L = CT_VBYTES / sizeof(T);
   constexpr int P = DotBlock<CO>::P;
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
-  const T* wpk = static_cast<const T*>(job.w);
-  const T* bias = static_cast<const T*>(job.bias);
+  const T* wpk = static_cast<const T*>(job.w) + o0 * cin;
+  const int64_t wtap = job.cout * cin;
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  const std::vector<T> zeros(cin);  // what a partial block's pixels outside it read
-  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+  orow += o0 * oi;
+  {
     for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
       const DotSpan at = dot_span(b0, P, job.wcount);
       const int64_t w0 = at.w0, skip = at.skip, np = at.np;
       V acc[P][CO];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int o = 0; o < CO; ++o) acc[p][o] = V{};
       for (int64_t q = 0; q < dh_taps; ++q) {
         if (!rows[q]) continue;
@@ -631,65 +656,69 @@ static void dot_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
           const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
           if (a >= b) continue;
           dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
-                            pstride, wpk + (q * tw + k) * CO * cin, cin, full, a - w0, b - w0,
-                            zeros.data());
+                            pstride, wpk + (q * tw + k) * wtap,
+                            tails ? tails + ((q * tw + k) * job.cout + o0) * L : nullptr,
+                            cin, full, a - w0, b - w0, zeros);
         }
       }
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         if (p < skip || p >= np) continue;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int o = 0; o < CO; ++o) {
           const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
           store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
         }
       }
     }
-  });
+  }
 }
 
-// dot_rows when every pixel's channels are CV whole vectors and pixels lie next to each
+// dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
 // other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
 // addresses are constant offsets from one pointer. dot_rows computed P pointers per tap,
 // which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
 // cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
 // (masked loads do not fault), so every tap runs the same straight code.
 template <typename T, int CO, int CV>
-static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* hi) {
+CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                           const T* const* rows, char* orow, int64_t o0) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
   // The sums alone may fill the registers here (16 for one output on AVX2, one spilled):
   // no pixel pointers compete for them, and 16 pixels tile W6's rows of 32 exactly, where
   // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
-  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : 4;
+  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : CO <= 4 ? 4 : DotBlock<CO>::P;
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], dh_taps = job.ntaps[0] * job.ntaps[1], os = job.os[3];
-  const T* wpk = static_cast<const T*>(job.w);
-  const T* bias = static_cast<const T*>(job.bias);
+  const T* wpk = static_cast<const T*>(job.w) + o0 * PS;
+  const int64_t wtap = job.cout * PS;
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+  orow += o0 * oi;
+  {
     for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
       const DotSpan at = dot_span(b0, P, job.wcount);
       const int64_t w0 = at.w0, skip = at.skip, np = at.np;
       V acc[P][CO];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int o = 0; o < CO; ++o) acc[p][o] = V{};
       for (int64_t q = 0; q < dh_taps; ++q) {
         if (!rows[q]) continue;
         for (int64_t k = 0; k < tw; ++k) {
           const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
           if (pa >= pb) continue;
-          const T* wt = wpk + (q * tw + k) * CO * PS;
+          const T* wt = wpk + (q * tw + k) * wtap;
           const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
           // One tap: a whole block loads plainly, an edge block through the valid mask.
           const auto tap = [&](auto masked, unsigned valid) {
 #pragma GCC unroll 4
             for (int v = 0; v < CV; ++v) {
               V wv[CO];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
               for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
 #pragma GCC unroll 16
               for (int p = 0; p < P; ++p) {
@@ -697,7 +726,7 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
                 V xv;
                 if constexpr (decltype(masked)::value) xv = load_or_zero<V>((valid >> p) & 1, at);
                 else xv = *reinterpret_cast<const U*>(at);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
               }
             }
@@ -709,14 +738,14 @@ static void dot_rows_packed(const CtJob& job, const int64_t* lo, const int64_t* 
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         if (p < skip || p >= np) continue;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int o = 0; o < CO; ++o) {
           const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
           store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
         }
       }
     }
-  });
+  }
 }
 
 // Depthwise (one input and one output channel per group): vectors run along the
@@ -933,23 +962,42 @@ static void run_mode(const CtJob& job) {
   }
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cv = job.cin / L;
-  if (job.step[2] == 1 && job.xs[3] == job.cin && job.cin == cv * L && cv >= 1 && cv <= 2) {
-#define CT_DOT(CO) (cv == 1 ? dot_rows_packed<T, CO, 1> : dot_rows_packed<T, CO, 2>)(job, lo, hi)
-    switch (job.cout) {
-      case 1: CT_DOT(1); break;
-      case 2: CT_DOT(2); break;
-      case 3: CT_DOT(3); break;
-      case 4: CT_DOT(4); break;
-    }
+  const bool packed = job.step[2] == 1 && job.xs[3] == job.cin && job.cin == cv * L && cv >= 1 &&
+                      cv <= 2;
+  const std::vector<T> zeros(job.cin);  // what a partial block's pixels outside it read
+  const std::vector<T> tail_store = packed ? std::vector<T>{} : dot_tails<T>(job);
+  const T* tails = tail_store.empty() ? nullptr : aligned_line(tail_store.data());
+  // More outputs than a register block takes (up to CT_DOT_MAX_OUT) in chunks, as even as
+  // they go (AVX2's 5: 3 + 2), each row's chunks one after another while its input rows
+  // are in cache. (CHANNELS mode padded 5 outputs to 16 lanes: 384 -> 5 ran at 45
+  // GFLOP/s, 4 outputs at 112.)
+  constexpr int MAXO = DotBlock<1>::MAX_OUT;
+  const int64_t chunks = (job.cout + MAXO - 1) / MAXO;
+  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t o0 = job.cout * c / chunks, n = job.cout * (c + 1) / chunks - o0;
+#define CT_DOT(CO)                                                                        \
+  if constexpr (CO <= MAXO) {                                                             \
+    if (packed)                                                                           \
+      (cv == 1 ? dot_row_packed<T, CO, 1> : dot_row_packed<T, CO, 2>)(job, lo, hi, rows, \
+                                                                       orow, o0);         \
+    else                                                                                  \
+      dot_row<T, CO>(job, lo, hi, rows, orow, o0, zeros.data(), tails);                   \
+  }                                                                                       \
+  break;
+      switch (n) {
+        case 1: CT_DOT(1)
+        case 2: CT_DOT(2)
+        case 3: CT_DOT(3)
+        case 4: CT_DOT(4)
+        case 5: CT_DOT(5)
+        case 6: CT_DOT(6)
+        case 7: CT_DOT(7)
+        case 8: CT_DOT(8)
+      }
 #undef CT_DOT
-    return;
-  }
-  switch (job.cout) {
-    case 1: dot_rows<T, 1>(job, lo, hi); break;
-    case 2: dot_rows<T, 2>(job, lo, hi); break;
-    case 3: dot_rows<T, 3>(job, lo, hi); break;
-    case 4: dot_rows<T, 4>(job, lo, hi); break;
-  }
+    }
+  });
 }
 
 void correlate_f32(const CtJob& job);

@@ -425,10 +425,10 @@ bool parse_correlate(PyObject* spec, CtJob& job) {
     return false;
   }
   if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_PLANAR ||
-      ((job.mode == CT_MODE_DOT || job.mode == CT_MODE_PLANAR) &&
-       (job.cout < 1 || job.cout > 4))) {
-    PyErr_SetString(PyExc_ValueError,
-                    "correlate: bad mode, or more than 4 outputs in dot or planar mode");
+      (job.mode == CT_MODE_DOT && (job.cout < 1 || job.cout > CT_DOT_MAX_OUT)) ||
+      (job.mode == CT_MODE_PLANAR && (job.cout < 1 || job.cout > CT_PLANAR_MAX_OUT))) {
+    PyErr_SetString(PyExc_ValueError, "correlate: bad mode, or more outputs than "
+                    "CT_DOT_MAX_OUT in dot mode or CT_PLANAR_MAX_OUT in planar mode");
     return false;
   }
   if (job.mode == CT_MODE_PLANAR &&
@@ -1108,7 +1108,9 @@ PyMODINIT_FUNC PyInit__native() {
     return nullptr;
   PyObject* module = PyModule_Create(&kModule);
   arm();
-  if (module && PyModule_AddIntConstant(module, "TAPS_INNER_BELOW", CT_TAPS_INNER_BELOW) < 0) {
+  if (module && (PyModule_AddIntConstant(module, "TAPS_INNER_BELOW", CT_TAPS_INNER_BELOW) < 0 ||
+                 PyModule_AddIntConstant(module, "DOT_MAX_OUT", CT_DOT_MAX_OUT) < 0 ||
+                 PyModule_AddIntConstant(module, "PLANAR_MAX_OUT", CT_PLANAR_MAX_OUT) < 0)) {
     Py_DECREF(module);
     return nullptr;
   }

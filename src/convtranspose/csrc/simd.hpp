@@ -38,6 +38,11 @@ static inline void with_vectors(int64_t nv, F&& f) {
 // caller had grown outlined reduce_block's step: 48 -> 96 k3 s2 took 2.3x as long).
 #define CT_ALWAYS_INLINE __attribute__((always_inline))
 
+// On a function whose register block lives in its own body: a call of its own, so that
+// GCC allocates its registers apart from a big caller's (dot mode's 1-3 outputs, inlined
+// into the row loop that runs every chunk, ran at half the rate of its outlined 4).
+#define CT_NOINLINE __attribute__((noinline))
+
 // f(std::integral_constant<int, n>) for 1 <= n <= MAXN: a block of a run-time count built
 // for each count (a row's last, partial block; a tile of fewer sums).
 template <int MAXN, typename F>
