@@ -147,9 +147,11 @@ def test_kernel_equal_stride_merges_w_residues_into_whole_rows(rng, assert_close
 
 # Dot mode (vectors along C_in, 1-8 outputs): whole and partial vectors of C_in, every
 # block remainder (16 down to 2 pixels wide), groups, the outputs in one register block
-# (AVX-512 up to 8) or in chunks (AVX2 and the portable build: 5 as 3 + 2, 6 as 3 + 3).
-DOT_SHAPES = [(wd, ci, co, g) for wd in (3, 17) for ci in (8, 16, 21, 40)
-              for co in (1, 2, 3, 4, 5, 6, 7, 8) for g in (1, 2) if ci % g == 0 and ci // g >= 8]
+# (AVX-512 up to 8) or in chunks (AVX2 and the portable build: 5 as 3 + 2, 6 as 3 + 3);
+# short rows in blocks of half the pixels, rows of 40 in whole blocks of 8 to 16.
+DOT_SHAPES = [(wd, ci, co, g) for wd in (3, 17, 40) for ci in (8, 16, 21, 40)
+              for co in (1, 2, 3, 4, 5, 6, 7, 8) for g in (1, 2)
+              if ci % g == 0 and ci // g >= 8 and (wd < 40 or co <= 2)]
 
 
 @pytest.mark.parametrize("width,c_in,c_out,groups", DOT_SHAPES,

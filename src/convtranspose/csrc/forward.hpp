@@ -605,6 +605,14 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
   }
 }
 
+// Whether rows of wcount pixels take dot mode's blocks of P / 2 rather than P: the
+// fewer pixels computed, a block's overhead counted as two more (a row of 8 in blocks of
+// 16 computed twice its pixels: 256 -> 2 g2 k6 on 7-wide rows).
+static inline bool dot_half_block(int64_t wcount, int64_t P) {
+  const auto cost = [&](int64_t p) { return (wcount + p - 1) / p * (p + 2); };
+  return P >= 4 && cost(P / 2) < cost(P);
+}
+
 // The weight's last vector of each (tap, output) for dot_tap's channels past the whole
 // vectors: the vector ending at the last channel, lanes the whole vectors summed zeroed
 // ([tap][co][lane]; empty where C_in is whole vectors or less than one). Made once per
@@ -625,14 +633,14 @@ static std::vector<T> dot_tails(const CtJob& job) {
 
 // One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (the weight's
 // [tap][co][c] rows for them; a tap's rows job.cout * cin apart). `zeros`: cin zeros;
-// `tails`: dot_tails' (line-aligned).
-template <typename T, int CO>
+// `tails`: dot_tails' (line-aligned). Blocks of P pixels (DotBlock<CO>::P or half of it,
+// `dot_block_for`).
+template <typename T, int CO, int P>
 CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
                                 const T* const* rows, char* orow, int64_t o0, const T* zeros,
                                 const T* tails) {
   typedef typename Vec<T>::v V;
   constexpr int L = CT_VBYTES / sizeof(T);
-  constexpr int P = DotBlock<CO>::P;
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
@@ -982,7 +990,10 @@ static void run_mode(const CtJob& job) {
       (cv == 1 ? dot_row_packed<T, CO, 1> : dot_row_packed<T, CO, 2>)(job, lo, hi, rows, \
                                                                        orow, o0);         \
     else                                                                                  \
-      dot_row<T, CO>(job, lo, hi, rows, orow, o0, zeros.data(), tails);                   \
+      (dot_half_block(job.wcount, DotBlock<CO>::P)                                       \
+           ? dot_row<T, CO, (DotBlock<CO>::P >= 4 ? DotBlock<CO>::P / 2 : DotBlock<CO>::P)> \
+           : dot_row<T, CO, DotBlock<CO>::P>)(job, lo, hi, rows, orow, o0, zeros.data(),    \
+                                               tails);                                      \
   }                                                                                       \
   break;
       switch (n) {
