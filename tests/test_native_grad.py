@@ -340,18 +340,32 @@ BY_RESIDUE = [(1, 2, 0, 1, 0), (3, 2, 2, 1, 1), (1, 3, 1, 2, 2), (3, 4, 3, 1, 0)
 
 @pytest.mark.parametrize("channels,stride,padding,dilation,output_padding", BY_RESIDUE)
 def test_depthwise_gradients_by_w_residue(channels, stride, padding, dilation,
-                                          output_padding, isa, rng):
+                                          output_padding, isa, rng, monkeypatch):
+    """Both gradients read one split, made in pieces on the threads, and each has the
+    bits it has alone."""
     from test_vjp import loops_vjp, make_case
 
+    from convtranspose import _vjp, _vjp_native
     from convtranspose._api import spec_for
-    from convtranspose._vjp_native import _by_residue
     x, w, cot, kw = make_case(rng, 3, (3, 4, 11), channels, channels, (2, 3, 5),
                               stride=(2, 1, stride), padding=(0, 1, padding),
                               dilation=(1, 1, dilation), output_padding=(1, 0, output_padding),
                               groups=channels, batch=2)
     spec, _, _ = spec_for(3, x, w, **kw)
-    assert _by_residue(spec, np.dtype(np.float32))
+    assert _vjp_native._by_residue(spec, np.dtype(np.float32))
     _assert_native_vjp(spec, x, w, cot, *loops_vjp(x, w, cot, **kw))
+    splits = []
+    real = _vjp_native._residues_along_w
+    monkeypatch.setattr(_vjp_native, "_residues_along_w",
+                        lambda *a: (splits.append(1), real(*a))[1])
+    gx, gw = _vjp.vjp_arrays(spec, x, w, cot, algorithm="native", threads=2)
+    assert len(splits) == 1
+    gx_alone, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, algorithm="native",
+                                  threads=2)
+    _, gw_alone = _vjp.vjp_arrays(spec, x, w, cot, need_input=False, algorithm="native",
+                                  threads=2)
+    np.testing.assert_array_equal(gx, gx_alone)
+    np.testing.assert_array_equal(gw, gw_alone)
 
 
 @pytest.mark.parametrize("channels", range(1, 16))

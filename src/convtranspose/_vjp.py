@@ -502,15 +502,18 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
     padded = (native_paths.padded_cotangent_for_both(spec, c3, compute_dtype, threads)
               if gi_native and gi.wide_w and gw_native
               and gwp.layout == GradWeightLayout.WIDE else None)
+    # A depthwise layer's cotangent split by W residue: once, for both.
+    residues = (native_paths.residues_for_both(spec, c3, compute_dtype, threads)
+                if gi_native and gw_native else None)
     # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
     # neither waits on the other's slowest tile.
     shared = [] if plan.shared_queue else None
     if gw_native:
         native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, compute_dtype, shared,
-                                 padded)
+                                 padded, residues)
     if gi_native:
         native_paths.grad_input(spec, c3, w3, gx, threads, plan.budget, compute_dtype, shared,
-                                gi.algorithm == VjpAlgorithm.WINOGRAD, padded)
+                                gi.algorithm == VjpAlgorithm.WINOGRAD, padded, residues)
     if shared:
         run_jobs([job for jobs, _ in shared for job in jobs], threads)
         for _, finish in shared:

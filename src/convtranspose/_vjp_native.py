@@ -92,7 +92,8 @@ def _pair_offsets(spec: ConvSpec) -> native.TapOffsets:
 
 def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
                defer: list | None = None, winograd: bool = False,
-               padded: tuple[np.ndarray, int] | None = None) -> None:
+               padded: tuple[np.ndarray, int] | None = None,
+               residues: tuple[np.ndarray, native.TapOffsets] | None = None) -> None:
     """grad_input[n, i, ci] = sum over taps k and co of g[n, i*s + k*d - p, co] W[co, k, ci]:
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
     grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
@@ -101,7 +102,8 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     kernel reads the transformed cotangent V with the transformed weight, and a tile's
     rows are pairs of grad_input planes. `padded`: the W-padded cotangent and its left
     padding, made for both gradients (`padded_cotangent_for_both`), where W taps sum as
-    one."""
+    one. `residues`: a depthwise layer's cotangent split by W residue, made for both
+    (`residues_for_both`)."""
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     item = compute_dtype.itemsize
     offsets = tap_offsets(spec)
@@ -114,7 +116,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     winograd_pairs = ceil_div(spec.in_spatial[0], 2) if winograd else 0  # the plan's choice
     source, in_dims, steps = c3, spec.out_spatial, spec.stride
     if depthwise and _by_residue(spec, compute_dtype):
-        c3, offsets = _residues_along_w(spec, c3, compute_dtype)
+        c3, offsets = residues or _residues_along_w(spec, c3, compute_dtype, n_threads)
         source, in_dims, steps = c3, (*in_dims[:2], c3.shape[3]), (*steps[:2], 1)
     if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
         c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, compute_dtype,
@@ -308,7 +310,8 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
 
 def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_dtype,
                 defer: list | None = None,
-                padded: tuple[np.ndarray, int] | None = None) -> None:
+                padded: tuple[np.ndarray, int] | None = None,
+                residues: tuple[np.ndarray, native.TapOffsets] | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
     csrc/grad_weight.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
     so there is no partial sum to add and the bits do not depend on the thread count;
@@ -317,9 +320,10 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
     fixed tiles of input rows and one partial sum each, added in worker order (bitwise
     reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
     running them, to share one queue with grad_input's tiles. `padded`: for layout WIDE,
-    the W-padded cotangent if made already (`padded_cotangent_for_both`)."""
+    the W-padded cotangent if made already (`padded_cotangent_for_both`); `residues`, for
+    DEPTHWISE, the cotangent split by W residue (`residues_for_both`)."""
     if layout == GradWeightLayout.DEPTHWISE:
-        _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
+        _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer, residues)
         return
     if layout == GradWeightLayout.WIDE:
         _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer, padded)
@@ -440,7 +444,7 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
 
 
 def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
-                           defer: list | None) -> None:
+                           defer: list | None, residues=None) -> None:
     """Depthwise grad_weight by the kernel: workers own fixed tiles of input rows and one
     (taps, C) partial each, added in worker order (bitwise reproducible for a thread
     count)."""
@@ -450,7 +454,7 @@ def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
     parts = [native.aligned_zeros((ktot, spec.c_out), compute_dtype) for _ in range(workers)]
     offsets, steps = tap_offsets(spec), spec.stride
     if _by_residue(spec, compute_dtype):
-        c3, offsets = _residues_along_w(spec, c3, compute_dtype)
+        c3, offsets = residues or _residues_along_w(spec, c3, compute_dtype, n_threads)
         steps = (*steps[:2], 1)
 
     def job_for(j):  # worker j's tiles, in order, into its own partial
@@ -472,7 +476,17 @@ def _by_residue(spec: ConvSpec, compute_dtype: np.dtype) -> bool:
     return spec.stride[2] > 1 and spec.c_out < native.layout(compute_dtype.itemsize)[0]
 
 
-def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype
+def residues_for_both(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype, threads: int
+                      ) -> tuple[np.ndarray, native.TapOffsets] | None:
+    """Where both depthwise gradients read the cotangent split by W residue: the split,
+    made once for both (it took as long as either pass: 831x672 3 channels k6 s2)."""
+    depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
+    if not (depthwise and _by_residue(spec, compute_dtype)):
+        return None
+    return _residues_along_w(spec, c3, compute_dtype, threads)
+
+
+def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype, threads: int
                       ) -> tuple[np.ndarray, native.TapOffsets]:
     """The cotangent with each row's W residues (positions w = j * stride + r) laid one
     after the other, each in its own zero-padded stretch, and the W taps' offsets into
@@ -488,10 +502,22 @@ def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype
     # every read p + shift, p in [0, w_in), stays in its residue's stretch
     stretch = left + max(ceil_div(w_cot, s), max(shifts) + w_in)
     n, d, h, _, c = c3.shape
-    out = np.zeros((n, d, h, s, stretch, c), compute_dtype)
-    for r in range(min(s, w_cot)):
-        count = ceil_div(w_cot - r, s)
-        out[:, :, :, r, left:left + count] = c3[:, :, :, r::s]
+    out = np.empty((n * d * h, s, stretch, c), compute_dtype)
+    rows_in = c3.reshape(n * d * h, w_cot, c)
+
+    def split(a: int, b: int) -> None:  # rows [a, b): each residue, zeros around it
+        block = out[a:b]
+        block[:, :, :left] = 0
+        for r in range(s):
+            count = ceil_div(w_cot - r, s) if r < w_cot else 0
+            block[:, r, left:left + count] = rows_in[a:b, r::s]
+            block[:, r, left + count:] = 0
+
+    # In pieces on the threads: one strided pass of NumPy's took 2/3 of a 2-D 3-channel
+    # layer's grad_input (831x672 k6 s2: 30 of 44 ms, the zeroed buffer's page faults too).
+    pieces = max(1, min(n * d * h, 4 * threads))
+    run_jobs([functools.partial(split, n * d * h * i // pieces, n * d * h * (i + 1) // pieces)
+              for i in range(pieces)], threads)
     arrays = list(tap_offsets(spec).arrays)
     arrays[2] = np.array([(o - s * q) * stretch + left + q for o, q in zip(offs, shifts)],
                          np.int64)
