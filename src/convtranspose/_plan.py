@@ -615,8 +615,18 @@ def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> native.Mode:
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     if cig == 1 and (cog == 1 or expands_to_depthwise(spec)):
         return native.DEPTHWISE
-    if cog <= dot_max_out(spec.compute_dtype.itemsize) and summed_channels(spec, wide_w) >= 8:
+    summed = summed_channels(spec, wide_w)
+    if cog <= 4 and summed >= 8:
         return native.DOT
+    if cog <= dot_max_out(spec.compute_dtype.itemsize) and summed >= 8:
+        # More outputs reduce across lanes more often: only where each output sums enough
+        # (its taps, on average over the phases, times the channels) to pay for that.
+        # 48 -> 32 g4 k3x2x7 s4 sums 8 values an output: 8 lane reductions for 8
+        # multiply-adds a pixel, twice CHANNELS mode's time.
+        lanes = native.layout(spec.compute_dtype.itemsize)[0]
+        per_output = summed * math.prod(spec.kernel) / math.prod(spec.stride)
+        if per_output >= 2 * lanes:
+            return native.DOT
     return native.CHANNELS
 
 
