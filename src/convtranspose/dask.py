@@ -20,6 +20,7 @@ This module needs the optional extra: ``pip install convtranspose[dask]``.
 
 import bisect
 import itertools
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +68,11 @@ def _pieces(offsets: list[int], start: int, stop: int) -> list[tuple[int, slice,
 def _block(spec: ConvSpec, parts: list, placement: list, slab_shape: tuple[int, ...],
            weight: np.ndarray, blocks: tuple[AxisBlock, ...],
            bias: np.ndarray | None = None) -> np.ndarray:
-    """One output chunk: stitch its input slab from the overlapping chunks, then convolve."""
+    """One output chunk: stitch its input slab from the overlapping chunks, then convolve.
+    An exception (Ctrl-C's KeyboardInterrupt) leaves with the frames below cleared: Dask
+    keeps it with its traceback in a reference cycle, and those frames held the chunk's
+    output and slab until the cyclic collector ran (a whole output of memory held after
+    an interrupted compute)."""
     if not parts:
         slab = np.empty(slab_shape, spec.input_dtype)  # no input reaches: compute_block zeros
     elif len(parts) == 1:
@@ -76,7 +81,12 @@ def _block(spec: ConvSpec, parts: list, placement: list, slab_shape: tuple[int, 
         slab = np.empty(slab_shape, parts[0].dtype)
         for part, (src, dst) in zip(parts, placement):
             slab[dst] = part[src]
-    return compute_block(spec, slab, weight, blocks, bias)
+    try:
+        return compute_block(spec, slab, weight, blocks, bias)
+    except BaseException as exc:
+        del slab
+        traceback.clear_frames(exc.__traceback__)
+        raise
 
 
 def _check_array(op: str, x: Any) -> da.Array:
