@@ -616,16 +616,14 @@ def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> native.Mode:
     if cig == 1 and (cog == 1 or expands_to_depthwise(spec)):
         return native.DEPTHWISE
     summed = summed_channels(spec, wide_w)
-    if cog <= 4 and summed >= 8:
-        return native.DOT
     if cog <= dot_max_out(spec.compute_dtype.itemsize) and summed >= 8:
-        # More outputs reduce across lanes more often: only where each output sums enough
-        # (its taps, on average over the phases, times the channels) to pay for that.
-        # 48 -> 32 g4 k3x2x7 s4 sums 8 values an output: 8 lane reductions for 8
-        # multiply-adds a pixel, twice CHANNELS mode's time.
+        # Past four outputs each pixel reduces across lanes more often: only where each
+        # output sums enough (its taps, on average over the phases, times the channels)
+        # to pay for that (48 -> 32 g4 k3x2x7 s4 sums 8 values an output: 8 lane
+        # reductions for 8 multiply-adds a pixel, 7.6 ms against CHANNELS mode's 6.3).
         lanes = native.layout(spec.compute_dtype.itemsize)[0]
         per_output = summed * math.prod(spec.kernel) / math.prod(spec.stride)
-        if per_output >= 2 * lanes:
+        if cog <= 4 or per_output >= 2 * lanes:
             return native.DOT
     return native.CHANNELS
 
@@ -636,7 +634,7 @@ def dot_max_out(itemsize: int) -> int:
     k5 2-D, two threads: AVX2 dot 134-156 GFLOP/s at 5-6 outputs against CHANNELS' 99-119,
     132 against 160 at 8; AVX-512 dot 195-213 at 5-8 against 65-102."""
     lanes = native.layout(itemsize)[0] if native.AVAILABLE else 0
-    return min(native.DOT_MAX_OUT, max(4, 3 * lanes // 4))
+    return max(4, min(native.DOT_MAX_OUT, 3 * lanes // 4))
 
 
 def expands_to_depthwise(spec: ConvSpec) -> bool:

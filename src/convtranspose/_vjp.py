@@ -312,14 +312,10 @@ def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threa
     (4 -> 6 g2 k6 s2: the gathered rows of 3 channels took 250 ms, the kernel 5 ms.)"""
     if native_mode(grad_input_kernel_spec(spec), False) not in (native.CHANNELS, native.DOT):
         return False
-    gemm = choose_vjp_algorithm(spec, active_taps(spec), budget)
-    alone = _gemm_costs(spec, compute_dtype, gemm, True, False, threads, budget)["input"]
-    gemm_seconds = alone.est_seconds
-    if shares_copy:  # the copy is paid by grad_weight's GEMMs anyway
-        both = _gemm_costs(spec, compute_dtype, gemm, True, True, threads, budget)
-        weight_alone = _gemm_costs(spec, compute_dtype, gemm, False, True, threads, budget)
-        gemm_seconds = (both["input"].est_seconds + both["weight"].est_seconds
-                        - weight_alone["weight"].est_seconds)
+    times, copy = _gemm_seconds(spec, compute_dtype,
+                                choose_vjp_algorithm(spec, active_taps(spec), budget))
+    # the copy is paid by grad_weight's GEMMs anyway where they share it
+    gemm_seconds = _on_threads(times["input"] + (0.0 if shares_copy else copy), threads)
     kernel = _native_grad_input_step(spec, compute_dtype, threads, budget, False, False,
                                      cotangent_in_place)
     return kernel.est_seconds < gemm_seconds
@@ -389,29 +385,38 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
                     _on_threads(seconds, threads), layout=layout)
 
 
+def _gemm_seconds(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str
+                  ) -> tuple[dict[str, float], float]:
+    """The NumPy/BLAS paths on one core: each gradient's GEMMs at the shape's rate
+    (`_gemm_rate` of their narrow side), and the copy of cotangent rows that feeds both."""
+    flops = spec.useful_flops
+    rows = spec.batch * math.prod(spec.in_spatial)
+    cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    if algorithm == VjpAlgorithm.DIRECT:
+        per_grad = flops / 2 / ELEMENTWISE_PER_S
+        return {"input": per_grad, "weight": per_grad}, 0.0
+    if algorithm == VjpAlgorithm.SHIFT:
+        layout = shift_layout(spec)
+        copied, k = len(layout.phases) * len(layout.wtaps), len(layout.wtaps) * cog
+    else:
+        taps = len(active_taps(spec))
+        copied, k = taps, taps * cog
+    copy = 2 * rows * copied * spec.c_out * compute_dtype.itemsize / COPY_BYTES_PER_S
+    if algorithm == VjpAlgorithm.INDEXED:
+        copy += 1e-5  # a few calls of Python
+    return {"input": flops / _gemm_rate(cig), "weight": flops / _gemm_rate(min(k, cig))}, copy
+
+
 def _gemm_costs(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str, want_input: bool,
                 want_weight: bool, threads: int, budget: int) -> dict[str, GradStep]:
-    """The NumPy/BLAS paths: each gradient's GEMMs at the shape's rate (`_gemm_rate` of
-    their narrow side), and the copy of cotangent rows that feeds both, charged to the
-    first gradient asked for."""
+    """`_gemm_seconds` as the gradients' steps, the copy charged to the first gradient
+    asked for."""
     flops = spec.useful_flops
     item = compute_dtype.itemsize
     rows = spec.batch * math.prod(spec.in_spatial)
-    cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    cig = spec.c_in_per_group
     taps = len(active_taps(spec))
-    if algorithm == VjpAlgorithm.DIRECT:
-        per_grad, copy = flops / 2 / ELEMENTWISE_PER_S, 0.0
-        times = {"input": per_grad, "weight": per_grad}
-    else:
-        if algorithm == VjpAlgorithm.SHIFT:
-            layout = shift_layout(spec)
-            copied, k = len(layout.phases) * len(layout.wtaps), len(layout.wtaps) * cog
-        else:
-            copied, k = taps, taps * cog
-        copy = 2 * rows * copied * spec.c_out * item / COPY_BYTES_PER_S
-        if algorithm == VjpAlgorithm.INDEXED:
-            copy += 1e-5  # a few calls of Python
-        times = {"input": flops / _gemm_rate(cig), "weight": flops / _gemm_rate(min(k, cig))}
+    times, copy = _gemm_seconds(spec, compute_dtype, algorithm)
     gw_bytes = spec.c_out * math.prod(spec.kernel) * cig * item
     if algorithm == VjpAlgorithm.INDEXED:
         scratch = {"input": 2 * rows * taps * spec.c_out * item, "weight": gw_bytes}

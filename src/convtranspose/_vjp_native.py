@@ -444,7 +444,8 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
 
 
 def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
-                           defer: list | None, residues=None) -> None:
+                           defer: list | None,
+                           residues: tuple[np.ndarray, native.TapOffsets] | None = None) -> None:
     """Depthwise grad_weight by the kernel: workers own fixed tiles of input rows and one
     (taps, C) partial each, added in worker order (bitwise reproducible for a thread
     count)."""

@@ -18,7 +18,8 @@ enum CtMode : int {
 };
 
 // The most output channels (per group) a dot-mode or planar job takes: dot mode computes
-// more than four in chunks of at most four (forward.hpp's run_mode), planar all at once.
+// more than a register block holds (8 with 32 vector registers, else 4) in chunks
+// (forward.hpp's run_mode), planar all at once.
 constexpr int CT_DOT_MAX_OUT = 8;
 constexpr int CT_PLANAR_MAX_OUT = 4;
 

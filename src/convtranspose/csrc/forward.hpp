@@ -634,7 +634,7 @@ static std::vector<T> dot_tails(const CtJob& job) {
 // One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (the weight's
 // [tap][co][c] rows for them; a tap's rows job.cout * cin apart). `zeros`: cin zeros;
 // `tails`: dot_tails' (line-aligned). Blocks of P pixels (DotBlock<CO>::P or half of it,
-// `dot_block_for`).
+// `dot_half_block`).
 template <typename T, int CO, int P>
 CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
                                 const T* const* rows, char* orow, int64_t o0, const T* zeros,
@@ -649,34 +649,32 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
   const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   orow += o0 * oi;
-  {
-    for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
-      const DotSpan at = dot_span(b0, P, job.wcount);
-      const int64_t w0 = at.w0, skip = at.skip, np = at.np;
-      V acc[P][CO];
+  for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
+    const DotSpan at = dot_span(b0, P, job.wcount);
+    const int64_t w0 = at.w0, skip = at.skip, np = at.np;
+    V acc[P][CO];
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8
-        for (int o = 0; o < CO; ++o) acc[p][o] = V{};
-      for (int64_t q = 0; q < dh_taps; ++q) {
-        if (!rows[q]) continue;
-        for (int64_t k = 0; k < tw; ++k) {
-          const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
-          if (a >= b) continue;
-          dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
-                            pstride, wpk + (q * tw + k) * wtap,
-                            tails ? tails + ((q * tw + k) * job.cout + o0) * L : nullptr,
-                            cin, full, a - w0, b - w0, zeros);
-        }
+      for (int o = 0; o < CO; ++o) acc[p][o] = V{};
+    for (int64_t q = 0; q < dh_taps; ++q) {
+      if (!rows[q]) continue;
+      for (int64_t k = 0; k < tw; ++k) {
+        const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
+        if (a >= b) continue;
+        dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
+                          pstride, wpk + (q * tw + k) * wtap,
+                          tails ? tails + ((q * tw + k) * job.cout + o0) * L : nullptr,
+                          cin, full, a - w0, b - w0, zeros);
       }
+    }
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) {
-        if (p < skip || p >= np) continue;
+    for (int p = 0; p < P; ++p) {
+      if (p < skip || p >= np) continue;
 #pragma GCC unroll 8
-        for (int o = 0; o < CO; ++o) {
-          const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
-          store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
-        }
+      for (int o = 0; o < CO; ++o) {
+        const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
+        store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
       }
     }
   }
@@ -684,13 +682,13 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
 
 // dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
 // other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
-// addresses are constant offsets from one pointer. dot_rows computed P pointers per tap,
+// addresses are constant offsets from one pointer. dot_row computes P pointers per tap,
 // which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
 // cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
 // (masked loads do not fault), so every tap runs the same straight code.
 template <typename T, int CO, int CV>
 CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                           const T* const* rows, char* orow, int64_t o0) {
+                                       const T* const* rows, char* orow, int64_t o0) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -705,52 +703,50 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
   const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   orow += o0 * oi;
-  {
-    for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
-      const DotSpan at = dot_span(b0, P, job.wcount);
-      const int64_t w0 = at.w0, skip = at.skip, np = at.np;
-      V acc[P][CO];
+  for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
+    const DotSpan at = dot_span(b0, P, job.wcount);
+    const int64_t w0 = at.w0, skip = at.skip, np = at.np;
+    V acc[P][CO];
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8
-        for (int o = 0; o < CO; ++o) acc[p][o] = V{};
-      for (int64_t q = 0; q < dh_taps; ++q) {
-        if (!rows[q]) continue;
-        for (int64_t k = 0; k < tw; ++k) {
-          const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
-          if (pa >= pb) continue;
-          const T* wt = wpk + (q * tw + k) * wtap;
-          const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
-          // One tap: a whole block loads plainly, an edge block through the valid mask.
-          const auto tap = [&](auto masked, unsigned valid) {
+      for (int o = 0; o < CO; ++o) acc[p][o] = V{};
+    for (int64_t q = 0; q < dh_taps; ++q) {
+      if (!rows[q]) continue;
+      for (int64_t k = 0; k < tw; ++k) {
+        const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
+        if (pa >= pb) continue;
+        const T* wt = wpk + (q * tw + k) * wtap;
+        const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
+        // One tap: a whole block loads plainly, an edge block through the valid mask.
+        const auto tap = [&](auto masked, unsigned valid) {
 #pragma GCC unroll 4
-            for (int v = 0; v < CV; ++v) {
-              V wv[CO];
+          for (int v = 0; v < CV; ++v) {
+            V wv[CO];
 #pragma GCC unroll 8
-              for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
+            for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
 #pragma GCC unroll 16
-              for (int p = 0; p < P; ++p) {
-                const T* at = xb + p * PS + v * L;
-                V xv;
-                if constexpr (decltype(masked)::value) xv = load_or_zero<V>((valid >> p) & 1, at);
-                else xv = *reinterpret_cast<const U*>(at);
+            for (int p = 0; p < P; ++p) {
+              const T* at = xb + p * PS + v * L;
+              V xv;
+              if constexpr (decltype(masked)::value) xv = load_or_zero<V>((valid >> p) & 1, at);
+              else xv = *reinterpret_cast<const U*>(at);
 #pragma GCC unroll 8
-                for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
-              }
+              for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[o];
             }
-          };
-          if (pa == 0 && pb == P) tap(std::false_type{}, 0u);
-          else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
-        }
+          }
+        };
+        if (pa == 0 && pb == P) tap(std::false_type{}, 0u);
+        else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
       }
+    }
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) {
-        if (p < skip || p >= np) continue;
+    for (int p = 0; p < P; ++p) {
+      if (p < skip || p >= np) continue;
 #pragma GCC unroll 8
-        for (int o = 0; o < CO; ++o) {
-          const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
-          store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
-        }
+      for (int o = 0; o < CO; ++o) {
+        const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
+        store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
       }
     }
   }
