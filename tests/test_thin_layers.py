@@ -123,9 +123,10 @@ def test_the_paths_each_class_takes():
     """The routing rules, so that the tests above cover the paths they are meant to."""
     spec, *_ = _spec("multiplier-2")
     assert _plan.expands_to_depthwise(spec) and _plan.native_mode(spec) == native.DEPTHWISE
-    # one-in's three outputs: vectors along the pixels (68x67x57 1 -> 3, one core: 28 ms,
-    # 52 with the native kernel's W taps summed as one)
-    for name, algorithm in (("few-in-large-k", "native"), ("one-in", "planar")):
+    # vectors along the pixels: one-in's three outputs (68x67x57 1 -> 3, one core: 28 ms,
+    # 52 with the native kernel's W taps summed as one), few-in-large-k's eight (40^3
+    # 3 -> 8 k7 s2, one core: 13 ms, 37 by the native kernel)
+    for name, algorithm in (("few-in-large-k", "planar"), ("one-in", "planar")):
         spec, *_ = _spec(name)
         p = ct.plan(spec.input_shape, spec.weight_shape, stride=spec.stride,
                     dilation=spec.dilation, groups=spec.groups)

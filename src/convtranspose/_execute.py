@@ -613,9 +613,19 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
 
 def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
                    mode: native.Mode) -> list[np.ndarray]:
-    """The DOT ([tap][co][c] per conv group) or DEPTHWISE ([tap][channel]) layout of w3."""
+    """The DOT ([tap][co][c] per conv group), DEPTHWISE ([tap][channel]) or PLANAR layout
+    of w3. PLANAR's is one array for every conv group and W residue of the phase group,
+    [g][residue][tap][c][co], residues of their own tap counts."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
+    if mode == native.PLANAR:
+        parts = []
+        for g in range(groups):
+            for phase in phase_group:
+                kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
+                sub = w3[g * cog:(g + 1) * cog][:, kd][:, :, kh][:, :, :, kw]
+                parts.append(sub.reshape(cog, phase.tap_count, cig).transpose(1, 2, 0).ravel())
+        return [np.concatenate(parts)]
     mats = []
     for phase in phase_group:
         kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
@@ -726,7 +736,8 @@ def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: 
 def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
                 pair_dims: tuple | None = None, wide: tuple | None = None,
-                bias: np.ndarray | None = None, channel_stride: int = 0):
+                bias: np.ndarray | None = None, channel_stride: int = 0,
+                residues: native.ResidueTaps | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
@@ -735,7 +746,8 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     pairs along D.
     `bias`: None, or the phase group's `native.bias_table`, added by the kernel as it
     stores.
-    `channel_stride`: PLANAR mode's, its input the planar copy (`native.planar_copy`)."""
+    `channel_stride`, `residues`: PLANAR mode's, its input the planar copy
+    (`native.planar_copy`), and the W residues of the phase group, written in one pass."""
     groups = spec.groups
     geo = _tile_geometry(spec, phase_group, task.tile, pair_dims, wide, out.shape, out.strides,
                          out.dtype.itemsize)
@@ -749,11 +761,20 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     # Reading and writing in place, the tile's rows are claimed through the kernel's
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
-    cursors = native.RowCursors(groups, 1 if convert_input or round_output else threads)
+    planar = mode == native.PLANAR  # one call writes whole rows: every group and residue
+    cursors = native.RowCursors(1 if planar else groups,
+                                1 if convert_input or round_output else threads)
     b_addr = bias.ctypes.data if bias is not None else 0
 
     def calls(packed, x_addr, xs, o_addr, os_, out_item, into=None) -> None:
-        if mode == native.DEPTHWISE:
+        if planar:
+            native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, packed[0],
+                             offsets, geo.steps, o_addr, os_, box, qw, cig,
+                             spec.c_out_per_group, cursors.address(0), cursors.sharers,
+                             into=into, bias=b_addr, channel_stride=channel_stride,
+                             groups=groups, residues=residues,
+                             residue_stride=os_[3] // len(phase_group))
+        elif mode == native.DEPTHWISE:
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
                              cursors.address(0), cursors.sharers, into=into, bias=b_addr)
@@ -914,12 +935,13 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
         tasks, _ = make_tasks(spec, Algorithm.NATIVE, plan.phase_groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
     offsets = [_native_offsets(g[0]) for g in phase_groups]
+    residues = [native.ResidueTaps(g) if planar else None for g in phase_groups]
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
     biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, x3, out, phase_groups[t.phase_group], weights[t.phase_group],
                         offsets[t.phase_group], t, convert, mode, x_origin, plan.threads,
                         wide=wide and wide[t.phase_group], bias=biases[t.phase_group],
-                        channel_stride=channel_stride)
+                        channel_stride=channel_stride, residues=residues[t.phase_group])
             for t in tasks]
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)

@@ -41,13 +41,14 @@ class Mode(enum.IntEnum):
     CHANNELS = 0  # along the output channels
     DOT = 1  # along the input channels, for 1-8 output channels (DOT_MAX_OUT)
     DEPTHWISE = 2  # along the channels of a depthwise layer
-    PLANAR = 3  # along a row's output pixels, for 1-4 outputs, over a planar input copy
+    PLANAR = 3  # along a row's output pixels, for 1-8 outputs, over a planar input copy
 
 
 CHANNELS, DOT, DEPTHWISE, PLANAR = Mode.CHANNELS, Mode.DOT, Mode.DEPTHWISE, Mode.PLANAR
 # The most outputs per group a dot-mode or planar job takes (correlate_api.h).
 DOT_MAX_OUT = _native.DOT_MAX_OUT if AVAILABLE else 0
 PLANAR_MAX_OUT = _native.PLANAR_MAX_OUT if AVAILABLE else 0
+PLANAR_MAX_ROW = _native.PLANAR_MAX_ROW if AVAILABLE else 0  # W residues x C_out a job writes
 # Below this many input channels CHANNELS mode sums each block over every tap in registers.
 TAPS_INNER_BELOW = _native.TAPS_INNER_BELOW if AVAILABLE else 0
 
@@ -189,6 +190,22 @@ class TapOffsets:
         return self.arrays[axis]
 
 
+class ResidueTaps:
+    """A PLANAR job's W residues (phases in residue order): each one's W tap count, their
+    input offsets one residue after the other, and each one's output columns, as the
+    int64 arrays the kernel reads, with their addresses."""
+
+    __slots__ = ("arrays", "addresses", "counts")
+
+    def __init__(self, phases) -> None:
+        taps = [[t.offset for t in p.axis_taps[2]] for p in phases]
+        self.counts = tuple(p.count[2] for p in phases)
+        self.arrays = tuple(np.array(a, np.int64) for a in
+                            ([len(t) for t in taps], [o for t in taps for o in t] or [0],
+                             self.counts))
+        self.addresses = tuple(_native.address(a) for a in self.arrays)
+
+
 class RowCursors:
     """The row cursors (one per conv group) through which `sharers` threads share one tile
     of `correlate` calls; none when `sharers` is 1. Whoever calls with them keeps this
@@ -213,7 +230,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
               box: tuple[int, ...], wcount: int,
               cin: int, cout: int, cursor: int = 0, sharers: int = 1,
               into: list | None = None, pair_out: int = 0, bias: int = 0,
-              channel_stride: int = 0) -> None:
+              channel_stride: int = 0, groups: int = 1,
+              residues: ResidueTaps | None = None, residue_stride: int = 0) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -233,13 +251,20 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     `bias`: 0, or the address of `cout` values of the compute dtype (readable in whole
     vectors past them: see `bias_table`), added to each output as it is stored.
     `channel_stride`: PLANAR mode's input (`planar_copy`), whose channels lie that many
-    elements apart and its pixels next to each other (x_strides[3] == 1)."""
+    elements apart and its pixels next to each other (x_strides[3] == 1).
+    `groups`, `residues`, `residue_stride`: PLANAR mode's rows, written whole: every W
+    residue (offsets[2] unused; residue r's column w lies `residue_stride` elements after
+    residue 0's) of each of `groups` conv groups (cin and cout are a group's)."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "out": out_addr, "os": out_strides, "box": box, "wcount": wcount,
            "cin": cin, "cout": cout, "cursor": cursor, "sharers": sharers,
            "pair_out": pair_out, "bias": bias, "cs": channel_stride}
+    if residues is not None:
+        job.update(groups=groups, res=len(residues.counts), res_taps=residues.addresses[0],
+                   res_off=residues.addresses[1], res_count=residues.addresses[2],
+                   res_stride=residue_stride)
     if into is not None:
         into.append(_native.correlate_call(job))
     else:

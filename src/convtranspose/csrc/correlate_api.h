@@ -9,7 +9,8 @@
 // How the vectors are laid (CtJob::mode): along output channels (the weight [tap][c][co],
 // C_out padded to whole vectors, in chunks), along input channels for 1-8 output channels
 // ([tap][co][c]), along the channels of a depthwise layer ([tap][c]), or along the output
-// pixels of a row for 1-4 output channels over a planar input ([tap][c][co], planar.hpp).
+// pixels of a row for 1-8 output channels over a planar input ([g][residue][tap][c][co],
+// planar.hpp).
 enum CtMode : int {
   CT_MODE_CHANNELS = 0,
   CT_MODE_DOT = 1,
@@ -21,7 +22,10 @@ enum CtMode : int {
 // more than a register block holds (8 with 32 vector registers, else 4) in chunks
 // (forward.hpp's run_mode), planar all at once.
 constexpr int CT_DOT_MAX_OUT = 8;
-constexpr int CT_PLANAR_MAX_OUT = 4;
+constexpr int CT_PLANAR_MAX_OUT = 8;
+// The most values a planar job writes per column of its rows (W residues x C_out): a
+// block's sums of them all are held until the row's run is stored.
+constexpr int CT_PLANAR_MAX_ROW = 32;
 
 // Below this many input channels (the reduction per tap) CT_MODE_CHANNELS keeps each
 // block's sums in registers across the taps (rows_chunk_taps_inner in forward.hpp).
@@ -64,6 +68,18 @@ struct CtJob {
                          // it is stored; readable in whole vectors past cout (padded)
   int64_t cs;            // 0; CT_MODE_PLANAR: the input's channel stride (its pixels are
                          // contiguous, xs[3] == 1)
+  // CT_MODE_PLANAR only: a job writes its rows whole, every W residue of every conv group,
+  // each output line once. Residue r's column c lies at out + c * os[3] + r * res_stride;
+  // its W taps are res_taps[r] input offsets from res_off (residue after residue, off[2]
+  // unused), its columns res_count[r] (non-increasing in r; wcount is res_count[0]).
+  // Group g reads channels g * cin on and writes outputs g * cout on (the weight
+  // [g][r][tap][c][co]).
+  int64_t groups;
+  int64_t res;
+  const int64_t* res_taps;
+  const int64_t* res_off;
+  const int64_t* res_count;
+  int64_t res_stride;
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the

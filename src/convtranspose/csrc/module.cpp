@@ -406,7 +406,9 @@ Field kCorrelateFields[] = {
     CT_FIELD(CtJob, os),          CT_FIELD(CtJob, box),         CT_FIELD(CtJob, wcount),
     CT_FIELD(CtJob, cin),         CT_FIELD(CtJob, cout),        CT_OPTIONAL(CtJob, cursor),
     CT_OPTIONAL(CtJob, sharers),  CT_OPTIONAL(CtJob, pair_out), CT_OPTIONAL(CtJob, bias),
-    CT_OPTIONAL(CtJob, cs),
+    CT_OPTIONAL(CtJob, cs),       CT_OPTIONAL(CtJob, groups),   CT_OPTIONAL(CtJob, res),
+    CT_OPTIONAL(CtJob, res_taps), CT_OPTIONAL(CtJob, res_off),  CT_OPTIONAL(CtJob, res_count),
+    CT_OPTIONAL(CtJob, res_stride),
 };
 
 // correlate's fields (see _native_kernel.correlate) into a job; false with an error set.
@@ -432,10 +434,13 @@ bool parse_correlate(PyObject* spec, CtJob& job) {
     return false;
   }
   if (job.mode == CT_MODE_PLANAR &&
-      (job.cs < 1 || job.xs[3] != 1 || job.step[1] != 1 || job.step[2] != 1)) {
+      (job.cs < 1 || job.xs[3] != 1 || job.step[1] != 1 || job.step[2] != 1 ||
+       job.groups < 1 || job.res < 1 || job.groups * job.cout * job.res > CT_PLANAR_MAX_ROW ||
+       !job.res_taps || !job.res_off || !job.res_count)) {
     PyErr_SetString(PyExc_ValueError,
-                    "correlate: planar mode needs a channel stride, contiguous pixels and "
-                    "step 1 along H and W");
+                    "correlate: planar mode needs a channel stride, contiguous pixels, "
+                    "step 1 along H and W, and its residues' taps and counts, at most "
+                    "CT_PLANAR_MAX_ROW values a column");
     return false;
   }
   if (job.out_half < CT_HALF_NONE || job.out_half > CT_HALF_BF16 ||
@@ -1110,7 +1115,8 @@ PyMODINIT_FUNC PyInit__native() {
   arm();
   if (module && (PyModule_AddIntConstant(module, "TAPS_INNER_BELOW", CT_TAPS_INNER_BELOW) < 0 ||
                  PyModule_AddIntConstant(module, "DOT_MAX_OUT", CT_DOT_MAX_OUT) < 0 ||
-                 PyModule_AddIntConstant(module, "PLANAR_MAX_OUT", CT_PLANAR_MAX_OUT) < 0)) {
+                 PyModule_AddIntConstant(module, "PLANAR_MAX_OUT", CT_PLANAR_MAX_OUT) < 0 ||
+                 PyModule_AddIntConstant(module, "PLANAR_MAX_ROW", CT_PLANAR_MAX_ROW) < 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -1,11 +1,13 @@
 """``planar``: the compiled kernel with its vectors along a row's output pixels, for layers
-of 1-4 output channels per group (CT_MODE_PLANAR, csrc/planar.hpp). The input is first
+of 1-8 output channels per group (CT_MODE_PLANAR, csrc/planar.hpp). The input is first
 copied into a planar layout (each input row's channels one after another, each a run of
 pixels padded with zeros), so that each (tap, input channel) is one broadcast weight times
 whole vectors of neighbouring outputs: every lane does useful work whatever C_in/g is,
 with no sums across lanes. Dot mode, the native kernel's way for such layers, runs its
 vectors along C_in/g (part of a vector below 8 or 16 channels) and reduces each output
-across lanes."""
+across lanes. A task writes whole output rows (every W residue and conv group) once, in
+order, where the native kernel's per-phase and per-group calls each store a few values
+of every output line."""
 
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import math
 
 from .. import _execute
 from .. import _native_kernel as native
+from .._geometry import phases_3d
 from .._memory import Scratch
 from .._plan import (
     COPY_BYTES_PER_S,
     NATIVE_PEAK_PER_LANE,
     live_phases,
-    native_writes_every_output,
     planar_bytes,
 )
 from . import Kernel
@@ -31,20 +33,45 @@ def fits(spec, limit):
     if spec.c_out_per_group > native.PLANAR_MAX_OUT:
         return (f"is for layers of at most {native.PLANAR_MAX_OUT} output channels per "
                 "group; use 'native'")
+    if spec.c_out * spec.stride[2] > native.PLANAR_MAX_ROW:
+        return (f"writes at most {native.PLANAR_MAX_ROW} values per column of a row (C_out "
+                "times stride_w); use 'native'")
+    if spec.result_dtype != spec.compute_dtype and not native.half_kind(spec.result_dtype):
+        return "stores only the compute dtype, float16 or bfloat16; use 'native'"
     if planar_bytes(spec) > limit:
         return "would hold its planar copy of the input beyond the workspace limit"
     return None
 
 
+def _reaches_rows(phase) -> bool:
+    """Whether a phase's (D, H) residue has outputs and taps: its rows are planar's."""
+    return bool(phase.count[0] and phase.count[1] and phase.axis_taps[0]
+                and phase.axis_taps[1])
+
+
 def phase_groups(spec):
-    return tuple((p,) for p in live_phases(spec))
+    """Per (D, H) residue whose rows some tap reaches, every W residue in order (those no
+    W tap reaches included: the kernel writes them zeros), so that a task writes each
+    output row whole, once."""
+    rows: dict[tuple, list] = {}
+    for phase in phases_3d(spec):
+        if _reaches_rows(phase):
+            rows.setdefault(phase.residue[:2], []).append(phase)
+    return tuple(tuple(sorted(row, key=lambda p: p.residue[2])) for _, row in sorted(rows.items())
+                 if any(p.tap_count and p.size for p in row))
+
+
+def writes_every_output(spec) -> bool:
+    """Rows of a (D, H) residue that no tap reaches are the only ones left unwritten."""
+    return all(_reaches_rows(p) for p in phases_3d(spec) if p.size)
+
 
 
 # Vectors of pixels per register block, by output channels (planar.hpp's PlanarBlock).
 def _block_vectors(cog: int, registers: int) -> int:
     if registers >= 32:
-        return {1: 16, 2: 12, 3: 8}.get(cog, 6)
-    return {1: 12, 2: 6, 3: 4}.get(cog, 2)
+        return {1: 16, 2: 12, 3: 8, 4: 6, 5: 4, 6: 4}.get(cog, 3)
+    return {1: 12, 2: 6, 3: 4, 4: 2}.get(cog, 1)
 
 
 def planar_rate(spec) -> float:
@@ -64,12 +91,11 @@ def planar_rate(spec) -> float:
 
 
 def estimate(spec):
-    """The multiply-adds, the planar copy (read and written), and the output: each conv
-    group's pass stores its few channels of every output pixel, a line each."""
-    pixels = spec.batch * math.prod(spec.out_spatial)
-    line = min(64, spec.c_out * spec.result_dtype.itemsize)
+    """The multiply-adds, the planar copy (read and written), and the output, written
+    once, row by row."""
+    values = spec.batch * math.prod(spec.out_spatial) * spec.c_out
     return (spec.useful_flops / planar_rate(spec) + 2 * planar_bytes(spec) / COPY_BYTES_PER_S
-            + pixels * spec.groups * line / COPY_BYTES_PER_S)
+            + values * spec.result_dtype.itemsize / COPY_BYTES_PER_S)
 
 
 def run(plan, x3, w3, out, bias):
@@ -78,5 +104,5 @@ def run(plan, x3, w3, out, bias):
 
 
 KERNEL = Kernel("planar", fits, estimate, phase_groups, run, buffer_elems,
-                writes_every_output=native_writes_every_output, compiled=True,
+                writes_every_output=writes_every_output, compiled=True,
                 input_copy_bytes=planar_bytes)
