@@ -33,6 +33,7 @@ from ._plan import (
     native_whole_input_fits,
     pair_base,
     pair_count,
+    planar_chunk,
     planar_geometry,
     registry,
     streams_output,
@@ -614,17 +615,18 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
 def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
                    mode: native.Mode) -> list[np.ndarray]:
     """The DOT ([tap][co][c] per conv group), DEPTHWISE ([tap][channel]) or PLANAR layout
-    of w3. PLANAR's is one array for every conv group and W residue of the phase group,
-    [g][residue][tap][c][co], residues of their own tap counts."""
+    of w3. PLANAR's is one array for every block of outputs (`planar_chunk` of a conv
+    group's) and W residue of the phase group, [block][residue][tap][c][co], residues of
+    their own tap counts."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
-    if mode == native.PLANAR:
-        parts = []
-        for g in range(groups):
+    if mode == native.PLANAR:  # a conv group's outputs in blocks of `planar_chunk`
+        chunk, parts = planar_chunk(cog), []
+        for first in range(0, c_out, chunk):
             for phase in phase_group:
                 kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
-                sub = w3[g * cog:(g + 1) * cog][:, kd][:, :, kh][:, :, :, kw]
-                parts.append(sub.reshape(cog, phase.tap_count, cig).transpose(1, 2, 0).ravel())
+                sub = w3[first:first + chunk][:, kd][:, :, kh][:, :, :, kw]
+                parts.append(sub.reshape(chunk, phase.tap_count, cig).transpose(1, 2, 0).ravel())
         return [np.concatenate(parts)]
     mats = []
     for phase in phase_group:
@@ -762,6 +764,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
     planar = mode == native.PLANAR  # one call writes whole rows: every group and residue
+    chunk = planar_chunk(spec.c_out_per_group)
     cursors = native.RowCursors(1 if planar else groups,
                                 1 if convert_input or round_output else threads)
     b_addr = bias.ctypes.data if bias is not None else 0
@@ -769,10 +772,11 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     def calls(packed, x_addr, xs, o_addr, os_, out_item, into=None) -> None:
         if planar:
             native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, packed[0],
-                             offsets, geo.steps, o_addr, os_, box, qw, cig,
-                             spec.c_out_per_group, cursors.address(0), cursors.sharers,
+                             offsets, geo.steps, o_addr, os_, box, qw, cig, chunk,
+                             cursors.address(0), cursors.sharers,
                              into=into, bias=b_addr, channel_stride=channel_stride,
-                             groups=groups, residues=residues,
+                             groups=groups, chunks=spec.c_out_per_group // chunk,
+                             residues=residues,
                              residue_stride=os_[3] // len(phase_group))
         elif mode == native.DEPTHWISE:
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],

@@ -230,7 +230,7 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
               box: tuple[int, ...], wcount: int,
               cin: int, cout: int, cursor: int = 0, sharers: int = 1,
               into: list | None = None, pair_out: int = 0, bias: int = 0,
-              channel_stride: int = 0, groups: int = 1,
+              channel_stride: int = 0, groups: int = 1, chunks: int = 1,
               residues: ResidueTaps | None = None, residue_stride: int = 0) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
@@ -252,9 +252,10 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     vectors past them: see `bias_table`), added to each output as it is stored.
     `channel_stride`: PLANAR mode's input (`planar_copy`), whose channels lie that many
     elements apart and its pixels next to each other (x_strides[3] == 1).
-    `groups`, `residues`, `residue_stride`: PLANAR mode's rows, written whole: every W
-    residue (offsets[2] unused; residue r's column w lies `residue_stride` elements after
-    residue 0's) of each of `groups` conv groups (cin and cout are a group's)."""
+    `groups`, `chunks`, `residues`, `residue_stride`: PLANAR mode's rows, written whole:
+    every W residue (offsets[2] unused; residue r's column w lies `residue_stride`
+    elements after residue 0's) of each of `groups` conv groups, whose outputs come in
+    `chunks` calls' worth of `cout` each (cin is a group's)."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
@@ -262,7 +263,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
            "cin": cin, "cout": cout, "cursor": cursor, "sharers": sharers,
            "pair_out": pair_out, "bias": bias, "cs": channel_stride}
     if residues is not None:
-        job.update(groups=groups, res=len(residues.counts), res_taps=residues.addresses[0],
+        job.update(groups=groups * chunks, chunks=chunks, res=len(residues.counts),
+                   res_taps=residues.addresses[0],
                    res_off=residues.addresses[1], res_count=residues.addresses[2],
                    res_stride=residue_stride)
     if into is not None:

@@ -705,6 +705,14 @@ def planar_geometry(spec: ConvSpec) -> tuple[int, int, int, int]:
     return top, left, height, pitch
 
 
+def planar_chunk(c_out_per_group: int) -> int:
+    """Outputs per register block of a planar job: the largest divisor of C_out/g up to
+    the kernel's PLANAR_MAX_OUT (12 outputs as two blocks of 6, each reading the group's
+    inputs from L1)."""
+    most = max(1, min(c_out_per_group, native.PLANAR_MAX_OUT))
+    return max(d for d in range(1, most + 1) if c_out_per_group % d == 0)
+
+
 def planar_bytes(spec: ConvSpec) -> int:
     """The planar copy's size (with the compute-dtype copy it is made from, where the
     input is of another dtype)."""

@@ -72,9 +72,11 @@ struct CtJob {
   // each output line once. Residue r's column c lies at out + c * os[3] + r * res_stride;
   // its W taps are res_taps[r] input offsets from res_off (residue after residue, off[2]
   // unused), its columns res_count[r] (non-increasing in r; wcount is res_count[0]).
-  // Group g reads channels g * cin on and writes outputs g * cout on (the weight
-  // [g][r][tap][c][co]).
+  // Group g reads channels g / chunks * cin on and writes outputs g * cout on (the
+  // weight [g][r][tap][c][co]): a conv group's outputs may come in `chunks` groups of
+  // cout, each reading its inputs (a register block of at most CT_PLANAR_MAX_OUT).
   int64_t groups;
+  int64_t chunks;
   int64_t res;
   const int64_t* res_taps;
   const int64_t* res_off;

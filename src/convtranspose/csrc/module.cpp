@@ -408,7 +408,7 @@ Field kCorrelateFields[] = {
     CT_OPTIONAL(CtJob, sharers),  CT_OPTIONAL(CtJob, pair_out), CT_OPTIONAL(CtJob, bias),
     CT_OPTIONAL(CtJob, cs),       CT_OPTIONAL(CtJob, groups),   CT_OPTIONAL(CtJob, res),
     CT_OPTIONAL(CtJob, res_taps), CT_OPTIONAL(CtJob, res_off),  CT_OPTIONAL(CtJob, res_count),
-    CT_OPTIONAL(CtJob, res_stride),
+    CT_OPTIONAL(CtJob, res_stride), CT_OPTIONAL(CtJob, chunks),
 };
 
 // correlate's fields (see _native_kernel.correlate) into a job; false with an error set.
@@ -436,6 +436,7 @@ bool parse_correlate(PyObject* spec, CtJob& job) {
   if (job.mode == CT_MODE_PLANAR &&
       (job.cs < 1 || job.xs[3] != 1 || job.step[1] != 1 || job.step[2] != 1 ||
        job.groups < 1 || job.res < 1 || job.groups * job.cout * job.res > CT_PLANAR_MAX_ROW ||
+       job.chunks < 0 || (job.chunks > 1 && job.groups % job.chunks) ||
        !job.res_taps || !job.res_off || !job.res_count)) {
     PyErr_SetString(PyExc_ValueError,
                     "correlate: planar mode needs a channel stride, contiguous pixels, "

@@ -101,6 +101,7 @@ static void planar_rows(const CtJob& job) {
   constexpr int64_t BLOCK = NB * L;  // pixels a block computes
   const int64_t cin = job.cin, cs = job.cs, pitch = job.xs[2], wcount = job.wcount;
   const int64_t td = job.ntaps[0], th = job.ntaps[1], res = job.res, groups = job.groups;
+  const int64_t chunks = std::max<int64_t>(1, job.chunks);  // of CO outputs per conv group
   const int64_t channels = groups * CO;  // of one output pixel
   // Per W residue: the flat offsets of its (H, W) taps, where its weights start in a
   // group's, and its taps.
@@ -147,8 +148,8 @@ static void planar_rows(const CtJob& job) {
             for (int64_t g = 0; g < groups; ++g) {
               V acc[N][CO];
               planar_block<T, CO, N>(acc, planes.data(), td, flat.data() + flat_at[rs],
-                                     flat_at[rs + 1] - flat_at[rs], g * cin * cs, cin, cs,
-                                     wt + g * group_w + w_at[rs], q0);
+                                     flat_at[rs + 1] - flat_at[rs], g / chunks * cin * cs,
+                                     cin, cs, wt + g * group_w + w_at[rs], q0);
               T* at = sums + (rs * channels + g * CO) * BLOCK;
 #pragma GCC unroll 8
               for (int o = 0; o < CO; ++o)
