@@ -797,7 +797,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
         calls(weights.arrays, *x_origin, native.address(out) + geo.out_offset,
               geo.out_strides, out.dtype.itemsize, prepared)
         return native.Task(tuple(prepared), cursors.sharers > 1, weights.once,
-                           (cursors, weights, bias))
+                           (cursors, weights, bias, residues))
 
     def job(buf):
         packed = weights.get()

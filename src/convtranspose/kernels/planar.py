@@ -27,10 +27,25 @@ from .._plan import (
 from . import Kernel
 from .native import buffer_elems
 
+# Input channels per group up to which a block's reads of each channel's rows stay in L1
+# (`planar_rate`).
+PLANAR_L1_CHANNELS = 32
+# Past one register block, up to this many outputs per group in two blocks of 4 or more
+# (2 -> 12 as two of 6: 0.70 ms against the native kernel's 1.32). Smaller or more blocks
+# lost to its full vectors along C_out: 15 -> 17 in blocks of one, 4.6 ms against 1.1;
+# 1 -> 32 in four of 8, 6.0 against 2.7; 16 in two of 8, 1.7 against 2.4 from one input
+# channel, but 21 against 16 and 1.3 against 1.0 from three.
+PLANAR_MAX_CHUNKED = 12
+
 
 def fits(spec, limit):
     if not native.AVAILABLE:
         return "needs the compiled kernel"
+    cog = spec.c_out_per_group
+    if cog > native.PLANAR_MAX_OUT and (cog > PLANAR_MAX_CHUNKED
+                                        or cog // planar_chunk(cog) > 2):
+        return (f"takes at most {native.PLANAR_MAX_OUT} output channels per group, or two "
+                f"blocks of up to {PLANAR_MAX_CHUNKED}; use 'native'")
     if spec.c_out * spec.stride[2] > native.PLANAR_MAX_ROW:
         return (f"writes at most {native.PLANAR_MAX_ROW} values per column of a row (C_out "
                 "times stride_w); use 'native'")
@@ -65,7 +80,6 @@ def writes_every_output(spec) -> bool:
 
 
 
-PLANAR_L1_CHANNELS = 32
 
 # Vectors of pixels per register block, by output channels (planar.hpp's PlanarBlock).
 def _block_vectors(cog: int, registers: int) -> int:
