@@ -181,13 +181,16 @@ def _shifted(a: np.ndarray, offset_bytes: int) -> np.ndarray:
 @pytest.mark.parametrize("c_in,c_out,swapped", [(112, 32, False), (32, 100, True)],
                          ids=["cotangent-side", "input-side"])
 def test_grad_weight_reads_vector_rows_off_the_line_boundary_alike(c_in, c_out, swapped, isa,
-                                                                   rng):
+                                                                   rng, monkeypatch):
     """With ~96 or more broadcast blocks, grad_weight copies the vector side's rows of a
     batch to a line boundary when they are not on one: the bits must not depend on where
     the caller's arrays start (4 and 16 bytes past a line, or on one)."""
     from test_vjp import loops_vjp, make_case
 
+    import convtranspose._vjp as vjp_module
     from convtranspose._api import spec_for
+    # vectors along C_out wherever they fill (on so few pixels the unpack would decide)
+    monkeypatch.setattr(vjp_module, "ALONG_IN_EXTRA", float("inf"))
     from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
     x, w, cot, kw = make_case(rng, 3, (2, 3, 13), c_in, c_out, (2, 3, 3), stride=(1, 2, 2),
                               padding=(0, 1, 1), groups=1, batch=1)
@@ -227,6 +230,8 @@ def test_grad_weight_work_splits_agree_and_units_ignore_the_thread_count(path, r
                               groups=2, batch=2)
     if path == "in-place":
         monkeypatch.setattr(vjp_module, "GW_IN_PLACE_BYTES", 0)
+    else:  # through the packed layout (on so few pixels the unpack would decide)
+        monkeypatch.setattr(vjp_module, "ALONG_IN_EXTRA", float("inf"))
     spec, _, _ = spec_for(3, x, w, **kw)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
     c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)

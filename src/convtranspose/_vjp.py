@@ -143,18 +143,23 @@ def grad_weight_wide_w(spec: ConvSpec, compute_dtype: np.dtype) -> bool:
 # 51 -> 36 ms; below it vectors along C_out are faster (W2 45 against 57 ms, W5 12.9
 # against 14.3, W8 21 against 25, W4 31 against 33 with a 1.7 MiB grad_weight).
 GW_IN_PLACE_BYTES = 4 << 20
+# What summing along C_in costs beyond summing along C_out, as a share of the sums (from
+# the same measurements). On few pixels the unpack costs more: 64 -> 32 k6 on 3x4x4x4
+# spent 13% of its 2.9 ms in it.
+ALONG_IN_EXTRA = 0.2
 
 
 def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
-                       in_place_bytes: int, limit: int | None = None
+                       gw_rule: tuple[int, float], limit: int | None = None
                        ) -> GradWeightLayout | None:
     """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
     channel per group; else ALONG_IN (vectors along C_in: for C_out/g that is not whole
     vectors, or a grad_weight large enough to be summed in place), ALONG_OUT, WIDE, or
     PADDED (ALONG_IN over x padded to whole vectors, where neither side is).
     It reads both operands in place: `in_place`, whether they have the compute dtype and
-    contiguous channels. `in_place_bytes`: GW_IN_PLACE_BYTES. `limit`: the workspace
-    limit, which PADDED's copy of x must fit."""
+    contiguous channels. `gw_rule`: (GW_IN_PLACE_BYTES, ALONG_IN_EXTRA). `limit`: the
+    workspace limit, which PADDED's copy of x must fit."""
+    in_place_bytes, extra = gw_rule
     if not (native.AVAILABLE and in_place):
         return None
     lanes, _ = native.layout(compute_dtype.itemsize)
@@ -162,8 +167,13 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
     if cig == 1 and cog == 1:
         return GradWeightLayout.DEPTHWISE
     along_out = cog % lanes == 0
-    if cig % lanes == 0 and (not along_out or spec.c_out * math.prod(spec.kernel) * cig
-                             * compute_dtype.itemsize >= in_place_bytes):
+    gw_bytes = spec.c_out * math.prod(spec.kernel) * cig * compute_dtype.itemsize
+    # Along C_out the sums go through a packed buffer, unpacked after (a strided copy on
+    # one thread): worth it where summing along C_in would cost more than that copy.
+    unpack = 2 * gw_bytes / COPY_BYTES_PER_S
+    along_in_extra = extra * spec.useful_flops / (NATIVE_PEAK_PER_LANE * lanes)
+    if cig % lanes == 0 and (not along_out or gw_bytes >= in_place_bytes
+                             or unpack > along_in_extra):
         return GradWeightLayout.ALONG_IN
     if along_out:
         return GradWeightLayout.ALONG_OUT
@@ -218,15 +228,16 @@ def make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, *, need_input: bool =
     n_threads = max(1, threads or get_num_threads())
     return _make_vjp_plan(spec, compute_dtype, need_input, need_weight, n_threads,
                           workspace_limit(spec, workspace), algorithm, get_winograd(),
-                          input_in_place, cotangent_in_place, GW_IN_PLACE_BYTES)
+                          input_in_place, cotangent_in_place,
+                          (GW_IN_PLACE_BYTES, ALONG_IN_EXTRA))
 
 
 @functools.lru_cache(maxsize=256)
 def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, need_weight: bool,
                    threads: int, limit: int, algorithm: VjpAlgorithm | None, winograd: bool,
                    input_in_place: bool, cotangent_in_place: bool,
-                   in_place_bytes: int) -> VjpPlan:
-    """Plans are pure functions of their arguments (the tunable threshold included), so a
+                   gw_rule: tuple[int, float]) -> VjpPlan:
+    """Plans are pure functions of their arguments (the tunable thresholds included), so a
     training loop's steps reuse one."""
     budget = max(1, min(VJP_TILE_BYTES, limit // threads) // compute_dtype.itemsize)
     work = bool(active_taps(spec) and spec.batch)
@@ -235,7 +246,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         # grad_weight reads the repeated input, made C-contiguous in the compute dtype.
         inner = _make_vjp_plan(depthwise, compute_dtype, need_input, need_weight, threads,
                                limit, None, winograd, need_weight, cotangent_in_place,
-                               in_place_bytes)
+                               gw_rule)
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
     if (algorithm in (None, VjpAlgorithm.NATIVE) and work and native.AVAILABLE
             and expands_to_depthwise(grad_input_kernel_spec(spec))
@@ -246,7 +257,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         # kernel's vectors run along C_in instead of each group's single channel.
         depthwise = dataclasses.replace(spec, c_out=spec.c_in, groups=spec.c_in)
         fan_out = _make_vjp_plan(depthwise, compute_dtype, need_input, need_weight, threads,
-                                 limit, None, winograd, input_in_place, True, in_place_bytes)
+                                 limit, None, winograd, input_in_place, True, gw_rule)
         marked = {name: dataclasses.replace(step, fan_out=True)
                   for name, step in (("grad_input", fan_out.grad_input),
                                      ("grad_weight", fan_out.grad_weight)) if step is not None}
@@ -264,7 +275,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         raise ValueError("vjp: algorithm 'native' needs the compiled kernel, which this "
                          "install lacks")
     layout = (grad_weight_layout(spec, compute_dtype,
-                                 input_in_place and cotangent_in_place, in_place_bytes, limit)
+                                 input_in_place and cotangent_in_place, gw_rule, limit)
               if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
@@ -593,7 +604,8 @@ def native_grad_weight_layout(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
                               compute_dtype: np.dtype) -> GradWeightLayout | None:
     """`grad_weight_layout` for these arrays: whether the kernel reads them in place."""
     return grad_weight_layout(spec, compute_dtype, native.reads_in_place(x3, compute_dtype)
-                              and native.reads_in_place(c3, compute_dtype), GW_IN_PLACE_BYTES)
+                              and native.reads_in_place(c3, compute_dtype),
+                              (GW_IN_PLACE_BYTES, ALONG_IN_EXTRA))
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,
