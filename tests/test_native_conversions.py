@@ -102,3 +102,21 @@ def test_widen_half_converts_every_bit_pattern_exactly(isa):
         nan = np.isnan(want)
         np.testing.assert_array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
         assert np.isnan(out[nan]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("w,s,c", [(10, 2, 3), (9, 4, 1), (3, 4, 5), (1, 3, 2)])
+def test_split_residues_lays_each_rows_residues_in_zero_padded_stretches(dtype, w, s, c, rng):
+    rows_in = rng.standard_normal((5, w, c)).astype(dtype)
+    left, stretch = 2, 2 + -(-w // s) + 3
+    out = np.full((5, s, stretch, c), np.nan, dtype)
+    native.split_residues(rows_in, out, 0, 3, left)  # rows 0-2 here, the rest after
+    assert np.isnan(out[3:]).all()
+    native.split_residues(rows_in, out, 3, 5, left)
+    want = np.zeros_like(out)
+    for r in range(s):
+        pixels = rows_in[:, r::s]
+        want[:, r, left:left + pixels.shape[1]] = pixels
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="split_residues"):
+        native.split_residues(rows_in, out[:2], 0, 5, left)  # out too short for the rows

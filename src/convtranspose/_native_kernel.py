@@ -420,6 +420,17 @@ def gather_sum(rows: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
                        rows.shape[1], out)
 
 
+def split_residues(rows_in: np.ndarray, out: np.ndarray, row0: int, row1: int,
+                   left: int) -> None:
+    """out[i, r, left + j] = rows_in[i, j * s + r] for rows i in [row0, row1), zeros
+    elsewhere in out's stretches: rows_in (rows, W, C) and out (rows, s, stretch, C),
+    C-contiguous, of one float dtype; the GIL is released meanwhile."""
+    _, w_cot, c = rows_in.shape
+    _, s, stretch, _ = out.shape
+    _native.split_residues(rows_in.dtype.itemsize, rows_in, out, row0, row1, w_cot, c, s, left,
+                           stretch)
+
+
 def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
     """The inverse of `fill_columns` for `cols` a whole number of vectors: (taps, rows,
     cols)."""

@@ -16,6 +16,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._execute import padded_along_w, pair_input, pair_weight, run_jobs
 from ._geometry import ceil_div
+from ._memory import result_empty
 from ._native_kernel import GradWeightLayout
 from ._plan import (
     FUSE_W_BELOW_CHANNELS,
@@ -503,21 +504,17 @@ def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype, t
     # every read p + shift, p in [0, w_in), stays in its residue's stretch
     stretch = left + max(ceil_div(w_cot, s), max(shifts) + w_in)
     n, d, h, _, c = c3.shape
-    out = np.empty((n * d * h, s, stretch, c), compute_dtype)
-    rows_in = c3.reshape(n * d * h, w_cot, c)
-
-    def split(a: int, b: int) -> None:  # rows [a, b): each residue, zeros around it
-        block = out[a:b]
-        block[:, :, :left] = 0
-        for r in range(s):
-            count = ceil_div(w_cot - r, s) if r < w_cot else 0
-            block[:, r, left:left + count] = rows_in[a:b, r::s]
-            block[:, r, left + count:] = 0
+    # recycled memory, as a result's: a fresh block's page faults cost as much as the split
+    out = result_empty((n * d * h, s, stretch, c), compute_dtype)
+    rows_in = np.ascontiguousarray(c3.reshape(n * d * h, w_cot, c), compute_dtype)
 
     # In pieces on the threads: one strided pass of NumPy's took 2/3 of a 2-D 3-channel
-    # layer's grad_input (831x672 k6 s2: 30 of 44 ms, the zeroed buffer's page faults too).
+    # layer's grad_input (831x672 k6 s2: 30 of 44 ms, the zeroed buffer's page faults too),
+    # and NumPy's copy of each pixel's few channels in pieces was still most of a 3 -> 3
+    # g3 k4 s4x2x2 layer's time.
     pieces = max(1, min(n * d * h, 4 * threads))
-    run_jobs([functools.partial(split, n * d * h * i // pieces, n * d * h * (i + 1) // pieces)
+    run_jobs([functools.partial(native.split_residues, rows_in, out,
+                                n * d * h * i // pieces, n * d * h * (i + 1) // pieces, left)
               for i in range(pieces)], threads)
     arrays = list(tap_offsets(spec).arrays)
     arrays[2] = np.array([(o - s * q) * stretch + left + q for o, q in zip(offs, shifts)],

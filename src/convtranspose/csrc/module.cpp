@@ -946,6 +946,56 @@ PyObject* py_gather_sum(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// A depthwise cotangent's rows split by W residue (_vjp_native._residues_along_w): rows
+// [row0, row1) of src (w_cot pixels of c values each) into dst rows of `res` stretches of
+// `stretch` pixels, residue r's pixels j * res + r from pixel `left` on, zeros around
+// them. NumPy's strided assignment copied each pixel's few channels with a memmove call.
+template <typename T>
+void split_residues(const T* src, T* dst, int64_t row0, int64_t row1, int64_t w_cot,
+                    int64_t c, int64_t res, int64_t left, int64_t stretch) {
+  for (int64_t row = row0; row < row1; ++row) {
+    const T* in = src + row * w_cot * c;
+    T* out = dst + row * res * stretch * c;
+    for (int64_t r = 0; r < res; ++r, out += stretch * c) {
+      const int64_t count = r < w_cot ? (w_cot - r + res - 1) / res : 0;
+      std::fill(out, out + left * c, T(0));
+      for (int64_t j = 0; j < count; ++j)
+        for (int64_t k = 0; k < c; ++k) out[(left + j) * c + k] = in[(j * res + r) * c + k];
+      std::fill(out + (left + count) * c, out + stretch * c, T(0));
+    }
+  }
+}
+
+PyObject* py_split_residues(PyObject*, PyObject* args) {
+  int itemsize;
+  Py_buffer src, dst;
+  Py_ssize_t row0, row1, w_cot, c, res, left, stretch;
+  if (!PyArg_ParseTuple(args, "iy*w*nnnnnnn", &itemsize, &src, &dst, &row0, &row1, &w_cot, &c,
+                        &res, &left, &stretch))
+    return nullptr;
+  const bool ok = (itemsize == 4 || itemsize == 8) && 0 <= row0 && row0 <= row1 && c >= 1 &&
+                  res >= 1 && left >= 0 && stretch >= left + (w_cot + res - 1) / res &&
+                  src.len >= row1 * w_cot * c * itemsize &&
+                  dst.len >= row1 * res * stretch * c * itemsize;
+  if (ok) {
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+      split_residues(static_cast<const float*>(src.buf), static_cast<float*>(dst.buf), row0,
+                     row1, w_cot, c, res, left, stretch);
+    else
+      split_residues(static_cast<const double*>(src.buf), static_cast<double*>(dst.buf), row0,
+                     row1, w_cot, c, res, left, stretch);
+    Py_END_ALLOW_THREADS
+  }
+  PyBuffer_Release(&src);
+  PyBuffer_Release(&dst);
+  if (!ok) {
+    PyErr_SetString(PyExc_ValueError, "split_residues: bad itemsize, geometry or sizes");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 // Between float32 and float16/bfloat16 (CT_HALF_*), arrays by the buffer protocol:
 // `convert(kind, src, dst, n)` on n source values of `src_item` bytes into `dst_item`.
 template <typename F>
@@ -1080,6 +1130,8 @@ PyMethodDef kMethods[] = {
     {"check_interrupt", py_check_interrupt, METH_O,
      "Raise where a call that started at this count of SIGINTs is to stop."},
     {"gather_sum", py_gather_sum, METH_VARARGS, "Sum rows gathered by a table (indexed)."},
+    {"split_residues", py_split_residues, METH_VARARGS,
+     "A depthwise cotangent's rows split by W residue, zero-padded (gradients)."},
     {"widen_half", py_widen_half, METH_VARARGS, "float16/bfloat16 -> float32, exactly."},
     {"round_half", py_round_half, METH_VARARGS, "float32 -> float16/bfloat16, as stored."},
     {"layout", py_layout, METH_VARARGS, "(lanes, max vectors per chunk) of the packed weight."},
