@@ -399,8 +399,16 @@ def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list 
     groups, cig = spec.groups, spec.c_in_per_group
     padded_cig = ceil_div(cig, lanes) * lanes
     padded = dataclasses.replace(spec, c_in=groups * padded_cig)
-    xp = native.aligned_zeros((*x3.shape[:-1], groups, padded_cig), compute_dtype)
-    xp[..., :cig] = x3.reshape(*x3.shape[:-1], groups, cig)
+    # In recycled memory, item by item on the threads: a fresh zeroed copy (8x the input
+    # for 2 channels in 16 lanes) spent a fifth of a 2 -> 4 2-D layer's time faulting.
+    xp = result_empty((*x3.shape[:-1], groups, padded_cig), compute_dtype)
+    x4 = x3.reshape(*x3.shape[:-1], groups, cig)
+
+    def fill(i: int) -> None:
+        xp[i, ..., cig:] = 0
+        xp[i, ..., :cig] = x4[i]
+
+    run_jobs([functools.partial(fill, i) for i in range(len(xp))], n_threads)
     xp = xp.reshape(*x3.shape[:-1], groups * padded_cig)
     gwp = native.aligned_empty((spec.c_out, math.prod(spec.kernel), padded_cig), compute_dtype)
     queue: list = []
