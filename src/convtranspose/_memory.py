@@ -125,6 +125,10 @@ def release_memory() -> None:
         _dropped.clear()
         _dropped_bytes = 0
         _free.clear()
+        # The decay thread may sleep until the deadline of a block just dropped from the
+        # lists: woken, it waits again for what is kept from now on (a test that had kept
+        # blocks with DECAY_SECONDS at an hour left it asleep past later blocks' decay).
+        _wake.notify_all()
     _trim_heap()
 
 
