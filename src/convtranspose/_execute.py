@@ -739,7 +739,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
                 task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
                 pair_dims: tuple | None = None, wide: tuple | None = None,
                 bias: np.ndarray | None = None, channel_stride: int = 0,
-                residues: native.ResidueTaps | None = None):
+                residues: native.TapOffsets | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
@@ -764,13 +764,13 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
     planar = mode == native.PLANAR  # one call writes whole rows: every group and residue
-    chunk = planar_chunk(spec.c_out_per_group)
     cursors = native.RowCursors(1 if planar else groups,
                                 1 if convert_input or round_output else threads)
     b_addr = bias.ctypes.data if bias is not None else 0
 
     def calls(packed, x_addr, xs, o_addr, os_, out_item, into=None) -> None:
-        if planar:
+        if planar:  # each group's outputs in blocks of `planar_chunk`
+            chunk = planar_chunk(spec.c_out_per_group)
             native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, packed[0],
                              offsets, geo.steps, o_addr, os_, box, qw, cig, chunk,
                              cursors.address(0), cursors.sharers,
@@ -939,7 +939,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
         tasks, _ = make_tasks(spec, Algorithm.NATIVE, plan.phase_groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
     offsets = [_native_offsets(g[0]) for g in phase_groups]
-    residues = [native.ResidueTaps(g) if planar else None for g in phase_groups]
+    residues = [native.residue_taps(g) if planar else None for g in phase_groups]
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
     biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, x3, out, phase_groups[t.phase_group], weights[t.phase_group],

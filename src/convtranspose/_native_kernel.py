@@ -190,20 +190,13 @@ class TapOffsets:
         return self.arrays[axis]
 
 
-class ResidueTaps:
-    """A PLANAR job's W residues (phases in residue order): each one's W tap count, their
-    input offsets one residue after the other, and each one's output columns, as the
-    int64 arrays the kernel reads, with their addresses."""
-
-    __slots__ = ("arrays", "addresses", "counts")
-
-    def __init__(self, phases) -> None:
-        taps = [[t.offset for t in p.axis_taps[2]] for p in phases]
-        self.counts = tuple(p.count[2] for p in phases)
-        self.arrays = tuple(np.array(a, np.int64) for a in
-                            ([len(t) for t in taps], [o for t in taps for o in t] or [0],
-                             self.counts))
-        self.addresses = tuple(_native.address(a) for a in self.arrays)
+def residue_taps(phases) -> TapOffsets:
+    """A PLANAR job's W residues (phases in residue order) as the three int64 arrays the
+    kernel reads: each one's W tap count, their input offsets one residue after the
+    other, and each one's output columns."""
+    taps = [[t.offset for t in p.axis_taps[2]] for p in phases]
+    return TapOffsets(([len(t) for t in taps], [o for t in taps for o in t] or [0],
+                       [p.count[2] for p in phases]))
 
 
 class RowCursors:
@@ -231,7 +224,7 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
               cin: int, cout: int, cursor: int = 0, sharers: int = 1,
               into: list | None = None, pair_out: int = 0, bias: int = 0,
               channel_stride: int = 0, groups: int = 1, chunks: int = 1,
-              residues: ResidueTaps | None = None, residue_stride: int = 0) -> None:
+              residues: TapOffsets | None = None, residue_stride: int = 0) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -252,7 +245,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     vectors past them: see `bias_table`), added to each output as it is stored.
     `channel_stride`: PLANAR mode's input (`planar_copy`), whose channels lie that many
     elements apart and its pixels next to each other (x_strides[3] == 1).
-    `groups`, `chunks`, `residues`, `residue_stride`: PLANAR mode's rows, written whole:
+    `groups`, `chunks`, `residues` (`residue_taps`), `residue_stride`: PLANAR mode's
+    rows, written whole:
     every W residue (offsets[2] unused; residue r's column w lies `residue_stride`
     elements after residue 0's) of each of `groups` conv groups, whose outputs come in
     `chunks` calls' worth of `cout` each (cin is a group's)."""
@@ -263,7 +257,7 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
            "cin": cin, "cout": cout, "cursor": cursor, "sharers": sharers,
            "pair_out": pair_out, "bias": bias, "cs": channel_stride}
     if residues is not None:
-        job.update(groups=groups * chunks, chunks=chunks, res=len(residues.counts),
+        job.update(groups=groups * chunks, chunks=chunks, res=len(residues[0]),
                    res_taps=residues.addresses[0],
                    res_off=residues.addresses[1], res_count=residues.addresses[2],
                    res_stride=residue_stride)

@@ -149,6 +149,12 @@ GW_IN_PLACE_BYTES = 4 << 20
 ALONG_IN_EXTRA = 0.2
 
 
+def _gw_rule() -> tuple[int, float]:
+    """grad_weight_layout's tunable constants, read at each call (tests patch them) and
+    handed to the cached plan builder as one argument."""
+    return GW_IN_PLACE_BYTES, ALONG_IN_EXTRA
+
+
 def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
                        gw_rule: tuple[int, float], limit: int | None = None
                        ) -> GradWeightLayout | None:
@@ -157,7 +163,7 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
     vectors, or a grad_weight large enough to be summed in place), ALONG_OUT, WIDE, or
     PADDED (ALONG_IN over x padded to whole vectors, where neither side is).
     It reads both operands in place: `in_place`, whether they have the compute dtype and
-    contiguous channels. `gw_rule`: (GW_IN_PLACE_BYTES, ALONG_IN_EXTRA). `limit`: the
+    contiguous channels. `gw_rule`: `_gw_rule()`. `limit`: the
     workspace limit, which PADDED's copy of x must fit."""
     in_place_bytes, extra = gw_rule
     if not (native.AVAILABLE and in_place):
@@ -228,8 +234,7 @@ def make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, *, need_input: bool =
     n_threads = max(1, threads or get_num_threads())
     return _make_vjp_plan(spec, compute_dtype, need_input, need_weight, n_threads,
                           workspace_limit(spec, workspace), algorithm, get_winograd(),
-                          input_in_place, cotangent_in_place,
-                          (GW_IN_PLACE_BYTES, ALONG_IN_EXTRA))
+                          input_in_place, cotangent_in_place, _gw_rule())
 
 
 @functools.lru_cache(maxsize=256)
@@ -604,8 +609,7 @@ def native_grad_weight_layout(spec: ConvSpec, x3: np.ndarray, c3: np.ndarray,
                               compute_dtype: np.dtype) -> GradWeightLayout | None:
     """`grad_weight_layout` for these arrays: whether the kernel reads them in place."""
     return grad_weight_layout(spec, compute_dtype, native.reads_in_place(x3, compute_dtype)
-                              and native.reads_in_place(c3, compute_dtype),
-                              (GW_IN_PLACE_BYTES, ALONG_IN_EXTRA))
+                              and native.reads_in_place(c3, compute_dtype), _gw_rule())
 
 
 def _vjp(ndim: int, input: ArrayLike, weight: ArrayLike, cotangent: ArrayLike,

@@ -64,30 +64,30 @@ static inline void planar_block(V (&acc)[NB][CO], const T* const* planes, int64_
 }
 
 // Columns [0, cols) of one W residue of a row: channel c of column j is sums[c * block + j]
-// plus offsets[c], stored at out + j * os[3] + c. Channel by channel, a tight loop each
+// plus start[c], stored at out + j * os[3] + c. Channel by channel, a tight loop each
 // (columns os[3] apart, contiguous for one residue of one channel); the block's lines
 // stay in L1 until every channel has been stored.
 template <typename T, int CO>
 static inline void store_columns(const CtJob& job, char* out, const T* sums, int64_t block,
-                                 int64_t cols, const T* offsets) {
+                                 int64_t cols, const T* start) {
   const int64_t step = job.os[3], channels = job.groups * CO;
   if (job.out_half) {
     const int64_t oi = 2;
     for (int64_t j = 0; j < cols; ++j) {
       T px[CT_PLANAR_MAX_ROW];
-      for (int64_t c = 0; c < channels; ++c) px[c] = sums[c * block + j] + offsets[c];
+      for (int64_t c = 0; c < channels; ++c) px[c] = sums[c * block + j] + start[c];
       store_out(job.out_half, out + j * step * oi, px, channels);
     }
     return;
   }
   T* o = reinterpret_cast<T*>(out);
   if (step == 1) {  // one channel, one residue: a plain run
-    for (int64_t j = 0; j < cols; ++j) o[j] = sums[j] + offsets[0];
+    for (int64_t j = 0; j < cols; ++j) o[j] = sums[j] + start[0];
     return;
   }
   for (int64_t c = 0; c < channels; ++c) {
     const T* from = sums + c * block;
-    const T b = offsets[c];
+    const T b = start[c];
     T* to = o + c;
     for (int64_t j = 0; j < cols; ++j) to[j * step] = from[j] + b;
   }
@@ -126,8 +126,8 @@ static void planar_rows(const CtJob& job) {
   std::vector<T> sums_storage(res * channels * BLOCK + L);
   T* sums = sums_storage.data() + (L - reinterpret_cast<uintptr_t>(sums_storage.data()) /
                                            sizeof(T) % L) % L;
-  std::vector<T> offsets(channels, T(0));  // the bias, or zeros
-  if (bias) std::copy(bias, bias + channels, offsets.begin());
+  std::vector<T> start(channels, T(0));  // what each channel's sums start from: the bias
+  if (bias) std::copy(bias, bias + channels, start.begin());
   // Claims of whole rows, enough of them for a few blocks' run.
   RowClaims claims(job, (4 * BLOCK + pitch - 1) / pitch);
   for (int64_t run0, run1; claims.next(run0, run1);) {
@@ -169,7 +169,7 @@ static void planar_rows(const CtJob& job) {
             const int64_t cols = std::min(seg, job.res_count[rs] - col);
             if (cols <= 0) break;  // and the later residues, of no more columns
             store_columns<T, CO>(job, dst + rs * job.res_stride * oi,
-                                 sums + rs * channels * BLOCK + p, BLOCK, cols, offsets.data());
+                                 sums + rs * channels * BLOCK + p, BLOCK, cols, start.data());
           }
           p += seg;
         }

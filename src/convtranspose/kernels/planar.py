@@ -11,8 +11,6 @@ of every output line."""
 
 from __future__ import annotations
 
-import math
-
 from .. import _execute
 from .. import _native_kernel as native
 from .._geometry import phases_3d
@@ -21,6 +19,7 @@ from .._plan import (
     COPY_BYTES_PER_S,
     NATIVE_PEAK_PER_LANE,
     live_phases,
+    output_write_seconds,
     planar_bytes,
     planar_chunk,
 )
@@ -79,8 +78,6 @@ def writes_every_output(spec) -> bool:
     return all(_reaches_rows(p) for p in phases_3d(spec) if p.size)
 
 
-
-
 # Vectors of pixels per register block, by output channels (planar.hpp's PlanarBlock).
 def _block_vectors(cog: int, registers: int) -> int:
     if registers >= 32:
@@ -111,9 +108,8 @@ def planar_rate(spec) -> float:
 def estimate(spec):
     """The multiply-adds, the planar copy (read and written), and the output, written
     once, row by row."""
-    values = spec.batch * math.prod(spec.out_spatial) * spec.c_out
     return (spec.useful_flops / planar_rate(spec) + 2 * planar_bytes(spec) / COPY_BYTES_PER_S
-            + values * spec.result_dtype.itemsize / COPY_BYTES_PER_S)
+            + output_write_seconds(spec) / 2)
 
 
 def run(plan, x3, w3, out, bias):
