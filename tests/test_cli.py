@@ -7,6 +7,7 @@ import argparse
 import math
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -264,6 +265,23 @@ def test_bursts_and_spread():
     assert _bench.spread([10.0, 10.0, 10.0]) == 0.0
     # Inclusive quartiles of 8, 10, 10, 12: 9.5 and 10.5, median 10 -> 0.1.
     assert _bench.spread([12.0, 10.0, 8.0, 10.0]) == pytest.approx(0.1)
+
+
+def test_bursts_are_sized_from_warm_calls():
+    # A first call that pays for planning must not size the bursts: after it, calls go
+    # on for SAMPLE_MS and the fastest sets the burst (a burst of 1-2 calls sized from a
+    # 25 ms first call would be mostly that cold call).
+    calls = []
+
+    def call():
+        time.sleep(0.025 if not calls else 0.001)
+        calls.append(1)
+
+    est = _bench.warm_up(call, 1)
+    assert 1.0 <= est < 10.0 and len(calls) >= 3
+    assert _bench.burst_size(est) >= 2
+    calls.clear()
+    assert _bench.warm_up(lambda: calls.append(1), 3) < 1.0 and len(calls) >= 4
 
 
 def test_time_runners_times_every_runner_each_round():
