@@ -8,6 +8,8 @@ import argparse
 import collections
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 import convtranspose
-from convtranspose import _bench, _sweep
+from convtranspose import _bench, _isolate, _sweep
 from convtranspose._bench import BenchRow, PeerTiming
 from convtranspose._sweep import SweepResult, draw_layers, layer_class
 from convtranspose._workloads import make_arrays, workload
@@ -262,6 +264,68 @@ def test_layers_round_trip_through_json(tmp_path):
     bad = dict(data["layers"][0], kernel=[3, 3, 3, 3])
     with pytest.raises(ValueError, match="one entry per spatial axis"):
         _sweep.layer_from_dict(bad)
+
+
+# ------------------------------------------------------------------ crash isolation
+
+
+def test_a_worker_that_dies_is_reported_and_replaced():
+    import isolate_tasks  # tests/: the spawned worker imports it by the same name
+
+    logs = []
+    with _isolate.Worker(isolate_tasks.setup, ("got ",), isolate_tasks.work,
+                         logs.append) as worker:
+        first, pid = worker.run("a")
+        assert first == "a" and worker.run("b")[1] == pid  # one process for both
+        with pytest.raises(_isolate.WorkerDied, match="SIGABRT") as died:
+            worker.run("abort")
+        assert died.value.exitcode == -signal.SIGABRT
+        again, new_pid = worker.run("c")  # a fresh worker, set up again
+        assert again == "c" and new_pid not in (pid, os.getpid())
+    assert logs == ["got a", "got b", "got c"]
+
+
+class _FakeWorker:
+    """Runs tasks in-process; a task whose peers hold any of `crashing` (all together:
+    `together`) dies, as a worker would."""
+
+    def __init__(self, crashing=(), together=False, ours_crashes=False):
+        self.crashing, self.together, self.ours_crashes = set(crashing), together, ours_crashes
+        self.tasks = []
+
+    def run(self, task):
+        self.tasks.append(task.peers)
+        peers = set(task.peers)
+        if (self.ours_crashes or peers & self.crashing
+                or (self.together and len(peers) > 1)):
+            raise _isolate.WorkerDied(-signal.SIGSEGV)
+        row = BenchRow(task.layer.title, 1, 1.0)
+        row.peers = {p: PeerTiming(2.0) for p in task.peers}
+        return row
+
+
+def _task(peers):
+    wl = draw_layers(1, seed=3, gflop_range=TINY)[0]
+    return _sweep.LayerTask(wl, tuple(peers), "float32", 1, None, False, "3/S01")
+
+
+def test_a_crash_is_pinned_on_the_contender_that_caused_it():
+    logs = []
+    worker = _FakeWorker(crashing={"torch"})
+    row = _sweep._time_in_worker(worker, _task(["torch", "ort"]), logs.append)
+    assert worker.tasks == [("torch", "ort"), (), ("torch",), ("ort",), ("ort",)]
+    assert row.peers["torch"].note == _sweep.CRASHED and row.peers["torch"].ms is None
+    assert row.peers["ort"].ms == 2.0 and not row.failure
+    assert any("torch crashed the process (signal SIGSEGV)" in line for line in logs)
+    # Each alone runs, together they crash: ours alone stands, both marked.
+    row = _sweep._time_in_worker(_FakeWorker(together=True), _task(["torch", "ort"]),
+                                 logs.append)
+    assert {p: t.note for p, t in row.peers.items()} == {"torch": _sweep.CRASHED,
+                                                         "ort": _sweep.CRASHED}
+    # Ours crashes alone: the row is our failure, never a peer's.
+    row = _sweep._time_in_worker(_FakeWorker(ours_crashes=True), _task(["torch"]),
+                                 logs.append)
+    assert "convtranspose crashed the process" in row.failure and row.ours_ms is None
 
 
 # ------------------------------------------------------------------ end to end

@@ -18,6 +18,7 @@ Each layer has one class (`layer_class`), the first of CLASSES whose rule fits; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import convtranspose
 from . import _bench
 from ._bench import BEST_OF, ORT, SHORT, TORCH, BenchRow
 from ._geometry import ceil_div
+from ._isolate import Worker, WorkerDied, describe_exit
 from ._workloads import Workload, resolve_dtype
 
 DIM_SHARES = {3: 2 / 3, 2: 1 / 4, 1: 1 / 12}
@@ -489,13 +491,14 @@ def run_sweep(args: argparse.Namespace, gflop_range: tuple[float, float] = GFLOP
     for line in head:
         log(line)
 
-    rng = random.Random(args.seed)
     results = []
-    for wl in layers:
-        row = _bench.bench_workload(wl, peers, dt, args.rounds, threads, args.grad, log=log,
-                                    parts=False, rng=rng, check64=True)
-        results.append(SweepResult(wl, row, None if row.failure else _ms(
-            predicted_seconds(wl, dt, threads, args.grad))))
+    with Worker(_timing_setup, (args.grad, threads), _time_layer, log) as worker:
+        for wl in layers:
+            task = LayerTask(wl, tuple(peers), dt.name, args.rounds, threads, args.grad,
+                             f"{args.seed}/{wl.name}")
+            row = _time_in_worker(worker, task, log)
+            results.append(SweepResult(wl, row, None if row.failure else _ms(
+                predicted_seconds(wl, dt, threads, args.grad))))
     elapsed = time.perf_counter() - started
 
     header, body = sweep_table(results, args.grad)
@@ -517,6 +520,8 @@ def run_sweep(args: argparse.Namespace, gflop_range: tuple[float, float] = GFLOP
     ]
     failures = [f"{r.layer.name}: convtranspose failed: {r.row.failure}"
                 for r in results if r.row.failure]
+    crashes = [f"{r.layer.name}: {p} crashed the process; timed without it"
+               for r in results for p, t in r.row.peers.items() if t.note == CRASHED]
     mismatches = [f"{r.layer.name}: {p} output differs from ours (rel. error {t.error:.2e})"
                   for r in results for p, t in r.row.peers.items() if t.mismatch]
     shaky = [r.layer.name for r in results if _bench.flagged(r.row)]
@@ -524,6 +529,8 @@ def run_sweep(args: argparse.Namespace, gflop_range: tuple[float, float] = GFLOP
         log(f"!!! MISMATCH {m}")
     for f in failures:
         log(f"!!! FAILED {f}")
+    for c in crashes:
+        log(f"!!! CRASHED {c}")
     if shaky:
         log(f"!!! UNRELIABLE (spread over {100 * _bench.SPREAD_LIMIT:.0f}%): "
             + ", ".join(shaky) + ": rerun them (--show-worst/--layers, more --rounds)")
@@ -550,7 +557,8 @@ def run_sweep(args: argparse.Namespace, gflop_range: tuple[float, float] = GFLOP
                                *(f"- {line}" for line in head), "",
                                _bench.format_markdown(header, body), "",
                                *(f"**{line}**  " for line in summary), "",
-                               *(f"- {n}" for n in notes + mismatches + failures), ""]))
+                               *(f"- {n}" for n in notes + mismatches + failures + crashes),
+                               ""]))
         paths = [md]
         js = os.path.join(args.out, "sweep.json")
         with open(js, "w") as f:
@@ -572,6 +580,72 @@ def run_sweep(args: argparse.Namespace, gflop_range: tuple[float, float] = GFLOP
         for p in paths:
             log(f"wrote {p}")
     return 1 if mismatches or failures else 0
+
+
+# --- timing in a worker process (see _isolate) ------------------------------------------
+
+CRASHED = "n/a (crashed)"
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """One layer to time in the worker, against `peers`; `seed` orders its rounds."""
+
+    layer: Workload
+    peers: tuple[str, ...]
+    dtype: str
+    rounds: int
+    threads: int | None
+    grad: bool
+    seed: str
+
+
+def _timing_setup(grad: bool, threads: int | None) -> dict[str, str]:
+    """The worker's start: the peers it finds, with the threads applied."""
+    return _bench.setup_peers(argparse.Namespace(grad=grad, mlx=False), threads)[0]
+
+
+def _time_layer(found: dict[str, str], task: LayerTask, log: Callable[[str], None]
+                ) -> BenchRow:
+    return _bench.bench_workload(
+        task.layer, [p for p in task.peers if p in found], resolve_dtype(task.dtype),
+        task.rounds, task.threads, task.grad, log=log, parts=False,
+        rng=random.Random(task.seed), check64=True)
+
+
+def _time_in_worker(worker: Worker, task: LayerTask, log: Callable[[str], None]) -> BenchRow:
+    """The layer's row from the worker process. Where the worker dies, each contender runs
+    again in a fresh one to find which crashed it: ours alone (if ours crashes, the row
+    is our failure), then each peer beside ours; the layer is then timed with the peers
+    that did not crash, the others marked CRASHED."""
+    try:
+        return worker.run(task)
+    except WorkerDied as exc:
+        log(f"  !!! {task.layer.title}: {exc} while timing it; finding which contender")
+    wl = task.layer
+    try:
+        alone = worker.run(dataclasses.replace(task, peers=()))
+    except WorkerDied as exc:
+        row = BenchRow(wl.title, wl.useful_flops * (2 if task.grad else 1), None)
+        row.failure = f"convtranspose crashed the process ({describe_exit(exc.exitcode)})"
+        log(f"  !!! {wl.title}: {row.failure}")
+        return row
+    crashed = []
+    for peer in task.peers:
+        try:
+            worker.run(dataclasses.replace(task, peers=(peer,)))
+        except WorkerDied as exc:
+            log(f"  !!! {wl.title}: {peer} crashed the process ({describe_exit(exc.exitcode)})")
+            crashed.append(peer)
+    row, survivors = alone, tuple(p for p in task.peers if p not in crashed)
+    if survivors:
+        try:
+            row = worker.run(dataclasses.replace(task, peers=survivors))
+        except WorkerDied:  # they crashed it again together: ours alone stands
+            crashed = list(task.peers)
+    for peer in crashed:
+        row.peers[peer] = _bench.PeerTiming(note=CRASHED)
+    return row
 
 
 def _ms(seconds: float | None) -> float | None:
