@@ -425,19 +425,15 @@ def split_residues(rows_in: np.ndarray, out: np.ndarray, row0: int, row1: int,
                            stretch)
 
 
-def unpack(part: np.ndarray, taps: int, rows: int, cols: int) -> np.ndarray:
-    """The inverse of `fill_columns` for `cols` a whole number of vectors: (taps, rows,
-    cols)."""
+def unpack_grad_weight(part: np.ndarray, gw: np.ndarray, taps: int, rows: int, cols: int,
+                       swapped: bool, tap0: int, tap1: int) -> None:
+    """One group's gw (C_out/g, taps, C_in/g), taps [tap0, tap1), from grad_weight's
+    packed sums (the inverse of `fill_columns`, `cols` a whole number of vectors): (rows,
+    cols) = (C_in/g, C_out/g), or (C_out/g, C_in/g) `swapped`. Both C-contiguous, of one
+    float dtype; the GIL is released meanwhile."""
     lanes, max_vectors = layout(part.dtype.itemsize)
-    chunk = lanes * max_vectors
-    out = np.empty((taps, rows, cols), part.dtype)
-    start = 0
-    for c0 in range(0, cols, chunk):
-        width = min(cols, c0 + chunk) - c0
-        out[..., c0:c0 + width] = part[start:start + taps * rows * width].reshape(
-            taps, rows, width)
-        start += taps * rows * width
-    return out
+    _native.unpack_grad_weight(part.dtype.itemsize, part, gw, taps, rows, cols,
+                               lanes * max_vectors, swapped, tap0, tap1)
 
 
 class GradWeightLayout(enum.IntEnum):

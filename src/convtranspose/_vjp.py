@@ -397,6 +397,8 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
     seconds = flops / rate
     if layout in (GradWeightLayout.PADDED, GradWeightLayout.WIDE):  # its copy, written and
         seconds += 2 * scratch / COPY_BYTES_PER_S  # read (8 -> 2 2-D PADDED: 37 MiB of x)
+    if layout == GradWeightLayout.ALONG_OUT:  # the unpack, a transposing copy (165 -> 128
+        seconds += 2 * gw_bytes / COPY_BYTES_PER_S  # k7's 29 MB: 8 ms on one core)
     return GradStep(VjpAlgorithm.NATIVE, flops, scratch, threads,
                     _on_threads(seconds, threads), layout=layout)
 
