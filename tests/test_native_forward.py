@@ -48,12 +48,16 @@ def _run(case, x, w, algorithm="native", **extra):
 
 
 def _compiled_algorithms(case) -> list[str]:
-    """native, and planar where it takes the layer (few outputs per group and per row)."""
-    try:
-        ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm="planar")
-    except ValueError:
-        return ["native"]
-    return ["native", "planar"]
+    """native, and planar and cols where they take the layer (planar: few outputs per
+    group and per row; cols: its products within the workspace)."""
+    taken = ["native"]
+    for algorithm in ("planar", "cols"):
+        try:
+            ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm=algorithm)
+        except ValueError:
+            continue
+        taken.append(algorithm)
+    return taken
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -218,8 +218,12 @@ FORWARD_LAYERS = {  # (input shape, weight shape, settings, algorithm)
                                 dict(stride=2, groups=4), "planar"),
     "thin-out-few-in": ((1, 32, 28, 41, 15), (3, 4, 4, 4, 15),
                         dict(stride=(2, 2, 1), dilation=2), "planar"),  # 11 ms against 37
-    # 384 -> 3 k4: the kernel, which 'scatter' (offered beside it on AVX2) ran 3x slower
-    "thin-out-wide-in": ((3, 12, 12, 8, 384), (3, 4, 4, 4, 384), {}, "native"),
+    # thin outputs from wide inputs: one GEMM of every tap, then the gather (two threads:
+    # 384 -> 3 k4, 2.4 ms against the native kernel's 5.2-5.7; 192 -> 1 k3 s3, 3.7 against
+    # 13.3, alternating processes)
+    "thin-out-wide-in": ((3, 12, 12, 8, 384), (3, 4, 4, 4, 384), {}, "cols"),
+    "thin-out-wide-in-strided": ((1, 37, 30, 31, 192), (1, 3, 3, 3, 192),
+                                 dict(stride=3, padding=1), "cols"),
     "1d-long": ((2, 4096, 32), (32, 5, 32), dict(stride=2, padding=2), "native"),
     # a 2x1x2 input of 256 channels through 7^3 taps: a few GEMMs beat the kernel's per-row
     # setup by 10x in the model
@@ -355,6 +359,17 @@ def test_every_registered_kernel_states_why_it_does_not_fit():
     assert "small calls" in reasons["indexed"]
     assert "stride 1" in reasons["winograd"]
     assert (reasons["native"] is None) == native.AVAILABLE
+
+
+@needs_kernel
+def test_cols_counts_its_products_and_refuses_a_workspace_below_them():
+    x_shape, w_shape, settings, _ = FORWARD_LAYERS["thin-out-wide-in-strided"]
+    p = ct.plan(x_shape, w_shape, **settings, algorithm="cols")
+    products = int(np.prod(x_shape[:-1])) * 27 * 4  # every input pixel by every tap
+    assert products <= p.workspace_bytes <= p.workspace_limit
+    with pytest.raises(ValueError, match="products"):
+        ct.plan(x_shape, w_shape, **settings, algorithm="cols", workspace=products // 2)
+    assert ct.plan(x_shape, w_shape, **settings, workspace=products // 2).algorithm != "cols"
 
 
 @needs_kernel

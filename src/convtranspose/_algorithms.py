@@ -26,6 +26,7 @@ class Algorithm(_Name):
     WINOGRAD = "winograd"
     FAN_IN = "fan_in"
     PLANAR = "planar"
+    COLS = "cols"
 
 
 class VjpAlgorithm(_Name):

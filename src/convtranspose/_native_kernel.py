@@ -425,6 +425,16 @@ def split_residues(rows_in: np.ndarray, out: np.ndarray, row0: int, row1: int,
                            stretch)
 
 
+def col2im(cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None, geometry: np.ndarray,
+           groups: int, cog: int, row0: int, row1: int) -> None:
+    """The `cols` forward's gather into output rows [row0, row1) of (batch * OD * OH):
+    cols (batch, ID, IH, IW, groups, taps, cog) and out (batch, OD, OH, OW, groups * cog),
+    C-contiguous, of one float dtype (bias too, or None); `geometry` (int64): batch, the
+    input's, output's and kernel's sizes, stride, dilation and padding before, per axis.
+    The GIL is released meanwhile."""
+    _native.col2im(cols.dtype.itemsize, cols, out, bias, geometry, groups, cog, row0, row1)
+
+
 def unpack_grad_weight(part: np.ndarray, gw: np.ndarray, taps: int, rows: int, cols: int,
                        swapped: bool, tap0: int, tap1: int) -> None:
     """One group's gw (C_out/g, taps, C_in/g), taps [tap0, tap1), from grad_weight's

@@ -737,6 +737,11 @@ def summed_channels(spec: ConvSpec, wide_w: bool | None = None) -> float:
     return spec.c_in_per_group
 
 
+# Dot mode: what an x vector loaded from beyond L1 costs, in the multiply-adds it serves
+# (`native_rate`).
+DOT_REREAD = 2.5
+
+
 def native_rate(spec: ConvSpec) -> float:
     """FLOP/s of the native kernel on one core: lanes wasted on padding C_out/g to whole
     vectors, one-vector blocks bound by broadcasts, few channels per tap bound by the
@@ -748,13 +753,29 @@ def native_rate(spec: ConvSpec) -> float:
     if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
         return peak / 4  # along the flat pixel * channel index: two loads per FMA
     if mode == native.DOT:  # vectors along C_in (the last one whole), one lane reduction
-        return peak / 2 * cig / (math.ceil(cig / lanes) * lanes) * cig / (cig + lanes)
+        # Each phase sweeps the input rows again, each of its x vectors (loaded from L2
+        # or beyond) serving the phase's taps times the block's outputs: measured /
+        # modelled 4.6 where that is one (192 -> 1 k3 s3), 2.2 where three (48 -> 3 k2x7x2
+        # s3), the sweep's median 1.4.
+        live = live_phases(spec)
+        taps = (sum(p.size * p.tap_count for p in live) / max(1, sum(p.size for p in live)))
+        reuse = taps * min(cog, native.DOT_MAX_OUT)
+        return (peak / 2 * cig / (math.ceil(cig / lanes) * lanes) * cig / (cig + lanes)
+                * reuse / (reuse + DOT_REREAD))
     vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
         return peak * used * blocking * cig / (cig + 1.6)  # traffic, a tap overhead
     return peak * used * blocking * cig / (cig + 4)
+
+
+def on_threads(est: dict, threads: int) -> dict:
+    """The model is of one core: a plan predicts the call, on its threads (efficiency ~0.9
+    on two), so that `print(plan)` and the sweep compare it with the clock."""
+    kernels = registry()
+    return {a: v / (1 if threads == 1 or kernels[a].serial else 0.9 * threads)
+            for a, v in est.items()}
 
 
 def indexed_fits(spec: ConvSpec) -> bool:
@@ -831,11 +852,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                     else SERIAL_BELOW_SECONDS)
     if est.get(algorithm, 1.0) < serial_below or kernel.serial:
         threads = 1
-    # The model is of one core: the plan predicts the call, on its threads (efficiency
-    # ~0.9 on two), so that `print(plan)` and the sweep compare it with the clock.
-    kernels = registry()
-    est = {a: v / (1 if threads == 1 or kernels[a].serial else 0.9 * threads)
-           for a, v in est.items()}
+    est = on_threads(est, threads)
     item = spec.compute_dtype.itemsize
     workers = min(threads, len(tasks)) or 1
     converted = (copy_bytes or

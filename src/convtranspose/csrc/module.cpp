@@ -17,6 +17,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #ifdef __SSE2__
 #include <xmmintrin.h>
@@ -996,6 +998,120 @@ PyObject* py_split_residues(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// The `cols` forward's gather (kernels/cols.py): output rows [row0, row1) of
+// (batch * OD * OH), each pixel the sum, in tap order, of the products of the (input
+// pixel, tap) pairs that land on it, plus the bias. cols: (batch, ID, IH, IW, groups, taps,
+// cog), the products of every input pixel with every tap; out: (batch, OD, OH, OW,
+// groups * cog). geo: batch, in (3), out (3), kernel (3), stride (3), dilation (3),
+// padding before (3). Every output pixel is written (the bias or zero where no tap lands).
+template <typename T>
+void col2im(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
+            int64_t cog, int64_t row0, int64_t row1) {
+  const int64_t* in = geo + 1;
+  const int64_t* os = geo + 4;
+  const int64_t* k = geo + 7;
+  const int64_t* st = geo + 10;
+  const int64_t* dil = geo + 13;
+  const int64_t* pad = geo + 16;
+  const int64_t taps = k[0] * k[1] * k[2], cout = groups * cog, pixel = groups * taps * cog;
+  // The (input position, tap) pairs that land on output position o along axis 0 or 1.
+  const auto pairs = [&](int axis, int64_t o, std::vector<std::pair<int64_t, int64_t>>& list) {
+    list.clear();
+    for (int64_t t = 0; t < k[axis]; ++t) {
+      const int64_t at = o + pad[axis] - t * dil[axis];
+      if (at >= 0 && at % st[axis] == 0 && at / st[axis] < in[axis])
+        list.emplace_back(at / st[axis], t);
+    }
+  };
+  // Along W, tap kw lands input pixels iw on ow = iw * s + kw * d - p: the outputs from
+  // `first[kw]` on, every s-th, `count[kw]` of them, reading from iw = `from[kw]` on.
+  std::vector<int64_t> first(k[2]), from(k[2]), count(k[2]);
+  for (int64_t kw = 0; kw < k[2]; ++kw) {
+    const int64_t shift = kw * dil[2] - pad[2];  // ow = iw * s + shift
+    int64_t iw = shift >= 0 ? 0 : (-shift + st[2] - 1) / st[2];
+    from[kw] = iw;
+    first[kw] = iw * st[2] + shift;
+    const int64_t last_iw = std::min(in[2] - 1, (os[2] - 1 - shift) >= 0
+                                                    ? (os[2] - 1 - shift) / st[2] : -1);
+    count[kw] = std::max<int64_t>(0, last_iw - iw + 1);
+  }
+  std::vector<std::pair<int64_t, int64_t>> along_d, along_h;
+  const int64_t sw = st[2] * cout;  // output values between a tap's outputs
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t n = row / (os[0] * os[1]), od = row / os[1] % os[0], oh = row % os[1];
+    pairs(0, od, along_d);
+    pairs(1, oh, along_h);
+    T* o = out + row * os[2] * cout;
+    for (int64_t w = 0; w < os[2]; ++w)
+      for (int64_t c = 0; c < cout; ++c) o[w * cout + c] = bias ? bias[c] : T(0);
+    // Each output adds its products in tap order: (kd, kh) pairs, then kw.
+    for (const auto& [id, kd] : along_d)
+      for (const auto& [ih, kh] : along_h) {
+        const T* base = cols + ((n * in[0] + id) * in[1] + ih) * in[2] * pixel +
+                        (kd * k[1] + kh) * k[2] * cog;
+        for (int64_t kw = 0; kw < k[2]; ++kw) {
+          const T* src = base + from[kw] * pixel + kw * cog;
+          T* dst = o + first[kw] * cout;
+          const int64_t m = count[kw];
+          if (cout == 1) {
+            for (int64_t j = 0; j < m; ++j) dst[j * st[2]] += src[j * pixel];
+            continue;
+          }
+          for (int64_t j = 0; j < m; ++j, src += pixel, dst += sw)
+            for (int64_t g = 0; g < groups; ++g)
+              for (int64_t c = 0; c < cog; ++c) dst[g * cog + c] += src[g * taps * cog + c];
+        }
+      }
+  }
+}
+
+PyObject* py_col2im(PyObject*, PyObject* args) {
+  int itemsize;
+  Py_buffer cols, out, geo;
+  PyObject* bias_obj;
+  Py_ssize_t groups, cog, row0, row1;
+  if (!PyArg_ParseTuple(args, "iy*w*Oy*nnnn", &itemsize, &cols, &out, &bias_obj, &geo, &groups,
+                        &cog, &row0, &row1))
+    return nullptr;
+  Py_buffer bias{};
+  const bool has_bias = bias_obj != Py_None;
+  bool ok = !has_bias || PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) == 0;
+  const int64_t* g = static_cast<const int64_t*>(geo.buf);
+  if (ok && geo.len == 19 * 8) {
+    const int64_t in_px = g[0] * g[1] * g[2] * g[3], out_px = g[0] * g[4] * g[5] * g[6];
+    const int64_t taps = g[7] * g[8] * g[9];
+    ok = (itemsize == 4 || itemsize == 8) && groups >= 1 && cog >= 1 && 0 <= row0 &&
+         row0 <= row1 && row1 <= g[0] * g[4] * g[5] && g[10] > 0 && g[11] > 0 && g[12] > 0 &&
+         cols.len >= in_px * groups * taps * cog * itemsize &&
+         out.len >= out_px * groups * cog * itemsize &&
+         (!has_bias || bias.len >= groups * cog * itemsize);
+  } else {
+    ok = false;
+  }
+  if (ok) {
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+      col2im(static_cast<const float*>(cols.buf), static_cast<float*>(out.buf),
+             has_bias ? static_cast<const float*>(bias.buf) : nullptr, g, groups, cog, row0,
+             row1);
+    else
+      col2im(static_cast<const double*>(cols.buf), static_cast<double*>(out.buf),
+             has_bias ? static_cast<const double*>(bias.buf) : nullptr, g, groups, cog, row0,
+             row1);
+    Py_END_ALLOW_THREADS
+  }
+  if (has_bias && bias.obj) PyBuffer_Release(&bias);
+  PyBuffer_Release(&cols);
+  PyBuffer_Release(&out);
+  PyBuffer_Release(&geo);
+  if (!ok) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_ValueError, "col2im: bad itemsize, geometry or sizes");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 // grad_weight's packed sums into one group's gw (C_out/g, taps, C_in/g), taps [tap0,
 // tap1) (_vjp_native._unpack_grad_weight). The packed layout holds chunks of `chunk`
 // columns, each [tap][row][column of the chunk]; rows are C_in/g and columns C_out/g, so
@@ -1201,6 +1317,8 @@ PyMethodDef kMethods[] = {
     {"check_interrupt", py_check_interrupt, METH_O,
      "Raise where a call that started at this count of SIGINTs is to stop."},
     {"gather_sum", py_gather_sum, METH_VARARGS, "Sum rows gathered by a table (indexed)."},
+    {"col2im", py_col2im, METH_VARARGS,
+     "The cols forward's gather of every output pixel's products."},
     {"unpack_grad_weight", py_unpack_grad_weight, METH_VARARGS,
      "grad_weight's packed sums into one group's gw (gradients)."},
     {"split_residues", py_split_residues, METH_VARARGS,
