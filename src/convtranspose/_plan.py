@@ -757,8 +757,9 @@ def native_rate(spec: ConvSpec) -> float:
         # or beyond) serving the phase's taps times the block's outputs: measured /
         # modelled 4.6 where that is one (192 -> 1 k3 s3), 2.2 where three (48 -> 3 k2x7x2
         # s3), the sweep's median 1.4.
-        live = live_phases(spec)
-        taps = (sum(p.size * p.tap_count for p in live) / max(1, sum(p.size for p in live)))
+        live = [p for p in live_phases(spec) if p.size]
+        taps = (sum(p.size * p.tap_count for p in live) / sum(p.size for p in live)
+                if live else 1.0)  # (no tap reaches an output: no sums to rate)
         reuse = taps * min(cog, native.DOT_MAX_OUT)
         return (peak / 2 * cig / (math.ceil(cig / lanes) * lanes) * cig / (cig + lanes)
                 * reuse / (reuse + DOT_REREAD))
