@@ -193,7 +193,8 @@ def test_results_table_summary_and_worst_on_given_numbers():
     assert results[1].ratio == pytest.approx(0.5)
     assert results[0].factor == pytest.approx(5.0 / 4.0)
     assert results[2].factor is None
-    header, body = _sweep.sweep_table(results)
+    assert _result("S04", 1.0, pred=0.0).factor is None  # no tap lands: planned as free
+    header, body = _sweep.sweep_table(results + [_result("S04", 1.0, pred=0.0)])
     assert header[-2:] == ["pred ms", "meas/pred"]
     assert body[1][header.index("x peer")] == "0.50"
     assert body[1][header.index("best peer ms")] == "10.0 (torch cl)"
