@@ -149,6 +149,11 @@ GW_IN_PLACE_BYTES = 4 << 20
 ALONG_IN_EXTRA = 0.2
 
 
+# How much faster PADDED's model must be than WIDE's for grouped layers (see
+# grad_weight_layout).
+PADDED_OVER_WIDE = 1.3
+
+
 def _gw_rule() -> tuple[int, float]:
     """grad_weight_layout's tunable constants, read at each call (tests patch them) and
     handed to the cached plan builder as one argument."""
@@ -163,8 +168,8 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
     vectors, or a grad_weight large enough to be summed in place), ALONG_OUT, WIDE, or
     PADDED (ALONG_IN over x padded to whole vectors, where neither side is).
     It reads both operands in place: `in_place`, whether they have the compute dtype and
-    contiguous channels. `gw_rule`: `_gw_rule()`. `limit`: the
-    workspace limit, which PADDED's copy of x must fit."""
+    contiguous channels. With groups, WIDE or PADDED by their models. `gw_rule`:
+    `_gw_rule()`. `limit`: the workspace limit, which PADDED's copy of x must fit."""
     in_place_bytes, extra = gw_rule
     if not (native.AVAILABLE and in_place):
         return None
@@ -183,13 +188,27 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
         return GradWeightLayout.ALONG_IN
     if along_out:
         return GradWeightLayout.ALONG_OUT
-    if grad_weight_wide_w(spec, compute_dtype):
-        return GradWeightLayout.WIDE
     padded_x = (spec.batch * math.prod(spec.in_spatial) * spec.groups * ceil_div(cig, lanes)
                 * lanes * compute_dtype.itemsize)
-    if math.prod(spec.kernel) > 1 and (limit is None or padded_x <= limit):
-        return GradWeightLayout.PADDED
-    return None
+    padded = math.prod(spec.kernel) > 1 and (limit is None or padded_x <= limit)
+    if grad_weight_wide_w(spec, compute_dtype):
+        # With groups, WIDE computes every group's columns (the work times the groups):
+        # there PADDED is taken where its model is PADDED_OVER_WIDE times faster. On the
+        # 15 sweep layers where the plain comparison chose PADDED, both gradients measured
+        # 1.15-2.4x faster on 10 (16 -> 364 g4: 24.9 -> 10.5 ms), level on 1, and
+        # 1.06-1.24x slower on 4 whose C_in/g (2 and 7) leaves most of PADDED's lanes
+        # empty, three of them within 1.3x in the models. One group, WIDE measured faster
+        # on 8 of 9 (its padded cotangent, shared with grad_input, costs less than
+        # modelled), so it stays the rule there.
+        if padded and spec.groups > 1 and (
+                PADDED_OVER_WIDE
+                * _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.PADDED)
+                .est_seconds
+                < _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.WIDE)
+                .est_seconds):
+            return GradWeightLayout.PADDED
+        return GradWeightLayout.WIDE
+    return GradWeightLayout.PADDED if padded else None
 
 
 def choose_vjp_algorithm(spec: ConvSpec, taps,
