@@ -16,7 +16,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._execute import padded_along_w, pair_input, pair_weight, run_jobs
 from ._geometry import ceil_div
-from ._memory import RECYCLE_FROM_BYTES, result_empty
+from ._memory import result_empty
 from ._native_kernel import GradWeightLayout
 from ._plan import (
     FUSE_W_BELOW_CHANNELS,
@@ -345,12 +345,8 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
         bounds = [units * j // workers for j in range(workers + 1)]
         # Swapped, gw (C_out, taps, C_in/g) holds (tap, co, ci) at strides (taps * C_in/g,
         # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
-        # Big ones in recycled memory (on a cache line too): 165 -> 128 k7's fresh 29 MB
-        # spent more in page faults than its sums took.
-        packed = (None if swapped else
-                  (result_empty if groups * ktot * rows * cols * compute_dtype.itemsize
-                   >= RECYCLE_FROM_BYTES else native.aligned_empty)(
-                      (groups, ktot * rows * cols), compute_dtype))
+        packed = (None if swapped
+                  else native.aligned_empty((groups, ktot * rows * cols), compute_dtype))
 
         ranges = [(bounds[j], bounds[j + 1]) for j in range(workers)]
         per_group = []  # per conv group, one prepared call per worker's units
