@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -922,6 +923,25 @@ PyObject* py_warm(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// The end of a binding that takes buffers: they are released, then None, or a ValueError
+// with `message` (unless an error is already set).
+PyObject* finish_buffers(bool ok, const char* message,
+                         std::initializer_list<Py_buffer*> buffers) {
+  for (Py_buffer* b : buffers) PyBuffer_Release(b);  // (one never filled has no obj)
+  if (ok) Py_RETURN_NONE;
+  if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, message);
+  return nullptr;
+}
+
+// f(T()) with T the float type of `itemsize` bytes (4 or 8), the GIL released.
+template <typename F>
+void with_float_type(int itemsize, F&& f) {
+  Py_BEGIN_ALLOW_THREADS
+  if (itemsize == 4) f(float());
+  else f(double());
+  Py_END_ALLOW_THREADS
+}
+
 // Arrays by the buffer protocol (C-contiguous), not addresses: a small call's whole
 // budget is ~20 us, and three `.ctypes.data` lookups cost 3 of them.
 PyObject* py_gather_sum(PyObject*, PyObject* args) {
@@ -938,14 +958,8 @@ PyObject* py_gather_sum(PyObject*, PyObject* args) {
     current->gather_sum(itemsize, src.buf, static_cast<const int64_t*>(table.buf), terms,
                         nout, cols, out.buf);
   }
-  PyBuffer_Release(&src);
-  PyBuffer_Release(&table);
-  PyBuffer_Release(&out);
-  if (!ok) {
-    PyErr_SetString(PyExc_ValueError, "gather_sum: bad itemsize, or arrays too short");
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  return finish_buffers(ok, "gather_sum: bad itemsize, or arrays too short",
+                        {&src, &table, &out});
 }
 
 // A depthwise cotangent's rows split by W residue (_vjp_native._residues_along_w): rows
@@ -979,23 +993,13 @@ PyObject* py_split_residues(PyObject*, PyObject* args) {
                   res >= 1 && left >= 0 && stretch >= left + (w_cot + res - 1) / res &&
                   src.len >= row1 * w_cot * c * itemsize &&
                   dst.len >= row1 * res * stretch * c * itemsize;
-  if (ok) {
-    Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-      split_residues(static_cast<const float*>(src.buf), static_cast<float*>(dst.buf), row0,
-                     row1, w_cot, c, res, left, stretch);
-    else
-      split_residues(static_cast<const double*>(src.buf), static_cast<double*>(dst.buf), row0,
-                     row1, w_cot, c, res, left, stretch);
-    Py_END_ALLOW_THREADS
-  }
-  PyBuffer_Release(&src);
-  PyBuffer_Release(&dst);
-  if (!ok) {
-    PyErr_SetString(PyExc_ValueError, "split_residues: bad itemsize, geometry or sizes");
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  if (ok)
+    with_float_type(itemsize, [&](auto t) {
+      using T = decltype(t);
+      split_residues(static_cast<const T*>(src.buf), static_cast<T*>(dst.buf), row0, row1,
+                     w_cot, c, res, left, stretch);
+    });
+  return finish_buffers(ok, "split_residues: bad itemsize, geometry or sizes", {&src, &dst});
 }
 
 // The `cols` forward's gather (kernels/cols.py): output rows [row0, row1) of
@@ -1088,28 +1092,14 @@ PyObject* py_col2im(PyObject*, PyObject* args) {
   } else {
     ok = false;
   }
-  if (ok) {
-    Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-      col2im(static_cast<const float*>(cols.buf), static_cast<float*>(out.buf),
-             has_bias ? static_cast<const float*>(bias.buf) : nullptr, g, groups, cog, row0,
-             row1);
-    else
-      col2im(static_cast<const double*>(cols.buf), static_cast<double*>(out.buf),
-             has_bias ? static_cast<const double*>(bias.buf) : nullptr, g, groups, cog, row0,
-             row1);
-    Py_END_ALLOW_THREADS
-  }
-  if (has_bias && bias.obj) PyBuffer_Release(&bias);
-  PyBuffer_Release(&cols);
-  PyBuffer_Release(&out);
-  PyBuffer_Release(&geo);
-  if (!ok) {
-    if (!PyErr_Occurred())
-      PyErr_SetString(PyExc_ValueError, "col2im: bad itemsize, geometry or sizes");
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  if (ok)
+    with_float_type(itemsize, [&](auto t) {
+      using T = decltype(t);
+      col2im(static_cast<const T*>(cols.buf), static_cast<T*>(out.buf),
+             has_bias ? static_cast<const T*>(bias.buf) : nullptr, g, groups, cog, row0, row1);
+    });
+  return finish_buffers(ok, "col2im: bad itemsize, geometry or sizes",
+                        {&bias, &cols, &out, &geo});
 }
 
 // grad_weight's packed sums into one group's gw (C_out/g, taps, C_in/g), taps [tap0,
@@ -1164,23 +1154,14 @@ PyObject* py_unpack_grad_weight(PyObject*, PyObject* args) {
   const bool ok = (itemsize == 4 || itemsize == 8) && rows >= 1 && cols >= 1 && chunk >= 1 &&
                   0 <= tap0 && tap0 <= tap1 && tap1 <= taps &&
                   part.len >= values * itemsize && gw.len >= values * itemsize;
-  if (ok) {
-    Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-      unpack_grad_weight(static_cast<const float*>(part.buf), static_cast<float*>(gw.buf), taps,
-                         rows, cols, chunk, swapped, tap0, tap1);
-    else
-      unpack_grad_weight(static_cast<const double*>(part.buf), static_cast<double*>(gw.buf),
-                         taps, rows, cols, chunk, swapped, tap0, tap1);
-    Py_END_ALLOW_THREADS
-  }
-  PyBuffer_Release(&part);
-  PyBuffer_Release(&gw);
-  if (!ok) {
-    PyErr_SetString(PyExc_ValueError, "unpack_grad_weight: bad itemsize, geometry or sizes");
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  if (ok)
+    with_float_type(itemsize, [&](auto t) {
+      using T = decltype(t);
+      unpack_grad_weight(static_cast<const T*>(part.buf), static_cast<T*>(gw.buf), taps, rows,
+                         cols, chunk, swapped, tap0, tap1);
+    });
+  return finish_buffers(ok, "unpack_grad_weight: bad itemsize, geometry or sizes",
+                        {&part, &gw});
 }
 
 // Between float32 and float16/bfloat16 (CT_HALF_*), arrays by the buffer protocol:
