@@ -12,6 +12,7 @@ running is unsafe).
 """
 
 import multiprocessing
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,6 @@ def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "no exit status"
     if exitcode < 0:
-        import signal
         try:
             return f"signal {signal.Signals(-exitcode).name}"
         except ValueError:

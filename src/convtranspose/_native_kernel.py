@@ -252,10 +252,9 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     `channel_stride`: PLANAR mode's input (`planar_copy`), whose channels lie that many
     elements apart and its pixels next to each other (x_strides[3] == 1).
     `groups`, `chunks`, `residues` (`residue_taps`), `residue_stride`: PLANAR mode's
-    rows, written whole:
-    every W residue (offsets[2] unused; residue r's column w lies `residue_stride`
-    elements after residue 0's) of each of `groups` conv groups, whose outputs come in
-    `chunks` calls' worth of `cout` each (cin is a group's)."""
+    rows, written whole: every W residue (offsets[2] unused; residue r's column w lies
+    `residue_stride` elements after residue 0's) of each of `groups` conv groups, whose
+    outputs come in `chunks` calls' worth of `cout` each (cin is a group's)."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,

@@ -18,7 +18,6 @@ Each layer has one class (`layer_class`), the first of CLASSES whose rule fits; 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -624,7 +623,7 @@ def _time_in_worker(worker: Worker, task: LayerTask, log: Callable[[str], None])
         log(f"  !!! {task.layer.title}: {exc} while timing it; finding which contender")
     wl = task.layer
     try:
-        alone = worker.run(dataclasses.replace(task, peers=()))
+        alone = worker.run(replace(task, peers=()))
     except WorkerDied as exc:
         row = BenchRow(wl.title, wl.useful_flops * (2 if task.grad else 1), None)
         row.failure = f"convtranspose crashed the process ({describe_exit(exc.exitcode)})"
@@ -633,14 +632,14 @@ def _time_in_worker(worker: Worker, task: LayerTask, log: Callable[[str], None])
     crashed = []
     for peer in task.peers:
         try:
-            worker.run(dataclasses.replace(task, peers=(peer,)))
+            worker.run(replace(task, peers=(peer,)))
         except WorkerDied as exc:
             log(f"  !!! {wl.title}: {peer} crashed the process ({describe_exit(exc.exitcode)})")
             crashed.append(peer)
     row, survivors = alone, tuple(p for p in task.peers if p not in crashed)
     if survivors:
         try:
-            row = worker.run(dataclasses.replace(task, peers=survivors))
+            row = worker.run(replace(task, peers=survivors))
         except WorkerDied:  # they crashed it again together: ours alone stands
             crashed = list(task.peers)
     for peer in crashed:

@@ -147,21 +147,19 @@ GW_IN_PLACE_BYTES = 4 << 20
 # the same measurements). On few pixels the unpack costs more: 64 -> 32 k6 on 3x4x4x4
 # spent 13% of its 2.9 ms in it.
 ALONG_IN_EXTRA = 0.2
-
-
 # How much faster PADDED's model must be than WIDE's for grouped layers (see
 # grad_weight_layout).
 PADDED_OVER_WIDE = 1.3
 
 
-def _gw_rule() -> tuple[int, float]:
+def _gw_rule() -> tuple[int, float, float]:
     """grad_weight_layout's tunable constants, read at each call (tests patch them) and
     handed to the cached plan builder as one argument."""
-    return GW_IN_PLACE_BYTES, ALONG_IN_EXTRA
+    return GW_IN_PLACE_BYTES, ALONG_IN_EXTRA, PADDED_OVER_WIDE
 
 
 def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
-                       gw_rule: tuple[int, float], limit: int | None = None
+                       gw_rule: tuple[int, float, float], limit: int | None = None
                        ) -> GradWeightLayout | None:
     """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
     channel per group; else ALONG_IN (vectors along C_in: for C_out/g that is not whole
@@ -170,7 +168,7 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
     It reads both operands in place: `in_place`, whether they have the compute dtype and
     contiguous channels. With groups, WIDE or PADDED by their models. `gw_rule`:
     `_gw_rule()`. `limit`: the workspace limit, which PADDED's copy of x must fit."""
-    in_place_bytes, extra = gw_rule
+    in_place_bytes, extra, padded_over_wide = gw_rule
     if not (native.AVAILABLE and in_place):
         return None
     lanes, _ = native.layout(compute_dtype.itemsize)
@@ -179,8 +177,8 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
         return GradWeightLayout.DEPTHWISE
     along_out = cog % lanes == 0
     gw_bytes = spec.c_out * math.prod(spec.kernel) * cig * compute_dtype.itemsize
-    # Along C_out the sums go through a packed buffer, unpacked after (a strided copy on
-    # one thread): worth it where summing along C_in would cost more than that copy.
+    # Along C_out the sums go through a packed buffer, unpacked after (a transposing
+    # copy): worth it where summing along C_in would cost more than that copy.
     unpack = 2 * gw_bytes / COPY_BYTES_PER_S
     along_in_extra = extra * spec.useful_flops / (NATIVE_PEAK_PER_LANE * lanes)
     if cig % lanes == 0 and (not along_out or gw_bytes >= in_place_bytes
@@ -201,7 +199,7 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
         # on 8 of 9 (its padded cotangent, shared with grad_input, costs less than
         # modelled), so it stays the rule there.
         if padded and spec.groups > 1 and (
-                PADDED_OVER_WIDE
+                padded_over_wide
                 * _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.PADDED)
                 .est_seconds
                 < _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.WIDE)
@@ -260,7 +258,7 @@ def make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, *, need_input: bool =
 def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, need_weight: bool,
                    threads: int, limit: int, algorithm: VjpAlgorithm | None, winograd: bool,
                    input_in_place: bool, cotangent_in_place: bool,
-                   gw_rule: tuple[int, float]) -> VjpPlan:
+                   gw_rule: tuple[int, float, float]) -> VjpPlan:
     """Plans are pure functions of their arguments (the tunable thresholds included), so a
     training loop's steps reuse one."""
     budget = max(1, min(VJP_TILE_BYTES, limit // threads) // compute_dtype.itemsize)

@@ -16,7 +16,6 @@ import numpy as np
 from . import _native_kernel as native
 from ._execute import padded_along_w, pair_input, pair_weight, run_jobs
 from ._geometry import ceil_div
-from ._memory import result_empty
 from ._native_kernel import GradWeightLayout
 from ._plan import (
     FUSE_W_BELOW_CHANNELS,
@@ -401,7 +400,7 @@ def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list 
     padded = dataclasses.replace(spec, c_in=groups * padded_cig)
     # In recycled memory, item by item on the threads: a fresh zeroed copy (8x the input
     # for 2 channels in 16 lanes) spent a fifth of a 2 -> 4 2-D layer's time faulting.
-    xp = result_empty((*x3.shape[:-1], groups, padded_cig), compute_dtype)
+    xp = native.aligned_empty((*x3.shape[:-1], groups, padded_cig), compute_dtype)
     x4 = x3.reshape(*x3.shape[:-1], groups, cig)
 
     def fill(i: int) -> None:
@@ -512,8 +511,8 @@ def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype, t
     # every read p + shift, p in [0, w_in), stays in its residue's stretch
     stretch = left + max(ceil_div(w_cot, s), max(shifts) + w_in)
     n, d, h, _, c = c3.shape
-    # recycled memory, as a result's: a fresh block's page faults cost as much as the split
-    out = result_empty((n * d * h, s, stretch, c), compute_dtype)
+    # recycled memory where big: a fresh block's page faults cost as much as the split
+    out = native.aligned_empty((n * d * h, s, stretch, c), compute_dtype)
     rows_in = np.ascontiguousarray(c3.reshape(n * d * h, w_cot, c), compute_dtype)
 
     # In pieces on the threads: one strided pass of NumPy's took 2/3 of a 2-D 3-channel
