@@ -196,9 +196,12 @@ static void in_even_tiles(const FewSum<T>* sums, int64_t n, F&& tile) {
 // Register use: E * NV sums, E * NV weight vectors, U * NV each of x and grad_input, and
 // a broadcast. W6 (NV = 1), one core: E 8, U 4: 1.30 ms; E 8, U 2: 1.28; E 6, U 4: 1.33;
 // E 12, U 2: 1.27, level within the noise; fewer sums mean fewer base pointers to keep.
+// Only for NV <= 2 (`fuses_grad_input`): from three vectors on, a tile holds two sums,
+// and grad_input's pixels are read and written once per two sums.
 template <int NV> struct FusedTile {
-  static constexpr int E = CT_NREGS == 32 ? (NV == 1 ? 8 : NV == 2 ? 4 : 2) : (NV == 1 ? 4 : 2);
-  static constexpr int U = CT_NREGS == 32 ? (NV <= 3 ? (NV == 1 ? 4 : 2) : 1) : (NV == 1 ? 2 : 1);
+  static_assert(NV <= 2, "fused only up to two vectors of C_in/g");
+  static constexpr int E = CT_NREGS == 32 ? (NV == 1 ? 8 : 4) : (NV == 1 ? 4 : 2);
+  static constexpr int U = CT_NREGS == 32 ? (NV == 1 ? 4 : 2) : (NV == 1 ? 2 : 1);
 };
 
 template <typename T, int NV, int E>
@@ -401,7 +404,7 @@ static void grad_weight_typed(const GwJob& job) {
         with_vectors(cw / L, [&](auto nv) {
           constexpr int NV = decltype(nv)::value;
           const int64_t count = (int64_t)sums.size();
-          if (!gx) {
+          if (!gx || NV > 2) {  // (gx is only set where NV <= 2: fuses_grad_input)
             in_even_tiles<FewTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
               few_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs, rows,
                                                        xs_w, gs_w);
@@ -420,11 +423,12 @@ static void grad_weight_typed(const GwJob& job) {
 #pragma GCC unroll 4
               for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(p + v * L) = zero;
           }
-          in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
-            fused_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs,
-                                                       gxrow + c0, gxs_h, gxs_w, rows, xs_w,
-                                                       gs_w);
-          });
+          if constexpr (NV <= 2)
+            in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
+              fused_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs,
+                                                         gxrow + c0, gxs_h, gxs_w, rows, xs_w,
+                                                         gs_w);
+            });
         });
       }
     }
@@ -674,8 +678,16 @@ void grad_weight(const GwJob& job) {
   else grad_weight_typed<double>(job);
 }
 
-// Whether grad_weight computes grad_input in the same pass (GwJob::gx): its few sums case.
+// Whether grad_weight computes grad_input in the same pass (GwJob::gx): its few sums case,
+// with C_in/g in at most two vectors. Both gradients, two threads, k4 s2 on 24^3, fused
+// against apart: 16 -> 2 0.51 against 0.93 ms, 32 -> 2 0.88 against 1.33; with three or
+// four vectors the tile's two sums lose: 48 -> 2 2.3 against 1.75, 96 -> 4 g2 k7 17.1
+// against 9.4, 128 -> 2 g2 k7 13.3 against 9.0; 48 -> 1 and 64 -> 1 level.
+template <typename T>
+static bool fuses_typed(int64_t cin, int64_t cout) {
+  return few_sums<T>(cin, cout) && cin <= 2 * (CT_VBYTES / (int64_t)sizeof(T));
+}
 bool fuses_grad_input(int itemsize, int64_t cin, int64_t cout) {
-  return itemsize == 4 ? few_sums<float>(cin, cout) : few_sums<double>(cin, cout);
+  return itemsize == 4 ? fuses_typed<float>(cin, cout) : fuses_typed<double>(cin, cout);
 }
 #endif  // CT_PART_HAS(3)
