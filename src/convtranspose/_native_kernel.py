@@ -440,6 +440,16 @@ def col2im(cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None, geometry:
     _native.col2im(cols.dtype.itemsize, cols, out, bias, geometry, groups, cog, row0, row1)
 
 
+def gather_cotangent(cot: np.ndarray, block: np.ndarray, geometry: np.ndarray,
+                     shifts: np.ndarray, tile: np.ndarray) -> None:
+    """The gradient's gathered cotangent block of a tile of input pixels: block (groups,
+    rows, taps * C_out/g) from cot (N, OD, OH, OW, C_out), C-contiguous, of one float
+    dtype; `geometry` (int64): N, the output's and input's sizes, stride (per axis),
+    groups, C_out/g; `shifts` (int64, (taps, 3)): each tap's o = i * s + shift; `tile`
+    (int64): n0, n1, d0, d1, h0, h1. The GIL is released meanwhile."""
+    _native.gather_cotangent(cot.dtype.itemsize, cot, block, geometry, shifts, tile)
+
+
 def unpack_grad_weight(part: np.ndarray, gw: np.ndarray, taps: int, rows: int, cols: int,
                        swapped: bool, tap0: int, tap1: int) -> None:
     """One group's gw (C_out/g, taps, C_in/g), taps [tap0, tap1), from grad_weight's

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _native_kernel as native
 from ._algorithms import VjpAlgorithm
 from ._execute import _zero_outside, checkpoint, run_jobs
 from ._geometry import ceil_div, tap_output_range
@@ -206,15 +207,22 @@ def _gather_block(spec, taps, tile, c3, col) -> np.ndarray:
     """(G, rows, len(taps) * C_out/g): for each input row of the tile, the cotangent rows
     its taps meet (zero where a tap lands outside the output).
 
-    With one output channel per group, a row-major block would be written one scattered
-    element at a time; the block is then stored tap-major (a transposed view is returned,
-    which BLAS reads as well)."""
+    The compiled kernel's `gather_cotangent` fills it where there is one and the
+    cotangent is C-contiguous in the block's dtype. NumPy's copy, per tap, otherwise: with
+    one output channel per group a row-major block would be written one scattered element
+    at a time, so it is then stored tap-major (a transposed view is returned, which BLAS
+    reads as well)."""
     groups, cog = spec.groups, spec.c_out_per_group
     n0, n1 = tile.n
     nw = spec.in_spatial[2]
     nn, nd, nh = n1 - n0, tile.d[1] - tile.d[0], tile.h[1] - tile.h[0]
     rows = nn * nd * nh * nw
     ntap = len(taps)
+    if native.AVAILABLE and c3.dtype == col.dtype and c3.flags.c_contiguous:
+        block = col[:rows * ntap * spec.c_out]
+        native.gather_cotangent(c3, block, _gather_geometry(spec),
+                                _tap_shifts(taps), np.array([n0, n1, *tile.d, *tile.h], np.int64))
+        return block.reshape(groups, rows, ntap * cog)
     tap_major = cog == 1
     if tap_major:
         block = col[:rows * ntap * spec.c_out].reshape(groups, ntap, nn, nd, nh, nw, 1)
@@ -239,6 +247,17 @@ def _gather_block(spec, taps, tile, c3, col) -> np.ndarray:
     if tap_major:
         return block.reshape(groups, ntap, rows).transpose(0, 2, 1)
     return block.reshape(groups, rows, ntap * cog)
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_geometry(spec: ConvSpec) -> np.ndarray:
+    return np.array([spec.batch, *spec.out_spatial, *spec.in_spatial, *spec.stride,
+                     spec.groups, spec.c_out_per_group], np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_shifts(taps: tuple[KernelTap, ...]) -> np.ndarray:
+    return np.array([t.shift for t in taps], np.int64).reshape(len(taps), 3)
 
 
 def _grad_input_tile(spec, tile, mat, wg, gx, compute_dtype, accumulate, tmp) -> None:
