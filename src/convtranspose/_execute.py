@@ -904,6 +904,16 @@ def _bias_tables(plan: Plan, bias) -> list:
     return [None if bias is None else native.bias_table(bias, len(g)) for g in plan.phase_groups]
 
 
+def repeat_channels(a: np.ndarray, m: int, dtype: np.dtype) -> np.ndarray:
+    """a's last axis with each channel repeated m times in a row, in `dtype`: one strided
+    pass per repeat (np.repeat took 2.6 ms where these take 1.7, 2 -> 4 channels on
+    1097x941 pixels)."""
+    out = result_empty((*a.shape[:-1], a.shape[-1] * m), dtype)  # no fresh pages
+    for j in range(m):
+        out[..., j::m] = a
+    return out
+
+
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
     """The compiled kernel's tasks; packed weights live in `scratch` until they return."""
     spec = plan.spec
@@ -911,7 +921,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     mode = native.PLANAR if planar else native_mode(spec, plan.wide_w)
     phase_groups, wide = plan.phase_groups, None
     if not planar and expands_to_depthwise(spec):  # each input channel repeated for its outputs
-        x3 = np.repeat(x3.astype(spec.compute_dtype, copy=False), spec.c_out_per_group, axis=-1)
+        x3 = repeat_channels(x3, spec.c_out_per_group, spec.compute_dtype)
     phase_group_weights = [w3] * len(phase_groups)
     if plan.wide_w:
         x3, phase_group_weights, phase_groups, wide = _wide_w(spec, plan.phase_groups, x3, w3,
