@@ -537,22 +537,29 @@ static void grad_weight_typed(const GwJob& job) {
   }
 }
 
-// acc[c] += sum over n contiguous pixels of x[p, c] * g[p, c], C < lanes channels, both
-// rows dense (pixel stride C): along the flat pixel * channel index, C vectors a step of
-// L * C elements, so that lane i of vector v always holds channel (v * L + i) % C; folded
-// by channel at the end. (Along the channels alone, C < L left no whole vector and ran a
-// scalar chain per channel: a 4-channel depthwise layer's grad_weight at 0.9 GFLOP/s.)
+// The vector sums a tap keeps for dw_flat_dot's C channels: R steps in flight of C
+// vectors (R enough independent chains for the FMA latency).
+constexpr int64_t flat_steps(int64_t c) { return c >= 4 ? 1 : 4 / c; }
+
+// vs[r][v] += x[p, c] * g[p, c] over n contiguous pixels, C < lanes channels, both rows
+// dense (pixel stride C): along the flat pixel * channel index, C vectors a step of L * C
+// elements, so that lane i of vector v always holds channel (v * L + i) % C. The sums
+// stay in vectors over every row of a job (`dw_fold` folds them by channel once at the
+// end): folding R * C * L lanes per row and tap cost more than the row's multiply-adds
+// (1 -> 1 k4 on rows of 131 pixels: 64 scalar adds against 8 vector ones). (Along the
+// channels alone, C < L left no whole vector and ran a scalar chain per channel: a
+// 4-channel depthwise layer's grad_weight at 0.9 GFLOP/s.)
 template <typename T, int C>
-static inline void dw_flat_dot(const T* xp, const T* gp, int64_t n, T* acc) {
+static inline void dw_flat_dot(const T* xp, const T* gp, int64_t n, T* vs) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
-  constexpr int R = C >= 4 ? 1 : 4 / C;  // steps in flight: enough independent sums
+  constexpr int R = flat_steps(C);
   V s[R][C];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < C; ++v) s[r][v] = V{};
+    for (int v = 0; v < C; ++v) s[r][v] = *reinterpret_cast<const V*>(vs + (r * C + v) * L);
   const int64_t total = n * C;
   int64_t f = 0;
   for (; f + R * L * C <= total; f += R * L * C)
@@ -576,14 +583,19 @@ static inline void dw_flat_dot(const T* xp, const T* gp, int64_t n, T* acc) {
     const int64_t at = f + v * L, m = std::min<int64_t>(L, total - at);
     s[0][v] += load_first<V>(m, xp + at) * load_first<V>(m, gp + at);
   }
-  T lane[R][C][L];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < C; ++v) *reinterpret_cast<U*>(lane[r][v]) = s[r][v];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < C; ++v)
-      for (int i = 0; i < L; ++i) acc[(v * L + i) % C] += lane[r][v][i];
+    for (int v = 0; v < C; ++v) *reinterpret_cast<V*>(vs + (r * C + v) * L) = s[r][v];
+}
+
+// acc[c] += a tap's kept vector sums: `count` vectors whose lane i of vector v holds
+// channel (v * L + i) % C, in a fixed order.
+template <typename T>
+static void dw_fold(const T* vs, int64_t count, int64_t C, T* acc) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  for (int64_t v = 0; v < count; ++v)
+    for (int i = 0; i < L; ++i) acc[(v * L + i) % C] += vs[v * L + i];
 }
 
 // Depthwise (one input and one output channel per group, C = cin channels):
@@ -603,6 +615,12 @@ static void dw_grad_weight_typed(const GwJob& job) {
   const int64_t xs_w = job.xs[3], gs_w = job.gs[3] * job.step[2];
   static_assert(L <= 16, "dw_flat_dot's cases below stop at 15 channels");
   const bool flat = C < L && xs_w == C && gs_w == C;  // dense rows: `dw_flat_dot`
+  // Each tap's vector sums over the job's rows, folded at the end: dw_flat_dot's R * C
+  // vectors, or one for the channels past the last whole vector.
+  const int64_t taps = job.ntaps[0] * job.ntaps[1] * tw;
+  const int64_t kept = flat ? flat_steps(C) * C : full < C ? 1 : 0;
+  std::vector<T> kept_store(taps * kept * L + 64 / sizeof(T), T(0));
+  T* const vsums = aligned_line(kept_store.data());
   for (int64_t row = 0, total = box_rows(job.box); row < total; ++row) {
     const auto [n, d, h] = row_at(job.box, row);
     const T* xrow = x + n * job.xs[0] + d * job.xs[1] + h * job.xs[2];
@@ -616,12 +634,14 @@ static void dw_grad_weight_typed(const GwJob& job) {
         for (int64_t k = 0; k < tw; ++k) {
           const int64_t lo = wr.lo[k], hi = wr.hi[k];
           if (lo >= hi) continue;
-          T* acc = part + ((i * job.ntaps[1] + j) * tw + k) * job.pt;
+          const int64_t tap = (i * job.ntaps[1] + j) * tw + k;
+          T* acc = part + tap * job.pt;
+          T* vs = vsums + tap * kept * L;
           const T* xp = xrow + lo * xs_w;
           const T* gp = grow + (lo * job.step[2] + job.off[2][k]) * job.gs[3];
           if (flat) {
             switch (C) {
-#define CT_DW_FLAT(CC) case CC: if constexpr (CC < L) dw_flat_dot<T, CC>(xp, gp, hi - lo, acc); break;
+#define CT_DW_FLAT(CC) case CC: if constexpr (CC < L) dw_flat_dot<T, CC>(xp, gp, hi - lo, vs); break;
               // every C < L, up to L = 16 (AVX-512 floats)
               CT_DW_FLAT(1) CT_DW_FLAT(2) CT_DW_FLAT(3) CT_DW_FLAT(4) CT_DW_FLAT(5) CT_DW_FLAT(6)
               CT_DW_FLAT(7) CT_DW_FLAT(8) CT_DW_FLAT(9) CT_DW_FLAT(10) CT_DW_FLAT(11)
@@ -657,13 +677,17 @@ static void dw_grad_weight_typed(const GwJob& job) {
             for (; w < hi - lo; ++w)
               s[0] += load_first<V>(rest, xp + w * xs_w + full) *
                       load_first<V>(rest, gp + w * gs_w + full);
-            alignas(64) T lanes[L];
-            *reinterpret_cast<V*>(lanes) = (s[0] + s[1]) + (s[2] + s[3]);
-            for (int64_t c = 0; c < rest; ++c) acc[full + c] += lanes[c];
-          }
+            *reinterpret_cast<V*>(vs) += (s[0] + s[1]) + (s[2] + s[3]);  // (lanes past
+          }  // `rest` stay zero)
         }
       }
     }
+  }
+  for (int64_t tap = 0; tap < taps && kept; ++tap) {
+    T* acc = part + tap * job.pt;
+    if (flat) dw_fold(vsums + tap * kept * L, kept, C, acc);
+    else
+      for (int64_t c = 0; c < C - full; ++c) acc[full + c] += vsums[tap * L + c];
   }
 }
 
