@@ -90,16 +90,25 @@ static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t 
   }
 }
 
-// Few sums per tap (swapped, C_out/g * vectors of C_in/g < 8: a 16 -> 1 head has one
-// vector per tap). reduce_block would then do one multiply-add per two loads, each tap
-// sweeping the row alone. Here a tile of up to E sums (tap, output channel) of one row
+// Few sums per tap (swapped, `few_sums`: a 16 -> 1 head has one vector per tap, a 128 ->
+// 2 one two sums of four vectors). reduce_block would then do few multiply-adds per load,
+// each tap sweeping the row alone. Here a tile of up to E sums (tap, output channel) of one row
 // shares each pixel's vectors of x: one broadcast load per multiply-add, E independent
 // chains. Every sum still runs over its row's pixels in ascending order (the pixels some
 // of the tile's taps miss at the row's ends first and last), so the bits do not depend on
 // which sums share a tile, nor on the thread count.
+// Where the broadcast side (C_out/g values) would fill less than a register block of
+// reduce_block: with three or four vectors of C_in/g, below the block's P values; with
+// one or two, below 8 sums in all. Two threads, k3-k4 layers on 20x22x24 pixels: 64 -> 2
+// 0.73 -> 0.35 ms, 48 -> 3 0.65 -> 0.39, 128 -> 3 1.82 -> 1.10 and 128 -> 2 k6 s2 3.5 ->
+// 1.7; 64 -> 5 and 48 -> 6 level; with one or two vectors the tiles lost from 8 sums on
+// (16 -> 12 1.26 -> 1.47, 32 -> 10 0.69 -> 0.80).
 template <typename T>
 static inline bool few_sums(int64_t cin, int64_t cout) {
-  return cout * std::min<int64_t>(cin / (CT_VBYTES / (int64_t)sizeof(T)), MAXV) < 8;
+  const int64_t nv = std::min<int64_t>(cin / (CT_VBYTES / (int64_t)sizeof(T)), MAXV);
+  if (nv >= 4) return cout < Block<4>::P;
+  if (nv == 3) return cout < Block<3>::P;
+  return cout * nv < 8;
 }
 
 template <typename T>
