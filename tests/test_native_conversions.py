@@ -56,8 +56,10 @@ def test_python_values_of_the_c_enums_are_those_of_correlate_api_h():
     c_layouts = _c_enum(header, "CT_GW_")
     assert {"ALONG_COUT": int(layout.ALONG_OUT), "ALONG_CIN": int(layout.ALONG_IN),
             "DEPTHWISE": int(layout.DEPTHWISE)} == c_layouts
-    # WIDE and PADDED are Python's alone (built on the three): no C value may mean them.
-    assert not {int(layout.WIDE), int(layout.PADDED)} & set(c_layouts.values())
+    # WIDE, PADDED and PLANAR are Python's alone (built on the three, or the planar
+    # kernel's own entry point): no C value may mean them.
+    assert not ({int(layout.WIDE), int(layout.PADDED), int(layout.PLANAR)}
+                & set(c_layouts.values()))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -402,15 +402,19 @@ def test_depthwise_gradients_every_channel_count_below_a_vector(channels, isa, r
 
 @pytest.mark.parametrize("shape,kernel", [((1, 40, 37), (1, 2, 3)), ((1, 1, 150), (1, 1, 2))],
                          ids=["2-D", "1-D"])
-def test_wide_grad_weight_with_too_few_units_splits_rows(shape, kernel, isa, rng):
+def test_wide_grad_weight_with_too_few_units_splits_rows(shape, kernel, isa, rng,
+                                                         monkeypatch):
     """grad_weight summing W taps as one (WIDE) on a 2-D or 1-D layer has only kD * kH
     (tap, column chunk) units, fewer than two per thread: workers then own row tiles and a
     partial sum each (sharing the units, each streamed every pixel, and two threads ran
-    8 -> 2 2-D's grad_weight 4x slower than one)."""
+    8 -> 2 2-D's grad_weight 4x slower than one). (The 2-D layer's 5 -> 2 channels would
+    take layout PLANAR: turned off here.)"""
     from test_vjp import loops_vjp, make_case
 
+    from convtranspose import _vjp
     from convtranspose._api import spec_for
     from convtranspose._vjp import native_grad_weight_layout
+    monkeypatch.setattr(_vjp, "PLANAR_MAX_CHANNELS", 0)
     x, w, cot, kw = make_case(rng, 3, shape, 5, 2, kernel, padding=(0, 0, 1), batch=2)
     spec, _, _ = spec_for(3, x, w, **kw)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
@@ -421,3 +425,67 @@ def test_wide_grad_weight_with_too_few_units_splits_rows(shape, kernel, isa, rng
     cols = math.ceil(kernel[2] * 2 / lanes) * lanes
     assert native.gw_units(kernel[0] * kernel[1], cols, 4) < 4  # the row split on 2 threads
     _assert_native_vjp(spec, x, w, cot, *loops_vjp(x, w, cot, **kw))
+
+
+# Few channels on both sides (layout PLANAR): (dims, input spatial, C_in, C_out, kernel,
+# settings). Strides 1-4 along W (the cotangent split by residue), dilation, padding,
+# output_padding, groups, rows that fill part of their last vector.
+PLANAR = [
+    (3, (2, 8, 16), 3, 1, (3, 3, 3), dict(stride=2, padding=1)),
+    (3, (2, 8, 30), 7, 3, (2, 3, 4), dict(stride=(1, 2, 3), padding=(0, 1, 2),
+                                          output_padding=(0, 1, 2))),
+    (2, (16, 47), 8, 4, (7, 7), dict(dilation=2, groups=2)),
+    (2, (16, 40), 4, 6, (3, 5), dict(stride=(2, 4), padding=(1, 3), groups=2)),
+    (1, (48,), 2, 5, (5,), dict(stride=2, dilation=3, padding=4)),
+]
+
+
+@pytest.mark.parametrize("dims,spatial,c_in,c_out,kernel,settings", PLANAR,
+                         ids=[f"{p[0]}d-{p[2]}to{p[3]}-{i}" for i, p in enumerate(PLANAR)])
+def test_planar_grad_weight_matches_the_loops(dims, spatial, c_in, c_out, kernel, settings,
+                                              isa, rng):
+    """grad_weight with vectors along input pixels over planar copies (csrc/
+    grad_planar.hpp): every tap's sums match the loop reference in float32 and float64,
+    at one to three threads, and the same bits come back at a thread count."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        batch = 16 if dims == 1 else 1  # 1-D: a row per batch item, 16 rows
+        x, w, cot, kws = make_case(rng, dims, spatial, c_in, c_out, kernel, batch=batch,
+                                   dtypes=(dtype,) * 3, **settings)
+        spec, _, _ = spec_for(dims, x, w, **kws)
+        x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+        c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+        assert (native_grad_weight_layout(spec, x3, c3, np.dtype(dtype))
+                == native.GradWeightLayout.PLANAR)
+        _, rw = loops_vjp(x, w, cot, **kws)
+        for threads in (1, 2, 3):
+            gw = vjp_arrays(spec, x, w, cot, need_input=False, threads=threads)[1]
+            np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+            again = vjp_arrays(spec, x, w, cot, need_input=False, threads=threads)[1]
+            np.testing.assert_array_equal(again, gw)
+
+
+def test_planar_bindings_refuse_bad_sizes():
+    """The planar copy and kernel check their buffers against the geometry they are given:
+    a buffer too short, or a W tap reading past its residue's stretch, is a ValueError,
+    never a read or write out of bounds."""
+    src = np.zeros((4, 10, 3), np.float32)
+    with pytest.raises(ValueError, match="planar_rows"):
+        native.planar_rows(src, np.zeros((4, 3, 2, 5), np.float32)[:3], 0, 4, 10, 2, 0, 5)
+    with pytest.raises(ValueError, match="planar_rows"):  # stretch too short for 10 / 2
+        native.planar_rows(src, np.zeros((4, 3, 2, 4), np.float32), 0, 4, 10, 2, 0, 4)
+    lanes = native.layout(4)[0]
+    x = native.aligned_zeros((4, 3, lanes), np.float32)  # rows (n, d, h) = (1, 1, 4)
+    g = np.zeros((4, 1, 1, lanes + 2), np.float32)
+    sums = native.aligned_zeros((1, 1, 3, lanes), np.float32)
+    geo = [3 * lanes, lanes, lanes + 2, lanes + 2, 1, 1, 1, 4, 1, 4, 1, 1, 1, 1, 1,
+           0, 3, 0, 1, 0, 4, 0, 0, 0, 2]
+    native.planar_grad_weight(x, g, sums, np.array(geo, np.int64))  # fits
+    for at, value in ((24, 3), (20, 5), (16, 4)):  # past the stretch; rows; channels
+        bad = list(geo)
+        bad[at] = value
+        with pytest.raises(ValueError, match="planar_grad_weight"):
+            native.planar_grad_weight(x, g, sums, np.array(bad, np.int64))

@@ -66,6 +66,8 @@ BACKWARD_LAYERS = {
     # gradients as the depthwise layer's over C_in channels of the repeated cotangent
     "fan-out": ((1, 12, 12, 12, 8), (4, 4, 4, 4, 2), dict(stride=2, groups=4),
                 "native", "native"),
+    # 3 -> 1 at stride 2 on rows of 128 pixels: grad_weight with vectors along the pixels
+    "few-both": ((1, 96, 128, 3), (1, 4, 2, 3), dict(stride=2), "native", "native"),
     # wide channels on a few pixels: grad_weight summed in place along C_in, where vectors
     # along C_out would spend more on unpacking its 1.7 MiB than they save (3.0 -> 1.2 ms)
     "wide-few-pixels": ((3, 4, 4, 4, 64), (32, 6, 6, 6, 64), dict(padding=2),
@@ -75,7 +77,7 @@ Layout = native.GradWeightLayout
 GW_LAYOUTS = {"odd-channels-s2": Layout.PADDED, "odd-channels-s1": Layout.PADDED,
               "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.PADDED,
               "fan-out": Layout.DEPTHWISE, "multiplier": Layout.DEPTHWISE,
-              "wide-few-pixels": Layout.ALONG_IN}
+              "wide-few-pixels": Layout.ALONG_IN, "few-both": Layout.PLANAR}
 
 
 def _workload(name: str):

@@ -450,6 +450,23 @@ def gather_cotangent(cot: np.ndarray, block: np.ndarray, geometry: np.ndarray,
     _native.gather_cotangent(cot.dtype.itemsize, cot, block, geometry, shifts, tile)
 
 
+def planar_rows(src: np.ndarray, dst: np.ndarray, row0: int, row1: int, width: int,
+                res: int, left: int, stretch: int) -> None:
+    """Rows [row0, row1) of src (rows, width, C) made planar in dst (rows, C, res,
+    stretch): channel c's W residue r holds pixel j * res + r at element left + j, zeros
+    around. C-contiguous, one float dtype; the GIL is released meanwhile."""
+    _native.planar_rows(src.dtype.itemsize, src, dst, row0, row1, width, src.shape[-1], res,
+                        left, stretch)
+
+
+def planar_grad_weight(x: np.ndarray, g: np.ndarray, sums: np.ndarray,
+                       geometry: np.ndarray) -> None:
+    """sums (taps, C_out/g, C_in/g, lanes) += grad_weight's vector sums over planar rows
+    (csrc/grad_planar.hpp; `_vjp_native._planar_grad_weight` lays out `geometry`). The
+    GIL is released meanwhile."""
+    _native.planar_grad_weight(x.dtype.itemsize, x, g, sums, geometry)
+
+
 def unpack_grad_weight(part: np.ndarray, gw: np.ndarray, taps: int, rows: int, cols: int,
                        swapped: bool, tap0: int, tap1: int) -> None:
     """One group's gw (C_out/g, taps, C_in/g), taps [tap0, tap1), from grad_weight's
@@ -471,6 +488,7 @@ class GradWeightLayout(enum.IntEnum):
     DEPTHWISE = 2  # one channel per group, per-worker partial sums
     WIDE = 3  # ALONG_OUT over a W-padded cotangent: every W tap's columns in one run
     PADDED = 4  # ALONG_IN over a copy of x with each group's channels padded to whole vectors
+    PLANAR = 5  # vectors along input pixels, over planar copies of x and the cotangent
 
 
 def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,

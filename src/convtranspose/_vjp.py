@@ -150,16 +150,37 @@ ALONG_IN_EXTRA = 0.2
 # How much faster PADDED's model must be than WIDE's for grouped layers (see
 # grad_weight_layout).
 PADDED_OVER_WIDE = 1.3
+# Layout PLANAR's rate as a share of the kernel's peak (the rows padded to whole vectors
+# aside): one core, 8 -> 4 g2 k7 on rows of 879 pixels ran at 0.95, 3 -> 1 k4x2 s2 on 912
+# at 0.46, 8 -> 3 k3 s2 on 74 at 0.36.
+PLANAR_EFFICIENCY = 0.6
+# Layout PLANAR's channels per group, on either side, at most (see `planar_suits`); 0
+# turns it off (tests of the other layouts do).
+PLANAR_MAX_CHANNELS = 8
 
 
-def _gw_rule() -> tuple[int, float, float]:
+def planar_suits(spec: ConvSpec, lanes: int, max_channels: int) -> bool:
+    """Layout PLANAR's domain: at most 8 channels a group on both sides, rows of at least 16
+    pixels that fill 3/4 of their vectors, and at least 16 of them (jobs for the threads).
+    Over 89 sweep layers that no channel layout fits whole, grad_weight alone, two threads,
+    against the layout the models chose: inside it, planar took 0.09-0.96x the time on 20
+    of 23 (8 -> 4 g2 k7 on 643x879: 60 -> 5.5 ms; 3 -> 1 k4x2 s2 on 783x912: 13.9 -> 3.3)
+    and 1.05-1.20x on 3; outside it, it lost on 55 of 66 (wide channels, rows of 4-15
+    pixels, 1-D rows of 10^5: up to 60x) and won on 11, left to a later rule."""
+    w = spec.in_spatial[2]
+    rows = spec.batch * spec.in_spatial[0] * spec.in_spatial[1]
+    return (max(spec.c_in_per_group, spec.c_out_per_group) <= max_channels and w >= 16
+            and 4 * w >= 3 * ceil_div(w, lanes) * lanes and rows >= 16)
+
+
+def _gw_rule() -> tuple[int, float, float, int]:
     """grad_weight_layout's tunable constants, read at each call (tests patch them) and
     handed to the cached plan builder as one argument."""
-    return GW_IN_PLACE_BYTES, ALONG_IN_EXTRA, PADDED_OVER_WIDE
+    return GW_IN_PLACE_BYTES, ALONG_IN_EXTRA, PADDED_OVER_WIDE, PLANAR_MAX_CHANNELS
 
 
 def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
-                       gw_rule: tuple[int, float, float], limit: int | None = None
+                       gw_rule: tuple[int, float, float, int], limit: int | None = None
                        ) -> GradWeightLayout | None:
     """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
     channel per group; else ALONG_IN (vectors along C_in: for C_out/g that is not whole
@@ -168,7 +189,7 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
     It reads both operands in place: `in_place`, whether they have the compute dtype and
     contiguous channels. With groups, WIDE or PADDED by their models. `gw_rule`:
     `_gw_rule()`. `limit`: the workspace limit, which PADDED's copy of x must fit."""
-    in_place_bytes, extra, padded_over_wide = gw_rule
+    in_place_bytes, extra, padded_over_wide, planar_max = gw_rule
     if not (native.AVAILABLE and in_place):
         return None
     lanes, _ = native.layout(compute_dtype.itemsize)
@@ -186,6 +207,19 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
         return GradWeightLayout.ALONG_IN
     if along_out:
         return GradWeightLayout.ALONG_OUT
+    # Few channels on both sides: vectors along input pixels, by rule (the models of the
+    # channel layouts were 1.4-3x off here).
+    if planar_suits(spec, lanes, planar_max) and (
+            limit is None or native_paths.planar_bytes(spec, compute_dtype) <= limit):
+        return GradWeightLayout.PLANAR
+    return _wide_or_padded(spec, compute_dtype, limit, padded_over_wide)
+
+
+def _wide_or_padded(spec: ConvSpec, compute_dtype: np.dtype, limit: int | None,
+                    padded_over_wide: float) -> GradWeightLayout | None:
+    """Where neither C_in/g nor C_out/g is whole vectors: WIDE, PADDED or neither."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    cig = spec.c_in_per_group
     padded_x = (spec.batch * math.prod(spec.in_spatial) * spec.groups * ceil_div(cig, lanes)
                 * lanes * compute_dtype.itemsize)
     padded = math.prod(spec.kernel) > 1 and (limit is None or padded_x <= limit)
@@ -258,7 +292,7 @@ def make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, *, need_input: bool =
 def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, need_weight: bool,
                    threads: int, limit: int, algorithm: VjpAlgorithm | None, winograd: bool,
                    input_in_place: bool, cotangent_in_place: bool,
-                   gw_rule: tuple[int, float, float]) -> VjpPlan:
+                   gw_rule: tuple[int, float, float, int]) -> VjpPlan:
     """Plans are pure functions of their arguments (the tunable thresholds included), so a
     training loop's steps reuse one."""
     budget = max(1, min(VJP_TILE_BYTES, limit // threads) // compute_dtype.itemsize)
@@ -393,6 +427,10 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
     gw_bytes = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * compute_dtype.itemsize
     if layout == GradWeightLayout.DEPTHWISE:
         rate, scratch = peak / 4, threads * gw_bytes
+    elif layout == GradWeightLayout.PLANAR:
+        wv, _, _, _ = native_paths.planar_geometry(spec, lanes)
+        rate = peak * PLANAR_EFFICIENCY * spec.in_spatial[2] / wv
+        scratch = native_paths.planar_bytes(spec, compute_dtype)
     else:
         width = (spec.kernel[2] * spec.c_out if layout == GradWeightLayout.WIDE
                  else spec.c_in_per_group
@@ -412,7 +450,8 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
                        + gw_bytes * spec.groups * vectors * lanes // max(1, width))
     flops = spec.useful_flops
     seconds = flops / rate
-    if layout in (GradWeightLayout.PADDED, GradWeightLayout.WIDE):  # its copy, written and
+    if layout in (GradWeightLayout.PADDED, GradWeightLayout.WIDE,  # its copies, written and
+                  GradWeightLayout.PLANAR):
         seconds += 2 * scratch / COPY_BYTES_PER_S  # read (8 -> 2 2-D PADDED: 37 MiB of x)
     if layout == GradWeightLayout.ALONG_OUT:  # the unpack, a transposing copy (165 -> 128
         seconds += 2 * gw_bytes / COPY_BYTES_PER_S  # k7's 29 MB: 8 ms on one core)

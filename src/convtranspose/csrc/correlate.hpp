@@ -14,6 +14,7 @@
 //   rows.hpp         a box's rows, and the pixels of a row each W tap reaches
 //   forward.hpp      the correlation (CtJob): channels, dot and depthwise modes; run_mode
 //   grad_weight.hpp  grad_weight (GwJob), with grad_input in the same pass where it fuses
+//   grad_planar.hpp  planar_grad_weight (PgwJob): few channels on both sides
 //   conversions.hpp  gather_sum, round_half, widen_half, pair_transform
 
 #include <cstdint>
@@ -42,6 +43,7 @@ namespace CT_NS {
 #include "rows.hpp"
 #include "forward.hpp"
 #include "grad_weight.hpp"
+#include "grad_planar.hpp"
 #include "conversions.hpp"
 
 }  // namespace CT_NS

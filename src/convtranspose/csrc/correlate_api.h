@@ -128,6 +128,29 @@ struct GwJob {
 //   v[n, j, 0] = x0 - x2, v[n, j, 1] = x1 + x2, v[n, j, 2] = x2 - x1, v[n, j, 3] = x1 - x3
 // with xt = x[n, 2j + base + t] (zero outside the input), each a whole (H, W, C) plane.
 // v is C-contiguous (N, J, 4, H, W, C); this call fills items n0..n1, pairs j0..j1.
+// grad_weight over planar rows (grad_planar.hpp), for few channels on both sides: vectors
+// run along input pixels W, each (tap, output, input channel) sum a vector of partial
+// sums, added into `sums` [tap][co][ci][lanes].
+struct PgwJob {
+  int itemsize;
+  const void* x;         // planar input: row (n, d, h) at x + row * xrow, channel c at
+  int64_t xrow;          // + c * wv; W contiguous, zeros from W to wv (whole vectors),
+  int64_t wv;            // the row aligned to a vector
+  const void* g;         // planar cotangent: row (n, od, oh) at g + row * grow; channel co,
+  int64_t grow;          // W residue r at + (co * res + r) * stretch: element j is cotangent
+  int64_t stretch;       // pixel (j - left) * s + r, zero where that lies outside
+  int64_t res;
+  int64_t dims[5];       // input N, D, H; cotangent D, H
+  const int64_t* off[2]; // D, H tap offsets (k * dilation - padding)
+  int64_t ntaps[3];      // D, H, W taps
+  int64_t step[2];       // D, H strides
+  const int64_t* wtap;   // per W tap: its residue, and the element j that pixel w = 0 meets
+  int64_t c0, cin;       // the group's input channels [c0, c0 + cin)
+  int64_t o0, cout;      // and output channels
+  void* sums;
+  int64_t row0, row1;    // the job's input rows, flat over (n, d, h)
+};
+
 struct PairJob {
   int itemsize;
   const void* x;         // input at (0, 0, 0, 0, 0); channels contiguous
@@ -154,6 +177,7 @@ extern __thread CtStop* ct_stop;  // null: never stop
                  void gather_sum(int, const void*, const int64_t*, int64_t, int64_t, int64_t, \
                                  void*); \
                  void pair_transform(const PairJob&); \
+                 void planar_grad_weight(const PgwJob&); \
                  int lanes(int); int max_vectors(); \
                  bool fuses_grad_input(int, int64_t, int64_t); }
 CT_DECLARE(avx512)

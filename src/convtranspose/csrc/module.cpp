@@ -190,6 +190,7 @@ struct Isa {
   void (*widen_half)(int, const void*, float*, int64_t);
   void (*gather_sum)(int, const void*, const int64_t*, int64_t, int64_t, int64_t, void*);
   void (*pair_transform)(const PairJob&);
+  void (*planar_grad_weight)(const PgwJob&);
   int (*lanes)(int);
   int (*max_vectors)();
   bool (*fuses_grad_input)(int, int64_t, int64_t);
@@ -207,17 +208,17 @@ struct Isa {
 const Isa kIsas[] = {
 #ifdef CT_WITH_AVX512
     {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
-     avx512::gather_sum, avx512::pair_transform,
+     avx512::gather_sum, avx512::pair_transform, avx512::planar_grad_weight,
      avx512::lanes, avx512::max_vectors, avx512::fuses_grad_input},
 #endif
 #ifdef CT_WITH_AVX2
     {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
-     avx2::gather_sum, avx2::pair_transform,
+     avx2::gather_sum, avx2::pair_transform, avx2::planar_grad_weight,
      avx2::lanes, avx2::max_vectors, avx2::fuses_grad_input},
 #endif
 #ifdef CT_WITH_GENERIC
     {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
-     generic::gather_sum, generic::pair_transform,
+     generic::gather_sum, generic::pair_transform, generic::planar_grad_weight,
      generic::lanes, generic::max_vectors, generic::fuses_grad_input},
 #endif
 };
@@ -1002,6 +1003,94 @@ PyObject* py_split_residues(PyObject*, PyObject* args) {
   return finish_buffers(ok, "split_residues: bad itemsize, geometry or sizes", {&src, &dst});
 }
 
+// Rows [row0, row1) of src (w pixels of c channels each) made planar for
+// planar_grad_weight: dst row `row` holds each channel's `res` W residues, residue r of
+// channel ch at ((row * c + ch) * res + r) * stretch, its pixel j * res + r at element
+// left + j, zeros around. (res 1, left 0: the input's planar rows.)
+template <typename T>
+void planar_rows(const T* src, T* dst, int64_t row0, int64_t row1, int64_t w, int64_t c,
+                 int64_t res, int64_t left, int64_t stretch) {
+  for (int64_t row = row0; row < row1; ++row) {
+    const T* in = src + row * w * c;
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t r = 0; r < res; ++r) {
+        T* out = dst + ((row * c + ch) * res + r) * stretch;
+        const int64_t count = r < w ? (w - r + res - 1) / res : 0;
+        std::fill(out, out + left, T(0));
+        for (int64_t j = 0; j < count; ++j) out[left + j] = in[(j * res + r) * c + ch];
+        std::fill(out + left + count, out + stretch, T(0));
+      }
+  }
+}
+
+PyObject* py_planar_rows(PyObject*, PyObject* args) {
+  int itemsize;
+  Py_buffer src, dst;
+  Py_ssize_t row0, row1, w, c, res, left, stretch;
+  if (!PyArg_ParseTuple(args, "iy*w*nnnnnnn", &itemsize, &src, &dst, &row0, &row1, &w, &c,
+                        &res, &left, &stretch))
+    return nullptr;
+  const bool ok = (itemsize == 4 || itemsize == 8) && 0 <= row0 && row0 <= row1 && w >= 1 &&
+                  c >= 1 && res >= 1 && left >= 0 && stretch >= left + (w + res - 1) / res &&
+                  src.len >= row1 * w * c * itemsize &&
+                  dst.len >= row1 * c * res * stretch * itemsize;
+  if (ok)
+    with_float_type(itemsize, [&](auto t) {
+      using T = decltype(t);
+      planar_rows(static_cast<const T*>(src.buf), static_cast<T*>(dst.buf), row0, row1, w, c,
+                  res, left, stretch);
+    });
+  return finish_buffers(ok, "planar_rows: bad itemsize, geometry or sizes", {&src, &dst});
+}
+
+// planar_grad_weight (grad_planar.hpp) on the current instruction set. geo (int64): xrow,
+// wv, grow, stretch, res, N, D, H, OD, OH, taps D, H, W, stride D, H, c0, cin, o0, cout,
+// row0, row1, then the D and H tap offsets and, per W tap, its residue and first element.
+PyObject* py_planar_grad_weight(PyObject*, PyObject* args) {
+  int itemsize;
+  Py_buffer x, g, sums, geo;
+  if (!PyArg_ParseTuple(args, "iy*y*w*y*", &itemsize, &x, &g, &sums, &geo)) return nullptr;
+  const int64_t* v = static_cast<const int64_t*>(geo.buf);
+  const int64_t count = geo.len / 8;
+  PgwJob job{};
+  bool ok = (itemsize == 4 || itemsize == 8) && count >= 21;
+  if (ok) {
+    const int64_t lanes = current->lanes(itemsize);
+    job.itemsize = itemsize;
+    job.xrow = v[0], job.wv = v[1], job.grow = v[2], job.stretch = v[3], job.res = v[4];
+    for (int k = 0; k < 5; ++k) job.dims[k] = v[5 + k];
+    for (int k = 0; k < 3; ++k) job.ntaps[k] = v[10 + k];
+    job.step[0] = v[13], job.step[1] = v[14];
+    job.c0 = v[15], job.cin = v[16], job.o0 = v[17], job.cout = v[18];
+    job.row0 = v[19], job.row1 = v[20];
+    const int64_t td = job.ntaps[0], th = job.ntaps[1], tw = job.ntaps[2];
+    const int64_t rows = job.dims[0] * job.dims[1] * job.dims[2];
+    const int64_t grows = job.dims[0] * job.dims[3] * job.dims[4];
+    ok = td >= 1 && th >= 1 && tw >= 1 && count == 21 + td + th + 2 * tw && job.wv > 0 &&
+         job.wv % lanes == 0 && job.res >= 1 && job.cin >= 1 && job.cout >= 1 &&
+         job.c0 >= 0 && (job.c0 + job.cin) * job.wv <= job.xrow && job.o0 >= 0 &&
+         (job.o0 + job.cout) * job.res * job.stretch <= job.grow && 0 <= job.row0 &&
+         job.row0 <= job.row1 && job.row1 <= rows && x.len >= rows * job.xrow * itemsize &&
+         g.len >= grows * job.grow * itemsize &&
+         sums.len >= td * th * tw * job.cout * job.cin * lanes * itemsize &&
+         reinterpret_cast<uintptr_t>(x.buf) % (lanes * itemsize) == 0 &&
+         job.xrow % lanes == 0 && reinterpret_cast<uintptr_t>(sums.buf) % (lanes * itemsize) == 0;
+    const int64_t* wt = v + 21 + td + th;
+    for (int64_t k = 0; ok && k < tw; ++k)
+      ok = wt[2 * k] >= 0 && wt[2 * k] < job.res && wt[2 * k + 1] >= 0 &&
+           wt[2 * k + 1] + job.wv <= job.stretch;
+    job.off[0] = v + 21, job.off[1] = v + 21 + td, job.wtap = wt;
+    job.x = x.buf, job.g = g.buf, job.sums = sums.buf;
+  }
+  if (ok) {
+    Py_BEGIN_ALLOW_THREADS
+    current->planar_grad_weight(job);
+    Py_END_ALLOW_THREADS
+  }
+  return finish_buffers(ok, "planar_grad_weight: bad itemsize, geometry or sizes",
+                        {&x, &g, &sums, &geo});
+}
+
 // The `cols` forward's gather (kernels/cols.py): output rows [row0, row1) of
 // (batch * OD * OH), each pixel the sum, in tap order, of the products of the (input
 // pixel, tap) pairs that land on it, plus the bias. cols: (batch, ID, IH, IW, groups, taps,
@@ -1373,6 +1462,10 @@ PyMethodDef kMethods[] = {
     {"check_interrupt", py_check_interrupt, METH_O,
      "Raise where a call that started at this count of SIGINTs is to stop."},
     {"gather_sum", py_gather_sum, METH_VARARGS, "Sum rows gathered by a table (indexed)."},
+    {"planar_rows", py_planar_rows, METH_VARARGS,
+     "Rows made planar by channel and W residue, zero-padded (gradients)."},
+    {"planar_grad_weight", py_planar_grad_weight, METH_VARARGS,
+     "grad_weight's vector sums over planar rows (gradients)."},
     {"col2im", py_col2im, METH_VARARGS,
      "The cols forward's gather of every output pixel's products."},
     {"gather_cotangent", py_gather_cotangent, METH_VARARGS,

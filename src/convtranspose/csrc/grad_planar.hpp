@@ -1,0 +1,141 @@
+// grad_weight over planar rows (PgwJob): the entry point `planar_grad_weight`. Part of the
+// kernel: correlate.hpp includes it inside the build's namespace (CT_NS).
+//
+// For few channels on both sides (8 -> 3, 3 -> 1, 8 -> 4 g2), where vectors along either
+// channel axis hold a few lanes: here they run along the input pixels of a row. The input
+// and the cotangent come as planar copies (`planar_rows` in module.cpp), each channel's
+// row contiguous, the cotangent's split by W residue, so that W tap kw reads its residue's
+// row from a fixed element on, step 1. Every (tap, output channel, input channel) sum is
+// then a dot product of two runs of vectors; zeros past the input row's end and around
+// the cotangent's make every tap run over the whole row, with no edges.
+//
+// A register tile holds CB input channels by E sums (tap, output channel): per vector of
+// pixels, CB aligned loads of the input and E of the cotangent feed CB * E multiply-adds,
+// over every row of a block of rows. The tile's sums are then added into the job's vector
+// sums; the caller sums their lanes once.
+
+// rows: the block's rows the tile's sums meet, each with its input row (xr, at the
+// tile's first channel) and its cotangent rows per (D, H) tap pair (gr, npair apart; a
+// row of zeros where the pair lands outside). Sum e = (tap pair pe[e], W tap, output
+// channel) reads its cotangent row from element go[e] on.
+template <typename T, int CB, int E>
+static inline void pgw_tile(const int64_t* rows, int64_t nr, const T* const* xr,
+                            const T* const* gr, int64_t npair, int64_t wv, const int64_t* pe,
+                            const int64_t* go, T* const* sp, int64_t ci0, int64_t nvec) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  V acc[CB][E];
+#pragma GCC unroll 8
+  for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 16
+    for (int e = 0; e < E; ++e) acc[c][e] = V{};
+  for (int64_t q = 0; q < nr; ++q) {
+    const int64_t r = rows[q];
+    const T* xc = xr[r] + ci0 * wv;
+    const T* gp[E];
+#pragma GCC unroll 16
+    for (int e = 0; e < E; ++e) gp[e] = gr[r * npair + pe[e]] + go[e];
+    for (int64_t b = 0; b < nvec; ++b) {
+      V xv[CB];
+#pragma GCC unroll 8
+      for (int c = 0; c < CB; ++c) xv[c] = *reinterpret_cast<const V*>(xc + c * wv + b * L);
+#pragma GCC unroll 16
+      for (int e = 0; e < E; ++e) {
+        const V gv = *reinterpret_cast<const U*>(gp[e] + b * L);
+#pragma GCC unroll 8
+        for (int c = 0; c < CB; ++c) acc[c][e] += xv[c] * gv;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < E; ++e)
+#pragma GCC unroll 8
+    for (int c = 0; c < CB; ++c) *reinterpret_cast<V*>(sp[e] + (ci0 + c) * L) += acc[c][e];
+}
+
+// Input channels per tile, and sums: the sums, CB input vectors and one cotangent vector
+// within the registers. (Eight channels by two sums ran 8 -> 3 k3 s2 at 39 GFLOP/s on one
+// core, four by six at 52: ten loads for 16 multiply-adds against 24.)
+constexpr int PGW_CB = CT_NREGS == 32 ? 4 : 2;
+template <int CB> struct PgwTile {
+  static constexpr int E = std::max(1, std::min(16, (CT_NREGS - 4 - CB) / CB));
+};
+
+// Rows a tile's sums stay in registers over: their input rows stay in L1 while the tiles
+// sweep them (16 rows of 8 -> 3 k3 s2: 17.6 ms; 4: 15.0; 64: 16.6).
+constexpr int64_t PGW_ROWS = 4;
+
+template <typename T>
+static void planar_grad_weight_typed(const PgwJob& job) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t D = job.dims[1], H = job.dims[2], OD = job.dims[3], OH = job.dims[4];
+  const int64_t td = job.ntaps[0], th = job.ntaps[1], tw = job.ntaps[2];
+  const int64_t cin = job.cin, cout = job.cout, wv = job.wv, nvec = wv / L;
+  const T* x = static_cast<const T*>(job.x);
+  const T* g = static_cast<const T*>(job.g);
+  T* sums = static_cast<T*>(job.sums);
+  // Every sum (tap, output channel), tap-major as `sums`: its (D, H) tap pair and where
+  // it reads in a cotangent row.
+  const int64_t npair = td * th, per_pair = tw * cout, total = npair * per_pair;
+  const int64_t blocks = (cin + PGW_CB - 1) / PGW_CB;
+  std::vector<int64_t> pe(total), go(total);
+  std::vector<T*> sp(total);
+  for (int64_t e = 0; e < total; ++e) {
+    const int64_t k = e % per_pair / cout, co = e % cout;
+    pe[e] = e / per_pair;
+    go[e] = ((job.o0 + co) * job.res + job.wtap[2 * k]) * job.stretch + job.wtap[2 * k + 1];
+    sp[e] = sums + e * cin * L;
+  }
+  const std::vector<T> zeros(job.grow, T(0));  // the cotangent row outside the volume
+  std::vector<const T*> gr(PGW_ROWS * npair);
+  std::vector<char> meets(PGW_ROWS * npair);
+  const T* xr[PGW_ROWS];
+  int64_t rows[PGW_ROWS];
+  CtStop* const stop = ct_stop;  // asked before each block of rows
+  for (int64_t first = job.row0; first < job.row1; first += PGW_ROWS) {
+    if (stop && stop->stop(stop)) return;
+    const int64_t nb = std::min(job.row1, first + PGW_ROWS) - first;
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t row = first + r, h = row % H, d = row / H % D, n = row / (H * D);
+      xr[r] = x + row * job.xrow + job.c0 * wv;
+      for (int64_t i = 0; i < td; ++i)
+        for (int64_t j = 0; j < th; ++j) {
+          const int64_t od = d * job.step[0] + job.off[0][i];
+          const int64_t oh = h * job.step[1] + job.off[1][j];
+          const bool in = od >= 0 && od < OD && oh >= 0 && oh < OH;
+          meets[r * npair + i * th + j] = in;
+          gr[r * npair + i * th + j] = in ? g + ((n * OD + od) * OH + oh) * job.grow : zeros.data();
+        }
+    }
+    for (int64_t blk = 0; blk < blocks; ++blk) {  // near-equal blocks of channels
+      const int64_t ci0 = blk * cin / blocks, ci1 = (blk + 1) * cin / blocks;
+      with_count<PGW_CB>(ci1 - ci0, [&](auto cb) {
+        constexpr int CB = decltype(cb)::value;
+        constexpr int EM = PgwTile<CB>::E;
+        const int64_t tiles = (total + EM - 1) / EM;
+        for (int64_t t = 0, e0 = 0; t < tiles; ++t) {
+          const int64_t len = total / tiles + (t < total % tiles);
+          int64_t nr = 0;  // the rows whose cotangent some sum of the tile meets
+          for (int64_t r = 0; r < nb; ++r)
+            for (int64_t p = pe[e0]; p <= pe[e0 + len - 1]; ++p)
+              if (meets[r * npair + p]) { rows[nr++] = r; break; }
+          if (nr)
+            with_count<EM>(len, [&](auto ec) {
+              pgw_tile<T, CB, decltype(ec)::value>(rows, nr, xr, gr.data(), npair, wv,
+                                                   pe.data() + e0, go.data() + e0,
+                                                   sp.data() + e0, ci0, nvec);
+            });
+          e0 += len;
+        }
+      });
+    }
+  }
+}
+
+#if CT_PART_HAS(3)
+void planar_grad_weight(const PgwJob& job) {
+  if (job.itemsize == 4) planar_grad_weight_typed<float>(job);
+  else planar_grad_weight_typed<double>(job);
+}
+#endif  // CT_PART_HAS(3)
