@@ -437,18 +437,21 @@ PLANAR = [
     (2, (16, 47), 8, 4, (7, 7), dict(dilation=2, groups=2)),
     (2, (16, 40), 4, 6, (3, 5), dict(stride=(2, 4), padding=(1, 3), groups=2)),
     (1, (48,), 2, 5, (5,), dict(stride=2, dilation=3, padding=4)),
+    (3, (2, 8, 24), 4, 2, (3, 3, 3), dict(stride=2, padding=1, groups=2)),  # a fan-out
 ]
 
 
 @pytest.mark.parametrize("dims,spatial,c_in,c_out,kernel,settings", PLANAR,
                          ids=[f"{p[0]}d-{p[2]}to{p[3]}-{i}" for i, p in enumerate(PLANAR)])
-def test_planar_grad_weight_matches_the_loops(dims, spatial, c_in, c_out, kernel, settings,
-                                              isa, rng):
-    """grad_weight with vectors along input pixels over planar copies (csrc/
-    grad_planar.hpp): every tap's sums match the loop reference in float32 and float64,
-    at one to three threads, and the same bits come back at a thread count."""
+def test_planar_gradients_match_the_loops(dims, spatial, c_in, c_out, kernel, settings,
+                                          isa, rng):
+    """Both gradients with vectors along input pixels over planar copies (csrc/
+    grad_planar.hpp), apart and together (one cotangent copy for both): they match the
+    loop reference in float32 and float64, at one to three threads, and the same bits
+    come back at a thread count."""
     from test_vjp import loops_vjp, make_case
 
+    from convtranspose import _vjp
     from convtranspose._api import spec_for
     from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
@@ -460,10 +463,17 @@ def test_planar_grad_weight_matches_the_loops(dims, spatial, c_in, c_out, kernel
         c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
         assert (native_grad_weight_layout(spec, x3, c3, np.dtype(dtype))
                 == native.GradWeightLayout.PLANAR)
-        _, rw = loops_vjp(x, w, cot, **kws)
+        plan = _vjp.make_vjp_plan(spec, np.dtype(dtype))
+        assert plan.grad_input.planar and plan.fan_out is None, plan
+        rx, rw = loops_vjp(x, w, cot, **kws)
         for threads in (1, 2, 3):
             gw = vjp_arrays(spec, x, w, cot, need_input=False, threads=threads)[1]
             np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+            gx = vjp_arrays(spec, x, w, cot, need_weight=False, threads=threads)[0]
+            np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
+            both = vjp_arrays(spec, x, w, cot, threads=threads)
+            np.testing.assert_array_equal(both[0], gx)
+            np.testing.assert_array_equal(both[1], gw)
             again = vjp_arrays(spec, x, w, cot, need_input=False, threads=threads)[1]
             np.testing.assert_array_equal(again, gw)
 

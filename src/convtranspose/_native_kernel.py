@@ -467,6 +467,14 @@ def planar_grad_weight(x: np.ndarray, g: np.ndarray, sums: np.ndarray,
     _native.planar_grad_weight(x.dtype.itemsize, x, g, sums, geometry)
 
 
+def planar_grad_input(g: np.ndarray, w: np.ndarray, gx: np.ndarray,
+                      geometry: np.ndarray) -> None:
+    """grad_input's channels of one group for a run of input rows, over the planar
+    cotangent (csrc/grad_planar.hpp; `_vjp_native._planar_grad_input` lays out
+    `geometry`). The GIL is released meanwhile."""
+    _native.planar_grad_input(g.dtype.itemsize, g, w, gx, geometry)
+
+
 def unpack_grad_weight(part: np.ndarray, gw: np.ndarray, taps: int, rows: int, cols: int,
                        swapped: bool, tap0: int, tap1: int) -> None:
     """One group's gw (C_out/g, taps, C_in/g), taps [tap0, tap1), from grad_weight's

@@ -220,7 +220,8 @@ class GradStep:
     compiled kernel, its layout (`grad_weight_layout`). `with_grad_weight`: grad_input
     computed in grad_weight's pass. `wide_w`: grad_input's W taps summed as one
     (`grad_input_wide_w`). `fan_out`: the gradient as a depthwise layer's over C_in
-    channels (one cotangent channel per group, repeated for its inputs)."""
+    channels (one cotangent channel per group, repeated for its inputs). `planar`:
+    grad_input with vectors along input pixels, over a planar copy of the cotangent."""
 
     algorithm: VjpAlgorithm
     flops: int
@@ -231,6 +232,7 @@ class GradStep:
     with_grad_weight: bool = False
     wide_w: bool = False
     fan_out: bool = False
+    planar: bool = False
 
     @property
     def native(self) -> bool:
@@ -259,6 +261,8 @@ class GradStep:
             how = "in grad_weight's pass"
         elif self.algorithm == VjpAlgorithm.NATIVE and self.layout is not None:
             how = _LAYOUT_NAMES[self.layout]
+        elif self.planar:
+            how = "vectors along input pixels, over a planar copy of the cotangent"
         elif self.algorithm == VjpAlgorithm.NATIVE:
             how = "a correlation of the cotangent, channels swapped" + (
                 ", W taps as one" if self.wide_w else "")

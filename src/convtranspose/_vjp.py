@@ -304,7 +304,10 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
                                limit, None, winograd, need_weight, cotangent_in_place,
                                gw_rule)
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
-    if (algorithm in (None, VjpAlgorithm.NATIVE) and work and native.AVAILABLE
+    planar = (algorithm in (None, VjpAlgorithm.NATIVE) and work and native.AVAILABLE
+              and planar_suits(spec, native.layout(compute_dtype.itemsize)[0], gw_rule[3])
+              and native_paths.planar_bytes(spec, compute_dtype) <= limit)
+    if (algorithm in (None, VjpAlgorithm.NATIVE) and work and native.AVAILABLE and not planar
             and expands_to_depthwise(grad_input_kernel_spec(spec))
             and _repeated_cotangent_bytes(spec, compute_dtype) <= limit):
         # Each group sums its C_in/g inputs into one output channel (the mirror of a
@@ -335,7 +338,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
               if need_weight and algorithm in (None, VjpAlgorithm.NATIVE) else None)
     # grad_input too by the kernel: asked for, or where it beats the GEMM paths (which
     # would otherwise compute both gradients from one gathered block).
-    native_gx = need_input and (algorithm == VjpAlgorithm.NATIVE or (
+    native_gx = need_input and (planar or algorithm == VjpAlgorithm.NATIVE or (
         algorithm is None and native_grad_input_suits(spec, need_weight and layout is None)))
     if need_input and algorithm is None and not native_gx and native.AVAILABLE:
         native_gx = _native_grad_input_is_cheaper(spec, compute_dtype, threads, budget,
@@ -354,7 +357,10 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
                              need_weight and layout is None, threads, budget) if gemm else {}
     gx = gw = None
     if need_input:
-        if native_gx:
+        if planar:
+            gx = _planar_grad_input_step(spec, compute_dtype, threads,
+                                         shares_copy=layout == GradWeightLayout.PLANAR)
+        elif native_gx:
             takes_pairs = (not fused and native_paths.grad_input_mode(spec) == native.CHANNELS
                            and not native_paths.grad_input_w_taps_as_one(spec)
                            and grad_input_takes_pairs(spec, compute_dtype, limit, winograd,
@@ -367,7 +373,8 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         gw = (_native_grad_weight_step(spec, compute_dtype, threads, layout) if layout is not None
               else gemm_costs["weight"])
     return VjpPlan(spec, compute_dtype, gx, gw, threads, limit, budget,
-                   shared_queue=layout is not None and native_gx and not fused)
+                   shared_queue=layout is not None and native_gx and not fused and not planar
+                   and layout != GradWeightLayout.PLANAR)
 
 
 def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
@@ -386,6 +393,26 @@ def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threa
     kernel = _native_grad_input_step(spec, compute_dtype, threads, budget, False, False,
                                      cotangent_in_place)
     return kernel.est_seconds < gemm_seconds
+
+
+def _planar_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
+                            shares_copy: bool) -> GradStep:
+    """grad_input over the planar cotangent (`planar_suits`): the products at
+    PLANAR_EFFICIENCY of the kernel's peak on rows padded to whole vectors, the copy of
+    the cotangent unless grad_weight's planar pass makes it (`shares_copy`), and the
+    write. On the 29 sweep layers of its domain it took 0.07-0.99x the time of the
+    channel-vector kernel (8 -> 4 g4 k7x3x7 on 78x69x90: 387 -> 27 ms)."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    item = compute_dtype.itemsize
+    wv, _, stretch, _ = native_paths.planar_geometry(spec, lanes)
+    cot_bytes = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1] * spec.c_out
+                 * spec.stride[2] * stretch * item)
+    write = spec.batch * math.prod(spec.in_spatial) * spec.c_in * item
+    seconds = (spec.useful_flops * wv / spec.in_spatial[2]
+               / (NATIVE_PEAK_PER_LANE * lanes * PLANAR_EFFICIENCY)
+               + ((0 if shares_copy else 2 * cot_bytes) + write) / COPY_BYTES_PER_S)
+    return GradStep(VjpAlgorithm.NATIVE, spec.useful_flops, 0 if shares_copy else cot_bytes,
+                    threads, _on_threads(seconds, threads), planar=True)
 
 
 def _on_threads(seconds: float, threads: int) -> float:
@@ -584,13 +611,19 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
     # A depthwise layer's cotangent split by W residue: once, for both.
     residues = (native_paths.residues_for_both(spec, c3, compute_dtype, threads)
                 if gi_native and gw_native else None)
+    # The planar cotangent: once, for both.
+    planar = (native_paths.planar_cotangent(spec, c3, compute_dtype, threads)
+              if gi is not None and gi.planar and gw_native
+              and gwp.layout == GradWeightLayout.PLANAR else None)
     # Both by the kernel: one queue for both, grad_weight's bigger jobs first, so that
     # neither waits on the other's slowest tile.
     shared = [] if plan.shared_queue else None
     if gw_native:
         native_paths.grad_weight(spec, x3, c3, gw, threads, gwp.layout, compute_dtype, shared,
-                                 padded, residues)
-    if gi_native:
+                                 padded, residues, planar)
+    if gi_native and gi.planar:
+        native_paths.planar_grad_input(spec, c3, w3, gx, threads, compute_dtype, planar)
+    elif gi_native:
         native_paths.grad_input(spec, c3, w3, gx, threads, plan.budget, compute_dtype, shared,
                                 gi.algorithm == VjpAlgorithm.WINOGRAD, padded, residues)
     if shared:

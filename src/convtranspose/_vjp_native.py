@@ -311,7 +311,8 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
 def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_dtype,
                 defer: list | None = None,
                 padded: tuple[np.ndarray, int] | None = None,
-                residues: tuple[np.ndarray, native.TapOffsets] | None = None) -> None:
+                residues: tuple[np.ndarray, native.TapOffsets] | None = None,
+                planar: np.ndarray | None = None) -> None:
     """grad_weight as one GEMM per tap reduced along the pixels, in registers (see
     csrc/grad_weight.hpp). Workers own disjoint (tap, column chunk) units over every pixel,
     so there is no partial sum to add and the bits do not depend on the thread count;
@@ -321,7 +322,8 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
     reproducible for a thread count). `defer`: append (jobs, finish) to it instead of
     running them, to share one queue with grad_input's tiles. `padded`: for layout WIDE,
     the W-padded cotangent if made already (`padded_cotangent_for_both`); `residues`, for
-    DEPTHWISE, the cotangent split by W residue (`residues_for_both`)."""
+    DEPTHWISE, the cotangent split by W residue (`residues_for_both`); `planar`, for
+    PLANAR, the planar cotangent (`planar_cotangent`)."""
     if layout == GradWeightLayout.DEPTHWISE:
         _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer, residues)
         return
@@ -332,7 +334,7 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
         _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
         return
     if layout == GradWeightLayout.PLANAR:
-        _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype)
+        _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, planar)
         return
     swapped = layout == GradWeightLayout.ALONG_IN
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
@@ -448,49 +450,108 @@ def planar_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
             ) * compute_dtype.itemsize
 
 
-def _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype) -> None:
-    """grad_weight with vectors along input pixels (layout PLANAR, csrc/grad_planar.hpp),
-    for few channels on both sides: planar copies of x and of the cotangent (the latter
-    split by W residue), then jobs of input rows per group, each with its own vector sums,
-    added in job order and across lanes at the end (bitwise reproducible for a thread
-    count). (Vectors along either channel axis held 3-9 of 16 lanes: 8 -> 3 k3 s2 on
-    63x57x74 spent 16 ms here against PyTorch's 14 for both gradients.)"""
-    item = compute_dtype.itemsize
-    lanes, _ = native.layout(item)
-    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    n, (d, h, w_in), c_in = spec.batch, spec.in_spatial, spec.c_in
-    od, oh, w_cot = spec.out_spatial
+def _planar_copy(rows_in: np.ndarray, out: np.ndarray, res: int, left: int, stretch: int,
+                 threads: int) -> None:
+    """`native.planar_rows` of every row, in pieces on the threads."""
+    count, width = rows_in.shape[:2]
+    pieces = min(count, 4 * threads)
+    run_jobs([functools.partial(native.planar_rows, rows_in, out, count * i // pieces,
+                                count * (i + 1) // pieces, width, res, left, stretch)
+              for i in range(pieces)], threads)
+
+
+def planar_cotangent(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype,
+                     threads: int) -> np.ndarray:
+    """The cotangent's planar copy for layout PLANAR (rows (n, od, oh), each channel's W
+    residues `stretch` long): made once where both gradients read it."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    _, left, stretch, _ = planar_geometry(spec, lanes)
+    n, od, oh, w_cot = spec.batch, *spec.out_spatial
     s = spec.stride[2]
-    wv, left, stretch, wtaps = planar_geometry(spec, lanes)
-    rows, cot_rows = n * d * h, n * od * oh
-    xs = native.aligned_empty((rows, c_in, wv), compute_dtype)
-    gs = native.aligned_empty((cot_rows, spec.c_out, s, stretch), compute_dtype)
-    x_rows = np.ascontiguousarray(x3.reshape(rows, w_in, c_in), compute_dtype)
-    c_rows = np.ascontiguousarray(c3.reshape(cot_rows, w_cot, spec.c_out), compute_dtype)
-    copies = [(x_rows, xs, rows, w_in, 1, 0, wv), (c_rows, gs, cot_rows, w_cot, s, left, stretch)]
-    run_jobs([functools.partial(native.planar_rows, src, dst, count * i // pieces,
-                                count * (i + 1) // pieces, width, res, lead, length)
-              for src, dst, count, width, res, lead, length in copies
-              for pieces in [min(count, 4 * n_threads)] for i in range(pieces)], n_threads)
-    taps = math.prod(spec.kernel)
+    gs = native.aligned_empty((n * od * oh, spec.c_out, s, stretch), compute_dtype)
+    _planar_copy(np.ascontiguousarray(c3.reshape(n * od * oh, w_cot, spec.c_out), compute_dtype),
+                 gs, s, left, stretch, threads)
+    return gs
+
+
+def _planar_taps(spec: ConvSpec, lanes: int) -> list[int]:
+    """The kernels' tap tables: D offsets, H offsets, then per W tap (residue, first
+    element)."""
     offs = [[k * dl - p for k in range(kk)] for kk, dl, p in
             zip(spec.kernel[:2], spec.dilation[:2], spec.pad_lo[:2])]
+    _, _, _, wtaps = planar_geometry(spec, lanes)
+    return [*offs[0], *offs[1], *[v for pair in wtaps for v in pair]]
+
+
+def _planar_jobs(spec: ConvSpec, threads: int) -> list[tuple[int, int, int]]:
+    """(group, first row, end row) of each job: rows (n, d, h) in pieces per group, enough
+    for the threads to share."""
+    rows = spec.batch * spec.in_spatial[0] * spec.in_spatial[1]
+    per_group = max(1, min(rows, 2 * threads // spec.groups + 1))
+    return [(g, rows * i // per_group, rows * (i + 1) // per_group)
+            for g in range(spec.groups) for i in range(per_group)]
+
+
+def _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
+                        gs: np.ndarray | None = None) -> None:
+    """grad_weight with vectors along input pixels (layout PLANAR, csrc/grad_planar.hpp),
+    for few channels on both sides: planar copies of x and of the cotangent (the latter
+    split by W residue; `gs` if made for both gradients), then jobs of input rows per
+    group, each with its own vector sums, added in job order and across lanes at the end
+    (bitwise reproducible for a thread count). (Vectors along either channel axis held
+    3-9 of 16 lanes: 8 -> 4 g2 k7 on 643x879 took 60 ms on the GEMM path, 5.5 here.)"""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    n, (d, h, w_in), c_in = spec.batch, spec.in_spatial, spec.c_in
+    od, oh, _ = spec.out_spatial
+    s = spec.stride[2]
+    wv, _, stretch, _ = planar_geometry(spec, lanes)
+    rows = n * d * h
+    xs = native.aligned_empty((rows, c_in, 1, wv), compute_dtype)
+    _planar_copy(np.ascontiguousarray(x3.reshape(rows, w_in, c_in), compute_dtype), xs, 1, 0,
+                 wv, n_threads)
+    if gs is None:
+        gs = planar_cotangent(spec, c3, compute_dtype, n_threads)
+    taps = math.prod(spec.kernel)
     head = [c_in * wv, wv, spec.c_out * s * stretch, stretch, s, n, d, h, od, oh,
             *spec.kernel, *spec.stride[:2]]
-    tail = [*offs[0], *offs[1], *[v for pair in wtaps for v in pair]]
-    per_group = max(1, min(rows, 2 * n_threads // groups + 1))
+    tail = _planar_taps(spec, lanes)
     jobs, sums = [], []
-    for g in range(groups):
-        for i in range(per_group):
-            part = native.aligned_zeros((taps, cog, cig, lanes), compute_dtype)
-            geo = np.array([*head, g * cig, cig, g * cog, cog, rows * i // per_group,
-                            rows * (i + 1) // per_group, *tail], np.int64)
-            jobs.append(functools.partial(native.planar_grad_weight, xs, gs, part, geo))
-            sums.append(part)
+    for g, row0, row1 in _planar_jobs(spec, n_threads):
+        part = native.aligned_zeros((taps, cog, cig, lanes), compute_dtype)
+        geo = np.array([*head, g * cig, cig, g * cog, cog, row0, row1, *tail], np.int64)
+        jobs.append(functools.partial(native.planar_grad_weight, xs, gs, part, geo))
+        sums.append((g, part))
     run_jobs(jobs, n_threads)
     for g in range(groups):
-        total = sum_in_order(sums[g * per_group:(g + 1) * per_group]).sum(axis=-1)
+        total = sum_in_order([part for owner, part in sums if owner == g]).sum(axis=-1)
         gw[g * cog:(g + 1) * cog] = total.transpose(1, 0, 2)  # (taps, co, ci) -> (co, taps, ci)
+
+
+def planar_grad_input(spec, c3, w3, gx, n_threads, compute_dtype,
+                      gs: np.ndarray | None = None) -> None:
+    """grad_input with vectors along input pixels over the planar cotangent (`gs` if made
+    for both gradients): jobs of input rows per group, each writing its rows' channels of
+    the group whole (csrc/grad_planar.hpp). (The channel-vector kernel held 8 of 16 lanes
+    on 8 -> 3 k3 s2.)"""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    n, (d, h, w_in), c_in = spec.batch, spec.in_spatial, spec.c_in
+    od, oh, _ = spec.out_spatial
+    wv, _, stretch, _ = planar_geometry(spec, lanes)
+    if gs is None:
+        gs = planar_cotangent(spec, c3, compute_dtype, n_threads)
+    taps = math.prod(spec.kernel)
+    # per group [tap][co][ci]
+    wt = np.ascontiguousarray(w3.reshape(groups, cog, taps, cig).transpose(0, 2, 1, 3),
+                              compute_dtype)
+    head = [wv, spec.c_out * spec.stride[2] * stretch, stretch, spec.stride[2], n, d, h, od, oh,
+            w_in, c_in, *spec.kernel, *spec.stride[:2]]
+    tail = _planar_taps(spec, lanes)
+    run_jobs([functools.partial(native.planar_grad_input, gs, wt[g], gx,
+                                np.array([*head, g * cig, cig, g * cog, cog, row0, row1, *tail],
+                                         np.int64))
+              for g, row0, row1 in _planar_jobs(spec, n_threads)], n_threads)
 
 
 def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:

@@ -149,6 +149,12 @@ struct PgwJob {
   int64_t o0, cout;      // and output channels
   void* sums;
   int64_t row0, row1;    // the job's input rows, flat over (n, d, h)
+  // planar_grad_input only (x and sums unused): the group's weight [tap][co][ci], and
+  // grad_input, channels-last (C channels a pixel, rows of W pixels), written whole for
+  // the group's channels of the job's rows.
+  const void* w;
+  void* gx;
+  int64_t gx_w, gx_c;
 };
 
 struct PairJob {
@@ -178,6 +184,7 @@ extern __thread CtStop* ct_stop;  // null: never stop
                                  void*); \
                  void pair_transform(const PairJob&); \
                  void planar_grad_weight(const PgwJob&); \
+                 void planar_grad_input(const PgwJob&); \
                  int lanes(int); int max_vectors(); \
                  bool fuses_grad_input(int, int64_t, int64_t); }
 CT_DECLARE(avx512)

@@ -133,7 +133,105 @@ static void planar_grad_weight_typed(const PgwJob& job) {
   }
 }
 
+// grad_input over the same planar cotangent (planar_grad_input): per input row, each
+// register tile of CB channels by NB vectors of pixels sums, over every (tap, output
+// channel) of the (D, H) tap pairs that meet the row, NB cotangent vectors times CB
+// broadcast weights; then stores its pixels' channels into the channels-last rows.
+template <int CB> struct PgxTile {
+  static constexpr int NB = CT_NREGS == 32 ? std::max(1, std::min(4, 24 / CB))
+                                           : std::max(1, std::min(2, 12 / CB));
+};
+
+template <typename T, int CB, int NB>
+static inline void pgx_tile(const T* const* gp, const T* const* wp, int64_t count,
+                            int64_t ci, int64_t b0, T* out) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  V acc[CB][NB];
+#pragma GCC unroll 8
+  for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[c][b] = V{};
+  for (int64_t e = 0; e < count; ++e) {
+    V gv[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) gv[b] = *reinterpret_cast<const U*>(gp[e] + (b0 + b) * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < CB; ++c) {
+      const V wv = broadcast<V>(wp[e] + ci + c);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) acc[c][b] += gv[b] * wv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) *reinterpret_cast<U*>(out + c * NB * L + b * L) = acc[c][b];
+}
+
+template <typename T>
+static void planar_grad_input_typed(const PgwJob& job) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t D = job.dims[1], H = job.dims[2], OD = job.dims[3], OH = job.dims[4];
+  const int64_t td = job.ntaps[0], th = job.ntaps[1], tw = job.ntaps[2];
+  const int64_t cin = job.cin, cout = job.cout, nvec = job.wv / L, W = job.gx_w;
+  const T* g = static_cast<const T*>(job.g);
+  const T* wt = static_cast<const T*>(job.w);
+  T* gx = static_cast<T*>(job.gx);
+  const int64_t per_pair = tw * cout, blocks = (cin + PGW_CB * 2 - 1) / (PGW_CB * 2);
+  std::vector<int64_t> go(per_pair);
+  for (int64_t k = 0, e = 0; k < tw; ++k)
+    for (int64_t co = 0; co < cout; ++co, ++e)
+      go[e] = ((job.o0 + co) * job.res + job.wtap[2 * k]) * job.stretch + job.wtap[2 * k + 1];
+  std::vector<const T*> gp(td * th * per_pair), wp(td * th * per_pair);
+  std::vector<T> tile_store(PGW_CB * 2 * 4 * L + L);
+  T* tile = tile_store.data() + (L - reinterpret_cast<uintptr_t>(tile_store.data()) / sizeof(T) % L) % L;
+  CtStop* const stop = ct_stop;  // asked every 16 rows
+  for (int64_t row = job.row0; row < job.row1; ++row) {
+    if (stop && (row - job.row0) % 16 == 0 && stop->stop(stop)) return;
+    const int64_t h = row % H, d = row / H % D, n = row / (H * D);
+    int64_t count = 0;  // the row's (tap, output channel) terms, in tap order
+    for (int64_t i = 0; i < td; ++i) {
+      const int64_t od = d * job.step[0] + job.off[0][i];
+      if (od < 0 || od >= OD) continue;
+      for (int64_t j = 0; j < th; ++j) {
+        const int64_t oh = h * job.step[1] + job.off[1][j];
+        if (oh < 0 || oh >= OH) continue;
+        const T* grow = g + ((n * OD + od) * OH + oh) * job.grow;
+        for (int64_t e = 0; e < per_pair; ++e, ++count) {
+          gp[count] = grow + go[e];
+          wp[count] = wt + ((i * th + j) * per_pair + e) * cin;  // (tap, co) = (.., k, co)
+        }
+      }
+    }
+    T* orow = gx + row * W * job.gx_c + job.c0;
+    for (int64_t blk = 0; blk < blocks; ++blk) {  // near-equal blocks of channels
+      const int64_t ci0 = blk * cin / blocks, ci1 = (blk + 1) * cin / blocks;
+      with_count<PGW_CB * 2>(ci1 - ci0, [&](auto cb) {
+        constexpr int CB = decltype(cb)::value;
+        constexpr int NBM = PgxTile<CB>::NB;
+        for (int64_t b0 = 0; b0 < nvec; b0 += NBM) {
+          with_count<NBM>(std::min<int64_t>(NBM, nvec - b0), [&](auto nb) {
+            constexpr int NB = decltype(nb)::value;
+            pgx_tile<T, CB, NB>(gp.data(), wp.data(), count, ci0, b0, tile);
+            const int64_t w1 = std::min(W, (b0 + NB) * L);
+            for (int64_t w = b0 * L; w < w1; ++w)
+              for (int c = 0; c < CB; ++c)
+                orow[w * job.gx_c + ci0 + c] = tile[c * NB * L + (w - b0 * L)];
+          });
+        }
+      });
+    }
+  }
+}
+
 #if CT_PART_HAS(3)
+void planar_grad_input(const PgwJob& job) {
+  if (job.itemsize == 4) planar_grad_input_typed<float>(job);
+  else planar_grad_input_typed<double>(job);
+}
+
 void planar_grad_weight(const PgwJob& job) {
   if (job.itemsize == 4) planar_grad_weight_typed<float>(job);
   else planar_grad_weight_typed<double>(job);

@@ -191,6 +191,7 @@ struct Isa {
   void (*gather_sum)(int, const void*, const int64_t*, int64_t, int64_t, int64_t, void*);
   void (*pair_transform)(const PairJob&);
   void (*planar_grad_weight)(const PgwJob&);
+  void (*planar_grad_input)(const PgwJob&);
   int (*lanes)(int);
   int (*max_vectors)();
   bool (*fuses_grad_input)(int, int64_t, int64_t);
@@ -209,16 +210,19 @@ const Isa kIsas[] = {
 #ifdef CT_WITH_AVX512
     {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
      avx512::gather_sum, avx512::pair_transform, avx512::planar_grad_weight,
+     avx512::planar_grad_input,
      avx512::lanes, avx512::max_vectors, avx512::fuses_grad_input},
 #endif
 #ifdef CT_WITH_AVX2
     {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
      avx2::gather_sum, avx2::pair_transform, avx2::planar_grad_weight,
+     avx2::planar_grad_input,
      avx2::lanes, avx2::max_vectors, avx2::fuses_grad_input},
 #endif
 #ifdef CT_WITH_GENERIC
     {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
      generic::gather_sum, generic::pair_transform, generic::planar_grad_weight,
+     generic::planar_grad_input,
      generic::lanes, generic::max_vectors, generic::fuses_grad_input},
 #endif
 };
@@ -1091,6 +1095,55 @@ PyObject* py_planar_grad_weight(PyObject*, PyObject* args) {
                         {&x, &g, &sums, &geo});
 }
 
+// planar_grad_input (grad_planar.hpp) on the current instruction set. geo (int64): wv,
+// grow, stretch, res, N, D, H, OD, OH, W, C (grad_input's channels), taps D, H, W, stride
+// D, H, c0, cin, o0, cout, row0, row1, then the D and H tap offsets and, per W tap, its
+// residue and first element. w: the group's weight [tap][co][ci].
+PyObject* py_planar_grad_input(PyObject*, PyObject* args) {
+  int itemsize;
+  Py_buffer g, w, gx, geo;
+  if (!PyArg_ParseTuple(args, "iy*y*w*y*", &itemsize, &g, &w, &gx, &geo)) return nullptr;
+  const int64_t* v = static_cast<const int64_t*>(geo.buf);
+  const int64_t count = geo.len / 8;
+  PgwJob job{};
+  bool ok = (itemsize == 4 || itemsize == 8) && count >= 22;
+  if (ok) {
+    const int64_t lanes = current->lanes(itemsize);
+    job.itemsize = itemsize;
+    job.wv = v[0], job.grow = v[1], job.stretch = v[2], job.res = v[3];
+    for (int k = 0; k < 5; ++k) job.dims[k] = v[4 + k];
+    job.gx_w = v[9], job.gx_c = v[10];
+    for (int k = 0; k < 3; ++k) job.ntaps[k] = v[11 + k];
+    job.step[0] = v[14], job.step[1] = v[15];
+    job.c0 = v[16], job.cin = v[17], job.o0 = v[18], job.cout = v[19];
+    job.row0 = v[20], job.row1 = v[21];
+    const int64_t td = job.ntaps[0], th = job.ntaps[1], tw = job.ntaps[2];
+    const int64_t rows = job.dims[0] * job.dims[1] * job.dims[2];
+    const int64_t grows = job.dims[0] * job.dims[3] * job.dims[4];
+    ok = td >= 1 && th >= 1 && tw >= 1 && count == 22 + td + th + 2 * tw && job.wv > 0 &&
+         job.wv % lanes == 0 && job.gx_w >= 1 && job.gx_w <= job.wv && job.res >= 1 &&
+         job.cin >= 1 && job.cout >= 1 && job.c0 >= 0 && job.c0 + job.cin <= job.gx_c &&
+         job.o0 >= 0 && (job.o0 + job.cout) * job.res * job.stretch <= job.grow &&
+         0 <= job.row0 && job.row0 <= job.row1 && job.row1 <= rows &&
+         g.len >= grows * job.grow * itemsize &&
+         w.len >= td * th * tw * job.cout * job.cin * itemsize &&
+         gx.len >= rows * job.gx_w * job.gx_c * itemsize;
+    const int64_t* wt = v + 22 + td + th;
+    for (int64_t k = 0; ok && k < tw; ++k)
+      ok = wt[2 * k] >= 0 && wt[2 * k] < job.res && wt[2 * k + 1] >= 0 &&
+           wt[2 * k + 1] + job.wv <= job.stretch;
+    job.off[0] = v + 22, job.off[1] = v + 22 + td, job.wtap = wt;
+    job.g = g.buf, job.w = w.buf, job.gx = gx.buf;
+  }
+  if (ok) {
+    Py_BEGIN_ALLOW_THREADS
+    current->planar_grad_input(job);
+    Py_END_ALLOW_THREADS
+  }
+  return finish_buffers(ok, "planar_grad_input: bad itemsize, geometry or sizes",
+                        {&g, &w, &gx, &geo});
+}
+
 // The `cols` forward's gather (kernels/cols.py): output rows [row0, row1) of
 // (batch * OD * OH), each pixel the sum, in tap order, of the products of the (input
 // pixel, tap) pairs that land on it, plus the bias. cols: (batch, ID, IH, IW, groups, taps,
@@ -1464,6 +1517,8 @@ PyMethodDef kMethods[] = {
     {"gather_sum", py_gather_sum, METH_VARARGS, "Sum rows gathered by a table (indexed)."},
     {"planar_rows", py_planar_rows, METH_VARARGS,
      "Rows made planar by channel and W residue, zero-padded (gradients)."},
+    {"planar_grad_input", py_planar_grad_input, METH_VARARGS,
+     "grad_input over the planar cotangent (gradients)."},
     {"planar_grad_weight", py_planar_grad_weight, METH_VARARGS,
      "grad_weight's vector sums over planar rows (gradients)."},
     {"col2im", py_col2im, METH_VARARGS,
