@@ -479,7 +479,7 @@ def test_planar_gradients_match_the_loops(dims, spatial, c_in, c_out, kernel, se
 
 
 def test_planar_bindings_refuse_bad_sizes():
-    """The planar copy and kernel check their buffers against the geometry they are given:
+    """The planar copy and kernels check their buffers against the geometry they are given:
     a buffer too short, or a W tap reading past its residue's stretch, is a ValueError,
     never a read or write out of bounds."""
     src = np.zeros((4, 10, 3), np.float32)
@@ -491,11 +491,20 @@ def test_planar_bindings_refuse_bad_sizes():
     x = native.aligned_zeros((4, 3, lanes), np.float32)  # rows (n, d, h) = (1, 1, 4)
     g = np.zeros((4, 1, 1, lanes + 2), np.float32)
     sums = native.aligned_zeros((1, 1, 3, lanes), np.float32)
-    geo = [3 * lanes, lanes, lanes + 2, lanes + 2, 1, 1, 1, 4, 1, 4, 1, 1, 1, 1, 1,
+    # xrow, wv, grow, stretch, res, N, D, H, OD, OH, W, C, taps, strides, c0, cin, o0,
+    # cout, row0, row1, D and H offsets, W tap (residue, first element)
+    geo = [3 * lanes, lanes, lanes + 2, lanes + 2, 1, 1, 1, 4, 1, 4, lanes, 3, 1, 1, 1, 1, 1,
            0, 3, 0, 1, 0, 4, 0, 0, 0, 2]
     native.planar_grad_weight(x, g, sums, np.array(geo, np.int64))  # fits
-    for at, value in ((24, 3), (20, 5), (16, 4)):  # past the stretch; rows; channels
+    gx = np.zeros((4, lanes, 3), np.float32)
+    w = np.zeros((1, 1, 3), np.float32)
+    native.planar_grad_input(g, w, gx, np.array(geo, np.int64))  # fits
+    for at, value in ((26, 3), (22, 5), (18, 4)):  # past the stretch; rows; channels
         bad = list(geo)
         bad[at] = value
         with pytest.raises(ValueError, match="planar_grad_weight"):
             native.planar_grad_weight(x, g, sums, np.array(bad, np.int64))
+        with pytest.raises(ValueError, match="planar_grad_input"):
+            native.planar_grad_input(g, w, gx, np.array(bad, np.int64))
+    with pytest.raises(ValueError, match="planar_grad_input"):  # grad_input too short
+        native.planar_grad_input(g, w, gx[:3], np.array(geo, np.int64))

@@ -462,15 +462,15 @@ def planar_rows(src: np.ndarray, dst: np.ndarray, row0: int, row1: int, width: i
 def planar_grad_weight(x: np.ndarray, g: np.ndarray, sums: np.ndarray,
                        geometry: np.ndarray) -> None:
     """sums (taps, C_out/g, C_in/g, lanes) += grad_weight's vector sums over planar rows
-    (csrc/grad_planar.hpp; `_vjp_native._planar_grad_weight` lays out `geometry`). The
-    GIL is released meanwhile."""
+    (csrc/grad_planar.hpp; `_vjp_native._planar_geometry_array` lays out `geometry`).
+    The GIL is released meanwhile."""
     _native.planar_grad_weight(x.dtype.itemsize, x, g, sums, geometry)
 
 
 def planar_grad_input(g: np.ndarray, w: np.ndarray, gx: np.ndarray,
                       geometry: np.ndarray) -> None:
     """grad_input's channels of one group for a run of input rows, over the planar
-    cotangent (csrc/grad_planar.hpp; `_vjp_native._planar_grad_input` lays out
+    cotangent (csrc/grad_planar.hpp; `_vjp_native._planar_geometry_array` lays out
     `geometry`). The GIL is released meanwhile."""
     _native.planar_grad_input(g.dtype.itemsize, g, w, gx, geometry)
 

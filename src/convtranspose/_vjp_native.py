@@ -474,13 +474,19 @@ def planar_cotangent(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype,
     return gs
 
 
-def _planar_taps(spec: ConvSpec, lanes: int) -> list[int]:
-    """The kernels' tap tables: D offsets, H offsets, then per W tap (residue, first
-    element)."""
+def _planar_geometry_array(spec: ConvSpec, lanes: int, group: int, row0: int, row1: int
+                           ) -> np.ndarray:
+    """The geometry both planar kernels take (module.cpp's parse_planar) for one group's
+    input rows [row0, row1)."""
+    wv, _, stretch, wtaps = planar_geometry(spec, lanes)
+    s, cig, cog = spec.stride[2], spec.c_in_per_group, spec.c_out_per_group
     offs = [[k * dl - p for k in range(kk)] for kk, dl, p in
             zip(spec.kernel[:2], spec.dilation[:2], spec.pad_lo[:2])]
-    _, _, _, wtaps = planar_geometry(spec, lanes)
-    return [*offs[0], *offs[1], *[v for pair in wtaps for v in pair]]
+    return np.array([spec.c_in * wv, wv, spec.c_out * s * stretch, stretch, s, spec.batch,
+                     *spec.in_spatial[:2], *spec.out_spatial[:2], spec.in_spatial[2],
+                     spec.c_in, *spec.kernel, *spec.stride[:2], group * cig, cig, group * cog,
+                     cog, row0, row1, *offs[0], *offs[1], *[v for pair in wtaps for v in pair]],
+                    np.int64)
 
 
 def _planar_jobs(spec: ConvSpec, threads: int) -> list[tuple[int, int, int]]:
@@ -503,9 +509,7 @@ def _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
     lanes, _ = native.layout(compute_dtype.itemsize)
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     n, (d, h, w_in), c_in = spec.batch, spec.in_spatial, spec.c_in
-    od, oh, _ = spec.out_spatial
-    s = spec.stride[2]
-    wv, _, stretch, _ = planar_geometry(spec, lanes)
+    wv, _, _, _ = planar_geometry(spec, lanes)
     rows = n * d * h
     xs = native.aligned_empty((rows, c_in, 1, wv), compute_dtype)
     _planar_copy(np.ascontiguousarray(x3.reshape(rows, w_in, c_in), compute_dtype), xs, 1, 0,
@@ -513,14 +517,11 @@ def _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
     if gs is None:
         gs = planar_cotangent(spec, c3, compute_dtype, n_threads)
     taps = math.prod(spec.kernel)
-    head = [c_in * wv, wv, spec.c_out * s * stretch, stretch, s, n, d, h, od, oh,
-            *spec.kernel, *spec.stride[:2]]
-    tail = _planar_taps(spec, lanes)
     jobs, sums = [], []
     for g, row0, row1 in _planar_jobs(spec, n_threads):
         part = native.aligned_zeros((taps, cog, cig, lanes), compute_dtype)
-        geo = np.array([*head, g * cig, cig, g * cog, cog, row0, row1, *tail], np.int64)
-        jobs.append(functools.partial(native.planar_grad_weight, xs, gs, part, geo))
+        jobs.append(functools.partial(native.planar_grad_weight, xs, gs, part,
+                                      _planar_geometry_array(spec, lanes, g, row0, row1)))
         sums.append((g, part))
     run_jobs(jobs, n_threads)
     for g in range(groups):
@@ -536,21 +537,14 @@ def planar_grad_input(spec, c3, w3, gx, n_threads, compute_dtype,
     on 8 -> 3 k3 s2.)"""
     lanes, _ = native.layout(compute_dtype.itemsize)
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
-    n, (d, h, w_in), c_in = spec.batch, spec.in_spatial, spec.c_in
-    od, oh, _ = spec.out_spatial
-    wv, _, stretch, _ = planar_geometry(spec, lanes)
     if gs is None:
         gs = planar_cotangent(spec, c3, compute_dtype, n_threads)
     taps = math.prod(spec.kernel)
     # per group [tap][co][ci]
     wt = np.ascontiguousarray(w3.reshape(groups, cog, taps, cig).transpose(0, 2, 1, 3),
                               compute_dtype)
-    head = [wv, spec.c_out * spec.stride[2] * stretch, stretch, spec.stride[2], n, d, h, od, oh,
-            w_in, c_in, *spec.kernel, *spec.stride[:2]]
-    tail = _planar_taps(spec, lanes)
     run_jobs([functools.partial(native.planar_grad_input, gs, wt[g], gx,
-                                np.array([*head, g * cig, cig, g * cog, cog, row0, row1, *tail],
-                                         np.int64))
+                                _planar_geometry_array(spec, lanes, g, row0, row1))
               for g, row0, row1 in _planar_jobs(spec, n_threads)], n_threads)
 
 

@@ -149,12 +149,12 @@ struct PgwJob {
   int64_t o0, cout;      // and output channels
   void* sums;
   int64_t row0, row1;    // the job's input rows, flat over (n, d, h)
+  int64_t gx_w, gx_c;     // the input's W and channels (x's rows hold gx_c of wv each)
   // planar_grad_input only (x and sums unused): the group's weight [tap][co][ci], and
-  // grad_input, channels-last (C channels a pixel, rows of W pixels), written whole for
-  // the group's channels of the job's rows.
+  // grad_input, channels-last (gx_c channels a pixel, rows of gx_w pixels), written whole
+  // for the group's channels of the job's rows.
   const void* w;
   void* gx;
-  int64_t gx_w, gx_c;
 };
 
 struct PairJob {

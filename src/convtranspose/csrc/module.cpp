@@ -1047,44 +1047,55 @@ PyObject* py_planar_rows(PyObject*, PyObject* args) {
   return finish_buffers(ok, "planar_rows: bad itemsize, geometry or sizes", {&src, &dst});
 }
 
-// planar_grad_weight (grad_planar.hpp) on the current instruction set. geo (int64): xrow,
-// wv, grow, stretch, res, N, D, H, OD, OH, taps D, H, W, stride D, H, c0, cin, o0, cout,
-// row0, row1, then the D and H tap offsets and, per W tap, its residue and first element.
+// The geometry both planar gradients take (PgwJob; _vjp_native._planar_geometry_array),
+// int64: xrow, wv, grow, stretch, res, N, D, H, OD, OH, W, C (x's), taps D, H, W, stride
+// D, H, c0, cin, o0, cout, row0, row1, then the D and H tap offsets and, per W tap, its
+// residue and first element. Checks what both read: the cotangent rows and W taps.
+bool parse_planar(const Py_buffer& geo, int itemsize, const Py_buffer& g, PgwJob& job) {
+  const int64_t* v = static_cast<const int64_t*>(geo.buf);
+  const int64_t count = geo.len / 8;
+  if (!(itemsize == 4 || itemsize == 8) || count < 23) return false;
+  job.itemsize = itemsize;
+  job.xrow = v[0], job.wv = v[1], job.grow = v[2], job.stretch = v[3], job.res = v[4];
+  for (int k = 0; k < 5; ++k) job.dims[k] = v[5 + k];
+  job.gx_w = v[10], job.gx_c = v[11];
+  for (int k = 0; k < 3; ++k) job.ntaps[k] = v[12 + k];
+  job.step[0] = v[15], job.step[1] = v[16];
+  job.c0 = v[17], job.cin = v[18], job.o0 = v[19], job.cout = v[20];
+  job.row0 = v[21], job.row1 = v[22];
+  const int64_t td = job.ntaps[0], th = job.ntaps[1], tw = job.ntaps[2];
+  job.off[0] = v + 23, job.off[1] = v + 23 + td, job.wtap = v + 23 + td + th;
+  const int64_t rows = job.dims[0] * job.dims[1] * job.dims[2];
+  const int64_t grows = job.dims[0] * job.dims[3] * job.dims[4];
+  bool ok = td >= 1 && th >= 1 && tw >= 1 && count == 23 + td + th + 2 * tw && job.wv > 0 &&
+            job.wv % current->lanes(itemsize) == 0 && job.gx_w >= 1 && job.gx_w <= job.wv &&
+            job.res >= 1 && job.cin >= 1 && job.cout >= 1 && job.c0 >= 0 &&
+            job.c0 + job.cin <= job.gx_c && job.o0 >= 0 &&
+            (job.o0 + job.cout) * job.res * job.stretch <= job.grow && 0 <= job.row0 &&
+            job.row0 <= job.row1 && job.row1 <= rows && g.len >= grows * job.grow * itemsize;
+  for (int64_t k = 0; ok && k < tw; ++k)
+    ok = job.wtap[2 * k] >= 0 && job.wtap[2 * k] < job.res && job.wtap[2 * k + 1] >= 0 &&
+         job.wtap[2 * k + 1] + job.wv <= job.stretch;
+  job.g = g.buf;
+  return ok;
+}
+
+// planar_grad_weight (grad_planar.hpp): x the planar input, sums the vector sums.
 PyObject* py_planar_grad_weight(PyObject*, PyObject* args) {
   int itemsize;
   Py_buffer x, g, sums, geo;
   if (!PyArg_ParseTuple(args, "iy*y*w*y*", &itemsize, &x, &g, &sums, &geo)) return nullptr;
-  const int64_t* v = static_cast<const int64_t*>(geo.buf);
-  const int64_t count = geo.len / 8;
   PgwJob job{};
-  bool ok = (itemsize == 4 || itemsize == 8) && count >= 21;
+  bool ok = parse_planar(geo, itemsize, g, job);
   if (ok) {
     const int64_t lanes = current->lanes(itemsize);
-    job.itemsize = itemsize;
-    job.xrow = v[0], job.wv = v[1], job.grow = v[2], job.stretch = v[3], job.res = v[4];
-    for (int k = 0; k < 5; ++k) job.dims[k] = v[5 + k];
-    for (int k = 0; k < 3; ++k) job.ntaps[k] = v[10 + k];
-    job.step[0] = v[13], job.step[1] = v[14];
-    job.c0 = v[15], job.cin = v[16], job.o0 = v[17], job.cout = v[18];
-    job.row0 = v[19], job.row1 = v[20];
-    const int64_t td = job.ntaps[0], th = job.ntaps[1], tw = job.ntaps[2];
     const int64_t rows = job.dims[0] * job.dims[1] * job.dims[2];
-    const int64_t grows = job.dims[0] * job.dims[3] * job.dims[4];
-    ok = td >= 1 && th >= 1 && tw >= 1 && count == 21 + td + th + 2 * tw && job.wv > 0 &&
-         job.wv % lanes == 0 && job.res >= 1 && job.cin >= 1 && job.cout >= 1 &&
-         job.c0 >= 0 && (job.c0 + job.cin) * job.wv <= job.xrow && job.o0 >= 0 &&
-         (job.o0 + job.cout) * job.res * job.stretch <= job.grow && 0 <= job.row0 &&
-         job.row0 <= job.row1 && job.row1 <= rows && x.len >= rows * job.xrow * itemsize &&
-         g.len >= grows * job.grow * itemsize &&
-         sums.len >= td * th * tw * job.cout * job.cin * lanes * itemsize &&
+    ok = job.xrow == job.gx_c * job.wv && x.len >= rows * job.xrow * itemsize &&
+         sums.len >= job.ntaps[0] * job.ntaps[1] * job.ntaps[2] * job.cout * job.cin * lanes *
+                         itemsize &&
          reinterpret_cast<uintptr_t>(x.buf) % (lanes * itemsize) == 0 &&
-         job.xrow % lanes == 0 && reinterpret_cast<uintptr_t>(sums.buf) % (lanes * itemsize) == 0;
-    const int64_t* wt = v + 21 + td + th;
-    for (int64_t k = 0; ok && k < tw; ++k)
-      ok = wt[2 * k] >= 0 && wt[2 * k] < job.res && wt[2 * k + 1] >= 0 &&
-           wt[2 * k + 1] + job.wv <= job.stretch;
-    job.off[0] = v + 21, job.off[1] = v + 21 + td, job.wtap = wt;
-    job.x = x.buf, job.g = g.buf, job.sums = sums.buf;
+         reinterpret_cast<uintptr_t>(sums.buf) % (lanes * itemsize) == 0;
+    job.x = x.buf, job.sums = sums.buf;
   }
   if (ok) {
     Py_BEGIN_ALLOW_THREADS
@@ -1095,45 +1106,18 @@ PyObject* py_planar_grad_weight(PyObject*, PyObject* args) {
                         {&x, &g, &sums, &geo});
 }
 
-// planar_grad_input (grad_planar.hpp) on the current instruction set. geo (int64): wv,
-// grow, stretch, res, N, D, H, OD, OH, W, C (grad_input's channels), taps D, H, W, stride
-// D, H, c0, cin, o0, cout, row0, row1, then the D and H tap offsets and, per W tap, its
-// residue and first element. w: the group's weight [tap][co][ci].
+// planar_grad_input (grad_planar.hpp): w the group's weight [tap][co][ci], gx grad_input.
 PyObject* py_planar_grad_input(PyObject*, PyObject* args) {
   int itemsize;
   Py_buffer g, w, gx, geo;
   if (!PyArg_ParseTuple(args, "iy*y*w*y*", &itemsize, &g, &w, &gx, &geo)) return nullptr;
-  const int64_t* v = static_cast<const int64_t*>(geo.buf);
-  const int64_t count = geo.len / 8;
   PgwJob job{};
-  bool ok = (itemsize == 4 || itemsize == 8) && count >= 22;
+  bool ok = parse_planar(geo, itemsize, g, job);
   if (ok) {
-    const int64_t lanes = current->lanes(itemsize);
-    job.itemsize = itemsize;
-    job.wv = v[0], job.grow = v[1], job.stretch = v[2], job.res = v[3];
-    for (int k = 0; k < 5; ++k) job.dims[k] = v[4 + k];
-    job.gx_w = v[9], job.gx_c = v[10];
-    for (int k = 0; k < 3; ++k) job.ntaps[k] = v[11 + k];
-    job.step[0] = v[14], job.step[1] = v[15];
-    job.c0 = v[16], job.cin = v[17], job.o0 = v[18], job.cout = v[19];
-    job.row0 = v[20], job.row1 = v[21];
-    const int64_t td = job.ntaps[0], th = job.ntaps[1], tw = job.ntaps[2];
     const int64_t rows = job.dims[0] * job.dims[1] * job.dims[2];
-    const int64_t grows = job.dims[0] * job.dims[3] * job.dims[4];
-    ok = td >= 1 && th >= 1 && tw >= 1 && count == 22 + td + th + 2 * tw && job.wv > 0 &&
-         job.wv % lanes == 0 && job.gx_w >= 1 && job.gx_w <= job.wv && job.res >= 1 &&
-         job.cin >= 1 && job.cout >= 1 && job.c0 >= 0 && job.c0 + job.cin <= job.gx_c &&
-         job.o0 >= 0 && (job.o0 + job.cout) * job.res * job.stretch <= job.grow &&
-         0 <= job.row0 && job.row0 <= job.row1 && job.row1 <= rows &&
-         g.len >= grows * job.grow * itemsize &&
-         w.len >= td * th * tw * job.cout * job.cin * itemsize &&
+    ok = w.len >= job.ntaps[0] * job.ntaps[1] * job.ntaps[2] * job.cout * job.cin * itemsize &&
          gx.len >= rows * job.gx_w * job.gx_c * itemsize;
-    const int64_t* wt = v + 22 + td + th;
-    for (int64_t k = 0; ok && k < tw; ++k)
-      ok = wt[2 * k] >= 0 && wt[2 * k] < job.res && wt[2 * k + 1] >= 0 &&
-           wt[2 * k + 1] + job.wv <= job.stretch;
-    job.off[0] = v + 22, job.off[1] = v + 22 + td, job.wtap = wt;
-    job.g = g.buf, job.w = w.buf, job.gx = gx.buf;
+    job.w = w.buf, job.gx = gx.buf;
   }
   if (ok) {
     Py_BEGIN_ALLOW_THREADS
