@@ -205,12 +205,23 @@ def mlx_conv_transpose():
     return run_mlx
 
 
+def _forget_plans() -> None:
+    """Plans are pure functions of their arguments for the instruction set the process
+    runs (chosen once, at import); a test that switches it drops the plans made under
+    another (their rules count its lanes)."""
+    from convtranspose import _vjp
+    for cached in (_plan._make_plan, _vjp._make_vjp_plan, _vjp._native_grad_input_suits):
+        cached.cache_clear()
+
+
 @pytest.fixture(params=native._native.available() if native.AVAILABLE else [])
 def isa(request):
     before = native.isa()
     native._native.set_isa(request.param)
+    _forget_plans()
     yield request.param
     native._native.set_isa(before)
+    _forget_plans()
 
 
 @pytest.fixture
