@@ -87,6 +87,28 @@ def test_class_forward_every_algorithm(name, ndim, assert_close):
     assert_close(fn(x32, w32, **settings, bias=bias), ref + bias, np.float32, what=f"{name} bias")
 
 
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("name", ["few-in-large-k", "one-in", "thin-both"])
+def test_w_fused_forward_on_inputs_that_outweigh_the_weight(name, ndim, assert_close,
+                                                            torch_conv_transpose):
+    """The native kernel with a phase's W taps summed as one (`fuses_w_taps`), which the
+    small draws above no longer take (their weights outweigh their inputs): inputs big
+    enough for it, against PyTorch in float64 (the loop reference takes 20 s here), with
+    a bias."""
+    rng = np.random.default_rng(zlib.crc32(f"{name} {ndim} wide".encode()))
+    c_in, c_out, groups, k, s, d = CLASSES[name]
+    spatial = {1: (100,), 2: (30, 34), 3: (24, 22, 26)}[ndim]
+    x = rng.standard_normal((1, *spatial, c_in))
+    w = rng.standard_normal((c_out, *(k,) * ndim, c_in))
+    settings = dict(stride=s, padding=1, dilation=d, output_padding=1, groups=groups)
+    p = ct.plan(x.shape, w.shape, **settings, algorithm="native")
+    assert p.wide_w, p
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    ref = torch_conv_transpose(x, w, **settings)[0] + bias
+    assert_close(ct.run_plan(p, x.astype(np.float32), w.astype(np.float32), bias=bias), ref,
+                 np.float32, what=f"{name} {ndim}-D")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("name", list(CLASSES))
@@ -127,7 +149,7 @@ def test_the_paths_each_class_takes():
     # 52 with the native kernel's W taps summed as one), few-in-large-k's eight (40^3
     # 3 -> 8 k7 s2, one core: 13 ms, 37 by the native kernel)
     for name, algorithm in (("few-in-large-k", "planar"), ("one-in", "planar")):
-        spec, *_ = _spec(name)
+        spec, *_ = _spec(name, spatial=24)
         p = ct.plan(spec.input_shape, spec.weight_shape, stride=spec.stride,
                     dilation=spec.dilation, groups=spec.groups)
         assert p.algorithm == algorithm, name
@@ -135,6 +157,11 @@ def test_the_paths_each_class_takes():
                        dilation=spec.dilation, groups=spec.groups,
                        algorithm="native").wide_w, name
     spec, *_ = _spec("dilated-few")  # dilation along W: pixels not consecutive
+    assert not _plan.fuses_w_taps(spec)
+    # a weight heavier than its input: the wide weights laid out at each call would be
+    # 4x the weight (8 -> 256 k7 s2x2x4 on 4x3x4 pixels: 4.7 ms fused, 0.9 apart)
+    spec, *_ = spec_for(3, np.zeros((1, 4, 3, 4, 8), np.float32),
+                        np.zeros((256, 7, 7, 7, 8), np.float32), (2, 2, 4), 3, 1, 0, 1)
     assert not _plan.fuses_w_taps(spec)
     for name in ("thin-both", "one-in", "grouped-few", "grouped-thin-out"):
         spec, x, w = _spec(name)
