@@ -159,7 +159,8 @@ PLANAR_EFFICIENCY = 0.6
 PLANAR_MAX_CHANNELS = 8
 
 
-def planar_suits(spec: ConvSpec, lanes: int, max_channels: int) -> bool:
+def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
+                 limit: int | None) -> bool:
     """Layout PLANAR's domain: at most 8 channels a group on both sides, rows of at least 16
     pixels that fill 3/4 of their vectors, and at least 16 of them (jobs for the threads).
     Over 89 sweep layers that no channel layout fits whole, grad_weight alone, two threads,
@@ -168,13 +169,16 @@ def planar_suits(spec: ConvSpec, lanes: int, max_channels: int) -> bool:
     and 1.05-1.20x on 3; outside it, it lost on 55 of 66 (wide channels, rows of 4-15
     pixels, 1-D rows of 10^5: up to 60x) and won on 11, left to a later rule. Up to 4
     groups (as measured), and not depthwise: vectors along the channels serve those (64
-    -> 64 g64 k3: 1.6 ms against 14.8 over planar rows, a job per group)."""
+    -> 64 g64 k3: 1.6 ms against 14.8 over planar rows, a job per group). The planar
+    copies must fit the workspace `limit` (None: any)."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
     w = spec.in_spatial[2]
     rows = spec.batch * spec.in_spatial[0] * spec.in_spatial[1]
     depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
     return (max(spec.c_in_per_group, spec.c_out_per_group) <= max_channels and w >= 16
             and 4 * w >= 3 * ceil_div(w, lanes) * lanes and rows >= 16
-            and spec.groups <= 4 and not depthwise)
+            and spec.groups <= 4 and not depthwise
+            and (limit is None or native_paths.planar_bytes(spec, compute_dtype) <= limit))
 
 
 def _gw_rule() -> tuple[int, float, float, int]:
@@ -213,8 +217,7 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
         return GradWeightLayout.ALONG_OUT
     # Few channels on both sides: vectors along input pixels, by rule (the models of the
     # channel layouts were 1.4-3x off here).
-    if planar_suits(spec, lanes, planar_max) and (
-            limit is None or native_paths.planar_bytes(spec, compute_dtype) <= limit):
+    if planar_suits(spec, compute_dtype, planar_max, limit):
         return GradWeightLayout.PLANAR
     return _wide_or_padded(spec, compute_dtype, limit, padded_over_wide)
 
@@ -309,8 +312,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
                                gw_rule)
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
     planar = (algorithm in (None, VjpAlgorithm.NATIVE) and work and native.AVAILABLE
-              and planar_suits(spec, native.layout(compute_dtype.itemsize)[0], gw_rule[3])
-              and native_paths.planar_bytes(spec, compute_dtype) <= limit)
+              and planar_suits(spec, compute_dtype, gw_rule[3], limit))
     if (algorithm in (None, VjpAlgorithm.NATIVE) and work and native.AVAILABLE and not planar
             and expands_to_depthwise(grad_input_kernel_spec(spec))
             and _repeated_cotangent_bytes(spec, compute_dtype) <= limit):
@@ -377,8 +379,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         gw = (_native_grad_weight_step(spec, compute_dtype, threads, layout) if layout is not None
               else gemm_costs["weight"])
     return VjpPlan(spec, compute_dtype, gx, gw, threads, limit, budget,
-                   shared_queue=layout is not None and native_gx and not fused and not planar
-                   and layout != GradWeightLayout.PLANAR)
+                   shared_queue=layout is not None and native_gx and not fused and not planar)
 
 
 def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
@@ -407,11 +408,9 @@ def _planar_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
     write. On the 29 sweep layers of its domain it took 0.07-0.99x the time of the
     channel-vector kernel (8 -> 4 g4 k7x3x7 on 78x69x90: 387 -> 27 ms)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
-    item = compute_dtype.itemsize
-    wv, _, stretch, _ = native_paths.planar_geometry(spec, lanes)
-    cot_bytes = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1] * spec.c_out
-                 * spec.stride[2] * stretch * item)
-    write = spec.batch * math.prod(spec.in_spatial) * spec.c_in * item
+    wv, _, _, _ = native_paths.planar_geometry(spec, lanes)
+    cot_bytes = native_paths.planar_cotangent_bytes(spec, compute_dtype)
+    write = spec.batch * math.prod(spec.in_spatial) * spec.c_in * compute_dtype.itemsize
     seconds = (spec.useful_flops * wv / spec.in_spatial[2]
                / (NATIVE_PEAK_PER_LANE * lanes * PLANAR_EFFICIENCY)
                + ((0 if shares_copy else 2 * cot_bytes) + write) / COPY_BYTES_PER_S)

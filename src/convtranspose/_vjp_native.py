@@ -427,27 +427,39 @@ def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list 
                    for job in jobs], n_threads, copy_out, defer)
 
 
-def planar_geometry(spec: ConvSpec, lanes: int) -> tuple[int, int, int, list[tuple[int, int]]]:
-    """Layout PLANAR's rows: the input row padded to whole vectors (wv), the cotangent's
-    W residues each `stretch` long with `left` zeros before pixel 0's element, and per W
-    tap (residue, element that input pixel 0 meets): every tap reads wv elements from
-    there, inside its residue's stretch."""
-    s, w_in, w_cot = spec.stride[2], spec.in_spatial[2], spec.out_spatial[2]
-    wv = ceil_div(w_in, lanes) * lanes
-    offs = [k * spec.dilation[2] - spec.pad_lo[2] for k in range(spec.kernel[2])]
+def w_residues(spec: ConvSpec, width: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """The cotangent's rows split by W residue (positions w = j * stride + r), each residue
+    in its own zero-padded stretch: (`left` zeros before pixel 0's element, `stretch`, and
+    per W tap (its residue, the element input pixel 0 meets)), so that a tap's reads of
+    `width` pixels from there, step 1, stay in its residue's stretch."""
+    s, w_cot = spec.stride[2], spec.out_spatial[2]
+    offs = [int(o) for o in tap_offsets(spec)[2]]
     shifts = [o // s for o in offs]  # floor: residue o - s * shift
     left = max(0, -min(shifts))
-    stretch = left + max(ceil_div(w_cot, s), max(shifts) + wv)
-    return wv, left, stretch, [(o - s * q, left + q) for o, q in zip(offs, shifts)]
+    stretch = left + max(ceil_div(w_cot, s), max(shifts) + width)
+    return left, stretch, [(o - s * q, left + q) for o, q in zip(offs, shifts)]
+
+
+def planar_geometry(spec: ConvSpec, lanes: int) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """Layout PLANAR's rows: the input row padded to whole vectors (wv), and the
+    cotangent's `w_residues` for reads of wv elements."""
+    wv = ceil_div(spec.in_spatial[2], lanes) * lanes
+    return (wv, *w_residues(spec, wv))
+
+
+def planar_cotangent_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
+    """The cotangent's planar copy (layout PLANAR, `planar_cotangent`)."""
+    _, _, stretch, _ = planar_geometry(spec, native.layout(compute_dtype.itemsize)[0])
+    return (spec.batch * spec.out_spatial[0] * spec.out_spatial[1] * spec.c_out
+            * spec.stride[2] * stretch * compute_dtype.itemsize)
 
 
 def planar_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
     """The planar copies of x and of the cotangent (layout PLANAR)."""
-    wv, _, stretch, _ = planar_geometry(spec, native.layout(compute_dtype.itemsize)[0])
+    wv, _, _, _ = planar_geometry(spec, native.layout(compute_dtype.itemsize)[0])
     rows = spec.batch * spec.in_spatial[0] * spec.in_spatial[1]
-    cot_rows = spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
-    return (rows * spec.c_in * wv + cot_rows * spec.c_out * spec.stride[2] * stretch
-            ) * compute_dtype.itemsize
+    return (rows * spec.c_in * wv * compute_dtype.itemsize
+            + planar_cotangent_bytes(spec, compute_dtype))
 
 
 def _planar_copy(rows_in: np.ndarray, out: np.ndarray, res: int, left: int, stretch: int,
@@ -480,13 +492,12 @@ def _planar_geometry_array(spec: ConvSpec, lanes: int, group: int, row0: int, ro
     input rows [row0, row1)."""
     wv, _, stretch, wtaps = planar_geometry(spec, lanes)
     s, cig, cog = spec.stride[2], spec.c_in_per_group, spec.c_out_per_group
-    offs = [[k * dl - p for k in range(kk)] for kk, dl, p in
-            zip(spec.kernel[:2], spec.dilation[:2], spec.pad_lo[:2])]
+    offsets = tap_offsets(spec)
     return np.array([spec.c_in * wv, wv, spec.c_out * s * stretch, stretch, s, spec.batch,
                      *spec.in_spatial[:2], *spec.out_spatial[:2], spec.in_spatial[2],
                      spec.c_in, *spec.kernel, *spec.stride[:2], group * cig, cig, group * cog,
-                     cog, row0, row1, *offs[0], *offs[1], *[v for pair in wtaps for v in pair]],
-                    np.int64)
+                     cog, row0, row1, *offsets[0], *offsets[1],
+                     *[v for pair in wtaps for v in pair]], np.int64)
 
 
 def _planar_jobs(spec: ConvSpec, threads: int) -> list[tuple[int, int, int]]:
@@ -630,12 +641,8 @@ def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype, t
     pixel * channel index only at step 1; at stride 2 they ran one channel at a time
     (1 -> 1 k5 s2, two threads: grad_weight 56 ms, grad_input 111; PyTorch's backward
     79 ms for both)."""
-    s, w_in, w_cot = spec.stride[2], spec.in_spatial[2], c3.shape[3]
-    offs = [k * spec.dilation[2] - spec.pad_lo[2] for k in range(spec.kernel[2])]
-    shifts = [o // s for o in offs]  # floor: residue r = o - s * shift
-    left = max(0, -min(shifts))
-    # every read p + shift, p in [0, w_in), stays in its residue's stretch
-    stretch = left + max(ceil_div(w_cot, s), max(shifts) + w_in)
+    s, w_cot = spec.stride[2], c3.shape[3]
+    left, stretch, wtaps = w_residues(spec, spec.in_spatial[2])
     n, d, h, _, c = c3.shape
     # recycled memory where big: a fresh block's page faults cost as much as the split
     out = native.aligned_empty((n * d * h, s, stretch, c), compute_dtype)
@@ -650,8 +657,7 @@ def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype, t
                                 n * d * h * i // pieces, n * d * h * (i + 1) // pieces, left)
               for i in range(pieces)], threads)
     arrays = list(tap_offsets(spec).arrays)
-    arrays[2] = np.array([(o - s * q) * stretch + left + q for o, q in zip(offs, shifts)],
-                         np.int64)
+    arrays[2] = np.array([r * stretch + first for r, first in wtaps], np.int64)
     return out.reshape(n, d, h, s * stretch, c), native.TapOffsets(arrays)
 
 

@@ -653,10 +653,7 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
     const DotSpan at = dot_span(b0, P, job.wcount);
     const int64_t w0 = at.w0, skip = at.skip, np = at.np;
     V acc[P][CO];
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p)
-#pragma GCC unroll 8
-      for (int o = 0; o < CO; ++o) acc[p][o] = V{};
+    zero_tile(acc);
     for (int64_t q = 0; q < dh_taps; ++q) {
       if (!rows[q]) continue;
       for (int64_t k = 0; k < tw; ++k) {
@@ -707,10 +704,7 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
     const DotSpan at = dot_span(b0, P, job.wcount);
     const int64_t w0 = at.w0, skip = at.skip, np = at.np;
     V acc[P][CO];
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p)
-#pragma GCC unroll 8
-      for (int o = 0; o < CO; ++o) acc[p][o] = V{};
+    zero_tile(acc);
     for (int64_t q = 0; q < dh_taps; ++q) {
       if (!rows[q]) continue;
       for (int64_t k = 0; k < tw; ++k) {

@@ -185,13 +185,7 @@ template <int NV> struct FewTile {
 // one or two sums would run latency-bound): tile(first sum, its compile-time count).
 template <int E, typename T, typename F>
 static void in_even_tiles(const FewSum<T>* sums, int64_t n, F&& tile) {
-  const int64_t tiles = (n + E - 1) / E, size = n / std::max<int64_t>(1, tiles),
-                bigger = n % std::max<int64_t>(1, tiles);
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t len = size + (t < bigger);
-    with_count<E>(len, [&](auto size) { tile(sums, size); });
-    sums += len;
-  }
+  in_even_blocks<E>(n, [&](int64_t first, auto size) { tile(sums + first, size); });
 }
 
 // Both gradients in one pass (job.gx, few sums only): each broadcast cotangent value b of

@@ -53,6 +53,19 @@ static inline void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, MAXN>{});
 }
 
+// f(first, size) over n items cut into blocks of near-equal size, at most MAX each, with
+// `size` a compile-time count (`with_count`): a last block of one or two items would run
+// short of independent chains.
+template <int MAX, typename F>
+static inline void in_even_blocks(int64_t n, F&& f) {
+  const int64_t blocks = (n + MAX - 1) / MAX;
+  for (int64_t b = 0, first = 0; b < blocks; ++b) {
+    const int64_t len = n / blocks + (b < n % blocks);
+    with_count<MAX>(len, [&](auto size) { f(first, size); });
+    first += len;
+  }
+}
+
 // A vector of copies of *p, read straight from memory into the register (GCC builds a
 // generic `V{} + *p` as a scalar add of zero plus a register broadcast, two instructions
 // on the FMA ports). Translation units with intrinsics define CT_BROADCAST_F/D.
@@ -87,6 +100,15 @@ static inline void load_tile(V (&r)[P][NV], const T* acc, int64_t cw) {
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) r[p][v] = *reinterpret_cast<const U*>(acc + p * cw + v * L);
+}
+
+// A P x NV accumulator tile set to zero.
+template <int P, int NV, typename V>
+static inline void zero_tile(V (&r)[P][NV]) {
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) r[p][v] = V{};
 }
 
 template <typename T, int P, int NV, typename V>
