@@ -317,3 +317,24 @@ def test_weights_packed_in_pieces_by_every_thread_hold_the_same_layout(c_out, rn
     got = ct.run_plan(ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=2), x, w)
     assert pieces, "the weight was not packed in pieces"
     np.testing.assert_array_equal(got, alone)
+
+
+def test_pool_tasks_writing_the_same_rows_say_so(rng, monkeypatch, small_calls_threaded):
+    """Stride 2 along D, H and W: the phases of one D and H residue interleave their pixels
+    in the same output rows, and their tasks carry one `rows` number (a thread about to
+    start one first joins the other, csrc/pool.hpp); other residues carry others. The
+    result holds the bits of one thread."""
+    x = rng.standard_normal((1, 4, 5, 6, 8)).astype(np.float32)
+    w = rng.standard_normal((12, 3, 3, 3, 8)).astype(np.float32)
+    kw = dict(stride=2, padding=1)
+    alone = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=1),
+                        x, w).copy()
+    seen: list = []
+    real = native.run_tasks
+    monkeypatch.setattr(native, "run_tasks", lambda tasks, threads: (
+        seen.extend(tasks), real(tasks, threads)))
+    shared = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=2), x, w)
+    np.testing.assert_array_equal(shared, alone)
+    assert len(seen) == 8 and all(t.rows >= 0 for t in seen)
+    counts = sorted(sum(t.rows == u.rows for u in seen) for t in seen)
+    assert counts == [2] * 8  # four D/H residues, each with its two W residues

@@ -351,12 +351,15 @@ class Task(NamedTuple):
     the compiled pool, which runs them without the GIL (see csrc/pool.hpp): in order on
     one thread, or, `shared`, on every thread that joins it (its calls then share their
     rows through their `RowCursors`). `once` (see `once`) runs first. `keep` holds the
-    arrays the calls address (cursors, packed weights) until they have run."""
+    arrays the calls address (cursors, packed weights) until they have run. `rows`: -1, or
+    a number shared by the tasks that write the same output rows; a thread about to start
+    one first joins any such task still running (csrc/pool.hpp, `join_same_rows`)."""
 
     calls: tuple
     shared: bool = False
     once: Any = None
     keep: Any = None
+    rows: int = -1
 
     def run_here(self) -> None:
         """Run the task on the calling thread (other threads may join it meanwhile)."""
@@ -371,8 +374,9 @@ def once(calls: list) -> Any:
 
 def run_tasks(tasks: list[Task], threads: int) -> None:
     """Run the tasks on the caller and up to `threads` - 1 pool threads; returns when all
-    are done. Tasks are taken in order; a thread that finds none left joins a shared task
-    still running."""
+    are done. Tasks are taken in order (a thread first joins a shared task still running
+    that writes the same rows, `Task.rows`); a thread that finds none left joins a shared
+    task still running."""
     _native.run_tasks(tasks, threads)
 
 

@@ -854,8 +854,9 @@ PyObject* py_once(PyObject*, PyObject* args) {
   return cap;
 }
 
-// run_tasks(tasks, threads): each task a tuple (calls, shared, once or None); runs them on
-// the caller and up to threads - 1 pool threads, the GIL released.
+// run_tasks(tasks, threads): each task a tuple (calls, shared, once or None, keep[, rows]);
+// runs them on the caller and up to threads - 1 pool threads, the GIL released. `rows`:
+// which output rows the task writes (pool::Task::rows), -1 where none is given.
 PyObject* py_run_tasks(PyObject*, PyObject* args) {
   PyObject* seq;
   int threads;
@@ -883,6 +884,11 @@ PyObject* py_run_tasks(PyObject*, PyObject* args) {
       ok = once != nullptr;
     }
     if (ok && shared < 0) ok = false;
+    int64_t rows = -1;
+    if (ok && PyTuple_GET_SIZE(t) > 4) {
+      rows = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
+      ok = !(rows == -1 && PyErr_Occurred());
+    }
     if (ok)
       tasks.push_back({[calls] {
                          for (const Call& c : *calls) {
@@ -890,7 +896,7 @@ PyObject* py_run_tasks(PyObject*, PyObject* args) {
                            run_call(c);
                          }
                        },
-                       shared != 0, once});
+                       shared != 0, once, rows});
   }
   Py_DECREF(fast);  // the tuples, and the Once capsules they hold, live on in `seq`
   if (!ok) return nullptr;
@@ -1462,7 +1468,7 @@ int capi_lanes(int itemsize) { return current->lanes(itemsize); }
 int capi_max_vectors() { return current->max_vectors(); }
 void capi_run_shared(void (*body)(void*), void* ctx, int threads) {
   std::vector<pool::Task> tasks;
-  tasks.push_back({[body, ctx] { body(ctx); }, threads > 1, nullptr});
+  tasks.push_back({[body, ctx] { body(ctx); }, threads > 1, nullptr, -1});
   pool::instance()->run(std::move(tasks), std::max(0, std::min(threads, 256) - 1),
                         nullptr);  // MLX calls are not interrupted mid-evaluation
 }

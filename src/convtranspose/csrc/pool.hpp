@@ -10,7 +10,9 @@
 //
 // Work sharing mirrors run_jobs in _execute.py: tasks are taken in order; a thread that
 // finds none left joins a shared task still running (its calls divide their rows through
-// the kernel's cursors), so that the batch ends with every thread busy. Which thread runs
+// the kernel's cursors), so that the batch ends with every thread busy. Unlike run_jobs,
+// a thread about to start a task first joins any running one that writes the same output
+// rows (Task::rows, `join_same_rows`). Which thread runs
 // what changes no bit of any result: tasks write disjoint outputs, or are one thread's
 // sequence of calls in a fixed order.
 //
@@ -114,17 +116,23 @@ struct Task {
   std::function<void()> body;
   bool shared;   // every thread may run it: its calls share their rows through cursors
   Once* once;    // run before the body, or null
+  int64_t rows;  // -1; else tasks of equal `rows` write the same output rows (see participate)
 };
 
 struct Batch {
   Batch(std::vector<Task> t, const std::atomic<int>* s)
-      : tasks(std::move(t)), open(new std::atomic<int>[tasks.size()]), stop(s) {
+      : tasks(std::move(t)),
+        open(new std::atomic<int>[tasks.size()]),
+        running(new std::atomic<int>[tasks.size()]),
+        stop(s) {
     for (size_t i = 0; i < tasks.size(); ++i)
       open[i].store(tasks[i].shared ? 1 : 0, std::memory_order_relaxed);
+    for (size_t i = 0; i < tasks.size(); ++i) running[i].store(0, std::memory_order_relaxed);
   }
   std::vector<Task> tasks;
   std::atomic<int64_t> next{0};
   std::unique_ptr<std::atomic<int>[]> open;  // a shared task not yet returned from
+  std::unique_ptr<std::atomic<int>[]> running;  // a task some thread has begun
   int seats = 0;                              // helpers that may still join (under the lock)
   std::atomic<int> inside{0};                 // helpers that joined and have not left
   const std::atomic<int>* stop;               // raised by the caller: take no more work
@@ -133,6 +141,22 @@ struct Batch {
 inline void run_task(const Task& t) {
   if (t.once) t.once->ensure();
   t.body();
+}
+
+// Before task i: join any shared task still open that writes the same output rows (a
+// stride's phases of one output row interleave their pixels along W). Two threads writing
+// them at once sent the lines where the phases meet back and forth between the cores:
+// 8 -> 117 k3 s2 ran no faster on two threads than on one. Run one at a time, they share
+// the rows of each.
+inline void join_same_rows(Batch& b, int64_t i) {
+  const int64_t rows = b.tasks[i].rows;
+  if (rows < 0) return;
+  for (int64_t j = std::max<int64_t>(0, i - 64); j < i; ++j)  // a tile's phases: at most 64
+    if (b.tasks[j].rows == rows && b.running[j].load(std::memory_order_acquire) &&
+        b.open[j].load(std::memory_order_acquire)) {
+      run_task(b.tasks[j]);
+      b.open[j].store(0, std::memory_order_release);
+    }
 }
 
 // Take tasks until none is left, then join shared ones still open (or until the batch
@@ -144,6 +168,8 @@ inline void participate(Batch& b) {
     const int64_t i = b.next.fetch_add(1, std::memory_order_acq_rel);
     if (i < n) {
       const Task& t = b.tasks[i];
+      if (t.shared) join_same_rows(b, i);
+      b.running[i].store(1, std::memory_order_release);
       run_task(t);
       if (t.shared) b.open[i].store(0, std::memory_order_release);  // all its rows taken
       continue;
