@@ -68,6 +68,14 @@ BACKWARD_LAYERS = {
                 "native", "native"),
     # 3 -> 1 at stride 2 on rows of 128 pixels: grad_weight with vectors along the pixels
     "few-both": ((1, 96, 128, 3), (1, 4, 2, 3), dict(stride=2), "native", "native"),
+    # thin outputs from wide inputs (105 -> 3, a tenth of a vector padded): grad_weight
+    # over x padded to whole vectors (PADDED), its few-sums tiles ...
+    "thin-out-wide-in": ((1, 8, 10, 9, 105), (3, 6, 6, 6, 105), dict(stride=2),
+                         "native", "native"),
+    # ... but with more outputs, or more of the padding empty, WIDE (its padded cotangent
+    # serves grad_input too)
+    "thin-out-5": ((1, 8, 10, 9, 105), (5, 6, 6, 6, 105), dict(stride=2), "native", "native"),
+    "thin-out-25-in": ((1, 8, 10, 9, 25), (3, 6, 6, 6, 25), dict(stride=2), "native", "native"),
     # wide channels on a few pixels: grad_weight summed in place along C_in, where vectors
     # along C_out would spend more on unpacking its 1.7 MiB than they save (3.0 -> 1.2 ms)
     "wide-few-pixels": ((3, 4, 4, 4, 64), (32, 6, 6, 6, 64), dict(padding=2),
@@ -77,7 +85,9 @@ Layout = native.GradWeightLayout
 GW_LAYOUTS = {"odd-channels-s2": Layout.PADDED, "odd-channels-s1": Layout.PADDED,
               "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.PADDED,
               "fan-out": Layout.DEPTHWISE, "multiplier": Layout.DEPTHWISE,
-              "wide-few-pixels": Layout.ALONG_IN, "few-both": Layout.PLANAR}
+              "wide-few-pixels": Layout.ALONG_IN, "few-both": Layout.PLANAR,
+              "thin-out-wide-in": Layout.PADDED, "thin-out-5": Layout.WIDE,
+              "thin-out-25-in": Layout.WIDE}
 
 
 def _workload(name: str):

@@ -236,10 +236,18 @@ def _wide_or_padded(spec: ConvSpec, compute_dtype: np.dtype, limit: int | None,
         # 15 sweep layers where the plain comparison chose PADDED, both gradients measured
         # 1.15-2.4x faster on 10 (16 -> 364 g4: 24.9 -> 10.5 ms), level on 1, and
         # 1.06-1.24x slower on 4 whose C_in/g (2 and 7) leaves most of PADDED's lanes
-        # empty, three of them within 1.3x in the models. One group, WIDE measured faster
-        # on 8 of 9 (its padded cotangent, shared with grad_input, costs less than
-        # modelled), so it stays the rule there.
-        if padded and spec.groups > 1 and (
+        # empty, three of them within 1.3x in the models. One group, the same for thin
+        # outputs (C_out 1-3) from inputs whose padding wastes under a tenth of PADDED's
+        # lanes: its few-sums tiles then run near the FMA ports' rate, and WIDE's columns
+        # (kW * C_out) fill a vector or less. Both gradients, sweep layers of seeds 11-28
+        # the rule moves, alternating processes: 371 -> 1 k4 s2x4x1 41.0 -> 29.9 ms, 30 ->
+        # 1 k7 19.0 -> 14.4, 125 -> 1 k6x7x3 s2 5.0 -> 2.9, 105 -> 3 k6 3.4 -> 3.1, 107 ->
+        # 3 k3 s4 25.5 -> 24.3. Wider outputs or more padding lost, though grad_weight
+        # alone gained: WIDE's padded cotangent also serves grad_input (28 -> 5 k2 s3 13.6
+        # -> 15.2, 24 -> 8 k3 s3 1.5 -> 2.4, 25 -> 3 k7 s4 1.29 -> 1.51).
+        whole = ceil_div(cig, lanes) * lanes
+        one_group_padded = spec.groups == 1 and spec.c_out <= 3 and cig >= 0.9 * whole
+        if padded and (spec.groups > 1 or one_group_padded) and (
                 padded_over_wide
                 * _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.PADDED)
                 .est_seconds
