@@ -421,7 +421,8 @@ def _planar_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
     write = spec.batch * math.prod(spec.in_spatial) * spec.c_in * compute_dtype.itemsize
     seconds = (spec.useful_flops * wv / spec.in_spatial[2]
                / (NATIVE_PEAK_PER_LANE * lanes * PLANAR_EFFICIENCY)
-               + ((0 if shares_copy else 2 * cot_bytes) + write) / COPY_BYTES_PER_S)
+               + ((0 if shares_copy else 2 * cot_bytes) + write) / COPY_BYTES_PER_S
+               + weight_traffic_seconds(spec, compute_dtype))
     return GradStep(VjpAlgorithm.NATIVE, spec.useful_flops, 0 if shares_copy else cot_bytes,
                     threads, _on_threads(seconds, threads), planar=True)
 
@@ -449,7 +450,8 @@ def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
     elif wide:  # the cotangent padded along W
         scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
                    * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * item)
-    seconds = products / native_rate(grad_input_kernel_spec(spec)) + write / 2 + extra
+    seconds = (products / native_rate(grad_input_kernel_spec(spec)) + write / 2 + extra
+               + weight_traffic_seconds(spec, compute_dtype))
     return GradStep(VjpAlgorithm.WINOGRAD if takes_pairs else VjpAlgorithm.NATIVE, flops, scratch,
                     threads, _on_threads(seconds, threads), with_grad_weight=fused, wide_w=wide)
 
@@ -487,7 +489,7 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
                        * compute_dtype.itemsize
                        + gw_bytes * spec.groups * vectors * lanes // max(1, width))
     flops = spec.useful_flops
-    seconds = flops / rate
+    seconds = flops / rate + weight_traffic_seconds(spec, compute_dtype)
     if layout in (GradWeightLayout.PADDED, GradWeightLayout.WIDE,  # its copies, written and
                   GradWeightLayout.PLANAR):
         seconds += 2 * scratch / COPY_BYTES_PER_S  # read (8 -> 2 2-D PADDED: 37 MiB of x)
@@ -504,8 +506,9 @@ def _gemm_seconds(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str
     flops = spec.useful_flops
     rows = spec.batch * math.prod(spec.in_spatial)
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
+    weight = weight_traffic_seconds(spec, compute_dtype)
     if algorithm == VjpAlgorithm.DIRECT:
-        per_grad = flops / 2 / ELEMENTWISE_PER_S
+        per_grad = flops / 2 / ELEMENTWISE_PER_S + weight
         return {"input": per_grad, "weight": per_grad}, 0.0
     if algorithm == VjpAlgorithm.SHIFT:
         layout = shift_layout(spec)
@@ -514,15 +517,21 @@ def _gemm_seconds(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str
         taps = len(active_taps(spec))
         copied, k = taps, taps * cog
     copy = 2 * rows * copied * spec.c_out * compute_dtype.itemsize / COPY_BYTES_PER_S
-    times = {"input": flops / _gemm_rate(cig), "weight": flops / _gemm_rate(min(k, cig))}
     if algorithm == VjpAlgorithm.INDEXED:
         copy += 1e-5  # a few calls of Python
-        # A small call's weight may outweigh its pixels many times: grad_input's GEMM reads
-        # it from memory and grad_weight's writes a new one (384 -> 197 k3 s3 on 16 pixels:
-        # 8 MB, 2.1 and 1.8 ms measured where the GEMMs alone model 0.35 and 0.27).
-        weight = spec.c_out * math.prod(spec.kernel) * cig * compute_dtype.itemsize
-        times = {name: t + weight / COPY_BYTES_PER_S for name, t in times.items()}
-    return times, copy
+    return {"input": flops / _gemm_rate(cig) + weight,
+            "weight": flops / _gemm_rate(min(k, cig)) + weight}, copy
+
+
+def weight_traffic_seconds(spec: ConvSpec, compute_dtype: np.dtype) -> float:
+    """What every path pays for the weight's size, each gradient alone: grad_input reads
+    the weight, grad_weight writes one. A small call's weight may outweigh its pixels
+    many times (384 -> 197 k3 s3 on 16 pixels: 8 MB, 2.1 and 1.8 ms measured where the
+    GEMMs alone model 0.35 and 0.27; 96 -> 337 k7 d2 on one pixel: 44 MB, 17.6 ms for
+    both, modelled 0.51). The same term in every path's model changes no comparison of
+    their sums."""
+    return (spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group
+            * compute_dtype.itemsize / COPY_BYTES_PER_S)
 
 
 def _gemm_costs(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str, want_input: bool,
