@@ -394,3 +394,36 @@ def test_planar_counts_its_copy_and_refuses_a_workspace_below_it():
     with pytest.raises(ValueError, match="planar copy"):
         ct.plan(x_shape, w_shape, **settings, algorithm="planar", workspace=copy // 2)
     assert ct.plan(x_shape, w_shape, **settings, workspace=copy // 2).algorithm != "planar"
+
+
+def test_inside_flops_count_only_the_products_that_land_in_the_output():
+    """Per axis, the (input, tap) pairs whose output position survives the padding's crop,
+    counted one by one, on random settings; without a crop it is useful_flops."""
+    import random
+
+    from convtranspose._api import spec_for
+
+    rnd = random.Random(3)
+    checked = 0
+    while checked < 60:
+        k = [rnd.randint(1, 7) for _ in range(3)]
+        s = [rnd.randint(1, 4) for _ in range(3)]
+        d = [rnd.randint(1, 2) for _ in range(3)]
+        n = [rnd.randint(1, 6) for _ in range(3)]
+        p = [rnd.randint(0, d[i] * (k[i] - 1)) for i in range(3)]
+        op = [rnd.randint(0, max(s[i], d[i]) - 1) for i in range(3)]
+        try:
+            spec, _, _ = spec_for(3, np.zeros((2, *n, 4), np.float32),
+                                  np.zeros((6, *k, 2), np.float32), stride=s, padding=p,
+                                  dilation=d, output_padding=op, groups=2)
+        except ValueError:
+            continue
+        pairs = 1
+        for a in range(3):
+            pairs *= sum(1 for i in range(n[a]) for t in range(k[a])
+                         if 0 <= i * s[a] + t * d[a] - p[a] < spec.out_spatial[a])
+        assert spec.inside_flops == 2 * 2 * pairs * 4 * 3
+        checked += 1
+    spec, _, _ = spec_for(3, np.zeros((1, 3, 4, 5, 8), np.float32),
+                          np.zeros((8, 3, 3, 3, 8), np.float32), stride=2)
+    assert spec.inside_flops == spec.useful_flops

@@ -112,6 +112,23 @@ class ConvSpec:
         return (2 * self.batch * math.prod(self.in_spatial) * self.c_in
                 * self.c_out_per_group * math.prod(self.kernel))
 
+    @property
+    def inside_flops(self) -> int:
+        """useful_flops less the products that land outside the output (cropped by the
+        padding): what a kernel that computes each output from the taps reaching it does.
+        Per axis, tap k's inputs i with 0 <= i * stride + k * dilation - pad_lo < out."""
+        pairs = 1
+        for n, k, s, d, lo, out in zip(self.in_spatial, self.kernel, self.stride,
+                                       self.dilation, self.pad_lo, self.out_spatial):
+            count = 0
+            for tap in range(k):
+                c = tap * d - lo
+                first = max(0, -(c // s))  # ceil(-c / s)
+                last = min(n - 1, (out - 1 - c) // s)
+                count += max(0, last - first + 1)
+            pairs *= count
+        return 2 * self.batch * pairs * self.c_in * self.c_out_per_group
+
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
                 output_padding: int) -> int:

@@ -12,6 +12,7 @@ from .._memory import Scratch
 from .._plan import (
     live_phases,
     native_buffer_elems,
+    native_mode,
     native_phase_groups,
     native_rate,
     native_writes_every_output,
@@ -32,7 +33,14 @@ def phase_groups(spec):
 
 
 def estimate(spec):
-    return spec.useful_flops / native_rate(spec) + output_write_seconds(spec) / 2  # one pass
+    """The products at the kernel's rate, and one pass of the output. With vectors along
+    the output channels, only the products it computes: none that the padding crops
+    (counting them put 64 -> 97 k7 d2 p6 on 4x4x4 at 5x its time; on the 4 sweep layers
+    of seeds 11-30 this moves, from winograd and cols, 1.3-2.2x faster). Dot and
+    depthwise modes' rates were fitted on every product, and moved the same way they
+    lost on 6 of 12 layers (324 -> 1: 1.66x slower than cols): they keep them."""
+    flops = spec.inside_flops if native_mode(spec) == native.CHANNELS else spec.useful_flops
+    return flops / native_rate(spec) + output_write_seconds(spec) / 2
 
 
 def buffer_elems(spec, phase_group, tile, whole_input):
