@@ -205,7 +205,7 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
     if cig == 1 and cog == 1:
         return GradWeightLayout.DEPTHWISE
     along_out = cog % lanes == 0
-    gw_bytes = spec.c_out * math.prod(spec.kernel) * cig * compute_dtype.itemsize
+    gw_bytes = weight_bytes(spec, compute_dtype)
     # Along C_out the sums go through a packed buffer, unpacked after (a transposing
     # copy): worth it where summing along C_in would cost more than that copy.
     unpack = 2 * gw_bytes / COPY_BYTES_PER_S
@@ -464,7 +464,7 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
     group's columns)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
     peak = NATIVE_PEAK_PER_LANE * lanes
-    gw_bytes = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * compute_dtype.itemsize
+    gw_bytes = weight_bytes(spec, compute_dtype)
     if layout == GradWeightLayout.DEPTHWISE:
         rate, scratch = peak / 4, threads * gw_bytes
     elif layout == GradWeightLayout.PLANAR:
@@ -530,8 +530,12 @@ def weight_traffic_seconds(spec: ConvSpec, compute_dtype: np.dtype) -> float:
     GEMMs alone model 0.35 and 0.27; 96 -> 337 k7 d2 on one pixel: 44 MB, 17.6 ms for
     both, modelled 0.51). The same term in every path's model changes no comparison of
     their sums."""
-    return (spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group
-            * compute_dtype.itemsize / COPY_BYTES_PER_S)
+    return weight_bytes(spec, compute_dtype) / COPY_BYTES_PER_S
+
+
+def weight_bytes(spec: ConvSpec, compute_dtype: np.dtype) -> int:
+    """The weight's (and grad_weight's) size in the compute dtype."""
+    return spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * compute_dtype.itemsize
 
 
 def _gemm_costs(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str, want_input: bool,
@@ -541,10 +545,9 @@ def _gemm_costs(spec: ConvSpec, compute_dtype: np.dtype, algorithm: str, want_in
     flops = spec.useful_flops
     item = compute_dtype.itemsize
     rows = spec.batch * math.prod(spec.in_spatial)
-    cig = spec.c_in_per_group
     taps = len(active_taps(spec))
     times, copy = _gemm_seconds(spec, compute_dtype, algorithm)
-    gw_bytes = spec.c_out * math.prod(spec.kernel) * cig * item
+    gw_bytes = weight_bytes(spec, compute_dtype)
     if algorithm == VjpAlgorithm.INDEXED:
         scratch = {"input": 2 * rows * taps * spec.c_out * item, "weight": gw_bytes}
     else:

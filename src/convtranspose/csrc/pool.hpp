@@ -116,7 +116,7 @@ struct Task {
   std::function<void()> body;
   bool shared;   // every thread may run it: its calls share their rows through cursors
   Once* once;    // run before the body, or null
-  int64_t rows;  // -1; else tasks of equal `rows` write the same output rows (see participate)
+  int64_t rows;  // -1; else tasks of equal `rows` write the same output rows (join_same_rows)
 };
 
 struct Batch {
@@ -125,9 +125,10 @@ struct Batch {
         open(new std::atomic<int>[tasks.size()]),
         running(new std::atomic<int>[tasks.size()]),
         stop(s) {
-    for (size_t i = 0; i < tasks.size(); ++i)
+    for (size_t i = 0; i < tasks.size(); ++i) {
       open[i].store(tasks[i].shared ? 1 : 0, std::memory_order_relaxed);
-    for (size_t i = 0; i < tasks.size(); ++i) running[i].store(0, std::memory_order_relaxed);
+      running[i].store(0, std::memory_order_relaxed);
+    }
   }
   std::vector<Task> tasks;
   std::atomic<int64_t> next{0};

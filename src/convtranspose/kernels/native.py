@@ -36,7 +36,7 @@ def estimate(spec):
     """The products at the kernel's rate, and one pass of the output. With vectors along
     the output channels, only the products it computes: none that the padding crops
     (counting them put 64 -> 97 k7 d2 p6 on 4x4x4 at 5x its time; on the 4 sweep layers
-    of seeds 11-30 this moves, from winograd and cols, 1.3-2.2x faster). Dot and
+    of seeds 11-30 this moves, all from winograd, 1.3-2.2x faster). Dot and
     depthwise modes' rates were fitted on every product, and moved the same way they
     lost on 6 of 12 layers (324 -> 1: 1.66x slower than cols): they keep them."""
     flops = spec.inside_flops if native_mode(spec) == native.CHANNELS else spec.useful_flops
