@@ -56,9 +56,9 @@ def test_python_values_of_the_c_enums_are_those_of_correlate_api_h():
     c_layouts = _c_enum(header, "CT_GW_")
     assert {"ALONG_COUT": int(layout.ALONG_OUT), "ALONG_CIN": int(layout.ALONG_IN),
             "DEPTHWISE": int(layout.DEPTHWISE)} == c_layouts
-    # WIDE, PADDED and PLANAR are Python's alone (built on the three, or the planar
+    # WIDE and PLANAR are Python's alone (built on the three, or the planar
     # kernel's own entry point): no C value may mean them.
-    assert not ({int(layout.WIDE), int(layout.PADDED), int(layout.PLANAR)}
+    assert not ({int(layout.WIDE), int(layout.PLANAR)}
                 & set(c_layouts.values()))
 
 
@@ -87,9 +87,9 @@ def test_pack_columns_gathers_the_documented_layout(dtype, transposed, scattered
     chunk = lanes * max_vectors
     expect = np.concatenate([want[..., c:c + chunk].ravel() for c in range(0, padded, chunk)])
     np.testing.assert_array_equal(packed, expect)
-    back = np.empty((rows, taps, padded), dtype)  # the packed layout read back, swapped
-    native.unpack_grad_weight(packed, back, taps, rows, padded, True, 0, taps)
-    np.testing.assert_array_equal(back, want.transpose(1, 0, 2))
+    back = np.empty((padded, taps, rows), dtype)  # the packed layout read back
+    native.unpack_grad_weight(packed, back, taps, rows, padded, 0, taps)
+    np.testing.assert_array_equal(back, want.transpose(2, 0, 1))
 
 
 def test_widen_half_converts_every_bit_pattern_exactly(isa):
@@ -127,21 +127,19 @@ def test_split_residues_lays_each_rows_residues_in_zero_padded_stretches(dtype, 
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("swapped", [False, True])
 @pytest.mark.parametrize("rows,cols", [(3, 16), (37, 80), (20, 160)])
-def test_unpack_grad_weight_inverts_the_packed_layout(dtype, swapped, rows, cols, rng):
+def test_unpack_grad_weight_inverts_the_packed_layout(dtype, rows, cols, rng):
     # The packed sums: chunks of `chunk` columns, each [tap][row][column of the chunk].
     lanes, max_vectors = native.layout(np.dtype(dtype).itemsize)
     chunk, taps = lanes * max_vectors, 5  # 160 columns: two chunks or more on every build
     sums = rng.standard_normal((taps, rows, cols)).astype(dtype)  # [tap][row][column]
     packed = np.concatenate([sums[..., c0:c0 + chunk].ravel()
                              for c0 in range(0, cols, chunk)])
-    # gw (C_out/g, taps, C_in/g): rows are C_in/g, or C_out/g swapped.
-    want = sums.transpose(1, 0, 2) if swapped else sums.transpose(2, 0, 1)
+    want = sums.transpose(2, 0, 1)  # gw (C_out/g, taps, C_in/g): rows are C_in/g
     gw = np.full(want.shape, np.nan, dtype)
-    native.unpack_grad_weight(packed, gw, taps, rows, cols, swapped, 0, 2)  # taps 0-1 here
+    native.unpack_grad_weight(packed, gw, taps, rows, cols, 0, 2)  # taps 0-1 here
     assert np.isnan(gw[:, 2:]).all()
-    native.unpack_grad_weight(packed, gw, taps, rows, cols, swapped, 2, taps)
+    native.unpack_grad_weight(packed, gw, taps, rows, cols, 2, taps)
     np.testing.assert_array_equal(gw, want)
     with pytest.raises(ValueError, match="unpack_grad_weight"):
-        native.unpack_grad_weight(packed[:-1], gw, taps, rows, cols, swapped, 0, taps)
+        native.unpack_grad_weight(packed[:-1], gw, taps, rows, cols, 0, taps)

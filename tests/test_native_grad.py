@@ -324,6 +324,7 @@ def test_both_gradients_summing_w_taps_as_one_pad_the_cotangent_once(isa, rng, m
 
     from convtranspose import _vjp, _vjp_native
     from convtranspose._api import spec_for
+    monkeypatch.setattr(_vjp, "ALONG_IN_OVER_WIDE", math.inf)  # WIDE, not along C_in
     x, w, cot, kw = make_case(rng, 3, (6, 10, 12), 5, 3, (3, 3, 3), stride=2, padding=(0, 1, 1),
                               batch=2)
     spec, _, _ = spec_for(3, x, w, **kw)
@@ -408,13 +409,15 @@ def test_wide_grad_weight_with_too_few_units_splits_rows(shape, kernel, isa, rng
     (tap, column chunk) units, fewer than two per thread: workers then own row tiles and a
     partial sum each (sharing the units, each streamed every pixel, and two threads ran
     8 -> 2 2-D's grad_weight 4x slower than one). (The 2-D layer's 5 -> 2 channels would
-    take layout PLANAR: turned off here.)"""
+    take layout PLANAR, and with the model's choice vectors along C_in: both turned off
+    here.)"""
     from test_vjp import loops_vjp, make_case
 
     from convtranspose import _vjp
     from convtranspose._api import spec_for
     from convtranspose._vjp import native_grad_weight_layout
     monkeypatch.setattr(_vjp, "PLANAR_MAX_CHANNELS", 0)
+    monkeypatch.setattr(_vjp, "ALONG_IN_OVER_WIDE", math.inf)
     x, w, cot, kw = make_case(rng, 3, shape, 5, 2, kernel, padding=(0, 0, 1), batch=2)
     spec, _, _ = spec_for(3, x, w, **kw)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
@@ -512,3 +515,88 @@ def test_planar_bindings_refuse_bad_sizes():
             native.planar_grad_input(g, w, gx, np.array(bad, np.int64))
     with pytest.raises(ValueError, match="planar_grad_input"):  # grad_input too short
         native.planar_grad_input(g, w, gx[:3], np.array(geo, np.int64))
+
+
+# (C_in/g short of whole vectors by `spare` lanes, C_out/g, groups, kernel): grad_weight
+# with vectors along C_in/g whose last vector is partial, x read where it lies: the few
+# sums tiles (one to three vectors), both gradients in one pass, register blocks of many
+# sums (C_out/g 20), rows copied to a line boundary (C_out/g 100), and a 1x1x1 kernel's
+# per-worker partial sums.
+PARTIAL = [(1, 1, 3, 1, 3), (1, 15, 2, 2, 3), (2, 1, 1, 1, 2), (3, 5, 3, 1, 2),
+           (1, 1, 20, 1, 3), (2, 3, 100, 1, 2), (1, 3, 7, 2, 1)]
+
+
+@pytest.mark.parametrize("vectors,spare,c_out,groups,k", PARTIAL,
+                         ids=[f"v{a}-s{b}-co{c}-g{d}-k{e}" for a, b, c, d, e in PARTIAL])
+def test_grad_weight_along_a_partial_last_vector(vectors, spare, c_out, groups, k, isa, rng):
+    """No lane past C_in/g is written to grad_input (there lie the next pixel's channels,
+    in a row another thread may own) nor left out of grad_weight: both gradients, from
+    arrays filled with NaN, match the loop reference, in float32 and float64, on 1 and
+    2 threads, and grad_input's bits do not depend on the thread count."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp_native
+    from convtranspose._api import spec_for
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        lanes, _ = native.layout(np.dtype(dtype).itemsize)
+        cig = vectors * lanes - min(spare, lanes - 1)
+        x, w, cot, kws = make_case(rng, 3, (2, 5, 9), cig * groups, c_out * groups, k,
+                                   stride=(2, 1, 2), padding=(0, min(1, k - 1), 0),
+                                   groups=groups, dtypes=(dtype,) * 3)
+        spec, x3, w3 = spec_for(3, x, w, **kws)
+        rx, rw = loops_vjp(x, w, cot, **kws)
+        rw = rw.reshape(spec.c_out, -1, cig)
+        fuses = native.fuses_grad_input(np.dtype(dtype).itemsize, cig, c_out)
+        gxs = []
+        for threads in (1, 2):
+            gw = np.full(rw.shape, np.nan, dtype)
+            _vjp_native.grad_weight(spec, x3, cot, gw, threads,
+                                    native.GradWeightLayout.ALONG_IN, np.dtype(dtype))
+            np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+            if fuses:
+                gx, gw = np.full(x.shape, np.nan, dtype), np.full(rw.shape, np.nan, dtype)
+                _vjp_native.both_gradients(spec, x3, cot, w3, gx, gw, threads,
+                                           np.dtype(dtype))
+                np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
+                np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+                gxs.append(gx)
+        if fuses:
+            np.testing.assert_array_equal(gxs[1], gxs[0])
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grad_weight_on_one_row_shares_the_groups_out(groups, rng):
+    """One long 1-D row has one row tile: grad_weight's jobs are (tile, group) pairs, and
+    units numbered across the groups, so that the threads share the groups. Every group's
+    sums are right (none left unwritten by a worker that never touched that group) on
+    1-3 threads, by units and by row tiles (a 1x1x1 kernel), alone and with grad_input in
+    the same pass; and 3 threads reproduce their own bits."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp_native
+    from convtranspose._api import spec_for
+    assert len(_vjp_native._tile_group_pairs(
+        spec_for(1, np.zeros((1, 500, 2 * groups), np.float32),
+                 np.zeros((groups, 2, 2), np.float32), 2, 0, 1, 0, groups)[0], 2)) == groups
+    layout = native.GradWeightLayout.ALONG_IN
+    for cig, cog, k in ((3, 1, 2), (5, 2, 1), (17, 3, 3)):
+        x, w, cot, kws = make_case(rng, 3, (1, 1, 300), cig * groups, cog * groups, (1, 1, k),
+                                   stride=(1, 1, 2), groups=groups)
+        spec, x3, w3 = spec_for(3, x, w, **kws)
+        rx, rw = loops_vjp(x, w, cot, **kws)
+        rw = rw.reshape(spec.c_out, -1, cig)
+        fuses = native.fuses_grad_input(4, cig, cog)
+        for threads in (1, 2, 3):
+            gw = np.full(rw.shape, np.nan, np.float32)
+            _vjp_native.grad_weight(spec, x3, cot, gw, threads, layout, np.dtype(np.float32))
+            np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+            if fuses:
+                gx = np.full(x.shape, np.nan, np.float32)
+                both = np.full(rw.shape, np.nan, np.float32)
+                _vjp_native.both_gradients(spec, x3, cot, w3, gx, both, threads,
+                                           np.dtype(np.float32))
+                np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+                np.testing.assert_allclose(both, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+        again = np.empty_like(gw)
+        _vjp_native.grad_weight(spec, x3, cot, again, 3, layout, np.dtype(np.float32))
+        np.testing.assert_array_equal(again, gw)

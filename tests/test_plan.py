@@ -40,14 +40,15 @@ BACKWARD_LAYERS = {
     # tap's columns at once (layout WIDE)
     "grouped-few": ((1, 12, 12, 12, 4), (34, 5, 5, 5, 2), dict(stride=2, groups=2),
                     "native", "native"),
-    # grouped, 19 in and 1 out per group: x padded to whole vectors (PADDED), where WIDE
-    # would compute every group's columns (both gradients 1.30 -> 0.92 ms, alternating)
+    # grouped, 19 in and 1 out per group: vectors along C_in/g, the last one partial
+    # (ALONG_IN), where WIDE would compute every group's columns
     "grouped-thin-out": ((1, 12, 12, 12, 76), (4, 5, 5, 5, 19), dict(stride=2, groups=4),
                          "native", "native"),
     # a channel multiplier: run as the depthwise layer it expands to
     "multiplier": ((1, 12, 12, 12, 6), (12, 3, 3, 3, 1), dict(stride=2, groups=6),
                    "native", "native"),
-    # 20 -> 20 at stride 2: neither side whole vectors: grad_weight over x padded to them
+    # 20 -> 20 at stride 2: neither side whole vectors: grad_weight along C_in, the last
+    # vector partial
     "odd-channels-s2": ((1, 8, 24, 24, 20), (20, 3, 3, 3, 20), dict(stride=2, padding=1),
                         "native", "native"),
     # 20 -> 50 at stride 1: Winograd for grad_input
@@ -68,26 +69,28 @@ BACKWARD_LAYERS = {
                 "native", "native"),
     # 3 -> 1 at stride 2 on rows of 128 pixels: grad_weight with vectors along the pixels
     "few-both": ((1, 96, 128, 3), (1, 4, 2, 3), dict(stride=2), "native", "native"),
-    # thin outputs from wide inputs (105 -> 3, a tenth of a vector padded): grad_weight
-    # over x padded to whole vectors (PADDED), its few-sums tiles ...
+    # thin outputs from wide inputs (105 -> 3, a tenth of a vector empty): grad_weight
+    # along C_in, its few-sums tiles writing grad_input in the same pass ...
     "thin-out-wide-in": ((1, 8, 10, 9, 105), (3, 6, 6, 6, 105), dict(stride=2),
                          "native", "native"),
-    # ... but with more outputs, or more of the padding empty, WIDE (its padded cotangent
-    # serves grad_input too)
+    # ... but with more outputs WIDE (its padded cotangent serves grad_input too), and
+    # with few inputs in one group (4 -> 12 k4: 9.8 ms along C_in, 5.2 WIDE)
     "thin-out-5": ((1, 8, 10, 9, 105), (5, 6, 6, 6, 105), dict(stride=2), "native", "native"),
     "thin-out-25-in": ((1, 8, 10, 9, 25), (3, 6, 6, 6, 25), dict(stride=2), "native", "native"),
+    "thin-in": ((1, 12, 10, 9, 3), (12, 4, 4, 4, 3), dict(stride=(1, 2, 1), padding=1),
+                "native", "native"),
     # wide channels on a few pixels: grad_weight summed in place along C_in, where vectors
     # along C_out would spend more on unpacking its 1.7 MiB than they save (3.0 -> 1.2 ms)
     "wide-few-pixels": ((3, 4, 4, 4, 64), (32, 6, 6, 6, 64), dict(padding=2),
                         "native", "native"),
 }
 Layout = native.GradWeightLayout
-GW_LAYOUTS = {"odd-channels-s2": Layout.PADDED, "odd-channels-s1": Layout.PADDED,
-              "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.PADDED,
+GW_LAYOUTS = {"odd-channels-s2": Layout.ALONG_IN, "odd-channels-s1": Layout.ALONG_IN,
+              "grouped-few": Layout.WIDE, "grouped-thin-out": Layout.ALONG_IN,
               "fan-out": Layout.DEPTHWISE, "multiplier": Layout.DEPTHWISE,
               "wide-few-pixels": Layout.ALONG_IN, "few-both": Layout.PLANAR,
-              "thin-out-wide-in": Layout.PADDED, "thin-out-5": Layout.WIDE,
-              "thin-out-25-in": Layout.WIDE}
+              "thin-out-wide-in": Layout.ALONG_IN, "thin-out-5": Layout.WIDE,
+              "thin-out-25-in": Layout.ALONG_IN, "thin-in": Layout.WIDE}
 
 
 def _workload(name: str):

@@ -7,6 +7,7 @@ both gradients, on small random draws of the class."""
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -163,20 +164,24 @@ def test_the_paths_each_class_takes():
     spec, *_ = spec_for(3, np.zeros((1, 4, 3, 4, 8), np.float32),
                         np.zeros((256, 7, 7, 7, 8), np.float32), (2, 2, 4), 3, 1, 0, 1)
     assert not _plan.fuses_w_taps(spec)
-    for name in ("thin-both", "one-in", "grouped-few", "grouped-thin-out"):
+    # few inputs: WIDE, every W tap's columns at once; with groups and more inputs per
+    # group, vectors along C_in/g (WIDE would compute every group's columns)
+    for name, want in (("thin-both", "WIDE"), ("one-in", "WIDE"), ("grouped-few", "WIDE"),
+                       ("grouped-thin-out", "ALONG_IN")):
         spec, x, w = _spec(name)
         c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
         assert _vjp_native.grad_input_wide_w(spec) == (spec.groups == 1), name
         layout = _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, spec.c_in),
                                                 c3, np.dtype(np.float32))
-        assert layout == native.GradWeightLayout.WIDE, name
+        assert layout == native.GradWeightLayout[want], name
     spec, *_ = _spec("depthwise-2ch")
     assert _plan.native_mode(spec) == native.DEPTHWISE
-    # neither C_in/g nor C_out/g whole vectors, W dilated: x padded for grad_weight
+    # neither C_in/g nor C_out/g whole vectors, W dilated (no WIDE): vectors along C_in,
+    # the last one partial
     spec, x, w = _spec("dilated-odd-channels")
     c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
     assert _vjp.native_grad_weight_layout(spec, x.reshape(1, *spec.in_spatial, spec.c_in), c3,
-                                          np.dtype(np.float32)) == native.GradWeightLayout.PADDED
+                                          np.dtype(np.float32)) == native.GradWeightLayout.ALONG_IN
     # one cotangent channel per group fans out to C_in/g inputs: a depthwise grad_input
     spec, *_ = _spec("grouped-thin-out")
     assert _plan.expands_to_depthwise(_vjp_native.grad_input_kernel_spec(spec))
@@ -209,10 +214,11 @@ def test_long_rows_run_in_pieces(c_in, c_out, k, stride, shape, assert_close):
     assert ran == (["native", "winograd"] if ndim == 3 else ["native"])
 
 
-def test_grouped_wide_grad_weight_beside_grad_input_on_one_thread():
+def test_grouped_wide_grad_weight_beside_grad_input_on_one_thread(monkeypatch):
     """The queue of both gradients on one thread, grad_weight's tasks first: their tap
     offsets must outlive the Python call that prepared them (they were freed, and grad_input's
-    arrays took their memory: every sum wrong)."""
+    arrays took their memory: every sum wrong). (WIDE forced: its model picks ALONG_IN.)"""
+    monkeypatch.setattr(_vjp, "ALONG_IN_OVER_WIDE", math.inf)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 5, 6, 7, 8)).astype(np.float32)
     w = rng.standard_normal((4, 5, 5, 5, 2)).astype(np.float32)

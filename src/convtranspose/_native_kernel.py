@@ -480,27 +480,27 @@ def planar_grad_input(g: np.ndarray, w: np.ndarray, gx: np.ndarray,
 
 
 def unpack_grad_weight(part: np.ndarray, gw: np.ndarray, taps: int, rows: int, cols: int,
-                       swapped: bool, tap0: int, tap1: int) -> None:
+                       tap0: int, tap1: int) -> None:
     """One group's gw (C_out/g, taps, C_in/g), taps [tap0, tap1), from grad_weight's
     packed sums (the inverse of `fill_columns`, `cols` a whole number of vectors): (rows,
-    cols) = (C_in/g, C_out/g), or (C_out/g, C_in/g) `swapped`. Both C-contiguous, of one
-    float dtype; the GIL is released meanwhile."""
+    cols) = (C_in/g, C_out/g). Both C-contiguous, of one float dtype; the GIL is released
+    meanwhile."""
     lanes, max_vectors = layout(part.dtype.itemsize)
     _native.unpack_grad_weight(part.dtype.itemsize, part, gw, taps, rows, cols,
-                               lanes * max_vectors, swapped, tap0, tap1)
+                               lanes * max_vectors, tap0, tap1)
 
 
 class GradWeightLayout(enum.IntEnum):
     """How the compiled grad_weight lays its sums (`_vjp.grad_weight_layout`). The first
     three are `grad_weight`'s `swapped` (GwJob's, csrc/correlate_api.h: CT_GW_DEPTHWISE is
-    2); WIDE and PADDED are built on them in Python (`_vjp_native`)."""
+    2); WIDE and PLANAR are built in Python (`_vjp_native`) on them and on
+    `planar_grad_weight`."""
 
     ALONG_OUT = 0  # vectors along C_out/g, packed then unpacked
-    ALONG_IN = 1  # "swapped": vectors along C_in/g, summed in place
+    ALONG_IN = 1  # "swapped": vectors along C_in/g (the last may be partial), x read in place
     DEPTHWISE = 2  # one channel per group, per-worker partial sums
     WIDE = 3  # ALONG_OUT over a W-padded cotangent: every W tap's columns in one run
-    PADDED = 4  # ALONG_IN over a copy of x with each group's channels padded to whole vectors
-    PLANAR = 5  # vectors along input pixels, over planar copies of x and the cotangent
+    PLANAR = 4  # vectors along input pixels, over planar copies of x and the cotangent
 
 
 def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,

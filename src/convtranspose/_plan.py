@@ -271,10 +271,9 @@ class GradStep:
 
 _LAYOUT_NAMES = {
     native.GradWeightLayout.ALONG_OUT: "vectors along C_out/g, packed then unpacked",
-    native.GradWeightLayout.ALONG_IN: "vectors along C_in/g, summed in place",
+    native.GradWeightLayout.ALONG_IN: "vectors along C_in/g, x read in place",
     native.GradWeightLayout.DEPTHWISE: "one channel per group, per-worker partial sums",
     native.GradWeightLayout.WIDE: "every W tap's columns in one run",
-    native.GradWeightLayout.PADDED: "vectors along C_in/g, over x padded to whole vectors",
     native.GradWeightLayout.PLANAR: "vectors along input pixels, over planar copies"}
 
 

@@ -147,9 +147,10 @@ GW_IN_PLACE_BYTES = 4 << 20
 # the same measurements). On few pixels the unpack costs more: 64 -> 32 k6 on 3x4x4x4
 # spent 13% of its 2.9 ms in it.
 ALONG_IN_EXTRA = 0.2
-# How much faster PADDED's model must be than WIDE's for grouped layers (see
-# grad_weight_layout).
-PADDED_OVER_WIDE = 1.3
+# How much faster ALONG_IN's model must be than WIDE's where C_in/g is not whole vectors
+# (see `_wide_or_along_in`; its model counts the lanes it fills, not its loads, and
+# flatters it).
+ALONG_IN_OVER_WIDE = 1.3
 # Layout PLANAR's rate as a share of the kernel's peak (the rows padded to whole vectors
 # aside): one core, 8 -> 4 g2 k7 on rows of 879 pixels ran at 0.95, 3 -> 1 k4x2 s2 on 912
 # at 0.46, 8 -> 3 k3 s2 on 74 at 0.36.
@@ -184,7 +185,7 @@ def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
 def _gw_rule() -> tuple[int, float, float, int]:
     """grad_weight_layout's tunable constants, read at each call (tests patch them) and
     handed to the cached plan builder as one argument."""
-    return GW_IN_PLACE_BYTES, ALONG_IN_EXTRA, PADDED_OVER_WIDE, PLANAR_MAX_CHANNELS
+    return GW_IN_PLACE_BYTES, ALONG_IN_EXTRA, ALONG_IN_OVER_WIDE, PLANAR_MAX_CHANNELS
 
 
 def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
@@ -192,12 +193,12 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
                        ) -> GradWeightLayout | None:
     """None where the compiled grad_weight kernel does not apply; DEPTHWISE for one
     channel per group; else ALONG_IN (vectors along C_in: for C_out/g that is not whole
-    vectors, or a grad_weight large enough to be summed in place), ALONG_OUT, WIDE, or
-    PADDED (ALONG_IN over x padded to whole vectors, where neither side is).
+    vectors, or a grad_weight large enough to be summed in place), ALONG_OUT, PLANAR,
+    or where neither side is whole vectors WIDE or ALONG_IN (`_wide_or_along_in`).
     It reads both operands in place: `in_place`, whether they have the compute dtype and
-    contiguous channels. With groups, WIDE or PADDED by their models. `gw_rule`:
-    `_gw_rule()`. `limit`: the workspace limit, which PADDED's copy of x must fit."""
-    in_place_bytes, extra, padded_over_wide, planar_max = gw_rule
+    contiguous channels. `gw_rule`: `_gw_rule()`. `limit`: the workspace limit, which
+    PLANAR's copies must fit."""
+    in_place_bytes, extra, along_in_over_wide, planar_max = gw_rule
     if not (native.AVAILABLE and in_place):
         return None
     lanes, _ = native.layout(compute_dtype.itemsize)
@@ -219,43 +220,36 @@ def grad_weight_layout(spec: ConvSpec, compute_dtype: np.dtype, in_place: bool,
     # channel layouts were 1.4-3x off here).
     if planar_suits(spec, compute_dtype, planar_max, limit):
         return GradWeightLayout.PLANAR
-    return _wide_or_padded(spec, compute_dtype, limit, padded_over_wide)
+    return _wide_or_along_in(spec, compute_dtype, along_in_over_wide)
 
 
-def _wide_or_padded(spec: ConvSpec, compute_dtype: np.dtype, limit: int | None,
-                    padded_over_wide: float) -> GradWeightLayout | None:
-    """Where neither C_in/g nor C_out/g is whole vectors: WIDE, PADDED or neither."""
+def _wide_or_along_in(spec: ConvSpec, compute_dtype: np.dtype,
+                      along_in_over_wide: float) -> GradWeightLayout | None:
+    """Where neither C_in/g nor C_out/g is whole vectors: WIDE, ALONG_IN (C_in/g's last
+    vector partial, its lanes past C_in/g computed and dropped), or neither (a 1x1x1
+    kernel: the GEMM paths).
+
+    With groups, WIDE computes every group's columns (the work times the groups); with
+    one group and C_in at most a quarter of a vector, ALONG_IN's few live lanes lost on
+    every such layer measured. Elsewhere ALONG_IN where its model is ALONG_IN_OVER_WIDE
+    times faster. Both gradients, the 82 sweep layers of seeds 11-31 at this choice, each
+    layout forced, alternating processes: this rule lands 1.04x over the faster of the
+    two (geometric mean); ALONG_IN everywhere 1.10x, WIDE everywhere 1.34x (28 -> 5 k2
+    s3: 13.9 ms WIDE, 4.4 ALONG_IN; 4 -> 12 k4: 5.2 WIDE, 9.8 ALONG_IN)."""
+    if math.prod(spec.kernel) == 1:
+        return None
+    if not grad_weight_wide_w(spec, compute_dtype):
+        return GradWeightLayout.ALONG_IN
     lanes, _ = native.layout(compute_dtype.itemsize)
-    cig = spec.c_in_per_group
-    padded_x = (spec.batch * math.prod(spec.in_spatial) * spec.groups * ceil_div(cig, lanes)
-                * lanes * compute_dtype.itemsize)
-    padded = math.prod(spec.kernel) > 1 and (limit is None or padded_x <= limit)
-    if grad_weight_wide_w(spec, compute_dtype):
-        # With groups, WIDE computes every group's columns (the work times the groups):
-        # there PADDED is taken where its model is PADDED_OVER_WIDE times faster. On the
-        # 15 sweep layers where the plain comparison chose PADDED, both gradients measured
-        # 1.15-2.4x faster on 10 (16 -> 364 g4: 24.9 -> 10.5 ms), level on 1, and
-        # 1.06-1.24x slower on 4 whose C_in/g (2 and 7) leaves most of PADDED's lanes
-        # empty, three of them within 1.3x in the models. One group, the same for thin
-        # outputs (C_out 1-3) from inputs whose padding wastes under a tenth of PADDED's
-        # lanes: its few-sums tiles then run near the FMA ports' rate, and WIDE's columns
-        # (kW * C_out) fill a vector or less. Both gradients, sweep layers of seeds 11-28
-        # the rule moves, alternating processes: 371 -> 1 k4 s2x4x1 41.0 -> 29.9 ms, 30 ->
-        # 1 k7 19.0 -> 14.4, 125 -> 1 k6x7x3 s2 5.0 -> 2.9, 105 -> 3 k6 3.4 -> 3.1, 107 ->
-        # 3 k3 s4 25.5 -> 24.3. Wider outputs or more padding lost, though grad_weight
-        # alone gained: WIDE's padded cotangent also serves grad_input (28 -> 5 k2 s3 13.6
-        # -> 15.2, 24 -> 8 k3 s3 1.5 -> 2.4, 25 -> 3 k7 s4 1.29 -> 1.51).
-        whole = ceil_div(cig, lanes) * lanes
-        one_group_padded = spec.groups == 1 and spec.c_out <= 3 and cig >= 0.9 * whole
-        if padded and (spec.groups > 1 or one_group_padded) and (
-                padded_over_wide
-                * _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.PADDED)
-                .est_seconds
-                < _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.WIDE)
-                .est_seconds):
-            return GradWeightLayout.PADDED
+    if spec.groups == 1 and 4 * spec.c_in_per_group <= lanes:
         return GradWeightLayout.WIDE
-    return GradWeightLayout.PADDED if padded else None
+    if (along_in_over_wide
+            * _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.ALONG_IN)
+            .est_seconds
+            < _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.WIDE)
+            .est_seconds):
+        return GradWeightLayout.ALONG_IN
+    return GradWeightLayout.WIDE
 
 
 def choose_vjp_algorithm(spec: ConvSpec, taps,
@@ -335,6 +329,15 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
                   for name, step in (("grad_input", fan_out.grad_input),
                                      ("grad_weight", fan_out.grad_weight)) if step is not None}
         return dataclasses.replace(fan_out, spec=spec, fan_out=fan_out, **marked)
+    if (algorithm == VjpAlgorithm.NATIVE and need_input and work and not planar
+            and native_paths.grad_input_mode(spec) == native.DEPTHWISE
+            and spec.c_in_per_group > 1):
+        raise ValueError(
+            "vjp: algorithm 'native' takes this layer's grad_input (groups that each sum "
+            "C_in/g inputs into one output channel) only through a cotangent repeated for "
+            f"each input, {_repeated_cotangent_bytes(spec, compute_dtype) / 2**20:.0f} MiB "
+            f"here, over the workspace limit of {limit / 2**20:.0f} MiB: raise 'workspace' "
+            "or leave 'algorithm' to the default")
     if algorithm is None and indexed_fits(spec):
         algorithm = VjpAlgorithm.INDEXED  # small: one gather and two GEMMs beat any tiles
     elif algorithm == VjpAlgorithm.INDEXED and not indexed_fits(spec):
@@ -459,8 +462,8 @@ def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
 def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
                              layout: GradWeightLayout) -> GradStep:
     """The kernel's grad_weight. It sums over pixels (many per tap), so its rate is the
-    forward kernel's peak times the lanes its vector axis fills (C_in/g for ALONG_IN and
-    PADDED, C_out/g for ALONG_OUT, kW * C_out for WIDE, whose groups each compute every
+    forward kernel's peak times the lanes its vector axis fills (C_in/g for ALONG_IN,
+    C_out/g for ALONG_OUT, kW * C_out for WIDE, whose groups each compute every
     group's columns)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
     peak = NATIVE_PEAK_PER_LANE * lanes
@@ -474,15 +477,14 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
     else:
         width = (spec.kernel[2] * spec.c_out if layout == GradWeightLayout.WIDE
                  else spec.c_in_per_group
-                 if layout in (GradWeightLayout.ALONG_IN, GradWeightLayout.PADDED)
+                 if layout == GradWeightLayout.ALONG_IN
                  else spec.c_out_per_group)
         vectors = ceil_div(width, lanes)
         rate = peak * width / (vectors * lanes) / (
             spec.groups if layout == GradWeightLayout.WIDE else 1)
-        scratch = 0 if layout == GradWeightLayout.ALONG_IN else gw_bytes
-        if layout == GradWeightLayout.PADDED:  # x and gw with C_in/g padded to whole vectors
-            scratch = (spec.batch * math.prod(spec.in_spatial) * spec.groups * vectors * lanes
-                       * compute_dtype.itemsize + gw_bytes * vectors * lanes // width)
+        scratch = gw_bytes * vectors * lanes // width  # C_in/g padded to whole vectors
+        if layout == GradWeightLayout.ALONG_IN and width % lanes == 0:
+            scratch = 0  # summed in place
         if layout == GradWeightLayout.WIDE:  # the W-padded cotangent and every group's columns
             scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
                        * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out
@@ -490,9 +492,8 @@ def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: i
                        + gw_bytes * spec.groups * vectors * lanes // max(1, width))
     flops = spec.useful_flops
     seconds = flops / rate + weight_traffic_seconds(spec, compute_dtype)
-    if layout in (GradWeightLayout.PADDED, GradWeightLayout.WIDE,  # its copies, written and
-                  GradWeightLayout.PLANAR):
-        seconds += 2 * scratch / COPY_BYTES_PER_S  # read (8 -> 2 2-D PADDED: 37 MiB of x)
+    if layout in (GradWeightLayout.WIDE, GradWeightLayout.PLANAR):  # its copies, written
+        seconds += 2 * scratch / COPY_BYTES_PER_S  # and read
     if layout == GradWeightLayout.ALONG_OUT:  # the unpack, a transposing copy (165 -> 128
         seconds += 2 * gw_bytes / COPY_BYTES_PER_S  # k7's 29 MB: 8 ms on one core)
     return GradStep(VjpAlgorithm.NATIVE, flops, scratch, threads,

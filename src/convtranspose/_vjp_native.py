@@ -330,9 +330,6 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
     if layout == GradWeightLayout.WIDE:
         _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer, padded)
         return
-    if layout == GradWeightLayout.PADDED:
-        _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer)
-        return
     if layout == GradWeightLayout.PLANAR:
         _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, planar)
         return
@@ -342,89 +339,73 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
     ktot = math.prod(spec.kernel)
     rows, cols = (cog, cig) if swapped else (cig, cog)
     units = native.gw_units(ktot, cols, compute_dtype.itemsize)
-    if n_threads == 1 or units >= 2 * n_threads:  # workers share out the units
+    # Swapped, the sums of (tap, co, ci) lie at strides (taps * width, width), width C_in/g
+    # rounded up to whole vectors: in gw itself where that is C_in/g, else in a padded
+    # copy whose own columns are copied out (the kernel reads x's rows where they lie).
+    width = _swapped_width(cig, compute_dtype)
+
+    def swapped_target(sums: np.ndarray, g: int) -> dict:
+        return dict(part=sums, strides=(ktot * width, width), part_offset=g * cog * ktot * width)
+    if n_threads == 1 or groups * units >= 2 * n_threads:  # workers share out the units
         box = (0, spec.batch, 0, spec.in_spatial[0], 0, spec.in_spatial[1])
         # Sharing a queue with grad_input's tiles, two jobs per thread balance better.
-        workers = min(n_threads * (2 if defer is not None else 1), units)
-        bounds = [units * j // workers for j in range(workers + 1)]
+        # Units are numbered across the groups (group * units + unit), so few taps with
+        # groups still keep the threads busy (8 -> 24 g4 k2 on one long row: 2 units).
+        total = groups * units
+        workers = min(n_threads * (2 if defer is not None else 1), total)
+        bounds = [total * j // workers for j in range(workers + 1)]
         # Swapped, gw (C_out, taps, C_in/g) holds (tap, co, ci) at strides (taps * C_in/g,
         # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
         packed = (None if swapped
                   else native.aligned_empty((groups, ktot * rows * cols), compute_dtype))
+        sums = (gw if width == cig
+                else native.aligned_empty((spec.c_out, ktot, width), compute_dtype))
 
-        ranges = [(bounds[j], bounds[j + 1]) for j in range(workers)]
-        per_group = []  # per conv group, one prepared call per worker's units
+        calls_of: list[list] = [[] for _ in range(workers)]  # each worker's prepared calls
         for g in range(groups):
-            target = (dict(part=gw, strides=(ktot * cig, cig),
-                           part_offset=g * cog * ktot * cig) if swapped
-                      else dict(part=packed[g]))
+            target = swapped_target(sums, g) if swapped else dict(part=packed[g])
+            mine = [(j, max(bounds[j] - g * units, 0), min(bounds[j + 1] - g * units, units))
+                    for j in range(workers)]
+            mine = [(j, u0, u1) for j, u0, u1 in mine if u0 < u1]
             calls: list = []
             native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
-                               box=box, cin=cig, cout=cog, units=ranges, zero=True,
-                               into=calls, **target)
-            per_group.append(calls)
+                               box=box, cin=cig, cout=cog, units=[(u0, u1) for _, u0, u1 in mine],
+                               zero=True, into=calls, **target)
+            for (j, _, _), call in zip(mine, calls):
+                calls_of[j].append(call)
 
         def in_place(j):
-            return native.Task(tuple(calls[j] for calls in per_group), keep=packed)
+            return native.Task(tuple(calls_of[j]), keep=(packed, sums))
 
         def finish_units() -> None:
             if packed is not None:
-                _unpack_grad_weight(gw, packed, ktot, rows, cols, swapped, n_threads)
+                _unpack_grad_weight(gw, packed, ktot, rows, cols, n_threads)
+            elif sums is not gw:
+                gw[...] = sums[..., :cig]
 
         _run_or_defer([in_place(j) for j in range(workers)], n_threads, finish_units, defer)
         return
-    tiles = _grad_weight_row_tiles(spec, n_threads)
-    workers = min(n_threads, len(tiles))
-    parts = [native.aligned_zeros((groups, ktot * rows * cols), compute_dtype)
-             for _ in range(workers)]
+    pairs = _tile_group_pairs(spec, n_threads)
+    workers = min(n_threads, len(pairs))
+    shape = (spec.c_out, ktot, width) if swapped else (groups, ktot * rows * cols)
+    parts = [native.aligned_zeros(shape, compute_dtype) for _ in range(workers)]
 
-    def job_for(j):  # worker j's tiles, in order, into its own partial
+    def job_for(j):  # worker j's (tile, group) pairs, in order, into its own partial
         calls: list = []
-        for tile in tiles[j::workers]:
-            box = (*tile.n, *tile.d, *tile.h)
-            for g in range(groups):
-                native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
-                                   parts[j][g], box, cig, cog, into=calls)
+        for tile, g in pairs[j::workers]:
+            target = swapped_target(parts[j], g) if swapped else dict(part=parts[j][g])
+            native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                               box=(*tile.n, *tile.d, *tile.h), cin=cig, cout=cog,
+                               into=calls, **target)
         return native.Task(tuple(calls))
 
     def finish_rows() -> None:
-        _unpack_grad_weight(gw, sum_in_order(parts), ktot, rows, cols, swapped, n_threads)
+        if swapped:
+            gw[...] = sum_in_order(parts)[..., :cig]
+        else:
+            _unpack_grad_weight(gw, sum_in_order(parts), ktot, rows, cols, n_threads)
 
     _run_or_defer([job_for(j) for j in range(workers)], n_threads, finish_rows, defer)
-
-
-def _padded_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None) -> None:
-    """grad_weight where neither C_in/g nor C_out/g is whole vectors (layout PADDED): the
-    kernel's swapped sums (vectors along C_in) over a copy of x whose groups' channels are
-    padded with zeros to whole vectors, into a gw as padded; its own channels copied out.
-    The copy is one pass over x; the GEMM paths it replaces ran such layers at a third of
-    the kernel's rate (260 -> 24 g2 k4 d2)."""
-    lanes, _ = native.layout(compute_dtype.itemsize)
-    groups, cig = spec.groups, spec.c_in_per_group
-    padded_cig = ceil_div(cig, lanes) * lanes
-    padded = dataclasses.replace(spec, c_in=groups * padded_cig)
-    # In recycled memory, item by item on the threads: a fresh zeroed copy (8x the input
-    # for 2 channels in 16 lanes) spent a fifth of a 2 -> 4 2-D layer's time faulting.
-    xp = native.aligned_empty((*x3.shape[:-1], groups, padded_cig), compute_dtype)
-    x4 = x3.reshape(*x3.shape[:-1], groups, cig)
-
-    def fill(i: int) -> None:
-        xp[i, ..., cig:] = 0
-        xp[i, ..., :cig] = x4[i]
-
-    run_jobs([functools.partial(fill, i) for i in range(len(xp))], n_threads)
-    xp = xp.reshape(*x3.shape[:-1], groups * padded_cig)
-    gwp = native.aligned_empty((spec.c_out, math.prod(spec.kernel), padded_cig), compute_dtype)
-    queue: list = []
-    grad_weight(padded, xp, c3, gwp, n_threads, GradWeightLayout.ALONG_IN, compute_dtype, queue)
-    (jobs, finish), = queue
-
-    def copy_out() -> None:
-        finish()
-        gw[...] = gwp[:, :, :cig]
-
-    _run_or_defer([native.Task(job.calls, job.shared, job.once, (job.keep, xp, gwp))
-                   for job in jobs], n_threads, copy_out, defer)
 
 
 def w_residues(spec: ConvSpec, width: int) -> tuple[int, int, list[tuple[int, int]]]:
@@ -568,24 +549,43 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     ktot = math.prod(spec.kernel)
     offsets = tap_offsets(spec)
-    weight = np.ascontiguousarray(w3, dtype=compute_dtype)  # laid out as gw: (C_out, taps, C_in/g)
-    tiles = _grad_weight_row_tiles(spec, n_threads)
-    workers = min(n_threads, len(tiles))
-    parts = [gw] + [native.aligned_empty(gw.shape, compute_dtype) for _ in range(workers - 1)]
+    # The sums and the weight as (C_out, taps, width): gw's layout, C_in/g padded to
+    # whole vectors (`_swapped_width`) with zeros in the weight.
+    width = _swapped_width(cig, compute_dtype)
+    weight = native.aligned_zeros((spec.c_out, ktot, width), compute_dtype)
+    weight[..., :cig] = w3.reshape(spec.c_out, ktot, cig)
+    pairs = _tile_group_pairs(spec, n_threads)
+    workers = min(n_threads, len(pairs))
+    parts = ([gw] if width == cig else []) + [native.aligned_empty(weight.shape, compute_dtype)
+                                              for _ in range(workers - (width == cig))]
 
-    def job_for(j):  # worker j's tiles, in order, into its own sums
+    def job_for(j):  # worker j's (tile, group) pairs, in order, into its own sums
         calls: list = []
-        for i, tile in enumerate(tiles[j::workers]):
-            for g in range(groups):
-                native.grad_weight(True, x3, g * cig, c3, g * cog, offsets, spec.stride,
-                                   parts[j], (*tile.n, *tile.d, *tile.h), cig, cog,
-                                   zero=i == 0, strides=(ktot * cig, cig),
-                                   part_offset=g * cog * ktot * cig, into=calls,
-                                   grad_input=gx, grad_input_offset=g * cig, weight=weight)
+        mine = pairs[j::workers]
+        for g in set(range(groups)) - {g for _, g in mine}:  # sums it never touches
+            parts[j][g * cog:(g + 1) * cog] = 0
+        first: set[int] = set()
+        for tile, g in mine:
+            native.grad_weight(True, x3, g * cig, c3, g * cog, offsets, spec.stride,
+                               parts[j], (*tile.n, *tile.d, *tile.h), cig, cog,
+                               zero=g not in first, strides=(ktot * width, width),
+                               part_offset=g * cog * ktot * width, into=calls,
+                               grad_input=gx, grad_input_offset=g * cig, weight=weight)
+            first.add(g)
         return native.Task(tuple(calls), keep=weight)
 
     run_jobs([job_for(j) for j in range(workers)], n_threads)
-    sum_in_order(parts)
+    sums = sum_in_order(parts)
+    if sums is not gw:
+        gw[...] = sums[..., :cig]
+
+
+def _tile_group_pairs(spec: ConvSpec, n_threads: int) -> list[tuple[Tile, int]]:
+    """Row tiles (`_grad_weight_row_tiles`) times conv groups, tile-major: the jobs of
+    grad_weight's per-worker partials, enough for the threads where groups make up for
+    few rows (one long 1-D row with 4 groups ran on one thread)."""
+    tiles = _grad_weight_row_tiles(spec, max(1, n_threads // spec.groups))
+    return [(tile, g) for tile in tiles for g in range(spec.groups)]
 
 
 def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
@@ -671,17 +671,21 @@ def _run_or_defer(jobs: list, threads: int, finish: Callable[[], None],
     finish()
 
 
-def _unpack_grad_weight(gw, packed, ktot: int, rows: int, cols: int, swapped: bool,
-                        threads: int) -> None:
+def _unpack_grad_weight(gw, packed, ktot: int, rows: int, cols: int, threads: int) -> None:
     """gw (C_out, taps, C_in/g) from each group's sums in the packed layout of (taps, rows,
-    cols): (rows, cols) = (C_in/g, C_out/g), or (C_out/g, C_in/g) swapped; on the threads,
-    in pieces of taps."""
-    cog = rows if swapped else cols
+    cols), (rows, cols) = (C_in/g, C_out/g); on the threads, in pieces of taps."""
+    cog = cols
     pieces = min(ktot, 4 * threads) if gw.nbytes >= 1 << 20 else 1
     run_jobs([functools.partial(native.unpack_grad_weight, packed[g],
-                                gw[g * cog:(g + 1) * cog], ktot, rows, cols, swapped,
+                                gw[g * cog:(g + 1) * cog], ktot, rows, cols,
                                 ktot * i // pieces, ktot * (i + 1) // pieces)
               for g in range(len(packed)) for i in range(pieces)], threads)
+
+
+def _swapped_width(cig: int, compute_dtype: np.dtype) -> int:
+    """C_in/g rounded up to whole vectors: a row of the swapped (ALONG_IN) sums."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    return ceil_div(cig, lanes) * lanes
 
 
 def _grad_weight_row_tiles(spec: ConvSpec, n_threads: int) -> list[Tile]:

@@ -87,7 +87,9 @@ struct CtJob {
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the
 // packed weight of CT_MODE_CHANNELS: [chunk][tap][a][column], with (a, columns) = (C_in,
 // C_out), or (C_out, C_in) when `swapped`, or at any strides (pa, pt). The column count
-// must be whole vectors. Columns are cut into chunks of up to 4 vectors.
+// must be whole vectors, except swapped at strides of whole vectors: C_in's last vector
+// may then be partial (x and gx are read and written only where they lie; the sums hold
+// whole vectors, zeros past C_in). Columns are cut into chunks of up to 4 vectors.
 
 // Which side the vectors run along (GwJob::swapped): C_out, the columns of (C_in, C_out);
 // C_in, swapped; or the channels of a depthwise layer, one per group (dw_grad_weight_typed

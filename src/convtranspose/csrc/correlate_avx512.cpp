@@ -38,6 +38,8 @@ static inline unsigned ct_opaque(unsigned m) { __asm__("" : "+r"(m)); return m; 
 // The first n (0-15 / 0-7) elements at p, zeros after them (lanes past n are not read).
 #define CT_LOAD_FIRST_F(n, p) _mm512_maskz_loadu_ps((__mmask16)((1u << (n)) - 1), p)
 #define CT_LOAD_FIRST_D(n, p) _mm512_maskz_loadu_pd((__mmask8)((1u << (n)) - 1), p)
+#define CT_STORE_FIRST_F(n, p, v) _mm512_mask_storeu_ps(p, (__mmask16)((1u << (n)) - 1), (__m512)(v))
+#define CT_STORE_FIRST_D(n, p, v) _mm512_mask_storeu_pd(p, (__mmask8)((1u << (n)) - 1), (__m512d)(v))
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define CT_F16_LOAD(dst, src) _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))))
 #include "correlate.hpp"

@@ -12,9 +12,11 @@ struct Segment {
   int64_t count;
 };
 
+// `tail`: the lanes of B's last vector that lie in its row (lanes, unless C_in/g is not
+// whole vectors: swapped, the vector side is x's channels, read in place).
 template <typename T, int P, int NV>
 static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, int64_t bs,
-                                int64_t a0, int64_t b0, T* acc, int64_t cw) {
+                                int64_t a0, int64_t b0, T* acc, int64_t cw, int64_t tail) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -39,7 +41,8 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
       __builtin_prefetch(ai + 64 / sizeof(T));  // the next blocks' line of this pixel
       V bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const U*>(bi + v * L);
+      for (int v = 0; v < NV - 1; ++v) bv[v] = *reinterpret_cast<const U*>(bi + v * L);
+      bv[NV - 1] = load_lanes<V>(tail, bi + (NV - 1) * L);
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p) {
         const V x = broadcast<V>(ai + p);
@@ -64,17 +67,18 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
 
 template <typename T, int NV, int P>
 static inline void reduce_tail(int64_t n, const Segment* segs, int64_t nseg, int64_t as,
-                               int64_t bs, int64_t a0, int64_t b0, T* acc, int64_t cw) {
+                               int64_t bs, int64_t a0, int64_t b0, T* acc, int64_t cw,
+                               int64_t tail) {
   if constexpr (P > 0) {
-    if (n == P) return reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc, cw);
-    reduce_tail<T, NV, P - 1>(n, segs, nseg, as, bs, a0, b0, acc, cw);
+    if (n == P) return reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc, cw, tail);
+    reduce_tail<T, NV, P - 1>(n, segs, nseg, as, bs, a0, b0, acc, cw, tail);
   }
 }
 
 // acc: the (na x NV vectors) sums, rows `cw` apart.
 template <typename T, int NV>
 static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t bs,
-                         int64_t na, int64_t b0, T* acc, int64_t cw) {
+                         int64_t na, int64_t b0, T* acc, int64_t cw, int64_t tail) {
   constexpr int P = Block<NV>::P;
   // Blocks of near-equal size, as the forward's rows: a last block of 2 or 4 values of A
   // does a third or two thirds of a block's multiply-adds per pass over B, with as many
@@ -84,8 +88,8 @@ static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t 
   const int64_t nb = (na + P - 1) / P, size = na / nb, bigger = na % nb;
   for (int64_t blk = 0, a0 = 0; blk < nb; ++blk) {
     const int64_t len = size + (blk < bigger);
-    if (len == P) reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw);
-    else reduce_tail<T, NV, P - 1>(len, segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw);
+    if (len == P) reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw, tail);
+    else reduce_tail<T, NV, P - 1>(len, segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw, tail);
     a0 += len;
   }
 }
@@ -105,7 +109,8 @@ static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t 
 // (16 -> 12 1.26 -> 1.47, 32 -> 10 0.69 -> 0.80).
 template <typename T>
 static inline bool few_sums(int64_t cin, int64_t cout) {
-  const int64_t nv = std::min<int64_t>(cin / (CT_VBYTES / (int64_t)sizeof(T)), MAXV);
+  constexpr int64_t L = CT_VBYTES / sizeof(T);
+  const int64_t nv = std::min<int64_t>((cin + L - 1) / L, MAXV);
   if (nv >= 4) return cout < Block<4>::P;
   if (nv == 3) return cout < Block<3>::P;
   return cout * nv < 8;
@@ -121,10 +126,31 @@ struct FewSum {
   const T* w;      // with grad_input too: the sum's NV vectors of the weight
 };
 
+// A pixel's NV vectors of x, the last one's `tail` lanes in its row (see reduce_block).
+template <typename T, int NV>
+static inline void load_x(typename Vec<T>::v (&xv)[NV], const T* p, int64_t tail) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV - 1; ++v) xv[v] = *reinterpret_cast<const U*>(p + v * L);
+  xv[NV - 1] = load_lanes<typename Vec<T>::v>(tail, p + (NV - 1) * L);
+}
+
+// A pixel's NV vectors stored at p, the last one's `tail` lanes only.
+template <typename T, int NV, typename V>
+static inline void store_x(T* p, const V (&a)[NV], int64_t tail) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV - 1; ++v) *reinterpret_cast<U*>(p + v * L) = a[v];
+  store_lanes(tail, p + (NV - 1) * L, a[NV - 1]);
+}
+
 // `rows` rows with the same taps, `grs` and `xrs` apart in the cotangent and in x.
 template <typename T, int NV, int E>
 static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
-                          int64_t xrs, int64_t rows, int64_t xs_w, int64_t gs_w) {
+                          int64_t xrs, int64_t rows, int64_t xs_w, int64_t gs_w,
+                          int64_t tail) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -142,9 +168,10 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
     const auto edge = [&](auto& sum, const FewSum<T>& f, int64_t w0, int64_t w1) CT_ALWAYS_INLINE {
       for (int64_t w = w0; w < w1; ++w) {
         const V b = broadcast<V>(grow + f.g + (w - f.lo) * gs_w);
+        V xv[NV];
+        load_x<T, NV>(xv, xrow + w * xs_w, tail);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v)
-          sum[v] += b * *reinterpret_cast<const U*>(xrow + w * xs_w + v * L);
+        for (int v = 0; v < NV; ++v) sum[v] += b * xv[v];
       }
     };
 #pragma GCC unroll 24
@@ -156,8 +183,7 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
     const T* xp = xrow + ilo * xs_w;
     for (int64_t t = 0, n = ihi - ilo; t < n; ++t, xp += xs_w) {
       V xv[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const U*>(xp + v * L);
+      load_x<T, NV>(xv, xp, tail);
 #pragma GCC unroll 24
       for (int e = 0; e < E; ++e) {
         const V b = broadcast<V>(gp[e] + t * gs_w);
@@ -210,7 +236,7 @@ template <int NV> struct FusedTile {
 template <typename T, int NV, int E>
 static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
                             int64_t xrs, T* gxrow, int64_t gxrs, int64_t gxs_w, int64_t rows,
-                            int64_t xs_w, int64_t gs_w) {
+                            int64_t xs_w, int64_t gs_w, int64_t tail) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -239,12 +265,10 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
     const auto edge = [&](int64_t w) {
       V xv[NV], acc[2][NV];
       T* gp = gxrow + w * gxs_w;
+      load_x<T, NV>(xv, xrow + w * xs_w, tail);
+      load_x<T, NV>(acc[0], gp, tail);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        xv[v] = *reinterpret_cast<const U*>(xrow + w * xs_w + v * L);
-        acc[0][v] = *reinterpret_cast<const U*>(gp + v * L);
-        acc[1][v] = V{};
-      }
+      for (int v = 0; v < NV; ++v) acc[1][v] = V{};
 #pragma GCC unroll 16
       for (int e = 0; e < E; ++e) {
         if (w < sums[e].lo || w >= sums[e].hi) continue;
@@ -256,8 +280,8 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
         }
       }
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v)
-        *reinterpret_cast<U*>(gp + v * L) = acc[0][v] + acc[1][v];
+      for (int v = 0; v < NV; ++v) acc[0][v] += acc[1][v];
+      store_x<T, NV>(gp, acc[0], tail);
     };
     for (int64_t w = wlo; w < left_end; ++w) edge(w);
     if (inner) {
@@ -270,12 +294,10 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
         constexpr int UN = decltype(up)::value;
         V xv[UN][NV], acc[UN][NV];
 #pragma GCC unroll 4
-        for (int u = 0; u < UN; ++u)
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) {
-            xv[u][v] = *reinterpret_cast<const U*>(xp + u * xs_w + v * L);
-            acc[u][v] = *reinterpret_cast<const U*>(op + u * gxs_w + v * L);
-          }
+        for (int u = 0; u < UN; ++u) {
+          load_x<T, NV>(xv[u], xp + u * xs_w, tail);
+          load_x<T, NV>(acc[u], op + u * gxs_w, tail);
+        }
 #pragma GCC unroll 16
         for (int e = 0; e < E; ++e)
 #pragma GCC unroll 4
@@ -288,10 +310,7 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
             }
           }
 #pragma GCC unroll 4
-        for (int u = 0; u < UN; ++u)
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v)
-            *reinterpret_cast<U*>(op + u * gxs_w + v * L) = acc[u][v];
+        for (int u = 0; u < UN; ++u) store_x<T, NV>(op + u * gxs_w, acc[u], tail);
         xp += UN * xs_w;
         op += UN * gxs_w;
       };
@@ -314,7 +333,10 @@ static void grad_weight_typed(const GwJob& job) {
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cw_full = MAXV * L;
   const int64_t na = job.swapped ? job.cout : job.cin;
-  const int64_t nb = job.swapped ? job.cin : job.cout;  // a multiple of L (the caller checks)
+  // The vector side: whole vectors, except swapped, where C_in/g's last vector may be
+  // partial (its lanes past the row are neither read nor written; its sums, in part's
+  // whole vectors, then take zeros there).
+  const int64_t nb = job.swapped ? job.cin : job.cout;
   const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
   const T* x = static_cast<const T*>(job.x);
   const T* g = static_cast<const T*>(job.g);
@@ -331,6 +353,8 @@ static void grad_weight_typed(const GwJob& job) {
   const int64_t group_rows =
       std::max<int64_t>(1, (192 + job.wcount - 1) / std::max<int64_t>(1, job.wcount));
   const int64_t chunks = (nb + cw_full - 1) / cw_full;
+  const auto vectors_of = [&](int64_t cw) { return (cw + L - 1) / L; };
+  const auto tail_of = [&](int64_t cw) { return cw - (vectors_of(cw) - 1) * L; };
   CtStop* const stop = ct_stop;  // asked before each group of rows (see RowClaims)
   // The sums of unit (tap, chunk c0 / cw_full), and their row stride.
   const auto unit_acc = [&](int64_t tap, int64_t c0, int64_t cw) {
@@ -347,7 +371,7 @@ static void grad_weight_typed(const GwJob& job) {
         const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
         T* acc = unit_acc(tap, c0, cw);
         for (int64_t a = 0; a < na; ++a)
-          std::memset(acc + a * (job.pa ? job.pa : cw), 0, cw * sizeof(T));
+          std::memset(acc + a * (job.pa ? job.pa : cw), 0, vectors_of(cw) * L * sizeof(T));
       }
   if (job.swapped == CT_GW_ALONG_CIN && few_sums<T>(nb, na)) {
     // A row's sums depend only on which (D, H) tap pairs it reaches: a range of i and one
@@ -404,33 +428,31 @@ static void grad_weight_typed(const GwJob& job) {
       for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
         const std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
         const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
-        with_vectors(cw / L, [&](auto nv) {
+        const int64_t tail = tail_of(cw);
+        with_vectors(vectors_of(cw), [&](auto nv) {
           constexpr int NV = decltype(nv)::value;
           const int64_t count = (int64_t)sums.size();
           if (!gx || NV > 2) {  // (gx is only set where NV <= 2: fuses_grad_input)
             in_even_tiles<FewTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
               few_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs, rows,
-                                                       xs_w, gs_w);
+                                                       xs_w, gs_w, tail);
             });
             return;
           }
           // Every pixel of the rows is written: from zero, as the sums add up. NV vectors
           // known here, so that these are plain stores: with a run-time count GCC makes
           // them a memset per pixel, which took 6-25% of W6's time.
-          typedef typename Vec<T>::u U;
-          const typename Vec<T>::v zero{};
+          typename Vec<T>::v zero[NV] = {};
           const int64_t gxs_h = job.gxs[2], gxs_w = job.gxs[3], wcount = job.wcount;
           for (int64_t r = 0; r < rows; ++r) {
             T* p = gxrow + r * gxs_h + c0;
-            for (int64_t w = 0; w < wcount; ++w, p += gxs_w)
-#pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(p + v * L) = zero;
+            for (int64_t w = 0; w < wcount; ++w, p += gxs_w) store_x<T, NV>(p, zero, tail);
           }
           if constexpr (NV <= 2)
             in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
               fused_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs,
                                                          gxrow + c0, gxs_h, gxs_w, rows, xs_w,
-                                                         gs_w);
+                                                         gs_w, tail);
             });
         });
       }
@@ -505,6 +527,7 @@ static void grad_weight_typed(const GwJob& job) {
           for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
             if (!wanted(tap, c0 / cw_full)) continue;
             const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
+            const int64_t nv = vectors_of(cw), tail = tail_of(cw);
             T* acc = unit_acc(tap, c0, cw);
             const int64_t ars = job.pa ? job.pa : cw;  // row stride of the sums
             size_t start = 0;
@@ -522,17 +545,19 @@ static void grad_weight_typed(const GwJob& job) {
                 for (int64_t q = 0; q < bn; ++q) {
                   const T* src = static_cast<const T*>(bseg[q].b) + c0;
                   local[q].b = dst;
-                  for (int64_t i = 0; i < bseg[q].count; ++i, dst += cw)  // whole vectors
-                    for (int64_t c = 0; c < cw; c += L)
-                      *reinterpret_cast<typename Vec<T>::u*>(dst + c) =
-                          *reinterpret_cast<const typename Vec<T>::u*>(src + i * bs + c);
+                  for (int64_t i = 0; i < bseg[q].count; ++i, dst += nv * L)  // whole vectors
+                    for (int64_t v = 0; v < nv; ++v)
+                      *reinterpret_cast<typename Vec<T>::u*>(dst + v * L) =
+                          load_lanes<typename Vec<T>::v>(v + 1 < nv ? L : tail,
+                                                         src + i * bs + v * L);
                 }
                 bseg = local.data();
                 b0 = 0;
-                bstride = cw;
+                bstride = nv * L;
               }
-              with_vectors(cw / L, [&](auto nv) {
-                reduce_chunk<T, decltype(nv)::value>(bseg, bn, as, bstride, na, b0, acc, ars);
+              with_vectors(nv, [&](auto nvc) {
+                reduce_chunk<T, decltype(nvc)::value>(bseg, bn, as, bstride, na, b0, acc, ars,
+                                                      tail);
               });
             }
           }

@@ -498,11 +498,16 @@ bool parse_grad_weight(PyObject* spec, GwJob& job) {
     PyErr_SetString(PyExc_ValueError, "grad_weight: itemsize must be 4 or 8");
     return false;
   }
-  const int64_t nb = job.swapped ? job.cin : job.cout;
+  // Along C_out, whole vectors; along C_in, any count, its sums at strides whose rows
+  // hold whole vectors (the caller's padded buffer).
+  const int64_t lanes = current->lanes(job.itemsize);
   if (job.swapped < CT_GW_ALONG_COUT || job.swapped > CT_GW_DEPTHWISE ||
-      (job.swapped != CT_GW_DEPTHWISE && nb % current->lanes(job.itemsize))) {
+      (job.swapped == CT_GW_ALONG_COUT && job.cout % lanes) ||
+      (job.swapped == CT_GW_ALONG_CIN && job.cin % lanes &&
+       (!job.pa || job.pt % lanes || job.pa % lanes))) {
     PyErr_SetString(PyExc_ValueError,
-                    "grad_weight: bad kind, or a vector side that is not whole vectors");
+                    "grad_weight: bad kind, a C_out side that is not whole vectors, or a C_in "
+                    "side that is not, without strides of whole vectors");
     return false;
   }
   if (job.gx && !(job.swapped == CT_GW_ALONG_CIN && job.w && job.pa && job.unit0 == 0 &&
@@ -1312,24 +1317,17 @@ PyObject* py_gather_cotangent(PyObject*, PyObject* args) {
 // grad_weight's packed sums into one group's gw (C_out/g, taps, C_in/g), taps [tap0,
 // tap1) (_vjp_native._unpack_grad_weight). The packed layout holds chunks of `chunk`
 // columns, each [tap][row][column of the chunk]; rows are C_in/g and columns C_out/g, so
-// each tap's block is transposed (in tiles, every line read and written whole), or
-// swapped, rows C_out/g and columns C_in/g (row copies). NumPy's transposing assignment
-// read a line per value: 165 -> 128 k7's 29 MB grad_weight took 40 of its 65 ms.
+// each tap's block is transposed (in tiles, every line read and written whole). NumPy's
+// transposing assignment read a line per value: 165 -> 128 k7's 29 MB grad_weight took
+// 40 of its 65 ms.
 template <typename T>
 void unpack_grad_weight(const T* part, T* gw, int64_t taps, int64_t rows, int64_t cols,
-                        int64_t chunk, bool swapped, int64_t tap0, int64_t tap1) {
+                        int64_t chunk, int64_t tap0, int64_t tap1) {
   constexpr int64_t B = 64 / sizeof(T);  // a cache line of values
-  const int64_t cig = swapped ? cols : rows;
+  const int64_t cig = rows;
   for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
     const int64_t width = std::min(chunk, cols - c0);
     const T* chunk_start = part + taps * rows * c0;  // the chunks before are whole
-    if (swapped) {
-      for (int64_t tap = tap0; tap < tap1; ++tap)
-        for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(gw + (r * taps + tap) * cig + c0,
-                      chunk_start + (tap * rows + r) * width, width * sizeof(T));
-      continue;
-    }
     // B columns at a time over every tap: each line of the packed sums read is used
     // whole, and gw is written along B rows in order (tap by tap, the whole of C_in/g).
     for (int64_t k0 = 0; k0 < width; k0 += B) {
@@ -1351,11 +1349,11 @@ void unpack_grad_weight(const T* part, T* gw, int64_t taps, int64_t rows, int64_
 }
 
 PyObject* py_unpack_grad_weight(PyObject*, PyObject* args) {
-  int itemsize, swapped;
+  int itemsize;
   Py_buffer part, gw;
   Py_ssize_t taps, rows, cols, chunk, tap0, tap1;
-  if (!PyArg_ParseTuple(args, "iy*w*nnnnpnn", &itemsize, &part, &gw, &taps, &rows, &cols,
-                        &chunk, &swapped, &tap0, &tap1))
+  if (!PyArg_ParseTuple(args, "iy*w*nnnnnn", &itemsize, &part, &gw, &taps, &rows, &cols,
+                        &chunk, &tap0, &tap1))
     return nullptr;
   const int64_t values = (int64_t)taps * rows * cols;
   const bool ok = (itemsize == 4 || itemsize == 8) && rows >= 1 && cols >= 1 && chunk >= 1 &&
@@ -1365,7 +1363,7 @@ PyObject* py_unpack_grad_weight(PyObject*, PyObject* args) {
     with_float_type(itemsize, [&](auto t) {
       using T = decltype(t);
       unpack_grad_weight(static_cast<const T*>(part.buf), static_cast<T*>(gw.buf), taps, rows,
-                         cols, chunk, swapped, tap0, tap1);
+                         cols, chunk, tap0, tap1);
     });
   return finish_buffers(ok, "unpack_grad_weight: bad itemsize, geometry or sizes",
                         {&part, &gw});

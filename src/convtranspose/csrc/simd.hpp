@@ -149,6 +149,38 @@ static inline V load_first(int64_t n, const T* p) {
 #endif
 }
 
+// The first n (1..lanes) elements at p, zeros after them: a row's last vector where its
+// length is not whole vectors (n == lanes: the whole vector), read without passing the
+// row's end. Masked where the build has masked loads (as fast as a plain load with
+// AVX-512); otherwise a plain load unless the vector is partial.
+template <typename V, typename T>
+static inline V load_lanes(int64_t n, const T* p) {
+#if CT_VBYTES == 64 && defined(CT_LOAD_FIRST_F)
+  return load_first<V>(n, p);
+#else
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  return n == L ? (V)*reinterpret_cast<const U*>(p) : load_first<V>(n, p);
+#endif
+}
+
+// Stores the first n (1..lanes) lanes of v at p, nothing past them.
+template <typename V, typename T>
+static inline void store_lanes(int64_t n, T* p, V v) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  if (n == L) {
+    *reinterpret_cast<U*>(p) = v;
+    return;
+  }
+#ifdef CT_STORE_FIRST_F
+  if constexpr (sizeof(T) == 4) CT_STORE_FIRST_F(n, reinterpret_cast<float*>(p), v);
+  else CT_STORE_FIRST_D(n, reinterpret_cast<double*>(p), v);
+#else
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+#endif
+}
+
 // The vector at p, or zeros where `valid` is 0 (translation units with masked loads define
 // CT_MASKZ_LOAD_F/D; a masked load does not fault, so p may lie past the row's end).
 template <typename V, typename T>
