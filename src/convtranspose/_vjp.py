@@ -230,18 +230,19 @@ def _wide_or_along_in(spec: ConvSpec, compute_dtype: np.dtype,
     kernel: the GEMM paths).
 
     With groups, WIDE computes every group's columns (the work times the groups); with
-    one group and C_in at most a quarter of a vector, ALONG_IN's few live lanes lost on
-    every such layer measured. Elsewhere ALONG_IN where its model is ALONG_IN_OVER_WIDE
-    times faster. Both gradients, the 82 sweep layers of seeds 11-31 at this choice, each
-    layout forced, alternating processes: this rule lands 1.04x over the faster of the
-    two (geometric mean); ALONG_IN everywhere 1.10x, WIDE everywhere 1.34x (28 -> 5 k2
-    s3: 13.9 ms WIDE, 4.4 ALONG_IN; 4 -> 12 k4: 5.2 WIDE, 9.8 ALONG_IN)."""
+    one group and C_in under half a vector, ALONG_IN's few live lanes lost on all 9 such
+    layers measured (and on 7 -> 10 k3 s2x1x3, drawn later: 2.1 ms WIDE, 2.5 ALONG_IN).
+    Elsewhere ALONG_IN where its model is ALONG_IN_OVER_WIDE times faster. Both
+    gradients, the 82 sweep layers of seeds 11-31 at this choice, each layout forced,
+    alternating processes: this rule lands 1.04x over the faster of the two (geometric
+    mean); ALONG_IN everywhere 1.10x, WIDE everywhere 1.34x (28 -> 5 k2 s3: 13.9 ms WIDE,
+    4.4 ALONG_IN; 4 -> 12 k4: 5.2 WIDE, 9.8 ALONG_IN)."""
     if math.prod(spec.kernel) == 1:
         return None
     if not grad_weight_wide_w(spec, compute_dtype):
         return GradWeightLayout.ALONG_IN
     lanes, _ = native.layout(compute_dtype.itemsize)
-    if spec.groups == 1 and 4 * spec.c_in_per_group <= lanes:
+    if spec.groups == 1 and 2 * spec.c_in_per_group < lanes:
         return GradWeightLayout.WIDE
     if (along_in_over_wide
             * _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.ALONG_IN)
