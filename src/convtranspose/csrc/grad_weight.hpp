@@ -12,9 +12,23 @@ struct Segment {
   int64_t count;
 };
 
+// A row's last vector where PART (C_in/g not whole vectors: its first `tail` lanes, the
+// others neither read nor written), else the whole vector. A compile-time choice: a
+// masked load in every loop cost W1-W8's gradients 2-3.5%.
+template <bool PART, typename V, typename T>
+static inline V load_last(int64_t tail, const T* p) {
+  if constexpr (PART) return load_lanes<V>(tail, p);
+  else return (V)*reinterpret_cast<const typename Vec<T>::u*>(p);
+}
+template <bool PART, typename T, typename V>
+static inline void store_last(int64_t tail, T* p, V v) {
+  if constexpr (PART) store_lanes(tail, p, v);
+  else *reinterpret_cast<typename Vec<T>::u*>(p) = v;
+}
+
 // `tail`: the lanes of B's last vector that lie in its row (lanes, unless C_in/g is not
-// whole vectors: swapped, the vector side is x's channels, read in place).
-template <typename T, int P, int NV>
+// whole vectors: swapped, the vector side is x's channels, read in place; then PART).
+template <typename T, int P, int NV, bool PART>
 static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, int64_t bs,
                                 int64_t a0, int64_t b0, T* acc, int64_t cw, int64_t tail) {
   typedef typename Vec<T>::v V;
@@ -42,7 +56,7 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
       V bv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV - 1; ++v) bv[v] = *reinterpret_cast<const U*>(bi + v * L);
-      bv[NV - 1] = load_lanes<V>(tail, bi + (NV - 1) * L);
+      bv[NV - 1] = load_last<PART, V>(tail, bi + (NV - 1) * L);
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p) {
         const V x = broadcast<V>(ai + p);
@@ -65,18 +79,18 @@ static inline void reduce_block(const Segment* segs, int64_t nseg, int64_t as, i
   store_tile<T, P, NV>(r[0], acc, cw);
 }
 
-template <typename T, int NV, int P>
+template <typename T, int NV, int P, bool PART>
 static inline void reduce_tail(int64_t n, const Segment* segs, int64_t nseg, int64_t as,
                                int64_t bs, int64_t a0, int64_t b0, T* acc, int64_t cw,
                                int64_t tail) {
   if constexpr (P > 0) {
-    if (n == P) return reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc, cw, tail);
-    reduce_tail<T, NV, P - 1>(n, segs, nseg, as, bs, a0, b0, acc, cw, tail);
+    if (n == P) return reduce_block<T, P, NV, PART>(segs, nseg, as, bs, a0, b0, acc, cw, tail);
+    reduce_tail<T, NV, P - 1, PART>(n, segs, nseg, as, bs, a0, b0, acc, cw, tail);
   }
 }
 
 // acc: the (na x NV vectors) sums, rows `cw` apart.
-template <typename T, int NV>
+template <typename T, int NV, bool PART>
 static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t bs,
                          int64_t na, int64_t b0, T* acc, int64_t cw, int64_t tail) {
   constexpr int P = Block<NV>::P;
@@ -88,8 +102,10 @@ static void reduce_chunk(const Segment* segs, int64_t nseg, int64_t as, int64_t 
   const int64_t nb = (na + P - 1) / P, size = na / nb, bigger = na % nb;
   for (int64_t blk = 0, a0 = 0; blk < nb; ++blk) {
     const int64_t len = size + (blk < bigger);
-    if (len == P) reduce_block<T, P, NV>(segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw, tail);
-    else reduce_tail<T, NV, P - 1>(len, segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw, tail);
+    if (len == P)
+      reduce_block<T, P, NV, PART>(segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw, tail);
+    else
+      reduce_tail<T, NV, P - 1, PART>(len, segs, nseg, as, bs, a0, b0, acc + a0 * cw, cw, tail);
     a0 += len;
   }
 }
@@ -126,28 +142,28 @@ struct FewSum {
   const T* w;      // with grad_input too: the sum's NV vectors of the weight
 };
 
-// A pixel's NV vectors of x, the last one's `tail` lanes in its row (see reduce_block).
-template <typename T, int NV>
+// A pixel's NV vectors of x, the last one's `tail` lanes in its row (see load_last).
+template <typename T, int NV, bool PART>
 static inline void load_x(typename Vec<T>::v (&xv)[NV], const T* p, int64_t tail) {
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
 #pragma GCC unroll 4
   for (int v = 0; v < NV - 1; ++v) xv[v] = *reinterpret_cast<const U*>(p + v * L);
-  xv[NV - 1] = load_lanes<typename Vec<T>::v>(tail, p + (NV - 1) * L);
+  xv[NV - 1] = load_last<PART, typename Vec<T>::v>(tail, p + (NV - 1) * L);
 }
 
 // A pixel's NV vectors stored at p, the last one's `tail` lanes only.
-template <typename T, int NV, typename V>
+template <typename T, int NV, bool PART, typename V>
 static inline void store_x(T* p, const V (&a)[NV], int64_t tail) {
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
 #pragma GCC unroll 4
   for (int v = 0; v < NV - 1; ++v) *reinterpret_cast<U*>(p + v * L) = a[v];
-  store_lanes(tail, p + (NV - 1) * L, a[NV - 1]);
+  store_last<PART>(tail, p + (NV - 1) * L, a[NV - 1]);
 }
 
 // `rows` rows with the same taps, `grs` and `xrs` apart in the cotangent and in x.
-template <typename T, int NV, int E>
+template <typename T, int NV, int E, bool PART>
 static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
                           int64_t xrs, int64_t rows, int64_t xs_w, int64_t gs_w,
                           int64_t tail) {
@@ -169,7 +185,7 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
       for (int64_t w = w0; w < w1; ++w) {
         const V b = broadcast<V>(grow + f.g + (w - f.lo) * gs_w);
         V xv[NV];
-        load_x<T, NV>(xv, xrow + w * xs_w, tail);
+        load_x<T, NV, PART>(xv, xrow + w * xs_w, tail);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) sum[v] += b * xv[v];
       }
@@ -183,7 +199,7 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
     const T* xp = xrow + ilo * xs_w;
     for (int64_t t = 0, n = ihi - ilo; t < n; ++t, xp += xs_w) {
       V xv[NV];
-      load_x<T, NV>(xv, xp, tail);
+      load_x<T, NV, PART>(xv, xp, tail);
 #pragma GCC unroll 24
       for (int e = 0; e < E; ++e) {
         const V b = broadcast<V>(gp[e] + t * gs_w);
@@ -233,7 +249,7 @@ template <int NV> struct FusedTile {
   static constexpr int U = CT_NREGS == 32 ? (NV == 1 ? 4 : 2) : (NV == 1 ? 2 : 1);
 };
 
-template <typename T, int NV, int E>
+template <typename T, int NV, int E, bool PART>
 static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
                             int64_t xrs, T* gxrow, int64_t gxrs, int64_t gxs_w, int64_t rows,
                             int64_t xs_w, int64_t gs_w, int64_t tail) {
@@ -265,8 +281,8 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
     const auto edge = [&](int64_t w) {
       V xv[NV], acc[2][NV];
       T* gp = gxrow + w * gxs_w;
-      load_x<T, NV>(xv, xrow + w * xs_w, tail);
-      load_x<T, NV>(acc[0], gp, tail);
+      load_x<T, NV, PART>(xv, xrow + w * xs_w, tail);
+      load_x<T, NV, PART>(acc[0], gp, tail);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[1][v] = V{};
 #pragma GCC unroll 16
@@ -281,7 +297,7 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
       }
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[0][v] += acc[1][v];
-      store_x<T, NV>(gp, acc[0], tail);
+      store_x<T, NV, PART>(gp, acc[0], tail);
     };
     for (int64_t w = wlo; w < left_end; ++w) edge(w);
     if (inner) {
@@ -295,8 +311,8 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
         V xv[UN][NV], acc[UN][NV];
 #pragma GCC unroll 4
         for (int u = 0; u < UN; ++u) {
-          load_x<T, NV>(xv[u], xp + u * xs_w, tail);
-          load_x<T, NV>(acc[u], op + u * gxs_w, tail);
+          load_x<T, NV, PART>(xv[u], xp + u * xs_w, tail);
+          load_x<T, NV, PART>(acc[u], op + u * gxs_w, tail);
         }
 #pragma GCC unroll 16
         for (int e = 0; e < E; ++e)
@@ -310,7 +326,7 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
             }
           }
 #pragma GCC unroll 4
-        for (int u = 0; u < UN; ++u) store_x<T, NV>(op + u * gxs_w, acc[u], tail);
+        for (int u = 0; u < UN; ++u) store_x<T, NV, PART>(op + u * gxs_w, acc[u], tail);
         xp += UN * xs_w;
         op += UN * gxs_w;
       };
@@ -429,13 +445,14 @@ static void grad_weight_typed(const GwJob& job) {
         const std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
         const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
         const int64_t tail = tail_of(cw);
-        with_vectors(vectors_of(cw), [&](auto nv) {
+        with_vectors(vectors_of(cw), [&](auto nv) { with_partial(tail < L, [&](auto part) {
           constexpr int NV = decltype(nv)::value;
+          constexpr bool PART = decltype(part)::value;
           const int64_t count = (int64_t)sums.size();
           if (!gx || NV > 2) {  // (gx is only set where NV <= 2: fuses_grad_input)
             in_even_tiles<FewTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
-              few_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs, rows,
-                                                       xs_w, gs_w, tail);
+              few_sums_tile<T, NV, decltype(e)::value, PART>(first, grow, grs, xrow + c0, xrs,
+                                                             rows, xs_w, gs_w, tail);
             });
             return;
           }
@@ -446,15 +463,16 @@ static void grad_weight_typed(const GwJob& job) {
           const int64_t gxs_h = job.gxs[2], gxs_w = job.gxs[3], wcount = job.wcount;
           for (int64_t r = 0; r < rows; ++r) {
             T* p = gxrow + r * gxs_h + c0;
-            for (int64_t w = 0; w < wcount; ++w, p += gxs_w) store_x<T, NV>(p, zero, tail);
+            for (int64_t w = 0; w < wcount; ++w, p += gxs_w)
+              store_x<T, NV, PART>(p, zero, tail);
           }
           if constexpr (NV <= 2)
             in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
-              fused_sums_tile<T, NV, decltype(e)::value>(first, grow, grs, xrow + c0, xrs,
-                                                         gxrow + c0, gxs_h, gxs_w, rows, xs_w,
-                                                         gs_w, tail);
+              fused_sums_tile<T, NV, decltype(e)::value, PART>(first, grow, grs, xrow + c0,
+                                                               xrs, gxrow + c0, gxs_h, gxs_w,
+                                                               rows, xs_w, gs_w, tail);
             });
-        });
+        }); });
       }
     }
     return;
@@ -555,10 +573,10 @@ static void grad_weight_typed(const GwJob& job) {
                 b0 = 0;
                 bstride = nv * L;
               }
-              with_vectors(nv, [&](auto nvc) {
-                reduce_chunk<T, decltype(nvc)::value>(bseg, bn, as, bstride, na, b0, acc, ars,
-                                                      tail);
-              });
+              with_vectors(nv, [&](auto nvc) { with_partial(tail < L, [&](auto part) {
+                reduce_chunk<T, decltype(nvc)::value, decltype(part)::value>(
+                    bseg, bn, as, bstride, na, b0, acc, ars, tail);
+              }); });
             }
           }
         }

@@ -33,6 +33,14 @@ static inline void with_vectors(int64_t nv, F&& f) {
   }
 }
 
+// f(std::bool_constant<partial>): whether a row's last vector is partial, as a
+// compile-time constant for the loops that load it.
+template <typename F>
+static inline void with_partial(bool partial, F&& f) {
+  if (partial) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // On a lambda that updates a register block through a reference: inlined whatever GCC's
 // budget says, since an outlined call keeps the block in memory (a grad_weight build whose
 // caller had grown outlined reduce_block's step: 48 -> 96 k3 s2 took 2.3x as long).
