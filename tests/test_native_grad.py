@@ -600,3 +600,22 @@ def test_grad_weight_on_one_row_shares_the_groups_out(groups, rng):
         again = np.empty_like(gw)
         _vjp_native.grad_weight(spec, x3, cot, again, 3, layout, np.dtype(np.float32))
         np.testing.assert_array_equal(again, gw)
+
+
+@pytest.mark.parametrize("c_out,k", [(1, 2), (13, 4)])
+def test_few_inputs_one_group_pick_the_layout_with_fuller_vectors(c_out, k, isa, monkeypatch):
+    """One group, 3 input channels: where they are under half a vector (AVX2, AVX-512),
+    WIDE where its columns (kW * C_out: 52) fill their vectors, along C_in where they
+    would fill fewer lanes still (2: 3 -> 1 k2 s2's grad_weight took 17.4 ms WIDE, 4.0
+    along C_in); with 4 lanes, along C_in. (PLANAR, which these would take where its
+    copies fit, turned off.)"""
+    from convtranspose import _vjp
+    from convtranspose._api import spec_for
+    monkeypatch.setattr(_vjp, "PLANAR_MAX_CHANNELS", 0)
+    spec, x3, _ = spec_for(3, np.zeros((1, 8, 10, 40, 3), np.float32),
+                           np.zeros((c_out, k, k, k, 3), np.float32), stride=2)
+    c3 = np.zeros((1, *spec.out_spatial, spec.c_out), np.float32)
+    want = "WIDE" if c_out == 13 and native.layout(4)[0] >= 8 else "ALONG_IN"
+    assert (_vjp.native_grad_weight_layout(spec, x3.reshape(1, 8, 10, 40, 3), c3,
+                                           np.dtype(np.float32))
+            == native.GradWeightLayout[want])

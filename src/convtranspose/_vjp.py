@@ -230,8 +230,10 @@ def _wide_or_along_in(spec: ConvSpec, compute_dtype: np.dtype,
     kernel: the GEMM paths).
 
     With groups, WIDE computes every group's columns (the work times the groups); with
-    one group and C_in under half a vector, ALONG_IN's few live lanes lost on all 9 such
-    layers measured (and on 7 -> 10 k3 s2x1x3, drawn later: 2.1 ms WIDE, 2.5 ALONG_IN).
+    one group, C_in under half a vector and WIDE's columns (kW * C_out) filling at least
+    half of theirs, ALONG_IN's few live lanes lost on all 9 such layers measured (and on
+    7 -> 10 k3 s2x1x3, drawn later: 2.1 ms WIDE, 2.5 ALONG_IN); with fewer columns WIDE
+    lost (3 -> 1 k2 s2 on 3x91x67x90, grad_weight: 17.4 ms WIDE, 4.0 ALONG_IN).
     Elsewhere ALONG_IN where its model is ALONG_IN_OVER_WIDE times faster. Both
     gradients, the 82 sweep layers of seeds 11-31 at this choice, each layout forced,
     alternating processes: this rule lands 1.04x over the faster of the two (geometric
@@ -242,7 +244,9 @@ def _wide_or_along_in(spec: ConvSpec, compute_dtype: np.dtype,
     if not grad_weight_wide_w(spec, compute_dtype):
         return GradWeightLayout.ALONG_IN
     lanes, _ = native.layout(compute_dtype.itemsize)
-    if spec.groups == 1 and 2 * spec.c_in_per_group < lanes:
+    columns = spec.kernel[2] * spec.c_out
+    if (spec.groups == 1 and 2 * spec.c_in_per_group < lanes
+            and 2 * columns >= ceil_div(columns, lanes) * lanes):
         return GradWeightLayout.WIDE
     if (along_in_over_wide
             * _native_grad_weight_step(spec, compute_dtype, 1, GradWeightLayout.ALONG_IN)
