@@ -422,9 +422,12 @@ static void grad_weight_typed(const GwJob& job) {
           const int64_t ars = job.pa ? job.pa : cw;  // row stride of the sums
           std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
           sums.clear();
-          for (int64_t i = i0; i < i1; ++i)
-            for (int64_t j = j0; j < j1; ++j)
-              for (int64_t k = 0; k < tw; ++k) {
+          // W tap outermost: a tile's sums then reach the same pixels of the row, all in
+          // its inner loop (by (D, H) tap first, a tile of 6 spanned 6 W offsets, and on
+          // rows of 10 pixels with k7 most pixels went through the one-sum edge loop).
+          for (int64_t k = 0; k < tw; ++k)
+            for (int64_t i = i0; i < i1; ++i)
+              for (int64_t j = j0; j < j1; ++j) {
                 const int64_t tap = (i * job.ntaps[1] + j) * tw + k;
                 if (lo[k] >= hi[k] || !wanted(tap, c0 / cw_full)) continue;
                 const int64_t g0 = job.off[0][i] * job.gs[1] + job.off[1][j] * job.gs[2] +
