@@ -80,7 +80,7 @@ BLOCK_SHAPES = [(wd, co) for wd in (1, 2, 5, 7, 13) for co in (1, 3, 8, 16, 17, 
 
 # Fewer than TAPS_INNER_BELOW input channels: sums kept in registers across taps, with a
 # block width picked per row length (whole blocks, masked edge pixels on either side).
-TAPS_INNER_SHAPES = [(wd, ci, co) for wd in (1, 5, 12, 17, 33) for ci in (1, 2, 3)
+TAPS_INNER_SHAPES = [(wd, ci, co) for wd in (1, 5, 12, 17, 33) for ci in (1, 2, 3, 8, 15)
                      for co in (3, 16, 40, 64, 70)]
 
 

@@ -29,7 +29,7 @@ constexpr int CT_PLANAR_MAX_ROW = 32;
 
 // Below this many input channels (the reduction per tap) CT_MODE_CHANNELS keeps each
 // block's sums in registers across the taps (rows_chunk_taps_inner in forward.hpp).
-constexpr int CT_TAPS_INNER_BELOW = 4;
+constexpr int CT_TAPS_INNER_BELOW = 16;
 
 // Output element types other than the compute type (CtJob::out_half): rounded from float32
 // as stored.

@@ -186,13 +186,15 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
       store_chunk(job, orows[r] + (run.w0 + w) * os * oi, acc + (r * wcount + w) * cw, n);
 }
 
-// Very few input channels (fewer than CT_TAPS_INNER_BELOW): rows_chunk would load and store
+// Few input channels (fewer than CT_TAPS_INNER_BELOW): rows_chunk would load and store
 // each block's sums once per tap for only cin multiply-adds per pixel and vector, so here
 // each block of P pixels keeps its sums in registers over every tap and channel. Pixels
 // that a tap does not reach are masked with compile-time indices, which keeps the sums in
 // registers. Measured (k4, 16 outputs, one core): cin 1 25 -> 35-48 GFLOP/s, cin 2 37 ->
-// 58; even at 4-8; from 16 on rows_chunk wins (138 against 104), its input and weight
-// blocks staying in L1 where this sweep streams every tap's rows.
+// 58. On the 77 sweep layers (seeds 11-34) of 4-15 channels, alternating processes: 0.87x
+// the time of rows_chunk (geomean; 0.64x to 1.18x). From 16 to 31 channels it is even
+// (0.975x), and up to 1.7x slower with many taps, whose weight no longer stays in L1
+// while the blocks sweep it.
 
 // One tap's multiply-adds into the P x NV sums of rows_chunk_taps_inner, over every
 // input channel; MASKED: only pixels [a, b) (compile-time indices keep the sums in
