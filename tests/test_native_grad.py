@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from convtranspose import _native_kernel as native
+from convtranspose._plan import MIN_TILE_ROWS
 
 # (C_in, C_out, groups): vectors along C_out (whole vectors on every instruction set:
 # 32 channels), swapped along C_in (C_out below a vector), several groups, and a block
@@ -110,8 +111,11 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
                         lambda *a: (runs.append(a[-1]), real(*a)))
     lanes, _ = native.layout(4)
     c_in = vectors * lanes * groups
+    # Enough rows for a row tile per thread (`fused_pass_suits`: the pass fuses only so),
+    # tiles being at least MIN_TILE_ROWS positions.
+    height = max(5, math.ceil(3 * MIN_TILE_ROWS / (2 * 3 * width)))
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
-        x, w, cot, kws = make_case(rng, 3, (3, 5, width), c_in, c_out * groups, (3, 4, kw),
+        x, w, cot, kws = make_case(rng, 3, (3, height, width), c_in, c_out * groups, (3, 4, kw),
                                    stride=(2, 1, 2), padding=(1, 2, pw), dilation=(1, 1, 2),
                                    groups=groups, batch=2, dtypes=(dtype,) * 3)
         spec, _, _ = spec_for(3, x, w, **kws)
@@ -121,13 +125,14 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
                    for t in (1, 2, 3)]  # native: these small calls would take 'indexed'
         x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
         c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
-        fused = (_vjp.native_grad_weight_layout(spec, x3, c3, np.dtype(dtype))
-                 == native.GradWeightLayout.ALONG_IN
-                 and native.fuses_grad_input(np.dtype(dtype).itemsize, c_in // groups, c_out))
-        # the rule: few sums, with C_in/g in at most two vectors
+        fuses = native.fuses_grad_input(np.dtype(dtype).itemsize, c_in // groups, c_out)
+        # the rule: few sums, with C_in/g in one vector or two whole ones
         dlanes, max_vectors = native.layout(np.dtype(dtype).itemsize)
         dvectors = c_in // groups // dlanes
-        assert fused == (c_out * min(dvectors, max_vectors) < 8 and dvectors <= 2)
+        assert fuses == (c_out * min(dvectors, max_vectors) < 8 and dvectors <= 2)
+        fused = fuses and (_vjp.native_grad_weight_layout(spec, x3, c3, np.dtype(dtype))
+                           == native.GradWeightLayout.ALONG_IN)
+        assert all(_vjp_native.fused_pass_suits(spec, t) for t in (1, 2, 3))
         assert len(runs) == (3 if fused else 0)
         for gx, gw in results:
             np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)

@@ -557,13 +557,11 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
     # Workers own whole tiles where there are enough: workers writing the groups of the
     # same grad_input pixels shared their cache lines (26 -> 8 g2 k6x3x2 on 4x13x19x14,
     # both gradients: 5.2 ms on two threads, 2.9 on one).
+    # (The plan fuses only where there are at least as many tiles as threads,
+    # `fused_pass_suits`.)
     tiles = _grad_weight_row_tiles(spec, n_threads)
-    if len(tiles) >= n_threads:
-        work = [[(tile, g) for tile in tiles[j::n_threads] for g in range(groups)]
-                for j in range(n_threads)]
-    else:
-        pairs = _tile_group_pairs(spec, n_threads)
-        work = [pairs[j::n_threads] for j in range(min(n_threads, len(pairs)))]
+    work = [[(tile, g) for tile in tiles[j::n_threads] for g in range(groups)]
+            for j in range(n_threads)]
     workers = len(work)
     parts = ([gw] if width == cig else []) + [native.aligned_empty(weight.shape, compute_dtype)
                                               for _ in range(workers - (width == cig))]
@@ -587,6 +585,17 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
     sums = sum_in_order(parts)
     if sums is not gw:
         gw[...] = sums[..., :cig]
+
+
+def fused_pass_suits(spec: ConvSpec, n_threads: int) -> bool:
+    """Whether `both_gradients`' one pass keeps its workers apart and its tiles in cache:
+    a whole row tile for each worker (with fewer tiles, workers would split a tile's
+    groups, whose grad_input pixels share cache lines, or wait), and with groups, rows of
+    at most a tile, which stays in cache while each group sweeps it. Both long 1-D grouped
+    layers of the sweeps (seeds 11-34) lost so: 64 -> 8 g4 k2 s2 on 3 x 82967 pixels,
+    33.5 ms fused against 13.3 apart; 8 -> 24 g4 on 315157, 51 against 25."""
+    return (len(_grad_weight_row_tiles(spec, n_threads)) >= n_threads
+            and (spec.groups == 1 or spec.in_spatial[2] <= GW_TILE_PIXELS))
 
 
 def _tile_group_pairs(spec: ConvSpec, n_threads: int) -> list[tuple[Tile, int]]:
@@ -697,7 +706,11 @@ def _swapped_width(cig: int, compute_dtype: np.dtype) -> int:
     return ceil_div(cig, lanes) * lanes
 
 
+GW_TILE_PIXELS = 4096
+
+
 def _grad_weight_row_tiles(spec: ConvSpec, n_threads: int) -> list[Tile]:
-    """Tiles of about 4096 input pixels (whole rows) for grad_weight's per-worker partials."""
-    return input_tiles(spec, max(1, 4096 // max(1, spec.in_spatial[2])) * spec.in_spatial[2],
-                       n_threads)
+    """Tiles of about GW_TILE_PIXELS input pixels (whole rows) for grad_weight's
+    per-worker partials."""
+    w = spec.in_spatial[2]
+    return input_tiles(spec, max(1, GW_TILE_PIXELS // max(1, w)) * w, n_threads)
