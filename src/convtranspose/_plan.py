@@ -750,6 +750,13 @@ def summed_channels(spec: ConvSpec, wide_w: bool | None = None) -> float:
 # Dot mode: what an x vector loaded from beyond L1 costs, in the multiply-adds it serves
 # (`native_rate`).
 DOT_REREAD = 2.5
+# Dot mode on layers of fewer channels per group than a vector: a partial vector per
+# tap (or a W tap pair's, where they are summed as one), and a lane reduction per output
+# for a few multiply-adds. On the 40 such sweep layers of seeds 11-35 (two threads,
+# AVX-512) planar beat it on every one, 1.0-3.5x (14 -> 7 k2 2-D 1.58 against 0.93 ms;
+# 3 -> 3 k3 1-D 7.3 against 4.1), where the rate below put dot mode ahead on 7: at this
+# share of that rate it stays ahead on one (8 -> 2 k2, 3.76 against 2.38).
+DOT_PARTIAL_VECTOR = 0.5
 
 
 def native_rate(spec: ConvSpec) -> float:
@@ -771,8 +778,9 @@ def native_rate(spec: ConvSpec) -> float:
         taps = (sum(p.size * p.tap_count for p in live) / sum(p.size for p in live)
                 if live else 1.0)  # (no tap reaches an output: no sums to rate)
         reuse = taps * min(cog, native.DOT_MAX_OUT)
+        partial = DOT_PARTIAL_VECTOR if spec.c_in_per_group < lanes else 1.0
         return (peak / 2 * cig / (math.ceil(cig / lanes) * lanes) * cig / (cig + lanes)
-                * reuse / (reuse + DOT_REREAD))
+                * reuse / (reuse + DOT_REREAD) * partial)
     vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
