@@ -593,7 +593,9 @@ def fused_pass_suits(spec: ConvSpec, n_threads: int) -> bool:
     groups, whose grad_input pixels share cache lines, or wait), and with groups, rows of
     at most a tile, which stays in cache while each group sweeps it. Both long 1-D grouped
     layers of the sweeps (seeds 11-34) lost so: 64 -> 8 g4 k2 s2 on 3 x 82967 pixels,
-    33.5 ms fused against 13.3 apart; 8 -> 24 g4 on 315157, 51 against 25."""
+    33.5 ms fused against 13.3 apart; 8 -> 24 g4 on 315157 (one tile), 51 against 25. But
+    seed 36's 4 -> 4 g2 k3 s2 d2 on 4 x 432114 took 16.0 fused and 24.1 apart: the
+    long-row clause rests on one layer and wants a better rule."""
     return (len(_grad_weight_row_tiles(spec, n_threads)) >= n_threads
             and (spec.groups == 1 or spec.in_spatial[2] <= GW_TILE_PIXELS))
 
