@@ -132,7 +132,7 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
         assert fuses == (c_out * min(dvectors, max_vectors) < 8 and dvectors <= 2)
         fused = fuses and (_vjp.native_grad_weight_layout(spec, x3, c3, np.dtype(dtype))
                            == native.GradWeightLayout.ALONG_IN)
-        assert all(_vjp_native.fused_pass_suits(spec, t) for t in (1, 2, 3))
+        assert all(_vjp_native.fused_pass_suits(spec, t, dlanes) for t in (1, 2, 3))
         assert len(runs) == (3 if fused else 0)
         for gx, gw in results:
             np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)

@@ -369,7 +369,8 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
     fused = (layout == GradWeightLayout.ALONG_IN and native_gx
              and native.fuses_grad_input(compute_dtype.itemsize, spec.c_in_per_group,
                                          spec.c_out_per_group)
-             and native_paths.fused_pass_suits(spec, threads))
+             and native_paths.fused_pass_suits(spec, threads,
+                                               native.layout(compute_dtype.itemsize)[0]))
     gemm = None
     if (need_input and not native_gx) or (need_weight and layout is None):
         gemm = (algorithm if algorithm not in (None, VjpAlgorithm.NATIVE)

@@ -587,17 +587,18 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
         gw[...] = sums[..., :cig]
 
 
-def fused_pass_suits(spec: ConvSpec, n_threads: int) -> bool:
-    """Whether `both_gradients`' one pass keeps its workers apart and its tiles in cache:
-    a whole row tile for each worker (with fewer tiles, workers would split a tile's
-    groups, whose grad_input pixels share cache lines, or wait), and with groups, rows of
-    at most a tile, which stays in cache while each group sweeps it. Both long 1-D grouped
-    layers of the sweeps (seeds 11-34) lost so: 64 -> 8 g4 k2 s2 on 3 x 82967 pixels,
-    33.5 ms fused against 13.3 apart; 8 -> 24 g4 on 315157 (one tile), 51 against 25. But
-    seed 36's 4 -> 4 g2 k3 s2 d2 on 4 x 432114 took 16.0 fused and 24.1 apart: the
-    long-row clause rests on one layer and wants a better rule."""
+def fused_pass_suits(spec: ConvSpec, n_threads: int, lanes: int) -> bool:
+    """Whether `both_gradients`' one pass keeps its workers apart and pays: a whole row
+    tile for each worker (with fewer tiles, workers would split a tile's groups, whose
+    grad_input pixels share cache lines, or wait), and with groups of a whole vector of
+    C_in/g (`lanes`) or more, rows of at most a tile. Long 1-D grouped rows, both
+    gradients, fused against apart: 64 -> 8 g4 k2 s2 on 3 x 82967 (16 channels a group)
+    34.9 against 13.4 ms; with 2-8 channels a group fused won or tied on all seven timed
+    (4 -> 4 g2 k3 s2 d2 on 4 x 432114: 14.3 against 22.8; 16 -> 4 g2 k3 s2 on 4 x 100000:
+    4.4 against 7.4; 32 -> 8 g4: 13.8 against 14.0). The bound is measured, not derived."""
     return (len(_grad_weight_row_tiles(spec, n_threads)) >= n_threads
-            and (spec.groups == 1 or spec.in_spatial[2] <= GW_TILE_PIXELS))
+            and (spec.groups == 1 or spec.in_spatial[2] <= GW_TILE_PIXELS
+                 or spec.c_in_per_group < lanes))
 
 
 def _tile_group_pairs(spec: ConvSpec, n_threads: int) -> list[tuple[Tile, int]]:
