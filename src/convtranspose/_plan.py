@@ -755,7 +755,8 @@ DOT_REREAD = 2.5
 # for a few multiply-adds. On the 40 such sweep layers of seeds 11-35 (two threads,
 # AVX-512) planar beat it on every one, 1.0-3.5x (14 -> 7 k2 2-D 1.58 against 0.93 ms;
 # 3 -> 3 k3 1-D 7.3 against 4.1), where the rate below put dot mode ahead on 7: at this
-# share of that rate it stays ahead on one (8 -> 2 k2, 3.76 against 2.38).
+# share of that rate it stays ahead on two (8 -> 2 k2, 3.76 against 2.38; 4 -> 1 k4 2-D,
+# 3.68 against 2.58).
 DOT_PARTIAL_VECTOR = 0.5
 
 

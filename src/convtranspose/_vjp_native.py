@@ -554,11 +554,10 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
     width = _swapped_width(cig, compute_dtype)
     weight = native.aligned_zeros((spec.c_out, ktot, width), compute_dtype)
     weight[..., :cig] = w3.reshape(spec.c_out, ktot, cig)
-    # Workers own whole tiles where there are enough: workers writing the groups of the
-    # same grad_input pixels shared their cache lines (26 -> 8 g2 k6x3x2 on 4x13x19x14,
-    # both gradients: 5.2 ms on two threads, 2.9 on one).
-    # (The plan fuses only where there are at least as many tiles as threads,
-    # `fused_pass_suits`.)
+    # Workers own whole tiles (the plan fuses only where there are at least as many as
+    # threads, `fused_pass_suits`): workers writing the groups of the same grad_input
+    # pixels shared their cache lines (26 -> 8 g2 k6x3x2 on 4x13x19x14, both gradients:
+    # 5.2 ms on two threads, 2.9 on one).
     tiles = _grad_weight_row_tiles(spec, n_threads)
     work = [[(tile, g) for tile in tiles[j::n_threads] for g in range(groups)]
             for j in range(n_threads)]

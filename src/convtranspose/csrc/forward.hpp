@@ -37,7 +37,7 @@ static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_
   }
   if (!job.out_half && n < L) {
     // Less than a vector, masked: 32 -> 16 g2 k1 s2 d2 on 109964 pixels (8 channels a
-    // group) 6.0 -> 4.0 ms. (Past whole vectors, inline stores, masked or overlapping
+    // group) 5.1 -> 4.3 ms. (Past whole vectors, inline stores, masked or overlapping
     // the last whole one, lost to std::memcpy: 1 -> 43 k4 s2 on 3x29x15x21 by 20%.)
     store_lanes(n, reinterpret_cast<T*>(dst), load_lanes<typename Vec<T>::v>(n, src));
     return;

@@ -756,9 +756,9 @@ void grad_weight(const GwJob& job) {
 // fused against apart: 16 -> 2 0.51 against 0.93 ms, 32 -> 2 0.88 against 1.33; with three
 // or four vectors the tile's two sums lose: 48 -> 2 2.3 against 1.75, 96 -> 4 g2 k7 17.1
 // against 9.4, 128 -> 2 g2 k7 13.3 against 9.0; 48 -> 1 and 64 -> 1 level. A second vector
-// only partly filled loses too, its masked loads and stores once per pixel and tile: on
+// only partly filled loses too, its masked loads and stores once per pixel and tile: of
 // the 14 sweep layers of 17-31 channels (seeds 11-34) fused took 1.1-1.75x the time apart
-// (25 -> 3 k7 s4 2-D 1.99 against 1.15 ms), one 0.89x.
+// on 13 (25 -> 3 k7 s4 2-D 1.99 against 1.15 ms), 0.89x on one.
 template <typename T>
 static bool fuses_typed(int64_t cin, int64_t cout) {
   constexpr int64_t L = CT_VBYTES / sizeof(T);
