@@ -364,3 +364,35 @@ def test_channels_not_contiguous_past_the_workspace_limit_copy_tile_by_tile(rng,
         p = ct.plan(x.shape, w.shape, stride=2, padding=1, algorithm="native",
                     workspace=workspace)
         assert_close(ct.run_plan(p, x, w), ref, np.float32, mag, what=str(workspace))
+
+
+# Long 1-D rows that the plan cuts along W (`_plan.cut_rows`): each mode, strides with a
+# phase per residue, dilation, padding at both ends, output_padding past the last tap.
+CUT_ROW_CASES = [  # (C_in, C_out, kernel, groups, stride, padding, dilation, output_padding)
+    (16, 24, 3, 1, 1, 1, 1, 0),  # channels mode
+    (40, 2, 7, 1, 2, 3, 1, 1),   # dot mode, a phase per W residue
+    (28, 4, 3, 4, 1, 2, 2, 0),   # grouped, one output per group
+    (6, 6, 5, 6, 3, 0, 1, 2),    # depthwise, stride past the kernel's reach on one residue
+    (8, 16, 4, 2, 2, 1, 2, 1),   # grouped, dilated
+]
+
+
+@pytest.mark.parametrize("case", CUT_ROW_CASES, ids=[str(c) for c in CUT_ROW_CASES])
+def test_long_rows_cut_along_w_match_the_reference(case, rng, monkeypatch,
+                                                   small_calls_threaded):
+    """A 1-D row of 5000 pixels in pieces: each piece's taps read across its ends into its
+    neighbours' input, the row's true ends still bound them, and every output is written
+    once (the result starts as NaN)."""
+    from convtranspose import _execute
+    c_in, c_out, k, groups, stride, padding, dilation, output_padding = case
+    x = rng.standard_normal((1, 5000, c_in)).astype(np.float32)
+    w = rng.standard_normal((c_out, k, c_in // groups)).astype(np.float32)
+    kw = dict(stride=stride, padding=padding, dilation=dilation,
+              output_padding=output_padding, groups=groups)
+    p = ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=2)
+    assert any(t.tile.w is not None and t.tile.w[0] > 0 for t in p.tasks), p.tasks
+    monkeypatch.setattr(_execute, "result_empty",
+                        lambda shape, dtype: np.full(shape, np.nan, dtype))
+    got = ct.run_plan(p, x, w)
+    ref = conv_transpose_ref(x, w, **kw)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -624,3 +624,50 @@ def test_few_inputs_one_group_pick_the_layout_with_fuller_vectors(c_out, k, isa,
     assert (_vjp.native_grad_weight_layout(spec, x3.reshape(1, 8, 10, 40, 3), c3,
                                            np.dtype(np.float32))
             == native.GradWeightLayout[want])
+
+
+# Long 1-D rows that the gradients cut along W (`_plan.cut_rows`): grouped with one output
+# a group, vectors along C_out, a few-sums head (both in one pass), depthwise by W residue,
+# a channel multiplier. (C_in, C_out, groups, kernel, stride, padding, dilation)
+CUT_ROWS = [(28, 4, 4, 3, 1, 2, 2), (16, 16, 1, 3, 2, 1, 1), (16, 1, 1, 4, 2, 1, 1),
+            (6, 6, 6, 5, 3, 0, 1), (6, 12, 6, 3, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,k,stride,padding,dilation", CUT_ROWS,
+                         ids=[str(c) for c in CUT_ROWS])
+def test_gradients_over_long_rows_cut_along_w(c_in, c_out, groups, k, stride, padding,
+                                              dilation, rng):
+    """A row of 6000 pixels in pieces (every piece's taps reach its neighbours' cotangent,
+    the row's true ends still bound them): both gradients on one and two threads match
+    the loop reference, and each grad_weight layout that takes the layer does too, from
+    NaN (a pixel no piece covered would show)."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp_native
+    from convtranspose._api import spec_for
+    x, w, cot, kws = make_case(rng, 1, 6000, c_in, c_out, k, stride=stride, padding=padding,
+                               dilation=dilation, output_padding=stride - 1, groups=groups,
+                               batch=1)
+    spec = spec_for(1, x, w, **kws)[0]
+    x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    w3 = w.reshape(spec.c_out, -1, spec.c_in_per_group)
+    assert any(t.w is not None and t.w[0] > 0
+               for t in _vjp_native._grad_weight_row_tiles(spec, 2))
+    rx, rw = loops_vjp(x, w, cot, **kws)
+    _assert_native_vjp(spec, x, w, cot, rx, rw)
+    c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    rw3 = rw.reshape(w3.shape)
+    whole = spec.c_out_per_group % native.layout(4)[0] == 0  # ALONG_OUT's vectors
+    layouts = ([native.GradWeightLayout.DEPTHWISE] if spec.c_in_per_group == 1
+               and spec.c_out_per_group == 1 else
+               [native.GradWeightLayout.ALONG_IN] + [native.GradWeightLayout.ALONG_OUT] * whole)
+    for layout in layouts:
+        for threads in (1, 2):
+            gw = np.full(w3.shape, np.nan, np.float32)
+            _vjp_native.grad_weight(spec, x3, c3, gw, threads, layout, np.dtype(np.float32))
+            np.testing.assert_allclose(gw, rw3, atol=1e-5 * np.abs(rw).max(), rtol=0)
+    if _vjp_native.grad_input_mode(spec) != native.DEPTHWISE:  # (else through a fan-out)
+        gx = np.full(x3.shape, np.nan, np.float32)
+        _vjp_native.grad_input(spec, c3, w3, gx, 2, 1 << 26, np.dtype(np.float32))
+        np.testing.assert_allclose(gx.reshape(rx.shape), rx, atol=1e-5 * np.abs(rx).max(),
+                                   rtol=0)

@@ -185,15 +185,26 @@ class TapOffsets:
     them at: made once per layer and reused, since each `.ctypes` lookup costs ~1 us and a
     call hands the kernel three arrays per tile."""
 
-    __slots__ = ("arrays", "addresses", "counts")
+    __slots__ = ("arrays", "addresses", "counts", "_from")
 
     def __init__(self, arrays) -> None:
         self.arrays = tuple(np.ascontiguousarray(a, np.int64) for a in arrays)
         self.addresses = tuple(_native.address(a) for a in self.arrays)
         self.counts = tuple(len(a) for a in self.arrays)
+        self._from: dict[int, TapOffsets] = {}
 
     def __getitem__(self, axis: int) -> np.ndarray:
         return self.arrays[axis]
+
+    def along_w(self, shift: int) -> "TapOffsets":
+        """These offsets with `shift` added along W: a job over a piece of its rows that
+        starts at W position w0 reads, at step s, where the whole row's w0 + w would
+        (shift w0 * s). Kept here while these live, as the calls read their addresses."""
+        if not shift:
+            return self
+        if shift not in self._from:
+            self._from[shift] = TapOffsets((*self.arrays[:2], self.arrays[2] + shift))
+        return self._from[shift]
 
 
 def residue_taps(phases) -> TapOffsets:
@@ -434,6 +445,13 @@ def split_residues(rows_in: np.ndarray, out: np.ndarray, row0: int, row1: int,
                            stretch)
 
 
+def repeat_channels(src: np.ndarray, out: np.ndarray, p0: int, p1: int) -> None:
+    """out[p, c * m + j] = src[p, c] for pixels p in [p0, p1) and j < m: src (pixels, C)
+    and out (pixels, C * m), C-contiguous, of one float dtype; the GIL is released."""
+    _native.repeat_channels(src.dtype.itemsize, src, out, p0, p1, src.shape[1],
+                            out.shape[1] // src.shape[1])
+
+
 def col2im(cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None, geometry: np.ndarray,
            groups: int, cog: int, row0: int, row1: int) -> None:
     """The `cols` forward's gather into output rows [row0, row1) of (batch * OD * OH):
@@ -509,7 +527,8 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
                 units: tuple[int, int] | list[tuple[int, int]] | None = None,
                 zero: bool = False, strides: tuple[int, int] = (0, 0), part_offset: int = 0,
                 into: list | None = None, grad_input: np.ndarray | None = None,
-                grad_input_offset: int = 0, weight: np.ndarray | None = None) -> None:
+                grad_input_offset: int = 0, weight: np.ndarray | None = None,
+                w: tuple[int, int] | None = None) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
     the short side C_out < vector length calls for), or, with `strides` (row, tap) in
@@ -525,20 +544,26 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
 
     `grad_input` (N, D, H, W, C_in), with `weight` laid out as part (the same strides and
     `part_offset`): the same pass also writes grad_input's rows of the box, from channel
-    `grad_input_offset` on; only where `fuses_grad_input`, swapped, over every unit."""
+    `grad_input_offset` on; only where `fuses_grad_input`, swapped, over every unit.
+
+    `w`: the box's W positions [w0, w1) of x (and grad_input) only, a row's piece."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
+    xs = element_strides(x)[:4]
+    w0, w1 = w if w is not None else (0, x.shape[3])
+    offsets = offsets.along_w(w0 * steps[2])
     job = {"itemsize": item, "swapped": int(swapped),  # GwJob's fields
-           "x": _native.address(x) + x_offset * item, "xs": element_strides(x)[:4],
+           "x": _native.address(x) + (x_offset + w0 * xs[3]) * item, "xs": xs,
            "g": _native.address(g) + g_offset * item, "gs": element_strides(g)[:4],
            "gdims": g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "part": _native.address(part) + part_offset * item,
-           "pa": strides[0], "pt": strides[1], "box": box, "wcount": x.shape[3], "cin": cin,
+           "pa": strides[0], "pt": strides[1], "box": box, "wcount": w1 - w0, "cin": cin,
            "cout": cout, "zero": int(zero)}
     if grad_input is not None:
         assert weight is not None and grad_input.dtype == weight.dtype == part.dtype
-        job["gx"] = _native.address(grad_input) + grad_input_offset * item
-        job["gxs"] = element_strides(grad_input)[:4]
+        gxs = element_strides(grad_input)[:4]
+        job["gx"] = _native.address(grad_input) + (grad_input_offset + w0 * gxs[3]) * item
+        job["gxs"] = gxs
         job["w"] = _native.address(weight) + part_offset * item
     if isinstance(units, list):
         assert into is not None
@@ -554,13 +579,14 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
 
 def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,
                           steps: tuple[int, ...], part: np.ndarray,
-                          box: tuple[int, ...], into: list | None = None) -> None:
+                          box: tuple[int, ...], into: list | None = None,
+                          w: tuple[int, int] | None = None) -> None:
     """part (taps, C) += the depthwise grad_weight of the input rows in `box`: for each tap
     and channel c, the sum over pixels of x[p, c] * g[p * step + offset, c]."""
     assert part.flags.c_contiguous and x.shape[-1] == g.shape[-1]
     channels = x.shape[-1]
     grad_weight(GradWeightLayout.DEPTHWISE, x, 0, g, 0, offsets, steps, part, box, channels,
-                channels, strides=(1, channels), into=into)
+                channels, strides=(1, channels), into=into, w=w)
 
 
 def fuses_grad_input(itemsize: int, cin: int, cout: int) -> bool:

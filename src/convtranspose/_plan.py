@@ -38,6 +38,7 @@ SHARED_TILE_BYTES = 64 * 2**20
 # gained less, and CHANNELS-mode layers nothing).
 SHARED_DOT_TILE_BYTES = 4 * 2**20
 MIN_TILE_ROWS = 256
+MIN_ROW_PIECE = 1024  # positions: shorter pieces of a cut row cost more in calls than they gain
 SERIAL_BELOW_SECONDS = 2e-3
 NATIVE_SERIAL_BELOW_SECONDS = 5e-4  # its tasks start with no copies: threads pay off sooner
 
@@ -132,12 +133,14 @@ def _usable_cores() -> int:
 
 @dataclass(frozen=True)
 class Tile:
-    """A rectangular block of a phase's output grid: batch, depth and height ranges
-    (the width axis is always whole so that rows stay contiguous)."""
+    """A rectangular block of a phase's output grid: batch, depth and height ranges, and
+    along the width every position (w None: rows stay contiguous) or, for a native tile
+    of one long row (`cut_rows`), the positions [w0, w1)."""
 
     n: tuple[int, int]
     d: tuple[int, int]
     h: tuple[int, int]
+    w: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -590,6 +593,29 @@ def split_tiles(batch: int, count: tuple[int, int, int], max_rows: int,
     return tiles
 
 
+def cut_rows(tiles: list[Tile], width: int, threads: int, max_rows: int = 0) -> list[Tile]:
+    """Tiles of single rows cut along W where there are too few rows to give every thread
+    several, or a row is longer than `max_rows` positions (0: no bound). A 1-D layer's one
+    row ran on one core, or each conv group swept all of it: 28 -> 4 g4 on 369779 pixels,
+    both gradients 54 -> 14 ms with this and `_execute.repeat_channels` on the kernel.
+    Pieces keep MIN_ROW_PIECE positions at least."""
+    lines = sum((t.n[1] - t.n[0]) * (t.d[1] - t.d[0]) * (t.h[1] - t.h[0]) for t in tiles)
+    pieces = max(ceil_div(width, max_rows) if max_rows else 1,
+                 ceil_div(4 * threads, max(lines, 1)))
+    pieces = min(pieces, width // MIN_ROW_PIECE)
+    if pieces <= 1:
+        return tiles
+    out = []
+    for t in tiles:
+        for n in range(*t.n):
+            for d in range(*t.d):
+                for h in range(*t.h):
+                    out += [Tile((n, n + 1), (d, d + 1), (h, h + 1),
+                                 (width * i // pieces, width * (i + 1) // pieces))
+                            for i in range(pieces)]
+    return out
+
+
 def _gemm_rate(narrow: float) -> float:
     """GEMM_PEAK was measured with AVX-512's 16 float32 lanes: the machine's BLAS scales
     with its vectors as the native kernel does (`native_rate`), so that the two models
@@ -864,8 +890,11 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                   kernel.input_copy_bytes(spec) if kernel.input_copy_bytes else 0)
     if copy_bytes:  # the copy is the input every tile reads, converted
         whole_input, shared = True, not _rounds_blocks(spec)
+    # Long rows cut along W: tiles of the compiled kernel reading in place, each phase's
+    # W taps apart (not PLANAR's whole rows, nor fused W taps' padded copy).
+    cut_w = shared and algorithm == Algorithm.NATIVE and not wide_w
     tasks, biggest = make_tasks(spec, kind, phase_groups, limit, threads, whole_input,
-                                shared)
+                                shared, cut_w=cut_w)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
     # `serial` kernels.
     serial_below = (NATIVE_SERIAL_BELOW_SECONDS if kind == Algorithm.NATIVE
@@ -885,11 +914,12 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
 
 def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, ...], ...],
                limit: int, threads: int, whole_input: bool, shared: bool,
-               convert_input: bool = False) -> tuple[list[Task], int]:
+               convert_input: bool = False, cut_w: bool = False) -> tuple[list[Task], int]:
     """The tiles of every phase group, each within the workspace limit, and the biggest
     task's buffer (elements). `shared`: native tiles that threads share, cut only for
     locality. `convert_input`: native tiles copy their input rows (channels not
-    contiguous), which the buffers must hold."""
+    contiguous), which the buffers must hold. `cut_w`: long rows may be cut along W
+    (`cut_rows`)."""
     item = spec.compute_dtype.itemsize
     if shared:  # no workspace (the limit does not bind), and no cut for balance
         dot = len(phase_groups) > 1 and native_mode(spec) == native.DOT
@@ -910,7 +940,10 @@ def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, 
         tasks = []
         for gi, phase_group in enumerate(phase_groups):
             count = tuple(max(p.count[i] for p in phase_group) for i in range(3))
-            for tile in split_tiles(spec.batch, count, max_rows, min_tiles):
+            tiles = split_tiles(spec.batch, count, max_rows, min_tiles)
+            if cut_w:
+                tiles = cut_rows(tiles, count[2], threads, max_rows)
+            for tile in tiles:
                 elems = (native_buffer_elems(spec, phase_group[0], tile, True, len(phase_group))
                          if convert_input else
                          buffer_elems(spec, algorithm, phase_group, tile, whole_input))
@@ -923,7 +956,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, 
             # pixels in the same rows, and two threads starting them together sent the
             # lines where they meet back and forth between the cores (8 -> 117 k3 s2 ran
             # no faster on two threads than on one).
-            tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h,
+            tasks.sort(key=lambda t: (t.tile.n, t.tile.d, t.tile.h, t.tile.w or (0, 0),
                                       phase_groups[t.phase_group][0].residue[2], t.phase_group))
         biggest = max((t.buffer_elems for t in tasks), default=0)
         if biggest <= per_task or max_rows <= 1:

@@ -685,7 +685,8 @@ def _multiplier_vjp(plan: VjpPlan, x, w, cot):
     m = spec.c_out_per_group
     shape = (spec.batch, *spec.in_spatial, spec.c_out)
     if plan.grad_weight is not None:
-        xe = repeat_channels(x.reshape(*shape[:-1], spec.c_in), m, compute_dtype)
+        xe = repeat_channels(x.reshape(*shape[:-1], spec.c_in), m, compute_dtype,
+                             plan.threads)
     else:  # grad_input reads no input: a stand-in of the right shape, no memory
         xe = np.broadcast_to(np.zeros((), compute_dtype), shape)
     gxe, gw = run_vjp_plan(plan.multiplier, xe, w.reshape(spec.c_out, -1, 1), cot)
@@ -717,7 +718,7 @@ def _fan_out_vjp(fan_out: VjpPlan, spec: ConvSpec, x, w, cot):
     m, taps = spec.c_in_per_group, math.prod(spec.kernel)
     wd = per_input_channel_weight(spec, w)
     shape = (spec.batch, *spec.out_spatial, spec.c_out)
-    cot_rep = repeat_channels(cot.reshape(shape), m, compute_dtype)
+    cot_rep = repeat_channels(cot.reshape(shape), m, compute_dtype, fan_out.threads)
     xin = x if fan_out.grad_weight is not None else np.broadcast_to(  # grad_input reads
         np.zeros((), compute_dtype), (spec.batch, *spec.in_spatial, spec.c_in))  # no input
     gx, gwd = run_vjp_plan(fan_out, xin, wd.reshape(depthwise.weight_shape), cot_rep)

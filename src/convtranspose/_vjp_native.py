@@ -21,6 +21,7 @@ from ._plan import (
     FUSE_W_BELOW_CHANNELS,
     SHARED_TILE_BYTES,
     Tile,
+    cut_rows,
     native_mode,
     split_tiles,
     streams_output,
@@ -148,8 +149,11 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     elif winograd_pairs:  # tiles of pair rows, shared as below
         tiles = split_tiles(spec.batch, (winograd_pairs, *spec.in_spatial[1:]),
                             SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
-    else:  # threads share each tile's rows (as the forward's): cut only for locality
-        tiles = input_tiles(spec, SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out)), 1)
+    else:  # threads share each tile's rows (as the forward's): cut only for locality,
+        # and long rows along W (`cut_rows`)
+        max_rows = SHARED_TILE_BYTES // (item * (spec.c_in + spec.c_out))
+        tiles = cut_rows(input_tiles(spec, max_rows, 1), spec.in_spatial[2], n_threads,
+                         max_rows)
     sharers = 1 if convert else n_threads
     (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
     out_w = spec.out_spatial[2]
@@ -166,21 +170,23 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
         box = (n0, n1, *tile.d, *tile.h)
         rows_d = (slice(2 * tile.d[0], min(2 * tile.d[1], spec.in_spatial[0])) if winograd_pairs
                   else slice(*tile.d))
-        target = gx[n0:n1, rows_d, tile.h[0]:tile.h[1]]
+        w0, w1 = tile.w or (0, spec.in_spatial[2])  # a piece of long rows (`cut_rows`)
+        target = gx[n0:n1, rows_d, tile.h[0]:tile.h[1], w0:w1]
         o_addr, os_ = native.origin(target)
+        at = offsets.along_w(w0 * steps[2])
 
         def calls(x_addr, xs, into=None) -> None:
             if depthwise:
                 native.correlate(native.DEPTHWISE, item, native.HALF_NONE, stream, x_addr, xs,
-                                 in_dims, packed[0], offsets, steps, o_addr,
-                                 os_, box, spec.in_spatial[2], groups, groups,
+                                 in_dims, packed[0], at, steps, o_addr,
+                                 os_, box, w1 - w0, groups, groups,
                                  cursors.address(0), sharers, into=into)
                 return
             for g in range(groups):
                 native.correlate(mode, item, native.HALF_NONE, stream,
                                  x_addr + g * cog * item, xs, in_dims, packed[g],
-                                 offsets, steps, o_addr + g * cig * item, os_, box,
-                                 spec.in_spatial[2], cog, cig, cursors.address(g), sharers,
+                                 at, steps, o_addr + g * cig * item, os_, box,
+                                 w1 - w0, cog, cig, cursors.address(g), sharers,
                                  into=into, pair_out=spec.in_spatial[0] if winograd_pairs else 0)
 
         if not convert:  # in place: a task for the compiled pool
@@ -271,13 +277,13 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
     units = native.gw_units(taps, cols, compute_dtype.itemsize)
     offsets = _wide_offsets(spec, left)
 
-    def calls_for(part, box, ranges, zero) -> list:
+    def calls_for(part, box, ranges, zero, w=None) -> list:
         calls: list = []
         for g in range(groups):
             native.grad_weight(False, x3, g * cig, padded, 0, offsets, spec.stride, part, box,
                                cin=cig, cout=cols, units=ranges, zero=zero,
                                strides=(cols, cig * cols), part_offset=g * taps * cig * cols,
-                               into=calls)
+                               into=calls, w=w)
         return calls
 
     if n_threads == 1 or units >= 2 * n_threads:  # workers share out the (tap, chunk) units
@@ -295,7 +301,7 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
                  for _ in range(workers)]
         jobs = [native.Task(tuple(call for i, tile in enumerate(tiles[j::workers])
                                   for call in calls_for(parts[j], (*tile.n, *tile.d, *tile.h),
-                                                        [(0, units)], i == 0)),
+                                                        [(0, units)], i == 0, tile.w)),
                             keep=(parts[j], padded))
                 for j in range(workers)]
 
@@ -396,7 +402,7 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
             target = swapped_target(parts[j], g) if swapped else dict(part=parts[j][g])
             native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
                                box=(*tile.n, *tile.d, *tile.h), cin=cig, cout=cog,
-                               into=calls, **target)
+                               into=calls, w=tile.w, **target)
         return native.Task(tuple(calls))
 
     def finish_rows() -> None:
@@ -576,7 +582,8 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
                                parts[j], (*tile.n, *tile.d, *tile.h), cig, cog,
                                zero=g not in first, strides=(ktot * width, width),
                                part_offset=g * cog * ktot * width, into=calls,
-                               grad_input=gx, grad_input_offset=g * cig, weight=weight)
+                               grad_input=gx, grad_input_offset=g * cig, weight=weight,
+                               w=tile.w)
             first.add(g)
         return native.Task(tuple(calls), keep=weight)
 
@@ -627,7 +634,7 @@ def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,
         calls: list = []
         for tile in tiles[j::workers]:
             native.depthwise_grad_weight(x3, c3, offsets, steps, parts[j],
-                                         (*tile.n, *tile.d, *tile.h), into=calls)
+                                         (*tile.n, *tile.d, *tile.h), into=calls, w=tile.w)
         return native.Task(tuple(calls), keep=(c3, offsets))  # until a deferred run
 
     def finish() -> None:
@@ -712,7 +719,9 @@ GW_TILE_PIXELS = 4096
 
 
 def _grad_weight_row_tiles(spec: ConvSpec, n_threads: int) -> list[Tile]:
-    """Tiles of about GW_TILE_PIXELS input pixels (whole rows) for grad_weight's
-    per-worker partials."""
+    """Tiles of about GW_TILE_PIXELS input pixels for grad_weight's per-worker partials:
+    whole rows, or pieces of too few long ones (`cut_rows`; pieces of GW_TILE_PIXELS as
+    well ran 4 -> 8 k3 s4 on 3 x 141705 1.7x slower, one for each worker 0.9x)."""
     w = spec.in_spatial[2]
-    return input_tiles(spec, max(1, GW_TILE_PIXELS // max(1, w)) * w, n_threads)
+    tiles = input_tiles(spec, max(1, GW_TILE_PIXELS // max(1, w)) * w, n_threads)
+    return cut_rows(tiles, w, n_threads)

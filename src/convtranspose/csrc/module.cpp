@@ -1018,6 +1018,49 @@ PyObject* py_split_residues(PyObject*, PyObject* args) {
   return finish_buffers(ok, "split_residues: bad itemsize, geometry or sizes", {&src, &dst});
 }
 
+// Pixels [p0, p1) of src (c channels each) into dst with each channel repeated m times
+// in a row (a channel multiplier's input, a fan-out's cotangent: _execute.repeat_channels).
+// NumPy's m strided passes each swept the whole output: 12.5 ms for 369779 pixels of 4
+// channels repeated 7 times.
+template <int M, typename T>  // M: m where known when compiled (0: any)
+void repeat_each(const T* src, T* dst, int64_t n, int64_t m) {
+  if constexpr (M > 0) {
+    for (int64_t k = 0; k < n; ++k)
+      for (int j = 0; j < M; ++j) dst[k * M + j] = src[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k, dst += m) std::fill(dst, dst + m, src[k]);
+  }
+}
+
+template <typename T>
+void repeat_channels(const T* src, T* dst, int64_t p0, int64_t p1, int64_t c, int64_t m) {
+  const int64_t n = (p1 - p0) * c;  // the values of pixels [p0, p1), one after the other
+  src += p0 * c;
+  dst += p0 * c * m;
+  switch (m) {
+    case 2: return repeat_each<2>(src, dst, n, m);
+    case 3: return repeat_each<3>(src, dst, n, m);
+    case 4: return repeat_each<4>(src, dst, n, m);
+    default: return repeat_each<0>(src, dst, n, m);
+  }
+}
+
+PyObject* py_repeat_channels(PyObject*, PyObject* args) {
+  int itemsize;
+  Py_buffer src, dst;
+  Py_ssize_t p0, p1, c, m;
+  if (!PyArg_ParseTuple(args, "iy*w*nnnn", &itemsize, &src, &dst, &p0, &p1, &c, &m))
+    return nullptr;
+  const bool ok = (itemsize == 4 || itemsize == 8) && 0 <= p0 && p0 <= p1 && c >= 1 &&
+                  m >= 1 && src.len >= p1 * c * itemsize && dst.len >= p1 * c * m * itemsize;
+  if (ok)
+    with_float_type(itemsize, [&](auto t) {
+      using T = decltype(t);
+      repeat_channels(static_cast<const T*>(src.buf), static_cast<T*>(dst.buf), p0, p1, c, m);
+    });
+  return finish_buffers(ok, "repeat_channels: bad itemsize, counts or sizes", {&src, &dst});
+}
+
 // Rows [row0, row1) of src (w pixels of c channels each) made planar for
 // planar_grad_weight: dst row `row` holds each channel's `res` W residues, residue r of
 // channel ch at ((row * c + ch) * res + r) * stretch, its pixel j * res + r at element
@@ -1515,6 +1558,8 @@ PyMethodDef kMethods[] = {
      "The gradient's gathered cotangent block of a tile of input pixels (gradients)."},
     {"unpack_grad_weight", py_unpack_grad_weight, METH_VARARGS,
      "grad_weight's packed sums into one group's gw (gradients)."},
+    {"repeat_channels", py_repeat_channels, METH_VARARGS,
+     "Each channel of each pixel repeated m times in a row."},
     {"split_residues", py_split_residues, METH_VARARGS,
      "A depthwise cotangent's rows split by W residue, zero-padded (gradients)."},
     {"widen_half", py_widen_half, METH_VARARGS, "float16/bfloat16 -> float32, exactly."},
