@@ -531,6 +531,22 @@ template <int CO> struct DotBlock {
                                : (CO == 1 ? 12 : CO == 2 ? 6 : CO == 3 ? 4 : 3);
 };
 
+// Dot mode's P x CO sums reduced across lanes (`lane_sums`) and stored, plus the bias:
+// pixels [skip, np) of the block, pixel p's CO outputs at `out` + p * `pstride` bytes.
+template <typename T, int P, int CO, typename V>
+static inline void store_dot_block(const CtJob& job, const V (&acc)[P][CO], const T* bias,
+                                   char* out, int64_t pstride, int64_t skip, int64_t np) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  alignas(64) T sums[(P * CO + L - 1) / L * L];
+  lane_sums<V, T, P * CO>(reinterpret_cast<const V(&)[P * CO]>(acc), sums);
+  if (bias)
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+      for (int o = 0; o < CO; ++o) sums[p * CO + o] += bias[o];
+  for (int64_t p = skip; p < np; ++p) store_out(job.out_half, out + p * pstride, sums + p * CO, CO);
+}
+
 // Where dot mode computes the block of a row that starts at pixel b0 (blocks of P, rows
 // of wcount): at w0, np pixels, the first `skip` of them already stored. A partial last
 // block starts P pixels before the row's end instead, its first pixels computed again but
@@ -673,15 +689,7 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
                           cin, full, a - w0, b - w0, zeros);
       }
     }
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) {
-      if (p < skip || p >= np) continue;
-#pragma GCC unroll 8
-      for (int o = 0; o < CO; ++o) {
-        const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
-        store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
-      }
-    }
+    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np);
   }
 }
 
@@ -742,15 +750,7 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
         else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
       }
     }
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) {
-      if (p < skip || p >= np) continue;
-#pragma GCC unroll 8
-      for (int o = 0; o < CO; ++o) {
-        const T value = hsum<V, T>(acc[p][o]) + (bias ? bias[o] : T(0));
-        store_out(job.out_half, orow + ((w0 + p) * os + o) * oi, &value, 1);
-      }
-    }
+    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np);
   }
 }
 
