@@ -576,7 +576,7 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
   // masked one cost as much as the whole vectors of 53 channels.
   const int64_t rest = cin - full;
   const bool overlap = rest > 0 && full > 0;
-  V wtail[CO];
+  V wtail[CO] = {};  // (read only with `overlap`; zeros keep GCC from warning otherwise)
   if (overlap)
 #pragma GCC unroll 8
     for (int o = 0; o < CO; ++o) wtail[o] = *reinterpret_cast<const U*>(tail + o * L);
