@@ -165,7 +165,7 @@ static inline V halve_pair(V a, V b) {
   return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
 }
 
-// One vector of the lane sums of `n` (<= lanes) vectors, the rest of its lanes zero: a
+// The lane sums of N vectors (N = lanes, H = lanes / 2 at the top) into v[0], in order: a
 // tree of halving shuffles, about three instructions per sum where reducing each vector
 // alone took eight and a scalar store.
 template <int N, int H, typename V>
