@@ -754,8 +754,8 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     groups = spec.groups
     geo = _tile_geometry(spec, phase_group, task.tile, pair_dims, wide, out.shape, out.strides,
                          out.dtype.itemsize)
-    if task.tile.w is not None:  # a piece of the rows (input step 1 along W)
-        offsets = offsets.along_w(task.tile.w[0])
+    if task.tile.w is not None:  # a piece of the rows
+        offsets = offsets.along_w(task.tile.w[0] * geo.steps[2])
     cig, cog, box, qw = geo.cin, geo.cout, geo.box, geo.wcount
     item = spec.compute_dtype.itemsize
     # float16 and bfloat16 the kernel rounds as it stores; anything else goes through a

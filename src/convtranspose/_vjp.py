@@ -107,7 +107,8 @@ def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
 
 def grad_input_takes_pairs(spec: ConvSpec, compute_dtype: np.dtype, limit: int, winograd: bool,
                            cotangent_in_place: bool) -> bool:
-    """Whether grad_input takes Winograd F(2,3) along D (as the forward's 'winograd'):
+    """Whether grad_input can take Winograd F(2,3) along D (as the forward's 'winograd';
+    the plan takes it where its model is the cheaper):
     `winograd_axis_fits` with grad_input's D planes as outputs and C_out/g channels
     reduced over, a cotangent read in place, and its transform V (2x the cotangent's D
     planes a pair reads) within the workspace limit. `winograd`: `get_winograd()`."""
@@ -385,13 +386,13 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
             gx = _planar_grad_input_step(spec, compute_dtype, threads,
                                          shares_copy=layout == GradWeightLayout.PLANAR)
         elif native_gx:
-            takes_pairs = (not fused and native_paths.grad_input_mode(spec) == native.CHANNELS
-                           and not native_paths.grad_input_w_taps_as_one(spec)
-                           and grad_input_takes_pairs(spec, compute_dtype, limit, winograd,
-                                                      cotangent_in_place))
+            pairs_fit = (not fused and native_paths.grad_input_mode(spec) == native.CHANNELS
+                         and not native_paths.grad_input_w_taps_as_one(spec)
+                         and grad_input_takes_pairs(spec, compute_dtype, limit, winograd,
+                                                    cotangent_in_place))
             gx = _native_grad_input_step(spec, compute_dtype, threads, budget, False,
                                          fused, cotangent_in_place)
-            if takes_pairs:  # where its model says so
+            if pairs_fit:  # taken where its model says so
                 pairs = _native_grad_input_step(spec, compute_dtype, threads, budget, True,
                                                 fused, cotangent_in_place)
                 gx = min(gx, pairs, key=lambda step: step.est_seconds)

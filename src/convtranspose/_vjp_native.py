@@ -99,7 +99,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     the kernel with the cotangent as its input (step s, offsets k*d - p, every tap) and
     grad_input as its output, tile by tile on the workers. A cotangent of another dtype,
     or with channels not contiguous, is converted plane by plane as a tile needs it.
-    `winograd` (the plan's `grad_input_takes_pairs`): Winograd F(2,3) along D: the
+    `winograd` (the plan's choice: its grad_input step WINOGRAD): Winograd F(2,3) along D: the
     kernel reads the transformed cotangent V with the transformed weight, and a tile's
     rows are pairs of grad_input planes. `padded`: the W-padded cotangent and its left
     padding, made for both gradients (`padded_cotangent_for_both`), where W taps sum as

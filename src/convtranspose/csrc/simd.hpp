@@ -179,30 +179,23 @@ static inline void halve_all(V (&v)[N]) {
 #endif
 
 // out[i] = the sum of v[i]'s lanes, i < N (`out` holds N rounded up to whole vectors):
-// lanes at a time through `halve_all`, a last few vectors alone.
+// lanes at a time through `halve_all` (a last tree's missing vectors zeros), a last few
+// vectors (a quarter of the lanes or less) alone.
 template <typename V, typename T, int N>
 static inline void lane_sums(const V (&v)[N], T* out) {
   constexpr int L = CT_VBYTES / sizeof(T);
 #if defined(__GNUC__) && !defined(__clang__)
-  constexpr int WHOLE = N / L * L;
+  constexpr int TREES = N / L + (N % L > L / 4);
 #pragma GCC unroll 4
-  for (int c = 0; c < WHOLE; c += L) {
+  for (int c = 0; c < TREES * L; c += L) {
     V t[L];
 #pragma GCC unroll 16
-    for (int i = 0; i < L; ++i) t[i] = v[c + i];
+    for (int i = 0; i < L; ++i) t[i] = c + i < N ? v[c + i] : V{};
     halve_all<L, L / 2>(t);
     std::memcpy(out + c, &t[0], sizeof(V));
   }
-  if constexpr (N - WHOLE > L / 4) {  // enough for a tree: zeros fill it
-    V t[L];
 #pragma GCC unroll 16
-    for (int i = 0; i < L; ++i) t[i] = WHOLE + i < N ? v[WHOLE + i] : V{};
-    halve_all<L, L / 2>(t);
-    std::memcpy(out + WHOLE, &t[0], sizeof(V));
-  } else {
-#pragma GCC unroll 16
-    for (int i = WHOLE; i < N; ++i) out[i] = hsum<V, T>(v[i]);
-  }
+  for (int i = TREES * L; i < N; ++i) out[i] = hsum<V, T>(v[i]);
 #else
   for (int i = 0; i < N; ++i) out[i] = hsum<V, T>(v[i]);
 #endif
