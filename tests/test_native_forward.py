@@ -396,3 +396,37 @@ def test_long_rows_cut_along_w_match_the_reference(case, rng, monkeypatch,
     got = ct.run_plan(p, x, w)
     ref = conv_transpose_ref(x, w, **kw)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# cols' gather in pieces of rows (c_in, c_out, k, groups, stride, padding, dilation,
+# output_padding): its W taps as one run (dilation 1, one group), tap by tap otherwise,
+# stride beyond the kernel (positions no tap reaches hold the bias alone).
+COLS_GATHER_CASES = [
+    (24, 3, 4, 1, 2, 1, 1, 0),
+    (32, 3, 7, 1, 3, 3, 1, 2),
+    (16, 2, 3, 1, 4, 0, 1, 3),   # stride > kernel
+    (16, 4, 3, 1, 2, 2, 2, 1),   # dilated: taps apart
+    (32, 4, 3, 2, 2, 1, 1, 0),   # grouped: taps apart
+]
+
+
+@pytest.mark.parametrize("case", COLS_GATHER_CASES, ids=[str(c) for c in COLS_GATHER_CASES])
+def test_cols_gathers_long_rows_in_pieces(case, rng, monkeypatch, small_calls_threaded):
+    """A 1-D row of 2500 input pixels is one output row: cols gathers it in pieces along
+    W, each adding the products of the input pixels whose taps reach it and no others,
+    every output written once (the result starts as NaN), with the bias."""
+    from convtranspose import _execute
+    from convtranspose.kernels.cols import gather_pieces
+    c_in, c_out, k, groups, stride, padding, dilation, output_padding = case
+    x = rng.standard_normal((1, 2500, c_in)).astype(np.float32)
+    w = rng.standard_normal((c_out, k, c_in // groups)).astype(np.float32)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    kw = dict(stride=stride, padding=padding, dilation=dilation,
+              output_padding=output_padding, groups=groups)
+    p = ct.plan(x.shape, w.shape, **kw, algorithm="cols", threads=2)
+    assert len(gather_pieces(1, p.spec.out_spatial[2], p.threads)) > 1
+    monkeypatch.setattr(_execute, "result_empty",
+                        lambda shape, dtype: np.full(shape, np.nan, dtype))
+    got = ct.run_plan(p, x, w, bias=bias)
+    ref = conv_transpose_ref(x, w, **kw) + bias
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

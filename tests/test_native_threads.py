@@ -12,6 +12,14 @@ import convtranspose as ct
 from convtranspose import _native_kernel as native
 
 
+@pytest.fixture(autouse=True)
+def _tasks_prepared_every_call(monkeypatch):
+    """These tests watch (and alter) the calls a call prepares: every call prepares its
+    own, none replays a recording of an earlier one (those: test_recordings.py)."""
+    from convtranspose import _execute
+    monkeypatch.setattr(_execute._Recording, "find", classmethod(lambda cls, *a: None))
+
+
 def _poisoned(monkeypatch):
     """Results start as NaN (not recycled memory that may hold the right answer), so a row
     that no call computes shows."""

@@ -566,12 +566,8 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
     cog = w3.shape[0] // groups
     align = 64 // item  # each array on a cache line: the kernel loads whole vectors
     if mode == native.CHANNELS:  # gathered in one pass by the kernel's packer
-        readable: dict[int, tuple] = {}  # per distinct weight: (itself or a copy, strides)
-        for w in w3s:
-            if id(w) not in readable:
-                r = w if native.element_strides(w) is not None else np.ascontiguousarray(w)
-                readable[id(w)] = (r, tuple(native.element_strides(r)))
-        w3s, strides = zip(*(readable[id(w)] for w in w3s))
+        w3s = _pack_sources(w3s)
+        strides = [tuple(native.element_strides(w)) for w in w3s]
         lanes, _ = native.layout(item)
         tables = [_channels_tables(st, layer, groups, cog)[i] for i, st in enumerate(strides)]
         sizes = [[t.shape[0] * w.shape[-1] * ceil_div(t.shape[1], lanes) * lanes for t in per_group]
@@ -594,7 +590,7 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
                                         keep=(w, per_group)))
         if pieces:
             native.run_tasks([native.Task((call,)) for call in pieces], threads)
-        return weights
+        return _PackedWeights(weights, block, None if now else _distinct(w3s))
     shared = all(w is w3 for w in w3s)
     parts = ([_small_layout_index(w3.shape, layer, groups, mode)] if shared else
              [_small_layout_index(w.shape, _HashedOnce((phase_group,)), groups, mode)
@@ -609,7 +605,32 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
                 arrays.append(block[at:at + n])
                 at += n
             weights.append(_LazyWeights(arrays))
-    return weights
+    return _PackedWeights(weights, block, ())
+
+
+class _PackedWeights(NamedTuple):
+    """`_native_weights`' result: per phase group, its weights; the block that holds them
+    all; and the arrays their packing calls read when they run (None: packed already, by
+    calls that ran now; empty: packed before any task)."""
+
+    per_phase_group: list
+    block: np.ndarray
+    sources: tuple | None
+
+
+def _pack_sources(w3s: list[np.ndarray]) -> list[np.ndarray]:
+    """Per phase group, the weight the kernel's packer reads: w3s[i] itself where its
+    strides are whole elements, else one contiguous copy per distinct weight."""
+    copies: dict[int, np.ndarray] = {}
+    for w in w3s:
+        if id(w) not in copies:
+            copies[id(w)] = (w if native.element_strides(w) is not None
+                             else np.ascontiguousarray(w))
+    return [copies[id(w)] for w in w3s]
+
+
+def _distinct(arrays) -> tuple:
+    return tuple({id(a): a for a in arrays}.values())
 
 
 def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
@@ -906,7 +927,14 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
 
 
 def _bias_tables(plan: Plan, bias) -> list:
-    return [None if bias is None else native.bias_table(bias, len(g)) for g in plan.phase_groups]
+    """Per phase group, the bias of its phases side by side (one table per width)."""
+    if bias is None:
+        return [None] * len(plan.phase_groups)
+    tables: dict[int, np.ndarray] = {}
+    for g in plan.phase_groups:
+        if len(g) not in tables:
+            tables[len(g)] = native.bias_table(bias, len(g))
+    return [tables[len(g)] for g in plan.phase_groups]
 
 
 def repeat_channels(a: np.ndarray, m: int, dtype: np.dtype, threads: int = 1) -> np.ndarray:
@@ -931,7 +959,9 @@ def repeat_channels(a: np.ndarray, m: int, dtype: np.dtype, threads: int = 1) ->
 
 
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
-    """The compiled kernel's tasks; packed weights live in `scratch` until they return."""
+    """The compiled kernel's tasks; packed weights live in `scratch` until they return.
+    A plan's tasks are prepared in Python once per layout of the arrays and recorded; later
+    calls run the recording at their own arrays' addresses (`_Recording`)."""
     spec = plan.spec
     planar = plan.algorithm == Algorithm.PLANAR
     mode = native.PLANAR if planar else native_mode(spec, plan.wide_w)
@@ -942,28 +972,43 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     if plan.wide_w:
         x3, phase_group_weights, phase_groups, wide = _wide_w(spec, plan.phase_groups, x3, w3,
                                                               plan.threads)
-    channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
-    weights = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels, mode,
-                              scratch, plan.threads)
-    tasks, channel_stride = plan.tasks, 0
+    tasks, channel_stride, x_read = plan.tasks, 0, x3
     convert = not native.reads_in_place(x3, spec.compute_dtype)
     if planar:  # the copy every tile reads, from the input in the compute dtype
         if convert:
             x3 = _converted(x3, spec.compute_dtype, plan.threads)
         top, left, height, pitch = planar_geometry(spec)
-        copy = scratch.empty(native.planar_size(x3.shape, height, pitch, x3.dtype.itemsize),
-                             x3.dtype)
+        x_read = scratch.empty(native.planar_size(x3.shape, height, pitch, x3.dtype.itemsize),
+                               x3.dtype)
         *planar_origin, channel_stride = native.planar_copy(x3, top, left, height, pitch,
-                                                            copy, plan.threads)
+                                                            x_read, plan.threads)
         convert = False
     elif convert and native_whole_input_fits(spec, plan.workspace_limit):
-        x3 = _converted(x3, spec.compute_dtype, plan.threads)  # once, for every phase
+        x3 = x_read = _converted(x3, spec.compute_dtype, plan.threads)  # once, for every phase
         convert = False
     elif convert and spec.input_dtype == spec.compute_dtype:
         # Channels not contiguous, where the plan assumed the input read in place (its
         # tiles are shared and hold no copy): tiles that copy their rows instead.
         tasks, _ = make_tasks(spec, Algorithm.NATIVE, plan.phase_groups, plan.workspace_limit,
                               plan.threads, False, False, convert_input=True)
+    channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
+    layout = (native.isa(), x_read.shape, x_read.strides, out.shape, out.strides, out.dtype,
+              tuple(w.strides for w in phase_group_weights), bias is None, convert)
+    recording = None if convert else _Recording.find(plan, layout)
+    if recording is not None:
+        if mode == native.CHANNELS:  # the recorded once-calls pack into a block like it
+            sources = _distinct(_pack_sources(phase_group_weights))
+            block = scratch.empty(recording.block_size, spec.compute_dtype)
+        else:  # packed now
+            packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels,
+                                     mode, scratch, plan.threads)
+            sources, block = (), packed.block
+        if recording.run(plan.threads, _recorded_arrays(x_read, out, block, sources, bias,
+                                                        plan)):
+            return
+    packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels, mode,
+                             scratch, plan.threads)
+    weights = packed.per_phase_group
     offsets = [_native_offsets(g[0]) for g in phase_groups]
     residues = [native.residue_taps(g) if planar else None for g in phase_groups]
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
@@ -973,8 +1018,92 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
                         wide=wide and wide[t.phase_group], bias=biases[t.phase_group],
                         channel_stride=channel_stride, residues=residues[t.phase_group])
             for t in tasks]
+    if not convert and packed.sources is not None:
+        _Recording.record(plan, layout, jobs, packed.block.size,
+                          _recorded_arrays(x_read, out, packed.block, packed.sources, biases,
+                                           plan),
+                          (offsets, residues, [w.keep[1] for w in weights if w.keep]))
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
+
+
+def _recorded_arrays(x_read, out, block, sources, bias, plan) -> list[np.ndarray]:
+    """The arrays a recording's calls address, in one order: what the kernel reads as
+    input, the output, the packed weights' block, the weights they are packed from, the
+    bias tables (`bias`: the tables, or the (C_out,) bias they are made from)."""
+    if isinstance(bias, list):
+        tables = bias
+    else:
+        tables = _bias_tables(plan, bias)
+    return [x_read, out, block, *sources, *_distinct(t for t in tables if t is not None)]
+
+
+def _extent(a: np.ndarray) -> tuple[int, int]:
+    """(address of the lowest byte, bytes) of the memory a's elements lie in."""
+    if a.size == 0:
+        return native.address(a), 0
+    low = high = 0
+    for n, st in zip(a.shape, a.strides):
+        if st < 0:
+            low += (n - 1) * st
+        else:
+            high += (n - 1) * st
+    return native.address(a) + low, high - low + a.itemsize
+
+
+class _Recording:
+    """A native call's tasks, recorded (`native.program`) for later calls of its plan
+    with arrays of the same layout: preparing a task in Python costs ~20 us, one per
+    phase (64 at stride 4 in 3-D), where a small layer's kernel time is a millisecond.
+    A later call moves each recorded address into its own arrays (`native.run_program`).
+    Recordings hold no array of a call: only tap offsets and pack tables, which stay."""
+
+    HELD = 64  # recordings kept, the least recently used dropped first
+    _held: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, plan: Plan, program, extents: list, block_size: int, keep) -> None:
+        self.plan = plan  # held, so that id(plan) names no other plan meanwhile
+        self.program = program
+        self.extents = extents
+        self.block_size = block_size
+        self.keep = keep
+
+    @classmethod
+    def find(cls, plan: Plan, layout: tuple) -> _Recording | None:
+        with cls._lock:
+            found = cls._held.pop((id(plan), layout), None)
+            if found is not None:
+                cls._held[(id(plan), layout)] = found  # the most recently used now
+            return found
+
+    @classmethod
+    def record(cls, plan: Plan, layout: tuple, jobs: list, block_size: int,
+               arrays: list[np.ndarray], keep) -> None:
+        if not jobs or not all(isinstance(j, native.Task) for j in jobs):
+            return
+        extents = [_extent(a) for a in arrays]
+        spans = sorted((lo, lo + n) for lo, n in extents if n)
+        if any(a_hi > b_lo for (_, a_hi), (b_lo, _) in zip(spans, spans[1:])):
+            return  # arrays that overlap: an address would not say which one it is in
+        program = native.program(jobs, [(lo, n, lo) for lo, n in extents])
+        if program is None:  # a call addresses something else: not recordable
+            return
+        with cls._lock:
+            cls._held[(id(plan), layout)] = cls(plan, program, extents, block_size, keep)
+            while len(cls._held) > cls.HELD:
+                cls._held.pop(next(iter(cls._held)))
+
+    def run(self, threads: int, arrays: list[np.ndarray]) -> bool:
+        """Run at these arrays (the recorded ones' sizes); False, running nothing, where
+        they differ from those recorded."""
+        extents = [_extent(a) for a in arrays]
+        if len(extents) != len(self.extents) or any(
+                n != m for (_, n), (_, m) in zip(extents, self.extents)):
+            return False
+        native.run_program(self.program, threads,
+                           [(lo, n, new) for (lo, n), (new, _) in zip(self.extents, extents)])
+        return True
 
 
 def padded_along_w(a: np.ndarray, left: int, width: int, dtype: np.dtype,
@@ -1072,7 +1201,8 @@ def _execute_winograd(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> N
     v = pair_input(x3, base, winograd_pairs, plan.threads)
     u = pair_weight(w3, order)
     weights = _native_weights([u] * len(plan.phase_groups), _HashedOnce(plan.phase_groups),
-                              spec.groups, native.CHANNELS, scratch, plan.threads)
+                              spec.groups, native.CHANNELS, scratch,
+                              plan.threads).per_phase_group
     offsets = [_native_offsets(g[0]) for g in plan.phase_groups]
     v_origin = native.origin(v.reshape(n, 4 * winograd_pairs, h, w, c))
     biases = _bias_tables(plan, bias)

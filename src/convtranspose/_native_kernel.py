@@ -391,6 +391,21 @@ def run_tasks(tasks: list[Task], threads: int) -> None:
     _native.run_tasks(tasks, threads)
 
 
+def program(tasks: list[Task], arrays: list[tuple[int, int, int]]) -> Any:
+    """The tasks recorded, to run again at other arrays (`run_program`), or None where a
+    call addresses memory outside `arrays` ((address, bytes, the same address) each), or
+    besides them only what the caller keeps alive (tap offsets, pack tables)."""
+    return _native.program(tasks, arrays)
+
+
+def run_program(recorded: Any, threads: int, moves: list[tuple[int, int, int]]) -> None:
+    """A `program`'s tasks as `run_tasks` runs them, every address into a recorded array
+    moved to where that array lies now: `moves` is (recorded address, bytes, address now)
+    per array, in the recorded order. Row cursors start from zero and once-calls run once,
+    as in the recorded call."""
+    _native.run_program(recorded, threads, moves)
+
+
 def interrupt_mark() -> int:
     """The count of SIGINTs so far, for `check_interrupt` (0 without the kernel). Calls in
     the compiled kernel notice a SIGINT by themselves (csrc/module.cpp, "Ctrl-C")."""
@@ -453,13 +468,15 @@ def repeat_channels(src: np.ndarray, out: np.ndarray, p0: int, p1: int) -> None:
 
 
 def col2im(cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None, geometry: np.ndarray,
-           groups: int, cog: int, row0: int, row1: int) -> None:
-    """The `cols` forward's gather into output rows [row0, row1) of (batch * OD * OH):
+           groups: int, cog: int, row0: int, row1: int, w0: int, w1: int) -> None:
+    """The `cols` forward's gather into output rows [row0, row1) of (batch * OD * OH),
+    positions [w0, w1) of each:
     cols (batch, ID, IH, IW, groups, taps, cog) and out (batch, OD, OH, OW, groups * cog),
     C-contiguous, of one float dtype (bias too, or None); `geometry` (int64): batch, the
     input's, output's and kernel's sizes, stride, dilation and padding before, per axis.
     The GIL is released meanwhile."""
-    _native.col2im(cols.dtype.itemsize, cols, out, bias, geometry, groups, cog, row0, row1)
+    _native.col2im(cols.dtype.itemsize, cols, out, bias, geometry, groups, cog, row0, row1,
+                   w0, w1)
 
 
 def gather_cotangent(cot: np.ndarray, block: np.ndarray, geometry: np.ndarray,

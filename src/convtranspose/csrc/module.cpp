@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -841,19 +842,28 @@ bool calls_of(PyObject* seq, std::vector<Call>& out) {
   return true;
 }
 
+// Calls that run once, before the first task that names them, and the calls themselves
+// (what a recorded program copies: see `Program`).
+struct OnceCalls {
+  pool::Once once;
+  std::vector<Call> calls;
+};
+
 // once(calls) -> a capsule: calls that run_tasks runs once, before the first task that
 // names it (a weight's packing).
 PyObject* py_once(PyObject*, PyObject* args) {
   PyObject* seq;
   if (!PyArg_ParseTuple(args, "O", &seq)) return nullptr;
-  std::vector<Call> calls;
-  if (!calls_of(seq, calls)) return nullptr;
-  pool::Once* once = new pool::Once();
-  once->body = [calls = std::move(calls)] {
-    for (const Call& c : calls) run_call(c);
+  OnceCalls* once = new OnceCalls();
+  if (!calls_of(seq, once->calls)) {
+    delete once;
+    return nullptr;
+  }
+  once->once.body = [once] {
+    for (const Call& c : once->calls) run_call(c);
   };
   PyObject* cap = PyCapsule_New(once, kOnceName, [](PyObject* o) {
-    delete static_cast<pool::Once*>(PyCapsule_GetPointer(o, kOnceName));
+    delete static_cast<OnceCalls*>(PyCapsule_GetPointer(o, kOnceName));
   });
   if (!cap) delete once;
   return cap;
@@ -885,8 +895,9 @@ PyObject* py_run_tasks(PyObject*, PyObject* args) {
     PyObject* o = PyTuple_GET_ITEM(t, 2);
     pool::Once* once = nullptr;
     if (ok && o != Py_None) {
-      once = static_cast<pool::Once*>(PyCapsule_GetPointer(o, kOnceName));
-      ok = once != nullptr;
+      auto* calls_once = static_cast<OnceCalls*>(PyCapsule_GetPointer(o, kOnceName));
+      ok = calls_once != nullptr;
+      if (ok) once = &calls_once->once;
     }
     if (ok && shared < 0) ok = false;
     int64_t rows = -1;
@@ -905,6 +916,209 @@ PyObject* py_run_tasks(PyObject*, PyObject* args) {
   }
   Py_DECREF(fast);  // the tuples, and the Once capsules they hold, live on in `seq`
   if (!ok) return nullptr;
+  const int helpers = std::max(0, std::min(threads, 256) - 1);
+  const bool done = run_released([&](const std::atomic<int>* stop, bool nested) {
+    pool::instance()->run(std::move(tasks), nested ? 0 : helpers, stop);
+  });
+  if (!done) return nullptr;
+  Py_RETURN_NONE;
+}
+
+// --- Recorded programs ------------------------------------------------------------------
+// A call of a layer with many phases prepares a task per phase in Python (~20 us each: 64
+// at stride 4 in 3-D, more than the kernel's time on a small layer). A program records a
+// call's tasks once; a later call of the same plan runs them again with the addresses of
+// its own arrays: every address a call holds into one of the recorded arrays (input,
+// output, packed weight, the weight it packs from, bias) moves with that array, its row
+// cursors are fresh zeros, and its once-calls run once again. Addresses outside them
+// (tap offsets, pack tables) stay: the Python caller keeps those arrays alive.
+
+struct Program {
+  struct Step {
+    std::vector<Call> calls;
+    bool shared;
+    int64_t once;  // index into onces, or -1
+    int64_t rows;
+  };
+  std::vector<Step> steps;
+  std::vector<std::vector<Call>> onces;
+  std::vector<int64_t*> cursors;  // the distinct row cursors, as recorded
+};
+
+const char* const kProgramName = "convtranspose._native.Program";
+
+// Where a recorded array [from, from + size) lies in this call: at `to`.
+struct Move {
+  uintptr_t from, size, to;
+};
+
+// p moved with the array it points into; false where it points into none of them.
+template <typename P>
+bool moved(P& p, const std::vector<Move>& moves) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  if (!a) return true;
+  for (const Move& m : moves)
+    if (a - m.from < m.size) {
+      p = reinterpret_cast<P>(a - m.from + m.to);
+      return true;
+    }
+  return false;
+}
+
+// Every address of c that must move with the recorded arrays; false where one lies
+// outside them all (the program does not match the arrays it is given).
+bool move_call(Call& c, const std::vector<Move>& m) {
+  switch (c.kind) {
+    case Call::CORRELATE:
+      return moved(c.ct.x, m) && moved(c.ct.w, m) && moved(c.ct.out, m) && moved(c.ct.bias, m);
+    case Call::GRAD_WEIGHT:
+      return moved(c.gw.x, m) && moved(c.gw.g, m) && moved(c.gw.part, m) &&
+             moved(c.gw.gx, m) && moved(c.gw.w, m);
+    case Call::PACK: return moved(c.pack.src, m) && moved(c.pack.dst, m);
+    case Call::PAIR: return moved(c.pair.x, m) && moved(c.pair.v, m);
+    case Call::PLANAR: return moved(c.planar.src, m) && moved(c.planar.dst, m);
+  }
+  return false;
+}
+
+// The (recorded address, size in bytes, address now) triples of a sequence.
+bool moves_of(PyObject* seq, std::vector<Move>& moves) {
+  PyObject* fast = PySequence_Fast(seq, "moves must be a sequence");
+  if (!fast) return false;
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast) && ok; ++i) {
+    unsigned long long from, size, to;
+    ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KKK", &from, &size, &to);
+    moves.push_back({static_cast<uintptr_t>(from), static_cast<uintptr_t>(size),
+                     static_cast<uintptr_t>(to)});
+  }
+  Py_DECREF(fast);
+  return ok;
+}
+
+// program(tasks, arrays) -> a capsule recording tasks as run_tasks takes them, or None
+// where a call addresses memory outside `arrays` (moves that leave them in place): such
+// tasks cannot be run again elsewhere.
+PyObject* py_program(PyObject*, PyObject* args) {
+  PyObject *seq, *arrays;
+  if (!PyArg_ParseTuple(args, "OO", &seq, &arrays)) return nullptr;
+  std::vector<Move> in_place;
+  if (!moves_of(arrays, in_place)) return nullptr;
+  PyObject* fast = PySequence_Fast(seq, "program: tasks must be a sequence");
+  if (!fast) return nullptr;
+  auto* program = new Program();
+  std::vector<const OnceCalls*> seen;
+  bool ok = true;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  for (Py_ssize_t i = 0; i < n && ok; ++i) {
+    PyObject* t = PySequence_Fast_GET_ITEM(fast, i);
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 3) {
+      PyErr_SetString(PyExc_TypeError, "program: a task is (calls, shared, once, ...)");
+      ok = false;
+      break;
+    }
+    Program::Step step{{}, false, -1, -1};
+    ok = calls_of(PyTuple_GET_ITEM(t, 0), step.calls);
+    const int shared = ok ? PyObject_IsTrue(PyTuple_GET_ITEM(t, 1)) : 0;
+    ok = ok && shared >= 0;
+    step.shared = shared > 0;
+    PyObject* o = PyTuple_GET_ITEM(t, 2);
+    if (ok && o != Py_None) {
+      auto* once = static_cast<const OnceCalls*>(PyCapsule_GetPointer(o, kOnceName));
+      ok = once != nullptr;
+      if (ok) {
+        auto at = std::find(seen.begin(), seen.end(), once);
+        if (at == seen.end()) {
+          seen.push_back(once);
+          program->onces.push_back(once->calls);
+        }
+        step.once = std::find(seen.begin(), seen.end(), once) - seen.begin();
+      }
+    }
+    if (ok && PyTuple_GET_SIZE(t) > 4) {
+      step.rows = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
+      ok = !(step.rows == -1 && PyErr_Occurred());
+    }
+    for (const Call& c : step.calls)
+      if (c.kind == Call::CORRELATE && c.ct.cursor &&
+          std::find(program->cursors.begin(), program->cursors.end(), c.ct.cursor) ==
+              program->cursors.end())
+        program->cursors.push_back(c.ct.cursor);
+    program->steps.push_back(std::move(step));
+  }
+  Py_DECREF(fast);
+  if (!ok) {
+    delete program;
+    return nullptr;
+  }
+  bool inside = true;
+  for (Program::Step& step : program->steps)
+    for (Call& c : step.calls) inside = inside && move_call(c, in_place);
+  for (auto& calls : program->onces)
+    for (Call& c : calls) inside = inside && move_call(c, in_place);
+  if (!inside) {
+    delete program;
+    Py_RETURN_NONE;
+  }
+  PyObject* cap = PyCapsule_New(program, kProgramName, [](PyObject* o) {
+    delete static_cast<Program*>(PyCapsule_GetPointer(o, kProgramName));
+  });
+  if (!cap) delete program;
+  return cap;
+}
+
+// run_program(program, threads, moves): the recorded tasks on the pool as run_tasks runs
+// them, each address moved by `moves`, a sequence of (recorded address, size in bytes,
+// address now) of the arrays the calls read and write.
+PyObject* py_run_program(PyObject*, PyObject* args) {
+  PyObject *cap, *seq;
+  int threads;
+  if (!PyArg_ParseTuple(args, "OiO", &cap, &threads, &seq)) return nullptr;
+  auto* program = static_cast<const Program*>(PyCapsule_GetPointer(cap, kProgramName));
+  if (!program) return nullptr;
+  std::vector<Move> moves;
+  if (!moves_of(seq, moves)) return nullptr;
+  bool ok = true;
+  // Fresh cursors, onces and calls, every address moved.
+  std::vector<int64_t> cursors(program->cursors.size(), 0);
+  std::vector<std::unique_ptr<pool::Once>> onces;
+  auto fresh = [&](std::vector<Call>& calls) {
+    for (Call& c : calls) {
+      if (!move_call(c, moves)) return false;
+      if (c.kind == Call::CORRELATE && c.ct.cursor)
+        c.ct.cursor = cursors.data() + (std::find(program->cursors.begin(),
+                                                  program->cursors.end(), c.ct.cursor) -
+                                        program->cursors.begin());
+    }
+    return true;
+  };
+  for (const auto& recorded : program->onces) {
+    auto calls = std::make_shared<std::vector<Call>>(recorded);
+    ok = ok && fresh(*calls);
+    onces.push_back(std::make_unique<pool::Once>());
+    onces.back()->body = [calls] {
+      for (const Call& c : *calls) run_call(c);
+    };
+  }
+  std::vector<pool::Task> tasks;
+  tasks.reserve(program->steps.size());
+  for (const Program::Step& step : program->steps) {
+    auto calls = std::make_shared<std::vector<Call>>(step.calls);
+    ok = ok && fresh(*calls);
+    tasks.push_back({[calls] {
+                       for (const Call& c : *calls) {
+                         if (pool::stopping()) return;
+                         run_call(c);
+                       }
+                     },
+                     step.shared, step.once >= 0 ? onces[step.once].get() : nullptr,
+                     step.rows});
+  }
+  if (!ok) {
+    PyErr_SetString(PyExc_ValueError,
+                    "run_program: a call addresses memory outside the arrays given");
+    return nullptr;
+  }
   const int helpers = std::max(0, std::min(threads, 256) - 1);
   const bool done = run_released([&](const std::atomic<int>* stop, bool nested) {
     pool::instance()->run(std::move(tasks), nested ? 0 : helpers, stop);
@@ -1183,14 +1397,20 @@ PyObject* py_planar_grad_input(PyObject*, PyObject* args) {
 }
 
 // The `cols` forward's gather (kernels/cols.py): output rows [row0, row1) of
-// (batch * OD * OH), each pixel the sum, in tap order, of the products of the (input
-// pixel, tap) pairs that land on it, plus the bias. cols: (batch, ID, IH, IW, groups, taps,
-// cog), the products of every input pixel with every tap; out: (batch, OD, OH, OW,
-// groups * cog). geo: batch, in (3), out (3), kernel (3), stride (3), dilation (3),
-// padding before (3). Every output pixel is written (the bias or zero where no tap lands).
+// (batch * OD * OH), positions [w0, w1) of each, every position the sum of the products
+// of the (input pixel, tap) pairs that land on it, plus the bias. cols: (batch, ID, IH,
+// IW, groups, taps, cog), the products of every input pixel with every tap; out: (batch,
+// OD, OH, OW, groups * cog). geo: batch, in (3), out (3), kernel (3), stride (3),
+// dilation (3), padding before (3). Every position in the range is written (the bias or
+// zero where no tap lands).
+// With dilation 1 along W and one group, an input pixel's W taps (of one (D, H) tap pair)
+// are one run of cols that lands on one run of the output row: input pixel by input
+// pixel, an add of two runs (192 -> 3 k4 s2 on 26924 pixels: 0.55 -> 0.38 ms a call,
+// summed over the threads). Otherwise tap by tap, each W tap's outputs at the stride, and
+// their products a pixel apart in cols.
 template <typename T>
 void col2im(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
-            int64_t cog, int64_t row0, int64_t row1) {
+            int64_t cog, int64_t row0, int64_t row1, int64_t w0, int64_t w1) {
   const int64_t* in = geo + 1;
   const int64_t* os = geo + 4;
   const int64_t* k = geo + 7;
@@ -1207,36 +1427,58 @@ void col2im(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t gr
         list.emplace_back(at / st[axis], t);
     }
   };
-  // Along W, tap kw lands input pixels iw on ow = iw * s + kw * d - p: the outputs from
-  // `first[kw]` on, every s-th, `count[kw]` of them, reading from iw = `from[kw]` on.
-  std::vector<int64_t> first(k[2]), from(k[2]), count(k[2]);
+  // Input pixel iw's W tap kw lands on ow = iw * s + kw * d - p. Per tap: the input
+  // pixels [from, to) whose outputs lie in [w0, w1).
+  const auto ceil_div = [](int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -(-a / b); };
+  const auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  std::vector<int64_t> from(k[2]), to(k[2]);
   for (int64_t kw = 0; kw < k[2]; ++kw) {
-    const int64_t shift = kw * dil[2] - pad[2];  // ow = iw * s + shift
-    int64_t iw = shift >= 0 ? 0 : (-shift + st[2] - 1) / st[2];
-    from[kw] = iw;
-    first[kw] = iw * st[2] + shift;
-    const int64_t last_iw = std::min(in[2] - 1, (os[2] - 1 - shift) >= 0
-                                                    ? (os[2] - 1 - shift) / st[2] : -1);
-    count[kw] = std::max<int64_t>(0, last_iw - iw + 1);
+    const int64_t shift = kw * dil[2] - pad[2];
+    from[kw] = std::max<int64_t>(0, ceil_div(w0 - shift, st[2]));
+    to[kw] = std::max(from[kw], std::min<int64_t>(in[2], floor_div(w1 - 1 - shift, st[2]) + 1));
   }
-  std::vector<std::pair<int64_t, int64_t>> along_d, along_h;
+  // Runs (of more than a tap's one output: one output channel ran 1.3-1.6x slower so, its
+  // runs too short to pay for their loops); the input pixels that land every tap inside
+  // [w0, w1) need no clipping.
+  const bool runs = dil[2] == 1 && groups == 1 && cog > 1;
+  const int64_t whole0 = from[0], whole1 = to[k[2] - 1];
   const int64_t sw = st[2] * cout;  // output values between a tap's outputs
+  std::vector<std::pair<int64_t, int64_t>> along_d, along_h;
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t n = row / (os[0] * os[1]), od = row / os[1] % os[0], oh = row % os[1];
     pairs(0, od, along_d);
     pairs(1, oh, along_h);
     T* o = out + row * os[2] * cout;
-    for (int64_t w = 0; w < os[2]; ++w)
+    for (int64_t w = w0; w < w1; ++w)
       for (int64_t c = 0; c < cout; ++c) o[w * cout + c] = bias ? bias[c] : T(0);
-    // Each output adds its products in tap order: (kd, kh) pairs, then kw.
+    // Each position adds its products in one order, whichever call computes it: (D, H)
+    // tap pairs, then (runs) input pixels along W, else W taps.
     for (const auto& [id, kd] : along_d)
       for (const auto& [ih, kh] : along_h) {
         const T* base = cols + ((n * in[0] + id) * in[1] + ih) * in[2] * pixel +
                         (kd * k[1] + kh) * k[2] * cog;
+        if (runs) {
+          const int64_t first = std::min(from[k[2] - 1], from[0]);
+          const int64_t last = std::max(to[0], to[k[2] - 1]);
+          for (int64_t iw = first; iw < last; ++iw) {
+            int64_t t0 = 0, t1 = k[2];
+            if (iw < whole0 || iw >= whole1) {  // clipped at w0 or w1
+              while (t0 < k[2] && !(iw >= from[t0] && iw < to[t0])) ++t0;
+              t1 = t0;
+              while (t1 < k[2] && iw >= from[t1] && iw < to[t1]) ++t1;
+              if (t0 >= t1) continue;
+            }
+            const T* __restrict s = base + iw * pixel + t0 * cog;
+            T* __restrict d = o + (iw * st[2] - pad[2] + t0) * cout;
+            const int64_t m = (t1 - t0) * cog;
+            for (int64_t j = 0; j < m; ++j) d[j] += s[j];
+          }
+          continue;
+        }
         for (int64_t kw = 0; kw < k[2]; ++kw) {
+          const int64_t m = to[kw] - from[kw];
           const T* src = base + from[kw] * pixel + kw * cog;
-          T* dst = o + first[kw] * cout;
-          const int64_t m = count[kw];
+          T* dst = o + (from[kw] * st[2] + kw * dil[2] - pad[2]) * cout;
           if (cout == 1) {
             for (int64_t j = 0; j < m; ++j) dst[j * st[2]] += src[j * pixel];
             continue;
@@ -1253,9 +1495,9 @@ PyObject* py_col2im(PyObject*, PyObject* args) {
   int itemsize;
   Py_buffer cols, out, geo;
   PyObject* bias_obj;
-  Py_ssize_t groups, cog, row0, row1;
-  if (!PyArg_ParseTuple(args, "iy*w*Oy*nnnn", &itemsize, &cols, &out, &bias_obj, &geo, &groups,
-                        &cog, &row0, &row1))
+  Py_ssize_t groups, cog, row0, row1, w0, w1;
+  if (!PyArg_ParseTuple(args, "iy*w*Oy*nnnnnn", &itemsize, &cols, &out, &bias_obj, &geo,
+                        &groups, &cog, &row0, &row1, &w0, &w1))
     return nullptr;
   Py_buffer bias{};
   const bool has_bias = bias_obj != Py_None;
@@ -1265,7 +1507,8 @@ PyObject* py_col2im(PyObject*, PyObject* args) {
     const int64_t in_px = g[0] * g[1] * g[2] * g[3], out_px = g[0] * g[4] * g[5] * g[6];
     const int64_t taps = g[7] * g[8] * g[9];
     ok = (itemsize == 4 || itemsize == 8) && groups >= 1 && cog >= 1 && 0 <= row0 &&
-         row0 <= row1 && row1 <= g[0] * g[4] * g[5] && g[10] > 0 && g[11] > 0 && g[12] > 0 &&
+         row0 <= row1 && row1 <= g[0] * g[4] * g[5] && 0 <= w0 && w0 <= w1 && w1 <= g[6] &&
+         g[10] > 0 && g[11] > 0 && g[12] > 0 &&
          cols.len >= in_px * groups * taps * cog * itemsize &&
          out.len >= out_px * groups * cog * itemsize &&
          (!has_bias || bias.len >= groups * cog * itemsize);
@@ -1276,7 +1519,7 @@ PyObject* py_col2im(PyObject*, PyObject* args) {
     with_float_type(itemsize, [&](auto t) {
       using T = decltype(t);
       col2im(static_cast<const T*>(cols.buf), static_cast<T*>(out.buf),
-             has_bias ? static_cast<const T*>(bias.buf) : nullptr, g, groups, cog, row0, row1);
+             has_bias ? static_cast<const T*>(bias.buf) : nullptr, g, groups, cog, row0, row1, w0, w1);
     });
   return finish_buffers(ok, "col2im: bad itemsize, geometry or sizes",
                         {&bias, &cols, &out, &geo});
@@ -1541,6 +1784,9 @@ PyMethodDef kMethods[] = {
      "pair_transform, prepared for run_tasks."},
     {"once", py_once, METH_VARARGS, "Calls run once, before the first task that needs them."},
     {"run_tasks", py_run_tasks, METH_VARARGS, "Run tasks of prepared calls on the pool."},
+    {"program", py_program, METH_VARARGS, "Record tasks of prepared calls, to run again."},
+    {"run_program", py_run_program, METH_VARARGS,
+     "Run a recorded program's tasks with the addresses of other arrays."},
     {"warm", py_warm, METH_VARARGS, "Keep the pool's threads spinning, ready for a batch."},
     {"interrupts", py_interrupts, METH_NOARGS, "SIGINTs so far (the count armed)."},
     {"check_interrupt", py_check_interrupt, METH_O,

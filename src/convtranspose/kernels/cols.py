@@ -22,6 +22,7 @@ import numpy as np
 from .. import _execute
 from .. import _native_kernel as native
 from .._algorithms import Algorithm
+from .._geometry import ceil_div
 from .._memory import Scratch
 from .._plan import (
     COPY_BYTES_PER_S,
@@ -116,11 +117,25 @@ def run(plan, x3, w3, out, bias):
         _execute._execute_native(gemm, x3, w_cols, cols, scratch)
         out3 = out.reshape(rows, -1)
         geometry = _geometry(spec)
-        pieces = max(1, min(rows, 4 * plan.threads))
         _execute.run_jobs([functools.partial(native.col2im, cols, out3, bias, geometry,
-                                             spec.groups, cog, rows * i // pieces,
-                                             rows * (i + 1) // pieces)
-                           for i in range(pieces)], plan.threads)
+                                             spec.groups, cog, *piece)
+                           for piece in gather_pieces(rows, spec.out_spatial[2], plan.threads)],
+                          plan.threads)
+
+
+# The fewest output positions a piece of a row gathers.
+MIN_GATHER_PIECE = 1024
+
+
+def gather_pieces(rows: int, width: int, threads: int) -> list[tuple[int, int, int, int]]:
+    """(row0, row1, w0, w1) pieces of the output for the threads, about four each: runs of
+    rows, or where there are too few rows (a 1-D layer's is one), pieces of each row."""
+    want = 4 * threads
+    if rows >= want:
+        return [(rows * i // want, rows * (i + 1) // want, 0, width) for i in range(want)]
+    cuts = max(1, min(ceil_div(want, rows), width // MIN_GATHER_PIECE))
+    return [(r, r + 1, width * i // cuts, width * (i + 1) // cuts)
+            for r in range(rows) for i in range(cuts)]
 
 
 KERNEL = Kernel(Algorithm.COLS, fits, estimate, phase_groups, run,
