@@ -430,3 +430,35 @@ def test_cols_gathers_long_rows_in_pieces(case, rng, monkeypatch, small_calls_th
     got = ct.run_plan(p, x, w, bias=bias)
     ref = conv_transpose_ref(x, w, **kw) + bias
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# Strides past the kernel's reach along one axis or several (kernel, stride, dilation):
+# whole residues of the output that no tap reaches.
+# Winograd's take a D axis of kernel 3, stride 1, and channels mode.
+UNREACHED_CASES = [
+    ((2, 3, 3), (3, 2, 1), (1, 1, 1), "native"),
+    ((1, 2, 3), (2, 3, 4), (1, 1, 1), "native"),
+    ((3, 2, 2), (1, 1, 4), (1, 2, 1), "native"),
+    ((3, 3, 3), (2, 4, 2), (1, 1, 1), "native"),
+    ((3, 2, 2), (1, 1, 4), (1, 1, 1), "winograd"),
+    ((3, 2, 3), (1, 3, 4), (1, 1, 1), "winograd"),
+]
+
+
+@pytest.mark.parametrize("case", UNREACHED_CASES, ids=[str(c) for c in UNREACHED_CASES])
+def test_positions_no_tap_reaches_hold_zero_or_the_bias(case, rng, monkeypatch):
+    """The kernel fills the residues no tap lands on itself (`fill_unreached`), and the
+    tiles store every other position: a result that starts as NaN shows a gap."""
+    from convtranspose import _execute
+    kernel, stride, dilation, algorithm = case
+    x = rng.standard_normal((2, 4, 4, 5, 16)).astype(np.float32)
+    c_out = 24 if algorithm == "winograd" else 5  # winograd: channels mode only
+    w = rng.standard_normal((c_out, *kernel, 16)).astype(np.float32)
+    kw = dict(stride=stride, dilation=dilation, output_padding=tuple(s - 1 for s in stride))
+    p = ct.plan(x.shape, w.shape, **kw, algorithm=algorithm)
+    monkeypatch.setattr(_execute, "result_empty",
+                        lambda shape, dtype: np.full(shape, np.nan, dtype))
+    for bias in (None, rng.standard_normal(c_out).astype(np.float32)):
+        got = ct.run_plan(p, x, w, bias=bias)
+        ref = conv_transpose_ref(x, w, **kw) + (0 if bias is None else bias)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())

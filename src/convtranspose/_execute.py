@@ -19,7 +19,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._algorithms import Algorithm
 from ._blas import single_threaded_blas
-from ._geometry import AxisTap, Phase, ceil_div
+from ._geometry import AxisTap, Phase, ceil_div, phases_3d
 from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
@@ -1025,6 +1025,22 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
                           (offsets, residues, [w.keep[1] for w in weights if w.keep]))
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
+
+
+def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None) -> None:
+    """The output positions no tap reaches (where the stride passes the kernel's reach,
+    a residue along some axis that no tap lands on) set to zero, or to the bias: one
+    strided fill per such residue, where zeroing the whole output before the kernel
+    stored the rest wrote most of it twice (8 -> 13 k3x4 s4 2-D: 17.6 MB zeroed, 1.7 ms
+    of a 2.9 ms call, where its 4 unreached rows of 16 take 0.4)."""
+    o = out.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    phases = phases_3d(spec)
+    for axis in range(3):
+        for residue in sorted({p.residue[axis] for p in phases
+                               if p.size and not p.axis_taps[axis]}):
+            index = [slice(None)] * 5
+            index[axis + 1] = slice(residue, None, spec.stride[axis])
+            o[tuple(index)] = 0 if bias is None else bias
 
 
 def _recorded_arrays(x_read, out, block, sources, bias, plan) -> list[np.ndarray]:

@@ -493,13 +493,6 @@ def streams_output(nbytes: int) -> bool:
     return nbytes >= STREAM_OUTPUT_FROM_BYTES
 
 
-def native_writes_every_output(spec: ConvSpec) -> bool:
-    """Whether native tiles store every output position: they store each position of
-    their phase, zero where no tap lands, so only a phase no tap reaches leaves a gap
-    (then the output must start zeroed)."""
-    return all(p.tap_count for p in phases_3d(spec) if p.size)
-
-
 def native_converts_whole_input(spec: ConvSpec, limit: int) -> bool:
     """An input of another dtype is converted once for every phase when that fits (see
     `native_whole_input_fits`); otherwise each task converts the planes and rows it reads
