@@ -766,17 +766,38 @@ def summed_channels(spec: ConvSpec, wide_w: bool | None = None) -> float:
     return spec.c_in_per_group
 
 
-# Dot mode: what an x vector loaded from beyond L1 costs, in the multiply-adds it serves
-# (`native_rate`).
-DOT_REREAD = 2.5
-# Dot mode on layers of fewer channels per group than a vector: a partial vector per
-# tap (or a W tap pair's, where they are summed as one), and a lane reduction per output
-# for a few multiply-adds. On the 40 such sweep layers of seeds 11-35 (two threads,
-# AVX-512) planar beat it on every one, 1.0-3.5x (14 -> 7 k2 2-D 1.58 against 0.93 ms;
-# 3 -> 3 k3 1-D 7.3 against 4.1), where the rate below put dot mode ahead on 7: at this
-# share of that rate it stays ahead on two (8 -> 2 k2, 3.76 against 2.38; 4 -> 1 k4 2-D,
-# 3.68 against 2.58).
-DOT_PARTIAL_VECTOR = 0.5
+# Dot mode's time on one core, as costs per operation (seconds), fitted in log space on
+# the 150 dot-mode layers of sweeps 30-45 (two threads, AVX-512; measured / modelled over
+# them: median 1.02, 10th-90th percentile 0.64-1.48, where the rate model it replaces
+# read 0.39-1.77 and sent 13 of them to an algorithm over 1.2x slower than the best, up
+# to 2.4x; fitted on half, the other half's choices lost 1.042x against 1.056x):
+DOT_VECTOR_FMA = 0.29e-9  # a vector multiply-add (an output, a tap, a vector of channels)
+DOT_VECTOR_LOAD = 0.35e-9  # an input vector, loaded once per tap for the block's outputs
+DOT_OUTPUT = 0.16e-9  # an output's sum: its lanes reduced and stored
+DOT_PIXEL = 5.4e-9  # an output pixel of a conv group: its block's bookkeeping
+DOT_REREAD_BYTE = 0.016e-9  # the input read again by each phase, where it outgrows L2
+DOT_PHASE_GROUP = 31e-6  # a phase group's weight packed, its tiles started
+L2_BYTES = 1 << 20
+
+
+def dot_seconds(spec: ConvSpec) -> float:
+    """Dot mode's time for the layer on one core (`DOT_*`): vectors run along the
+    channels summed (C_in/g, or with fused W taps those of a phase's W taps), every
+    output's sum reduced across lanes."""
+    lanes = native.layout(spec.compute_dtype.itemsize)[0] if native.AVAILABLE else 16
+    vectors = math.ceil(summed_channels(spec) / lanes)
+    cog, wide = spec.c_out_per_group, fuses_w_taps(spec)
+    live = live_phases(spec)
+    seconds = 0.0
+    for p in live:
+        taps = p.tap_count // len(p.axis_taps[2]) if wide else p.tap_count
+        pixels = p.size * spec.batch * spec.groups
+        seconds += pixels * (taps * vectors * (cog * DOT_VECTOR_FMA + DOT_VECTOR_LOAD)
+                             + cog * DOT_OUTPUT + DOT_PIXEL)
+    input_bytes = spec.batch * math.prod(spec.in_spatial) * spec.c_in * spec.compute_dtype.itemsize
+    if input_bytes > L2_BYTES:
+        seconds += input_bytes * len(live) * DOT_REREAD_BYTE
+    return seconds + len(native_phase_groups(spec, live)) * DOT_PHASE_GROUP
 
 
 def native_rate(spec: ConvSpec) -> float:
@@ -789,18 +810,8 @@ def native_rate(spec: ConvSpec) -> float:
     mode = native_mode(spec)
     if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
         return peak / 4  # along the flat pixel * channel index: two loads per FMA
-    if mode == native.DOT:  # vectors along C_in (the last one whole), one lane reduction
-        # Each phase sweeps the input rows again, each of its x vectors (loaded from L2
-        # or beyond) serving the phase's taps times the block's outputs: measured /
-        # modelled 4.6 where that is one (192 -> 1 k3 s3), 2.2 where three (48 -> 3 k2x7x2
-        # s3), the sweep's median 1.4.
-        live = [p for p in live_phases(spec) if p.size]
-        taps = (sum(p.size * p.tap_count for p in live) / sum(p.size for p in live)
-                if live else 1.0)  # (no tap reaches an output: no sums to rate)
-        reuse = taps * min(cog, native.DOT_MAX_OUT)
-        partial = DOT_PARTIAL_VECTOR if spec.c_in_per_group < lanes else 1.0
-        return (peak / 2 * cig / (math.ceil(cig / lanes) * lanes) * cig / (cig + lanes)
-                * reuse / (reuse + DOT_REREAD) * partial)
+    if mode == native.DOT:  # vectors along the channels summed: its own cost model
+        return max(spec.useful_flops, 1) / max(dot_seconds(spec), 1e-12)
     vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
