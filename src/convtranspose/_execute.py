@@ -1074,7 +1074,9 @@ class _Recording:
     A later call moves each recorded address into its own arrays (`native.run_program`).
     Recordings hold no array of a call: only tap offsets and pack tables, which stay."""
 
-    HELD = 64  # recordings kept, the least recently used dropped first
+    # Recordings kept, the least recently used dropped first: each holds its layer's pack
+    # tables (taps x C_out int64, 1 MiB for 384 outputs of a k7 kernel) past their cache.
+    HELD = 16
     _held: dict = {}
     _lock = threading.Lock()
 
