@@ -462,3 +462,37 @@ def test_positions_no_tap_reaches_hold_zero_or_the_bias(case, rng, monkeypatch):
         got = ct.run_plan(p, x, w, bias=bias)
         ref = conv_transpose_ref(x, w, **kw) + (0 if bias is None else bias)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+
+
+# W residues merged around rotated or unequal rows (`_plan.merged_w_row`): (kernel_w,
+# stride_w, padding_w, output_padding_w, C_out), kernel_w a multiple of stride_w.
+MERGED_EDGE_CASES = [
+    (4, 4, 1, 3, 13),  # rotated by the padding, the last residues one output short
+    (4, 2, 1, 0, 3),   # dot mode, W taps fused
+    (6, 3, 2, 1, 10),
+    (2, 2, 0, 1, 7),   # not rotated, one residue one output longer
+    (3, 3, 1, 0, 3),
+]
+
+
+@pytest.mark.parametrize("case", MERGED_EDGE_CASES, ids=[str(c) for c in MERGED_EDGE_CASES])
+def test_w_residues_merged_with_edges_match_the_reference(case, rng, monkeypatch):
+    """A merged group covers each residue's inner outputs and single phases its first and
+    last: every output written once (the result starts as NaN), with the bias."""
+    from convtranspose import _execute
+    k, s, p, op, c_out = case
+    x = rng.standard_normal((2, 3, 4, 11, 6)).astype(np.float32)
+    w = rng.standard_normal((c_out, 2, 3, k, 6)).astype(np.float32)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    kw = dict(stride=(1, 2, s), padding=(0, 1, p), output_padding=(0, 1, op))
+    plan = ct.plan(x.shape, w.shape, **kw, algorithm="native")
+    assert any(len(g) > 1 for g in plan.phase_groups)
+    assert any(len(g) == 1 and g[0].residue[2] >= s for g in plan.phase_groups) or (
+        all(len(g) > 1 for g in plan.phase_groups))
+    monkeypatch.setattr(_execute, "result_empty",
+                        lambda shape, dtype: np.full(shape, np.nan, dtype))
+    ref = conv_transpose_ref(x, w, **kw) + bias
+    for call in range(2):  # the second replays the first's recording
+        got = ct.run_plan(plan, x, w, bias=bias)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                                   err_msg=f"call {call}")

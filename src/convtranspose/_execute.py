@@ -741,8 +741,7 @@ def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: 
     # a merged W group's position holds every residue's channels: whole rows, in steps of
     # len(phase_group) positions
     step_w = len(phase_group) if len(phase_group) > 1 else spec.stride[2]
-    first = (n0, first_d, phase.residue[1] + e * spec.stride[1],
-             0 if len(phase_group) > 1 else phase.residue[2])
+    first = (n0, first_d, phase.residue[1] + e * spec.stride[1], phase.residue[2])
     es = [st // out_item for st in out_strides[:4]]
     strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * step_w]
     w0, qw = (0, qw) if tile.w is None else (tile.w[0], tile.w[1] - tile.w[0])

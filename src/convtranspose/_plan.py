@@ -385,10 +385,11 @@ def live_phases(spec: ConvSpec) -> list[Phase]:
 
 
 def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
-    """The W residues of one (D, H) residue, when they share their geometry (kernel_w a
-    multiple of stride_w), lie side by side in the output: as one phase of s_w * C_out
-    channels they make the kernel write whole output rows in order. Needs groups == 1,
-    where each output pixel's channels are one run."""
+    """The W residues of one (D, H) residue, when they read the same input for s_w
+    neighbouring outputs (kernel_w a multiple of stride_w), lie side by side in the output:
+    as one phase of s_w * C_out channels they make the kernel write whole output rows in
+    order (`merged_w_row`). Needs groups == 1, where each output pixel's channels are one
+    run."""
     sw = spec.stride[2]
     # Dot mode takes at most `dot_max_out` outputs (a forced 'native' 16 -> 3 k4 s2 on AVX2,
     # s_w * C_out = 6, raised so), depthwise one per channel.
@@ -399,14 +400,69 @@ def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase,
         return tuple((p,) for p in live)
     rows: dict[tuple, list[Phase]] = {}
     for p in live:
-        rows.setdefault((p.residue[:2], geometry_key(p)), []).append(p)
+        rows.setdefault((p.residue[:2], p.count[:2], p.axis_taps[:2]), []).append(p)
+    # Merging with edges (residues rotated, or of unequal counts) pays where a pixel's
+    # outputs end inside a cache line, so that residues written apart each write part of
+    # lines (8 -> 13 k3x4 s4 2-D 2.08 -> 1.21 ms, 51 -> 77 k3 s3 1-D 5.8 -> 4.2), and its
+    # rows are long enough for the edges' own tasks and packed weights (323 -> 96 k4 s2 on
+    # 3x5x4: 2.4 -> 3.1 ms; 48 -> 32 k3 s3, whole lines a pixel: 4.2 -> 4.8).
+    edges = (spec.c_out * spec.compute_dtype.itemsize % 64 != 0
+             and spec.in_spatial[2] >= MERGE_EDGES_FROM_WIDTH)
     phase_groups = []
     for row in rows.values():
-        if len(row) == sw:
-            phase_groups.append(tuple(sorted(row, key=lambda p: p.residue[2])))
-        else:
-            phase_groups.extend((p,) for p in row)
+        merged = merged_w_row(sorted(row, key=lambda p: p.residue[2]), sw,
+                              spec.in_spatial[2], edges) if len(row) == sw else None
+        phase_groups.extend(merged if merged else ((p,) for p in row))
     return tuple(sorted(phase_groups, key=lambda g: g[0].residue))
+
+
+def _w_phase(phase: Phase, first: int, count: int, shift: int, width: int) -> Phase:
+    """`phase`'s outputs [shift, shift + count) along W as a phase of their own: its first
+    output at W position `first` (its `residue`), its W taps reading from `shift` on
+    (a tap whose reads all fall outside the input keeps an empty range: its outputs are
+    still stored, as zero)."""
+    taps = []
+    for t in phase.axis_taps[2]:
+        offset = t.offset + shift
+        lo = min(count, max(0, -offset))
+        taps.append(type(t)(t.k, offset, lo, max(lo, min(count, width - offset))))
+    return Phase((*phase.residue[:2], first), (*phase.count[:2], count),
+                 (*phase.axis_taps[:2], tuple(taps)))
+
+
+MERGE_EDGES_FROM_WIDTH = 8
+
+
+def merged_w_row(row: list[Phase], sw: int, width: int,
+                 edges: bool = True) -> list[tuple[Phase, ...]] | None:
+    """The W residues of a (D, H) residue (in residue order) as one merged phase group
+    and, around it, single phases for the outputs it leaves; None where they do not
+    merge. Output q * s_w + r0 + j (j < s_w) is residue (r0 + j) mod s_w's position
+    q + wrap, wrap 1 where r0 + j passes s_w: the merged group's s_w outputs at q read the
+    same input where each residue's W tap offsets plus its wrap are the same (padding
+    rotates the residues: 8 -> 13 k3x4 s4 p1 2-D read residue 3 one input ahead, and its
+    phases ran apart, 4.2 against 2.1 ms on one core merged). Without `edges`, only rows
+    that merge whole (no rotation, equal counts)."""
+    offsets = [[t.offset for t in p.axis_taps[2]] for p in row]
+    for r0 in range(sw):
+        wraps = [1 if r < r0 else 0 for r in range(sw)]
+        shifted = {tuple(o + wrap for o in offs) for offs, wrap in zip(offsets, wraps)}
+        if len(shifted) != 1:
+            continue
+        merged_count = min(p.count[2] - wrap for p, wrap in zip(row, wraps))
+        whole = r0 == 0 and all(p.count[2] == merged_count for p in row)
+        if merged_count <= 0 or not (whole or edges):
+            return None
+        order = [(r0 + j) % sw for j in range(sw)]
+        merged = tuple(_w_phase(row[r], r0 + j, merged_count, wraps[r], width)
+                       for j, r in enumerate(order))
+        edges = []  # each residue's positions before and after the merged ones
+        for r, (p, wrap) in enumerate(zip(row, wraps)):
+            for a, b in ((0, wrap), (merged_count + wrap, p.count[2])):
+                if a < b:
+                    edges.append((_w_phase(p, a * sw + r, b - a, a, width),))
+        return [merged, *edges]
+    return None
 
 
 def pair_count(spec: ConvSpec) -> int:
