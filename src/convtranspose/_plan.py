@@ -456,12 +456,12 @@ def merged_w_row(row: list[Phase], sw: int, width: int,
         order = [(r0 + j) % sw for j in range(sw)]
         merged = tuple(_w_phase(row[r], r0 + j, merged_count, wraps[r], width)
                        for j, r in enumerate(order))
-        edges = []  # each residue's positions before and after the merged ones
+        ends = []  # each residue's positions before and after the merged ones
         for r, (p, wrap) in enumerate(zip(row, wraps)):
             for a, b in ((0, wrap), (merged_count + wrap, p.count[2])):
                 if a < b:
-                    edges.append((_w_phase(p, a * sw + r, b - a, a, width),))
-        return [merged, *edges]
+                    ends.append((_w_phase(p, a * sw + r, b - a, a, width),))
+        return [merged, *ends]
     return None
 
 

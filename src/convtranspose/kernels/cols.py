@@ -73,13 +73,24 @@ def phase_groups(spec):
 CALL_SECONDS = 1e-4
 
 
+# The gather's time per product it adds, one core, times the groups: measured over eight
+# thin layers of one group 0.75-2.1 ns; with groups, each output pixel reads each group's
+# products a pixel of cols apart, a cache line apiece (256 -> 4 g4 k6: 3.4 ns; 92 -> 4 g4
+# k2 s(4,2,2): 6.7). Modelled as reading cols once at the copy rate (0.8 ns whatever the
+# groups), the planner took cols for 256 -> 4 g4 k6 at 28 ms against native's 15. Over
+# the 150 dot-mode layers of the dot model's fit, 1.0 ns chose best (1.2 and 0.8 lost more).
+GATHER_SECONDS = 1.0e-9
+
+
 def estimate(spec):
     """The GEMM (the compiled kernel's model, its write of cols included), its weight laid
-    out by taps (read and written), then the gather: cols read once, the output written
-    once. (256 -> 23 k5 on 6x6x6 pixels: a 2.9 MB weight for 216 pixels.)"""
+    out by taps (read and written), then the gather: each product added once, a group's
+    apart from the next group's, the output written once. (256 -> 23 k5 on 6x6x6 pixels:
+    a 2.9 MB weight for 216 pixels.)"""
     weight = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * spec.compute_dtype.itemsize
+    products = cols_bytes(spec) // spec.compute_dtype.itemsize
     return (estimate_seconds(gemm_spec(spec), Algorithm.NATIVE) + CALL_SECONDS
-            + (2 * weight + cols_bytes(spec)) / COPY_BYTES_PER_S
+            + 2 * weight / COPY_BYTES_PER_S + products * GATHER_SECONDS * spec.groups
             + output_write_seconds(spec) / 2)
 
 
