@@ -869,53 +869,71 @@ PyObject* py_once(PyObject*, PyObject* args) {
   return cap;
 }
 
-// run_tasks(tasks, threads): each task a tuple (calls, shared, once or None, keep[, rows]);
-// runs them on the caller and up to threads - 1 pool threads, the GIL released. `rows`:
-// which output rows the task writes (pool::Task::rows), -1 where none is given.
+// One task as Python hands it over: a tuple (calls, shared, once or None, keep[, rows]).
+struct TaskTuple {
+  std::vector<Call> calls;
+  bool shared = false;
+  OnceCalls* once = nullptr;  // lives on in the caller's tuple
+  int64_t rows = -1;          // pool::Task::rows
+};
+
+// The tasks of a sequence of such tuples (false with an error set; `who` names the caller).
+bool tasks_of(PyObject* seq, const char* who, std::vector<TaskTuple>& out) {
+  PyObject* fast = PySequence_Fast(seq, "tasks must be a sequence");
+  if (!fast) return false;
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast) && ok; ++i) {
+    PyObject* t = PySequence_Fast_GET_ITEM(fast, i);
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 3) {
+      PyErr_Format(PyExc_TypeError, "%s: a task is (calls, shared, once, ...)", who);
+      ok = false;
+      break;
+    }
+    TaskTuple task;
+    ok = calls_of(PyTuple_GET_ITEM(t, 0), task.calls);
+    const int shared = ok ? PyObject_IsTrue(PyTuple_GET_ITEM(t, 1)) : 0;
+    ok = ok && shared >= 0;
+    task.shared = shared > 0;
+    PyObject* o = PyTuple_GET_ITEM(t, 2);
+    if (ok && o != Py_None) {
+      task.once = static_cast<OnceCalls*>(PyCapsule_GetPointer(o, kOnceName));
+      ok = task.once != nullptr;
+    }
+    if (ok && PyTuple_GET_SIZE(t) > 4) {
+      task.rows = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
+      ok = !(task.rows == -1 && PyErr_Occurred());
+    }
+    out.push_back(std::move(task));
+  }
+  Py_DECREF(fast);
+  return ok;
+}
+
+// A pool task running `calls` in order, until the pool stops.
+pool::Task pool_task(std::vector<Call> calls, bool shared, pool::Once* once, int64_t rows) {
+  auto held = std::make_shared<std::vector<Call>>(std::move(calls));
+  return {[held] {
+            for (const Call& c : *held) {
+              if (pool::stopping()) return;
+              run_call(c);
+            }
+          },
+          shared, once, rows};
+}
+
+// run_tasks(tasks, threads): runs the tasks (see TaskTuple) on the caller and up to
+// threads - 1 pool threads, the GIL released.
 PyObject* py_run_tasks(PyObject*, PyObject* args) {
   PyObject* seq;
   int threads;
   if (!PyArg_ParseTuple(args, "Oi", &seq, &threads)) return nullptr;
-  PyObject* fast = PySequence_Fast(seq, "run_tasks: tasks must be a sequence");
-  if (!fast) return nullptr;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  std::vector<TaskTuple> parsed;
+  if (!tasks_of(seq, "run_tasks", parsed)) return nullptr;
   std::vector<pool::Task> tasks;
-  tasks.reserve(n);
-  bool ok = true;
-  for (Py_ssize_t i = 0; i < n && ok; ++i) {
-    PyObject* t = PySequence_Fast_GET_ITEM(fast, i);
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 3) {
-      PyErr_SetString(PyExc_TypeError, "run_tasks: a task is (calls, shared, once, ...)");
-      ok = false;
-      break;
-    }
-    auto calls = std::make_shared<std::vector<Call>>();
-    ok = calls_of(PyTuple_GET_ITEM(t, 0), *calls);
-    const int shared = ok ? PyObject_IsTrue(PyTuple_GET_ITEM(t, 1)) : 0;
-    PyObject* o = PyTuple_GET_ITEM(t, 2);
-    pool::Once* once = nullptr;
-    if (ok && o != Py_None) {
-      auto* calls_once = static_cast<OnceCalls*>(PyCapsule_GetPointer(o, kOnceName));
-      ok = calls_once != nullptr;
-      if (ok) once = &calls_once->once;
-    }
-    if (ok && shared < 0) ok = false;
-    int64_t rows = -1;
-    if (ok && PyTuple_GET_SIZE(t) > 4) {
-      rows = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
-      ok = !(rows == -1 && PyErr_Occurred());
-    }
-    if (ok)
-      tasks.push_back({[calls] {
-                         for (const Call& c : *calls) {
-                           if (pool::stopping()) return;
-                           run_call(c);
-                         }
-                       },
-                       shared != 0, once, rows});
-  }
-  Py_DECREF(fast);  // the tuples, and the Once capsules they hold, live on in `seq`
-  if (!ok) return nullptr;
+  tasks.reserve(parsed.size());
+  for (TaskTuple& t : parsed)  // the Once capsules live on in `seq`
+    tasks.push_back(pool_task(std::move(t.calls), t.shared,
+                              t.once ? &t.once->once : nullptr, t.rows));
   const int helpers = std::max(0, std::min(threads, 256) - 1);
   const bool done = run_released([&](const std::atomic<int>* stop, bool nested) {
     pool::instance()->run(std::move(tasks), nested ? 0 : helpers, stop);
@@ -1004,40 +1022,19 @@ PyObject* py_program(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OO", &seq, &arrays)) return nullptr;
   std::vector<Move> in_place;
   if (!moves_of(arrays, in_place)) return nullptr;
-  PyObject* fast = PySequence_Fast(seq, "program: tasks must be a sequence");
-  if (!fast) return nullptr;
+  std::vector<TaskTuple> parsed;
+  if (!tasks_of(seq, "program", parsed)) return nullptr;
   auto* program = new Program();
   std::vector<const OnceCalls*> seen;
-  bool ok = true;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-  for (Py_ssize_t i = 0; i < n && ok; ++i) {
-    PyObject* t = PySequence_Fast_GET_ITEM(fast, i);
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 3) {
-      PyErr_SetString(PyExc_TypeError, "program: a task is (calls, shared, once, ...)");
-      ok = false;
-      break;
-    }
-    Program::Step step{{}, false, -1, -1};
-    ok = calls_of(PyTuple_GET_ITEM(t, 0), step.calls);
-    const int shared = ok ? PyObject_IsTrue(PyTuple_GET_ITEM(t, 1)) : 0;
-    ok = ok && shared >= 0;
-    step.shared = shared > 0;
-    PyObject* o = PyTuple_GET_ITEM(t, 2);
-    if (ok && o != Py_None) {
-      auto* once = static_cast<const OnceCalls*>(PyCapsule_GetPointer(o, kOnceName));
-      ok = once != nullptr;
-      if (ok) {
-        auto at = std::find(seen.begin(), seen.end(), once);
-        if (at == seen.end()) {
-          seen.push_back(once);
-          program->onces.push_back(once->calls);
-        }
-        step.once = std::find(seen.begin(), seen.end(), once) - seen.begin();
+  for (TaskTuple& t : parsed) {
+    Program::Step step{std::move(t.calls), t.shared, -1, t.rows};
+    if (t.once) {
+      auto at = std::find(seen.begin(), seen.end(), t.once);
+      if (at == seen.end()) {
+        seen.push_back(t.once);
+        program->onces.push_back(t.once->calls);
       }
-    }
-    if (ok && PyTuple_GET_SIZE(t) > 4) {
-      step.rows = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
-      ok = !(step.rows == -1 && PyErr_Occurred());
+      step.once = std::find(seen.begin(), seen.end(), t.once) - seen.begin();
     }
     for (const Call& c : step.calls)
       if (c.kind == Call::CORRELATE && c.ct.cursor &&
@@ -1045,11 +1042,6 @@ PyObject* py_program(PyObject*, PyObject* args) {
               program->cursors.end())
         program->cursors.push_back(c.ct.cursor);
     program->steps.push_back(std::move(step));
-  }
-  Py_DECREF(fast);
-  if (!ok) {
-    delete program;
-    return nullptr;
   }
   bool inside = true;
   for (Program::Step& step : program->steps)
@@ -1103,16 +1095,10 @@ PyObject* py_run_program(PyObject*, PyObject* args) {
   std::vector<pool::Task> tasks;
   tasks.reserve(program->steps.size());
   for (const Program::Step& step : program->steps) {
-    auto calls = std::make_shared<std::vector<Call>>(step.calls);
-    ok = ok && fresh(*calls);
-    tasks.push_back({[calls] {
-                       for (const Call& c : *calls) {
-                         if (pool::stopping()) return;
-                         run_call(c);
-                       }
-                     },
-                     step.shared, step.once >= 0 ? onces[step.once].get() : nullptr,
-                     step.rows});
+    std::vector<Call> calls = step.calls;
+    ok = ok && fresh(calls);
+    tasks.push_back(pool_task(std::move(calls), step.shared,
+                              step.once >= 0 ? onces[step.once].get() : nullptr, step.rows));
   }
   if (!ok) {
     PyErr_SetString(PyExc_ValueError,
