@@ -2,8 +2,8 @@
 The compiled kernel computes every input pixel's products with every tap, cols (pixels,
 groups, taps, C_out/g), as a 1x1x1 layer of taps * C_out/g outputs per group (its vectors
 along those columns); then each output pixel sums the products of the (pixel, tap) pairs
-that land on it, in tap order, plus the bias (`native.col2im`, on the threads by output
-rows).
+that land on it, plus the bias (`native.col2im`, on the threads by output rows, or
+pieces of rows where there are few).
 
 For thin outputs from wide inputs. There the native kernel takes dot mode, each phase a
 pass over the input for a few multiply-adds per pixel, and the sums reduced across lanes:
