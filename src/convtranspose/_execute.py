@@ -1001,6 +1001,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
     layout = (native.isa(), x_read.shape, x_read.strides, out.shape, out.strides, out.dtype,
               tuple(w.strides for w in phase_group_weights), bias is None, convert)
+    biases = _bias_tables(plan, bias)
     recording = None if convert else _Recording.find(plan, layout)
     if recording is not None:
         if mode == native.CHANNELS:  # the recorded once-calls pack into a block like it
@@ -1010,8 +1011,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
             packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels,
                                      mode, scratch, plan.threads)
             sources, block = (), packed.block
-        if recording.run(plan.threads, _recorded_arrays(x_read, out, block, sources, bias,
-                                                        plan)):
+        if recording.run(plan.threads, _recorded_arrays(x_read, out, block, sources, biases)):
             return
     packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels, mode,
                              scratch, plan.threads)
@@ -1019,7 +1019,6 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     offsets = [_native_offsets(g[0]) for g in phase_groups]
     residues = [native.residue_taps(g) if planar else None for g in phase_groups]
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
-    biases = _bias_tables(plan, bias)
     jobs = [_native_job(spec, x3, out, phase_groups[t.phase_group], weights[t.phase_group],
                         offsets[t.phase_group], t, convert, mode, x_origin, plan.threads,
                         wide=wide and wide[t.phase_group], bias=biases[t.phase_group],
@@ -1027,8 +1026,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
             for t in tasks]
     if not convert and packed.sources is not None:
         _Recording.record(plan, layout, jobs, packed.block.size,
-                          _recorded_arrays(x_read, out, packed.block, packed.sources, biases,
-                                           plan),
+                          _recorded_arrays(x_read, out, packed.block, packed.sources, biases),
                           (offsets, residues, [w.keep[1] for w in weights if w.keep]))
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
@@ -1050,15 +1048,11 @@ def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None) -> None:
             o[tuple(index)] = 0 if bias is None else bias
 
 
-def _recorded_arrays(x_read, out, block, sources, bias, plan) -> list[np.ndarray]:
+def _recorded_arrays(x_read, out, block, sources, bias_tables) -> list[np.ndarray]:
     """The arrays a recording's calls address, in one order: what the kernel reads as
     input, the output, the packed weights' block, the weights they are packed from, the
-    bias tables (`bias`: the tables, or the (C_out,) bias they are made from)."""
-    if isinstance(bias, list):
-        tables = bias
-    else:
-        tables = _bias_tables(plan, bias)
-    return [x_read, out, block, *sources, *_distinct(t for t in tables if t is not None)]
+    bias tables (`_bias_tables`)."""
+    return [x_read, out, block, *sources, *_distinct(t for t in bias_tables if t is not None)]
 
 
 def _extent(a: np.ndarray) -> tuple[int, int]:
