@@ -47,13 +47,15 @@ def _run(case, x, w, algorithm="native", **extra):
     return ct.run_plan(p, x, w)
 
 
-def _compiled_algorithms(case) -> list[str]:
-    """native, and planar and cols where they take the layer (planar: few outputs per
-    group and per row; cols: its products within the workspace)."""
+def _compiled_algorithms(case, dtype="float32") -> list[str]:
+    """native, and planar and cols where they take the layer in `dtype` (planar: few
+    outputs per group and per row; cols: its products within the workspace, its GEMM in
+    CHANNELS mode)."""
     taken = ["native"]
     for algorithm in ("planar", "cols"):
         try:
-            ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm=algorithm)
+            ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm=algorithm,
+                    dtype=dtype)
         except ValueError:
             continue
         taken.append(algorithm)
@@ -65,7 +67,7 @@ def test_grid_every_isa(case, isa, rng, random_array, assert_close):
     for dtype in ("float32", "float64"):
         x = random_array(rng, case.input_shape, dtype)
         w = random_array(rng, case.weight_shape, dtype)
-        for algorithm in _compiled_algorithms(case):
+        for algorithm in _compiled_algorithms(case, dtype):
             out = _run(case, x, w, algorithm)
             assert out.dtype == np.dtype(dtype)
             assert_close(out, conv_transpose_ref(x, w, **case.kwargs), dtype,
@@ -342,8 +344,7 @@ def test_indexed_gather_sum_matches_numpy_take_and_reduce(c_out, groups, isa, rn
     kw = dict(stride=(2, 1, 2), padding=(1, 0, 1), output_padding=(1, 0, 0), groups=groups)
     for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
         xd, wd = x.astype(dtype), w.astype(dtype)
-        p = ct.plan(xd.shape, wd.shape, **kw, dtype=dtype)
-        assert p.algorithm == "indexed"
+        p = ct.plan(xd.shape, wd.shape, **kw, dtype=dtype, algorithm="indexed")
         compiled = ct.run_plan(p, xd, wd)
         monkeypatch.setattr(native, "AVAILABLE", False)
         np.testing.assert_array_equal(ct.run_plan(p, xd, wd).view(np.uint8),
@@ -496,3 +497,39 @@ def test_w_residues_merged_with_edges_match_the_reference(case, rng, monkeypatch
         got = ct.run_plan(plan, x, w, bias=bias)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
                                    err_msg=f"call {call}")
+
+
+# Many outputs on few pixels: dot mode reads the weight where it lies (no copy), in
+# register blocks of outputs, each block over every row (short rows) or each row over
+# every block (long rows); channels whole vectors, a partial one, or fewer than a vector.
+WIDE_DOT_CASES = [  # (batch, in_spatial, c_in, c_out, kernel, stride, padding, groups)
+    (3, (2, 2, 3), 48, 64, 4, 2, 1, 2),
+    (1, (1, 3, 3), 40, 19, 5, (3, 1, 4), 0, 1),
+    (2, (1, 2, 1), 33, 40, 4, (2, 1, 2), 0, 1),
+    (1, (1, 2, 9), 16, 24, 3, 1, 1, 1),
+    (2, (2, 1, 2), 60, 36, 3, 2, 1, 3),
+    (1, (1, 1, 12), 32, 40, (1, 2, 1), 1, 0, 1),  # rows of 12 outputs, one W tap
+]
+
+
+@pytest.mark.parametrize("case", range(len(WIDE_DOT_CASES)))
+def test_dot_mode_reads_many_outputs_weights_in_place(case, isa, rng, assert_close):
+    batch, spatial, c_in, c_out, k, s, p, g = WIDE_DOT_CASES[case]
+    k = k if isinstance(k, tuple) else (k, k, k)
+    x = rng.standard_normal((batch, *spatial, c_in)).astype(np.float32)
+    w_torch = rng.standard_normal((c_in, c_out // g, *k)).astype(np.float32)
+    w_mlx = w_torch.reshape(g, c_in // g, c_out // g, *k).transpose(0, 2, 3, 4, 5, 1)
+    w_mlx = w_mlx.reshape(c_out, *k, c_in // g)
+    kw = dict(stride=s, padding=p, groups=g)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    ref = conv_transpose_ref(x.astype(np.float64), w_mlx.astype(np.float64), **kw) + bias
+    mag = magnitude_ref(x.astype(np.float64), w_mlx.astype(np.float64), **kw)
+    plan = ct.plan(x.shape, w_mlx.shape, **kw, algorithm="native")
+    assert native_mode(plan.spec) == native.DOT and c_out // g > native.DOT_MAX_OUT // 2
+    # the weight contiguous, and a view whose input channels are not (copied once)
+    for w in (np.ascontiguousarray(w_mlx), w_mlx, w_mlx[..., ::-1][..., ::-1]):
+        before = w.copy()
+        for _ in range(3):  # the first call records its tasks, the others replay them
+            out = ct.run_plan(plan, x, w, bias=bias)
+            assert_close(out, ref, np.float32, mag, what=f"wide dot {case} {isa}")
+        np.testing.assert_array_equal(w, before)

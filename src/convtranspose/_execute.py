@@ -481,16 +481,19 @@ def _direct_job(spec, x3, out, phase: Phase, wtaps, task: Task, bias=None):
 # --- native ------------------------------------------------------------------------------
 
 class _LazyWeights:
-    """One phase group's packed weights. CHANNELS mode's are packed by the first task that
-    needs them, as a `native.once` that compiled-pool tasks name: on the workers, so that
-    phase groups pack in parallel and overlap other phase groups' tiles (W3 packs 8 MiB:
-    2.6 ms of its 25 ms on one thread before any tile started). The other layouts are small and
-    packed before any task starts (`once` None)."""
+    """One phase group's weights, per conv group. CHANNELS mode's are packed by the first
+    task that needs them, as a `native.once` that compiled-pool tasks name: on the
+    workers, so that phase groups pack in parallel and overlap other phase groups' tiles
+    (W3 packs 8 MiB: 2.6 ms of its 25 ms on one thread before any tile started). DOT
+    mode's are the weight itself, read where it lies at `offsets` (`_dot_offsets`). The
+    other layouts are small and packed before any task starts (`once` None)."""
 
-    def __init__(self, arrays: list[np.ndarray], once=None, keep=None) -> None:
+    def __init__(self, arrays: list[np.ndarray], once=None, keep=None,
+                 offsets: native.TapOffsets | None = None) -> None:
         self.arrays = arrays
         self.once = once
         self.keep = keep  # what the once's calls read (they hold only addresses)
+        self.offsets = offsets
 
     def get(self) -> list[np.ndarray]:
         if self.once is not None:
@@ -591,6 +594,14 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
         if pieces:
             native.run_tasks([native.Task((call,)) for call in pieces], threads)
         return _PackedWeights(weights, block, None if now else _distinct(w3s))
+    if mode == native.DOT:  # read where it lies: no copy (a wide weight's took longer than
+        # its products on few pixels: 192 -> 256 g2 k4 s2 on 2x2x3)
+        w3s = _dot_sources(w3s)
+        weights = [_LazyWeights([w[g * cog:(g + 1) * cog] for g in range(groups)],
+                                offsets=_dot_offsets(phase_group, tuple(native.element_strides(w)),
+                                                     cog))
+                   for w, phase_group in zip(w3s, layer.value)]
+        return _PackedWeights(weights, scratch.empty(0, w3.dtype), _distinct(w3s))
     shared = all(w is w3 for w in w3s)
     parts = ([_small_layout_index(w3.shape, layer, groups, mode)] if shared else
              [_small_layout_index(w.shape, _HashedOnce((phase_group,)), groups, mode)
@@ -629,16 +640,42 @@ def _pack_sources(w3s: list[np.ndarray]) -> list[np.ndarray]:
     return [copies[id(w)] for w in w3s]
 
 
+def _dot_sources(w3s: list[np.ndarray]) -> list[np.ndarray]:
+    """Per phase group, the weight DOT mode reads: w3s[i] itself where each output's
+    channels are contiguous and its strides whole elements, else one contiguous copy per
+    distinct weight."""
+    copies: dict[int, np.ndarray] = {}
+    for w in w3s:
+        if id(w) not in copies:
+            strides = native.element_strides(w)
+            copies[id(w)] = (w if strides is not None and strides[-1] == 1
+                             else np.ascontiguousarray(w))
+    return [copies[id(w)] for w in w3s]
+
+
+@functools.lru_cache(maxsize=256)
+def _dot_offsets(phase_group: tuple[Phase, ...], strides: tuple[int, ...],
+                 cog: int) -> native.TapOffsets:
+    """Where DOT mode reads each tap's weight in a weight of these element strides, from
+    its [0, 0, 0, 0, 0], in `axis_taps` order: per D tap, per H tap, and per (W tap,
+    output) (the outputs of merged W residues, `cog` each, have W taps of their own)."""
+    s_co, s_d, s_h, s_w, _ = strides
+    first = phase_group[0].axis_taps
+    per_w = [[t.k * s_w + co * s_co for p in phase_group for co in range(cog)
+              for t in (p.axis_taps[2][k],)] for k in range(len(first[2]))]
+    return native.TapOffsets(([t.k * s_d for t in first[0]], [t.k * s_h for t in first[1]],
+                              np.ravel(per_w)))
+
+
 def _distinct(arrays) -> tuple:
     return tuple({id(a): a for a in arrays}.values())
 
 
 def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
                    mode: native.Mode) -> list[np.ndarray]:
-    """The DOT ([tap][co][c] per conv group), DEPTHWISE ([tap][channel]) or PLANAR layout
-    of w3. PLANAR's is one array for every block of outputs (`planar_chunk` of a conv
-    group's) and W residue of the phase group, [block][residue][tap][c][co], residues of
-    their own tap counts."""
+    """The DEPTHWISE ([tap][channel]) or PLANAR layout of w3. PLANAR's is one array for
+    every block of outputs (`planar_chunk` of a conv group's) and W residue of the phase
+    group, [block][residue][tap][c][co], residues of their own tap counts."""
     c_out, cig = w3.shape[0], w3.shape[-1]
     cog = c_out // groups
     if mode == native.PLANAR:  # a conv group's outputs in blocks of `planar_chunk`
@@ -649,15 +686,10 @@ def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
                 sub = w3[first:first + chunk][:, kd][:, :, kh][:, :, :, kw]
                 parts.append(sub.reshape(chunk, phase.tap_count, cig).transpose(1, 2, 0).ravel())
         return [np.concatenate(parts)]
-    mats = []
-    for phase in phase_group:
-        kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
-        sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, C_in/g)
-        mats.append(sub.reshape(groups, cog, phase.tap_count, cig))
-    wt = np.concatenate(mats, axis=1).transpose(0, 2, 3, 1)  # (G, taps, C_in/g, C_out/g)
-    if mode == native.DEPTHWISE:
-        return [native.pack(wt[:, :, :, 0].transpose(1, 2, 0), mode).ravel()]
-    return [native.pack(wt[g], mode).ravel() for g in range(groups)]
+    assert mode == native.DEPTHWISE and len(phase_group) == 1
+    kd, kh, kw = ([t.k for t in axis] for axis in phase_group[0].axis_taps)
+    sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, 1)
+    return [np.ascontiguousarray(sub.reshape(c_out, -1).T).ravel()]  # [tap][channel]
 
 
 @functools.lru_cache(maxsize=16)  # a layer's tables hold taps x C_out int64: bounded
@@ -813,7 +845,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
                                  o_addr + g * cog * out_item, os_, box, qw, cig, cog,
                                  cursors.address(g), cursors.sharers, into=into,
                                  pair_out=geo.pair_out, bias=b_addr and b_addr + g * cog * item,
-                                 channel_stride=channel_stride)
+                                 channel_stride=channel_stride, weight_offsets=weights.offsets)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []
@@ -1007,10 +1039,10 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
         if mode == native.CHANNELS:  # the recorded once-calls pack into a block like it
             sources = _distinct(_pack_sources(phase_group_weights))
             block = scratch.empty(recording.block_size, spec.compute_dtype)
-        else:  # packed now
+        else:  # packed now, or (DOT) read where they lie
             packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels,
                                      mode, scratch, plan.threads)
-            sources, block = (), packed.block
+            sources, block = packed.sources, packed.block
         if recording.run(plan.threads, _recorded_arrays(x_read, out, block, sources, biases)):
             return
     packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels, mode,
@@ -1027,7 +1059,8 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     if not convert and packed.sources is not None:
         _Recording.record(plan, layout, jobs, packed.block.size,
                           _recorded_arrays(x_read, out, packed.block, packed.sources, biases),
-                          (offsets, residues, [w.keep[1] for w in weights if w.keep]))
+                          (offsets, residues, [w.keep[1] for w in weights if w.keep],
+                           [w.offsets for w in weights]))
     buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
 

@@ -137,17 +137,6 @@ def _element_strides(strides: tuple[int, ...], item: int) -> tuple[int, ...] | N
     return tuple(out)
 
 
-def pack(wt: np.ndarray, mode: Mode) -> np.ndarray:
-    """(taps, C_in, C_out) -> the weight layout of DOT, DEPTHWISE or PLANAR mode (for
-    DEPTHWISE, C_in == 1 and the last axis holds every channel). CHANNELS: `fill_columns`."""
-    assert mode != CHANNELS
-    if mode == PLANAR:
-        return np.ascontiguousarray(wt)  # [tap][c][co]
-    if mode == DOT:
-        return np.ascontiguousarray(wt.transpose(0, 2, 1))  # [tap][co][c]
-    return np.ascontiguousarray(wt[:, 0, :])  # [tap][c]
-
-
 def reads_in_place(a: np.ndarray, dtype: np.dtype) -> bool:
     """Whether the kernel can read `a` where it lies: the dtype it computes in, and every
     stride a whole number of elements with the channels (last axis) contiguous."""
@@ -241,7 +230,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
               cin: int, cout: int, cursor: int = 0, sharers: int = 1,
               into: list | None = None, pair_out: int = 0, bias: int = 0,
               channel_stride: int = 0, groups: int = 1, chunks: int = 1,
-              residues: TapOffsets | None = None, residue_stride: int = 0) -> None:
+              residues: TapOffsets | None = None, residue_stride: int = 0,
+              weight_offsets: TapOffsets | None = None) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -265,13 +255,19 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     `groups`, `chunks`, `residues` (`residue_taps`), `residue_stride`: PLANAR mode's
     rows, written whole: every W residue (offsets[2] unused; residue r's column w lies
     `residue_stride` elements after residue 0's) of each of `groups` conv groups, whose
-    outputs come in `chunks` calls' worth of `cout` each (cin is a group's)."""
+    outputs come in `chunks` calls' worth of `cout` each (cin is a group's).
+    `weight_offsets`: DOT mode's weight where it lies (`packed` a view of it from the
+    job's first output, each output's channels contiguous): each D tap's offset in
+    elements, each H tap's, and each (W tap, output)'s (otherwise `packed` is
+    [tap][co][c])."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "out": out_addr, "os": out_strides, "box": box, "wcount": wcount,
            "cin": cin, "cout": cout, "cursor": cursor, "sharers": sharers,
            "pair_out": pair_out, "bias": bias, "cs": channel_stride}
+    if weight_offsets is not None:
+        job.update(woff=weight_offsets.addresses[:2], wout=weight_offsets.addresses[2])
     if residues is not None:
         job.update(groups=groups * chunks, chunks=chunks, res=len(residues[0]),
                    res_taps=residues.addresses[0],

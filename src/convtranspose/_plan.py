@@ -41,6 +41,9 @@ MIN_TILE_ROWS = 256
 MIN_ROW_PIECE = 1024  # positions: shorter pieces of a cut row cost more in calls than they gain
 SERIAL_BELOW_SECONDS = 2e-3
 NATIVE_SERIAL_BELOW_SECONDS = 5e-4  # its tasks start with no copies: threads pay off sooner
+# A native call's Python around the kernel (its recorded tasks found and moved, the
+# output made): 30-45 us measured on 1x4x4x4 8 -> 8 k3 s2 (W9), whose products take 1.
+NATIVE_CALL_SECONDS = 30e-6
 
 # Rough machine model for choosing an algorithm (ratios matter, not absolutes): a GEMM
 # whose narrow side is n runs at about PEAK * n / (n + 12); a strided NumPy copy moves
@@ -688,13 +691,29 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return registry()[algorithm].estimate(spec)
 
 
-def native_mode(spec: ConvSpec, wide_w: bool | None = None) -> native.Mode:
+def native_mode(spec: ConvSpec, wide_w: bool | None = None,
+                weight_in_place: bool = True) -> native.Mode:
     """How the native kernel lays its vectors for this layer (one place for the rule);
-    `wide_w` as `summed_channels`."""
+    `wide_w` as `summed_channels`. `weight_in_place`: dot mode reads the weight where it
+    lies (the forward's; grad_input's is copied, transposed)."""
+    return _native_mode(spec, wide_w, weight_in_place, native.isa())
+
+
+@functools.lru_cache(maxsize=1024)  # asked on every call: the rule models the weight's use
+def _native_mode(spec: ConvSpec, wide_w: bool | None, weight_in_place: bool,
+                 isa: str) -> native.Mode:
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     if cig == 1 and (cog == 1 or expands_to_depthwise(spec)):
         return native.DEPTHWISE
     summed = summed_channels(spec, wide_w)
+    if cog > dot_max_out(spec.compute_dtype.itemsize):
+        # Many outputs: CHANNELS mode copies the weight into its layout on every call, dot
+        # mode reads it where it lies; where each weight element meets few input pixels,
+        # the copy outweighs the products (`DOT_IN_PLACE_BELOW`).
+        lanes = native.layout(spec.compute_dtype.itemsize)[0]
+        if weight_in_place and summed >= lanes and weight_reuse(spec) < DOT_IN_PLACE_BELOW:
+            return native.DOT
+        return native.CHANNELS
     if cog <= dot_max_out(spec.compute_dtype.itemsize) and summed >= 8:
         # Past four outputs each pixel reduces across lanes more often: only where each
         # output sums enough (its taps, on average over the phases, times the channels)
@@ -833,41 +852,125 @@ DOT_OUTPUT = 0.16e-9  # an output's sum: its lanes reduced and stored
 DOT_PIXEL = 5.4e-9  # an output pixel of a conv group: its block's bookkeeping
 DOT_REREAD_BYTE = 0.016e-9  # the input read again by each phase, where it outgrows L2
 DOT_PHASE_GROUP = 31e-6  # a phase group's weight packed, its tiles started
+DOT_WEIGHT_BYTE = 0.065e-9  # the weight read where it lies, once (more than 8 outputs)
+# More outputs than dot mode's register block take it, reading the weight in place, where
+# each weight element meets fewer input pixels than this. Measured on the 167 layers of
+# seeds 14-45 with more than 8 outputs and 16 input channels per group and at most 600
+# input pixels (one core, either mode forced): each within 1.012x of the faster mode
+# (geomean; CHANNELS mode alone 1.068x, the two models compared 1.018x). Dot mode won at
+# 1-20 (0.40-0.96x CHANNELS' time: 384 -> 96 k5 s(3,1,4) on 1x3x3 3.8 -> 1.7 ms) and
+# lost past 30 (1.2-3.3x).
+DOT_IN_PLACE_BELOW = 20
+CHANNELS_PACK_BYTE = 0.2e-9  # CHANNELS mode's weight gathered into its layout
 L2_BYTES = 1 << 20
 
 
-def dot_seconds(spec: ConvSpec) -> float:
+def dot_seconds(spec: ConvSpec, phase_groups: int | None = None) -> float:
     """Dot mode's time for the layer on one core (`DOT_*`): vectors run along the
     channels summed (C_in/g, or with fused W taps those of a phase's W taps), every
-    output's sum reduced across lanes."""
+    output's sum reduced across lanes; past a register block of outputs, each block
+    loads the input again and the weight is read from memory. `phase_groups`: their
+    count, where known (else `native_phase_groups`')."""
     lanes = native.layout(spec.compute_dtype.itemsize)[0] if native.AVAILABLE else 16
+    block = native.DOT_MAX_OUT or 8  # outputs per register block (AVX2's 4 not told apart)
     vectors = math.ceil(summed_channels(spec) / lanes)
     cog, wide = spec.c_out_per_group, fuses_w_taps(spec)
+    loads = math.ceil(cog / block)
     live = live_phases(spec)
+    # A (D, H) tap that reads outside the input is skipped for the whole row (on few
+    # pixels, most are); one that reads part of a row's W, computed for the whole block.
+    inside = math.prod(_reading_inside(spec, axis) for axis in (0, 1))
     seconds = 0.0
+    per_block = _dot_block_pixels(min(cog, block))
     for p in live:
         taps = p.tap_count // len(p.axis_taps[2]) if wide else p.tap_count
         pixels = p.size * spec.batch * spec.groups
-        seconds += pixels * (taps * vectors * (cog * DOT_VECTOR_FMA + DOT_VECTOR_LOAD)
+        # a row is computed in whole blocks of pixels (the last overlapping the one before)
+        computed = _dot_row_pixels(p.count[2], per_block) / p.count[2]
+        seconds += pixels * (taps * inside * computed * vectors
+                             * (cog * DOT_VECTOR_FMA + loads * DOT_VECTOR_LOAD)
                              + cog * DOT_OUTPUT + DOT_PIXEL)
-    input_bytes = spec.batch * math.prod(spec.in_spatial) * spec.c_in * spec.compute_dtype.itemsize
+    item = spec.compute_dtype.itemsize
+    input_bytes = spec.batch * math.prod(spec.in_spatial) * spec.c_in * item
     if input_bytes > L2_BYTES:
         seconds += input_bytes * len(live) * DOT_REREAD_BYTE
-    return seconds + len(native_phase_groups(spec, live)) * DOT_PHASE_GROUP
+    if loads > 1:
+        seconds += weight_bytes(spec, live) * DOT_WEIGHT_BYTE
+    if phase_groups is None:
+        phase_groups = len(native_phase_groups(spec, live))
+    return seconds + phase_groups * DOT_PHASE_GROUP
 
 
-def native_rate(spec: ConvSpec) -> float:
-    """FLOP/s of the native kernel on one core: lanes wasted on padding C_out/g to whole
+def _dot_block_pixels(outputs: int) -> int:
+    """Pixels per register block of dot mode for this many outputs (forward.hpp's
+    DotBlock, 32 vector registers)."""
+    return {1: 16, 2: 8, 3: 6, 4: 5}.get(outputs, 4 if outputs <= 6 else 3)
+
+
+def _dot_row_pixels(width: int, block: int) -> int:
+    """Pixels dot mode computes for a row of `width`: whole blocks, or half blocks where
+    those cost less (forward.hpp's dot_half_block)."""
+    def cost(p: int) -> int:
+        return ceil_div(width, p) * (p + 2)
+    if block >= 4 and cost(block // 2) < cost(block):
+        block //= 2
+    return ceil_div(width, block) * block if width >= block else width
+
+
+def _reading_inside(spec: ConvSpec, axis: int) -> float:
+    """Of the (output, tap) pairs along `axis`, the share whose tap reads inside the input."""
+    n, k, s, d = (spec.in_spatial[axis], spec.kernel[axis], spec.stride[axis],
+                  spec.dilation[axis])
+    lo, out = spec.pad_lo[axis], spec.out_spatial[axis]
+    inside = every = 0
+    for tap in range(k):
+        c = tap * d - lo  # input i lands on output i * s + c
+        first, last = -(c // s), (out - 1 - c) // s
+        every += max(0, last - first + 1)
+        inside += max(0, min(last, n - 1) - max(first, 0) + 1)
+    return inside / every if every else 1.0
+
+
+def weight_reuse(spec: ConvSpec) -> float:
+    """Multiply-adds per weight element of the live phases' taps: the input pixels each
+    element meets, on average."""
+    live = live_phases(spec)
+    elements = weight_bytes(spec, live) // spec.compute_dtype.itemsize
+    return spec.inside_flops / 2 / elements if elements else math.inf
+
+
+def weight_bytes(spec: ConvSpec, live: list[Phase]) -> int:
+    """The bytes of the weight's taps that the live phases weigh (the compute dtype)."""
+    taps = sum(p.tap_count for p in live)
+    return taps * spec.c_out * spec.c_in_per_group * spec.compute_dtype.itemsize
+
+
+def channels_seconds(spec: ConvSpec) -> float:
+    """CHANNELS mode's time on one core: the products it computes at its rate, and its
+    weight gathered into its layout."""
+    return (spec.inside_flops / channels_rate(spec)
+            + weight_bytes(spec, live_phases(spec)) * CHANNELS_PACK_BYTE)
+
+
+def native_rate(spec: ConvSpec, weight_in_place: bool = True) -> float:
+    """FLOP/s of the native kernel on one core, in the mode it takes (`weight_in_place`
+    as `native_mode`)."""
+    mode = native_mode(spec, weight_in_place=weight_in_place)
+    if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
+        lanes = native.layout(spec.compute_dtype.itemsize)[0]
+        return NATIVE_PEAK_PER_LANE * lanes / 4  # along the flat pixel * channel index
+    if mode == native.DOT:  # vectors along the channels summed: its own cost model
+        return max(spec.useful_flops, 1) / max(dot_seconds(spec), 1e-12)
+    return channels_rate(spec)
+
+
+def channels_rate(spec: ConvSpec) -> float:
+    """FLOP/s of CHANNELS mode on one core: lanes wasted on padding C_out/g to whole
     vectors, one-vector blocks bound by broadcasts, few channels per tap bound by the
     accumulator traffic (measured on W1-W8 and the demo's layers)."""
     lanes, max_vectors = native.layout(spec.compute_dtype.itemsize)
     peak = NATIVE_PEAK_PER_LANE * lanes  # this machine's, one core
     cog, cig = spec.c_out_per_group, summed_channels(spec)
-    mode = native_mode(spec)
-    if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
-        return peak / 4  # along the flat pixel * channel index: two loads per FMA
-    if mode == native.DOT:  # vectors along the channels summed: its own cost model
-        return max(spec.useful_flops, 1) / max(dot_seconds(spec), 1e-12)
     vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
     blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
@@ -892,18 +995,24 @@ def indexed_fits(spec: ConvSpec) -> bool:
             and rows_out * taps <= INDEXED_MAX_ELEMS)
 
 
-def choose_algorithm(spec: ConvSpec, limit: int, winograd: bool) -> tuple[str, dict]:
-    """The fastest estimate among the kernels that fit (a `first` kernel that fits is
-    taken outright; inexact ones only with `winograd`; fallbacks only without the
-    compiled kernel): (its name, every candidate's estimate)."""
+def choose_algorithm(spec: ConvSpec, limit: int, winograd: bool,
+                     threads: int = 1) -> tuple[str, dict]:
+    """The fastest estimate on `threads` among the kernels that fit (inexact ones only
+    with `winograd`; fallbacks only without the compiled kernel): (its name, every
+    candidate's estimate on one core)."""
     kernels = registry()
-    for kernel in kernels.values():
-        if kernel.first and kernel.fits(spec, limit) is None:
-            return kernel.name, {kernel.name: estimate_seconds(spec, kernel.name)}
     est = {k.name: estimate_seconds(spec, k.name) for k in kernels.values()
-           if not k.first and (k.exact or winograd) and not (k.fallback and native.AVAILABLE)
+           if (k.exact or winograd) and not (k.fallback and native.AVAILABLE)
            and k.fits(spec, limit) is None}
-    return min(est, key=est.get), est
+    on = {a: v if runs_serial(kernels[a], v) else v / (0.9 * threads) for a, v in est.items()}
+    return min(on, key=on.get), est
+
+
+def runs_serial(kernel, seconds: float) -> bool:
+    """Whether a call of `kernel` estimated at `seconds` on one core stays on one thread:
+    `serial` kernels always, others below a thread hand-off's worth of work."""
+    below = NATIVE_SERIAL_BELOW_SECONDS if kernel.compiled else SERIAL_BELOW_SECONDS
+    return kernel.serial or seconds < below
 
 
 def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | None = None,
@@ -929,7 +1038,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                winograd: bool) -> Plan:
     """Plans are pure functions of their arguments, so repeated calls reuse them."""
     if algorithm is None:
-        algorithm, est = choose_algorithm(spec, limit, winograd)
+        algorithm, est = choose_algorithm(spec, limit, winograd, threads)
     else:
         est = {algorithm: estimate_seconds(spec, algorithm)}
     kernel = registry()[algorithm]
@@ -957,9 +1066,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                                 shared, cut_w=cut_w)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
     # `serial` kernels.
-    serial_below = (NATIVE_SERIAL_BELOW_SECONDS if kind == Algorithm.NATIVE
-                    else SERIAL_BELOW_SECONDS)
-    if est.get(algorithm, 1.0) < serial_below or kernel.serial:
+    if runs_serial(kernel, est.get(algorithm, 1.0)):
         threads = 1
     est = on_threads(est, threads)
     item = spec.compute_dtype.itemsize

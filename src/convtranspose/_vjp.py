@@ -93,7 +93,7 @@ def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
     if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:  # depthwise, against the
         return True  # direct path's NumPy multiply-adds: W7's grad_input 38 -> 12 ms
     swapped = grad_input_kernel_spec(spec)
-    mode = native_mode(swapped, False)
+    mode = native_mode(swapped, False, weight_in_place=False)
     if need_weight and math.prod(spec.stride) > 1:
         return False
     # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input
@@ -102,7 +102,7 @@ def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
     # GEMM paths' rate does.)
     lanes = native.layout(4)[0]
     return (mode in (native.CHANNELS, native.DOT)
-            and native_rate(swapped) >= 20e9 * lanes / 16)
+            and native_rate(swapped, weight_in_place=False) >= 20e9 * lanes / 16)
 
 
 def grad_input_takes_pairs(spec: ConvSpec, compute_dtype: np.dtype, limit: int, winograd: bool,
@@ -114,8 +114,8 @@ def grad_input_takes_pairs(spec: ConvSpec, compute_dtype: np.dtype, limit: int, 
     planes a pair reads) within the workspace limit. `winograd`: `get_winograd()`."""
     if (not winograd
             or not winograd_axis_fits(spec, spec.in_spatial[0], spec.c_out_per_group)
-            or native_mode(dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in))
-            != native.CHANNELS or not cotangent_in_place):
+            or native_mode(dataclasses.replace(spec, c_in=spec.c_out, c_out=spec.c_in),
+                           weight_in_place=False) != native.CHANNELS or not cotangent_in_place):
         return False
     return grad_input_pair_bytes(spec, compute_dtype) <= limit
 
@@ -412,7 +412,8 @@ def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threa
     whether the models still say the kernel is cheaper: against the GEMM's own time,
     and the cotangent copy too unless grad_weight's GEMMs share it (`shares_copy`).
     (4 -> 6 g2 k6 s2: the gathered rows of 3 channels took 250 ms, the kernel 5 ms.)"""
-    if native_mode(grad_input_kernel_spec(spec), False) not in (native.CHANNELS, native.DOT):
+    if native_mode(grad_input_kernel_spec(spec), False,
+                   weight_in_place=False) not in (native.CHANNELS, native.DOT):
         return False
     times, copy = _gemm_seconds(spec, compute_dtype,
                                 choose_vjp_algorithm(spec, active_taps(spec), budget))
@@ -473,7 +474,8 @@ def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
     elif wide:  # the cotangent padded along W
         scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
                    * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * item)
-    seconds = (products / native_rate(grad_input_kernel_spec(spec)) + write / 2 + extra
+    seconds = (products / native_rate(grad_input_kernel_spec(spec), weight_in_place=False)
+               + write / 2 + extra
                + weight_traffic_seconds(spec, compute_dtype))
     return GradStep(VjpAlgorithm.WINOGRAD if takes_pairs else VjpAlgorithm.NATIVE, flops, scratch,
                     threads, _on_threads(seconds, threads), with_grad_weight=fused, wide_w=wide)

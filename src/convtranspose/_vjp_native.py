@@ -60,7 +60,7 @@ def grad_input_mode(spec: ConvSpec) -> native.Mode:
     """The kernel's vector layout for grad_input."""
     if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:
         return native.DEPTHWISE
-    return native_mode(grad_input_kernel_spec(spec), False)
+    return native_mode(grad_input_kernel_spec(spec), False, weight_in_place=False)
 
 
 @functools.lru_cache(maxsize=64)  # a table is taps x C_in/g int64: bounded memory

@@ -8,7 +8,8 @@
 
 // How the vectors are laid (CtJob::mode): along output channels (the weight [tap][c][co],
 // C_out padded to whole vectors, in chunks), along input channels for 1-8 output channels
-// ([tap][co][c]), along the channels of a depthwise layer ([tap][c]), or along the output
+// (any layout with each output's channels contiguous: see woff), along the channels of a
+// depthwise layer ([tap][c]), or along the output
 // pixels of a row for 1-8 output channels over a planar input ([g][residue][tap][c][co],
 // planar.hpp).
 enum CtMode : int {
@@ -18,9 +19,9 @@ enum CtMode : int {
   CT_MODE_PLANAR = 3,
 };
 
-// The most output channels (per group) a dot-mode or planar job takes: dot mode computes
-// more than a register block holds (8 with 32 vector registers, else 4) in chunks
-// (forward.hpp's run_mode), planar all at once.
+// The most output channels a dot-mode register block holds (8 with 32 vector registers,
+// else 4; a job's others in chunks: forward.hpp's run_mode), and that a planar job takes
+// (per group, all at once).
 constexpr int CT_DOT_MAX_OUT = 8;
 constexpr int CT_PLANAR_MAX_OUT = 8;
 // The most values a planar job writes per column of its rows (W residues x C_out): a
@@ -82,6 +83,11 @@ struct CtJob {
   const int64_t* res_off;
   const int64_t* res_count;
   int64_t res_stride;
+  // CT_MODE_DOT: the weight where it lies, each output's channels contiguous: tap (i, j, k)
+  // of output o at w + woff[0][i] + woff[1][j] + wout[k * cout + o] (outputs of merged W
+  // residues have W taps of their own). Null: packed [tap][co][c].
+  const int64_t* woff[2];
+  const int64_t* wout;
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the

@@ -499,19 +499,25 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
 #endif
 }
 
-// Per row of the box: calls f(rows, out_row) with the input row of each (D, H) tap pair
-// (null where it reads outside the input) and the row's output address.
+// Per row of the box and chunk c of `chunks`: calls f(rows, out_row, c) with the input
+// row of each (D, H) tap pair (null where it reads outside the input) and the row's
+// output address. Rows are claimed with their chunks one after another, or, `by_chunk`,
+// each chunk over every row before the next.
 template <typename T, typename F>
-static void for_each_row(const CtJob& job, F&& f) {
+static void for_each_row(const CtJob& job, int64_t chunks, bool by_chunk, F&& f) {
   char* out = static_cast<char*>(job.out);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   std::vector<const T*> rows(job.ntaps[0] * job.ntaps[1]);
-  RowClaims claims(job, 1);
+  const int64_t nrows = box_rows(job.box);
+  RowClaims claims(job, 1, nrows * chunks);
+  int64_t last = -1;  // the row `rows` holds
   for (int64_t run0, run1; claims.next(run0, run1);)
-    for (int64_t flat = run0; flat < run1; ++flat) {
+    for (int64_t unit = run0; unit < run1; ++unit) {
+      const int64_t flat = by_chunk ? unit % nrows : unit / chunks;
       const RowPos pos = row_at(job.box, flat);
-      tap_rows<T>(job, pos, rows.data());
-      f(rows.data(), out + out_row_offset(job, pos, oi));
+      if (flat != last) tap_rows<T>(job, pos, rows.data());
+      last = flat;
+      f(rows.data(), out + out_row_offset(job, pos, oi), by_chunk ? unit / nrows : unit % chunks);
     }
 }
 
@@ -566,8 +572,8 @@ static inline DotSpan dot_span(int64_t b0, int64_t P, int64_t wcount) {
 // before, or a pixel at a time, kept its sums latency-bound.
 template <typename T, int CO, int P, typename V>
 static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const T* wt,
-                           const T* tail, int64_t cin, int64_t full, int64_t pa, int64_t pb,
-                           const T* zeros) {
+                           const int64_t* wo, const T* tail, int64_t cin, int64_t full, int64_t pa,
+                           int64_t pb, const T* zeros) {
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
   // Channels past the last whole vector, where there is one before them: the vector
@@ -585,7 +591,7 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
   const auto weights = [&](int64_t c, V (&wv)[CO]) CT_ALWAYS_INLINE {
 #pragma GCC unroll 8
     for (int o = 0; o < CO; ++o)
-      wv[o] = c < full ? *reinterpret_cast<const U*>(wt + o * cin + c) : wtail[o];
+      wv[o] = c < full ? *reinterpret_cast<const U*>(wt + wo[o] + c) : wtail[o];
     return c < full ? c : cin - L;
   };
   if (pa == 0 && pb == P) {
@@ -618,7 +624,7 @@ static inline void dot_tap(V (&acc)[P][CO], const T* xb, int64_t pstride, const 
     // (a scalar chain per pixel ran latency-bound: 71 -> 1 at a third of PyTorch)
     V wv[CO];
 #pragma GCC unroll 8
-    for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(rest, wt + o * cin);
+    for (int o = 0; o < CO; ++o) wv[o] = load_first<V>(rest, wt + wo[o]);
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
       if (p < pa || p >= pb) continue;
@@ -637,39 +643,62 @@ static inline bool dot_half_block(int64_t wcount, int64_t P) {
   return P >= 4 && cost(P / 2) < cost(P);
 }
 
+// Where dot mode reads its weight: tap (q, k) (q the (D, H) tap pair, k the W tap) of
+// output o at w + dh[q] + out[k * cout + o], each output's channels contiguous. From the
+// job's offsets (`woff`, `wout`: the caller's weight where it lies, no copy), or, without
+// them, the packed [tap][co][c].
+struct DotWeights {
+  std::vector<int64_t> dh, own;
+  const int64_t* out;
+  explicit DotWeights(const CtJob& job) : dh(job.ntaps[0] * job.ntaps[1]) {
+    const int64_t th = job.ntaps[1], tw = job.ntaps[2], cout = job.cout, cin = job.cin;
+    const bool packed = !job.woff[0];
+    for (int64_t q = 0; q < (int64_t)dh.size(); ++q)
+      dh[q] = packed ? q * tw * cout * cin : job.woff[0][q / th] + job.woff[1][q % th];
+    if (packed) {
+      own.resize(tw * cout);
+      for (int64_t k = 0; k < tw; ++k)
+        for (int64_t o = 0; o < cout; ++o) own[k * cout + o] = (k * cout + o) * cin;
+    }
+    out = packed ? own.data() : job.wout;
+  }
+};
+
 // The weight's last vector of each (tap, output) for dot_tap's channels past the whole
 // vectors: the vector ending at the last channel, lanes the whole vectors summed zeroed
 // ([tap][co][lane]; empty where C_in is whole vectors or less than one). Made once per
 // job: built per tap call, it cost 24 -> 5 k3 more than its multiply-adds.
 template <typename T>
-static std::vector<T> dot_tails(const CtJob& job) {
+static std::vector<T> dot_tails(const CtJob& job, const DotWeights& dw) {
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, rest = cin % L;
   if (rest == 0 || cin < L) return {};
-  const int64_t rows = job.ntaps[0] * job.ntaps[1] * job.ntaps[2] * job.cout;
+  const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2], tw = job.ntaps[2];
   const T* w = static_cast<const T*>(job.w);
-  std::vector<T> tails(rows * L + 64 / sizeof(T));
+  std::vector<T> tails(taps * job.cout * L + 64 / sizeof(T));
   T* t = aligned_line(tails.data());
-  for (int64_t r = 0; r < rows; ++r)
-    for (int i = 0; i < L; ++i) t[r * L + i] = i >= L - rest ? w[r * cin + cin - L + i] : T(0);
+  for (int64_t tap = 0; tap < taps; ++tap)
+    for (int64_t o = 0; o < job.cout; ++o, t += L) {
+      const T* last = w + dw.dh[tap / tw] + dw.out[tap % tw * job.cout + o] + cin - L;
+      for (int i = 0; i < L; ++i) t[i] = i >= L - rest ? last[i] : T(0);
+    }
   return tails;
 }
 
-// One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (the weight's
-// [tap][co][c] rows for them; a tap's rows job.cout * cin apart). `zeros`: cin zeros;
+// One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (their weights where
+// `dw` says). `zeros`: cin zeros;
 // `tails`: dot_tails' (line-aligned). Blocks of P pixels (DotBlock<CO>::P or half of it,
 // `dot_half_block`).
 template <typename T, int CO, int P>
 CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                                const T* const* rows, char* orow, int64_t o0, const T* zeros,
-                                const T* tails) {
+                                const T* const* rows, char* orow, int64_t o0,
+                                const DotWeights& dw, const T* zeros, const T* tails) {
   typedef typename Vec<T>::v V;
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
-  const T* wpk = static_cast<const T*>(job.w) + o0 * cin;
-  const int64_t wtap = job.cout * cin;
+  const T* w = static_cast<const T*>(job.w);
   const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   orow += o0 * oi;
@@ -684,7 +713,7 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
         const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
         if (a >= b) continue;
         dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
-                          pstride, wpk + (q * tw + k) * wtap,
+                          pstride, w + dw.dh[q], dw.out + k * job.cout + o0,
                           tails ? tails + ((q * tw + k) * job.cout + o0) * L : nullptr,
                           cin, full, a - w0, b - w0, zeros);
       }
@@ -701,7 +730,8 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
 // (masked loads do not fault), so every tap runs the same straight code.
 template <typename T, int CO, int CV>
 CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                                       const T* const* rows, char* orow, int64_t o0) {
+                                       const T* const* rows, char* orow, int64_t o0,
+                                       const DotWeights& dw) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -711,8 +741,7 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
   constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : CO <= 4 ? 4 : DotBlock<CO>::P;
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], dh_taps = job.ntaps[0] * job.ntaps[1], os = job.os[3];
-  const T* wpk = static_cast<const T*>(job.w) + o0 * PS;
-  const int64_t wtap = job.cout * PS;
+  const T* w = static_cast<const T*>(job.w);
   const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   orow += o0 * oi;
@@ -726,7 +755,8 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
       for (int64_t k = 0; k < tw; ++k) {
         const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
         if (pa >= pb) continue;
-        const T* wt = wpk + (q * tw + k) * wtap;
+        const T* wt = w + dw.dh[q];
+        const int64_t* wo = dw.out + k * job.cout + o0;
         const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
         // One tap: a whole block loads plainly, an edge block through the valid mask.
         const auto tap = [&](auto masked, unsigned valid) {
@@ -734,7 +764,7 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
           for (int v = 0; v < CV; ++v) {
             V wv[CO];
 #pragma GCC unroll 8
-            for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + o * PS + v * L);
+            for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(wt + wo[o] + v * L);
 #pragma GCC unroll 16
             for (int p = 0; p < P; ++p) {
               const T* at = xb + p * PS + v * L;
@@ -768,7 +798,7 @@ static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* h
   const T* wpk = static_cast<const T*>(job.w);
   const T* bias = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+  for_each_row<T>(job, 1, false, [&](const T* const* rows, char* orow, int64_t) {
     for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
       const int64_t nv = std::min<int64_t>(NV, (ch - c0) / L);  // whole vectors here
       for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
@@ -893,7 +923,7 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
   }
   std::vector<int64_t> xoff(tw);
   for (int64_t k = 0; k < tw; ++k) xoff[k] = job.off[2][k] * ch;
-  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
+  for_each_row<T>(job, 1, false, [&](const T* const* rows, char* orow, int64_t) {
     for (int64_t j0 = 0, m0 = 0; j0 < flat; j0 += BLOCK) {
       const int64_t j1 = std::min(flat, j0 + BLOCK);
       if (j0 >= inner0 && j0 + BLOCK <= inner1) {
@@ -983,28 +1013,32 @@ static void run_mode(const CtJob& job) {
   const int64_t cv = job.cin / L;
   const bool packed = job.step[2] == 1 && job.xs[3] == job.cin && job.cin == cv * L && cv >= 1 &&
                       cv <= 2;
+  const DotWeights dw(job);
   const std::vector<T> zeros(job.cin);  // what a partial block's pixels outside it read
-  const std::vector<T> tail_store = packed ? std::vector<T>{} : dot_tails<T>(job);
+  const std::vector<T> tail_store = packed ? std::vector<T>{} : dot_tails<T>(job, dw);
   const T* tails = tail_store.empty() ? nullptr : aligned_line(tail_store.data());
-  // More outputs than a register block takes (up to CT_DOT_MAX_OUT) in chunks, as even as
-  // they go (AVX2's 5: 3 + 2), each row's chunks one after another while its input rows
-  // are in cache. (CHANNELS mode padded 5 outputs to 16 lanes: 384 -> 5 ran at 45
-  // GFLOP/s, 4 outputs at 112.)
+  // More outputs than a register block takes in chunks, as even as they go (AVX2's 5:
+  // 3 + 2). (CHANNELS mode padded 5 outputs to 16 lanes: 384 -> 5 ran at 45 GFLOP/s, 4
+  // outputs at 112.) Each row's chunks one after another while its input rows are in
+  // cache; or, where rows are short (fewer pixels than MAXO per W tap: each chunk then
+  // reads more weight than input), each chunk's weight over every row while it is in
+  // cache, the weight read once (192 -> 256 g2 k4 s2 on 2x2x3 pixels: ...).
   constexpr int MAXO = DotBlock<1>::MAX_OUT;
   const int64_t chunks = (job.cout + MAXO - 1) / MAXO;
-  for_each_row<T>(job, [&](const T* const* rows, char* orow) {
-    for (int64_t c = 0; c < chunks; ++c) {
+  const bool by_chunk = chunks > 1 && job.wcount < MAXO * job.ntaps[2];
+  for_each_row<T>(job, chunks, by_chunk, [&](const T* const* rows, char* orow, int64_t c) {
+    {
       const int64_t o0 = job.cout * c / chunks, n = job.cout * (c + 1) / chunks - o0;
 #define CT_DOT(CO)                                                                        \
   if constexpr (CO <= MAXO) {                                                             \
     if (packed)                                                                           \
       (cv == 1 ? dot_row_packed<T, CO, 1> : dot_row_packed<T, CO, 2>)(job, lo, hi, rows, \
-                                                                       orow, o0);         \
+                                                                       orow, o0, dw);     \
     else                                                                                  \
       (dot_half_block(job.wcount, DotBlock<CO>::P)                                       \
            ? dot_row<T, CO, (DotBlock<CO>::P >= 4 ? DotBlock<CO>::P / 2 : DotBlock<CO>::P)> \
-           : dot_row<T, CO, DotBlock<CO>::P>)(job, lo, hi, rows, orow, o0, zeros.data(),    \
-                                               tails);                                      \
+           : dot_row<T, CO, DotBlock<CO>::P>)(job, lo, hi, rows, orow, o0, dw,              \
+                                               zeros.data(), tails);                        \
   }                                                                                       \
   break;
       switch (n) {

@@ -55,8 +55,6 @@ class Kernel:
         rules, and the pool's threads are woken before it runs).
     exact: results bit for bit the direct sum; an inexact one (winograd) is offered only
         while `set_winograd` allows.
-    first: taken whenever it fits, without comparing estimates (indexed: small calls,
-        where per-call overhead, not the model, decides).
     fallback: offered by the planner only without the compiled kernel (still runs when
         asked for by name).
     serial: its tasks run on one worker (the plan's threads are 1).
@@ -76,7 +74,6 @@ class Kernel:
     writes_every_output: Callable[[ConvSpec], bool] = lambda spec: False
     compiled: bool = False
     exact: bool = True
-    first: bool = False
     fallback: bool = False
     serial: bool = False
     tile_bytes: int = SMALL_TILE_BYTES

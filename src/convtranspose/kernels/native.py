@@ -10,6 +10,8 @@ from .. import _native_kernel as native
 from .._algorithms import Algorithm
 from .._memory import Scratch
 from .._plan import (
+    NATIVE_CALL_SECONDS,
+    channels_seconds,
     live_phases,
     native_buffer_elems,
     native_mode,
@@ -32,14 +34,18 @@ def phase_groups(spec):
 
 
 def estimate(spec):
-    """The products at the kernel's rate, and one pass of the output. With vectors along
-    the output channels, only the products it computes: none that the padding crops
-    (counting them put 64 -> 97 k7 d2 p6 on 4x4x4 at 5x its time; on the 4 sweep layers
-    of seeds 11-30 this moves, all from winograd, 1.3-2.2x faster). Dot and
-    depthwise modes' rates were fitted on every product, and moved the same way they
-    lost on 6 of 12 layers (324 -> 1: 1.66x slower than cols): they keep them."""
-    flops = spec.inside_flops if native_mode(spec) == native.CHANNELS else spec.useful_flops
-    return flops / native_rate(spec) + output_write_seconds(spec) / 2
+    """The products at the kernel's rate, one pass of the output, and the call's Python.
+    With vectors along the output channels, only the products it computes: none that the
+    padding crops (counting them put 64 -> 97 k7 d2 p6 on 4x4x4 at 5x its time; on the 4
+    sweep layers of seeds 11-30 this moves, all from winograd, 1.3-2.2x faster), and the
+    weight copied into its layout (`channels_seconds`). Dot mode has its own model
+    (`dot_seconds`); depthwise's rate was fitted on every product, and moved the same way
+    it lost (324 -> 1: 1.66x slower than cols): it keeps them."""
+    if native_mode(spec) == native.CHANNELS:  # with its weight gathered into its layout
+        seconds = channels_seconds(spec)
+    else:
+        seconds = spec.useful_flops / native_rate(spec)
+    return seconds + output_write_seconds(spec) / 2 + NATIVE_CALL_SECONDS
 
 
 def buffer_elems(spec, phase_group, tile, whole_input):

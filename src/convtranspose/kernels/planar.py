@@ -17,6 +17,7 @@ from .._geometry import phases_3d
 from .._memory import Scratch
 from .._plan import (
     COPY_BYTES_PER_S,
+    NATIVE_CALL_SECONDS,
     NATIVE_PEAK_PER_LANE,
     live_phases,
     output_write_seconds,
@@ -106,10 +107,10 @@ def planar_rate(spec) -> float:
 
 
 def estimate(spec):
-    """The multiply-adds, the planar copy (read and written), and the output, written
-    once, row by row."""
+    """The multiply-adds, the planar copy (read and written), the output, written once,
+    row by row, and the call's Python."""
     return (spec.useful_flops / planar_rate(spec) + 2 * planar_bytes(spec) / COPY_BYTES_PER_S
-            + output_write_seconds(spec) / 2)
+            + output_write_seconds(spec) / 2 + NATIVE_CALL_SECONDS)
 
 
 def run(plan, x3, w3, out, bias):

@@ -10,6 +10,7 @@ from .. import _execute
 from .._algorithms import Algorithm
 from .._memory import Scratch
 from .._plan import (
+    NATIVE_CALL_SECONDS,
     PAIR_TRANSFORM_BYTES_PER_S,
     WINOGRAD_MIN_CHANNELS,
     live_phases,
@@ -43,7 +44,7 @@ def estimate(spec):
     """Four products per output pair instead of six, and the input's transform."""
     products = spec.useful_flops * 4 * pair_count(spec) / (3 * spec.out_spatial[0])
     return (products / native_rate(spec) + output_write_seconds(spec) / 2
-            + pair_input_bytes(spec) / PAIR_TRANSFORM_BYTES_PER_S)
+            + pair_input_bytes(spec) / PAIR_TRANSFORM_BYTES_PER_S + NATIVE_CALL_SECONDS)
 
 
 def run(plan, x3, w3, out, bias):
