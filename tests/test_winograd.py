@@ -123,7 +123,7 @@ def test_threads_sharing_tiles_hold_the_same_bits(case, rng, small_calls_threade
 
 
 def test_switching_it_off_gives_the_direct_kernels_bits(rng, monkeypatch):
-    x = rng.standard_normal((1, 6, 8, 8, 32)).astype(np.float32)
+    x = rng.standard_normal((1, 12, 16, 16, 32)).astype(np.float32)  # big enough to take it
     w = rng.standard_normal((32, 3, 3, 3, 32)).astype(np.float32)
     direct = ct.run_plan(ct.plan(x.shape, w.shape, padding=1, algorithm="native"), x, w)
     wino = ct.conv_transpose3d(x, w, padding=1)  # the default plan, kept for repeats
@@ -157,12 +157,12 @@ def test_refused_where_it_does_not_fit():
     refuse((1, 4, 6, 16), (8, 3, 3, 16))  # 2-D: D is a lifted axis of one tap
     # Its transformed input is twice the input: a workspace below that refuses it, and the
     # default planner then picks the direct kernel.
-    refuse((1, 6, 8, 8, 32), (32, 3, 3, 3, 32), padding=1, workspace=1 << 16)
-    tight = ct.plan((1, 6, 8, 8, 32), (32, 3, 3, 3, 32), padding=1, workspace=1 << 16)
+    refuse((1, 12, 16, 16, 32), (32, 3, 3, 3, 32), padding=1, workspace=1 << 16)
+    tight = ct.plan((1, 12, 16, 16, 32), (32, 3, 3, 3, 32), padding=1, workspace=1 << 16)
     assert tight.algorithm == "native"
-    roomy = ct.plan((1, 6, 8, 8, 32), (32, 3, 3, 3, 32), padding=1, workspace=1 << 20)
+    roomy = ct.plan((1, 12, 16, 16, 32), (32, 3, 3, 3, 32), padding=1, workspace=1 << 20)
     assert roomy.algorithm == "winograd"
-    assert roomy.workspace_bytes == 1 * 3 * 4 * 8 * 8 * 32 * 4  # V: (N, pairs, 4, H, W, C)
+    assert roomy.workspace_bytes == 1 * 6 * 4 * 16 * 16 * 32 * 4  # V: (N, pairs, 4, H, W, C)
     assert "winograd" in str(roomy)
 
 
