@@ -7,6 +7,7 @@ binding: test_native_conversions.py; threads and the pool: test_native_threads.p
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -15,6 +16,7 @@ from reference import all_cases, conv_transpose_ref, magnitude_ref
 
 import convtranspose as ct
 from convtranspose import _native_kernel as native
+from convtranspose import _plan
 from convtranspose._plan import native_mode
 
 CASES = all_cases()
@@ -512,8 +514,22 @@ WIDE_DOT_CASES = [  # (batch, in_spatial, c_in, c_out, kernel, stride, padding, 
 ]
 
 
+@pytest.fixture
+def dot_for_many_outputs(monkeypatch):
+    """Dot mode wherever the weight reuse allows it: the models take it only for weights
+    of megabytes, too big for a quick test."""
+    monkeypatch.setattr(_plan, "channels_seconds", lambda spec: math.inf)
+    for cached in (_plan._native_mode, _plan._make_plan):
+        cached.cache_clear()
+    yield
+    monkeypatch.undo()
+    for cached in (_plan._native_mode, _plan._make_plan):
+        cached.cache_clear()
+
+
 @pytest.mark.parametrize("case", range(len(WIDE_DOT_CASES)))
-def test_dot_mode_reads_many_outputs_weights_in_place(case, isa, rng, assert_close):
+def test_dot_mode_reads_many_outputs_weights_in_place(case, isa, dot_for_many_outputs, rng,
+                                                      assert_close):
     batch, spatial, c_in, c_out, k, s, p, g = WIDE_DOT_CASES[case]
     k = k if isinstance(k, tuple) else (k, k, k)
     x = rng.standard_normal((batch, *spatial, c_in)).astype(np.float32)
@@ -533,3 +549,14 @@ def test_dot_mode_reads_many_outputs_weights_in_place(case, isa, rng, assert_clo
             out = ct.run_plan(plan, x, w, bias=bias)
             assert_close(out, ref, np.float32, mag, what=f"wide dot {case} {isa}")
         np.testing.assert_array_equal(w, before)
+
+
+def test_planner_reads_a_big_weight_in_place_only_on_few_pixels():
+    """384 -> 96 k5: on 1x3x3 pixels each weight element meets at most 9 of them, and
+    copying 18 MiB into CHANNELS mode's layout would cost more than the products; on
+    8x8x8 pixels the copy is paid back."""
+    w = (96, 5, 5, 5, 384)
+    few = ct.plan((1, 1, 3, 3, 384), w, stride=(3, 1, 4))
+    assert few.algorithm == "native" and native_mode(few.spec) == native.DOT
+    many = ct.plan((1, 8, 8, 8, 384), w, stride=(3, 1, 4))
+    assert native_mode(many.spec) == native.CHANNELS

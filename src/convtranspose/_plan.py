@@ -709,9 +709,10 @@ def _native_mode(spec: ConvSpec, wide_w: bool | None, weight_in_place: bool,
     if cog > dot_max_out(spec.compute_dtype.itemsize):
         # Many outputs: CHANNELS mode copies the weight into its layout on every call, dot
         # mode reads it where it lies; where each weight element meets few input pixels,
-        # the copy outweighs the products (`DOT_IN_PLACE_BELOW`).
+        # the copy outweighs the products (`DOT_IN_PLACE_BELOW`), if the models agree.
         lanes = native.layout(spec.compute_dtype.itemsize)[0]
-        if weight_in_place and summed >= lanes and weight_reuse(spec) < DOT_IN_PLACE_BELOW:
+        if (weight_in_place and summed >= lanes and weight_reuse(spec) < DOT_IN_PLACE_BELOW
+                and dot_seconds(spec, len(live_phases(spec))) < channels_seconds(spec)):
             return native.DOT
         return native.CHANNELS
     if cog <= dot_max_out(spec.compute_dtype.itemsize) and summed >= 8:
@@ -854,12 +855,14 @@ DOT_REREAD_BYTE = 0.016e-9  # the input read again by each phase, where it outgr
 DOT_PHASE_GROUP = 31e-6  # a phase group's weight packed, its tiles started
 DOT_WEIGHT_BYTE = 0.065e-9  # the weight read where it lies, once (more than 8 outputs)
 # More outputs than dot mode's register block take it, reading the weight in place, where
-# each weight element meets fewer input pixels than this. Measured on the 167 layers of
-# seeds 14-45 with more than 8 outputs and 16 input channels per group and at most 600
-# input pixels (one core, either mode forced): each within 1.012x of the faster mode
-# (geomean; CHANNELS mode alone 1.068x, the two models compared 1.018x). Dot mode won at
-# 1-20 (0.40-0.96x CHANNELS' time: 384 -> 96 k5 s(3,1,4) on 1x3x3 3.8 -> 1.7 ms) and
-# lost past 30 (1.2-3.3x).
+# each weight element meets fewer input pixels than this and the two modes' models agree.
+# Measured on the 167 layers of seeds 14-45 with more than 8 outputs and 16 input
+# channels per group and at most 600 input pixels (one core, either mode forced): within
+# 1.014x of the faster mode (geomean; CHANNELS mode alone 1.068x, this bound alone 1.012x,
+# the models alone 1.018x). Dot mode won at 1-20 (0.40-0.96x CHANNELS' time: 384 -> 96 k5
+# s(3,1,4) on 1x3x3 3.8 -> 1.7 ms) and lost past 30 (1.2-3.3x); the bound alone took it
+# on 184 -> 147 k4 s3 on 3x2x2x2 (27 phases of a tap or two), 1.0 -> 1.8 ms, where the
+# models say CHANNELS; the models alone took it where the bound keeps `winograd`.
 DOT_IN_PLACE_BELOW = 20
 CHANNELS_PACK_BYTE = 0.2e-9  # CHANNELS mode's weight gathered into its layout
 L2_BYTES = 1 << 20

@@ -522,7 +522,8 @@ static void for_each_row(const CtJob& job, int64_t chunks, bool by_chunk, F&& f)
 }
 
 // Few output channels (a 16 -> 1 head): vectors run along the input channels instead,
-// P pixels x C_out accumulators, reduced across lanes once per output. Weight [tap][co][c].
+// P pixels x C_out accumulators, reduced across lanes once per output. The weight where
+// `DotWeights` says (each output's channels contiguous).
 
 // P pixels by CO outputs of dot mode: P * CO accumulators and CO weight vectors in
 // registers (the input vector is the multiply-add's memory operand).
@@ -564,7 +565,8 @@ static inline DotSpan dot_span(int64_t b0, int64_t P, int64_t wcount) {
   return {w0, b0 - w0, wcount - w0 < P ? wcount - w0 : P};
 }
 
-// One tap of dot mode into the P x CO sums: pixels p in [pa, pb) of the block at xb.
+// One tap of dot mode into the P x CO sums: pixels p in [pa, pb) of the block at xb,
+// output o's weight at wt + wo[o].
 // A whole block sweeps the channels once, each weight vector serving P pixels, the pixels
 // reached by stepping one pointer (P pointers live at once spilled to the stack: 71 -> 1
 // s3 ran at 7 GFLOP/s). A partial block (a row's edges) points its other pixels at
@@ -1022,13 +1024,12 @@ static void run_mode(const CtJob& job) {
   // outputs at 112.) Each row's chunks one after another while its input rows are in
   // cache; or, where rows are short (fewer pixels than MAXO per W tap: each chunk then
   // reads more weight than input), each chunk's weight over every row while it is in
-  // cache, the weight read once (192 -> 256 g2 k4 s2 on 2x2x3 pixels: ...).
+  // cache, the weight read once (384 -> 96 k5 s(3,1,4) on 1x3x3 pixels reads 18 MiB).
   constexpr int MAXO = DotBlock<1>::MAX_OUT;
   const int64_t chunks = (job.cout + MAXO - 1) / MAXO;
   const bool by_chunk = chunks > 1 && job.wcount < MAXO * job.ntaps[2];
   for_each_row<T>(job, chunks, by_chunk, [&](const T* const* rows, char* orow, int64_t c) {
-    {
-      const int64_t o0 = job.cout * c / chunks, n = job.cout * (c + 1) / chunks - o0;
+    const int64_t o0 = job.cout * c / chunks, n = job.cout * (c + 1) / chunks - o0;
 #define CT_DOT(CO)                                                                        \
   if constexpr (CO <= MAXO) {                                                             \
     if (packed)                                                                           \
@@ -1041,18 +1042,17 @@ static void run_mode(const CtJob& job) {
                                                zeros.data(), tails);                        \
   }                                                                                       \
   break;
-      switch (n) {
-        case 1: CT_DOT(1)
-        case 2: CT_DOT(2)
-        case 3: CT_DOT(3)
-        case 4: CT_DOT(4)
-        case 5: CT_DOT(5)
-        case 6: CT_DOT(6)
-        case 7: CT_DOT(7)
-        case 8: CT_DOT(8)
-      }
-#undef CT_DOT
+    switch (n) {
+      case 1: CT_DOT(1)
+      case 2: CT_DOT(2)
+      case 3: CT_DOT(3)
+      case 4: CT_DOT(4)
+      case 5: CT_DOT(5)
+      case 6: CT_DOT(6)
+      case 7: CT_DOT(7)
+      case 8: CT_DOT(8)
     }
+#undef CT_DOT
   });
 }
 
