@@ -661,8 +661,8 @@ def _dot_offsets(phase_group: tuple[Phase, ...], strides: tuple[int, ...],
     output) (the outputs of merged W residues, `cog` each, have W taps of their own)."""
     s_co, s_d, s_h, s_w, _ = strides
     first = phase_group[0].axis_taps
-    per_w = [[t.k * s_w + co * s_co for p in phase_group for co in range(cog)
-              for t in (p.axis_taps[2][k],)] for k in range(len(first[2]))]
+    per_w = [[p.axis_taps[2][k].k * s_w + co * s_co for p in phase_group for co in range(cog)]
+             for k in range(len(first[2]))]
     return native.TapOffsets(([t.k * s_d for t in first[0]], [t.k * s_h for t in first[1]],
                               np.ravel(per_w)))
 
