@@ -49,7 +49,8 @@ struct CtJob {
   const void* x;         // input at (n=0, d=0, h=0, w=0, c=0); channels contiguous
   int64_t xs[4];         // input strides in elements: n, d, h, w
   int64_t in_dims[3];    // input D, H, W
-  const void* w;         // packed weight (see forward.hpp)
+  const void* w;         // the weight: packed (see forward.hpp), or dot mode's where it
+                         // lies (woff)
   const int64_t* off[3]; // per axis, the input offset of each tap
   int64_t ntaps[3];
   int64_t step[3];       // input position = output position * step + offset
