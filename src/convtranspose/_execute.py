@@ -569,7 +569,7 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
     cog = w3.shape[0] // groups
     align = 64 // item  # each array on a cache line: the kernel loads whole vectors
     if mode == native.CHANNELS:  # gathered in one pass by the kernel's packer
-        w3s = _pack_sources(w3s)
+        w3s = _weight_sources(w3s, mode)
         strides = [tuple(native.element_strides(w)) for w in w3s]
         lanes, _ = native.layout(item)
         tables = [_channels_tables(st, layer, groups, cog)[i] for i, st in enumerate(strides)]
@@ -596,11 +596,11 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
         return _PackedWeights(weights, block, None if now else _distinct(w3s))
     if mode == native.DOT:  # read where it lies: no copy (a wide weight's took longer than
         # its products on few pixels: 192 -> 256 g2 k4 s2 on 2x2x3)
-        w3s = _dot_sources(w3s)
+        w3s = _weight_sources(w3s, mode)
         weights = [_LazyWeights([w[g * cog:(g + 1) * cog] for g in range(groups)],
-                                offsets=_dot_offsets(phase_group, tuple(native.element_strides(w)),
-                                                     cog))
-                   for w, phase_group in zip(w3s, layer.value)]
+                                offsets=_dot_offsets(tuple(native.element_strides(w)), layer,
+                                                     cog)[i])
+                   for i, w in enumerate(w3s)]
         return _PackedWeights(weights, scratch.empty(0, w3.dtype), _distinct(w3s))
     shared = all(w is w3 for w in w3s)
     parts = ([_small_layout_index(w3.shape, layer, groups, mode)] if shared else
@@ -629,42 +629,35 @@ class _PackedWeights(NamedTuple):
     sources: tuple | None
 
 
-def _pack_sources(w3s: list[np.ndarray]) -> list[np.ndarray]:
-    """Per phase group, the weight the kernel's packer reads: w3s[i] itself where its
-    strides are whole elements, else one contiguous copy per distinct weight."""
+def _weight_sources(w3s: list[np.ndarray], mode: native.Mode) -> list[np.ndarray]:
+    """Per phase group, the weight the kernel reads (CHANNELS: its packer; DOT: its
+    sums): w3s[i] itself where its strides are whole elements (DOT: and each output's
+    channels contiguous), else one contiguous copy per distinct weight."""
     copies: dict[int, np.ndarray] = {}
     for w in w3s:
         if id(w) not in copies:
-            copies[id(w)] = (w if native.element_strides(w) is not None
-                             else np.ascontiguousarray(w))
+            fits = (native.reads_in_place(w, w.dtype) if mode == native.DOT
+                    else native.element_strides(w) is not None)
+            copies[id(w)] = w if fits else np.ascontiguousarray(w)
     return [copies[id(w)] for w in w3s]
 
 
-def _dot_sources(w3s: list[np.ndarray]) -> list[np.ndarray]:
-    """Per phase group, the weight DOT mode reads: w3s[i] itself where each output's
-    channels are contiguous and its strides whole elements, else one contiguous copy per
-    distinct weight."""
-    copies: dict[int, np.ndarray] = {}
-    for w in w3s:
-        if id(w) not in copies:
-            strides = native.element_strides(w)
-            copies[id(w)] = (w if strides is not None and strides[-1] == 1
-                             else np.ascontiguousarray(w))
-    return [copies[id(w)] for w in w3s]
-
-
-@functools.lru_cache(maxsize=256)
-def _dot_offsets(phase_group: tuple[Phase, ...], strides: tuple[int, ...],
-                 cog: int) -> native.TapOffsets:
-    """Where DOT mode reads each tap's weight in a weight of these element strides, from
-    its [0, 0, 0, 0, 0], in `axis_taps` order: per D tap, per H tap, and per (W tap,
-    output) (the outputs of merged W residues, `cog` each, have W taps of their own)."""
+@functools.lru_cache(maxsize=16)  # a layer's tables hold taps x C_out int64: bounded
+def _dot_offsets(strides: tuple[int, ...], layer: _HashedOnce,
+                 cog: int) -> list[native.TapOffsets]:
+    """Per phase group of a layer, where DOT mode reads each tap's weight in a weight of
+    these element strides, from its [0, 0, 0, 0, 0], in `axis_taps` order: per D tap, per
+    H tap, and per (W tap, output) (the outputs of merged W residues, `cog` each, have W
+    taps of their own). Cached per layer, as `_channels_tables`."""
     s_co, s_d, s_h, s_w, _ = strides
-    first = phase_group[0].axis_taps
-    per_w = [[p.axis_taps[2][k].k * s_w + co * s_co for p in phase_group for co in range(cog)]
-             for k in range(len(first[2]))]
-    return native.TapOffsets(([t.k * s_d for t in first[0]], [t.k * s_h for t in first[1]],
-                              np.ravel(per_w)))
+    offsets = []
+    for phase_group in layer.value:
+        first = phase_group[0].axis_taps
+        per_w = [[p.axis_taps[2][k].k * s_w + co * s_co for p in phase_group
+                  for co in range(cog)] for k in range(len(first[2]))]
+        offsets.append(native.TapOffsets(([t.k * s_d for t in first[0]],
+                                          [t.k * s_h for t in first[1]], np.ravel(per_w))))
+    return offsets
 
 
 def _distinct(arrays) -> tuple:
@@ -1036,13 +1029,14 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     biases = _bias_tables(plan, bias)
     recording = None if convert else _Recording.find(plan, layout)
     if recording is not None:
-        if mode == native.CHANNELS:  # the recorded once-calls pack into a block like it
-            sources = _distinct(_pack_sources(phase_group_weights))
+        if mode in (native.CHANNELS, native.DOT):  # the recorded once-calls pack into a
+            # block like it (CHANNELS), or the calls read the weights where they lie (DOT)
+            sources = _distinct(_weight_sources(phase_group_weights, mode))
             block = scratch.empty(recording.block_size, spec.compute_dtype)
-        else:  # packed now, or (DOT) read where they lie
+        else:  # packed now
             packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels,
                                      mode, scratch, plan.threads)
-            sources, block = packed.sources, packed.block
+            sources, block = (), packed.block
         if recording.run(plan.threads, _recorded_arrays(x_read, out, block, sources, biases)):
             return
     packed = _native_weights(phase_group_weights, _HashedOnce(phase_groups), channels, mode,

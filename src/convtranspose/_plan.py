@@ -852,7 +852,7 @@ DOT_VECTOR_LOAD = 0.35e-9  # an input vector, loaded once per tap for the block'
 DOT_OUTPUT = 0.16e-9  # an output's sum: its lanes reduced and stored
 DOT_PIXEL = 5.4e-9  # an output pixel of a conv group: its block's bookkeeping
 DOT_REREAD_BYTE = 0.016e-9  # the input read again by each phase, where it outgrows L2
-DOT_PHASE_GROUP = 31e-6  # a phase group's weight packed, its tiles started
+DOT_PHASE_GROUP = 31e-6  # a phase group's tiles started (fitted while its weight was packed)
 DOT_WEIGHT_BYTE = 0.065e-9  # the weight read where it lies, once (more than 8 outputs)
 # More outputs than dot mode's register block take it, reading the weight in place, where
 # each weight element meets fewer input pixels than this and the two modes' models agree.
