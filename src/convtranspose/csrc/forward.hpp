@@ -724,6 +724,128 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
   }
 }
 
+// Dot mode where a row's W taps read input pixels DELTA apart (step 1: one output
+// channel or two, as thin layers and merged W residues have): taps in groups of G, each
+// input vector of the block's window loaded once and multiplied by every tap of the group
+// that reads it (G * CO weight vectors in registers), where the taps one at a time
+// (dot_tap) load a vector per multiply-add from rows that seldom fit L1 (48 -> 1 k7 ran at
+// under one multiply-add a cycle). Input pixels outside the row read `zeros` (edge
+// blocks: one pointer each, spilled like dot_tap's); the others one pointer's offsets.
+template <typename T, int CO, int P, int G, int DELTA, typename V>
+static inline void dot_window(V (&acc)[P][CO], const T* xb, int64_t first, int64_t in_w,
+                              int64_t pstride, const T* wt, const int64_t* wo, int64_t wstep,
+                              const T* tail, int64_t cin, int64_t full, const T* zeros) {
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int N = P + DELTA * (G - 1);  // the window's input pixels
+  const int64_t rest = cin - full, ends = rest > 0 && full > 0 ? full + L : full;
+  // A sweep over c's vector: G * CO weight vectors (the tail's past the whole vectors),
+  // then each window pixel's vector, `load(i, p)` at p (one pointer stepped along: P of
+  // them live at once spilled, as in dot_tap), into every product it meets.
+  const auto sweep = [&](int64_t c, auto&& load) CT_ALWAYS_INLINE {
+    V wv[G][CO];
+#pragma GCC unroll 4
+    for (int j = 0; j < G; ++j)
+#pragma GCC unroll 2
+      for (int o = 0; o < CO; ++o)
+        wv[j][o] = c < full ? *reinterpret_cast<const U*>(wt + wo[j * wstep + o] + c)
+                   : full > 0 ? *reinterpret_cast<const U*>(tail + (j * wstep + o) * L)
+                              : load_first<V>(rest, wt + wo[j * wstep + o]);
+    const T* xp = xb + (c < full ? c : full > 0 ? cin - L : 0);
+#pragma GCC unroll 32
+    for (int i = 0; i < N; ++i, xp += pstride) {
+      const V xv = load(i, xp);
+#pragma GCC unroll 4
+      for (int j = 0; j < G; ++j) {
+        const int p = i - j * DELTA;
+        if (p < 0 || p >= P) continue;
+#pragma GCC unroll 2
+        for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[j][o];
+      }
+    }
+  };
+  const bool partial = full == 0;  // fewer channels than a vector: one masked sweep
+  const int64_t sweeps = partial ? 1 : ends;
+  if (first >= 0 && first + N <= in_w) {
+    for (int64_t c = 0; c < sweeps; c += L)
+      sweep(c, [&](int, const T* xp) CT_ALWAYS_INLINE {
+        return partial ? load_first<V>(rest, xp) : (V)*reinterpret_cast<const U*>(xp);
+      });
+    return;
+  }
+  // Bit i: window pixel i lies inside the row; the others read zeros.
+  const int64_t lo = std::max<int64_t>(0, -first), hi = std::min<int64_t>(N, in_w - first);
+  const uint64_t inside = lo >= hi ? 0 : ((~0ull >> (64 - (hi - lo))) << lo);
+  for (int64_t c = 0; c < sweeps; c += L)
+    sweep(c, [&](int i, const T* xp) CT_ALWAYS_INLINE {
+      const unsigned in = (inside >> i) & 1;
+      return partial ? load_first<V>(rest, in ? xp : zeros) : load_or_zero<V>(in, xp);
+    });
+}
+
+// dot_row with its W taps in windows (dot_window): the taps' input offsets DELTA apart,
+// rising with the tap or, `falling` (a transposed convolution's phases: tap k reads
+// offset -k), the other way; step 1.
+template <typename T, int CO, int P, int DELTA>
+CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* const* rows,
+                                       char* orow, int64_t o0, const DotWeights& dw,
+                                       const T* zeros, const T* tails) {
+  typedef typename Vec<T>::v V;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2], in_w = job.in_dims[2];
+  const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
+  const int64_t pstride = job.xs[3], os = job.os[3], cout = job.cout;
+  const T* w = static_cast<const T*>(job.w);
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  // Groups of at most 4 taps, as even as they go (7 taps as 3 + 4): each group's size and
+  // the tap that reads its window's start.
+  const int64_t groups = (tw + 3) / 4;
+  int64_t gn[8], gk[8];  // (window_delta: at most 32 taps)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = tw * g / groups;
+    gn[g] = tw * (g + 1) / groups - k0;
+    gk[g] = falling ? k0 + gn[g] - 1 : k0;
+  }
+  const int64_t wstep = falling ? -cout : cout;
+  orow += o0 * oi;
+  for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
+    const DotSpan at = dot_span(b0, P, job.wcount);
+    const int64_t w0 = at.w0;
+    V acc[P][CO];
+    zero_tile(acc);
+    for (int64_t q = 0; q < dh_taps; ++q) {
+      if (!rows[q]) continue;
+      const T* wt = w + dw.dh[q];
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k = gk[g], first = w0 + job.off[2][k];
+        const T* xb = rows[q] + first * pstride;
+        const int64_t* wo = dw.out + k * cout + o0;
+        const T* tail = tails ? tails + ((q * tw + k) * cout + o0) * L : nullptr;
+#define CT_WINDOW(G)                                                                    \
+  dot_window<T, CO, P, G, DELTA>(acc, xb, first, in_w, pstride, wt, wo, wstep, tail,    \
+                                 cin, full, zeros)
+        if (gn[g] == 4) CT_WINDOW(4);
+        else if (gn[g] == 3) CT_WINDOW(3);
+        else CT_WINDOW(2);  // (two taps or more a group)
+#undef CT_WINDOW
+      }
+    }
+    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, at.skip, at.np);
+  }
+}
+
+// The step between a row's neighbouring W taps' input offsets where dot_row_window takes
+// them (+-1 or +-2, step 1, 2-32 taps), else 0.
+static inline int window_delta(const CtJob& job) {
+  const int64_t tw = job.ntaps[2];
+  if (job.step[2] != 1 || tw < 2 || tw > 32) return 0;
+  const int64_t d = job.off[2][1] - job.off[2][0];
+  for (int64_t k = 1; k < tw; ++k)
+    if (job.off[2][k] - job.off[2][k - 1] != d) return 0;
+  return d == 1 || d == 2 || d == -1 || d == -2 ? (int)d : 0;
+}
+
 // dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
 // other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
 // addresses are constant offsets from one pointer. dot_row computes P pointers per tap,
@@ -1028,9 +1150,23 @@ static void run_mode(const CtJob& job) {
   constexpr int MAXO = DotBlock<1>::MAX_OUT;
   const int64_t chunks = (job.cout + MAXO - 1) / MAXO;
   const bool by_chunk = chunks > 1 && job.wcount < MAXO * job.ntaps[2];
+  const int delta = window_delta(job);
   for_each_row<T>(job, chunks, by_chunk, [&](const T* const* rows, char* orow, int64_t c) {
     const int64_t o0 = job.cout * c / chunks, n = job.cout * (c + 1) / chunks - o0;
 #define CT_DOT(CO)                                                                        \
+  if constexpr (CO <= 2) {                                                                \
+    if (delta) {                                                                          \
+      constexpr int P = DotBlock<CO>::P;                                                  \
+      const bool half = dot_half_block(job.wcount, P);                                    \
+      if (delta == 1 || delta == -1)                                                      \
+        (half ? dot_row_window<T, CO, P / 2, 1> : dot_row_window<T, CO, P, 1>)(           \
+            job, delta < 0, rows, orow, o0, dw, zeros.data(), tails);                     \
+      else                                                                                \
+        (half ? dot_row_window<T, CO, P / 2, 2> : dot_row_window<T, CO, P, 2>)(           \
+            job, delta < 0, rows, orow, o0, dw, zeros.data(), tails);                     \
+      break;                                                                              \
+    }                                                                                     \
+  }                                                                                       \
   if constexpr (CO <= MAXO) {                                                             \
     if (packed)                                                                           \
       (cv == 1 ? dot_row_packed<T, CO, 1> : dot_row_packed<T, CO, 2>)(job, lo, hi, rows, \
