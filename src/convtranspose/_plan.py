@@ -885,13 +885,21 @@ def dot_seconds(spec: ConvSpec, phase_groups: int | None = None) -> float:
     inside = math.prod(_reading_inside(spec, axis) for axis in (0, 1))
     seconds = 0.0
     per_block = _dot_block_pixels(min(cog, block))
+    # the outputs of the kernel's jobs: W residues merge where they read the same input
+    # (`native_phase_groups`, roughly: it asks for the mode this models)
+    sw = spec.stride[2]
+    merged = (spec.groups == 1 and sw > 1 and spec.kernel[2] % sw == 0
+              and sw * cog <= dot_max_out(spec.compute_dtype.itemsize))
+    outputs = sw * cog if merged else cog
     for p in live:
         taps = p.tap_count // len(p.axis_taps[2]) if wide else p.tap_count
+        window = None if wide else _window_loads(p, outputs, per_block)
+        load_taps = taps if window is None else taps // len(p.axis_taps[2]) * window
         pixels = p.size * spec.batch * spec.groups
         # a row is computed in whole blocks of pixels (the last overlapping the one before)
         computed = _dot_row_pixels(p.count[2], per_block) / p.count[2]
-        seconds += pixels * (taps * inside * computed * vectors
-                             * (cog * DOT_VECTOR_FMA + loads * DOT_VECTOR_LOAD)
+        seconds += pixels * (inside * computed * vectors
+                             * (taps * cog * DOT_VECTOR_FMA + load_taps * loads * DOT_VECTOR_LOAD)
                              + cog * DOT_OUTPUT + DOT_PIXEL)
     item = spec.compute_dtype.itemsize
     input_bytes = spec.batch * math.prod(spec.in_spatial) * spec.c_in * item
@@ -902,6 +910,24 @@ def dot_seconds(spec: ConvSpec, phase_groups: int | None = None) -> float:
     if phase_groups is None:
         phase_groups = len(native_phase_groups(spec, live))
     return seconds + phase_groups * DOT_PHASE_GROUP
+
+
+def _window_loads(phase: Phase, outputs: int, pixels: int) -> float | None:
+    """Input vectors dot mode loads per output pixel and (D, H) tap where it sums the
+    phase's W taps through windows (forward.hpp's dot_row_window: up to 3 outputs, taps
+    1 or 2 input pixels apart, in groups of up to 4, each window `pixels` plus the
+    group's reach), or None where it takes them one at a time (a load per tap)."""
+    offsets = [t.offset for t in phase.axis_taps[2]]
+    steps = {b - a for a, b in zip(offsets, offsets[1:])}
+    if outputs > 3 or len(offsets) < 2 or len(offsets) > 32 or len(steps) != 1:
+        return None
+    delta = abs(steps.pop())
+    if delta not in (1, 2):
+        return None
+    tw = len(offsets)
+    count = ceil_div(tw, 4)
+    return sum(1 + delta * (tw * (g + 1) // count - tw * g // count - 1) / pixels
+               for g in range(count))
 
 
 def _dot_block_pixels(outputs: int) -> int:

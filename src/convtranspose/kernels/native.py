@@ -56,7 +56,7 @@ def buffer_elems(spec, phase_group, tile, whole_input):
 
 
 def run(plan, x3, w3, out, bias):
-    _execute.fill_unreached(plan.spec, out, bias)  # the tiles store every other position
+    _execute.fill_unreached(plan.spec, out, bias, plan.threads)  # the tiles store the rest
     with Scratch() as scratch:  # packed weights live until the tasks return
         _execute._execute_native(plan, x3, w3, out, scratch, bias)
 

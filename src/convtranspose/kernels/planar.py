@@ -74,11 +74,6 @@ def phase_groups(spec):
                  if any(p.tap_count and p.size for p in row))
 
 
-def writes_every_output(spec) -> bool:
-    """Rows of a (D, H) residue that no tap reaches are the only ones left unwritten."""
-    return all(_reaches_rows(p) for p in phases_3d(spec) if p.size)
-
-
 # Vectors of pixels per register block, by output channels (planar.hpp's PlanarBlock).
 def _block_vectors(cog: int, registers: int) -> int:
     if registers >= 32:
@@ -114,10 +109,13 @@ def estimate(spec):
 
 
 def run(plan, x3, w3, out, bias):
+    # Its jobs write their rows whole (every W residue): the rows of a (D, H) residue that
+    # no tap reaches are the only ones left.
+    _execute.fill_unreached(plan.spec, out, bias, plan.threads, axes=(0, 1))
     with Scratch() as scratch:
         _execute._execute_native(plan, x3, w3, out, scratch, bias)
 
 
 KERNEL = Kernel("planar", fits, estimate, phase_groups, run, buffer_elems,
-                writes_every_output=writes_every_output, compiled=True,
+                writes_every_output=lambda spec: True, compiled=True,
                 input_copy_bytes=planar_bytes)

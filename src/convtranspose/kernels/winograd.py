@@ -57,7 +57,7 @@ def estimate(spec):
 
 
 def run(plan, x3, w3, out, bias):
-    _execute.fill_unreached(plan.spec, out, bias)  # the tiles store every other position
+    _execute.fill_unreached(plan.spec, out, bias, plan.threads)  # the tiles store the rest
     with Scratch() as scratch:
         _execute._execute_winograd(plan, x3, w3, out, scratch, bias)
 
