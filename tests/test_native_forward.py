@@ -191,6 +191,39 @@ def test_dot_mode_for_few_outputs(width, c_in, c_out, groups, isa, rng, assert_c
                      what=f"{case.id} {isa} {np.dtype(dtype)}")
 
 
+# Dot mode's windows over W taps (forward.hpp's dot_row_window: 1-3 outputs a job, step
+# 1, 2-32 W taps whose input offsets are 1 or 2 apart): (kernel_w, stride_w, dilation_w,
+# C_out) with groups of 2, 3 and 4 taps (9 as 3 + 3 + 3, 7 as 3 + 4), taps one or two
+# input pixels apart (dilation 2 over stride 1 or 3), merged W residues (k4 s2 of one
+# output: two a job); each over C_in below a vector, whole vectors and a partial last
+# one, rows shorter than a block and longer, windows past both ends of the input.
+WINDOW_CASES = [(kw, sw, dw, co) for kw, sw, dw, co in
+                [(2, 1, 1, 1), (3, 1, 1, 2), (4, 1, 1, 3), (5, 1, 2, 1), (7, 1, 1, 2),
+                 (9, 1, 1, 1), (6, 2, 2, 3), (5, 3, 2, 1), (4, 2, 1, 1), (7, 2, 1, 2)]]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=[str(c) for c in WINDOW_CASES])
+@pytest.mark.parametrize("c_in", [12, 16, 21, 40])
+def test_dot_mode_windows_over_w_taps(case, c_in, isa, rng, assert_close):
+    from reference import Case
+    kw, sw, dw, co = case
+    for width in (3, 19, 41):
+        c = Case("window", 2, (2, 3, width), c_in, co, (2, 2, kw), stride=(1, 2, sw),
+                 padding=(0, 1, dw * (kw - 1) // 2), dilation=(1, 1, dw))
+        assert native_mode(ct.plan(c.input_shape, c.weight_shape, **c.kwargs).spec) \
+            == native.DOT
+        x = rng.standard_normal(c.input_shape)
+        w = rng.standard_normal(c.weight_shape)
+        bias = rng.standard_normal(co)
+        want = conv_transpose_ref(x, w, **c.kwargs) + bias
+        for dtype in (np.float32, np.float64):
+            p = ct.plan(c.input_shape, c.weight_shape, **c.kwargs, algorithm="native",
+                        dtype=dtype)
+            got = ct.run_plan(p, x.astype(dtype), w.astype(dtype), bias=bias.astype(dtype))
+            assert_close(got, want, dtype, magnitude_ref(x, w, **c.kwargs) + np.abs(bias),
+                         what=f"{c.id} {isa} {np.dtype(dtype)}")
+
+
 @pytest.mark.parametrize("channels", [16, 64, 70, 3])
 def test_depthwise_mode_whole_and_partial_vectors(channels, isa, rng, assert_close):
     from reference import Case
@@ -445,6 +478,8 @@ UNREACHED_CASES = [
     ((3, 3, 3), (2, 4, 2), (1, 1, 1), "native"),
     ((3, 2, 2), (1, 1, 4), (1, 1, 1), "winograd"),
     ((3, 2, 3), (1, 3, 4), (1, 1, 1), "winograd"),
+    ((1, 3, 2), (3, 4, 1), (1, 1, 1), "planar"),  # planar fills the rows no tap reaches
+    ((2, 2, 2), (3, 1, 4), (1, 1, 1), "planar"),  # (and writes its W residues itself)
 ]
 
 
@@ -458,9 +493,10 @@ def test_positions_no_tap_reaches_hold_zero_or_the_bias(case, rng, monkeypatch):
     c_out = 24 if algorithm == "winograd" else 5  # winograd: channels mode only
     w = rng.standard_normal((c_out, *kernel, 16)).astype(np.float32)
     kw = dict(stride=stride, dilation=dilation, output_padding=tuple(s - 1 for s in stride))
-    p = ct.plan(x.shape, w.shape, **kw, algorithm=algorithm)
+    p = ct.plan(x.shape, w.shape, **kw, algorithm=algorithm, threads=2)
     monkeypatch.setattr(_execute, "result_empty",
                         lambda shape, dtype: np.full(shape, np.nan, dtype))
+    monkeypatch.setattr(_execute, "FILL_THREADS_FROM_BYTES", 0)  # filled in pieces
     for bias in (None, rng.standard_normal(c_out).astype(np.float32)):
         got = ct.run_plan(p, x, w, bias=bias)
         ref = conv_transpose_ref(x, w, **kw) + (0 if bias is None else bias)
