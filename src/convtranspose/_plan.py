@@ -917,7 +917,8 @@ def _window_loads(phase: Phase, outputs: int, pixels: int) -> float | None:
     """Input vectors dot mode loads per output pixel and (D, H) tap where it sums the
     phase's W taps through windows (forward.hpp's dot_row_window: up to 3 outputs, taps
     1 or 2 input pixels apart, in groups of up to 4, each window `pixels` plus the
-    group's reach), or None where it takes them one at a time (a load per tap)."""
+    group's reach), or None where it takes them one at a time (a load per tap). The
+    32-register build's blocks: AVX2's (2 outputs, groups of 3) are not told apart."""
     offsets = [t.offset for t in phase.axis_taps[2]]
     steps = {b - a for a, b in zip(offsets, offsets[1:])}
     if outputs > 3 or len(offsets) < 2 or len(offsets) > 32 or len(steps) != 1:

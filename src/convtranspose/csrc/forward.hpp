@@ -724,13 +724,13 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
   }
 }
 
-// Dot mode where a row's W taps read input pixels DELTA apart (step 1: one output
-// channel or two, as thin layers and merged W residues have): taps in groups of G, each
-// input vector of the block's window loaded once and multiplied by every tap of the group
-// that reads it (G * CO weight vectors in registers), where the taps one at a time
-// (dot_tap) load a vector per multiply-add from rows that seldom fit L1 (48 -> 1 k7 ran at
-// under one multiply-add a cycle). Input pixels outside the row read `zeros` (edge
-// blocks: one pointer each, spilled like dot_tap's); the others one pointer's offsets.
+// Dot mode where a row's W taps read input pixels DELTA apart (step 1; 1-3 outputs, as
+// thin layers and merged W residues have): taps in groups of G, each input vector of the
+// block's window loaded once and multiplied by every tap of the group that reads it
+// (G * CO weight vectors in registers), where the taps one at a time (dot_tap) load a
+// vector per multiply-add from rows that seldom fit L1 (48 -> 1 k7 ran at under one
+// multiply-add a cycle). Window pixels outside the row load as zeros (masked where the
+// build masks loads; below a vector of channels, from `zeros`).
 template <typename T, int CO, int P, int G, int DELTA, typename V>
 static inline void dot_window(V (&acc)[P][CO], const T* xb, int64_t first, int64_t in_w,
                               int64_t pstride, const T* wt, const int64_t* wo, int64_t wstep,
