@@ -179,6 +179,11 @@ def test_dot_mode_for_few_outputs(width, c_in, c_out, groups, isa, rng, assert_c
     want = native.DOT if c_out <= dot_max_out(4) else native.CHANNELS
     assert native_mode(ct.plan(case.input_shape, case.weight_shape, **case.kwargs).spec) \
         == want
+    _native_with_bias_matches(case, isa, rng, assert_close)
+
+
+def _native_with_bias_matches(case, isa, rng, assert_close) -> None:
+    """`native` on the case, float32 and float64, with a bias, against the reference."""
     x = rng.standard_normal(case.input_shape)
     w = rng.standard_normal(case.weight_shape)
     bias = rng.standard_normal(case.weight_shape[0])
@@ -212,16 +217,7 @@ def test_dot_mode_windows_over_w_taps(case, c_in, isa, rng, assert_close):
                  padding=(0, 1, dw * (kw - 1) // 2), dilation=(1, 1, dw))
         assert native_mode(ct.plan(c.input_shape, c.weight_shape, **c.kwargs).spec) \
             == native.DOT
-        x = rng.standard_normal(c.input_shape)
-        w = rng.standard_normal(c.weight_shape)
-        bias = rng.standard_normal(co)
-        want = conv_transpose_ref(x, w, **c.kwargs) + bias
-        for dtype in (np.float32, np.float64):
-            p = ct.plan(c.input_shape, c.weight_shape, **c.kwargs, algorithm="native",
-                        dtype=dtype)
-            got = ct.run_plan(p, x.astype(dtype), w.astype(dtype), bias=bias.astype(dtype))
-            assert_close(got, want, dtype, magnitude_ref(x, w, **c.kwargs) + np.abs(bias),
-                         what=f"{c.id} {isa} {np.dtype(dtype)}")
+        _native_with_bias_matches(c, isa, rng, assert_close)
 
 
 @pytest.mark.parametrize("channels", [16, 64, 70, 3])
