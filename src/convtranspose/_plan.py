@@ -1009,12 +1009,10 @@ def _flat_edge_share(spec: ConvSpec, lanes: int) -> float:
     products = by_lane = 0.0
     for p in live_phases(spec):
         flat, taps, cut = p.count[2] * channels, p.axis_taps[2], 0
-        for j0 in range(0, flat, block):
-            j1 = min(flat, j0 + block)
-            for t in taps:
-                a, b = max(t.lo * channels, j0), min(t.hi * channels, j1)
-                if a < b and (a, b) != (j0, j0 + block):
-                    cut += b - a
+        for t in taps:  # its reach [a, b), less the whole blocks inside it
+            a, b = t.lo * channels, min(t.hi * channels, flat)
+            if a < b:
+                cut += b - a - block * max(0, b // block - ceil_div(a, block))
         n = p.size * p.tap_count
         products += n
         by_lane += n * cut / (len(taps) * flat)

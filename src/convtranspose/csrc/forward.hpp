@@ -812,6 +812,7 @@ CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* 
   // Groups of at most GM taps, as even as they go (7 taps as 3 + 4): each group's size
   // and the tap that reads its window's start.
   constexpr int GM = WindowBlock<CO>::G;
+  static_assert(GM >= 3, "groups as even as they go then hold two taps or more");
   const int64_t groups = (tw + GM - 1) / GM;
   int64_t gn[16], gk[16];  // (window_delta: at most 32 taps)
   for (int64_t g = 0; g < groups; ++g) {
@@ -838,9 +839,8 @@ CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* 
   dot_window<T, CO, P, G, DELTA>(acc, xb, first, in_w, pstride, wt, wo, wstep, tail,    \
                                  cin, full, zeros)
         if constexpr (GM >= 4) if (gn[g] == 4) { CT_WINDOW(4); continue; }
-        if constexpr (GM >= 3) if (gn[g] == 3) { CT_WINDOW(3); continue; }
-        if (gn[g] == 2) CT_WINDOW(2);
-        else CT_WINDOW(1);
+        if (gn[g] == 3) { CT_WINDOW(3); continue; }
+        CT_WINDOW(2);
 #undef CT_WINDOW
       }
     }
