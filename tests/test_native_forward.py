@@ -499,7 +499,7 @@ def test_positions_no_tap_reaches_hold_zero_or_the_bias(case, rng, monkeypatch):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
 
 
-# W residues merged around rotated or unequal rows (`_plan.merged_w_row`): (kernel_w,
+# W residues merged around rotated or unequal rows (`_plan.merged_row`): (kernel_w,
 # stride_w, padding_w, output_padding_w, C_out), kernel_w a multiple of stride_w.
 MERGED_EDGE_CASES = [
     (4, 4, 1, 3, 13),  # rotated by the padding, the last residues one output short
@@ -510,11 +510,36 @@ MERGED_EDGE_CASES = [
 ]
 
 
+def _dot_merges_every_residue(monkeypatch) -> None:
+    """Dot mode merges every residue that can merge (up to DOT_MERGE_MAX_OUT outputs),
+    whatever its model says would pay."""
+    def merge_all(spec, live):
+        items = [(p,) for p in live]
+        for axis in (2, 1, 0):
+            if spec.stride[axis] > 1:
+                items = _plan._merged_along(spec, items, axis, True, _plan.DOT_MERGE_MAX_OUT)
+        return tuple(items)
+    monkeypatch.setattr(_plan, "dot_phase_groups", merge_all)
+
+
+def _written_once_matches(plan, x, w, ref, bias, monkeypatch, rtol=1e-4) -> None:
+    """Every output written once (the result starts as NaN), twice over (the second call
+    replays the first's recording), against `ref` (with `bias` added)."""
+    from convtranspose import _execute
+    monkeypatch.setattr(_execute, "result_empty",
+                        lambda shape, dtype: np.full(shape, np.nan, dtype))
+    ref = ref + (0 if bias is None else bias)
+    for call in range(2):
+        got = ct.run_plan(plan, x, w, bias=bias)
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max(),
+                                   err_msg=f"call {call}")
+
+
 @pytest.mark.parametrize("case", MERGED_EDGE_CASES, ids=[str(c) for c in MERGED_EDGE_CASES])
 def test_w_residues_merged_with_edges_match_the_reference(case, rng, monkeypatch):
     """A merged group covers each residue's inner outputs and single phases its first and
-    last: every output written once (the result starts as NaN), with the bias."""
-    from convtranspose import _execute
+    last: every output written once, with the bias."""
+    _dot_merges_every_residue(monkeypatch)
     k, s, p, op, c_out = case
     x = rng.standard_normal((2, 3, 4, 11, 6)).astype(np.float32)
     w = rng.standard_normal((c_out, 2, 3, k, 6)).astype(np.float32)
@@ -524,13 +549,39 @@ def test_w_residues_merged_with_edges_match_the_reference(case, rng, monkeypatch
     assert any(len(g) > 1 for g in plan.phase_groups)
     assert any(len(g) == 1 and g[0].residue[2] >= s for g in plan.phase_groups) or (
         all(len(g) > 1 for g in plan.phase_groups))
-    monkeypatch.setattr(_execute, "result_empty",
-                        lambda shape, dtype: np.full(shape, np.nan, dtype))
-    ref = conv_transpose_ref(x, w, **kw) + bias
-    for call in range(2):  # the second replays the first's recording
-        got = ct.run_plan(plan, x, w, bias=bias)
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
-                                   err_msg=f"call {call}")
+    _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch)
+
+
+# Dot mode's residues merged across rows and conv groups (`_plan.dot_phase_groups`): each
+# output where its own residue's position lies (`CtJob::oout`), edges of rotated residues
+# as phase groups of their own. (in_spatial, C_in, C_out, kernel, stride, padding,
+# output_padding, dilation, groups)
+DOT_MERGE_CASES = [
+    ((4, 5, 6), 126, 2, 2, 2, 0, 0, 1, 2),          # kernel == stride: one tap a phase, g2
+    ((3, 4, 5), 141, 1, 3, 3, (0, 0, 1), (0, 0, 1), 1, 1),
+    ((5, 6, 7), 16, 3, 4, 2, 1, 0, 1, 1),           # rotated along every axis: edges
+    ((5, 4, 9), 24, 4, (4, 6, 2), (2, 3, 2), (1, 2, 0), (1, 0, 1), 1, 2),
+    ((6, 5, 4), 20, 2, (3, 2, 2), (1, 2, 2), (2, 1, 1), (0, 1, 1), (2, 1, 1), 1),  # dilated D
+    ((3, 7, 8), 33, 6, (2, 4, 1), (2, 2, 1), (0, 1, 0), 0, 1, 3),  # 18 outputs: 3 blocks
+]
+
+
+@pytest.mark.parametrize("case", DOT_MERGE_CASES, ids=[str(c) for c in DOT_MERGE_CASES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dot_residues_merged_across_rows_match_the_reference(case, dtype, rng, monkeypatch):
+    spatial, c_in, c_out, k, s, p, op, d, groups = case
+    _dot_merges_every_residue(monkeypatch)
+    x = rng.standard_normal((2, *spatial, c_in)).astype(dtype)
+    kernel = k if isinstance(k, tuple) else (k,) * 3
+    w = rng.standard_normal((c_out, *kernel, c_in // groups)).astype(dtype)
+    bias = rng.standard_normal(c_out).astype(dtype)
+    kw = dict(stride=s, padding=p, output_padding=op, dilation=d, groups=groups)
+    plan = ct.plan(x.shape, w.shape, **kw, dtype=dtype, algorithm="native")
+    assert native_mode(plan.spec) == native.DOT
+    assert any(len({q.residue[:2] for q in g}) > 1 for g in plan.phase_groups)
+    ref = conv_transpose_ref(x, w, **kw)
+    _written_once_matches(plan, x, w, ref, bias, monkeypatch,
+                          rtol=1e-4 if dtype == np.float32 else 1e-12)
 
 
 # Many outputs on few pixels: dot mode reads the weight where it lies (no copy), in

@@ -489,7 +489,7 @@ class _LazyWeights:
     other layouts are small and packed before any task starts (`once` None)."""
 
     def __init__(self, arrays: list[np.ndarray], once=None, keep=None,
-                 offsets: native.TapOffsets | None = None) -> None:
+                 offsets: np.ndarray | None = None) -> None:
         self.arrays = arrays
         self.once = once
         self.keep = keep  # what the once's calls read (they hold only addresses)
@@ -643,21 +643,21 @@ def _weight_sources(w3s: list[np.ndarray], mode: native.Mode) -> list[np.ndarray
 
 
 @functools.lru_cache(maxsize=16)  # a layer's tables hold taps x C_out int64: bounded
-def _dot_offsets(strides: tuple[int, ...], layer: _HashedOnce,
-                 cog: int) -> list[native.TapOffsets]:
-    """Per phase group of a layer, where DOT mode reads each tap's weight in a weight of
-    these element strides, from its [0, 0, 0, 0, 0], in `axis_taps` order: per D tap, per
-    H tap, and per (W tap, output) (the outputs of merged W residues, `cog` each, have W
-    taps of their own). Cached per layer, as `_channels_tables`."""
+def _dot_offsets(strides: tuple[int, ...], layer: _HashedOnce, cog: int) -> list[np.ndarray]:
+    """Per phase group of a layer, where DOT mode reads each output's weight of each tap
+    in a weight of these element strides, from its [0, 0, 0, 0, 0]: [tap][output], taps
+    in `axis_taps` order (D, then H, then W), the outputs of merged residues (`cog` each)
+    with taps of their own. Cached per layer, as `_channels_tables`."""
     s_co, s_d, s_h, s_w, _ = strides
-    offsets = []
+    tables = []
     for phase_group in layer.value:
-        first = phase_group[0].axis_taps
-        per_w = [[p.axis_taps[2][k].k * s_w + co * s_co for p in phase_group
-                  for co in range(cog)] for k in range(len(first[2]))]
-        offsets.append(native.TapOffsets(([t.k * s_d for t in first[0]],
-                                          [t.k * s_h for t in first[1]], np.ravel(per_w))))
-    return offsets
+        per_phase = [np.add.outer(np.add.outer(np.add.outer(
+            [t.k * s_d for t in kd], [t.k * s_h for t in kh]), [t.k * s_w for t in kw]).ravel(),
+            np.arange(cog) * s_co) for kd, kh, kw in (p.axis_taps for p in phase_group)]
+        table = np.ascontiguousarray(np.stack(per_phase, axis=1).reshape(-1), np.int64)
+        table.flags.writeable = False  # shared by every call with these strides
+        tables.append(table)
+    return tables
 
 
 def _distinct(arrays) -> tuple:
@@ -747,28 +747,37 @@ class _TileGeometry(NamedTuple):
     steps: tuple[int, int, int]
     pair_out: int
     cin: int  # input channels the kernel sums per conv group (taps_w * C_in/g when wide)
-    cout: int  # output channels per conv group (s_w * C_out/g for a merged W group)
+    cout: int  # outputs per conv group (every residue's C_out/g for a merged group)
     input_rows: tuple[tuple[int, int], tuple[int, int]]  # `native_input_box`
+    # None: a position's outputs are one run of channels; else where each lies from the
+    # position, in elements (a dot-mode group merged across rows or conv groups: oout)
+    out_offsets: np.ndarray | None
 
 
 @functools.lru_cache(maxsize=4096)  # a few hundred bytes an entry
 def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: tuple | None,
                    wide: tuple | None, out_shape: tuple, out_strides: tuple,
                    out_item: int) -> _TileGeometry:
-    """The tile's positions in the output as a strided view of it (every W residue of a
-    merged W group: whole rows), and what the kernel reads."""
+    """The tile's positions in the output as a strided view of it (those of the phase
+    group's first phase: a merged group's others lie at fixed offsets from them), and
+    what the kernel reads."""
     phase = phase_group[0]
     n0, n1 = tile.n
     (a, b), (e, f) = tile.d, tile.h
     qw = phase.count[2]
     first_d = 2 * a if pair_dims else phase.residue[0] + a * spec.stride[0]
     step_d = 1 if pair_dims else spec.stride[0]
-    # a merged W group's position holds every residue's channels: whole rows, in steps of
-    # len(phase_group) positions
-    step_w = len(phase_group) if len(phase_group) > 1 else spec.stride[2]
     first = (n0, first_d, phase.residue[1] + e * spec.stride[1], phase.residue[2])
     es = [st // out_item for st in out_strides[:4]]
-    strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * step_w]
+    strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * spec.stride[2]]
+    cog = spec.c_out_per_group
+    out_offsets = np.array([sum((r - r0) * st for r, r0, st in zip(p.residue, phase.residue,
+                                                                   es[1:])) + co
+                            for p in phase_group for co in range(cog)], np.int64)
+    if np.array_equal(out_offsets, np.arange(out_offsets.size)):
+        out_offsets = None  # one run: a merged W group of one conv group
+    else:
+        out_offsets.flags.writeable = False
     w0, qw = (0, qw) if tile.w is None else (tile.w[0], tile.w[1] - tile.w[0])
     offset = (sum(i * st for i, st in zip(first, es)) + w0 * strides[3]) * out_item
     in_dims, steps, pair_out = ((pair_dims, (4, 1, 1), spec.out_spatial[0]) if pair_dims
@@ -777,8 +786,8 @@ def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: 
     if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
         in_dims, cig = wide
     return _TileGeometry(offset, strides, (n0, n1, a, b, e, f), qw, in_dims, steps, pair_out,
-                         cig, spec.c_out_per_group * len(phase_group),
-                         native_input_box(spec, phase, tile))
+                         cig, cog * len(phase_group), native_input_box(spec, phase, tile),
+                         out_offsets)
 
 
 def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWeights, offsets,
@@ -835,10 +844,11 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * group_step, xs,
                                  geo.in_dims, packed[g], offsets, geo.steps,
-                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog,
-                                 cursors.address(g), cursors.sharers, into=into,
+                                 o_addr + g * spec.c_out_per_group * out_item, os_, box, qw,
+                                 cig, cog, cursors.address(g), cursors.sharers, into=into,
                                  pair_out=geo.pair_out, bias=b_addr and b_addr + g * cog * item,
-                                 channel_stride=channel_stride, weight_offsets=weights.offsets)
+                                 channel_stride=channel_stride, weight_offsets=weights.offsets,
+                                 output_offsets=geo.out_offsets)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []
@@ -847,7 +857,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
         # The phases of a tile with the same D and H residue write the same output rows.
         rows = hash((task.tile, phase_group[0].residue[:2])) & (2**62 - 1)
         return native.Task(tuple(prepared), cursors.sharers > 1, weights.once,
-                           (cursors, weights, bias, residues), rows)
+                           (cursors, weights, bias, residues, geo.out_offsets), rows)
 
     def job(buf):
         packed = weights.get()
@@ -865,6 +875,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
             x_addr, xs = x_origin
         if round_output:  # the tile's positions (out is C-contiguous: `execute` made it),
             # through a block of the compute dtype
+            assert geo.out_offsets is None, "a merged group's outputs are rounded as stored"
             rows_d = (min(2 * box[3], spec.out_spatial[0]) - 2 * box[2] if pair_dims
                       else box[3] - box[2])
             view = np.lib.stride_tricks.as_strided(
@@ -959,13 +970,16 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
 
 
 def _bias_tables(plan: Plan, bias) -> list:
-    """Per phase group, the bias of its phases side by side (one table per width)."""
+    """Per phase group, the bias of its phases side by side (one table per width): per
+    conv group (a job's outputs), or, PLANAR, whose jobs write every conv group, the
+    first C_out channels for each residue."""
     if bias is None:
         return [None] * len(plan.phase_groups)
+    groups = 1 if plan.algorithm == Algorithm.PLANAR else plan.spec.groups
     tables: dict[int, np.ndarray] = {}
     for g in plan.phase_groups:
         if len(g) not in tables:
-            tables[len(g)] = native.bias_table(bias, len(g))
+            tables[len(g)] = native.bias_table(bias, len(g), groups)
     return [tables[len(g)] for g in plan.phase_groups]
 
 

@@ -231,7 +231,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
               into: list | None = None, pair_out: int = 0, bias: int = 0,
               channel_stride: int = 0, groups: int = 1, chunks: int = 1,
               residues: TapOffsets | None = None, residue_stride: int = 0,
-              weight_offsets: TapOffsets | None = None) -> None:
+              weight_offsets: np.ndarray | None = None,
+              output_offsets: np.ndarray | None = None) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -257,9 +258,10 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     `residue_stride` elements after residue 0's) of each of `groups` conv groups, whose
     outputs come in `chunks` calls' worth of `cout` each (cin is a group's).
     `weight_offsets`: DOT mode's weight where it lies (`packed` a view of it from the
-    job's first output, each output's channels contiguous): each D tap's offset in
-    elements, each H tap's, and each (W tap, output)'s (otherwise `packed` is
-    [tap][co][c])."""
+    job's first output, each output's channels contiguous): each (tap, output)'s offset
+    in elements, [tap][output] (otherwise `packed` is [tap][co][c]).
+    `output_offsets`: DOT mode's outputs where they do not lie one after another (residues
+    merged across rows): each output's offset from its position's first, in elements."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
@@ -267,7 +269,9 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
            "cin": cin, "cout": cout, "cursor": cursor, "sharers": sharers,
            "pair_out": pair_out, "bias": bias, "cs": channel_stride}
     if weight_offsets is not None:
-        job.update(woff=weight_offsets.addresses[:2], wout=weight_offsets.addresses[2])
+        job["wout"] = _native.address(weight_offsets)
+    if output_offsets is not None:
+        job["oout"] = _native.address(output_offsets)
     if residues is not None:
         job.update(groups=groups * chunks, chunks=chunks, res=len(residues[0]),
                    res_taps=residues.addresses[0],
@@ -323,13 +327,14 @@ def planar_size(shape: tuple[int, ...], height: int, pitch: int, itemsize: int) 
     return n * d * c * planar_image(height, pitch, itemsize) + pitch + 2 * lanes
 
 
-def bias_table(bias: np.ndarray, repeats: int) -> np.ndarray:
-    """`bias` (C_out,) repeated `repeats` times (a merged W group's phases lie side by side
-    along its channels), then zeros: the kernel loads a chunk's bias in whole vectors,
-    up to one vector past the last channel."""
+def bias_table(bias: np.ndarray, repeats: int, groups: int = 1) -> np.ndarray:
+    """`bias` (C_out,) with each conv group's part repeated `repeats` times (a merged
+    group's phases lie side by side along its outputs: [group][phase][channel]), then
+    zeros: the kernel loads a chunk's bias in whole vectors, up to one vector past the
+    last channel."""
     lanes, _ = layout(bias.dtype.itemsize)
     out = np.zeros(bias.size * repeats + lanes, bias.dtype)
-    out[:bias.size * repeats] = np.tile(bias, repeats)
+    out[:bias.size * repeats] = np.tile(bias.reshape(groups, -1), (1, repeats)).ravel()
     return out
 
 

@@ -388,82 +388,131 @@ def live_phases(spec: ConvSpec) -> list[Phase]:
 
 
 def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase, ...], ...]:
-    """The W residues of one (D, H) residue, when they read the same input for s_w
-    neighbouring outputs (kernel_w a multiple of stride_w), lie side by side in the output:
-    as one phase of s_w * C_out channels they make the kernel write whole output rows in
-    order (`merged_w_row`). Needs groups == 1, where each output pixel's channels are one
-    run."""
-    sw = spec.stride[2]
-    # Dot mode takes at most `dot_max_out` outputs (a forced 'native' 16 -> 3 k4 s2 on AVX2,
-    # s_w * C_out = 6, raised so), depthwise one per channel.
+    """The phases the native kernel computes together. Residues along an axis that read
+    the same input for s neighbouring outputs (kernel a multiple of stride) merge into
+    one phase group whose outputs are every residue's channels (`merged_row`): the input
+    is read once for all of them. CHANNELS mode merges the W residues of one (D, H)
+    residue, which lie side by side in the output (one run of s_w * C_out channels, the
+    kernel writing whole output rows in order); with groups == 1 only, where a pixel's
+    channels are one run. Dot mode merges along every axis (`dot_phase_groups`)."""
     mode = native_mode(spec)
-    most = dot_max_out(spec.compute_dtype.itemsize)
-    if (spec.groups != 1 or sw == 1 or mode == native.DEPTHWISE
-            or mode == native.DOT and sw * spec.c_out > most):
+    if mode == native.DOT:
+        return dot_phase_groups(spec, tuple(live))
+    sw = spec.stride[2]
+    if spec.groups != 1 or sw == 1 or mode == native.DEPTHWISE:
         return tuple((p,) for p in live)
-    rows: dict[tuple, list[Phase]] = {}
-    for p in live:
-        rows.setdefault((p.residue[:2], p.count[:2], p.axis_taps[:2]), []).append(p)
-    # Merging with edges (residues rotated, or of unequal counts) pays where a pixel's
-    # outputs end inside a cache line, so that residues written apart each write part of
-    # lines (8 -> 13 k3x4 s4 2-D 2.08 -> 1.21 ms, 51 -> 77 k3 s3 1-D 5.8 -> 4.2), and its
-    # rows are long enough for the edges' own tasks and packed weights (323 -> 96 k4 s2 on
-    # 3x5x4: 2.4 -> 3.1 ms; 48 -> 32 k3 s3, whole lines a pixel: 4.2 -> 4.8).
-    edges = (spec.c_out * spec.compute_dtype.itemsize % 64 != 0
-             and spec.in_spatial[2] >= MERGE_EDGES_FROM_WIDTH)
-    phase_groups = []
+    return tuple(sorted(_merged_along(spec, [(p,) for p in live], 2, _merges_w_edges(spec)),
+                        key=lambda g: g[0].residue))
+
+
+def _merges_w_edges(spec: ConvSpec) -> bool:
+    """Whether W residues merge with edges (residues rotated, or of unequal counts): it
+    pays where a pixel's outputs end inside a cache line, so that residues written apart
+    each write part of lines (8 -> 13 k3x4 s4 2-D 2.08 -> 1.21 ms, 51 -> 77 k3 s3 1-D 5.8
+    -> 4.2), and its rows are long enough for the edges' own tasks and packed weights
+    (323 -> 96 k4 s2 on 3x5x4: 2.4 -> 3.1 ms; 48 -> 32 k3 s3, whole lines a pixel: 4.2 ->
+    4.8)."""
+    return (spec.c_out * spec.compute_dtype.itemsize % 64 != 0
+            and spec.in_spatial[2] >= MERGE_EDGES_FROM_WIDTH)
+
+
+# Dot mode merges residues up to this many outputs a phase group (its kernel takes them
+# in register blocks of up to 8, each reading the input rows again from cache).
+DOT_MERGE_MAX_OUT = 32
+
+
+@functools.lru_cache(maxsize=256)
+def dot_phase_groups(spec: ConvSpec, live: tuple[Phase, ...]) -> tuple[tuple[Phase, ...], ...]:
+    """Dot mode's phase groups: residues merged along W, then H, then D, each where the
+    model says it pays (`_dot_groups_seconds`: merged, the input is loaded once for
+    every residue's outputs; rotated residues leave edges as phase groups of their own)
+    and a phase group keeps at most DOT_MERGE_MAX_OUT outputs. Its vectors run along the
+    input channels: a thin layer's phases each read the whole input for an output or
+    two (126 -> 2 g2 k2 s2 read it 8 times), merged they read it once. A merged group's
+    outputs lie where each residue's positions do (`CtJob::oout`)."""
+    items = [(p,) for p in live]
+    for axis, edges in ((2, _merges_w_edges(spec)), (1, True), (0, True)):
+        if spec.stride[axis] > 1:
+            merged = _merged_along(spec, items, axis, edges, DOT_MERGE_MAX_OUT)
+            if (len(merged) != len(items)
+                    and _dot_groups_seconds(spec, merged) < _dot_groups_seconds(spec, items)):
+                items = merged
+    return tuple(sorted(items, key=lambda g: g[0].residue))
+
+
+def _merged_along(spec: ConvSpec, items: list[tuple[Phase, ...]], axis: int, edges: bool,
+                  most: int | None = None) -> list[tuple[Phase, ...]]:
+    """`items` (phase groups) with the residues along `axis` of those alike elsewhere
+    merged where they read the same input (`merged_row`), while a merged group holds at
+    most `most` outputs (None: any)."""
+    s, width = spec.stride[axis], spec.in_spatial[axis]
+    rows: dict[tuple, list[tuple[Phase, ...]]] = {}
+    for item in items:
+        key = tuple((p.residue[a], p.count[a], p.axis_taps[a]) for p in item
+                    for a in range(3) if a != axis)
+        rows.setdefault(key, []).append(item)
+    merged_items = []
     for row in rows.values():
-        merged = merged_w_row(sorted(row, key=lambda p: p.residue[2]), sw,
-                              spec.in_spatial[2], edges) if len(row) == sw else None
-        phase_groups.extend(merged if merged else ((p,) for p in row))
-    return tuple(sorted(phase_groups, key=lambda g: g[0].residue))
+        merged = None
+        if len(row) == s and (most is None or s * len(row[0]) * spec.c_out_per_group <= most):
+            merged = merged_row(sorted(row, key=lambda g: g[0].residue[axis]), axis, s, width,
+                                edges)
+        merged_items.extend(merged or row)
+    return merged_items
 
 
-def _w_phase(phase: Phase, first: int, count: int, shift: int, width: int) -> Phase:
-    """`phase`'s outputs [shift, shift + count) along W as a phase of their own: its first
-    output at W position `first` (its `residue`), its W taps reading from `shift` on
-    (a tap whose reads all fall outside the input keeps an empty range: its outputs are
-    still stored, as zero)."""
+def _axis_phase(phase: Phase, axis: int, first: int, count: int, shift: int,
+                width: int) -> Phase:
+    """`phase`'s outputs [shift, shift + count) along `axis` as a phase of their own: its
+    first output at position `first` along it (its `residue`), its taps there reading
+    from `shift` on (a tap whose reads all fall outside the input keeps an empty range:
+    its outputs are still stored, as zero)."""
     taps = []
-    for t in phase.axis_taps[2]:
+    for t in phase.axis_taps[axis]:
         offset = t.offset + shift
         lo = min(count, max(0, -offset))
         taps.append(type(t)(t.k, offset, lo, max(lo, min(count, width - offset))))
-    return Phase((*phase.residue[:2], first), (*phase.count[:2], count),
-                 (*phase.axis_taps[:2], tuple(taps)))
+
+    def put(values: tuple, value) -> tuple:
+        return tuple(value if a == axis else v for a, v in enumerate(values))
+
+    return Phase(put(phase.residue, first), put(phase.count, count),
+                 put(phase.axis_taps, tuple(taps)))
 
 
 MERGE_EDGES_FROM_WIDTH = 8
 
 
-def merged_w_row(row: list[Phase], sw: int, width: int,
-                 edges: bool = True) -> list[tuple[Phase, ...]] | None:
-    """The W residues of a (D, H) residue (in residue order) as one merged phase group
-    and, around it, single phases for the outputs it leaves; None where they do not
-    merge. Output q * s_w + r0 + j (j < s_w) is residue (r0 + j) mod s_w's position
-    q + wrap, wrap 1 where r0 + j passes s_w: the merged group's s_w outputs at q read the
-    same input where each residue's W tap offsets plus its wrap are the same (padding
-    rotates the residues: 8 -> 13 k3x4 s4 p1 2-D read residue 3 one input ahead, and its
-    phases ran apart, 4.2 against 2.1 ms on one core merged). Without `edges`, only rows
-    that merge whole (no rotation, equal counts)."""
-    offsets = [[t.offset for t in p.axis_taps[2]] for p in row]
-    for r0 in range(sw):
-        wraps = [1 if r < r0 else 0 for r in range(sw)]
+def merged_row(row: list[tuple[Phase, ...]], axis: int, s: int, width: int,
+               edges: bool = True) -> list[tuple[Phase, ...]] | None:
+    """The s residues along `axis` of phase groups alike elsewhere (in residue order) as
+    one merged phase group and, around it, phase groups for the outputs it leaves; None
+    where they do not merge. Output q * s + r0 + j (j < s) is residue (r0 + j) mod s's
+    position q + wrap, wrap 1 where r0 + j passes s: the merged group's s outputs at q
+    read the same input where each residue's tap offsets plus its wrap are the same
+    (padding rotates the residues: 8 -> 13 k3x4 s4 p1 2-D read residue 3 one input
+    ahead, and its phases ran apart, 4.2 against 2.1 ms on one core merged). Without
+    `edges`, only rows that merge whole (no rotation, equal counts)."""
+    offsets = [[t.offset for t in group[0].axis_taps[axis]] for group in row]
+    counts = [group[0].count[axis] for group in row]
+    for r0 in range(s):
+        wraps = [1 if r < r0 else 0 for r in range(s)]
         shifted = {tuple(o + wrap for o in offs) for offs, wrap in zip(offsets, wraps)}
         if len(shifted) != 1:
             continue
-        merged_count = min(p.count[2] - wrap for p, wrap in zip(row, wraps))
-        whole = r0 == 0 and all(p.count[2] == merged_count for p in row)
+        merged_count = min(c - wrap for c, wrap in zip(counts, wraps))
+        whole = r0 == 0 and all(c == merged_count for c in counts)
         if merged_count <= 0 or not (whole or edges):
             return None
-        order = [(r0 + j) % sw for j in range(sw)]
-        merged = tuple(_w_phase(row[r], r0 + j, merged_count, wraps[r], width)
-                       for j, r in enumerate(order))
+        order = [(r0 + j) % s for j in range(s)]
+        merged = tuple(_axis_phase(p, axis, r0 + j, merged_count, wraps[r], width)
+                       for j, r in enumerate(order) for p in row[r])
         ends = []  # each residue's positions before and after the merged ones
-        for r, (p, wrap) in enumerate(zip(row, wraps)):
-            for a, b in ((0, wrap), (merged_count + wrap, p.count[2])):
+        for r, (group, wrap) in enumerate(zip(row, wraps)):
+            for a, b in ((0, wrap), (merged_count + wrap, counts[r])):
                 if a < b:
-                    ends.append((_w_phase(p, a * sw + r, b - a, a, width),))
+                    ends.append(tuple(_axis_phase(p, axis, a * s + r, b - a, a, width)
+                                      for p in group))
         return [merged, *ends]
     return None
 
@@ -712,7 +761,7 @@ def _native_mode(spec: ConvSpec, wide_w: bool | None, weight_in_place: bool,
         # the copy outweighs the products (`DOT_IN_PLACE_BELOW`), if the models agree.
         lanes = native.layout(spec.compute_dtype.itemsize)[0]
         if (weight_in_place and summed >= lanes and weight_reuse(spec) < DOT_IN_PLACE_BELOW
-                and dot_seconds(spec, len(live_phases(spec))) < channels_seconds(spec)):
+                and dot_seconds(spec) < channels_seconds(spec)):
             return native.DOT
         return native.CHANNELS
     if cog <= dot_max_out(spec.compute_dtype.itemsize) and summed >= 8:
@@ -869,30 +918,33 @@ CHANNELS_PACK_BYTE = 0.2e-9  # CHANNELS mode's weight gathered into its layout
 L2_BYTES = 1 << 20
 
 
-def dot_seconds(spec: ConvSpec, phase_groups: int | None = None) -> float:
-    """Dot mode's time for the layer on one core (`DOT_*`): vectors run along the
+def dot_seconds(spec: ConvSpec) -> float:
+    """Dot mode's time for the layer on one core (`DOT_*`), in its phase groups
+    (`dot_phase_groups`)."""
+    live = tuple(live_phases(spec))
+    return _dot_groups_seconds(spec, dot_phase_groups(spec, live))
+
+
+def _dot_groups_seconds(spec: ConvSpec, phase_groups) -> float:
+    """Dot mode's time on one core for these phase groups: vectors run along the
     channels summed (C_in/g, or with fused W taps those of a phase's W taps), every
-    output's sum reduced across lanes; past a register block of outputs, each block
-    loads the input again and the weight is read from memory. `phase_groups`: their
-    count, where known (else `native_phase_groups`')."""
+    output's sum reduced across lanes; a group's phases (merged residues) read the same
+    input, loaded once per register block of outputs; past a block, the weight is read
+    from memory."""
     lanes = native.layout(spec.compute_dtype.itemsize)[0] if native.AVAILABLE else 16
     block = native.DOT_MAX_OUT or 8  # outputs per register block (AVX2's 4 not told apart)
     vectors = math.ceil(summed_channels(spec) / lanes)
     cog, wide = spec.c_out_per_group, fuses_w_taps(spec)
-    loads = math.ceil(cog / block)
-    live = live_phases(spec)
     # A (D, H) tap that reads outside the input is skipped for the whole row (on few
     # pixels, most are); one that reads part of a row's W, computed for the whole block.
     inside = math.prod(_reading_inside(spec, axis) for axis in (0, 1))
-    seconds = 0.0
-    per_block = _dot_block_pixels(min(cog, block))
-    # the outputs of the kernel's jobs: W residues merge where they read the same input
-    # (`native_phase_groups`, roughly: it asks for the mode this models)
-    sw = spec.stride[2]
-    merged = (spec.groups == 1 and sw > 1 and spec.kernel[2] % sw == 0
-              and sw * cog <= dot_max_out(spec.compute_dtype.itemsize))
-    outputs = sw * cog if merged else cog
-    for p in live:
+    seconds, most = 0.0, 0
+    for group in phase_groups:
+        p = group[0]
+        outputs = len(group) * cog
+        most = max(most, outputs)
+        loads = math.ceil(outputs / block)
+        per_block = _dot_block_pixels(min(outputs, block))
         taps = p.tap_count // len(p.axis_taps[2]) if wide else p.tap_count
         window = None if wide else _window_loads(p, outputs, per_block)
         load_taps = taps if window is None else taps // len(p.axis_taps[2]) * window
@@ -900,17 +952,16 @@ def dot_seconds(spec: ConvSpec, phase_groups: int | None = None) -> float:
         # a row is computed in whole blocks of pixels (the last overlapping the one before)
         computed = _dot_row_pixels(p.count[2], per_block) / p.count[2]
         seconds += pixels * (inside * computed * vectors
-                             * (taps * cog * DOT_VECTOR_FMA + load_taps * loads * DOT_VECTOR_LOAD)
-                             + cog * DOT_OUTPUT + DOT_PIXEL)
+                             * (taps * outputs * DOT_VECTOR_FMA
+                                + load_taps * loads * DOT_VECTOR_LOAD)
+                             + outputs * DOT_OUTPUT + DOT_PIXEL)
     item = spec.compute_dtype.itemsize
     input_bytes = spec.batch * math.prod(spec.in_spatial) * spec.c_in * item
     if input_bytes > L2_BYTES:
-        seconds += input_bytes * len(live) * DOT_REREAD_BYTE
-    if loads > 1:
-        seconds += weight_bytes(spec, live) * DOT_WEIGHT_BYTE
-    if phase_groups is None:
-        phase_groups = len(native_phase_groups(spec, live))
-    return seconds + phase_groups * DOT_PHASE_GROUP
+        seconds += input_bytes * len(phase_groups) * DOT_REREAD_BYTE
+    if most > block:
+        seconds += weight_bytes(spec, live_phases(spec)) * DOT_WEIGHT_BYTE
+    return seconds + len(phase_groups) * DOT_PHASE_GROUP
 
 
 def _window_loads(phase: Phase, outputs: int, pixels: int) -> float | None:

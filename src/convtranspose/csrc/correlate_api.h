@@ -84,11 +84,14 @@ struct CtJob {
   const int64_t* res_off;
   const int64_t* res_count;
   int64_t res_stride;
-  // CT_MODE_DOT: the weight where it lies, each output's channels contiguous: tap (i, j, k)
-  // of output o at w + woff[0][i] + woff[1][j] + wout[k * cout + o] (outputs of merged W
-  // residues have W taps of their own). Null: packed [tap][co][c].
-  const int64_t* woff[2];
+  // CT_MODE_DOT: the weight where it lies, each output's channels contiguous: output o of
+  // tap (i, j, k) at w + wout[((i * ntaps[1] + j) * ntaps[2] + k) * cout + o] (outputs of
+  // merged residues have taps of their own). Null: packed [tap][co][c].
   const int64_t* wout;
+  // CT_MODE_DOT: null, and a pixel's outputs lie one after another; else output o lies
+  // oout[o] elements from the pixel's first (residues merged across rows: each one's
+  // outputs where its own position lies).
+  const int64_t* oout;
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the

@@ -539,10 +539,13 @@ template <int CO> struct DotBlock {
 };
 
 // Dot mode's P x CO sums reduced across lanes (`lane_sums`) and stored, plus the bias:
-// pixels [skip, np) of the block, pixel p's CO outputs at `out` + p * `pstride` bytes.
+// pixels [skip, np) of the block, pixel p's CO outputs at `out` + p * `pstride` bytes, one
+// after another, or, `oo` given, output o oo[o] elements from there (merged residues of
+// other rows: `CtJob::oout`).
 template <typename T, int P, int CO, typename V>
 static inline void store_dot_block(const CtJob& job, const V (&acc)[P][CO], const T* bias,
-                                   char* out, int64_t pstride, int64_t skip, int64_t np) {
+                                   char* out, int64_t pstride, int64_t skip, int64_t np,
+                                   const int64_t* oo) {
   constexpr int L = CT_VBYTES / sizeof(T);
   alignas(64) T sums[(P * CO + L - 1) / L * L];
   lane_sums<V, T, P * CO>(reinterpret_cast<const V(&)[P * CO]>(acc), sums);
@@ -551,6 +554,13 @@ static inline void store_dot_block(const CtJob& job, const V (&acc)[P][CO], cons
     for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8
       for (int o = 0; o < CO; ++o) sums[p * CO + o] += bias[o];
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  if (oo) {
+    for (int64_t p = skip; p < np; ++p)
+      for (int o = 0; o < CO; ++o)
+        store_out(job.out_half, out + p * pstride + oo[o] * oi, sums + p * CO + o, 1);
+    return;
+  }
   for (int64_t p = skip; p < np; ++p) store_out(job.out_half, out + p * pstride, sums + p * CO, CO);
 }
 
@@ -645,25 +655,22 @@ static inline bool dot_half_block(int64_t wcount, int64_t P) {
   return P >= 4 && cost(P / 2) < cost(P);
 }
 
-// Where dot mode reads its weight: tap (q, k) (q the (D, H) tap pair, k the W tap) of
-// output o at w + dh[q] + out[k * cout + o], each output's channels contiguous. From the
-// job's offsets (`woff`, `wout`: the caller's weight where it lies, no copy), or, without
-// them, the packed [tap][co][c].
+// Where dot mode reads its weight: output o of tap (q, k) (q the (D, H) tap pair, k the
+// W tap) at w + at(q, k)[o], each output's channels contiguous. From the job's table
+// (`wout`: the caller's weight where it lies, no copy; outputs of merged residues have
+// taps of their own), or, without it, the packed [tap][co][c].
 struct DotWeights {
-  std::vector<int64_t> dh, own;
-  const int64_t* out;
-  explicit DotWeights(const CtJob& job) : dh(job.ntaps[0] * job.ntaps[1]) {
-    const int64_t th = job.ntaps[1], tw = job.ntaps[2], cout = job.cout, cin = job.cin;
-    const bool packed = !job.woff[0];
-    for (int64_t q = 0; q < (int64_t)dh.size(); ++q)
-      dh[q] = packed ? q * tw * cout * cin : job.woff[0][q / th] + job.woff[1][q % th];
-    if (packed) {
-      own.resize(tw * cout);
-      for (int64_t k = 0; k < tw; ++k)
-        for (int64_t o = 0; o < cout; ++o) own[k * cout + o] = (k * cout + o) * cin;
+  std::vector<int64_t> own;
+  const int64_t* table;
+  int64_t tw, cout;
+  explicit DotWeights(const CtJob& job) : tw(job.ntaps[2]), cout(job.cout) {
+    if (!job.wout) {
+      own.resize(job.ntaps[0] * job.ntaps[1] * tw * cout);
+      for (int64_t i = 0; i < (int64_t)own.size(); ++i) own[i] = i * job.cin;
     }
-    out = packed ? own.data() : job.wout;
+    table = job.wout ? job.wout : own.data();
   }
+  const int64_t* at(int64_t q, int64_t k) const { return table + (q * tw + k) * cout; }
 };
 
 // The weight's last vector of each (tap, output) for dot_tap's channels past the whole
@@ -681,7 +688,7 @@ static std::vector<T> dot_tails(const CtJob& job, const DotWeights& dw) {
   T* t = aligned_line(tails.data());
   for (int64_t tap = 0; tap < taps; ++tap)
     for (int64_t o = 0; o < job.cout; ++o, t += L) {
-      const T* last = w + dw.dh[tap / tw] + dw.out[tap % tw * job.cout + o] + cin - L;
+      const T* last = w + dw.table[tap * job.cout + o] + cin - L;
       for (int i = 0; i < L; ++i) t[i] = i >= L - rest ? last[i] : T(0);
     }
   return tails;
@@ -703,7 +710,8 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
   const T* w = static_cast<const T*>(job.w);
   const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  orow += o0 * oi;
+  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
+  if (!oo) orow += o0 * oi;
   for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
     const DotSpan at = dot_span(b0, P, job.wcount);
     const int64_t w0 = at.w0, skip = at.skip, np = at.np;
@@ -715,12 +723,12 @@ CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64
         const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
         if (a >= b) continue;
         dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
-                          pstride, w + dw.dh[q], dw.out + k * job.cout + o0,
+                          pstride, w, dw.at(q, k) + o0,
                           tails ? tails + ((q * tw + k) * job.cout + o0) * L : nullptr,
                           cin, full, a - w0, b - w0, zeros);
       }
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np);
+    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np, oo);
   }
 }
 
@@ -821,7 +829,8 @@ CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* 
     gk[g] = falling ? k0 + gn[g] - 1 : k0;
   }
   const int64_t wstep = falling ? -cout : cout;
-  orow += o0 * oi;
+  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
+  if (!oo) orow += o0 * oi;
   for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
     const DotSpan at = dot_span(b0, P, job.wcount);
     const int64_t w0 = at.w0;
@@ -829,14 +838,13 @@ CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* 
     zero_tile(acc);
     for (int64_t q = 0; q < dh_taps; ++q) {
       if (!rows[q]) continue;
-      const T* wt = w + dw.dh[q];
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k = gk[g], first = w0 + job.off[2][k];
         const T* xb = rows[q] + first * pstride;
-        const int64_t* wo = dw.out + k * cout + o0;
+        const int64_t* wo = dw.at(q, k) + o0;
         const T* tail = tails ? tails + ((q * tw + k) * cout + o0) * L : nullptr;
 #define CT_WINDOW(G)                                                                    \
-  dot_window<T, CO, P, G, DELTA>(acc, xb, first, in_w, pstride, wt, wo, wstep, tail,    \
+  dot_window<T, CO, P, G, DELTA>(acc, xb, first, in_w, pstride, w, wo, wstep, tail,     \
                                  cin, full, zeros)
         if constexpr (GM >= 4) if (gn[g] == 4) { CT_WINDOW(4); continue; }
         if (gn[g] == 3) { CT_WINDOW(3); continue; }
@@ -844,7 +852,7 @@ CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* 
 #undef CT_WINDOW
       }
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, at.skip, at.np);
+    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, at.skip, at.np, oo);
   }
 }
 
@@ -881,7 +889,8 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
   const T* w = static_cast<const T*>(job.w);
   const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  orow += o0 * oi;
+  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
+  if (!oo) orow += o0 * oi;
   for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
     const DotSpan at = dot_span(b0, P, job.wcount);
     const int64_t w0 = at.w0, skip = at.skip, np = at.np;
@@ -892,8 +901,8 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
       for (int64_t k = 0; k < tw; ++k) {
         const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
         if (pa >= pb) continue;
-        const T* wt = w + dw.dh[q];
-        const int64_t* wo = dw.out + k * job.cout + o0;
+        const T* wt = w;
+        const int64_t* wo = dw.at(q, k) + o0;
         const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
         // One tap: a whole block loads plainly, an edge block through the valid mask.
         const auto tap = [&](auto masked, unsigned valid) {
@@ -917,7 +926,7 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
         else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
       }
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np);
+    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np, oo);
   }
 }
 

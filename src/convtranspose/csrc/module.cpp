@@ -417,8 +417,8 @@ Field kCorrelateFields[] = {
     CT_OPTIONAL(CtJob, sharers),  CT_OPTIONAL(CtJob, pair_out), CT_OPTIONAL(CtJob, bias),
     CT_OPTIONAL(CtJob, cs),       CT_OPTIONAL(CtJob, groups),   CT_OPTIONAL(CtJob, res),
     CT_OPTIONAL(CtJob, res_taps), CT_OPTIONAL(CtJob, res_off),  CT_OPTIONAL(CtJob, res_count),
-    CT_OPTIONAL(CtJob, res_stride), CT_OPTIONAL(CtJob, chunks),   CT_OPTIONAL(CtJob, woff),
-    CT_OPTIONAL(CtJob, wout),
+    CT_OPTIONAL(CtJob, res_stride), CT_OPTIONAL(CtJob, chunks),   CT_OPTIONAL(CtJob, wout),
+    CT_OPTIONAL(CtJob, oout),
 };
 
 // correlate's fields (see _native_kernel.correlate) into a job; false with an error set.
@@ -437,11 +437,11 @@ bool parse_correlate(PyObject* spec, CtJob& job) {
     return false;
   }
   if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_PLANAR ||
-      (job.mode == CT_MODE_DOT && (job.cout < 1 || !job.woff[0] != !job.woff[1] ||
-                                   !job.woff[0] != !job.wout)) ||
+      (job.mode == CT_MODE_DOT && job.cout < 1) ||
+      (job.mode != CT_MODE_DOT && (job.wout || job.oout)) ||
       (job.mode == CT_MODE_PLANAR && (job.cout < 1 || job.cout > CT_PLANAR_MAX_OUT))) {
-    PyErr_SetString(PyExc_ValueError, "correlate: bad mode, no outputs, dot mode's weight "
-                    "offsets given in part, or more than CT_PLANAR_MAX_OUT outputs in planar mode");
+    PyErr_SetString(PyExc_ValueError, "correlate: bad mode, no outputs, weight or output "
+                    "offsets outside dot mode, or more than CT_PLANAR_MAX_OUT outputs in planar mode");
     return false;
   }
   if (job.mode == CT_MODE_PLANAR &&
