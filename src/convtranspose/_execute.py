@@ -820,13 +820,14 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     # Reading and writing in place, the tile's rows are claimed through the kernel's
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
-    planar = mode == native.PLANAR  # one call writes whole rows: every group and residue
-    cursors = native.RowCursors(1 if planar else groups,
+    # one call writes whole rows: PLANAR every group and residue, DOT every group
+    whole_rows = mode in (native.PLANAR, native.DOT)
+    cursors = native.RowCursors(1 if whole_rows else groups,
                                 1 if convert_input or round_output else threads)
     b_addr = bias.ctypes.data if bias is not None else 0
 
     def calls(packed, x_addr, xs, o_addr, os_, out_item, into=None) -> None:
-        if planar:  # each group's outputs in blocks of `planar_chunk`
+        if mode == native.PLANAR:  # each group's outputs in blocks of `planar_chunk`
             chunk = planar_chunk(spec.c_out_per_group)
             native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, packed[0],
                              offsets, geo.steps, o_addr, os_, box, qw, cig, chunk,
@@ -839,16 +840,25 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
                              cursors.address(0), cursors.sharers, into=into, bias=b_addr)
+        elif mode == native.DOT:  # each row's conv groups in turn, its input in cache
+            w0 = packed[0]
+            group_w = ((native.address(packed[1]) - native.address(w0)) // item
+                       if groups > 1 else 0)
+            native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, w0,
+                             offsets, geo.steps, o_addr, os_, box, qw, cig, cog,
+                             cursors.address(0), cursors.sharers, into=into, bias=b_addr,
+                             weight_offsets=weights.offsets, output_offsets=geo.out_offsets,
+                             groups=groups, group_w=group_w,
+                             group_out=spec.c_out_per_group)
         else:
             group_step = cig * (channel_stride or 1) * item
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * group_step, xs,
                                  geo.in_dims, packed[g], offsets, geo.steps,
-                                 o_addr + g * spec.c_out_per_group * out_item, os_, box, qw,
-                                 cig, cog, cursors.address(g), cursors.sharers, into=into,
+                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog,
+                                 cursors.address(g), cursors.sharers, into=into,
                                  pair_out=geo.pair_out, bias=b_addr and b_addr + g * cog * item,
-                                 channel_stride=channel_stride, weight_offsets=weights.offsets,
-                                 output_offsets=geo.out_offsets)
+                                 channel_stride=channel_stride)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []

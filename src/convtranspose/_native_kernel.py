@@ -232,7 +232,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
               channel_stride: int = 0, groups: int = 1, chunks: int = 1,
               residues: TapOffsets | None = None, residue_stride: int = 0,
               weight_offsets: np.ndarray | None = None,
-              output_offsets: np.ndarray | None = None) -> None:
+              output_offsets: np.ndarray | None = None, group_w: int = 0,
+              group_out: int = 0) -> None:
     """out[n, d, h, w, :cout] = sum over taps (i, j, k) and channels c of
     x[n, d*step_d + off_d[i], h*step_h + off_h[j], w*step_w + off_w[k], c] * W[(i, j, k), c, :],
     taps outside `in_dims` skipped, for n, d, h in `box` = (n0, n1, d0, d1, h0, h1) and w in
@@ -261,7 +262,11 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     job's first output, each output's channels contiguous): each (tap, output)'s offset
     in elements, [tap][output] (otherwise `packed` is [tap][co][c]).
     `output_offsets`: DOT mode's outputs where they do not lie one after another (residues
-    merged across rows): each output's offset from its position's first, in elements."""
+    merged across rows): each output's offset from its position's first, in elements.
+    `groups`, `group_w`, `group_out`: DOT mode's conv groups in one call (`packed` the
+    first's weight, the others `group_w` elements apart; a group's outputs `group_out`
+    elements after the one before's; its bias `cout` values after), each row's groups in
+    turn."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
@@ -272,6 +277,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
         job["wout"] = _native.address(weight_offsets)
     if output_offsets is not None:
         job["oout"] = _native.address(output_offsets)
+    if mode == DOT and groups > 1:
+        job.update(groups=groups, group_w=group_w, group_out=group_out)
     if residues is not None:
         job.update(groups=groups * chunks, chunks=chunks, res=len(residues[0]),
                    res_taps=residues.addresses[0],

@@ -423,10 +423,10 @@ DOT_MERGE_MAX_OUT = 32
 
 @functools.lru_cache(maxsize=256)
 def dot_phase_groups(spec: ConvSpec, live: tuple[Phase, ...]) -> tuple[tuple[Phase, ...], ...]:
-    """Dot mode's phase groups: residues merged along W, then H, then D, each where the
-    model says it pays (`_dot_groups_seconds`: merged, the input is loaded once for
-    every residue's outputs; rotated residues leave edges as phase groups of their own)
-    and a phase group keeps at most DOT_MERGE_MAX_OUT outputs. Its vectors run along the
+    """Dot mode's phase groups: residues merged along W, then H, then D, each where it
+    loads the input fewer times (`_dot_block_loads`) and the model says it pays
+    (`_dot_groups_seconds`; rotated residues leave edges as phase groups of their own),
+    a phase group keeping at most DOT_MERGE_MAX_OUT outputs. Its vectors run along the
     input channels: a thin layer's phases each read the whole input for an output or
     two (126 -> 2 g2 k2 s2 read it 8 times), merged they read it once. A merged group's
     outputs lie where each residue's positions do (`CtJob::oout`)."""
@@ -434,10 +434,18 @@ def dot_phase_groups(spec: ConvSpec, live: tuple[Phase, ...]) -> tuple[tuple[Pha
     for axis, edges in ((2, _merges_w_edges(spec)), (1, True), (0, True)):
         if spec.stride[axis] > 1:
             merged = _merged_along(spec, items, axis, edges, DOT_MERGE_MAX_OUT)
-            if (len(merged) != len(items)
+            if (_dot_block_loads(spec, merged) < _dot_block_loads(spec, items)
                     and _dot_groups_seconds(spec, merged) < _dot_groups_seconds(spec, items)):
                 items = merged
     return tuple(sorted(items, key=lambda g: g[0].residue))
+
+
+def _dot_block_loads(spec: ConvSpec, phase_groups) -> int:
+    """Pixels times register blocks of outputs over these phase groups: how often dot
+    mode loads the input. A merge that leaves it as it was saves nothing (58 -> 5 k6 s2
+    merged two phases of 5 outputs into blocks of 5 and 5, and ran 1.3x as long)."""
+    block = native.DOT_MAX_OUT or 8
+    return sum(ceil_div(len(g) * spec.c_out_per_group, block) * g[0].size for g in phase_groups)
 
 
 def _merged_along(spec: ConvSpec, items: list[tuple[Phase, ...]], axis: int, edges: bool,
@@ -900,7 +908,7 @@ def summed_channels(spec: ConvSpec, wide_w: bool | None = None) -> float:
 DOT_VECTOR_FMA = 0.29e-9  # a vector multiply-add (an output, a tap, a vector of channels)
 DOT_VECTOR_LOAD = 0.35e-9  # an input vector, loaded once per tap for the block's outputs
 DOT_OUTPUT = 0.16e-9  # an output's sum: its lanes reduced and stored
-DOT_PIXEL = 5.4e-9  # an output pixel of a conv group: its block's bookkeeping
+DOT_PIXEL = 5.4e-9  # a pixel of a register block of outputs: its block's bookkeeping
 DOT_REREAD_BYTE = 0.016e-9  # the input read again by each phase, where it outgrows L2
 DOT_PHASE_GROUP = 31e-6  # a phase group's tiles started (fitted while its weight was packed)
 DOT_WEIGHT_BYTE = 0.065e-9  # the weight read where it lies, once (more than 8 outputs)
@@ -954,7 +962,7 @@ def _dot_groups_seconds(spec: ConvSpec, phase_groups) -> float:
         seconds += pixels * (inside * computed * vectors
                              * (taps * outputs * DOT_VECTOR_FMA
                                 + load_taps * loads * DOT_VECTOR_LOAD)
-                             + outputs * DOT_OUTPUT + DOT_PIXEL)
+                             + outputs * DOT_OUTPUT + loads * DOT_PIXEL)
     item = spec.compute_dtype.itemsize
     input_bytes = spec.batch * math.prod(spec.in_spatial) * spec.c_in * item
     if input_bytes > L2_BYTES:

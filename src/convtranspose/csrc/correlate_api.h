@@ -92,6 +92,12 @@ struct CtJob {
   // oout[o] elements from the pixel's first (residues merged across rows: each one's
   // outputs where its own position lies).
   const int64_t* oout;
+  // CT_MODE_DOT: `groups` conv groups in one job (0 or 1: one), each row's groups one
+  // after another while its input lines are in cache. Group g reads input channels
+  // g * cin on, the weight group_w elements on per group, writes its outputs group_out
+  // elements on per group, and adds bias[g * cout + o].
+  int64_t group_w;
+  int64_t group_out;
 };
 
 // grad_weight of one tile of input rows, added into a partial sum `part` laid out as the

@@ -555,10 +555,14 @@ static inline void store_dot_block(const CtJob& job, const V (&acc)[P][CO], cons
 #pragma GCC unroll 8
       for (int o = 0; o < CO; ++o) sums[p * CO + o] += bias[o];
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  if (oo) {
+  if (oo) {  // one value at a time (the compute type's as plain stores)
     for (int64_t p = skip; p < np; ++p)
-      for (int o = 0; o < CO; ++o)
-        store_out(job.out_half, out + p * pstride + oo[o] * oi, sums + p * CO + o, 1);
+#pragma GCC unroll 8
+      for (int o = 0; o < CO; ++o) {
+        char* at = out + p * pstride + oo[o] * oi;
+        if (job.out_half) store_out(job.out_half, at, sums + p * CO + o, 1);
+        else *reinterpret_cast<T*>(at) = sums[p * CO + o];
+      }
     return;
   }
   for (int64_t p = skip; p < np; ++p) store_out(job.out_half, out + p * pstride, sums + p * CO, CO);
@@ -1161,8 +1165,21 @@ static void run_mode(const CtJob& job) {
                       cv <= 2;
   const DotWeights dw(job);
   const std::vector<T> zeros(job.cin);  // what a partial block's pixels outside it read
-  const std::vector<T> tail_store = packed ? std::vector<T>{} : dot_tails<T>(job, dw);
-  const T* tails = tail_store.empty() ? nullptr : aligned_line(tail_store.data());
+  // Per conv group: the job as its rows see it (its weight and bias), and its tails.
+  // (Each group a job of its own read the input once per group: 92 -> 4 g4 k2 s(4,2,2)
+  // streamed 40 MB eight times.)
+  const int64_t groups = job.groups > 1 ? job.groups : 1;
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  std::vector<CtJob> group_jobs(groups, job);
+  std::vector<std::vector<T>> tail_store(groups);
+  std::vector<const T*> tails(groups, nullptr);
+  for (int64_t g = 0; g < groups; ++g) {
+    group_jobs[g].w = static_cast<const T*>(job.w) + g * job.group_w;
+    if (job.bias) group_jobs[g].bias = static_cast<const T*>(job.bias) + g * job.cout;
+    if (!packed) tail_store[g] = dot_tails<T>(group_jobs[g], dw);
+    if (!tail_store[g].empty()) tails[g] = aligned_line(tail_store[g].data());
+  }
+  std::vector<const T*> group_rows(job.ntaps[0] * job.ntaps[1]);
   // More outputs than a register block takes in chunks, as even as they go (AVX2's 5:
   // 3 + 2). (CHANNELS mode padded 5 outputs to 16 lanes: 384 -> 5 ran at 45 GFLOP/s, 4
   // outputs at 112.) Each row's chunks one after another while its input rows are in
@@ -1173,7 +1190,17 @@ static void run_mode(const CtJob& job) {
   const int64_t chunks = (job.cout + MAXO - 1) / MAXO;
   const bool by_chunk = chunks > 1 && job.wcount < MAXO * job.ntaps[2];
   const int delta = window_delta(job);
-  for_each_row<T>(job, chunks, by_chunk, [&](const T* const* rows, char* orow, int64_t c) {
+  for_each_row<T>(job, groups * chunks, by_chunk, [&](const T* const* all_rows, char* orow,
+                                                      int64_t unit) {
+    const int64_t g = unit / chunks, c = unit % chunks;
+    const CtJob& gjob = group_jobs[g];
+    const T* const* rows = all_rows;
+    if (g) {  // the group's channels of the same input rows, its outputs of the same row
+      for (size_t q = 0; q < group_rows.size(); ++q)
+        group_rows[q] = all_rows[q] ? all_rows[q] + g * job.cin : nullptr;
+      rows = group_rows.data();
+      orow += g * job.group_out * oi;
+    }
     const int64_t o0 = job.cout * c / chunks, n = job.cout * (c + 1) / chunks - o0;
 #define CT_DOT(CO)                                                                        \
   if constexpr (CO <= WindowBlock<1>::MAX_OUT) {                                          \
@@ -1182,22 +1209,22 @@ static void run_mode(const CtJob& job) {
       const bool half = dot_half_block(job.wcount, P);                                    \
       if (delta == 1 || delta == -1)                                                      \
         (half ? dot_row_window<T, CO, P / 2, 1> : dot_row_window<T, CO, P, 1>)(           \
-            job, delta < 0, rows, orow, o0, dw, zeros.data(), tails);                     \
+            gjob, delta < 0, rows, orow, o0, dw, zeros.data(), tails[g]);                 \
       else                                                                                \
         (half ? dot_row_window<T, CO, P / 2, 2> : dot_row_window<T, CO, P, 2>)(           \
-            job, delta < 0, rows, orow, o0, dw, zeros.data(), tails);                     \
+            gjob, delta < 0, rows, orow, o0, dw, zeros.data(), tails[g]);                 \
       break;                                                                              \
     }                                                                                     \
   }                                                                                       \
   if constexpr (CO <= MAXO) {                                                             \
     if (packed)                                                                           \
-      (cv == 1 ? dot_row_packed<T, CO, 1> : dot_row_packed<T, CO, 2>)(job, lo, hi, rows, \
+      (cv == 1 ? dot_row_packed<T, CO, 1> : dot_row_packed<T, CO, 2>)(gjob, lo, hi, rows, \
                                                                        orow, o0, dw);     \
     else                                                                                  \
       (dot_half_block(job.wcount, DotBlock<CO>::P)                                       \
            ? dot_row<T, CO, (DotBlock<CO>::P >= 4 ? DotBlock<CO>::P / 2 : DotBlock<CO>::P)> \
-           : dot_row<T, CO, DotBlock<CO>::P>)(job, lo, hi, rows, orow, o0, dw,              \
-                                               zeros.data(), tails);                        \
+           : dot_row<T, CO, DotBlock<CO>::P>)(gjob, lo, hi, rows, orow, o0, dw,             \
+                                               zeros.data(), tails[g]);                     \
   }                                                                                       \
   break;
     switch (n) {

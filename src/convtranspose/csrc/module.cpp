@@ -418,7 +418,7 @@ Field kCorrelateFields[] = {
     CT_OPTIONAL(CtJob, cs),       CT_OPTIONAL(CtJob, groups),   CT_OPTIONAL(CtJob, res),
     CT_OPTIONAL(CtJob, res_taps), CT_OPTIONAL(CtJob, res_off),  CT_OPTIONAL(CtJob, res_count),
     CT_OPTIONAL(CtJob, res_stride), CT_OPTIONAL(CtJob, chunks),   CT_OPTIONAL(CtJob, wout),
-    CT_OPTIONAL(CtJob, oout),
+    CT_OPTIONAL(CtJob, oout),      CT_OPTIONAL(CtJob, group_w),  CT_OPTIONAL(CtJob, group_out),
 };
 
 // correlate's fields (see _native_kernel.correlate) into a job; false with an error set.
