@@ -1144,6 +1144,9 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
 
 #include "planar.hpp"
 
+// The most weight (every conv group's) for which dot mode runs a row's groups in turn.
+#define CT_DOT_GROUPS_IN_ROW_BYTES (32 * 1024)
+
 template <typename T>
 static void run_mode(const CtJob& job) {
   if (job.mode == CT_MODE_PLANAR) return run_planar<T>(job);
@@ -1186,9 +1189,15 @@ static void run_mode(const CtJob& job) {
   // cache; or, where rows are short (fewer pixels than MAXO per W tap: each chunk then
   // reads more weight than input), each chunk's weight over every row while it is in
   // cache, the weight read once (384 -> 96 k5 s(3,1,4) on 1x3x3 pixels reads 18 MiB).
+  // Conv groups likewise: each row's groups in turn where every group's weight fits in
+  // L1 together (CT_DOT_GROUPS_IN_ROW_BYTES), else each group over every row (192 -> 4
+  // g4 k4, 12 KB a group, ran 1.36x as long a row's groups in turn).
   constexpr int MAXO = DotBlock<1>::MAX_OUT;
   const int64_t chunks = (job.cout + MAXO - 1) / MAXO;
-  const bool by_chunk = chunks > 1 && job.wcount < MAXO * job.ntaps[2];
+  const int64_t weight_bytes =
+      job.ntaps[0] * job.ntaps[1] * job.ntaps[2] * job.cout * job.cin * (int64_t)sizeof(T);
+  const bool by_chunk = (chunks > 1 && job.wcount < MAXO * job.ntaps[2]) ||
+                        groups * weight_bytes > CT_DOT_GROUPS_IN_ROW_BYTES;
   const int delta = window_delta(job);
   for_each_row<T>(job, groups * chunks, by_chunk, [&](const T* const* all_rows, char* orow,
                                                       int64_t unit) {
