@@ -173,7 +173,7 @@ class Plan:
     def __str__(self) -> str:
         s = self.spec
         lift = 3 - s.ndim
-        phases = sum(len(g) for g in self.phase_groups)
+        phases = len(live_phases(s)) if self.phase_groups else 0  # (merged edges split some)
         total = math.prod(s.stride)
         shape = (f"{phases} of {total} phases carry taps, in {len(self.phase_groups)} phase "
                  f"group(s)"
