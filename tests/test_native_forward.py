@@ -586,6 +586,36 @@ def test_dot_residues_merged_across_rows_match_the_reference(case, dtype, rng, m
                           rtol={np.float16: 2e-3, np.float32: 1e-4, np.float64: 1e-12}[dtype])
 
 
+
+# Channels mode's conv groups in one call where a group's channels end inside a cache line
+# (`_execute._groups_in_one_call`): (in_spatial, C_in, C_out, kernel, stride, padding,
+# groups)
+CHANNELS_GROUP_CASES = [
+    ((5, 4, 6), 8, 24, 4, 2, 0, 4),   # 2 channels in, 6 out a group
+    ((3, 4, 3), 8, 48, 6, 3, 1, 4),
+    ((4, 5, 4), 4, 42, (3, 2, 3), 1, 1, 2),
+    ((2, 3, 9), 36, 60, 3, (1, 2, 2), 1, 3),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_GROUP_CASES, ids=[str(c) for c in CHANNELS_GROUP_CASES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_channels_mode_groups_in_one_call_match_the_reference(case, dtype, rng, monkeypatch):
+    """Each row's conv groups in turn: every output written once, its group's bias added."""
+    from convtranspose import _execute
+    spatial, c_in, c_out, k, s, p, groups = case
+    x = rng.standard_normal((2, *spatial, c_in)).astype(dtype)
+    kernel = k if isinstance(k, tuple) else (k,) * 3
+    w = rng.standard_normal((c_out, *kernel, c_in // groups)).astype(dtype)
+    bias = rng.standard_normal(c_out).astype(dtype)
+    kw = dict(stride=s, padding=p, groups=groups)
+    plan = ct.plan(x.shape, w.shape, **kw, dtype=dtype, algorithm="native")
+    assert native_mode(plan.spec) == native.CHANNELS
+    assert _execute._groups_in_one_call(plan.spec, native.CHANNELS, np.empty(1, dtype))
+    ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), **kw)
+    _written_once_matches(plan, x, w, ref, bias, monkeypatch,
+                          rtol=2e-3 if dtype == np.float16 else 1e-4)
+
 # Many outputs on few pixels: dot mode reads the weight where it lies (no copy), in
 # register blocks of outputs, each block over every row (short rows) or each row over
 # every block (long rows); channels whole vectors, a partial one, or fewer than a vector.

@@ -790,6 +790,26 @@ def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: 
                          out_offsets)
 
 
+def _groups_in_one_call(spec, mode: native.Mode, out: np.ndarray) -> bool:
+    """Whether CHANNELS mode's conv groups go to the kernel as one call (each row's groups
+    in turn): where a group's channels end inside a cache line, so that a line holds
+    several groups' outputs. Called apart, each group wrote its part of every line of the
+    tile, the lines fetched again group after group (8 -> 24 g4 k4 s2: 6 channels a
+    group)."""
+    return (mode == native.CHANNELS and spec.groups > 1
+            and spec.c_out_per_group * out.dtype.itemsize % 64 != 0)
+
+
+def _group_stride(packed: list[np.ndarray], item: int) -> int:
+    """Elements between one conv group's weight and the next's (views of one array, or
+    equal arrays of one block, at equal steps)."""
+    if len(packed) < 2:
+        return 0
+    step = native.address(packed[1]) - native.address(packed[0])
+    assert all(native.address(b) - native.address(a) == step for a, b in zip(packed, packed[1:]))
+    return step // item
+
+
 def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
                 pair_dims: tuple | None = None, wide: tuple | None = None,
@@ -820,8 +840,10 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     # Reading and writing in place, the tile's rows are claimed through the kernel's
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
-    # one call writes whole rows: PLANAR every group and residue, DOT every group
-    whole_rows = mode in (native.PLANAR, native.DOT)
+    # one call writes whole rows: PLANAR every group and residue, DOT every group, and
+    # CHANNELS every group where a group's channels end inside a line
+    # (`_groups_in_one_call`)
+    whole_rows = mode in (native.PLANAR, native.DOT) or _groups_in_one_call(spec, mode, out)
     cursors = native.RowCursors(1 if whole_rows else groups,
                                 1 if convert_input or round_output else threads)
     b_addr = bias.ctypes.data if bias is not None else 0
@@ -840,15 +862,13 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
                              offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
                              cursors.address(0), cursors.sharers, into=into, bias=b_addr)
-        elif mode == native.DOT:  # each row's conv groups in turn, its input in cache
-            w0 = packed[0]
-            group_w = ((native.address(packed[1]) - native.address(w0)) // item
-                       if groups > 1 else 0)
-            native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, w0,
+        elif whole_rows:  # each row's conv groups in turn (DOT, or CHANNELS' small groups)
+            native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, packed[0],
                              offsets, geo.steps, o_addr, os_, box, qw, cig, cog,
-                             cursors.address(0), cursors.sharers, into=into, bias=b_addr,
+                             cursors.address(0), cursors.sharers, into=into,
+                             pair_out=geo.pair_out, bias=b_addr,
                              weight_offsets=weights.offsets, output_offsets=geo.out_offsets,
-                             groups=groups, group_w=group_w,
+                             groups=groups, group_w=_group_stride(packed, item),
                              group_out=spec.c_out_per_group)
         else:
             group_step = cig * (channel_stride or 1) * item

@@ -263,8 +263,8 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     in elements, [tap][output] (otherwise `packed` is [tap][co][c]).
     `output_offsets`: DOT mode's outputs where they do not lie one after another (residues
     merged across rows): each output's offset from its position's first, in elements.
-    `groups`, `group_w`, `group_out`: DOT mode's conv groups in one call (`packed` the
-    first's weight, the others `group_w` elements apart; a group's outputs `group_out`
+    `groups`, `group_w`, `group_out`: DOT or CHANNELS mode's conv groups in one call
+    (`packed` the first's weight, the others `group_w` elements apart; a group's outputs `group_out`
     elements after the one before's; its bias `cout` values after), each row's groups in
     turn."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
@@ -277,7 +277,7 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
         job["wout"] = _native.address(weight_offsets)
     if output_offsets is not None:
         job["oout"] = _native.address(output_offsets)
-    if mode == DOT and groups > 1:
+    if mode in (DOT, CHANNELS) and groups > 1:
         job.update(groups=groups, group_w=group_w, group_out=group_out)
     if residues is not None:
         job.update(groups=groups * chunks, chunks=chunks, res=len(residues[0]),

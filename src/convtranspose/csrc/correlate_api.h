@@ -92,10 +92,11 @@ struct CtJob {
   // oout[o] elements from the pixel's first (residues merged across rows: each one's
   // outputs where its own position lies).
   const int64_t* oout;
-  // CT_MODE_DOT: `groups` conv groups in one job (0 or 1: one), each row's groups one
-  // after another while its input lines are in cache. Group g reads input channels
-  // g * cin on, the weight group_w elements on per group, writes its outputs group_out
-  // elements on per group, and adds bias[g * cout + o].
+  // CT_MODE_DOT and CT_MODE_CHANNELS: `groups` conv groups in one job (0 or 1: one),
+  // each row's groups one after another while its lines are in cache. Group g reads input
+  // channels g * cin on, the weight (dot mode's where it lies, channels mode's packed)
+  // group_w elements on per group, writes its outputs group_out elements on per group, and
+  // adds bias[g * cout + o].
   int64_t group_w;
   int64_t group_out;
 };

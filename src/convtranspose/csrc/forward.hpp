@@ -452,24 +452,41 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
         orows[nrows + r] = 2 * pos.d + 1 < job.pair_out ? orows[r] + job.os[1] * oi : nullptr;
     }
   };
-  // The group's outputs of channels [c0, c0 + cw_full) in W run i.
-  const auto chunk = [&](int64_t c0, int64_t i) {
+  // Conv groups in one job (CtJob::groups): each row group's conv groups in turn, so that
+  // output lines shared by groups' channels are written while in cache (8 -> 24 g4 k4 s2
+  // wrote 6 of a pixel's 24 channels per call, each line fetched again by each group).
+  // Per conv group: the job as its chunks see it (its bias), its input rows.
+  const int64_t groups = job.groups > 1 ? job.groups : 1;
+  std::vector<CtJob> group_jobs(groups, job);
+  for (int64_t g = 1; g < groups; ++g)
+    if (job.bias) group_jobs[g].bias = static_cast<const T*>(job.bias) + g * job.cout;
+  std::vector<const T*> group_xrows(groups > 1 ? group_rows * dh_taps : 0);
+  // Conv group g's outputs of channels [c0, c0 + cw_full) in W run i.
+  const auto chunk = [&](int64_t g, int64_t c0, int64_t i) {
     const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
-    const T* wchunk = wpk + taps * job.cin * c0;
+    const T* wchunk = wpk + g * job.group_w + taps * job.cin * c0;
     const int64_t live = job.cout - c0;
+    const T* const* rows = xrows.data();
+    if (g) {
+      for (int64_t r = 0; r < nrows * dh_taps; ++r)
+        group_xrows[r] = xrows[r] ? xrows[r] + g * job.cin : nullptr;
+      rows = group_xrows.data();
+    }
+    const int64_t shift = (g * job.group_out + c0) * oi;
     char* o[128];
-    for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + c0 * oi : nullptr;
+    for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + shift : nullptr;
     const bool inner = job.cin < CT_TAPS_INNER_BELOW;
     with_vectors(cw / L, [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
       (inner ? rows_chunk_taps_inner<T, NV> : rows_chunk<T, NV>)(
-          job, nrows, xrows.data(), o, run_lo.data() + i * tw, run_hi.data() + i * tw, wchunk,
-          cw, live, acc, runs[i]);
+          group_jobs[g], nrows, rows, o, run_lo.data() + i * tw, run_hi.data() + i * tw,
+          wchunk, cw, live, acc, runs[i]);
     });
   };
   const int64_t total = box_rows(job.box);
   const int64_t row_groups = (total + group_rows - 1) / group_rows;
-  const int64_t chunks = (cpad + cw_full - 1) / cw_full;
+  const int64_t per_group = (cpad + cw_full - 1) / cw_full;
+  const int64_t chunks = groups * per_group;  // (conv group, channel chunk) pairs
   if (job.sharers > 1 && chunks > 1 && row_groups < 2 * job.sharers) {
     // Too few row groups for the threads sharing the box (a few pixels of wide channels:
     // 16 rows of 4 pixels made one group, and the other thread waited): they claim (row
@@ -483,15 +500,17 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
           set_rows(current * group_rows,
                    std::min(group_rows, total - current * group_rows));
         }
-        for (int64_t i = 0; i < nruns; ++i) chunk(v % chunks * cw_full, i);
+        const int64_t c = v % chunks;
+        for (int64_t i = 0; i < nruns; ++i) chunk(c / per_group, c % per_group * cw_full, i);
       }
   } else {
     RowClaims claims(job, group_rows);
     for (int64_t run0, run1; claims.next(run0, run1);)
       for (int64_t first = run0; first < run1; first += group_rows) {
         set_rows(first, std::min(group_rows, run1 - first));
-        for (int64_t i = 0; i < nruns; ++i)  // a run's input rows serve every chunk
-          for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) chunk(c0, i);
+        for (int64_t g = 0; g < groups; ++g)
+          for (int64_t i = 0; i < nruns; ++i)  // a run's input rows serve every chunk
+            for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) chunk(g, c0, i);
       }
   }
 #ifdef CT_STREAM_FENCE
