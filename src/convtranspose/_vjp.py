@@ -228,7 +228,7 @@ def _wide_or_along_in(spec: ConvSpec, compute_dtype: np.dtype,
                       along_in_over_wide: float) -> GradWeightLayout | None:
     """Where neither C_in/g nor C_out/g is whole vectors: WIDE, ALONG_IN (C_in/g's last
     vector partial, its lanes past C_in/g computed and dropped), or neither (a 1x1x1
-    kernel: the GEMM paths).
+    kernel: the GEMM paths, but for channels under a vector on both sides).
 
     With groups, WIDE computes every group's columns (the work times the groups); with
     one group, C_in under half a vector and WIDE's columns (kW * C_out) filling at least
@@ -240,11 +240,17 @@ def _wide_or_along_in(spec: ConvSpec, compute_dtype: np.dtype,
     alternating processes: this rule lands 1.04x over the faster of the two (geometric
     mean); ALONG_IN everywhere 1.10x, WIDE everywhere 1.34x (28 -> 5 k2 s3: 13.9 ms WIDE,
     4.4 ALONG_IN; 4 -> 12 k4: 5.2 WIDE, 9.8 ALONG_IN)."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
     if math.prod(spec.kernel) == 1:
+        # The GEMM paths, unless both sides are under a vector: there BLAS's GEMM of
+        # C_in/g x C_out/g summed over every pixel ran far below its rate (3 -> 3 on
+        # 5.3M pixels, grad_weight 38.7 ms gathered, 17.1 along C_in; 15 -> 9 on 4x300x300
+        # 9.2 and 2.5; 8 -> 5 on 2x100x100x60 10.9 and 11.8, the one loss of five).
+        if spec.c_in_per_group < lanes and spec.c_out_per_group < lanes:
+            return GradWeightLayout.ALONG_IN
         return None
     if not grad_weight_wide_w(spec, compute_dtype):
         return GradWeightLayout.ALONG_IN
-    lanes, _ = native.layout(compute_dtype.itemsize)
     columns = spec.kernel[2] * spec.c_out
     if (spec.groups == 1 and 2 * spec.c_in_per_group < lanes
             and 2 * columns >= ceil_div(columns, lanes) * lanes):
