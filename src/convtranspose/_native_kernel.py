@@ -264,9 +264,9 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     `output_offsets`: DOT mode's outputs where they do not lie one after another (residues
     merged across rows): each output's offset from its position's first, in elements.
     `groups`, `group_w`, `group_out`: DOT or CHANNELS mode's conv groups in one call
-    (`packed` the first's weight, the others `group_w` elements apart; a group's outputs `group_out`
-    elements after the one before's; its bias `cout` values after), each row's groups in
-    turn."""
+    (`packed` the first's weight, the others `group_w` elements apart; a group's outputs
+    `group_out` elements after the one before's, its bias `cout` values after), each
+    row's groups in turn."""
     job = {"itemsize": itemsize, "mode": mode, "out_half": out_half,  # CtJob's fields
            "stream_out": int(stream_out), "x": x_addr, "xs": x_strides, "in_dims": in_dims,
            "w": _native.address(packed), "off": offsets.addresses, "ntaps": offsets.counts,
