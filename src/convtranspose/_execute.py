@@ -771,13 +771,15 @@ def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: 
     es = [st // out_item for st in out_strides[:4]]
     strides = [es[0], es[1] * step_d, es[2] * spec.stride[1], es[3] * spec.stride[2]]
     cog = spec.c_out_per_group
-    out_offsets = np.array([sum((r - r0) * st for r, r0, st in zip(p.residue, phase.residue,
-                                                                   es[1:])) + co
-                            for p in phase_group for co in range(cog)], np.int64)
-    if np.array_equal(out_offsets, np.arange(out_offsets.size)):
-        out_offsets = None  # one run: a merged W group of one conv group
-    else:
-        out_offsets.flags.writeable = False
+    out_offsets = None  # one phase: its outputs are one run
+    if len(phase_group) > 1:
+        out_offsets = np.array([sum((r - r0) * st for r, r0, st in
+                                    zip(p.residue, phase.residue, es[1:])) + co
+                                for p in phase_group for co in range(cog)], np.int64)
+        if np.array_equal(out_offsets, np.arange(out_offsets.size)):
+            out_offsets = None  # one run: a merged W group of one conv group
+        else:
+            out_offsets.flags.writeable = False
     w0, qw = (0, qw) if tile.w is None else (tile.w[0], tile.w[1] - tile.w[0])
     offset = (sum(i * st for i, st in zip(first, es)) + w0 * strides[3]) * out_item
     in_dims, steps, pair_out = ((pair_dims, (4, 1, 1), spec.out_spatial[0]) if pair_dims
