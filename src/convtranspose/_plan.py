@@ -430,13 +430,17 @@ def dot_phase_groups(spec: ConvSpec, live: tuple[Phase, ...]) -> tuple[tuple[Pha
     input channels: a thin layer's phases each read the whole input for an output or
     two (126 -> 2 g2 k2 s2 read it 8 times), merged they read it once. A merged group's
     outputs lie where each residue's positions do (`CtJob::oout`)."""
+    def cost(phase_groups) -> tuple[int, float]:
+        return _dot_block_loads(spec, phase_groups), _dot_groups_seconds(spec, phase_groups)
+
     items = [(p,) for p in live]
+    items_cost = cost(items)
     for axis, edges in ((2, _merges_w_edges(spec)), (1, True), (0, True)):
         if spec.stride[axis] > 1:
             merged = _merged_along(spec, items, axis, edges, DOT_MERGE_MAX_OUT)
-            if (_dot_block_loads(spec, merged) < _dot_block_loads(spec, items)
-                    and _dot_groups_seconds(spec, merged) < _dot_groups_seconds(spec, items)):
-                items = merged
+            merged_cost = cost(merged)
+            if all(m < c for m, c in zip(merged_cost, items_cost)):  # both lower
+                items, items_cost = merged, merged_cost
     return tuple(sorted(items, key=lambda g: g[0].residue))
 
 

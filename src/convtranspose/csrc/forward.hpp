@@ -390,6 +390,29 @@ static inline void tap_rows(const CtJob& job, RowPos r, const T** rows) {
   }
 }
 
+// A job's conv groups (CtJob::groups; 0 or 1: one) as jobs of one group each: group g's
+// weight and bias where they lie. Its input rows: `conv_group_rows`; its outputs lie
+// g * group_out elements on.
+template <typename T>
+static std::vector<CtJob> conv_group_jobs(const CtJob& job) {
+  std::vector<CtJob> jobs(job.groups > 1 ? job.groups : 1, job);
+  for (size_t g = 1; g < jobs.size(); ++g) {
+    jobs[g].w = static_cast<const T*>(job.w) + g * job.group_w;
+    if (job.bias) jobs[g].bias = static_cast<const T*>(job.bias) + g * job.cout;
+  }
+  return jobs;
+}
+
+// The n input rows `rows` (null: outside the input) as conv group g reads them, its
+// channels g * cin on: `rows` itself for group 0, else written to `into`.
+template <typename T>
+static const T* const* conv_group_rows(const CtJob& job, int64_t g, const T* const* rows,
+                                       int64_t n, const T** into) {
+  if (!g) return rows;
+  for (int64_t i = 0; i < n; ++i) into[i] = rows[i] ? rows[i] + g * job.cin : nullptr;
+  return into;
+}
+
 // Where output row (n, d, h) starts, in bytes from the box's first position.
 // (A Winograd pair's row d is output row 2d.)
 static inline int64_t out_row_offset(const CtJob& job, RowPos r, int64_t item) {
@@ -404,7 +427,6 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   const int64_t cw_full = MAXV * L;
   const int64_t cpad = (job.cout + L - 1) / L * L;
   const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
-  const T* wpk = static_cast<const T*>(job.w);
   char* out = static_cast<char*>(job.out);
   const int64_t oi = job.out_half ? 2 : sizeof(T);  // bytes per output element
   // Rows per group: enough pixels that a weight block in L1 serves ~96 of them. A chunk of
@@ -455,23 +477,16 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   // Conv groups in one job (CtJob::groups): each row group's conv groups in turn, so that
   // output lines shared by groups' channels are written while in cache (8 -> 24 g4 k4 s2
   // wrote 6 of a pixel's 24 channels per call, each line fetched again by each group).
-  // Per conv group: the job as its chunks see it (its bias), its input rows.
-  const int64_t groups = job.groups > 1 ? job.groups : 1;
-  std::vector<CtJob> group_jobs(groups, job);
-  for (int64_t g = 1; g < groups; ++g)
-    if (job.bias) group_jobs[g].bias = static_cast<const T*>(job.bias) + g * job.cout;
+  const std::vector<CtJob> group_jobs = conv_group_jobs<T>(job);
+  const int64_t groups = group_jobs.size();
   std::vector<const T*> group_xrows(groups > 1 ? group_rows * dh_taps : 0);
   // Conv group g's outputs of channels [c0, c0 + cw_full) in W run i.
   const auto chunk = [&](int64_t g, int64_t c0, int64_t i) {
     const int64_t cw = cpad - c0 < cw_full ? cpad - c0 : cw_full;
-    const T* wchunk = wpk + g * job.group_w + taps * job.cin * c0;
+    const T* wchunk = static_cast<const T*>(group_jobs[g].w) + taps * job.cin * c0;
     const int64_t live = job.cout - c0;
-    const T* const* rows = xrows.data();
-    if (g) {
-      for (int64_t r = 0; r < nrows * dh_taps; ++r)
-        group_xrows[r] = xrows[r] ? xrows[r] + g * job.cin : nullptr;
-      rows = group_xrows.data();
-    }
+    const T* const* rows =
+        conv_group_rows<T>(job, g, xrows.data(), nrows * dh_taps, group_xrows.data());
     const int64_t shift = (g * job.group_out + c0) * oi;
     char* o[128];
     for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + shift : nullptr;
@@ -705,7 +720,7 @@ static std::vector<T> dot_tails(const CtJob& job, const DotWeights& dw) {
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, rest = cin % L;
   if (rest == 0 || cin < L) return {};
-  const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2], tw = job.ntaps[2];
+  const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
   const T* w = static_cast<const T*>(job.w);
   std::vector<T> tails(taps * job.cout * L + 64 / sizeof(T));
   T* t = aligned_line(tails.data());
@@ -1189,14 +1204,12 @@ static void run_mode(const CtJob& job) {
   // Per conv group: the job as its rows see it (its weight and bias), and its tails.
   // (Each group a job of its own read the input once per group: 92 -> 4 g4 k2 s(4,2,2)
   // streamed 40 MB eight times.)
-  const int64_t groups = job.groups > 1 ? job.groups : 1;
+  const std::vector<CtJob> group_jobs = conv_group_jobs<T>(job);
+  const int64_t groups = group_jobs.size();
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  std::vector<CtJob> group_jobs(groups, job);
   std::vector<std::vector<T>> tail_store(groups);
   std::vector<const T*> tails(groups, nullptr);
   for (int64_t g = 0; g < groups; ++g) {
-    group_jobs[g].w = static_cast<const T*>(job.w) + g * job.group_w;
-    if (job.bias) group_jobs[g].bias = static_cast<const T*>(job.bias) + g * job.cout;
     if (!packed) tail_store[g] = dot_tails<T>(group_jobs[g], dw);
     if (!tail_store[g].empty()) tails[g] = aligned_line(tail_store[g].data());
   }
@@ -1221,13 +1234,10 @@ static void run_mode(const CtJob& job) {
                                                       int64_t unit) {
     const int64_t g = unit / chunks, c = unit % chunks;
     const CtJob& gjob = group_jobs[g];
-    const T* const* rows = all_rows;
-    if (g) {  // the group's channels of the same input rows, its outputs of the same row
-      for (size_t q = 0; q < group_rows.size(); ++q)
-        group_rows[q] = all_rows[q] ? all_rows[q] + g * job.cin : nullptr;
-      rows = group_rows.data();
-      orow += g * job.group_out * oi;
-    }
+    // the group's channels of the same input rows, its outputs of the same row
+    const T* const* rows =
+        conv_group_rows<T>(job, g, all_rows, group_rows.size(), group_rows.data());
+    orow += g * job.group_out * oi;
     const int64_t o0 = job.cout * c / chunks, n = job.cout * (c + 1) / chunks - o0;
 #define CT_DOT(CO)                                                                        \
   if constexpr (CO <= WindowBlock<1>::MAX_OUT) {                                          \
