@@ -105,6 +105,7 @@ def test_both_gradients_in_one_pass_for_few_sums(vectors, c_out, groups, width, 
 
     from convtranspose import _vjp, _vjp_native
     from convtranspose._api import spec_for
+    monkeypatch.setattr(_vjp, "GROUPS_SIDE_BY_SIDE", False)  # a group at a time here
     runs = []
     real = _vjp_native.both_gradients
     monkeypatch.setattr(_vjp_native, "both_gradients",
@@ -452,7 +453,7 @@ PLANAR = [
 @pytest.mark.parametrize("dims,spatial,c_in,c_out,kernel,settings", PLANAR,
                          ids=[f"{p[0]}d-{p[2]}to{p[3]}-{i}" for i, p in enumerate(PLANAR)])
 def test_planar_gradients_match_the_loops(dims, spatial, c_in, c_out, kernel, settings,
-                                          isa, rng):
+                                          isa, rng, monkeypatch):
     """Both gradients with vectors along input pixels over planar copies (csrc/
     grad_planar.hpp), apart and together (one cotangent copy for both): they match the
     loop reference in float32 and float64, at one to three threads, and the same bits
@@ -462,6 +463,7 @@ def test_planar_gradients_match_the_loops(dims, spatial, c_in, c_out, kernel, se
     from convtranspose import _vjp
     from convtranspose._api import spec_for
     from convtranspose._vjp import native_grad_weight_layout, vjp_arrays
+    monkeypatch.setattr(_vjp, "GROUPS_SIDE_BY_SIDE", False)  # the groups would take it
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
         batch = 16 if dims == 1 else 1  # 1-D: a row per batch item, 16 rows
         x, w, cot, kws = make_case(rng, dims, spatial, c_in, c_out, kernel, batch=batch,
@@ -582,7 +584,7 @@ def test_grad_weight_on_one_row_shares_the_groups_out(groups, rng):
     from convtranspose._api import spec_for
     assert len(_vjp_native._tile_group_pairs(
         spec_for(1, np.zeros((1, 500, 2 * groups), np.float32),
-                 np.zeros((groups, 2, 2), np.float32), 2, 0, 1, 0, groups)[0], 2)) == groups
+                 np.zeros((groups, 2, 2), np.float32), 2, 0, 1, 0, groups)[0], groups, 2)) == groups
     layout = native.GradWeightLayout.ALONG_IN
     for cig, cog, k in ((3, 1, 2), (5, 2, 1), (17, 3, 3)):
         x, w, cot, kws = make_case(rng, 3, (1, 1, 300), cig * groups, cog * groups, (1, 1, k),
@@ -671,3 +673,92 @@ def test_gradients_over_long_rows_cut_along_w(c_in, c_out, groups, k, stride, pa
         _vjp_native.grad_input(spec, c3, w3, gx, 2, 1 << 26, np.dtype(np.float32))
         np.testing.assert_allclose(gx.reshape(rx.shape), rx, atol=1e-5 * np.abs(rx).max(),
                                    rtol=0)
+
+
+# Grouped layers of few channels a group (`groups_side_by_side`): (dims, input spatial,
+# C_in, C_out, kernel, settings). Two channels a group on both sides, fan-outs of one
+# output a group (C_in two whole vectors on AVX-512), three outputs a group with stride,
+# padding and output_padding on every axis, C_in/g 10 (a partial second vector), a
+# cotangent row of a whole vector (C_out 16), stride above the kernel.
+SIDE_BY_SIDE = [
+    (3, (3, 5, 9), 8, 8, (1, 1, 7), dict(stride=2, groups=4)),
+    (2, (9, 23), 32, 4, (4, 4), dict(stride=3, groups=4)),
+    (3, (4, 5, 7), 6, 9, (3, 2, 3), dict(stride=(1, 2, 3), padding=(1, 0, 2),
+                                         output_padding=(0, 1, 2), groups=3)),
+    (1, (40,), 20, 4, (5,), dict(stride=2, dilation=2, padding=3, groups=2)),
+    (2, (7, 12), 12, 16, (3, 3), dict(stride=(2, 1), groups=4)),
+    (2, (5, 40), 16, 2, (2, 3), dict(stride=(1, 4), padding=(0, 1), groups=2)),
+]
+
+
+@pytest.mark.parametrize("dims,spatial,c_in,c_out,kernel,settings", SIDE_BY_SIDE,
+                         ids=[f"{p[0]}d-{p[2]}to{p[3]}-{i}" for i, p in enumerate(SIDE_BY_SIDE)])
+def test_groups_side_by_side_match_the_loops(dims, spatial, c_in, c_out, kernel, settings,
+                                             isa, rng):
+    """Every conv group's channels in one pass, each lane taking its own group's cotangent
+    channel (`groups_side_by_side`: few channels a group, every group's cotangent
+    channels in a vector, C_in in two): both gradients in one pass, and grad_weight alone,
+    match the loop reference in float32 and float64 at one to three threads, the same
+    bits coming back; the plan takes the pass only inside that domain, and what it runs
+    matches the reference too."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp, _vjp_native
+    from convtranspose._api import spec_for
+    taken = 0
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        x, w, cot, kws = make_case(rng, dims, spatial, c_in, c_out, kernel, batch=2,
+                                   dtypes=(dtype,) * 3, **settings)
+        spec = spec_for(dims, x, w, **kws)[0]
+        lanes = native.layout(np.dtype(dtype).itemsize)[0]
+        side = _vjp_native.groups_side_by_side(spec, lanes)
+        assert side == (spec.c_in_per_group < lanes and c_out <= lanes and c_in <= 2 * lanes)
+        plan = _vjp.make_vjp_plan(spec, np.dtype(dtype))
+        if plan.grad_weight.layout == native.GradWeightLayout.SIDE_BY_SIDE:
+            assert side and plan.grad_input.with_grad_weight, plan
+        rx, rw = loops_vjp(x, w, cot, **kws)
+        gx, gw = _vjp.vjp_arrays(spec, x, w, cot)  # the plan's choice
+        np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
+        np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+        if not side:
+            continue
+        taken += 1
+        x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+        c3 = cot.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+        w3 = w.reshape(spec.c_out, -1, spec.c_in_per_group)
+        rw3 = rw.reshape(w3.shape)
+        for threads in (1, 2, 3):
+            runs = []
+            for _ in range(2):
+                gx = np.full(x3.shape, np.nan, dtype)
+                gw = np.full(w3.shape, np.nan, dtype)
+                _vjp_native.both_gradients(spec, x3, c3, w3, gx, gw, threads,
+                                           np.dtype(dtype), side_by_side=True)
+                alone = np.full(w3.shape, np.nan, dtype)
+                _vjp_native.grad_weight(spec, x3, c3, alone, threads,
+                                        native.GradWeightLayout.SIDE_BY_SIDE, np.dtype(dtype))
+                runs.append((gx, gw, alone))
+            for got, want in zip(runs[0], (rx.reshape(x3.shape), rw3, rw3)):
+                np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
+            for first, again in zip(*runs):
+                np.testing.assert_array_equal(again, first)
+    # float32 on AVX-512 takes it on every layer here
+    assert taken >= (native.layout(4)[0] == 16)
+
+
+def test_groups_side_by_side_refuse_rows_past_a_vector(rng):
+    """The kernel refuses conv groups side by side whose cotangent channels would not fit
+    one vector, or whose C_in is not whole groups."""
+    from convtranspose._api import spec_for
+    from convtranspose._vjp_native import tap_offsets
+    lanes = native.layout(4)[0]
+    x = rng.standard_normal((1, 4, 4, 4, 4)).astype(np.float32)
+    w = rng.standard_normal((2 * lanes, 2, 2, 2, 2)).astype(np.float32)
+    spec, _, _ = spec_for(3, x, w, stride=2, groups=2)
+    cot = np.zeros(spec.output_shape, np.float32)
+    part = np.zeros((lanes, 8, lanes), np.float32)
+    for cout, group_cin in ((lanes, 2), (1, 3)):
+        with pytest.raises(ValueError, match="side by side"):
+            native.grad_weight(True, x, 0, cot, 0, tap_offsets(spec), spec.stride, part,
+                               (0, 1, 0, 4, 0, 4), 4, cout, strides=(8 * lanes, lanes),
+                               group_cin=group_cin)

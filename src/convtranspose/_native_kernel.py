@@ -536,7 +536,7 @@ def unpack_grad_weight(part: np.ndarray, gw: np.ndarray, taps: int, rows: int, c
 class GradWeightLayout(enum.IntEnum):
     """How the compiled grad_weight lays its sums (`_vjp.grad_weight_layout`). The first
     three are `grad_weight`'s `swapped` (GwJob's, csrc/correlate_api.h: CT_GW_DEPTHWISE is
-    2); WIDE and PLANAR are built in Python (`_vjp_native`) on them and on
+    2); WIDE, PLANAR and SIDE_BY_SIDE are built in Python (`_vjp_native`) on them and on
     `planar_grad_weight`."""
 
     ALONG_OUT = 0  # vectors along C_out/g, packed then unpacked
@@ -544,6 +544,7 @@ class GradWeightLayout(enum.IntEnum):
     DEPTHWISE = 2  # one channel per group, per-worker partial sums
     WIDE = 3  # ALONG_OUT over a W-padded cotangent: every W tap's columns in one run
     PLANAR = 4  # vectors along input pixels, over planar copies of x and the cotangent
+    SIDE_BY_SIDE = 5  # ALONG_IN over every conv group's C_in/g at once (`group_cin`)
 
 
 def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_offset: int,
@@ -553,7 +554,7 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
                 zero: bool = False, strides: tuple[int, int] = (0, 0), part_offset: int = 0,
                 into: list | None = None, grad_input: np.ndarray | None = None,
                 grad_input_offset: int = 0, weight: np.ndarray | None = None,
-                w: tuple[int, int] | None = None) -> None:
+                w: tuple[int, int] | None = None, group_cin: int = 0) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
     the short side C_out < vector length calls for), or, with `strides` (row, tap) in
@@ -571,7 +572,12 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
     `part_offset`): the same pass also writes grad_input's rows of the box, from channel
     `grad_input_offset` on; only where `fuses_grad_input`, swapped, over every unit.
 
-    `w`: the box's W positions [w0, w1) of x (and grad_input) only, a row's piece."""
+    `w`: the box's W positions [w0, w1) of x (and grad_input) only, a row's piece.
+
+    `group_cin`: conv groups side by side (swapped, at `strides`): `cin` is every group's
+    channels, group_cin of them a group, and `cout` a group's; the sum of (tap, a, c) is
+    that of output channel (c // group_cin) * cout + a with input channel c % group_cin.
+    Every group's cotangent channels must fit one vector."""
     item = x.dtype.itemsize
     assert x.dtype == g.dtype == part.dtype and x.strides[-1] == g.strides[-1] == item
     xs = element_strides(x)[:4]
@@ -583,7 +589,7 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
            "gdims": g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "part": _native.address(part) + part_offset * item,
            "pa": strides[0], "pt": strides[1], "box": box, "wcount": w1 - w0, "cin": cin,
-           "cout": cout, "zero": int(zero)}
+           "cout": cout, "zero": int(zero), "group_cin": group_cin}
     if grad_input is not None:
         assert weight is not None and grad_input.dtype == weight.dtype == part.dtype
         gxs = element_strides(grad_input)[:4]

@@ -280,7 +280,9 @@ _LAYOUT_NAMES = {
     native.GradWeightLayout.ALONG_IN: "vectors along C_in/g, x read in place",
     native.GradWeightLayout.DEPTHWISE: "one channel per group, per-worker partial sums",
     native.GradWeightLayout.WIDE: "every W tap's columns in one run",
-    native.GradWeightLayout.PLANAR: "vectors along input pixels, over planar copies"}
+    native.GradWeightLayout.PLANAR: "vectors along input pixels, over planar copies",
+    native.GradWeightLayout.SIDE_BY_SIDE: "vectors along every group's C_in/g side by side, "
+                                          "x read in place"}
 
 
 @dataclass(frozen=True)

@@ -329,7 +329,8 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
     running them, to share one queue with grad_input's tiles. `padded`: for layout WIDE,
     the W-padded cotangent if made already (`padded_cotangent_for_both`); `residues`, for
     DEPTHWISE, the cotangent split by W residue (`residues_for_both`); `planar`, for
-    PLANAR, the planar cotangent (`planar_cotangent`)."""
+    PLANAR, the planar cotangent (`planar_cotangent`). SIDE_BY_SIDE runs as ALONG_IN over
+    one group of every group's channels (`groups_side_by_side`)."""
     if layout == GradWeightLayout.DEPTHWISE:
         _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer, residues)
         return
@@ -339,8 +340,11 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
     if layout == GradWeightLayout.PLANAR:
         _planar_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, planar)
         return
-    swapped = layout == GradWeightLayout.ALONG_IN
-    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    side = layout == GradWeightLayout.SIDE_BY_SIDE
+    swapped = layout in (GradWeightLayout.ALONG_IN, GradWeightLayout.SIDE_BY_SIDE)
+    groups, cig, cog = ((1, spec.c_in, spec.c_out_per_group) if side
+                        else (spec.groups, spec.c_in_per_group, spec.c_out_per_group))
+    group_cin = spec.c_in_per_group if side else 0
     offsets = tap_offsets(spec)
     ktot = math.prod(spec.kernel)
     rows, cols = (cog, cig) if swapped else (cig, cog)
@@ -364,8 +368,8 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
         # C_in/g): the sums land in place. Otherwise in the packed layout, then unpacked.
         packed = (None if swapped
                   else native.aligned_empty((groups, ktot * rows * cols), compute_dtype))
-        sums = (gw if width == cig
-                else native.aligned_empty((spec.c_out, ktot, width), compute_dtype))
+        sums = (gw if width == cig and not side
+                else native.aligned_empty((groups * cog, ktot, width), compute_dtype))
 
         calls_of: list[list] = [[] for _ in range(workers)]  # each worker's prepared calls
         for g in range(groups):
@@ -376,7 +380,7 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
             calls: list = []
             native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
                                box=box, cin=cig, cout=cog, units=[(u0, u1) for _, u0, u1 in mine],
-                               zero=True, into=calls, **target)
+                               zero=True, into=calls, group_cin=group_cin, **target)
             for (j, _, _), call in zip(mine, calls):
                 calls_of[j].append(call)
 
@@ -386,14 +390,16 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
         def finish_units() -> None:
             if packed is not None:
                 _unpack_grad_weight(gw, packed, ktot, rows, cols, n_threads)
+            elif side:
+                gw[...] = from_side_by_side(spec, sums)
             elif sums is not gw:
                 gw[...] = sums[..., :cig]
 
         _run_or_defer([in_place(j) for j in range(workers)], n_threads, finish_units, defer)
         return
-    pairs = _tile_group_pairs(spec, n_threads)
+    pairs = _tile_group_pairs(spec, groups, n_threads)
     workers = min(n_threads, len(pairs))
-    shape = (spec.c_out, ktot, width) if swapped else (groups, ktot * rows * cols)
+    shape = (groups * cog, ktot, width) if swapped else (groups, ktot * rows * cols)
     parts = [native.aligned_zeros(shape, compute_dtype) for _ in range(workers)]
 
     def job_for(j):  # worker j's (tile, group) pairs, in order, into its own partial
@@ -402,11 +408,13 @@ def grad_weight(spec, x3, c3, gw, n_threads, layout: GradWeightLayout, compute_d
             target = swapped_target(parts[j], g) if swapped else dict(part=parts[j][g])
             native.grad_weight(swapped, x3, g * cig, c3, g * cog, offsets, spec.stride,
                                box=(*tile.n, *tile.d, *tile.h), cin=cig, cout=cog,
-                               into=calls, w=tile.w, **target)
+                               into=calls, w=tile.w, group_cin=group_cin, **target)
         return native.Task(tuple(calls))
 
     def finish_rows() -> None:
-        if swapped:
+        if side:
+            gw[...] = from_side_by_side(spec, sum_in_order(parts))
+        elif swapped:
             gw[...] = sum_in_order(parts)[..., :cig]
         else:
             _unpack_grad_weight(gw, sum_in_order(parts), ktot, rows, cols, n_threads)
@@ -546,30 +554,36 @@ def planar_grad_input(spec, c3, w3, gx, n_threads, compute_dtype,
               for g, row0, row1 in _planar_jobs(spec, n_threads)], n_threads)
 
 
-def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
+def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype,
+                   side_by_side: bool = False) -> None:
     """Both gradients in one pass of the grad_weight kernel, where it sums few values per
     tap (a 16 -> 1 head): each cotangent value it loads feeds a grad_weight sum and a
     grad_input pixel (see csrc/grad_weight.hpp). Workers own fixed tiles of input rows (their
     grad_input rows) and one grad_weight sum each, worker 0's in gw itself, added in worker
-    order: bitwise reproducible for a thread count."""
-    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    order: bitwise reproducible for a thread count. `side_by_side`: one pass over every
+    conv group's channels at once (`groups_side_by_side`)."""
+    groups, cig, cog = ((1, spec.c_in, spec.c_out_per_group) if side_by_side
+                        else (spec.groups, spec.c_in_per_group, spec.c_out_per_group))
     ktot = math.prod(spec.kernel)
     offsets = tap_offsets(spec)
     # The sums and the weight as (C_out, taps, width): gw's layout, C_in/g padded to
-    # whole vectors (`_swapped_width`) with zeros in the weight.
+    # whole vectors (`_swapped_width`) with zeros in the weight (side by side, as
+    # `to_side_by_side`).
     width = _swapped_width(cig, compute_dtype)
-    weight = native.aligned_zeros((spec.c_out, ktot, width), compute_dtype)
-    weight[..., :cig] = w3.reshape(spec.c_out, ktot, cig)
+    weight = native.aligned_zeros((groups * cog, ktot, width), compute_dtype)
+    weight[..., :cig] = (to_side_by_side(spec, w3) if side_by_side
+                         else w3.reshape(spec.c_out, ktot, cig))
     # Workers own whole tiles (the plan fuses only where there are at least as many as
     # threads, `fused_pass_suits`): workers writing the groups of the same grad_input
     # pixels shared their cache lines (26 -> 8 g2 k6x3x2 on 4x13x19x14, both gradients:
     # 5.2 ms on two threads, 2.9 on one).
     tiles = _grad_weight_row_tiles(spec, n_threads)
     work = [[(tile, g) for tile in tiles[j::n_threads] for g in range(groups)]
-            for j in range(n_threads)]
+            for j in range(min(n_threads, len(tiles)))]
     workers = len(work)
-    parts = ([gw] if width == cig else []) + [native.aligned_empty(weight.shape, compute_dtype)
-                                              for _ in range(workers - (width == cig))]
+    in_gw = width == cig and not side_by_side  # worker 0 sums into gw itself
+    parts = ([gw] if in_gw else []) + [native.aligned_empty(weight.shape, compute_dtype)
+                                       for _ in range(workers - in_gw)]
 
     def job_for(j):  # worker j's (tile, group) pairs, in order, into its own sums
         calls: list = []
@@ -583,14 +597,47 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype) -> None:
                                zero=g not in first, strides=(ktot * width, width),
                                part_offset=g * cog * ktot * width, into=calls,
                                grad_input=gx, grad_input_offset=g * cig, weight=weight,
-                               w=tile.w)
+                               w=tile.w, group_cin=spec.c_in_per_group if side_by_side else 0)
             first.add(g)
         return native.Task(tuple(calls), keep=weight)
 
     run_jobs([job_for(j) for j in range(workers)], n_threads)
     sums = sum_in_order(parts)
-    if sums is not gw:
+    if side_by_side:
+        gw[...] = from_side_by_side(spec, sums)
+    elif sums is not gw:
         gw[...] = sums[..., :cig]
+
+
+def groups_side_by_side(spec: ConvSpec, lanes: int) -> bool:
+    """Whether grad_weight's few-sums pass (and grad_input in it) runs every conv group's
+    channels side by side in its vectors, lane c taking its own group's cotangent channel
+    by a permute of the cotangent row (`GwJob::group_cin`): groups of fewer channels than
+    a vector, whose cotangent rows fit one vector and whose input channels fit two (the
+    one pass for both gradients; `lanes` of the compute dtype). Run a group at a time,
+    each group's vectors held its few channels: 8 -> 8 g4 k1x7 s2 on 3x386x363, both
+    gradients, 11.2 -> 3.3 ms; 32 -> 4 g4 k4 s3 on 2x622x359 55.5 (fan-out) -> 11.8."""
+    depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
+    return (spec.groups > 1 and not depthwise and spec.c_in_per_group < lanes
+            and spec.c_out <= lanes and spec.c_in <= 2 * lanes)
+
+
+def to_side_by_side(spec: ConvSpec, w3: np.ndarray) -> np.ndarray:
+    """The weight (C_out, taps, C_in/g) as the side-by-side pass's (C_out/g, taps, C_in):
+    row a, column c, the weight of output channel (c // (C_in/g)) * C_out/g + a."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    taps = w3.shape[1]
+    return (w3.reshape(groups, cog, taps, cig).transpose(1, 2, 0, 3)
+            .reshape(cog, taps, spec.c_in))
+
+
+def from_side_by_side(spec: ConvSpec, sums: np.ndarray) -> np.ndarray:
+    """`to_side_by_side` undone: the side-by-side sums (C_out/g, taps, >= C_in) as
+    grad_weight's (C_out, taps, C_in/g)."""
+    groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
+    taps = sums.shape[1]
+    return (sums[..., :spec.c_in].reshape(cog, taps, groups, cig).transpose(2, 0, 1, 3)
+            .reshape(spec.c_out, taps, cig))
 
 
 def fused_pass_suits(spec: ConvSpec, n_threads: int, lanes: int) -> bool:
@@ -607,12 +654,12 @@ def fused_pass_suits(spec: ConvSpec, n_threads: int, lanes: int) -> bool:
                  or spec.c_in_per_group < lanes))
 
 
-def _tile_group_pairs(spec: ConvSpec, n_threads: int) -> list[tuple[Tile, int]]:
-    """Row tiles (`_grad_weight_row_tiles`) times conv groups, tile-major: the jobs of
-    grad_weight's per-worker partials, enough for the threads where groups make up for
-    few rows (one long 1-D row with 4 groups ran on one thread)."""
-    tiles = _grad_weight_row_tiles(spec, max(1, n_threads // spec.groups))
-    return [(tile, g) for tile in tiles for g in range(spec.groups)]
+def _tile_group_pairs(spec: ConvSpec, groups: int, n_threads: int) -> list[tuple[Tile, int]]:
+    """Row tiles (`_grad_weight_row_tiles`) times the `groups` run apart, tile-major: the
+    jobs of grad_weight's per-worker partials, enough for the threads where groups make up
+    for few rows (one long 1-D row with 4 groups ran on one thread)."""
+    tiles = _grad_weight_row_tiles(spec, max(1, n_threads // groups))
+    return [(tile, g) for tile in tiles for g in range(groups)]
 
 
 def _depthwise_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype,

@@ -140,6 +140,11 @@ struct GwJob {
   int64_t gxs[4];        // sums only, every unit, part at strides (pa, pt)): gx at (0, 0,
   const void* w;         // 0, 0, the group's channel 0), strides gxs, every row of the box
                          // written; w the weight laid out as part (w[tap * pt + a * pa + c])
+  int64_t group_cin;     // 0; else conv groups side by side (swapped with few sums only):
+                         // the vectors run along every group's C_in/g = group_cin channels
+                         // (cin in all), a is the output channel within a group (cout of
+                         // them), and lane c's cotangent value is channel
+                         // (c / group_cin) * cout + a of its row
 };
 
 // Winograd F(2,3) along D, the input side: for outputs 2j and 2j+1 of a stride-1 axis

@@ -140,6 +140,8 @@ struct FewSum {
   int64_t lo, hi;  // the pixels [lo, hi) of the row the tap reaches
   T* acc;          // NV vectors of sums
   const T* w;      // with grad_input too: the sum's NV vectors of the weight
+  const typename LaneIndex<T>::u* sel;  // conv groups side by side (GwJob::group_cin):
+                   // per vector, the channel of the cotangent row each lane takes
 };
 
 // A pixel's NV vectors of x, the last one's `tail` lanes in its row (see load_last).
@@ -162,11 +164,31 @@ static inline void store_x(T* p, const V (&a)[NV], int64_t tail) {
   store_last<PART>(tail, p + (NV - 1) * L, a[NV - 1]);
 }
 
-// `rows` rows with the same taps, `grs` and `xrs` apart in the cotangent and in x.
-template <typename T, int NV, int E, bool PART>
+// The cotangent values a sum's NV vectors take at p: one value, broadcast; or with conv
+// groups side by side (GROUPED), each lane its own group's channel of the row at p, whose
+// first `row` channels are loaded once and permuted per vector (`sel`). Packing G groups
+// into the vectors fills G times the lanes of one group's few channels, for a permute per
+// vector where one broadcast served them all.
+template <typename T, int NV, bool GROUPED, typename V>
+static inline void cot_values(V (&b)[NV], const T* p, const typename LaneIndex<T>::u* sel,
+                              int64_t row) {
+  if constexpr (GROUPED) {
+    const V r = load_lanes<V>(row, p);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = select_lanes(r, sel[v]);
+  } else {
+    const V one = broadcast<V>(p);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = one;
+  }
+}
+
+// `rows` rows with the same taps, `grs` and `xrs` apart in the cotangent and in x; `crow`:
+// the cotangent channels a GROUPED row loads.
+template <typename T, int NV, int E, bool PART, bool GROUPED>
 static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
                           int64_t xrs, int64_t rows, int64_t xs_w, int64_t gs_w,
-                          int64_t tail) {
+                          int64_t tail, int64_t crow) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -183,11 +205,11 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
   for (int64_t r = 0; r < rows; ++r, grow += grs, xrow += xrs) {
     const auto edge = [&](auto& sum, const FewSum<T>& f, int64_t w0, int64_t w1) CT_ALWAYS_INLINE {
       for (int64_t w = w0; w < w1; ++w) {
-        const V b = broadcast<V>(grow + f.g + (w - f.lo) * gs_w);
-        V xv[NV];
+        V b[NV], xv[NV];
+        cot_values<T, NV, GROUPED>(b, grow + f.g + (w - f.lo) * gs_w, f.sel, crow);
         load_x<T, NV, PART>(xv, xrow + w * xs_w, tail);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) sum[v] += b * xv[v];
+        for (int v = 0; v < NV; ++v) sum[v] += b[v] * xv[v];
       }
     };
 #pragma GCC unroll 24
@@ -202,9 +224,10 @@ static void few_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, con
       load_x<T, NV, PART>(xv, xp, tail);
 #pragma GCC unroll 24
       for (int e = 0; e < E; ++e) {
-        const V b = broadcast<V>(gp[e] + t * gs_w);
+        V b[NV];
+        cot_values<T, NV, GROUPED>(b, gp[e] + t * gs_w, sums[e].sel, crow);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) s[e][v] += b * xv[v];
+        for (int v = 0; v < NV; ++v) s[e][v] += b[v] * xv[v];
       }
     }
 #pragma GCC unroll 24
@@ -249,10 +272,10 @@ template <int NV> struct FusedTile {
   static constexpr int U = CT_NREGS == 32 ? (NV == 1 ? 4 : 2) : (NV == 1 ? 2 : 1);
 };
 
-template <typename T, int NV, int E, bool PART>
+template <typename T, int NV, int E, bool PART, bool GROUPED>
 static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, const T* xrow,
                             int64_t xrs, T* gxrow, int64_t gxrs, int64_t gxs_w, int64_t rows,
-                            int64_t xs_w, int64_t gs_w, int64_t tail) {
+                            int64_t xs_w, int64_t gs_w, int64_t tail, int64_t crow) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -288,11 +311,13 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
 #pragma GCC unroll 16
       for (int e = 0; e < E; ++e) {
         if (w < sums[e].lo || w >= sums[e].hi) continue;
-        const V b = broadcast<V>(grow + sums[e].g + (w - sums[e].lo) * gs_w);
+        V b[NV];
+        cot_values<T, NV, GROUPED>(b, grow + sums[e].g + (w - sums[e].lo) * gs_w, sums[e].sel,
+                                   crow);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
-          s[e][v] += b * xv[v];
-          acc[e & 1][v] += b * wv[e][v];
+          s[e][v] += b[v] * xv[v];
+          acc[e & 1][v] += b[v] * wv[e][v];
         }
       }
 #pragma GCC unroll 4
@@ -318,11 +343,12 @@ static void fused_sums_tile(const FewSum<T>* sums, const T* grow, int64_t grs, c
         for (int e = 0; e < E; ++e)
 #pragma GCC unroll 4
           for (int u = 0; u < UN; ++u) {
-            const V b = broadcast<V>(gp[e] + (t + u) * gs_w);
+            V b[NV];
+            cot_values<T, NV, GROUPED>(b, gp[e] + (t + u) * gs_w, sums[e].sel, crow);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) {
-              s[e][v] += b * xv[u][v];
-              acc[u][v] += b * wv[e][v];
+              s[e][v] += b[v] * xv[u][v];
+              acc[u][v] += b[v] * wv[e][v];
             }
           }
 #pragma GCC unroll 4
@@ -389,7 +415,22 @@ static void grad_weight_typed(const GwJob& job) {
         for (int64_t a = 0; a < na; ++a)
           std::memset(acc + a * (job.pa ? job.pa : cw), 0, vectors_of(cw) * L * sizeof(T));
       }
-  if (job.swapped == CT_GW_ALONG_CIN && few_sums<T>(nb, na)) {
+  if (job.swapped == CT_GW_ALONG_CIN && (job.group_cin || few_sums<T>(nb, na))) {
+    // Conv groups side by side (group_cin): per chunk, output channel a and vector v,
+    // the channel of the cotangent row each lane takes (its group's channel a; lanes
+    // past C_in, whose x is zero, any).
+    typedef typename LaneIndex<T>::u Idx;
+    const bool grouped = job.group_cin != 0;
+    const int64_t crow = grouped ? job.cin / job.group_cin * job.cout : 0;
+    std::vector<std::vector<typename LaneIndex<T>::e>> sel(chunks);  // vectors' lanes
+    for (int64_t c0 = 0; grouped && c0 < nb; c0 += cw_full) {
+      const int64_t nv = vectors_of(std::min(cw_full, nb - c0));
+      auto& table = sel[c0 / cw_full];
+      table.resize(na * nv * L);
+      for (int64_t a = 0; a < na; ++a)
+        for (int64_t c = c0; c < c0 + nv * L; ++c)
+          table[a * nv * L + c - c0] = c < nb ? c / job.group_cin * job.cout + a : 0;
+    }
     // A row's sums depend only on which (D, H) tap pairs it reaches: a range of i and one
     // of j, as the offsets k * dilation - padding rise with k. They are listed again only
     // where those ranges change, at the volume's faces.
@@ -433,9 +474,13 @@ static void grad_weight_typed(const GwJob& job) {
                 const int64_t g0 = job.off[0][i] * job.gs[1] + job.off[1][j] * job.gs[2] +
                                    (lo[k] * job.step[2] + job.off[2][k]) * job.gs[3];
                 T* acc = unit_acc(tap, c0, cw);
+                const auto& table = sel[c0 / cw_full];
+                const int64_t nv = vectors_of(cw);
                 for (int64_t a = 0; a < na; ++a)
-                  sums.push_back(FewSum<T>{g0 + a, lo[k], hi[k], acc + a * ars,
-                                           wt ? wt + (acc + a * ars - part) : nullptr});
+                  sums.push_back(FewSum<T>{grouped ? g0 : g0 + a, lo[k], hi[k], acc + a * ars,
+                                           wt ? wt + (acc + a * ars - part) : nullptr,
+                                           grouped ? reinterpret_cast<const Idx*>(table.data() + a * nv * L)
+                                                   : nullptr});
               }
         }
       }
@@ -449,13 +494,15 @@ static void grad_weight_typed(const GwJob& job) {
         const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
         const int64_t tail = tail_of(cw);
         with_vectors(vectors_of(cw), [&](auto nv) { with_partial(tail < L, [&](auto part) {
+          with_partial(grouped, [&](auto groups_side_by_side) {
           constexpr int NV = decltype(nv)::value;
           constexpr bool PART = decltype(part)::value;
+          constexpr bool GROUPED = decltype(groups_side_by_side)::value;
           const int64_t count = (int64_t)sums.size();
           if (!gx || NV > 2) {  // (gx is only set where NV <= 2: fuses_grad_input)
             in_even_tiles<FewTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
-              few_sums_tile<T, NV, decltype(e)::value, PART>(first, grow, grs, xrow + c0, xrs,
-                                                             rows, xs_w, gs_w, tail);
+              few_sums_tile<T, NV, decltype(e)::value, PART, GROUPED>(
+                  first, grow, grs, xrow + c0, xrs, rows, xs_w, gs_w, tail, crow);
             });
             return;
           }
@@ -471,11 +518,11 @@ static void grad_weight_typed(const GwJob& job) {
           }
           if constexpr (NV <= 2)
             in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
-              fused_sums_tile<T, NV, decltype(e)::value, PART>(first, grow, grs, xrow + c0,
-                                                               xrs, gxrow + c0, gxs_h, gxs_w,
-                                                               rows, xs_w, gs_w, tail);
+              fused_sums_tile<T, NV, decltype(e)::value, PART, GROUPED>(
+                  first, grow, grs, xrow + c0, xrs, gxrow + c0, gxs_h, gxs_w, rows, xs_w, gs_w,
+                  tail, crow);
             });
-        }); });
+        }); }); });
       }
     }
     return;

@@ -489,7 +489,7 @@ Field kGradWeightFields[] = {
     CT_FIELD(GwJob, pt),       CT_FIELD(GwJob, unit0),    CT_FIELD(GwJob, unit1),
     CT_FIELD(GwJob, zero),     CT_FIELD(GwJob, box),      CT_FIELD(GwJob, wcount),
     CT_FIELD(GwJob, cin),      CT_FIELD(GwJob, cout),     CT_OPTIONAL(GwJob, gx),
-    CT_OPTIONAL(GwJob, gxs),   CT_OPTIONAL(GwJob, w),
+    CT_OPTIONAL(GwJob, gxs),   CT_OPTIONAL(GwJob, w),     CT_OPTIONAL(GwJob, group_cin),
 };
 
 // grad_weight's fields (see _native_kernel.grad_weight) into a job; false with an error
@@ -513,8 +513,18 @@ bool parse_grad_weight(PyObject* spec, GwJob& job) {
                     "side that is not, without strides of whole vectors");
     return false;
   }
+  if (job.group_cin &&
+      !(job.swapped == CT_GW_ALONG_CIN && job.pa && job.group_cin > 0 &&
+        job.cin % job.group_cin == 0 && job.cin / job.group_cin * job.cout <= lanes)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "grad_weight: conv groups side by side need the swapped layout at "
+                    "strides, C_in a multiple of group_cin, and every group's cotangent "
+                    "channels in one vector");
+    return false;
+  }
   if (job.gx && !(job.swapped == CT_GW_ALONG_CIN && job.w && job.pa && job.unit0 == 0 &&
-                  current->fuses_grad_input(job.itemsize, job.cin, job.cout))) {
+                  (job.group_cin ? job.cin <= 2 * lanes
+                                 : current->fuses_grad_input(job.itemsize, job.cin, job.cout)))) {
     PyErr_SetString(PyExc_ValueError,
                     "grad_weight: grad_input in the same pass needs the swapped few-sums "
                     "case, every unit, the weight and part at strides");

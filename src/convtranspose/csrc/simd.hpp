@@ -92,6 +92,26 @@ static inline V broadcast(const T* p) {
 #endif
 }
 
+// Integer vectors as wide as T's: lane indices for `select_lanes`.
+template <typename T> struct LaneIndex {
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> e;
+  typedef e v __attribute__((vector_size(CT_VBYTES)));
+  typedef e u __attribute__((vector_size(CT_VBYTES), aligned(sizeof(e))));  // unaligned
+};
+
+// Lane i of the result: lane idx[i] of v (0 <= idx[i] < lanes). One permute where the
+// build has one (AVX-512, AVX2's floats).
+template <typename V, typename M>
+static inline V select_lanes(V v, M idx) {
+#if defined(__GNUC__) && !defined(__clang__)
+  return __builtin_shuffle(v, idx);
+#else
+  V r;
+  for (int i = 0; i < (int)(sizeof(V) / sizeof(v[0])); ++i) r[i] = v[idx[i]];
+  return r;
+#endif
+}
+
 // p rounded up to a cache line boundary (the buffer holds 64 spare bytes for it).
 template <typename T>
 static inline T* aligned_line(T* p) {
