@@ -679,7 +679,8 @@ def test_gradients_over_long_rows_cut_along_w(c_in, c_out, groups, k, stride, pa
 # C_in, C_out, kernel, settings). Two channels a group on both sides, fan-outs of one
 # output a group (C_in two whole vectors on AVX-512), three outputs a group with stride,
 # padding and output_padding on every axis, C_in/g 10 (a partial second vector), a
-# cotangent row of a whole vector (C_out 16), stride above the kernel.
+# cotangent row of a whole vector (C_out 16), stride above the kernel, C_in of three
+# and four vectors.
 SIDE_BY_SIDE = [
     (3, (3, 5, 9), 8, 8, (1, 1, 7), dict(stride=2, groups=4)),
     (2, (9, 23), 32, 4, (4, 4), dict(stride=3, groups=4)),
@@ -688,6 +689,8 @@ SIDE_BY_SIDE = [
     (1, (40,), 20, 4, (5,), dict(stride=2, dilation=2, padding=3, groups=2)),
     (2, (7, 12), 12, 16, (3, 3), dict(stride=(2, 1), groups=4)),
     (2, (5, 40), 16, 2, (2, 3), dict(stride=(1, 4), padding=(0, 1), groups=2)),
+    (3, (3, 4, 5), 56, 4, (3, 3, 3), dict(stride=(2, 2, 3), groups=4)),
+    (2, (6, 13), 40, 8, (3, 4), dict(stride=2, padding=1, groups=4)),
 ]
 
 
@@ -697,7 +700,7 @@ def test_groups_side_by_side_match_the_loops(dims, spatial, c_in, c_out, kernel,
                                              isa, rng):
     """Every conv group's channels in one pass, each lane taking its own group's cotangent
     channel (`groups_side_by_side`: few channels a group, every group's cotangent
-    channels in a vector, C_in in two): both gradients in one pass, and grad_weight alone,
+    channels in a vector, C_in in a chunk): both gradients in one pass, and grad_weight alone,
     match the loop reference in float32 and float64 at one to three threads, the same
     bits coming back; the plan takes the pass only inside that domain, and what it runs
     matches the reference too."""
@@ -710,9 +713,10 @@ def test_groups_side_by_side_match_the_loops(dims, spatial, c_in, c_out, kernel,
         x, w, cot, kws = make_case(rng, dims, spatial, c_in, c_out, kernel, batch=2,
                                    dtypes=(dtype,) * 3, **settings)
         spec = spec_for(dims, x, w, **kws)[0]
-        lanes = native.layout(np.dtype(dtype).itemsize)[0]
-        side = _vjp_native.groups_side_by_side(spec, lanes)
-        assert side == (spec.c_in_per_group < lanes and c_out <= lanes and c_in <= 2 * lanes)
+        lanes, vectors = native.layout(np.dtype(dtype).itemsize)
+        side = _vjp_native.groups_side_by_side(spec, lanes, vectors)
+        assert side == (spec.c_in_per_group < lanes and c_out <= lanes
+                        and c_in <= vectors * lanes)
         plan = _vjp.make_vjp_plan(spec, np.dtype(dtype))
         if plan.grad_weight.layout == native.GradWeightLayout.SIDE_BY_SIDE:
             assert side and plan.grad_input.with_grad_weight, plan

@@ -63,9 +63,9 @@ BACKWARD_LAYERS = {
                       dict(stride=2, padding=1, dtype=np.float16), "shift", "shift"),
     "half-shift-2d-s1": ((1, 64, 64, 20), (50, 3, 3, 20), dict(padding=1, dtype=np.float16),
                          "native", "shift"),
-    # grad_input that fans each group's one cotangent channel out to its 10 inputs: both
+    # grad_input that fans each group's one cotangent channel out to its 12 inputs: both
     # gradients as the depthwise layer's over C_in channels of the repeated cotangent ...
-    "fan-out": ((1, 12, 12, 12, 40), (4, 4, 4, 4, 10), dict(stride=2, groups=4),
+    "fan-out": ((1, 12, 12, 12, 72), (6, 4, 4, 4, 12), dict(stride=2, groups=6),
                 "native", "native"),
     # ... but with 2 inputs a group, every group side by side in one pass for both
     "groups-side-by-side": ((1, 12, 12, 12, 8), (4, 4, 4, 4, 2), dict(stride=2, groups=4),
@@ -194,16 +194,16 @@ def test_vjp_arrays_runs_the_plan_it_is_given(rng, monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("algorithm", [None, "native"])
 def test_fan_out_grad_input_plans_as_a_depthwise_layer(algorithm, rng):
-    """One output channel per group and 10 input channels per group (more than side by
+    """One output channel per group and 12 input channels per group (C_in past what side by
     side takes): both gradients run as the depthwise layer's over C_in channels (asked for
     by name too: the kernel has no other layout for grad_input, and returned garbage when
     forced); not where the repeated cotangent would exceed the workspace limit."""
     x_shape, w_shape, settings, _, _ = BACKWARD_LAYERS["fan-out"]
     p = ct.vjp_plan(x_shape, w_shape, **settings, algorithm=algorithm)
-    assert p.fan_out is not None and p.fan_out.spec.groups == p.spec.c_in == 40
+    assert p.fan_out is not None and p.fan_out.spec.groups == p.spec.c_in == 72
     assert p.grad_input.fan_out and "depthwise grad_input" in str(p)
     assert p.grad_weight.fan_out and "depthwise grad_weight" in str(p)
-    repeated = int(np.prod(ct.output_shape(x_shape, w_shape, **settings))) * 10 * 4
+    repeated = int(np.prod(ct.output_shape(x_shape, w_shape, **settings))) * 12 * 4
     assert ct.vjp_plan(x_shape, w_shape, **settings, workspace=repeated - 4).fan_out is None
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)

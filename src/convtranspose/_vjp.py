@@ -336,7 +336,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
     if (algorithm in (None, VjpAlgorithm.NATIVE) and work and need_weight and native.AVAILABLE
             and input_in_place and cotangent_in_place and gw_rule[4]
-            and native_paths.groups_side_by_side(spec, native.layout(compute_dtype.itemsize)[0])):
+            and native_paths.groups_side_by_side(spec, *native.layout(compute_dtype.itemsize))):
         # Every group's channels side by side in one pass (for both gradients where both
         # are asked for), where the models say it beats the plan without it: against
         # vectors along input pixels, groups of 2-4 channels on long rows ran up to 2.5x

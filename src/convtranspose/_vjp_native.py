@@ -609,17 +609,17 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype,
         gw[...] = sums[..., :cig]
 
 
-def groups_side_by_side(spec: ConvSpec, lanes: int) -> bool:
-    """Whether grad_weight's few-sums pass (and grad_input in it) runs every conv group's
+def groups_side_by_side(spec: ConvSpec, lanes: int, max_vectors: int) -> bool:
+    """Whether grad_weight's few-sums pass (and grad_input in it) can run every conv group's
     channels side by side in its vectors, lane c taking its own group's cotangent channel
     by a permute of the cotangent row (`GwJob::group_cin`): groups of fewer channels than
-    a vector, whose cotangent rows fit one vector and whose input channels fit two (the
-    one pass for both gradients; `lanes` of the compute dtype). Run a group at a time,
-    each group's vectors held its few channels: 8 -> 8 g4 k1x7 s2 on 3x386x363, both
-    gradients, 11.2 -> 3.3 ms; 32 -> 4 g4 k4 s3 on 2x622x359 55.5 (fan-out) -> 11.8."""
+    a vector, whose cotangent rows fit one vector and whose input channels fit one chunk
+    of `max_vectors` (`lanes` of the compute dtype; `native.layout`). Run a group at a
+    time, each group's vectors held its few channels: 8 -> 8 g4 k1x7 s2 on 3x386x363, both
+    gradients, 11.4 -> 3.6 ms; 32 -> 4 g4 k4 s3 on 2x622x359 60 (fan-out) -> 13."""
     depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
     return (spec.groups > 1 and not depthwise and spec.c_in_per_group < lanes
-            and spec.c_out <= lanes and spec.c_in <= 2 * lanes)
+            and spec.c_out <= lanes and spec.c_in <= max_vectors * lanes)
 
 
 def to_side_by_side(spec: ConvSpec, w3: np.ndarray) -> np.ndarray:

@@ -264,12 +264,14 @@ static void in_even_tiles(const FewSum<T>* sums, int64_t n, F&& tile) {
 // Register use: E * NV sums, E * NV weight vectors, U * NV each of x and grad_input, and
 // a broadcast. W6 (NV = 1), one core: E 8, U 4: 1.30 ms; E 8, U 2: 1.28; E 6, U 4: 1.33;
 // E 12, U 2: 1.27, level within the noise; fewer sums mean fewer base pointers to keep.
-// Only for NV <= 2 (`fuses_grad_input`): from three vectors on, a tile holds two sums,
-// and grad_input's pixels are read and written once per two sums.
+// One group's C_in/g only up to two vectors (`fuses_grad_input`): from three vectors on,
+// a tile holds two sums, and grad_input's pixels are read and written once per two sums.
+// Groups side by side take three and four too (their alternative, the fan-out's repeated
+// cotangent, costs more).
 template <int NV> struct FusedTile {
-  static_assert(NV <= 2, "fused only up to two vectors of C_in/g");
-  static constexpr int E = CT_NREGS == 32 ? (NV == 1 ? 8 : 4) : (NV == 1 ? 4 : 2);
-  static constexpr int U = CT_NREGS == 32 ? (NV == 1 ? 4 : 2) : (NV == 1 ? 2 : 1);
+  static constexpr int E = CT_NREGS == 32 ? (NV == 1 ? 8 : NV == 2 ? 4 : 2)
+                                          : (NV == 1 ? 4 : 2);
+  static constexpr int U = CT_NREGS == 32 ? (NV == 1 ? 4 : NV == 2 ? 2 : 1) : (NV == 1 ? 2 : 1);
 };
 
 template <typename T, int NV, int E, bool PART, bool GROUPED>
@@ -499,7 +501,7 @@ static void grad_weight_typed(const GwJob& job) {
           constexpr bool PART = decltype(part)::value;
           constexpr bool GROUPED = decltype(groups_side_by_side)::value;
           const int64_t count = (int64_t)sums.size();
-          if (!gx || NV > 2) {  // (gx is only set where NV <= 2: fuses_grad_input)
+          if (!gx) {
             in_even_tiles<FewTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
               few_sums_tile<T, NV, decltype(e)::value, PART, GROUPED>(
                   first, grow, grs, xrow + c0, xrs, rows, xs_w, gs_w, tail, crow);
@@ -516,12 +518,11 @@ static void grad_weight_typed(const GwJob& job) {
             for (int64_t w = 0; w < wcount; ++w, p += gxs_w)
               store_x<T, NV, PART>(p, zero, tail);
           }
-          if constexpr (NV <= 2)
-            in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
-              fused_sums_tile<T, NV, decltype(e)::value, PART, GROUPED>(
-                  first, grow, grs, xrow + c0, xrs, gxrow + c0, gxs_h, gxs_w, rows, xs_w, gs_w,
-                  tail, crow);
-            });
+          in_even_tiles<FusedTile<NV>::E>(sums.data(), count, [&](auto* first, auto e) {
+            fused_sums_tile<T, NV, decltype(e)::value, PART, GROUPED>(
+                first, grow, grs, xrow + c0, xrs, gxrow + c0, gxs_h, gxs_w, rows, xs_w, gs_w,
+                tail, crow);
+          });
         }); }); });
       }
     }

@@ -523,7 +523,7 @@ bool parse_grad_weight(PyObject* spec, GwJob& job) {
     return false;
   }
   if (job.gx && !(job.swapped == CT_GW_ALONG_CIN && job.w && job.pa && job.unit0 == 0 &&
-                  (job.group_cin ? job.cin <= 2 * lanes
+                  (job.group_cin ? job.cin <= current->max_vectors() * lanes
                                  : current->fuses_grad_input(job.itemsize, job.cin, job.cout)))) {
     PyErr_SetString(PyExc_ValueError,
                     "grad_weight: grad_input in the same pass needs the swapped few-sums "
