@@ -345,7 +345,7 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         # 85x79x62: 116 -> 12.0). Of those 68 layers this choice ran 0.65x the time
         # (geometric mean) of the plans without it, the faster of the two each 0.62x.
         gw = _native_grad_weight_step(spec, compute_dtype, threads, GradWeightLayout.SIDE_BY_SIDE)
-        gx = _side_by_side_grad_input_step(spec, compute_dtype, threads) if need_input else None
+        gx = _fused_grad_input_step(spec, compute_dtype, threads, True) if need_input else None
         side = VjpPlan(spec, compute_dtype, gx, gw, threads, limit, budget)
         other = _make_vjp_plan(spec, compute_dtype, need_input, need_weight, threads, limit,
                                algorithm, winograd, input_in_place, cotangent_in_place,
@@ -417,16 +417,18 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         if planar:
             gx = _planar_grad_input_step(spec, compute_dtype, threads,
                                          shares_copy=layout == GradWeightLayout.PLANAR)
+        elif fused:
+            gx = _fused_grad_input_step(spec, compute_dtype, threads, False)
         elif native_gx:
-            pairs_fit = (not fused and native_paths.grad_input_mode(spec) == native.CHANNELS
+            pairs_fit = (native_paths.grad_input_mode(spec) == native.CHANNELS
                          and not native_paths.grad_input_w_taps_as_one(spec)
                          and grad_input_takes_pairs(spec, compute_dtype, limit, winograd,
                                                     cotangent_in_place))
             gx = _native_grad_input_step(spec, compute_dtype, threads, budget, False,
-                                         fused, cotangent_in_place)
+                                         cotangent_in_place)
             if pairs_fit:  # taken where its model says so
                 pairs = _native_grad_input_step(spec, compute_dtype, threads, budget, True,
-                                                fused, cotangent_in_place)
+                                                cotangent_in_place)
                 gx = min(gx, pairs, key=lambda step: step.est_seconds)
         else:
             gx = gemm_costs["input"]
@@ -451,7 +453,7 @@ def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threa
                                 choose_vjp_algorithm(spec, active_taps(spec), budget))
     # the copy is paid by grad_weight's GEMMs anyway where they share it
     gemm_seconds = _on_threads(times["input"] + (0.0 if shares_copy else copy), threads)
-    kernel = _native_grad_input_step(spec, compute_dtype, threads, budget, False, False,
+    kernel = _native_grad_input_step(spec, compute_dtype, threads, budget, False,
                                      cotangent_in_place)
     return kernel.est_seconds < gemm_seconds
 
@@ -489,8 +491,7 @@ def pair_transform_seconds(spec: ConvSpec, compute_dtype: np.dtype) -> float:
 
 
 def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int, budget: int,
-                            takes_pairs: bool, fused: bool,
-                            cotangent_in_place: bool) -> GradStep:
+                            takes_pairs: bool, cotangent_in_place: bool) -> GradStep:
     """The kernel's grad_input: the forward's rate model on its channel-swapped spec."""
     flops = spec.useful_flops
     item = compute_dtype.itemsize
@@ -510,22 +511,25 @@ def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
                + write / 2 + extra
                + weight_traffic_seconds(spec, compute_dtype))
     return GradStep(VjpAlgorithm.WINOGRAD if takes_pairs else VjpAlgorithm.NATIVE, flops, scratch,
-                    threads, _on_threads(seconds, threads), with_grad_weight=fused, wide_w=wide)
+                    threads, _on_threads(seconds, threads), wide_w=wide)
 
 
 def _total_seconds(plan: VjpPlan) -> float:
     return sum(step.est_seconds for step in plan.steps)
 
 
-def _side_by_side_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype,
-                                  threads: int) -> GradStep:
-    """grad_input in the side-by-side pass of grad_weight (`groups_side_by_side`): its
-    products at grad_weight's rate (the same vectors), and its write."""
+def _fused_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
+                           side_by_side: bool) -> GradStep:
+    """grad_input in grad_weight's few-sums pass (a group at a time, or every group side by
+    side: `groups_side_by_side`): its products at grad_weight's rate (the same vectors and
+    cotangent values; the kernel's own grad_input model, which the plans once counted
+    here, was 1.5-3x this), and its write."""
     lanes, _ = native.layout(compute_dtype.itemsize)
-    fill = spec.c_in / (ceil_div(spec.c_in, lanes) * lanes)
+    width = spec.c_in if side_by_side else spec.c_in_per_group
+    fill = width / (ceil_div(width, lanes) * lanes)
+    efficiency = SIDE_BY_SIDE_EFFICIENCY if side_by_side else 1.0
     write = spec.batch * math.prod(spec.in_spatial) * spec.c_in * compute_dtype.itemsize
-    seconds = (spec.useful_flops
-               / (NATIVE_PEAK_PER_LANE * lanes * fill * SIDE_BY_SIDE_EFFICIENCY)
+    seconds = (spec.useful_flops / (NATIVE_PEAK_PER_LANE * lanes * fill * efficiency)
                + write / COPY_BYTES_PER_S + weight_traffic_seconds(spec, compute_dtype))
     return GradStep(VjpAlgorithm.NATIVE, spec.useful_flops, 0, threads,
                     _on_threads(seconds, threads), with_grad_weight=True)
