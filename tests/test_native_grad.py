@@ -724,6 +724,12 @@ def test_groups_side_by_side_match_the_loops(dims, spatial, c_in, c_out, kernel,
         gx, gw = _vjp.vjp_arrays(spec, x, w, cot)  # the plan's choice
         np.testing.assert_allclose(gx, rx, atol=tol * np.abs(rx).max(), rtol=0)
         np.testing.assert_allclose(gw, rw, atol=tol * np.abs(rw).max(), rtol=0)
+        alone = _vjp.make_vjp_plan(spec, np.dtype(dtype), need_weight=False)
+        if alone.grad_input.layout == native.GradWeightLayout.SIDE_BY_SIDE:
+            assert side and alone.grad_weight is None, alone  # the pass, its sums dropped
+        for threads in (1, 2):
+            gx_alone = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, threads=threads)[0]
+            np.testing.assert_allclose(gx_alone, rx, atol=tol * np.abs(rx).max(), rtol=0)
         if not side:
             continue
         taken += 1

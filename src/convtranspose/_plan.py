@@ -223,11 +223,13 @@ class GradStep:
 
     `algorithm`: 'native', 'winograd' (grad_input only), one of GEMM_ALGORITHMS, or
     'zeros' (no tap reaches the output: nothing to sum). `layout`: for grad_weight on the
-    compiled kernel, its layout (`grad_weight_layout`). `with_grad_weight`: grad_input
-    computed in grad_weight's pass. `wide_w`: grad_input's W taps summed as one
-    (`grad_input_wide_w`). `fan_out`: the gradient as a depthwise layer's over C_in
-    channels (one cotangent channel per group, repeated for its inputs). `planar`:
-    grad_input with vectors along input pixels, over a planar copy of the cotangent."""
+    compiled kernel, its layout (`grad_weight_layout`); for grad_input in grad_weight's
+    pass, SIDE_BY_SIDE where that pass runs every group side by side. `with_grad_weight`:
+    grad_input computed in grad_weight's pass (alone: its sums dropped). `wide_w`:
+    grad_input's W taps summed as one (`grad_input_wide_w`). `fan_out`: the gradient as
+    a depthwise layer's over C_in channels (one cotangent channel per group, repeated for
+    its inputs). `planar`: grad_input with vectors along input pixels, over a planar copy
+    of the cotangent."""
 
     algorithm: VjpAlgorithm
     flops: int

@@ -334,8 +334,8 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
                                limit, None, winograd, need_weight, cotangent_in_place,
                                gw_rule)
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
-    if (algorithm in (None, VjpAlgorithm.NATIVE) and work and need_weight and native.AVAILABLE
-            and input_in_place and cotangent_in_place and gw_rule[4]
+    if (algorithm in (None, VjpAlgorithm.NATIVE) and work and (need_input or need_weight)
+            and native.AVAILABLE and input_in_place and cotangent_in_place and gw_rule[4]
             and native_paths.groups_side_by_side(spec, *native.layout(compute_dtype.itemsize))):
         # Every group's channels side by side in one pass (for both gradients where both
         # are asked for), where the models say it beats the plan without it: against
@@ -344,9 +344,14 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         # fan-outs of 2-8 channels a group up to 10x faster (8 -> 4 g4 k4 s2 d2 on
         # 85x79x62: 116 -> 12.0). Of those 68 layers this choice ran 0.65x the time
         # (geometric mean) of the plans without it, the faster of the two each 0.62x.
+        # grad_input alone takes the pass too, its grad_weight sums dropped (a group at a
+        # time, 8 -> 8 g4 k1x7 s2's grad_input took 6.5 ms, both gradients side by side 3.6).
         gw = _native_grad_weight_step(spec, compute_dtype, threads, GradWeightLayout.SIDE_BY_SIDE)
         gx = _fused_grad_input_step(spec, compute_dtype, threads, True) if need_input else None
-        side = VjpPlan(spec, compute_dtype, gx, gw, threads, limit, budget)
+        if gx is not None and not need_weight:  # the pass costs its sums all the same
+            gx = dataclasses.replace(gx, est_seconds=gx.est_seconds + gw.est_seconds)
+        side = VjpPlan(spec, compute_dtype, gx, gw if need_weight else None, threads, limit,
+                       budget)
         other = _make_vjp_plan(spec, compute_dtype, need_input, need_weight, threads, limit,
                                algorithm, winograd, input_in_place, cotangent_in_place,
                                (*gw_rule[:4], False))
@@ -532,7 +537,8 @@ def _fused_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int
     seconds = (spec.useful_flops / (NATIVE_PEAK_PER_LANE * lanes * fill * efficiency)
                + write / COPY_BYTES_PER_S + weight_traffic_seconds(spec, compute_dtype))
     return GradStep(VjpAlgorithm.NATIVE, spec.useful_flops, 0, threads,
-                    _on_threads(seconds, threads), with_grad_weight=True)
+                    _on_threads(seconds, threads), with_grad_weight=True,
+                    layout=GradWeightLayout.SIDE_BY_SIDE if side_by_side else None)
 
 
 def _native_grad_weight_step(spec: ConvSpec, compute_dtype: np.dtype, threads: int,
@@ -715,7 +721,7 @@ def run_vjp_plan(plan: VjpPlan, x: np.ndarray, w: np.ndarray, cot: np.ndarray
         native.warm(threads)  # the pool's threads wake while this prepares their work
     if gi_native and gi.with_grad_weight:  # few sums: one pass for both
         native_paths.both_gradients(spec, x3, c3, w3, gx, gw, threads, compute_dtype,
-                                    gwp.layout == GradWeightLayout.SIDE_BY_SIDE)
+                                    gi.layout == GradWeightLayout.SIDE_BY_SIDE)
         return _results(spec, x, w, gx, gw)
     # Both summing W taps as one: the W-padded cotangent once, for both.
     padded = (native_paths.padded_cotangent_for_both(spec, c3, compute_dtype, threads)

@@ -561,7 +561,8 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype,
     grad_input pixel (see csrc/grad_weight.hpp). Workers own fixed tiles of input rows (their
     grad_input rows) and one grad_weight sum each, worker 0's in gw itself, added in worker
     order: bitwise reproducible for a thread count. `side_by_side`: one pass over every
-    conv group's channels at once (`groups_side_by_side`)."""
+    conv group's channels at once (`groups_side_by_side`); then `gw` may be None (grad_input
+    alone: the sums are dropped)."""
     groups, cig, cog = ((1, spec.c_in, spec.c_out_per_group) if side_by_side
                         else (spec.groups, spec.c_in_per_group, spec.c_out_per_group))
     ktot = math.prod(spec.kernel)
@@ -602,6 +603,8 @@ def both_gradients(spec, x3, c3, w3, gx, gw, n_threads, compute_dtype,
         return native.Task(tuple(calls), keep=weight)
 
     run_jobs([job_for(j) for j in range(workers)], n_threads)
+    if gw is None:
+        return
     sums = sum_in_order(parts)
     if side_by_side:
         gw[...] = from_side_by_side(spec, sums)
