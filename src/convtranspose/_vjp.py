@@ -342,8 +342,10 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         # vectors along input pixels, groups of 2-4 channels on long rows ran up to 2.5x
         # slower side by side (4 -> 4 g2 k4x7x7 on 3x53x64x45: 27.9 ms planar, 69.1),
         # fan-outs of 2-8 channels a group up to 10x faster (8 -> 4 g4 k4 s2 d2 on
-        # 85x79x62: 116 -> 12.0). Of those 68 layers this choice ran 0.65x the time
-        # (geometric mean) of the plans without it, the faster of the two each 0.62x.
+        # 85x79x62: 116 -> 12). Of the 73 sweep layers of its domain (seeds 11-55) this
+        # choice takes 52, which run 0.53x the time of the plans without it (geometric
+        # mean; 0.075x to 1.52x: three of two groups of 2-4 channels on long rows, whose
+        # planar model reads 1.5-2x high), and declines 21.
         # grad_input alone takes the pass too, its grad_weight sums dropped (a group at a
         # time, 8 -> 8 g4 k1x7 s2's grad_input took 6.5 ms, both gradients side by side 3.6).
         gw = _native_grad_weight_step(spec, compute_dtype, threads, GradWeightLayout.SIDE_BY_SIDE)
