@@ -476,12 +476,13 @@ static void grad_weight_typed(const GwJob& job) {
                 const int64_t g0 = job.off[0][i] * job.gs[1] + job.off[1][j] * job.gs[2] +
                                    (lo[k] * job.step[2] + job.off[2][k]) * job.gs[3];
                 T* acc = unit_acc(tap, c0, cw);
-                const auto& table = sel[c0 / cw_full];
+                const auto* picks = sel[c0 / cw_full].data();  // (null: not grouped)
                 const int64_t nv = vectors_of(cw);
                 for (int64_t a = 0; a < na; ++a)
                   sums.push_back(FewSum<T>{grouped ? g0 : g0 + a, lo[k], hi[k], acc + a * ars,
                                            wt ? wt + (acc + a * ars - part) : nullptr,
-                                           grouped ? reinterpret_cast<const Idx*>(table.data() + a * nv * L)
+                                           grouped ? reinterpret_cast<const Idx*>(
+                                                         picks + a * nv * L)
                                                    : nullptr});
               }
         }

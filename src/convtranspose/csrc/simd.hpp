@@ -97,7 +97,7 @@ template <typename T> struct LaneIndex {
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> e;
   typedef e v __attribute__((vector_size(CT_VBYTES)));
   typedef e u __attribute__((vector_size(CT_VBYTES), aligned(sizeof(e))));  // unaligned
-};
+};  // (also the shuffle masks of `halve_pair`)
 
 // Lane i of the result: lane idx[i] of v (0 <= idx[i] < lanes). One permute where the
 // build has one (AVX-512, AVX2's floats).
@@ -171,9 +171,8 @@ template <int H, typename V>
 static inline V halve_pair(V a, V b) {
   constexpr int L = sizeof(V) / sizeof(a[0]);
   typedef decltype(a[0] - a[0]) E;
-  typedef __attribute__((vector_size(sizeof(V)))) std::conditional_t<sizeof(E) == 4, int32_t,
-                                                                       int64_t> M;
-  M lo, hi;
+  static_assert(sizeof(V) == CT_VBYTES, "a vector of the build");
+  typename LaneIndex<E>::v lo, hi;
 #pragma GCC unroll 16
   for (int j = 0; j < L / 2; ++j) {
     const int at = j / H * 2 * H + j % H;  // a's lanes in the first half, b's (+ L) after
