@@ -51,8 +51,8 @@ def _run(case, x, w, algorithm="native", **extra):
 
 def _compiled_algorithms(case, dtype="float32") -> list[str]:
     """native, and planar and cols where they take the layer in `dtype` (planar: few
-    outputs per group and per row; cols: its products within the workspace, its GEMM in
-    CHANNELS mode)."""
+    outputs per group and per row; cols: at most two vectors of outputs per group, its
+    products within the workspace, its GEMM in CHANNELS mode)."""
     taken = ["native"]
     for algorithm in ("planar", "cols"):
         try:
@@ -431,14 +431,17 @@ def test_long_rows_cut_along_w_match_the_reference(case, rng, monkeypatch,
 
 
 # cols' gather in pieces of rows (c_in, c_out, k, groups, stride, padding, dilation,
-# output_padding): its W taps as one run (dilation 1, one group), tap by tap otherwise,
-# stride beyond the kernel (positions no tap reaches hold the bias alone).
+# output_padding): a pixel's W taps as one run (dilation 1, one group, several outputs),
+# else vectors of one W residue's outputs gathered tap by tap, stride beyond the kernel
+# (positions no tap reaches hold the bias alone).
 COLS_GATHER_CASES = [
     (24, 3, 4, 1, 2, 1, 1, 0),
     (32, 3, 7, 1, 3, 3, 1, 2),
     (16, 2, 3, 1, 4, 0, 1, 3),   # stride > kernel
     (16, 4, 3, 1, 2, 2, 2, 1),   # dilated: taps apart
     (32, 4, 3, 2, 2, 1, 1, 0),   # grouped: taps apart
+    (32, 2, 9, 1, 2, 4, 2, 1),   # dilation and stride 2: one residue of two
+    (24, 4, 5, 1, 3, 0, 2, 2),   # taps on three residues
 ]
 
 
@@ -448,7 +451,7 @@ def test_cols_gathers_long_rows_in_pieces(case, rng, monkeypatch, small_calls_th
     W, each adding the products of the input pixels whose taps reach it and no others,
     every output written once (the result starts as NaN), with the bias."""
     from convtranspose import _execute
-    from convtranspose.kernels.cols import gather_pieces
+    from convtranspose.kernels.cols import gather_tiles
     c_in, c_out, k, groups, stride, padding, dilation, output_padding = case
     x = rng.standard_normal((1, 2500, c_in)).astype(np.float32)
     w = rng.standard_normal((c_out, k, c_in // groups)).astype(np.float32)
@@ -456,7 +459,7 @@ def test_cols_gathers_long_rows_in_pieces(case, rng, monkeypatch, small_calls_th
     kw = dict(stride=stride, padding=padding, dilation=dilation,
               output_padding=output_padding, groups=groups)
     p = ct.plan(x.shape, w.shape, **kw, algorithm="cols", threads=2)
-    assert len(gather_pieces(1, p.spec.out_spatial[2], p.threads)) > 1
+    assert len(gather_tiles(p.spec, p.threads)) > 1
     monkeypatch.setattr(_execute, "result_empty",
                         lambda shape, dtype: np.full(shape, np.nan, dtype))
     got = ct.run_plan(p, x, w, bias=bias)

@@ -1165,7 +1165,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         est = {algorithm: estimate_seconds(spec, algorithm)}
     kernel = registry()[algorithm]
     if kernel.make_plan is not None:  # its own plan (indexed: one task and a table)
-        return kernel.make_plan(spec, limit, est)
+        return kernel.make_plan(spec, limit, est, threads)
     phase_groups = kernel.phase_groups(spec)
     # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place;
     # so are those of every compiled kernel
@@ -1254,7 +1254,7 @@ def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, 
                        else max_rows // 2)
 
 
-def indexed_plan(spec: ConvSpec, limit: int, est: dict) -> Plan:
+def indexed_plan(spec: ConvSpec, limit: int, est: dict, threads: int) -> Plan:
     """One task over everything; its table says which (input row, tap) products add into
     each output row (row index `rows_in * taps` is an appended zero row)."""
     rows_in = spec.batch * math.prod(spec.in_spatial)

@@ -206,6 +206,8 @@ extern __thread CtStop* ct_stop;  // null: never stop
                  void widen_half(int, const void*, float*, int64_t); \
                  void gather_sum(int, const void*, const int64_t*, int64_t, int64_t, int64_t, \
                                  void*); \
+                 void col2im(int, const void*, void*, const void*, const int64_t*, int64_t, \
+                             int64_t, const int64_t*); \
                  void pair_transform(const PairJob&); \
                  void planar_grad_weight(const PgwJob&); \
                  void planar_grad_input(const PgwJob&); \

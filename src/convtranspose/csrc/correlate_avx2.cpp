@@ -33,6 +33,11 @@ static inline int ct_opaque(int m) { __asm__("" : "+r"(m)); return m; }
 // The first n (0-7 / 0-3) elements at p, zeros after them (lanes past n are not read).
 #define CT_LOAD_FIRST_F(n, p) _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))
 #define CT_LOAD_FIRST_D(n, p) _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(n)), _mm256_setr_epi64x(0, 1, 2, 3)))
+// Lanes [lo, hi) of p[lane * stride], zeros in the others (lanes outside are not read).
+#define CT_RANGE_LANES_F(lo, hi) _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(hi)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))
+#define CT_RANGE_LANES_D(lo, hi) _mm256_andnot_si256(_mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(lo)), _mm256_setr_epi64x(0, 1, 2, 3)), _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(hi)), _mm256_setr_epi64x(0, 1, 2, 3)))
+#define CT_GATHER_RANGE_F(lo, hi, p, stride) _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(stride)), _mm256_castsi256_ps(CT_RANGE_LANES_F(lo, hi)), 4)
+#define CT_GATHER_RANGE_D(lo, hi, p, stride) _mm256_mask_i32gather_pd(_mm256_setzero_pd(), p, _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(stride)), _mm256_castsi256_pd(CT_RANGE_LANES_D(lo, hi)), 8)
 #define CT_STORE_FIRST_F(n, p, v) _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (__m256)(v))
 #define CT_STORE_FIRST_D(n, p, v) _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(n)), _mm256_setr_epi64x(0, 1, 2, 3)), (__m256d)(v))
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))

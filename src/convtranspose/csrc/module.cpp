@@ -190,6 +190,8 @@ struct Isa {
   void (*round_half)(int, const float*, void*, int64_t);
   void (*widen_half)(int, const void*, float*, int64_t);
   void (*gather_sum)(int, const void*, const int64_t*, int64_t, int64_t, int64_t, void*);
+  void (*col2im)(int, const void*, void*, const void*, const int64_t*, int64_t, int64_t,
+                 const int64_t*);
   void (*pair_transform)(const PairJob&);
   void (*planar_grad_weight)(const PgwJob&);
   void (*planar_grad_input)(const PgwJob&);
@@ -210,19 +212,19 @@ struct Isa {
 const Isa kIsas[] = {
 #ifdef CT_WITH_AVX512
     {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
-     avx512::gather_sum, avx512::pair_transform, avx512::planar_grad_weight,
+     avx512::gather_sum, avx512::col2im, avx512::pair_transform, avx512::planar_grad_weight,
      avx512::planar_grad_input,
      avx512::lanes, avx512::max_vectors, avx512::fuses_grad_input},
 #endif
 #ifdef CT_WITH_AVX2
     {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
-     avx2::gather_sum, avx2::pair_transform, avx2::planar_grad_weight,
+     avx2::gather_sum, avx2::col2im, avx2::pair_transform, avx2::planar_grad_weight,
      avx2::planar_grad_input,
      avx2::lanes, avx2::max_vectors, avx2::fuses_grad_input},
 #endif
 #ifdef CT_WITH_GENERIC
     {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
-     generic::gather_sum, generic::pair_transform, generic::planar_grad_weight,
+     generic::gather_sum, generic::col2im, generic::pair_transform, generic::planar_grad_weight,
      generic::planar_grad_input,
      generic::lanes, generic::max_vectors, generic::fuses_grad_input},
 #endif
@@ -1394,133 +1396,42 @@ PyObject* py_planar_grad_input(PyObject*, PyObject* args) {
                         {&g, &w, &gx, &geo});
 }
 
-// The `cols` forward's gather (kernels/cols.py): output rows [row0, row1) of
-// (batch * OD * OH), positions [w0, w1) of each, every position the sum of the products
-// of the (input pixel, tap) pairs that land on it, plus the bias. cols: (batch, ID, IH,
-// IW, groups, taps, cog), the products of every input pixel with every tap; out: (batch,
-// OD, OH, OW, groups * cog). geo: batch, in (3), out (3), kernel (3), stride (3),
-// dilation (3), padding before (3). Every position in the range is written (the bias or
-// zero where no tap lands).
-// With dilation 1 along W and one group, an input pixel's W taps (of one (D, H) tap pair)
-// are one run of cols that lands on one run of the output row: input pixel by input
-// pixel, an add of two runs (192 -> 3 k4 s2 on 26924 pixels: 0.55 -> 0.38 ms a call,
-// summed over the threads). Otherwise tap by tap, each W tap's outputs at the stride, and
-// their products a pixel apart in cols.
-template <typename T>
-void col2im(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
-            int64_t cog, int64_t row0, int64_t row1, int64_t w0, int64_t w1) {
-  const int64_t* in = geo + 1;
-  const int64_t* os = geo + 4;
-  const int64_t* k = geo + 7;
-  const int64_t* st = geo + 10;
-  const int64_t* dil = geo + 13;
-  const int64_t* pad = geo + 16;
-  const int64_t taps = k[0] * k[1] * k[2], cout = groups * cog, pixel = groups * taps * cog;
-  // The (input position, tap) pairs that land on output position o along axis 0 or 1.
-  const auto pairs = [&](int axis, int64_t o, std::vector<std::pair<int64_t, int64_t>>& list) {
-    list.clear();
-    for (int64_t t = 0; t < k[axis]; ++t) {
-      const int64_t at = o + pad[axis] - t * dil[axis];
-      if (at >= 0 && at % st[axis] == 0 && at / st[axis] < in[axis])
-        list.emplace_back(at / st[axis], t);
-    }
-  };
-  // Input pixel iw's W tap kw lands on ow = iw * s + kw * d - p. Per tap: the input
-  // pixels [from, to) whose outputs lie in [w0, w1).
-  const auto ceil_div = [](int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -(-a / b); };
-  const auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
-  std::vector<int64_t> from(k[2]), to(k[2]);
-  for (int64_t kw = 0; kw < k[2]; ++kw) {
-    const int64_t shift = kw * dil[2] - pad[2];
-    from[kw] = std::max<int64_t>(0, ceil_div(w0 - shift, st[2]));
-    to[kw] = std::max(from[kw], std::min<int64_t>(in[2], floor_div(w1 - 1 - shift, st[2]) + 1));
-  }
-  // Runs (of more than a tap's one output: one output channel ran 1.3-1.6x slower so, its
-  // runs too short to pay for their loops); the input pixels that land every tap inside
-  // [w0, w1) need no clipping.
-  const bool runs = dil[2] == 1 && groups == 1 && cog > 1;
-  const int64_t whole0 = from[0], whole1 = to[k[2] - 1];
-  const int64_t sw = st[2] * cout;  // output values between a tap's outputs
-  std::vector<std::pair<int64_t, int64_t>> along_d, along_h;
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t n = row / (os[0] * os[1]), od = row / os[1] % os[0], oh = row % os[1];
-    pairs(0, od, along_d);
-    pairs(1, oh, along_h);
-    T* o = out + row * os[2] * cout;
-    for (int64_t w = w0; w < w1; ++w)
-      for (int64_t c = 0; c < cout; ++c) o[w * cout + c] = bias ? bias[c] : T(0);
-    // Each position adds its products in one order, whichever call computes it: (D, H)
-    // tap pairs, then (runs) input pixels along W, else W taps.
-    for (const auto& [id, kd] : along_d)
-      for (const auto& [ih, kh] : along_h) {
-        const T* base = cols + ((n * in[0] + id) * in[1] + ih) * in[2] * pixel +
-                        (kd * k[1] + kh) * k[2] * cog;
-        if (runs) {
-          const int64_t first = std::min(from[k[2] - 1], from[0]);
-          const int64_t last = std::max(to[0], to[k[2] - 1]);
-          for (int64_t iw = first; iw < last; ++iw) {
-            int64_t t0 = 0, t1 = k[2];
-            if (iw < whole0 || iw >= whole1) {  // clipped at w0 or w1
-              while (t0 < k[2] && !(iw >= from[t0] && iw < to[t0])) ++t0;
-              t1 = t0;
-              while (t1 < k[2] && iw >= from[t1] && iw < to[t1]) ++t1;
-              if (t0 >= t1) continue;
-            }
-            const T* __restrict s = base + iw * pixel + t0 * cog;
-            T* __restrict d = o + (iw * st[2] - pad[2] + t0) * cout;
-            const int64_t m = (t1 - t0) * cog;
-            for (int64_t j = 0; j < m; ++j) d[j] += s[j];
-          }
-          continue;
-        }
-        for (int64_t kw = 0; kw < k[2]; ++kw) {
-          const int64_t m = to[kw] - from[kw];
-          const T* src = base + from[kw] * pixel + kw * cog;
-          T* dst = o + (from[kw] * st[2] + kw * dil[2] - pad[2]) * cout;
-          if (cout == 1) {
-            for (int64_t j = 0; j < m; ++j) dst[j * st[2]] += src[j * pixel];
-            continue;
-          }
-          for (int64_t j = 0; j < m; ++j, src += pixel, dst += sw)
-            for (int64_t g = 0; g < groups; ++g)
-              for (int64_t c = 0; c < cog; ++c) dst[g * cog + c] += src[g * taps * cog + c];
-        }
-      }
-  }
-}
-
+// The `cols` forward's gather (conversions.hpp's col2im) into one box of the output.
 PyObject* py_col2im(PyObject*, PyObject* args) {
   int itemsize;
-  Py_buffer cols, out, geo;
+  Py_buffer cols, out, geo, box;
   PyObject* bias_obj;
-  Py_ssize_t groups, cog, row0, row1, w0, w1;
-  if (!PyArg_ParseTuple(args, "iy*w*Oy*nnnnnn", &itemsize, &cols, &out, &bias_obj, &geo,
-                        &groups, &cog, &row0, &row1, &w0, &w1))
+  Py_ssize_t groups, cog;
+  if (!PyArg_ParseTuple(args, "iy*w*Oy*nny*", &itemsize, &cols, &out, &bias_obj, &geo,
+                        &groups, &cog, &box))
     return nullptr;
   Py_buffer bias{};
   const bool has_bias = bias_obj != Py_None;
   bool ok = !has_bias || PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) == 0;
   const int64_t* g = static_cast<const int64_t*>(geo.buf);
-  if (ok && geo.len == 19 * 8) {
+  const int64_t* b = static_cast<const int64_t*>(box.buf);
+  if (ok && geo.len == 19 * 8 && box.len == 8 * 8) {
     const int64_t in_px = g[0] * g[1] * g[2] * g[3], out_px = g[0] * g[4] * g[5] * g[6];
     const int64_t taps = g[7] * g[8] * g[9];
-    ok = (itemsize == 4 || itemsize == 8) && groups >= 1 && cog >= 1 && 0 <= row0 &&
-         row0 <= row1 && row1 <= g[0] * g[4] * g[5] && 0 <= w0 && w0 <= w1 && w1 <= g[6] &&
-         g[10] > 0 && g[11] > 0 && g[12] > 0 &&
+    ok = (itemsize == 4 || itemsize == 8) && groups >= 1 && cog >= 1 &&
+         groups * taps * cog * 16 < (int64_t(1) << 31) &&  // a vector's gather offsets
+         0 <= b[0] && b[0] <= b[1] && b[1] <= g[0] && 0 <= b[2] && b[2] <= b[3] &&
+         b[3] <= g[4] && 0 <= b[4] && b[4] <= b[5] && b[5] <= g[5] && 0 <= b[6] &&
+         b[6] <= b[7] && b[7] <= g[6] && g[10] > 0 && g[11] > 0 && g[12] > 0 &&
          cols.len >= in_px * groups * taps * cog * itemsize &&
          out.len >= out_px * groups * cog * itemsize &&
          (!has_bias || bias.len >= groups * cog * itemsize);
   } else {
     ok = false;
   }
-  if (ok)
-    with_float_type(itemsize, [&](auto t) {
-      using T = decltype(t);
-      col2im(static_cast<const T*>(cols.buf), static_cast<T*>(out.buf),
-             has_bias ? static_cast<const T*>(bias.buf) : nullptr, g, groups, cog, row0, row1, w0, w1);
-    });
-  return finish_buffers(ok, "col2im: bad itemsize, geometry or sizes",
-                        {&bias, &cols, &out, &geo});
+  if (ok) {
+    Py_BEGIN_ALLOW_THREADS
+    current->col2im(itemsize, cols.buf, out.buf, has_bias ? bias.buf : nullptr, g, groups, cog,
+                    b);
+    Py_END_ALLOW_THREADS
+  }
+  return finish_buffers(ok, "col2im: bad itemsize, geometry, box or sizes",
+                        {&bias, &cols, &out, &geo, &box});
 }
 
 // The gradient's gathered cotangent block (_vjp_numpy._gather_block): for each input

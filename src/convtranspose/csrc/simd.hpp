@@ -266,6 +266,22 @@ static inline void store_lanes(int64_t n, T* p, V v) {
 #endif
 }
 
+// Lanes [lo, hi) of p[0], p[stride], p[2 * stride], ... (0 <= lo <= hi <= lanes), zeros in
+// the others, reading no element outside them (translation units with gathers define
+// CT_GATHER_RANGE_F/D: a masked gather).
+template <typename V, typename T>
+static inline V gather_range(int64_t lo, int64_t hi, const T* p, int64_t stride) {
+#ifdef CT_GATHER_RANGE_F
+  if constexpr (sizeof(T) == 4)
+    return (V)CT_GATHER_RANGE_F(lo, hi, reinterpret_cast<const float*>(p), (int)stride);
+  else return (V)CT_GATHER_RANGE_D(lo, hi, reinterpret_cast<const double*>(p), (int)stride);
+#else
+  V v{};
+  for (int64_t i = lo; i < hi; ++i) v[i] = p[i * stride];
+  return v;
+#endif
+}
+
 // The vector at p, or zeros where `valid` is 0 (translation units with masked loads define
 // CT_MASKZ_LOAD_F/D; a masked load does not fault, so p may lie past the row's end).
 template <typename V, typename T>

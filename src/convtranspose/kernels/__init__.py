@@ -59,7 +59,7 @@ class Kernel:
         asked for by name).
     serial: its tasks run on one worker (the plan's threads are 1).
     tile_bytes: the scratch a task aims at (elementwise passes want their tile in L2).
-    make_plan: its own plan builder (spec, limit, est) -> Plan, instead of tiles.
+    make_plan: its own plan builder (spec, limit, est, threads) -> Plan, instead of tiles.
     input_copy_bytes(spec): where set, its run first copies the whole input, converted,
         into a layout every task reads (so no task converts rows); the copy's size, which
         the plan counts in its workspace.
@@ -77,7 +77,7 @@ class Kernel:
     fallback: bool = False
     serial: bool = False
     tile_bytes: int = SMALL_TILE_BYTES
-    make_plan: Callable[[ConvSpec, int, dict], Plan] | None = None
+    make_plan: Callable[[ConvSpec, int, dict, int], Plan] | None = None
     input_copy_bytes: Callable[[ConvSpec], int] | None = None
 
 

@@ -1,9 +1,10 @@
 """``cols``: the forward as one GEMM and a gather (GEMM then col2im, ONNX Runtime's way).
 The compiled kernel computes every input pixel's products with every tap, cols (pixels,
 groups, taps, C_out/g), as a 1x1x1 layer of taps * C_out/g outputs per group (its vectors
-along those columns); then each output pixel sums the products of the (pixel, tap) pairs
-that land on it, plus the bias (`native.col2im`, on the threads by output rows, or
-pieces of rows where there are few).
+along those columns); then each output row sums the products of the (pixel, tap) pairs
+that land on it, plus the bias (`native.col2im`, on the threads by boxes of the output):
+a vector of outputs of one W residue at a time, each (tap, pixel) term a gather of
+neighbouring pixels' products.
 
 For thin outputs from wide inputs. There the native kernel takes dot mode, each phase a
 pass over the input for a few multiply-adds per pixel, and the sums reduced across lanes:
@@ -27,12 +28,14 @@ from .._memory import Scratch
 from .._plan import (
     COPY_BYTES_PER_S,
     Plan,
+    Tile,
+    cut_rows,
     estimate_seconds,
     live_phases,
     make_plan,
     native_mode,
     on_threads,
-    output_write_seconds,
+    split_tiles,
 )
 from . import Kernel
 
@@ -55,11 +58,19 @@ def fits(spec, limit):
         return "needs the compiled kernel"
     if spec.result_dtype != spec.compute_dtype:
         return "stores only the compute dtype (float32 or float64); use 'native'"
+    if spec.c_out_per_group > 2 * native.layout(spec.compute_dtype.itemsize)[0]:
+        # Wider outputs fill the native kernel's vectors, and it sums each output in
+        # registers where cols writes and reads back every product: of the 23 sweep
+        # layers of 48-384 outputs a group that cols' model took from it (seeds 11-57),
+        # 13 ran slower, up to 1.98x (16 -> 48 k3 s4; geomean 1.06x).
+        return "is for few outputs per group (two vectors at most); use 'native'"
     if native_mode(gemm_spec(spec)) != native.CHANNELS:
         return ("needs a vector's worth of products per input pixel and group (taps times "
                 "C_out/groups); use 'native'")
     if cols_bytes(spec) > limit:
         return "would hold every input pixel's products with every tap beyond the workspace limit"
+    if spec.groups * math.prod(spec.kernel) * spec.c_out_per_group * 16 >= 2**31:
+        return "gathers products of neighbouring pixels at most 2**31 / 16 elements apart"
     return None
 
 
@@ -71,37 +82,66 @@ def phase_groups(spec):
 # A call's own cost: the GEMM's plan and weight, two rounds on the threads (beside the
 # native kernel's one).
 CALL_SECONDS = 1e-4
+# The gather's time, one core: per vector of products it gathers and adds, per output value
+# interleaved and per output row. Fitted on 214 thin sweep layers of seeds 11-57 (measured
+# / modelled 0.86-1.26, 10th to 90th percentile).
+GATHER_VECTOR_SECONDS = 4.1e-9
+GATHER_OUTPUT_SECONDS = 1.1e-9
+GATHER_ROW_SECONDS = 6.0e-9
+# Where a pixel's W taps land on neighbouring outputs (`runs_along_w`): per run of a
+# pixel's W taps, per product, per output value, per output row (fitted on 180 sweep
+# layers: 0.83-1.36).
+RUN_SECONDS = 7.7e-9
+RUN_PRODUCT_SECONDS = 0.048e-9
+RUN_OUTPUT_SECONDS = 0.22e-9
+RUN_ROW_SECONDS = 22e-9
 
 
-# The gather's time per product it adds, one core, times the groups: measured over eight
-# thin layers of one group 0.75-2.1 ns; with groups, each output pixel reads each group's
-# products a pixel of cols apart, a cache line apiece (256 -> 4 g4 k6: 3.4 ns; 92 -> 4 g4
-# k2 s(4,2,2): 6.7). Modelled as reading cols once at the copy rate (0.8 ns whatever the
-# groups), the planner took cols for 256 -> 4 g4 k6 at 28 ms against native's 15. Over
-# the 150 dot-mode layers of the dot model's fit, 1.0 ns chose best (1.2 and 0.8 lost more).
-GATHER_SECONDS = 1.0e-9
+def runs_along_w(spec) -> bool:
+    """Whether the gather adds each pixel's W taps as one run of the output row (col2im's
+    rule: dilation 1 along W, one group, several output channels)."""
+    return spec.dilation[2] == 1 and spec.groups == 1 and spec.c_out > 1
+
+
+def _reaching(spec, axis: int) -> int:
+    """The (input position, tap) pairs along an axis that land inside the output."""
+    s, d, p, n, o = (spec.stride[axis], spec.dilation[axis], spec.pad_lo[axis],
+                     spec.in_spatial[axis], spec.out_spatial[axis])
+    return sum(max(0, min(n, (o - 1 + p - t * d) // s + 1) - max(0, ceil_div(p - t * d, s)))
+               for t in range(spec.kernel[axis]))
+
+
+def gather_seconds(spec) -> float:
+    rows = spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
+    outputs = rows * spec.out_spatial[2] * spec.c_out
+    pairs = spec.batch * _reaching(spec, 0) * _reaching(spec, 1)
+    if runs_along_w(spec):
+        runs = pairs * spec.in_spatial[2]
+        return (runs * RUN_SECONDS + runs * spec.kernel[2] * spec.c_out * RUN_PRODUCT_SECONDS
+                + outputs * RUN_OUTPUT_SECONDS + rows * RUN_ROW_SECONDS)
+    lanes = native.layout(spec.compute_dtype.itemsize)[0]
+    vectors = ceil_div(ceil_div(spec.out_spatial[2], spec.stride[2]), lanes)
+    gathered = pairs * spec.c_out * spec.kernel[2] * vectors
+    return (gathered * GATHER_VECTOR_SECONDS + outputs * GATHER_OUTPUT_SECONDS
+            + rows * GATHER_ROW_SECONDS)
 
 
 def estimate(spec):
     """The GEMM (the compiled kernel's model, its write of cols included), its weight laid
-    out by taps (read and written), then the gather: each product added once, a group's
-    apart from the next group's, the output written once. (256 -> 23 k5 on 6x6x6 pixels:
-    a 2.9 MB weight for 216 pixels.)"""
+    out by taps (read and written), then the gather."""
     weight = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * spec.compute_dtype.itemsize
-    products = cols_bytes(spec) // spec.compute_dtype.itemsize
     return (estimate_seconds(gemm_spec(spec), Algorithm.NATIVE) + CALL_SECONDS
-            + 2 * weight / COPY_BYTES_PER_S + products * GATHER_SECONDS * spec.groups
-            + output_write_seconds(spec) / 2)
+            + 2 * weight / COPY_BYTES_PER_S + gather_seconds(spec))
 
 
-def _gemm_plan(spec, limit: int, threads: int | None = None) -> Plan:
+def _gemm_plan(spec, limit: int, threads: int) -> Plan:
     return make_plan(gemm_spec(spec), algorithm=Algorithm.NATIVE, workspace=limit,
                      threads=threads)
 
 
-def make_cols_plan(spec, limit: int, est: dict) -> Plan:
+def make_cols_plan(spec, limit: int, est: dict, threads: int) -> Plan:
     """The GEMM's tasks and threads; cols on top of its workspace."""
-    gemm = _gemm_plan(spec, limit)
+    gemm = _gemm_plan(spec, limit, threads)
     return Plan(spec=spec, algorithm=Algorithm.COLS, phase_groups=phase_groups(spec),
                 tasks=gemm.tasks, threads=gemm.threads,
                 workspace_bytes=gemm.workspace_bytes + cols_bytes(spec),
@@ -113,6 +153,20 @@ def _geometry(spec) -> np.ndarray:
                      *spec.stride, *spec.dilation, *spec.pad_lo], np.int64)
 
 
+def gather_tiles(spec, threads: int) -> list[Tile]:
+    """Boxes of the output for the threads, about four each: runs of whole rows, or pieces
+    of each row where there are too few (a 1-D layer's is one)."""
+    total = spec.batch * math.prod(spec.out_spatial)
+    tiles = split_tiles(spec.batch, spec.out_spatial, total, 4 * threads)
+    return cut_rows(tiles, spec.out_spatial[2], threads)
+
+
+def _box(spec, tile: Tile) -> np.ndarray:
+    """A gather tile as col2im's box: its n, d, h and w ranges (int64)."""
+    return np.array([*tile.n, *tile.d, *tile.h, *(tile.w or (0, spec.out_spatial[2]))],
+                    np.int64)
+
+
 def run(plan, x3, w3, out, bias):
     spec = plan.spec
     gemm = _gemm_plan(spec, plan.workspace_limit, plan.threads)
@@ -121,32 +175,14 @@ def run(plan, x3, w3, out, bias):
     w_cols = (w3.reshape(spec.groups, cog, taps, spec.c_in_per_group).transpose(0, 2, 1, 3)
               .reshape(spec.groups * taps * cog, 1, 1, 1, spec.c_in_per_group))
     w_cols = np.ascontiguousarray(w_cols)
-    rows = spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
     with Scratch() as scratch:
         cols = scratch.empty(cols_bytes(spec) // spec.compute_dtype.itemsize,
                              spec.compute_dtype).reshape(*x3.shape[:-1], -1)
         _execute._execute_native(gemm, x3, w_cols, cols, scratch)
-        out3 = out.reshape(rows, -1)
         geometry = _geometry(spec)
-        _execute.run_jobs([functools.partial(native.col2im, cols, out3, bias, geometry,
-                                             spec.groups, cog, *piece)
-                           for piece in gather_pieces(rows, spec.out_spatial[2], plan.threads)],
-                          plan.threads)
-
-
-# The fewest output positions a piece of a row gathers.
-MIN_GATHER_PIECE = 1024
-
-
-def gather_pieces(rows: int, width: int, threads: int) -> list[tuple[int, int, int, int]]:
-    """(row0, row1, w0, w1) pieces of the output for the threads, about four each: runs of
-    rows, or where there are too few rows (a 1-D layer's is one), pieces of each row."""
-    want = 4 * threads
-    if rows >= want:
-        return [(rows * i // want, rows * (i + 1) // want, 0, width) for i in range(want)]
-    cuts = max(1, min(ceil_div(want, rows), width // MIN_GATHER_PIECE))
-    return [(r, r + 1, width * i // cuts, width * (i + 1) // cuts)
-            for r in range(rows) for i in range(cuts)]
+        _execute.run_jobs([functools.partial(native.col2im, cols, out, bias, geometry,
+                                             spec.groups, cog, _box(spec, tile))
+                           for tile in gather_tiles(spec, plan.threads)], plan.threads)
 
 
 KERNEL = Kernel(Algorithm.COLS, fits, estimate, phase_groups, run,
