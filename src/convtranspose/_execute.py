@@ -1126,12 +1126,11 @@ def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None, threads: int 
         unreached = {p.residue[axis] for p in phases if p.size and not p.axis_taps[axis]}
         reached = sorted({p.residue[axis] for p in phases if p.size} - unreached)
         step = spec.stride[axis]
-        for prefix in earlier:
-            for residue in sorted(unreached):
-                index = prefix + [slice(None)] * (axis + 1 - len(prefix)) + [slice(residue, None, step)]
-                views.append(o[tuple(index)])
-        earlier = [prefix + [slice(None)] * (axis + 1 - len(prefix)) + [slice(r, None, step)]
-                   for prefix in earlier for r in reached]
+        # each prefix up to this axis (axes not in `axes` whole)
+        earlier = [prefix + [slice(None)] * (axis + 1 - len(prefix)) for prefix in earlier]
+        views += [o[tuple(prefix + [slice(r, None, step)])]
+                  for prefix in earlier for r in sorted(unreached)]
+        earlier = [prefix + [slice(r, None, step)] for prefix in earlier for r in reached]
     if not views:
         return
     pieces = 4 * threads if threads > 1 and out.nbytes >= FILL_THREADS_FROM_BYTES else 1

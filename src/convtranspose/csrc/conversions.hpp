@@ -1,7 +1,7 @@
 // Conversions that the Python side runs on the compiled kernel: the `indexed` algorithm's
 // gather and sum, the `cols` algorithm's gather (col2im), rounding to and widening from
-// half precision, and Winograd F(2,3)'s input transform along D. Part of the kernel: correlate.hpp includes it inside the
-// build's namespace (CT_NS).
+// half precision, and Winograd F(2,3)'s input transform along D. Part of the kernel:
+// correlate.hpp includes it inside the build's namespace (CT_NS).
 
 #if CT_PART_HAS(3)
 // out[o, :] = sum over j, in order, of src[table[j, o], :]: the `indexed` algorithm's
@@ -43,6 +43,27 @@ void gather_sum(int itemsize, const void* src, const int64_t* table, int64_t ter
                    static_cast<double*>(out));
 }
 
+// col2im's geometry (geo: batch, in (3), out (3), kernel (3), stride (3), dilation (3),
+// padding before (3)), and the (input position, tap) pairs that land on output position o
+// along axis 0 or 1.
+struct Col2imGeometry {
+  const int64_t *in, *os, *k, *st, *dil, *pad;
+  explicit Col2imGeometry(const int64_t* geo)
+      : in(geo + 1), os(geo + 4), k(geo + 7), st(geo + 10), dil(geo + 13), pad(geo + 16) {}
+  void reaching(int axis, int64_t o, std::vector<std::pair<int64_t, int64_t>>& list) const {
+    list.clear();
+    for (int64_t t = 0; t < k[axis]; ++t) {
+      const int64_t at = o + pad[axis] - t * dil[axis];
+      if (at >= 0 && at % st[axis] == 0 && at / st[axis] < in[axis])
+        list.emplace_back(at / st[axis], t);
+    }
+  }
+};
+
+static inline int64_t floor_div_signed(int64_t a, int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
 // The `cols` forward's gather (kernels/cols.py) into the output box = n0, n1, d0, d1, h0,
 // h1, w0, w1: every position the sum of the products of the (input pixel, tap) pairs that
 // land on it, plus the bias. cols: (batch, ID, IH, IW, groups, taps, cog), the products of
@@ -63,44 +84,30 @@ static void col2im_typed(const T* cols, T* out, const T* bias, const int64_t* ge
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int64_t L = CT_VBYTES / sizeof(T);
-  const int64_t* in = geo + 1;
-  const int64_t* os = geo + 4;
-  const int64_t* k = geo + 7;
-  const int64_t* st = geo + 10;
-  const int64_t* dil = geo + 13;
-  const int64_t* pad = geo + 16;
+  const Col2imGeometry geometry(geo);
+  const int64_t *in = geometry.in, *os = geometry.os, *k = geometry.k;
   const int64_t taps = k[0] * k[1] * k[2], cout = groups * cog, pixel = groups * taps * cog;
-  const int64_t w0 = box[6], w1 = box[7], s = st[2], width = w1 - w0;
-  // The (input position, tap) pairs that land on output position o along axis 0 or 1.
-  const auto reaching = [&](int axis, int64_t o, std::vector<std::pair<int64_t, int64_t>>& list) {
-    list.clear();
-    for (int64_t t = 0; t < k[axis]; ++t) {
-      const int64_t at = o + pad[axis] - t * dil[axis];
-      if (at >= 0 && at % st[axis] == 0 && at / st[axis] < in[axis])
-        list.emplace_back(at / st[axis], t);
-    }
-  };
-  const auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  const int64_t w0 = box[6], w1 = box[7], s = geometry.st[2], width = w1 - w0;
   // Input pixel iw's W tap kw lands on ow = iw * s + kw * d - p, position j = ow - w0 of
   // the box's row: residue j % s, place j / s = iw + shift[kw]. The taps of each residue.
   std::vector<int64_t> shift(k[2]);
   std::vector<std::vector<int64_t>> of_residue(s);
   for (int64_t kw = 0; kw < k[2]; ++kw) {
-    const int64_t e = kw * dil[2] - pad[2] - w0;
-    shift[kw] = floor_div(e, s);
+    const int64_t e = kw * geometry.dil[2] - geometry.pad[2] - w0;
+    shift[kw] = floor_div_signed(e, s);
     of_residue[e - shift[kw] * s].push_back(kw);
   }
   const int64_t places = (width + s - 1) / s, padded = (places + L - 1) / L * L;
   std::vector<T> sums(s * padded);  // one channel's: [residue][place]
   std::vector<std::pair<int64_t, int64_t>> along_d;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> along_hs(box[5] - box[4]);
-  for (int64_t oh = box[4]; oh < box[5]; ++oh) reaching(1, oh, along_hs[oh - box[4]]);
+  for (int64_t oh = box[4]; oh < box[5]; ++oh) geometry.reaching(1, oh, along_hs[oh - box[4]]);
   // Per (D, H) tap pair reaching the row: its input row's products of the pair's taps
   // (W tap 0, group 0, channel 0).
   std::vector<const T*> base;
   for (int64_t n = box[0]; n < box[1]; ++n)
     for (int64_t od = box[2]; od < box[3]; ++od) {
-      reaching(0, od, along_d);
+      geometry.reaching(0, od, along_d);
       for (int64_t oh = box[4]; oh < box[5]; ++oh) {
         base.clear();
         for (const auto& [id, kd] : along_d)
@@ -153,29 +160,19 @@ static void col2im_typed(const T* cols, T* out, const T* bias, const int64_t* ge
 template <typename T>
 static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t cout,
                         const int64_t* box) {
-  const int64_t* in = geo + 1;
-  const int64_t* os = geo + 4;
-  const int64_t* k = geo + 7;
-  const int64_t* st = geo + 10;
-  const int64_t* dil = geo + 13;
-  const int64_t* pad = geo + 16;
+  const Col2imGeometry geometry(geo);
+  const int64_t *in = geometry.in, *os = geometry.os, *k = geometry.k, *st = geometry.st,
+                *pad = geometry.pad;
   const int64_t taps = k[0] * k[1] * k[2], pixel = taps * cout;
   const int64_t w0 = box[6], w1 = box[7];
-  const auto reaching = [&](int axis, int64_t o, std::vector<std::pair<int64_t, int64_t>>& list) {
-    list.clear();
-    for (int64_t t = 0; t < k[axis]; ++t) {
-      const int64_t at = o + pad[axis] - t * dil[axis];
-      if (at >= 0 && at % st[axis] == 0 && at / st[axis] < in[axis])
-        list.emplace_back(at / st[axis], t);
-    }
-  };
-  const auto ceil_div = [](int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -(-a / b); };
-  const auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  const auto ceil_div = [](int64_t a, int64_t b) { return -floor_div_signed(-a, b); };
   // Per W tap: the input pixels [from, to) whose outputs iw * s + kw - p lie in [w0, w1).
   std::vector<int64_t> from(k[2]), to(k[2]);
   for (int64_t kw = 0; kw < k[2]; ++kw) {
-    from[kw] = std::max<int64_t>(0, ceil_div(w0 - (kw - pad[2]), st[2]));
-    to[kw] = std::max(from[kw], std::min<int64_t>(in[2], floor_div(w1 - 1 - (kw - pad[2]), st[2]) + 1));
+    const int64_t shift = kw - pad[2];
+    from[kw] = std::max<int64_t>(0, ceil_div(w0 - shift, st[2]));
+    to[kw] = std::max(from[kw],
+                      std::min<int64_t>(in[2], floor_div_signed(w1 - 1 - shift, st[2]) + 1));
   }
   // the input pixels that land every tap inside [w0, w1) need no clipping
   const int64_t whole0 = from[0], whole1 = to[k[2] - 1];
@@ -183,9 +180,9 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
   std::vector<std::pair<int64_t, int64_t>> along_d, along_h;
   for (int64_t n = box[0]; n < box[1]; ++n)
     for (int64_t od = box[2]; od < box[3]; ++od) {
-      reaching(0, od, along_d);
+      geometry.reaching(0, od, along_d);
       for (int64_t oh = box[4]; oh < box[5]; ++oh) {
-        reaching(1, oh, along_h);
+        geometry.reaching(1, oh, along_h);
         T* o = out + ((n * os[0] + od) * os[1] + oh) * os[2] * cout;
         for (int64_t w = w0; w < w1; ++w)
           for (int64_t c = 0; c < cout; ++c) o[w * cout + c] = bias ? bias[c] : T(0);
