@@ -115,19 +115,22 @@ class ConvSpec:
     @property
     def inside_flops(self) -> int:
         """useful_flops less the products that land outside the output (cropped by the
-        padding): what a kernel that computes each output from the taps reaching it does.
-        Per axis, tap k's inputs i with 0 <= i * stride + k * dilation - pad_lo < out."""
-        pairs = 1
-        for n, k, s, d, lo, out in zip(self.in_spatial, self.kernel, self.stride,
-                                       self.dilation, self.pad_lo, self.out_spatial):
-            count = 0
-            for tap in range(k):
-                c = tap * d - lo
-                first = max(0, -(c // s))  # ceil(-c / s)
-                last = min(n - 1, (out - 1 - c) // s)
-                count += max(0, last - first + 1)
-            pairs *= count
+        padding): what a kernel that computes each output from the taps reaching it does."""
+        pairs = math.prod(self.reaching_pairs(axis) for axis in range(3))
         return 2 * self.batch * pairs * self.c_in * self.c_out_per_group
+
+    def reaching_pairs(self, axis: int) -> int:
+        """The (input position, tap) pairs along `axis` that land inside the output: tap
+        k's inputs i with 0 <= i * stride + k * dilation - pad_lo < out."""
+        n, k, s, d, lo, out = (self.in_spatial[axis], self.kernel[axis], self.stride[axis],
+                               self.dilation[axis], self.pad_lo[axis], self.out_spatial[axis])
+        count = 0
+        for tap in range(k):
+            c = tap * d - lo
+            first = max(0, -(c // s))  # ceil(-c / s)
+            last = min(n - 1, (out - 1 - c) // s)
+            count += max(0, last - first + 1)
+        return count
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int,

@@ -60,10 +60,6 @@ struct Col2imGeometry {
   }
 };
 
-static inline int64_t floor_div_signed(int64_t a, int64_t b) {
-  return a >= 0 ? a / b : -((-a + b - 1) / b);
-}
-
 // The `cols` forward's gather (kernels/cols.py) into the output box = n0, n1, d0, d1, h0,
 // h1, w0, w1: every position the sum of the products of the (input pixel, tap) pairs that
 // land on it, plus the bias. cols: (batch, ID, IH, IW, groups, taps, cog), the products of
@@ -94,7 +90,7 @@ static void col2im_typed(const T* cols, T* out, const T* bias, const int64_t* ge
   std::vector<std::vector<int64_t>> of_residue(s);
   for (int64_t kw = 0; kw < k[2]; ++kw) {
     const int64_t e = kw * geometry.dil[2] - geometry.pad[2] - w0;
-    shift[kw] = floor_div_signed(e, s);
+    shift[kw] = floor_div(e, s);
     of_residue[e - shift[kw] * s].push_back(kw);
   }
   const int64_t places = (width + s - 1) / s, padded = (places + L - 1) / L * L;
@@ -165,14 +161,14 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
                 *pad = geometry.pad;
   const int64_t taps = k[0] * k[1] * k[2], pixel = taps * cout;
   const int64_t w0 = box[6], w1 = box[7];
-  const auto ceil_div = [](int64_t a, int64_t b) { return -floor_div_signed(-a, b); };
+  const auto ceil_div = [](int64_t a, int64_t b) { return -floor_div(-a, b); };
   // Per W tap: the input pixels [from, to) whose outputs iw * s + kw - p lie in [w0, w1).
   std::vector<int64_t> from(k[2]), to(k[2]);
   for (int64_t kw = 0; kw < k[2]; ++kw) {
     const int64_t shift = kw - pad[2];
     from[kw] = std::max<int64_t>(0, ceil_div(w0 - shift, st[2]));
     to[kw] = std::max(from[kw],
-                      std::min<int64_t>(in[2], floor_div_signed(w1 - 1 - shift, st[2]) + 1));
+                      std::min<int64_t>(in[2], floor_div(w1 - 1 - shift, st[2]) + 1));
   }
   // the input pixels that land every tap inside [w0, w1) need no clipping
   const int64_t whole0 = from[0], whole1 = to[k[2] - 1];
@@ -208,18 +204,24 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
     }
 }
 
+// The run-by-run add where a pixel's W taps land together, else the gathers.
+template <typename T>
+static void col2im_any(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
+                       int64_t cog, const int64_t* box) {
+  if (Col2imGeometry(geo).dil[2] == 1 && groups == 1 && cog > 1)
+    col2im_runs(cols, out, bias, geo, cog, box);
+  else
+    col2im_typed(cols, out, bias, geo, groups, cog, box);
+}
+
 void col2im(int itemsize, const void* cols, void* out, const void* bias, const int64_t* geo,
             int64_t groups, int64_t cog, const int64_t* box) {
-  const bool runs = geo[13 + 2] == 1 && groups == 1 && cog > 1;  // dilation 1 along W
-  if (itemsize == 4) {
-    const float *c = static_cast<const float*>(cols), *b = static_cast<const float*>(bias);
-    if (runs) col2im_runs(c, static_cast<float*>(out), b, geo, cog, box);
-    else col2im_typed(c, static_cast<float*>(out), b, geo, groups, cog, box);
-  } else {
-    const double *c = static_cast<const double*>(cols), *b = static_cast<const double*>(bias);
-    if (runs) col2im_runs(c, static_cast<double*>(out), b, geo, cog, box);
-    else col2im_typed(c, static_cast<double*>(out), b, geo, groups, cog, box);
-  }
+  if (itemsize == 4)
+    col2im_any(static_cast<const float*>(cols), static_cast<float*>(out),
+               static_cast<const float*>(bias), geo, groups, cog, box);
+  else
+    col2im_any(static_cast<const double*>(cols), static_cast<double*>(out),
+               static_cast<const double*>(bias), geo, groups, cog, box);
 }
 
 // n float32 values to float16 or bfloat16 (CT_HALF_*), rounded as the kernel stores them:

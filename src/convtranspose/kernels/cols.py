@@ -103,18 +103,10 @@ def runs_along_w(spec) -> bool:
     return spec.dilation[2] == 1 and spec.groups == 1 and spec.c_out > 1
 
 
-def _reaching(spec, axis: int) -> int:
-    """The (input position, tap) pairs along an axis that land inside the output."""
-    s, d, p, n, o = (spec.stride[axis], spec.dilation[axis], spec.pad_lo[axis],
-                     spec.in_spatial[axis], spec.out_spatial[axis])
-    return sum(max(0, min(n, (o - 1 + p - t * d) // s + 1) - max(0, ceil_div(p - t * d, s)))
-               for t in range(spec.kernel[axis]))
-
-
 def gather_seconds(spec) -> float:
     rows = spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
     outputs = rows * spec.out_spatial[2] * spec.c_out
-    pairs = spec.batch * _reaching(spec, 0) * _reaching(spec, 1)
+    pairs = spec.batch * spec.reaching_pairs(0) * spec.reaching_pairs(1)
     if runs_along_w(spec):
         runs = pairs * spec.in_spatial[2]
         return (runs * RUN_SECONDS + runs * spec.kernel[2] * spec.c_out * RUN_PRODUCT_SECONDS
