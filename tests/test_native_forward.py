@@ -114,6 +114,57 @@ def test_register_blocks_and_remainders(width, c_out, isa, rng, assert_close):
                  magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
 
 
+# One vector of outputs (CHANNELS mode, NV 1) takes every W tap of a row at once where
+# the taps lie 1 or 2 input pixels apart (rows_wtaps): rows shorter than its block (24 or
+# 22 pixels with 32 registers, 6-12 with 16) keep each tap's blocks; longer ones end on a
+# block overlapping the one before; blocks at the row's ends read zeros past them; 70
+# channels make two channel blocks at seven taps; 1300 pixels make runs of the row.
+WTAPS_CASES = [  # width, c_in, kernel, stride, padding, dilation
+    (9, 24, 3, 1, 1, 1), (23, 24, 2, 1, 0, 1), (25, 24, 2, 1, 0, 1), (40, 32, 3, 1, 0, 1),
+    (41, 20, 5, 1, 4, 1), (30, 70, 7, 1, 3, 1), (50, 17, 4, 1, 0, 2), (37, 24, 3, 1, 2, 2),
+    (33, 18, 4, 2, 1, 1), (29, 24, 7, 2, 0, 2), (1300, 16, 3, 1, 1, 1)]
+
+
+WTAPS_IDS = ["w{}-ci{}-k{}-s{}-p{}-d{}".format(*c) for c in WTAPS_CASES]
+
+
+@pytest.mark.parametrize("width,c_in,k,s,p,d", WTAPS_CASES, ids=WTAPS_IDS)
+def test_one_vector_of_outputs_takes_every_w_tap_at_once(width, c_in, k, s, p, d, isa, rng,
+                                                          assert_close):
+    from reference import Case
+    for dtype in ("float32", "float64"):
+        lanes = native.layout(np.dtype(dtype).itemsize)[0]
+        case = Case(f"wtaps-{width}", 2, (2, width), c_in, lanes - 1, (2, k), stride=(1, s),
+                    padding=(1, p), dilation=(1, d))
+        x = rng.standard_normal(case.input_shape).astype(dtype)
+        w = rng.standard_normal(case.weight_shape).astype(dtype)
+        plan = ct.plan(case.input_shape, case.weight_shape, **case.kwargs, algorithm="native",
+                       dtype=dtype)
+        assert native_mode(plan.spec) == native.CHANNELS and c_in >= native.TAPS_INNER_BELOW
+        assert_close(ct.run_plan(plan, x, w), conv_transpose_ref(x, w, **case.kwargs), dtype,
+                     magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa} {dtype}")
+
+
+@pytest.mark.parametrize("width,k,s,d", [(40, 3, 1, 1), (45, 5, 1, 2), (60, 4, 2, 1)])
+def test_grad_input_of_one_vector_takes_every_w_tap_at_once(width, k, s, d, isa, rng):
+    """grad_input correlates the cotangent (C_out channels in) with the taps the other way
+    round: C_in of one vector, C_out past TAPS_INNER_BELOW."""
+    for dtype, tol in (("float32", 1e-4), ("float64", 1e-11)):
+        lanes = native.layout(np.dtype(dtype).itemsize)[0]
+        c_in, c_out = lanes - 1, native.TAPS_INNER_BELOW + 4
+        kwargs = dict(stride=(1, s), padding=(0, 1), dilation=(1, d))
+        x = rng.standard_normal((2, 3, width, c_in)).astype(dtype)
+        w = rng.standard_normal((c_out, 2, k, c_in)).astype(dtype)
+        cot = rng.standard_normal(ct.conv_transpose2d(x, w, **kwargs).shape).astype(dtype)
+        gx, _ = ct.conv_transpose2d_vjp(x, w, cot, **kwargs)
+        # grad_input is the adjoint of the forward (linear in x): <gx, v> = <cot, f(v)>
+        for v in rng.standard_normal((3, *x.shape)):
+            lhs = np.vdot(gx.astype(np.float64), v)
+            rhs = np.vdot(cot.astype(np.float64), conv_transpose_ref(v, w, **kwargs))
+            assert abs(lhs - rhs) <= tol * np.sqrt(np.vdot(gx, gx) * np.vdot(v, v)), (
+                f"{isa} {dtype} k{k} s{s} d{d}: {lhs} against {rhs}")
+
+
 def test_strided_channels_and_big_endian_input_are_read_correctly(rng, assert_close):
     # Channels not contiguous, or another byte order: the kernel reads a converted copy.
     base = rng.standard_normal((1, 6, 5, 7, 12)).astype(np.float32)

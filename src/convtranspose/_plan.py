@@ -1095,10 +1095,28 @@ def channels_rate(spec: ConvSpec) -> float:
     cog, cig = spec.c_out_per_group, summed_channels(spec)
     vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
-    blocking = 0.65 if vectors == 1 else 0.85 if vectors % max_vectors else 1.0
+    blocking = (0.65 + 0.2 * _w_taps_at_once_share(spec) if vectors == 1
+                else 0.85 if vectors % max_vectors else 1.0)
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
         return peak * used * blocking * cig / (cig + 1.6)  # traffic, a tap overhead
     return peak * used * blocking * cig / (cig + 4)
+
+
+WTAPS_MIN_PIXELS = 24  # the kernel's block of every W tap at once (rows_wtaps), AVX-512
+
+
+def _w_taps_at_once_share(spec: ConvSpec) -> float:
+    """The share of the products that one vector of outputs computes with every W tap of
+    a row at once (the kernel's rows_wtaps: 2-7 W taps, rows of a block or more, enough
+    input channels; 96 -> 16 k2 on 2x273x203 at 197 GFLOP/s on one core, against 143 a
+    tap at a time and 217 with 64 outputs)."""
+    if spec.c_in_per_group < native.TAPS_INNER_BELOW:
+        return 0.0
+    live = live_phases(spec)
+    total = sum(p.size * p.tap_count for p in live)
+    fast = sum(p.size * p.tap_count for p in live
+               if 2 <= len(p.axis_taps[2]) <= 7 and p.count[2] >= WTAPS_MIN_PIXELS)
+    return fast / total if total else 0.0
 
 
 def on_threads(est: dict, threads: int) -> dict:

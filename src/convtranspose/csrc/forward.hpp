@@ -92,6 +92,141 @@ static inline void tail(int64_t r, const T* xb, int64_t pstride, const T* wt, in
   }
 }
 
+// One vector of output channels (NV 1: a 16 -> 16 or narrower chunk), P pixels, every W
+// tap of one (D, H) pair at once: pixel p's tap k reads input pixel j = p + k * D of the
+// block, so each input value broadcast serves up to TW multiply-adds instead of one
+// (block's NV = 1 runs a load per multiply-add). Input pixel j lies at xb + j * pstride,
+// or, EDGE (a block reaching past the row's ends), at px[j], pixels outside the row
+// pointing at zeros. The sums of pixels [0, skip) are computed but not stored (a row's
+// last block overlaps the one before it).
+template <typename T, int P, int TW, int D, bool EDGE>
+static inline void block_wtaps(const T* xb, int64_t pstride, const T* const* px,
+                               const T* wt, int64_t tap_stride, int64_t cn, T* acc,
+                               int64_t skip) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  constexpr int J = P + (TW - 1) * D;  // input pixels the block reads
+  constexpr int64_t LINE = 64 / sizeof(T);
+  const int64_t lines = (cn + LINE - 1) / LINE + 1;  // a pixel's channels may start mid-line
+  V r[P];
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p) r[p] = *reinterpret_cast<const U*>(acc + p * L);
+  for (int64_t c = 0; c < cn; ++c) {
+    V wv[TW];
+#pragma GCC unroll 8
+    for (int k = 0; k < TW; ++k) wv[k] = *reinterpret_cast<const U*>(wt + k * tap_stride + c * L);
+    // The next block's new pixels (P on from this block's last), whole lines spread over
+    // this block's channels: a large input comes from memory, and J interleaved streams
+    // are more than the hardware prefetcher follows (each stream prefetched a few lines
+    // ahead, as `block` does: 96 -> 16 k2 on 2x273x203 at 143 GFLOP/s on one core, 197
+    // so).
+    for (int e = 0; e < 2; ++e) {
+      const int64_t i = 2 * c + e;
+      if (i < P * lines) __builtin_prefetch(xb + (J + i / lines) * pstride + i % lines * LINE);
+    }
+#pragma GCC unroll 48
+    for (int j = 0; j < J; ++j) {
+      const V b = broadcast<V>((EDGE ? px[j] : xb + j * pstride) + c);
+#pragma GCC unroll 8
+      for (int k = 0; k < TW; ++k) {
+        const int p = j - k * D;
+        if (p >= 0 && p < P) r[p] += b * wv[k];
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p)
+    if (p >= skip) *reinterpret_cast<U*>(acc + p * L) = r[p];
+}
+
+// block_wtaps' pixels per block: as many as leave registers for the TW weight vectors and
+// a broadcast.
+template <int TW> struct WTapsBlock {
+  static constexpr int P = CT_NREGS == 32 ? (TW <= 6 ? 24 : 22) : ((15 - TW) & ~1);
+};
+
+// The W taps' spacing in input pixels if every tap is d in {1, 2} pixels past the one
+// before (block_wtaps' layout), -d if before (the transposed convolution's flipped
+// taps), else 0.
+static inline int wtaps_spacing(const CtJob& job) {
+  const int64_t tw = job.ntaps[2], step = job.step[2];
+  if (tw < 2 || tw > 7) return 0;
+  for (int d : {1, -1, 2, -2}) {
+    bool even = true;
+    for (int64_t k = 1; k < tw && even; ++k)
+      even = job.off[2][k] - job.off[2][k - 1] == d * step;
+    if (even) return d;
+  }
+  return 0;
+}
+
+// rows_chunk's rows for (D, H) pair q, every W tap at once (block_wtaps), over the pixels
+// [a, b) that some tap reaches, where that does at most half as many multiply-adds again
+// as the taps' own pixels (`reached`, summed over the taps) hold; false where it does not
+// (rows_chunk then runs each tap's blocks).
+template <typename T>
+static bool rows_wtaps(const CtJob& job, int64_t nrows, const T* const* xrows, int64_t q,
+                       int64_t d, int64_t a, int64_t b, int64_t reached, const T* wq,
+                       int64_t cw, T* acc, int64_t wcount, int64_t w0, int64_t pstride) {
+  bool done = false;
+  const auto run = [&](auto tw_c, auto d_c) {
+    constexpr int TW = decltype(tw_c)::value, DD = decltype(d_c)::value;
+    constexpr int P = WTapsBlock<TW>::P, J = P + (TW - 1) * DD;
+    const int64_t blocks = (b - a + P - 1) / P;
+    if (b - a < P || 2 * blocks * P * TW > 3 * reached) return;
+    done = true;
+    const int64_t cin = job.cin, dh_taps = job.ntaps[0] * job.ntaps[1];
+    const int64_t step = job.step[2], in_w = job.in_dims[2], xs = job.xs[3];
+    // Taps whose offsets fall (d < 0) are taken last to first.
+    const int64_t first = d < 0 ? TW - 1 : 0;
+    const int64_t tap_stride = d < 0 ? -cin * cw : cin * cw;
+    const T* wfirst = wq + first * cin * cw;
+    int64_t cb = 24576 / (TW * cw * (int64_t)sizeof(T));
+    if (cb < 8) cb = 8;
+    const std::vector<T> zeros(cin);  // the channels of input pixels outside the row
+    const T* px[J];
+    for (int64_t c0 = 0; c0 < cin; c0 += cb) {
+      const int64_t cn = cin - c0 < cb ? cin - c0 : cb;
+      for (int64_t r = 0; r < nrows; ++r) {
+        const T* xrow = xrows[r * dh_taps + q];
+        if (!xrow) continue;
+        T* arow = acc + (r * wcount - w0) * cw;
+        for (int64_t p0 = a; p0 < b; p0 += P) {
+          const int64_t at = p0 + P <= b ? p0 : b - P;  // the last block overlaps
+          const int64_t j0 = at * step + job.off[2][first];  // input pixel of j = 0
+          const T* xb = xrow + j0 * xs + c0;
+          const T* wt = wfirst + c0 * cw;
+          if (j0 >= 0 && j0 + (J - 1) * step < in_w) {
+            block_wtaps<T, P, TW, DD, false>(xb, pstride, px, wt, tap_stride, cn,
+                                             arow + at * cw, p0 - at);
+          } else {
+            for (int j = 0; j < J; ++j) {
+              const int64_t i = j0 + j * step;
+              px[j] = i >= 0 && i < in_w ? xrow + i * xs + c0 : zeros.data() + c0;
+            }
+            block_wtaps<T, P, TW, DD, true>(xb, pstride, px, wt, tap_stride, cn,
+                                            arow + at * cw, p0 - at);
+          }
+        }
+      }
+    }
+  };
+  const auto with_d = [&](auto tw_c) {
+    if (d == 1 || d == -1) run(tw_c, std::integral_constant<int, 1>{});
+    else run(tw_c, std::integral_constant<int, 2>{});
+  };
+  switch (job.ntaps[2]) {
+    case 2: with_d(std::integral_constant<int, 2>{}); break;
+    case 3: with_d(std::integral_constant<int, 3>{}); break;
+    case 4: with_d(std::integral_constant<int, 4>{}); break;
+    case 5: with_d(std::integral_constant<int, 5>{}); break;
+    case 6: with_d(std::integral_constant<int, 6>{}); break;
+    case 7: with_d(std::integral_constant<int, 7>{}); break;
+  }
+  return done;
+}
+
 // A run of a row's output pixels [w0, w0 + n): rows_chunk's sums cover one run at a time,
 // so that a long row (a 1-D layer's is the whole signal) keeps them in cache.
 struct WRun { int64_t w0, n; };
@@ -151,8 +286,21 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   } else {
     std::memset(acc, 0, sizeof(T) * slots * slot_size);
   }
+  // NV 1: every W tap at once where the taps' spacing allows (rows_wtaps), else each
+  // tap's blocks over its pixels.
+  const int spacing = NV == 1 ? wtaps_spacing(job) : 0;
+  int64_t fa = 0, fb = 0, reached = 0;
+  if (spacing) {
+    fa = INT64_MAX, fb = INT64_MIN;
+    for (int64_t k = 0; k < tw; ++k)
+      if (lo[k] < hi[k]) fa = std::min(fa, lo[k]), fb = std::max(fb, hi[k]), reached += hi[k] - lo[k];
+  }
   for (int64_t q = 0; q < dh_taps; ++q) {
     T* const acc_q = job.pair_out ? acc + q / job.ntaps[1] * slot_size : acc;
+    if (spacing && reached &&
+        rows_wtaps<T>(job, nrows, xrows, q, spacing, fa, fb, reached,
+                      wchunk + q * tw * cin * cw, cw, acc_q, wcount, run.w0, pstride))
+      continue;
     for (int64_t k = 0; k < tw; ++k) {
       if (lo[k] >= hi[k]) continue;
       const T* wtap = wchunk + (q * tw + k) * cin * cw;
