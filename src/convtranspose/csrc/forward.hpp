@@ -161,6 +161,8 @@ static inline int wtaps_spacing(const CtJob& job) {
   return 0;
 }
 
+constexpr int64_t WTAPS_MAX_CIN = 4096;  // rows_wtaps' zeros for pixels past a row's ends
+
 // rows_chunk's rows for (D, H) pair q, every W tap at once (block_wtaps), over the pixels
 // [a, b) that some tap reaches, where that does at most half as many multiply-adds again
 // as the taps' own pixels (`reached`, summed over the taps) hold; false where it does not
@@ -174,7 +176,7 @@ static bool rows_wtaps(const CtJob& job, int64_t nrows, const T* const* xrows, i
     constexpr int TW = decltype(tw_c)::value, DD = decltype(d_c)::value;
     constexpr int P = WTapsBlock<TW>::P, J = P + (TW - 1) * DD;
     const int64_t blocks = (b - a + P - 1) / P;
-    if (b - a < P || 2 * blocks * P * TW > 3 * reached) return;
+    if (b - a < P || 2 * blocks * P * TW > 3 * reached || job.cin > WTAPS_MAX_CIN) return;
     done = true;
     const int64_t cin = job.cin, dh_taps = job.ntaps[0] * job.ntaps[1];
     const int64_t step = job.step[2], in_w = job.in_dims[2], xs = job.xs[3];
@@ -184,7 +186,7 @@ static bool rows_wtaps(const CtJob& job, int64_t nrows, const T* const* xrows, i
     const T* wfirst = wq + first * cin * cw;
     int64_t cb = 24576 / (TW * cw * (int64_t)sizeof(T));
     if (cb < 8) cb = 8;
-    const std::vector<T> zeros(cin);  // the channels of input pixels outside the row
+    alignas(64) static const T zeros[WTAPS_MAX_CIN] = {};  // input pixels outside the row
     const T* px[J];
     for (int64_t c0 = 0; c0 < cin; c0 += cb) {
       const int64_t cn = cin - c0 < cb ? cin - c0 : cb;
@@ -203,7 +205,7 @@ static bool rows_wtaps(const CtJob& job, int64_t nrows, const T* const* xrows, i
           } else {
             for (int j = 0; j < J; ++j) {
               const int64_t i = j0 + j * step;
-              px[j] = i >= 0 && i < in_w ? xrow + i * xs + c0 : zeros.data() + c0;
+              px[j] = i >= 0 && i < in_w ? xrow + i * xs + c0 : zeros + c0;
             }
             block_wtaps<T, P, TW, DD, true>(xb, pstride, px, wt, tap_stride, cn,
                                             arow + at * cw, p0 - at);
@@ -292,8 +294,12 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   int64_t fa = 0, fb = 0, reached = 0;
   if (spacing) {
     fa = INT64_MAX, fb = INT64_MIN;
-    for (int64_t k = 0; k < tw; ++k)
-      if (lo[k] < hi[k]) fa = std::min(fa, lo[k]), fb = std::max(fb, hi[k]), reached += hi[k] - lo[k];
+    for (int64_t k = 0; k < tw; ++k) {
+      if (lo[k] >= hi[k]) continue;
+      fa = std::min(fa, lo[k]);
+      fb = std::max(fb, hi[k]);
+      reached += hi[k] - lo[k];
+    }
   }
   for (int64_t q = 0; q < dh_taps; ++q) {
     T* const acc_q = job.pair_out ? acc + q / job.ntaps[1] * slot_size : acc;
