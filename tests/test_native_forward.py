@@ -212,9 +212,46 @@ def test_kernel_equal_stride_merges_w_residues_into_whole_rows(rng, assert_close
     assert [ph.residue[2] for ph in p.phase_groups[0]] == [0, 1]
     ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), stride=2)
     assert_close(ct.run_plan(p, x, w), ref, np.float32, what="k2s2")
-    # Not merged with groups > 1: a position's channels of one conv group are not one run.
-    p = ct.plan((1, 3, 4, 5, 6), (8, 2, 2, 2, 3), stride=2, groups=2, algorithm="native")
-    assert all(len(g) == 1 for g in p.phase_groups)
+
+
+# W residues merged in CHANNELS mode with several conv groups: each group's outputs of
+# each residue lie C_out apart (`CtJob::oout`). (C_in, C_out, groups, kernel_w, stride_w,
+# padding_w, output_padding_w): 6 outputs a group (its groups in one call), 16 (a call
+# per group), 40 at stride 2 (80 columns: two chunks, the second starting inside a
+# residue's run), 2 input channels a group (taps_inner), rotated residues with edges.
+MERGED_GROUP_CASES = [
+    (64, 24, 4, 3, 3, 1, 1),
+    (32, 32, 2, 2, 2, 0, 0),
+    (16, 80, 2, 4, 2, 0, 0),
+    (6, 9, 3, 3, 3, 0, 2),
+    (12, 20, 2, 6, 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", MERGED_GROUP_CASES, ids=[str(c) for c in MERGED_GROUP_CASES])
+def test_w_residues_merged_across_conv_groups_match_the_reference(case, isa, rng,
+                                                                  monkeypatch):
+    # CHANNELS mode whatever the rule would pick (dot mode takes few outputs on some
+    # instruction sets and dtypes)
+    monkeypatch.setattr(_plan, "_native_mode", lambda *args: native.CHANNELS)
+    _plan._make_plan.cache_clear()
+    c_in, c_out, groups, k, s, p, op = case
+    kw = dict(stride=(1, 2, s), padding=(0, 1, p), output_padding=(0, 1, op), groups=groups)
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((2, 3, 4, 11, c_in)).astype(dtype)
+        w = rng.standard_normal((c_out, 2, 3, k, c_in // groups)).astype(dtype)
+        bias = rng.standard_normal(c_out).astype(dtype)
+        plan = ct.plan(x.shape, w.shape, **kw, algorithm="native")
+        assert native_mode(plan.spec) == native.CHANNELS
+        assert any(len(g) == s for g in plan.phase_groups), "merged"
+        _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch,
+                              rtol=1e-4 if dtype == np.float32 else 1e-10)
+    # float16 outputs, rounded as the kernel stores them
+    x16, w16 = x.astype(np.float16), (w / np.sqrt(w[0].size)).astype(np.float16)
+    got = ct.conv_transpose3d(x16, w16, **kw)
+    ref = conv_transpose_ref(x16.astype(np.float64), w16.astype(np.float64), **kw)
+    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+    _plan._make_plan.cache_clear()
 
 
 # Dot mode (vectors along C_in, 1-8 outputs): whole and partial vectors of C_in, every

@@ -877,10 +877,11 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
             for g in range(groups):
                 native.correlate(mode, item, out_half, stream, x_addr + g * group_step, xs,
                                  geo.in_dims, packed[g], offsets, geo.steps,
-                                 o_addr + g * cog * out_item, os_, box, qw, cig, cog,
+                                 o_addr + g * spec.c_out_per_group * out_item, os_, box,
+                                 qw, cig, cog,
                                  cursors.address(g), cursors.sharers, into=into,
                                  pair_out=geo.pair_out, bias=b_addr and b_addr + g * cog * item,
-                                 channel_stride=channel_stride)
+                                 channel_stride=channel_stride, output_offsets=geo.out_offsets)
 
     if not convert_input and not round_output:  # reads and writes in place: a pool task
         prepared: list = []

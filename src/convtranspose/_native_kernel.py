@@ -261,8 +261,9 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
     `weight_offsets`: DOT mode's weight where it lies (`packed` a view of it from the
     job's first output, each output's channels contiguous): each (tap, output)'s offset
     in elements, [tap][output] (otherwise `packed` is [tap][co][c]).
-    `output_offsets`: DOT mode's outputs where they do not lie one after another (residues
-    merged across rows): each output's offset from its position's first, in elements.
+    `output_offsets`: DOT or CHANNELS mode's outputs where they do not lie one after
+    another (dot mode's residues merged across rows, W residues merged in a layer of
+    several conv groups): each output's offset from its position's first, in elements.
     `groups`, `group_w`, `group_out`: DOT or CHANNELS mode's conv groups in one call
     (`packed` the first's weight, the others `group_w` elements apart; a group's outputs
     `group_out` elements after the one before's, its bias `cout` values after), each

@@ -397,13 +397,14 @@ def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase,
     one phase group whose outputs are every residue's channels (`merged_row`): the input
     is read once for all of them. CHANNELS mode merges the W residues of one (D, H)
     residue, which lie side by side in the output (one run of s_w * C_out channels, the
-    kernel writing whole output rows in order); with groups == 1 only, where a pixel's
-    channels are one run. Dot mode merges along every axis (`dot_phase_groups`)."""
+    kernel writing whole output rows in order; with several conv groups, each group's
+    outputs of each residue a run of their own, `CtJob::oout`). Dot mode merges along
+    every axis (`dot_phase_groups`)."""
     mode = native_mode(spec)
     if mode == native.DOT:
         return dot_phase_groups(spec, tuple(live))
     sw = spec.stride[2]
-    if spec.groups != 1 or sw == 1 or mode == native.DEPTHWISE:
+    if sw == 1 or mode == native.DEPTHWISE:
         return tuple((p,) for p in live)
     return tuple(sorted(_merged_along(spec, [(p,) for p in live], 2, _merges_w_edges(spec)),
                         key=lambda g: g[0].residue))

@@ -88,9 +88,10 @@ struct CtJob {
   // tap (i, j, k) at w + wout[((i * ntaps[1] + j) * ntaps[2] + k) * cout + o] (outputs of
   // merged residues have taps of their own). Null: packed [tap][co][c].
   const int64_t* wout;
-  // CT_MODE_DOT: null, and a pixel's outputs lie one after another; else output o lies
-  // oout[o] elements from the pixel's first (residues merged across rows: each one's
-  // outputs where its own position lies).
+  // CT_MODE_DOT and CT_MODE_CHANNELS: null, and a pixel's outputs lie one after another;
+  // else output o lies oout[o] elements from the pixel's first (dot mode's residues merged
+  // across rows, or either mode's W residues merged in a layer of several conv groups:
+  // each residue's outputs where its own position lies).
   const int64_t* oout;
   // CT_MODE_DOT and CT_MODE_CHANNELS: `groups` conv groups in one job (0 or 1: one),
   // each row's groups one after another while its lines are in cache. Group g reads input

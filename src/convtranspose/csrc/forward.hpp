@@ -45,6 +45,33 @@ static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_
   store_out(job.out_half, dst, src, n);
 }
 
+// Where a chunk's columns lie in a pixel's outputs: null, one run from the pixel's first
+// output; else (CtJob::oout: a merged W group of one of several conv groups, each
+// residue's outputs C_out apart) runs of columns that lie one after another.
+struct ColumnRuns {
+  int count = 0;
+  int64_t col[MAXV * CT_VBYTES / 4], at[MAXV * CT_VBYTES / 4], len[MAXV * CT_VBYTES / 4];
+  ColumnRuns(const int64_t* oo, int64_t n) {
+    for (int64_t c = 0; c < n; ++c)
+      if (count && oo[c] == at[count - 1] + len[count - 1]) {
+        ++len[count - 1];
+      } else {
+        col[count] = c, at[count] = oo[c], len[count] = 1;
+        ++count;
+      }
+  }
+};
+
+// A pixel's n sums from `src` to its outputs at `dst`, where `runs` says (null: in order).
+template <typename T>
+static inline void store_columns(const CtJob& job, char* dst, const T* src, int64_t n,
+                                 const ColumnRuns* runs) {
+  if (!runs) return store_chunk(job, dst, src, n);
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  for (int i = 0; i < runs->count; ++i)
+    store_chunk(job, dst + runs->at[i] * oi, src + runs->col[i], runs->len[i]);
+}
+
 // P pixels by NV vectors of output channels: add the products of `cn` input channels of
 // one tap into the row buffer `acc` (pixel stride `cw`), held in registers meanwhile.
 template <typename T, int P, int NV>
@@ -238,7 +265,8 @@ struct WRun { int64_t w0, n; };
 // pair's second output lies past the end).
 template <typename T>
 static void store_pairs(const CtJob& job, int64_t nrows, char* const* orows, const T* acc,
-                        int64_t slot_size, int64_t cw, int64_t n, const T* bias, WRun run) {
+                        int64_t slot_size, int64_t cw, int64_t n, const T* bias, WRun run,
+                        const ColumnRuns* runs) {
   alignas(64) T y0[MAXV * CT_VBYTES / sizeof(T)], y1[MAXV * CT_VBYTES / sizeof(T)];
   alignas(64) T b[MAXV * CT_VBYTES / sizeof(T)] = {};  // the chunk's bias (zeros: none)
   if (bias) std::memcpy(b, bias, cw * sizeof(T));
@@ -251,8 +279,9 @@ static void store_pairs(const CtJob& job, int64_t nrows, char* const* orows, con
         y0[c] = m[c] + m1 + m2 + b[c];
         y1[c] = m1 - m2 - m[3 * slot_size + c] + b[c];
       }
-      store_chunk(job, orows[r] + (run.w0 + w) * os * oi, y0, n);
-      if (orows[nrows + r]) store_chunk(job, orows[nrows + r] + (run.w0 + w) * os * oi, y1, n);
+      store_columns(job, orows[r] + (run.w0 + w) * os * oi, y0, n, runs);
+      if (orows[nrows + r])
+        store_columns(job, orows[nrows + r] + (run.w0 + w) * os * oi, y1, n, runs);
     }
   }
 }
@@ -336,14 +365,17 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
     }
   }
   const int64_t n = live < cw ? live : cw;
+  const ColumnRuns where(job.oout ? job.oout + (job.cout - live) : nullptr, job.oout ? n : 0);
+  const ColumnRuns* runs = job.oout ? &where : nullptr;
   if (job.pair_out) {
-    store_pairs(job, nrows, orows, acc, slot_size, cw, n, bias, run);
+    store_pairs(job, nrows, orows, acc, slot_size, cw, n, bias, run, runs);
     return;
   }
   const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   for (int64_t r = 0; r < nrows; ++r)
     for (int64_t w = 0; w < wcount; ++w)
-      store_chunk(job, orows[r] + (run.w0 + w) * os * oi, acc + (r * wcount + w) * cw, n);
+      store_columns(job, orows[r] + (run.w0 + w) * os * oi, acc + (r * wcount + w) * cw, n,
+                    runs);
 }
 
 // Few input channels (fewer than CT_TAPS_INNER_BELOW): rows_chunk would load and store
@@ -393,6 +425,8 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
   const int64_t pstride = job.step[2] * job.xs[3];
   const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   const int64_t n = live < cw ? live : cw;
+  const ColumnRuns where(job.oout ? job.oout + (job.cout - live) : nullptr, job.oout ? n : 0);
+  const ColumnRuns* runs = job.oout ? &where : nullptr;
   // Per block of a row and W tap, the same for every row: the block's pixels [a, b) the
   // tap reaches, and where its first one reads, from the row's start.
   struct Span { int64_t a, b, x; };
@@ -444,7 +478,7 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
       }
     }
     for (int64_t w = 0; w < wcount; ++w)
-      store_chunk(job, orows[r] + (run.w0 + w) * os * oi, acc + w * cw, n);
+      store_columns(job, orows[r] + (run.w0 + w) * os * oi, acc + w * cw, n, runs);
   }
 }
 
@@ -649,7 +683,8 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
     const int64_t live = job.cout - c0;
     const T* const* rows =
         conv_group_rows<T>(job, g, xrows.data(), nrows * dh_taps, group_xrows.data());
-    const int64_t shift = (g * job.group_out + c0) * oi;
+    // (merged W residues of several conv groups: the chunk's columns lie where oout says)
+    const int64_t shift = (g * job.group_out + (job.oout ? 0 : c0)) * oi;
     char* o[128];
     for (int64_t r = 0; r < outs * nrows; ++r) o[r] = orows[r] ? orows[r] + shift : nullptr;
     const bool inner = job.cin < CT_TAPS_INNER_BELOW;
@@ -685,8 +720,9 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
     for (int64_t run0, run1; claims.next(run0, run1);)
       for (int64_t first = run0; first < run1; first += group_rows) {
         set_rows(first, std::min(group_rows, run1 - first));
-        for (int64_t g = 0; g < groups; ++g)
-          for (int64_t i = 0; i < nruns; ++i)  // a run's input rows serve every chunk
+        // A run's input and output lines serve every conv group and chunk while in cache.
+        for (int64_t i = 0; i < nruns; ++i)
+          for (int64_t g = 0; g < groups; ++g)
             for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) chunk(g, c0, i);
       }
   }

@@ -440,10 +440,11 @@ bool parse_correlate(PyObject* spec, CtJob& job) {
   }
   if (job.mode < CT_MODE_CHANNELS || job.mode > CT_MODE_PLANAR ||
       (job.mode == CT_MODE_DOT && job.cout < 1) ||
-      (job.mode != CT_MODE_DOT && (job.wout || job.oout)) ||
+      (job.mode != CT_MODE_DOT && job.wout) ||
+      (job.oout && job.mode != CT_MODE_DOT && job.mode != CT_MODE_CHANNELS) ||
       (job.mode == CT_MODE_PLANAR && (job.cout < 1 || job.cout > CT_PLANAR_MAX_OUT))) {
     PyErr_SetString(PyExc_ValueError, "correlate: bad mode, no outputs, weight or output "
-                    "offsets outside dot mode, or more than CT_PLANAR_MAX_OUT outputs in planar mode");
+                    "offsets outside dot mode, output offsets outside dot and channels modes, or more than CT_PLANAR_MAX_OUT outputs in planar mode");
     return false;
   }
   if (job.mode == CT_MODE_PLANAR &&
