@@ -471,7 +471,8 @@ def _merged_along(spec: ConvSpec, items: list[tuple[Phase, ...]], axis: int, edg
     merged_items = []
     for row in rows.values():
         merged = None
-        if len(row) == s and (most is None or s * len(row[0]) * spec.c_out_per_group <= most):
+        if len(row) > 1 and (most is None
+                             or len(row) * len(row[0]) * spec.c_out_per_group <= most):
             merged = merged_row(sorted(row, key=lambda g: g[0].residue[axis]), axis, s, width,
                                 edges)
         merged_items.extend(merged or row)
@@ -502,31 +503,35 @@ MERGE_EDGES_FROM_WIDTH = 8
 
 def merged_row(row: list[tuple[Phase, ...]], axis: int, s: int, width: int,
                edges: bool = True) -> list[tuple[Phase, ...]] | None:
-    """The s residues along `axis` of phase groups alike elsewhere (in residue order) as
-    one merged phase group and, around it, phase groups for the outputs it leaves; None
-    where they do not merge. Output q * s + r0 + j (j < s) is residue (r0 + j) mod s's
-    position q + wrap, wrap 1 where r0 + j passes s: the merged group's s outputs at q
-    read the same input where each residue's tap offsets plus its wrap are the same
+    """The residues along `axis` of phase groups alike elsewhere (in residue order; every
+    residue that carries taps, all s of them or fewer where the stride passes the
+    kernel) as one merged phase group and, around it, phase groups for the outputs it
+    leaves; None where they do not merge. Taking residue r0 first, output q * s + r + s *
+    wrap is residue r's position q + wrap, wrap 1 where r < r0: the merged group's outputs
+    at q read the same input where each residue's tap offsets plus its wrap are the same
     (padding rotates the residues: 8 -> 13 k3x4 s4 p1 2-D read residue 3 one input
-    ahead, and its phases ran apart, 4.2 against 2.1 ms on one core merged). Without
-    `edges`, only rows that merge whole (no rotation, equal counts)."""
+    ahead, and its phases ran apart, 4.2 against 2.1 ms on one core merged). Residues
+    without taps, or a rotation, leave gaps between the merged outputs (`CtJob::oout`).
+    Without `edges`, only rows that merge whole (no rotation, equal counts)."""
     offsets = [[t.offset for t in group[0].axis_taps[axis]] for group in row]
     counts = [group[0].count[axis] for group in row]
-    for r0 in range(s):
-        wraps = [1 if r < r0 else 0 for r in range(s)]
+    residues = [group[0].residue[axis] for group in row]
+    for r0 in residues:
+        wraps = [1 if r < r0 else 0 for r in residues]
         shifted = {tuple(o + wrap for o in offs) for offs, wrap in zip(offsets, wraps)}
         if len(shifted) != 1:
             continue
         merged_count = min(c - wrap for c, wrap in zip(counts, wraps))
-        whole = r0 == 0 and all(c == merged_count for c in counts)
+        whole = r0 == residues[0] and all(c == merged_count for c in counts)
         if merged_count <= 0 or not (whole or edges):
             return None
-        order = [(r0 + j) % s for j in range(s)]
-        merged = tuple(_axis_phase(p, axis, r0 + j, merged_count, wraps[r], width)
-                       for j, r in enumerate(order) for p in row[r])
+        order = sorted(range(len(row)), key=lambda i: residues[i] + s * wraps[i])
+        merged = tuple(_axis_phase(p, axis, residues[i] + s * wraps[i], merged_count,
+                                   wraps[i], width)
+                       for i in order for p in row[i])
         ends = []  # each residue's positions before and after the merged ones
-        for r, (group, wrap) in enumerate(zip(row, wraps)):
-            for a, b in ((0, wrap), (merged_count + wrap, counts[r])):
+        for r, group, wrap, count in zip(residues, row, wraps, counts):
+            for a, b in ((0, wrap), (merged_count + wrap, count)):
                 if a < b:
                     ends.append(tuple(_axis_phase(p, axis, a * s + r, b - a, a, width)
                                       for p in group))
