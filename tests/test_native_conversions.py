@@ -80,13 +80,18 @@ def test_pack_columns_gathers_the_documented_layout(dtype, transposed, scattered
     s_col, s_tap, s_row = native.element_strides(src)
     order = rng.permutation(cols) if scattered else np.arange(cols)
     table = np.arange(taps)[:, None] * s_tap + order[None, :] * s_col
-    packed = native.pack_columns(src, table, rows, s_row)
     padded = -(-cols // lanes) * lanes
     want = np.zeros((taps, rows, padded), dtype)
     want[..., :cols] = src.transpose(1, 2, 0)[..., order]
-    chunk = lanes * max_vectors
-    expect = np.concatenate([want[..., c:c + chunk].ravel() for c in range(0, padded, chunk)])
-    np.testing.assert_array_equal(packed, expect)
+    # The forward's chunks (130 float32 columns on AVX-512: 9 vectors as 3 + 3 + 3), and
+    # grad_weight's (4 + 4 + 1), which `unpack_grad_weight` reads back.
+    forward = native.chunk_columns(cols, rows, np.dtype(dtype).itemsize)
+    widest = lanes * max_vectors
+    assert forward <= widest and -(-padded // forward) == -(-padded // widest)
+    for chunk in (forward, widest):
+        packed = native.pack_columns(src, table, rows, s_row, chunk=chunk)
+        expect = np.concatenate([want[..., c:c + chunk].ravel() for c in range(0, padded, chunk)])
+        np.testing.assert_array_equal(packed, expect)
     back = np.empty((padded, taps, rows), dtype)  # the packed layout read back
     native.unpack_grad_weight(packed, back, taps, rows, padded, 0, taps)
     np.testing.assert_array_equal(back, want.transpose(2, 0, 1))

@@ -531,8 +531,8 @@ def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndar
     calls read, to hold until they have run."""
     taps, cols = table.shape
     rows = w.shape[-1]
-    lanes, vectors = native.layout(w.dtype.itemsize)
-    chunk = lanes * vectors
+    lanes, _ = native.layout(w.dtype.itemsize)
+    chunk = native.chunk_columns(cols, rows, w.dtype.itemsize)
     padded = ceil_div(cols, lanes) * lanes
     if cols > chunk:
         chunks = ceil_div(cols, chunk)
@@ -542,7 +542,7 @@ def _pack_pieces(w: np.ndarray, table: np.ndarray, row_stride: int, out: np.ndar
             part = np.ascontiguousarray(table[:, c0:c0 + per])
             keep.append(part)  # the prepared call holds only its address
             native.fill_columns(w, part, rows, row_stride,
-                                out[taps * rows * c0:taps * rows * n1], into=into)
+                                out[taps * rows * c0:taps * rows * n1], into=into, chunk=chunk)
     else:
         per = ceil_div(taps, pieces)
         for t0 in range(0, taps, per):

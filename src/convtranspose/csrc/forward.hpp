@@ -612,8 +612,13 @@ static inline int64_t out_row_offset(const CtJob& job, RowPos r, int64_t item) {
 template <typename T>
 static void run_typed(const CtJob& job, const WRanges& wr) {
   constexpr int L = CT_VBYTES / sizeof(T);
-  const int64_t cw_full = MAXV * L;
   const int64_t cpad = (job.cout + L - 1) / L * L;
+  // Chunks of MAXV vectors, or from CT_TAPS_INNER_BELOW channels on, of one width but
+  // the last, as few as hold cpad (_native_kernel.chunk_columns, which packs the weight
+  // so): 9 vectors as 3 + 3 + 3, not 4 + 4 + 1.
+  const int64_t vectors = cpad / L, fewest = (vectors + MAXV - 1) / MAXV;
+  const int64_t cw_full =
+      job.cin < CT_TAPS_INNER_BELOW ? MAXV * L : (vectors + fewest - 1) / fewest * L;
   const int64_t taps = job.ntaps[0] * job.ntaps[1] * job.ntaps[2];
   char* out = static_cast<char*>(job.out);
   const int64_t oi = job.out_half ? 2 : sizeof(T);  // bytes per output element
