@@ -364,17 +364,19 @@ PLANAR_ROWS = [(kw, sw, groups, cog, width)
                          ids=[f"k{a}-s{b}-g{c}-co{d}-w{e}" for a, b, c, d, e in PLANAR_ROWS])
 def test_planar_writes_rows_whole(kw, sw, groups, cog, width, isa, rng):
     c_in = 2 * groups
-    x = rng.standard_normal((2, 3, 4, width, c_in)).astype(np.float32)
-    w = rng.standard_normal((groups * cog, 2, 3, kw, 2)).astype(np.float32)
-    bias = rng.standard_normal(groups * cog).astype(np.float32)
+    x = rng.standard_normal((2, 3, 4, width, c_in))
+    w = rng.standard_normal((groups * cog, 2, 3, kw, 2))
+    bias = rng.standard_normal(groups * cog)
     kw_ = dict(stride=(1, 2, sw), padding=(0, 1, kw // 2), output_padding=(0, 1, sw - 1),
                groups=groups)
     want = conv_transpose_ref(x, w, **kw_) + bias
-    for threads in (1, 2):
-        p = ct.plan(x.shape, w.shape, **kw_, algorithm="planar", threads=threads)
-        got = ct.run_plan(p, x, w, bias=bias)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
-                                   err_msg=f"{isa} {threads} thread(s)")
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        for threads in (1, 2):
+            p = ct.plan(x.shape, w.shape, **kw_, algorithm="planar", threads=threads,
+                        dtype=dtype)
+            got = ct.run_plan(p, x.astype(dtype), w.astype(dtype), bias=bias.astype(dtype))
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol,
+                                       err_msg=f"{isa} {np.dtype(dtype)} {threads} thread(s)")
 
 
 @pytest.mark.parametrize("c_out,groups,algorithm",

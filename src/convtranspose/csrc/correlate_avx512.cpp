@@ -42,6 +42,9 @@ static inline unsigned ct_opaque(unsigned m) { __asm__("" : "+r"(m)); return m; 
 #define CT_RANGE_MASK(lo, hi) (((1u << (hi)) - 1) & ~((1u << (lo)) - 1))
 #define CT_GATHER_RANGE_F(lo, hi, p, stride) _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)CT_RANGE_MASK(lo, hi), _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride)), p, 4)
 #define CT_GATHER_RANGE_D(lo, hi, p, stride) _mm512_mask_i32gather_pd(_mm512_setzero_pd(), (__mmask8)CT_RANGE_MASK(lo, hi), _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(stride)), p, 8)
+// p[idx[lane]] for the int32 offsets at idx.
+#define CT_GATHER_IDX_F(p, idx) _mm512_i32gather_ps(_mm512_loadu_si512(idx), p, 4)
+#define CT_GATHER_IDX_D(p, idx) _mm512_i32gather_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), p, 8)
 #define CT_STORE_FIRST_F(n, p, v) _mm512_mask_storeu_ps(p, (__mmask16)((1u << (n)) - 1), (__m512)(v))
 #define CT_STORE_FIRST_D(n, p, v) _mm512_mask_storeu_pd(p, (__mmask8)((1u << (n)) - 1), (__m512d)(v))
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))

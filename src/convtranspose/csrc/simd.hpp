@@ -282,6 +282,21 @@ static inline V gather_range(int64_t lo, int64_t hi, const T* p, int64_t stride)
 #endif
 }
 
+// p[idx[0]], p[idx[1]], ... (idx: int32 offsets, one per lane; translation units with
+// gathers define CT_GATHER_IDX_F/D).
+template <typename V, typename T>
+static inline V gather_at(const T* p, const int32_t* idx) {
+#ifdef CT_GATHER_IDX_F
+  if constexpr (sizeof(T) == 4) return (V)CT_GATHER_IDX_F(reinterpret_cast<const float*>(p), idx);
+  else return (V)CT_GATHER_IDX_D(reinterpret_cast<const double*>(p), idx);
+#else
+  constexpr int L = CT_VBYTES / sizeof(T);
+  V v;
+  for (int i = 0; i < L; ++i) v[i] = p[idx[i]];
+  return v;
+#endif
+}
+
 // The vector at p, or zeros where `valid` is 0 (translation units with masked loads define
 // CT_MASKZ_LOAD_F/D; a masked load does not fault, so p may lie past the row's end).
 template <typename V, typename T>
