@@ -38,9 +38,10 @@ static inline int ct_opaque(int m) { __asm__("" : "+r"(m)); return m; }
 #define CT_RANGE_LANES_D(lo, hi) _mm256_andnot_si256(_mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(lo)), _mm256_setr_epi64x(0, 1, 2, 3)), _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(hi)), _mm256_setr_epi64x(0, 1, 2, 3)))
 #define CT_GATHER_RANGE_F(lo, hi, p, stride) _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(stride)), _mm256_castsi256_ps(CT_RANGE_LANES_F(lo, hi)), 4)
 #define CT_GATHER_RANGE_D(lo, hi, p, stride) _mm256_mask_i32gather_pd(_mm256_setzero_pd(), p, _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(stride)), _mm256_castsi256_pd(CT_RANGE_LANES_D(lo, hi)), 8)
-// p[idx[lane]] for the int32 offsets at idx.
-#define CT_GATHER_IDX_F(p, idx) _mm256_i32gather_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4)
-#define CT_GATHER_IDX_D(p, idx) _mm256_i32gather_pd(p, _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), 8)
+// p[idx[lane]] for the int32 offsets at idx (the masked form: GCC 12 warns of the plain
+// one's undefined source).
+#define CT_GATHER_IDX_F(p, idx) _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4)
+#define CT_GATHER_IDX_D(p, idx) _mm256_mask_i32gather_pd(_mm256_setzero_pd(), p, _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8)
 #define CT_STORE_FIRST_F(n, p, v) _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (__m256)(v))
 #define CT_STORE_FIRST_D(n, p, v) _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(n)), _mm256_setr_epi64x(0, 1, 2, 3)), (__m256d)(v))
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
