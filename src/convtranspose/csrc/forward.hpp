@@ -64,8 +64,8 @@ struct ColumnRuns {
 
 // A pixel's n sums from `src` to its outputs at `dst`, where `runs` says (null: in order).
 template <typename T>
-static inline void store_columns(const CtJob& job, char* dst, const T* src, int64_t n,
-                                 const ColumnRuns* runs) {
+static inline void store_pixel(const CtJob& job, char* dst, const T* src, int64_t n,
+                               const ColumnRuns* runs) {
   if (!runs) return store_chunk(job, dst, src, n);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   for (int i = 0; i < runs->count; ++i)
@@ -279,9 +279,9 @@ static void store_pairs(const CtJob& job, int64_t nrows, char* const* orows, con
         y0[c] = m[c] + m1 + m2 + b[c];
         y1[c] = m1 - m2 - m[3 * slot_size + c] + b[c];
       }
-      store_columns(job, orows[r] + (run.w0 + w) * os * oi, y0, n, runs);
+      store_pixel(job, orows[r] + (run.w0 + w) * os * oi, y0, n, runs);
       if (orows[nrows + r])
-        store_columns(job, orows[nrows + r] + (run.w0 + w) * os * oi, y1, n, runs);
+        store_pixel(job, orows[nrows + r] + (run.w0 + w) * os * oi, y1, n, runs);
     }
   }
 }
@@ -374,8 +374,8 @@ static void rows_chunk(const CtJob& job, int64_t nrows, const T* const* xrows,
   const int64_t os = job.os[3], oi = job.out_half ? 2 : sizeof(T);
   for (int64_t r = 0; r < nrows; ++r)
     for (int64_t w = 0; w < wcount; ++w)
-      store_columns(job, orows[r] + (run.w0 + w) * os * oi, acc + (r * wcount + w) * cw, n,
-                    runs);
+      store_pixel(job, orows[r] + (run.w0 + w) * os * oi, acc + (r * wcount + w) * cw, n,
+                  runs);
 }
 
 // Few input channels (fewer than CT_TAPS_INNER_BELOW): rows_chunk would load and store
@@ -478,7 +478,7 @@ static void rows_chunk_taps_inner(const CtJob& job, int64_t nrows, const T* cons
       }
     }
     for (int64_t w = 0; w < wcount; ++w)
-      store_columns(job, orows[r] + (run.w0 + w) * os * oi, acc + w * cw, n, runs);
+      store_pixel(job, orows[r] + (run.w0 + w) * os * oi, acc + w * cw, n, runs);
   }
 }
 
