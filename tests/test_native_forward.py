@@ -465,6 +465,44 @@ def test_streamed_outputs_hold_the_same_bits(c_in, c_out, groups, isa, rng, monk
             np.testing.assert_array_equal(a, b)
 
 
+# Layers whose streamed outputs gather in the kernel's staging rows (forward.hpp's
+# OutputStage): (input, weight, settings, algorithm).
+STAGED_LAYERS = [
+    # conv groups side by side, each 24 outputs: a pixel's 96 outputs one run
+    ((2, 30, 21, 8), (96, 3, 3, 2), dict(stride=2, groups=4), "native"),
+    # kernel == stride along W merges the residues: whole rows, cut into runs of pixels
+    ((3, 1700, 3), (36, 2, 3), dict(stride=2), "native"),
+    # stride past the kernel: the residues with taps merged, the tap-less one a gap
+    ((2, 4, 9, 7, 5), (20, 1, 2, 2, 5), dict(stride=(1, 2, 3), padding=(0, 0, 1)), "native"),
+    # one group, outputs not whole vectors (35 of a pixel's 35)
+    ((1, 6, 9, 6, 24), (35, 2, 2, 3, 24), dict(stride=(1, 2, 1), padding=1), "native"),
+    # Winograd pairs: each staged row group holds both outputs of a pair
+    ((1, 6, 5, 7, 32), (40, 3, 3, 3, 32), dict(padding=1), "winograd"),
+]
+
+
+@pytest.mark.parametrize("layer", STAGED_LAYERS, ids=lambda c: f"{c[1]}-{c[3]}")
+def test_staged_streamed_outputs_match_the_plain_stores(layer, isa, rng, monkeypatch,
+                                                       assert_close):
+    """Streamed outputs that are not whole aligned vectors a pixel (conv groups side by
+    side, merged residues, ragged C_out) are staged a run of rows at a time and written
+    from there: the bits of the plain stores, and the reference's values, float32 and
+    float64, on one thread and on two sharing the rows."""
+    x_shape, w_shape, kw, algorithm = layer
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    want = conv_transpose_ref(x, w, **kw)
+    for dtype, threads in ((np.float32, 1), (np.float64, 1), (np.float32, 2)):
+        xd, wd = x.astype(dtype), w.astype(dtype)
+        p = ct.plan(xd.shape, wd.shape, **kw, dtype=dtype, algorithm=algorithm,
+                    threads=threads)
+        plain = ct.run_plan(p, xd, wd)
+        monkeypatch.setattr(_plan, "STREAM_OUTPUT_FROM_BYTES", 0)
+        streamed = ct.run_plan(p, xd, wd)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(streamed, plain)
+        assert_close(streamed, want, dtype)
+
+
 @pytest.mark.parametrize("c_out,groups", [(8, 1), (16, 1), (4, 2), (6, 3), (20, 1)])
 def test_indexed_gather_sum_matches_numpy_take_and_reduce(c_out, groups, isa, rng,
                                                           monkeypatch):

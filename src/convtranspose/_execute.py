@@ -1072,7 +1072,8 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
                               plan.threads, False, False, convert_input=True)
     channels = spec.c_out if mode == native.DEPTHWISE else spec.groups
     layout = (native.isa(), x_read.shape, x_read.strides, out.shape, out.strides, out.dtype,
-              tuple(w.strides for w in phase_group_weights), bias is None, convert)
+              tuple(w.strides for w in phase_group_weights), bias is None, convert,
+              streams_output(out.nbytes))  # (the threshold is a module setting)
     biases = _bias_tables(plan, bias)
     recording = None if convert else _Recording.find(plan, layout)
     if recording is not None:

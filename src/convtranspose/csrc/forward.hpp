@@ -72,6 +72,21 @@ static inline void store_pixel(const CtJob& job, char* dst, const T* src, int64_
     store_chunk(job, dst + runs->at[i] * oi, src + runs->col[i], runs->len[i]);
 }
 
+#ifdef CT_STREAM
+// n elements from src to dst, the whole lines of dst by non-temporal stores (never read
+// before they are overwritten), the partial lines at either end by plain ones.
+template <typename T>
+static inline void stream_copy(T* dst, const T* src, int64_t n) {
+  typedef typename Vec<T>::v V;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t misaligned = reinterpret_cast<uintptr_t>(dst) / sizeof(T) % L;
+  int64_t i = misaligned ? std::min<int64_t>(n, L - misaligned) : 0;
+  if (i) store_lanes(i, dst, load_lanes<V>(i, src));
+  for (; i + L <= n; i += L) CT_STREAM(dst + i, src + i);
+  if (i < n) store_lanes(n - i, dst + i, load_lanes<V>(n - i, src + i));
+}
+#endif
+
 // P pixels by NV vectors of output channels: add the products of `cn` input channels of
 // one tap into the row buffer `acc` (pixel stride `cw`), held in registers meanwhile.
 template <typename T, int P, int NV>
@@ -609,6 +624,85 @@ static inline int64_t out_row_offset(const CtJob& job, RowPos r, int64_t item) {
           (r.h - job.box[4]) * job.os[2]) * item;
 }
 
+// Outputs far bigger than the caches (CtJob::stream_out) whose pixels the chunks cannot
+// store as whole aligned vectors (conv groups side by side, merged W residues, C_out not
+// a multiple of the vector): a row group's run of outputs gathers here, laid out as in
+// the output, then goes out by non-temporal stores, each output line written whole and
+// never read first. Stored in place, every partial vector read its line from memory
+// first: 8 -> 96 g4 k3 s2 2-D spent half its time in the stores. On only where the
+// pixels' outputs (every conv group's) make runs of two lines or more, or whole rows.
+template <typename T>
+struct OutputStage {
+  bool on = false;
+  bool whole_rows = false;  // a pixel's outputs fill its stride: the rows are contiguous
+  int64_t pitch = 0;        // elements per staged row
+  int64_t stride = 0;       // elements from a pixel to the next (CtJob::os[3])
+  std::vector<std::pair<int64_t, int64_t>> spans;  // a pixel's outputs: (first, count)
+  std::vector<T> store;
+  T* rows = nullptr;
+
+  OutputStage(const CtJob& job, int64_t groups, int64_t max_rows, int64_t run_max) {
+#ifdef CT_STREAM
+    constexpr int L = CT_VBYTES / sizeof(T);
+    if (!job.stream_out || job.out_half || (groups <= 1 && !job.oout && job.cout % L == 0))
+      return;
+    std::vector<int64_t> at;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t c = 0; c < job.cout; ++c)
+        at.push_back(g * job.group_out + (job.oout ? job.oout[c] : c));
+    std::sort(at.begin(), at.end());
+    int64_t shortest = INT64_MAX;
+    for (size_t i = 0; i < at.size(); ++i) {
+      if (!spans.empty() && at[i] == spans.back().first + spans.back().second) {
+        ++spans.back().second;
+        continue;
+      }
+      if (!spans.empty()) shortest = std::min(shortest, spans.back().second);
+      spans.push_back({at[i], 1});
+    }
+    shortest = std::min(shortest, spans.back().second);
+    stride = job.os[3];
+    whole_rows = spans.size() == 1 && spans[0].first == 0 && spans[0].second == stride;
+    if (!whole_rows && shortest * (int64_t)sizeof(T) < 128) return;
+    on = true;
+    pitch = (run_max * stride + L - 1) / L * L;
+    store.resize(max_rows * pitch + L);
+    rows = aligned_line(store.data());
+#else
+    (void)job, (void)groups, (void)max_rows, (void)run_max;
+#endif
+  }
+
+  // Rows staged instead of the output rows `dest` (n of them, null: none) for a run from
+  // pixel w0: orows[r] as the kernels index it, pixel w0 landing on staged row r's start.
+  void point(char** orows, char* const* dest, int64_t n, int64_t w0) const {
+    for (int64_t r = 0; r < n; ++r)
+      orows[r] = dest[r] ? reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(rows + r * pitch) -
+                                                   w0 * stride * (int64_t)sizeof(T))
+                         : nullptr;
+  }
+
+#ifdef CT_STREAM
+  // The staged run out to the rows `dest`.
+  void flush(char* const* dest, int64_t n, WRun run) const {
+    for (int64_t r = 0; r < n; ++r) {
+      if (!dest[r]) continue;
+      T* to = reinterpret_cast<T*>(dest[r]) + run.w0 * stride;
+      const T* from = rows + r * pitch;
+      if (whole_rows) {
+        stream_copy(to, from, run.n * stride);
+        continue;
+      }
+      for (int64_t w = 0; w < run.n; ++w)
+        for (const auto& [first, count] : spans)
+          stream_copy(to + w * stride + first, from + w * stride + first, count);
+    }
+  }
+#else
+  void flush(char* const*, int64_t, WRun) const {}
+#endif
+};
+
 template <typename T>
 static void run_typed(const CtJob& job, const WRanges& wr) {
   constexpr int L = CT_VBYTES / sizeof(T);
@@ -664,6 +758,14 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   std::vector<const T*> xrows(group_rows * dh_taps);
   std::vector<char*> orows(outs * group_rows);
   T* acc = aligned_line(acc_store.data());
+  // Conv groups in one job (CtJob::groups): each row group's conv groups in turn, so that
+  // output lines shared by groups' channels are written while in cache (8 -> 24 g4 k4 s2
+  // wrote 6 of a pixel's 24 channels per call, each line fetched again by each group).
+  std::vector<CtJob> group_jobs = conv_group_jobs<T>(job);
+  const int64_t groups = group_jobs.size();
+  const OutputStage<T> stage(job, groups, outs * group_rows, run_max);
+  for (CtJob& j : group_jobs) j.stream_out &= !stage.on;  // (the stage stays in cache)
+  std::vector<char*> dest(stage.on ? outs * group_rows : 0);  // (staged: the real rows)
   int64_t nrows = 0;
   const auto set_rows = [&](int64_t first, int64_t count) {  // a group's input and output rows
     nrows = count;
@@ -674,12 +776,8 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
       if (job.pair_out)  // the pair's second output, where it lies inside
         orows[nrows + r] = 2 * pos.d + 1 < job.pair_out ? orows[r] + job.os[1] * oi : nullptr;
     }
+    if (stage.on) std::copy(orows.begin(), orows.begin() + outs * nrows, dest.begin());
   };
-  // Conv groups in one job (CtJob::groups): each row group's conv groups in turn, so that
-  // output lines shared by groups' channels are written while in cache (8 -> 24 g4 k4 s2
-  // wrote 6 of a pixel's 24 channels per call, each line fetched again by each group).
-  const std::vector<CtJob> group_jobs = conv_group_jobs<T>(job);
-  const int64_t groups = group_jobs.size();
   std::vector<const T*> group_xrows(groups > 1 ? group_rows * dh_taps : 0);
   // Conv group g's outputs of channels [c0, c0 + cw_full) in W run i.
   const auto chunk = [&](int64_t g, int64_t c0, int64_t i) {
@@ -726,9 +824,12 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
       for (int64_t first = run0; first < run1; first += group_rows) {
         set_rows(first, std::min(group_rows, run1 - first));
         // A run's input and output lines serve every conv group and chunk while in cache.
-        for (int64_t i = 0; i < nruns; ++i)
+        for (int64_t i = 0; i < nruns; ++i) {
+          if (stage.on) stage.point(orows.data(), dest.data(), outs * nrows, runs[i].w0);
           for (int64_t g = 0; g < groups; ++g)
             for (int64_t c0 = 0; c0 < cpad; c0 += cw_full) chunk(g, c0, i);
+          if (stage.on) stage.flush(dest.data(), outs * nrows, runs[i]);
+        }
       }
   }
 #ifdef CT_STREAM_FENCE
