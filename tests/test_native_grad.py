@@ -49,6 +49,22 @@ def _assert_native_vjp(spec, x, w, cot, rx, rw) -> None:
         np.testing.assert_array_equal(again[1], gw)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_grad_input_weight_packed_on_threads_matches_the_loops(groups, rng):
+    """A weight past PARALLEL_PACK_BYTES on few pixels (small and wide): grad_input's
+    packed weight is cut into pieces that two threads pack at once, one thread packs it
+    whole; both gradients match the loop reference either way."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose._api import spec_for
+    from convtranspose._execute import PARALLEL_PACK_BYTES
+    x, w, cot, kw = make_case(rng, 3, (2, 3, 2), 192, 130, (3, 3, 3), stride=(1, 2, 2),
+                              padding=(1, 0, 1), groups=groups, batch=1)
+    assert w.size * 4 > PARALLEL_PACK_BYTES
+    spec, _, _ = spec_for(3, x, w, **kw)
+    _assert_native_vjp(spec, x, w, cot, *loops_vjp(x, w, cot, **kw))
+
+
 # (C_in/g in vectors, C_out/g, groups, input W, W kernel, W padding): few sums per tap
 # (C_out/g times C_in/g's vectors below 8), where tiles of taps share each pixel's x
 # vectors; one to five vectors (a chunk of four and a remainder), rows with and without

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import _native_kernel as native
-from ._execute import padded_along_w, pair_input, pair_weight, run_jobs
+from ._execute import pack_columns_on_threads, padded_along_w, pair_input, pair_weight, run_jobs
 from ._geometry import ceil_div
 from ._native_kernel import GradWeightLayout
 from ._plan import (
@@ -140,8 +140,9 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
             w3 = np.ascontiguousarray(w3)
             strides = native.element_strides(w3)
         s_co, s_tap, s_ci = strides
-        packed = [native.pack_columns(w3, table, cog, s_co)
-                  for table in _grad_input_tables(ktot, cig, groups, cog, s_co, s_tap, s_ci)]
+        packed = pack_columns_on_threads(
+            w3, _grad_input_tables(ktot, cig, groups, cog, s_co, s_tap, s_ci), cog, s_co,
+            n_threads)
     convert = not native.reads_in_place(c3, compute_dtype)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
     if convert:  # a tile at a time per thread, each converting what it reads
