@@ -322,7 +322,7 @@ def test_weights_packed_in_pieces_by_every_thread_hold_the_same_layout(c_out, rn
     real = _execute._pack_pieces
     monkeypatch.setattr(_execute, "PARALLEL_PACK_BYTES", 0)
     monkeypatch.setattr(_execute, "_pack_pieces",
-                        lambda *a: (pieces.append(len(a[5])), real(*a))[1])
+                        lambda *a: (pieces.append(len(a[6])), real(*a))[1])
     got = ct.run_plan(ct.plan(x.shape, w.shape, padding=1, algorithm="native", threads=2), x, w)
     assert pieces, "the weight was not packed in pieces"
     np.testing.assert_array_equal(got, alone)
