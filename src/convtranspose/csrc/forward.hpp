@@ -630,7 +630,10 @@ static inline int64_t out_row_offset(const CtJob& job, RowPos r, int64_t item) {
 // the output, then goes out by non-temporal stores, each output line written whole and
 // never read first. Stored in place, every partial vector read its line from memory
 // first: 8 -> 96 g4 k3 s2 2-D spent half its time in the stores. On only where the
-// pixels' outputs (every conv group's) make runs of two lines or more, or whole rows.
+// pixels' outputs (every conv group's) make runs of two lines or more, or whole rows, and
+// where a thread computes every chunk of its row groups (not where threads share a row
+// group's chunks). Its size is a row group's pixels (about `pixels` in run_typed) times
+// a pixel's stride: at most a few MB per thread.
 template <typename T>
 struct OutputStage {
   bool on = false;
@@ -647,6 +650,7 @@ struct OutputStage {
     if (!job.stream_out || job.out_half || (groups <= 1 && !job.oout && job.cout % L == 0))
       return;
     std::vector<int64_t> at;
+    at.reserve(groups * job.cout);
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t c = 0; c < job.cout; ++c)
         at.push_back(g * job.group_out + (job.oout ? job.oout[c] : c));
