@@ -224,6 +224,79 @@ void col2im(int itemsize, const void* cols, void* out, const void* bias, const i
                static_cast<const double*>(bias), geo, groups, cog, box);
 }
 
+// Transposes an L x L block held as L vectors (row i becomes column i): log2(L) rounds,
+// each swapping the off-diagonal sub-blocks of width B between rows i and i + B by
+// two-source shuffles (a 16 x 16 float32 block: 64 shuffles, not 256 scalar moves).
+#ifndef __clang__
+template <typename V, typename M, int L, int B>
+static inline void transpose_block(V* r) {
+  if constexpr (B >= 1) {
+    M lo, hi;  // lanes of (row i, row i + B): lane l of each from a or b (index >= L: b)
+    for (int l = 0; l < L; ++l) {
+      lo[l] = l & B ? L + l - B : l;
+      hi[l] = l & B ? L + l : l + B;
+    }
+    for (int i = 0; i < L; ++i)
+      if (!(i & B)) {
+        const V a = r[i], b = r[i + B];
+        r[i] = __builtin_shuffle(a, b, lo);
+        r[i + B] = __builtin_shuffle(a, b, hi);
+      }
+    transpose_block<V, M, L, B / 2>(r);
+  }
+}
+#endif
+
+// grad_weight's packed sums (chunks of `chunk` columns, each [tap][row][column]) into one
+// group's gw (column, tap, row) for taps [tap0, tap1): whole L x L blocks (L rows of L
+// columns) loaded as vectors, transposed in registers and stored as vectors; the blocks
+// at the edges value by value.
+template <typename T>
+static void unpack_grad_weight_typed(const T* part, T* gw, int64_t taps, int64_t rows,
+                                     int64_t cols, int64_t chunk, int64_t tap0, int64_t tap1) {
+  typedef typename Vec<T>::v V;
+  typedef typename Vec<T>::u U;
+  constexpr int L = CT_VBYTES / sizeof(T);
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I M __attribute__((vector_size(CT_VBYTES)));
+  for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
+    const int64_t width = std::min(chunk, cols - c0);
+    const T* chunk_start = part + taps * rows * c0;  // the chunks before are whole
+    for (int64_t k0 = 0; k0 < width; k0 += L) {
+      const int64_t kn = std::min<int64_t>(L, width - k0);
+      for (int64_t tap = tap0; tap < tap1; ++tap) {
+        const T* src = chunk_start + tap * rows * width + k0;
+        T* dst = gw + (c0 + k0) * taps * rows + tap * rows;
+        for (int64_t r0 = 0; r0 < rows; r0 += L) {
+          const int64_t rn = std::min<int64_t>(L, rows - r0);
+#ifndef __clang__  // (GCC's two-source shuffle; clang spells it with constant lanes only)
+          if (kn == L && rn == L) {
+            V r[L];
+            for (int i = 0; i < L; ++i) r[i] = *reinterpret_cast<const U*>(src + (r0 + i) * width);
+            transpose_block<V, M, L, L / 2>(r);
+            for (int k = 0; k < L; ++k) *reinterpret_cast<U*>(dst + k * taps * rows + r0) = r[k];
+            continue;
+          }
+#endif
+          for (int64_t k = 0; k < kn; ++k)
+            for (int64_t r = 0; r < rn; ++r)
+              dst[k * taps * rows + r0 + r] = src[(r0 + r) * width + k];
+        }
+      }
+    }
+  }
+}
+
+void unpack_grad_weight(int itemsize, const void* part, void* gw, int64_t taps, int64_t rows,
+                        int64_t cols, int64_t chunk, int64_t tap0, int64_t tap1) {
+  if (itemsize == 4)
+    unpack_grad_weight_typed(static_cast<const float*>(part), static_cast<float*>(gw), taps,
+                             rows, cols, chunk, tap0, tap1);
+  else
+    unpack_grad_weight_typed(static_cast<const double*>(part), static_cast<double*>(gw), taps,
+                             rows, cols, chunk, tap0, tap1);
+}
+
 // n float32 values to float16 or bfloat16 (CT_HALF_*), rounded as the kernel stores them:
 // the `indexed` path's results (NumPy's float16 rounding took 10 of W9's 40 us).
 void round_half(int kind, const float* src, void* dst, int64_t n) {

@@ -204,6 +204,8 @@ extern __thread CtStop* ct_stop;  // null: never stop
 #define CT_DECLARE(NS) \
   namespace NS { void correlate(const CtJob&); void grad_weight(const GwJob&); \
                  void round_half(int, const float*, void*, int64_t); \
+                 void unpack_grad_weight(int, const void*, void*, int64_t, int64_t, int64_t, \
+                                         int64_t, int64_t, int64_t); \
                  void widen_half(int, const void*, float*, int64_t); \
                  void gather_sum(int, const void*, const int64_t*, int64_t, int64_t, int64_t, \
                                  void*); \

@@ -188,6 +188,8 @@ struct Isa {
   void (*correlate)(const CtJob&);
   void (*grad_weight)(const GwJob&);
   void (*round_half)(int, const float*, void*, int64_t);
+  void (*unpack_grad_weight)(int, const void*, void*, int64_t, int64_t, int64_t, int64_t,
+                             int64_t, int64_t);
   void (*widen_half)(int, const void*, float*, int64_t);
   void (*gather_sum)(int, const void*, const int64_t*, int64_t, int64_t, int64_t, void*);
   void (*col2im)(int, const void*, void*, const void*, const int64_t*, int64_t, int64_t,
@@ -211,19 +213,22 @@ struct Isa {
 #endif
 const Isa kIsas[] = {
 #ifdef CT_WITH_AVX512
-    {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half, avx512::widen_half,
+    {"avx512", avx512::correlate, avx512::grad_weight, avx512::round_half,
+     avx512::unpack_grad_weight, avx512::widen_half,
      avx512::gather_sum, avx512::col2im, avx512::pair_transform, avx512::planar_grad_weight,
      avx512::planar_grad_input,
      avx512::lanes, avx512::max_vectors, avx512::fuses_grad_input},
 #endif
 #ifdef CT_WITH_AVX2
-    {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half, avx2::widen_half,
+    {"avx2", avx2::correlate, avx2::grad_weight, avx2::round_half,
+     avx2::unpack_grad_weight, avx2::widen_half,
      avx2::gather_sum, avx2::col2im, avx2::pair_transform, avx2::planar_grad_weight,
      avx2::planar_grad_input,
      avx2::lanes, avx2::max_vectors, avx2::fuses_grad_input},
 #endif
 #ifdef CT_WITH_GENERIC
-    {"generic", generic::correlate, generic::grad_weight, generic::round_half, generic::widen_half,
+    {"generic", generic::correlate, generic::grad_weight, generic::round_half,
+     generic::unpack_grad_weight, generic::widen_half,
      generic::gather_sum, generic::col2im, generic::pair_transform, generic::planar_grad_weight,
      generic::planar_grad_input,
      generic::lanes, generic::max_vectors, generic::fuses_grad_input},
@@ -1513,37 +1518,9 @@ PyObject* py_gather_cotangent(PyObject*, PyObject* args) {
 // grad_weight's packed sums into one group's gw (C_out/g, taps, C_in/g), taps [tap0,
 // tap1) (_vjp_native._unpack_grad_weight). The packed layout holds chunks of `chunk`
 // columns, each [tap][row][column of the chunk]; rows are C_in/g and columns C_out/g, so
-// each tap's block is transposed (in tiles, every line read and written whole). NumPy's
+// each tap's block is transposed, on the instruction set in use (conversions.hpp). NumPy's
 // transposing assignment read a line per value: 165 -> 128 k7's 29 MB grad_weight took
 // 40 of its 65 ms.
-template <typename T>
-void unpack_grad_weight(const T* part, T* gw, int64_t taps, int64_t rows, int64_t cols,
-                        int64_t chunk, int64_t tap0, int64_t tap1) {
-  constexpr int64_t B = 64 / sizeof(T);  // a cache line of values
-  const int64_t cig = rows;
-  for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
-    const int64_t width = std::min(chunk, cols - c0);
-    const T* chunk_start = part + taps * rows * c0;  // the chunks before are whole
-    // B columns at a time over every tap: each line of the packed sums read is used
-    // whole, and gw is written along B rows in order (tap by tap, the whole of C_in/g).
-    for (int64_t k0 = 0; k0 < width; k0 += B) {
-      const int64_t kn = std::min(B, width - k0);
-      for (int64_t tap = tap0; tap < tap1; ++tap) {
-        const T* src = chunk_start + tap * rows * width + k0;
-        T* dst = gw + (c0 + k0) * taps * cig + tap * cig;
-        for (int64_t r0 = 0; r0 < rows; r0 += B) {
-          const int64_t rn = std::min(B, rows - r0);
-          for (int64_t k = 0; k < kn; ++k) {
-            T* out = dst + k * taps * cig + r0;
-            const T* in = src + r0 * width + k;
-            for (int64_t r = 0; r < rn; ++r) out[r] = in[r * width];
-          }
-        }
-      }
-    }
-  }
-}
-
 PyObject* py_unpack_grad_weight(PyObject*, PyObject* args) {
   int itemsize;
   Py_buffer part, gw;
@@ -1555,12 +1532,8 @@ PyObject* py_unpack_grad_weight(PyObject*, PyObject* args) {
   const bool ok = (itemsize == 4 || itemsize == 8) && rows >= 1 && cols >= 1 && chunk >= 1 &&
                   0 <= tap0 && tap0 <= tap1 && tap1 <= taps &&
                   part.len >= values * itemsize && gw.len >= values * itemsize;
-  if (ok)
-    with_float_type(itemsize, [&](auto t) {
-      using T = decltype(t);
-      unpack_grad_weight(static_cast<const T*>(part.buf), static_cast<T*>(gw.buf), taps, rows,
-                         cols, chunk, tap0, tap1);
-    });
+  if (ok) current->unpack_grad_weight(itemsize, part.buf, gw.buf, taps, rows, cols, chunk,
+                                      tap0, tap1);
   return finish_buffers(ok, "unpack_grad_weight: bad itemsize, geometry or sizes",
                         {&part, &gw});
 }
