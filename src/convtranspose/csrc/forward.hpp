@@ -644,10 +644,13 @@ struct OutputStage {
   std::vector<T> store;
   T* rows = nullptr;
 
-  OutputStage(const CtJob& job, int64_t groups, int64_t max_rows, int64_t run_max) {
+  // `shared_chunks`: threads share a row group's chunks (then no stage).
+  OutputStage(const CtJob& job, int64_t groups, bool shared_chunks, int64_t max_rows,
+              int64_t run_max) {
 #ifdef CT_STREAM
     constexpr int L = CT_VBYTES / sizeof(T);
-    if (!job.stream_out || job.out_half || (groups <= 1 && !job.oout && job.cout % L == 0))
+    if (!job.stream_out || job.out_half || shared_chunks ||
+        (groups <= 1 && !job.oout && job.cout % L == 0))
       return;
     std::vector<int64_t> at;
     at.reserve(groups * job.cout);
@@ -673,7 +676,7 @@ struct OutputStage {
     store.resize(max_rows * pitch + L);
     rows = aligned_line(store.data());
 #else
-    (void)job, (void)groups, (void)max_rows, (void)run_max;
+    (void)job, (void)groups, (void)shared_chunks, (void)max_rows, (void)run_max;
 #endif
   }
 
@@ -767,7 +770,15 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   // wrote 6 of a pixel's 24 channels per call, each line fetched again by each group).
   std::vector<CtJob> group_jobs = conv_group_jobs<T>(job);
   const int64_t groups = group_jobs.size();
-  const OutputStage<T> stage(job, groups, outs * group_rows, run_max);
+  const int64_t total = box_rows(job.box);
+  const int64_t row_groups = (total + group_rows - 1) / group_rows;
+  const int64_t per_group = (cpad + cw_full - 1) / cw_full;
+  const int64_t chunks = groups * per_group;  // (conv group, channel chunk) pairs
+  // Too few row groups for the threads sharing the box (a few pixels of wide channels:
+  // 16 rows of 4 pixels made one group, and the other thread waited): they claim (row
+  // group, channel chunk) pairs instead, a group's chunks one after the other.
+  const bool shared_chunks = job.sharers > 1 && chunks > 1 && row_groups < 2 * job.sharers;
+  const OutputStage<T> stage(job, groups, shared_chunks, outs * group_rows, run_max);
   for (CtJob& j : group_jobs) j.stream_out &= !stage.on;  // (the stage stays in cache)
   std::vector<char*> dest(stage.on ? outs * group_rows : 0);  // (staged: the real rows)
   int64_t nrows = 0;
@@ -802,14 +813,7 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
           wchunk, cw, live, acc, runs[i]);
     });
   };
-  const int64_t total = box_rows(job.box);
-  const int64_t row_groups = (total + group_rows - 1) / group_rows;
-  const int64_t per_group = (cpad + cw_full - 1) / cw_full;
-  const int64_t chunks = groups * per_group;  // (conv group, channel chunk) pairs
-  if (job.sharers > 1 && chunks > 1 && row_groups < 2 * job.sharers) {
-    // Too few row groups for the threads sharing the box (a few pixels of wide channels:
-    // 16 rows of 4 pixels made one group, and the other thread waited): they claim (row
-    // group, channel chunk) pairs instead, a group's chunks one after the other.
+  if (shared_chunks) {
     RowClaims claims(job, 1, row_groups * chunks);
     int64_t current = -1;
     for (int64_t run0, run1; claims.next(run0, run1);)
