@@ -1104,7 +1104,7 @@ static inline void dot_window(V (&acc)[P][CO], const T* xb, int64_t first, int64
     V wv[G][CO];
 #pragma GCC unroll 4
     for (int j = 0; j < G; ++j)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int o = 0; o < CO; ++o)
         wv[j][o] = c < full ? *reinterpret_cast<const U*>(wt + wo[j * wstep + o] + c)
                    : full > 0 ? *reinterpret_cast<const U*>(tail + (j * wstep + o) * L)
@@ -1117,7 +1117,7 @@ static inline void dot_window(V (&acc)[P][CO], const T* xb, int64_t first, int64
       for (int j = 0; j < G; ++j) {
         const int p = i - j * DELTA;
         if (p < 0 || p >= P) continue;
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int o = 0; o < CO; ++o) acc[p][o] += xv * wv[j][o];
       }
     }
