@@ -656,14 +656,14 @@ static inline void dw_flat_dot(const T* xp, const T* gp, int64_t n, T* vs) {
   V s[R][C];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < C; ++v) s[r][v] = *reinterpret_cast<const V*>(vs + (r * C + v) * L);
   const int64_t total = n * C;
   int64_t f = 0;
   for (; f + R * L * C <= total; f += R * L * C)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < C; ++v) {
         const int64_t at = f + (r * C + v) * L;
         s[r][v] += *reinterpret_cast<const U*>(xp + at) * *reinterpret_cast<const U*>(gp + at);
@@ -673,17 +673,18 @@ static inline void dw_flat_dot(const T* xp, const T* gp, int64_t n, T* vs) {
   // (v * L + i) % C. (A scalar chain for the rest took most of a short row: a 1 -> 1
   // layer's rows of 88 pixels left 24 of them to it.)
   for (; f + L * C <= total; f += L * C)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < C; ++v)
       s[0][v] += *reinterpret_cast<const U*>(xp + f + v * L) *
                  *reinterpret_cast<const U*>(gp + f + v * L);
+#pragma GCC unroll 16
   for (int v = 0; v < C && f + v * L < total; ++v) {
     const int64_t at = f + v * L, m = std::min<int64_t>(L, total - at);
     s[0][v] += load_first<V>(m, xp + at) * load_first<V>(m, gp + at);
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < C; ++v) *reinterpret_cast<V*>(vs + (r * C + v) * L) = s[r][v];
 }
 
