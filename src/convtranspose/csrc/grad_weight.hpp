@@ -678,9 +678,9 @@ static inline void dw_flat_dot(const T* xp, const T* gp, int64_t n, T* vs) {
       s[0][v] += *reinterpret_cast<const U*>(xp + f + v * L) *
                  *reinterpret_cast<const U*>(gp + f + v * L);
 #pragma GCC unroll 16
-  for (int v = 0; v < C && f + v * L < total; ++v) {
+  for (int v = 0; v < C; ++v) {
     const int64_t at = f + v * L, m = std::min<int64_t>(L, total - at);
-    s[0][v] += load_first<V>(m, xp + at) * load_first<V>(m, gp + at);
+    if (m > 0) s[0][v] += load_first<V>(m, xp + at) * load_first<V>(m, gp + at);
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
