@@ -810,6 +810,27 @@ def test_dot_mode_reads_many_outputs_weights_in_place(case, isa, dot_for_many_ou
         np.testing.assert_array_equal(w, before)
 
 
+def test_a_weight_past_the_kept_scratch_is_read_in_place(monkeypatch):
+    """CHANNELS mode packs its weight into scratch; a packed weight past what the scratch
+    keeps from call to call comes in fresh pages every call, and the model counts them:
+    384 -> 384 k5 on 3x2x1x1 (74 MB, each element meeting 6 pixels) takes dot mode,
+    which reads the weight where it lies. With the scratch keeping it, the pack is cheap
+    enough that CHANNELS mode stays. (Shapes only: nothing is allocated.)"""
+    if not native.AVAILABLE:
+        pytest.skip("the compiled kernel is not built")
+    shapes = ((3, 2, 1, 1, 384), (384, 5, 5, 5, 384))
+    kw = dict(stride=(1, 2, 1))
+    spec = ct.plan(*shapes, **kw).spec
+    assert _plan.weight_bytes(spec, _plan.live_phases(spec)) > _plan.RETAIN_BYTES
+    _plan._native_mode.cache_clear()
+    assert native_mode(spec) == native.DOT
+    monkeypatch.setattr(_plan, "RETAIN_BYTES", 1 << 30)
+    _plan._native_mode.cache_clear()
+    assert native_mode(spec) == native.CHANNELS
+    monkeypatch.undo()
+    _plan._native_mode.cache_clear()
+
+
 def test_planner_reads_a_big_weight_in_place_only_on_few_pixels():
     """384 -> 96 k5: on 1x3x3 pixels each weight element meets at most 9 of them, and
     copying 18 MiB into CHANNELS mode's layout would cost more than the products; on

@@ -22,6 +22,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._algorithms import Algorithm, VjpAlgorithm
 from ._geometry import AxisTap, Phase, ceil_div, phases_3d
+from ._memory import RETAIN_BYTES
 from ._spec import ConvSpec
 
 INDEXED_MAX_ELEMS = 1 << 17  # indexed only while its tables and products stay this small
@@ -937,6 +938,7 @@ DOT_WEIGHT_BYTE = 0.065e-9  # the weight read where it lies, once (more than 8 o
 # models say CHANNELS; the models alone took it where the bound keeps `winograd`.
 DOT_IN_PLACE_BELOW = 20
 CHANNELS_PACK_BYTE = 0.2e-9  # CHANNELS mode's weight gathered into its layout
+FRESH_PAGE_BYTE = 0.057e-9  # memory the system hands over zeroed: 60 us a MiB (_memory)
 L2_BYTES = 1 << 20
 
 
@@ -1051,9 +1053,13 @@ def weight_bytes(spec: ConvSpec, live: list[Phase]) -> int:
 
 def channels_seconds(spec: ConvSpec) -> float:
     """CHANNELS mode's time on one core: the products it computes at its rate, and its
-    weight gathered into its layout."""
-    return (spec.inside_flops / channels_rate(spec)
-            + weight_bytes(spec, live_phases(spec)) * CHANNELS_PACK_BYTE)
+    weight gathered into its layout, in fresh pages where the layout outgrows the scratch
+    kept from call to call (`_memory.RETAIN_BYTES`): 384 -> 384 k5 on 3x2x1x1, 74 MB,
+    spent a quarter of its 17 ms in the system zeroing pages, and dot mode, reading the
+    weight where it lies, took 6.4 ms."""
+    packed = weight_bytes(spec, live_phases(spec))
+    fresh = packed * FRESH_PAGE_BYTE if packed > RETAIN_BYTES else 0.0
+    return spec.inside_flops / channels_rate(spec) + packed * CHANNELS_PACK_BYTE + fresh
 
 
 def native_rate(spec: ConvSpec, weight_in_place: bool = True) -> float:
