@@ -731,6 +731,37 @@ def test_dot_residues_merged_across_rows_match_the_reference(case, dtype, rng, m
 
 
 
+# Dot mode's conv groups through tap windows (forward.hpp's dot_row_window), every group
+# of a block of pixels in turn: 1-3 outputs a group, W taps 1 or 2 pixels apart (strides
+# along D and H only, or dilation 2), windows of 2-4 taps, channels fewer than a vector,
+# a vector and a part, two. (in_spatial, C_in, C_out, kernel, stride, padding, dilation,
+# groups)
+DOT_GROUP_WINDOW_CASES = [
+    ((3, 5, 40), 48, 4, 2, 1, 0, 1, 4),                 # 12 -> 1 a group, two W taps
+    ((2, 4, 37), 96, 6, (2, 3, 5), 1, 1, 1, 2),         # 48 -> 3, windows of 2 and 3
+    ((3, 3, 30), 40, 8, 3, 1, 1, 2, 4),                 # 10 -> 2, dilated: taps 2 apart
+    ((2, 3, 26), 36, 9, (1, 2, 7), (1, 2, 1), (0, 1, 3), 1, 3),  # 12 -> 3, windows 3 + 4
+    ((2, 2, 45), 64, 2, (2, 2, 4), (2, 1, 1), 1, 1, 2),  # 32 -> 1: two whole vectors
+]
+
+
+@pytest.mark.parametrize("case", DOT_GROUP_WINDOW_CASES,
+                         ids=[str(c) for c in DOT_GROUP_WINDOW_CASES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_dot_windows_of_conv_groups_match_the_reference(case, dtype, rng, monkeypatch):
+    """Each group's outputs where they lie, from its own channels, weight and bias."""
+    spatial, c_in, c_out, k, s, p, d, groups = case
+    x = rng.standard_normal((2, *spatial, c_in)).astype(dtype)
+    kernel = k if isinstance(k, tuple) else (k,) * 3
+    w = rng.standard_normal((c_out, *kernel, c_in // groups)).astype(dtype)
+    bias = rng.standard_normal(c_out).astype(dtype)
+    kw = dict(stride=s, padding=p, dilation=d, groups=groups)
+    plan = ct.plan(x.shape, w.shape, **kw, dtype=dtype, algorithm="native")
+    assert native_mode(plan.spec) == native.DOT
+    ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), **kw)
+    _written_once_matches(plan, x, w, ref, bias, monkeypatch,
+                          rtol={np.float16: 2e-3, np.float32: 1e-4, np.float64: 1e-12}[dtype])
+
 # Channels mode's conv groups in one call where a group's channels end inside a cache line
 # (`_execute._groups_in_one_call`): (in_spatial, C_in, C_out, kernel, stride, padding,
 # groups)

@@ -1155,28 +1155,31 @@ template <int CO> struct WindowBlock {
 // dot_row with its W taps in windows (dot_window): the taps' input offsets DELTA apart,
 // rising with the tap or, `falling` (a transposed convolution's phases: tap k reads
 // offset -k), the other way; step 1.
+//
+// `groups` conv groups (CtJob::groups) at once, `rows`, `orow` and `tails` group 0's: each
+// block of pixels computed for every group in turn, the block's input lines in L1 for all
+// of them. (Each group over the whole row read each line from L2 once per group, for a
+// few multiply-adds each: 48 -> 4 g4 k2 on 3x265x385 ran at 19 cycles an output.)
 template <typename T, int CO, int P, int DELTA>
 CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* const* rows,
                                        char* orow, int64_t o0, const DotWeights& dw,
-                                       const T* zeros, const T* tails) {
+                                       const T* zeros, const T* const* tails, int64_t groups) {
   typedef typename Vec<T>::v V;
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2], in_w = job.in_dims[2];
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.xs[3], os = job.os[3], cout = job.cout;
-  const T* w = static_cast<const T*>(job.w);
-  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   // Groups of at most GM taps, as even as they go (7 taps as 3 + 4): each group's size
   // and the tap that reads its window's start.
   constexpr int GM = WindowBlock<CO>::G;
   static_assert(GM >= 3, "groups as even as they go then hold two taps or more");
-  const int64_t groups = (tw + GM - 1) / GM;
+  const int64_t windows = (tw + GM - 1) / GM;
   int64_t gn[16], gk[16];  // (window_delta: at most 32 taps)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t k0 = tw * g / groups;
-    gn[g] = tw * (g + 1) / groups - k0;
-    gk[g] = falling ? k0 + gn[g] - 1 : k0;
+  for (int64_t i = 0; i < windows; ++i) {
+    const int64_t k0 = tw * i / windows;
+    gn[i] = tw * (i + 1) / windows - k0;
+    gk[i] = falling ? k0 + gn[i] - 1 : k0;
   }
   const int64_t wstep = falling ? -cout : cout;
   const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
@@ -1184,25 +1187,30 @@ CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* 
   for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
     const DotSpan at = dot_span(b0, P, job.wcount);
     const int64_t w0 = at.w0;
-    V acc[P][CO];
-    zero_tile(acc);
-    for (int64_t q = 0; q < dh_taps; ++q) {
-      if (!rows[q]) continue;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t k = gk[g], first = w0 + job.off[2][k];
-        const T* xb = rows[q] + first * pstride;
-        const int64_t* wo = dw.at(q, k) + o0;
-        const T* tail = tails ? tails + ((q * tw + k) * cout + o0) * L : nullptr;
+    for (int64_t g = 0; g < groups; ++g) {  // conv group g: its channels, weight, outputs
+      const T* w = static_cast<const T*>(job.w) + g * job.group_w;
+      const T* bias = job.bias ? static_cast<const T*>(job.bias) + g * cout + o0 : nullptr;
+      V acc[P][CO];
+      zero_tile(acc);
+      for (int64_t q = 0; q < dh_taps; ++q) {
+        if (!rows[q]) continue;
+        for (int64_t i = 0; i < windows; ++i) {
+          const int64_t k = gk[i], first = w0 + job.off[2][k];
+          const T* xb = rows[q] + g * cin + first * pstride;
+          const int64_t* wo = dw.at(q, k) + o0;
+          const T* tail = tails[g] ? tails[g] + ((q * tw + k) * cout + o0) * L : nullptr;
 #define CT_WINDOW(G)                                                                    \
   dot_window<T, CO, P, G, DELTA>(acc, xb, first, in_w, pstride, w, wo, wstep, tail,     \
                                  cin, full, zeros)
-        if constexpr (GM >= 4) if (gn[g] == 4) { CT_WINDOW(4); continue; }
-        if (gn[g] == 3) { CT_WINDOW(3); continue; }
-        CT_WINDOW(2);
+          if constexpr (GM >= 4) if (gn[i] == 4) { CT_WINDOW(4); continue; }
+          if (gn[i] == 3) { CT_WINDOW(3); continue; }
+          CT_WINDOW(2);
 #undef CT_WINDOW
+        }
       }
+      store_dot_block<T, P, CO>(job, acc, bias, orow + g * job.group_out * oi + w0 * os * oi,
+                                os * oi, at.skip, at.np, oo);
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, at.skip, at.np, oo);
   }
 }
 
@@ -1215,6 +1223,22 @@ static inline int window_delta(const CtJob& job) {
   for (int64_t k = 1; k < tw; ++k)
     if (job.off[2][k] - job.off[2][k - 1] != d) return 0;
   return d == 1 || d == 2 || d == -1 || d == -2 ? (int)d : 0;
+}
+
+// A row of dot mode through dot_row_window (taps `delta` apart), in half blocks where
+// those cost less.
+template <typename T, int CO>
+static void dot_window_row(const CtJob& job, int delta, const T* const* rows, char* orow,
+                           int64_t o0, const DotWeights& dw, const T* zeros,
+                           const T* const* tails, int64_t groups) {
+  constexpr int P = WindowBlock<CO>::P;
+  const bool half = dot_half_block(job.wcount, P), falling = delta < 0;
+  if (delta == 1 || delta == -1)
+    (half ? dot_row_window<T, CO, P / 2, 1> : dot_row_window<T, CO, P, 1>)(
+        job, falling, rows, orow, o0, dw, zeros, tails, groups);
+  else
+    (half ? dot_row_window<T, CO, P / 2, 2> : dot_row_window<T, CO, P, 2>)(
+        job, falling, rows, orow, o0, dw, zeros, tails, groups);
 }
 
 // dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
@@ -1542,6 +1566,22 @@ static void run_mode(const CtJob& job) {
   const bool by_chunk = (chunks > 1 && job.wcount < MAXO * job.ntaps[2]) ||
                         groups * weight_bytes > CT_DOT_GROUPS_IN_ROW_BYTES;
   const int delta = window_delta(job);
+  if (delta && groups > 1 && chunks == 1 && !by_chunk && job.cout <= WindowBlock<1>::MAX_OUT) {
+    // every conv group of a block of pixels in turn (dot_row_window)
+    for_each_row<T>(job, 1, false, [&](const T* const* rows, char* orow, int64_t) {
+      switch (job.cout) {
+#define CT_GROUPS(CO)                                                                     \
+  case CO:                                                                                \
+    if constexpr (CO <= WindowBlock<1>::MAX_OUT)                                          \
+      dot_window_row<T, CO>(job, delta, rows, orow, 0, dw, zeros.data(), tails.data(),    \
+                            groups);                                                      \
+    break;
+        CT_GROUPS(1) CT_GROUPS(2) CT_GROUPS(3)
+#undef CT_GROUPS
+      }
+    });
+    return;
+  }
   for_each_row<T>(job, groups * chunks, by_chunk, [&](const T* const* all_rows, char* orow,
                                                       int64_t unit) {
     const int64_t g = unit / chunks, c = unit % chunks;
@@ -1554,14 +1594,7 @@ static void run_mode(const CtJob& job) {
 #define CT_DOT(CO)                                                                        \
   if constexpr (CO <= WindowBlock<1>::MAX_OUT) {                                          \
     if (delta) {                                                                          \
-      constexpr int P = WindowBlock<CO>::P;                                               \
-      const bool half = dot_half_block(job.wcount, P);                                    \
-      if (delta == 1 || delta == -1)                                                      \
-        (half ? dot_row_window<T, CO, P / 2, 1> : dot_row_window<T, CO, P, 1>)(           \
-            gjob, delta < 0, rows, orow, o0, dw, zeros.data(), tails[g]);                 \
-      else                                                                                \
-        (half ? dot_row_window<T, CO, P / 2, 2> : dot_row_window<T, CO, P, 2>)(           \
-            gjob, delta < 0, rows, orow, o0, dw, zeros.data(), tails[g]);                 \
+      dot_window_row<T, CO>(gjob, delta, rows, orow, o0, dw, zeros.data(), &tails[g], 1); \
       break;                                                                              \
     }                                                                                     \
   }                                                                                       \
