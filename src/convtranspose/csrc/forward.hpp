@@ -1156,16 +1156,19 @@ template <int CO> struct WindowBlock {
 // rising with the tap or, `falling` (a transposed convolution's phases: tap k reads
 // offset -k), the other way; step 1.
 //
-// `groups` conv groups (CtJob::groups) at once, `rows`, `orow` and `tails` group 0's: each
-// block of pixels computed for every group in turn, the block's input lines in L1 for all
-// of them. (Each group over the whole row read each line from L2 once per group, for a
+// `groups` conv groups at once (`conv_group_jobs`: jobs[g] group g's weight and bias;
+// rows[g * dh_taps + q] its input rows, `conv_group_rows`; tails[g]; `orow` group 0's):
+// each block of pixels computed for every group in turn, the block's input lines in L1
+// for all of them. (Each group over the whole row read each line from L2 once per group, for a
 // few multiply-adds each: 48 -> 4 g4 k2 on 100x385, one thread, 1.08 -> 0.91 ms; on
 // 3x265x385 both read the 59 MB input from memory at the same pace.)
 template <typename T, int CO, int P, int DELTA>
-CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* const* rows,
-                                       char* orow, int64_t o0, const DotWeights& dw,
-                                       const T* zeros, const T* const* tails, int64_t groups) {
+CT_NOINLINE static void dot_row_window(const CtJob* jobs, int64_t groups, bool falling,
+                                       const T* const* rows, char* orow, int64_t o0,
+                                       const DotWeights& dw, const T* zeros,
+                                       const T* const* tails) {
   typedef typename Vec<T>::v V;
+  const CtJob& job = jobs[0];
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2], in_w = job.in_dims[2];
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
@@ -1189,15 +1192,16 @@ CT_NOINLINE static void dot_row_window(const CtJob& job, bool falling, const T* 
     const DotSpan at = dot_span(b0, P, job.wcount);
     const int64_t w0 = at.w0;
     for (int64_t g = 0; g < groups; ++g) {  // conv group g: its channels, weight, outputs
-      const T* w = static_cast<const T*>(job.w) + g * job.group_w;
-      const T* bias = job.bias ? static_cast<const T*>(job.bias) + g * cout + o0 : nullptr;
+      const T* w = static_cast<const T*>(jobs[g].w);
+      const T* bias = jobs[g].bias ? static_cast<const T*>(jobs[g].bias) + o0 : nullptr;
+      const T* const* grows = rows + g * dh_taps;
       V acc[P][CO];
       zero_tile(acc);
       for (int64_t q = 0; q < dh_taps; ++q) {
-        if (!rows[q]) continue;
+        if (!grows[q]) continue;
         for (int64_t i = 0; i < windows; ++i) {
           const int64_t k = gk[i], first = w0 + job.off[2][k];
-          const T* xb = rows[q] + g * cin + first * pstride;
+          const T* xb = grows[q] + first * pstride;
           const int64_t* wo = dw.at(q, k) + o0;
           const T* tail = tails[g] ? tails[g] + ((q * tw + k) * cout + o0) * L : nullptr;
 #define CT_WINDOW(G)                                                                    \
@@ -1229,17 +1233,17 @@ static inline int window_delta(const CtJob& job) {
 // A row of dot mode through dot_row_window (taps `delta` apart), in half blocks where
 // those cost less.
 template <typename T, int CO>
-static void dot_window_row(const CtJob& job, int delta, const T* const* rows, char* orow,
-                           int64_t o0, const DotWeights& dw, const T* zeros,
-                           const T* const* tails, int64_t groups) {
+static void dot_window_row(const CtJob* jobs, int64_t groups, int delta, const T* const* rows,
+                           char* orow, int64_t o0, const DotWeights& dw, const T* zeros,
+                           const T* const* tails) {
   constexpr int P = WindowBlock<CO>::P;
-  const bool half = dot_half_block(job.wcount, P), falling = delta < 0;
+  const bool half = dot_half_block(jobs[0].wcount, P), falling = delta < 0;
   if (delta == 1 || delta == -1)
     (half ? dot_row_window<T, CO, P / 2, 1> : dot_row_window<T, CO, P, 1>)(
-        job, falling, rows, orow, o0, dw, zeros, tails, groups);
+        jobs, groups, falling, rows, orow, o0, dw, zeros, tails);
   else
     (half ? dot_row_window<T, CO, P / 2, 2> : dot_row_window<T, CO, P, 2>)(
-        job, falling, rows, orow, o0, dw, zeros, tails, groups);
+        jobs, groups, falling, rows, orow, o0, dw, zeros, tails);
 }
 
 // dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
@@ -1569,13 +1573,19 @@ static void run_mode(const CtJob& job) {
   const int delta = window_delta(job);
   if (delta && groups > 1 && chunks == 1 && !by_chunk && job.cout <= WindowBlock<1>::MAX_OUT) {
     // every conv group of a block of pixels in turn (dot_row_window)
+    const int64_t dh = group_rows.size();
+    std::vector<const T*> every_group_rows(groups * dh);
     for_each_row<T>(job, 1, false, [&](const T* const* rows, char* orow, int64_t) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* const* own = conv_group_rows<T>(job, g, rows, dh, group_rows.data());
+        std::copy(own, own + dh, every_group_rows.begin() + g * dh);
+      }
       switch (job.cout) {
 #define CT_GROUPS(CO)                                                                     \
   case CO:                                                                                \
     if constexpr (CO <= WindowBlock<1>::MAX_OUT)                                          \
-      dot_window_row<T, CO>(job, delta, rows, orow, 0, dw, zeros.data(), tails.data(),    \
-                            groups);                                                      \
+      dot_window_row<T, CO>(group_jobs.data(), groups, delta, every_group_rows.data(),    \
+                            orow, 0, dw, zeros.data(), tails.data());                     \
     break;
         CT_GROUPS(1) CT_GROUPS(2) CT_GROUPS(3)
 #undef CT_GROUPS
@@ -1595,7 +1605,7 @@ static void run_mode(const CtJob& job) {
 #define CT_DOT(CO)                                                                        \
   if constexpr (CO <= WindowBlock<1>::MAX_OUT) {                                          \
     if (delta) {                                                                          \
-      dot_window_row<T, CO>(gjob, delta, rows, orow, o0, dw, zeros.data(), &tails[g], 1); \
+      dot_window_row<T, CO>(&gjob, 1, delta, rows, orow, o0, dw, zeros.data(), &tails[g]); \
       break;                                                                              \
     }                                                                                     \
   }                                                                                       \
