@@ -50,12 +50,16 @@ def test_threads_sharing_a_tile_compute_every_row_once(c_in, c_out, groups, stri
     np.testing.assert_array_equal(shared, alone)
 
 
-def test_threads_share_a_few_rows_by_channel_chunks(rng, monkeypatch, small_calls_threaded):
+@pytest.mark.parametrize("c_out", [160, 40], ids=["chunks", "one-chunk"])
+def test_threads_share_a_few_rows_by_channel_chunks(c_out, rng, monkeypatch,
+                                                    small_calls_threaded):
     """A few rows of wide channels (fewer row groups than twice the sharers): the calls
     claim (row group, channel chunk) pairs instead of rows, each pair computed whole by
-    one of them: the bits of one call computing everything, and every output written."""
+    one of them; with one chunk (40 outputs), the rows fewer than a group are cut into
+    one group per sharer. Either way the bits of one call computing everything, and
+    every output written."""
     x = rng.standard_normal((1, 2, 2, 3, 32)).astype(np.float32)
-    w = rng.standard_normal((160, 3, 3, 3, 32)).astype(np.float32)
+    w = rng.standard_normal((c_out, 3, 3, 3, 32)).astype(np.float32)
     kw = dict(padding=1)
     alone = ct.run_plan(ct.plan(x.shape, w.shape, **kw, algorithm="native", threads=1),
                         x, w).copy()

@@ -751,8 +751,13 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
       1, std::min<int64_t>(64, (pixels + run_max - 1) / std::max<int64_t>(1, run_max)));
   // Shared by threads, the rows cut into a whole number of groups per sharer: claims are
   // whole groups, and 7 groups of 57 rows left one of two threads idle for 1.4 ms of 6.9
-  // (192 -> 40 k4 on 4x8x10x8, a group ~512 pixels: 7.0 -> 6.3 ms).
-  if (job.sharers > 1 && box_rows(job.box) > group_rows) {
+  // (192 -> 40 k4 on 4x8x10x8, a group ~512 pixels: 7.0 -> 6.3 ms). Fewer rows than a
+  // group are cut too where the sharers have no chunks of channels to share instead
+  // (below), each sharer's group reading the weight once: 384 -> 38 k4 on 1x14x10, 17
+  // rows of 13 pixels in one group, ran on one thread of two.
+  const int64_t per_group = (cpad + cw_full - 1) / cw_full;
+  const int64_t chunks = std::max<int64_t>(1, job.groups) * per_group;  // (group, chunk)s
+  if (job.sharers > 1 && (box_rows(job.box) > group_rows || chunks == 1)) {
     const int64_t total = box_rows(job.box), sharers = job.sharers;
     const int64_t per = (total + sharers * group_rows - 1) / (sharers * group_rows);
     group_rows = (total + sharers * per - 1) / (sharers * per);
@@ -772,8 +777,6 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   const int64_t groups = group_jobs.size();
   const int64_t total = box_rows(job.box);
   const int64_t row_groups = (total + group_rows - 1) / group_rows;
-  const int64_t per_group = (cpad + cw_full - 1) / cw_full;
-  const int64_t chunks = groups * per_group;  // (conv group, channel chunk) pairs
   // Too few row groups for the threads sharing the box (a few pixels of wide channels:
   // 16 rows of 4 pixels made one group, and the other thread waited): they claim (row
   // group, channel chunk) pairs instead, a group's chunks one after the other.
