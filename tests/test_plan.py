@@ -284,6 +284,45 @@ def test_forward_algorithm_of_representative_layers(name):
 
 
 @needs_kernel
+def test_the_multiply_add_probe_classifies_this_cpu_the_same_each_time():
+    """`wide_fma_gain`: 512- over 256-bit multiply-add FLOP/s, None without AVX-512; else
+    about 1 or 2 (timed chains optimised away or a ratio of the wrong things would fall
+    outside 0.6-2.6), and on the same side of HALF_RATE_FMA_BELOW every time it is timed,
+    so that plans do not move from run to run."""
+    from convtranspose import _native, _plan
+    gains = [_native.wide_fma_gain() for _ in range(3)]
+    if "avx512" not in _native.available():
+        assert gains == [None] * 3
+        return
+    assert all(0.6 < g < 2.6 for g in gains), gains
+    assert len({g < _plan.HALF_RATE_FMA_BELOW for g in gains}) == 1, gains
+
+
+@needs_kernel
+def test_half_rate_multiply_adds_weigh_only_the_cols_gemm_more(monkeypatch):
+    """Where 512-bit multiply-adds run at 256 bits' rate (`half_rate_fma`, pinned here by
+    CONVTRANSPOSE_HALF_RATE_FMA), cols' GEMM is modelled HALF_RATE_GEMM times as long and
+    no other estimate moves: 48 -> 4 g4 k2x5 s2 on 2x181x241 (on a 2-core Zen 4, native
+    3.0 ms, cols 8.2) plans cols on the Xeon's model and native on the other."""
+    from convtranspose import _plan
+    from convtranspose.kernels import cols
+    x_shape, w_shape, kw = (2, 181, 241, 48), (4, 2, 5, 12), dict(stride=2, groups=4)
+    seen = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("CONVTRANSPOSE_HALF_RATE_FMA", flag)
+        assert _plan.half_rate_fma() is (flag == "1")
+        p = ct.plan(x_shape, w_shape, **kw, threads=2)
+        gemm = _plan.estimate_seconds(cols.gemm_spec(p.spec), "native")
+        seen[flag] = (p.algorithm, cols.estimate(p.spec), gemm,
+                      _plan.estimate_seconds(p.spec, "native"))
+    (alg0, cols0, gemm0, native0), (alg1, cols1, gemm1, native1) = seen["0"], seen["1"]
+    assert gemm1 == gemm0 and native1 == native0
+    assert cols1 - cols0 == pytest.approx((cols.HALF_RATE_GEMM - 1) * gemm0, rel=1e-12)
+    if native.isa() == "avx512":  # the figures above are of that build's vectors
+        assert (alg0, alg1) == ("cols", "native")
+
+
+@needs_kernel
 def test_fallback_kernels_are_not_offered_beside_the_compiled_one():
     """'scatter', 'direct' and 'shift' serve the no-compiler install only; asked for by
     name they still run."""

@@ -63,6 +63,10 @@ PAIR_TRANSFORM_BYTES_PER_S = 7.5e9
 # its transforms and its four slots of sums.
 WINOGRAD_MIN_CHANNELS = 16
 
+# `wide_fma_gain` below this: the CPU multiply-adds 512 bits at the rate of 256 (see
+# `half_rate_fma`).
+HALF_RATE_FMA_BELOW = 1.4
+
 _threads: int | None = None
 _winograd: bool | None = None
 
@@ -124,6 +128,20 @@ def get_winograd() -> bool:
         return _winograd
     return os.environ.get("CONVTRANSPOSE_WINOGRAD", "1").strip() not in ("0", "false", "no",
                                                                           "off")
+
+
+def half_rate_fma() -> bool:
+    """Whether the kernel's AVX-512 vectors multiply-add at half the rate per lane of the
+    CPU the models were fitted on (a Xeon taking 512 bits a unit whole; AMD's Zen 4 runs
+    them as two halves): `native.wide_fma_gain` below HALF_RATE_FMA_BELOW on the avx512
+    build. CONVTRANSPOSE_HALF_RATE_FMA=0 or 1 overrides the measurement."""
+    env = os.environ.get("CONVTRANSPOSE_HALF_RATE_FMA", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if native.isa() != "avx512":
+        return False
+    gain = native.wide_fma_gain()
+    return gain is not None and gain < HALF_RATE_FMA_BELOW
 
 
 @functools.lru_cache(maxsize=1)
@@ -1182,13 +1200,14 @@ def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | 
                                 or threads < 1):
         raise ValueError(f"plan: 'threads' must be an int >= 1, got {threads!r}")
     return _make_plan(spec, algorithm, workspace_limit(spec, workspace),
-                      threads or get_num_threads(), get_winograd())
+                      threads or get_num_threads(), get_winograd(), half_rate_fma())
 
 
 @functools.lru_cache(maxsize=256)
 def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
-               winograd: bool) -> Plan:
-    """Plans are pure functions of their arguments, so repeated calls reuse them."""
+               winograd: bool, half_rate: bool) -> Plan:
+    """Plans are pure functions of their arguments, so repeated calls reuse them
+    (`half_rate`: `half_rate_fma`, which the estimates read, in the key)."""
     if algorithm is None:
         algorithm, est = choose_algorithm(spec, limit, winograd, threads)
     else:

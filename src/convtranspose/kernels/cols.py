@@ -31,6 +31,7 @@ from .._plan import (
     Tile,
     cut_rows,
     estimate_seconds,
+    half_rate_fma,
     live_phases,
     make_plan,
     native_mode,
@@ -118,11 +119,24 @@ def gather_seconds(spec) -> float:
             + rows * GATHER_ROW_SECONDS)
 
 
+# The GEMM's time over its model where the CPU multiply-adds 512 bits at half the rate per
+# lane (`half_rate_fma`: AMD's Zen 4), against the native kernel's dot mode, bound by its
+# loads there as on the Xeon the models were fitted on. 2-core AMD EPYC (Zen 4): cols ran
+# 1.51x its model over 168 dot-mode sweep layers of seeds 20-44, dot mode 1.13x; the
+# planner's pick between them cost 1.07x the faster (geomean), 1.022x with the GEMM at
+# 1.5x (1.2: 1.037, 2.0: 1.026). On seeds 86-95, drawn after, it moved 26 layers from cols
+# (alternating processes): geomean 0.80x, 20 faster, 0.36-0.97x (48 -> 4 g4 k2x5 s2 on
+# 2x181x241 8.2 -> 3.0 ms), 6 slower, 1.03-1.45x (384 -> 8 k4 s4 d2 1-D).
+HALF_RATE_GEMM = 1.5
+
+
 def estimate(spec):
-    """The GEMM (the compiled kernel's model, its write of cols included), its weight laid
-    out by taps (read and written), then the gather."""
+    """The GEMM (the compiled kernel's model, its write of cols included; on a CPU of half
+    rate multiply-adds, HALF_RATE_GEMM times it), its weight laid out by taps (read and
+    written), then the gather."""
     weight = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * spec.compute_dtype.itemsize
-    return (estimate_seconds(gemm_spec(spec), Algorithm.NATIVE) + CALL_SECONDS
+    gemm = estimate_seconds(gemm_spec(spec), Algorithm.NATIVE)
+    return (gemm * (HALF_RATE_GEMM if half_rate_fma() else 1.0) + CALL_SECONDS
             + 2 * weight / COPY_BYTES_PER_S + gather_seconds(spec))
 
 
