@@ -749,6 +749,11 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   }
   int64_t group_rows = std::max<int64_t>(
       1, std::min<int64_t>(64, (pixels + run_max - 1) / std::max<int64_t>(1, run_max)));
+  // Conv groups in one job (CtJob::groups): each row group's conv groups in turn, so that
+  // output lines shared by groups' channels are written while in cache (8 -> 24 g4 k4 s2
+  // wrote 6 of a pixel's 24 channels per call, each line fetched again by each group).
+  std::vector<CtJob> group_jobs = conv_group_jobs<T>(job);
+  const int64_t groups = group_jobs.size();
   // Shared by threads, the rows cut into a whole number of groups per sharer: claims are
   // whole groups, and 7 groups of 57 rows left one of two threads idle for 1.4 ms of 6.9
   // (192 -> 40 k4 on 4x8x10x8, a group ~512 pixels: 7.0 -> 6.3 ms). Fewer rows than a
@@ -756,7 +761,7 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   // (below), each sharer's group reading the weight once: 384 -> 38 k4 on 1x14x10, 17
   // rows of 13 pixels in one group, ran on one thread of two.
   const int64_t per_group = (cpad + cw_full - 1) / cw_full;
-  const int64_t chunks = std::max<int64_t>(1, job.groups) * per_group;  // (group, chunk)s
+  const int64_t chunks = groups * per_group;  // (conv group, channel chunk) pairs
   if (job.sharers > 1 && (box_rows(job.box) > group_rows || chunks == 1)) {
     const int64_t total = box_rows(job.box), sharers = job.sharers;
     const int64_t per = (total + sharers * group_rows - 1) / (sharers * group_rows);
@@ -770,11 +775,6 @@ static void run_typed(const CtJob& job, const WRanges& wr) {
   std::vector<const T*> xrows(group_rows * dh_taps);
   std::vector<char*> orows(outs * group_rows);
   T* acc = aligned_line(acc_store.data());
-  // Conv groups in one job (CtJob::groups): each row group's conv groups in turn, so that
-  // output lines shared by groups' channels are written while in cache (8 -> 24 g4 k4 s2
-  // wrote 6 of a pixel's 24 channels per call, each line fetched again by each group).
-  std::vector<CtJob> group_jobs = conv_group_jobs<T>(job);
-  const int64_t groups = group_jobs.size();
   const int64_t total = box_rows(job.box);
   const int64_t row_groups = (total + group_rows - 1) / group_rows;
   // Too few row groups for the threads sharing the box (a few pixels of wide channels:
