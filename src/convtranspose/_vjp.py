@@ -511,9 +511,11 @@ def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
         products = flops * 4 * ceil_div(spec.in_spatial[0], 2) / (3 * spec.in_spatial[0])
         scratch = grad_input_pair_bytes(spec, compute_dtype)
         extra = pair_transform_seconds(spec, compute_dtype)
-    elif wide:  # the cotangent padded along W
+    elif wide:  # the cotangent padded along W: whole, or a slab per tile where it is large
         scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
                    * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * item)
+        if scratch >= native_paths.PAD_BY_TILE_FROM_BYTES:
+            scratch = threads * budget * item
     seconds = (products / native_rate(grad_input_kernel_spec(spec), weight_in_place=False)
                + write / 2 + extra
                + weight_traffic_seconds(spec, compute_dtype))

@@ -119,10 +119,17 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     if depthwise and _by_residue(spec, compute_dtype):
         c3, offsets = residues or _residues_along_w(spec, c3, compute_dtype, n_threads)
         source, in_dims, steps = c3, (*in_dims[:2], c3.shape[3]), (*steps[:2], 1)
-    if wide:  # one W tap of kW * C_out channels over a cotangent padded along W
-        c3, w3, in_dims, offsets, cog, ktot = _wide_cotangent(spec, c3, w3, compute_dtype,
-                                                              n_threads, padded)
-        source = c3
+    pad = None  # (left, width): each tile pads along W the cotangent rows it reads
+    if wide:  # one W tap of kW * C_out channels over the cotangent padded along W
+        kw = spec.kernel[2]
+        if _pads_by_tile(spec, c3, compute_dtype, padded):
+            left, width = pad = _cotangent_padding(spec, kw)
+        else:  # padded whole (made for both gradients, or here), or read in place
+            c3, left = padded or _padded_cotangent(spec, c3, compute_dtype, n_threads, kw)
+            source, width = c3, c3.shape[3]
+        w3 = _wide_weight(spec, w3, compute_dtype)
+        in_dims = (*spec.out_spatial[:2], width - kw + 1)
+        offsets, cog, ktot = _wide_offsets(spec, left), kw * spec.c_out, w3.shape[1]
     if depthwise:  # [tap][channel], every channel in one pass
         packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=compute_dtype)]
     elif mode == native.DOT:  # [tap][ci][co] per group: vectors along the co summed
@@ -143,8 +150,10 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
         packed = pack_columns_on_threads(
             w3, _grad_input_tables(ktot, cig, groups, cog, s_co, s_tap, s_ci), cog, s_co,
             n_threads)
-    convert = not native.reads_in_place(c3, compute_dtype)
+    convert = pad is not None or not native.reads_in_place(c3, compute_dtype)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
+    if pad is not None:
+        per_row *= spec.stride[2]  # (a padded slab of 4 MiB: 1 MiB ones ran 1.3-2x as long)
     if convert:  # a tile at a time per thread, each converting what it reads
         tiles = input_tiles(spec, max(1, budget // per_row), 4 * n_threads)
     elif winograd_pairs:  # tiles of pair rows, shared as below
@@ -201,8 +210,11 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
             d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
             h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
             h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
-            slab = np.empty((n1 - n0, d1 - d0, h1 - h0, out_w, spec.c_out), compute_dtype)
-            slab[...] = c3[n0:n1, d0:d1, h0:h1]
+            left, width = pad or (0, out_w)
+            slab = np.empty((n1 - n0, d1 - d0, h1 - h0, width, spec.c_out), compute_dtype)
+            slab[:, :, :, :left] = 0
+            slab[:, :, :, left + out_w:] = 0
+            slab[:, :, :, left:left + out_w] = c3[n0:n1, d0:d1, h0:h1]
             calls(*native.origin(slab, (n0, d0, h0)))  # the slab holds every row read
         return job
 
@@ -246,21 +258,31 @@ def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:  # cache keep
     return native.TapOffsets([base[0], base[1], np.array([left - spec.padding[2]])])
 
 
-def _wide_cotangent(spec, c3, w3, compute_dtype, threads,
-                    padded: tuple[np.ndarray, int] | None = None):
-    """`grad_input_wide_w`: the padded cotangent (`padded`, if made already: it may be
-    wider); the weight as (kW * C_out, kD * kH, C_in) (row k * C_out + co: tap k's channel
-    co); the kernel's input dims (as wide as a run of kW reads, whatever the padding's
-    width), tap offsets, channels summed and taps."""
+# From this size of cotangent on, grad_input's W-tap runs read it padded along W by tiles,
+# each padding the rows it reads as it copies them (as a conversion), not padded whole
+# (written to memory and read back): grad_input alone, 32 -> 5 k4 s3 on a 38 MB cotangent
+# 11.6 -> 10.5 ms, 3 -> 8 k3 s2 on 57 and 60 MB 13.2 -> 9.0 and 13.5 -> 8.4. Below it, where
+# the copy stays in the last-level cache, the tiles cost more (4.6 MB: 3.2 -> 4.2 ms).
+PAD_BY_TILE_FROM_BYTES = 32 << 20
+
+
+def _pads_by_tile(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype,
+                  padded: tuple[np.ndarray, int] | None) -> bool:
+    """Whether grad_input's tiles pad the cotangent rows they read (`PAD_BY_TILE_FROM_BYTES`),
+    unless made for both gradients already, or read in place where no run leaves it."""
+    left, width = _cotangent_padding(spec, spec.kernel[2])
+    in_place = left == 0 and width == c3.shape[3] and native.reads_in_place(c3, compute_dtype)
+    return (padded is None and not in_place
+            and c3.size * compute_dtype.itemsize >= PAD_BY_TILE_FROM_BYTES)
+
+
+def _wide_weight(spec: ConvSpec, w3: np.ndarray, compute_dtype: np.dtype) -> np.ndarray:
+    """`grad_input_wide_w`'s weight, (kW * C_out, kD * kH, C_in): row k * C_out + co is tap
+    k's channel co."""
     kd, kh, kw = spec.kernel
-    cot, left = padded or _padded_cotangent(spec, c3, compute_dtype, threads, kw)
     w5 = w3.reshape(spec.c_out, kd, kh, kw, spec.c_in)
     wide_w = np.ascontiguousarray(w5.transpose(3, 0, 1, 2, 4), dtype=compute_dtype)
-    wide_w = wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
-    od, oh = cot.shape[1:3]
-    _, width = _cotangent_padding(spec, kw)
-    return (cot, wide_w, (od, oh, width - kw + 1), _wide_offsets(spec, left),
-            kw * spec.c_out, kd * kh)
+    return wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
 
 
 def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None,
