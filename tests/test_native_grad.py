@@ -342,36 +342,41 @@ def test_depthwise_grad_weight_through_the_kernel(channels, isa, rng):
     (3, 2, (0, 1, 1)),  # a pixel at each end of a row reaches past it
     ((1, 2, 5), 1, (0, 1, 4)),  # four pixels at each end
 ])
-def test_grad_input_tiles_pad_the_rows_they_read(isa, rng, monkeypatch, kernel, stride,
-                                                  padding, cot_dtype):
-    """grad_input summing W taps as one over a large cotangent (PAD_BY_TILE_FROM_BYTES,
-    lowered here): each tile pads along W the cotangent rows it reads as it copies them,
-    and nothing is padded whole. The bits are those of the whole padded copy, on one
-    thread or two, and match the loop reference."""
+def test_w_tap_runs_over_a_large_cotangent_pad_the_rows_each_tile_reads(
+        isa, rng, monkeypatch, kernel, stride, padding, cot_dtype):
+    """Both gradients summing W taps as one over a large cotangent
+    (PAD_BY_TILE_FROM_BYTES, lowered here): each tile pads along W the cotangent rows it
+    reads as it copies them, and nothing is padded whole. grad_input keeps the bits of the
+    whole padded copy; grad_weight (a partial per worker) repeats its own; both match the
+    loop reference, on one thread or two."""
     from test_vjp import loops_vjp, make_case
 
     from convtranspose import _vjp, _vjp_native
     from convtranspose._api import spec_for
+    monkeypatch.setattr(_vjp, "ALONG_IN_OVER_WIDE", math.inf)  # WIDE, not along C_in
     x, w, cot, kw = make_case(rng, 3, (4, 6, 12), 5, 3, kernel, stride=stride, padding=padding,
                               batch=2)
     cot = cot.astype(cot_dtype)
     spec, _, _ = spec_for(3, x, w, **kw)
-    plan = _vjp.make_vjp_plan(spec, np.dtype(np.float32), threads=2, need_weight=False,
-                              algorithm="native")
-    assert plan.grad_input.wide_w
-    whole = {t: _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, threads=t,
-                                algorithm="native")[0] for t in (1, 2)}
+    plan = _vjp.make_vjp_plan(spec, np.dtype(np.float32), threads=2, algorithm="native")
+    assert plan.grad_input.wide_w and plan.grad_weight.layout == native.GradWeightLayout.WIDE
+    whole = {t: _vjp.vjp_arrays(spec, x, w, cot, threads=t, algorithm="native")
+             for t in (1, 2)}
     widths = []
     real = _vjp_native.padded_along_w
     monkeypatch.setattr(_vjp_native, "padded_along_w",
                         lambda *a: (widths.append(a[2]), real(*a))[1])
     monkeypatch.setattr(_vjp_native, "PAD_BY_TILE_FROM_BYTES", 0)
-    rx, _ = loops_vjp(x, w, cot, **kw)
+    monkeypatch.setattr(_vjp_native, "PAD_TILE_BYTES", 4096)  # several tiles
+    rx, rw = loops_vjp(x, w, cot, **kw)
     for threads in (1, 2):
-        gx, _ = _vjp.vjp_arrays(spec, x, w, cot, need_weight=False, threads=threads,
-                                algorithm="native")
-        np.testing.assert_array_equal(gx, whole[threads])
+        gx, gw = _vjp.vjp_arrays(spec, x, w, cot, threads=threads, algorithm="native")
+        np.testing.assert_array_equal(gx, whole[threads][0])
+        np.testing.assert_allclose(gw, whole[threads][1], atol=1e-6 * np.abs(rw).max(), rtol=0)
+        _, again = _vjp.vjp_arrays(spec, x, w, cot, threads=threads, algorithm="native")
+        np.testing.assert_array_equal(again, gw)
         np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
     assert widths == []
 
 

@@ -581,7 +581,8 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
                 zero: bool = False, strides: tuple[int, int] = (0, 0), part_offset: int = 0,
                 into: list | None = None, grad_input: np.ndarray | None = None,
                 grad_input_offset: int = 0, weight: np.ndarray | None = None,
-                w: tuple[int, int] | None = None, group_cin: int = 0) -> None:
+                w: tuple[int, int] | None = None, group_cin: int = 0,
+                g_dims: tuple[int, int, int] | None = None) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
     the short side C_out < vector length calls for), or, with `strides` (row, tap) in
@@ -601,6 +602,9 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
 
     `w`: the box's W positions [w0, w1) of x (and grad_input) only, a row's piece.
 
+    `g_dims`: the cotangent's (D', H', W') where `g` holds only some of its rows, its
+    first element (at `g_offset`, negative) standing for some row past the first.
+
     `group_cin`: conv groups side by side (swapped, at `strides`): `cin` is every group's
     channels, group_cin of them a group, and `cout` a group's; the sum of (tap, a, c) is
     that of output channel (c // group_cin) * cout + a with input channel c % group_cin.
@@ -613,7 +617,7 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
     job = {"itemsize": item, "swapped": int(swapped),  # GwJob's fields
            "x": _native.address(x) + (x_offset + w0 * xs[3]) * item, "xs": xs,
            "g": _native.address(g) + g_offset * item, "gs": element_strides(g)[:4],
-           "gdims": g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
+           "gdims": g_dims or g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "part": _native.address(part) + part_offset * item,
            "pa": strides[0], "pt": strides[1], "box": box, "wcount": w1 - w0, "cin": cin,
            "cout": cout, "zero": int(zero), "group_cin": group_cin}

@@ -16,6 +16,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._execute import pack_columns_on_threads, padded_along_w, pair_input, pair_weight, run_jobs
 from ._geometry import ceil_div
+from ._memory import Scratch
 from ._native_kernel import GradWeightLayout
 from ._plan import (
     FUSE_W_BELOW_CHANNELS,
@@ -122,7 +123,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     pad = None  # (left, width): each tile pads along W the cotangent rows it reads
     if wide:  # one W tap of kW * C_out channels over the cotangent padded along W
         kw = spec.kernel[2]
-        if _pads_by_tile(spec, c3, compute_dtype, padded):
+        if _pads_by_tile(spec, c3, compute_dtype, padded, kw):
             left, width = pad = _cotangent_padding(spec, kw)
         else:  # padded whole (made for both gradients, or here), or read in place
             c3, left = padded or _padded_cotangent(spec, c3, compute_dtype, n_threads, kw)
@@ -152,9 +153,9 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
             n_threads)
     convert = pad is not None or not native.reads_in_place(c3, compute_dtype)
     per_row = spec.c_out * max(1, spec.stride[0] * spec.stride[1])  # slab elements per gx row
-    if pad is not None:
-        per_row *= spec.stride[2]  # (a padded slab of 4 MiB: 1 MiB ones ran 1.3-2x as long)
-    if convert:  # a tile at a time per thread, each converting what it reads
+    if pad is not None:  # a tile at a time per thread, each padding what it reads
+        tiles = _pad_tiles(spec, min(PAD_TILE_BYTES, budget * item), item, 4 * n_threads)
+    elif convert:  # a tile at a time per thread, each converting what it reads
         tiles = input_tiles(spec, max(1, budget // per_row), 4 * n_threads)
     elif winograd_pairs:  # tiles of pair rows, shared as below
         tiles = split_tiles(spec.batch, (winograd_pairs, *spec.in_spatial[1:]),
@@ -165,8 +166,7 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
         tiles = cut_rows(input_tiles(spec, max_rows, 1), spec.in_spatial[2], n_threads,
                          max_rows)
     sharers = 1 if convert else n_threads
-    (sd, sh, _), (od, oh, _) = spec.stride, spec.out_spatial
-    out_w = spec.out_spatial[2]
+    oh, out_w = spec.out_spatial[1:]
     stream = streams_output(gx.nbytes)
     if winograd_pairs:
         source = pair_input(c3, int(offsets[0][0]), winograd_pairs, n_threads)
@@ -205,17 +205,11 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
             return native.Task(tuple(prepared), sharers > 1, None,
                                (cursors, packed, source, offsets))
 
-        def job():  # the cotangent planes and rows this tile's taps read, converted
-            d0 = min(od, max(0, tile.d[0] * sd + int(offsets[0][0])))
-            d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
-            h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
-            h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
-            left, width = pad or (0, out_w)
-            slab = np.empty((n1 - n0, d1 - d0, h1 - h0, width, spec.c_out), compute_dtype)
-            slab[:, :, :, :left] = 0
-            slab[:, :, :, left + out_w:] = 0
-            slab[:, :, :, left:left + out_w] = c3[n0:n1, d0:d1, h0:h1]
-            calls(*native.origin(slab, (n0, d0, h0)))  # the slab holds every row read
+        def job():  # the cotangent rows this tile's taps read, converted (and padded)
+            with Scratch() as scratch:
+                slab, first = _cotangent_rows(spec, c3, tile, offsets, compute_dtype, pad,
+                                              scratch)
+                calls(*native.origin(slab, first))  # the slab holds every row read
         return job
 
     _run_or_defer([job_for(t) for t in tiles], n_threads, lambda: None, defer)
@@ -244,11 +238,15 @@ def _grad_weight_reach(spec: ConvSpec, compute_dtype: np.dtype) -> int:
     return ceil_div(ceil_div(spec.kernel[2] * spec.c_out, lanes) * lanes, spec.c_out)
 
 
-def padded_cotangent_for_both(spec, c3, compute_dtype, threads) -> tuple[np.ndarray, int]:
+def padded_cotangent_for_both(spec, c3, compute_dtype, threads
+                              ) -> tuple[np.ndarray, int] | None:
     """Where grad_input and grad_weight both sum W taps as one: the W-padded cotangent,
-    made once, wide enough for grad_weight's runs and so for grad_input's."""
-    return _padded_cotangent(spec, c3, compute_dtype, threads,
-                             _grad_weight_reach(spec, compute_dtype))
+    made once, wide enough for grad_weight's runs and so for grad_input's; None where
+    their tiles pad the rows they read (`_pads_by_tile`)."""
+    reach = _grad_weight_reach(spec, compute_dtype)
+    if _pads_by_tile(spec, c3, compute_dtype, None, reach):
+        return None
+    return _padded_cotangent(spec, c3, compute_dtype, threads, reach)
 
 
 @functools.lru_cache(maxsize=256)  # prepared calls hold the arrays' addresses only: the
@@ -258,19 +256,22 @@ def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:  # cache keep
     return native.TapOffsets([base[0], base[1], np.array([left - spec.padding[2]])])
 
 
-# From this size of cotangent on, grad_input's W-tap runs read it padded along W by tiles,
-# each padding the rows it reads as it copies them (as a conversion), not padded whole
-# (written to memory and read back): grad_input alone, 32 -> 5 k4 s3 on a 38 MB cotangent
-# 11.6 -> 10.5 ms, 3 -> 8 k3 s2 on 57 and 60 MB 13.2 -> 9.0 and 13.5 -> 8.4. Below it, where
-# the copy stays in the last-level cache, the tiles cost more (4.6 MB: 3.2 -> 4.2 ms).
+# From this size of cotangent on, W-tap runs (grad_input's, grad_weight's) read it padded
+# along W by tiles, each padding the rows it reads as it copies them (as a conversion),
+# not padded whole (written to memory and read back): grad_input alone, 32 -> 5 k4 s3 on a
+# 38 MB cotangent 11.6 -> 10.5 ms, 3 -> 8 k3 s2 on 57 and 60 MB 13.2 -> 9.0 and 13.5 -> 8.4;
+# grad_weight alone on those 15.7 -> 12.0 and 15.2 -> 10.6; both 22.1 -> 20.4 and 23.7 ->
+# 21.4 (they shared one whole copy). Below it, where the copy stays in the last-level
+# cache, the tiles cost more (grad_input on 4.6 MB: 3.2 -> 4.2 ms).
 PAD_BY_TILE_FROM_BYTES = 32 << 20
 
 
 def _pads_by_tile(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype,
-                  padded: tuple[np.ndarray, int] | None) -> bool:
-    """Whether grad_input's tiles pad the cotangent rows they read (`PAD_BY_TILE_FROM_BYTES`),
-    unless made for both gradients already, or read in place where no run leaves it."""
-    left, width = _cotangent_padding(spec, spec.kernel[2])
+                  padded: tuple[np.ndarray, int] | None, reach: int) -> bool:
+    """Whether W-tap runs of `reach` pixels read the cotangent padded by their tiles
+    (`PAD_BY_TILE_FROM_BYTES`), unless made for both gradients already, or read in place
+    where no run leaves it."""
+    left, width = _cotangent_padding(spec, reach)
     in_place = left == 0 and width == c3.shape[3] and native.reads_in_place(c3, compute_dtype)
     return (padded is None and not in_place
             and c3.size * compute_dtype.itemsize >= PAD_BY_TILE_FROM_BYTES)
@@ -285,6 +286,39 @@ def _wide_weight(spec: ConvSpec, w3: np.ndarray, compute_dtype: np.dtype) -> np.
     return wide_w.reshape(kw * spec.c_out, kd * kh, spec.c_in)
 
 
+def _cotangent_rows(spec: ConvSpec, c3: np.ndarray, tile: Tile, offsets: native.TapOffsets,
+                    compute_dtype: np.dtype, pad: tuple[int, int] | None, scratch: Scratch
+                    ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The cotangent planes and rows that a tile of input rows reads through taps at
+    `offsets` (D and H), in the compute dtype and, with `pad` (left, width), padded along
+    W, in `scratch` (retained memory: fresh 4 MiB slabs cost their page faults, 60 us a
+    MiB, on every call); and the (n, d, h) index its first row stands for."""
+    (sd, sh, _), (od, oh, out_w) = spec.stride, spec.out_spatial
+    n0, n1 = tile.n
+    d0 = min(od, max(0, tile.d[0] * sd + int(offsets[0][0])))
+    d1 = max(d0, min(od, (tile.d[1] - 1) * sd + int(offsets[0][-1]) + 1))
+    h0 = min(oh, max(0, tile.h[0] * sh + int(offsets[1][0])))
+    h1 = max(h0, min(oh, (tile.h[1] - 1) * sh + int(offsets[1][-1]) + 1))
+    left, width = pad or (0, out_w)
+    shape = (n1 - n0, d1 - d0, h1 - h0, width, spec.c_out)
+    slab = scratch.empty(math.prod(shape), compute_dtype).reshape(shape)
+    slab[:, :, :, :left] = 0
+    slab[:, :, :, left + out_w:] = 0
+    slab[:, :, :, left:left + out_w] = c3[n0:n1, d0:d1, h0:h1]
+    return slab, (n0, d0, h0)
+
+
+def _pad_tiles(spec: ConvSpec, nbytes: int, item: int, min_tiles: int) -> list[Tile]:
+    """Tiles of input rows whose padded cotangent rows (`_cotangent_rows`) take about
+    `nbytes` (PAD_TILE_BYTES: with 1 MiB ones both gradients of 3 -> 8 k3 s2 ran 1.2x as
+    long, each tile copying again the rows its taps share with its neighbours')."""
+    per_row = spec.c_out * math.prod(spec.stride)  # cotangent elements per input pixel
+    return input_tiles(spec, max(1, nbytes // (item * per_row)), min_tiles)
+
+
+PAD_TILE_BYTES = 4 << 20
+
+
 def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None,
                       padded_cotangent: tuple[np.ndarray, int] | None = None) -> None:
     """grad_weight by `grad_weight_wide_w`: per conv group, sums (kD * kH taps, C_in/g,
@@ -294,22 +328,47 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     lanes, _ = native.layout(compute_dtype.itemsize)
     cols = ceil_div(kw * spec.c_out, lanes) * lanes
-    padded, left = padded_cotangent or _padded_cotangent(
-        spec, c3, compute_dtype, n_threads, _grad_weight_reach(spec, compute_dtype))
+    reach = _grad_weight_reach(spec, compute_dtype)
+    by_tile = _pads_by_tile(spec, c3, compute_dtype, padded_cotangent, reach)
+    if by_tile:  # each tile pads the cotangent rows it reads, as grad_input's do
+        (left, width), padded = _cotangent_padding(spec, reach), None
+    else:
+        padded, left = padded_cotangent or _padded_cotangent(spec, c3, compute_dtype,
+                                                             n_threads, reach)
+        width = padded.shape[3]
     taps = kd * kh
     units = native.gw_units(taps, cols, compute_dtype.itemsize)
     offsets = _wide_offsets(spec, left)
 
-    def calls_for(part, box, ranges, zero, w=None) -> list:
+    def calls_for(part, box, ranges, zero, w=None, rows=None) -> list:
+        """`rows`: the tile's padded cotangent rows and the index of the first."""
+        g, at = (padded, 0) if rows is None else (rows[0], -sum(
+            i * s for i, s in zip(rows[1], native.element_strides(rows[0]))))
         calls: list = []
-        for g in range(groups):
-            native.grad_weight(False, x3, g * cig, padded, 0, offsets, spec.stride, part, box,
+        for group in range(groups):
+            native.grad_weight(False, x3, group * cig, g, at, offsets, spec.stride, part, box,
                                cin=cig, cout=cols, units=ranges, zero=zero,
-                               strides=(cols, cig * cols), part_offset=g * taps * cig * cols,
-                               into=calls, w=w)
+                               strides=(cols, cig * cols), part_offset=group * taps * cig * cols,
+                               into=calls, w=w, g_dims=(*spec.out_spatial[:2], width))
         return calls
 
-    if n_threads == 1 or units >= 2 * n_threads:  # workers share out the (tap, chunk) units
+    if by_tile:  # workers own tiles of input rows and a partial each
+        tiles = _pad_tiles(spec, PAD_TILE_BYTES, compute_dtype.itemsize, n_threads)
+        workers = min(n_threads, len(tiles))
+        parts = [native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
+                 for _ in range(workers)]
+
+        def job(j: int) -> None:
+            for i, tile in enumerate(tiles[j::workers]):
+                with Scratch() as scratch:
+                    rows = _cotangent_rows(spec, c3, tile, offsets, compute_dtype,
+                                           (left, width), scratch)
+                    native.Task(tuple(calls_for(parts[j], (*tile.n, *tile.d, *tile.h),
+                                                [(0, units)], i == 0, rows=rows)),
+                                keep=(parts[j], rows)).run_here()
+
+        jobs = [functools.partial(job, j) for j in range(workers)]
+    elif n_threads == 1 or units >= 2 * n_threads:  # workers share out the (tap, chunk) units
         part = native.aligned_empty((groups * taps * cig * cols,), compute_dtype)
         workers = min(n_threads * (2 if defer is not None else 1), units)
         ranges = [(units * j // workers, units * (j + 1) // workers) for j in range(workers)]
