@@ -264,6 +264,9 @@ def _wide_offsets(spec: ConvSpec, left: int) -> native.TapOffsets:  # cache keep
 # 21.4 (they shared one whole copy). Below it, where the copy stays in the last-level
 # cache, the tiles cost more (grad_input on 4.6 MB: 3.2 -> 4.2 ms).
 PAD_BY_TILE_FROM_BYTES = 32 << 20
+# The padded rows of such a tile: with 1 MiB both gradients of 3 -> 8 k3 s2 ran 1.2x as
+# long, each tile copying again the rows its taps share with its neighbours'.
+PAD_TILE_BYTES = 4 << 20
 
 
 def _pads_by_tile(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype,
@@ -310,20 +313,17 @@ def _cotangent_rows(spec: ConvSpec, c3: np.ndarray, tile: Tile, offsets: native.
 
 def _pad_tiles(spec: ConvSpec, nbytes: int, item: int, min_tiles: int) -> list[Tile]:
     """Tiles of input rows whose padded cotangent rows (`_cotangent_rows`) take about
-    `nbytes` (PAD_TILE_BYTES: with 1 MiB ones both gradients of 3 -> 8 k3 s2 ran 1.2x as
-    long, each tile copying again the rows its taps share with its neighbours')."""
+    `nbytes` (PAD_TILE_BYTES)."""
     per_row = spec.c_out * math.prod(spec.stride)  # cotangent elements per input pixel
     return input_tiles(spec, max(1, nbytes // (item * per_row)), min_tiles)
-
-
-PAD_TILE_BYTES = 4 << 20
 
 
 def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | None,
                       padded_cotangent: tuple[np.ndarray, int] | None = None) -> None:
     """grad_weight by `grad_weight_wide_w`: per conv group, sums (kD * kH taps, C_in/g,
-    columns) over a W-padded cotangent (`padded_cotangent`, if made already), columns
-    k * C_out + co, then its own channels laid out as gw (C_out, taps, C_in/g)."""
+    columns) over a W-padded cotangent (`padded_cotangent`, if made already; by tiles that
+    pad the rows they read where `_pads_by_tile`), columns k * C_out + co, then its own
+    channels laid out as gw (C_out, taps, C_in/g)."""
     kd, kh, kw = spec.kernel
     groups, cig, cog = spec.groups, spec.c_in_per_group, spec.c_out_per_group
     lanes, _ = native.layout(compute_dtype.itemsize)
