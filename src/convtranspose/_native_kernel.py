@@ -582,6 +582,7 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
                 into: list | None = None, grad_input: np.ndarray | None = None,
                 grad_input_offset: int = 0, weight: np.ndarray | None = None,
                 w: tuple[int, int] | None = None, group_cin: int = 0,
+                g_first: tuple[int, int, int] = (0, 0, 0),
                 g_dims: tuple[int, int, int] | None = None) -> None:
     """part += grad_weight of the input rows in `box` (n0, n1, d0, d1, h0, h1), laid out
     as CHANNELS packs (taps, C_in, C_out) ((taps, C_out, C_in) when `swapped`, which
@@ -602,8 +603,8 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
 
     `w`: the box's W positions [w0, w1) of x (and grad_input) only, a row's piece.
 
-    `g_dims`: the cotangent's (D', H', W') where `g` holds only some of its rows, its
-    first element (at `g_offset`, negative) standing for some row past the first.
+    `g_first`, `g_dims`: where `g` holds only some rows of the cotangent, the (n, d, h)
+    index its first row stands for (as `origin`), and the whole cotangent's (D', H', W').
 
     `group_cin`: conv groups side by side (swapped, at `strides`): `cin` is every group's
     channels, group_cin of them a group, and `cout` a group's; the sum of (tap, a, c) is
@@ -616,7 +617,7 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
     offsets = offsets.along_w(w0 * steps[2])
     job = {"itemsize": item, "swapped": int(swapped),  # GwJob's fields
            "x": _native.address(x) + (x_offset + w0 * xs[3]) * item, "xs": xs,
-           "g": _native.address(g) + g_offset * item, "gs": element_strides(g)[:4],
+           "g": origin(g, g_first)[0] + g_offset * item, "gs": element_strides(g)[:4],
            "gdims": g_dims or g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "part": _native.address(part) + part_offset * item,
            "pa": strides[0], "pt": strides[1], "box": box, "wcount": w1 - w0, "cin": cin,

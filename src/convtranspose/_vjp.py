@@ -512,10 +512,9 @@ def _native_grad_input_step(spec: ConvSpec, compute_dtype: np.dtype, threads: in
         scratch = grad_input_pair_bytes(spec, compute_dtype)
         extra = pair_transform_seconds(spec, compute_dtype)
     elif wide:  # the cotangent padded along W: whole, or a slab per tile where it is large
-        scratch = (spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
-                   * (spec.out_spatial[2] + spec.kernel[2]) * spec.c_out * item)
-        if scratch >= native_paths.PAD_BY_TILE_FROM_BYTES:
-            scratch = threads * budget * item
+        cotangent = spec.batch * math.prod(spec.out_spatial) * spec.c_out * item
+        scratch = (threads * budget * item if cotangent >= native_paths.PAD_BY_TILE_FROM_BYTES
+                   else cotangent // spec.out_spatial[2] * (spec.out_spatial[2] + spec.kernel[2]))
     seconds = (products / native_rate(grad_input_kernel_spec(spec), weight_in_place=False)
                + write / 2 + extra
                + weight_traffic_seconds(spec, compute_dtype))

@@ -342,14 +342,14 @@ def _wide_grad_weight(spec, x3, c3, gw, n_threads, compute_dtype, defer: list | 
 
     def calls_for(part, box, ranges, zero, w=None, rows=None) -> list:
         """`rows`: the tile's padded cotangent rows and the index of the first."""
-        g, at = (padded, 0) if rows is None else (rows[0], -sum(
-            i * s for i, s in zip(rows[1], native.element_strides(rows[0]))))
+        g, first = rows or (padded, (0, 0, 0))
         calls: list = []
         for group in range(groups):
-            native.grad_weight(False, x3, group * cig, g, at, offsets, spec.stride, part, box,
+            native.grad_weight(False, x3, group * cig, g, 0, offsets, spec.stride, part, box,
                                cin=cig, cout=cols, units=ranges, zero=zero,
                                strides=(cols, cig * cols), part_offset=group * taps * cig * cols,
-                               into=calls, w=w, g_dims=(*spec.out_spatial[:2], width))
+                               into=calls, w=w, g_first=first,
+                               g_dims=(*spec.out_spatial[:2], width))
         return calls
 
     if by_tile:  # workers own tiles of input rows and a partial each
