@@ -205,28 +205,32 @@ def mlx_conv_transpose():
     return run_mlx
 
 
-def _forget_plans() -> None:
+def forget_plans() -> None:
     """Plans are pure functions of their arguments for the instruction set the process
-    runs (chosen once, at import); a test that switches it drops the plans made under
-    another (their rules count its lanes)."""
-    from convtranspose import _vjp
+    runs (chosen once, at import) and the planner's rules; a test that switches either
+    drops the plans made before (their rules count its lanes), the ones kept for recent
+    calls of the same shapes included."""
+    from convtranspose import _api, _vjp
     for cached in (_plan._make_plan, _vjp._make_vjp_plan, _vjp._native_grad_input_suits):
         cached.cache_clear()
+    # the plans and specs kept for recent calls of the same shapes
+    _api._recent_plans.clear()
+    _vjp._recent_specs.clear()
 
 
 @pytest.fixture(params=native._native.available() if native.AVAILABLE else [])
 def isa(request):
     before = native.isa()
     native._native.set_isa(request.param)
-    _forget_plans()
+    forget_plans()
     yield request.param
     native._native.set_isa(before)
-    _forget_plans()
+    forget_plans()
 
 
 @pytest.fixture
 def small_calls_threaded(monkeypatch):
     monkeypatch.setattr(_plan, "NATIVE_SERIAL_BELOW_SECONDS", 0.0)
-    _plan._make_plan.cache_clear()
+    forget_plans()
     yield
-    _plan._make_plan.cache_clear()
+    forget_plans()

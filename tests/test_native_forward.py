@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import forget_plans
 from reference import all_cases, conv_transpose_ref, magnitude_ref
 
 import convtranspose as ct
@@ -237,7 +238,7 @@ def test_w_residues_merged_across_conv_groups_match_the_reference(case, isa, rng
     # CHANNELS mode whatever the rule would pick (dot mode takes few outputs on some
     # instruction sets and dtypes)
     monkeypatch.setattr(_plan, "_native_mode", lambda *args: native.CHANNELS)
-    _plan._make_plan.cache_clear()
+    forget_plans()
     c_in, c_out, groups, k, s, p, op = case
     kw = dict(stride=(1, 2, s), padding=(0, 1, p), output_padding=(0, 1, op), groups=groups)
     for dtype in (np.float32, np.float64):
@@ -254,7 +255,7 @@ def test_w_residues_merged_across_conv_groups_match_the_reference(case, isa, rng
     got = ct.conv_transpose3d(x16, w16, **kw)
     ref = conv_transpose_ref(x16.astype(np.float64), w16.astype(np.float64), **kw)
     np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
-    _plan._make_plan.cache_clear()
+    forget_plans()
 
 
 # Dot mode (vectors along C_in, 1-8 outputs): whole and partial vectors of C_in, every
@@ -809,12 +810,12 @@ def dot_for_many_outputs(monkeypatch):
     """Dot mode wherever the weight reuse allows it: the models take it only for weights
     of megabytes, too big for a quick test."""
     monkeypatch.setattr(_plan, "channels_seconds", lambda spec: math.inf)
-    for cached in (_plan._native_mode, _plan._make_plan):
-        cached.cache_clear()
+    _plan._native_mode.cache_clear()
+    forget_plans()
     yield
     monkeypatch.undo()
-    for cached in (_plan._native_mode, _plan._make_plan):
-        cached.cache_clear()
+    _plan._native_mode.cache_clear()
+    forget_plans()
 
 
 @pytest.mark.parametrize("case", range(len(WIDE_DOT_CASES)))

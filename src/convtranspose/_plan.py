@@ -41,7 +41,10 @@ SHARED_DOT_TILE_BYTES = 4 * 2**20
 MIN_TILE_ROWS = 256
 MIN_ROW_PIECE = 1024  # positions: shorter pieces of a cut row cost more in calls than they gain
 SERIAL_BELOW_SECONDS = 2e-3
-NATIVE_SERIAL_BELOW_SECONDS = 5e-4  # its tasks start with no copies: threads pay off sooner
+# Its tasks start with no copies: threads pay off sooner. From 0.1 ms of modelled work on one
+# core, two threads took 0.68-0.85x the time of one in bench-like bursts (16 -> 16 k3 on
+# 8x8x8 0.77x, 48 -> 256 k2 d2 2-D 0.67x); below, level or slower (indexed given up).
+NATIVE_SERIAL_BELOW_SECONDS = 1e-4
 # A native call's Python around the kernel (its recorded tasks found and moved, the
 # output made): 30-45 us measured on 1x4x4x4 8 -> 8 k3 s2 (W9), whose products take 1.
 NATIVE_CALL_SECONDS = 30e-6
