@@ -1045,42 +1045,57 @@ static std::vector<T> dot_tails(const CtJob& job, const DotWeights& dw) {
   return tails;
 }
 
-// One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (their weights where
-// `dw` says). `zeros`: cin zeros;
-// `tails`: dot_tails' (line-aligned). Blocks of P pixels (DotBlock<CO>::P or half of it,
-// `dot_half_block`).
+// Pixels [b, end) of a dot-mode row (outputs [o0, o0 + CO), `orow` at output o0) in
+// blocks of P, what is left in blocks of P / 2, P / 4, ... down to one pixel: every
+// pixel computed once. (A last block of P placed to end at the row's end computed its
+// overlap again, and a row shorter than P computed P pixels, the rest reading zeros:
+// 20 -> 1 k5 s4, rows of 5 pixels in blocks of 8, computed 1.6 pixels per pixel.)
 template <typename T, int CO, int P>
-CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                                const T* const* rows, char* orow, int64_t o0,
-                                const DotWeights& dw, const T* zeros, const T* tails) {
+static inline void dot_blocks(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                              const T* const* rows, char* orow, int64_t o0, const DotWeights& dw,
+                              const T* zeros, const T* tails, const T* bias, const int64_t* oo,
+                              int64_t b, int64_t end) {
   typedef typename Vec<T>::v V;
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* w = static_cast<const T*>(job.w);
-  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
-  if (!oo) orow += o0 * oi;
-  for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
-    const DotSpan at = dot_span(b0, P, job.wcount);
-    const int64_t w0 = at.w0, skip = at.skip, np = at.np;
+  for (; b + P <= end; b += P) {
     V acc[P][CO];
     zero_tile(acc);
     for (int64_t q = 0; q < dh_taps; ++q) {
       if (!rows[q]) continue;
       for (int64_t k = 0; k < tw; ++k) {
-        const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
-        if (a >= b) continue;
-        dot_tap<T, CO, P>(acc, rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3],
+        const int64_t a = std::max(lo[k], b), e = std::min(hi[k], b + P);
+        if (a >= e) continue;
+        dot_tap<T, CO, P>(acc, rows[q] + (b * job.step[2] + job.off[2][k]) * job.xs[3],
                           pstride, w, dw.at(q, k) + o0,
                           tails ? tails + ((q * tw + k) * job.cout + o0) * L : nullptr,
-                          cin, full, a - w0, b - w0, zeros);
+                          cin, full, a - b, e - b, zeros);
       }
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np, oo);
+    store_dot_block<T, P, CO>(job, acc, bias, orow + b * os * oi, os * oi, 0, P, oo);
   }
+  if constexpr (P > 1) {
+    if (b < end)
+      dot_blocks<T, CO, P / 2>(job, lo, hi, rows, orow, o0, dw, zeros, tails, bias, oo, b, end);
+  }
+}
+
+// One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (their weights where
+// `dw` says). `zeros`: cin zeros; `tails`: dot_tails' (line-aligned). Blocks of P pixels,
+// the rest in smaller ones (`dot_blocks`).
+template <typename T, int CO, int P>
+CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                                const T* const* rows, char* orow, int64_t o0,
+                                const DotWeights& dw, const T* zeros, const T* tails) {
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
+  if (!oo) orow += o0 * oi;
+  dot_blocks<T, CO, P>(job, lo, hi, rows, orow, o0, dw, zeros, tails, bias, oo, 0, job.wcount);
 }
 
 // Dot mode where a row's W taps read input pixels DELTA apart (step 1; 1-3 outputs, as
@@ -1247,42 +1262,30 @@ static void dot_window_row(const CtJob* jobs, int64_t groups, int delta, const T
         jobs, groups, falling, rows, orow, o0, dw, zeros, tails);
 }
 
-// dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
-// other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
-// addresses are constant offsets from one pointer. dot_row computes P pointers per tap,
-// which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
-// cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
-// (masked loads do not fault), so every tap runs the same straight code.
-template <typename T, int CO, int CV>
-CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                                       const T* const* rows, char* orow, int64_t o0,
-                                       const DotWeights& dw) {
+// Pixels [b, end) of dot_row_packed's row in blocks of P, the rest in smaller ones (as
+// `dot_blocks`).
+template <typename T, int CO, int CV, int P>
+static inline void dot_packed_blocks(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                                     const T* const* rows, char* orow, int64_t o0,
+                                     const DotWeights& dw, const T* bias, const int64_t* oo,
+                                     int64_t b, int64_t end) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
-  // The sums alone may fill the registers here (16 for one output on AVX2, one spilled):
-  // no pixel pointers compete for them, and 16 pixels tile W6's rows of 32 exactly, where
-  // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
-  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : CO <= 4 ? 4 : DotBlock<CO>::P;
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], dh_taps = job.ntaps[0] * job.ntaps[1], os = job.os[3];
   const T* w = static_cast<const T*>(job.w);
-  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
-  if (!oo) orow += o0 * oi;
-  for (int64_t b0 = 0; b0 < job.wcount; b0 += P) {
-    const DotSpan at = dot_span(b0, P, job.wcount);
-    const int64_t w0 = at.w0, skip = at.skip, np = at.np;
+  for (; b + P <= end; b += P) {
     V acc[P][CO];
     zero_tile(acc);
     for (int64_t q = 0; q < dh_taps; ++q) {
       if (!rows[q]) continue;
       for (int64_t k = 0; k < tw; ++k) {
-        const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
+        const int64_t pa = std::max(lo[k], b) - b, pb = std::min(hi[k], b + P) - b;
         if (pa >= pb) continue;
         const int64_t* wo = dw.at(q, k) + o0;
-        const T* xb = rows[q] + (w0 + job.off[2][k]) * PS;
+        const T* xb = rows[q] + (b + job.off[2][k]) * PS;
         // One tap: a whole block loads plainly, an edge block through the valid mask.
         const auto tap = [&](auto masked, unsigned valid) {
 #pragma GCC unroll 4
@@ -1305,8 +1308,33 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
         else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
       }
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + w0 * os * oi, os * oi, skip, np, oo);
+    store_dot_block<T, P, CO>(job, acc, bias, orow + b * os * oi, os * oi, 0, P, oo);
   }
+  if constexpr (P > 1) {
+    if (b < end)
+      dot_packed_blocks<T, CO, CV, P / 2>(job, lo, hi, rows, orow, o0, dw, bias, oo, b, end);
+  }
+}
+
+// dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
+// other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
+// addresses are constant offsets from one pointer. dot_row computes P pointers per tap,
+// which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
+// cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
+// (masked loads do not fault), so every tap runs the same straight code.
+template <typename T, int CO, int CV>
+CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                                       const T* const* rows, char* orow, int64_t o0,
+                                       const DotWeights& dw) {
+  // The sums alone may fill the registers here (16 for one output on AVX2, one spilled):
+  // no pixel pointers compete for them, and 16 pixels tile W6's rows of 32 exactly, where
+  // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
+  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : CO <= 4 ? 4 : DotBlock<CO>::P;
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
+  const int64_t oi = job.out_half ? 2 : sizeof(T);
+  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
+  if (!oo) orow += o0 * oi;
+  dot_packed_blocks<T, CO, CV, P>(job, lo, hi, rows, orow, o0, dw, bias, oo, 0, job.wcount);
 }
 
 // Depthwise (one input and one output channel per group): vectors run along the
@@ -1615,10 +1643,8 @@ static void run_mode(const CtJob& job) {
       (cv == 1 ? dot_row_packed<T, CO, 1> : dot_row_packed<T, CO, 2>)(gjob, lo, hi, rows, \
                                                                        orow, o0, dw);     \
     else                                                                                  \
-      (dot_half_block(job.wcount, DotBlock<CO>::P)                                       \
-           ? dot_row<T, CO, (DotBlock<CO>::P >= 4 ? DotBlock<CO>::P / 2 : DotBlock<CO>::P)> \
-           : dot_row<T, CO, DotBlock<CO>::P>)(gjob, lo, hi, rows, orow, o0, dw,             \
-                                               zeros.data(), tails[g]);                     \
+      dot_row<T, CO, DotBlock<CO>::P>(gjob, lo, hi, rows, orow, o0, dw, zeros.data(),      \
+                                      tails[g]);                                          \
   }                                                                                       \
   break;
     switch (n) {
