@@ -169,7 +169,7 @@ if kind == "vjp":
 else:
     out["same"] = bool(np.array_equal(before, after))
 del after
-time.sleep(2.5)  # what the interrupted call took has decayed
+time.sleep(3.0)  # what the interrupted call took has decayed (DECAY_SECONDS 2)
 out["held"] = proc.memory_info().rss - base
 print(json.dumps(out))
 """
