@@ -1049,7 +1049,7 @@ static std::vector<T> dot_tails(const CtJob& job, const DotWeights& dw) {
 // blocks of P, what is left in blocks of P / 2, P / 4, ... down to one pixel: every
 // pixel computed once. (A last block of P placed to end at the row's end computed its
 // overlap again, and a row shorter than P computed P pixels, the rest reading zeros:
-// 20 -> 1 k5 s4, rows of 5 pixels in blocks of 8, computed 1.6 pixels per pixel.)
+// 96 -> 4 k3 on 16x16x7, rows of 7 in blocks of 5, computed 10 a row; 0.39 -> 0.29 ms.)
 template <typename T, int CO, int P>
 static inline void dot_blocks(const CtJob& job, const int64_t* lo, const int64_t* hi,
                               const T* const* rows, char* orow, int64_t o0, const DotWeights& dw,
