@@ -19,6 +19,7 @@
 #define CT_NREGS 32
 #ifndef __clang__
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on its own reduce intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"  // (the same, inlined into blocks of 1-3)
 #endif
 #include <immintrin.h>
 #define CT_BROADCAST_F(p) _mm512_set1_ps(*(p))

@@ -1045,57 +1045,54 @@ static std::vector<T> dot_tails(const CtJob& job, const DotWeights& dw) {
   return tails;
 }
 
-// Pixels [b, end) of a dot-mode row (outputs [o0, o0 + CO), `orow` at output o0) in
-// blocks of P, what is left in blocks of P / 2, P / 4, ... down to one pixel: every
-// pixel computed once. (A last block of P placed to end at the row's end computed its
-// overlap again, and a row shorter than P computed P pixels, the rest reading zeros:
-// 96 -> 4 k3 on 16x16x7, rows of 7 in blocks of 5, computed 10 a row; 0.39 -> 0.29 ms.)
+// Pixels [b, end) of a dot-mode row in blocks of P, what is left in blocks of P / 2,
+// P / 4, ... down to one pixel: block(std::integral_constant<int, Q>, first) for each, so
+// that every pixel is computed once. (A last block of P placed to end at the row's end
+// computed its overlap again, and a row shorter than P computed P pixels, the rest reading
+// zeros: 96 -> 4 k3 on 16x16x7, rows of 7 in blocks of 5, computed 10 a row; 0.39 -> 0.29
+// ms.)
+template <int P, typename F>
+static inline void halving_blocks(int64_t b, int64_t end, F&& block) {
+  for (; b + P <= end; b += P) block(std::integral_constant<int, P>{}, b);
+  if constexpr (P > 1) {
+    if (b < end) halving_blocks<P / 2>(b, end, block);
+  }
+}
+
+// One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (their weights where
+// `dw` says). `zeros`: cin zeros; `tails`: dot_tails' (line-aligned). Blocks of P pixels,
+// the rest in smaller ones (`halving_blocks`).
 template <typename T, int CO, int P>
-static inline void dot_blocks(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                              const T* const* rows, char* orow, int64_t o0, const DotWeights& dw,
-                              const T* zeros, const T* tails, const T* bias, const int64_t* oo,
-                              int64_t b, int64_t end) {
+CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                                const T* const* rows, char* orow, int64_t o0,
+                                const DotWeights& dw, const T* zeros, const T* tails) {
   typedef typename Vec<T>::v V;
   constexpr int L = CT_VBYTES / sizeof(T);
   const int64_t cin = job.cin, full = cin / L * L, tw = job.ntaps[2];
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
   const T* w = static_cast<const T*>(job.w);
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  for (; b + P <= end; b += P) {
-    V acc[P][CO];
+  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
+  if (!oo) orow += o0 * oi;
+  halving_blocks<P>(0, job.wcount, [&](auto size, int64_t b) CT_ALWAYS_INLINE {
+    constexpr int Q = decltype(size)::value;
+    V acc[Q][CO];
     zero_tile(acc);
     for (int64_t q = 0; q < dh_taps; ++q) {
       if (!rows[q]) continue;
       for (int64_t k = 0; k < tw; ++k) {
-        const int64_t a = std::max(lo[k], b), e = std::min(hi[k], b + P);
+        const int64_t a = std::max(lo[k], b), e = std::min(hi[k], b + Q);
         if (a >= e) continue;
-        dot_tap<T, CO, P>(acc, rows[q] + (b * job.step[2] + job.off[2][k]) * job.xs[3],
+        dot_tap<T, CO, Q>(acc, rows[q] + (b * job.step[2] + job.off[2][k]) * job.xs[3],
                           pstride, w, dw.at(q, k) + o0,
                           tails ? tails + ((q * tw + k) * job.cout + o0) * L : nullptr,
                           cin, full, a - b, e - b, zeros);
       }
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + b * os * oi, os * oi, 0, P, oo);
-  }
-  if constexpr (P > 1) {
-    if (b < end)
-      dot_blocks<T, CO, P / 2>(job, lo, hi, rows, orow, o0, dw, zeros, tails, bias, oo, b, end);
-  }
-}
-
-// One output row of dot mode, its outputs [o0, o0 + CO) of job.cout (their weights where
-// `dw` says). `zeros`: cin zeros; `tails`: dot_tails' (line-aligned). Blocks of P pixels,
-// the rest in smaller ones (`dot_blocks`).
-template <typename T, int CO, int P>
-CT_NOINLINE static void dot_row(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                                const T* const* rows, char* orow, int64_t o0,
-                                const DotWeights& dw, const T* zeros, const T* tails) {
-  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
-  const int64_t oi = job.out_half ? 2 : sizeof(T);
-  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
-  if (!oo) orow += o0 * oi;
-  dot_blocks<T, CO, P>(job, lo, hi, rows, orow, o0, dw, zeros, tails, bias, oo, 0, job.wcount);
+    store_dot_block<T, Q, CO>(job, acc, bias, orow + b * os * oi, os * oi, 0, Q, oo);
+  });
 }
 
 // Dot mode where a row's W taps read input pixels DELTA apart (step 1; 1-3 outputs, as
@@ -1262,27 +1259,38 @@ static void dot_window_row(const CtJob* jobs, int64_t groups, int delta, const T
         jobs, groups, falling, rows, orow, o0, dw, zeros, tails);
 }
 
-// Pixels [b, end) of dot_row_packed's row in blocks of P, the rest in smaller ones (as
-// `dot_blocks`).
-template <typename T, int CO, int CV, int P>
-static inline void dot_packed_blocks(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                                     const T* const* rows, char* orow, int64_t o0,
-                                     const DotWeights& dw, const T* bias, const int64_t* oo,
-                                     int64_t b, int64_t end) {
+// dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
+// other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
+// addresses are constant offsets from one pointer. dot_row computes P pointers per tap,
+// which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
+// cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
+// (masked loads do not fault), so every tap runs the same straight code.
+template <typename T, int CO, int CV>
+CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, const int64_t* hi,
+                                       const T* const* rows, char* orow, int64_t o0,
+                                       const DotWeights& dw) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
+  // The sums alone may fill the registers here (16 for one output on AVX2, one spilled):
+  // no pixel pointers compete for them, and 16 pixels tile W6's rows of 32 exactly, where
+  // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
+  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : CO <= 4 ? 4 : DotBlock<CO>::P;
   constexpr int64_t PS = CV * L;  // the pixel stride, in elements
   const int64_t tw = job.ntaps[2], dh_taps = job.ntaps[0] * job.ntaps[1], os = job.os[3];
   const T* w = static_cast<const T*>(job.w);
+  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  for (; b + P <= end; b += P) {
-    V acc[P][CO];
+  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
+  if (!oo) orow += o0 * oi;
+  halving_blocks<P>(0, job.wcount, [&](auto size, int64_t b) CT_ALWAYS_INLINE {
+    constexpr int Q = decltype(size)::value;
+    V acc[Q][CO];
     zero_tile(acc);
     for (int64_t q = 0; q < dh_taps; ++q) {
       if (!rows[q]) continue;
       for (int64_t k = 0; k < tw; ++k) {
-        const int64_t pa = std::max(lo[k], b) - b, pb = std::min(hi[k], b + P) - b;
+        const int64_t pa = std::max(lo[k], b) - b, pb = std::min(hi[k], b + Q) - b;
         if (pa >= pb) continue;
         const int64_t* wo = dw.at(q, k) + o0;
         const T* xb = rows[q] + (b + job.off[2][k]) * PS;
@@ -1294,7 +1302,7 @@ static inline void dot_packed_blocks(const CtJob& job, const int64_t* lo, const 
 #pragma GCC unroll 8
             for (int o = 0; o < CO; ++o) wv[o] = *reinterpret_cast<const U*>(w + wo[o] + v * L);
 #pragma GCC unroll 16
-            for (int p = 0; p < P; ++p) {
+            for (int p = 0; p < Q; ++p) {
               const T* at = xb + p * PS + v * L;
               V xv;
               if constexpr (decltype(masked)::value) xv = load_or_zero<V>((valid >> p) & 1, at);
@@ -1304,37 +1312,12 @@ static inline void dot_packed_blocks(const CtJob& job, const int64_t* lo, const 
             }
           }
         };
-        if (pa == 0 && pb == P) tap(std::false_type{}, 0u);
+        if (pa == 0 && pb == Q) tap(std::false_type{}, 0u);
         else tap(std::true_type{}, ((1u << pb) - 1) & ~((1u << pa) - 1));  // bit p: pixel p
       }
     }
-    store_dot_block<T, P, CO>(job, acc, bias, orow + b * os * oi, os * oi, 0, P, oo);
-  }
-  if constexpr (P > 1) {
-    if (b < end)
-      dot_packed_blocks<T, CO, CV, P / 2>(job, lo, hi, rows, orow, o0, dw, bias, oo, b, end);
-  }
-}
-
-// dot_row when every pixel's channels are CV whole vectors and pixels lie next to each
-// other (step 1, C_in = CV * lanes, pixel stride C_in: a 16 -> 1 head's forward): all
-// addresses are constant offsets from one pointer. dot_row computes P pointers per tap,
-// which for a single vector of channels cost more than the tap's multiply-adds (W6: 32
-// cycles a pixel). Taps that reach past the row's ends load zeros for those pixels
-// (masked loads do not fault), so every tap runs the same straight code.
-template <typename T, int CO, int CV>
-CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, const int64_t* hi,
-                                       const T* const* rows, char* orow, int64_t o0,
-                                       const DotWeights& dw) {
-  // The sums alone may fill the registers here (16 for one output on AVX2, one spilled):
-  // no pixel pointers compete for them, and 16 pixels tile W6's rows of 32 exactly, where
-  // 12 computed 36 (two threads: W6 6.9 ms at 12, 5.5-6.5 at 16).
-  constexpr int P = CO == 1 ? 16 : CO == 2 ? 8 : CO <= 4 ? 4 : DotBlock<CO>::P;
-  const T* bias = job.bias ? static_cast<const T*>(job.bias) + o0 : nullptr;
-  const int64_t oi = job.out_half ? 2 : sizeof(T);
-  const int64_t* oo = job.oout ? job.oout + o0 : nullptr;  // (merged rows)
-  if (!oo) orow += o0 * oi;
-  dot_packed_blocks<T, CO, CV, P>(job, lo, hi, rows, orow, o0, dw, bias, oo, 0, job.wcount);
+    store_dot_block<T, Q, CO>(job, acc, bias, orow + b * os * oi, os * oi, 0, Q, oo);
+  });
 }
 
 // Depthwise (one input and one output channel per group): vectors run along the
