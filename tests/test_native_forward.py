@@ -696,6 +696,43 @@ def test_w_residues_merged_with_edges_match_the_reference(case, rng, monkeypatch
     _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch)
 
 
+# W residues of unequal taps merged with PHANTOM taps (`_plan.merged_row`'s `phantoms`):
+# CHANNELS mode, a pixel's outputs ending inside a cache line. (kernel_w, stride_w,
+# padding_w, output_padding_w, C_in, C_out, groups)
+PHANTOM_MERGE_CASES = [
+    (3, 2, 0, 1, 16, 22, 2),  # 2 taps and 1, two conv groups
+    (5, 2, 1, 0, 24, 13, 1),  # 3 and 2, rotated by the padding: edges
+    (7, 4, 2, 3, 20, 10, 1),  # 2, 2, 2 and 1
+    (5, 3, 2, 2, 18, 21, 1),  # 2, 2 and 1
+]
+
+
+@pytest.mark.parametrize("case", PHANTOM_MERGE_CASES, ids=[str(c) for c in PHANTOM_MERGE_CASES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_w_residues_merged_with_phantom_taps_match_the_reference(case, dtype, rng,
+                                                                 monkeypatch):
+    """A residue without a tap where the others have one reads the same input through a
+    zero weight: every output written once, with the bias. (Outputs this small merge so
+    only when told: `phantom_work` weighs the products against the output's bytes.)"""
+    from convtranspose._geometry import PHANTOM
+    monkeypatch.setattr(_plan, "phantom_work", lambda spec: _plan.PHANTOM_MAX_WORK)
+    forget_plans()
+    k, s, p, op, c_in, c_out, groups = case
+    x = rng.standard_normal((2, 3, 4, 11, c_in)).astype(dtype)
+    w = rng.standard_normal((c_out, 2, 3, k, c_in // groups)).astype(dtype)
+    bias = rng.standard_normal(c_out).astype(dtype)
+    kw = dict(stride=(1, 2, s), padding=(0, 1, p), output_padding=(0, 1, op), groups=groups)
+    try:
+        plan = ct.plan(x.shape, w.shape, **kw, algorithm="native")
+        assert _plan.native_mode(plan.spec) == native.CHANNELS
+        assert any(t.k == PHANTOM for g in plan.phase_groups for ph in g
+                   for t in ph.axis_taps[2])
+        _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch,
+                              rtol=1e-4 if dtype == np.float32 else 1e-10)
+    finally:
+        forget_plans()  # (the plans made while told)
+
+
 # Dot mode's residues merged across rows and conv groups (`_plan.dot_phase_groups`): each
 # output where its own residue's position lies (`CtJob::oout`), edges of rotated residues
 # as phase groups of their own. (in_spatial, C_in, C_out, kernel, stride, padding,

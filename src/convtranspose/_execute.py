@@ -19,7 +19,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._algorithms import Algorithm
 from ._blas import single_threaded_blas
-from ._geometry import AxisTap, Phase, ceil_div, phases_3d
+from ._geometry import PHANTOM, AxisTap, Phase, ceil_div, phases_3d
 from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
@@ -711,9 +711,9 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
                      cog: int) -> list[list[np.ndarray]]:
     """Per phase group of a layer and per conv group, the pack table of CHANNELS mode for
     a weight of these element strides: (taps, phases * C_out/g) offsets of each tap's
-    [co, k, 0]. Cached per layer: building one took ~15 us per phase group and call, and
-    a cache per phase group thrashed on layers of more phase groups than it held (stride 4
-    in 3-D: 64)."""
+    [co, k, 0], -1 for a PHANTOM tap's (zeros). Cached per layer: building one took ~15
+    us per phase group and call, and a cache per phase group thrashed on layers of more
+    phase groups than it held (stride 4 in 3-D: 64)."""
     s_co, s_d, s_h, s_w, _ = strides
     column = np.arange(cog) * s_co
     layer_tables = []
@@ -722,11 +722,17 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
             np.add.outer(np.add.outer([t.k * s_d for t in kd], [t.k * s_h for t in kh]),
                          [t.k * s_w for t in kw]).ravel()
             for kd, kh, kw in (p.axis_taps for p in phase_group)])
+        phantom = np.stack([  # (phases, taps): a PHANTOM tap along some axis
+            np.logical_or.outer(np.logical_or.outer([t.k == PHANTOM for t in kd],
+                                                    [t.k == PHANTOM for t in kh]),
+                                [t.k == PHANTOM for t in kw]).ravel()
+            for kd, kh, kw in (p.axis_taps for p in phase_group)])
         taps = tap_start.shape[1]
         tables = []
         for g in range(groups):
-            table = np.ascontiguousarray(
-                (tap_start[:, :, None] + column + g * cog * s_co).transpose(1, 0, 2)
+            start = tap_start[:, :, None] + column + g * cog * s_co
+            table = np.ascontiguousarray(  # (-1: zeros, the packer's phantom)
+                np.where(phantom[:, :, None], -1, start).transpose(1, 0, 2)
                 .reshape(taps, -1), np.int64)
             table.flags.writeable = False  # shared by every call with these strides
             tables.append(table)

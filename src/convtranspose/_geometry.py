@@ -20,9 +20,14 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+PHANTOM = -1
+
+
 @dataclass(frozen=True)
 class AxisTap:
-    """Tap `k` of one axis, reading input `q + offset` for outputs q in [lo, hi)."""
+    """Tap `k` of one axis, reading input `q + offset` for outputs q in [lo, hi). `k`
+    PHANTOM: a tap of zero weight, which lines a merged residue's taps up with the others'
+    (`merged_row`)."""
 
     k: int
     offset: int

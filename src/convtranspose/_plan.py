@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _native_kernel as native
 from ._algorithms import Algorithm, VjpAlgorithm
-from ._geometry import AxisTap, Phase, ceil_div, phases_3d
+from ._geometry import PHANTOM, AxisTap, Phase, ceil_div, phases_3d
 from ._memory import RETAIN_BYTES
 from ._spec import ConvSpec
 
@@ -428,7 +428,10 @@ def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase,
     sw = spec.stride[2]
     if sw == 1 or mode == native.DEPTHWISE:
         return tuple((p,) for p in live)
-    return tuple(sorted(_merged_along(spec, [(p,) for p in live], 2, _merges_w_edges(spec)),
+    edges = _merges_w_edges(spec)
+    phantoms = phantom_work(spec) if edges and not fuses_w_taps(spec) else 1.0
+    return tuple(sorted(_merged_along(spec, [(p,) for p in live], 2, edges,
+                                      phantom_work=phantoms),
                         key=lambda g: g[0].residue))
 
 
@@ -480,10 +483,11 @@ def _dot_block_loads(spec: ConvSpec, phase_groups) -> int:
 
 
 def _merged_along(spec: ConvSpec, items: list[tuple[Phase, ...]], axis: int, edges: bool,
-                  most: int | None = None) -> list[tuple[Phase, ...]]:
+                  most: int | None = None, phantom_work: float = 1.0
+                  ) -> list[tuple[Phase, ...]]:
     """`items` (phase groups) with the residues along `axis` of those alike elsewhere
-    merged where they read the same input (`merged_row`), while a merged group holds at
-    most `most` outputs (None: any)."""
+    merged where they read the same input (`merged_row`; `phantom_work` as there), while a
+    merged group holds at most `most` outputs (None: any)."""
     s, width = spec.stride[axis], spec.in_spatial[axis]
     rows: dict[tuple, list[tuple[Phase, ...]]] = {}
     for item in items:
@@ -496,7 +500,7 @@ def _merged_along(spec: ConvSpec, items: list[tuple[Phase, ...]], axis: int, edg
         if len(row) > 1 and (most is None
                              or len(row) * len(row[0]) * spec.c_out_per_group <= most):
             merged = merged_row(sorted(row, key=lambda g: g[0].residue[axis]), axis, s, width,
-                                edges)
+                                edges, phantom_work)
         merged_items.extend(merged or row)
     return merged_items
 
@@ -521,10 +525,38 @@ def _axis_phase(phase: Phase, axis: int, first: int, count: int, shift: int,
 
 
 MERGE_EDGES_FROM_WIDTH = 8
+# Residues of unequal taps merge with PHANTOM taps where that costs at most this many
+# times their own products (`phantom_work`), and where their output, fetched once per
+# residue apart, costs more than the phantoms' products: the output's bytes count as
+# PHANTOM_FLOPS_PER_BYTE products each, twice the ratio of the kernel's rate to memory's
+# (~150 GFLOP/s to ~10 GB/s on two cores). Fitted on the 55 layers of seeds 60-107 that
+# merge without these limits: 15 of the 17 they keep merged ran 0.60-0.95x as long (two
+# 1.15x and 1.23x); of the 38 they leave apart, 24 ran 1.01-1.42x as long merged, 14
+# 0.63-0.99x.
+PHANTOM_MAX_WORK = 1.5
+PHANTOM_FLOPS_PER_BYTE = 7.5
+
+
+def phantom_work(spec: ConvSpec) -> float:
+    """How many times its residues' own products a W-merged CHANNELS phase group may
+    compute with PHANTOM taps (`merged_row`)."""
+    out_bytes = spec.batch * math.prod(spec.out_spatial) * spec.c_out * spec.result_dtype.itemsize
+    return min(PHANTOM_MAX_WORK,
+               1 + PHANTOM_FLOPS_PER_BYTE * out_bytes / max(spec.useful_flops, 1))
+
+
+def _with_taps(phase: Phase, axis: int, offsets: list[int]) -> Phase:
+    """`phase` with a tap at each of `offsets` along `axis`: its own where it has one
+    there, else a PHANTOM (zero weight)."""
+    own = {t.offset: t for t in phase.axis_taps[axis]}
+    taps = tuple(own.get(o) or AxisTap(PHANTOM, o, 0, 0) for o in offsets)
+    return Phase(phase.residue, phase.count,
+                 tuple(taps if a == axis else t for a, t in enumerate(phase.axis_taps)))
 
 
 def merged_row(row: list[tuple[Phase, ...]], axis: int, s: int, width: int,
-               edges: bool = True) -> list[tuple[Phase, ...]] | None:
+               edges: bool = True, phantom_work: float = 1.0
+               ) -> list[tuple[Phase, ...]] | None:
     """The residues along `axis` of phase groups alike elsewhere (in residue order; every
     residue that carries taps, all s of them or fewer where the stride passes the
     kernel) as one merged phase group and, around it, phase groups for the outputs it
@@ -534,22 +566,40 @@ def merged_row(row: list[tuple[Phase, ...]], axis: int, s: int, width: int,
     (padding rotates the residues: 8 -> 13 k3x4 s4 p1 2-D read residue 3 one input
     ahead, and its phases ran apart, 4.2 against 2.1 ms on one core merged). Residues
     without taps, or a rotation, leave gaps between the merged outputs (`CtJob::oout`).
-    Without `edges`, only rows that merge whole (no rotation, equal counts)."""
+    Without `edges`, only rows that merge whole (no rotation, equal counts).
+
+    Residues whose shifted offsets differ merge too where that computes at most
+    `phantom_work` times their own products, each given a PHANTOM tap at the offsets that
+    only others have (a kernel not a multiple of the stride: k3 s2's residues hold 2 taps
+    and 1): apart, residues that each write part of a pixel's lines fetch each line from
+    memory once per residue (16 -> 22 g2 k3 s2 on 4x18x21x29: 18.6 ms on one core, 2.3x
+    its 16 -> 32 twin, which stores whole lines)."""
     offsets = [[t.offset for t in group[0].axis_taps[axis]] for group in row]
     counts = [group[0].count[axis] for group in row]
     residues = [group[0].residue[axis] for group in row]
+    own = sum(len(offs) for offs in offsets)
+    best = None  # (offsets every residue reads, shifted; r0), the fewest first
     for r0 in residues:
         wraps = [1 if r < r0 else 0 for r in residues]
-        shifted = {tuple(o + wrap for o in offs) for offs, wrap in zip(offsets, wraps)}
-        if len(shifted) != 1:
-            continue
+        shifted = [{o + wrap for o in offs} for offs, wrap in zip(offsets, wraps)]
+        union = set().union(*shifted)
+        if all(len(one) == len(union) for one in shifted):
+            best = (union, r0)
+            break
+        if len(union) * len(row) <= phantom_work * own and (
+                best is None or len(union) < len(best[0])):
+            best = (union, r0)
+    if best is not None:
+        union, r0 = best
+        wraps = [1 if r < r0 else 0 for r in residues]
         merged_count = min(c - wrap for c, wrap in zip(counts, wraps))
         whole = r0 == residues[0] and all(c == merged_count for c in counts)
         if merged_count <= 0 or not (whole or edges):
             return None
         order = sorted(range(len(row)), key=lambda i: residues[i] + s * wraps[i])
-        merged = tuple(_axis_phase(p, axis, residues[i] + s * wraps[i], merged_count,
-                                   wraps[i], width)
+        reads = sorted(union, reverse=True)  # (taps in k order: falling offsets)
+        merged = tuple(_axis_phase(_with_taps(p, axis, [o - wraps[i] for o in reads]), axis,
+                                   residues[i] + s * wraps[i], merged_count, wraps[i], width)
                        for i in order for p in row[i])
         ends = []  # each residue's positions before and after the merged ones
         for r, group, wrap, count in zip(residues, row, wraps, counts):
