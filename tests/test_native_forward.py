@@ -647,7 +647,7 @@ def test_positions_no_tap_reaches_hold_zero_or_the_bias(case, rng, monkeypatch):
 # stride_w, padding_w, output_padding_w, C_out), kernel_w a multiple of stride_w.
 MERGED_EDGE_CASES = [
     (4, 4, 1, 3, 13),  # rotated by the padding, the last residues one output short
-    (4, 2, 1, 0, 3),   # dot mode, W taps fused
+    (4, 2, 1, 0, 3),   # dot mode
     (6, 3, 2, 1, 10),
     (2, 2, 0, 1, 7),   # not rotated, one residue one output longer
     (3, 3, 1, 0, 3),
@@ -741,7 +741,7 @@ DOT_MERGE_CASES = [
     ((4, 5, 6), 126, 2, 2, 2, 0, 0, 1, 2),          # kernel == stride: one tap a phase, g2
     ((3, 4, 5), 141, 1, 3, 3, (0, 0, 1), (0, 0, 1), 1, 1),
     ((5, 6, 7), 16, 3, 4, 2, 1, 0, 1, 1),           # rotated along every axis: edges
-    ((5, 6, 9), 6, 2, 4, 2, 1, 0, 1, 1),            # W taps fused (6 channels), edges
+    ((5, 6, 9), 10, 2, 4, 2, 1, 0, 1, 1),           # channels part of a vector, edges
     ((5, 4, 9), 24, 4, (4, 6, 2), (2, 3, 2), (1, 2, 0), (1, 0, 1), 1, 2),
     ((6, 5, 4), 20, 2, (3, 2, 2), (1, 2, 2), (2, 1, 1), (0, 1, 1), (2, 1, 1), 1),  # dilated D
     ((3, 7, 8), 33, 6, (2, 4, 1), (2, 2, 1), (0, 1, 0), 0, 1, 3),  # 18 outputs: 3 blocks

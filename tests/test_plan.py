@@ -222,7 +222,7 @@ FORWARD_W = {"W1": "native", "W2": "native", "W3": "native", "W4": "native",
              "W9": "indexed"}
 
 FORWARD_LAYERS = {  # (input shape, weight shape, settings, algorithm)
-    # grouped, few channels per group: the kernel (per-group vectors, or W taps fused)
+    # grouped, few channels per group: the kernel (per-group vectors)
     "grouped-few": ((1, 12, 12, 12, 4), (34, 5, 5, 5, 2), dict(stride=2, groups=2), "native"),
     "grouped-thin-out": ((1, 12, 12, 12, 76), (4, 5, 5, 5, 19), dict(stride=2, groups=4),
                          "planar"),  # one core: 3.6 ms, dot mode 8.5

@@ -90,11 +90,10 @@ def test_class_forward_every_algorithm(name, ndim, assert_close):
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("name", ["few-in-large-k", "one-in", "thin-both"])
-def test_w_fused_forward_on_inputs_that_outweigh_the_weight(name, ndim, assert_close,
-                                                            torch_conv_transpose):
-    """The native kernel with a phase's W taps summed as one (`fuses_w_taps`), which the
-    small draws above no longer take (their weights outweigh their inputs): inputs big
-    enough for it, against PyTorch in float64 (the loop reference takes 20 s here), with
+def test_native_forward_on_inputs_that_outweigh_the_weight(name, ndim, assert_close,
+                                                           torch_conv_transpose):
+    """The native kernel on inputs bigger than the draws above (whose weights outweigh
+    their inputs), against PyTorch in float64 (the loop reference takes 20 s here), with
     a bias."""
     rng = np.random.default_rng(zlib.crc32(f"{name} {ndim} wide".encode()))
     c_in, c_out, groups, k, s, d = CLASSES[name]
@@ -103,7 +102,6 @@ def test_w_fused_forward_on_inputs_that_outweigh_the_weight(name, ndim, assert_c
     w = rng.standard_normal((c_out, *(k,) * ndim, c_in))
     settings = dict(stride=s, padding=1, dilation=d, output_padding=1, groups=groups)
     p = ct.plan(x.shape, w.shape, **settings, algorithm="native")
-    assert p.wide_w, p
     bias = rng.standard_normal(c_out).astype(np.float32)
     ref = torch_conv_transpose(x, w, **settings)[0] + bias
     assert_close(ct.run_plan(p, x.astype(np.float32), w.astype(np.float32), bias=bias), ref,
@@ -147,23 +145,13 @@ def test_the_paths_each_class_takes():
     spec, *_ = _spec("multiplier-2")
     assert _plan.expands_to_depthwise(spec) and _plan.native_mode(spec) == native.DEPTHWISE
     # vectors along the pixels: one-in's three outputs (68x67x57 1 -> 3, one core: 28 ms,
-    # 52 with the native kernel's W taps summed as one), few-in-large-k's eight (40^3
-    # 3 -> 8 k7 s2, one core: 13 ms, 37 by the native kernel)
+    # 52 by the native kernel, its W taps then summed as one), few-in-large-k's eight
+    # (40^3 3 -> 8 k7 s2, one core: 13 ms, 37 by the native kernel)
     for name, algorithm in (("few-in-large-k", "planar"), ("one-in", "planar")):
         spec, *_ = _spec(name, spatial=24)
         p = ct.plan(spec.input_shape, spec.weight_shape, stride=spec.stride,
                     dilation=spec.dilation, groups=spec.groups)
         assert p.algorithm == algorithm, name
-        assert ct.plan(spec.input_shape, spec.weight_shape, stride=spec.stride,
-                       dilation=spec.dilation, groups=spec.groups,
-                       algorithm="native").wide_w, name
-    spec, *_ = _spec("dilated-few")  # dilation along W: pixels not consecutive
-    assert not _plan.fuses_w_taps(spec)
-    # a weight heavier than its input: the wide weights laid out at each call would be
-    # 4x the weight (8 -> 256 k7 s2x2x4 on 4x3x4 pixels: 4.7 ms fused, 0.9 apart)
-    spec, *_ = spec_for(3, np.zeros((1, 4, 3, 4, 8), np.float32),
-                        np.zeros((256, 7, 7, 7, 8), np.float32), (2, 2, 4), 3, 1, 0, 1)
-    assert not _plan.fuses_w_taps(spec)
     # few inputs: WIDE, every W tap's columns at once; with groups and more inputs per
     # group, vectors along C_in/g (WIDE would compute every group's columns)
     for name, want in (("thin-both", "WIDE"), ("one-in", "WIDE"), ("grouped-few", "WIDE"),
@@ -189,7 +177,7 @@ def test_the_paths_each_class_takes():
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, shape", [
     (16, 24, 3, 1, (2, 1700)),  # channels mode, sums through a row buffer
-    (3, 20, 4, 2, (1, 1900)),  # few input channels: sums in registers, W taps fused
+    (3, 20, 4, 2, (1, 1900)),  # few input channels: sums in registers
     (24, 2, 3, 2, (1, 1601)),  # dot mode
     (16, 16, 3, 1, (1, 4, 2, 1000)),  # Winograd along D
 ])

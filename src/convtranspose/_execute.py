@@ -19,7 +19,7 @@ import numpy as np
 from . import _native_kernel as native
 from ._algorithms import Algorithm
 from ._blas import single_threaded_blas
-from ._geometry import PHANTOM, AxisTap, Phase, ceil_div, phases_3d
+from ._geometry import PHANTOM, Phase, ceil_div, phases_3d
 from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
     Plan,
@@ -37,7 +37,6 @@ from ._plan import (
     planar_geometry,
     registry,
     streams_output,
-    wide_w_geometry,
 )
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -773,7 +772,7 @@ class _TileGeometry(NamedTuple):
     in_dims: tuple[int, ...]
     steps: tuple[int, int, int]
     pair_out: int
-    cin: int  # input channels the kernel sums per conv group (taps_w * C_in/g when wide)
+    cin: int  # input channels the kernel sums per conv group
     cout: int  # outputs per conv group (every residue's C_out/g for a merged group)
     input_rows: tuple[tuple[int, int], tuple[int, int]]  # `native_input_box`
     # None: a position's outputs are one run of channels; else where each lies from the
@@ -783,8 +782,7 @@ class _TileGeometry(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # a few hundred bytes an entry
 def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: tuple | None,
-                   wide: tuple | None, out_shape: tuple, out_strides: tuple,
-                   out_item: int) -> _TileGeometry:
+                   out_shape: tuple, out_strides: tuple, out_item: int) -> _TileGeometry:
     """The tile's positions in the output as a strided view of it (those of the phase
     group's first phase: a merged group's others lie at fixed offsets from them), and
     what the kernel reads."""
@@ -811,12 +809,9 @@ def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: 
     offset = (sum(i * st for i, st in zip(first, es)) + w0 * strides[3]) * out_item
     in_dims, steps, pair_out = ((pair_dims, (4, 1, 1), spec.out_spatial[0]) if pair_dims
                                 else (spec.in_spatial, (1, 1, 1), 0))
-    cig = spec.c_in_per_group
-    if wide:  # fused W taps: the padded input's dims, taps_w * C_in channels per tap
-        in_dims, cig = wide
     return _TileGeometry(offset, strides, (n0, n1, a, b, e, f), qw, in_dims, steps, pair_out,
-                         cig, cog * len(phase_group), native_input_box(spec, phase, tile),
-                         out_offsets)
+                         spec.c_in_per_group, cog * len(phase_group),
+                         native_input_box(spec, phase, tile), out_offsets)
 
 
 def _groups_in_one_call(spec, mode: native.Mode, out: np.ndarray) -> bool:
@@ -841,9 +836,8 @@ def _group_stride(packed: list[np.ndarray], item: int) -> int:
 
 def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWeights, offsets,
                 task: Task, convert_input: bool, mode: native.Mode, x_origin, threads: int,
-                pair_dims: tuple | None = None, wide: tuple | None = None,
-                bias: np.ndarray | None = None, channel_stride: int = 0,
-                residues: native.TapOffsets | None = None):
+                pair_dims: tuple | None = None, bias: np.ndarray | None = None,
+                channel_stride: int = 0, residues: native.TapOffsets | None = None):
     """Hand the tile to the compiled kernel: it reads the input in place (or a converted
     copy of the planes and rows the tile reads) and writes the phase's strided output
     positions in place (or a block that is then rounded to float16/bfloat16). A merged W
@@ -855,7 +849,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     `channel_stride`, `residues`: PLANAR mode's, its input the planar copy
     (`native.planar_copy`), and the W residues of the phase group, written in one pass."""
     groups = spec.groups
-    geo = _tile_geometry(spec, phase_group, task.tile, pair_dims, wide, out.shape, out.strides,
+    geo = _tile_geometry(spec, phase_group, task.tile, pair_dims, out.shape, out.strides,
                          out.dtype.itemsize)
     if task.tile.w is not None:  # a piece of the rows
         offsets = offsets.along_w(task.tile.w[0] * geo.steps[2])
@@ -1070,14 +1064,11 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     calls run the recording at their own arrays' addresses (`_Recording`)."""
     spec = plan.spec
     planar = plan.algorithm == Algorithm.PLANAR
-    mode = native.PLANAR if planar else native_mode(spec, plan.wide_w)
-    phase_groups, wide = plan.phase_groups, None
+    mode = native.PLANAR if planar else native_mode(spec)
+    phase_groups = plan.phase_groups
     if not planar and expands_to_depthwise(spec):  # each input channel repeated for its outputs
         x3 = repeat_channels(x3, spec.c_out_per_group, spec.compute_dtype, plan.threads)
     phase_group_weights = [w3] * len(phase_groups)
-    if plan.wide_w:
-        x3, phase_group_weights, phase_groups, wide = _wide_w(spec, plan.phase_groups, x3, w3,
-                                                              plan.threads)
     tasks, channel_stride, x_read = plan.tasks, 0, x3
     convert = not native.reads_in_place(x3, spec.compute_dtype)
     if planar:  # the copy every tile reads, from the input in the compute dtype
@@ -1122,7 +1113,7 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
     jobs = [_native_job(spec, x3, out, phase_groups[t.phase_group], weights[t.phase_group],
                         offsets[t.phase_group], t, convert, mode, x_origin, plan.threads,
-                        wide=wide and wide[t.phase_group], bias=biases[t.phase_group],
+                        bias=biases[t.phase_group],
                         channel_stride=channel_stride, residues=residues[t.phase_group])
             for t in tasks]
     if not convert and packed.sources is not None:
@@ -1264,8 +1255,8 @@ class _Recording:
 def padded_along_w(a: np.ndarray, left: int, width: int, dtype: np.dtype,
                    threads: int) -> np.ndarray:
     """a (N, D, H, W, C) in `dtype`, `left` zeros before each row and zeros after it up to
-    `width`: the input that a run of W taps read as one (`_wide_w`, and the gradients'
-    W-padded cotangent) never leaves. Copied item by item on the threads; `a` itself
+    `width`: the input that a run of W taps read as one (the gradients' W-padded
+    cotangent) never leaves. Copied item by item on the threads; `a` itself
     where no run leaves it and the kernel reads it in place (k2 s2: 44 MB of cotangent
     copied for nothing took half of grad_input's time)."""
     n, d, h, w, c = a.shape
@@ -1280,34 +1271,6 @@ def padded_along_w(a: np.ndarray, left: int, width: int, dtype: np.dtype,
     run_jobs([functools.partial(np.copyto, padded[i, :, :, left:left + w], a[i],
                                 casting="unsafe") for i in range(n)], threads)
     return padded
-
-
-
-
-def _wide_w(spec, phase_groups, x3, w3, threads):
-    """Fused W taps (`_plan.fuses_w_taps`): the input padded along W with zeros, in the
-    compute dtype; per phase group, its phases with one W tap (k: the phase's index in
-    the phase group, offset: its first) and the weight (C_out, kD, kH, phases,
-    taps_w * C_in) that tap weighs, zeros where a phase has no tap at some offset; and per
-    phase group the kernel's (input dims, channels summed per tap)."""
-    left, width, per_phase_group = wide_w_geometry(spec, phase_groups)
-    in_d, in_h = spec.in_spatial[:2]
-    padded = padded_along_w(x3, left, width, spec.compute_dtype, threads)
-    w5 = w3.reshape(spec.c_out, *spec.kernel, spec.c_in)
-    wide_phase_groups, weights, kernel_args = [], [], []
-    for phase_group, (taps, first) in zip(phase_groups, per_phase_group):
-        wide_w = np.zeros((spec.c_out, *spec.kernel[:2], len(phase_group), taps, spec.c_in),
-                          spec.compute_dtype)
-        phases = []
-        for i, phase in enumerate(phase_group):
-            for tap in phase.axis_taps[2]:
-                wide_w[:, :, :, i, tap.offset - first] = w5[:, :, :, tap.k]
-            one_tap = (AxisTap(i, first + left, 0, phase.count[2]),)
-            phases.append(Phase(phase.residue, phase.count, (*phase.axis_taps[:2], one_tap)))
-        wide_phase_groups.append(tuple(phases))
-        weights.append(wide_w.reshape(*wide_w.shape[:4], taps * spec.c_in))
-        kernel_args.append(((in_d, in_h, width - taps + 1), taps * spec.c_in))
-    return padded, weights, tuple(wide_phase_groups), kernel_args
 
 
 def pair_weight(w3: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:

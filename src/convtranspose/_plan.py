@@ -186,7 +186,6 @@ class Plan:
     workspace_limit: int
     est_seconds: dict
     table: np.ndarray | None = field(default=None, repr=False, compare=False)
-    wide_w: bool = False  # native: a phase's W taps summed as one (see `fuses_w_taps`)
 
     @property
     def flops(self) -> int:
@@ -429,7 +428,7 @@ def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase,
     if sw == 1 or mode == native.DEPTHWISE:
         return tuple((p,) for p in live)
     edges = _merges_w_edges(spec)
-    phantoms = phantom_work(spec) if edges and not fuses_w_taps(spec) else 1.0
+    phantoms = phantom_work(spec) if edges else 1.0
     return tuple(sorted(_merged_along(spec, [(p,) for p in live], 2, edges,
                                       phantom_work=phantoms),
                         key=lambda g: g[0].residue))
@@ -834,21 +833,19 @@ def estimate_seconds(spec: ConvSpec, algorithm: str) -> float:
     return registry()[algorithm].estimate(spec)
 
 
-def native_mode(spec: ConvSpec, wide_w: bool | None = None,
-                weight_in_place: bool = True) -> native.Mode:
-    """How the native kernel lays its vectors for this layer (one place for the rule);
-    `wide_w` as `summed_channels`. `weight_in_place`: dot mode reads the weight where it
-    lies (the forward's; grad_input's is copied, transposed)."""
-    return _native_mode(spec, wide_w, weight_in_place, native.isa())
+def native_mode(spec: ConvSpec, weight_in_place: bool = True) -> native.Mode:
+    """How the native kernel lays its vectors for this layer (one place for the rule).
+    `weight_in_place`: dot mode reads the weight where it lies (the forward's; grad_input's
+    is copied, transposed)."""
+    return _native_mode(spec, weight_in_place, native.isa())
 
 
 @functools.lru_cache(maxsize=1024)  # asked on every call: the rule models the weight's use
-def _native_mode(spec: ConvSpec, wide_w: bool | None, weight_in_place: bool,
-                 isa: str) -> native.Mode:
+def _native_mode(spec: ConvSpec, weight_in_place: bool, isa: str) -> native.Mode:
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     if cig == 1 and (cog == 1 or expands_to_depthwise(spec)):
         return native.DEPTHWISE
-    summed = summed_channels(spec, wide_w)
+    summed = cig  # channels summed per tap
     if cog > dot_max_out(spec.compute_dtype.itemsize):
         # Many outputs: CHANNELS mode copies the weight into its layout on every call, dot
         # mode reads it where it lies; where each weight element meets few input pixels,
@@ -897,43 +894,10 @@ def per_input_channel_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
     return w.reshape(spec.c_out, taps, m).transpose(0, 2, 1).reshape(spec.c_in, taps, 1)
 
 
-# Below this many input channels a tap's multiply-adds are too few to pay for loading and
-# storing the block's sums once per tap: the W taps of a phase are summed as one tap.
+# Below this many channels summed a tap's multiply-adds are too few to pay for loading and
+# storing the block's sums once per tap: the gradients sum a tap's W taps as one
+# (`_vjp_native.grad_input_wide_w`, `_vjp.grad_weight_wide_w`).
 FUSE_W_BELOW_CHANNELS = 16
-
-
-def fuses_w_taps(spec: ConvSpec) -> bool:
-    """Whether the native kernel sums a phase's W taps as one wide tap. With dilation 1
-    along W, a phase's W taps read consecutive input pixels, and with channels contiguous
-    (one conv group) those pixels' channels are one contiguous run: one tap of
-    taps_w * C_in channels over a copy of the input padded along W, so that no read leaves
-    it (`wide_w_geometry`; the plan checks the copy fits in the workspace)."""
-    return (native.AVAILABLE and spec.groups == 1 and spec.dilation[2] == 1
-            and spec.kernel[2] > spec.stride[2] and spec.c_in < FUSE_W_BELOW_CHANNELS
-            and spec.c_in * spec.c_out > 1  # 1 -> 1 is depthwise, already along pixels
-            # the wide weights laid out at each call (every (D, H) phase's over the whole
-            # kernel: strides D x H times the weight) no bigger than the input they serve:
-            # 8 -> 256 k7 s2x2x4 on 4x3x4 pixels laid out 12.8 MB a call, 4.7 ms against
-            # 0.9 with its W taps apart
-            and spec.stride[0] * spec.stride[1] * spec.c_out * math.prod(spec.kernel)
-            * spec.c_in <= spec.batch * math.prod(spec.in_spatial) * spec.c_in)
-
-
-def wide_w_geometry(spec: ConvSpec, phase_groups: tuple[tuple[Phase, ...], ...]
-                    ) -> tuple[int, int, tuple[tuple[int, int], ...]]:
-    """(left padding, padded width, per phase group (its W taps, their first input
-    offset)) of the W-padded input that fused W taps read: every output w of a phase
-    group reads pixels [w + first, w + first + taps) of the unpadded row, zeros outside
-    it."""
-    per_phase_group = []
-    for phase_group in phase_groups:
-        offsets = [t.offset for t in phase_group[0].axis_taps[2]]
-        per_phase_group.append((max(offsets) - min(offsets) + 1, min(offsets)))
-    left = max([0] + [-first for _, first in per_phase_group])
-    reach = max([spec.in_spatial[2] + left]  # the input itself, after its left padding
-                + [max(p.count[2] for p in g) + first + taps - 1 + left
-                   for g, (taps, first) in zip(phase_groups, per_phase_group)])
-    return left, reach, tuple(per_phase_group)
 
 
 @functools.lru_cache(maxsize=256)  # asked twice a call: 0.2 ms over 64 phases
@@ -972,20 +936,6 @@ def planar_bytes(spec: ConvSpec) -> int:
     return native.planar_size(shape, height, pitch, item) * item + converted
 
 
-def wide_w_bytes(spec: ConvSpec, phase_groups: tuple[tuple[Phase, ...], ...]) -> int:
-    _, width, _ = wide_w_geometry(spec, phase_groups)
-    return (spec.batch * spec.in_spatial[0] * spec.in_spatial[1] * width * spec.c_in
-            * spec.compute_dtype.itemsize)
-
-
-def summed_channels(spec: ConvSpec, wide_w: bool | None = None) -> float:
-    """Channels the native kernel sums per tap: C_in/g, or with fused W taps C_in times
-    the W taps of a phase (on average). `wide_w` None: whether `fuses_w_taps`."""
-    if fuses_w_taps(spec) if wide_w is None else wide_w:
-        return spec.c_in * spec.kernel[2] / spec.stride[2]
-    return spec.c_in_per_group
-
-
 # Dot mode's time on one core, as costs per operation (seconds), fitted in log space on
 # the 150 dot-mode layers of sweeps 30-45 (two threads, AVX-512; measured / modelled over
 # them: median 1.02, 10th-90th percentile 0.64-1.48, where the rate model it replaces
@@ -1022,14 +972,13 @@ def dot_seconds(spec: ConvSpec) -> float:
 
 def _dot_groups_seconds(spec: ConvSpec, phase_groups) -> float:
     """Dot mode's time on one core for these phase groups: vectors run along the
-    channels summed (C_in/g, or with fused W taps those of a phase's W taps), every
-    output's sum reduced across lanes; a group's phases (merged residues) read the same
-    input, loaded once per register block of outputs; past a block, the weight is read
-    from memory."""
+    channels summed (C_in/g), every output's sum reduced across lanes; a group's phases
+    (merged residues) read the same input, loaded once per register block of outputs;
+    past a block, the weight is read from memory."""
     lanes = native.layout(spec.compute_dtype.itemsize)[0] if native.AVAILABLE else 16
     block = native.DOT_MAX_OUT or 8  # outputs per register block (AVX2's 4 not told apart)
-    vectors = math.ceil(summed_channels(spec) / lanes)
-    cog, wide = spec.c_out_per_group, fuses_w_taps(spec)
+    vectors = math.ceil(spec.c_in_per_group / lanes)
+    cog = spec.c_out_per_group
     # A (D, H) tap that reads outside the input is skipped for the whole row (on few
     # pixels, most are); one that reads part of a row's W, computed for the whole block.
     inside = math.prod(_reading_inside(spec, axis) for axis in (0, 1))
@@ -1040,8 +989,8 @@ def _dot_groups_seconds(spec: ConvSpec, phase_groups) -> float:
         most = max(most, outputs)
         loads = math.ceil(outputs / block)
         per_block = _dot_block_pixels(min(outputs, block))
-        taps = p.tap_count // len(p.axis_taps[2]) if wide else p.tap_count
-        window = None if wide else _window_loads(p, outputs, per_block)
+        taps = p.tap_count
+        window = _window_loads(p, outputs, per_block)
         load_taps = taps if window is None else taps // len(p.axis_taps[2]) * window
         pixels = p.size * spec.batch * spec.groups
         # a row is computed in whole blocks of pixels (the last overlapping the one before)
@@ -1175,7 +1124,7 @@ def channels_rate(spec: ConvSpec) -> float:
     accumulator traffic (measured on W1-W8 and the demo's layers)."""
     lanes, max_vectors = native.layout(spec.compute_dtype.itemsize)
     peak = NATIVE_PEAK_PER_LANE * lanes  # this machine's, one core
-    cog, cig = spec.c_out_per_group, summed_channels(spec)
+    cog, cig = spec.c_out_per_group, spec.c_in_per_group
     vectors = ceil_div(cog, lanes)
     used = cog / (vectors * lanes)
     blocking = (0.65 + 0.2 * _w_taps_at_once_share(spec) if vectors == 1
@@ -1277,15 +1226,12 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
         takes_pairs and spec.input_dtype != spec.compute_dtype
         or native_converts_whole_input(spec, limit))
     shared = kind == Algorithm.NATIVE and native_shares_tiles(spec, limit)
-    wide_w = (algorithm == Algorithm.NATIVE and fuses_w_taps(spec)
-              and wide_w_bytes(spec, phase_groups) <= limit)
-    copy_bytes = (wide_w_bytes(spec, phase_groups) if wide_w else
-                  kernel.input_copy_bytes(spec) if kernel.input_copy_bytes else 0)
+    copy_bytes = kernel.input_copy_bytes(spec) if kernel.input_copy_bytes else 0
     if copy_bytes:  # the copy is the input every tile reads, converted
         whole_input, shared = True, not _rounds_blocks(spec)
-    # Long rows cut along W: tiles of the compiled kernel reading in place, each phase's
-    # W taps apart (not PLANAR's whole rows, nor fused W taps' padded copy).
-    cut_w = shared and algorithm == Algorithm.NATIVE and not wide_w
+    # Long rows cut along W: tiles of the compiled kernel reading in place (not PLANAR's
+    # whole rows).
+    cut_w = shared and algorithm == Algorithm.NATIVE
     tasks, biggest = make_tasks(spec, kind, phase_groups, limit, threads, whole_input,
                                 shared, cut_w=cut_w)
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
@@ -1300,7 +1246,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                  else 0) + (pair_input_bytes(spec) if takes_pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, phase_groups=phase_groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
-                workspace_limit=limit, est_seconds=est, wide_w=wide_w)
+                workspace_limit=limit, est_seconds=est)
 
 
 def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, ...], ...],

@@ -93,7 +93,7 @@ def _native_grad_input_suits(spec: ConvSpec, need_weight: bool) -> bool:
     if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:  # depthwise, against the
         return True  # direct path's NumPy multiply-adds: W7's grad_input 38 -> 12 ms
     swapped = grad_input_kernel_spec(spec)
-    mode = native_mode(swapped, False, weight_in_place=False)
+    mode = native_mode(swapped, weight_in_place=False)
     if need_weight and math.prod(spec.stride) > 1:
         return False
     # 20 GFLOP/s modelled is where the GEMM paths stop winning: measured, W6's grad_input
@@ -453,7 +453,7 @@ def _native_grad_input_is_cheaper(spec: ConvSpec, compute_dtype: np.dtype, threa
     whether the models still say the kernel is cheaper: against the GEMM's own time,
     and the cotangent copy too unless grad_weight's GEMMs share it (`shares_copy`).
     (4 -> 6 g2 k6 s2: the gathered rows of 3 channels took 250 ms, the kernel 5 ms.)"""
-    if native_mode(grad_input_kernel_spec(spec), False,
+    if native_mode(grad_input_kernel_spec(spec),
                    weight_in_place=False) not in (native.CHANNELS, native.DOT):
         return False
     times, copy = _gemm_seconds(spec, compute_dtype,

@@ -32,9 +32,9 @@ from ._vjp_tiles import input_tiles, sum_in_order
 
 
 def grad_input_wide_w(spec: ConvSpec) -> bool:
-    """Whether grad_input sums every W tap as one (as the forward's `fuses_w_taps`): with
-    dilation 1 along W, input pixel i meets cotangent pixels i*s - p + k for k in [0, kW),
-    one run of kW * C_out values (one conv group) in a cotangent padded along W."""
+    """Whether grad_input sums every W tap as one: with dilation 1 along W, input pixel i
+    meets cotangent pixels i*s - p + k for k in [0, kW), one run of kW * C_out values (one
+    conv group) in a cotangent padded along W."""
     return (spec.groups == 1 and spec.dilation[2] == 1 and spec.kernel[2] > 1
             and spec.c_out < FUSE_W_BELOW_CHANNELS)
 
@@ -61,7 +61,7 @@ def grad_input_mode(spec: ConvSpec) -> native.Mode:
     """The kernel's vector layout for grad_input."""
     if spec.c_in_per_group == 1 and spec.c_out_per_group == 1:
         return native.DEPTHWISE
-    return native_mode(grad_input_kernel_spec(spec), False, weight_in_place=False)
+    return native_mode(grad_input_kernel_spec(spec), weight_in_place=False)
 
 
 @functools.lru_cache(maxsize=64)  # a table is taps x C_in/g int64: bounded memory
