@@ -733,6 +733,24 @@ def test_w_residues_merged_with_phantom_taps_match_the_reference(case, dtype, rn
         forget_plans()  # (the plans made while told)
 
 
+def test_winograd_w_residues_merged_with_phantom_taps_match_the_reference(rng, monkeypatch):
+    """Winograd's tiles are CHANNELS mode's: its W residues merge with phantom taps too."""
+    from convtranspose._geometry import PHANTOM
+    monkeypatch.setattr(_plan, "phantom_work", lambda spec: _plan.PHANTOM_MAX_WORK)
+    forget_plans()
+    x = rng.standard_normal((1, 6, 5, 12, 32)).astype(np.float32)
+    w = rng.standard_normal((22, 3, 3, 3, 32)).astype(np.float32)
+    bias = rng.standard_normal(22).astype(np.float32)
+    kw = dict(stride=(1, 2, 2), padding=(1, 1, 0), output_padding=(0, 1, 1))
+    try:
+        plan = ct.plan(x.shape, w.shape, **kw, algorithm="winograd")
+        assert any(t.k == PHANTOM for g in plan.phase_groups for ph in g
+                   for t in ph.axis_taps[2])
+        _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch)
+    finally:
+        forget_plans()
+
+
 # Dot mode's residues merged across rows and conv groups (`_plan.dot_phase_groups`): each
 # output where its own residue's position lies (`CtJob::oout`), edges of rotated residues
 # as phase groups of their own. (in_spatial, C_in, C_out, kernel, stride, padding,
