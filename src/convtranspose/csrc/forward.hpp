@@ -671,7 +671,9 @@ struct OutputStage {
     if (!whole_rows && shortest * (int64_t)sizeof(T) < 128) return;
     on = true;
     pitch = (run_max * stride + L - 1) / L * L;
-    store.resize(max_rows * pitch + L);
+    // A spare line for aligned_line: L spare elements (half a line with AVX2) let the last
+    // staged row overrun the buffer, a heap corruption (AVX2, float64, phantom merges).
+    store.resize(max_rows * pitch + 64 / sizeof(T));
     rows = aligned_line(store.data());
 #else
     (void)job, (void)groups, (void)shared_chunks, (void)max_rows, (void)run_max;
