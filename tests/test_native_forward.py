@@ -707,48 +707,51 @@ PHANTOM_MERGE_CASES = [
 ]
 
 
+@pytest.fixture
+def phantoms_everywhere(monkeypatch):
+    """W residues merge with phantom taps wherever the work bound allows: outputs as small
+    as the tests' merge so only when told (`phantom_work` weighs the products against the
+    output's bytes). The plans made meanwhile are forgotten after."""
+    monkeypatch.setattr(_plan, "phantom_work", lambda spec: _plan.PHANTOM_MAX_WORK)
+    forget_plans()
+    yield
+    forget_plans()
+
+
+def _has_phantom_taps(plan) -> bool:
+    from convtranspose._geometry import PHANTOM
+    return any(t.k == PHANTOM for g in plan.phase_groups for ph in g for t in ph.axis_taps[2])
+
+
 @pytest.mark.parametrize("case", PHANTOM_MERGE_CASES, ids=[str(c) for c in PHANTOM_MERGE_CASES])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_w_residues_merged_with_phantom_taps_match_the_reference(case, dtype, rng,
-                                                                 monkeypatch):
+                                                                 monkeypatch,
+                                                                 phantoms_everywhere):
     """A residue without a tap where the others have one reads the same input through a
-    zero weight: every output written once, with the bias. (Outputs this small merge so
-    only when told: `phantom_work` weighs the products against the output's bytes.)"""
-    from convtranspose._geometry import PHANTOM
-    monkeypatch.setattr(_plan, "phantom_work", lambda spec: _plan.PHANTOM_MAX_WORK)
-    forget_plans()
+    zero weight: every output written once, with the bias."""
     k, s, p, op, c_in, c_out, groups = case
     x = rng.standard_normal((2, 3, 4, 11, c_in)).astype(dtype)
     w = rng.standard_normal((c_out, 2, 3, k, c_in // groups)).astype(dtype)
     bias = rng.standard_normal(c_out).astype(dtype)
     kw = dict(stride=(1, 2, s), padding=(0, 1, p), output_padding=(0, 1, op), groups=groups)
-    try:
-        plan = ct.plan(x.shape, w.shape, **kw, algorithm="native")
-        assert _plan.native_mode(plan.spec) == native.CHANNELS
-        assert any(t.k == PHANTOM for g in plan.phase_groups for ph in g
-                   for t in ph.axis_taps[2])
-        _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch,
-                              rtol=1e-4 if dtype == np.float32 else 1e-10)
-    finally:
-        forget_plans()  # (the plans made while told)
+    plan = ct.plan(x.shape, w.shape, **kw, algorithm="native")
+    assert _plan.native_mode(plan.spec) == native.CHANNELS
+    assert _has_phantom_taps(plan)
+    _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch,
+                          rtol=1e-4 if dtype == np.float32 else 1e-10)
 
 
-def test_winograd_w_residues_merged_with_phantom_taps_match_the_reference(rng, monkeypatch):
+def test_winograd_w_residues_merged_with_phantom_taps_match_the_reference(
+        rng, monkeypatch, phantoms_everywhere):
     """Winograd's tiles are CHANNELS mode's: its W residues merge with phantom taps too."""
-    from convtranspose._geometry import PHANTOM
-    monkeypatch.setattr(_plan, "phantom_work", lambda spec: _plan.PHANTOM_MAX_WORK)
-    forget_plans()
     x = rng.standard_normal((1, 6, 5, 12, 32)).astype(np.float32)
     w = rng.standard_normal((22, 3, 3, 3, 32)).astype(np.float32)
     bias = rng.standard_normal(22).astype(np.float32)
     kw = dict(stride=(1, 2, 2), padding=(1, 1, 0), output_padding=(0, 1, 1))
-    try:
-        plan = ct.plan(x.shape, w.shape, **kw, algorithm="winograd")
-        assert any(t.k == PHANTOM for g in plan.phase_groups for ph in g
-                   for t in ph.axis_taps[2])
-        _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch)
-    finally:
-        forget_plans()
+    plan = ct.plan(x.shape, w.shape, **kw, algorithm="winograd")
+    assert _has_phantom_taps(plan)
+    _written_once_matches(plan, x, w, conv_transpose_ref(x, w, **kw), bias, monkeypatch)
 
 
 # Dot mode's residues merged across rows and conv groups (`_plan.dot_phase_groups`): each

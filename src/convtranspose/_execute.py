@@ -721,11 +721,8 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
             np.add.outer(np.add.outer([t.k * s_d for t in kd], [t.k * s_h for t in kh]),
                          [t.k * s_w for t in kw]).ravel()
             for kd, kh, kw in (p.axis_taps for p in phase_group)])
-        phantom = np.stack([  # (phases, taps): a PHANTOM tap along some axis
-            np.logical_or.outer(np.logical_or.outer([t.k == PHANTOM for t in kd],
-                                                    [t.k == PHANTOM for t in kh]),
-                                [t.k == PHANTOM for t in kw]).ravel()
-            for kd, kh, kw in (p.axis_taps for p in phase_group)])
+        phantom = np.array([[any(t.k == PHANTOM for t in tap) for tap in p.taps]
+                            for p in phase_group])  # (phases, taps), as tap_start
         taps = tap_start.shape[1]
         tables = []
         for g in range(groups):

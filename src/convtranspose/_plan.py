@@ -398,8 +398,7 @@ def workspace_limit(spec: ConvSpec, workspace: int | None) -> int:
             raise ValueError(f"plan: 'workspace' must be a number of bytes >= 0, got "
                              f"{workspace!r}")
         return workspace
-    out_bytes = spec.batch * math.prod(spec.out_spatial) * spec.c_out * spec.result_dtype.itemsize
-    return max(DEFAULT_WORKSPACE, out_bytes // 4)
+    return max(DEFAULT_WORKSPACE, spec.output_bytes // 4)
 
 
 def geometry_key(phase: Phase) -> tuple:
@@ -539,9 +538,8 @@ PHANTOM_FLOPS_PER_BYTE = 7.5
 def phantom_work(spec: ConvSpec) -> float:
     """How many times its residues' own products a W-merged CHANNELS phase group may
     compute with PHANTOM taps (`merged_row`)."""
-    out_bytes = spec.batch * math.prod(spec.out_spatial) * spec.c_out * spec.result_dtype.itemsize
     return min(PHANTOM_MAX_WORK,
-               1 + PHANTOM_FLOPS_PER_BYTE * out_bytes / max(spec.useful_flops, 1))
+               1 + PHANTOM_FLOPS_PER_BYTE * spec.output_bytes / max(spec.useful_flops, 1))
 
 
 def _with_taps(phase: Phase, axis: int, offsets: list[int]) -> Phase:
@@ -577,20 +575,19 @@ def merged_row(row: list[tuple[Phase, ...]], axis: int, s: int, width: int,
     counts = [group[0].count[axis] for group in row]
     residues = [group[0].residue[axis] for group in row]
     own = sum(len(offs) for offs in offsets)
-    best = None  # (offsets every residue reads, shifted; r0), the fewest first
+    best = None  # (offsets every residue reads, shifted; r0; wraps), the fewest first
     for r0 in residues:
         wraps = [1 if r < r0 else 0 for r in residues]
         shifted = [{o + wrap for o in offs} for offs, wrap in zip(offsets, wraps)]
         union = set().union(*shifted)
         if all(len(one) == len(union) for one in shifted):
-            best = (union, r0)
+            best = (union, r0, wraps)
             break
         if len(union) * len(row) <= phantom_work * own and (
                 best is None or len(union) < len(best[0])):
-            best = (union, r0)
+            best = (union, r0, wraps)
     if best is not None:
-        union, r0 = best
-        wraps = [1 if r < r0 else 0 for r in residues]
+        union, r0, wraps = best
         merged_count = min(c - wrap for c, wrap in zip(counts, wraps))
         whole = r0 == residues[0] and all(c == merged_count for c in counts)
         if merged_count <= 0 or not (whole or edges):
@@ -845,23 +842,22 @@ def _native_mode(spec: ConvSpec, weight_in_place: bool, isa: str) -> native.Mode
     cig, cog = spec.c_in_per_group, spec.c_out_per_group
     if cig == 1 and (cog == 1 or expands_to_depthwise(spec)):
         return native.DEPTHWISE
-    summed = cig  # channels summed per tap
     if cog > dot_max_out(spec.compute_dtype.itemsize):
         # Many outputs: CHANNELS mode copies the weight into its layout on every call, dot
         # mode reads it where it lies; where each weight element meets few input pixels,
         # the copy outweighs the products (`DOT_IN_PLACE_BELOW`), if the models agree.
         lanes = native.layout(spec.compute_dtype.itemsize)[0]
-        if (weight_in_place and summed >= lanes and weight_reuse(spec) < DOT_IN_PLACE_BELOW
+        if (weight_in_place and cig >= lanes and weight_reuse(spec) < DOT_IN_PLACE_BELOW
                 and dot_seconds(spec) < channels_seconds(spec)):
             return native.DOT
         return native.CHANNELS
-    if cog <= dot_max_out(spec.compute_dtype.itemsize) and summed >= 8:
+    if cog <= dot_max_out(spec.compute_dtype.itemsize) and cig >= 8:
         # Past four outputs each pixel reduces across lanes more often: only where each
         # output sums enough (its taps, on average over the phases, times the channels)
         # to pay for that (48 -> 32 g4 k3x2x7 s4 sums 8 values an output: 8 lane
         # reductions for 8 multiply-adds a pixel, 7.6 ms against CHANNELS mode's 6.3).
         lanes = native.layout(spec.compute_dtype.itemsize)[0]
-        per_output = summed * math.prod(spec.kernel) / math.prod(spec.stride)
+        per_output = cig * math.prod(spec.kernel) / math.prod(spec.stride)
         if cog <= 4 or per_output >= 2 * lanes:
             return native.DOT
     return native.CHANNELS

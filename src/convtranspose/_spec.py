@@ -107,6 +107,10 @@ class ConvSpec:
         return (self.batch, *self.out_spatial[3 - self.ndim:], self.c_out)
 
     @property
+    def output_bytes(self) -> int:
+        return math.prod(self.output_shape) * self.result_dtype.itemsize
+
+    @property
     def useful_flops(self) -> int:
         """2 * N * prod(in_spatial) * C_in * (C_out / groups) * prod(kernel)."""
         return (2 * self.batch * math.prod(self.in_spatial) * self.c_in
@@ -449,7 +453,7 @@ def check_bias(op: str, bias: Any, spec: ConvSpec) -> np.ndarray | None:
 def check_fits_in_memory(spec: ConvSpec) -> ConvSpec:
     """In-memory calls only: refuse, before allocating, an output larger than this
     machine's memory (convtranspose.dask streams such volumes instead)."""
-    out_bytes = math.prod(spec.output_shape) * spec.result_dtype.itemsize
+    out_bytes = spec.output_bytes
     limit = memory_limit_bytes()
     if out_bytes > limit:
         raise ValueError(

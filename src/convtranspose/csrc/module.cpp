@@ -547,9 +547,9 @@ PyObject* py_grad_weight(PyObject*, PyObject* spec) {
 }
 
 // The weight layout of CT_MODE_CHANNELS, gathered from wherever the weight lies:
-// dst[chunk][tap][r][column] = src[table[tap][col] + r * row_stride], zero where the
-// table says -1 (a phantom tap, _plan.merged_row) and in columns past `cols` (up to whole
-// vectors). The table names each (tap, column)'s source element, so
+// dst[chunk][tap][r][column] = src[table[tap][col] + r * row_stride], zero in columns
+// past `cols` (up to whole vectors) and, with rows contiguous (the forward's), where the
+// table says -1 (a phantom tap, _plan.merged_row). The table names each (tap, column)'s source element, so
 // one loop serves the forward's phase taps, merged W residues and conv groups, and the
 // transposed weight of grad_input; NumPy needed several passes and a transpose for it.
 template <typename T>
@@ -568,14 +568,14 @@ void pack_columns(const T* src, const int64_t* table, int64_t taps, int64_t cols
         const int64_t live = std::max<int64_t>(0, std::min(width, cols - c0));
         for (int64_t t = 0; t < taps; ++t) {
           const int64_t* from = table + t * cols + c0;
-          bool run = live && from[0] >= 0;  // one contiguous run of the source: rows whole
+          bool run = true;  // the columns one contiguous run of the source: copy rows whole
           for (int64_t c = 1; c < live && run; ++c) run = from[c] == from[0] + c;
           T* out = chunk_dst + (t * rows + r0) * width;
           for (int64_t r = 0; r < rn; ++r, out += width) {
             const T* row = src + (r0 + r) * row_stride;
-            if (run) std::memcpy(out, row + from[0], live * sizeof(T));
+            if (run && live) std::memcpy(out, row + from[0], live * sizeof(T));
             else
-              for (int64_t c = 0; c < live; ++c) out[c] = from[c] < 0 ? T(0) : row[from[c]];
+              for (int64_t c = 0; c < live; ++c) out[c] = row[from[c]];
             for (int64_t c = live; c < width; ++c) out[c] = T(0);
           }
         }
