@@ -529,8 +529,12 @@ def pack_columns_on_threads(w: np.ndarray, tables: list[np.ndarray], rows: int,
     7.7 MB packed on one thread took 14% of 200 -> 384 k5 s3's gradients)."""
     tables = [np.ascontiguousarray(t, np.int64) for t in tables]
     item = w.dtype.itemsize
-    out = [native.aligned_empty(native.packed_size(t.shape[0], rows, t.shape[1], item),
-                                w.dtype) for t in tables]
+    align = 64 // item  # each array on a cache line, all in one block at equal steps
+    sizes = [native.packed_size(t.shape[0], rows, t.shape[1], item) for t in tables]
+    steps = [ceil_div(n, align) * align for n in sizes]
+    block = native.aligned_empty(sum(steps), w.dtype)
+    starts = np.cumsum([0] + steps)
+    out = [block[a:a + n] for a, n in zip(starts, sizes)]
     if threads < 2 or sum(a.nbytes for a in out) < PARALLEL_PACK_BYTES:
         for t, a in zip(tables, out):
             native.fill_columns(w, t, rows, row_stride, a)
@@ -821,7 +825,7 @@ def _groups_in_one_call(spec, mode: native.Mode, out: np.ndarray) -> bool:
             and spec.c_out_per_group * out.dtype.itemsize % 64 != 0)
 
 
-def _group_stride(packed: list[np.ndarray], item: int) -> int:
+def group_stride(packed: list[np.ndarray], item: int) -> int:
     """Elements between one conv group's weight and the next's (views of one array, or
     equal arrays of one block, at equal steps)."""
     if len(packed) < 2:
@@ -888,7 +892,7 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
                              cursors.address(0), cursors.sharers, into=into,
                              pair_out=geo.pair_out, bias=b_addr,
                              weight_offsets=weights.offsets, output_offsets=geo.out_offsets,
-                             groups=groups, group_w=_group_stride(packed, item),
+                             groups=groups, group_w=group_stride(packed, item),
                              group_out=spec.c_out_per_group)
         else:
             group_step = cig * (channel_stride or 1) * item

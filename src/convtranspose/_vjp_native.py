@@ -14,7 +14,14 @@ from collections.abc import Callable
 import numpy as np
 
 from . import _native_kernel as native
-from ._execute import pack_columns_on_threads, padded_along_w, pair_input, pair_weight, run_jobs
+from ._execute import (
+    group_stride,
+    pack_columns_on_threads,
+    padded_along_w,
+    pair_input,
+    pair_weight,
+    run_jobs,
+)
 from ._geometry import ceil_div
 from ._memory import Scratch
 from ._native_kernel import GradWeightLayout
@@ -134,9 +141,9 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
     if depthwise:  # [tap][channel], every channel in one pass
         packed = [np.ascontiguousarray(w3[:, :, 0].T, dtype=compute_dtype)]
     elif mode == native.DOT:  # [tap][ci][co] per group: vectors along the co summed
-        w4 = w3.reshape(groups, cog, ktot, cig)
-        packed = [np.ascontiguousarray(w4[g].transpose(1, 2, 0), dtype=compute_dtype)
-                  for g in range(groups)]
+        w4 = np.ascontiguousarray(w3.reshape(groups, cog, ktot, cig).transpose(0, 2, 3, 1),
+                                  dtype=compute_dtype)
+        packed = list(w4)
     else:  # [tap][co][ci] per group (rows co, columns ci), gathered from w3 in one pass
         w3 = w3.astype(compute_dtype, copy=False)
         if winograd_pairs:  # the D taps, in order of offset k - p, transformed into four
@@ -174,8 +181,10 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
         in_dims, steps = (4 * winograd_pairs, oh, out_w), (4, *spec.stride[1:])
         offsets = _pair_offsets(spec)
 
+    group_w = group_stride(packed, item)
+
     def job_for(tile):
-        cursors = native.RowCursors(groups, sharers)
+        cursors = native.RowCursors(1, sharers)
         n0, n1 = tile.n
         box = (n0, n1, *tile.d, *tile.h)
         rows_d = (slice(2 * tile.d[0], min(2 * tile.d[1], spec.in_spatial[0])) if winograd_pairs
@@ -192,12 +201,14 @@ def grad_input(spec, c3, w3, gx, n_threads, budget, compute_dtype,
                                  os_, box, w1 - w0, groups, groups,
                                  cursors.address(0), sharers, into=into)
                 return
-            for g in range(groups):
-                native.correlate(mode, item, native.HALF_NONE, stream,
-                                 x_addr + g * cog * item, xs, in_dims, packed[g],
-                                 at, steps, o_addr + g * cig * item, os_, box,
-                                 w1 - w0, cog, cig, cursors.address(g), sharers,
-                                 into=into, pair_out=spec.in_spatial[0] if winograd_pairs else 0)
+            # Every conv group in one call, each row's groups in turn: a call per group
+            # streamed the whole cotangent once per group, each reading its own channels
+            # of every line (16 -> 32 g2 k2 s2, a 25 MB cotangent: 5.8 -> 5.1 ms).
+            native.correlate(mode, item, native.HALF_NONE, stream, x_addr, xs, in_dims,
+                             packed[0], at, steps, o_addr, os_, box, w1 - w0, cog, cig,
+                             cursors.address(0), sharers, into=into,
+                             pair_out=spec.in_spatial[0] if winograd_pairs else 0,
+                             groups=groups, group_w=group_w, group_out=cig)
 
         if not convert:  # in place: a task for the compiled pool
             prepared: list = []
