@@ -647,11 +647,7 @@ struct OutputStage {
               int64_t run_max) {
 #ifdef CT_STREAM
     constexpr int L = CT_VBYTES / sizeof(T);
-    // (Whole vectors of a pixel's outputs, every conv group's starting on a vector, go
-    // out in place: staged, 4 -> 192 g2 k(3, 3) on 2x144x140 copied 31 MB once more.)
-    if (!job.stream_out || job.out_half || shared_chunks ||
-        (!job.oout && job.cout % L == 0 && (groups <= 1 || job.group_out % L == 0)))
-      return;
+    if (!job.stream_out || job.out_half || shared_chunks) return;
     std::vector<int64_t> at;
     at.reserve(groups * job.cout);
     for (int64_t g = 0; g < groups; ++g)
@@ -669,6 +665,11 @@ struct OutputStage {
     }
     shortest = std::min(shortest, spans.back().second);
     stride = job.os[3];
+    // Runs of whole vectors from a vector's start go out in place, each store a whole
+    // aligned vector (staged, 4 -> 192 g2 k(3, 3) on 2x144x140 copied 31 MB once more).
+    bool whole_vectors = stride % L == 0;
+    for (const auto& [first, count] : spans) whole_vectors &= first % L == 0 && count % L == 0;
+    if (whole_vectors) return;
     whole_rows = spans.size() == 1 && spans[0].first == 0 && spans[0].second == stride;
     if (!whole_rows && shortest * (int64_t)sizeof(T) < 128) return;
     on = true;
