@@ -816,26 +816,29 @@ def _tile_geometry(spec, phase_group: tuple[Phase, ...], tile: Tile, pair_dims: 
 
 
 # The most weight (every conv group's) for which CHANNELS mode's conv groups go to the
-# kernel in one call where their outputs do not share lines (`_groups_in_one_call`).
+# kernel in one call where their outputs do not share lines (`groups_in_one_call`).
 GROUPS_IN_ONE_CALL_WEIGHT_BYTES = 256 * 2**10
 
 
-def _groups_in_one_call(spec, mode: native.Mode, out: np.ndarray) -> bool:
-    """Whether CHANNELS mode's conv groups go to the kernel as one call (each row's groups
-    in turn). Where a group's channels end inside a cache line, so that a line holds
-    several groups' outputs: called apart, each group wrote its part of every line of the
-    tile, the lines fetched again group after group (8 -> 24 g4 k4 s2: 6 channels a
-    group). Elsewhere where every group's weight stays in L2 as the row groups sweep it:
-    called apart, each group read the whole tile's input again. Over 40 grouped sweep
-    layers, alternating processes in both orders: 0.93x (geomean) the time of calls apart
-    for the 22 with weights up to 256 KiB (4 -> 32 g2 k(2, 7, 2) 0.71x, 8 -> 64 g4 k6 s2
-    2-D 0.88x; 48 -> 64 g4 k2 s(1, 2) 1.07x), 1.01x above it (2 -> 4 MB weights up to
-    1.12x)."""
+def groups_in_one_call(spec, mode: native.Mode, out_itemsize: int) -> bool:
+    """Whether the conv groups of a DOT or CHANNELS job go to the kernel as one call (each
+    row's groups in turn; `spec` as the kernel sees it). DOT mode's always (the kernel
+    takes a group over every row where their weights outgrow L1). CHANNELS mode's where a
+    group's channels end inside a cache line, so that a line holds several groups'
+    outputs: called apart, each group wrote its part of every line of the tile, the lines
+    fetched again group after group (8 -> 24 g4 k4 s2: 6 channels a group). Elsewhere
+    where every group's weight stays in L2 as the row groups sweep it: called apart, each
+    group read the whole tile's input again. Over 40 grouped sweep layers, alternating
+    processes in both orders: 0.93x (geomean) the time of calls apart for the 22 with
+    weights up to 256 KiB (4 -> 32 g2 k(2, 7, 2) 0.71x, 8 -> 64 g4 k6 s2 2-D 0.88x; 48 ->
+    64 g4 k2 s(1, 2) 1.07x), 1.01x above it (2 -> 4 MB weights up to 1.12x)."""
+    if mode == native.DOT:
+        return True
     if mode != native.CHANNELS or spec.groups == 1:
         return False
     weight = (spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group
               * spec.compute_dtype.itemsize)
-    return (spec.c_out_per_group * out.dtype.itemsize % 64 != 0
+    return (spec.c_out_per_group * out_itemsize % 64 != 0
             or weight <= GROUPS_IN_ONE_CALL_WEIGHT_BYTES)
 
 
@@ -878,10 +881,9 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
     # Reading and writing in place, the tile's rows are claimed through the kernel's
     # cursors (one per conv group), so that threads left without a tile can join it; a
     # tile that converts its input or rounds through a block runs on one thread.
-    # one call writes whole rows: PLANAR every group and residue, DOT every group, and
-    # CHANNELS every group where a group's channels end inside a line
-    # (`_groups_in_one_call`)
-    whole_rows = mode in (native.PLANAR, native.DOT) or _groups_in_one_call(spec, mode, out)
+    # one call writes whole rows: PLANAR every group and residue, DOT and CHANNELS every
+    # group where `groups_in_one_call` says
+    whole_rows = mode == native.PLANAR or groups_in_one_call(spec, mode, out.dtype.itemsize)
     cursors = native.RowCursors(1 if whole_rows else groups,
                                 1 if convert_input or round_output else threads)
     b_addr = bias.ctypes.data if bias is not None else 0
