@@ -822,13 +822,14 @@ def test_dot_windows_of_conv_groups_match_the_reference(case, dtype, rng, monkey
                           rtol={np.float16: 2e-3, np.float32: 1e-4, np.float64: 1e-12}[dtype])
 
 # Channels mode's conv groups in one call where a group's channels end inside a cache line
-# (`_execute._groups_in_one_call`): (in_spatial, C_in, C_out, kernel, stride, padding,
+# (`_execute.groups_in_one_call`): (in_spatial, C_in, C_out, kernel, stride, padding,
 # groups)
 CHANNELS_GROUP_CASES = [
     ((5, 4, 6), 8, 24, 4, 2, 0, 4),   # 2 channels in, 6 out a group
     ((3, 4, 3), 8, 48, 6, 3, 1, 4),
     ((4, 5, 4), 4, 42, (3, 2, 3), 1, 1, 2),
     ((2, 3, 9), 36, 60, 3, (1, 2, 2), 1, 3),
+    ((3, 4, 5), 32, 64, 3, 1, 1, 2),  # whole lines a group, a weight within L2's bound
 ]
 
 
@@ -845,10 +846,27 @@ def test_channels_mode_groups_in_one_call_match_the_reference(case, dtype, rng, 
     kw = dict(stride=s, padding=p, groups=groups)
     plan = ct.plan(x.shape, w.shape, **kw, dtype=dtype, algorithm="native")
     assert native_mode(plan.spec) == native.CHANNELS
-    assert _execute._groups_in_one_call(plan.spec, native.CHANNELS, np.empty(1, dtype))
+    assert _execute.groups_in_one_call(plan.spec, native.CHANNELS, np.dtype(dtype).itemsize)
     ref = conv_transpose_ref(x.astype(np.float64), w.astype(np.float64), **kw)
     _written_once_matches(plan, x, w, ref, bias, monkeypatch,
                           rtol=2e-3 if dtype == np.float16 else 1e-4)
+
+def test_groups_in_one_call_keeps_big_weights_apart():
+    """Groups whose outputs fill whole lines go to the kernel together only while every
+    group's weight fits the bound; groups that share lines always; dot mode always."""
+    from convtranspose import _execute
+    bound = _execute.GROUPS_IN_ONE_CALL_WEIGHT_BYTES
+
+    def spec(c_in, c_out, k):
+        return ct.plan((1, 4, 4, 4, c_in), (c_out, k, k, k, c_in // 2), groups=2).spec
+    small, big = spec(32, 64, 3), spec(128, 128, 5)  # 110 KiB and 2 MB, 16 and 64 outputs
+    assert 64 * 27 * 16 * 4 <= bound < 128 * 125 * 64 * 4
+    assert _execute.groups_in_one_call(small, native.CHANNELS, 4)
+    assert not _execute.groups_in_one_call(big, native.CHANNELS, 4)
+    shared = spec(128, 120, 5)  # 60 outputs a group: groups meet inside lines
+    assert _execute.groups_in_one_call(shared, native.CHANNELS, 4)
+    assert _execute.groups_in_one_call(big, native.DOT, 4)
+
 
 # Many outputs on few pixels: dot mode reads the weight where it lies (no copy), in
 # register blocks of outputs, each block over every row (short rows) or each row over
