@@ -551,6 +551,30 @@ def test_planar_gradients_match_the_loops(dims, spatial, c_in, c_out, kernel, se
             np.testing.assert_array_equal(again, gw)
 
 
+def test_planar_declines_strides_of_three_whose_w_residues_meet_one_tap(rng):
+    """A stride of 3 or more along H and W with a W kernel no longer than its stride: the
+    planar cotangent would hold s_h * s_w times the input's pixels for few products each,
+    so the gradients take a channel layout, and still match the loops; with the stride
+    along W alone planar stays."""
+    from test_vjp import loops_vjp, make_case
+
+    from convtranspose import _vjp
+    from convtranspose._api import spec_for
+    from convtranspose._vjp import vjp_arrays
+    f32 = np.dtype(np.float32)
+    for stride, planar in (((4, 4), False), ((3, 3), False), ((1, 4), True)):
+        x, w, cot, kws = make_case(rng, 2, (16, 40), 8, 1, (3, 3), batch=1,
+                                   dtypes=(np.float32,) * 3, stride=stride)
+        spec, _, _ = spec_for(2, x, w, **kws)
+        assert _vjp.planar_suits(spec, f32, _vjp.PLANAR_MAX_CHANNELS, None) == planar
+        plan = _vjp.make_vjp_plan(spec, f32)
+        assert bool(plan.grad_input and plan.grad_input.planar) == planar, plan
+        rx, rw = loops_vjp(x, w, cot, **kws)
+        gx, gw = vjp_arrays(spec, x, w, cot)
+        np.testing.assert_allclose(gx, rx, atol=1e-5 * np.abs(rx).max(), rtol=0)
+        np.testing.assert_allclose(gw, rw, atol=1e-5 * np.abs(rw).max(), rtol=0)
+
+
 def test_planar_bindings_refuse_bad_sizes():
     """The planar copy and kernels check their buffers against the geometry they are given:
     a buffer too short, or a W tap reading past its residue's stretch, is a ValueError,

@@ -179,7 +179,13 @@ def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
     and 1.05-1.20x on 3; outside it, it lost on 55 of 66 (wide channels, rows of 4-15
     pixels, 1-D rows of 10^5: up to 60x) and won on 11, left to a later rule. Up to 4
     groups (as measured), and not depthwise: vectors along the channels serve those (64
-    -> 64 g64 k3: 1.6 ms against 14.8 over planar rows, a job per group). The planar
+    -> 64 g64 k3: 1.6 ms against 14.8 over planar rows, a job per group). Nor where the
+    stride is 3 or more along H and W and each W residue meets one W tap at most: the
+    planar cotangent, split by W residue, holds s_h * s_w times the input's pixels, each
+    value met by few taps, and the copy costs more than the products (both gradients,
+    in-process alternating, two runs: 8 -> 1 k3 s4 2-D on 4x439x249 2.05-2.07x the time
+    of the channel layouts, 8 -> 3 k3 s4 2.76-3.26x, 6 of 6 such sweep layers 1.15x or
+    more; with the stride along W alone, 1 -> 3 k3 s(1, 1, 4), planar 0.85x). The planar
     copies must fit the workspace `limit` (None: any)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
     w = spec.in_spatial[2]
@@ -188,6 +194,7 @@ def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
     return (max(spec.c_in_per_group, spec.c_out_per_group) <= max_channels and w >= 16
             and 4 * w >= 3 * ceil_div(w, lanes) * lanes and rows >= 16
             and spec.groups <= 4 and not depthwise
+            and not (min(spec.stride[1:]) >= 3 and spec.kernel[2] <= spec.stride[2])
             and (limit is None or native_paths.planar_bytes(spec, compute_dtype) <= limit))
 
 
