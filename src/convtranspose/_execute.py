@@ -836,10 +836,8 @@ def groups_in_one_call(spec, mode: native.Mode, out_itemsize: int) -> bool:
         return True
     if mode != native.CHANNELS or spec.groups == 1:
         return False
-    weight = (spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group
-              * spec.compute_dtype.itemsize)
     return (spec.c_out_per_group * out_itemsize % 64 != 0
-            or weight <= GROUPS_IN_ONE_CALL_WEIGHT_BYTES)
+            or spec.weight_bytes <= GROUPS_IN_ONE_CALL_WEIGHT_BYTES)
 
 
 def group_stride(packed: list[np.ndarray], item: int) -> int:

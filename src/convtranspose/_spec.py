@@ -111,6 +111,11 @@ class ConvSpec:
         return math.prod(self.output_shape) * self.result_dtype.itemsize
 
     @property
+    def weight_bytes(self) -> int:
+        """The whole weight's size in the compute dtype."""
+        return math.prod(self.weight_shape) * self.compute_dtype.itemsize
+
+    @property
     def useful_flops(self) -> int:
         """2 * N * prod(in_spatial) * C_in * (C_out / groups) * prod(kernel)."""
         return (2 * self.batch * math.prod(self.in_spatial) * self.c_in

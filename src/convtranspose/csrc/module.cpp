@@ -549,8 +549,8 @@ PyObject* py_grad_weight(PyObject*, PyObject* spec) {
 // The weight layout of CT_MODE_CHANNELS, gathered from wherever the weight lies:
 // dst[chunk][tap][r][column] = src[table[tap][col] + r * row_stride], zero in columns
 // past `cols` (up to whole vectors) and, with rows contiguous (the forward's), where the
-// table says -1 (a phantom tap, _plan.merged_row). The table names each (tap, column)'s source element, so
-// one loop serves the forward's phase taps, merged W residues and conv groups, and the
+// table says -1 (a phantom tap, _plan.merged_row). The table names each (tap, column)'s
+// source element, so one loop serves the forward's phase taps, merged W residues and conv groups, and the
 // transposed weight of grad_input; NumPy needed several passes and a transpose for it.
 template <typename T>
 void pack_columns(const T* src, const int64_t* table, int64_t taps, int64_t cols,

@@ -134,10 +134,9 @@ def estimate(spec):
     """The GEMM (the compiled kernel's model, its write of cols included; on a CPU of half
     rate multiply-adds, HALF_RATE_GEMM times it), its weight laid out by taps (read and
     written), then the gather."""
-    weight = spec.c_out * math.prod(spec.kernel) * spec.c_in_per_group * spec.compute_dtype.itemsize
     gemm = estimate_seconds(gemm_spec(spec), Algorithm.NATIVE)
     return (gemm * (HALF_RATE_GEMM if half_rate_fma() else 1.0) + CALL_SECONDS
-            + 2 * weight / COPY_BYTES_PER_S + gather_seconds(spec))
+            + 2 * spec.weight_bytes / COPY_BYTES_PER_S + gather_seconds(spec))
 
 
 def _gemm_plan(spec, limit: int, threads: int) -> Plan:
