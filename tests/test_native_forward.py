@@ -380,6 +380,44 @@ def test_planar_writes_rows_whole(kw, sw, groups, cog, width, isa, rng):
                                        err_msg=f"{isa} {np.dtype(dtype)} {threads} thread(s)")
 
 
+# A planar copy past the workspace limit is made in slabs of input planes, each read by
+# its run of tiles: slabs of one batch item's planes (D strided, dilated, padded past the
+# input) and of several whole items, from float16 (each slab converted) and float64, with
+# the bias, on one and two threads.
+PLANAR_SLABS = [  # (x shape, C_out, kernel, settings, planes a slab may hold)
+    ((1, 9, 5, 7, 3), 2, (3, 2, 3), dict(padding=1), 3),
+    ((2, 7, 4, 6, 2), 3, (4, 3, 2), dict(stride=(2, 1, 2), dilation=(2, 1, 1)), 5),
+    ((1, 11, 3, 5, 4), 4, (5, 3, 3), dict(stride=3, padding=(5, 1, 1), groups=2), 2),
+    ((5, 2, 4, 9, 2), 1, (2, 3, 3), dict(stride=(1, 2, 2), output_padding=(0, 1, 1)), 6),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLANAR_SLABS)))
+def test_planar_copy_in_slabs_matches_the_loops(case, rng):
+    x_shape, c_out, kernel, kw, planes = PLANAR_SLABS[case]
+    groups = kw.get("groups", 1)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal((c_out, *kernel, x_shape[-1] // groups))
+    bias = rng.standard_normal(c_out)
+    want = conv_transpose_ref(x, w, **kw) + bias
+    several_items = False
+    for dtype, tol in ((np.float16, 1e-2), (np.float64, 1e-12)):
+        whole = ct.plan(x.shape, w.shape, **kw, algorithm="planar", dtype=dtype)
+        assert not whole.input_slabs
+        limit = _plan.planar_slab_bytes(whole.spec, planes)
+        for threads in (1, 2):
+            p = ct.plan(x.shape, w.shape, **kw, algorithm="planar", dtype=dtype,
+                        threads=threads, workspace=limit)
+            assert len(p.input_slabs) >= 2 and p.workspace_bytes <= limit
+            assert max((s.n[1] - s.n[0]) * (s.d[1] - s.d[0]) for s in p.input_slabs) <= planes
+            several_items |= any(s.n[1] - s.n[0] > 1 for s in p.input_slabs)
+            got = ct.run_plan(p, x.astype(dtype), w.astype(dtype), bias=bias.astype(dtype))
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=tol,
+                                       err_msg=f"{np.dtype(dtype)} {threads} thread(s)")
+    assert several_items == (x_shape[1] < planes)
+
+
 @pytest.mark.parametrize("c_out,groups,algorithm",
                          [(24, 1, "native"), (2, 1, "native"), (6, 6, "native"),
                           (2, 1, "planar"), (6, 2, "planar")],

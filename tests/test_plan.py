@@ -13,7 +13,7 @@ import pytest
 
 import convtranspose as ct
 from convtranspose import _native_kernel as native
-from convtranspose import _vjp
+from convtranspose import _plan, _vjp
 from convtranspose._workloads import select_workloads
 
 needs_kernel = pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel's paths")
@@ -437,14 +437,31 @@ def test_cols_counts_its_products_and_refuses_a_workspace_below_them():
 
 
 @needs_kernel
-def test_planar_counts_its_copy_and_refuses_a_workspace_below_it():
+def test_planar_counts_its_copy_and_makes_it_in_slabs_below_it():
     x_shape, w_shape, settings, _ = FORWARD_LAYERS["thin-out-few-in"]
     p = ct.plan(x_shape, w_shape, **settings, algorithm="planar")
     copy = int(np.prod(x_shape)) * 4  # float32: the copy holds at least the input
-    assert copy <= p.workspace_bytes <= p.workspace_limit
+    assert copy <= p.workspace_bytes <= p.workspace_limit and not p.input_slabs
+    small = ct.plan(x_shape, w_shape, **settings, algorithm="planar", workspace=copy // 4)
+    assert len(small.input_slabs) >= 4 and small.workspace_bytes <= copy // 4
+    assert "slabs" in str(small)
+    # the slabs' runs of tasks cover every task in order; each task reads its slab's planes
+    runs = [s.tasks for s in small.input_slabs]
+    assert runs[0][0] == 0 and runs[-1][1] == len(small.tasks)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    for slab in small.input_slabs:
+        for task in small.tasks[slice(*slab.tasks)]:
+            (d0, d1), _ = _plan.native_input_box(
+                small.spec, small.phase_groups[task.phase_group][0], task.tile)
+            assert slab.d[0] <= d0 <= d1 <= slab.d[1] and slab.n[0] <= task.tile.n[0]
+            assert task.tile.n[1] <= slab.n[1]
+    # the least workspace: the planes one output row reads
+    row = 1 + _plan.planar_reach(small.phase_groups)
+    least = row * _plan.planar_plane_bytes(small.spec) + 4096
+    assert ct.plan(x_shape, w_shape, **settings, algorithm="planar", workspace=least).input_slabs
     with pytest.raises(ValueError, match="planar copy"):
-        ct.plan(x_shape, w_shape, **settings, algorithm="planar", workspace=copy // 2)
-    assert ct.plan(x_shape, w_shape, **settings, workspace=copy // 2).algorithm != "planar"
+        ct.plan(x_shape, w_shape, **settings, algorithm="planar",
+                workspace=least - _plan.planar_plane_bytes(small.spec))
 
 
 def test_inside_flops_count_only_the_products_that_land_in_the_output():

@@ -22,6 +22,7 @@ from ._blas import single_threaded_blas
 from ._geometry import PHANTOM, Phase, ceil_div, phases_3d
 from ._memory import Scratch, result_empty, result_zeros
 from ._plan import (
+    InputSlab,
     Plan,
     Task,
     Tile,
@@ -1073,6 +1074,27 @@ def repeat_channels(a: np.ndarray, m: int, dtype: np.dtype, threads: int = 1) ->
     return out
 
 
+def _planar_copy_elems(spec, slab: InputSlab) -> int:
+    top, left, height, pitch = planar_geometry(spec)
+    shape = (slab.n[1] - slab.n[0], slab.d[1] - slab.d[0], *spec.in_spatial[1:], spec.c_in)
+    return native.planar_size(shape, height, pitch, spec.compute_dtype.itemsize)
+
+
+def _planar_slab(spec, x3, slab: InputSlab, convert: bool, into: np.ndarray, threads: int):
+    """The planar copy of a slab of x3 (`native.planar_copy`) into `into`, from the
+    input in the compute dtype: the origin (address and element strides) that its tasks
+    address planes of the whole input at, and the channel stride."""
+    (n0, n1), (d0, d1) = slab.n, slab.d
+    part = x3[n0:n1, d0:d1]
+    if convert:
+        part = _converted(part, spec.compute_dtype, threads)
+    top, left, height, pitch = planar_geometry(spec)
+    address, strides, channel_stride = native.planar_copy(
+        part, top, left, height, pitch, into[:_planar_copy_elems(spec, slab)], threads)
+    address -= (n0 * strides[0] + d0 * strides[1]) * into.itemsize
+    return (address, strides), channel_stride
+
+
 def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> None:
     """The compiled kernel's tasks; packed weights live in `scratch` until they return.
     A plan's tasks are prepared in Python once per layout of the arrays and recorded; later
@@ -1086,15 +1108,14 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     phase_group_weights = [w3] * len(phase_groups)
     tasks, channel_stride, x_read = plan.tasks, 0, x3
     convert = not native.reads_in_place(x3, spec.compute_dtype)
-    if planar:  # the copy every tile reads, from the input in the compute dtype
-        if convert:
-            x3 = _converted(x3, spec.compute_dtype, plan.threads)
-        top, left, height, pitch = planar_geometry(spec)
-        x_read = scratch.empty(native.planar_size(x3.shape, height, pitch, x3.dtype.itemsize),
-                               x3.dtype)
-        *planar_origin, channel_stride = native.planar_copy(x3, top, left, height, pitch,
-                                                            x_read, plan.threads)
-        convert = False
+    if planar:
+        slabs = plan.input_slabs or (InputSlab((0, spec.batch), (0, spec.in_spatial[0]),
+                                               (0, len(tasks))),)
+        x_read = scratch.empty(max(_planar_copy_elems(spec, s) for s in slabs),
+                               spec.compute_dtype)
+        planar_origin, channel_stride = _planar_slab(spec, x3, slabs[0], convert, x_read,
+                                                     plan.threads)
+        converts_slabs, convert = convert, False
     elif convert and native_whole_input_fits(spec, plan.workspace_limit):
         x3 = x_read = _converted(x3, spec.compute_dtype, plan.threads)  # once, for every phase
         convert = False
@@ -1108,7 +1129,8 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
               tuple(w.strides for w in phase_group_weights), bias is None, convert,
               streams_output(out.nbytes))  # (the threshold is a module setting)
     biases = _bias_tables(plan, bias)
-    recording = None if convert else _Recording.find(plan, layout)
+    # (the tasks of a planar copy in slabs are prepared for each slab's copy)
+    recording = None if convert or plan.input_slabs else _Recording.find(plan, layout)
     if recording is not None:
         if mode in (native.CHANNELS, native.DOT):  # the recorded once-calls pack into a
             # block like it (CHANNELS), or the calls read the weights where they lie (DOT)
@@ -1126,17 +1148,28 @@ def _execute_native(plan: Plan, x3, w3, out, scratch: Scratch, bias=None) -> Non
     offsets = [_native_offsets(g[0]) for g in phase_groups]
     residues = [native.residue_taps(g) if planar else None for g in phase_groups]
     x_origin = (planar_origin if planar else None if convert else native.origin(x3))
-    jobs = [_native_job(spec, x3, out, phase_groups[t.phase_group], weights[t.phase_group],
-                        offsets[t.phase_group], t, convert, mode, x_origin, plan.threads,
-                        bias=biases[t.phase_group],
-                        channel_stride=channel_stride, residues=residues[t.phase_group])
-            for t in tasks]
+
+    def jobs_of(tasks, x_origin) -> list:
+        return [_native_job(spec, x3, out, phase_groups[t.phase_group], weights[t.phase_group],
+                            offsets[t.phase_group], t, convert, mode, x_origin, plan.threads,
+                            bias=biases[t.phase_group], channel_stride=channel_stride,
+                            residues=residues[t.phase_group])
+                for t in tasks]
+
+    buffer = max((t.buffer_elems for t in tasks), default=0)
+    if plan.input_slabs:  # a slab's copy, then its tasks, slab after slab
+        for i, slab in enumerate(plan.input_slabs):
+            if i:
+                x_origin, _ = _planar_slab(spec, x3, slab, converts_slabs, x_read, plan.threads)
+            _run(jobs_of(tasks[slice(*slab.tasks)], x_origin), plan.threads, buffer,
+                 spec.compute_dtype)
+        return
+    jobs = jobs_of(tasks, x_origin)
     if not convert and packed.sources is not None:
         _Recording.record(plan, layout, jobs, packed.block.size,
                           _recorded_arrays(x_read, out, packed.block, packed.sources, biases),
                           (offsets, residues, [w.keep[1] for w in weights if w.keep],
                            [w.offsets for w in weights]))
-    buffer = max((t.buffer_elems for t in tasks), default=0)
     _run(jobs, plan.threads, buffer, spec.compute_dtype)
 
 

@@ -16,6 +16,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -175,6 +176,16 @@ class Task:
     buffer_elems: int
 
 
+class InputSlab(NamedTuple):
+    """Batch items [n0, n1) and input planes [d0, d1) that PLANAR copies at once, where
+    its whole copy would pass the workspace limit, and the run of the plan's tasks
+    [t0, t1) that read only them."""
+
+    n: tuple[int, int]
+    d: tuple[int, int]
+    tasks: tuple[int, int]
+
+
 @dataclass(frozen=True)
 class Plan:
     spec: ConvSpec
@@ -186,6 +197,8 @@ class Plan:
     workspace_limit: int
     est_seconds: dict
     table: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # PLANAR's copy in slabs (its whole copy would pass the limit); () where made whole
+    input_slabs: tuple[InputSlab, ...] = ()
 
     @property
     def flops(self) -> int:
@@ -218,7 +231,8 @@ class Plan:
             f"  useful     {self.flops / 1e9:.3f} GFLOP",
             f"  tasks      {len(self.tasks)} on {self.threads} thread(s)",
             f"  workspace  {self.workspace_bytes / 2**20:.1f} MiB "
-            f"(limit {self.workspace_limit / 2**20:.1f} MiB)",
+            f"(limit {self.workspace_limit / 2**20:.1f} MiB)"
+            f"{f', the input copied in {len(self.input_slabs)} slabs' if self.input_slabs else ''}",
         ]
         return "\n".join(lines)
 
@@ -925,11 +939,75 @@ def planar_chunk(c_out_per_group: int) -> int:
 def planar_bytes(spec: ConvSpec) -> int:
     """The planar copy's size (with the compute-dtype copy it is made from, where the
     input is of another dtype)."""
+    return planar_slab_bytes(spec, spec.batch * spec.in_spatial[0])
+
+
+def planar_slab_bytes(spec: ConvSpec, planes: int) -> int:
+    """The size of a planar copy of `planes` input planes."""
+    return planes * planar_plane_bytes(spec) + _planar_tail_bytes(spec)
+
+
+def planar_plane_bytes(spec: ConvSpec) -> int:
+    """The planar copy's bytes per input plane (a batch item's D position), with the
+    compute-dtype copy it is made from where the input is of another dtype."""
     _, _, height, pitch = planar_geometry(spec)
     item = spec.compute_dtype.itemsize
-    shape = (spec.batch, *spec.in_spatial, spec.c_in)
-    converted = math.prod(shape) * item if spec.input_dtype != spec.compute_dtype else 0
-    return native.planar_size(shape, height, pitch, item) * item + converted
+    pixels = math.prod(spec.in_spatial[1:]) * spec.c_in
+    converted = pixels * item if spec.input_dtype != spec.compute_dtype else 0
+    return spec.c_in * native.planar_image(height, pitch, item) * item + converted
+
+
+def _planar_tail_bytes(spec: ConvSpec) -> int:
+    """What the planar copy holds past its images (`native.planar_size`)."""
+    _, _, height, pitch = planar_geometry(spec)
+    item = spec.compute_dtype.itemsize
+    return native.planar_size((0, 0, 0, 0, spec.c_in), height, pitch, item) * item
+
+
+def planar_slab_planes(spec: ConvSpec, limit: int) -> int:
+    """Input planes a planar copy may hold within `limit` bytes."""
+    return max(0, limit - _planar_tail_bytes(spec)) // planar_plane_bytes(spec)
+
+
+def planar_reach(phase_groups: tuple[tuple[Phase, ...], ...]) -> int:
+    """Input planes past a tile's output rows (along D) that some phase group's tile of
+    those rows reads: one output row reads 1 + reach planes."""
+    halos = [p.halo(0) for g in phase_groups for p in g]
+    return max(hi for _, hi in halos) - min(lo for lo, _ in halos)
+
+
+def planar_tile_rows(count: tuple[int, int, int], planes: int, reach: int) -> int:
+    """The most positions a tile of a phase group with output counts `count` may cover
+    where PLANAR's copy is made in slabs of `planes` input planes, so that every tile's
+    planes fit one slab: a tile of one batch item reads its D rows and `reach` more; a
+    tile of several items reads count[0] + reach planes of each."""
+    nd, plane = count[0], count[1] * count[2]
+    if nd + reach > planes:
+        return max(1, planes - reach) * plane
+    return planes // (nd + reach) * nd * plane
+
+
+def input_slabs(spec: ConvSpec, phase_groups: tuple[tuple[Phase, ...], ...],
+                tasks: list[Task], planes: int) -> tuple[InputSlab, ...]:
+    """The tasks, in order, cut into runs whose input blocks (batch items by planes) fit
+    `planes` planes: each run's block is the smallest holding every task's."""
+    slabs: list[InputSlab] = []
+    block = None  # (n0, n1, d0, d1) of the open run, which starts at task `first`
+    first = 0
+    for i, task in enumerate(tasks):
+        (d0, d1), _ = native_input_box(spec, phase_groups[task.phase_group][0], task.tile)
+        if d0 == d1:  # reads nothing
+            continue
+        n0, n1 = task.tile.n
+        grown = ((n0, n1, d0, d1) if block is None else
+                 (min(block[0], n0), max(block[1], n1), min(block[2], d0), max(block[3], d1)))
+        if block is not None and (grown[1] - grown[0]) * (grown[3] - grown[2]) > planes:
+            slabs.append(InputSlab(block[:2], block[2:], (first, i)))
+            first, grown = i, (n0, n1, d0, d1)
+        block = grown
+    if block is not None:
+        slabs.append(InputSlab(block[:2], block[2:], (first, len(tasks))))
+    return tuple(slabs)
 
 
 # Dot mode's time on one core, as costs per operation (seconds), fitted in log space on
@@ -1225,11 +1303,18 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     copy_bytes = kernel.input_copy_bytes(spec) if kernel.input_copy_bytes else 0
     if copy_bytes:  # the copy is the input every tile reads, converted
         whole_input, shared = True, not _rounds_blocks(spec)
+    # PLANAR's copy past the limit: made in slabs of input planes, each read by a run of
+    # tiles cut to fit one
+    slab_planes = planar_slab_planes(spec, limit) if copy_bytes > limit else 0
     # Long rows cut along W: tiles of the compiled kernel reading in place (not PLANAR's
     # whole rows).
     cut_w = shared and algorithm == Algorithm.NATIVE
     tasks, biggest = make_tasks(spec, kind, phase_groups, limit, threads, whole_input,
-                                shared, cut_w=cut_w)
+                                shared, cut_w=cut_w, slab_planes=slab_planes)
+    slabs = input_slabs(spec, phase_groups, tasks, slab_planes) if slab_planes else ()
+    if slabs:
+        copy_bytes = planar_slab_bytes(spec, max((s.n[1] - s.n[0]) * (s.d[1] - s.d[0])
+                                                 for s in slabs))
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
     # `serial` kernels.
     if runs_serial(kernel, est.get(algorithm, 1.0)):
@@ -1242,17 +1327,20 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                  else 0) + (pair_input_bytes(spec) if takes_pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, phase_groups=phase_groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
-                workspace_limit=limit, est_seconds=est)
+                workspace_limit=limit, est_seconds=est, input_slabs=slabs)
 
 
 def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, ...], ...],
                limit: int, threads: int, whole_input: bool, shared: bool,
-               convert_input: bool = False, cut_w: bool = False) -> tuple[list[Task], int]:
+               convert_input: bool = False, cut_w: bool = False,
+               slab_planes: int = 0) -> tuple[list[Task], int]:
     """The tiles of every phase group, each within the workspace limit, and the biggest
     task's buffer (elements). `shared`: native tiles that threads share, cut only for
     locality. `convert_input`: native tiles copy their input rows (channels not
     contiguous), which the buffers must hold. `cut_w`: long rows may be cut along W
-    (`cut_rows`)."""
+    (`cut_rows`). `slab_planes`: PLANAR's copy made in slabs of that many input planes
+    (0: whole), which each tile's planes must fit (`planar_tile_rows`)."""
+    reach = planar_reach(phase_groups) if slab_planes else 0
     item = spec.compute_dtype.itemsize
     if shared:  # no workspace (the limit does not bind), and no cut for balance
         dot = len(phase_groups) > 1 and native_mode(spec) == native.DOT
@@ -1273,7 +1361,9 @@ def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, 
         tasks = []
         for gi, phase_group in enumerate(phase_groups):
             count = tuple(max(p.count[i] for p in phase_group) for i in range(3))
-            tiles = split_tiles(spec.batch, count, max_rows, min_tiles)
+            rows = (min(max_rows, planar_tile_rows(count, slab_planes, reach)) if slab_planes
+                    else max_rows)
+            tiles = split_tiles(spec.batch, count, rows, min_tiles)
             if cut_w:
                 tiles = cut_rows(tiles, count[2], threads, max_rows)
             for tile in tiles:

@@ -23,6 +23,8 @@ from .._plan import (
     output_write_seconds,
     planar_bytes,
     planar_chunk,
+    planar_reach,
+    planar_slab_planes,
 )
 from . import Kernel
 from .native import buffer_elems
@@ -51,8 +53,10 @@ def fits(spec, limit):
                 "times stride_w); use 'native'")
     if spec.result_dtype != spec.compute_dtype and not native.half_kind(spec.result_dtype):
         return "stores only the compute dtype, float16 or bfloat16; use 'native'"
-    if planar_bytes(spec) > limit:
-        return "would hold its planar copy of the input beyond the workspace limit"
+    groups = phase_groups(spec)
+    if groups and planar_slab_planes(spec, limit) < 1 + planar_reach(groups):
+        return ("would hold the input planes one output row reads, in its planar copy, "
+                "beyond the workspace limit")
     return None
 
 
