@@ -332,6 +332,36 @@ def test_depthwise_mode_whole_and_partial_vectors(channels, isa, rng, assert_clo
                  magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
 
 
+# Depthwise layers of fewer channels than a cache line holds, strided along W, merge
+# their W residues into one phase group (each position's residues' outputs one run),
+# PHANTOM taps lining up residues of unequal taps (k3 s2, k7 s3), rotated where the
+# padding shifts them (k5 s2 p1), with rows' ends apart; a multiplier (3 channels
+# repeated twice) among them. Read in place along the flat index, and, from a view of a
+# wider array (pixels further apart than their channels), along the channels.
+DEPTHWISE_MERGED = [(c, m, k, s, p) for c, m in ((2, 1), (3, 2), (8, 1), (15, 1))
+                    for k, s, p in ((3, 2, 0), (4, 2, 1), (7, 3, 3), (5, 2, 1))]
+
+
+@pytest.mark.parametrize("channels,multiplier,k,s,p", DEPTHWISE_MERGED)
+def test_depthwise_merges_w_residues(channels, multiplier, k, s, p, isa, rng):
+    wide = rng.standard_normal((2, 3, 17, channels + 5))
+    w = rng.standard_normal((channels * multiplier, 2, k, 1))
+    bias = rng.standard_normal(channels * multiplier)
+    kw = dict(stride=(1, s), padding=(0, p), output_padding=(0, s - 1), groups=channels)
+    want = conv_transpose_ref(wide[..., :channels], w, **kw) + bias
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        plan = ct.plan((2, 3, 17, channels), w.shape, **kw, algorithm="native", dtype=dtype)
+        assert native_mode(plan.spec) == native.DEPTHWISE
+        merged = channels * multiplier * np.dtype(dtype).itemsize < 64
+        assert any(len(g) == s for g in plan.phase_groups) == merged, plan.phase_groups
+        for x in (np.ascontiguousarray(wide[..., :channels]), wide[..., :channels]):
+            got = ct.run_plan(plan, x.astype(dtype, copy=False), w.astype(dtype),
+                              bias=bias.astype(dtype))
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=tol,
+                                       err_msg=f"{isa} {np.dtype(dtype)}")
+
+
 def test_planner_modes():
     def mode(*shapes, **kw):
         p = ct.plan(*shapes, **kw)

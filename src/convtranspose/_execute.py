@@ -631,10 +631,13 @@ def _native_weights(w3s: list[np.ndarray], layer: _HashedOnce, groups: int, mode
     parts = ([_small_layout_index(w3.shape, layer, groups, mode)] if shared else
              [_small_layout_index(w.shape, _HashedOnce((phase_group,)), groups, mode)
               for w, phase_group in zip(w3s, layer.value)])
-    block = scratch.empty(sum(index.size for index, _ in parts), w3.dtype)
+    block = scratch.empty(sum(index.size for index, _, _ in parts), w3.dtype)
     weights, at = [], 0
-    for w, (index, lengths) in zip(w3s if not shared else [w3], parts):
-        np.take(np.ascontiguousarray(w).reshape(-1), index, out=block[at:at + index.size])
+    for w, (index, lengths, phantoms) in zip(w3s if not shared else [w3], parts):
+        source = np.ascontiguousarray(w).reshape(-1)
+        if phantoms:  # their zero, one past the weight's elements
+            source = np.append(source, np.zeros(1, source.dtype))
+        np.take(source, index, out=block[at:at + index.size])
         for per_group in lengths:
             arrays = []
             for n in per_group:
@@ -691,7 +694,9 @@ def _distinct(arrays) -> tuple:
 
 def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
                    mode: native.Mode) -> list[np.ndarray]:
-    """The DEPTHWISE ([tap][channel]) or PLANAR layout of w3. PLANAR's is one array for
+    """The DEPTHWISE ([tap][residue][channel], a merged W group's residues; a PHANTOM
+    tap's elements w3.size, one past w3's) or PLANAR layout of w3 (indices: see
+    `_small_layout_index`). PLANAR's is one array for
     every block of outputs (`planar_chunk` of a conv group's) and W residue of the phase
     group, [block][residue][tap][c][co], residues of their own tap counts."""
     c_out, cig = w3.shape[0], w3.shape[-1]
@@ -704,10 +709,15 @@ def _small_layouts(w3: np.ndarray, phase_group: tuple[Phase, ...], groups: int,
                 sub = w3[first:first + chunk][:, kd][:, :, kh][:, :, :, kw]
                 parts.append(sub.reshape(chunk, phase.tap_count, cig).transpose(1, 2, 0).ravel())
         return [np.concatenate(parts)]
-    assert mode == native.DEPTHWISE and len(phase_group) == 1
-    kd, kh, kw = ([t.k for t in axis] for axis in phase_group[0].axis_taps)
-    sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, 1)
-    return [np.ascontiguousarray(sub.reshape(c_out, -1).T).ravel()]  # [tap][channel]
+    assert mode == native.DEPTHWISE
+    parts = []
+    for phase in phase_group:  # [tap][residue][channel], the residues of a merged W group
+        kd, kh, kw = ([t.k for t in axis] for axis in phase.axis_taps)
+        sub = w3[:, kd][:, :, kh][:, :, :, kw]  # (C_out, td, th, tw, 1)
+        phantom = np.array([k == PHANTOM for k in kw])  # (a zero: past w3's elements)
+        sub = np.where(phantom[:, None], w3.size, sub)
+        parts.append(sub.reshape(c_out, -1).T)
+    return [np.ascontiguousarray(np.stack(parts, axis=1)).ravel()]
 
 
 @functools.lru_cache(maxsize=16)  # a layer's tables hold taps x C_out int64: bounded
@@ -743,17 +753,18 @@ def _channels_tables(strides: tuple[int, ...], layer: _HashedOnce, groups: int,
 
 @functools.lru_cache(maxsize=8)  # an index holds as many int64 as the weight: bounded
 def _small_layout_index(shape: tuple[int, ...], layer: _HashedOnce, groups: int,
-                        mode: native.Mode) -> tuple[np.ndarray, list[list[int]]]:
+                        mode: native.Mode) -> tuple[np.ndarray, list[list[int]], bool]:
     """Where each packed element of every phase group of `layer` comes from in a
     C-contiguous weight of `shape`, phase groups one after the other (the layout computed
-    once on the indices: a call then packs with one take), and each phase group's array
-    lengths."""
+    once on the indices: a call then packs with one take), each phase group's array
+    lengths, and whether PHANTOM taps read a zero one past the weight's elements."""
     indices = np.arange(math.prod(shape)).reshape(shape)
     per_phase_group = [_small_layouts(indices, phase_group, groups, mode)
                        for phase_group in layer.value]
     index = np.concatenate([a for arrays in per_phase_group for a in arrays])
     index.flags.writeable = False
-    return index, [[a.size for a in arrays] for arrays in per_phase_group]
+    return (index, [[a.size for a in arrays] for arrays in per_phase_group],
+            bool(index.size) and int(index.max()) == indices.size)
 
 
 @functools.lru_cache(maxsize=256)
@@ -897,10 +908,11 @@ def _native_job(spec, x3, out, phase_group: tuple[Phase, ...], weights: _LazyWei
                              groups=groups, chunks=spec.c_out_per_group // chunk,
                              residues=residues,
                              residue_stride=os_[3] // len(phase_group))
-        elif mode == native.DEPTHWISE:
+        elif mode == native.DEPTHWISE:  # a merged W group's residues as more outputs
             native.correlate(mode, item, out_half, stream, x_addr, xs, spec.in_spatial, packed[0],
-                             offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out, spec.c_out,
-                             cursors.address(0), cursors.sharers, into=into, bias=b_addr)
+                             offsets, (1, 1, 1), o_addr, os_, box, qw, spec.c_out,
+                             spec.c_out * len(phase_group), cursors.address(0),
+                             cursors.sharers, into=into, bias=b_addr)
         elif whole_rows:  # each row's conv groups in turn (DOT, or CHANNELS' small groups)
             native.correlate(mode, item, out_half, stream, x_addr, xs, geo.in_dims, packed[0],
                              offsets, geo.steps, o_addr, os_, box, qw, cig, cog,
@@ -1041,11 +1053,12 @@ def _converted(x3: np.ndarray, dtype: np.dtype, threads: int) -> np.ndarray:
 
 def _bias_tables(plan: Plan, bias) -> list:
     """Per phase group, the bias of its phases side by side (one table per width): per
-    conv group (a job's outputs), or, PLANAR, whose jobs write every conv group, the
-    first C_out channels for each residue."""
+    conv group (a job's outputs), or, PLANAR, whose jobs write every conv group, and
+    DEPTHWISE, whose channels are the groups, the C_out channels for each residue."""
     if bias is None:
         return [None] * len(plan.phase_groups)
-    groups = 1 if plan.algorithm == Algorithm.PLANAR else plan.spec.groups
+    whole = plan.algorithm == Algorithm.PLANAR or native_mode(plan.spec) == native.DEPTHWISE
+    groups = 1 if whole else plan.spec.groups
     tables: dict[int, np.ndarray] = {}
     for g in plan.phase_groups:
         if len(g) not in tables:

@@ -1327,100 +1327,133 @@ CT_NOINLINE static void dot_row_packed(const CtJob& job, const int64_t* lo, cons
 }
 
 // Depthwise (one input and one output channel per group): vectors run along the
-// channels, each tap one multiply-add per pixel and vector. Weight [tap][c].
+// channels, each tap one multiply-add per pixel and vector. A job of cout = R * cin
+// outputs a position computes R W residues merged (R neighbouring output pixels, lying
+// one after another), each from the same cin input channels with weights of its own:
+// weight [tap][r][c], bias [r][c]; residue r's channels at the position's r * cin on.
 template <typename T>
 static void depthwise_rows(const CtJob& job, const int64_t* lo, const int64_t* hi) {
   typedef typename Vec<T>::v V;
   typedef typename Vec<T>::u U;
   constexpr int L = CT_VBYTES / sizeof(T);
   constexpr int P = 4, NV = 4;
-  const int64_t ch = job.cout, tw = job.ntaps[2];
+  const int64_t ch = job.cin, tw = job.ntaps[2], residues = job.cout / job.cin;
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1];
   const int64_t pstride = job.step[2] * job.xs[3], os = job.os[3];
-  const T* wpk = static_cast<const T*>(job.w);
-  const T* bias = static_cast<const T*>(job.bias);
+  const T* const wpk0 = static_cast<const T*>(job.w);
+  const T* const bias0 = static_cast<const T*>(job.bias);
   const int64_t oi = job.out_half ? 2 : sizeof(T);
-  for_each_row<T>(job, 1, false, [&](const T* const* rows, char* orow, int64_t) {
-    for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
-      const int64_t nv = std::min<int64_t>(NV, (ch - c0) / L);  // whole vectors here
-      for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
-        const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
-        V acc[P][NV];
-        for (int p = 0; p < P; ++p)
-          for (int v = 0; v < NV; ++v) acc[p][v] = V{};
-        for (int64_t q = 0; q < dh_taps; ++q) {
-          if (!rows[q]) continue;
-          for (int64_t k = 0; k < tw; ++k) {
-            const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
-            const T* wt = wpk + (q * tw + k) * ch + c0;
-            const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3] + c0;
-            if (nv == NV && a == w0 && b == w0 + P) {
-              V wv[NV];
-              for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + v * L);
-#pragma GCC unroll 4
-              for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v)
-                  acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) * wv[v];
-            } else {  // masked, with compile-time indices (accumulators in registers)
-              const int64_t pa = a - w0, pb = b - w0;
-#pragma GCC unroll 4
-              for (int p = 0; p < P; ++p) {
-                if (p < pa || p >= pb) continue;
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v)
-                  if (v < nv)
-                    acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) *
-                                 *reinterpret_cast<const U*>(wt + v * L);
-              }
-            }
-          }
-        }
-#pragma GCC unroll 4
-        for (int p = 0; p < P; ++p) {
-          if (p >= np) continue;
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v)
-            if (v < nv) {
-              T lanes_out[L];
-              *reinterpret_cast<U*>(lanes_out) =
-                  bias ? acc[p][v] + *reinterpret_cast<const U*>(bias + c0 + v * L) : acc[p][v];
-              store_out(job.out_half, orow + ((w0 + p) * os + c0 + v * L) * oi, lanes_out, L);
-            }
-        }
-        if (nv < NV && c0 + nv * L < ch) {
-          // Channels past the last whole vector: one vector read through a mask (a scalar
-          // sum per channel and tap took most of a 24-channel layer's time: the fan-in
-          // gradients of 24 -> 4 g4 k7 s2 ran at 6 GFLOP/s).
-          const int64_t cr = c0 + nv * L, rest = ch - cr;
-          V accr[P];
-#pragma GCC unroll 4
-          for (int p = 0; p < P; ++p) accr[p] = V{};
+  for_each_row<T>(job, 1, false, [&](const T* const* rows, char* orow0, int64_t) {
+    for (int64_t r = 0; r < residues; ++r) {
+      // residue r: its weights within each tap's, its bias, its outputs within a position's
+      const T* wpk = wpk0 + r * ch;
+      const T* bias = bias0 ? bias0 + r * ch : nullptr;
+      char* orow = orow0 + r * ch * oi;
+      for (int64_t c0 = 0; c0 < ch; c0 += NV * L) {
+        const int64_t nv = std::min<int64_t>(NV, (ch - c0) / L);  // whole vectors here
+        for (int64_t w0 = 0; w0 < job.wcount; w0 += P) {
+          const int64_t np = job.wcount - w0 < P ? job.wcount - w0 : P;
+          V acc[P][NV];
+          for (int p = 0; p < P; ++p)
+            for (int v = 0; v < NV; ++v) acc[p][v] = V{};
           for (int64_t q = 0; q < dh_taps; ++q) {
             if (!rows[q]) continue;
             for (int64_t k = 0; k < tw; ++k) {
-              const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
-              if (pa >= pb) continue;
-              const V wv = load_first<V>(rest, wpk + (q * tw + k) * ch + cr);
-              const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3] + cr;
+              const int64_t a = std::max(lo[k], w0), b = std::min(hi[k], w0 + np);
+              const T* wt = wpk + (q * tw + k) * job.cout + c0;
+              const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3] + c0;
+              if (nv == NV && a == w0 && b == w0 + P) {
+                V wv[NV];
+                for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wt + v * L);
 #pragma GCC unroll 4
-              for (int p = 0; p < P; ++p)
-                if (p >= pa && p < pb) accr[p] += load_first<V>(rest, xb + p * pstride) * wv;
+                for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+                  for (int v = 0; v < NV; ++v)
+                    acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) * wv[v];
+              } else {  // masked, with compile-time indices (accumulators in registers)
+                const int64_t pa = a - w0, pb = b - w0;
+#pragma GCC unroll 4
+                for (int p = 0; p < P; ++p) {
+                  if (p < pa || p >= pb) continue;
+#pragma GCC unroll 4
+                  for (int v = 0; v < NV; ++v)
+                    if (v < nv)
+                      acc[p][v] += *reinterpret_cast<const U*>(xb + p * pstride + v * L) *
+                                   *reinterpret_cast<const U*>(wt + v * L);
+                }
+              }
             }
           }
-          const V bv = bias ? load_first<V>(rest, bias + cr) : V{};
 #pragma GCC unroll 4
           for (int p = 0; p < P; ++p) {
             if (p >= np) continue;
-            T lanes_out[L];
-            *reinterpret_cast<U*>(lanes_out) = accr[p] + bv;
-            // (masked: store_out's memcpy of `rest` elements is a library call a pixel)
-            store_chunk(job, orow + ((w0 + p) * os + cr) * oi, lanes_out, rest);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v)
+              if (v < nv) {
+                T lanes_out[L];
+                *reinterpret_cast<U*>(lanes_out) =
+                    bias ? acc[p][v] + *reinterpret_cast<const U*>(bias + c0 + v * L) : acc[p][v];
+                store_out(job.out_half, orow + ((w0 + p) * os + c0 + v * L) * oi, lanes_out, L);
+              }
+          }
+          if (nv < NV && c0 + nv * L < ch) {
+            // Channels past the last whole vector: one vector read through a mask (a scalar
+            // sum per channel and tap took most of a 24-channel layer's time: the fan-in
+            // gradients of 24 -> 4 g4 k7 s2 ran at 6 GFLOP/s).
+            const int64_t cr = c0 + nv * L, rest = ch - cr;
+            V accr[P];
+#pragma GCC unroll 4
+            for (int p = 0; p < P; ++p) accr[p] = V{};
+            for (int64_t q = 0; q < dh_taps; ++q) {
+              if (!rows[q]) continue;
+              for (int64_t k = 0; k < tw; ++k) {
+                const int64_t pa = std::max(lo[k], w0) - w0, pb = std::min(hi[k], w0 + np) - w0;
+                if (pa >= pb) continue;
+                const V wv = load_first<V>(rest, wpk + (q * tw + k) * job.cout + cr);
+                const T* xb = rows[q] + (w0 * job.step[2] + job.off[2][k]) * job.xs[3] + cr;
+#pragma GCC unroll 4
+                for (int p = 0; p < P; ++p)
+                  if (p >= pa && p < pb) accr[p] += load_first<V>(rest, xb + p * pstride) * wv;
+              }
+            }
+            const V bv = bias ? load_first<V>(rest, bias + cr) : V{};
+#pragma GCC unroll 4
+            for (int p = 0; p < P; ++p) {
+              if (p >= np) continue;
+              T lanes_out[L];
+              *reinterpret_cast<U*>(lanes_out) = accr[p] + bv;
+              // (masked: store_out's memcpy of `rest` elements is a library call a pixel)
+              store_chunk(job, orow + ((w0 + p) * os + cr) * oi, lanes_out, rest);
+            }
           }
         }
       }
     }
   });
+}
+
+// to[w * stride + c] = from[w * ch + c] for pixels w < n and channels c < ch: a copy of a
+// size known when compiled per pixel up to 16 channels (a copy of ch elements was a
+// library call a pixel, and channel by channel a scalar loop took longer than the
+// products of 8 -> 8 k4 s2).
+template <int C, typename T>
+static inline void interleave_fixed(T* to, int64_t stride, const T* from, int64_t n) {
+  for (int64_t w = 0; w < n; ++w) std::memcpy(to + w * stride, from + w * C, C * sizeof(T));
+}
+
+template <typename T>
+static void interleave_pixels(T* to, int64_t stride, const T* from, int64_t ch, int64_t n) {
+  switch (ch) {
+#define CT_INTERLEAVE(C) \
+    case C: return interleave_fixed<C>(to, stride, from, n);
+    CT_INTERLEAVE(1) CT_INTERLEAVE(2) CT_INTERLEAVE(3) CT_INTERLEAVE(4) CT_INTERLEAVE(5)
+    CT_INTERLEAVE(6) CT_INTERLEAVE(7) CT_INTERLEAVE(8) CT_INTERLEAVE(9) CT_INTERLEAVE(10)
+    CT_INTERLEAVE(11) CT_INTERLEAVE(12) CT_INTERLEAVE(13) CT_INTERLEAVE(14) CT_INTERLEAVE(15)
+    CT_INTERLEAVE(16)
+#undef CT_INTERLEAVE
+    default:
+      for (int64_t w = 0; w < n; ++w) std::copy(from + w * ch, from + (w + 1) * ch, to + w * stride);
+  }
 }
 
 // Depthwise at input step 1 with contiguous pixels (every forward phase): a run of pixels
@@ -1438,23 +1471,30 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
   constexpr int L = CT_VBYTES / sizeof(T);
   constexpr int NB = CT_NREGS == 32 ? 8 : 4;
   constexpr int64_t BLOCK = NB * L;
-  const int64_t ch = job.cout, tw = job.ntaps[2];
+  const int64_t ch = job.cin, tw = job.ntaps[2], residues = job.cout / job.cin;
   const int64_t dh_taps = job.ntaps[0] * job.ntaps[1], taps = dh_taps * tw;
   const int64_t flat = job.wcount * ch, os = job.os[3];
   const int64_t oi = job.out_half ? 2 : sizeof(T);
   const T* wpk = static_cast<const T*>(job.w);
-  const int64_t plen = ch + BLOCK;  // pattern: pat[t][j] = w[t][j % ch]
-  std::vector<T> pat(taps * plen);
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
-      pat[t * plen + j] = wpk[t * ch + c];
+  const int64_t plen = ch + BLOCK;  // pattern: pat[r][t][j] = w[t][r][j % ch]
+  std::vector<T> pat(residues * taps * plen);
+  for (int64_t r = 0; r < residues; ++r)
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
+        pat[(r * taps + t) * plen + j] = wpk[t * job.cout + r * ch + c];
   // The sums start from the bias, laid along the same pattern (zeros: none).
-  std::vector<T> bpat(plen, T(0));
+  std::vector<T> bpat(residues * plen, T(0));
   if (job.bias)
-    for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
-      bpat[j] = static_cast<const T*>(job.bias)[c];
+    for (int64_t r = 0; r < residues; ++r)
+      for (int64_t j = 0, c = 0; j < plen; ++j, c = c + 1 == ch ? 0 : c + 1)
+        bpat[r * plen + j] = static_cast<const T*>(job.bias)[r * ch + c];
   std::vector<T> row_store(flat + BLOCK + 64 / sizeof(T));
   T* row = aligned_line(row_store.data());
+  // Merged residues whose positions' outputs lie one after another: their rows
+  // interleaved here, then stored as one run.
+  const bool interleave = residues > 1 && os == job.cout;
+  std::vector<T> stage_store(interleave ? flat * residues + 64 / sizeof(T) : 0);
+  T* stage = interleave ? aligned_line(stage_store.data()) : nullptr;
   const int64_t step_mod = BLOCK % ch;
   // Blocks inside [inner0, inner1) are reached whole by every W tap: no range test there
   // (the tests cost several times a block's multiply-adds: a 16-channel k5 layer ran at
@@ -1467,73 +1507,80 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
   std::vector<int64_t> xoff(tw);
   for (int64_t k = 0; k < tw; ++k) xoff[k] = job.off[2][k] * ch;
   for_each_row<T>(job, 1, false, [&](const T* const* rows, char* orow, int64_t) {
-    for (int64_t j0 = 0, m0 = 0; j0 < flat; j0 += BLOCK) {
-      const int64_t j1 = std::min(flat, j0 + BLOCK);
-      if (j0 >= inner0 && j0 + BLOCK <= inner1) {
+    for (int64_t r = 0; r < residues; ++r) {
+      const T* patr = pat.data() + r * taps * plen;
+      const T* bpr = bpat.data() + r * plen;
+      for (int64_t j0 = 0, m0 = 0; j0 < flat; j0 += BLOCK) {
+        const int64_t j1 = std::min(flat, j0 + BLOCK);
+        if (j0 >= inner0 && j0 + BLOCK <= inner1) {
+          V sum[NB];
+#pragma GCC unroll 8
+          for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpr + m0 + v * L);
+          for (int64_t q = 0; q < dh_taps; ++q) {
+            if (!rows[q]) continue;
+            const T* xq = rows[q] + j0;
+            const T* pq = patr + q * tw * plen + m0;
+            for (int64_t k = 0; k < tw; ++k) {
+              const T* x = xq + xoff[k];
+              const T* p = pq + k * plen;
+#pragma GCC unroll 8
+              for (int v = 0; v < NB; ++v)
+                sum[v] += *reinterpret_cast<const U*>(x + v * L) *
+                          *reinterpret_cast<const U*>(p + v * L);
+            }
+          }
+#pragma GCC unroll 8
+          for (int v = 0; v < NB; ++v) *reinterpret_cast<U*>(row + j0 + v * L) = sum[v];
+          m0 += step_mod;
+          if (m0 >= ch) m0 -= ch;
+          continue;
+        }
         V sum[NB];
 #pragma GCC unroll 8
-        for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
+        for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpr + m0 + v * L);
+        bool partial = false;  // some tap's share of the block went to row[] lane by lane
         for (int64_t q = 0; q < dh_taps; ++q) {
           if (!rows[q]) continue;
-          const T* xq = rows[q] + j0;
-          const T* pq = pat.data() + q * tw * plen + m0;
           for (int64_t k = 0; k < tw; ++k) {
-            const T* x = xq + xoff[k];
-            const T* p = pq + k * plen;
+            const int64_t a = std::max(lo[k] * ch, j0), b = std::min(hi[k] * ch, j1);
+            if (a >= b) continue;
+            const T* x = rows[q] + job.off[2][k] * ch;  // x[j]: the input flat j reads
+            const T* p = patr + (q * tw + k) * plen + m0 - j0;  // p[j]: its weight
+            if (a == j0 && b == j0 + BLOCK) {
 #pragma GCC unroll 8
-            for (int v = 0; v < NB; ++v)
-              sum[v] += *reinterpret_cast<const U*>(x + v * L) *
-                        *reinterpret_cast<const U*>(p + v * L);
+              for (int v = 0; v < NB; ++v)
+                sum[v] += *reinterpret_cast<const U*>(x + j0 + v * L) *
+                          *reinterpret_cast<const U*>(p + j0 + v * L);
+            } else {
+              if (!partial) {
+                std::fill(row + j0, row + j0 + BLOCK, T(0));
+                partial = true;
+              }
+              for (int64_t j = a; j < b; ++j) row[j] += x[j] * p[j];
+            }
           }
+        }
+        if (partial) {
+#pragma GCC unroll 8
+          for (int v = 0; v < NB; ++v) sum[v] += *reinterpret_cast<const U*>(row + j0 + v * L);
         }
 #pragma GCC unroll 8
         for (int v = 0; v < NB; ++v) *reinterpret_cast<U*>(row + j0 + v * L) = sum[v];
         m0 += step_mod;
         if (m0 >= ch) m0 -= ch;
-        continue;
       }
-      V sum[NB];
-#pragma GCC unroll 8
-      for (int v = 0; v < NB; ++v) sum[v] = *reinterpret_cast<const U*>(bpat.data() + m0 + v * L);
-      bool partial = false;  // some tap's share of the block went to row[] lane by lane
-      for (int64_t q = 0; q < dh_taps; ++q) {
-        if (!rows[q]) continue;
-        for (int64_t k = 0; k < tw; ++k) {
-          const int64_t a = std::max(lo[k] * ch, j0), b = std::min(hi[k] * ch, j1);
-          if (a >= b) continue;
-          const T* x = rows[q] + job.off[2][k] * ch;  // x[j]: the input flat j reads
-          const T* p = pat.data() + (q * tw + k) * plen + m0 - j0;  // p[j]: its weight
-          if (a == j0 && b == j0 + BLOCK) {
-#pragma GCC unroll 8
-            for (int v = 0; v < NB; ++v)
-              sum[v] += *reinterpret_cast<const U*>(x + j0 + v * L) *
-                        *reinterpret_cast<const U*>(p + j0 + v * L);
-          } else {
-            if (!partial) {
-              std::fill(row + j0, row + j0 + BLOCK, T(0));
-              partial = true;
-            }
-            for (int64_t j = a; j < b; ++j) row[j] += x[j] * p[j];
-          }
-        }
+      if (interleave) {
+        interleave_pixels(stage + r * ch, job.cout, row, ch, job.wcount);
+      } else if (os == ch) {
+        store_chunk(job, orow, row, flat);
+      } else {
+        // (whole vectors and a masked one: store_out's memcpy of `ch` elements is a library
+        // call a pixel, a quarter of 2 -> 2 k5 s2's time)
+        for (int64_t w = 0; w < job.wcount; ++w)
+          store_chunk(job, orow + (w * os + r * ch) * oi, row + w * ch, ch);
       }
-      if (partial) {
-#pragma GCC unroll 8
-        for (int v = 0; v < NB; ++v) sum[v] += *reinterpret_cast<const U*>(row + j0 + v * L);
-      }
-#pragma GCC unroll 8
-      for (int v = 0; v < NB; ++v) *reinterpret_cast<U*>(row + j0 + v * L) = sum[v];
-      m0 += step_mod;
-      if (m0 >= ch) m0 -= ch;
     }
-    if (os == ch) {
-      store_chunk(job, orow, row, flat);
-    } else {
-      // (whole vectors and a masked one: store_out's memcpy of `ch` elements is a library
-      // call a pixel, a quarter of 2 -> 2 k5 s2's time)
-      for (int64_t w = 0; w < job.wcount; ++w) store_chunk(job, orow + w * os * oi,
-                                                           row + w * ch, ch);
-    }
+    if (interleave) store_chunk(job, orow, stage, flat * residues);
   });
 }
 
@@ -1553,7 +1600,7 @@ static void run_mode(const CtJob& job) {
     // Few channels along the flat index; many along the channels, where each weight
     // vector serves four pixels.
     constexpr int L = CT_VBYTES / sizeof(T);
-    if (job.step[2] == 1 && job.xs[3] == job.cout && job.cout < 4 * L)
+    if (job.step[2] == 1 && job.xs[3] == job.cin && job.cin < 4 * L)
       return depthwise_flat_rows<T>(job, lo, hi);
     return depthwise_rows<T>(job, lo, hi);
   }
