@@ -332,13 +332,15 @@ def test_depthwise_mode_whole_and_partial_vectors(channels, isa, rng, assert_clo
                  magnitude_ref(x, w, **case.kwargs), what=f"{case.id} {isa}")
 
 
-# Depthwise layers of fewer channels than a cache line holds, strided along W, merge
-# their W residues into one phase group (each position's residues' outputs one run),
-# PHANTOM taps lining up residues of unequal taps (k3 s2, k7 s3), rotated where the
-# padding shifts them (k5 s2 p1), with rows' ends apart; a multiplier (3 channels
-# repeated twice) among them. Read in place along the flat index, and, from a view of a
-# wider array (pixels further apart than their channels), along the channels.
-DEPTHWISE_MERGED = [(c, m, k, s, p) for c, m in ((2, 1), (3, 2), (8, 1), (15, 1))
+# Depthwise layers of pixels under 256 bytes, strided along W, merge their W residues
+# into one phase group (each position's residues' outputs one run), PHANTOM taps lining
+# up residues of unequal taps (k3 s2, k7 s3), rotated where the padding shifts them (k5
+# s2 p1), with rows' ends apart; a multiplier (3 channels repeated twice) among them.
+# Read in place along the flat index, and, from a view of a wider array (pixels further
+# apart than their channels), along the channels. 40 channels of float64 and 70 stay
+# apart.
+DEPTHWISE_MERGED = [(c, m, k, s, p) for c, m in ((2, 1), (3, 2), (6, 1), (15, 1), (40, 1),
+                                                 (70, 1))
                     for k, s, p in ((3, 2, 0), (4, 2, 1), (7, 3, 3), (5, 2, 1))]
 
 
@@ -352,7 +354,7 @@ def test_depthwise_merges_w_residues(channels, multiplier, k, s, p, isa, rng):
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
         plan = ct.plan((2, 3, 17, channels), w.shape, **kw, algorithm="native", dtype=dtype)
         assert native_mode(plan.spec) == native.DEPTHWISE
-        merged = channels * multiplier * np.dtype(dtype).itemsize < 64
+        merged = channels * multiplier * np.dtype(dtype).itemsize < 256
         assert any(len(g) == s for g in plan.phase_groups) == merged, plan.phase_groups
         for x in (np.ascontiguousarray(wide[..., :channels]), wide[..., :channels]):
             got = ct.run_plan(plan, x.astype(dtype, copy=False), w.astype(dtype),
@@ -360,6 +362,28 @@ def test_depthwise_merges_w_residues(channels, multiplier, k, s, p, isa, rng):
             scale = np.abs(want).max()
             np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=tol,
                                        err_msg=f"{isa} {np.dtype(dtype)}")
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", [(8, 13, 1), (6, 6, 6), (2, 4, 2)],
+                         ids=["channels", "depthwise", "multiplier"])
+def test_phantom_taps_leave_infinities_and_nans_where_they_land(c_in, c_out, groups, rng):
+    """A merged phase group's PHANTOM taps weigh zero: times an infinite or NaN input
+    they would make NaN at outputs no tap of it reaches. Such inputs run the plan with
+    its phases apart (`finite_plan`): infinities and NaNs land where the loops put them."""
+    x = rng.standard_normal((1, 2, 3, 21, c_in))
+    w = rng.standard_normal((c_out, 3, 3, 3, c_in // groups))
+    kw = dict(stride=2, padding=1, groups=groups)
+    plan = ct.plan(x.shape, w.shape, **kw, algorithm="native")
+    assert plan.phantoms and not _plan.finite_plan(plan).phantoms
+    for bad in (np.inf, np.nan):
+        x[0, 1, 1, 5, 0] = bad
+        with np.errstate(invalid="ignore"):
+            want = conv_transpose_ref(x, w, **kw)
+            got = ct.run_plan(plan, x, w)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-10, atol=1e-10)
 
 
 def test_planner_modes():

@@ -28,6 +28,7 @@ from ._plan import (
     Tile,
     bordered_slab,
     expands_to_depthwise,
+    finite_plan,
     make_tasks,
     native_input_box,
     native_mode,
@@ -1405,6 +1406,27 @@ def run_tiles(plan: Plan, jobs: list) -> None:
     _run(jobs, plan.threads, buffer, plan.spec.compute_dtype)
 
 
+def _all_finite(x3: np.ndarray, threads: int) -> bool:
+    """Whether x3 holds no infinity or NaN: its sum is finite (a finite sum that
+    overflows reads as not: its plan is then one that is right either way). Summed in
+    pieces on the threads (NumPy sums without the GIL) where it is big."""
+    def total(a):
+        with np.errstate(over="ignore", invalid="ignore"):  # (the answer, not a warning)
+            return np.add.reduce(a, axis=None)
+
+    if x3.nbytes < PARALLEL_COPY_BYTES or threads == 1:
+        return bool(np.isfinite(total(x3)))
+    flat = x3.reshape(len(x3), -1) if len(x3) >= threads else x3.reshape(-1, x3.shape[-1])
+    bounds = np.linspace(0, len(flat), threads + 1).astype(int)
+    sums = [0.0] * threads
+
+    def part(i):
+        return lambda: sums.__setitem__(i, total(flat[bounds[i]:bounds[i + 1]]))
+
+    run_jobs([part(i) for i in range(threads)], threads)
+    return bool(np.isfinite(total(np.array(sums))))
+
+
 def execute(plan: Plan, x: np.ndarray, w: np.ndarray,
             bias: np.ndarray | None = None) -> np.ndarray:
     """Run a plan on arrays that match its spec; returns a new C-contiguous array.
@@ -1428,6 +1450,8 @@ def execute(plan: Plan, x: np.ndarray, w: np.ndarray,
     if not plan.tasks:
         return out.reshape(spec.output_shape)
     x3 = x.reshape(spec.batch, *spec.in_spatial, spec.c_in)
+    if plan.phantoms and not _all_finite(x3, plan.threads):
+        plan = finite_plan(plan)
     # Read-only below: no copy when the caller's weight already has the compute dtype.
     w3 = w.reshape(spec.c_out, *spec.kernel, spec.c_in_per_group)
     w3 = w3.astype(spec.compute_dtype, copy=False)

@@ -199,6 +199,9 @@ class Plan:
     table: np.ndarray | None = field(default=None, repr=False, compare=False)
     # PLANAR's copy in slabs (its whole copy would pass the limit); () where made whole
     input_slabs: tuple[InputSlab, ...] = ()
+    # Its phase groups hold PHANTOM taps (`merged_row`), whose zero weights times an
+    # infinite or NaN input would make NaN where no tap reaches it (`finite_plan`)
+    phantoms: bool = False
 
     @property
     def flops(self) -> int:
@@ -433,10 +436,11 @@ def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase,
     residue, which lie side by side in the output (one run of s_w * C_out channels, the
     kernel writing whole output rows in order; with several conv groups, each group's
     outputs of each residue a run of their own, `CtJob::oout`). DEPTHWISE mode likewise
-    where a pixel's outputs take less than a cache line (apart, every residue wrote part
-    of each line: 2 -> 2 k3 s2 2-D 0.60x the time merged, k5 s2 0.70x; from 20 channels
-    on, merged ran 0.85-1.32x) and every W residue merges (its outputs then one run a
-    position). Dot mode merges along every axis (`dot_phase_groups`)."""
+    where a pixel's outputs take less than four cache lines (apart, every residue wrote
+    part of each line: 2 -> 2 k3 s2 2-D 0.68x the time merged, 24 -> 24 k(5, 3, 2) s2
+    0.45x, 52 -> 52 k(3, 4, 3) s2 0.80x; 3 of 21 layers of 78-384 channels ran up to
+    1.32x as long) and every W residue merges (its outputs then one run a position). Dot
+    mode merges along every axis (`dot_phase_groups`)."""
     mode = native_mode(spec)
     if mode == native.DOT:
         return dot_phase_groups(spec, tuple(live))
@@ -449,7 +453,7 @@ def native_phase_groups(spec: ConvSpec, live: list[Phase]) -> tuple[tuple[Phase,
     groups = tuple(sorted(_merged_along(spec, [(p,) for p in live], 2, edges,
                                         phantom_work=phantoms),
                           key=lambda g: g[0].residue))
-    if mode == native.DEPTHWISE and (spec.c_out * spec.compute_dtype.itemsize >= 64
+    if mode == native.DEPTHWISE and (spec.c_out * spec.compute_dtype.itemsize >= 256
                                      or any(1 < len(g) < sw for g in groups)):
         return apart
     return groups
@@ -555,13 +559,19 @@ MERGE_EDGES_FROM_WIDTH = 8
 # 0.63-0.99x.
 PHANTOM_MAX_WORK = 1.5
 PHANTOM_FLOPS_PER_BYTE = 7.5
+# DEPTHWISE mode's products cost more (a load each, at a fifth of CHANNELS mode's rate):
+# its merges with PHANTOM taps paid from 0.3 products a byte of output on (2-D k3 s2,
+# k5 s2 and k4 s3 3-D, 0.66-0.90x the time apart) and lost at 0.05 (3-D k7 s2 on 54
+# channels, 1.16-1.25x).
+DEPTHWISE_PHANTOM_FLOPS_PER_BYTE = 1.5
 
 
 def phantom_work(spec: ConvSpec) -> float:
-    """How many times its residues' own products a W-merged CHANNELS phase group may
-    compute with PHANTOM taps (`merged_row`)."""
-    return min(PHANTOM_MAX_WORK,
-               1 + PHANTOM_FLOPS_PER_BYTE * spec.output_bytes / max(spec.useful_flops, 1))
+    """How many times its residues' own products a W-merged CHANNELS or DEPTHWISE phase
+    group may compute with PHANTOM taps (`merged_row`)."""
+    per_byte = (DEPTHWISE_PHANTOM_FLOPS_PER_BYTE if native_mode(spec) == native.DEPTHWISE
+                else PHANTOM_FLOPS_PER_BYTE)
+    return min(PHANTOM_MAX_WORK, 1 + per_byte * spec.output_bytes / max(spec.useful_flops, 1))
 
 
 def _with_taps(phase: Phase, axis: int, offsets: list[int]) -> Phase:
@@ -1287,11 +1297,25 @@ def make_plan(spec: ConvSpec, *, algorithm: str | None = None, workspace: int | 
                       threads or get_num_threads(), get_winograd(), half_rate_fma())
 
 
+def finite_plan(plan: Plan) -> Plan:
+    """`plan` with its phases apart where it merged some with PHANTOM taps: the plan for
+    an input that holds infinities or NaNs (a PHANTOM tap's zero weight times one is
+    NaN)."""
+    return _make_plan(plan.spec, plan.algorithm, plan.workspace_limit, plan.threads,
+                      get_winograd(), half_rate_fma(), phantoms=False)
+
+
+def _has_phantoms(phase_groups: tuple[tuple[Phase, ...], ...]) -> bool:
+    return any(t.k == PHANTOM for group in phase_groups for phase in group
+               for axis in phase.axis_taps for t in axis)
+
+
 @functools.lru_cache(maxsize=256)
 def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
-               winograd: bool, half_rate: bool) -> Plan:
+               winograd: bool, half_rate: bool, phantoms: bool = True) -> Plan:
     """Plans are pure functions of their arguments, so repeated calls reuse them
-    (`half_rate`: `half_rate_fma`, which the estimates read, in the key)."""
+    (`half_rate`: `half_rate_fma`, which the estimates read, in the key). `phantoms`:
+    False, no phase group with PHANTOM taps (`finite_plan`)."""
     if algorithm is None:
         algorithm, est = choose_algorithm(spec, limit, winograd, threads)
     else:
@@ -1300,6 +1324,9 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
     if kernel.make_plan is not None:  # its own plan (indexed: one task and a table)
         return kernel.make_plan(spec, limit, est, threads)
     phase_groups = kernel.phase_groups(spec)
+    with_phantoms = _has_phantoms(phase_groups)
+    if with_phantoms and not phantoms:
+        phase_groups, with_phantoms = tuple((p,) for p in live_phases(spec)), False
     # winograd's tiles are native tiles of its pair phases (`pair_phase`), in place;
     # so are those of every compiled kernel
     takes_pairs = algorithm == Algorithm.WINOGRAD
@@ -1335,7 +1362,8 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                  else 0) + (pair_input_bytes(spec) if takes_pairs else 0)
     return Plan(spec=spec, algorithm=algorithm, phase_groups=phase_groups, tasks=tuple(tasks),
                 threads=threads, workspace_bytes=workers * biggest * item + converted,
-                workspace_limit=limit, est_seconds=est, input_slabs=slabs)
+                workspace_limit=limit, est_seconds=est, input_slabs=slabs,
+                phantoms=with_phantoms)
 
 
 def make_tasks(spec: ConvSpec, algorithm: str, phase_groups: tuple[tuple[Phase, ...], ...],

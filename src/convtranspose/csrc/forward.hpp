@@ -1451,8 +1451,19 @@ static void interleave_pixels(T* to, int64_t stride, const T* from, int64_t ch, 
     CT_INTERLEAVE(11) CT_INTERLEAVE(12) CT_INTERLEAVE(13) CT_INTERLEAVE(14) CT_INTERLEAVE(15)
     CT_INTERLEAVE(16)
 #undef CT_INTERLEAVE
-    default:
-      for (int64_t w = 0; w < n; ++w) std::copy(from + w * ch, from + (w + 1) * ch, to + w * stride);
+    default: {  // whole vectors, then a masked one
+      typedef typename Vec<T>::v V;
+      typedef typename Vec<T>::u U;
+      constexpr int L = CT_VBYTES / sizeof(T);
+      for (int64_t w = 0; w < n; ++w) {
+        const T* a = from + w * ch;
+        T* b = to + w * stride;
+        int64_t c = 0;
+        for (; c + L <= ch; c += L)
+          *reinterpret_cast<U*>(b + c) = *reinterpret_cast<const U*>(a + c);
+        if (c < ch) store_lanes(ch - c, b + c, load_lanes<V>(ch - c, a + c));
+      }
+    }
   }
 }
 
