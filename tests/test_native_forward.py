@@ -353,9 +353,12 @@ def test_depthwise_merges_w_residues(channels, multiplier, k, s, p, isa, rng):
     want = conv_transpose_ref(wide[..., :channels], w, **kw) + bias
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
         plan = ct.plan((2, 3, 17, channels), w.shape, **kw, algorithm="native", dtype=dtype)
-        assert native_mode(plan.spec) == native.DEPTHWISE
-        merged = channels * multiplier * np.dtype(dtype).itemsize < 256
-        assert any(len(g) == s for g in plan.phase_groups) == merged, plan.phase_groups
+        # (with the portable build's narrow vectors a multiplier runs in channels mode)
+        if native_mode(plan.spec) == native.DEPTHWISE:
+            merged = channels * multiplier * np.dtype(dtype).itemsize < 256
+            assert any(len(g) == s for g in plan.phase_groups) == merged, plan.phase_groups
+        else:
+            assert multiplier > 1 and isa == "generic"
         for x in (np.ascontiguousarray(wide[..., :channels]), wide[..., :channels]):
             got = ct.run_plan(plan, x.astype(dtype, copy=False), w.astype(dtype),
                               bias=bias.astype(dtype))
