@@ -1089,7 +1089,7 @@ def repeat_channels(a: np.ndarray, m: int, dtype: np.dtype, threads: int = 1) ->
 
 
 def _planar_copy_elems(spec, slab: InputSlab) -> int:
-    top, left, height, pitch = planar_geometry(spec)
+    _, _, height, pitch = planar_geometry(spec)
     shape = (slab.n[1] - slab.n[0], slab.d[1] - slab.d[0], *spec.in_spatial[1:], spec.c_in)
     return native.planar_size(shape, height, pitch, spec.compute_dtype.itemsize)
 

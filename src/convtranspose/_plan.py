@@ -185,6 +185,10 @@ class InputSlab(NamedTuple):
     d: tuple[int, int]
     tasks: tuple[int, int]
 
+    @property
+    def planes(self) -> int:
+        return (self.n[1] - self.n[0]) * (self.d[1] - self.d[0])
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -1348,8 +1352,7 @@ def _make_plan(spec: ConvSpec, algorithm: str | None, limit: int, threads: int,
                                 shared, cut_w=cut_w, slab_planes=slab_planes)
     slabs = input_slabs(spec, phase_groups, tasks, slab_planes) if slab_planes else ()
     if slabs:
-        copy_bytes = planar_slab_bytes(spec, max((s.n[1] - s.n[0]) * (s.d[1] - s.d[0])
-                                                 for s in slabs))
+        copy_bytes = planar_slab_bytes(spec, max(s.planes for s in slabs))
     # A thread hand-off costs tens of microseconds: small calls stay on one worker. So do
     # `serial` kernels.
     if runs_serial(kernel, est.get(algorithm, 1.0)):
