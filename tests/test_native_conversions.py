@@ -148,3 +148,44 @@ def test_unpack_grad_weight_inverts_the_packed_layout(dtype, rows, cols, rng):
     np.testing.assert_array_equal(gw, want)
     with pytest.raises(ValueError, match="unpack_grad_weight"):
         native.unpack_grad_weight(packed[:-1], gw, taps, rows, cols, 0, taps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", range(1, 10))
+def test_planar_rows_lays_each_channel_and_residue_in_zero_padded_rows(dtype, c, rng):
+    """The gradients' planar copy (csrc/module.cpp planar_rows): each channel's W
+    residues one row of zeros around its pixels. A residue's c values are transposed in
+    registers four pixels at a time (two or three values: 16 at a time); widths with
+    every remainder, residues missing the row's last pixels."""
+    for res in range(1, 5):
+        for w in (1, 3, 4, 7, 16, 17, 33, 66):
+            rows, left = 3, 2
+            stretch = left + -(-w // res) + 3
+            src = rng.standard_normal((rows, w, c)).astype(dtype)
+            dst = np.full((rows, c, res, stretch), np.nan, dtype)
+            native.planar_rows(src, dst, 0, rows, w, res, left, stretch)
+            want = np.zeros_like(dst)
+            for r in range(res):
+                pixels = src[:, r::res]  # (rows, count, c)
+                want[:, :, r, left:left + pixels.shape[1]] = pixels.transpose(0, 2, 1)
+            np.testing.assert_array_equal(dst, want, err_msg=f"res {res}, w {w}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 8, 11])
+def test_planar_copy_makes_each_channel_an_image_with_zeros_around(dtype, c, rng):
+    """The forward's planar copy (`native.planar_copy`): each plane's channels images of
+    `height` rows of `pitch`, the pixels from (top, left) on, zeros around; from
+    channels-last pixels, contiguous or every other pixel of a wider array."""
+    x = rng.standard_normal((2, 3, 5, 19, c)).astype(dtype)
+    for source in (x, rng.standard_normal((2, 3, 5, 38, c)).astype(dtype)[:, :, :, ::2]):
+        top, left, height, pitch = 1, 3, 8, 25
+        item = np.dtype(dtype).itemsize
+        out = np.full(native.planar_size(source.shape, height, pitch, item), np.nan, dtype)
+        native.planar_copy(source, top, left, height, pitch, out, 2)
+        image = native.planar_image(height, pitch, item)
+        got = out[:6 * c * image].reshape(6, c, image)[:, :, :height * pitch]
+        want = np.zeros((6, c, height, pitch), dtype)
+        want[:, :, top:top + 5, left:left + 19] = source.reshape(6, 5, 19, c).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+        assert not out[6 * c * image:].any()  # the tail a run's last vectors read
