@@ -189,3 +189,19 @@ def test_planar_copy_makes_each_channel_an_image_with_zeros_around(dtype, c, rng
         want[:, :, top:top + 5, left:left + 19] = source.reshape(6, 5, 19, c).transpose(0, 3, 1, 2)
         np.testing.assert_array_equal(got.reshape(want.shape), want)
         assert not out[6 * c * image:].any()  # the tail a run's last vectors read
+
+
+@pytest.mark.parametrize("shape,left,width", [((2, 3, 4, 7, 3), 1, 10), ((1, 2, 2, 5, 1), 0, 8),
+                                              ((2, 8, 60, 700, 3), 2, 705)])  # 8 MiB: pieces
+def test_padded_along_w_puts_zeros_around_each_row(shape, left, width, rng):
+    """The gradients' W-padded cotangent (`_execute.padded_along_w`): row by row in the
+    compiled kernel from a C-contiguous array of the compute dtype, through NumPy from
+    any other; the same values either way."""
+    from convtranspose import _execute
+
+    a = rng.standard_normal(shape).astype(np.float32)
+    want = np.zeros((*shape[:3], width, shape[4]), np.float32)
+    want[:, :, :, left:left + shape[3]] = a
+    for source in (a, a.astype(np.float64), np.asfortranarray(a)):
+        got = _execute.padded_along_w(source, left, width, np.dtype(np.float32), 2)
+        np.testing.assert_array_equal(got, want)

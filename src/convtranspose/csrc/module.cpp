@@ -1268,8 +1268,11 @@ void split_residues(const T* src, T* dst, int64_t row0, int64_t row1, int64_t w_
     for (int64_t r = 0; r < res; ++r, out += stretch * c) {
       const int64_t count = r < w_cot ? (w_cot - r + res - 1) / res : 0;
       std::fill(out, out + left * c, T(0));
-      for (int64_t j = 0; j < count; ++j)
-        for (int64_t k = 0; k < c; ++k) out[(left + j) * c + k] = in[(j * res + r) * c + k];
+      if (res == 1)  // the row whole, padded (_execute.padded_along_w)
+        std::memcpy(out + left * c, in, sizeof(T) * count * c);
+      else
+        for (int64_t j = 0; j < count; ++j)
+          for (int64_t k = 0; k < c; ++k) out[(left + j) * c + k] = in[(j * res + r) * c + k];
       std::fill(out + (left + count) * c, out + stretch * c, T(0));
     }
   }
