@@ -205,3 +205,22 @@ def test_padded_along_w_puts_zeros_around_each_row(shape, left, width, rng):
     for source in (a, a.astype(np.float64), np.asfortranarray(a)):
         got = _execute.padded_along_w(source, left, width, np.dtype(np.float32), 2)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", [2, 3, 4, 7])
+def test_sum_repeats_adds_each_channels_repeats_in_order(dtype, m, rng):
+    """A channel multiplier's grad_input (`_execute.sum_repeats`): each run of m channels
+    summed first to last, the bits of NumPy's adds in that order, by the compiled kernel
+    in pieces on the threads or (a strided source) by NumPy."""
+    from convtranspose import _execute
+
+    a = (rng.standard_normal((3, 5, 700, 4 * m)) * 10.0 ** rng.integers(-3, 4, 4 * m)).astype(dtype)
+    want = a[..., 0::m] + a[..., 1::m]
+    for j in range(2, m):
+        want += a[..., j::m]
+    for threads in (1, 2):
+        np.testing.assert_array_equal(_execute.sum_repeats(a, m, threads), want)
+    strided = np.zeros((3, 5, 1400, 4 * m), dtype)[:, :, ::2]
+    strided[...] = a
+    np.testing.assert_array_equal(_execute.sum_repeats(strided, m, 2), want)

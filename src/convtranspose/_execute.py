@@ -1088,6 +1088,27 @@ def repeat_channels(a: np.ndarray, m: int, dtype: np.dtype, threads: int = 1) ->
     return out
 
 
+def sum_repeats(a: np.ndarray, m: int, threads: int = 1) -> np.ndarray:
+    """a's last axis summed over each run of m channels, in order (((r0 + r1) + r2) ...):
+    `repeat_channels`' inverse, a channel multiplier's grad_input from that of its
+    depthwise layer. By the compiled kernel in pieces on the threads where `a` is
+    C-contiguous float32 or float64, else one strided NumPy pass per repeat."""
+    out = result_empty((*a.shape[:-1], a.shape[-1] // m), a.dtype)
+    if native.AVAILABLE and a.dtype.itemsize in (4, 8) and a.flags.c_contiguous and a.size:
+        src, dst = a.reshape(-1, a.shape[-1]), out.reshape(-1, out.shape[-1])
+        pixels = src.shape[0]
+        pieces = max(1, min(4 * threads, a.nbytes >> 20)) if threads > 1 else 1
+        run_jobs([functools.partial(native.sum_repeats, src, dst, pixels * i // pieces,
+                                    pixels * (i + 1) // pieces) for i in range(pieces)],
+                 threads)
+        return out
+    repeats = a.reshape(*out.shape, m)
+    np.add(repeats[..., 0], repeats[..., 1], out=out)
+    for j in range(2, m):
+        out += repeats[..., j]
+    return out
+
+
 def _planar_copy_elems(spec, slab: InputSlab) -> int:
     _, _, height, pitch = planar_geometry(spec)
     shape = (slab.n[1] - slab.n[0], slab.d[1] - slab.d[0], *spec.in_spatial[1:], spec.c_in)

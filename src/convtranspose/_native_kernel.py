@@ -504,6 +504,14 @@ def repeat_channels(src: np.ndarray, out: np.ndarray, p0: int, p1: int) -> None:
                             out.shape[1] // src.shape[1])
 
 
+def sum_repeats(src: np.ndarray, out: np.ndarray, p0: int, p1: int) -> None:
+    """out[p, c] = src[p, c * m] + src[p, c * m + 1] + ... (in that order) for pixels p in
+    [p0, p1): src (pixels, C * m) and out (pixels, C), C-contiguous, of one float dtype,
+    m >= 2; the GIL is released (`repeat_channels`' inverse)."""
+    _native.sum_repeats(src.dtype.itemsize, src, out, p0, p1, out.shape[1],
+                        src.shape[1] // out.shape[1])
+
+
 def col2im(cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None, geometry: np.ndarray,
            groups: int, cog: int, box: np.ndarray) -> None:
     """The `cols` forward's gather into the output box (int64: n0, n1, d0, d1, h0, h1, w0,
