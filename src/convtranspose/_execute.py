@@ -1076,12 +1076,7 @@ def repeat_channels(a: np.ndarray, m: int, dtype: np.dtype, threads: int = 1) ->
     out = result_empty((*a.shape[:-1], a.shape[-1] * m), dtype)  # no fresh pages
     if (native.AVAILABLE and a.dtype == dtype and dtype.itemsize in (4, 8)
             and a.flags.c_contiguous and a.size):
-        src, dst = a.reshape(-1, a.shape[-1]), out.reshape(-1, out.shape[-1])
-        pixels = src.shape[0]
-        pieces = max(1, min(4 * threads, out.nbytes >> 20)) if threads > 1 else 1
-        run_jobs([functools.partial(native.repeat_channels, src, dst, pixels * i // pieces,
-                                    pixels * (i + 1) // pieces) for i in range(pieces)],
-                 threads)
+        _by_pixels(native.repeat_channels, a, out, threads, out.nbytes)
         return out
     for j in range(m):
         out[..., j::m] = a
@@ -1095,18 +1090,23 @@ def sum_repeats(a: np.ndarray, m: int, threads: int = 1) -> np.ndarray:
     C-contiguous float32 or float64, else one strided NumPy pass per repeat."""
     out = result_empty((*a.shape[:-1], a.shape[-1] // m), a.dtype)
     if native.AVAILABLE and a.dtype.itemsize in (4, 8) and a.flags.c_contiguous and a.size:
-        src, dst = a.reshape(-1, a.shape[-1]), out.reshape(-1, out.shape[-1])
-        pixels = src.shape[0]
-        pieces = max(1, min(4 * threads, a.nbytes >> 20)) if threads > 1 else 1
-        run_jobs([functools.partial(native.sum_repeats, src, dst, pixels * i // pieces,
-                                    pixels * (i + 1) // pieces) for i in range(pieces)],
-                 threads)
+        _by_pixels(native.sum_repeats, a, out, threads, a.nbytes)
         return out
     repeats = a.reshape(*out.shape, m)
     np.add(repeats[..., 0], repeats[..., 1], out=out)
     for j in range(2, m):
         out += repeats[..., j]
     return out
+
+
+def _by_pixels(kernel, a: np.ndarray, out: np.ndarray, threads: int, nbytes: int) -> None:
+    """kernel(src, dst, p0, p1) over the pixels (all axes but the last) of `a` and `out`,
+    in pieces on the threads: one a MiB of `nbytes`, up to four a thread."""
+    src, dst = a.reshape(-1, a.shape[-1]), out.reshape(-1, out.shape[-1])
+    pixels = src.shape[0]
+    pieces = max(1, min(4 * threads, nbytes >> 20)) if threads > 1 else 1
+    run_jobs([functools.partial(kernel, src, dst, pixels * i // pieces,
+                                pixels * (i + 1) // pieces) for i in range(pieces)], threads)
 
 
 def _planar_copy_elems(spec, slab: InputSlab) -> int:
