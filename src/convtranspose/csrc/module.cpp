@@ -730,10 +730,10 @@ static inline void transpose_4x4(const float* px, int64_t ps, float* t0, float* 
 // three): a scalar load and store a value ran copies that stay in cache 1.7-2x slower.
 template <typename T>
 void transpose_pixels(const T* in, int64_t ps, int64_t n, int64_t S, T* const* outs) {
-  int64_t fours = n / 4 * 4;  // pixels made planar in registers
   int64_t s0 = 0;  // values made planar so far (the rest, from s0, below)
 #ifdef __SSE2__
   if constexpr (sizeof(T) == 4) {
+    int64_t fours = n / 4 * 4;  // pixels made planar in registers
     const float* x = reinterpret_cast<const float*>(in);
     float* const* o = reinterpret_cast<float* const*>(outs);
     if (S == 2 && ps == 2) {  // [a0 b0 a1 b1] [a2 b2 a3 b3]
