@@ -1103,10 +1103,17 @@ def _by_pixels(kernel, a: np.ndarray, out: np.ndarray, threads: int, nbytes: int
     """kernel(src, dst, p0, p1) over the pixels (all axes but the last) of `a` and `out`,
     in pieces on the threads: one a MiB of `nbytes`, up to four a thread."""
     src, dst = a.reshape(-1, a.shape[-1]), out.reshape(-1, out.shape[-1])
-    pixels = src.shape[0]
     pieces = max(1, min(4 * threads, nbytes >> 20)) if threads > 1 else 1
-    run_jobs([functools.partial(kernel, src, dst, pixels * i // pieces,
-                                pixels * (i + 1) // pieces) for i in range(pieces)], threads)
+    in_row_pieces(kernel, src, dst, src.shape[0], pieces, threads)
+
+
+def in_row_pieces(kernel, src: np.ndarray, dst: np.ndarray, rows: int, pieces: int,
+                  threads: int, *rest) -> None:
+    """kernel(src, dst, r0, r1, *rest) over rows [0, rows) cut into `pieces` ranges, run
+    on the threads (the compiled copies that release the GIL: `native.repeat_channels`,
+    `sum_repeats`, `split_residues`, `planar_rows`)."""
+    run_jobs([functools.partial(kernel, src, dst, rows * i // pieces, rows * (i + 1) // pieces,
+                                *rest) for i in range(pieces)], threads)
 
 
 def _planar_copy_elems(spec, slab: InputSlab) -> int:
@@ -1352,9 +1359,7 @@ def padded_along_w(a: np.ndarray, left: int, width: int, dtype: np.dtype,
         rows = n * d * h
         rows_in, out = a.reshape(rows, w, c), padded.reshape(rows, 1, width, c)
         pieces = 1 if padded.nbytes < PARALLEL_COPY_BYTES else max(1, min(rows, 4 * threads))
-        run_jobs([functools.partial(native.split_residues, rows_in, out, rows * i // pieces,
-                                    rows * (i + 1) // pieces, left)
-                  for i in range(pieces)], threads)
+        in_row_pieces(native.split_residues, rows_in, out, rows, pieces, threads, left)
         return padded
     padded[:, :, :, :left] = 0
     padded[:, :, :, left + w:] = 0

@@ -632,9 +632,10 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
            "g": origin(g, g_first)[0] + g_offset * item, "gs": element_strides(g)[:4],
            "gdims": g_dims or g.shape[1:4], "off": offsets.addresses, "ntaps": offsets.counts,
            "step": steps, "part": _native.address(part) + part_offset * item,
-           "pa": strides[0], "pt": strides[1], "box": box if isinstance(box, tuple) else box[0][0],
-           "wcount": w1 - w0, "cin": cin,
-           "cout": cout, "zero": int(zero), "group_cin": group_cin}
+           "pa": strides[0], "pt": strides[1], "wcount": w1 - w0, "cin": cin, "cout": cout,
+           "group_cin": group_cin}
+    boxes = box if isinstance(box, list) else [(box, zero)]
+    job["box"], job["zero"] = boxes[0][0], int(boxes[0][1])
     if grad_input is not None:
         assert weight is not None and grad_input.dtype == weight.dtype == part.dtype
         gxs = element_strides(grad_input)[:4]
@@ -647,16 +648,13 @@ def grad_weight(swapped: int, x: np.ndarray, x_offset: int, g: np.ndarray, g_off
             into.append(_native.grad_weight_call(job))
         return
     job["unit0"], job["unit1"] = units if units is not None else (0, 1 << 62)
-    if isinstance(box, list):
-        assert into is not None
-        for job["box"], each_zero in box:
-            job["zero"] = int(each_zero)
+    assert into is not None or len(boxes) == 1
+    for job["box"], each_zero in boxes:  # each call copies the job as it prepares
+        job["zero"] = int(each_zero)
+        if into is not None:
             into.append(_native.grad_weight_call(job))
-        return
-    if into is not None:
-        into.append(_native.grad_weight_call(job))
-    else:
-        _native.grad_weight(job)
+        else:
+            _native.grad_weight(job)
 
 
 def depthwise_grad_weight(x: np.ndarray, g: np.ndarray, offsets: TapOffsets,

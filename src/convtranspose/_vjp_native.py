@@ -18,6 +18,7 @@ from . import _native_kernel as native
 from ._execute import (
     group_stride,
     groups_in_one_call,
+    in_row_pieces,
     pack_columns_on_threads,
     padded_along_w,
     pair_input,
@@ -565,10 +566,8 @@ def _planar_copy(rows_in: np.ndarray, out: np.ndarray, res: int, left: int, stre
                  threads: int) -> None:
     """`native.planar_rows` of every row, in pieces on the threads."""
     count, width = rows_in.shape[:2]
-    pieces = min(count, 4 * threads)
-    run_jobs([functools.partial(native.planar_rows, rows_in, out, count * i // pieces,
-                                count * (i + 1) // pieces, width, res, left, stretch)
-              for i in range(pieces)], threads)
+    in_row_pieces(native.planar_rows, rows_in, out, count, min(count, 4 * threads), threads,
+                  width, res, left, stretch)
 
 
 def planar_cotangent(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype,
@@ -853,10 +852,8 @@ def _residues_along_w(spec: ConvSpec, c3: np.ndarray, compute_dtype: np.dtype, t
     # layer's grad_input (831x672 k6 s2: 30 of 44 ms, the zeroed buffer's page faults too),
     # and NumPy's copy of each pixel's few channels in pieces was still most of a 3 -> 3
     # g3 k4 s4x2x2 layer's time.
-    pieces = max(1, min(n * d * h, 4 * threads))
-    run_jobs([functools.partial(native.split_residues, rows_in, out,
-                                n * d * h * i // pieces, n * d * h * (i + 1) // pieces, left)
-              for i in range(pieces)], threads)
+    in_row_pieces(native.split_residues, rows_in, out, n * d * h,
+                  max(1, min(n * d * h, 4 * threads)), threads, left)
     arrays = list(tap_offsets(spec).arrays)
     arrays[2] = np.array([r * stretch + first for r, first in wtaps], np.int64)
     return out.reshape(n, d, h, s * stretch, c), native.TapOffsets(arrays)
