@@ -436,16 +436,8 @@ static void grad_weight_typed(const GwJob& job) {
     // A row's sums depend only on which (D, H) tap pairs it reaches: a range of i and one
     // of j, as the offsets k * dilation - padding rise with k. They are listed again only
     // where those ranges change, at the volume's faces.
-    // Each distinct list is built once per call and kept: rows near the faces change their
-    // tap ranges row by row (k6 over 8 x 8 pixels, most rows), and building the lists
-    // again took a quarter of 120 -> 1 k6's grad_weight.
-    struct Listed {
-      int64_t key[4];
-      std::vector<std::vector<FewSum<T>>> lists;
-    };
-    std::vector<Listed> built;
+    std::vector<std::vector<FewSum<T>>> lists((nb + cw_full - 1) / cw_full);
     int64_t key[4] = {-1, -1, -1, -1};
-    size_t at = 0;  // built[at]: the current rows' lists
     const auto first_inside = [](const int64_t* off, int64_t taps, int64_t p, int64_t dim) {
       int64_t t = 0;
       while (t < taps && p + off[t] < 0) ++t;
@@ -468,16 +460,11 @@ static void grad_weight_typed(const GwJob& job) {
         ++rows;
       if (i0 != key[0] || i1 != key[1] || j0 != key[2] || j1 != key[3]) {
         key[0] = i0, key[1] = i1, key[2] = j0, key[3] = j1;
-        for (at = 0; at < built.size(); ++at)
-          if (std::equal(key, key + 4, built[at].key)) break;
-      }
-      if (at == built.size()) {
-        built.push_back(Listed{{i0, i1, j0, j1}, {}});
-        built.back().lists.resize((nb + cw_full - 1) / cw_full);
         for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
           const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
           const int64_t ars = job.pa ? job.pa : cw;  // row stride of the sums
-          std::vector<FewSum<T>>& sums = built.back().lists[c0 / cw_full];
+          std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
+          sums.clear();
           // W tap outermost: a tile's sums then reach the same pixels of the row, all in
           // its inner loop (by (D, H) tap first, a tile of 6 spanned 6 W offsets, and on
           // rows of 10 pixels with k7 most pixels went through the one-sum edge loop).
@@ -506,7 +493,7 @@ static void grad_weight_typed(const GwJob& job) {
       const int64_t grs = job.step[1] * job.gs[2], xrs = job.xs[2];
       T* gxrow = gx ? gx + n * job.gxs[0] + d * job.gxs[1] + h * job.gxs[2] : nullptr;
       for (int64_t c0 = 0; c0 < nb; c0 += cw_full) {
-        const std::vector<FewSum<T>>& sums = built[at].lists[c0 / cw_full];
+        const std::vector<FewSum<T>>& sums = lists[c0 / cw_full];
         const int64_t cw = nb - c0 < cw_full ? nb - c0 : cw_full;
         const int64_t tail = tail_of(cw);
         with_vectors(vectors_of(cw), [&](auto nv) { with_partial(tail < L, [&](auto part) {
