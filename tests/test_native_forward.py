@@ -738,6 +738,24 @@ def test_positions_no_tap_reaches_hold_zero_or_the_bias(case, rng, monkeypatch):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_fill_sets_each_pixel_of_a_strided_view(dtype, rng):
+    """`native.fill_call`: every pixel of a strided output view set to the bias (in the
+    view's dtype) or zeros, and nothing outside the view touched."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    out = rng.standard_normal((2, 5, 4, 9, 7)).astype(dt)
+    before = out.copy()
+    bias = rng.standard_normal(7).astype(dt)
+    for value, index in ((bias, np.s_[:, 1::2, :, 2::3]), (None, np.s_[1:, :, 1::3]),
+                         (None, np.s_[:, 3:4])):  # the last: rows of whole runs
+        ref = before.copy()
+        ref[index] = 0 if value is None else value
+        native.run_tasks([native.Task((native.fill_call(out[index], value),))], 2)
+        np.testing.assert_array_equal(out.view(np.uint8), ref.view(np.uint8))
+        before = ref
+
+
 # W residues merged around rotated or unequal rows (`_plan.merged_row`): (kernel_w,
 # stride_w, padding_w, output_padding_w, C_out), kernel_w a multiple of stride_w.
 MERGED_EDGE_CASES = [

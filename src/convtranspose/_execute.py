@@ -1222,8 +1222,10 @@ def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None, threads: int 
     strided fill per such residue, where zeroing the whole output before the kernel
     stored the rest wrote most of it twice (8 -> 13 k3x4 s4 2-D: 17.6 MB zeroed, 1.7 ms
     of a 2.9 ms call, where its 4 unreached rows of 16 take 0.4). Only along `axes`
-    (`planar` writes its rows whole). In pieces on the threads (NumPy fills without the
-    GIL): 40 -> 4 g4 k3 s4 2-D fills 7/16 of a 58 MB output."""
+    (`planar` writes its rows whole). A compiled fill (`native.fill_call`) on the pool:
+    NumPy's strided fill ran a scalar loop while the pool's threads waited (48 -> 256 k1
+    s(1,4) 2-D, 3/4 of an 11.7 MB output: 2.5 -> 1.4 ms a call). In pieces on the threads
+    for big outputs: 40 -> 4 g4 k3 s4 2-D fills 7/16 of a 58 MB output."""
     o = out.reshape(spec.batch, *spec.out_spatial, spec.c_out)
     phases = phases_3d(spec)
     value = 0 if bias is None else bias
@@ -1243,25 +1245,27 @@ def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None, threads: int 
         earlier = [prefix + [slice(r, None, step)] for prefix in earlier for r in reached]
     if not views:
         return
-    pieces = 4 * threads if threads > 1 and out.nbytes >= FILL_THREADS_FROM_BYTES else 1
-    jobs = []
+    if not native.AVAILABLE:
+        for view in views:
+            np.copyto(view, value)
+        return
+    pixel = None if bias is None else np.ascontiguousarray(bias, out.dtype)
+    pieces = 2 * threads if threads > 1 and out.nbytes >= FILL_THREADS_FROM_BYTES else 1
+    calls = []
     for view in views:  # cut along the longest of batch, D and H
         axis = max(range(3), key=lambda a: view.shape[a])
         bounds = np.linspace(0, view.shape[axis], min(pieces, view.shape[axis]) + 1).astype(int)
         for a, b in zip(bounds, bounds[1:]):
             index = [slice(None)] * 5
             index[axis] = slice(a, b)
-            jobs.append(functools.partial(np.copyto, view[tuple(index)], value))
-    if pieces == 1:
-        for job in jobs:
-            job()
-    else:
-        run_jobs(jobs, threads)
+            calls.append(native.fill_call(view[tuple(index)], pixel))
+    native.run_tasks([native.Task((call,)) for call in calls], threads)
 
 
-# Smaller outputs fill on the calling thread: the pool's pieces cost more than they save
-# (96 -> 16 k2 s2 d2, 4 MB with 7/8 unreached: 3-4% slower in pieces; 8 -> 8 k2 s3 on
-# 100^3, 855 MB: 220 -> 178 ms).
+# Smaller outputs fill in one piece: one core's stores fill the memory's bandwidth (96 ->
+# 16 k2 s2 d2, 4 MB with 7/8 unreached: 3-4% slower in pieces, in NumPy's or the compiled
+# fill; 48 -> 256 k1 s(1,4), 11.7 MB: 5% slower; 8 -> 8 k2 s3 on 100^3, 855 MB: 220 ->
+# 178 ms with them).
 FILL_THREADS_FROM_BYTES = 16 << 20
 
 

@@ -319,6 +319,19 @@ def correlate(mode: Mode, itemsize: int, out_half: int, stream_out: bool, x_addr
         _native.correlate(job)
 
 
+def fill_call(view: np.ndarray, value: np.ndarray | None) -> Any:
+    """A prepared call (for `Task`) that sets every pixel of `view` (N, D, H, W, C with C
+    contiguous) to `value` (C values of view's dtype, contiguous) or, None, to zeros."""
+    assert view.ndim == 5 and view.strides[4] == view.itemsize
+    assert value is None or (value.dtype == view.dtype and value.flags.c_contiguous
+                             and value.size == view.shape[4])
+    bits = f"u{view.itemsize}"  # any dtype's bytes (ml_dtypes' export no buffer)
+    return _native.fill_call({  # FillJob's fields
+        "dst": _native.address(view.view(bits)), "count": view.shape[:4],
+        "stride": view.strides[:4], "pixel": view.shape[4] * view.itemsize,
+        "value": 0 if value is None else _native.address(value.view(bits))})
+
+
 def planar_copy(x: np.ndarray, top: int, left: int, height: int, pitch: int,
                 out: np.ndarray, threads: int) -> tuple[int, list[int], int]:
     """Fill `out` (`planar_size` elements of x's dtype) with the input PLANAR mode reads:
