@@ -44,6 +44,24 @@ def test_nothing_past_the_retention_cap_is_kept(monkeypatch):
     assert all(b.nbytes <= 1 << 16 for _, b in _memory._free)
 
 
+def test_scratch_past_the_kept_buffer_reuses_a_dropped_blocks_memory(monkeypatch):
+    """What a call needs past the retained buffer comes from the results' recycled
+    memory: its block returns there when the call ends, and the next call of the same
+    size gets the same pages (no fresh page faults), on a cache line."""
+    monkeypatch.setattr(_memory, "RETAIN_BYTES", 1 << 16)
+    monkeypatch.setattr(_memory, "_free", [])
+    monkeypatch.setattr(_memory, "_dropped", [])
+    monkeypatch.setattr(_memory, "_dropped_bytes", 0)
+    with _memory.Scratch() as s:
+        where = s.empty(1 << 20, np.float32).ctypes.data
+    gc.collect()
+    with _memory.Scratch() as s:
+        again = s.empty(1 << 20, np.float32)
+        assert again.ctypes.data == where and where % 64 == 0
+        other = s.empty(1 << 20, np.float32)  # while the first is in use: other memory
+        assert not np.shares_memory(again, other)
+
+
 def test_results_do_not_depend_on_the_scratch_contents_or_on_concurrent_calls(rng):
     """A call after others (whose packed weights filled the retained memory), and calls
     from several threads at once, give the bits of a first call."""

@@ -8,9 +8,10 @@ has handed its heap back, smaller ones do too. W2's 256 MiB result paid 18 ms of
 83 ms for it, W1's 32 MiB 2.3 of 22 ms; packing W3's 8 MiB of weights paid 2.9 ms.
 
 * `Scratch` lends one retained buffer to one call; a call that needs more than the buffer
-  holds gets fresh arrays for the rest, and the buffer grows, when it is given back, to
-  what that call used. At most `RETAIN_BYTES` are kept per buffer, one buffer per
-  concurrent call, and never a view of one reaches the caller.
+  holds gets arrays for the rest from `result_empty` (recycled memory, as results'), and
+  the buffer grows, when it is given back, to what that call used. At most
+  `RETAIN_BYTES` are kept per buffer, one buffer per concurrent call, and never a view of
+  one reaches the caller.
 * `result_empty` gives results of `RECYCLE_FROM_BYTES` or more memory that an earlier
   result of the same size held, once the caller dropped it and every view of it. At most
   `set_result_cache` bytes of dropped results are kept (oldest dropped first).
@@ -69,7 +70,14 @@ class Scratch:
         self._used = start + nbytes
         if self._used <= self._buffer.size:
             return self._buffer[start:self._used].view(dtype)
-        fresh = np.empty(nbytes + _ALIGN, np.uint8)  # past the buffer: this call only
+        # Past the buffer: this call only, big ones in a dropped result's memory where one
+        # of the size is kept (on a cache line too): a packed weight past RETAIN_BYTES
+        # faulted in fresh pages at every call (384 -> 205 k7 s4 on 4x3x3, 108 MB: 25-29
+        # ms a call, 130-170 after a pause of a second, once the host had taken the pages
+        # back; 21-25 ms recycled).
+        if nbytes >= RECYCLE_FROM_BYTES and _result_cache_bytes:
+            return result_empty((count,), dtype)
+        fresh = np.empty(nbytes + _ALIGN, np.uint8)
         skip = (-fresh.ctypes.data) % _ALIGN
         return fresh[skip:skip + nbytes].view(dtype)
 
