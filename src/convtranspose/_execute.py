@@ -1226,9 +1226,27 @@ def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None, threads: int 
     NumPy's strided fill ran a scalar loop while the pool's threads waited (48 -> 256 k1
     s(1,4) 2-D, 3/4 of an 11.7 MB output: 2.5 -> 1.4 ms a call). In pieces on the threads
     for big outputs: 40 -> 4 g4 k3 s4 2-D fills 7/16 of a 58 MB output."""
+    pieces = 2 * threads if threads > 1 and out.nbytes >= FILL_THREADS_FROM_BYTES else 1
+    indices = _unreached_pieces(spec, axes, pieces)
+    if not indices:
+        return
     o = out.reshape(spec.batch, *spec.out_spatial, spec.c_out)
+    if not native.AVAILABLE:
+        for index in indices:
+            np.copyto(o[index], 0 if bias is None else bias)
+        return
+    pixel = None if bias is None else np.ascontiguousarray(bias, out.dtype)
+    native.run_tasks([native.Task((native.fill_call(o[index], pixel),)) for index in indices],
+                     threads)
+
+
+@functools.lru_cache(maxsize=64)
+def _unreached_pieces(spec, axes: tuple[int, ...], pieces: int) -> tuple[tuple, ...]:
+    """`fill_unreached`'s views of the output (N, D, H, W, C) as basic indices, each cut
+    into up to `pieces` along the longest of batch, D and H. Worked out once per layer:
+    ~15 us a call of small layers, where the kernel takes 0.3."""
+    shape = (spec.batch, *spec.out_spatial, spec.c_out)
     phases = phases_3d(spec)
-    value = 0 if bias is None else bias
     views = []
     # Each position once: along an axis, its unreached residues within the residues the
     # axes before it reach (filling each axis's residues whole wrote 1.5x the output
@@ -1240,26 +1258,23 @@ def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None, threads: int 
         step = spec.stride[axis]
         # each prefix up to this axis (axes not in `axes` whole)
         earlier = [prefix + [slice(None)] * (axis + 1 - len(prefix)) for prefix in earlier]
-        views += [o[tuple(prefix + [slice(r, None, step)])]
-                  for prefix in earlier for r in sorted(unreached)]
+        views += [prefix + [slice(r, None, step)] for prefix in earlier for r in sorted(unreached)]
         earlier = [prefix + [slice(r, None, step)] for prefix in earlier for r in reached]
-    if not views:
-        return
-    if not native.AVAILABLE:
-        for view in views:
-            np.copyto(view, value)
-        return
-    pixel = None if bias is None else np.ascontiguousarray(bias, out.dtype)
-    pieces = 2 * threads if threads > 1 and out.nbytes >= FILL_THREADS_FROM_BYTES else 1
-    calls = []
-    for view in views:  # cut along the longest of batch, D and H
-        axis = max(range(3), key=lambda a: view.shape[a])
-        bounds = np.linspace(0, view.shape[axis], min(pieces, view.shape[axis]) + 1).astype(int)
-        for a, b in zip(bounds, bounds[1:]):
-            index = [slice(None)] * 5
-            index[axis] = slice(a, b)
-            calls.append(native.fill_call(view[tuple(index)], pixel))
-    native.run_tasks([native.Task((call,)) for call in calls], threads)
+    out = []
+    for view in views:
+        index = view + [slice(None)] * (5 - len(view))
+        extent = [len(range(*sl.indices(n))) for sl, n in zip(index, shape)]
+        if 0 in extent:
+            continue
+        axis = max(range(3), key=lambda a: extent[a])
+        start, _, step = index[axis].indices(shape[axis])
+        cuts = min(pieces, extent[axis])
+        for k in range(cuts):  # positions [a, b) of the view along the axis
+            a, b = extent[axis] * k // cuts, extent[axis] * (k + 1) // cuts
+            piece = list(index)
+            piece[axis] = slice(start + a * step, start + b * step, step)
+            out.append(tuple(piece))
+    return tuple(out)
 
 
 # Smaller outputs fill in one piece: one core's stores fill the memory's bandwidth (96 ->
