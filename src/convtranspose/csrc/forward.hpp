@@ -1567,7 +1567,14 @@ static void depthwise_flat_rows(const CtJob& job, const int64_t* lo, const int64
                 std::fill(row + j0, row + j0 + BLOCK, T(0));
                 partial = true;
               }
-              for (int64_t j = a; j < b; ++j) row[j] += x[j] * p[j];
+              // a vector at a time, the last one's lanes masked: lane by lane, rows
+              // shorter than a block (1 -> 1 k6 3-D's grad_input, rows of 41) went
+              // through here whole, a scalar multiply-add per value and tap
+              for (int64_t j = a; j < b; j += L) {
+                const int64_t m = std::min<int64_t>(L, b - j);
+                store_lanes(m, row + j, load_lanes<V>(m, row + j) +
+                                            load_lanes<V>(m, x + j) * load_lanes<V>(m, p + j));
+              }
             }
           }
         }
