@@ -1278,9 +1278,9 @@ def _unreached_pieces(spec, axes: tuple[int, ...], pieces: int) -> tuple[tuple, 
 
 
 # Smaller outputs fill in one piece: one core's stores fill the memory's bandwidth (96 ->
-# 16 k2 s2 d2, 4 MB with 7/8 unreached: 3-4% slower in pieces, in NumPy's or the compiled
-# fill; 48 -> 256 k1 s(1,4), 11.7 MB: 5% slower; 8 -> 8 k2 s3 on 100^3, 855 MB: 220 ->
-# 178 ms with them).
+# 16 k2 s2 d2, 4 MB with 7/8 unreached: 3-4% slower in pieces of NumPy's fill; of the
+# compiled fill, outputs of 11.7 and 10 MB 5% and 3% slower; 8 -> 8 k2 s3 on 100^3, 855
+# MB: 220 -> 178 ms with them).
 FILL_THREADS_FROM_BYTES = 16 << 20
 
 
