@@ -1226,7 +1226,7 @@ def fill_unreached(spec, out: np.ndarray, bias: np.ndarray | None, threads: int 
     NumPy's strided fill ran a scalar loop while the pool's threads waited (48 -> 256 k1
     s(1,4) 2-D, 3/4 of an 11.7 MB output: 2.5 -> 1.4 ms a call). In pieces on the threads
     for big outputs: 40 -> 4 g4 k3 s4 2-D fills 7/16 of a 58 MB output."""
-    pieces = 2 * threads if threads > 1 and out.nbytes >= FILL_THREADS_FROM_BYTES else 1
+    pieces = 4 * threads if threads > 1 and out.nbytes >= FILL_THREADS_FROM_BYTES else 1
     indices = _unreached_pieces(spec, axes, pieces)
     if not indices:
         return

@@ -75,7 +75,7 @@ class Scratch:
         # faulted in fresh pages at every call (384 -> 205 k7 s4 on 4x3x3, 108 MB: 25-29
         # ms a call, 130-170 after a pause of a second, once the host had taken the pages
         # back; 21-25 ms recycled).
-        if nbytes >= RECYCLE_FROM_BYTES and _result_cache_bytes:
+        if _recycles(nbytes):
             return result_empty((count,), dtype)
         fresh = np.empty(nbytes + _ALIGN, np.uint8)
         skip = (-fresh.ctypes.data) % _ALIGN
@@ -277,6 +277,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
+def _recycles(nbytes: int) -> bool:
+    """Whether `result_empty` gives an array of `nbytes` recycled memory (on a cache line)."""
+    return nbytes >= RECYCLE_FROM_BYTES and _result_cache_bytes > 0
+
+
 def result_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array for a result. From `RECYCLE_FROM_BYTES` on, its
     memory may be that of an earlier result which is gone; it returns to the cache when
@@ -286,7 +291,7 @@ def result_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = dtype.itemsize
     for n in shape:
         nbytes *= n
-    if nbytes < RECYCLE_FROM_BYTES or _result_cache_bytes == 0:
+    if not _recycles(nbytes):
         return np.empty(shape, dtype)
     size = ceil_div(nbytes + _ALIGN, _PAGE) * _PAGE
     raw = _take(size)

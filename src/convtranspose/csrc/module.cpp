@@ -683,8 +683,8 @@ PyObject* py_pack(PyObject*, PyObject* spec) {
 // Output positions no tap reaches set to one value each (fill_unreached): the pixels
 // (n, d, h, w) of a view, `count` of them along each axis `stride` bytes apart, each
 // `pixel` bytes from `value` (the bias, in the output's dtype) or zeros where it is null.
-// On the pool beside the kernel's tasks: NumPy's strided fill ran a scalar loop on one
-// thread while the pool's threads waited (48 -> 256 k1 s(1,4) 2-D: a quarter of the call).
+// On the pool's threads: NumPy's strided fill ran a scalar loop on the calling thread
+// while the pool's threads waited (48 -> 256 k1 s(1,4) 2-D: a quarter of the call).
 struct FillJob {
   char* dst;
   int64_t count[4], stride[4], pixel;
