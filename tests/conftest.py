@@ -9,6 +9,8 @@
 - `mlx_conv_transpose(x, w, ...)`: `mlx.core.conv_transpose{1,2,3}d` on the CPU.
 - `isa`: parametrised over the compiled kernel's instruction sets on this CPU, each made
   current for the test (the one before is restored).
+- `avx512_planner`: plans made as on the AVX-512 build (Zen 4), whatever the host: for
+  the tests that pin the planner's choices on representative layers.
 - `small_calls_threaded`: plans of small calls on every thread they are given (they stay
   on one otherwise); the plan cache is cleared before and after.
 
@@ -226,6 +228,36 @@ def isa(request):
     yield request.param
     native._native.set_isa(before)
     forget_plans()
+
+
+def forget_every_cache() -> None:
+    """Every memo of the package (plans, modes, phase tables): what a test that changes the
+    build the planner sees must drop before and after."""
+    import sys
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("convtranspose"):
+            for value in list(vars(module).values()):
+                if hasattr(value, "cache_clear"):
+                    value.cache_clear()
+    forget_plans()
+
+
+@pytest.fixture
+def avx512_planner(monkeypatch):
+    """The planner as on the AVX-512 build of a CPU that runs 512-bit multiply-adds at
+    256 bits' rate (a Zen 4, where the representative layers' choices were last measured),
+    on any host: the planner sees the build only through `native.isa`, `native.layout` and
+    CONVTRANSPOSE_HALF_RATE_FMA. For plans alone: one made so would pack its weight for
+    vectors this CPU may not have, and must not run here."""
+    if not native.AVAILABLE:
+        pytest.skip("the compiled kernel is not built")
+    monkeypatch.setattr(native, "isa", lambda: "avx512")
+    monkeypatch.setattr(native, "layout", lambda itemsize: (64 // itemsize, 4))
+    monkeypatch.setenv("CONVTRANSPOSE_HALF_RATE_FMA", "1")
+    forget_every_cache()
+    yield
+    monkeypatch.undo()
+    forget_every_cache()
 
 
 @pytest.fixture

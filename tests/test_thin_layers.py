@@ -140,7 +140,7 @@ def _spec(name: str, ndim: int = 3, spatial: int = 12):
     return spec, x, w
 
 
-def test_the_paths_each_class_takes():
+def test_the_paths_each_class_takes(avx512_planner):
     """The routing rules, so that the tests above cover the paths they are meant to."""
     spec, *_ = _spec("multiplier-2")
     assert _plan.expands_to_depthwise(spec) and _plan.native_mode(spec) == native.DEPTHWISE
