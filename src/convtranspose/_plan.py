@@ -1044,6 +1044,24 @@ DOT_PIXEL = 5.4e-9  # a pixel of a register block of outputs: its block's bookke
 DOT_REREAD_BYTE = 0.016e-9  # the input read again by each phase, where it outgrows L2
 DOT_PHASE_GROUP = 31e-6  # a phase group's tiles started (fitted while its weight was packed)
 DOT_WEIGHT_BYTE = 0.065e-9  # the weight read where it lies, once (more than 8 outputs)
+# The AVX2 build's DOT_VECTOR_FMA, DOT_OUTPUT and DOT_PIXEL, refitted the same way on its
+# 38 dot-mode layers of seeds 130-134 (two threads, a 2-core AMD EPYC Zen 3): an output's
+# lanes reduced and stored cost 23x the AVX-512 fit, a multiply-add 1.5x, a block's
+# bookkeeping next to nothing. The log of measured / modelled: rms 0.49 -> 0.27 (fitted on
+# three seeds, the other two's 0.51 -> 0.30). The AVX-512 fit had sent 32 -> 4 k5 2-D on
+# 4x74x98 to dot mode at 4.4 ms, where planar takes 1.9. Those layers had at most
+# `dot_max_out` outputs a group; past it (dot mode reading a big weight in place) the two
+# modes ran level on 384 -> 96 k5 on 1x3x3 and 384 -> 384 k5 on 2x1x1, as the AVX-512
+# fit has them.
+DOT_AVX2 = (0.44e-9, 3.7e-9, 0.036e-9)
+
+
+def _dot_costs(spec: ConvSpec) -> tuple[float, float, float]:
+    """(a vector multiply-add, an output's sum, a block's pixel) for this build and layer."""
+    if (native.isa() == "avx2"
+            and spec.c_out_per_group <= dot_max_out(spec.compute_dtype.itemsize)):
+        return DOT_AVX2
+    return DOT_VECTOR_FMA, DOT_OUTPUT, DOT_PIXEL
 # More outputs than dot mode's register block take it, reading the weight in place, where
 # each weight element meets fewer input pixels than this and the two modes' models agree.
 # Measured on the 167 layers of seeds 14-45 with more than 8 outputs and 16 input
@@ -1078,6 +1096,7 @@ def _dot_groups_seconds(spec: ConvSpec, phase_groups) -> float:
     # A (D, H) tap that reads outside the input is skipped for the whole row (on few
     # pixels, most are); one that reads part of a row's W, computed for the whole block.
     inside = math.prod(_reading_inside(spec, axis) for axis in (0, 1))
+    fma, output, pixel = _dot_costs(spec)
     seconds, most = 0.0, 0
     for group in phase_groups:
         p = group[0]
@@ -1092,9 +1111,8 @@ def _dot_groups_seconds(spec: ConvSpec, phase_groups) -> float:
         # a row is computed in whole blocks of pixels (the last overlapping the one before)
         computed = _dot_row_pixels(p.count[2], per_block) / p.count[2]
         seconds += pixels * (inside * computed * vectors
-                             * (taps * outputs * DOT_VECTOR_FMA
-                                + load_taps * loads * DOT_VECTOR_LOAD)
-                             + outputs * DOT_OUTPUT + loads * DOT_PIXEL)
+                             * (taps * outputs * fma + load_taps * loads * DOT_VECTOR_LOAD)
+                             + outputs * output + loads * pixel)
     item = spec.compute_dtype.itemsize
     input_bytes = spec.batch * math.prod(spec.in_spatial) * spec.c_in * item
     if input_bytes > L2_BYTES:
@@ -1185,10 +1203,19 @@ def native_rate(spec: ConvSpec, weight_in_place: bool = True) -> float:
     if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
         lanes = native.layout(spec.compute_dtype.itemsize)[0]
         # along the flat pixel * channel index, slower in blocks some W tap reaches in part
-        return NATIVE_PEAK_PER_LANE * lanes / 4 / (1.25 + 4.5 * _flat_edge_share(spec, lanes))
+        base, edge = (DEPTHWISE_FLAT_AVX2 if native.isa() == "avx2" and spec.c_out < 4 * lanes
+                      else (1.25, 4.5))
+        return NATIVE_PEAK_PER_LANE * lanes / 4 / (base + edge * _flat_edge_share(spec, lanes))
     if mode == native.DOT:  # vectors along the channels summed: its own cost model
         return max(spec.useful_flops, 1) / max(dot_seconds(spec), 1e-12)
     return channels_rate(spec)
+
+
+# The AVX2 build's (1.25, 4.5) of `native_rate`'s depthwise mode along the flat index
+# (fewer channels than four vectors): its 10 such layers of seeds 130-136 ran 0.5-0.85x
+# their modelled time (two threads, a 2-core AMD EPYC Zen 3), and the planner sent 7 -> 7
+# g7 and 8 -> 8 g8 k3 to planar at 1.3x and 1.4x native's time.
+DEPTHWISE_FLAT_AVX2 = (0.7, 3.2)
 
 
 def _flat_edge_share(spec: ConvSpec, lanes: int) -> float:
@@ -1226,8 +1253,16 @@ def channels_rate(spec: ConvSpec) -> float:
     blocking = (0.65 + 0.2 * _w_taps_at_once_share(spec) if vectors == 1
                 else 0.85 if vectors % max_vectors else 1.0)
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
-        return peak * used * blocking * cig / (cig + 1.6)  # traffic, a tap overhead
+        tap = FEW_CHANNELS_TAP_AVX2 if native.isa() == "avx2" else 1.6  # traffic, a tap
+        return peak * used * blocking * cig / (cig + tap)  # overhead
     return peak * used * blocking * cig / (cig + 4)
+
+
+# channels_rate's tap overhead below TAPS_INNER_BELOW channels on the AVX2 build, in
+# channels' worth: the AVX-512 fit's 1.6 put its 56 such layers of seeds 130-134 at 0.6x
+# their modelled time where C_in/g is 1 (0.7-0.8x at 2-3), and sent 1 -> 8 k5 and 1 -> 8
+# k7 s3 to planar at 1.2x and 1.4x native's time (2-core AMD EPYC Zen 3).
+FEW_CHANNELS_TAP_AVX2 = 0.6
 
 
 WTAPS_MIN_PIXELS = 24  # the kernel's block of every W tap at once (rows_wtaps), AVX-512

@@ -104,7 +104,19 @@ def runs_along_w(spec) -> bool:
     return spec.dilation[2] == 1 and spec.groups == 1 and spec.c_out > 1
 
 
+# The gather's time over the model above on the AVX2 build: its 38 cols layers of seeds
+# 130-134 (two threads, a 2-core AMD EPYC Zen 3) ran 1.41x their modelled time (median),
+# fitted best with the gather at 3.4x (median 1.02, rms of the log 0.47 -> 0.26); the
+# planner had taken 32 -> 2 g2 k7 s2 1-D on 229377 pixels from native to cols at 3.2x its
+# time.
+GATHER_AVX2 = 3.4
+
+
 def gather_seconds(spec) -> float:
+    return _gather_model_seconds(spec) * (GATHER_AVX2 if native.isa() == "avx2" else 1.0)
+
+
+def _gather_model_seconds(spec) -> float:
     rows = spec.batch * spec.out_spatial[0] * spec.out_spatial[1]
     outputs = rows * spec.out_spatial[2] * spec.c_out
     pairs = spec.batch * spec.reaching_pairs(0) * spec.reaching_pairs(1)
