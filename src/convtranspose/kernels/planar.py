@@ -32,6 +32,11 @@ from .native import buffer_elems
 # Input channels per group up to which a block's reads of each channel's rows stay in L1
 # (`planar_rate`).
 PLANAR_L1_CHANNELS = 32
+# On the AVX2 build the rate falls slower past them: as (PLANAR_L1_CHANNELS / C_in/g) to
+# this power. Its planar layers of seeds 130-136 past 32 channels a group ran 0.6x their
+# modelled time at 64-96, 0.4x at 128 and 0.1-0.7x at 192-384 (two threads, a 2-core AMD
+# EPYC Zen 3), which 0.35 levels; 77 -> 3 k3 on 53x43x58 went to native at 1.4x planar's time.
+PLANAR_L1_POWER_AVX2 = 0.35
 # Past one register block, up to this many outputs per group in two blocks of 4 or more
 # (2 -> 12 as two of 6: 0.70 ms against the native kernel's 1.32). Smaller or more blocks
 # lost to its full vectors along C_out: 15 -> 17 in blocks of one, 4.6 ms against 1.1;
@@ -101,7 +106,8 @@ def planar_rate(spec) -> float:
     # A block reads its pixels from each input channel's image in turn: past a few dozen
     # channels those rows no longer stay in L1 between taps (dot mode, along C_in, wins
     # there: 105 -> 3 k6, 5.6 ms against 7.4; 256 -> 7 k7 s4, 1.2 against 1.6).
-    cache = min(1.0, PLANAR_L1_CHANNELS / spec.c_in_per_group)
+    power = PLANAR_L1_POWER_AVX2 if native.isa() == "avx2" else 1.0
+    cache = min(1.0, PLANAR_L1_CHANNELS / spec.c_in_per_group) ** power
     return NATIVE_PEAK_PER_LANE * lanes * lane_use * fmas / (max(fmas, nb + cog) + 2) * cache
 
 
