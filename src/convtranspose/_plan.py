@@ -1062,6 +1062,8 @@ def _dot_costs(spec: ConvSpec) -> tuple[float, float, float]:
             and spec.c_out_per_group <= dot_max_out(spec.compute_dtype.itemsize)):
         return DOT_AVX2
     return DOT_VECTOR_FMA, DOT_OUTPUT, DOT_PIXEL
+
+
 # More outputs than dot mode's register block take it, reading the weight in place, where
 # each weight element meets fewer input pixels than this and the two modes' models agree.
 # Measured on the 167 layers of seeds 14-45 with more than 8 outputs and 16 input
