@@ -211,10 +211,16 @@ def forget_plans() -> None:
     """Plans are pure functions of their arguments for the instruction set the process
     runs (chosen once, at import) and the planner's rules; a test that switches either
     drops the plans made before (their rules count its lanes), the ones kept for recent
-    calls of the same shapes included."""
+    calls of the same shapes included, and every other memo of the package (dot mode's
+    phase groups, for one, are chosen by a model that counts the lanes)."""
+    import sys
+
     from convtranspose import _api, _vjp
-    for cached in (_plan._make_plan, _vjp._make_vjp_plan, _vjp._native_grad_input_suits):
-        cached.cache_clear()
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("convtranspose"):
+            for value in list(vars(module).values()):
+                if hasattr(value, "cache_clear"):
+                    value.cache_clear()
     # the plans and specs kept for recent calls of the same shapes
     _api._recent_plans.clear()
     _vjp._recent_specs.clear()
@@ -230,18 +236,6 @@ def isa(request):
     forget_plans()
 
 
-def forget_every_cache() -> None:
-    """Every memo of the package (plans, modes, phase tables): what a test that changes the
-    build the planner sees must drop before and after."""
-    import sys
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("convtranspose"):
-            for value in list(vars(module).values()):
-                if hasattr(value, "cache_clear"):
-                    value.cache_clear()
-    forget_plans()
-
-
 @pytest.fixture
 def avx512_planner(monkeypatch):
     """The planner as on the AVX-512 build of a CPU that runs 512-bit multiply-adds at
@@ -254,10 +248,10 @@ def avx512_planner(monkeypatch):
     monkeypatch.setattr(native, "isa", lambda: "avx512")
     monkeypatch.setattr(native, "layout", lambda itemsize: (64 // itemsize, 4))
     monkeypatch.setenv("CONVTRANSPOSE_HALF_RATE_FMA", "1")
-    forget_every_cache()
+    forget_plans()
     yield
     monkeypatch.undo()
-    forget_every_cache()
+    forget_plans()
 
 
 @pytest.fixture

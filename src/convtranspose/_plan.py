@@ -148,6 +148,12 @@ def half_rate_fma() -> bool:
     return gain is not None and gain < HALF_RATE_FMA_BELOW
 
 
+def avx2_build() -> bool:
+    """Whether the kernel runs its AVX2 build, where the models' *_AVX2 costs (fitted on a
+    2-core AMD EPYC Zen 3, session 56) stand for the AVX-512 fits."""
+    return native.isa() == "avx2"
+
+
 @functools.lru_cache(maxsize=1)
 def _usable_cores() -> int:
     """The cores this process may run on, read once (the system call cost 1 us a call)."""
@@ -1058,7 +1064,7 @@ DOT_AVX2 = (0.44e-9, 3.7e-9, 0.036e-9)
 
 def _dot_costs(spec: ConvSpec) -> tuple[float, float, float]:
     """(a vector multiply-add, an output's sum, a block's pixel) for this build and layer."""
-    if (native.isa() == "avx2"
+    if (avx2_build()
             and spec.c_out_per_group <= dot_max_out(spec.compute_dtype.itemsize)):
         return DOT_AVX2
     return DOT_VECTOR_FMA, DOT_OUTPUT, DOT_PIXEL
@@ -1205,7 +1211,7 @@ def native_rate(spec: ConvSpec, weight_in_place: bool = True) -> float:
     if mode == native.DEPTHWISE:  # one load per multiply-add; bound by the output's writes
         lanes = native.layout(spec.compute_dtype.itemsize)[0]
         # along the flat pixel * channel index, slower in blocks some W tap reaches in part
-        base, edge = (DEPTHWISE_FLAT_AVX2 if native.isa() == "avx2" and spec.c_out < 4 * lanes
+        base, edge = (DEPTHWISE_FLAT_AVX2 if avx2_build() and spec.c_out < 4 * lanes
                       else (1.25, 4.5))
         return NATIVE_PEAK_PER_LANE * lanes / 4 / (base + edge * _flat_edge_share(spec, lanes))
     if mode == native.DOT:  # vectors along the channels summed: its own cost model
@@ -1255,7 +1261,7 @@ def channels_rate(spec: ConvSpec) -> float:
     blocking = (0.65 + 0.2 * _w_taps_at_once_share(spec) if vectors == 1
                 else 0.85 if vectors % max_vectors else 1.0)
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
-        tap = FEW_CHANNELS_TAP_AVX2 if native.isa() == "avx2" else 1.6  # traffic, a tap
+        tap = FEW_CHANNELS_TAP_AVX2 if avx2_build() else 1.6  # traffic, a tap
         return peak * used * blocking * cig / (cig + tap)  # overhead
     return peak * used * blocking * cig / (cig + 4)
 

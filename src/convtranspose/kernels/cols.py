@@ -29,6 +29,7 @@ from .._plan import (
     COPY_BYTES_PER_S,
     Plan,
     Tile,
+    avx2_build,
     cut_rows,
     estimate_seconds,
     half_rate_fma,
@@ -113,7 +114,7 @@ GATHER_AVX2 = 3.4
 
 
 def gather_seconds(spec) -> float:
-    return _gather_model_seconds(spec) * (GATHER_AVX2 if native.isa() == "avx2" else 1.0)
+    return _gather_model_seconds(spec) * (GATHER_AVX2 if avx2_build() else 1.0)
 
 
 def _gather_model_seconds(spec) -> float:

@@ -19,6 +19,7 @@ from .._plan import (
     COPY_BYTES_PER_S,
     NATIVE_CALL_SECONDS,
     NATIVE_PEAK_PER_LANE,
+    avx2_build,
     live_phases,
     output_write_seconds,
     planar_bytes,
@@ -106,7 +107,7 @@ def planar_rate(spec) -> float:
     # A block reads its pixels from each input channel's image in turn: past a few dozen
     # channels those rows no longer stay in L1 between taps (dot mode, along C_in, wins
     # there: 105 -> 3 k6, 5.6 ms against 7.4; 256 -> 7 k7 s4, 1.2 against 1.6).
-    power = PLANAR_L1_POWER_AVX2 if native.isa() == "avx2" else 1.0
+    power = PLANAR_L1_POWER_AVX2 if avx2_build() else 1.0
     cache = min(1.0, PLANAR_L1_CHANNELS / spec.c_in_per_group) ** power
     return NATIVE_PEAK_PER_LANE * lanes * lane_use * fmas / (max(fmas, nb + cog) + 2) * cache
 
