@@ -147,19 +147,19 @@ static void col2im_typed(const T* cols, T* out, const T* bias, const int64_t* ge
     }
 }
 
-// col2im where a pixel's W taps land on neighbouring outputs (dilation 1 along W, one
-// group, several output channels): per (D, H) tap pair, each input pixel's run of W taps
-// (taps * C_out contiguous products) is added to one run of the output row (192 -> 3 k4
-// s2 on 26924 pixels: 0.55 -> 0.38 ms a call, where each W tap's outputs were gathered
-// at the stride). Each position adds its products in one order, whichever box holds it:
-// (D, H) tap pairs, then input pixels along W.
+// col2im where a pixel's W taps land on neighbouring outputs (dilation 1 along W, several
+// output channels a group): per (D, H) tap pair, each input pixel's run of W taps (taps *
+// C_out contiguous products; with several groups, a run of C_out/g per group and tap) is
+// added to one run of the output row (192 -> 3 k4 s2 on 26924 pixels: 0.55 -> 0.38 ms a
+// call, where each W tap's outputs were gathered at the stride). Each position adds its products in one order, whichever
+// box holds it: (D, H) tap pairs, then input pixels along W.
 template <typename T>
-static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t cout,
-                        const int64_t* box) {
+static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo,
+                        int64_t groups, int64_t cog, const int64_t* box) {
   const Col2imGeometry geometry(geo);
   const int64_t *in = geometry.in, *os = geometry.os, *k = geometry.k, *st = geometry.st,
                 *pad = geometry.pad;
-  const int64_t taps = k[0] * k[1] * k[2], pixel = taps * cout;
+  const int64_t taps = k[0] * k[1] * k[2], cout = groups * cog, pixel = taps * cout;
   const int64_t w0 = box[6], w1 = box[7];
   const auto ceil_div = [](int64_t a, int64_t b) { return -floor_div(-a, b); };
   // Per W tap: the input pixels [from, to) whose outputs iw * s + kw - p lie in [w0, w1).
@@ -185,7 +185,7 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
         for (const auto& [id, kd] : along_d)
           for (const auto& [ih, kh] : along_h) {
             const T* row = cols + ((n * in[0] + id) * in[1] + ih) * in[2] * pixel +
-                           (kd * k[1] + kh) * k[2] * cout;
+                           (kd * k[1] + kh) * k[2] * cog;
             for (int64_t iw = first; iw < last; ++iw) {
               int64_t t0 = 0, t1 = k[2];
               if (iw < whole0 || iw >= whole1) {  // clipped at w0 or w1
@@ -194,22 +194,34 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
                 while (t1 < k[2] && iw >= from[t1] && iw < to[t1]) ++t1;
                 if (t0 >= t1) continue;
               }
-              const T* __restrict src = row + iw * pixel + t0 * cout;
+              const T* __restrict src = row + iw * pixel + t0 * cog;
               T* __restrict dst = o + (iw * st[2] - pad[2] + t0) * cout;
-              const int64_t m = (t1 - t0) * cout;
-              for (int64_t j = 0; j < m; ++j) dst[j] += src[j];
+              if (groups == 1) {
+                const int64_t m = (t1 - t0) * cout;
+                for (int64_t j = 0; j < m; ++j) dst[j] += src[j];
+                continue;
+              }
+              for (int64_t g = 0; g < groups; ++g)  // group g's products: taps * cog on
+                for (int64_t t = 0; t < t1 - t0; ++t)
+                  for (int64_t j = 0; j < cog; ++j)
+                    dst[t * cout + g * cog + j] += src[g * taps * cog + t * cog + j];
             }
           }
       }
     }
 }
 
-// The run-by-run add where a pixel's W taps land together, else the gathers.
+// The run-by-run add where a pixel's W taps land together (kernels/cols.py's
+// runs_along_w), else the gathers. Several groups' runs are a group's channels only: they
+// pay where those are many or each output takes at most two W taps (384 -> 6 g2 k3 s3:
+// 1.0 -> 0.3 ms; 48 -> 8 g4 k4 s1, runs of 2 outputs and 4 taps a position: 18 -> 27 ms).
 template <typename T>
 static void col2im_any(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
                        int64_t cog, const int64_t* box) {
-  if (Col2imGeometry(geo).dil[2] == 1 && groups == 1 && cog > 1)
-    col2im_runs(cols, out, bias, geo, cog, box);
+  const Col2imGeometry geometry(geo);
+  const int64_t taps_w = (geometry.k[2] + geometry.st[2] - 1) / geometry.st[2];
+  if (geometry.dil[2] == 1 && cog > 1 && (groups == 1 || cog >= 8 || taps_w <= 2))
+    col2im_runs(cols, out, bias, geo, groups, cog, box);
   else
     col2im_typed(cols, out, bias, geo, groups, cog, box);
 }

@@ -100,9 +100,13 @@ RUN_ROW_SECONDS = 22e-9
 
 
 def runs_along_w(spec) -> bool:
-    """Whether the gather adds each pixel's W taps as one run of the output row (col2im's
-    rule: dilation 1 along W, one group, several output channels)."""
-    return spec.dilation[2] == 1 and spec.groups == 1 and spec.c_out > 1
+    """Whether the gather adds each pixel's W taps as runs of the output row (col2im's
+    rule in csrc/conversions.hpp: dilation 1 along W, several output channels a group,
+    and with several groups, a run per group, where a group has 8 outputs or more or each
+    output takes at most two W taps)."""
+    return spec.dilation[2] == 1 and spec.c_out_per_group > 1 and (
+        spec.groups == 1 or spec.c_out_per_group >= 8
+        or ceil_div(spec.kernel[2], spec.stride[2]) <= 2)
 
 
 # The gather's time over the model above on the AVX2 build: its 38 cols layers of seeds
@@ -122,7 +126,7 @@ def _gather_model_seconds(spec) -> float:
     outputs = rows * spec.out_spatial[2] * spec.c_out
     pairs = spec.batch * spec.reaching_pairs(0) * spec.reaching_pairs(1)
     if runs_along_w(spec):
-        runs = pairs * spec.in_spatial[2]
+        runs = pairs * spec.in_spatial[2] * spec.groups
         return (runs * RUN_SECONDS + runs * spec.kernel[2] * spec.c_out * RUN_PRODUCT_SECONDS
                 + outputs * RUN_OUTPUT_SECONDS + rows * RUN_ROW_SECONDS)
     lanes = native.layout(spec.compute_dtype.itemsize)[0]
