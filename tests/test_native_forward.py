@@ -675,7 +675,9 @@ COLS_GATHER_CASES = [
     (32, 3, 7, 1, 3, 3, 1, 2),
     (8, 2, 3, 1, 4, 0, 1, 3),    # stride > kernel
     (16, 4, 3, 1, 2, 2, 2, 1),   # dilated: taps apart
-    (16, 4, 3, 2, 2, 1, 1, 0),   # grouped: taps apart
+    (16, 4, 5, 2, 1, 2, 1, 0),   # grouped, five W taps a position: taps apart
+    (16, 4, 3, 2, 2, 1, 1, 0),   # grouped, two W taps a position: runs below AVX-512
+    (16, 16, 3, 2, 3, 1, 1, 0),  # grouped, 8 outputs a group: runs below AVX-512
     (32, 2, 9, 1, 2, 4, 2, 1),   # dilation and stride 2: one residue of two
     (24, 4, 5, 1, 3, 0, 2, 2),   # taps on three residues
 ]
@@ -701,6 +703,28 @@ def test_cols_gathers_long_rows_in_pieces(case, rng, monkeypatch, small_calls_th
     got = ct.run_plan(p, x, w, bias=bias)
     ref = conv_transpose_ref(x, w, **kw) + bias
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_grouped_gathers_go_by_runs_only_below_avx512(monkeypatch):
+    """Several groups' products are added run by run where each output takes at most two
+    W taps or a group has 8 outputs or more, on the builds below AVX-512 (whose gathers
+    are slow); else, and on AVX-512, gathered (the cases above run whichever this host
+    takes)."""
+    from convtranspose.kernels.cols import runs_along_w
+
+    def runs(c_in, c_out, k, groups, stride, isa):
+        spec = ct.plan((1, 50, c_in), (c_out, k, c_in // groups), stride=stride,
+                       groups=groups).spec  # (planned on this host's build)
+        monkeypatch.setattr(native, "isa", lambda: isa)
+        taken = runs_along_w(spec)
+        monkeypatch.undo()
+        return taken
+
+    for isa in ("avx2", "generic"):
+        assert runs(16, 4, 3, 2, 2, isa) and runs(16, 16, 5, 2, 1, isa)
+        assert not runs(16, 4, 5, 2, 1, isa)  # five W taps of 2 outputs a group
+    assert not runs(16, 4, 3, 2, 2, "avx512") and not runs(16, 16, 5, 2, 1, "avx512")
+    assert runs(16, 4, 5, 1, 1, "avx512")  # one group: runs on every build
 
 
 # Strides past the kernel's reach along one axis or several (kernel, stride, dilation):

@@ -212,15 +212,18 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
 }
 
 // The run-by-run add where a pixel's W taps land together (kernels/cols.py's
-// runs_along_w), else the gathers. Several groups' runs are a group's channels only: they
-// pay where those are many or each output takes at most two W taps (384 -> 6 g2 k3 s3:
-// 1.0 -> 0.3 ms; 48 -> 8 g4 k4 s1, runs of 2 outputs and 4 taps a position: 18 -> 27 ms).
+// runs_along_w), else the gathers. Several groups' runs are a group's channels only; below
+// AVX-512, whose gathers take about a cycle a lane on Zen 3, they pay where those are
+// many or each output takes at most two W taps (384 -> 6 g2 k3 s3: 1.0 -> 0.3 ms; 48 -> 8
+// g4 k4 s1, runs of 2 outputs and 4 taps a position: 18 -> 27 ms). With AVX-512 runs for
+// every layer lost to the gathers on all 8 layers tried (docs/PERFORMANCE.md).
 template <typename T>
 static void col2im_any(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
                        int64_t cog, const int64_t* box) {
   const Col2imGeometry geometry(geo);
   const int64_t taps_w = (geometry.k[2] + geometry.st[2] - 1) / geometry.st[2];
-  if (geometry.dil[2] == 1 && cog > 1 && (groups == 1 || cog >= 8 || taps_w <= 2))
+  const bool group_runs = CT_VBYTES < 64 && (cog >= 8 || taps_w <= 2);
+  if (geometry.dil[2] == 1 && cog > 1 && (groups == 1 || group_runs))
     col2im_runs(cols, out, bias, geo, groups, cog, box);
   else
     col2im_typed(cols, out, bias, geo, groups, cog, box);

@@ -102,11 +102,12 @@ RUN_ROW_SECONDS = 22e-9
 def runs_along_w(spec) -> bool:
     """Whether the gather adds each pixel's W taps as runs of the output row (col2im's
     rule in csrc/conversions.hpp: dilation 1 along W, several output channels a group,
-    and with several groups, a run per group, where a group has 8 outputs or more or each
-    output takes at most two W taps)."""
+    and with several groups, below AVX-512, a run per group where a group has 8 outputs
+    or more or each output takes at most two W taps)."""
+    group_runs = native.isa() != "avx512" and (
+        spec.c_out_per_group >= 8 or ceil_div(spec.kernel[2], spec.stride[2]) <= 2)
     return spec.dilation[2] == 1 and spec.c_out_per_group > 1 and (
-        spec.groups == 1 or spec.c_out_per_group >= 8
-        or ceil_div(spec.kernel[2], spec.stride[2]) <= 2)
+        spec.groups == 1 or group_runs)
 
 
 # The gather's time over the model above on the AVX2 build: its 38 cols layers of seeds
