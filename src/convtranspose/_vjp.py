@@ -185,13 +185,20 @@ def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
     value met by few taps, and the copy costs more than the products (both gradients,
     in-process alternating, two runs: 8 -> 1 k3 s4 2-D on 4x439x249 2.05-2.07x the time
     of the channel layouts, 8 -> 3 k3 s4 2.76-3.26x, 6 of 6 such sweep layers 1.15x or
-    more; with the stride along W alone, 1 -> 3 k3 s(1, 1, 4), planar 0.85x). The planar
-    copies must fit the workspace `limit` (None: any)."""
+    more; with the stride along W alone, 1 -> 3 k3 s(1, 1, 4), planar 0.85x). Nor where
+    C_in/g is whole vectors, which grad_input's layout along C_in fills (as grad_weight's
+    own rule has it for either side: `grad_weight_layout`). AVX2, float32, 8 input
+    channels a group, two threads on a 2-core AMD EPYC Zen 3: of the 12 sweep layers of
+    seeds 129-141 that planar took, both gradients ran 0.45-0.81x the time on 10 without it
+    (8 -> 3 k2 s(1, 1, 4) 4.2 -> 1.9 ms), 1.04x and 1.15x on two of stride 1; on the 4 of
+    seeds 142-149, drawn after, 0.56-0.76x (alternating processes). The
+    planar copies must fit the workspace `limit` (None: any)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
     w = spec.in_spatial[2]
     rows = spec.batch * spec.in_spatial[0] * spec.in_spatial[1]
     depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
-    return (max(spec.c_in_per_group, spec.c_out_per_group) <= max_channels and w >= 16
+    return (max(spec.c_in_per_group, spec.c_out_per_group) <= max_channels
+            and spec.c_in_per_group % lanes and w >= 16
             and 4 * w >= 3 * ceil_div(w, lanes) * lanes and rows >= 16
             and spec.groups <= 4 and not depthwise
             and not (min(spec.stride[1:]) >= 3 and spec.kernel[2] <= spec.stride[2])
