@@ -54,6 +54,7 @@ from ._plan import (
     GradStep,
     VjpPlan,
     _gemm_rate,
+    avx2_build,
     expands_to_depthwise,
     get_num_threads,
     get_winograd,
@@ -205,6 +206,21 @@ def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
             and (limit is None or native_paths.planar_bytes(spec, compute_dtype) <= limit))
 
 
+def side_by_side_pays(spec: ConvSpec, compute_dtype: np.dtype) -> bool:
+    """Whether the planner weighs the groups side by side (`groups_side_by_side`) at all:
+    not on the AVX2 build where every group's channels together leave a partial vector,
+    whose masked loads and stores (each pixel's grad_input, once per tile of sums: 4 sums
+    a tile with 16 registers) cost more than the pass saves. Both gradients, two threads,
+    a 2-core AMD EPYC Zen 3: of the 5 sweep layers of seeds 125-150 it took so, 4 ran
+    1.36-3.06x faster without it (4 -> 2 g2 k6 on 2x1184x1261 159 -> 54 ms; 6 -> 6 g2
+    k(7, 1) on 2x626x530 27 -> 12.7), 4 -> 4 g2 k2 s2 0.72-0.79x; 6 hand-drawn layers of
+    4-12 channels 1.47-2.41x faster or level (12), where 8 and 16 channels (whole
+    vectors) ran 1.6-1.8x faster side by side or level. With AVX-512's masks the pass
+    took 52 of 73 sweep layers at 0.53x the time (`_make_vjp_plan`)."""
+    lanes, _ = native.layout(compute_dtype.itemsize)
+    return not (avx2_build() and spec.c_in % lanes)
+
+
 def _gw_rule() -> tuple[int, float, float, int, bool]:
     """grad_weight_layout's tunable constants, read at each call (tests patch them) and
     handed to the cached plan builder as one argument."""
@@ -350,7 +366,8 @@ def _make_vjp_plan(spec: ConvSpec, compute_dtype: np.dtype, need_input: bool, ne
         return dataclasses.replace(inner, spec=spec, multiplier=inner)
     if (algorithm in (None, VjpAlgorithm.NATIVE) and work and (need_input or need_weight)
             and native.AVAILABLE and input_in_place and cotangent_in_place and gw_rule[4]
-            and native_paths.groups_side_by_side(spec, *native.layout(compute_dtype.itemsize))):
+            and native_paths.groups_side_by_side(spec, *native.layout(compute_dtype.itemsize))
+            and side_by_side_pays(spec, compute_dtype)):
         # Every group's channels side by side in one pass (for both gradients where both
         # are asked for), where the models say it beats the plan without it: against
         # vectors along input pixels, groups of 2-4 channels on long rows ran up to 2.5x
