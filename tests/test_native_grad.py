@@ -847,15 +847,16 @@ def test_groups_side_by_side_match_the_loops(dims, spatial, c_in, c_out, kernel,
 
 def test_groups_side_by_side_weighed_on_avx2_only_for_whole_vectors(monkeypatch):
     """On the AVX2 build the planner leaves the groups side by side out where every
-    group's channels together leave a partial vector (masked loads and stores of each
-    pixel, once per tile of sums); whole vectors, and AVX-512's masks, keep it."""
+    group's channels together leave a partial vector and the stride along W is 1 (masked
+    loads and stores of each pixel, once per tile of sums); whole vectors, strides along
+    W, and AVX-512's masks keep it."""
     from convtranspose import _vjp
     from convtranspose._api import spec_for
 
-    def spec(c_in, groups):
+    def spec(c_in, groups, stride=1):
         x = np.zeros((2, 40, 50, c_in), np.float32)
         w = np.zeros((c_in, 3, 3, c_in // groups), np.float32)
-        return spec_for(2, x, w, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+        return spec_for(2, x, w, stride=(1, stride), padding=(1, 1), dilation=(1, 1),
                         output_padding=(0, 0), groups=groups)[0]
 
     partial, whole = spec(6, 2), spec(8, 4)
@@ -869,6 +870,7 @@ def test_groups_side_by_side_weighed_on_avx2_only_for_whole_vectors(monkeypatch)
         assert _vjp.side_by_side_pays(partial, f32) == pays_partial
         assert _vjp.side_by_side_pays(whole, f32)  # 8 channels: AVX2's whole vector
         assert _vjp.side_by_side_pays(spec(16, 4), f32)
+        assert _vjp.side_by_side_pays(spec(6, 2, stride=2), f32)
     monkeypatch.undo()
 
 

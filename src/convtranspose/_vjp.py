@@ -208,17 +208,18 @@ def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
 
 def side_by_side_pays(spec: ConvSpec, compute_dtype: np.dtype) -> bool:
     """Whether the planner weighs the groups side by side (`groups_side_by_side`) at all:
-    not on the AVX2 build where every group's channels together leave a partial vector,
-    whose masked loads and stores (each pixel's grad_input, once per tile of sums: 4 sums
-    a tile with 16 registers) cost more than the pass saves. Both gradients, two threads,
-    a 2-core AMD EPYC Zen 3: of the 5 sweep layers of seeds 125-150 it took so, 4 ran
-    1.36-3.06x faster without it (4 -> 2 g2 k6 on 2x1184x1261 159 -> 54 ms; 6 -> 6 g2
-    k(7, 1) on 2x626x530 27 -> 12.7), 4 -> 4 g2 k2 s2 0.72-0.79x; 6 hand-drawn layers of
-    4-12 channels 1.47-2.41x faster or level (12), where 8 and 16 channels (whole
-    vectors) ran 1.6-1.8x faster side by side or level. With AVX-512's masks the pass
-    took 52 of 73 sweep layers at 0.53x the time (`_make_vjp_plan`)."""
+    not on the AVX2 build where every group's channels together leave a partial vector
+    and the stride along W is 1, whose masked loads and stores (each pixel's grad_input,
+    once per tile of sums: 4 sums a tile with 16 registers) cost more than the pass saves
+    there. Both gradients, two threads, a 2-core AMD EPYC Zen 3: its 4 sweep layers of
+    seeds 125-159 so ran 1.36-3.06x faster without it (4 -> 2 g2 k6 on 2x1184x1261 159 ->
+    54 ms; 6 -> 6 g2 k(7, 1) on 2x626x530 27 -> 12.7), and 5 hand-drawn layers of 4-6
+    channels 1.47-2.41x (12 channels level; 8 and 16, whole vectors, ran 1.6-1.8x faster
+    side by side or level). Strided along W it is mixed: of 6 sweep layers, 3 ran
+    1.07-1.89x faster without it and 3 0.66-0.80x (4 -> 4 g2 k5 s4). With AVX-512's masks
+    the pass took 52 of 73 sweep layers at 0.53x the time (`_make_vjp_plan`)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
-    return not (avx2_build() and spec.c_in % lanes)
+    return not (avx2_build() and spec.c_in % lanes and spec.stride[2] == 1)
 
 
 def _gw_rule() -> tuple[int, float, float, int, bool]:
