@@ -199,7 +199,7 @@ def planar_suits(spec: ConvSpec, compute_dtype: np.dtype, max_channels: int,
     rows = spec.batch * spec.in_spatial[0] * spec.in_spatial[1]
     depthwise = spec.c_in_per_group == 1 and spec.c_out_per_group == 1
     return (max(spec.c_in_per_group, spec.c_out_per_group) <= max_channels
-            and spec.c_in_per_group % lanes and w >= 16
+            and spec.c_in_per_group % lanes != 0 and w >= 16
             and 4 * w >= 3 * ceil_div(w, lanes) * lanes and rows >= 16
             and spec.groups <= 4 and not depthwise
             and not (min(spec.stride[1:]) >= 3 and spec.kernel[2] <= spec.stride[2])
@@ -219,7 +219,7 @@ def side_by_side_pays(spec: ConvSpec, compute_dtype: np.dtype) -> bool:
     1.07-1.89x faster without it and 3 0.66-0.80x (4 -> 4 g2 k5 s4). With AVX-512's masks
     the pass took 52 of 73 sweep layers at 0.53x the time (`_make_vjp_plan`)."""
     lanes, _ = native.layout(compute_dtype.itemsize)
-    return not (avx2_build() and spec.c_in % lanes and spec.stride[2] == 1)
+    return not (avx2_build() and spec.c_in % lanes != 0 and spec.stride[2] == 1)
 
 
 def _gw_rule() -> tuple[int, float, float, int, bool]:

@@ -151,8 +151,9 @@ static void col2im_typed(const T* cols, T* out, const T* bias, const int64_t* ge
 // output channels a group): per (D, H) tap pair, each input pixel's run of W taps (taps *
 // C_out contiguous products; with several groups, a run of C_out/g per group and tap) is
 // added to one run of the output row (192 -> 3 k4 s2 on 26924 pixels: 0.55 -> 0.38 ms a
-// call, where each W tap's outputs were gathered at the stride). Each position adds its products in one order, whichever
-// box holds it: (D, H) tap pairs, then input pixels along W.
+// call, where each W tap's outputs were gathered at the stride). Each position adds its
+// products in one order, whichever box holds it: (D, H) tap pairs, then input pixels
+// along W.
 template <typename T>
 static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo,
                         int64_t groups, int64_t cog, const int64_t* box) {
@@ -213,10 +214,11 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
 
 // The run-by-run add where a pixel's W taps land together (kernels/cols.py's
 // runs_along_w), else the gathers. Several groups' runs are a group's channels only; below
-// AVX-512, whose gathers take about a cycle a lane on Zen 3, they pay where those are
-// many or each output takes at most two W taps (384 -> 6 g2 k3 s3: 1.0 -> 0.3 ms; 48 -> 8
-// g4 k4 s1, runs of 2 outputs and 4 taps a position: 18 -> 27 ms). With AVX-512 runs for
-// every layer lost to the gathers on all 8 layers tried (docs/PERFORMANCE.md).
+// AVX-512 (AVX2's gathers are slow on Zen 3) they pay where those are
+// many or each output takes at most two W taps (`cols` on 384 -> 6 g2 k3 s3: 3.0 -> 2.4
+// ms; on 48 -> 8 g4 k4 s1, runs of 2 outputs and 4 taps a position, 18 -> 27 ms). With
+// AVX-512 runs for every layer lost to the gathers on all 8 layers tried
+// (docs/PERFORMANCE.md).
 template <typename T>
 static void col2im_any(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
                        int64_t cog, const int64_t* box) {
