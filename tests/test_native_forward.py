@@ -667,30 +667,38 @@ def test_long_rows_cut_along_w_match_the_reference(case, rng, monkeypatch,
 
 
 # cols' gather in pieces of rows (c_in, c_out, k, groups, stride, padding, dilation,
-# output_padding): a pixel's W taps as one run (dilation 1, one group, several outputs),
-# else vectors of one W residue's outputs gathered tap by tap, stride beyond the kernel
-# (positions no tap reaches hold the bias alone).
+# output_padding), each case both ways where it may: a pixel's W taps as one run
+# (dilation 1 along W), and vectors of one W residue's outputs gathered tap by tap;
+# stride beyond the kernel (positions no tap reaches hold the bias alone).
 COLS_GATHER_CASES = [
     (24, 3, 4, 1, 2, 1, 1, 0),
     (32, 3, 7, 1, 3, 3, 1, 2),
     (8, 2, 3, 1, 4, 0, 1, 3),    # stride > kernel
     (16, 4, 3, 1, 2, 2, 2, 1),   # dilated: taps apart
-    (16, 4, 5, 2, 1, 2, 1, 0),   # grouped, five W taps a position: taps apart
-    (16, 4, 3, 2, 2, 1, 1, 0),   # grouped, two W taps a position: runs below AVX-512
-    (16, 16, 3, 2, 3, 1, 1, 0),  # grouped, 8 outputs a group: runs below AVX-512
+    (16, 4, 5, 2, 1, 2, 1, 0),   # grouped, five W taps a position
+    (16, 4, 3, 2, 2, 1, 1, 0),   # grouped, two W taps a position
+    (16, 16, 3, 2, 3, 1, 1, 0),  # grouped, 8 outputs a group
+    (12, 3, 3, 3, 2, 1, 1, 1),   # a group's run one channel wide
     (32, 2, 9, 1, 2, 4, 2, 1),   # dilation and stride 2: one residue of two
     (24, 4, 5, 1, 3, 0, 2, 2),   # taps on three residues
 ]
 
 
-@pytest.mark.parametrize("case", COLS_GATHER_CASES, ids=[str(c) for c in COLS_GATHER_CASES])
-def test_cols_gathers_long_rows_in_pieces(case, rng, monkeypatch, small_calls_threaded):
+COLS_GATHER_WAYS = [(case, runs) for case in COLS_GATHER_CASES for runs in (True, False)
+                    if case[6] == 1 or not runs]  # runs need dilation 1 along W
+
+
+@pytest.mark.parametrize("case, runs", COLS_GATHER_WAYS,
+                         ids=[f"{c}-{'runs' if r else 'gathers'}" for c, r in COLS_GATHER_WAYS])
+def test_cols_gathers_long_rows_in_pieces(case, runs, rng, monkeypatch, small_calls_threaded):
     """A 1-D row of 2500 input pixels is one output row: cols gathers it in pieces along
     W, each adding the products of the input pixels whose taps reach it and no others,
     every output written once (the result starts as NaN), with the bias."""
     from convtranspose import _execute
+    from convtranspose.kernels import cols
     from convtranspose.kernels.cols import gather_tiles
     c_in, c_out, k, groups, stride, padding, dilation, output_padding = case
+    monkeypatch.setattr(cols, "runs_along_w", lambda spec: runs)
     x = rng.standard_normal((1, 2500, c_in)).astype(np.float32)
     w = rng.standard_normal((c_out, k, c_in // groups)).astype(np.float32)
     bias = rng.standard_normal(c_out).astype(np.float32)
@@ -708,8 +716,7 @@ def test_cols_gathers_long_rows_in_pieces(case, rng, monkeypatch, small_calls_th
 def test_grouped_gathers_go_by_runs_only_below_avx512(monkeypatch):
     """Several groups' products are added run by run where each output takes at most two
     W taps or a group has 8 outputs or more, on the builds below AVX-512 (whose gathers
-    are slow); else, and on AVX-512, gathered (the cases above run whichever this host
-    takes)."""
+    are slow); else, and on AVX-512, gathered (the cases above run both ways)."""
     from convtranspose.kernels.cols import runs_along_w
 
     def runs(c_in, c_out, k, groups, stride, isa):
@@ -725,6 +732,22 @@ def test_grouped_gathers_go_by_runs_only_below_avx512(monkeypatch):
         assert not runs(16, 4, 5, 2, 1, isa)  # five W taps of 2 outputs a group
     assert not runs(16, 4, 3, 2, 2, "avx512") and not runs(16, 16, 5, 2, 1, "avx512")
     assert runs(16, 4, 5, 1, 1, "avx512")  # one group: runs on every build
+
+
+def test_col2im_refuses_runs_across_dilated_taps():
+    """A run adds a pixel's W taps to neighbouring outputs, which dilation along W puts
+    apart: the binding refuses runs there (ValueError, nothing written) and takes the
+    gathers."""
+    from convtranspose.kernels.cols import _geometry, cols_bytes
+    spec = ct.plan((1, 40, 8), (4, 3, 8), dilation=2).spec
+    cols = np.ones(cols_bytes(spec) // 4, np.float32)
+    out = np.full((1, *spec.out_spatial, spec.c_out), np.nan, np.float32)
+    box = np.array([0, 1, 0, 1, 0, 1, 0, spec.out_spatial[2]], np.int64)  # all of it
+    with pytest.raises(ValueError, match="col2im"):
+        native.col2im(cols, out, None, _geometry(spec), 1, 4, box, True)
+    assert np.isnan(out).all()
+    native.col2im(cols, out, None, _geometry(spec), 1, 4, box, False)
+    assert not np.isnan(out).any()
 
 
 # Strides past the kernel's reach along one axis or several (kernel, stride, dilation):

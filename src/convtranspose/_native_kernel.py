@@ -526,13 +526,14 @@ def sum_repeats(src: np.ndarray, out: np.ndarray, p0: int, p1: int) -> None:
 
 
 def col2im(cols: np.ndarray, out: np.ndarray, bias: np.ndarray | None, geometry: np.ndarray,
-           groups: int, cog: int, box: np.ndarray) -> None:
+           groups: int, cog: int, box: np.ndarray, runs: bool) -> None:
     """The `cols` forward's gather into the output box (int64: n0, n1, d0, d1, h0, h1, w0,
     w1): cols (batch, ID, IH, IW, groups, taps, cog) and out (batch, OD, OH, OW, groups *
     cog), C-contiguous, of one float dtype (bias too, or None); `geometry` (int64): batch,
     the input's, output's and kernel's sizes, stride, dilation and padding before, per
-    axis. The GIL is released meanwhile."""
-    _native.col2im(cols.dtype.itemsize, cols, out, bias, geometry, groups, cog, box)
+    axis. `runs`: add each pixel's W taps as a run of the output row (dilation 1 along W
+    only), else gather each output's products. The GIL is released meanwhile."""
+    _native.col2im(cols.dtype.itemsize, cols, out, bias, geometry, groups, cog, box, runs)
 
 
 def gather_cotangent(cot: np.ndarray, block: np.ndarray, geometry: np.ndarray,

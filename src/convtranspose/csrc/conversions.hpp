@@ -212,33 +212,25 @@ static void col2im_runs(const T* cols, T* out, const T* bias, const int64_t* geo
     }
 }
 
-// The run-by-run add where a pixel's W taps land together (kernels/cols.py's
-// runs_along_w), else the gathers. Several groups' runs are a group's channels only; below
-// AVX-512 (AVX2's gathers are slow on Zen 3) they pay where those are
-// many or each output takes at most two W taps (`cols` on 384 -> 6 g2 k3 s3: 3.0 -> 2.4
-// ms; on 48 -> 8 g4 k4 s1, runs of 2 outputs and 4 taps a position, 18 -> 27 ms). With
-// AVX-512 runs for every layer lost to the gathers on all 8 layers tried
-// (docs/PERFORMANCE.md).
+// The run-by-run add where `runs` (kernels/cols.py's runs_along_w decides; the binding
+// takes it only with dilation 1 along W), else the gathers.
 template <typename T>
 static void col2im_any(const T* cols, T* out, const T* bias, const int64_t* geo, int64_t groups,
-                       int64_t cog, const int64_t* box) {
-  const Col2imGeometry geometry(geo);
-  const int64_t taps_w = (geometry.k[2] + geometry.st[2] - 1) / geometry.st[2];
-  const bool group_runs = CT_VBYTES < 64 && (cog >= 8 || taps_w <= 2);
-  if (geometry.dil[2] == 1 && cog > 1 && (groups == 1 || group_runs))
+                       int64_t cog, const int64_t* box, bool runs) {
+  if (runs)
     col2im_runs(cols, out, bias, geo, groups, cog, box);
   else
     col2im_typed(cols, out, bias, geo, groups, cog, box);
 }
 
 void col2im(int itemsize, const void* cols, void* out, const void* bias, const int64_t* geo,
-            int64_t groups, int64_t cog, const int64_t* box) {
+            int64_t groups, int64_t cog, const int64_t* box, bool runs) {
   if (itemsize == 4)
     col2im_any(static_cast<const float*>(cols), static_cast<float*>(out),
-               static_cast<const float*>(bias), geo, groups, cog, box);
+               static_cast<const float*>(bias), geo, groups, cog, box, runs);
   else
     col2im_any(static_cast<const double*>(cols), static_cast<double*>(out),
-               static_cast<const double*>(bias), geo, groups, cog, box);
+               static_cast<const double*>(bias), geo, groups, cog, box, runs);
 }
 
 // Transposes an L x L block held as L vectors (row i becomes column i): log2(L) rounds,

@@ -210,7 +210,7 @@ extern __thread CtStop* ct_stop;  // null: never stop
                  void gather_sum(int, const void*, const int64_t*, int64_t, int64_t, int64_t, \
                                  void*); \
                  void col2im(int, const void*, void*, const void*, const int64_t*, int64_t, \
-                             int64_t, const int64_t*); \
+                             int64_t, const int64_t*, bool); \
                  void pair_transform(const PairJob&); \
                  void planar_grad_weight(const PgwJob&); \
                  void planar_grad_input(const PgwJob&); \

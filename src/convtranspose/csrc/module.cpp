@@ -194,7 +194,7 @@ struct Isa {
   void (*widen_half)(int, const void*, float*, int64_t);
   void (*gather_sum)(int, const void*, const int64_t*, int64_t, int64_t, int64_t, void*);
   void (*col2im)(int, const void*, void*, const void*, const int64_t*, int64_t, int64_t,
-                 const int64_t*);
+                 const int64_t*, bool);
   void (*pair_transform)(const PairJob&);
   void (*planar_grad_weight)(const PgwJob&);
   void (*planar_grad_input)(const PgwJob&);
@@ -1598,8 +1598,9 @@ PyObject* py_col2im(PyObject*, PyObject* args) {
   Py_buffer cols, out, geo, box;
   PyObject* bias_obj;
   Py_ssize_t groups, cog;
-  if (!PyArg_ParseTuple(args, "iy*w*Oy*nny*", &itemsize, &cols, &out, &bias_obj, &geo,
-                        &groups, &cog, &box))
+  int runs;
+  if (!PyArg_ParseTuple(args, "iy*w*Oy*nny*p", &itemsize, &cols, &out, &bias_obj, &geo,
+                        &groups, &cog, &box, &runs))
     return nullptr;
   Py_buffer bias{};
   const bool has_bias = bias_obj != Py_None;
@@ -1614,6 +1615,7 @@ PyObject* py_col2im(PyObject*, PyObject* args) {
          0 <= b[0] && b[0] <= b[1] && b[1] <= g[0] && 0 <= b[2] && b[2] <= b[3] &&
          b[3] <= g[4] && 0 <= b[4] && b[4] <= b[5] && b[5] <= g[5] && 0 <= b[6] &&
          b[6] <= b[7] && b[7] <= g[6] && g[10] > 0 && g[11] > 0 && g[12] > 0 &&
+         (!runs || g[15] == 1) &&  // runs add a pixel's W taps as neighbours
          cols.len >= in_px * groups * taps * cog * itemsize &&
          out.len >= out_px * groups * cog * itemsize &&
          (!has_bias || bias.len >= groups * cog * itemsize);
@@ -1623,7 +1625,7 @@ PyObject* py_col2im(PyObject*, PyObject* args) {
   if (ok) {
     Py_BEGIN_ALLOW_THREADS
     current->col2im(itemsize, cols.buf, out.buf, has_bias ? bias.buf : nullptr, g, groups, cog,
-                    b);
+                    b, runs != 0);
     Py_END_ALLOW_THREADS
   }
   return finish_buffers(ok, "col2im: bad itemsize, geometry, box or sizes",

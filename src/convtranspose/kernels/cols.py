@@ -100,10 +100,13 @@ RUN_ROW_SECONDS = 22e-9
 
 
 def runs_along_w(spec) -> bool:
-    """Whether the gather adds each pixel's W taps as runs of the output row (col2im's
-    rule in csrc/conversions.hpp: dilation 1 along W, several output channels a group,
-    and with several groups, below AVX-512, a run per group where a group has 8 outputs
-    or more or each output takes at most two W taps)."""
+    """Whether col2im adds each pixel's W taps as runs of the output row, rather than
+    gathering each output's products: where dilation along W is 1 and a group has several
+    output channels. With several groups a run holds one group's channels only; below
+    AVX-512, whose gathers are slow (on Zen 3), those pay where a group has 8 outputs or
+    more or each output takes at most two W taps (`cols` on 384 -> 6 g2 k3 s3: 3.0 -> 2.4
+    ms; on 48 -> 8 g4 k4 s1, runs of 2 outputs and 4 taps a position: 18 -> 27 ms). With
+    AVX-512, grouped runs lost to the gathers on all 8 layers tried (docs/PERFORMANCE.md)."""
     group_runs = native.isa() != "avx512" and (
         spec.c_out_per_group >= 8 or ceil_div(spec.kernel[2], spec.stride[2]) <= 2)
     return spec.dilation[2] == 1 and spec.c_out_per_group > 1 and (
@@ -203,8 +206,9 @@ def run(plan, x3, w3, out, bias):
                              spec.compute_dtype).reshape(*x3.shape[:-1], -1)
         _execute._execute_native(gemm, x3, w_cols, cols, scratch)
         geometry = _geometry(spec)
+        runs = runs_along_w(spec)
         _execute.run_jobs([functools.partial(native.col2im, cols, out, bias, geometry,
-                                             spec.groups, cog, _box(spec, tile))
+                                             spec.groups, cog, _box(spec, tile), runs)
                            for tile in gather_tiles(spec, plan.threads)], plan.threads)
 
 
