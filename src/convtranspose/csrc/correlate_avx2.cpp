@@ -42,8 +42,22 @@ static inline int ct_opaque(int m) { __asm__("" : "+r"(m)); return m; }
 // one's undefined source).
 #define CT_GATHER_IDX_F(p, idx) _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4)
 #define CT_GATHER_IDX_D(p, idx) _mm256_mask_i32gather_pd(_mm256_setzero_pd(), p, _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8)
-#define CT_STORE_FIRST_F(n, p, v) _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (__m256)(v))
-#define CT_STORE_FIRST_D(n, p, v) _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(n)), _mm256_setr_epi64x(0, 1, 2, 3)), (__m256d)(v))
+// The first n (1-7 / 1-3) lanes of v at p as plain stores of 4, 2 and 1 lanes, not a
+// masked store (vmaskmovps), which is slow on Zen 3 (with store_chunk's aligned stores:
+// 8 -> 4 g4 k4 1-D on 2x711348, two threads, 43.9 -> 31.3 ms).
+static inline void ct_store_first(int64_t n, float* p, __m256 v) {
+  __m128 part = _mm256_castps256_ps128(v);
+  if (n & 4) _mm_storeu_ps(p, part), part = _mm256_extractf128_ps(v, 1), p += 4;
+  if (n & 2) _mm_storel_pi(reinterpret_cast<__m64*>(p), part), part = _mm_movehl_ps(part, part), p += 2;
+  if (n & 1) _mm_store_ss(p, part);
+}
+static inline void ct_store_first(int64_t n, double* p, __m256d v) {
+  __m128d part = _mm256_castpd256_pd128(v);
+  if (n & 2) _mm_storeu_pd(p, part), part = _mm256_extractf128_pd(v, 1), p += 2;
+  if (n & 1) _mm_store_sd(p, part);
+}
+#define CT_STORE_FIRST_F(n, p, v) ct_store_first(n, p, (__m256)(v))
+#define CT_STORE_FIRST_D(n, p, v) ct_store_first(n, p, (__m256d)(v))
 #define CT_F16_SCALAR(f) ((uint16_t)_cvtss_sh((f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define CT_F16_LOAD(dst, src) _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))))
 #include "correlate.hpp"
