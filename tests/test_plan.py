@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import forget_plans
 
 import convtranspose as ct
 from convtranspose import _native_kernel as native
@@ -322,6 +323,39 @@ def test_half_rate_multiply_adds_weigh_only_the_cols_gemm_more(monkeypatch):
     assert cols1 - cols0 == pytest.approx((cols.HALF_RATE_GEMM - 1) * gemm0, rel=1e-12)
     if native.isa() == "avx512":  # the figures above are of that build's vectors
         assert (alg0, alg1) == ("cols", "native")
+
+
+@needs_kernel
+def test_small_conv_groups_slow_channels_mode_on_avx2_only(monkeypatch):
+    """On the AVX2 build CHANNELS mode's rate is SMALL_GROUPS_AVX2 times lower where
+    several conv groups each have fewer outputs than a vector, and 8 -> 4 g4 k4 s2 1-D on
+    a long signal (seed 203's S15: native 81 ms, planar 22) plans planar; one group, whole
+    vectors a group, and the AVX-512 build price it as before."""
+    from convtranspose._api import spec_for
+
+    def spec(c_in, c_out, groups):
+        x = np.zeros((1, 100000, c_in), np.float32)
+        w = np.zeros((c_out, 4, c_in // groups), np.float32)
+        return spec_for(1, x, w, stride=(2,), padding=(0,), dilation=(1,),
+                        output_padding=(0,), groups=groups)[0]
+
+    small, one, whole = spec(8, 4, 4), spec(8, 4, 1), spec(8, 32, 4)
+    slower = _plan.SMALL_GROUPS_AVX2
+    assert slower > 1
+    for isa, lanes, slowed in (("avx2", 8, True), ("avx512", 16, False)):
+        monkeypatch.setattr(native, "isa", lambda isa=isa: isa)
+        monkeypatch.setattr(native, "layout", lambda item, lanes=lanes: (lanes * 4 // item, 2))
+        rates = {}
+        for factor in (slower, 1.0):
+            monkeypatch.setattr(_plan, "SMALL_GROUPS_AVX2", factor)
+            rates[factor] = [_plan.channels_rate(s) for s in (small, one, whole)]
+        (small3, one3, whole3), (small1, one1, whole1) = rates.values()
+        assert small3 == pytest.approx(small1 / (slower if slowed else 1))
+        assert (one3, whole3) == (one1, whole1)
+        monkeypatch.undo()
+    if native.isa() == "avx2":  # this host's plan
+        forget_plans()
+        assert ct.plan((1, 1754245, 8), (4, 4, 2), stride=2, groups=4).algorithm == "planar"
 
 
 @needs_kernel

@@ -1260,6 +1260,8 @@ def channels_rate(spec: ConvSpec) -> float:
     used = cog / (vectors * lanes)
     blocking = (0.65 + 0.2 * _w_taps_at_once_share(spec) if vectors == 1
                 else 0.85 if vectors % max_vectors else 1.0)
+    if avx2_build() and spec.groups > 1 and cog < lanes:
+        blocking /= SMALL_GROUPS_AVX2
     if cig < native.TAPS_INNER_BELOW:  # sums in registers across taps: no accumulator
         tap = FEW_CHANNELS_TAP_AVX2 if avx2_build() else 1.6  # traffic, a tap
         return peak * used * blocking * cig / (cig + tap)  # overhead
@@ -1271,6 +1273,14 @@ def channels_rate(spec: ConvSpec) -> float:
 # their modelled time where C_in/g is 1 (0.7-0.8x at 2-3), and sent 1 -> 8 k5 and 1 -> 8
 # k7 s3 to planar at 1.2x and 1.4x native's time (2-core AMD EPYC Zen 3).
 FEW_CHANNELS_TAP_AVX2 = 0.6
+
+
+# channels_rate's slowdown on the AVX2 build where several conv groups each have fewer
+# outputs than a vector: 8 sweep layers so (8 -> 4 g4 k4 1-D, 8 -> 8 g4 k2 2-D, 20 -> 24
+# g4 k(6,5,2), ...; seeds 182-214, two threads, a 2-core AMD EPYC Zen 3) ran 1.7-4.7x their
+# modelled time, median 3.2, while planar's read 0.95-1.5 and ran 1.16-4.4x faster on
+# all 8 (203's S15, 8 -> 4 g4 k4 s2 1-D on 1.75M pixels: 81 against 22 ms).
+SMALL_GROUPS_AVX2 = 3.0
 
 
 WTAPS_MIN_PIXELS = 24  # the kernel's block of every W tap at once (rows_wtaps), AVX-512
