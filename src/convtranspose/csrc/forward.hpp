@@ -29,9 +29,9 @@ static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_
   }
 #endif
   if (!job.out_half) {
-    // Whole vectors inline, the rest by store_lanes: std::memcpy with a run-time size is a library
-    // call per pixel (W6's grad_input stores 32768 pixels of one vector each; 32 -> 16 g2
-    // k1 s2 d2 on 109964 pixels, 8 channels a group, 5.1 -> 4.3 ms masked).
+    // Whole vectors inline, the rest by store_lanes: std::memcpy with a run-time size is a
+    // library call per pixel (W6's grad_input stores 32768 pixels of one vector each; 32
+    // -> 16 g2 k1 s2 d2 on 109964 pixels, 8 channels a group, 5.1 -> 4.3 ms masked).
     int64_t i = 0;
     // Below AVX-512, a destination off the vector's alignment (C_out not a multiple of the
     // vector) takes the lanes up to its next boundary first, so that no store crosses a
@@ -42,7 +42,7 @@ static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_
         CT_VBYTES < 64 ? reinterpret_cast<uintptr_t>(dst) % CT_VBYTES / sizeof(T) : 0;
     if (off && n > L - off) {
       i = L - off;
-      store_lanes(i, reinterpret_cast<T*>(dst), load_lanes<typename Vec<T>::v>(L, src));
+      store_lanes(i, reinterpret_cast<T*>(dst), load_lanes<typename Vec<T>::v>(i, src));
     }
     for (; i + L <= n; i += L)
       *reinterpret_cast<U*>(dst + i * sizeof(T)) = *reinterpret_cast<const U*>(src + i);
