@@ -217,7 +217,11 @@ def side_by_side_pays(spec: ConvSpec, compute_dtype: np.dtype) -> bool:
     channels 1.47-2.41x (12 channels level; 8 and 16, whole vectors, ran 1.6-1.8x faster
     side by side or level). Strided along W it is mixed: of 6 sweep layers, 3 ran
     1.07-1.89x faster without it and 3 0.66-0.80x (4 -> 4 g2 k5 s4). With AVX-512's masks
-    the pass took 52 of 73 sweep layers at 0.53x the time (`_make_vjp_plan`)."""
+    the pass took 52 of 73 sweep layers at 0.53x the time (`_make_vjp_plan`). Rechecked
+    in session 58, after AVX2's partial stores became plain ones (the loads stay masked):
+    both gradients in-process, alternating, with the pass weighed against without, 6 -> 6
+    g2 k(7, 1) 10.67 against 8.78 ms and 6 -> 6 g2 k3 3-D 6.06 against 5.27; 4- and
+    12-channel 2-D layers level. The rule stays."""
     lanes, _ = native.layout(compute_dtype.itemsize)
     return not (avx2_build() and spec.c_in % lanes != 0 and spec.stride[2] == 1)
 

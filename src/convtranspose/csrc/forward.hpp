@@ -14,6 +14,18 @@
 // narrower), each chunk laid out [tap][c][column]. Dot and depthwise modes: see dot_rows
 // and depthwise_rows.
 
+// The first of n elements from src to dst up to dst's next vector boundary (none where
+// dst lies on one), by store_lanes: how many. What follows then goes out as aligned
+// vectors, none of them across a cache line.
+template <typename T>
+static inline int64_t store_to_boundary(T* dst, const T* src, int64_t n) {
+  constexpr int L = CT_VBYTES / sizeof(T);
+  const int64_t misaligned = reinterpret_cast<uintptr_t>(dst) / sizeof(T) % L;
+  const int64_t i = misaligned ? std::min<int64_t>(n, L - misaligned) : 0;
+  if (i) store_lanes(i, dst, load_lanes<typename Vec<T>::v>(i, src));
+  return i;
+}
+
 // One pixel's chunk of output channels, from the accumulators. Outputs far bigger than
 // the caches (job.stream_out) are written with non-temporal stores wherever whole aligned
 // vectors go out: no read for ownership of lines about to be overwritten, and no eviction
@@ -32,18 +44,12 @@ static inline void store_chunk(const CtJob& job, char* dst, const T* src, int64_
     // Whole vectors inline, the rest by store_lanes: std::memcpy with a run-time size is a
     // library call per pixel (W6's grad_input stores 32768 pixels of one vector each; 32
     // -> 16 g2 k1 s2 d2 on 109964 pixels, 8 channels a group, 5.1 -> 4.3 ms masked).
-    int64_t i = 0;
     // Below AVX-512, a destination off the vector's alignment (C_out not a multiple of the
     // vector) takes the lanes up to its next boundary first, so that no store crosses a
     // line: of 36 sweep layers so (seeds 201-202, two threads, Zen 3), 190 -> 26 g2 k3 s2
     // 11.3 -> 8.4 ms, 128 -> 3 k7 s(2, 1, 1) 2.4 -> 1.9, 14 others 1.05-1.22x, the rest
     // level (four that first read 0.60-0.92x level on a rerun).
-    const int64_t off =
-        CT_VBYTES < 64 ? reinterpret_cast<uintptr_t>(dst) % CT_VBYTES / sizeof(T) : 0;
-    if (off && n > L - off) {
-      i = L - off;
-      store_lanes(i, reinterpret_cast<T*>(dst), load_lanes<typename Vec<T>::v>(i, src));
-    }
+    int64_t i = CT_VBYTES < 64 ? store_to_boundary(reinterpret_cast<T*>(dst), src, n) : 0;
     for (; i + L <= n; i += L)
       *reinterpret_cast<U*>(dst + i * sizeof(T)) = *reinterpret_cast<const U*>(src + i);
     if (i < n)
@@ -88,9 +94,7 @@ template <typename T>
 static inline void stream_copy(T* dst, const T* src, int64_t n) {
   typedef typename Vec<T>::v V;
   constexpr int L = CT_VBYTES / sizeof(T);
-  const int64_t misaligned = reinterpret_cast<uintptr_t>(dst) / sizeof(T) % L;
-  int64_t i = misaligned ? std::min<int64_t>(n, L - misaligned) : 0;
-  if (i) store_lanes(i, dst, load_lanes<V>(i, src));
+  int64_t i = store_to_boundary(dst, src, n);
   for (; i + L <= n; i += L) CT_STREAM(dst + i, src + i);
   if (i < n) store_lanes(n - i, dst + i, load_lanes<V>(n - i, src + i));
 }
